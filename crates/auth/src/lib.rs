@@ -1,1 +1,53 @@
+//! `phivault-auth`: authentication and authorization for phivault.
+//!
+//! What lives here (and nowhere else):
+//!
+//! * SMART on FHIR v2 scopes — parsing, canonical form, intersection ([`scope`], SM1).
+//! * Compact JWS / JWK handling on top of `ring`, the project's one crypto provider
+//!   ([`jws`], [`jwk`]). The algorithm allow-list is explicit for every use; `none` and
+//!   every `HS*` algorithm are never accepted (SM6).
+//! * SMART Backend Services client authentication with `private_key_jwt`
+//!   ([`client_assertion`], SM3) and the `client_credentials` token endpoint logic
+//!   ([`token_endpoint`]).
+//! * Access tokens issued by phivault itself (EdDSA / Ed25519) and their verification on
+//!   the resource server with a small verified-token cache ([`access_token`], SM3/SM6).
+//! * The authorization decision as a proof type ([`policy::Authorized`]) that only this
+//!   crate can construct, so a handler that skipped the check does not compile.
+//!
+//! Nothing here knows about HTTP frameworks or storage engines: the server maps the
+//! errors (`OAuthError::http_status`, `TokenError::www_authenticate`, …) to responses.
+//!
+//! Secrets (private keys, access tokens, assertions) never appear in `Debug`/`Display`
+//! output or in error messages; they print as `[redacted]`.
 #![forbid(unsafe_code)]
+
+mod b64;
+mod claims;
+mod der;
+mod error;
+mod strict_json;
+#[cfg(test)]
+mod test_support;
+
+pub mod access_token;
+pub mod client_assertion;
+pub mod jwk;
+pub mod jws;
+pub mod policy;
+pub mod scope;
+pub mod token_endpoint;
+
+pub use access_token::{
+    AccessTokenIssuer, AccessTokenVerifier, Authenticated, IssuedToken, TokenError,
+};
+pub use client_assertion::{ClientRecord, ReplayCache, verify_client_assertion};
+pub use error::{AuthError, OAuthError};
+pub use jwk::{PrivateJwk, PublicJwk, generate_ed25519_pkcs8, generate_es384_jwk};
+pub use jws::{Alg, Jws, JwsError};
+pub use policy::{Authorized, Denied, authorize};
+pub use scope::{Context, Interaction, Perms, Scope, ScopeError, ScopeSet};
+pub use token_endpoint::{TokenResponse, handle_token_request};
+
+/// Maximum size of any compact JWS accepted from untrusted input (client assertions,
+/// access tokens): 8 KiB.
+pub const MAX_JWS_LEN: usize = 8 * 1024;

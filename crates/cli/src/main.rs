@@ -1,2 +1,369 @@
 #![forbid(unsafe_code)]
-fn main() {}
+//! `phivault`: the server binary and its administration commands.
+
+mod datadir;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use phivault_store::Store;
+
+#[derive(Parser)]
+#[command(
+    name = "phivault",
+    version,
+    about = "A FHIR R4 health-records server that stays safe when its storage leaks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a data directory: master key, development CA and server certificate, signing keys, empty database.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Serve FHIR over HTTPS (initialises the data directory on first run).
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// PEM certificate chain (required for non-loopback addresses).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key, mode 0600 (required for non-loopback addresses).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Public origin clients use (default https://LISTEN-ADDRESS); the token audience derives from it.
+        #[arg(long)]
+        public_url: Option<String>,
+    },
+    /// Manage SMART Backend Services clients.
+    Client {
+        #[command(subcommand)]
+        cmd: ClientCmd,
+    },
+    /// Write deterministic synthetic patients as FHIR transaction Bundles.
+    Synth {
+        #[arg(long)]
+        patients: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Register a client; writes its credentials (with a private ES384 JWK) as JSON.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Scopes the client may be granted, e.g. "system/*.cruds".
+        #[arg(long)]
+        scope: String,
+        /// Credentials file to create (mode 0600); stdout when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Token endpoint URL written into the credentials.
+        #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
+        token_url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Verify the audit chain and its signed head, offline. Exit 0 when intact.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("phivault: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Init { data_dir } => {
+            datadir::init(&data_dir)?;
+            println!("initialised {}", data_dir.display());
+            Ok(0)
+        }
+        Cmd::Serve {
+            data_dir,
+            listen,
+            tls_cert,
+            tls_key,
+            public_url,
+        } => serve(&data_dir, listen, tls_cert, tls_key, public_url),
+        Cmd::Client {
+            cmd:
+                ClientCmd::Add {
+                    data_dir,
+                    name,
+                    scope,
+                    out,
+                    token_url,
+                },
+        } => client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
+        Cmd::Synth {
+            patients,
+            seed,
+            out,
+        } => {
+            let files = phivault_synth::write_bundles(
+                &phivault_synth::SynthConfig { patients, seed },
+                &out,
+            )?;
+            println!("wrote {} bundles to {}", files.len(), out.display());
+            Ok(0)
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { data_dir },
+        } => audit_verify(&data_dir),
+    }
+}
+
+fn serve(
+    data_dir: &Path,
+    listen: SocketAddr,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    public_url: Option<String>,
+) -> Result<i32> {
+    // Refuse insecure configurations before touching anything (TR1).
+    if !listen.ip().is_loopback() && tls_cert.is_none() {
+        bail!(
+            "refusing to start: listening on the non-loopback address {} needs an operator-supplied certificate (--tls-cert, --tls-key); the development certificate is for loopback only",
+            listen.ip()
+        );
+    }
+    if let Some(url) = &public_url
+        && !url.starts_with("https://")
+    {
+        bail!("refusing to start: --public-url must be an https:// URL");
+    }
+    if !data_dir.exists() {
+        datadir::init(data_dir)?;
+        eprintln!("initialised new data directory {}", data_dir.display());
+    }
+    let opened = datadir::open(data_dir)?;
+    let (cert_path, key_path) = match (tls_cert, tls_key) {
+        (Some(c), Some(k)) => (c, k),
+        _ => (opened.dir.server_cert(), opened.dir.server_key()),
+    };
+    let key_pem = phivault_crypto::read_private_file(&key_path, 1 << 20)
+        .map_err(|e| anyhow::anyhow!("refusing to start: TLS private key: {e}"))?;
+    let cert_pem = std::fs::read(&cert_path)
+        .with_context(|| format!("cannot read TLS certificate {}", cert_path.display()))?;
+    let tls = phivault_server::tls_config(&cert_pem, key_pem.expose())?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let db = opened.store.clone();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let local = listener.local_addr()?;
+        let origin = public_url.unwrap_or_else(|| format!("https://{local}"));
+        let origin = origin.trim_end_matches('/').to_owned();
+        let issuer = phivault_auth::AccessTokenIssuer::from_pkcs8(
+            opened.token_pkcs8.expose(),
+            origin.clone(),
+            format!("{origin}/fhir"),
+            "phivault-token-1".to_owned(),
+        )
+        .map_err(|e| anyhow::anyhow!("token signing key: {e}"))?;
+        let verifier = issuer.verifier();
+        let store: Arc<dyn Store> = opened.store.clone();
+        let engine = phivault_server::Engine::new(store, opened.keys.clone());
+        let app = Arc::new(phivault_server::App::new(
+            engine,
+            &origin,
+            issuer,
+            verifier,
+            phivault_server::Limits::default(),
+        ));
+        let router = phivault_server::router(app);
+        println!("listening on https://{local}");
+        eprintln!(
+            "FHIR base {origin}/fhir (TLS CA: {ca}).\nTo get a token: phivault client add --data-dir {dir} --name NAME --scope 'system/*.cruds' --token-url {origin}/auth/token --out creds.json\nthen POST a private_key_jwt client assertion to {origin}/auth/token (SMART Backend Services).",
+            ca = opened.dir.ca_cert().display(),
+            dir = opened.dir.root.display(),
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        phivault_server::serve_tls(listener, tls, router, shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    db.close();
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+fn client_add(
+    data_dir: &Path,
+    name: &str,
+    scope: &str,
+    out: Option<&Path>,
+    token_url: &str,
+) -> Result<i32> {
+    let scopes = phivault_auth::ScopeSet::parse(scope)
+        .map_err(|e| anyhow::anyhow!("invalid --scope: {e}"))?;
+    let opened = datadir::open(data_dir)?;
+    let client_id = uuid_like()?;
+    let kid = format!("{client_id}-1");
+    let (private, public) = phivault_auth::generate_es384_jwk(&kid)
+        .map_err(|e| anyhow::anyhow!("key generation failed: {e}"))?;
+    let record = phivault_auth::ClientRecord {
+        client_id: client_id.clone(),
+        name: name.to_owned(),
+        jwks: vec![public],
+        scopes: scopes.clone(),
+        disabled: false,
+    };
+    record
+        .validate()
+        .map_err(|e| anyhow::anyhow!("client record invalid: {e}"))?;
+    opened.store.set_meta(
+        &phivault_server::client_meta_key(&client_id),
+        &serde_json::to_vec(&record)?,
+    )?;
+    opened.store.close();
+    let private_json: serde_json::Value = serde_json::from_str(
+        &private
+            .to_json_string()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    )?;
+    let creds = serde_json::json!({
+        "client_id": client_id,
+        "name": name,
+        "scope": scopes.to_string(),
+        "token_url": token_url,
+        "private_jwk": private_json,
+    });
+    let text = serde_json::to_string_pretty(&creds)?;
+    match out {
+        Some(p) => {
+            phivault_crypto::write_private_file(p, text.as_bytes())?;
+            eprintln!(
+                "client {client_id} registered; credentials written to {}",
+                p.display()
+            );
+        }
+        None => println!("{text}"),
+    }
+    Ok(0)
+}
+
+fn uuid_like() -> Result<String> {
+    let b: [u8; 16] = phivault_crypto::random_bytes()?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn audit_verify(data_dir: &Path) -> Result<i32> {
+    use phivault_audit::{ChainHead, verify_head_signature};
+    use phivault_store::sqlite::SqliteStore;
+    let d = datadir::DataDir::new(data_dir);
+    let (_keys, public) = datadir::load_keys(&d)?;
+    let store = SqliteStore::open_read_only(&d.db())?;
+    let head = store.audit_head()?;
+    let signed = match &head {
+        Some(h) => {
+            let ch = ChainHead {
+                size: h.size,
+                hash: h.hash,
+            };
+            if !verify_head_signature(&ch, &public, &h.signature) {
+                println!(
+                    "audit verify: FAILED: the signed head (size {}) has an invalid signature",
+                    h.size
+                );
+                return Ok(1);
+            }
+            Some(ch)
+        }
+        None => None,
+    };
+    if signed.is_none() {
+        let mut any = false;
+        store.scan_audit(&mut |_| {
+            any = true;
+            false
+        })?;
+        if any {
+            println!("audit verify: FAILED: events exist but there is no signed head");
+            return Ok(1);
+        }
+    }
+    let mut verifier = phivault_audit::ChainVerifier::new(signed);
+    let mut failure = None;
+    store.scan_audit(&mut |ev| match verifier.push(&ev) {
+        Ok(()) => true,
+        Err(e) => {
+            failure = Some(e);
+            false
+        }
+    })?;
+    let result = match failure {
+        Some(e) => Err(e),
+        None => verifier.finish(),
+    };
+    match result {
+        Ok(h) => {
+            println!(
+                "audit verify: OK: {} events, chain and signed head intact",
+                h.size
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            println!("audit verify: FAILED: {e}");
+            Ok(1)
+        }
+    }
+}

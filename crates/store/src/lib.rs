@@ -1,1 +1,209 @@
 #![forbid(unsafe_code)]
+//! Persistence of sealed resource versions, blind indexes, wrapped data keys and the
+//! audit chain.
+//!
+//! Only ciphertext and keyed blind-index tokens reach an engine: this crate never sees a
+//! plaintext resource. Writes go through [`Store::submit`] as a [`WriteBatch`] that is
+//! applied atomically together with its audit events; engines group-commit concurrent
+//! batches (one durable commit for many requests) without weakening durability: a
+//! batch's result is only reported after the commit that holds it is durable.
+//!
+//! Engines: [`sqlite::SqliteStore`] (embedded default). Every engine must pass
+//! [`testsuite`].
+
+use phivault_audit::AuditEvent;
+use tokio::sync::oneshot;
+
+pub mod sqlite;
+pub mod testsuite;
+
+/// One stored version of a resource: identifiers in clear, content sealed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VersionRow {
+    /// Resource type.
+    pub rtype: String,
+    /// Server-assigned logical id.
+    pub id: String,
+    /// Version number, starting at 1.
+    pub version: u64,
+    /// Identifier of the data key that sealed `sealed`.
+    pub key_id: String,
+    /// True for a delete tombstone (then `sealed` is empty).
+    pub deleted: bool,
+    /// Time of the write, milliseconds since the Unix epoch.
+    pub updated_ms: i64,
+    /// AEAD ciphertext of the resource JSON.
+    pub sealed: Vec<u8>,
+}
+
+impl std::fmt::Debug for VersionRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionRow")
+            .field("rtype", &self.rtype)
+            .field("id", &self.id)
+            .field("version", &self.version)
+            .field("key_id", &self.key_id)
+            .field("deleted", &self.deleted)
+            .field("sealed_len", &self.sealed.len())
+            .finish()
+    }
+}
+
+/// What the current version of a resource must be for a put to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The resource must not exist (or exist only as a tombstone whose version is given).
+    Absent,
+    /// The current version must be exactly this (deleted or not).
+    Version(u64),
+}
+
+/// A blind-index entry: a keyed token for one searchable value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Search parameter name (e.g. `identifier`).
+    pub param: String,
+    /// Keyed blind-index token of the normalised value.
+    pub token: Vec<u8>,
+}
+
+/// One version to write.
+#[derive(Debug, Clone)]
+pub struct Put {
+    /// The version row (tombstone for deletes).
+    pub row: VersionRow,
+    /// Precondition on the current version.
+    pub expect: Expect,
+    /// Blind-index entries of this version (replacing the previous version's).
+    pub index: Vec<IndexEntry>,
+}
+
+/// A precondition that is not tied to one resource.
+#[derive(Debug, Clone)]
+pub enum Guard {
+    /// No current resource of `rtype` has all these index tokens (conditional create).
+    NoMatch {
+        /// Resource type searched.
+        rtype: String,
+        /// Tokens that must all match for a resource to count.
+        tokens: Vec<IndexEntry>,
+    },
+}
+
+/// A set of changes applied atomically, with the audit events that record them.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    /// Wrapped data keys this batch's rows were sealed with that were not yet stored.
+    /// If another batch stored a different key under the same id first, the batch fails
+    /// with [`CommitError::KeyConflict`] and must be re-sealed.
+    pub new_keys: Vec<(String, Vec<u8>)>,
+    /// Preconditions checked before anything is written.
+    pub guards: Vec<Guard>,
+    /// Versions to write.
+    pub puts: Vec<Put>,
+    /// Audit events appended in the same transaction.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Result of a committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Sequence number of the last audit event written, if any.
+    pub last_audit_seq: Option<u64>,
+}
+
+/// Why a batch was not committed.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A put's precondition failed: the current version differs from the expected one.
+    #[error("version conflict on put {index}")]
+    Conflict {
+        /// Index into `puts`.
+        index: usize,
+        /// The current version found (None if absent).
+        current: Option<u64>,
+    },
+    /// A guard failed (a matching resource exists).
+    #[error("guard {index} failed")]
+    Guard {
+        /// Index into `guards`.
+        index: usize,
+    },
+    /// A different data key was stored under the same id first.
+    #[error("data key conflict")]
+    KeyConflict,
+    /// The engine failed (I/O, disk full, closed). Nothing of the batch is durable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Engine failures. Messages carry no data values.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database engine reported an error.
+    #[error("database error: {0}")]
+    Engine(String),
+    /// The store's writer has stopped.
+    #[error("store is closed")]
+    Closed,
+    /// Stored data is not in the expected shape.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(&'static str),
+}
+
+/// The signed head of the audit chain as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedHead {
+    /// Number of events.
+    pub size: u64,
+    /// Hash of the last event.
+    pub hash: [u8; 32],
+    /// Ed25519 signature over [`phivault_audit::ChainHead::signing_message`].
+    pub signature: Vec<u8>,
+}
+
+/// Signs audit heads; provided by whoever holds the audit key.
+pub type HeadSigner = Box<dyn Fn(&[u8]) -> Vec<u8> + Send + 'static>;
+
+/// A storage engine.
+///
+/// Reads are synchronous (call them from a blocking context); writes are submitted and
+/// their durable outcome awaited.
+pub trait Store: Send + Sync + 'static {
+    /// The current version (possibly a tombstone) of a resource.
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
+    /// One version of a resource.
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError>;
+    /// Versions, newest first: of one resource when `id` is given, else of the whole type.
+    /// `before` continues a page: only versions strictly older than (updated_ms, rtype, id, version).
+    fn history(
+        &self,
+        rtype: &str,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError>;
+    /// Ids of current, non-deleted resources of `rtype` having all `tokens`.
+    fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError>;
+    /// The wrapped data key stored under `key_id`.
+    fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A value of the store's small metadata table.
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Set a metadata value (durable on return).
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Submit a batch; the receiver yields once the batch is durable or rejected.
+    fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>>;
+    /// The signed audit head, if any event was ever written.
+    fn audit_head(&self) -> Result<Option<SignedHead>, StoreError>;
+    /// Visit audit events in sequence order (for verification and reports).
+    fn scan_audit(
+        &self,
+        visit: &mut dyn FnMut(phivault_audit::StoredEvent) -> bool,
+    ) -> Result<(), StoreError>;
+}

@@ -1,0 +1,567 @@
+//! SMART Backend Services client authentication: `private_key_jwt` (SM3).
+//!
+//! The checks, in order: strict JWS parse; `alg` ∈ {ES384, RS384}; `kid` present; the
+//! client (from the `client_id` form parameter, else the unverified `iss`) exists and is
+//! enabled; `kid` names one of its registered keys; signature; `iss` = `sub` = client id;
+//! `aud` is the token URL; `exp` present, in the future and at most five minutes (plus
+//! [`EXP_LEEWAY`]) ahead; `iat`/`nbf`, if present, not more than [`CLOCK_LEEWAY`] in the
+//! future; `jti` present and unseen. The replay cache is consulted only after the
+//! signature has verified, so nobody can fill it with forged assertions.
+//!
+//! Every failure is `OAuthError::InvalidClient` carrying a fixed reason for the log.
+
+use crate::claims;
+use crate::error::{AuthError, OAuthError};
+use crate::jwk::PublicJwk;
+use crate::jws::{Alg, Jws, JwsError};
+use crate::scope::ScopeSet;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// Algorithms accepted for client assertions.
+pub const CLIENT_ASSERTION_ALGS: &[Alg] = &[Alg::ES384, Alg::RS384];
+/// Maximum assertion lifetime (`exp - now`), SM3.
+pub const MAX_ASSERTION_LIFETIME: u64 = 300;
+/// Tolerance on the five-minute `exp` limit for clock skew.
+pub const EXP_LEEWAY: u64 = 30;
+/// Tolerance for `iat`/`nbf` in the future.
+pub const CLOCK_LEEWAY: u64 = 60;
+/// Maximum length of a client id or `jti`.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A registered backend client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// The client id (`iss`/`sub` of its assertions).
+    pub client_id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Its public keys (JWK JSON), each with a distinct `kid`.
+    pub jwks: Vec<PublicJwk>,
+    /// The scopes it may be granted (the most any token of it can carry).
+    pub scopes: ScopeSet,
+    /// Disabled clients cannot authenticate.
+    pub disabled: bool,
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_ID_LEN && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+impl ClientRecord {
+    /// Registration-time checks: printable client id, at least one key, unique `kid`s, and
+    /// every key usable for ES384 or RS384. Call before storing a record.
+    pub fn validate(&self) -> Result<(), AuthError> {
+        if !valid_id(&self.client_id) {
+            return Err(AuthError::Config(
+                "client_id must be 1-256 printable ASCII characters",
+            ));
+        }
+        if self.jwks.is_empty() {
+            return Err(AuthError::Config("client has no keys"));
+        }
+        let mut kids = HashSet::new();
+        for k in &self.jwks {
+            if !kids.insert(k.kid()) {
+                return Err(AuthError::Config("duplicate kid in client keys"));
+            }
+            if !CLIENT_ASSERTION_ALGS.iter().any(|a| k.permits(*a)) {
+                return Err(AuthError::Config("client keys must be EC P-384 or RSA"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct ReplayInner {
+    seen: HashMap<(String, String), u64>,
+    by_exp: BTreeSet<(u64, String, String)>,
+}
+
+impl ReplayInner {
+    fn purge(&mut self, now: u64) {
+        while let Some(first) = self.by_exp.first() {
+            if first.0 > now {
+                break;
+            }
+            if let Some((_, c, j)) = self.by_exp.pop_first() {
+                self.seen.remove(&(c, j));
+            }
+        }
+    }
+}
+
+/// Bounded replay cache for assertion `jti`s, keyed by (client id, jti), each kept until
+/// its assertion's `exp`. When full of unexpired entries it refuses new ones (fail
+/// closed) rather than forgetting one that could then be replayed.
+pub struct ReplayCache {
+    inner: Mutex<ReplayInner>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for ReplayCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCache")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl Default for ReplayCache {
+    fn default() -> Self {
+        ReplayCache::new(ReplayCache::DEFAULT_CAPACITY)
+    }
+}
+
+impl ReplayCache {
+    /// Default capacity: 100 000 entries (≈ 330 assertions/s sustained over 5 minutes).
+    pub const DEFAULT_CAPACITY: usize = 100_000;
+
+    /// A cache holding at most `capacity` unexpired entries.
+    pub fn new(capacity: usize) -> ReplayCache {
+        ReplayCache {
+            inner: Mutex::new(ReplayInner::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records (client_id, jti) until `expires_at`. `Err` with a log reason if it was
+    /// already seen (replay) or the cache is full.
+    pub fn check_and_insert(
+        &self,
+        client_id: &str,
+        jti: &str,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), &'static str> {
+        let mut g = self.inner.lock();
+        g.purge(now);
+        let key = (client_id.to_owned(), jti.to_owned());
+        if g.seen.contains_key(&key) {
+            return Err("jti replayed");
+        }
+        if g.seen.len() >= self.capacity {
+            return Err("replay cache full");
+        }
+        g.by_exp.insert((expires_at, key.0.clone(), key.1.clone()));
+        g.seen.insert(key, expires_at);
+        Ok(())
+    }
+
+    /// Number of entries held (including any not yet purged).
+    pub fn len(&self) -> usize {
+        self.inner.lock().seen.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn fail(reason: &'static str) -> OAuthError {
+    OAuthError::InvalidClient(reason)
+}
+
+/// Verifies a client assertion (RFC 7523 `private_key_jwt`, SMART Backend Services) and
+/// returns the authenticated client's record. See the module documentation for the checks.
+pub fn verify_client_assertion(
+    assertion: &str,
+    expected_client_id: Option<&str>,
+    lookup: &dyn Fn(&str) -> Option<ClientRecord>,
+    token_url: &str,
+    now: u64,
+    replay: &ReplayCache,
+) -> Result<ClientRecord, OAuthError> {
+    let jws = Jws::parse(assertion).map_err(|e| match e {
+        JwsError::TooLong => fail("assertion too long"),
+        JwsError::UnsupportedAlgorithm => fail("assertion algorithm unsupported"),
+        JwsError::ForbiddenHeader => fail("assertion header has a forbidden parameter"),
+        _ => fail("assertion malformed"),
+    })?;
+    if !CLIENT_ASSERTION_ALGS.contains(&jws.alg()) {
+        return Err(fail("assertion algorithm not allowed"));
+    }
+    let kid = jws.kid().ok_or(fail("assertion kid missing"))?;
+
+    let unverified_iss = claims::string(jws.unverified_claims(), "iss");
+    let client_id = match (expected_client_id, unverified_iss) {
+        (Some(e), Some(iss)) if e == iss => e,
+        (Some(_), _) => return Err(fail("assertion iss does not match client_id")),
+        (None, Some(iss)) => iss,
+        (None, None) => return Err(fail("assertion iss missing")),
+    };
+    if !valid_id(client_id) {
+        return Err(fail("client id invalid"));
+    }
+    let record = lookup(client_id).ok_or(fail("unknown client"))?;
+    if record.client_id != client_id {
+        return Err(fail("client lookup returned another client"));
+    }
+    if record.disabled {
+        return Err(fail("client disabled"));
+    }
+    let key = record
+        .jwks
+        .iter()
+        .find(|k| k.kid() == kid)
+        .ok_or(fail("assertion kid not registered for client"))?;
+    let claims = jws
+        .verify(key, CLIENT_ASSERTION_ALGS)
+        .map_err(|e| match e {
+            JwsError::BadSignature => fail("assertion signature invalid"),
+            _ => fail("assertion algorithm does not match key"),
+        })?;
+
+    if claims::string(claims, "iss") != Some(client_id) {
+        return Err(fail("assertion iss is not the client id"));
+    }
+    if claims::string(claims, "sub") != Some(client_id) {
+        return Err(fail("assertion sub is not the client id"));
+    }
+    if !claims::audience_contains(claims, token_url) {
+        return Err(fail("assertion aud is not the token URL"));
+    }
+    let exp = claims::numeric_date(claims, "exp")
+        .map_err(|()| fail("assertion exp invalid"))?
+        .ok_or(fail("assertion exp missing"))?;
+    if exp <= now {
+        return Err(fail("assertion expired"));
+    }
+    if exp > now.saturating_add(MAX_ASSERTION_LIFETIME + EXP_LEEWAY) {
+        return Err(fail("assertion exp too far in the future"));
+    }
+    for k in ["iat", "nbf"] {
+        let v = claims::numeric_date(claims, k).map_err(|()| fail("assertion iat/nbf invalid"))?;
+        if v.is_some_and(|t| t > now.saturating_add(CLOCK_LEEWAY)) {
+            return Err(fail("assertion iat/nbf in the future"));
+        }
+    }
+    let jti = claims::string(claims, "jti").ok_or(fail("assertion jti missing"))?;
+    if jti.is_empty() || jti.len() > MAX_ID_LEN {
+        return Err(fail("assertion jti invalid"));
+    }
+    replay
+        .check_and_insert(client_id, jti, exp, now)
+        .map_err(fail)?;
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+    use serde_json::json;
+
+    fn verify(
+        t: &TestClient,
+        assertion: &str,
+        replay: &ReplayCache,
+    ) -> Result<ClientRecord, OAuthError> {
+        verify_client_assertion(assertion, None, &|id| t.lookup(id), TOKEN_URL, NOW, replay)
+    }
+
+    fn reason(r: Result<ClientRecord, OAuthError>) -> &'static str {
+        match r {
+            Ok(_) => "accepted",
+            Err(OAuthError::InvalidClient(r)) => r,
+            Err(_) => "wrong error kind",
+        }
+    }
+
+    #[test]
+    fn es384_and_rs384_accepted() {
+        let t = TestClient::new();
+        let replay = ReplayCache::default();
+        let rec = verify(&t, &t.es384(&t.claims()), &replay).expect("es384");
+        assert_eq!(rec.client_id, CLIENT_ID);
+        let rec = verify(&t, &t.rs384(&t.claims()), &replay).expect("rs384");
+        assert_eq!(rec.client_id, CLIENT_ID);
+        // explicit client_id form parameter
+        let a = t.es384(&t.claims());
+        verify_client_assertion(
+            &a,
+            Some(CLIENT_ID),
+            &|id| t.lookup(id),
+            TOKEN_URL,
+            NOW,
+            &replay,
+        )
+        .expect("with client_id");
+        // aud as an array
+        let mut c = t.claims();
+        c["aud"] = json!(["https://other", TOKEN_URL]);
+        verify(&t, &t.es384(&c), &replay).expect("aud array");
+    }
+
+    #[test]
+    fn alg_none_and_unsupported_rejected() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let c = t.claims();
+        // alg none with an empty signature: malformed; with any signature: unsupported
+        assert_eq!(
+            reason(verify(
+                &t,
+                &unsigned(&json!({"alg": "none", "kid": ES_KID}), &c),
+                &r
+            )),
+            "assertion malformed"
+        );
+        let none_sig = format!(
+            "{}AAAA",
+            unsigned(&json!({"alg": "none", "kid": ES_KID}), &c)
+        );
+        assert_eq!(
+            reason(verify(&t, &none_sig, &r)),
+            "assertion algorithm unsupported"
+        );
+        assert_eq!(
+            reason(verify(&t, &t.hs256_with_public_key(&c), &r)),
+            "assertion algorithm unsupported"
+        );
+        assert_eq!(
+            reason(verify(&t, &t.rs256(&c), &r)),
+            "assertion algorithm unsupported"
+        );
+        // EdDSA is supported by the JWS layer but not allowed for client assertions
+        assert_eq!(
+            reason(verify(&t, &t.eddsa(&c), &r)),
+            "assertion algorithm not allowed"
+        );
+    }
+
+    #[test]
+    fn kid_rules() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let c = t.claims();
+        assert_eq!(
+            reason(verify(
+                &t,
+                &t.es384_header(&json!({"alg": "ES384"}), &c),
+                &r
+            )),
+            "assertion kid missing"
+        );
+        assert_eq!(
+            reason(verify(
+                &t,
+                &t.es384_header(&json!({"alg": "ES384", "kid": "nope"}), &c),
+                &r
+            )),
+            "assertion kid not registered for client"
+        );
+        // ES384 signature presented under the RSA key's kid
+        assert_eq!(
+            reason(verify(
+                &t,
+                &t.es384_header(&json!({"alg": "ES384", "kid": RS_KID}), &c),
+                &r
+            )),
+            "assertion algorithm does not match key"
+        );
+    }
+
+    #[test]
+    fn issuer_subject_audience() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let mut c = t.claims();
+        c["iss"] = json!("someone-else");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "unknown client");
+        let mut c = t.claims();
+        c["sub"] = json!("someone-else");
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion sub is not the client id"
+        );
+        let mut c = t.claims();
+        c.as_object_mut().map(|m| m.remove("sub"));
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion sub is not the client id"
+        );
+        let mut c = t.claims();
+        c["aud"] = json!("https://evil.example/token");
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion aud is not the token URL"
+        );
+        // client_id form parameter disagrees with iss
+        let a = t.es384(&t.claims());
+        let res =
+            verify_client_assertion(&a, Some("other"), &|id| t.lookup(id), TOKEN_URL, NOW, &r);
+        assert_eq!(reason(res), "assertion iss does not match client_id");
+        // disabled client
+        let mut d = TestClient::new();
+        d.record.disabled = true;
+        assert_eq!(
+            reason(verify(&d, &d.es384(&d.claims()), &r)),
+            "client disabled"
+        );
+    }
+
+    #[test]
+    fn times() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let mut c = t.claims();
+        c["exp"] = json!(NOW - 1);
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion expired");
+        c["exp"] = json!(NOW);
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion expired");
+        c["exp"] = json!(NOW + 400);
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion exp too far in the future"
+        );
+        c["exp"] = json!(NOW + MAX_ASSERTION_LIFETIME + EXP_LEEWAY + 1);
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion exp too far in the future"
+        );
+        c["exp"] = json!("soon");
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion exp invalid"
+        );
+        c.as_object_mut().map(|m| m.remove("exp"));
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion exp missing"
+        );
+        let mut c = t.claims();
+        c["iat"] = json!(NOW + CLOCK_LEEWAY + 1);
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion iat/nbf in the future"
+        );
+        let mut c = t.claims();
+        c["nbf"] = json!(NOW + 3600);
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion iat/nbf in the future"
+        );
+        let mut c = t.claims();
+        c["iat"] = json!(NOW + 30);
+        verify(&t, &t.es384(&c), &r).expect("small skew accepted");
+    }
+
+    #[test]
+    fn replay_rejected_after_signature() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let a = t.es384(&t.claims());
+        verify(&t, &a, &r).expect("first");
+        assert_eq!(reason(verify(&t, &a, &r)), "jti replayed");
+        // a forged assertion reusing a fresh jti does not burn it
+        let c = t.claims();
+        let forged = tamper_signature(&t.es384(&c));
+        assert_eq!(
+            reason(verify(&t, &forged, &r)),
+            "assertion signature invalid"
+        );
+        verify(&t, &t.es384(&c), &r).expect("jti still fresh");
+        // jti missing
+        let mut c = t.claims();
+        c.as_object_mut().map(|m| m.remove("jti"));
+        assert_eq!(
+            reason(verify(&t, &t.es384(&c), &r)),
+            "assertion jti missing"
+        );
+    }
+
+    #[test]
+    fn tampering_and_malformed() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let a = t.es384(&t.claims());
+        assert_eq!(
+            reason(verify(&t, &tamper_payload(&a), &r)),
+            "assertion signature invalid"
+        );
+        assert_eq!(
+            reason(verify(&t, &tamper_signature(&a), &r)),
+            "assertion signature invalid"
+        );
+        let rs = t.rs384(&t.claims());
+        assert_eq!(
+            reason(verify(&t, &tamper_payload(&rs), &r)),
+            "assertion signature invalid"
+        );
+        assert_eq!(
+            reason(verify(&t, &tamper_signature(&rs), &r)),
+            "assertion signature invalid"
+        );
+        assert_eq!(
+            reason(verify(&t, "not!base64.x.y", &r)),
+            "assertion malformed"
+        );
+        assert_eq!(
+            reason(verify(&t, &format!("{a}.extra"), &r)),
+            "assertion malformed"
+        );
+        assert_eq!(reason(verify(&t, "", &r)), "assertion malformed");
+        let mut c = t.claims();
+        c["pad"] = json!("x".repeat(9000));
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion too long");
+        let h = json!({"alg": "ES384", "kid": ES_KID, "jku": "https://evil/jwks"});
+        assert_eq!(
+            reason(verify(&t, &t.es384_header(&h, &t.claims()), &r)),
+            "assertion header has a forbidden parameter"
+        );
+    }
+
+    #[test]
+    fn error_display_is_generic() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let a = t.es384(&t.claims());
+        let e = verify(&t, &tamper_signature(&a), &r).expect_err("error");
+        let shown = format!("{e} {}", e.to_json());
+        assert!(!shown.contains("signature"));
+        assert!(!shown.contains(&a[..30]));
+        assert_eq!(e.http_status(), 401);
+    }
+
+    #[test]
+    fn replay_cache_bounds() {
+        let c = ReplayCache::new(2);
+        assert!(c.check_and_insert("a", "1", 10, 0).is_ok());
+        assert!(c.check_and_insert("a", "1", 10, 0).is_err());
+        assert!(
+            c.check_and_insert("b", "1", 10, 0).is_ok(),
+            "keyed per client"
+        );
+        assert_eq!(
+            c.check_and_insert("a", "2", 10, 0),
+            Err("replay cache full")
+        );
+        // after expiry entries are evicted
+        assert!(c.check_and_insert("a", "2", 20, 10).is_ok());
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn client_record_serde_and_validate() {
+        let t = TestClient::new();
+        // the fixture also registers an Ed25519 key, which registration refuses
+        assert!(t.record.validate().is_err());
+        let mut ok = t.record.clone();
+        ok.jwks.retain(|k| k.kty() != "OKP");
+        ok.validate().expect("valid");
+        let j = serde_json::to_string(&t.record).expect("ser");
+        let back: ClientRecord = serde_json::from_str(&j).expect("de");
+        assert_eq!(back, t.record);
+        let mut dup = t.record.clone();
+        dup.jwks.push(dup.jwks[0].clone());
+        assert!(dup.validate().is_err());
+        let mut none = t.record.clone();
+        none.jwks.clear();
+        assert!(none.validate().is_err());
+    }
+}

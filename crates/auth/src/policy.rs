@@ -1,0 +1,163 @@
+//! The authorization decision (SM2, API1/API5 groundwork).
+//!
+//! [`authorize`] turns an [`Authenticated`] token and a (resource type, interaction) pair
+//! into an [`Authorized`] proof or a [`Denied`]. Handlers that touch resources should take
+//! an `Authorized` argument, so skipping the check does not compile.
+//!
+//! **Phase 1 policy:** only `system/` scopes grant access. `patient/` and `user/` scopes
+//! are parsed and carried in tokens but grant nothing until users, patient compartments
+//! and launch context exist (they need the compartment rules of SM2, which belong to the
+//! server's search layer). Scopes with a `?query` restriction likewise grant nothing yet
+//! (see [`crate::scope`]). Deny by default (AC1).
+
+use crate::access_token::Authenticated;
+use crate::scope::{Context, Interaction, is_valid_resource_type_syntax};
+use std::fmt;
+
+/// Proof that `client_id` may perform `interaction` on `resource_type`. Only this crate
+/// can construct it.
+#[derive(Clone)]
+pub struct Authorized {
+    client_id: String,
+    token_id: String,
+    resource_type: String,
+    interaction: Interaction,
+}
+
+impl fmt::Debug for Authorized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorized")
+            .field("client_id", &self.client_id)
+            .field("resource_type", &self.resource_type)
+            .field("interaction", &self.interaction)
+            .finish()
+    }
+}
+
+impl Authorized {
+    /// The client acting.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+    /// The `jti` of the token the decision was based on (for audit).
+    pub fn token_id(&self) -> &str {
+        &self.token_id
+    }
+    /// The resource type authorized.
+    pub fn resource_type(&self) -> &str {
+        &self.resource_type
+    }
+    /// The interaction authorized.
+    pub fn interaction(&self) -> Interaction {
+        self.interaction
+    }
+}
+
+/// Access refused. HTTP 403 with `WWW-Authenticate: Bearer error="insufficient_scope"`.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Denied {
+    /// No granted scope covers the request.
+    #[error("insufficient scope")]
+    InsufficientScope,
+    /// The resource type name is not syntactically valid.
+    #[error("invalid resource type")]
+    InvalidResourceType,
+}
+
+impl Denied {
+    /// 403 for insufficient scope; 400 for an invalid resource type name.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Denied::InsufficientScope => 403,
+            Denied::InvalidResourceType => 400,
+        }
+    }
+
+    /// The `WWW-Authenticate` value (RFC 6750 §3.1).
+    pub fn www_authenticate(&self) -> String {
+        "Bearer error=\"insufficient_scope\"".to_owned()
+    }
+}
+
+/// Decides whether `auth` may perform `i` on `resource_type` (phase 1: `system/` scopes
+/// only; see the module documentation).
+pub fn authorize(
+    auth: &Authenticated,
+    resource_type: &str,
+    i: Interaction,
+) -> Result<Authorized, Denied> {
+    if !is_valid_resource_type_syntax(resource_type) {
+        return Err(Denied::InvalidResourceType);
+    }
+    if !auth.scopes().allows(Context::System, resource_type, i) {
+        return Err(Denied::InsufficientScope);
+    }
+    Ok(Authorized {
+        client_id: auth.client_id().to_owned(),
+        token_id: auth.token_id().to_owned(),
+        resource_type: resource_type.to_owned(),
+        interaction: i,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access_token::tests::issuer;
+    use crate::scope::ScopeSet;
+    use crate::test_support::NOW;
+
+    fn auth(scopes: &str) -> Authenticated {
+        let i = issuer();
+        let t = i
+            .issue("c1", &ScopeSet::parse(scopes).expect("scopes"), NOW)
+            .expect("issue");
+        i.verifier().verify(t.token(), NOW).expect("verify")
+    }
+
+    #[test]
+    fn system_scopes_grant() {
+        let a = auth("system/Patient.rs system/*.r");
+        let z = authorize(&a, "Patient", Interaction::Search).expect("allowed");
+        assert_eq!(z.client_id(), "c1");
+        assert_eq!(z.resource_type(), "Patient");
+        assert_eq!(z.interaction(), Interaction::Search);
+        assert!(authorize(&a, "Observation", Interaction::Read).is_ok());
+        assert_eq!(
+            authorize(&a, "Observation", Interaction::Search).err(),
+            Some(Denied::InsufficientScope)
+        );
+        assert_eq!(
+            authorize(&a, "Patient", Interaction::Delete).err(),
+            Some(Denied::InsufficientScope)
+        );
+        assert_eq!(
+            authorize(&a, "patient", Interaction::Read).err(),
+            Some(Denied::InvalidResourceType)
+        );
+    }
+
+    #[test]
+    fn patient_and_user_scopes_grant_nothing_yet() {
+        let a = auth("patient/*.cruds user/*.cruds");
+        for i in Interaction::ALL {
+            assert_eq!(
+                authorize(&a, "Patient", i).err(),
+                Some(Denied::InsufficientScope)
+            );
+        }
+        let q = auth("system/Observation.rs?category=laboratory");
+        assert!(authorize(&q, "Observation", Interaction::Read).is_err());
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(Denied::InsufficientScope.http_status(), 403);
+        assert!(
+            Denied::InsufficientScope
+                .www_authenticate()
+                .contains("insufficient_scope")
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! The data directory: its layout, `init`, and opening it safely.
+//!
+//! ```text
+//! DIR/                      mode 0700
+//!   master.key              the master key (0600); keep it on another volume in production
+//!   phivault.db (+ -wal)    SQLite: sealed versions, blind indexes, wrapped data keys, audit chain
+//!   keys/token-signing.sealed   Ed25519 PKCS#8, sealed under the master key
+//!   keys/audit-signing.sealed   Ed25519 PKCS#8, sealed under the master key
+//!   tls/ca.pem              development CA certificate (its private key is discarded)
+//!   tls/server.pem          server certificate chain for localhost, 127.0.0.1, ::1
+//!   tls/server-key.pem      server private key (0600)
+//! ```
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use phivault_crypto::{KeyHierarchy, MasterKey, SigningKey};
+use phivault_store::Store;
+use phivault_store::sqlite::SqliteStore;
+
+const TOKEN_KEY_LABEL: &str = "token-signing-v1";
+const AUDIT_KEY_LABEL: &str = "audit-signing-v1";
+const META_KCV: &str = "key_check_value";
+
+/// Paths inside a data directory.
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: &Path) -> Self {
+        DataDir {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn master_key(&self) -> PathBuf {
+        self.root.join("master.key")
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("phivault.db")
+    }
+    pub fn token_key(&self) -> PathBuf {
+        self.root.join("keys/token-signing.sealed")
+    }
+    pub fn audit_key(&self) -> PathBuf {
+        self.root.join("keys/audit-signing.sealed")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("tls/ca.pem")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.root.join("tls/server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("tls/server-key.pem")
+    }
+}
+
+fn mkdir_private(p: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(p)
+        .with_context(|| format!("cannot create directory {}", p.display()))
+}
+
+/// `phivault init`: create a new data directory; refuses to touch an existing one.
+pub fn init(root: &Path) -> Result<()> {
+    if root.exists() {
+        bail!(
+            "{} already exists; refusing to overwrite a data directory",
+            root.display()
+        );
+    }
+    if let Some(parent) = root.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    mkdir_private(root)?;
+    let d = DataDir::new(root);
+    mkdir_private(&root.join("keys"))?;
+    mkdir_private(&root.join("tls"))?;
+    let master = MasterKey::generate()?;
+    master.write_new_key_file(&d.master_key())?;
+    let keys = KeyHierarchy::new(&master);
+    for (label, path) in [
+        (TOKEN_KEY_LABEL, d.token_key()),
+        (AUDIT_KEY_LABEL, d.audit_key()),
+    ] {
+        let pkcs8 = SigningKey::generate_pkcs8()?;
+        let sealed = keys.seal_secret(label, pkcs8.expose())?;
+        phivault_crypto::write_private_file(&path, &sealed)?;
+    }
+    let pki = phivault_crypto::generate_dev_pki()?;
+    std::fs::write(d.ca_cert(), &pki.ca_cert_pem)?;
+    std::fs::write(
+        d.server_cert(),
+        format!("{}{}", pki.server_cert_pem, pki.ca_cert_pem),
+    )?;
+    phivault_crypto::write_private_file(&d.server_key(), pki.server_key_pem.expose().as_bytes())?;
+    let store = SqliteStore::open(&d.db(), Box::new(|_: &[u8]| Vec::new()))?;
+    store.set_meta(META_KCV, &keys.key_check_value())?;
+    store.close();
+    Ok(())
+}
+
+/// An opened data directory: keys loaded and checked, store open.
+pub struct Opened {
+    pub dir: DataDir,
+    pub keys: KeyHierarchy,
+    pub store: Arc<SqliteStore>,
+    pub token_pkcs8: phivault_crypto::Secret<Vec<u8>>,
+}
+
+/// Refuse a data directory others can read or write.
+pub fn check_dir_private(root: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(root)
+        .with_context(|| format!("cannot read data directory {}", root.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", root.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "refusing to start: data directory {} has mode {:o}; it must be private to the server's user (chmod 700)",
+            root.display(),
+            mode
+        );
+    }
+    Ok(())
+}
+
+/// Load the master key and derived keys of a data directory.
+pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, [u8; 32])> {
+    check_dir_private(&d.root)?;
+    let master = MasterKey::load_key_file(&d.master_key())
+        .map_err(|e| anyhow::anyhow!("refusing to start: cannot use the master key file: {e}"))?;
+    let keys = KeyHierarchy::new(&master);
+    let sealed = std::fs::read(d.audit_key()).context("cannot read the audit signing key")?;
+    let pkcs8 = keys
+        .open_secret(AUDIT_KEY_LABEL, &sealed)
+        .context("the audit signing key does not open under this master key")?;
+    let audit = SigningKey::from_pkcs8(pkcs8.expose())?;
+    Ok((keys, audit.public_key()))
+}
+
+/// Open a data directory for serving or administration.
+pub fn open(root: &Path) -> Result<Opened> {
+    let d = DataDir::new(root);
+    let (keys, _) = load_keys(&d)?;
+    let sealed = std::fs::read(d.audit_key())?;
+    let audit_pkcs8 = keys.open_secret(AUDIT_KEY_LABEL, &sealed)?;
+    let audit = SigningKey::from_pkcs8(audit_pkcs8.expose())?;
+    let sealed = std::fs::read(d.token_key()).context("cannot read the token signing key")?;
+    let token_pkcs8 = keys
+        .open_secret(TOKEN_KEY_LABEL, &sealed)
+        .context("the token signing key does not open under this master key")?;
+    let store = SqliteStore::open(&d.db(), Box::new(move |m: &[u8]| audit.sign(m).to_vec()))?;
+    match store.meta(META_KCV)? {
+        Some(kcv) if keys.verify_key_check_value(&kcv) => {}
+        Some(_) => bail!("refusing to start: the master key does not match this database"),
+        None => bail!(
+            "refusing to start: the database has no key check value (not initialised by phivault init)"
+        ),
+    }
+    Ok(Opened {
+        dir: d,
+        keys,
+        store: Arc::new(store),
+        token_pkcs8,
+    })
+}

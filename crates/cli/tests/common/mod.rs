@@ -1,0 +1,410 @@
+//! Harness for integration tests: starts the real `phivault` binary over HTTPS on
+//! 127.0.0.1 with port 0 and talks to it as a client would.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_phivault");
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A running server.
+pub struct Server {
+    pub child: Option<Child>,
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub origin: String,
+    pub base: String,
+    pub stderr: Arc<Mutex<Vec<u8>>>,
+    pub agent: ureq::Agent,
+}
+
+/// A response as a client sees it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn is_outcome(&self) -> bool {
+        self.json()["resourceType"] == "OperationOutcome"
+    }
+}
+
+/// Client credentials as written by `phivault client add`.
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub client_id: String,
+    pub private_jwk: String,
+}
+
+pub fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run phivault")
+}
+
+impl Server {
+    /// Start on a fresh data directory.
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let (child, origin, stderr) = launch(&data);
+        let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
+        let agent = agent_for(&ca);
+        Server {
+            child: Some(child),
+            tmp,
+            base: format!("{origin}/fhir"),
+            origin,
+            data,
+            stderr,
+            agent,
+        }
+    }
+
+    /// Start again on the same data directory (after stop or kill9).
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, origin, stderr) = launch(&self.data);
+        self.child = Some(child);
+        self.base = format!("{origin}/fhir");
+        self.origin = origin;
+        self.stderr = stderr;
+    }
+}
+
+/// Start `phivault serve` on `data`; returns the child, its origin and its captured stderr.
+pub fn launch(data: &Path) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn phivault serve");
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    {
+        let mut err = child.stderr.take().expect("stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().expect("lock").extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next();
+    let line = match first {
+        Some(Ok(l)) => l,
+        _ => {
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "server did not start: {}",
+                String::from_utf8_lossy(&stderr.lock().expect("lock"))
+            );
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let origin = line
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .trim()
+        .to_owned();
+    (child, origin, stderr)
+}
+
+impl Server {
+    /// Stop with SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill with SIGKILL (crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn logs(&self) -> Vec<u8> {
+        self.stderr.lock().expect("lock").clone()
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/auth/token", self.origin)
+    }
+
+    /// Register a client with `phivault client add`.
+    pub fn add_client(&self, scope: &str) -> Creds {
+        let out = self.tmp.path().join(format!("creds-{}.json", rand_hex()));
+        let o = Command::new(BIN)
+            .args(["client", "add", "--data-dir"])
+            .arg(&self.data)
+            .args(["--name", "test client", "--scope", scope, "--token-url"])
+            .arg(self.token_url())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("client add");
+        assert!(
+            o.status.success(),
+            "client add failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: Value = serde_json::from_slice(&std::fs::read(&out).expect("creds")).expect("json");
+        Creds {
+            client_id: v["client_id"].as_str().expect("client_id").to_owned(),
+            private_jwk: v["private_jwk"].to_string(),
+        }
+    }
+
+    pub fn assertion(&self, creds: &Creds, aud: &str, jti: &str) -> String {
+        let key = phivault_auth::PrivateJwk::from_json_str(&creds.private_jwk).expect("jwk");
+        key.sign_jws(&json!({
+            "iss": creds.client_id, "sub": creds.client_id, "aud": aud,
+            "exp": now() + 240, "iat": now(), "jti": jti,
+        }))
+        .expect("sign")
+    }
+
+    /// POST the token endpoint with a client assertion.
+    pub fn token_request(&self, assertion: &str, scope: &str) -> Resp {
+        let form = format!(
+            "grant_type=client_credentials&client_assertion_type={}&client_assertion={}&scope={}",
+            "urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer",
+            assertion,
+            scope
+                .replace('/', "%2F")
+                .replace('*', "%2A")
+                .replace(' ', "+")
+        );
+        self.send(
+            "POST",
+            &self.token_url(),
+            None,
+            Some(("application/x-www-form-urlencoded", form.into_bytes())),
+            &[],
+        )
+    }
+
+    /// A fresh access token for a new client with `scope`.
+    pub fn token(&self, scope: &str) -> String {
+        let creds = self.add_client(scope);
+        self.token_for(&creds, scope)
+    }
+
+    pub fn token_for(&self, creds: &Creds, scope: &str) -> String {
+        let a = self.assertion(creds, &self.token_url(), &rand_hex());
+        let r = self.token_request(&a, scope);
+        assert_eq!(r.status, 200, "token: {}", String::from_utf8_lossy(&r.body));
+        r.json()["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned()
+    }
+
+    pub fn send(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut b = ureq::http::Request::builder().method(method).uri(url);
+        if let Some(t) = token {
+            b = b.header("Authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let res = match body {
+            Some((ct, bytes)) => {
+                let req = b.header("Content-Type", ct).body(bytes).expect("request");
+                self.agent.run(req)
+            }
+            None => {
+                let req = b.body(()).expect("request");
+                self.agent.run(req)
+            }
+        };
+        let mut res = res.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = res.status().as_u16();
+        let headers = res
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = res
+            .body_mut()
+            .with_config()
+            .limit(256 * 1024 * 1024)
+            .read_to_vec()
+            .unwrap_or_default();
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> Resp {
+        self.send(
+            "GET",
+            &format!("{}/{path}", self.base),
+            Some(token),
+            None,
+            &[],
+        )
+    }
+
+    pub fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
+        let url = if path.is_empty() {
+            self.base.clone()
+        } else {
+            format!("{}/{path}", self.base)
+        };
+        self.send(
+            "POST",
+            &url,
+            Some(token),
+            Some(("application/fhir+json", body.to_string().into_bytes())),
+            &[],
+        )
+    }
+
+    pub fn put(&self, path: &str, token: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+        self.send(
+            "PUT",
+            &format!("{}/{path}", self.base),
+            Some(token),
+            Some(("application/fhir+json", body.to_string().into_bytes())),
+            headers,
+        )
+    }
+
+    pub fn delete(&self, path: &str, token: &str) -> Resp {
+        self.send(
+            "DELETE",
+            &format!("{}/{path}", self.base),
+            Some(token),
+            None,
+            &[],
+        )
+    }
+
+    /// Run `phivault audit verify` on the data directory.
+    pub fn audit_verify(&self) -> (bool, String) {
+        let o = Command::new(BIN)
+            .args(["audit", "verify", "--data-dir"])
+            .arg(&self.data)
+            .output()
+            .expect("audit verify");
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data.join("phivault.db")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn agent_for(ca_pem: &[u8]) -> ureq::Agent {
+    let cert = ureq::tls::Certificate::from_pem(ca_pem).expect("ca pem");
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
+        .build();
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build(),
+    )
+}
+
+pub fn rand_hex() -> String {
+    let mut b = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("rng");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// All files under a directory, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Occurrences of `needle` in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+pub fn patient() -> Value {
+    json!({
+        "resourceType": "Patient",
+        "name": [{"family": "Quixotewright", "given": ["Anastasia"]}],
+        "gender": "female",
+        "birthDate": "1971-02-03",
+        "identifier": [{"system": "urn:oid:1.2.3", "value": "MRN-771234"}]
+    })
+}

@@ -1,0 +1,1172 @@
+//! Application state, the router and the single-resource handlers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use phivault_audit::{Action, AuditEvent, Outcome};
+use phivault_auth::{
+    AccessTokenIssuer, AccessTokenVerifier, Authenticated, ClientRecord, Interaction, ReplayCache,
+};
+use phivault_fhir::IssueCode;
+use phivault_store::{CommitError, Expect, WriteBatch};
+use serde_json::{Value, json};
+
+use crate::engine::{Engine, Written, instant, key_patient, now_ms};
+use crate::error::ApiError;
+use crate::{FHIR_JSON, bundle};
+
+/// Remote address of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Limits on what one request may ask for (API4).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body in bytes.
+    pub max_body: usize,
+    /// Most entries in a batch or transaction Bundle.
+    pub max_bundle_entries: usize,
+    /// Largest `_count` of a history page.
+    pub max_count: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 16 * 1024 * 1024,
+            max_bundle_entries: 10_000,
+            max_count: 1000,
+        }
+    }
+}
+
+/// Everything the routes share.
+pub struct App {
+    /// Resource operations.
+    pub engine: Engine,
+    /// FHIR base URL (`https://host:port/fhir`), the audience of access tokens.
+    pub base_url: String,
+    /// Token endpoint URL, the audience of client assertions.
+    pub token_url: String,
+    /// Issues access tokens.
+    pub issuer: AccessTokenIssuer,
+    /// Verifies access tokens.
+    pub verifier: AccessTokenVerifier,
+    /// Client-assertion `jti` replay cache.
+    pub replay: ReplayCache,
+    /// Request limits.
+    pub limits: Limits,
+    capability: Bytes,
+    smart_configuration: Bytes,
+    jwks: Bytes,
+}
+
+/// Store key under which a client record is kept.
+pub fn client_meta_key(client_id: &str) -> String {
+    format!("client:{client_id}")
+}
+
+impl App {
+    /// Assemble the state.
+    pub fn new(
+        engine: Engine,
+        origin: &str,
+        issuer: AccessTokenIssuer,
+        verifier: AccessTokenVerifier,
+        limits: Limits,
+    ) -> Self {
+        let base_url = format!("{origin}/fhir");
+        let token_url = format!("{origin}/auth/token");
+        let capability = crate::capability::capability_statement(&base_url, &token_url);
+        let smart = crate::capability::smart_configuration(origin, &token_url);
+        let jwks = issuer.jwks();
+        App {
+            engine,
+            base_url,
+            token_url,
+            issuer,
+            verifier,
+            replay: ReplayCache::default(),
+            limits,
+            capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
+            smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
+            jwks: Bytes::from(serde_json::to_vec(&jwks).unwrap_or_default()),
+        }
+    }
+
+    /// Look a registered client up.
+    pub fn client(&self, client_id: &str) -> Option<ClientRecord> {
+        let bytes = self.engine.store.meta(&client_meta_key(client_id)).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub(crate) fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<Authenticated, ApiError> {
+        let challenge = "Bearer realm=\"phivault\"".to_string();
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::unauthorized(challenge));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            })
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "Bearer realm=\"phivault\", error=\"invalid_request\"".to_string(),
+                )
+            })?;
+        let now = (now_ms() / 1000) as u64;
+        match self.verifier.verify(token, now) {
+            Ok(auth) => {
+                ctx.client_id = Some(auth.client_id().to_owned());
+                Ok(auth)
+            }
+            Err(e) => Err(ApiError::unauthorized(e.www_authenticate())),
+        }
+    }
+
+    /// Authenticate and authorize one interaction on a resource type.
+    fn access(
+        &self,
+        headers: &HeaderMap,
+        ctx: &mut Ctx,
+        rtype: &str,
+        interaction: Interaction,
+    ) -> Result<(), ApiError> {
+        let auth = self.authenticate(headers, ctx)?;
+        self.authorize(&auth, rtype, interaction)
+    }
+
+    /// Authorize one interaction of an authenticated client (each bundle entry separately, SM2).
+    pub(crate) fn authorize(
+        &self,
+        auth: &Authenticated,
+        rtype: &str,
+        interaction: Interaction,
+    ) -> Result<(), ApiError> {
+        if !phivault_fhir::is_known_resource_type(rtype) {
+            return Err(ApiError::not_found("unknown resource type"));
+        }
+        phivault_auth::authorize(auth, rtype, interaction)
+            .map(|_| ())
+            .map_err(|_| ApiError::forbidden())
+    }
+
+    /// Make audit events durable; fail closed.
+    pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
+        let rx = self.engine.store.submit(WriteBatch {
+            audit: events,
+            ..Default::default()
+        });
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ApiError::unavailable()),
+        }
+    }
+}
+
+/// What one request is doing, for its audit event.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Request id.
+    pub request_id: String,
+    /// Client address.
+    pub source: String,
+    /// Authenticated client.
+    pub client_id: Option<String>,
+    /// Action.
+    pub action: Action,
+    /// Interaction name.
+    pub interaction: &'static str,
+    /// Resource type.
+    pub rtype: Option<String>,
+    /// Resource id.
+    pub id: Option<String>,
+    /// Version.
+    pub version: Option<u64>,
+    /// Patient compartment.
+    pub patient: Option<String>,
+    /// True once the request's audit event is durable.
+    pub audited: bool,
+    /// Further events (one per patient touched by a multi-resource read).
+    pub extra: Vec<AuditEvent>,
+}
+
+impl Ctx {
+    /// A context for a request from `peer`.
+    pub fn new(peer: Peer, action: Action, interaction: &'static str) -> Self {
+        Ctx {
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            source: peer.0.ip().to_string(),
+            client_id: None,
+            action,
+            interaction,
+            rtype: None,
+            id: None,
+            version: None,
+            patient: None,
+            audited: false,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The audit event of this request with outcome `status`.
+    pub fn event(&self, status: u16) -> AuditEvent {
+        AuditEvent {
+            time_ms: now_ms() as u64,
+            request_id: self.request_id.clone(),
+            client_id: self.client_id.clone(),
+            action: self.action,
+            interaction: self.interaction.to_owned(),
+            resource_type: self.rtype.clone(),
+            resource_id: self.id.clone(),
+            version: self.version,
+            patient: self.patient.clone(),
+            outcome: Outcome::from_http(status),
+            source: self.source.clone(),
+        }
+    }
+
+    /// An event for a written resource.
+    pub fn event_for(
+        &self,
+        w: &Written,
+        action: Action,
+        interaction: &str,
+        status: u16,
+    ) -> AuditEvent {
+        AuditEvent {
+            action,
+            interaction: interaction.to_owned(),
+            resource_type: Some(w.rtype.clone()),
+            resource_id: Some(w.id.clone()),
+            version: Some(w.version),
+            patient: w.patient.clone(),
+            ..self.event(status)
+        }
+    }
+}
+
+/// Audit (unless already durable) and answer. If the audit event cannot be made durable,
+/// the response is withheld and the request fails (AU2).
+pub(crate) async fn finish(
+    app: &App,
+    mut ctx: Ctx,
+    result: Result<Response, ApiError>,
+) -> Response {
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(request_id = %ctx.request_id, interaction = ctx.interaction, status = e.status.as_u16(), "request failed");
+            }
+            e.into_response()
+        }
+    };
+    if !ctx.audited {
+        let status = resp.status().as_u16();
+        let mut events = vec![ctx.event(status)];
+        events.append(&mut ctx.extra);
+        if app.audit(events).await.is_err() {
+            tracing::error!(request_id = %ctx.request_id, "audit event could not be made durable; response withheld");
+            resp = ApiError::unavailable().into_response();
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    resp
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("W/\"{version}\""))
+        .unwrap_or(HeaderValue::from_static("W/\"0\""))
+}
+
+fn last_modified(ms: i64) -> HeaderValue {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// A response carrying one resource version.
+pub fn resource_response(
+    app: &App,
+    status: StatusCode,
+    rtype: &str,
+    id: &str,
+    version: u64,
+    updated_ms: i64,
+    body: Vec<u8>,
+    location: bool,
+) -> Response {
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    h.insert(header::ETAG, etag(version));
+    h.insert(header::LAST_MODIFIED, last_modified(updated_ms));
+    if location
+        && let Ok(v) =
+            HeaderValue::from_str(&format!("{}/{rtype}/{id}/_history/{version}", app.base_url))
+    {
+        h.insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, body: Bytes, content_type: &'static str) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Read a request body within the limit, as JSON.
+pub fn body_bytes(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if mime != "application/fhir+json" && mime != "application/json" {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                IssueCode::NotSupported,
+                "request bodies must be application/fhir+json",
+            ));
+        }
+    }
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                IssueCode::TooCostly,
+                "request body exceeds the size limit",
+            )
+        } else {
+            ApiError::bad_request("request body could not be read")
+        }
+    })
+}
+
+/// Parse and validate a resource body of type `rtype`.
+pub fn parse_valid(bytes: &[u8], rtype: &str) -> Result<Value, ApiError> {
+    let v = phivault_fhir::parse_resource(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, IssueCode::Structure, e.to_string()))?;
+    if v.get("resourceType").and_then(Value::as_str) != Some(rtype) {
+        return Err(ApiError::bad_request(
+            "resourceType of the body does not match the URL",
+        ));
+    }
+    phivault_fhir::validate(&v).map_err(ApiError::invalid)?;
+    Ok(v)
+}
+
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("").trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    let s = s.trim_matches('"');
+    s.parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
+}
+
+pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
+    if phivault_fhir::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("invalid resource id"))
+    }
+}
+
+/// Run a blocking store call off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::internal())?
+}
+
+/// Outcome of committing a prepared batch.
+pub enum Commit {
+    /// Durable.
+    Done,
+    /// A precondition failed; retry or report.
+    Conflict(CommitError),
+}
+
+/// Submit a batch and classify the outcome.
+pub async fn commit(app: &App, batch: WriteBatch) -> Result<Commit, ApiError> {
+    match app.engine.store.submit(batch).await {
+        Ok(Ok(_)) => Ok(Commit::Done),
+        Ok(Err(CommitError::Store(_))) | Err(_) => Err(ApiError::unavailable()),
+        Ok(Err(e)) => Ok(Commit::Conflict(e)),
+    }
+}
+
+/// How many times an optimistic write is retried after losing a race.
+pub const MAX_RETRIES: usize = 16;
+
+pub(crate) fn conflict_exhausted() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        IssueCode::Conflict,
+        "the resource changed concurrently too often; retry",
+    )
+}
+
+async fn create(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(rtype): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::C, "create");
+    ctx.rtype = Some(rtype.clone());
+    let r = create_inner(&app, &mut ctx, &rtype, &headers, body).await;
+    finish(&app, ctx, r).await
+}
+
+async fn create_inner(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    app.access(headers, ctx, rtype, Interaction::Create)?;
+    let bytes = body_bytes(headers, body)?;
+    let resource = parse_valid(&bytes, rtype)?;
+    let criteria = match headers.get("if-none-exist") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("If-None-Exist is not valid text"))?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    Ok(
+        match do_create(app, ctx, rtype, resource, criteria.as_deref()).await? {
+            Created::New(w) => resource_response(
+                app,
+                StatusCode::CREATED,
+                rtype,
+                &w.id,
+                w.version,
+                w.updated_ms,
+                w.body,
+                true,
+            ),
+            Created::Existing(row) => resource_response(
+                app,
+                StatusCode::OK,
+                rtype,
+                &row.id,
+                row.version,
+                row.updated_ms,
+                Vec::new(),
+                true,
+            ),
+        },
+    )
+}
+
+/// Result of a (conditional) create.
+pub enum Created {
+    /// A new resource.
+    New(Written),
+    /// If-None-Exist matched this resource; nothing was written.
+    Existing(phivault_store::VersionRow),
+}
+
+/// Create a resource (already parsed and validated), honouring If-None-Exist criteria.
+pub async fn do_create(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    resource: Value,
+    if_none_exist: Option<&str>,
+) -> Result<Created, ApiError> {
+    let criteria = match if_none_exist {
+        Some(q) => {
+            let q = q.split_once('?').map(|(_, q)| q).unwrap_or(q);
+            Some(app.engine.criteria_tokens(rtype, q)?)
+        }
+        None => None,
+    };
+    for _ in 0..MAX_RETRIES {
+        let mut guards = Vec::new();
+        if let Some(tokens) = &criteria {
+            match find_match(app, rtype, tokens).await? {
+                None => guards.push(phivault_store::Guard::NoMatch {
+                    rtype: rtype.to_owned(),
+                    tokens: tokens.clone(),
+                }),
+                Some(cur) => {
+                    ctx.id = Some(cur.id.clone());
+                    ctx.version = Some(cur.version);
+                    ctx.patient = key_patient(&cur.key_id).map(str::to_owned);
+                    return Ok(Created::Existing(cur));
+                }
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut ring = app.engine.key_ring();
+        let (put, written) = app.engine.prepare(
+            &mut ring,
+            rtype,
+            &id,
+            1,
+            Expect::Absent,
+            Some(resource.clone()),
+            now_ms(),
+            None,
+        )?;
+        let event = ctx.event_for(&written, Action::C, ctx.interaction, 201);
+        let batch = WriteBatch {
+            new_keys: ring.new_keys(),
+            guards,
+            puts: vec![put],
+            audit: vec![event],
+        };
+        match commit(app, batch).await? {
+            Commit::Done => {
+                ring.committed();
+                ctx.audited = true;
+                ctx.id = Some(id.clone());
+                ctx.version = Some(1);
+                ctx.patient = written.patient.clone();
+                return Ok(Created::New(written));
+            }
+            Commit::Conflict(CommitError::KeyConflict) => forget_keys(app, &written),
+            Commit::Conflict(_) => {}
+        }
+    }
+    Err(conflict_exhausted())
+}
+
+/// Drop cached keys a lost key race may have made stale.
+pub fn forget_keys(app: &App, w: &Written) {
+    match &w.patient {
+        Some(p) => app.engine.forget_key(&crate::engine::patient_key_id(p)),
+        None => app.engine.forget_key(crate::engine::SHARED_KEY_ID),
+    }
+}
+
+/// The single current resource matching conditional-create tokens; 412 when several match.
+pub async fn find_match(
+    app: &Arc<App>,
+    rtype: &str,
+    tokens: &[phivault_store::IndexEntry],
+) -> Result<Option<phivault_store::VersionRow>, ApiError> {
+    let (a, t, tk) = (app.clone(), rtype.to_owned(), tokens.to_vec());
+    blocking(move || {
+        let found = a
+            .engine
+            .store
+            .lookup(&t, &tk)
+            .map_err(|_| ApiError::unavailable())?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [id] => a
+                .engine
+                .store
+                .current(&t, id)
+                .map_err(|_| ApiError::unavailable()),
+            _ => Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                IssueCode::Duplicate,
+                "If-None-Exist criteria match more than one resource",
+            )),
+        }
+    })
+    .await
+}
+
+async fn update(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::U, "update");
+    ctx.rtype = Some(rtype.clone());
+    ctx.id = Some(id.clone());
+    let r = update_inner(&app, &mut ctx, &rtype, &id, &headers, body).await;
+    finish(&app, ctx, r).await
+}
+
+async fn update_inner(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    app.access(headers, ctx, rtype, Interaction::Update)?;
+    check_id(id)?;
+    let bytes = body_bytes(headers, body)?;
+    let resource = parse_valid(&bytes, rtype)?;
+    if resource.get("id").and_then(Value::as_str) != Some(id) {
+        return Err(ApiError::bad_request(
+            "the resource id in the body must equal the id in the URL",
+        ));
+    }
+    let if_match = parse_if_match(headers)?;
+    let w = update_or_delete(app, ctx, rtype, id, Some(resource), if_match).await?;
+    let status = if w.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(resource_response(
+        app,
+        status,
+        rtype,
+        id,
+        w.version,
+        w.updated_ms,
+        w.body,
+        true,
+    ))
+}
+
+/// Write a new version (or tombstone) of an existing-or-new resource, retrying lost races
+/// unless the client pinned the version with If-Match.
+pub async fn update_or_delete(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: &str,
+    resource: Option<Value>,
+    if_match: Option<u64>,
+) -> Result<Written, ApiError> {
+    let deleting = resource.is_none();
+    for _ in 0..MAX_RETRIES {
+        let (a, t, i) = (app.clone(), rtype.to_owned(), id.to_owned());
+        let cur = blocking(move || {
+            a.engine
+                .store
+                .current(&t, &i)
+                .map_err(|_| ApiError::unavailable())
+        })
+        .await?;
+        if let Some(expected) = if_match
+            && cur.as_ref().map(|c| c.version) != Some(expected)
+        {
+            return Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                IssueCode::Conflict,
+                "If-Match does not match the current version",
+            ));
+        }
+        if deleting {
+            match &cur {
+                None => return Err(ApiError::not_found("resource not found")),
+                Some(c) if c.deleted => {
+                    ctx.version = Some(c.version);
+                    ctx.patient = key_patient(&c.key_id).map(str::to_owned);
+                    return Ok(Written {
+                        rtype: rtype.to_owned(),
+                        id: id.to_owned(),
+                        version: c.version,
+                        updated_ms: c.updated_ms,
+                        body: Vec::new(),
+                        patient: ctx.patient.clone(),
+                        created: false,
+                        deleted: true,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let (expect, version) = match &cur {
+            Some(c) => (Expect::Version(c.version), c.version + 1),
+            None => (Expect::Absent, 1),
+        };
+        let mut ring = app.engine.key_ring();
+        let (put, written) = app.engine.prepare(
+            &mut ring,
+            rtype,
+            id,
+            version,
+            expect,
+            resource.clone(),
+            now_ms(),
+            cur.as_ref().map(|c| c.key_id.as_str()),
+        )?;
+        let (action, name, status) = if deleting {
+            (Action::D, "delete", 204)
+        } else if version == 1 {
+            (Action::C, "update-create", 201)
+        } else {
+            (Action::U, "update", 200)
+        };
+        let event = ctx.event_for(&written, action, name, status);
+        let batch = WriteBatch {
+            new_keys: ring.new_keys(),
+            guards: Vec::new(),
+            puts: vec![put],
+            audit: vec![event],
+        };
+        match commit(app, batch).await? {
+            Commit::Done => {
+                ring.committed();
+                ctx.audited = true;
+                ctx.version = Some(version);
+                ctx.patient = written.patient.clone();
+                return Ok(written);
+            }
+            Commit::Conflict(CommitError::KeyConflict) => forget_keys(app, &written),
+            Commit::Conflict(_) if if_match.is_some() => {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    IssueCode::Conflict,
+                    "If-Match does not match the current version",
+                ));
+            }
+            Commit::Conflict(_) => {}
+        }
+    }
+    Err(conflict_exhausted())
+}
+
+async fn delete(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::D, "delete");
+    ctx.rtype = Some(rtype.clone());
+    ctx.id = Some(id.clone());
+    let r = async {
+        app.access(&headers, &mut ctx, &rtype, Interaction::Delete)?;
+        check_id(&id)?;
+        let if_match = parse_if_match(&headers)?;
+        update_or_delete(&app, &mut ctx, &rtype, &id, None, if_match).await?;
+        Ok(StatusCode::NO_CONTENT.into_response())
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+async fn read(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((rtype, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "read");
+    ctx.rtype = Some(rtype.clone());
+    ctx.id = Some(id.clone());
+    let r = read_inner(&app, &mut ctx, &rtype, &id, None, &headers).await;
+    finish(&app, ctx, r).await
+}
+
+async fn vread(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "vread");
+    ctx.rtype = Some(rtype.clone());
+    ctx.id = Some(id.clone());
+    let r = async {
+        let v = vid
+            .parse::<u64>()
+            .map_err(|_| ApiError::not_found("version not found"));
+        match v {
+            Ok(v) => read_inner(&app, &mut ctx, &rtype, &id, Some(v), &headers).await,
+            Err(e) => {
+                app.access(&headers, &mut ctx, &rtype, Interaction::Read)?;
+                Err(e)
+            }
+        }
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+async fn read_inner(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: &str,
+    version: Option<u64>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    app.access(headers, ctx, rtype, Interaction::Read)?;
+    let (row, body) = do_read(app, ctx, rtype, id, version).await?;
+    Ok(resource_response(
+        app,
+        StatusCode::OK,
+        rtype,
+        id,
+        row.version,
+        row.updated_ms,
+        body,
+        false,
+    ))
+}
+
+/// Read the current or a given version: 404 when absent, 410 when deleted.
+pub async fn do_read(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: &str,
+    version: Option<u64>,
+) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
+    check_id(id).map_err(|_| ApiError::not_found("resource not found"))?;
+    let (a, t, i) = (app.clone(), rtype.to_owned(), id.to_owned());
+    let (row, body) = blocking(move || {
+        let row = match version {
+            None => a.engine.store.current(&t, &i),
+            Some(v) => a.engine.store.version(&t, &i, v),
+        }
+        .map_err(|_| ApiError::unavailable())?;
+        let Some(row) = row else {
+            return Ok((None, Vec::new()));
+        };
+        if row.deleted {
+            return Ok((Some(row), Vec::new()));
+        }
+        let body = a.engine.open(&row)?;
+        Ok((Some(row), body))
+    })
+    .await?;
+    let Some(row) = row else {
+        return Err(ApiError::not_found("resource not found"));
+    };
+    ctx.version = Some(row.version);
+    ctx.patient = key_patient(&row.key_id).map(str::to_owned);
+    if row.deleted {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            IssueCode::Deleted,
+            "the resource was deleted",
+        ));
+    }
+    Ok((row, body))
+}
+
+fn parse_count(query: Option<&str>, max: usize) -> Result<usize, ApiError> {
+    let mut count = 50.min(max);
+    for (k, v) in crate::engine::form_urlencoded_pairs(query.unwrap_or("")) {
+        match k.as_str() {
+            "_count" => {
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::bad_request("_count must be a non-negative integer"))?
+                    .min(max);
+            }
+            "_format" | "_pretty" => {}
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    IssueCode::NotSupported,
+                    "unsupported parameter for _history",
+                ));
+            }
+        }
+    }
+    Ok(count)
+}
+
+async fn history_instance(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((rtype, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "history-instance");
+    ctx.rtype = Some(rtype.clone());
+    ctx.id = Some(id.clone());
+    let r = history_inner(&app, &mut ctx, &rtype, Some(id.clone()), query, &headers).await;
+    finish(&app, ctx, r).await
+}
+
+async fn history_type(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "history-type");
+    ctx.rtype = Some(rtype.clone());
+    let r = history_inner(&app, &mut ctx, &rtype, None, query, &headers).await;
+    finish(&app, ctx, r).await
+}
+
+async fn history_inner(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: Option<String>,
+    query: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    app.access(headers, ctx, rtype, Interaction::Read)?;
+    if let Some(id) = &id {
+        check_id(id).map_err(|_| ApiError::not_found("resource not found"))?;
+    }
+    let count = parse_count(query.as_deref(), app.limits.max_count)?;
+    let (a, t, i) = (app.clone(), rtype.to_owned(), id.clone());
+    let rows = blocking(move || {
+        let rows = a
+            .engine
+            .store
+            .history(&t, i.as_deref(), count)
+            .map_err(|_| ApiError::unavailable())?;
+        rows.into_iter()
+            .map(|r| {
+                let body = if r.deleted {
+                    Vec::new()
+                } else {
+                    a.engine.open(&r)?
+                };
+                Ok((r, body))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await?;
+    if id.is_some() && rows.is_empty() {
+        return Err(ApiError::not_found("resource not found"));
+    }
+    let mut patients: Vec<String> = rows
+        .iter()
+        .filter_map(|(r, _)| key_patient(&r.key_id).map(str::to_owned))
+        .collect();
+    patients.sort();
+    patients.dedup();
+    if id.is_some() {
+        ctx.patient = patients.first().cloned();
+    } else {
+        // one audit event per patient whose records were disclosed
+        for p in &patients {
+            let mut e = ctx.event(200);
+            e.patient = Some(p.clone());
+            ctx.extra.push(e);
+        }
+    }
+    let mut entries = Vec::with_capacity(rows.len());
+    for (row, body) in rows {
+        let full_url = format!("{}/{}/{}", app.base_url, row.rtype, row.id);
+        let (method, url) = if row.deleted {
+            ("DELETE", format!("{}/{}", row.rtype, row.id))
+        } else if row.version == 1 {
+            ("POST", row.rtype.clone())
+        } else {
+            ("PUT", format!("{}/{}", row.rtype, row.id))
+        };
+        let mut entry = json!({
+            "fullUrl": full_url,
+            "request": {"method": method, "url": url},
+            "response": {
+                "status": if row.deleted { "204" } else if row.version == 1 { "201" } else { "200" },
+                "etag": format!("W/\"{}\"", row.version),
+                "lastModified": instant(row.updated_ms),
+            }
+        });
+        if !row.deleted {
+            let v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::integrity())?;
+            entry["resource"] = v;
+        }
+        entries.push(entry);
+    }
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": instant(now_ms())},
+        "type": "history",
+        "total": entries.len(),
+        "link": [{"relation": "self", "url": match &id {
+            Some(id) => format!("{}/{rtype}/{id}/_history", app.base_url),
+            None => format!("{}/{rtype}/_history", app.base_url),
+        }}],
+        "entry": entries,
+    });
+    let body = serde_json::to_vec(&bundle).map_err(|_| ApiError::internal())?;
+    Ok(json_response(StatusCode::OK, Bytes::from(body), FHIR_JSON))
+}
+
+async fn metadata(State(app): State<Arc<App>>) -> Response {
+    json_response(StatusCode::OK, app.capability.clone(), FHIR_JSON)
+}
+
+async fn smart_configuration(State(app): State<Arc<App>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        app.smart_configuration.clone(),
+        "application/json",
+    )
+}
+
+async fn jwks(State(app): State<Arc<App>>) -> Response {
+    json_response(StatusCode::OK, app.jwks.clone(), "application/json")
+}
+
+async fn token(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::E, "token");
+    let r = token_inner(&app, &mut ctx, body).await;
+    finish(&app, ctx, r).await
+}
+
+async fn token_inner(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let oauth_error = |code: &str, status: StatusCode| {
+        let mut r = (
+            status,
+            serde_json::to_vec(&json!({"error": code})).unwrap_or_default(),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    let Ok(bytes) = body else {
+        return Ok(oauth_error("invalid_request", StatusCode::BAD_REQUEST));
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return Ok(oauth_error("invalid_request", StatusCode::BAD_REQUEST));
+    };
+    let form = crate::engine::form_urlencoded_pairs(text);
+    let a = app.clone();
+    let result = blocking(move || {
+        let now = (now_ms() / 1000) as u64;
+        Ok(phivault_auth::handle_token_request(
+            &form,
+            &|id: &str| a.client(id),
+            &a.token_url,
+            &a.issuer,
+            &a.replay,
+            now,
+        ))
+    })
+    .await?;
+    match result {
+        Ok(resp) => {
+            ctx.client_id = Some(resp.client_id.clone());
+            let body = serde_json::to_vec(&resp).map_err(|_| ApiError::internal())?;
+            let mut r = (StatusCode::OK, body).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut()
+                .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+            Ok(r)
+        }
+        Err(e) => Ok(oauth_error(
+            e.error_code(),
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+        )),
+    }
+}
+
+async fn not_found(
+    Extension(peer): Extension<Peer>,
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Response {
+    // Unknown routes still need authentication, so probing reveals nothing to strangers.
+    let mut ctx = Ctx::new(peer, Action::R, "unknown-route");
+    let r = match app.authenticate(&headers, &mut ctx) {
+        Ok(_) => Err(ApiError::not_found("no such route")),
+        Err(e) => Err(e),
+    };
+    finish(&app, ctx, r).await
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        IssueCode::NotSupported,
+        "this interaction is not supported on this route",
+    )
+    .into_response()
+}
+
+/// Security headers on every response.
+async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+/// The router (state applied).
+pub fn router(app: Arc<App>) -> Router {
+    let max_body = app.limits.max_body;
+    Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/.well-known/smart-configuration", get(smart_configuration))
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(smart_configuration),
+        )
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/auth/token", post(token))
+        .route("/fhir", post(bundle::handle))
+        .route("/fhir/", post(bundle::handle))
+        .route("/fhir/{rtype}", post(create))
+        .route("/fhir/{rtype}/_history", get(history_type))
+        .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
+        .route("/fhir/{rtype}/{id}/_history", get(history_instance))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(vread))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(security_headers))
+        .with_state(app)
+}

@@ -1,0 +1,619 @@
+//! `POST /fhir` with batch and transaction Bundles.
+//!
+//! A transaction is one atomic write: every entry is authorized on its own (SM2), `urn:uuid:`
+//! references are rewritten to the ids the server assigns, every version is sealed, and the
+//! whole set — with one audit event per entry plus one for the transaction — is committed in
+//! a single store batch. A lost race (another writer changed a resource in between) retries
+//! the whole transaction; an `ifMatch` that no longer holds fails it with 412.
+//! A batch runs its entries independently, each with its own outcome and audit event.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use phivault_audit::{Action, AuditEvent};
+use phivault_auth::{Authenticated, Interaction};
+use phivault_fhir::{BundleType, EntryRequest, IssueCode, Method};
+use phivault_store::{CommitError, Expect, Guard, WriteBatch};
+use serde_json::{Value, json};
+
+use crate::FHIR_JSON;
+use crate::app::{
+    App, Commit, Created, Ctx, MAX_RETRIES, Peer, blocking, body_bytes, commit, conflict_exhausted,
+    do_create, do_read, find_match, finish, forget_keys, update_or_delete,
+};
+use crate::engine::{Written, instant, key_patient, now_ms};
+use crate::error::ApiError;
+
+/// Handler of `POST /fhir`.
+pub async fn handle(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::E, "batch-or-transaction");
+    let r = handle_inner(&app, &mut ctx, &headers, body).await;
+    finish(&app, ctx, r).await
+}
+
+async fn handle_inner(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let auth = app.authenticate(headers, ctx)?;
+    let bytes = body_bytes(headers, body)?;
+    let bundle =
+        phivault_fhir::parse_resource(&bytes).map_err(|e| ApiError::invalid(vec![e.to_issue()]))?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::bad_request(
+            "POST to the base URL takes a batch or transaction Bundle",
+        ));
+    }
+    phivault_fhir::validate(&bundle).map_err(ApiError::invalid)?;
+    let (kind, entries) = phivault_fhir::parse_bundle(&bundle, app.limits.max_bundle_entries)
+        .map_err(|e| ApiError::invalid(vec![e.to_issue()]))?;
+    drop(bundle);
+    let response = match kind {
+        BundleType::Transaction => {
+            ctx.interaction = "transaction";
+            transaction(app, ctx, &auth, entries).await?
+        }
+        BundleType::Batch => {
+            ctx.interaction = "batch";
+            batch(app, ctx, &auth, entries).await?
+        }
+    };
+    let body = serde_json::to_vec(&response).map_err(|_| ApiError::internal())?;
+    let mut resp = (StatusCode::OK, body).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static(FHIR_JSON),
+    );
+    Ok(resp)
+}
+
+fn interaction_of(m: &Method) -> Interaction {
+    match m {
+        Method::Get => Interaction::Read,
+        Method::Post => Interaction::Create,
+        Method::Put => Interaction::Update,
+        Method::Delete => Interaction::Delete,
+    }
+}
+
+fn entry_error(index: usize, e: ApiError) -> ApiError {
+    let mut e = e;
+    for issue in &mut e.issues {
+        issue.message = format!("entry {index}: {}", issue.message);
+    }
+    e
+}
+
+fn response_entry(status: &str, w: Option<&Written>, base: &str) -> Value {
+    let mut r = json!({ "status": status });
+    if let Some(w) = w {
+        if !w.deleted {
+            r["location"] = json!(format!(
+                "{base}/{}/{}/_history/{}",
+                w.rtype, w.id, w.version
+            ));
+        }
+        r["etag"] = json!(format!("W/\"{}\"", w.version));
+        r["lastModified"] = json!(instant(w.updated_ms));
+    }
+    json!({ "response": r })
+}
+
+/// What a transaction entry will do once the references are known.
+enum Plan {
+    Create {
+        id: String,
+        resource: Value,
+    },
+    Existing {
+        id: String,
+        version: u64,
+        updated_ms: i64,
+        patient: Option<String>,
+    },
+    Put {
+        id: String,
+        resource: Value,
+    },
+    Delete {
+        id: String,
+    },
+    Read {
+        id: String,
+        vid: Option<u64>,
+    },
+}
+
+async fn transaction(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    auth: &Authenticated,
+    entries: Vec<EntryRequest>,
+) -> Result<Value, ApiError> {
+    // 1. Authorize every entry before anything happens (SM2); reject what we do not do.
+    for e in &entries {
+        app.authorize(auth, &e.resource_type, interaction_of(&e.method))
+            .map_err(|err| entry_error(e.index, err))?;
+        if let Some(r) = &e.resource
+            && r.get("resourceType").and_then(Value::as_str) != Some(e.resource_type.as_str())
+        {
+            return Err(entry_error(
+                e.index,
+                ApiError::bad_request("resourceType does not match request.url"),
+            ));
+        }
+        let conditional = e.id.is_none() && matches!(e.method, Method::Put | Method::Delete);
+        if conditional || (matches!(e.method, Method::Get) && e.id.is_none()) {
+            return Err(entry_error(
+                e.index,
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    IssueCode::NotSupported,
+                    "conditional update/delete and searches are not supported in transactions",
+                ),
+            ));
+        }
+    }
+    for _ in 0..MAX_RETRIES {
+        // 2. Resolve ids: new ids for creates, existing ones for matched conditional creates.
+        let mut map: HashMap<String, String> = HashMap::new();
+        let mut plans: Vec<Plan> = Vec::with_capacity(entries.len());
+        let mut guards = Vec::new();
+        let mut touched = HashSet::new();
+        for e in &entries {
+            let plan = match e.method {
+                Method::Post => {
+                    let mut existing = None;
+                    if let Some(q) = &e.if_none_exist {
+                        let q = q.split_once('?').map(|(_, q)| q).unwrap_or(q);
+                        let tokens = app
+                            .engine
+                            .criteria_tokens(&e.resource_type, q)
+                            .map_err(|err| entry_error(e.index, err))?;
+                        match find_match(app, &e.resource_type, &tokens)
+                            .await
+                            .map_err(|err| entry_error(e.index, err))?
+                        {
+                            Some(row) => existing = Some(row),
+                            None => guards.push(Guard::NoMatch {
+                                rtype: e.resource_type.clone(),
+                                tokens,
+                            }),
+                        }
+                    }
+                    match existing {
+                        Some(row) => Plan::Existing {
+                            id: row.id.clone(),
+                            version: row.version,
+                            updated_ms: row.updated_ms,
+                            patient: key_patient(&row.key_id).map(str::to_owned),
+                        },
+                        None => Plan::Create {
+                            id: uuid::Uuid::new_v4().to_string(),
+                            resource: e.resource.clone().unwrap_or(Value::Null),
+                        },
+                    }
+                }
+                Method::Put => Plan::Put {
+                    id: e.id.clone().unwrap_or_default(),
+                    resource: e.resource.clone().unwrap_or(Value::Null),
+                },
+                Method::Delete => Plan::Delete {
+                    id: e.id.clone().unwrap_or_default(),
+                },
+                Method::Get => Plan::Read {
+                    id: e.id.clone().unwrap_or_default(),
+                    vid: match &e.vid {
+                        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                            entry_error(e.index, ApiError::bad_request("invalid version id"))
+                        })?),
+                        None => None,
+                    },
+                },
+            };
+            let id = match &plan {
+                Plan::Create { id, .. }
+                | Plan::Existing { id, .. }
+                | Plan::Put { id, .. }
+                | Plan::Delete { id } => Some(id.clone()),
+                Plan::Read { .. } => None,
+            };
+            if let Some(id) = id {
+                if !touched.insert((e.resource_type.clone(), id.clone())) {
+                    return Err(entry_error(
+                        e.index,
+                        ApiError::bad_request("a transaction may change each resource only once"),
+                    ));
+                }
+                let target = format!("{}/{}", e.resource_type, id);
+                if let Some(full) = &e.full_url {
+                    map.insert(full.clone(), target.clone());
+                }
+                map.insert(format!("{}/{}", app.base_url, target), target);
+            }
+            plans.push(plan);
+        }
+        // 3. Rewrite references to the assigned ids; an unresolvable urn reference is an error.
+        for (e, plan) in entries.iter().zip(plans.iter_mut()) {
+            if let Plan::Create { resource, .. } | Plan::Put { resource, .. } = plan {
+                let mut dangling = false;
+                phivault_fhir::for_each_reference_mut(resource, &mut |r: &mut String| {
+                    if let Some(t) = map.get(r.as_str()) {
+                        *r = t.clone();
+                    } else if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
+                        dangling = true;
+                    }
+                });
+                if dangling {
+                    return Err(entry_error(
+                        e.index,
+                        ApiError::bad_request(
+                            "a urn: reference does not resolve to an entry of the transaction",
+                        ),
+                    ));
+                }
+            }
+        }
+        // 4. Seal every write into one batch.
+        let now = now_ms();
+        let mut ring = app.engine.key_ring();
+        let mut batch = WriteBatch::default();
+        let mut results: Vec<Option<(String, Option<Written>)>> = vec![None; entries.len()];
+        let mut pinned = false;
+        for &i in &phivault_fhir::transaction_order(&entries) {
+            let (Some(e), Some(plan)) = (entries.get(i), plans.get(i)) else {
+                continue;
+            };
+            let rtype = e.resource_type.as_str();
+            let (id, resource, expect_new) = match plan {
+                Plan::Create { id, resource } => (id, Some(resource.clone()), true),
+                Plan::Put { id, resource } => (id, Some(resource.clone()), false),
+                Plan::Delete { id } => (id, None, false),
+                Plan::Existing {
+                    id,
+                    version,
+                    updated_ms,
+                    patient,
+                } => {
+                    let w = Written {
+                        rtype: rtype.to_owned(),
+                        id: id.clone(),
+                        version: *version,
+                        updated_ms: *updated_ms,
+                        body: Vec::new(),
+                        patient: patient.clone(),
+                        created: false,
+                        deleted: false,
+                    };
+                    batch
+                        .audit
+                        .push(ctx.event_for(&w, Action::C, "create-conditional-match", 200));
+                    results[i] = Some(("200 OK".into(), Some(w)));
+                    continue;
+                }
+                Plan::Read { .. } => continue,
+            };
+            let cur = if expect_new {
+                None
+            } else {
+                let (a, t, id2) = (app.clone(), rtype.to_owned(), id.clone());
+                blocking(move || {
+                    a.engine
+                        .store
+                        .current(&t, &id2)
+                        .map_err(|_| ApiError::unavailable())
+                })
+                .await?
+            };
+            if let Some(m) = &e.if_match {
+                pinned = true;
+                let want = m
+                    .trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .parse::<u64>()
+                    .ok();
+                if want.is_none() || cur.as_ref().map(|c| c.version) != want {
+                    return Err(entry_error(
+                        e.index,
+                        ApiError::new(
+                            StatusCode::PRECONDITION_FAILED,
+                            IssueCode::Conflict,
+                            "ifMatch does not match the current version",
+                        ),
+                    ));
+                }
+            }
+            if resource.is_none() && cur.as_ref().is_none_or(|c| c.deleted) {
+                results[i] = Some(("204 No Content".into(), None));
+                continue;
+            }
+            let (expect, version) = match &cur {
+                Some(c) => (Expect::Version(c.version), c.version + 1),
+                None => (Expect::Absent, 1),
+            };
+            let (put, written) = app
+                .engine
+                .prepare(
+                    &mut ring,
+                    rtype,
+                    id,
+                    version,
+                    expect,
+                    resource,
+                    now,
+                    cur.as_ref().map(|c| c.key_id.as_str()),
+                )
+                .map_err(|err| entry_error(e.index, err))?;
+            let (action, name, status) = match e.method {
+                Method::Delete => (Action::D, "delete", "204 No Content"),
+                _ if version == 1 => (Action::C, "create", "201 Created"),
+                _ => (Action::U, "update", "200 OK"),
+            };
+            batch.audit.push(ctx.event_for(
+                &written,
+                action,
+                name,
+                status[..3].parse().unwrap_or(200),
+            ));
+            batch.puts.push(put);
+            results[i] = Some((status.to_owned(), Some(written)));
+        }
+        batch.new_keys = ring.new_keys();
+        batch.guards = guards;
+        batch.audit.push(ctx.event(200));
+        match commit(app, batch).await? {
+            Commit::Done => {
+                ring.committed();
+                ctx.audited = true;
+            }
+            Commit::Conflict(CommitError::KeyConflict) => {
+                for w in results.iter().flatten().filter_map(|(_, w)| w.as_ref()) {
+                    forget_keys(app, w);
+                }
+                continue;
+            }
+            Commit::Conflict(CommitError::Conflict { .. }) if pinned => {
+                return Err(ApiError::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    IssueCode::Conflict,
+                    "ifMatch does not match the current version",
+                ));
+            }
+            Commit::Conflict(_) => continue,
+        }
+        // 5. Reads run last, after the writes, each audited.
+        let mut out = Vec::with_capacity(entries.len());
+        let mut read_events = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(Plan::Read { id, vid }) = plans.get(i) {
+                let (entry, ev) = read_entry(app, ctx, &e.resource_type, id, *vid).await;
+                read_events.extend(ev);
+                out.push(entry);
+            } else {
+                let (status, w) = results[i].take().unwrap_or(("200 OK".into(), None));
+                out.push(response_entry(&status, w.as_ref(), &app.base_url));
+            }
+        }
+        if !read_events.is_empty() {
+            app.audit(read_events).await?;
+        }
+        return Ok(json!({
+            "resourceType": "Bundle",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "type": "transaction-response",
+            "entry": out,
+        }));
+    }
+    Err(conflict_exhausted())
+}
+
+/// A read inside a bundle: its response entry and its (not yet durable) audit event.
+async fn read_entry(
+    app: &Arc<App>,
+    parent: &Ctx,
+    rtype: &str,
+    id: &str,
+    vid: Option<u64>,
+) -> (Value, Option<AuditEvent>) {
+    let mut ctx = parent.clone();
+    ctx.action = Action::R;
+    ctx.interaction = if vid.is_some() { "vread" } else { "read" };
+    ctx.rtype = Some(rtype.to_owned());
+    ctx.id = Some(id.to_owned());
+    ctx.audited = false;
+    match do_read(app, &mut ctx, rtype, id, vid).await {
+        Ok((row, body)) => {
+            let resource: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let entry = json!({
+                "resource": resource,
+                "response": {
+                    "status": "200 OK",
+                    "etag": format!("W/\"{}\"", row.version),
+                    "lastModified": instant(row.updated_ms),
+                }
+            });
+            (entry, Some(ctx.event(200)))
+        }
+        Err(e) => outcome_entry(e, &ctx),
+    }
+}
+
+fn outcome_entry(e: ApiError, ctx: &Ctx) -> (Value, Option<AuditEvent>) {
+    let status = e.status;
+    let entry = json!({
+        "response": {
+            "status": format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")),
+            "outcome": phivault_fhir::operation_outcome(&e.issues),
+        }
+    });
+    let ev = (!ctx.audited).then(|| ctx.event(status.as_u16()));
+    (entry, ev)
+}
+
+async fn batch(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    auth: &Authenticated,
+    entries: Vec<EntryRequest>,
+) -> Result<Value, ApiError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let n = entries.len();
+    for e in entries {
+        let app = app.clone();
+        let mut ectx = ctx.clone();
+        ectx.audited = false;
+        ectx.rtype = Some(e.resource_type.clone());
+        ectx.id = e.id.clone();
+        let allowed = app.authorize(auth, &e.resource_type, interaction_of(&e.method));
+        tasks.spawn(async move {
+            let index = e.index;
+            let r = match allowed {
+                Ok(()) => batch_entry(&app, &mut ectx, e).await,
+                Err(err) => Err(err),
+            };
+            let out = match r {
+                Ok(v) => (v, (!ectx.audited).then(|| ectx.event(200))),
+                Err(err) => outcome_entry(err, &ectx),
+            };
+            (index, out)
+        });
+    }
+    let mut out: Vec<Value> = vec![Value::Null; n];
+    let mut events = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (index, (entry, ev)) = done.map_err(|_| ApiError::internal())?;
+        if let Some(slot) = out.get_mut(index) {
+            *slot = entry;
+        }
+        events.extend(ev);
+    }
+    events.push(ctx.event(200));
+    app.audit(events).await?;
+    ctx.audited = true;
+    Ok(json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "batch-response",
+        "entry": out,
+    }))
+}
+
+async fn batch_entry(app: &Arc<App>, ctx: &mut Ctx, e: EntryRequest) -> Result<Value, ApiError> {
+    let rtype = e.resource_type.as_str();
+    if let Some(r) = &e.resource
+        && r.get("resourceType").and_then(Value::as_str) != Some(rtype)
+    {
+        return Err(ApiError::bad_request(
+            "resourceType does not match request.url",
+        ));
+    }
+    match e.method {
+        Method::Get => {
+            ctx.action = Action::R;
+            let (Some(id), None) = (&e.id, &e.query) else {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    IssueCode::NotSupported,
+                    "searches are not supported in batches",
+                ));
+            };
+            let vid = match &e.vid {
+                Some(v) => Some(
+                    v.parse::<u64>()
+                        .map_err(|_| ApiError::not_found("version not found"))?,
+                ),
+                None => None,
+            };
+            ctx.interaction = if vid.is_some() { "vread" } else { "read" };
+            let (entry, _) = read_entry(app, ctx, rtype, id, vid).await;
+            // read_entry audits through the returned event; record it here.
+            let status = entry["response"]["status"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            if let Some(code) = status.split(' ').next().and_then(|c| c.parse::<u16>().ok())
+                && code >= 400
+            {
+                return Ok(entry);
+            }
+            Ok(entry)
+        }
+        Method::Post => {
+            ctx.action = Action::C;
+            ctx.interaction = "create";
+            let resource = e.resource.unwrap_or(Value::Null);
+            Ok(
+                match do_create(app, ctx, rtype, resource, e.if_none_exist.as_deref()).await? {
+                    Created::New(w) => response_entry("201 Created", Some(&w), &app.base_url),
+                    Created::Existing(row) => {
+                        let w = Written {
+                            rtype: rtype.to_owned(),
+                            id: row.id.clone(),
+                            version: row.version,
+                            updated_ms: row.updated_ms,
+                            body: Vec::new(),
+                            patient: key_patient(&row.key_id).map(str::to_owned),
+                            created: false,
+                            deleted: false,
+                        };
+                        response_entry("200 OK", Some(&w), &app.base_url)
+                    }
+                },
+            )
+        }
+        Method::Put | Method::Delete => {
+            let Some(id) = e.id.clone() else {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    IssueCode::NotSupported,
+                    "conditional update/delete is not supported",
+                ));
+            };
+            crate::app::check_id(&id)?;
+            let if_match = match &e.if_match {
+                Some(m) => Some(
+                    m.trim()
+                        .trim_start_matches("W/")
+                        .trim_matches('"')
+                        .parse::<u64>()
+                        .map_err(|_| {
+                            ApiError::bad_request("ifMatch must be an ETag like W/\"3\"")
+                        })?,
+                ),
+                None => None,
+            };
+            let deleting = matches!(e.method, Method::Delete);
+            ctx.action = if deleting { Action::D } else { Action::U };
+            ctx.interaction = if deleting { "delete" } else { "update" };
+            if let Some(r) = &e.resource
+                && r.get("id").and_then(Value::as_str) != Some(id.as_str())
+            {
+                return Err(ApiError::bad_request(
+                    "resource.id must equal the id in request.url",
+                ));
+            }
+            let w = update_or_delete(app, ctx, rtype, &id, e.resource, if_match).await?;
+            let status = if deleting {
+                "204 No Content"
+            } else if w.created {
+                "201 Created"
+            } else {
+                "200 OK"
+            };
+            Ok(response_entry(status, Some(&w), &app.base_url))
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The CapabilityStatement and SMART configuration: they declare exactly what the router serves (API9).
+
+use serde_json::{Value, json};
+
+/// Interactions served for every resource type.
+pub const TYPE_INTERACTIONS: &[&str] = &[
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "create",
+    "history-instance",
+    "history-type",
+];
+
+/// `GET /fhir/metadata`.
+pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
+    let resources: Vec<Value> = phivault_fhir::resource_types()
+        .map(|t| {
+            json!({
+                "type": t,
+                "interaction": TYPE_INTERACTIONS.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
+                "versioning": "versioned-update",
+                "readHistory": true,
+                "updateCreate": true,
+                "conditionalCreate": true,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": false,
+                "conditionalDelete": "not-supported",
+                "searchParam": [{
+                    "name": "identifier",
+                    "type": "token",
+                    "documentation": "Only as If-None-Exist criteria of conditional create (blind-indexed)."
+                }]
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "publisher": "phivault",
+        "kind": "instance",
+        "software": {"name": "phivault", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "phivault FHIR R4 server", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["json", "application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": false,
+                "service": [{
+                    "coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR"
+                    }]
+                }],
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": token_url}]
+                }],
+                "description": "OAuth 2 bearer tokens (SMART Backend Services, private_key_jwt with ES384/RS384) are required on every route but /metadata and /.well-known/*."
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}]
+        }]
+    })
+}
+
+/// `GET /.well-known/smart-configuration`: only what is supported.
+pub fn smart_configuration(origin: &str, token_url: &str) -> Value {
+    json!({
+        "issuer": origin,
+        "jwks_uri": format!("{origin}/.well-known/jwks.json"),
+        "token_endpoint": token_url,
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384"],
+        "grant_types_supported": ["client_credentials"],
+        "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"],
+        "response_types_supported": [],
+        "capabilities": ["client-confidential-asymmetric"]
+    })
+}

@@ -1,0 +1,425 @@
+//! Resource operations between HTTP and storage: sealing, blind indexing, version
+//! preconditions and the retry of optimistic conflicts.
+//!
+//! Every version is sealed under the data key of the patient whose compartment holds it
+//! (`p:{patient id}`), or under the `shared` key for resources outside any patient
+//! compartment. The AEAD associated data binds resource type, id, version and key id, so
+//! a ciphertext copied to another row never opens.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use parking_lot::RwLock;
+use phivault_crypto::{BlindIndexKey, DataKey, KeyHierarchy, RecordAad};
+use phivault_fhir::IssueCode;
+use phivault_store::{IndexEntry, Put, Store, VersionRow};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// Key id for resources outside every patient compartment.
+pub const SHARED_KEY_ID: &str = "shared";
+/// Most data keys kept unwrapped in memory.
+const DEK_CACHE_MAX: usize = 200_000;
+
+/// The data-key id of a patient.
+pub fn patient_key_id(patient: &str) -> String {
+    format!("p:{patient}")
+}
+
+/// The patient a key id belongs to.
+pub fn key_patient(key_id: &str) -> Option<&str> {
+    key_id.strip_prefix("p:")
+}
+
+/// Shared state of resource operations.
+pub struct Engine {
+    /// The storage engine.
+    pub store: Arc<dyn Store>,
+    keys: KeyHierarchy,
+    deks: RwLock<HashMap<String, DataKey>>,
+    blind: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+}
+
+/// Data keys used while preparing one write: cached, stored, or newly generated.
+pub struct KeyRing<'a> {
+    engine: &'a Engine,
+    fresh: Vec<(String, DataKey, Vec<u8>)>,
+}
+
+impl KeyRing<'_> {
+    /// The data key for `key_id`, generating (and remembering to store) a new one if none exists.
+    pub fn key(&mut self, key_id: &str) -> Result<DataKey, ApiError> {
+        if let Some((_, k, _)) = self.fresh.iter().find(|(id, _, _)| id == key_id) {
+            return Ok(k.clone());
+        }
+        if let Some(k) = self.engine.existing_key(key_id)? {
+            return Ok(k);
+        }
+        let (k, wrapped) = self
+            .engine
+            .keys
+            .new_data_key(key_id)
+            .map_err(|_| ApiError::internal())?;
+        self.fresh.push((key_id.to_owned(), k.clone(), wrapped));
+        Ok(k)
+    }
+
+    /// Wrapped keys to store with the batch.
+    pub fn new_keys(&self) -> Vec<(String, Vec<u8>)> {
+        self.fresh
+            .iter()
+            .map(|(id, _, w)| (id.clone(), w.clone()))
+            .collect()
+    }
+
+    /// After a successful commit: the new keys are stored; cache them.
+    pub fn committed(self) {
+        let mut cache = self.engine.deks.write();
+        for (id, k, _) in self.fresh {
+            if cache.len() >= DEK_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(id, k);
+        }
+    }
+}
+
+/// What a prepared write will produce once committed.
+#[derive(Clone)]
+pub struct Written {
+    /// Resource type.
+    pub rtype: String,
+    /// Logical id.
+    pub id: String,
+    /// New version.
+    pub version: u64,
+    /// Write time (ms since epoch).
+    pub updated_ms: i64,
+    /// The stored JSON (empty for deletes).
+    pub body: Vec<u8>,
+    /// Patient compartment, if any.
+    pub patient: Option<String>,
+    /// True when the write created the resource.
+    pub created: bool,
+    /// True for a delete.
+    pub deleted: bool,
+}
+
+/// RFC 3339 instant of a millisecond timestamp.
+pub fn instant(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the Unix epoch now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// A new engine over `store` with the key hierarchy `keys`.
+    pub fn new(store: Arc<dyn Store>, keys: KeyHierarchy) -> Self {
+        Engine {
+            store,
+            keys,
+            deks: RwLock::new(HashMap::new()),
+            blind: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A key ring for one write.
+    pub fn key_ring(&self) -> KeyRing<'_> {
+        KeyRing {
+            engine: self,
+            fresh: Vec::new(),
+        }
+    }
+
+    fn existing_key(&self, key_id: &str) -> Result<Option<DataKey>, ApiError> {
+        if let Some(k) = self.deks.read().get(key_id) {
+            return Ok(Some(k.clone()));
+        }
+        let Some(wrapped) = self
+            .store
+            .data_key(key_id)
+            .map_err(|_| ApiError::unavailable())?
+        else {
+            return Ok(None);
+        };
+        let k = self
+            .keys
+            .unwrap_data_key(key_id, &wrapped)
+            .map_err(|_| ApiError::integrity())?;
+        let mut cache = self.deks.write();
+        if cache.len() >= DEK_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key_id.to_owned(), k.clone());
+        Ok(Some(k))
+    }
+
+    /// Forget a cached key (after a key conflict).
+    pub fn forget_key(&self, key_id: &str) {
+        self.deks.write().remove(key_id);
+    }
+
+    fn blind_key(&self, scope: &str) -> Arc<BlindIndexKey> {
+        if let Some(k) = self.blind.read().get(scope) {
+            return k.clone();
+        }
+        let k = Arc::new(self.keys.blind_index_key(scope));
+        self.blind.write().insert(scope.to_owned(), k.clone());
+        k
+    }
+
+    /// Blind-index token of an identifier (`system|value`, or any system when `system` is None).
+    pub fn identifier_token(&self, rtype: &str, system: Option<&str>, value: &str) -> IndexEntry {
+        let key = self.blind_key(&format!("{rtype}.identifier"));
+        let mut normalized = Vec::with_capacity(value.len() + 64);
+        match system {
+            Some(s) => {
+                normalized.extend_from_slice(b"sv\0");
+                normalized.extend_from_slice(s.as_bytes());
+                normalized.push(0);
+            }
+            None => normalized.extend_from_slice(b"v\0"),
+        }
+        normalized.extend_from_slice(value.as_bytes());
+        IndexEntry {
+            param: "identifier".into(),
+            token: key.token(&normalized).to_vec(),
+        }
+    }
+
+    /// Blind-index entries of a resource: each identifier with and without its system.
+    pub fn index_entries(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
+        let mut out = Vec::new();
+        if let Some(ids) = resource.get("identifier").and_then(Value::as_array) {
+            for ident in ids {
+                let Some(value) = ident.get("value").and_then(Value::as_str) else {
+                    continue;
+                };
+                let system = ident.get("system").and_then(Value::as_str);
+                if let Some(s) = system {
+                    out.push(self.identifier_token(rtype, Some(s), value));
+                }
+                out.push(self.identifier_token(rtype, None, value));
+            }
+        }
+        out.sort_by(|a, b| a.token.cmp(&b.token));
+        out.dedup();
+        out
+    }
+
+    /// Parse a conditional-create criterion (`identifier=[system|]value`) into index tokens.
+    pub fn criteria_tokens(&self, rtype: &str, query: &str) -> Result<Vec<IndexEntry>, ApiError> {
+        let mut tokens = Vec::new();
+        for (k, v) in form_urlencoded_pairs(query) {
+            match k.as_str() {
+                "identifier" => {
+                    let (system, value) = match v.split_once('|') {
+                        Some((s, v)) if !s.is_empty() => (Some(s), v),
+                        Some((_, v)) => (None, v),
+                        None => (None, v.as_str()),
+                    };
+                    if value.is_empty() {
+                        return Err(ApiError::bad_request(
+                            "conditional criterion 'identifier' needs a value",
+                        ));
+                    }
+                    tokens.push(self.identifier_token(rtype, system, value));
+                }
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        IssueCode::NotSupported,
+                        "conditional create supports only the 'identifier' criterion",
+                    ));
+                }
+            }
+        }
+        if tokens.is_empty() {
+            return Err(ApiError::bad_request("empty conditional create criteria"));
+        }
+        Ok(tokens)
+    }
+
+    /// Seal a new version of `rtype/id`. `resource` None writes a delete tombstone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare(
+        &self,
+        ring: &mut KeyRing<'_>,
+        rtype: &str,
+        id: &str,
+        version: u64,
+        expect: phivault_store::Expect,
+        resource: Option<Value>,
+        now: i64,
+        previous_key: Option<&str>,
+    ) -> Result<(Put, Written), ApiError> {
+        let (body, patient, index, deleted) = match resource {
+            Some(mut r) => {
+                set_server_fields(&mut r, id, version, now);
+                let patient = phivault_fhir::patient_compartment(&r);
+                let index = self.index_entries(rtype, &r);
+                let body = serde_json::to_vec(&r).map_err(|_| ApiError::internal())?;
+                (body, patient, index, false)
+            }
+            None => (
+                Vec::new(),
+                previous_key.and_then(key_patient).map(str::to_owned),
+                Vec::new(),
+                true,
+            ),
+        };
+        let key_id = match &patient {
+            Some(p) => patient_key_id(p),
+            None => SHARED_KEY_ID.to_owned(),
+        };
+        let sealed = if deleted {
+            Vec::new()
+        } else {
+            let key = ring.key(&key_id)?;
+            let aad = RecordAad {
+                resource_type: rtype,
+                id,
+                version,
+                key_id: &key_id,
+            };
+            key.seal(&aad, &body).map_err(|_| ApiError::internal())?
+        };
+        let put = Put {
+            row: VersionRow {
+                rtype: rtype.to_owned(),
+                id: id.to_owned(),
+                version,
+                key_id,
+                deleted,
+                updated_ms: now,
+                sealed,
+            },
+            expect,
+            index,
+        };
+        let written = Written {
+            rtype: rtype.to_owned(),
+            id: id.to_owned(),
+            version,
+            updated_ms: now,
+            body,
+            patient,
+            created: version == 1,
+            deleted,
+        };
+        Ok((put, written))
+    }
+
+    /// Open a stored version; any failure is an integrity error, never data.
+    pub fn open(&self, row: &VersionRow) -> Result<Vec<u8>, ApiError> {
+        let Some(key) = self.existing_key(&row.key_id)? else {
+            return Err(ApiError::integrity());
+        };
+        let aad = RecordAad {
+            resource_type: &row.rtype,
+            id: &row.id,
+            version: row.version,
+            key_id: &row.key_id,
+        };
+        key.open(&aad, &row.sealed)
+            .map_err(|_| ApiError::integrity())
+    }
+}
+
+/// Set the server-owned fields: id, meta.versionId, meta.lastUpdated (clients cannot set them).
+fn set_server_fields(r: &mut Value, id: &str, version: u64, now: i64) {
+    let Some(obj) = r.as_object_mut() else {
+        return;
+    };
+    obj.insert("id".into(), Value::String(id.to_owned()));
+    let meta = obj
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !meta.is_object() {
+        *meta = Value::Object(Default::default());
+    }
+    if let Some(m) = meta.as_object_mut() {
+        m.insert("versionId".into(), Value::String(version.to_string()));
+        m.insert("lastUpdated".into(), Value::String(instant(now)));
+    }
+}
+
+/// Decode `a=b&c=d` with percent-decoding and `+` as space.
+pub fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                    }
+                    _ => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_forms() {
+        assert_eq!(
+            form_urlencoded_pairs("identifier=http%3A%2F%2Fx%7C12+3&a"),
+            vec![
+                ("identifier".to_string(), "http://x|12 3".to_string()),
+                ("a".to_string(), String::new())
+            ]
+        );
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+
+    #[test]
+    fn instants_are_rfc3339() {
+        assert_eq!(instant(0), "1970-01-01T00:00:00Z");
+        assert!(instant(1_700_000_000_123).ends_with(".123Z"));
+    }
+}

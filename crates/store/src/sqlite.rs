@@ -1,0 +1,685 @@
+//! The embedded default engine: one SQLite database file in WAL mode.
+//!
+//! One writer thread owns the only read-write connection and group-commits: it takes
+//! every batch queued while the previous commit was being made durable, applies each in
+//! its own savepoint (so one failing batch does not affect the others), commits once
+//! with `synchronous=FULL`, and only then answers every batch. Readers use a small pool
+//! of read-only connections, which WAL lets run concurrently with the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use parking_lot::Mutex;
+use phivault_audit::{ChainHead, StoredEvent};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use crate::{
+    CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, SignedHead, Store, StoreError,
+    VersionRow, WriteBatch,
+};
+
+/// Most batches one group commit takes.
+const MAX_GROUP: usize = 1024;
+/// Read connections kept open.
+const MAX_IDLE_READERS: usize = 16;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS resource_version (
+    rtype TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    UNIQUE (rtype, id, version)
+);
+CREATE TABLE IF NOT EXISTS resource_current (
+    rtype TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    PRIMARY KEY (rtype, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blind_index (
+    rtype TEXT NOT NULL,
+    param TEXT NOT NULL,
+    token BLOB NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (rtype, param, token, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blind_index_by_id ON blind_index (rtype, id);
+CREATE TABLE IF NOT EXISTS data_key (
+    key_id TEXT PRIMARY KEY,
+    wrapped BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_event (
+    seq INTEGER PRIMARY KEY,
+    event BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    size INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    k TEXT PRIMARY KEY,
+    v BLOB NOT NULL
+) WITHOUT ROWID;
+"#;
+
+fn engine(e: rusqlite::Error) -> StoreError {
+    // rusqlite messages name SQL and constraint names, never bound values.
+    StoreError::Engine(e.to_string())
+}
+
+type Reply = oneshot::Sender<Result<Committed, CommitError>>;
+
+enum Command {
+    Batch(WriteBatch, Reply),
+    SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// SQLite engine.
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    readers: Mutex<Vec<Connection>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(engine)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(engine)?;
+    // Everything SQLite would spill to a temporary file stays in memory: no plaintext
+    // ever reaches a file anyway, but temp files outside the data directory would
+    // escape its backup and permission regime.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(engine)?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`. `signer` signs audit heads.
+    pub fn open(path: &Path, signer: HeadSigner) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(engine)?;
+        configure(&conn)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(engine)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Engine("WAL journal mode unavailable".into()));
+        }
+        // Durability: every commit is fsynced before any batch in it is acknowledged.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(engine)?;
+        // Overwrite deleted content so freed pages keep no old ciphertext around.
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(engine)?;
+        conn.execute_batch(SCHEMA).map_err(engine)?;
+        let head = load_head(&conn)?;
+        let (tx, rx) = mpsc::channel();
+        let writer = thread::Builder::new()
+            .name("phivault-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, head, signer))
+            .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            readers: Mutex::new(Vec::new()),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Open the database read-only (offline verification, reports); writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Engine("database file does not exist".into()));
+        }
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            tx: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// Stop the writer after it has finished the queued batches.
+    pub fn close(&self) {
+        self.tx.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let conn = self.readers.lock().pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(engine)?;
+                configure(&c)?;
+                c
+            }
+        };
+        let out = f(&conn).map_err(engine);
+        let mut pool = self.readers.lock();
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
+        out
+    }
+
+    fn send(&self, cmd: Command) -> bool {
+        match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(cmd).is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn row_to_version(r: &rusqlite::Row<'_>) -> Result<VersionRow, rusqlite::Error> {
+    Ok(VersionRow {
+        rtype: r.get(0)?,
+        id: r.get(1)?,
+        version: r.get::<_, i64>(2)? as u64,
+        key_id: r.get(3)?,
+        deleted: r.get::<_, i64>(4)? != 0,
+        updated_ms: r.get(5)?,
+        sealed: r.get(6)?,
+    })
+}
+
+const SELECT_VERSION: &str =
+    "SELECT rtype, id, version, key_id, deleted, updated_ms, sealed FROM resource_version";
+
+impl Store for SqliteStore {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        self.with_reader(|c| {
+            c.prepare_cached(
+                "SELECT v.rtype, v.id, v.version, v.key_id, v.deleted, v.updated_ms, v.sealed \
+                 FROM resource_current c JOIN resource_version v \
+                 ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version \
+                 WHERE c.rtype = ?1 AND c.id = ?2",
+            )?
+            .query_row(params![rtype, id], row_to_version)
+            .optional()
+        })
+    }
+
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        let v = i64::try_from(version).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            c.prepare_cached(&format!(
+                "{SELECT_VERSION} WHERE rtype = ?1 AND id = ?2 AND version = ?3"
+            ))?
+            .query_row(params![rtype, id, v], row_to_version)
+            .optional()
+        })
+    }
+
+    fn history(
+        &self,
+        rtype: &str,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_reader(|c| match id {
+            Some(id) => c
+                .prepare_cached(&format!(
+                    "{SELECT_VERSION} WHERE rtype = ?1 AND id = ?2 ORDER BY version DESC LIMIT ?3"
+                ))?
+                .query_map(params![rtype, id, limit], row_to_version)?
+                .collect(),
+            None => c
+                .prepare_cached(&format!(
+                    "{SELECT_VERSION} WHERE rtype = ?1 ORDER BY rowid DESC LIMIT ?2"
+                ))?
+                .query_map(params![rtype, limit], row_to_version)?
+                .collect(),
+        })
+    }
+
+    fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError> {
+        let Some((first, rest)) = tokens.split_first() else {
+            return Ok(Vec::new());
+        };
+        self.with_reader(|c| {
+            let ids: Vec<String> = c
+                .prepare_cached(
+                    "SELECT b.id FROM blind_index b JOIN resource_current c \
+                     ON c.rtype = b.rtype AND c.id = b.id AND c.deleted = 0 \
+                     WHERE b.rtype = ?1 AND b.param = ?2 AND b.token = ?3",
+                )?
+                .query_map(params![rtype, first.param, first.token], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::with_capacity(ids.len());
+            let mut check = c.prepare_cached(
+                "SELECT 1 FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
+            )?;
+            'ids: for id in ids {
+                for t in rest {
+                    if !check.exists(params![rtype, t.param, t.token, id])? {
+                        continue 'ids;
+                    }
+                }
+                out.push(id);
+            }
+            Ok(out)
+        })
+    }
+
+    fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_reader(|c| {
+            c.prepare_cached("SELECT wrapped FROM data_key WHERE key_id = ?1")?
+                .query_row(params![key_id], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_reader(|c| {
+            c.prepare_cached("SELECT v FROM meta WHERE k = ?1")?
+                .query_row(params![key], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::SetMeta(key.to_owned(), value.to_vec(), tx)) {
+            return Err(StoreError::Closed);
+        }
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>> {
+        let (tx, rx) = oneshot::channel();
+        let sender = self.tx.lock();
+        let closed = match sender.as_ref() {
+            Some(s) => match s.send(Command::Batch(batch, tx)) {
+                Ok(()) => None,
+                Err(mpsc::SendError(Command::Batch(_, tx))) => Some(tx),
+                Err(_) => None,
+            },
+            None => Some(tx),
+        };
+        if let Some(tx) = closed {
+            let _ = tx.send(Err(CommitError::Store(StoreError::Closed)));
+        }
+        rx
+    }
+
+    fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
+        let row: Option<(i64, Vec<u8>, Vec<u8>)> = self.with_reader(|c| {
+            c.query_row(
+                "SELECT size, hash, signature FROM audit_head WHERE one = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+        })?;
+        row.map(|(size, hash, signature)| {
+            Ok(SignedHead {
+                size: size as u64,
+                hash: hash
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("audit head hash length"))?,
+                signature,
+            })
+        })
+        .transpose()
+    }
+
+    fn scan_audit(&self, visit: &mut dyn FnMut(StoredEvent) -> bool) -> Result<(), StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare("SELECT seq, event, hash FROM audit_event ORDER BY seq")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let ev = StoredEvent {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    event: r.get(1)?,
+                    hash: r.get(2)?,
+                };
+                if !visit(ev) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
+    let last: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(engine)?;
+    match last {
+        None => Ok(ChainHead::EMPTY),
+        Some((seq, hash)) => Ok(ChainHead {
+            size: seq as u64,
+            hash: hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("audit hash length"))?,
+        }),
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Command>,
+    mut head: ChainHead,
+    signer: HeadSigner,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        let before = head;
+        let results = apply_group(&mut conn, &mut group, &mut head, &signer);
+        match results {
+            Ok(results) => {
+                for (cmd, res) in group.into_iter().zip(results) {
+                    reply(cmd, res);
+                }
+            }
+            Err(e) => {
+                head = before;
+                let msg = e.to_string();
+                for cmd in group {
+                    reply(
+                        cmd,
+                        Err(CommitError::Store(StoreError::Engine(msg.clone()))),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn reply(cmd: Command, res: Result<Committed, CommitError>) {
+    match cmd {
+        Command::Batch(_, tx) => {
+            let _ = tx.send(res);
+        }
+        Command::SetMeta(_, _, tx) => {
+            let _ = tx.send(res.map(|_| ()).map_err(|e| match e {
+                CommitError::Store(s) => s,
+                other => StoreError::Engine(other.to_string()),
+            }));
+        }
+    }
+}
+
+/// Apply a group in one transaction; per-command results, or an error that failed them all.
+fn apply_group(
+    conn: &mut Connection,
+    group: &mut [Command],
+    head: &mut ChainHead,
+    signer: &HeadSigner,
+) -> Result<Vec<Result<Committed, CommitError>>, StoreError> {
+    let tx = conn.transaction().map_err(engine)?;
+    let start_size = head.size;
+    let mut results = Vec::with_capacity(group.len());
+    for cmd in group.iter_mut() {
+        let res = match cmd {
+            Command::Batch(batch, _) => {
+                let saved = *head;
+                tx.execute_batch("SAVEPOINT b").map_err(engine)?;
+                match apply_batch(&tx, batch, head) {
+                    Ok(c) => {
+                        tx.execute_batch("RELEASE b").map_err(engine)?;
+                        Ok(c)
+                    }
+                    Err(e) => {
+                        *head = saved;
+                        tx.execute_batch("ROLLBACK TO b; RELEASE b").map_err(engine)?;
+                        Err(e)
+                    }
+                }
+            }
+            Command::SetMeta(k, v, _) => tx
+                .execute(
+                    "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    params![&*k, &*v],
+                )
+                .map(|_| Committed { last_audit_seq: None })
+                .map_err(|e| CommitError::Store(engine(e))),
+        };
+        results.push(res);
+    }
+    if head.size != start_size {
+        let signature = signer(&head.signing_message());
+        tx.execute(
+            "INSERT INTO audit_head (one, size, hash, signature) VALUES (1, ?1, ?2, ?3) \
+             ON CONFLICT (one) DO UPDATE SET size = excluded.size, hash = excluded.hash, signature = excluded.signature",
+            params![head.size as i64, head.hash.as_slice(), signature],
+        )
+        .map_err(engine)?;
+    }
+    tx.commit().map_err(engine)?;
+    Ok(results)
+}
+
+fn apply_batch(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &WriteBatch,
+    head: &mut ChainHead,
+) -> Result<Committed, CommitError> {
+    let e = |e: rusqlite::Error| CommitError::Store(engine(e));
+    for (key_id, wrapped) in &batch.new_keys {
+        let existing: Option<Vec<u8>> = tx
+            .prepare_cached("SELECT wrapped FROM data_key WHERE key_id = ?1")
+            .map_err(e)?
+            .query_row(params![key_id], |r| r.get(0))
+            .optional()
+            .map_err(e)?;
+        match existing {
+            Some(w) if &w == wrapped => {}
+            Some(_) => return Err(CommitError::KeyConflict),
+            None => {
+                tx.prepare_cached("INSERT INTO data_key (key_id, wrapped) VALUES (?1, ?2)")
+                    .map_err(e)?
+                    .execute(params![key_id, wrapped])
+                    .map_err(e)?;
+            }
+        }
+    }
+    for (index, guard) in batch.guards.iter().enumerate() {
+        match guard {
+            Guard::NoMatch { rtype, tokens } => {
+                if guard_matches(tx, rtype, tokens).map_err(e)? {
+                    return Err(CommitError::Guard { index });
+                }
+            }
+        }
+    }
+    for (index, put) in batch.puts.iter().enumerate() {
+        let row = &put.row;
+        let current: Option<i64> = tx
+            .prepare_cached("SELECT version FROM resource_current WHERE rtype = ?1 AND id = ?2")
+            .map_err(e)?
+            .query_row(params![row.rtype, row.id], |r| r.get(0))
+            .optional()
+            .map_err(e)?;
+        let current = current.map(|v| v as u64);
+        let ok = match put.expect {
+            Expect::Absent => current.is_none(),
+            Expect::Version(v) => current == Some(v),
+        };
+        if !ok || row.version != current.unwrap_or(0) + 1 {
+            return Err(CommitError::Conflict { index, current });
+        }
+        let version = row.version as i64;
+        tx.prepare_cached(
+            "INSERT INTO resource_version (rtype, id, version, key_id, deleted, updated_ms, sealed) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .map_err(e)?
+        .execute(params![
+            row.rtype,
+            row.id,
+            version,
+            row.key_id,
+            row.deleted as i64,
+            row.updated_ms,
+            row.sealed
+        ])
+        .map_err(e)?;
+        tx.prepare_cached(
+            "INSERT INTO resource_current (rtype, id, version, deleted) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted",
+        )
+        .map_err(e)?
+        .execute(params![row.rtype, row.id, version, row.deleted as i64])
+        .map_err(e)?;
+        if current.is_some() {
+            tx.prepare_cached("DELETE FROM blind_index WHERE rtype = ?1 AND id = ?2")
+                .map_err(e)?
+                .execute(params![row.rtype, row.id])
+                .map_err(e)?;
+        }
+        let mut ins = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO blind_index (rtype, param, token, id) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(e)?;
+        for entry in &put.index {
+            ins.execute(params![row.rtype, entry.param, entry.token, row.id])
+                .map_err(e)?;
+        }
+    }
+    let mut last_audit_seq = None;
+    for ev in &batch.audit {
+        let bytes = ev.encode();
+        let hash = head.append(&bytes);
+        tx.prepare_cached("INSERT INTO audit_event (seq, event, hash) VALUES (?1, ?2, ?3)")
+            .map_err(e)?
+            .execute(params![head.size as i64, bytes, hash.as_slice()])
+            .map_err(e)?;
+        last_audit_seq = Some(head.size);
+    }
+    Ok(Committed { last_audit_seq })
+}
+
+fn guard_matches(
+    tx: &rusqlite::Transaction<'_>,
+    rtype: &str,
+    tokens: &[IndexEntry],
+) -> Result<bool, rusqlite::Error> {
+    let Some((first, rest)) = tokens.split_first() else {
+        return Ok(false);
+    };
+    let ids: Vec<String> = tx
+        .prepare_cached(
+            "SELECT b.id FROM blind_index b JOIN resource_current c \
+             ON c.rtype = b.rtype AND c.id = b.id AND c.deleted = 0 \
+             WHERE b.rtype = ?1 AND b.param = ?2 AND b.token = ?3",
+        )?
+        .query_map(params![rtype, first.param, first.token], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut check = tx.prepare_cached(
+        "SELECT 1 FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
+    )?;
+    'ids: for id in ids {
+        for t in rest {
+            if !check.exists(params![rtype, t.param, t.token, id])? {
+                continue 'ids;
+            }
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> SqliteStore {
+        SqliteStore::open(&dir.join("db.sqlite"), Box::new(|m: &[u8]| m.to_vec())).unwrap()
+    }
+
+    #[test]
+    fn shared_suite_passes_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        crate::testsuite::run_all(&store);
+    }
+
+    #[test]
+    fn audit_chain_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            crate::testsuite::append_audit(&store, 3);
+            store.close();
+        }
+        let store = open(dir.path());
+        crate::testsuite::append_audit(&store, 2);
+        let mut rows = Vec::new();
+        store
+            .scan_audit(&mut |e| {
+                rows.push(e);
+                true
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 5);
+        let head = store.audit_head().unwrap().unwrap();
+        let verified = phivault_audit::verify_chain(
+            rows.into_iter().map(Ok::<_, ()>),
+            Some(ChainHead {
+                size: head.size,
+                hash: head.hash,
+            }),
+        )
+        .unwrap();
+        assert_eq!(verified.size, 5);
+    }
+}

@@ -1,0 +1,295 @@
+//! The behaviour every engine must show. Each engine's tests call [`run_all`] on a
+//! fresh, empty store.
+
+use phivault_audit::{Action, AuditEvent, Outcome};
+
+use crate::{CommitError, Expect, Guard, IndexEntry, Put, Store, VersionRow, WriteBatch};
+
+fn row(rtype: &str, id: &str, version: u64, sealed: &[u8]) -> VersionRow {
+    VersionRow {
+        rtype: rtype.into(),
+        id: id.into(),
+        version,
+        key_id: "k1".into(),
+        deleted: false,
+        updated_ms: 1_700_000_000_000 + version as i64,
+        sealed: sealed.to_vec(),
+    }
+}
+
+fn event(n: u64) -> AuditEvent {
+    AuditEvent {
+        time_ms: n,
+        request_id: format!("r{n}"),
+        client_id: Some("c".into()),
+        action: Action::C,
+        interaction: "create".into(),
+        resource_type: Some("Patient".into()),
+        resource_id: None,
+        version: None,
+        patient: None,
+        outcome: Outcome::from_http(201),
+        source: "127.0.0.1".into(),
+    }
+}
+
+fn commit(store: &dyn Store, batch: WriteBatch) -> Result<crate::Committed, CommitError> {
+    store
+        .submit(batch)
+        .blocking_recv()
+        .map_err(|_| CommitError::Store(crate::StoreError::Closed))?
+}
+
+/// Append `n` audit-only batches.
+pub fn append_audit(store: &dyn Store, n: u64) {
+    for i in 0..n {
+        let b = WriteBatch {
+            audit: vec![event(i)],
+            ..Default::default()
+        };
+        commit(store, b).expect("audit append");
+    }
+}
+
+fn tok(param: &str, t: &[u8]) -> IndexEntry {
+    IndexEntry {
+        param: param.into(),
+        token: t.to_vec(),
+    }
+}
+
+/// Run every check.
+pub fn run_all(store: &dyn Store) {
+    create_read_update_history(store);
+    conflicts_are_detected(store);
+    failed_batch_writes_nothing(store);
+    guards_and_lookup(store);
+    key_conflict(store);
+    meta_roundtrip(store);
+    concurrent_batches_all_land(store);
+}
+
+fn create_read_update_history(store: &dyn Store) {
+    let b = WriteBatch {
+        new_keys: vec![("k1".into(), b"wrapped".to_vec())],
+        puts: vec![Put {
+            row: row("Patient", "a", 1, b"v1"),
+            expect: Expect::Absent,
+            index: vec![tok("identifier", b"t1")],
+        }],
+        audit: vec![event(1)],
+        ..Default::default()
+    };
+    let c = commit(store, b).expect("create");
+    assert!(c.last_audit_seq.is_some());
+    let cur = store.current("Patient", "a").unwrap().unwrap();
+    assert_eq!(cur.version, 1);
+    assert_eq!(cur.sealed, b"v1");
+    assert_eq!(store.data_key("k1").unwrap().unwrap(), b"wrapped");
+    let b = WriteBatch {
+        puts: vec![Put {
+            row: row("Patient", "a", 2, b"v2"),
+            expect: Expect::Version(1),
+            index: vec![tok("identifier", b"t2")],
+        }],
+        ..Default::default()
+    };
+    commit(store, b).expect("update");
+    assert_eq!(
+        store.current("Patient", "a").unwrap().unwrap().sealed,
+        b"v2"
+    );
+    assert_eq!(
+        store.version("Patient", "a", 1).unwrap().unwrap().sealed,
+        b"v1"
+    );
+    assert!(store.version("Patient", "a", 3).unwrap().is_none());
+    let h = store.history("Patient", Some("a"), 10).unwrap();
+    assert_eq!(h.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2, 1]);
+    // old index entries are replaced
+    assert!(
+        store
+            .lookup("Patient", &[tok("identifier", b"t1")])
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .lookup("Patient", &[tok("identifier", b"t2")])
+            .unwrap(),
+        vec!["a".to_string()]
+    );
+    // delete = tombstone version; deleted resources are not found by lookup
+    let mut tomb = row("Patient", "a", 3, b"");
+    tomb.deleted = true;
+    commit(
+        store,
+        WriteBatch {
+            puts: vec![Put {
+                row: tomb,
+                expect: Expect::Version(2),
+                index: vec![],
+            }],
+            ..Default::default()
+        },
+    )
+    .expect("delete");
+    assert!(store.current("Patient", "a").unwrap().unwrap().deleted);
+    assert!(
+        store
+            .lookup("Patient", &[tok("identifier", b"t2")])
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn conflicts_are_detected(store: &dyn Store) {
+    let put = |v: u64, expect| WriteBatch {
+        puts: vec![Put {
+            row: row("Observation", "o", v, b"x"),
+            expect,
+            index: vec![],
+        }],
+        ..Default::default()
+    };
+    commit(store, put(1, Expect::Absent)).expect("first");
+    assert!(matches!(
+        commit(store, put(1, Expect::Absent)),
+        Err(CommitError::Conflict {
+            index: 0,
+            current: Some(1)
+        })
+    ));
+    assert!(matches!(
+        commit(store, put(2, Expect::Version(5))),
+        Err(CommitError::Conflict { .. })
+    ));
+    // version must be current + 1
+    assert!(matches!(
+        commit(store, put(7, Expect::Version(1))),
+        Err(CommitError::Conflict { .. })
+    ));
+    commit(store, put(2, Expect::Version(1))).expect("second");
+}
+
+fn failed_batch_writes_nothing(store: &dyn Store) {
+    let before = store.audit_head().unwrap().map(|h| h.size).unwrap_or(0);
+    let b = WriteBatch {
+        puts: vec![
+            Put {
+                row: row("Encounter", "e1", 1, b"x"),
+                expect: Expect::Absent,
+                index: vec![],
+            },
+            Put {
+                row: row("Observation", "o", 9, b"x"),
+                expect: Expect::Version(8),
+                index: vec![],
+            },
+        ],
+        audit: vec![event(50)],
+        ..Default::default()
+    };
+    assert!(matches!(
+        commit(store, b),
+        Err(CommitError::Conflict { index: 1, .. })
+    ));
+    assert!(store.current("Encounter", "e1").unwrap().is_none());
+    let after = store.audit_head().unwrap().map(|h| h.size).unwrap_or(0);
+    assert_eq!(before, after, "a rejected batch leaves no audit event");
+}
+
+fn guards_and_lookup(store: &dyn Store) {
+    let mk = |id: &str, toks: Vec<IndexEntry>, guard: Option<Vec<IndexEntry>>| WriteBatch {
+        guards: guard
+            .map(|t| {
+                vec![Guard::NoMatch {
+                    rtype: "Practitioner".into(),
+                    tokens: t,
+                }]
+            })
+            .unwrap_or_default(),
+        puts: vec![Put {
+            row: row("Practitioner", id, 1, b"x"),
+            expect: Expect::Absent,
+            index: toks,
+        }],
+        ..Default::default()
+    };
+    let both = vec![tok("identifier", b"npi"), tok("name", b"smith")];
+    commit(store, mk("p1", both.clone(), Some(both.clone()))).expect("p1");
+    assert!(matches!(
+        commit(store, mk("p2", both.clone(), Some(both.clone()))),
+        Err(CommitError::Guard { index: 0 })
+    ));
+    // a partial match does not trip the guard
+    let other = vec![tok("identifier", b"npi"), tok("name", b"jones")];
+    commit(store, mk("p3", other.clone(), Some(other))).expect("p3");
+    assert_eq!(
+        store.lookup("Practitioner", &both).unwrap(),
+        vec!["p1".to_string()]
+    );
+    let mut ids = store
+        .lookup("Practitioner", &[tok("identifier", b"npi")])
+        .unwrap();
+    ids.sort();
+    assert_eq!(ids, vec!["p1".to_string(), "p3".to_string()]);
+    assert!(store.lookup("Patient", &both).unwrap().is_empty());
+}
+
+fn key_conflict(store: &dyn Store) {
+    let b = |w: &[u8]| WriteBatch {
+        new_keys: vec![("k2".into(), w.to_vec())],
+        ..Default::default()
+    };
+    commit(store, b(b"one")).expect("k2");
+    commit(store, b(b"one")).expect("same key again is fine");
+    assert!(matches!(
+        commit(store, b(b"two")),
+        Err(CommitError::KeyConflict)
+    ));
+    assert_eq!(store.data_key("k2").unwrap().unwrap(), b"one");
+}
+
+fn meta_roundtrip(store: &dyn Store) {
+    assert!(store.meta("x").unwrap().is_none());
+    store.set_meta("x", b"1").unwrap();
+    store.set_meta("x", b"2").unwrap();
+    assert_eq!(store.meta("x").unwrap().unwrap(), b"2");
+}
+
+fn concurrent_batches_all_land(store: &dyn Store) {
+    let receivers: Vec<_> = (0..200)
+        .map(|i| {
+            store.submit(WriteBatch {
+                puts: vec![Put {
+                    row: row("Condition", &format!("c{i}"), 1, b"x"),
+                    expect: Expect::Absent,
+                    index: vec![],
+                }],
+                audit: vec![event(i)],
+                ..Default::default()
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for r in receivers {
+        let c = r.blocking_recv().unwrap().expect("commit");
+        seqs.push(c.last_audit_seq.unwrap());
+    }
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        200,
+        "each batch got its own audit sequence number"
+    );
+    for i in 0..200 {
+        assert!(
+            store
+                .current("Condition", &format!("c{i}"))
+                .unwrap()
+                .is_some()
+        );
+    }
+}
