@@ -90,18 +90,319 @@ pub struct AuditEvent {
     pub outcome: Outcome,
     /// Source network address of the client.
     pub source: String,
+    /// Further resources the request touched (e.g. the entries of a transaction),
+    /// each with its own action.
+    pub entities: Vec<Entity>,
 }
 
+/// One more resource touched by a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entity {
+    /// What was done to it.
+    pub action: Action,
+    /// Resource type.
+    pub resource_type: String,
+    /// Resource id.
+    pub resource_id: String,
+    /// Version written or read.
+    pub version: Option<u64>,
+    /// Patient whose compartment holds it.
+    pub patient: Option<String>,
+}
+
+/// Format byte of the binary event encoding.
+const FORMAT_V1: u8 = 1;
+/// Most entities one event may carry.
+pub const MAX_ENTITIES: usize = 100_000;
+
 impl AuditEvent {
-    /// Canonical encoding: compact JSON with the struct's fixed field order.
+    /// Canonical, compact binary encoding (format byte 1): fixed field order, varint
+    /// lengths, UUID-shaped identifiers packed into 16 bytes. Every event has exactly one
+    /// encoding, so the chain hash is well defined.
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing a struct of plain fields to a Vec cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut w = Vec::with_capacity(96 + self.entities.len() * 40);
+        w.push(FORMAT_V1);
+        w.extend_from_slice(&self.time_ms.to_be_bytes());
+        put_ident(&mut w, &self.request_id);
+        put_opt_ident(&mut w, self.client_id.as_deref());
+        w.push(self.action.code());
+        put_str(&mut w, &self.interaction);
+        put_opt_str(&mut w, self.resource_type.as_deref());
+        put_opt_ident(&mut w, self.resource_id.as_deref());
+        put_opt_u64(&mut w, self.version);
+        put_opt_ident(&mut w, self.patient.as_deref());
+        w.push(self.outcome.code);
+        w.extend_from_slice(&self.outcome.http_status.to_be_bytes());
+        put_str(&mut w, &self.source);
+        put_varint(&mut w, self.entities.len() as u64);
+        let mut last_patient: Option<&str> = self.patient.as_deref();
+        for e in &self.entities {
+            w.push(e.action.code());
+            put_str(&mut w, &e.resource_type);
+            put_ident(&mut w, &e.resource_id);
+            put_opt_u64(&mut w, e.version);
+            // patient: 0 none, 1 same as the previous one, 2 explicit
+            match e.patient.as_deref() {
+                None => w.push(0),
+                Some(p) if Some(p) == last_patient => w.push(1),
+                Some(p) => {
+                    w.push(2);
+                    put_ident(&mut w, p);
+                }
+            }
+            if e.patient.is_some() {
+                last_patient = e.patient.as_deref();
+            }
+        }
+        w
     }
 
-    /// Decode stored bytes.
+    /// Decode stored bytes; rejects anything that is not exactly a canonical encoding.
     pub fn decode(bytes: &[u8]) -> Result<Self, AuditError> {
-        serde_json::from_slice(bytes).map_err(|_| AuditError::Malformed)
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.u8()? != FORMAT_V1 {
+            return Err(AuditError::Malformed);
+        }
+        let time_ms = u64::from_be_bytes(r.array::<8>()?);
+        let request_id = r.ident()?;
+        let client_id = r.opt(|r| r.ident())?;
+        let action = Action::from_code(r.u8()?)?;
+        let interaction = r.string()?;
+        let resource_type = r.opt(|r| r.string())?;
+        let resource_id = r.opt(|r| r.ident())?;
+        let version = r.opt(|r| r.varint())?;
+        let patient = r.opt(|r| r.ident())?;
+        let code = r.u8()?;
+        let http_status = u16::from_be_bytes(r.array::<2>()?);
+        let source = r.string()?;
+        let n = r.varint()?;
+        if n > MAX_ENTITIES as u64 {
+            return Err(AuditError::Malformed);
+        }
+        let mut entities = Vec::with_capacity(n as usize);
+        let mut last_patient = patient.clone();
+        for _ in 0..n {
+            let action = Action::from_code(r.u8()?)?;
+            let resource_type = r.string()?;
+            let resource_id = r.ident()?;
+            let version = r.opt(|r| r.varint())?;
+            let p = match r.u8()? {
+                0 => None,
+                1 => Some(last_patient.clone().ok_or(AuditError::Malformed)?),
+                2 => Some(r.ident()?),
+                _ => return Err(AuditError::Malformed),
+            };
+            if p.is_some() {
+                last_patient = p.clone();
+            }
+            entities.push(Entity {
+                action,
+                resource_type,
+                resource_id,
+                version,
+                patient: p,
+            });
+        }
+        if r.pos != bytes.len() {
+            return Err(AuditError::Malformed);
+        }
+        let ev = AuditEvent {
+            time_ms,
+            request_id,
+            client_id,
+            action,
+            interaction,
+            resource_type,
+            resource_id,
+            version,
+            patient,
+            outcome: Outcome { code, http_status },
+            source,
+            entities,
+        };
+        // canonical: re-encoding must give the same bytes
+        if ev.encode() != bytes {
+            return Err(AuditError::Malformed);
+        }
+        Ok(ev)
+    }
+}
+
+impl Action {
+    fn code(self) -> u8 {
+        match self {
+            Action::C => b'C',
+            Action::R => b'R',
+            Action::U => b'U',
+            Action::D => b'D',
+            Action::E => b'E',
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self, AuditError> {
+        Ok(match c {
+            b'C' => Action::C,
+            b'R' => Action::R,
+            b'U' => Action::U,
+            b'D' => Action::D,
+            b'E' => Action::E,
+            _ => return Err(AuditError::Malformed),
+        })
+    }
+}
+
+fn put_varint(w: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            w.push(b);
+            return;
+        }
+        w.push(b | 0x80);
+    }
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    put_varint(w, s.len() as u64);
+    w.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt_str(w: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => w.push(0),
+        Some(s) => {
+            w.push(1);
+            put_str(w, s);
+        }
+    }
+}
+
+fn put_opt_u64(w: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        None => w.push(0),
+        Some(v) => {
+            w.push(1);
+            put_varint(w, v);
+        }
+    }
+}
+
+/// Lower-case hyphenated UUID text, as 16 bytes.
+fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let mut n = 0;
+    let mut i = 0;
+    while i < 36 {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if b[i] != b'-' {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        let hex = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        out[n] = hex(b[i])? << 4 | hex(b[i + 1])?;
+        n += 1;
+        i += 2;
+    }
+    Some(out)
+}
+
+fn uuid_text(b: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+/// An identifier: tag 0 + string, or tag 1 + 16 bytes for a canonical UUID.
+fn put_ident(w: &mut Vec<u8>, s: &str) {
+    match uuid_bytes(s) {
+        Some(u) => {
+            w.push(1);
+            w.extend_from_slice(&u);
+        }
+        None => {
+            w.push(0);
+            put_str(w, s);
+        }
+    }
+}
+
+fn put_opt_ident(w: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => w.push(0),
+        Some(s) => {
+            w.push(1);
+            put_ident(w, s);
+        }
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn u8(&mut self) -> Result<u8, AuditError> {
+        let v = *self.b.get(self.pos).ok_or(AuditError::Malformed)?;
+        self.pos += 1;
+        Ok(v)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], AuditError> {
+        let end = self.pos.checked_add(N).ok_or(AuditError::Malformed)?;
+        let s = self.b.get(self.pos..end).ok_or(AuditError::Malformed)?;
+        self.pos = end;
+        let mut out = [0u8; N];
+        out.copy_from_slice(s);
+        Ok(out)
+    }
+    fn varint(&mut self) -> Result<u64, AuditError> {
+        let mut v: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(AuditError::Malformed)
+    }
+    fn string(&mut self) -> Result<String, AuditError> {
+        let n = self.varint()?;
+        let n = usize::try_from(n).map_err(|_| AuditError::Malformed)?;
+        let end = self.pos.checked_add(n).ok_or(AuditError::Malformed)?;
+        let s = self.b.get(self.pos..end).ok_or(AuditError::Malformed)?;
+        self.pos = end;
+        String::from_utf8(s.to_vec()).map_err(|_| AuditError::Malformed)
+    }
+    fn ident(&mut self) -> Result<String, AuditError> {
+        match self.u8()? {
+            0 => self.string(),
+            1 => Ok(uuid_text(&self.array::<16>()?)),
+            _ => Err(AuditError::Malformed),
+        }
+    }
+    fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, AuditError>) -> Result<Option<T>, AuditError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => f(self).map(Some),
+            _ => Err(AuditError::Malformed),
+        }
     }
 }
 
@@ -329,7 +630,39 @@ mod tests {
             patient: Some(format!("id-{i}")),
             outcome: Outcome::from_http(200),
             source: "127.0.0.1".into(),
+            entities: vec![],
         }
+    }
+
+    #[test]
+    fn encoding_round_trips_and_is_compact() {
+        let mut e = event(1);
+        e.request_id = "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into();
+        e.resource_id = Some("6d30932c-501a-49d4-a421-d44ff1175c86".into());
+        e.patient = e.resource_id.clone();
+        e.entities = (0..15)
+            .map(|i| Entity {
+                action: Action::C,
+                resource_type: "Observation".into(),
+                resource_id: format!("6d30932c-501a-49d4-a421-d44ff1175c{i:02}"),
+                version: Some(1),
+                patient: e.patient.clone(),
+            })
+            .collect();
+        let bytes = e.encode();
+        assert_eq!(AuditEvent::decode(&bytes).unwrap(), e);
+        assert!(bytes.len() < 100 + 15 * 35, "{} bytes", bytes.len());
+        // non-canonical or truncated encodings are rejected
+        for cut in 0..bytes.len() {
+            assert!(AuditEvent::decode(&bytes[..cut]).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(AuditEvent::decode(&longer).is_err());
+        // an upper-case UUID is stored as a string and round-trips exactly
+        let mut u = event(2);
+        u.resource_id = Some("6D30932C-501A-49D4-A421-D44FF1175C86".into());
+        assert_eq!(AuditEvent::decode(&u.encode()).unwrap(), u);
     }
 
     fn log(n: u64) -> (Vec<StoredEvent>, ChainHead) {

@@ -102,6 +102,16 @@ pub fn init(root: &Path) -> Result<()> {
         format!("{}{}", pki.server_cert_pem, pki.ca_cert_pem),
     )?;
     phivault_crypto::write_private_file(&d.server_key(), pki.server_key_pem.expose().as_bytes())?;
+    // Create the database file private: SQLite gives its -wal and -shm files the same mode.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(d.db())
+            .context("cannot create the database file")?;
+    }
     let store = SqliteStore::open(&d.db(), Box::new(|_: &[u8]| Vec::new()))?;
     store.set_meta(META_KCV, &keys.key_check_value())?;
     store.close();

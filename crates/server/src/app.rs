@@ -237,6 +237,7 @@ impl Ctx {
             patient: self.patient.clone(),
             outcome: Outcome::from_http(status),
             source: self.source.clone(),
+            entities: Vec::new(),
         }
     }
 
@@ -529,7 +530,7 @@ pub async fn do_create(
                 }
             }
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = crate::engine::new_id();
         let mut ring = app.engine.key_ring();
         let (put, written) = app.engine.prepare(
             &mut ring,
@@ -1001,7 +1002,7 @@ async fn history_inner(
     }
     let bundle = json!({
         "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
+        "id": crate::engine::new_id(),
         "meta": {"lastUpdated": instant(now_ms())},
         "type": "history",
         "total": entries.len(),

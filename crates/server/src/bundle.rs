@@ -201,7 +201,7 @@ async fn transaction(
                             patient: key_patient(&row.key_id).map(str::to_owned),
                         },
                         None => Plan::Create {
-                            id: uuid::Uuid::new_v4().to_string(),
+                            id: crate::engine::new_id(),
                             resource: e.resource.clone().unwrap_or(Value::Null),
                         },
                     }
@@ -272,6 +272,7 @@ async fn transaction(
         let mut batch = WriteBatch::default();
         let mut results: Vec<Option<(String, Option<Written>)>> = vec![None; entries.len()];
         let mut pinned = false;
+        let mut entities = Vec::new();
         for &i in &phivault_fhir::transaction_order(&entries) {
             let (Some(e), Some(plan)) = (entries.get(i), plans.get(i)) else {
                 continue;
@@ -297,9 +298,7 @@ async fn transaction(
                         created: false,
                         deleted: false,
                     };
-                    batch
-                        .audit
-                        .push(ctx.event_for(&w, Action::C, "create-conditional-match", 200));
+                    entities.push(entity(&w, Action::R));
                     results[i] = Some(("200 OK".into(), Some(w)));
                     continue;
                 }
@@ -357,23 +356,20 @@ async fn transaction(
                     cur.as_ref().map(|c| c.key_id.as_str()),
                 )
                 .map_err(|err| entry_error(e.index, err))?;
-            let (action, name, status) = match e.method {
-                Method::Delete => (Action::D, "delete", "204 No Content"),
-                _ if version == 1 => (Action::C, "create", "201 Created"),
-                _ => (Action::U, "update", "200 OK"),
+            let (action, status) = match e.method {
+                Method::Delete => (Action::D, "204 No Content"),
+                _ if version == 1 => (Action::C, "201 Created"),
+                _ => (Action::U, "200 OK"),
             };
-            batch.audit.push(ctx.event_for(
-                &written,
-                action,
-                name,
-                status[..3].parse().unwrap_or(200),
-            ));
+            entities.push(entity(&written, action));
             batch.puts.push(put);
             results[i] = Some((status.to_owned(), Some(written)));
         }
         batch.new_keys = ring.new_keys();
         batch.guards = guards;
-        batch.audit.push(ctx.event(200));
+        let mut event = ctx.event(200);
+        event.entities = entities;
+        batch.audit.push(event);
         match commit(app, batch).await? {
             Commit::Done => {
                 ring.committed();
@@ -412,12 +408,22 @@ async fn transaction(
         }
         return Ok(json!({
             "resourceType": "Bundle",
-            "id": uuid::Uuid::new_v4().to_string(),
+            "id": crate::engine::new_id(),
             "type": "transaction-response",
             "entry": out,
         }));
     }
     Err(conflict_exhausted())
+}
+
+fn entity(w: &Written, action: Action) -> phivault_audit::Entity {
+    phivault_audit::Entity {
+        action,
+        resource_type: w.rtype.clone(),
+        resource_id: w.id.clone(),
+        version: Some(w.version),
+        patient: w.patient.clone(),
+    }
 }
 
 /// A read inside a bundle: its response entry and its (not yet durable) audit event.
@@ -505,7 +511,7 @@ async fn batch(
     ctx.audited = true;
     Ok(json!({
         "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
+        "id": crate::engine::new_id(),
         "type": "batch-response",
         "entry": out,
     }))

@@ -107,6 +107,12 @@ pub struct Written {
     pub deleted: bool,
 }
 
+/// A new logical id: a UUID version 7, so ids sort by creation time and inserts append to
+/// the storage B-tree instead of splitting pages at random positions.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// RFC 3339 instant of a millisecond timestamp.
 pub fn instant(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)

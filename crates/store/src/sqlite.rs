@@ -26,22 +26,20 @@ const MAX_GROUP: usize = 1024;
 const MAX_IDLE_READERS: usize = 16;
 
 const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS data_key (
+    key_no INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    wrapped BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS resource_version (
     rtype TEXT NOT NULL,
     id TEXT NOT NULL,
     version INTEGER NOT NULL,
-    key_id TEXT NOT NULL,
+    key_no INTEGER NOT NULL REFERENCES data_key (key_no),
     deleted INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
     sealed BLOB NOT NULL,
-    UNIQUE (rtype, id, version)
-);
-CREATE TABLE IF NOT EXISTS resource_current (
-    rtype TEXT NOT NULL,
-    id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    deleted INTEGER NOT NULL,
-    PRIMARY KEY (rtype, id)
+    PRIMARY KEY (rtype, id, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blind_index (
     rtype TEXT NOT NULL,
@@ -51,10 +49,6 @@ CREATE TABLE IF NOT EXISTS blind_index (
     PRIMARY KEY (rtype, param, token, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blind_index_by_id ON blind_index (rtype, id);
-CREATE TABLE IF NOT EXISTS data_key (
-    key_id TEXT PRIMARY KEY,
-    wrapped BLOB NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit_event (
     seq INTEGER PRIMARY KEY,
     event BLOB NOT NULL,
@@ -164,6 +158,7 @@ impl SqliteStore {
 
     /// Stop the writer after it has finished the queued batches.
     pub fn close(&self) {
+        self.readers.lock().clear();
         self.tx.lock().take();
         if let Some(h) = self.writer.lock().take() {
             let _ = h.join();
@@ -221,18 +216,15 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> Result<VersionRow, rusqlite::Error> 
     })
 }
 
-const SELECT_VERSION: &str =
-    "SELECT rtype, id, version, key_id, deleted, updated_ms, sealed FROM resource_version";
+const SELECT_VERSION: &str = "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
+     FROM resource_version v JOIN data_key k ON k.key_no = v.key_no";
 
 impl Store for SqliteStore {
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
         self.with_reader(|c| {
-            c.prepare_cached(
-                "SELECT v.rtype, v.id, v.version, v.key_id, v.deleted, v.updated_ms, v.sealed \
-                 FROM resource_current c JOIN resource_version v \
-                 ON v.rtype = c.rtype AND v.id = c.id AND v.version = c.version \
-                 WHERE c.rtype = ?1 AND c.id = ?2",
-            )?
+            c.prepare_cached(&format!(
+                "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1"
+            ))?
             .query_row(params![rtype, id], row_to_version)
             .optional()
         })
@@ -247,7 +239,7 @@ impl Store for SqliteStore {
         let v = i64::try_from(version).unwrap_or(i64::MAX);
         self.with_reader(|c| {
             c.prepare_cached(&format!(
-                "{SELECT_VERSION} WHERE rtype = ?1 AND id = ?2 AND version = ?3"
+                "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
             ))?
             .query_row(params![rtype, id, v], row_to_version)
             .optional()
@@ -264,13 +256,13 @@ impl Store for SqliteStore {
         self.with_reader(|c| match id {
             Some(id) => c
                 .prepare_cached(&format!(
-                    "{SELECT_VERSION} WHERE rtype = ?1 AND id = ?2 ORDER BY version DESC LIMIT ?3"
+                    "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT ?3"
                 ))?
                 .query_map(params![rtype, id, limit], row_to_version)?
                 .collect(),
             None => c
                 .prepare_cached(&format!(
-                    "{SELECT_VERSION} WHERE rtype = ?1 ORDER BY rowid DESC LIMIT ?2"
+                    "{SELECT_VERSION} WHERE v.rtype = ?1 ORDER BY v.updated_ms DESC, v.id DESC, v.version DESC LIMIT ?2"
                 ))?
                 .query_map(params![rtype, limit], row_to_version)?
                 .collect(),
@@ -284,9 +276,7 @@ impl Store for SqliteStore {
         self.with_reader(|c| {
             let ids: Vec<String> = c
                 .prepare_cached(
-                    "SELECT b.id FROM blind_index b JOIN resource_current c \
-                     ON c.rtype = b.rtype AND c.id = b.id AND c.deleted = 0 \
-                     WHERE b.rtype = ?1 AND b.param = ?2 AND b.token = ?3",
+                    "SELECT id FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3",
                 )?
                 .query_map(params![rtype, first.param, first.token], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -441,6 +431,12 @@ fn writer_loop(
             }
         }
     }
+    checkpoint(&conn);
+}
+
+fn checkpoint(conn: &Connection) {
+    // Fold the WAL back into the database file on a clean stop.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn reply(cmd: Command, res: Result<Committed, CommitError>) {
@@ -543,7 +539,10 @@ fn apply_batch(
     for (index, put) in batch.puts.iter().enumerate() {
         let row = &put.row;
         let current: Option<i64> = tx
-            .prepare_cached("SELECT version FROM resource_current WHERE rtype = ?1 AND id = ?2")
+            .prepare_cached(
+                "SELECT version FROM resource_version WHERE rtype = ?1 AND id = ?2 \
+                 ORDER BY version DESC LIMIT 1",
+            )
             .map_err(e)?
             .query_row(params![row.rtype, row.id], |r| r.get(0))
             .optional()
@@ -557,8 +556,17 @@ fn apply_batch(
             return Err(CommitError::Conflict { index, current });
         }
         let version = row.version as i64;
+        let key_no: i64 = tx
+            .prepare_cached("SELECT key_no FROM data_key WHERE key_id = ?1")
+            .map_err(e)?
+            .query_row(params![row.key_id], |r| r.get(0))
+            .optional()
+            .map_err(e)?
+            .ok_or(CommitError::Store(StoreError::Corrupt(
+                "version sealed under a data key that is not stored",
+            )))?;
         tx.prepare_cached(
-            "INSERT INTO resource_version (rtype, id, version, key_id, deleted, updated_ms, sealed) \
+            "INSERT INTO resource_version (rtype, id, version, key_no, deleted, updated_ms, sealed) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .map_err(e)?
@@ -566,18 +574,11 @@ fn apply_batch(
             row.rtype,
             row.id,
             version,
-            row.key_id,
+            key_no,
             row.deleted as i64,
             row.updated_ms,
             row.sealed
         ])
-        .map_err(e)?;
-        tx.prepare_cached(
-            "INSERT INTO resource_current (rtype, id, version, deleted) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, deleted = excluded.deleted",
-        )
-        .map_err(e)?
-        .execute(params![row.rtype, row.id, version, row.deleted as i64])
         .map_err(e)?;
         if current.is_some() {
             tx.prepare_cached("DELETE FROM blind_index WHERE rtype = ?1 AND id = ?2")
@@ -590,7 +591,7 @@ fn apply_batch(
                 "INSERT OR IGNORE INTO blind_index (rtype, param, token, id) VALUES (?1, ?2, ?3, ?4)",
             )
             .map_err(e)?;
-        for entry in &put.index {
+        for entry in put.index.iter().filter(|_| !row.deleted) {
             ins.execute(params![row.rtype, entry.param, entry.token, row.id])
                 .map_err(e)?;
         }
@@ -617,11 +618,7 @@ fn guard_matches(
         return Ok(false);
     };
     let ids: Vec<String> = tx
-        .prepare_cached(
-            "SELECT b.id FROM blind_index b JOIN resource_current c \
-             ON c.rtype = b.rtype AND c.id = b.id AND c.deleted = 0 \
-             WHERE b.rtype = ?1 AND b.param = ?2 AND b.token = ?3",
-        )?
+        .prepare_cached("SELECT id FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3")?
         .query_map(params![rtype, first.param, first.token], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut check = tx.prepare_cached(

@@ -30,6 +30,7 @@ fn event(n: u64) -> AuditEvent {
         patient: None,
         outcome: Outcome::from_http(201),
         source: "127.0.0.1".into(),
+ entities: vec![],
     }
 }
 
@@ -144,6 +145,14 @@ fn create_read_update_history(store: &dyn Store) {
 }
 
 fn conflicts_are_detected(store: &dyn Store) {
+    commit(
+        store,
+        WriteBatch {
+            new_keys: vec![("k1".into(), b"wrapped".to_vec())],
+            ..Default::default()
+        },
+    )
+    .expect("key");
     let put = |v: u64, expect| WriteBatch {
         puts: vec![Put {
             row: row("Observation", "o", v, b"x"),

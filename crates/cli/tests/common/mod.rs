@@ -408,3 +408,67 @@ pub fn patient() -> Value {
         "identifier": [{"system": "urn:oid:1.2.3", "value": "MRN-771234"}]
     })
 }
+
+/// Like [`Server::send`] but through any agent and without panicking on transport errors
+/// (connection refused or reset, e.g. after `kill9`): returns `Err(message)` instead.
+pub fn try_send(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+    headers: &[(&str, &str)],
+) -> Result<Resp, String> {
+    let mut b = ureq::http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        b = b.header("Authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let res = match body {
+        Some((ct, bytes)) => {
+            let req = b
+                .header("Content-Type", ct)
+                .body(bytes)
+                .map_err(|e| e.to_string())?;
+            agent.run(req)
+        }
+        None => {
+            let req = b.body(()).map_err(|e| e.to_string())?;
+            agent.run(req)
+        }
+    };
+    let mut res = res.map_err(|e| format!("{method} {url}: {e}"))?;
+    let status = res.status().as_u16();
+    let headers = res
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = res
+        .body_mut()
+        .with_config()
+        .limit(256 * 1024 * 1024)
+        .read_to_vec()
+        .map_err(|e| format!("{method} {url}: reading body: {e}"))?;
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+impl Server {
+    /// [`Server::send`] without panicking on transport errors.
+    pub fn try_send(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+        headers: &[(&str, &str)],
+    ) -> Result<Resp, String> {
+        try_send(&self.agent, method, url, token, body, headers)
+    }
+}

@@ -1,0 +1,346 @@
+//! Acceptance 5: concurrent updates lose nothing (If-Match: exactly one winner per
+//! version), and `kill -9` during a write load loses no acknowledged write.
+mod common;
+use common::*;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const SCOPE: &str = "system/*.cruds";
+const THREADS: usize = 32;
+
+fn version_of(r: &Resp) -> u64 {
+    let e = r.header("etag").unwrap_or_else(|| panic!("no ETag: {r:?}"));
+    e.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|_| panic!("bad ETag {e}"))
+}
+
+fn with_given(id: &str, given: &str) -> Value {
+    let mut p = patient();
+    p["id"] = json!(id);
+    p["name"][0]["given"] = json!([given]);
+    p
+}
+
+fn create_patient(s: &Server, t: &str) -> String {
+    let r = s.post("Patient", t, &patient());
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+/// Versions listed by the instance history, newest first.
+fn history_versions(s: &Server, t: &str, id: &str) -> Vec<(u64, Value)> {
+    let r = s.get(&format!("Patient/{id}/_history?_count=1000"), t);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            let v = e["resource"]["meta"]["versionId"]
+                .as_str()
+                .expect("versionId")
+                .parse()
+                .expect("numeric versionId");
+            (v, e["resource"].clone())
+        })
+        .collect()
+}
+
+#[test]
+fn if_match_races_have_exactly_one_winner_per_version() {
+    const ROUNDS: usize = 5;
+    let s = Server::start();
+    let t = s.token(SCOPE);
+    let id = create_patient(&s, &t);
+    let mut winners: BTreeMap<u64, String> = BTreeMap::new(); // version -> given name
+    for round in 0..ROUNDS {
+        let barrier = Barrier::new(THREADS);
+        let results: Vec<(u64, u16, String, Option<u64>)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|k| {
+                    let (s, t, id, barrier) = (&s, &t, &id, &barrier);
+                    sc.spawn(move || {
+                        let g = s.get(&format!("Patient/{id}"), t);
+                        assert_eq!(g.status, 200);
+                        let seen = version_of(&g);
+                        let given = format!("Round{round}Writer{k}");
+                        barrier.wait();
+                        let r = s.put(
+                            &format!("Patient/{id}"),
+                            t,
+                            &with_given(id, &given),
+                            &[("If-Match", &format!("W/\"{seen}\""))],
+                        );
+                        let v = (r.status == 200).then(|| version_of(&r));
+                        (seen, r.status, given, v)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let seen: BTreeSet<u64> = results.iter().map(|r| r.0).collect();
+        assert_eq!(seen.len(), 1, "all writers read before anyone wrote");
+        let base = *seen.iter().next().expect("version");
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        for r in &results {
+            *statuses.entry(r.1).or_default() += 1;
+        }
+        assert_eq!(
+            statuses,
+            BTreeMap::from([(200, 1), (412, THREADS - 1)]),
+            "round {round}: statuses"
+        );
+        let win = results.iter().find(|r| r.1 == 200).expect("winner");
+        assert_eq!(win.3, Some(base + 1), "round {round}: winner's version");
+        winners.insert(base + 1, win.2.clone());
+    }
+    let successes = winners.len() as u64;
+    let cur = s.get(&format!("Patient/{id}"), &t);
+    assert_eq!(version_of(&cur), 1 + successes);
+    let hist = history_versions(&s, &t, &id);
+    let versions: Vec<u64> = hist.iter().map(|(v, _)| *v).rev().collect();
+    assert_eq!(versions, (1..=1 + successes).collect::<Vec<_>>());
+    for (v, res) in &hist {
+        if let Some(given) = winners.get(v) {
+            assert_eq!(res["name"][0]["given"], json!([given]), "version {v}");
+        }
+    }
+}
+
+#[test]
+fn concurrent_updates_without_if_match_lose_nothing() {
+    let s = Server::start();
+    let t = s.token(SCOPE);
+    let id = create_patient(&s, &t);
+    let barrier = Barrier::new(THREADS);
+    let results: Vec<(String, Resp)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|k| {
+                let (s, t, id, barrier) = (&s, &t, &id, &barrier);
+                sc.spawn(move || {
+                    let given = format!("Writer{k}");
+                    let body = with_given(id, &given);
+                    barrier.wait();
+                    (given, s.put(&format!("Patient/{id}"), t, &body, &[]))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| r.status != 200)
+        .map(|(g, r)| format!("{g}: {} {}", r.status, String::from_utf8_lossy(&r.body)))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {THREADS} concurrent updates failed:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    let mut by_version: BTreeMap<u64, String> = BTreeMap::new();
+    for (g, r) in &results {
+        let v = version_of(r);
+        assert!(
+            by_version.insert(v, g.clone()).is_none(),
+            "version {v} acknowledged twice"
+        );
+    }
+    let want: Vec<u64> = (2..=1 + THREADS as u64).collect();
+    assert_eq!(by_version.keys().copied().collect::<Vec<_>>(), want);
+    let hist = history_versions(&s, &t, &id);
+    assert_eq!(hist.len(), THREADS + 1, "history holds every version");
+    let versions: BTreeSet<u64> = hist.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, (1..=1 + THREADS as u64).collect::<BTreeSet<_>>());
+    for (v, res) in &hist {
+        if let Some(g) = by_version.get(v) {
+            assert_eq!(res["name"][0]["given"], json!([g]), "version {v}");
+        }
+    }
+    let cur = s.get(&format!("Patient/{id}"), &t);
+    assert_eq!(version_of(&cur), 1 + THREADS as u64);
+}
+
+/// One acknowledged write.
+struct Ack {
+    rtype: &'static str,
+    id: String,
+    version: u64,
+    sent: Value,
+}
+
+fn strip(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("id");
+        o.remove("meta");
+    }
+    v
+}
+
+#[test]
+fn kill9_during_write_load_loses_no_acknowledged_write() {
+    const WRITERS: usize = 8;
+    const TARGET: usize = 300;
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    let agent = s.agent.clone();
+    let base = s.base.clone();
+    let acked = AtomicUsize::new(0);
+    let killing = AtomicBool::new(false);
+    let acks: Mutex<Vec<Ack>> = Mutex::new(Vec::new());
+    let errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    std::thread::scope(|sc| {
+        for w in 0..WRITERS {
+            let (agent, base, t) = (&agent, &base, &t);
+            let (acked, killing, acks, errors) = (&acked, &killing, &acks, &errors);
+            sc.spawn(move || {
+                let mut patient_id: Option<String> = None;
+                for i in 0.. {
+                    let (method, url, rtype, body) = match (&patient_id, i % 4) {
+                        (None, _) | (Some(_), 0) => {
+                            let mut p = patient();
+                            p["name"][0]["family"] = json!(format!("Durable{w}x{i}"));
+                            ("POST", format!("{base}/Patient"), "Patient", p)
+                        }
+                        (Some(pid), 1) => {
+                            let mut p = with_given(pid, &format!("Upd{w}x{i}"));
+                            p["name"][0]["family"] = json!(format!("Durable{w}x{i}"));
+                            ("PUT", format!("{base}/Patient/{pid}"), "Patient", p)
+                        }
+                        (Some(pid), _) => (
+                            "POST",
+                            format!("{base}/Observation"),
+                            "Observation",
+                            json!({
+                                "resourceType": "Observation",
+                                "status": "final",
+                                "code": {"text": format!("load {w}/{i}")},
+                                "subject": {"reference": format!("Patient/{pid}")},
+                                "valueQuantity": {"value": i, "unit": "/min"}
+                            }),
+                        ),
+                    };
+                    let r = try_send(
+                        agent,
+                        method,
+                        &url,
+                        Some(t),
+                        Some(("application/fhir+json", body.to_string().into_bytes())),
+                        &[],
+                    );
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if !killing.load(Ordering::SeqCst) {
+                                errors.lock().expect("lock").push(e);
+                            }
+                            return;
+                        }
+                    };
+                    if r.status != 200 && r.status != 201 {
+                        if !killing.load(Ordering::SeqCst) {
+                            errors.lock().expect("lock").push(format!(
+                                "{method} {url}: {} {}",
+                                r.status,
+                                String::from_utf8_lossy(&r.body)
+                            ));
+                        }
+                        return;
+                    }
+                    let id = r.json()["id"].as_str().map(str::to_owned);
+                    let Some(id) = id else {
+                        errors
+                            .lock()
+                            .expect("lock")
+                            .push(format!("{method} {url}: no id in the response"));
+                        return;
+                    };
+                    if rtype == "Patient" {
+                        patient_id = Some(id.clone());
+                    }
+                    acks.lock().expect("lock").push(Ack {
+                        rtype,
+                        id,
+                        version: version_of(&r),
+                        sent: body,
+                    });
+                    acked.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        // Wait (bounded) for enough acknowledged writes, then crash the server mid-load.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while acked.load(Ordering::SeqCst) < TARGET && errors.lock().expect("lock").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "only {} writes acknowledged in 90 s",
+                acked.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        killing.store(true, Ordering::SeqCst);
+        s.kill9();
+    });
+    let errors = errors.into_inner().expect("lock");
+    assert!(
+        errors.is_empty(),
+        "writes failed before the kill: {errors:?}"
+    );
+    let acks = acks.into_inner().expect("lock");
+    assert!(acks.len() >= TARGET, "{} acknowledged", acks.len());
+
+    s.restart();
+    let t = s.token(SCOPE);
+    let mut latest: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for a in &acks {
+        let r = s.get(&format!("{}/{}/_history/{}", a.rtype, a.id, a.version), &t);
+        assert_eq!(
+            r.status,
+            200,
+            "acknowledged {}/{} version {} lost after kill -9: {}",
+            a.rtype,
+            a.id,
+            a.version,
+            String::from_utf8_lossy(&r.body)
+        );
+        let got = r.json();
+        assert_eq!(got["meta"]["versionId"], a.version.to_string());
+        assert_eq!(
+            strip(got),
+            strip(a.sent.clone()),
+            "{}/{} v{}",
+            a.rtype,
+            a.id,
+            a.version
+        );
+        let e = latest.entry((a.rtype, a.id.as_str())).or_default();
+        *e = (*e).max(a.version);
+    }
+    for ((rtype, id), v) in &latest {
+        let r = s.get(&format!("{rtype}/{id}"), &t);
+        assert_eq!(r.status, 200);
+        assert!(version_of(&r) >= *v, "{rtype}/{id} went back in time");
+    }
+    println!(
+        "kill -9: {} acknowledged writes ({} resources) all read back",
+        acks.len(),
+        latest.len()
+    );
+    s.stop();
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "audit verify after kill -9: {msg}");
+}

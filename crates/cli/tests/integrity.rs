@@ -1,0 +1,366 @@
+//! Acceptance 3: tampered ciphertexts are reported as integrity errors, never returned as
+//! data; an edited, deleted, truncated or reordered audit log fails `audit verify`, which
+//! names the position.
+mod common;
+use common::*;
+
+use rusqlite::{Connection, params};
+use serde_json::{Value, json};
+
+const SCOPE: &str = "system/*.cruds";
+
+fn named_patient(family: &str, mrn: &str) -> Value {
+    json!({
+        "resourceType": "Patient",
+        "name": [{"family": family, "given": ["Integrity"]}],
+        "birthDate": "1980-05-06",
+        "identifier": [{"system": "urn:oid:1.2.3", "value": mrn}]
+    })
+}
+
+fn create(s: &Server, t: &str, family: &str, mrn: &str) -> String {
+    let r = s.post("Patient", t, &named_patient(family, mrn));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+/// Stop the server, edit its database, start it again; returns a fresh token (the
+/// token audience changes with the port).
+fn tamper(s: &mut Server, edit: impl FnOnce(&Connection)) -> String {
+    s.stop();
+    {
+        let c = Connection::open(s.db_path()).expect("open db");
+        edit(&c);
+    }
+    s.restart();
+    s.token(SCOPE)
+}
+
+fn has_column(c: &Connection, table: &str, column: &str) -> bool {
+    let mut st = c
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+        .expect("table_info");
+    let names: Vec<String> = st
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("names");
+    names.iter().any(|n| n == column)
+}
+
+fn sealed(c: &Connection, id: &str, version: i64) -> Vec<u8> {
+    c.query_row(
+        "SELECT sealed FROM resource_version WHERE rtype = 'Patient' AND id = ?1 AND version = ?2",
+        params![id, version],
+        |r| r.get(0),
+    )
+    .expect("sealed")
+}
+
+fn set_sealed(c: &Connection, id: &str, version: i64, bytes: &[u8]) {
+    let n = c
+        .execute(
+            "UPDATE resource_version SET sealed = ?3 WHERE rtype = 'Patient' AND id = ?1 AND version = ?2",
+            params![id, version, bytes],
+        )
+        .expect("update sealed");
+    assert_eq!(n, 1);
+}
+
+/// A 5xx OperationOutcome that reveals none of `secrets`.
+fn assert_integrity_error(r: &Resp, what: &str, secrets: &[&str]) {
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        (500..600).contains(&r.status),
+        "{what}: expected an integrity error, got {}: {text}",
+        r.status
+    );
+    assert!(r.is_outcome(), "{what}: not an OperationOutcome: {text}");
+    assert_ne!(r.json()["resourceType"], "Patient", "{what}");
+    assert_ne!(r.json()["resourceType"], "Bundle", "{what}");
+    for sec in secrets {
+        assert!(
+            !contains(&r.body, sec.as_bytes()),
+            "{what}: response reveals {sec:?}: {text}"
+        );
+    }
+}
+
+fn assert_reads_fine(s: &Server, t: &str, id: &str, family: &str) {
+    let r = s.get(&format!("Patient/{id}"), t);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["name"][0]["family"], family);
+}
+
+/// Every way of reading `id` fails with an integrity error.
+fn assert_unreadable(s: &Server, t: &str, id: &str, versions: &[u64], secrets: &[&str]) {
+    assert_integrity_error(&s.get(&format!("Patient/{id}"), t), "read", secrets);
+    for v in versions {
+        assert_integrity_error(
+            &s.get(&format!("Patient/{id}/_history/{v}"), t),
+            &format!("vread {v}"),
+            secrets,
+        );
+    }
+    assert_integrity_error(
+        &s.get(&format!("Patient/{id}/_history"), t),
+        "history-instance",
+        secrets,
+    );
+    assert_integrity_error(&s.get("Patient/_history", t), "history-type", secrets);
+}
+
+#[test]
+fn flipped_ciphertext_byte_is_an_integrity_error() {
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    let a = create(&s, &t, "Flipalphafamily", "MRN-FLIP-A");
+    let b = create(&s, &t, "Flipbravofamily", "MRN-FLIP-B");
+    let c = create(&s, &t, "Flipcharliefamily", "MRN-FLIP-C");
+    let t = tamper(&mut s, |db| {
+        // a: one bit in the middle (ciphertext body); b: the last byte (tag).
+        let mut x = sealed(db, &a, 1);
+        let mid = x.len() / 2;
+        x[mid] ^= 0x01;
+        set_sealed(db, &a, 1, &x);
+        let mut y = sealed(db, &b, 1);
+        let last = y.len() - 1;
+        y[last] ^= 0x80;
+        set_sealed(db, &b, 1, &y);
+    });
+    assert_unreadable(&s, &t, &a, &[1], &["Flipalphafamily", "MRN-FLIP-A"]);
+    assert_integrity_error(
+        &s.get(&format!("Patient/{b}"), &t),
+        "read b",
+        &["Flipbravofamily", "MRN-FLIP-B"],
+    );
+    assert_reads_fine(&s, &t, &c, "Flipcharliefamily");
+    let logs = String::from_utf8_lossy(&s.logs()).into_owned();
+    for sec in ["Flipalphafamily", "Flipbravofamily", "MRN-FLIP-A"] {
+        assert!(!logs.contains(sec), "log reveals {sec}");
+    }
+    // The failed reads were audited and the chain is intact.
+    s.stop();
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "{msg}");
+}
+
+#[test]
+fn ciphertexts_swapped_between_patients_are_integrity_errors() {
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    let a = create(&s, &t, "Swapalphafamily", "MRN-SWAP-A");
+    let b = create(&s, &t, "Swapbravofamily", "MRN-SWAP-B");
+    let c = create(&s, &t, "Swapcharliefamily", "MRN-SWAP-C");
+    let t = tamper(&mut s, |db| {
+        let (x, y) = (sealed(db, &a, 1), sealed(db, &b, 1));
+        set_sealed(db, &a, 1, &y);
+        set_sealed(db, &b, 1, &x);
+    });
+    let secrets = [
+        "Swapalphafamily",
+        "Swapbravofamily",
+        "MRN-SWAP-A",
+        "MRN-SWAP-B",
+    ];
+    assert_unreadable(&s, &t, &a, &[1], &secrets);
+    assert_unreadable(&s, &t, &b, &[1], &secrets);
+    assert_reads_fine(&s, &t, &c, "Swapcharliefamily");
+}
+
+#[test]
+fn ciphertexts_swapped_between_versions_are_integrity_errors() {
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    let a = create(&s, &t, "Versionfirstfamily", "MRN-VER-A");
+    let mut v2 = named_patient("Versionsecondfamily", "MRN-VER-A");
+    v2["id"] = json!(a);
+    let r = s.put(&format!("Patient/{a}"), &t, &v2, &[]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("etag"), Some("W/\"2\""));
+    let c = create(&s, &t, "Versioncontrolfamily", "MRN-VER-C");
+    let t = tamper(&mut s, |db| {
+        let (x, y) = (sealed(db, &a, 1), sealed(db, &a, 2));
+        set_sealed(db, &a, 1, &y);
+        set_sealed(db, &a, 2, &x);
+    });
+    assert_unreadable(
+        &s,
+        &t,
+        &a,
+        &[1, 2],
+        &["Versionfirstfamily", "Versionsecondfamily"],
+    );
+    assert_reads_fine(&s, &t, &c, "Versioncontrolfamily");
+}
+
+#[test]
+fn key_id_moved_to_another_patients_key_is_an_integrity_error() {
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    let a = create(&s, &t, "Keyalphafamily", "MRN-KEY-A");
+    let b = create(&s, &t, "Keybravofamily", "MRN-KEY-B");
+    let t = tamper(&mut s, |db| {
+        // The row names its data key by id (`key_id`) or by number (`key_no`).
+        let col = if has_column(db, "resource_version", "key_no") {
+            "key_no"
+        } else {
+            "key_id"
+        };
+        let key_of = |id: &str| -> rusqlite::types::Value {
+            db.query_row(
+                &format!("SELECT {col} FROM resource_version WHERE rtype = 'Patient' AND id = ?1"),
+                params![id],
+                |r| r.get(0),
+            )
+            .expect("key of patient")
+        };
+        let (ka, kb) = (key_of(&a), key_of(&b));
+        assert_ne!(ka, kb, "patients must have their own data keys");
+        let n = db
+            .execute(
+                &format!(
+                    "UPDATE resource_version SET {col} = ?2 WHERE rtype = 'Patient' AND id = ?1"
+                ),
+                params![a, kb],
+            )
+            .expect("update key");
+        assert_eq!(n, 1);
+    });
+    assert_unreadable(&s, &t, &a, &[1], &["Keyalphafamily", "MRN-KEY-A"]);
+    assert_reads_fine(&s, &t, &b, "Keybravofamily");
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit log tampering.
+
+/// A stopped server with a few dozen audit events; returns it and the number of events.
+fn audited_server() -> (Server, i64) {
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    for i in 0..4 {
+        let id = create(&s, &t, &format!("Auditfamily{i}"), &format!("MRN-AUD-{i}"));
+        assert_eq!(s.get(&format!("Patient/{id}"), &t).status, 200);
+        assert_eq!(s.get(&format!("Patient/{id}/_history"), &t).status, 200);
+    }
+    assert_eq!(s.get("Patient/no-such-id", &t).status, 404);
+    s.stop();
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "untampered log must verify: {msg}");
+    let n: i64 = Connection::open(s.db_path())
+        .expect("db")
+        .query_row("SELECT count(*) FROM audit_event", [], |r| r.get(0))
+        .expect("count");
+    assert!(n >= 10, "only {n} audit events");
+    (s, n)
+}
+
+fn edit_db(s: &Server, edit: impl FnOnce(&Connection)) {
+    let c = Connection::open(s.db_path()).expect("open db");
+    edit(&c);
+}
+
+fn assert_fails_at(s: &Server, position: Option<i64>, what: &str) {
+    let (ok, msg) = s.audit_verify();
+    assert!(!ok, "{what}: audit verify passed: {msg}");
+    assert!(msg.contains("FAILED"), "{what}: {msg}");
+    if let Some(p) = position {
+        assert!(
+            msg.contains(&format!("position {p}:")) || msg.contains(&format!("position {p} ")),
+            "{what}: output does not name position {p}: {msg}"
+        );
+    }
+    println!("{what}: {}", msg.trim());
+}
+
+#[test]
+fn untouched_audit_log_verifies() {
+    let (s, n) = audited_server();
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "{msg}");
+    assert!(msg.contains(&format!("{n} events")), "{msg}");
+}
+
+#[test]
+fn edited_audit_event_fails_verify_naming_its_position() {
+    let (s, n) = audited_server();
+    let seq = n / 2;
+    edit_db(&s, |c| {
+        let mut ev: Vec<u8> = c
+            .query_row(
+                "SELECT event FROM audit_event WHERE seq = ?1",
+                params![seq],
+                |r| r.get(0),
+            )
+            .expect("event");
+        // Change the recorded outcome; the event still decodes, only its hash disagrees.
+        let mut decoded = phivault_audit::AuditEvent::decode(&ev).expect("stored event decodes");
+        decoded.outcome = if decoded.outcome.http_status == 403 {
+            phivault_audit::Outcome::from_http(200)
+        } else {
+            phivault_audit::Outcome::from_http(403)
+        };
+        ev = decoded.encode();
+        assert!(phivault_audit::AuditEvent::decode(&ev).is_ok());
+        c.execute(
+            "UPDATE audit_event SET event = ?2 WHERE seq = ?1",
+            params![seq, ev],
+        )
+        .expect("update");
+    });
+    assert_fails_at(&s, Some(seq), "edited event");
+}
+
+#[test]
+fn deleted_middle_audit_event_fails_verify_naming_its_position() {
+    let (s, n) = audited_server();
+    let seq = n / 2;
+    edit_db(&s, |c| {
+        let k = c
+            .execute("DELETE FROM audit_event WHERE seq = ?1", params![seq])
+            .expect("delete");
+        assert_eq!(k, 1);
+    });
+    assert_fails_at(&s, Some(seq), "deleted event");
+}
+
+#[test]
+fn truncated_audit_log_fails_verify() {
+    let (s, n) = audited_server();
+    edit_db(&s, |c| {
+        let k = c
+            .execute("DELETE FROM audit_event WHERE seq > ?1", params![n - 2])
+            .expect("delete");
+        assert_eq!(k, 2);
+    });
+    assert_fails_at(&s, None, "truncated log");
+}
+
+#[test]
+fn reordered_audit_events_fail_verify_naming_the_position() {
+    let (s, n) = audited_server();
+    let seq = n / 2;
+    edit_db(&s, |c| {
+        let row = |q: i64| -> (Vec<u8>, Vec<u8>) {
+            c.query_row(
+                "SELECT event, hash FROM audit_event WHERE seq = ?1",
+                params![q],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row")
+        };
+        let (e1, h1) = row(seq);
+        let (e2, h2) = row(seq + 1);
+        assert_ne!(e1, e2);
+        let set = |q: i64, e: &[u8], h: &[u8]| {
+            c.execute(
+                "UPDATE audit_event SET event = ?2, hash = ?3 WHERE seq = ?1",
+                params![q, e, h],
+            )
+            .expect("update");
+        };
+        set(seq, &e2, &h2);
+        set(seq + 1, &e1, &h1);
+    });
+    assert_fails_at(&s, Some(seq), "reordered events");
+}

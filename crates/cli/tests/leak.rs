@@ -1,0 +1,377 @@
+//! Acceptance 1: a copy of the data directory (or the server's log) reveals no patient
+//! data, and what goes in through the API comes back out unchanged.
+mod common;
+use common::*;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde_json::Value;
+
+const SEED: u64 = 8_675_309;
+const PATIENTS: usize = 50;
+
+/// Many needles searched in one pass over a haystack, bucketed by their first two bytes
+/// (all needles are at least 4 bytes long).
+struct Needles {
+    /// (patient index, needle)
+    list: Vec<(usize, Vec<u8>)>,
+    buckets: Vec<Vec<u32>>,
+}
+
+impl Needles {
+    fn new(list: Vec<(usize, Vec<u8>)>) -> Self {
+        let mut buckets = vec![Vec::new(); 1 << 16];
+        for (i, (_, n)) in list.iter().enumerate() {
+            assert!(n.len() >= 2, "needle too short: {n:?}");
+            buckets[(usize::from(n[0]) << 8) | usize::from(n[1])].push(i as u32);
+        }
+        Needles { list, buckets }
+    }
+
+    /// Indices of the needles occurring in `hay`.
+    fn find(&self, hay: &[u8]) -> Vec<usize> {
+        let mut found = vec![false; self.list.len()];
+        for i in 0..hay.len().saturating_sub(1) {
+            let b = &self.buckets[(usize::from(hay[i]) << 8) | usize::from(hay[i + 1])];
+            for &k in b {
+                let n = &self.list[k as usize].1;
+                if hay[i..].starts_with(n) {
+                    found[k as usize] = true;
+                }
+            }
+        }
+        found
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Every (file, patient, needle) hit under `dir`.
+    fn hits_under(&self, dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in files_under(dir) {
+            let Ok(bytes) = std::fs::read(&f) else {
+                continue; // a file removed while listing (e.g. the -shm at shutdown)
+            };
+            for k in self.find(&bytes) {
+                let (p, n) = &self.list[k];
+                out.push(format!(
+                    "{}: patient {} needle {:?}",
+                    f.display(),
+                    p + 1,
+                    String::from_utf8_lossy(n)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Compare two JSON values; numbers compare by value (so 5 and 5.0 are equal).
+/// Differences are collected with their JSON path.
+fn diff(a: &Value, b: &Value, path: &str, loose_numbers: &mut usize, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, va) in x {
+                match y.get(k) {
+                    Some(vb) => diff(va, vb, &format!("{path}.{k}"), loose_numbers, out),
+                    None => out.push(format!("{path}.{k}: missing from the server's copy")),
+                }
+            }
+            for k in y.keys().filter(|k| !x.contains_key(*k)) {
+                out.push(format!("{path}.{k}: added by the server"));
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            if x.len() != y.len() {
+                out.push(format!("{path}: length {} vs {}", x.len(), y.len()));
+            }
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                diff(va, vb, &format!("{path}[{i}]"), loose_numbers, out);
+            }
+        }
+        (Value::Number(x), Value::Number(y)) => {
+            if x != y {
+                if x.as_f64() == y.as_f64() {
+                    *loose_numbers += 1;
+                } else {
+                    out.push(format!("{path}: {x} vs {y}"));
+                }
+            }
+        }
+        _ => {
+            if a != b {
+                out.push(format!("{path}: {a} vs {b}"));
+            }
+        }
+    }
+}
+
+/// Rewrite `reference` values found in `map` (urn:uuid → Type/id), as the server must.
+fn rewrite_refs(v: &mut Value, map: &HashMap<String, String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if k == "reference"
+                    && let Some(s) = x.as_str()
+                    && let Some(t) = map.get(s)
+                {
+                    *x = Value::String(t.clone());
+                } else {
+                    rewrite_refs(x, map);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_refs(x, map)),
+        _ => {}
+    }
+}
+
+fn strip_server_fields(v: &mut Value) {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("id");
+        o.remove("meta");
+    }
+}
+
+fn synth(dir: &Path) -> Vec<PathBuf> {
+    let o = run(&[
+        "synth",
+        "--patients",
+        &PATIENTS.to_string(),
+        "--seed",
+        &SEED.to_string(),
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        o.status.success(),
+        "phivault synth failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let files: Vec<PathBuf> = (0..PATIENTS)
+        .map(|i| dir.join(phivault_synth::bundle_file_name(i)))
+        .collect();
+    for f in &files {
+        assert!(f.is_file(), "synth did not write {}", f.display());
+    }
+    files
+}
+
+#[test]
+fn synthetic_patients_leave_no_phi_at_rest_and_read_back_unchanged() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let files = synth(&work.path().join("synth"));
+
+    // Needles per patient, and proof that they are really in the plaintext input.
+    let mut bundles = Vec::new();
+    let mut needle_list = Vec::new();
+    let mut json_bytes = 0u64;
+    for (i, f) in files.iter().enumerate() {
+        let raw = std::fs::read(f).expect("bundle file");
+        json_bytes += raw.len() as u64;
+        let bundle: Value = serde_json::from_slice(&raw).expect("bundle json");
+        assert_eq!(
+            bundle,
+            phivault_synth::patient_bundle(SEED, i),
+            "the CLI's bundle differs from the library's"
+        );
+        let needles = phivault_synth::phi_needles(&bundle);
+        assert!(
+            needles.len() >= 6,
+            "patient {}: too few needles: {needles:?}",
+            i + 1
+        );
+        for n in &needles {
+            // Decoded note text appears in the file as its base64 form.
+            let b64 = base64::engine::general_purpose::STANDARD.encode(n);
+            assert!(
+                contains(&raw, n.as_bytes()) || contains(&raw, b64.as_bytes()),
+                "patient {}: needle {n:?} is not in its own JSON file",
+                i + 1
+            );
+            needle_list.push((i, n.as_bytes().to_vec()));
+        }
+        bundles.push((raw, bundle));
+    }
+    let needles = Needles::new(needle_list);
+    let total_needles = needles.list.len();
+
+    // The search itself works: a plaintext control file with every needle finds every needle.
+    let control = tempfile::tempdir().expect("tempdir");
+    let mut plain = Vec::new();
+    for (k, (_, n)) in needles.list.iter().enumerate() {
+        plain.extend_from_slice(format!("\x00{k}:").as_bytes());
+        plain.extend_from_slice(n);
+    }
+    std::fs::create_dir_all(control.path().join("sub")).expect("mkdir");
+    std::fs::write(control.path().join("sub/plain.bin"), &plain).expect("write control");
+    assert_eq!(
+        needles.hits_under(control.path()).len(),
+        total_needles,
+        "the needle search misses plaintext"
+    );
+    // ... and the synthetic JSON files themselves hit (all but decoded note text).
+    assert!(!needles.hits_under(&work.path().join("synth")).is_empty());
+
+    // Load every bundle as a transaction.
+    let mut s = Server::start();
+    let t = s.token("system/*.cruds");
+    let mut pairs = Vec::new(); // (sent resource with refs rewritten, "Type/id")
+    for (i, (raw, bundle)) in bundles.iter().enumerate() {
+        let r = s.send(
+            "POST",
+            &s.base,
+            Some(&t),
+            Some(("application/fhir+json", raw.clone())),
+            &[],
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "patient {}: transaction failed: {}",
+            i + 1,
+            String::from_utf8_lossy(&r.body)
+        );
+        let resp = r.json();
+        assert_eq!(resp["type"], "transaction-response");
+        let sent = bundle["entry"].as_array().expect("entries");
+        let got = resp["entry"].as_array().expect("response entries");
+        assert_eq!(sent.len(), got.len(), "patient {}: entry count", i + 1);
+        let mut map = HashMap::new();
+        let mut targets = Vec::new();
+        for (e, g) in sent.iter().zip(got) {
+            assert!(
+                g["response"]["status"]
+                    .as_str()
+                    .is_some_and(|st| st.starts_with("201")),
+                "patient {}: entry response {g}",
+                i + 1
+            );
+            let loc = g["response"]["location"].as_str().expect("location");
+            let rel = loc
+                .strip_prefix(&format!("{}/", s.base))
+                .unwrap_or_else(|| panic!("location {loc} is not under {}", s.base));
+            let target = rel
+                .split_once("/_history/")
+                .map(|(a, _)| a)
+                .unwrap_or(rel)
+                .to_owned();
+            let rtype = e["resource"]["resourceType"].as_str().expect("type");
+            assert!(target.starts_with(&format!("{rtype}/")), "{target}");
+            map.insert(
+                e["fullUrl"].as_str().expect("fullUrl").to_owned(),
+                target.clone(),
+            );
+            targets.push(target);
+        }
+        for (e, target) in sent.iter().zip(targets) {
+            let mut res = e["resource"].clone();
+            rewrite_refs(&mut res, &map);
+            pairs.push((res, target));
+        }
+    }
+
+    // Read every resource back: identical apart from id/meta.
+    let mut loose_numbers = 0usize;
+    let mut problems = Vec::new();
+    for (sent, target) in &pairs {
+        let r = s.get(target, &t);
+        assert_eq!(r.status, 200, "GET {target}");
+        let mut got = r.json();
+        assert_eq!(
+            got["id"].as_str(),
+            target.split_once('/').map(|(_, id)| id),
+            "{target}: id"
+        );
+        assert_eq!(got["meta"]["versionId"], "1", "{target}: versionId");
+        strip_server_fields(&mut got);
+        let mut want = sent.clone();
+        strip_server_fields(&mut want);
+        let mut d = Vec::new();
+        diff(&want, &got, target, &mut loose_numbers, &mut d);
+        problems.extend(d);
+    }
+    assert!(
+        problems.is_empty(),
+        "{} differences between what was sent and what was read back, e.g.:\n{}",
+        problems.len(),
+        problems[..problems.len().min(20)].join("\n")
+    );
+
+    // No needle anywhere under the data directory or in the log, while running ...
+    let listing = |dir: &Path| -> Vec<String> {
+        files_under(dir)
+            .iter()
+            .map(|p| {
+                let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                let name = p.strip_prefix(dir).unwrap_or(p).display().to_string();
+                format!("{name} ({len} B)")
+            })
+            .collect()
+    };
+    let running = listing(&s.data);
+    assert!(
+        running.iter().any(|f| f.starts_with("phivault.db ")),
+        "no database file under the data directory: {running:?}"
+    );
+    println!("leak: searched while running: {running:?}");
+    let hits = needles.hits_under(&s.data);
+    assert!(
+        hits.is_empty(),
+        "PHI in the data directory while running:\n{}",
+        hits[..hits.len().min(30)].join("\n")
+    );
+    let log_hits = needles.find(&s.logs());
+    assert!(
+        log_hits.is_empty(),
+        "PHI in the server log: {:?}",
+        log_hits
+            .iter()
+            .map(|k| String::from_utf8_lossy(&needles.list[*k].1).into_owned())
+            .collect::<Vec<_>>()
+    );
+
+    // ... and after a clean stop.
+    s.stop();
+    println!("leak: searched after stop: {:?}", listing(&s.data));
+    let hits = needles.hits_under(&s.data);
+    assert!(
+        hits.is_empty(),
+        "PHI in the data directory after stop:\n{}",
+        hits[..hits.len().min(30)].join("\n")
+    );
+    let log = s.logs();
+    assert!(
+        needles.find(&log).is_empty(),
+        "PHI in the server log after stop"
+    );
+
+    let db_bytes: u64 = files_under(&s.data)
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("phivault.db"))
+        })
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let dir_bytes: u64 = files_under(&s.data)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "leak: {PATIENTS} patients, {} resources, {total_needles} needles searched; \
+         JSON {json_bytes} bytes; database {db_bytes} bytes ({:.2}x); data dir {dir_bytes} bytes; \
+         log {} bytes; numbers equal only numerically: {loose_numbers}",
+        pairs.len(),
+        db_bytes as f64 / json_bytes as f64,
+        log.len()
+    );
+}

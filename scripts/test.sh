@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test of phivault: format and lint gates, the Rust unit, property and
+# integration tests (the integration tests start the real binary over HTTPS on
+# 127.0.0.1:0), and the third-party Python FHIR client test against the real binary.
+# Installs what it needs (a Python virtualenv with the pinned test clients) and stops
+# every server it starts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy (deny warnings)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test (unit, property, integration)"
+cargo test --workspace --no-fail-fast
+
+echo "== third-party Python FHIR client (fhirpy + PyJWT) against the real binary"
+cargo build -p phivault
+PHIVAULT_BIN="$CARGO_TARGET_DIR/debug/phivault" tests/python/run.sh
+
+echo "== all tests passed"
