@@ -288,8 +288,9 @@ fn put_opt_u64(w: &mut Vec<u8>, v: Option<u64>) {
     }
 }
 
-/// Lower-case hyphenated UUID text, as 16 bytes.
-fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+/// Lower-case hyphenated UUID text, as 16 bytes (None for any other text, so the
+/// mapping is a bijection between canonical UUID strings and 16-byte values).
+pub fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
     let b = s.as_bytes();
     if b.len() != 36 {
         return None;
@@ -317,7 +318,8 @@ fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-fn uuid_text(b: &[u8; 16]) -> String {
+/// The canonical text of a 16-byte UUID.
+pub fn uuid_text(b: &[u8; 16]) -> String {
     let mut s = String::with_capacity(36);
     for (i, x) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
@@ -397,7 +399,10 @@ impl Reader<'_> {
             _ => Err(AuditError::Malformed),
         }
     }
-    fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, AuditError>) -> Result<Option<T>, AuditError> {
+    fn opt<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, AuditError>,
+    ) -> Result<Option<T>, AuditError> {
         match self.u8()? {
             0 => Ok(None),
             1 => f(self).map(Some),

@@ -18,7 +18,7 @@ fn build(n: u64) -> (Vec<StoredEvent>, ChainHead) {
                 patient: None,
                 outcome: Outcome::from_http(200),
                 source: "127.0.0.1".into(),
- entities: vec![],
+                entities: vec![],
             };
             let bytes = ev.encode();
             let hash = head.append(&bytes);

@@ -28,6 +28,9 @@ fn main() {
     if let Ok(p) = std::env::var("TOKEN_OUT") {
         std::fs::write(p, &token).expect("write token");
     }
+    if args[4] == "-" {
+        return; // token only
+    }
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("bundle dir")
         .flatten()

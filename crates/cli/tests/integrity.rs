@@ -48,10 +48,18 @@ fn has_column(c: &Connection, table: &str, column: &str) -> bool {
     names.iter().any(|n| n == column)
 }
 
+/// A logical id as the SQLite engine stores it (canonical UUIDs as 16 bytes).
+fn db_id(id: &str) -> rusqlite::types::Value {
+    match phivault_audit::uuid_bytes(id) {
+        Some(b) => rusqlite::types::Value::Blob(b.to_vec()),
+        None => rusqlite::types::Value::Text(id.to_owned()),
+    }
+}
+
 fn sealed(c: &Connection, id: &str, version: i64) -> Vec<u8> {
     c.query_row(
         "SELECT sealed FROM resource_version WHERE rtype = 'Patient' AND id = ?1 AND version = ?2",
-        params![id, version],
+        params![db_id(id), version],
         |r| r.get(0),
     )
     .expect("sealed")
@@ -61,7 +69,7 @@ fn set_sealed(c: &Connection, id: &str, version: i64, bytes: &[u8]) {
     let n = c
         .execute(
             "UPDATE resource_version SET sealed = ?3 WHERE rtype = 'Patient' AND id = ?1 AND version = ?2",
-            params![id, version, bytes],
+            params![db_id(id), version, bytes],
         )
         .expect("update sealed");
     assert_eq!(n, 1);
@@ -210,7 +218,7 @@ fn key_id_moved_to_another_patients_key_is_an_integrity_error() {
         let key_of = |id: &str| -> rusqlite::types::Value {
             db.query_row(
                 &format!("SELECT {col} FROM resource_version WHERE rtype = 'Patient' AND id = ?1"),
-                params![id],
+                params![db_id(id)],
                 |r| r.get(0),
             )
             .expect("key of patient")
@@ -222,7 +230,7 @@ fn key_id_moved_to_another_patients_key_is_an_integrity_error() {
                 &format!(
                     "UPDATE resource_version SET {col} = ?2 WHERE rtype = 'Patient' AND id = ?1"
                 ),
-                params![a, kb],
+                params![db_id(&a), kb],
             )
             .expect("update key");
         assert_eq!(n, 1);

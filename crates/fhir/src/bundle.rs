@@ -82,6 +82,32 @@ pub fn parse_bundle(
     bundle: &Value,
     max_entries: usize,
 ) -> Result<(BundleType, Vec<EntryRequest>), FhirError> {
+    parse_bundle_impl(bundle, max_entries, true)
+}
+
+/// [`parse_bundle`] consuming the Bundle: entry resources are moved, not copied.
+pub fn parse_bundle_owned(
+    mut bundle: Value,
+    max_entries: usize,
+) -> Result<(BundleType, Vec<EntryRequest>), FhirError> {
+    let (kind, mut entries) = parse_bundle_impl(&bundle, max_entries, false)?;
+    if let Some(Value::Array(raw)) = bundle.get_mut("entry") {
+        for e in &mut entries {
+            if matches!(e.method, Method::Post | Method::Put)
+                && let Some(r) = raw.get_mut(e.index).and_then(|x| x.get_mut("resource"))
+            {
+                e.resource = Some(r.take());
+            }
+        }
+    }
+    Ok((kind, entries))
+}
+
+fn parse_bundle_impl(
+    bundle: &Value,
+    max_entries: usize,
+    copy_resources: bool,
+) -> Result<(BundleType, Vec<EntryRequest>), FhirError> {
     let obj = bundle.as_object().ok_or(FhirError::NotAnObject)?;
     if obj.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(FhirError::NotABundle);
@@ -102,7 +128,7 @@ pub fn parse_bundle(
     let mut out = Vec::with_capacity(entries.len());
     let mut full_urls = HashSet::new();
     for (index, entry) in entries.iter().enumerate() {
-        let e = parse_entry(index, entry)?;
+        let e = parse_entry(index, entry, copy_resources)?;
         if kind == BundleType::Transaction
             && let Some(u) = &e.full_url
             && !full_urls.insert(u.clone())
@@ -183,7 +209,7 @@ fn parse_url(index: usize, url: &str) -> Result<Url, FhirError> {
     })
 }
 
-fn parse_entry(index: usize, entry: &Value) -> Result<EntryRequest, FhirError> {
+fn parse_entry(index: usize, entry: &Value, copy: bool) -> Result<EntryRequest, FhirError> {
     let bad = |reason| entry_err(index, reason);
     let entry = entry.as_object().ok_or(bad("entry must be an object"))?;
     let request = entry
@@ -280,7 +306,7 @@ fn parse_entry(index: usize, entry: &Value) -> Result<EntryRequest, FhirError> {
             {
                 return Err(bad("resource.id does not match the id in request.url"));
             }
-            Some(r.clone())
+            copy.then(|| r.clone())
         }
         Method::Get | Method::Delete => None,
     };

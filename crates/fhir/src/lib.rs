@@ -18,7 +18,9 @@ mod parse;
 mod reference;
 mod schema;
 
-pub use bundle::{BundleType, EntryRequest, Method, parse_bundle, transaction_order};
+pub use bundle::{
+    BundleType, EntryRequest, Method, parse_bundle, parse_bundle_owned, transaction_order,
+};
 pub use compartment::patient_compartment;
 pub use error::FhirError;
 pub use issue::{Issue, IssueCode, Severity, operation_outcome, outcome_error};

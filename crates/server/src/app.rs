@@ -664,6 +664,7 @@ pub async fn update_or_delete(
     if_match: Option<u64>,
 ) -> Result<Written, ApiError> {
     let deleting = resource.is_none();
+    let _locks = app.engine.lock_resources([(rtype, id)]).await;
     for _ in 0..MAX_RETRIES {
         let (a, t, i) = (app.clone(), rtype.to_owned(), id.to_owned());
         let cur = blocking(move || {
@@ -715,7 +716,7 @@ pub async fn update_or_delete(
             expect,
             resource.clone(),
             now_ms(),
-            cur.as_ref().map(|c| c.key_id.as_str()),
+            cur.as_ref(),
         )?;
         let (action, name, status) = if deleting {
             (Action::D, "delete", 204)

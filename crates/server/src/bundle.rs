@@ -57,9 +57,8 @@ async fn handle_inner(
         ));
     }
     phivault_fhir::validate(&bundle).map_err(ApiError::invalid)?;
-    let (kind, entries) = phivault_fhir::parse_bundle(&bundle, app.limits.max_bundle_entries)
+    let (kind, entries) = phivault_fhir::parse_bundle_owned(bundle, app.limits.max_bundle_entries)
         .map_err(|e| ApiError::invalid(vec![e.to_issue()]))?;
-    drop(bundle);
     let response = match kind {
         BundleType::Transaction => {
             ctx.interaction = "transaction";
@@ -166,6 +165,13 @@ async fn transaction(
             ));
         }
     }
+    let _locks = app
+        .engine
+        .lock_resources(entries.iter().filter_map(|e| match e.method {
+            Method::Put | Method::Delete => Some((e.resource_type.as_str(), e.id.as_deref()?)),
+            _ => None,
+        }))
+        .await;
     for _ in 0..MAX_RETRIES {
         // 2. Resolve ids: new ids for creates, existing ones for matched conditional creates.
         let mut map: HashMap<String, String> = HashMap::new();
@@ -274,13 +280,13 @@ async fn transaction(
         let mut pinned = false;
         let mut entities = Vec::new();
         for &i in &phivault_fhir::transaction_order(&entries) {
-            let (Some(e), Some(plan)) = (entries.get(i), plans.get(i)) else {
+            let (Some(e), Some(plan)) = (entries.get(i), plans.get_mut(i)) else {
                 continue;
             };
             let rtype = e.resource_type.as_str();
             let (id, resource, expect_new) = match plan {
-                Plan::Create { id, resource } => (id, Some(resource.clone()), true),
-                Plan::Put { id, resource } => (id, Some(resource.clone()), false),
+                Plan::Create { id, resource } => (id, Some(std::mem::take(resource)), true),
+                Plan::Put { id, resource } => (id, Some(std::mem::take(resource)), false),
                 Plan::Delete { id } => (id, None, false),
                 Plan::Existing {
                     id,
@@ -353,7 +359,7 @@ async fn transaction(
                     expect,
                     resource,
                     now,
-                    cur.as_ref().map(|c| c.key_id.as_str()),
+                    cur.as_ref(),
                 )
                 .map_err(|err| entry_error(e.index, err))?;
             let (action, status) = match e.method {

@@ -18,6 +18,9 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 
+/// Number of per-resource write locks (hashed shards).
+const LOCK_SHARDS: usize = 1024;
+
 /// Key id for resources outside every patient compartment.
 pub const SHARED_KEY_ID: &str = "shared";
 /// Most data keys kept unwrapped in memory.
@@ -40,6 +43,9 @@ pub struct Engine {
     keys: KeyHierarchy,
     deks: RwLock<HashMap<String, DataKey>>,
     blind: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+    /// Writers of the same resource queue here instead of racing: without it, N concurrent
+    /// unconditional updates of one resource need up to N-1 optimistic retries each.
+    locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 /// Data keys used while preparing one write: cached, stored, or newly generated.
@@ -137,7 +143,36 @@ impl Engine {
             keys,
             deks: RwLock::new(HashMap::new()),
             blind: RwLock::new(HashMap::new()),
+            locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    /// Take the write locks of these resources (in a fixed order, so two writers never
+    /// deadlock). Hold the guards until the write is committed.
+    pub async fn lock_resources<'a>(
+        &self,
+        keys: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        use std::hash::{Hash, Hasher};
+        let mut shards: Vec<usize> = keys
+            .into_iter()
+            .map(|(t, i)| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (t, i).hash(&mut h);
+                (h.finish() % LOCK_SHARDS as u64) as usize
+            })
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut guards = Vec::with_capacity(shards.len());
+        for s in shards {
+            if let Some(m) = self.locks.get(s) {
+                guards.push(m.lock().await);
+            }
+        }
+        guards
     }
 
     /// A key ring for one write.
@@ -268,8 +303,18 @@ impl Engine {
         expect: phivault_store::Expect,
         resource: Option<Value>,
         now: i64,
-        previous_key: Option<&str>,
+        previous: Option<&VersionRow>,
     ) -> Result<(Put, Written), ApiError> {
+        let previous_key = previous.map(|p| p.key_id.as_str());
+        // The blind-index entries of the version being replaced, recomputed from its content.
+        let replaces = match previous {
+            Some(p) if !p.deleted => {
+                let old = self.open(p)?;
+                let old: Value = serde_json::from_slice(&old).map_err(|_| ApiError::integrity())?;
+                self.index_entries(rtype, &old)
+            }
+            _ => Vec::new(),
+        };
         let (body, patient, index, deleted) = match resource {
             Some(mut r) => {
                 set_server_fields(&mut r, id, version, now);
@@ -313,6 +358,7 @@ impl Engine {
             },
             expect,
             index,
+            replaces,
         };
         let written = Written {
             rtype: rtype.to_owned(),

@@ -52,7 +52,7 @@ impl std::fmt::Debug for VersionRow {
 /// What the current version of a resource must be for a put to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
-    /// The resource must not exist (or exist only as a tombstone whose version is given).
+    /// The resource must not exist at all.
     Absent,
     /// The current version must be exactly this (deleted or not).
     Version(u64),
@@ -74,8 +74,12 @@ pub struct Put {
     pub row: VersionRow,
     /// Precondition on the current version.
     pub expect: Expect,
-    /// Blind-index entries of this version (replacing the previous version's).
+    /// Blind-index entries of this version.
     pub index: Vec<IndexEntry>,
+    /// Blind-index entries of the version it replaces, removed with this write. The
+    /// engine keeps no reverse index from ids to tokens (it would double the index), so
+    /// the writer, which can open the previous version, names them.
+    pub replaces: Vec<IndexEntry>,
 }
 
 /// A precondition that is not tied to one resource.
@@ -182,7 +186,6 @@ pub trait Store: Send + Sync + 'static {
         version: u64,
     ) -> Result<Option<VersionRow>, StoreError>;
     /// Versions, newest first: of one resource when `id` is given, else of the whole type.
-    /// `before` continues a page: only versions strictly older than (updated_ms, rtype, id, version).
     fn history(
         &self,
         rtype: &str,

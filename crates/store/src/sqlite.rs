@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS blind_index (
     id TEXT NOT NULL,
     PRIMARY KEY (rtype, param, token, id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blind_index_by_id ON blind_index (rtype, id);
 CREATE TABLE IF NOT EXISTS audit_event (
     seq INTEGER PRIMARY KEY,
     event BLOB NOT NULL,
@@ -65,6 +64,42 @@ CREATE TABLE IF NOT EXISTS meta (
     v BLOB NOT NULL
 ) WITHOUT ROWID;
 "#;
+
+/// A logical id as stored: canonical lower-case UUIDs as 16-byte blobs (ids are the bulk of
+/// every key), any other FHIR id as text. The mapping is one-to-one.
+struct DbId<'a>(&'a str);
+
+impl rusqlite::ToSql for DbId<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        Ok(match phivault_audit::uuid_bytes(self.0) {
+            Some(b) => ToSqlOutput::Owned(Value::Blob(b.to_vec())),
+            None => ToSqlOutput::Borrowed(ValueRef::Text(self.0.as_bytes())),
+        })
+    }
+}
+
+fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(idx)? {
+        ValueRef::Blob(b) => match <&[u8; 16]>::try_from(b) {
+            Ok(u) => Ok(phivault_audit::uuid_text(u)),
+            Err(_) => Err(rusqlite::Error::InvalidColumnType(
+                idx,
+                "id".into(),
+                rusqlite::types::Type::Blob,
+            )),
+        },
+        ValueRef::Text(t) => String::from_utf8(t.to_vec()).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+        }),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            idx,
+            "id".into(),
+            other.data_type(),
+        )),
+    }
+}
 
 fn engine(e: rusqlite::Error) -> StoreError {
     // rusqlite messages name SQL and constraint names, never bound values.
@@ -207,7 +242,7 @@ impl Drop for SqliteStore {
 fn row_to_version(r: &rusqlite::Row<'_>) -> Result<VersionRow, rusqlite::Error> {
     Ok(VersionRow {
         rtype: r.get(0)?,
-        id: r.get(1)?,
+        id: read_id(r, 1)?,
         version: r.get::<_, i64>(2)? as u64,
         key_id: r.get(3)?,
         deleted: r.get::<_, i64>(4)? != 0,
@@ -225,7 +260,7 @@ impl Store for SqliteStore {
             c.prepare_cached(&format!(
                 "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1"
             ))?
-            .query_row(params![rtype, id], row_to_version)
+            .query_row(params![rtype, DbId(id)], row_to_version)
             .optional()
         })
     }
@@ -241,7 +276,7 @@ impl Store for SqliteStore {
             c.prepare_cached(&format!(
                 "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
             ))?
-            .query_row(params![rtype, id, v], row_to_version)
+            .query_row(params![rtype, DbId(id), v], row_to_version)
             .optional()
         })
     }
@@ -258,7 +293,7 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!(
                     "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT ?3"
                 ))?
-                .query_map(params![rtype, id, limit], row_to_version)?
+                .query_map(params![rtype, DbId(id), limit], row_to_version)?
                 .collect(),
             None => c
                 .prepare_cached(&format!(
@@ -270,30 +305,7 @@ impl Store for SqliteStore {
     }
 
     fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError> {
-        let Some((first, rest)) = tokens.split_first() else {
-            return Ok(Vec::new());
-        };
-        self.with_reader(|c| {
-            let ids: Vec<String> = c
-                .prepare_cached(
-                    "SELECT id FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3",
-                )?
-                .query_map(params![rtype, first.param, first.token], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let mut out = Vec::with_capacity(ids.len());
-            let mut check = c.prepare_cached(
-                "SELECT 1 FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
-            )?;
-            'ids: for id in ids {
-                for t in rest {
-                    if !check.exists(params![rtype, t.param, t.token, id])? {
-                        continue 'ids;
-                    }
-                }
-                out.push(id);
-            }
-            Ok(out)
-        })
+        self.with_reader(|c| matching_ids(c, rtype, tokens, usize::MAX))
     }
 
     fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -530,7 +542,7 @@ fn apply_batch(
     for (index, guard) in batch.guards.iter().enumerate() {
         match guard {
             Guard::NoMatch { rtype, tokens } => {
-                if guard_matches(tx, rtype, tokens).map_err(e)? {
+                if !matching_ids(tx, rtype, tokens, 1).map_err(e)?.is_empty() {
                     return Err(CommitError::Guard { index });
                 }
             }
@@ -544,7 +556,7 @@ fn apply_batch(
                  ORDER BY version DESC LIMIT 1",
             )
             .map_err(e)?
-            .query_row(params![row.rtype, row.id], |r| r.get(0))
+            .query_row(params![row.rtype, DbId(&row.id)], |r| r.get(0))
             .optional()
             .map_err(e)?;
         let current = current.map(|v| v as u64);
@@ -572,7 +584,7 @@ fn apply_batch(
         .map_err(e)?
         .execute(params![
             row.rtype,
-            row.id,
+            DbId(&row.id),
             version,
             key_no,
             row.deleted as i64,
@@ -580,10 +592,13 @@ fn apply_batch(
             row.sealed
         ])
         .map_err(e)?;
-        if current.is_some() {
-            tx.prepare_cached("DELETE FROM blind_index WHERE rtype = ?1 AND id = ?2")
-                .map_err(e)?
-                .execute(params![row.rtype, row.id])
+        let mut del = tx
+            .prepare_cached(
+                "DELETE FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
+            )
+            .map_err(e)?;
+        for entry in &put.replaces {
+            del.execute(params![row.rtype, entry.param, entry.token, DbId(&row.id)])
                 .map_err(e)?;
         }
         let mut ins = tx
@@ -592,7 +607,7 @@ fn apply_batch(
             )
             .map_err(e)?;
         for entry in put.index.iter().filter(|_| !row.deleted) {
-            ins.execute(params![row.rtype, entry.param, entry.token, row.id])
+            ins.execute(params![row.rtype, entry.param, entry.token, DbId(&row.id)])
                 .map_err(e)?;
         }
     }
@@ -609,30 +624,38 @@ fn apply_batch(
     Ok(Committed { last_audit_seq })
 }
 
-fn guard_matches(
-    tx: &rusqlite::Transaction<'_>,
+/// Ids of resources of `rtype` carrying all `tokens` (at most `limit`). The blind index
+/// only holds entries of current, non-deleted versions.
+fn matching_ids(
+    c: &Connection,
     rtype: &str,
     tokens: &[IndexEntry],
-) -> Result<bool, rusqlite::Error> {
+    limit: usize,
+) -> Result<Vec<String>, rusqlite::Error> {
     let Some((first, rest)) = tokens.split_first() else {
-        return Ok(false);
+        return Ok(Vec::new());
     };
-    let ids: Vec<String> = tx
-        .prepare_cached("SELECT id FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3")?
-        .query_map(params![rtype, first.param, first.token], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let mut check = tx.prepare_cached(
+    let mut candidates = c.prepare_cached(
+        "SELECT id FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3",
+    )?;
+    let mut rows = candidates.query(params![rtype, first.param, first.token])?;
+    let mut check = c.prepare_cached(
         "SELECT 1 FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
     )?;
-    'ids: for id in ids {
+    let mut out = Vec::new();
+    'ids: while let Some(r) = rows.next()? {
+        let id = read_id(r, 0)?;
         for t in rest {
-            if !check.exists(params![rtype, t.param, t.token, id])? {
+            if !check.exists(params![rtype, t.param, t.token, DbId(&id)])? {
                 continue 'ids;
             }
         }
-        return Ok(true);
+        out.push(id);
+        if out.len() >= limit {
+            break;
+        }
     }
-    Ok(false)
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ fn event(n: u64) -> AuditEvent {
         patient: None,
         outcome: Outcome::from_http(201),
         source: "127.0.0.1".into(),
- entities: vec![],
+        entities: vec![],
     }
 }
 
@@ -66,6 +66,7 @@ pub fn run_all(store: &dyn Store) {
     failed_batch_writes_nothing(store);
     guards_and_lookup(store);
     key_conflict(store);
+    uuid_and_text_ids(store);
     meta_roundtrip(store);
     concurrent_batches_all_land(store);
 }
@@ -77,6 +78,7 @@ fn create_read_update_history(store: &dyn Store) {
             row: row("Patient", "a", 1, b"v1"),
             expect: Expect::Absent,
             index: vec![tok("identifier", b"t1")],
+            replaces: vec![],
         }],
         audit: vec![event(1)],
         ..Default::default()
@@ -92,6 +94,7 @@ fn create_read_update_history(store: &dyn Store) {
             row: row("Patient", "a", 2, b"v2"),
             expect: Expect::Version(1),
             index: vec![tok("identifier", b"t2")],
+            replaces: vec![tok("identifier", b"t1")],
         }],
         ..Default::default()
     };
@@ -130,6 +133,7 @@ fn create_read_update_history(store: &dyn Store) {
                 row: tomb,
                 expect: Expect::Version(2),
                 index: vec![],
+                replaces: vec![tok("identifier", b"t2")],
             }],
             ..Default::default()
         },
@@ -158,6 +162,7 @@ fn conflicts_are_detected(store: &dyn Store) {
             row: row("Observation", "o", v, b"x"),
             expect,
             index: vec![],
+            replaces: vec![],
         }],
         ..Default::default()
     };
@@ -189,11 +194,13 @@ fn failed_batch_writes_nothing(store: &dyn Store) {
                 row: row("Encounter", "e1", 1, b"x"),
                 expect: Expect::Absent,
                 index: vec![],
+                replaces: vec![],
             },
             Put {
                 row: row("Observation", "o", 9, b"x"),
                 expect: Expect::Version(8),
                 index: vec![],
+                replaces: vec![],
             },
         ],
         audit: vec![event(50)],
@@ -222,6 +229,7 @@ fn guards_and_lookup(store: &dyn Store) {
             row: row("Practitioner", id, 1, b"x"),
             expect: Expect::Absent,
             index: toks,
+            replaces: vec![],
         }],
         ..Default::default()
     };
@@ -260,6 +268,43 @@ fn key_conflict(store: &dyn Store) {
     assert_eq!(store.data_key("k2").unwrap().unwrap(), b"one");
 }
 
+fn uuid_and_text_ids(store: &dyn Store) {
+    for id in [
+        "0190f3a2-7b1c-7def-8abc-0123456789ab",
+        "0190F3A2-7B1C-7DEF-8ABC-0123456789AB",
+        "plain-text.id",
+    ] {
+        commit(
+            store,
+            WriteBatch {
+                puts: vec![Put {
+                    row: row("Device", id, 1, id.as_bytes()),
+                    expect: Expect::Absent,
+                    index: vec![tok("identifier", id.as_bytes())],
+                    replaces: vec![],
+                }],
+                ..Default::default()
+            },
+        )
+        .expect("put");
+    }
+    for id in [
+        "0190f3a2-7b1c-7def-8abc-0123456789ab",
+        "0190F3A2-7B1C-7DEF-8ABC-0123456789AB",
+        "plain-text.id",
+    ] {
+        let r = store.current("Device", id).unwrap().unwrap();
+        assert_eq!(r.id, id);
+        assert_eq!(r.sealed, id.as_bytes());
+        assert_eq!(
+            store
+                .lookup("Device", &[tok("identifier", id.as_bytes())])
+                .unwrap(),
+            vec![id.to_string()]
+        );
+    }
+}
+
 fn meta_roundtrip(store: &dyn Store) {
     assert!(store.meta("x").unwrap().is_none());
     store.set_meta("x", b"1").unwrap();
@@ -275,6 +320,7 @@ fn concurrent_batches_all_land(store: &dyn Store) {
                     row: row("Condition", &format!("c{i}"), 1, b"x"),
                     expect: Expect::Absent,
                     index: vec![],
+                    replaces: vec![],
                 }],
                 audit: vec![event(i)],
                 ..Default::default()
