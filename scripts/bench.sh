@@ -39,7 +39,7 @@ sqlite3 "$W/data/phivault.db" "select '   ' || name || ': ' || sum(pgsize) from 
 
 start
 TOKEN_OUT=$W/token "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" - >/dev/null
-OBS=$(sqlite3 "$W/data/phivault.db" "select id from resource_version where rtype='Observation' limit 1 offset 17;")
+OBS=$(sqlite3 "$W/data/phivault.db" "select lower(substr(hex(id),1,8)||'-'||substr(hex(id),9,4)||'-'||substr(hex(id),13,4)||'-'||substr(hex(id),17,4)||'-'||substr(hex(id),21)) from resource_version where rtype='Observation' limit 1 offset 17;")
 printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$(cat "$W/token")" >"$W/get.lua"
 echo "== GET Observation by id, HTTPS keep-alive, audited: wrk -t2 -c$CONNS -d${SECS}s"
 wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -s "$W/get.lua" "$ORIGIN/fhir/Observation/$OBS"

@@ -599,6 +599,9 @@ fn split_location(s: &Server, loc: &str) -> (String, String) {
     (parts[0].to_owned(), parts[1].to_owned())
 }
 
+/// Builds the entries of a transaction around a fresh identifier.
+type EntriesFor<'a> = Box<dyn Fn(&str) -> Vec<Value> + 'a>;
+
 #[test]
 fn transactions_are_atomic() {
     let s = Server::start();
@@ -652,7 +655,7 @@ fn transactions_are_atomic() {
     let mut stale = patient();
     stale["id"] = json!(eid);
     let before_obs = history_len(&s, t, "Observation");
-    let variants: Vec<(&str, Box<dyn Fn(&str) -> Vec<Value> + '_>)> = vec![
+    let variants: Vec<(&str, EntriesFor<'_>)> = vec![
         (
             "stale ifMatch",
             Box::new(|ident: &str| {

@@ -7,7 +7,7 @@
 //! of read-only connections, which WAL lets run concurrently with the writer.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 
 use parking_lot::Mutex;
@@ -119,6 +119,30 @@ pub struct SqliteStore {
     tx: Mutex<Option<mpsc::Sender<Command>>>,
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    checkpointer: Mutex<Option<(thread::JoinHandle<()>, Stop)>>,
+}
+
+type Stop = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
+
+/// How often the WAL is folded back into the database while the server runs.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Passive checkpoints beside the writer: they copy committed WAL frames into the database
+/// without blocking the writer or readers, so the WAL stays small and commits stay fast.
+fn checkpoint_loop(conn: Connection, stop: Stop) {
+    let (lock, cv) = &*stop;
+    loop {
+        {
+            let Ok(guard) = lock.lock() else { return };
+            let Ok((guard, _)) = cv.wait_timeout_while(guard, CHECKPOINT_EVERY, |s| !*s) else {
+                return;
+            };
+            if *guard {
+                return;
+            }
+        }
+        let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -163,6 +187,10 @@ impl SqliteStore {
         // Overwrite deleted content so freed pages keep no old ciphertext around.
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(engine)?;
+        // Checkpoints run on their own thread (below), never inside a commit: an automatic
+        // checkpoint would stall every request waiting on that commit.
+        conn.pragma_update(None, "wal_autocheckpoint", "0")
+            .map_err(engine)?;
         conn.execute_batch(SCHEMA).map_err(engine)?;
         let head = load_head(&conn)?;
         let (tx, rx) = mpsc::channel();
@@ -170,11 +198,26 @@ impl SqliteStore {
             .name("phivault-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx, head, signer))
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let checkpointer = {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(engine)?;
+            configure(&conn)?;
+            let stop = stop.clone();
+            thread::Builder::new()
+                .name("phivault-sqlite-checkpoint".into())
+                .spawn(move || checkpoint_loop(conn, stop))
+                .map_err(|e| StoreError::Engine(format!("cannot start checkpoint thread: {e}")))?
+        };
         Ok(SqliteStore {
             path: path.to_path_buf(),
             tx: Mutex::new(Some(tx)),
             readers: Mutex::new(Vec::new()),
             writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some((checkpointer, stop))),
         })
     }
 
@@ -188,11 +231,19 @@ impl SqliteStore {
             tx: Mutex::new(None),
             readers: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
+            checkpointer: Mutex::new(None),
         })
     }
 
     /// Stop the writer after it has finished the queued batches.
     pub fn close(&self) {
+        if let Some((h, stop)) = self.checkpointer.lock().take() {
+            if let Ok(mut s) = stop.0.lock() {
+                *s = true;
+            }
+            stop.1.notify_all();
+            let _ = h.join();
+        }
         self.readers.lock().clear();
         self.tx.lock().take();
         if let Some(h) = self.writer.lock().take() {

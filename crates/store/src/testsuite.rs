@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // test support for every engine: a panic is how a check reports failure
 //! The behaviour every engine must show. Each engine's tests call [`run_all`] on a
 //! fresh, empty store.
 
