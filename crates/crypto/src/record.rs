@@ -124,7 +124,46 @@ fn compress(plaintext: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     })
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, for frames that state their size (ours
+    /// always do): a fresh streaming decoder per record allocated and zeroed its buffers on
+    /// every read.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
 fn decompress(compressed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(n)) if n <= MAX_PLAINTEXT_LEN as u64 => {
+            let r = DECOMPRESSOR.with(|cell| {
+                let mut slot = cell.try_borrow_mut().map_err(|_| CryptoError::Integrity)?;
+                let d = match &mut *slot {
+                    Some(d) => d,
+                    None => {
+                        let mut d = zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dict())
+                            .map_err(|_| CryptoError::Integrity)?;
+                        d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+                            .map_err(|_| CryptoError::Integrity)?;
+                        slot.insert(d)
+                    }
+                };
+                // Capacity is exactly the stated size: a frame that lies about it fails.
+                d.decompress(compressed, n as usize).map_err(|_| {
+                    *slot = None;
+                    CryptoError::Integrity
+                })
+            })?;
+            if r.len() as u64 != n {
+                return Err(CryptoError::Integrity);
+            }
+            Ok(r)
+        }
+        Ok(Some(_)) => Err(CryptoError::Integrity),
+        _ => decompress_stream(compressed),
+    }
+}
+
+/// Frames without a stated size: stream with a hard output cap.
+fn decompress_stream(compressed: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let mut d = zstd::stream::read::Decoder::with_prepared_dictionary(compressed, decoder_dict())
         .map_err(|_| CryptoError::Integrity)?;
     d.window_log_max(ZSTD_WINDOW_LOG_MAX)
