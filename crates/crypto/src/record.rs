@@ -139,10 +139,13 @@ fn decompress(compressed: &[u8]) -> Result<Vec<u8>, CryptoError> {
                 let d = match &mut *slot {
                     Some(d) => d,
                     None => {
-                        let mut d = zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dict())
-                            .map_err(|_| CryptoError::Integrity)?;
-                        d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
-                            .map_err(|_| CryptoError::Integrity)?;
+                        let mut d =
+                            zstd::bulk::Decompressor::with_prepared_dictionary(decoder_dict())
+                                .map_err(|_| CryptoError::Integrity)?;
+                        d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+                            ZSTD_WINDOW_LOG_MAX,
+                        ))
+                        .map_err(|_| CryptoError::Integrity)?;
                         slot.insert(d)
                     }
                 };
