@@ -223,6 +223,20 @@ impl Ctx {
         }
     }
 
+    /// A context for a request on a resource type (and id).
+    pub fn on(
+        peer: Peer,
+        action: Action,
+        interaction: &'static str,
+        rtype: &str,
+        id: Option<&str>,
+    ) -> Self {
+        let mut c = Ctx::new(peer, action, interaction);
+        c.rtype = Some(rtype.to_owned());
+        c.id = id.map(str::to_owned);
+        c
+    }
+
     /// The audit event of this request with outcome `status`.
     pub fn event(&self, status: u16) -> AuditEvent {
         AuditEvent {
@@ -456,8 +470,7 @@ async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::C, "create");
-    ctx.rtype = Some(rtype.clone());
+    let mut ctx = Ctx::on(peer, Action::C, "create", &rtype, None);
     let r = create_inner(&app, &mut ctx, &rtype, &headers, body).await;
     finish(&app, ctx, r).await
 }
@@ -629,9 +642,7 @@ async fn update(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::U, "update");
-    ctx.rtype = Some(rtype.clone());
-    ctx.id = Some(id.clone());
+    let mut ctx = Ctx::on(peer, Action::U, "update", &rtype, Some(&id));
     let r = update_inner(&app, &mut ctx, &rtype, &id, &headers, body).await;
     finish(&app, ctx, r).await
 }
@@ -781,9 +792,7 @@ async fn delete(
     Path((rtype, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::D, "delete");
-    ctx.rtype = Some(rtype.clone());
-    ctx.id = Some(id.clone());
+    let mut ctx = Ctx::on(peer, Action::D, "delete", &rtype, Some(&id));
     let r = async {
         app.access(&headers, &mut ctx, &rtype, Interaction::Delete)?;
         check_id(&id)?;
@@ -801,9 +810,7 @@ async fn read(
     Path((rtype, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::R, "read");
-    ctx.rtype = Some(rtype.clone());
-    ctx.id = Some(id.clone());
+    let mut ctx = Ctx::on(peer, Action::R, "read", &rtype, Some(&id));
     let r = read_inner(&app, &mut ctx, &rtype, &id, None, &headers).await;
     finish(&app, ctx, r).await
 }
@@ -814,9 +821,7 @@ async fn vread(
     Path((rtype, id, vid)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::R, "vread");
-    ctx.rtype = Some(rtype.clone());
-    ctx.id = Some(id.clone());
+    let mut ctx = Ctx::on(peer, Action::R, "vread", &rtype, Some(&id));
     let r = async {
         let v = vid
             .parse::<u64>()
@@ -928,9 +933,7 @@ async fn history_instance(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::R, "history-instance");
-    ctx.rtype = Some(rtype.clone());
-    ctx.id = Some(id.clone());
+    let mut ctx = Ctx::on(peer, Action::R, "history-instance", &rtype, Some(&id));
     let r = history_inner(&app, &mut ctx, &rtype, Some(id.clone()), query, &headers).await;
     finish(&app, ctx, r).await
 }
@@ -942,8 +945,7 @@ async fn history_type(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::R, "history-type");
-    ctx.rtype = Some(rtype.clone());
+    let mut ctx = Ctx::on(peer, Action::R, "history-type", &rtype, None);
     let r = history_inner(&app, &mut ctx, &rtype, None, query, &headers).await;
     finish(&app, ctx, r).await
 }

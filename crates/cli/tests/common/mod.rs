@@ -245,41 +245,7 @@ impl Server {
         body: Option<(&str, Vec<u8>)>,
         headers: &[(&str, &str)],
     ) -> Resp {
-        let mut b = ureq::http::Request::builder().method(method).uri(url);
-        if let Some(t) = token {
-            b = b.header("Authorization", format!("Bearer {t}"));
-        }
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let res = match body {
-            Some((ct, bytes)) => {
-                let req = b.header("Content-Type", ct).body(bytes).expect("request");
-                self.agent.run(req)
-            }
-            None => {
-                let req = b.body(()).expect("request");
-                self.agent.run(req)
-            }
-        };
-        let mut res = res.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let status = res.status().as_u16();
-        let headers = res
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
-        let body = res
-            .body_mut()
-            .with_config()
-            .limit(256 * 1024 * 1024)
-            .read_to_vec()
-            .unwrap_or_default();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        try_send(&self.agent, method, url, token, body, headers).unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn get(&self, path: &str, token: &str) -> Resp {
