@@ -153,7 +153,7 @@ pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, [u8; 32])> {
     let sealed = std::fs::read(d.audit_key()).context("cannot read the audit signing key")?;
     let pkcs8 = keys
         .open_secret(AUDIT_KEY_LABEL, &sealed)
-        .context("the audit signing key does not open under this master key")?;
+        .context("refusing to start: the audit signing key does not open under this master key (a master key from another deployment?)")?;
     let audit = SigningKey::from_pkcs8(pkcs8.expose())?;
     Ok((keys, audit.public_key()))
 }
@@ -168,7 +168,7 @@ pub fn open(root: &Path) -> Result<Opened> {
     let sealed = std::fs::read(d.token_key()).context("cannot read the token signing key")?;
     let token_pkcs8 = keys
         .open_secret(TOKEN_KEY_LABEL, &sealed)
-        .context("the token signing key does not open under this master key")?;
+        .context("refusing to start: the token signing key does not open under this master key")?;
     let store = SqliteStore::open(&d.db(), Box::new(move |m: &[u8]| audit.sign(m).to_vec()))?;
     match store.meta(META_KCV)? {
         Some(kcv) if keys.verify_key_check_value(&kcv) => {}

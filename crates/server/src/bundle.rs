@@ -2,7 +2,7 @@
 //!
 //! A transaction is one atomic write: every entry is authorized on its own (SM2), `urn:uuid:`
 //! references are rewritten to the ids the server assigns, every version is sealed, and the
-//! whole set — with one audit event per entry plus one for the transaction — is committed in
+//! whole set — with one audit event that lists every entry — is committed in
 //! a single store batch. A lost race (another writer changed a resource in between) retries
 //! the whole transaction; an `ifMatch` that no longer holds fails it with 412.
 //! A batch runs its entries independently, each with its own outcome and audit event.
