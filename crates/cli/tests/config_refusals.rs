@@ -8,7 +8,7 @@ use std::process::Command;
 fn serve(data: &Path, extra: &[&str]) -> (bool, String) {
     let mut c = Command::new(BIN);
     c.args(["serve", "--data-dir"]).arg(data);
-    if !extra.iter().any(|a| *a == "--listen") {
+    if !extra.contains(&"--listen") {
         c.args(["--listen", "127.0.0.1:0"]);
     }
     c.args(extra);
