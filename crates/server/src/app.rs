@@ -178,6 +178,24 @@ impl App {
     }
 }
 
+/// A request id: a random per-process prefix and a counter. Unique without a random-number
+/// syscall per request; request ids need to be unique, not secret.
+fn next_request_id() -> String {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: LazyLock<u64> = LazyLock::new(|| {
+        let b = uuid::Uuid::new_v4();
+        let (hi, _) = b.as_u64_pair();
+        hi
+    });
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:016x}{:016x}",
+        *PREFIX,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// What one request is doing, for its audit event.
 #[derive(Debug, Clone)]
 pub struct Ctx {
@@ -209,7 +227,7 @@ impl Ctx {
     /// A context for a request from `peer`.
     pub fn new(peer: Peer, action: Action, interaction: &'static str) -> Self {
         Ctx {
-            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            request_id: next_request_id(),
             source: peer.0.ip().to_string(),
             client_id: None,
             action,
