@@ -144,8 +144,8 @@ pub fn check_dir_private(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Load the master key and derived keys of a data directory.
-pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, [u8; 32])> {
+/// Load the master key, the derived keys and the audit signing key of a data directory.
+pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
     check_dir_private(&d.root)?;
     let master = MasterKey::load_key_file(&d.master_key())
         .map_err(|e| anyhow::anyhow!("refusing to start: cannot use the master key file: {e}"))?;
@@ -155,16 +155,13 @@ pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, [u8; 32])> {
         .open_secret(AUDIT_KEY_LABEL, &sealed)
         .context("refusing to start: the audit signing key does not open under this master key (a master key from another deployment?)")?;
     let audit = SigningKey::from_pkcs8(pkcs8.expose())?;
-    Ok((keys, audit.public_key()))
+    Ok((keys, audit))
 }
 
 /// Open a data directory for serving or administration.
 pub fn open(root: &Path) -> Result<Opened> {
     let d = DataDir::new(root);
-    let (keys, _) = load_keys(&d)?;
-    let sealed = std::fs::read(d.audit_key())?;
-    let audit_pkcs8 = keys.open_secret(AUDIT_KEY_LABEL, &sealed)?;
-    let audit = SigningKey::from_pkcs8(audit_pkcs8.expose())?;
+    let (keys, audit) = load_keys(&d)?;
     let sealed = std::fs::read(d.token_key()).context("cannot read the token signing key")?;
     let token_pkcs8 = keys
         .open_secret(TOKEN_KEY_LABEL, &sealed)

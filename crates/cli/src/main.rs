@@ -314,7 +314,7 @@ fn audit_verify(data_dir: &Path) -> Result<i32> {
     use phivault_audit::{ChainHead, verify_head_signature};
     use phivault_store::sqlite::SqliteStore;
     let d = datadir::DataDir::new(data_dir);
-    let (_keys, public) = datadir::load_keys(&d)?;
+    let public = datadir::load_keys(&d)?.1.public_key();
     let store = SqliteStore::open_read_only(&d.db())?;
     let head = store.audit_head()?;
     let signed = match &head {

@@ -992,3 +992,44 @@ fn fuzzed_bodies_never_5xx() {
     let logs = String::from_utf8_lossy(&s.logs()).to_string();
     assert!(!logs.contains("panicked"), "server panicked: {logs}");
 }
+
+#[test]
+fn batch_reads_are_audited_with_their_own_outcome() {
+    let s = Server::start();
+    let t = s.token("system/*.cruds");
+    let created = s.post("Patient", &t, &patient());
+    assert_eq!(created.status, 201);
+    let id = created.json()["id"].as_str().expect("id").to_owned();
+    let missing = "0190f3a2-7b1c-7def-8abc-0123456789ab";
+    let bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": format!("Patient/{id}")}},
+            {"request": {"method": "GET", "url": format!("Patient/{missing}")}}
+        ]
+    });
+    let r = s.post("", &t, &bundle);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let entries = r.json()["entry"].as_array().expect("entries").clone();
+    assert_eq!(entries[0]["response"]["status"], "200 OK");
+    assert!(
+        entries[1]["response"]["status"]
+            .as_str()
+            .expect("status")
+            .starts_with("404")
+    );
+    let events = audit_events(&s);
+    let read_of = |rid: &str| {
+        events
+            .iter()
+            .find(|e| e["interaction"] == "read" && e["resource_id"] == rid)
+            .unwrap_or_else(|| panic!("no read event for {rid}"))
+            .clone()
+    };
+    let found = read_of(&id);
+    assert_eq!(found["outcome"]["http_status"], 200);
+    assert_eq!(found["version"], 1);
+    assert_eq!(found["patient"], serde_json::json!(id));
+    assert_eq!(read_of(missing)["outcome"]["http_status"], 404);
+}

@@ -107,25 +107,6 @@ fn assert_status(r: &Resp, want: u16, what: &str) {
     );
 }
 
-/// Audit events as stored, read with a read-only connection.
-fn audit_events(s: &Server) -> Vec<Value> {
-    let conn = rusqlite::Connection::open_with_flags(
-        s.db_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open db read-only");
-    let mut st = conn
-        .prepare("SELECT event FROM audit_event ORDER BY seq")
-        .expect("prepare");
-    st.query_map([], |row| row.get::<_, Vec<u8>>(0))
-        .expect("query")
-        .map(|r| {
-            let ev = phivault_audit::AuditEvent::decode(&r.expect("row")).expect("decode event");
-            serde_json::to_value(&ev).expect("event json")
-        })
-        .collect()
-}
-
 fn audited_with_status(events: &[Value], status: u16) -> Vec<&Value> {
     events
         .iter()

@@ -424,16 +424,23 @@ pub fn parse_valid(bytes: &[u8], rtype: &str) -> Result<Value, ApiError> {
     Ok(v)
 }
 
+/// The version an ETag (`W/"3"`, `"3"` or `3`) names.
+pub fn parse_etag(s: &str) -> Option<u64> {
+    let s = s.trim();
+    s.strip_prefix("W/")
+        .unwrap_or(s)
+        .trim_matches('"')
+        .parse()
+        .ok()
+}
+
 fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(v) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let s = v.to_str().unwrap_or("").trim();
-    let s = s.strip_prefix("W/").unwrap_or(s);
-    let s = s.trim_matches('"');
-    s.parse::<u64>()
+    parse_etag(v.to_str().unwrap_or(""))
         .map(Some)
-        .map_err(|_| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
+        .ok_or_else(|| ApiError::bad_request("If-Match must be an ETag like W/\"3\""))
 }
 
 pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
@@ -737,18 +744,10 @@ pub async fn update_or_delete(
             match &cur {
                 None => return Err(ApiError::not_found("resource not found")),
                 Some(c) if c.deleted => {
-                    ctx.version = Some(c.version);
-                    ctx.patient = key_patient(&c.key_id).map(str::to_owned);
-                    return Ok(Written {
-                        rtype: rtype.to_owned(),
-                        id: id.to_owned(),
-                        version: c.version,
-                        updated_ms: c.updated_ms,
-                        body: Vec::new(),
-                        patient: ctx.patient.clone(),
-                        created: false,
-                        deleted: true,
-                    });
+                    let w = Written::from_row(c);
+                    ctx.version = Some(w.version);
+                    ctx.patient = w.patient.clone();
+                    return Ok(w);
                 }
                 Some(_) => {}
             }

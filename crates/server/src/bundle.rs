@@ -24,9 +24,9 @@ use serde_json::{Value, json};
 use crate::FHIR_JSON;
 use crate::app::{
     App, Commit, Created, Ctx, MAX_RETRIES, Peer, blocking, body_bytes, commit, conflict_exhausted,
-    do_create, do_read, find_match, finish, forget_keys, update_or_delete,
+    do_create, do_read, find_match, finish, forget_keys, parse_etag, update_or_delete,
 };
-use crate::engine::{Written, instant, key_patient, now_ms};
+use crate::engine::{Written, instant, now_ms};
 use crate::error::ApiError;
 
 /// Handler of `POST /fhir`.
@@ -112,27 +112,11 @@ fn response_entry(status: &str, w: Option<&Written>, base: &str) -> Value {
 
 /// What a transaction entry will do once the references are known.
 enum Plan {
-    Create {
-        id: String,
-        resource: Value,
-    },
-    Existing {
-        id: String,
-        version: u64,
-        updated_ms: i64,
-        patient: Option<String>,
-    },
-    Put {
-        id: String,
-        resource: Value,
-    },
-    Delete {
-        id: String,
-    },
-    Read {
-        id: String,
-        vid: Option<u64>,
-    },
+    Create { id: String, resource: Value },
+    Existing(phivault_store::VersionRow),
+    Put { id: String, resource: Value },
+    Delete { id: String },
+    Read { id: String, vid: Option<u64> },
 }
 
 async fn transaction(
@@ -200,12 +184,7 @@ async fn transaction(
                         }
                     }
                     match existing {
-                        Some(row) => Plan::Existing {
-                            id: row.id.clone(),
-                            version: row.version,
-                            updated_ms: row.updated_ms,
-                            patient: key_patient(&row.key_id).map(str::to_owned),
-                        },
+                        Some(row) => Plan::Existing(row),
                         None => Plan::Create {
                             id: crate::engine::new_id(),
                             resource: e.resource.clone().unwrap_or(Value::Null),
@@ -231,7 +210,7 @@ async fn transaction(
             };
             let id = match &plan {
                 Plan::Create { id, .. }
-                | Plan::Existing { id, .. }
+                | Plan::Existing(phivault_store::VersionRow { id, .. })
                 | Plan::Put { id, .. }
                 | Plan::Delete { id } => Some(id.clone()),
                 Plan::Read { .. } => None,
@@ -288,22 +267,8 @@ async fn transaction(
                 Plan::Create { id, resource } => (id, Some(std::mem::take(resource)), true),
                 Plan::Put { id, resource } => (id, Some(std::mem::take(resource)), false),
                 Plan::Delete { id } => (id, None, false),
-                Plan::Existing {
-                    id,
-                    version,
-                    updated_ms,
-                    patient,
-                } => {
-                    let w = Written {
-                        rtype: rtype.to_owned(),
-                        id: id.clone(),
-                        version: *version,
-                        updated_ms: *updated_ms,
-                        body: Vec::new(),
-                        patient: patient.clone(),
-                        created: false,
-                        deleted: false,
-                    };
+                Plan::Existing(row) => {
+                    let w = Written::from_row(row);
                     entities.push(entity(&w, Action::R));
                     results[i] = Some(("200 OK".into(), Some(w)));
                     continue;
@@ -324,12 +289,7 @@ async fn transaction(
             };
             if let Some(m) = &e.if_match {
                 pinned = true;
-                let want = m
-                    .trim()
-                    .trim_start_matches("W/")
-                    .trim_matches('"')
-                    .parse::<u64>()
-                    .ok();
+                let want = parse_etag(m);
                 if want.is_none() || cur.as_ref().map(|c| c.version) != want {
                     return Err(entry_error(
                         e.index,
@@ -447,20 +407,22 @@ async fn read_entry(
     ctx.id = Some(id.to_owned());
     ctx.audited = false;
     match do_read(app, &mut ctx, rtype, id, vid).await {
-        Ok((row, body)) => {
-            let resource: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let entry = json!({
-                "resource": resource,
-                "response": {
-                    "status": "200 OK",
-                    "etag": format!("W/\"{}\"", row.version),
-                    "lastModified": instant(row.updated_ms),
-                }
-            });
-            (entry, Some(ctx.event(200)))
-        }
+        Ok((row, body)) => (read_response_entry(&row, &body), Some(ctx.event(200))),
         Err(e) => outcome_entry(e, &ctx),
     }
+}
+
+/// The response entry of a successful read.
+fn read_response_entry(row: &phivault_store::VersionRow, body: &[u8]) -> Value {
+    let resource: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    json!({
+        "resource": resource,
+        "response": {
+            "status": "200 OK",
+            "etag": format!("W/\"{}\"", row.version),
+            "lastModified": instant(row.updated_ms),
+        }
+    })
 }
 
 fn outcome_entry(e: ApiError, ctx: &Ctx) -> (Value, Option<AuditEvent>) {
@@ -550,18 +512,10 @@ async fn batch_entry(app: &Arc<App>, ctx: &mut Ctx, e: EntryRequest) -> Result<V
                 None => None,
             };
             ctx.interaction = if vid.is_some() { "vread" } else { "read" };
-            let (entry, _) = read_entry(app, ctx, rtype, id, vid).await;
-            // read_entry audits through the returned event; record it here.
-            let status = entry["response"]["status"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned();
-            if let Some(code) = status.split(' ').next().and_then(|c| c.parse::<u16>().ok())
-                && code >= 400
-            {
-                return Ok(entry);
-            }
-            Ok(entry)
+            // The entry's own context carries the version and patient read, and the
+            // error path (404, 410, ...) is audited with its real status by `batch`.
+            let (row, body) = do_read(app, ctx, rtype, id, vid).await?;
+            Ok(read_response_entry(&row, &body))
         }
         Method::Post => {
             ctx.action = Action::C;
@@ -571,17 +525,7 @@ async fn batch_entry(app: &Arc<App>, ctx: &mut Ctx, e: EntryRequest) -> Result<V
                 match do_create(app, ctx, rtype, resource, e.if_none_exist.as_deref()).await? {
                     Created::New(w) => response_entry("201 Created", Some(&w), &app.base_url),
                     Created::Existing(row) => {
-                        let w = Written {
-                            rtype: rtype.to_owned(),
-                            id: row.id.clone(),
-                            version: row.version,
-                            updated_ms: row.updated_ms,
-                            body: Vec::new(),
-                            patient: key_patient(&row.key_id).map(str::to_owned),
-                            created: false,
-                            deleted: false,
-                        };
-                        response_entry("200 OK", Some(&w), &app.base_url)
+                        response_entry("200 OK", Some(&Written::from_row(&row)), &app.base_url)
                     }
                 },
             )
@@ -596,15 +540,9 @@ async fn batch_entry(app: &Arc<App>, ctx: &mut Ctx, e: EntryRequest) -> Result<V
             };
             crate::app::check_id(&id)?;
             let if_match = match &e.if_match {
-                Some(m) => Some(
-                    m.trim()
-                        .trim_start_matches("W/")
-                        .trim_matches('"')
-                        .parse::<u64>()
-                        .map_err(|_| {
-                            ApiError::bad_request("ifMatch must be an ETag like W/\"3\"")
-                        })?,
-                ),
+                Some(m) => Some(parse_etag(m).ok_or_else(|| {
+                    ApiError::bad_request("ifMatch must be an ETag like W/\"3\"")
+                })?),
                 None => None,
             };
             let deleting = matches!(e.method, Method::Delete);

@@ -82,12 +82,8 @@ impl KeyRing<'_> {
 
     /// After a successful commit: the new keys are stored; cache them.
     pub fn committed(self) {
-        let mut cache = self.engine.deks.write();
         for (id, k, _) in self.fresh {
-            if cache.len() >= DEK_CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(id, k);
+            self.engine.cache_key(id, k);
         }
     }
 }
@@ -117,6 +113,22 @@ pub struct Written {
 /// the storage B-tree instead of splitting pages at random positions.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+impl Written {
+    /// A version already stored (nothing is written; no body).
+    pub fn from_row(row: &VersionRow) -> Self {
+        Written {
+            rtype: row.rtype.clone(),
+            id: row.id.clone(),
+            version: row.version,
+            updated_ms: row.updated_ms,
+            body: Vec::new(),
+            patient: key_patient(&row.key_id).map(str::to_owned),
+            created: false,
+            deleted: row.deleted,
+        }
+    }
 }
 
 /// RFC 3339 instant of a millisecond timestamp.
@@ -198,12 +210,17 @@ impl Engine {
             .keys
             .unwrap_data_key(key_id, &wrapped)
             .map_err(|_| ApiError::integrity())?;
+        self.cache_key(key_id.to_owned(), k.clone());
+        Ok(Some(k))
+    }
+
+    /// Remember an unwrapped data key (bounded: the cache is dropped when full).
+    fn cache_key(&self, key_id: String, k: DataKey) {
         let mut cache = self.deks.write();
         if cache.len() >= DEK_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(key_id.to_owned(), k.clone());
-        Ok(Some(k))
+        cache.insert(key_id, k);
     }
 
     /// Forget a cached key (after a key conflict).
