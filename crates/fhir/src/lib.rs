@@ -17,6 +17,7 @@ mod issue;
 mod parse;
 mod reference;
 mod schema;
+pub mod search;
 
 pub use bundle::{
     BundleType, EntryRequest, Method, parse_bundle, parse_bundle_owned, transaction_order,
