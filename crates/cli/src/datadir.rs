@@ -66,7 +66,10 @@ fn mkdir_private(p: &Path) -> Result<()> {
 }
 
 /// `phivault init`: create a new data directory; refuses to touch an existing one.
-pub fn init(root: &Path) -> Result<()> {
+pub fn init(root: &Path, index_bits: u32) -> Result<()> {
+    if !(1..=64).contains(&index_bits) {
+        bail!("--index-bits must be between 1 and 64");
+    }
     if root.exists() {
         bail!(
             "{} already exists; refusing to overwrite a data directory",
@@ -114,6 +117,10 @@ pub fn init(root: &Path) -> Result<()> {
     }
     let store = SqliteStore::open(&d.db(), Box::new(|_: &[u8]| Vec::new()))?;
     store.set_meta(META_KCV, &keys.key_check_value())?;
+    store.set_meta(
+        phivault_server::INDEX_BITS_META,
+        index_bits.to_string().as_bytes(),
+    )?;
     store.close();
     Ok(())
 }

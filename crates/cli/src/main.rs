@@ -33,6 +33,11 @@ enum Cmd {
     Init {
         #[arg(long)]
         data_dir: PathBuf,
+        /// Width in bits of blind-index tokens. Plan it for the expected number of
+        /// resources R per type: the coincidence band 2 <= R/2^bits <= sqrt(R) of DR3
+        /// (16 bits suits 131 thousand to 4 billion resources); see `index check`.
+        #[arg(long, default_value_t = phivault_server::DEFAULT_INDEX_BITS)]
+        index_bits: u32,
     },
     /// Serve FHIR over HTTPS (initialises the data directory on first run).
     Serve {
@@ -69,6 +74,25 @@ enum Cmd {
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
+    },
+    /// Blind-index tools.
+    Index {
+        #[command(subcommand)]
+        cmd: IndexCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Check every blind index's coincidence count C = R / 2^bits against the safe band
+    /// 2 <= C <= sqrt(R) (DR3), offline. Exit 0 when every index with at least
+    /// --min-resources resources is in the band, 1 otherwise.
+    Check {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Indexes of fewer resources are listed but not judged (the band is degenerate).
+        #[arg(long, default_value_t = 64)]
+        min_resources: u64,
     },
 }
 
@@ -120,8 +144,11 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Init { data_dir } => {
-            datadir::init(&data_dir)?;
+        Cmd::Init {
+            data_dir,
+            index_bits,
+        } => {
+            datadir::init(&data_dir, index_bits)?;
             println!("initialised {}", data_dir.display());
             Ok(0)
         }
@@ -157,7 +184,65 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir },
         } => audit_verify(&data_dir),
+        Cmd::Index {
+            cmd:
+                IndexCmd::Check {
+                    data_dir,
+                    min_resources,
+                },
+        } => index_check(&data_dir, min_resources),
     }
+}
+
+fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
+    use phivault_fhir::search;
+    use phivault_store::Store as _;
+    let opened = datadir::open(data_dir)?;
+    let engine = phivault_server::Engine::new(opened.store.clone(), opened.keys.clone());
+    let bits = engine.index_bits();
+    let space = 2f64.powi(bits as i32);
+    println!("token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R)");
+    println!("index\tR\tC\tband\tdistinct tokens\tmax rows/token\tverdict");
+    let mut out_of_band = 0;
+    for rtype in phivault_fhir::resource_types() {
+        for def in search::search_params(rtype) {
+            if def.expression.is_none() {
+                continue;
+            }
+            let presence = engine.term_token(rtype, &def.code, search::presence_term());
+            let st = opened.store.index_stats(rtype, &def.code, &presence)?;
+            if st.resources == 0 {
+                continue;
+            }
+            let r = st.resources as f64;
+            let c = r / space;
+            let hi = r.sqrt();
+            let verdict = if st.resources < min_resources {
+                "too few to judge"
+            } else if c < 2.0 {
+                out_of_band += 1;
+                "BELOW band: tokens nearly unique, equal tokens likely mean equal values"
+            } else if c > hi {
+                out_of_band += 1;
+                "ABOVE band: tokens too coarse, searches decrypt many false candidates"
+            } else {
+                "in band"
+            };
+            println!(
+                "{rtype}.{}\t{}\t{c:.2}\t[2, {hi:.1}]\t{}\t{}\t{verdict}",
+                def.code, st.resources, st.distinct_tokens, st.max_rows_per_token
+            );
+        }
+    }
+    opened.store.close();
+    if out_of_band > 0 {
+        println!(
+            "index check: {out_of_band} index(es) outside the band for {bits}-bit tokens (plan --index-bits for the expected population)"
+        );
+        return Ok(1);
+    }
+    println!("index check: OK");
+    Ok(0)
 }
 
 fn serve(
@@ -180,7 +265,7 @@ fn serve(
         bail!("refusing to start: --public-url must be an https:// URL");
     }
     if !data_dir.exists() {
-        datadir::init(data_dir)?;
+        datadir::init(data_dir, phivault_server::DEFAULT_INDEX_BITS)?;
         eprintln!("initialised new data directory {}", data_dir.display());
     }
     let opened = datadir::open(data_dir)?;

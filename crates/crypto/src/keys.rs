@@ -433,6 +433,49 @@ impl BlindIndexKey {
         out.copy_from_slice(&tag[..16]);
         out
     }
+
+    /// A prepared form of this key for many tokens (the HMAC key schedule computed once).
+    pub fn truncating(&self, bits: u32) -> TruncatedIndexKey {
+        TruncatedIndexKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &self.key),
+            bits: bits.clamp(1, 128),
+        }
+    }
+}
+
+/// A blind-index key that emits tokens truncated to a fixed number of bits, so that
+/// distinct values deliberately share tokens (the *coincidence* of DR3): an attacker who
+/// sees two rows with one token cannot tell whether their values are equal. Searches
+/// treat a token hit as a candidate and confirm it on the decrypted record.
+pub struct TruncatedIndexKey {
+    key: hmac::Key,
+    bits: u32,
+}
+
+impl fmt::Debug for TruncatedIndexKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TruncatedIndexKey([redacted], {} bits)", self.bits)
+    }
+}
+
+impl TruncatedIndexKey {
+    /// Token width in bits.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// `HMAC-SHA256(key, term)` truncated to [`Self::bits`] bits, as `ceil(bits / 8)` bytes
+    /// with the unused low bits of the last byte cleared.
+    pub fn token(&self, term: &[u8]) -> Vec<u8> {
+        let tag = hmac::sign(&self.key, term);
+        let n = self.bits.div_ceil(8) as usize;
+        let mut out = tag.as_ref()[..n].to_vec();
+        let spare = (n as u32) * 8 - self.bits;
+        if let Some(last) = out.last_mut() {
+            *last &= 0xffu8 << spare;
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -559,6 +602,26 @@ mod tests {
         let (b, wb) = h.new_data_key("p").expect("key");
         assert_ne!(a.key, b.key);
         assert_ne!(wa, wb);
+    }
+
+    #[test]
+    fn truncated_tokens() {
+        let h = hierarchy(3);
+        let k = h.blind_index_key("Patient.family");
+        let t12 = k.truncating(12);
+        let a = t12.token(b"=smith");
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[1] & 0x0f, 0, "unused bits cleared");
+        assert_eq!(&a[..1], &k.token(b"=smith")[..1], "a prefix of the full token");
+        assert_eq!(t12.token(b"=smith"), a);
+        assert_eq!(k.truncating(16).token(b"=smith").len(), 2);
+        assert_eq!(k.truncating(17).token(b"=smith").len(), 3);
+        // with 4 bits, 200 distinct values fall into at most 16 tokens
+        let t4 = k.truncating(4);
+        let set: std::collections::HashSet<Vec<u8>> =
+            (0..200).map(|i| t4.token(format!("v{i}").as_bytes())).collect();
+        assert!(set.len() <= 16);
+        assert!(format!("{t4:?}").contains("redacted"));
     }
 
     #[test]

@@ -30,7 +30,7 @@ mod util;
 pub use error::CryptoError;
 pub use files::{check_private_file, read_private_file, write_private_file};
 pub use keys::{
-    BlindIndexKey, DEK_AAD_LABEL, DataKey, HKDF_SALT, KCV_MESSAGE, KeyHierarchy, LABEL_BLIND_ROOT,
+    BlindIndexKey, TruncatedIndexKey, DEK_AAD_LABEL, DataKey, HKDF_SALT, KCV_MESSAGE, KeyHierarchy, LABEL_BLIND_ROOT,
     LABEL_BLIND_SCOPE_PREFIX, LABEL_KCV, LABEL_KEK, LABEL_SEALED_SECRET, LABEL_SUBKEY_PREFIX,
     MasterKey, WRAPPED_DATA_KEY_LEN,
 };

@@ -18,6 +18,48 @@ type Paths = HashMap<String, Vec<Vec<String>>>;
 
 static PATHS: LazyLock<Result<Paths, String>> = LazyLock::new(load);
 
+static PARAMS: LazyLock<HashMap<String, Vec<String>>> = LazyLock::new(|| {
+    let mut out = HashMap::new();
+    let Ok(comp) = serde_json::from_slice::<Value>(COMPARTMENT_JSON) else {
+        return out;
+    };
+    for r in comp
+        .get("resource")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(rt) = r.get("code").and_then(Value::as_str) else {
+            continue;
+        };
+        let params: Vec<String> = r
+            .get("param")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_owned))
+            .collect();
+        if !params.is_empty() {
+            out.insert(rt.to_owned(), params);
+        }
+    }
+    out
+});
+
+/// The search parameters that put a resource of `rtype` into a patient's compartment
+/// (from the official Patient CompartmentDefinition; `{def}` for `Patient` itself is the
+/// resource's own id). Empty for types outside the compartment.
+pub fn patient_compartment_params(rtype: &str) -> &'static [String] {
+    PARAMS.get(rtype).map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// Resource types that can be in a patient's compartment.
+pub fn patient_compartment_types() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = PARAMS.keys().map(String::as_str).collect();
+    v.sort_unstable();
+    v
+}
+
 fn load() -> Result<Paths, String> {
     let comp: Value =
         serde_json::from_slice(COMPARTMENT_JSON).map_err(|e| format!("compartment: {e}"))?;

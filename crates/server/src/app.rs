@@ -221,6 +221,8 @@ pub struct Ctx {
     pub audited: bool,
     /// Further events (one per patient touched by a multi-resource read).
     pub extra: Vec<AuditEvent>,
+    /// Resources disclosed by a search (recorded in the request's event).
+    pub entities: Vec<phivault_audit::Entity>,
 }
 
 impl Ctx {
@@ -238,6 +240,7 @@ impl Ctx {
             patient: None,
             audited: false,
             extra: Vec::new(),
+            entities: Vec::new(),
         }
     }
 
@@ -311,7 +314,9 @@ pub(crate) async fn finish(
     };
     if !ctx.audited {
         let status = resp.status().as_u16();
-        let mut events = vec![ctx.event(status)];
+        let mut event = ctx.event(status);
+        event.entities = std::mem::take(&mut ctx.entities);
+        let mut events = vec![event];
         events.append(&mut ctx.extra);
         if app.audit(events).await.is_err() {
             tracing::error!(request_id = %ctx.request_id, "audit event could not be made durable; response withheld");
@@ -564,22 +569,28 @@ pub async fn do_create(
     resource: Value,
     if_none_exist: Option<&str>,
 ) -> Result<Created, ApiError> {
-    let criteria = match if_none_exist {
-        Some(q) => {
-            let q = q.split_once('?').map(|(_, q)| q).unwrap_or(q);
-            Some(app.engine.criteria_tokens(rtype, q)?)
-        }
+    let cond = match if_none_exist {
+        Some(q) => Some(Arc::new(crate::search::Conditional::parse(app, rtype, q)?)),
+        None => None,
+    };
+    // identical conditional creates queue here (the store guard covers the common
+    // identifier case across processes too)
+    let lock_key = cond.as_ref().map(|c| c.lock_key()).unwrap_or_default();
+    let _cond_lock = match &cond {
+        Some(_) => Some(
+            app.engine
+                .lock_resources([("If-None-Exist", lock_key.as_str())])
+                .await,
+        ),
         None => None,
     };
     for _ in 0..MAX_RETRIES {
         let mut guards = Vec::new();
-        if let Some(tokens) = &criteria {
-            match find_match(app, rtype, tokens).await? {
-                None => guards.push(phivault_store::Guard::NoMatch {
-                    rtype: rtype.to_owned(),
-                    tokens: tokens.clone(),
-                }),
-                Some(cur) => {
+        if let Some(c) = &cond {
+            let (a, c) = (app.clone(), c.clone());
+            match blocking(move || c.find(&a)).await? {
+                crate::search::CondMatch::None(guard) => guards.extend(guard),
+                crate::search::CondMatch::One(cur) => {
                     ctx.id = Some(cur.id.clone());
                     ctx.version = Some(cur.version);
                     ctx.patient = key_patient(&cur.key_id).map(str::to_owned);
@@ -628,36 +639,6 @@ pub fn forget_keys(app: &App, w: &Written) {
         Some(p) => app.engine.forget_key(&crate::engine::patient_key_id(p)),
         None => app.engine.forget_key(crate::engine::SHARED_KEY_ID),
     }
-}
-
-/// The single current resource matching conditional-create tokens; 412 when several match.
-pub async fn find_match(
-    app: &Arc<App>,
-    rtype: &str,
-    tokens: &[phivault_store::IndexEntry],
-) -> Result<Option<phivault_store::VersionRow>, ApiError> {
-    let (a, t, tk) = (app.clone(), rtype.to_owned(), tokens.to_vec());
-    blocking(move || {
-        let found = a
-            .engine
-            .store
-            .lookup(&t, &tk)
-            .map_err(|_| ApiError::unavailable())?;
-        match found.as_slice() {
-            [] => Ok(None),
-            [id] => a
-                .engine
-                .store
-                .current(&t, id)
-                .map_err(|_| ApiError::unavailable()),
-            _ => Err(ApiError::new(
-                StatusCode::PRECONDITION_FAILED,
-                IssueCode::Duplicate,
-                "If-None-Exist criteria match more than one resource",
-            )),
-        }
-    })
-    .await
 }
 
 async fn update(
@@ -1212,7 +1193,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/auth/token", post(token))
         .route("/fhir", post(bundle::handle))
         .route("/fhir/", post(bundle::handle))
-        .route("/fhir/{rtype}", post(create))
+        .route(
+            "/fhir/{rtype}",
+            post(create).get(crate::search_http::search_type),
+        )
+        .route(
+            "/fhir/{rtype}/_search",
+            post(crate::search_http::search_post),
+        )
+        .route(
+            "/fhir/{rtype}/{id}/{ctype}",
+            get(crate::search_http::compartment),
+        )
         .route("/fhir/{rtype}/_history", get(history_type))
         .route("/fhir/{rtype}/{id}", get(read).put(update).delete(delete))
         .route("/fhir/{rtype}/{id}/_history", get(history_instance))

@@ -18,13 +18,13 @@ use axum::response::{IntoResponse, Response};
 use phivault_audit::{Action, AuditEvent};
 use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::{BundleType, EntryRequest, IssueCode, Method};
-use phivault_store::{CommitError, Expect, Guard, WriteBatch};
+use phivault_store::{CommitError, Expect, WriteBatch};
 use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
 use crate::app::{
     App, Commit, Created, Ctx, MAX_RETRIES, Peer, blocking, body_bytes, commit, conflict_exhausted,
-    do_create, do_read, find_match, finish, forget_keys, parse_etag, update_or_delete,
+    do_create, do_read, finish, forget_keys, parse_etag, update_or_delete,
 };
 use crate::engine::{Written, instant, now_ms};
 use crate::error::ApiError;
@@ -167,20 +167,17 @@ async fn transaction(
                 Method::Post => {
                     let mut existing = None;
                     if let Some(q) = &e.if_none_exist {
-                        let q = q.split_once('?').map(|(_, q)| q).unwrap_or(q);
-                        let tokens = app
-                            .engine
-                            .criteria_tokens(&e.resource_type, q)
-                            .map_err(|err| entry_error(e.index, err))?;
-                        match find_match(app, &e.resource_type, &tokens)
+                        let cond = Arc::new(
+                            crate::search::Conditional::parse(app, &e.resource_type, q)
+                                .map_err(|err| entry_error(e.index, err))?,
+                        );
+                        let a = app.clone();
+                        match blocking(move || cond.find(&a))
                             .await
                             .map_err(|err| entry_error(e.index, err))?
                         {
-                            Some(row) => existing = Some(row),
-                            None => guards.push(Guard::NoMatch {
-                                rtype: e.resource_type.clone(),
-                                tokens,
-                            }),
+                            crate::search::CondMatch::One(row) => existing = Some(row),
+                            crate::search::CondMatch::None(guard) => guards.extend(guard),
                         }
                     }
                     match existing {

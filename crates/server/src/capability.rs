@@ -11,7 +11,44 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
     "create",
     "history-instance",
     "history-type",
+    "search-type",
 ];
+
+fn type_code(t: phivault_fhir::search::ParamType) -> &'static str {
+    use phivault_fhir::search::ParamType::*;
+    match t {
+        Number => "number",
+        Date => "date",
+        String => "string",
+        Token => "token",
+        Reference => "reference",
+        Composite => "composite",
+        Quantity => "quantity",
+        Uri => "uri",
+        Special => "special",
+    }
+}
+
+/// `_include` values of a type (`Type:param`), or `_revinclude` values naming it.
+fn search_refs(t: &str, rev: bool) -> Vec<String> {
+    use phivault_fhir::search::{ParamType, search_params};
+    if !rev {
+        return search_params(t)
+            .iter()
+            .filter(|p| p.ptype == ParamType::Reference)
+            .map(|p| format!("{t}:{}", p.code))
+            .collect();
+    }
+    let mut out = Vec::new();
+    for s in phivault_fhir::resource_types() {
+        for p in search_params(s) {
+            if p.ptype == ParamType::Reference && p.targets.iter().any(|x| x == t) {
+                out.push(format!("{s}:{}", p.code));
+            }
+        }
+    }
+    out
+}
 
 /// `GET /fhir/metadata`.
 pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
@@ -23,15 +60,21 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
                 "versioning": "versioned-update",
                 "readHistory": true,
                 "updateCreate": true,
-                "conditionalCreate": true,
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
-                "searchParam": [{
-                    "name": "identifier",
-                    "type": "token",
-                    "documentation": "Only as If-None-Exist criteria of conditional create (blind-indexed)."
-                }]
+                "conditionalCreate": true,
+                "searchInclude": search_refs(t, false),
+                "searchRevInclude": search_refs(t, true),
+                "searchParam": phivault_fhir::search::search_params(t)
+                    .iter()
+                    .map(|p| json!({"name": p.code, "type": type_code(p.ptype)}))
+                    .collect::<Vec<_>>(),
+                "operation": if t == "Patient" {
+                    json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}])
+                } else {
+                    json!([])
+                }
             })
         })
         .collect();

@@ -9,11 +9,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
 use parking_lot::RwLock;
-use phivault_crypto::{BlindIndexKey, DataKey, KeyHierarchy, RecordAad};
-use phivault_fhir::IssueCode;
-use phivault_store::{IndexEntry, Put, Store, VersionRow};
+use phivault_crypto::{DataKey, KeyHierarchy, RecordAad, TruncatedIndexKey};
+use phivault_fhir::search::{self, Lookup};
+use phivault_store::{Candidates, IndexEntry, Put, Store, VersionRow};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -25,6 +24,12 @@ const LOCK_SHARDS: usize = 1024;
 pub const SHARED_KEY_ID: &str = "shared";
 /// Most data keys kept unwrapped in memory.
 const DEK_CACHE_MAX: usize = 200_000;
+
+/// Metadata key holding the blind-index token width (bits) of a data directory.
+pub const INDEX_BITS_META: &str = "search.index_bits";
+/// Token width when a data directory names none: the coincidence band of DR3
+/// (2 ≤ R/2^bits ≤ √R) then holds for indexes of 131,072 to 4.3 billion resources.
+pub const DEFAULT_INDEX_BITS: u32 = 16;
 
 /// The data-key id of a patient.
 pub fn patient_key_id(patient: &str) -> String {
@@ -42,7 +47,8 @@ pub struct Engine {
     pub store: Arc<dyn Store>,
     keys: KeyHierarchy,
     deks: RwLock<HashMap<String, DataKey>>,
-    blind: RwLock<HashMap<String, Arc<BlindIndexKey>>>,
+    blind: RwLock<HashMap<String, Arc<TruncatedIndexKey>>>,
+    index_bits: u32,
     /// Writers of the same resource queue here instead of racing: without it, N concurrent
     /// unconditional updates of one resource need up to N-1 optimistic retries each.
     locks: Vec<tokio::sync::Mutex<()>>,
@@ -150,11 +156,19 @@ pub fn now_ms() -> i64 {
 impl Engine {
     /// A new engine over `store` with the key hierarchy `keys`.
     pub fn new(store: Arc<dyn Store>, keys: KeyHierarchy) -> Self {
+        let index_bits = store
+            .meta(INDEX_BITS_META)
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
+            .filter(|b| (1..=128).contains(b))
+            .unwrap_or(DEFAULT_INDEX_BITS);
         Engine {
             store,
             keys,
             deks: RwLock::new(HashMap::new()),
             blind: RwLock::new(HashMap::new()),
+            index_bits,
             locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -228,85 +242,104 @@ impl Engine {
         self.deks.write().remove(key_id);
     }
 
-    fn blind_key(&self, scope: &str) -> Arc<BlindIndexKey> {
-        if let Some(k) = self.blind.read().get(scope) {
+    /// Seal a server-internal secret (paging cursors) under a key derived for `label`.
+    pub fn seal_secret(&self, label: &str, plain: &[u8]) -> Option<Vec<u8>> {
+        self.keys.seal_secret(label, plain).ok()
+    }
+
+    /// Open what [`Engine::seal_secret`] sealed; None if forged, altered or foreign.
+    pub fn open_secret(&self, label: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        self.keys
+            .open_secret(label, sealed)
+            .ok()
+            .map(|s| s.expose().clone())
+    }
+
+    /// Token width of this data directory's blind indexes.
+    pub fn index_bits(&self) -> u32 {
+        self.index_bits
+    }
+
+    fn blind_key(&self, rtype: &str, param: &str) -> Arc<TruncatedIndexKey> {
+        let scope = format!("{rtype}.{param}");
+        if let Some(k) = self.blind.read().get(&scope) {
             return k.clone();
         }
-        let k = Arc::new(self.keys.blind_index_key(scope));
-        self.blind.write().insert(scope.to_owned(), k.clone());
+        let k = Arc::new(
+            self.keys
+                .blind_index_key(&scope)
+                .truncating(self.index_bits),
+        );
+        self.blind.write().insert(scope, k.clone());
         k
     }
 
-    /// Blind-index token of an identifier (`system|value`, or any system when `system` is None).
-    pub fn identifier_token(&self, rtype: &str, system: Option<&str>, value: &str) -> IndexEntry {
-        let key = self.blind_key(&format!("{rtype}.identifier"));
-        let mut normalized = Vec::with_capacity(value.len() + 64);
-        match system {
-            Some(s) => {
-                normalized.extend_from_slice(b"sv\0");
-                normalized.extend_from_slice(s.as_bytes());
-                normalized.push(0);
-            }
-            None => normalized.extend_from_slice(b"v\0"),
-        }
-        normalized.extend_from_slice(value.as_bytes());
-        IndexEntry {
-            param: "identifier".into(),
-            token: key.token(&normalized).to_vec(),
-        }
+    /// The index token of one term of `rtype`'s parameter `param`.
+    pub fn term_token(&self, rtype: &str, param: &str, term: &[u8]) -> Vec<u8> {
+        self.blind_key(rtype, param).token(term)
     }
 
-    /// Blind-index entries of a resource: each identifier with and without its system.
+    /// Blind-index entries of a resource: for every search parameter of its type with a
+    /// value, a presence token and the tokens of each value's terms.
     pub fn index_entries(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
         let mut out = Vec::new();
-        if let Some(ids) = resource.get("identifier").and_then(Value::as_array) {
-            for ident in ids {
-                let Some(value) = ident.get("value").and_then(Value::as_str) else {
-                    continue;
-                };
-                let system = ident.get("system").and_then(Value::as_str);
-                if let Some(s) = system {
-                    out.push(self.identifier_token(rtype, Some(s), value));
+        let mut terms = Vec::new();
+        for def in search::search_params(rtype) {
+            if def.expression.is_none() {
+                continue;
+            }
+            let values = search::extract(def, resource);
+            if values.is_empty() {
+                continue;
+            }
+            terms.clear();
+            terms.push(search::presence_term().to_vec());
+            for v in &values {
+                search::index_terms(def, v, &mut terms);
+            }
+            terms.sort_unstable();
+            terms.dedup();
+            let key = self.blind_key(rtype, &def.code);
+            let start = out.len();
+            out.extend(terms.iter().map(|t| IndexEntry {
+                param: def.code.clone(),
+                token: key.token(t),
+            }));
+            // truncated tokens of distinct terms may coincide
+            out[start..].sort_unstable_by(|a, b| a.token.cmp(&b.token));
+            let mut i = start + 1;
+            while i < out.len() {
+                if out[i].token == out[i - 1].token {
+                    out.remove(i);
+                } else {
+                    i += 1;
                 }
-                out.push(self.identifier_token(rtype, None, value));
             }
         }
-        out.sort_by(|a, b| a.token.cmp(&b.token));
-        out.dedup();
         out
     }
 
-    /// Parse a conditional-create criterion (`identifier=[system|]value`) into index tokens.
-    pub fn criteria_tokens(&self, rtype: &str, query: &str) -> Result<Vec<IndexEntry>, ApiError> {
-        let mut tokens = Vec::new();
-        for (k, v) in form_urlencoded_pairs(query) {
-            match k.as_str() {
-                "identifier" => {
-                    let (system, value) = match v.split_once('|') {
-                        Some((s, v)) if !s.is_empty() => (Some(s), v),
-                        Some((_, v)) => (None, v),
-                        None => (None, v.as_str()),
-                    };
-                    if value.is_empty() {
-                        return Err(ApiError::bad_request(
-                            "conditional criterion 'identifier' needs a value",
-                        ));
-                    }
-                    tokens.push(self.identifier_token(rtype, system, value));
-                }
-                _ => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        IssueCode::NotSupported,
-                        "conditional create supports only the 'identifier' criterion",
-                    ));
+    /// The store query of an index lookup on `rtype`.
+    pub fn candidates(&self, rtype: &str, lookup: &Lookup) -> Candidates {
+        match lookup {
+            Lookup::Terms { param, terms } => {
+                let key = self.blind_key(rtype, param);
+                let mut tokens: Vec<Vec<u8>> = terms.iter().map(|t| key.token(t)).collect();
+                tokens.sort_unstable();
+                tokens.dedup();
+                Candidates::Tokens {
+                    param: param.clone(),
+                    tokens,
                 }
             }
+            Lookup::And(parts) => {
+                Candidates::And(parts.iter().map(|p| self.candidates(rtype, p)).collect())
+            }
+            Lookup::Or(parts) => {
+                Candidates::Or(parts.iter().map(|p| self.candidates(rtype, p)).collect())
+            }
+            Lookup::All => Candidates::All,
         }
-        if tokens.is_empty() {
-            return Err(ApiError::bad_request("empty conditional create criteria"));
-        }
-        Ok(tokens)
     }
 
     /// Seal a new version of `rtype/id`. `resource` None writes a delete tombstone.

@@ -15,9 +15,11 @@ pub mod bundle;
 pub mod capability;
 pub mod engine;
 pub mod error;
+pub mod search;
+pub mod search_http;
 
 pub use app::{App, Limits, Peer, client_meta_key, router};
-pub use engine::Engine;
+pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};
 
 /// Content type of FHIR JSON responses.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";

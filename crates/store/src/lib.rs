@@ -91,7 +91,43 @@ pub enum Guard {
         rtype: String,
         /// Tokens that must all match for a resource to count.
         tokens: Vec<IndexEntry>,
+        /// Resources known not to match although they carry the tokens (tokens are
+        /// truncated, so distinct values can share one; the writer decrypted these and
+        /// found them different). The guard fails if any *other* resource has the tokens.
+        except: Vec<String>,
     },
+}
+
+/// A blind-index query: which resources of one type can match. Evaluated by the engine
+/// over index tokens only; the result is a superset of the true matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Candidates {
+    /// Resources with at least one of `tokens` in the index of `param`.
+    Tokens {
+        /// Search parameter code.
+        param: String,
+        /// Tokens (OR).
+        tokens: Vec<Vec<u8>>,
+    },
+    /// Every part holds.
+    And(Vec<Candidates>),
+    /// Some part holds.
+    Or(Vec<Candidates>),
+    /// Every current, non-deleted resource of the type.
+    All,
+}
+
+/// Statistics of one blind index, for the coincidence check. Counts only, no tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexStats {
+    /// Resources carrying the presence token (resources with a value for the parameter).
+    pub resources: u64,
+    /// Index rows of the parameter.
+    pub rows: u64,
+    /// Distinct tokens of the parameter.
+    pub distinct_tokens: u64,
+    /// The most rows sharing one token.
+    pub max_rows_per_token: u64,
 }
 
 /// A set of changes applied atomically, with the audit events that record them.
@@ -194,6 +230,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<VersionRow>, StoreError>;
     /// Ids of current, non-deleted resources of `rtype` having all `tokens`.
     fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError>;
+    /// Ids of current, non-deleted resources of `rtype` selected by `query`, in the
+    /// store's id order, strictly after `after`, at most `limit`.
+    fn candidates(
+        &self,
+        rtype: &str,
+        query: &Candidates,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Statistics of the index of `param` on `rtype`; `presence` is the token every
+    /// resource with a value carries.
+    fn index_stats(
+        &self,
+        rtype: &str,
+        param: &str,
+        presence: &[u8],
+    ) -> Result<IndexStats, StoreError>;
     /// The wrapped data key stored under `key_id`.
     fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// A value of the store's small metadata table.

@@ -16,7 +16,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, SignedHead, Store, StoreError,
+    Candidates, CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, IndexStats, SignedHead,
+    Store, StoreError,
     VersionRow, WriteBatch,
 };
 
@@ -41,12 +42,11 @@ CREATE TABLE IF NOT EXISTS resource_version (
     sealed BLOB NOT NULL,
     PRIMARY KEY (rtype, id, version)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS blind_index (
-    rtype TEXT NOT NULL,
-    param TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS search_index (
+    ix INTEGER NOT NULL,
     token BLOB NOT NULL,
-    id TEXT NOT NULL,
-    PRIMARY KEY (rtype, param, token, id)
+    id BLOB NOT NULL,
+    PRIMARY KEY (ix, token, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit_event (
     seq INTEGER PRIMARY KEY,
@@ -99,6 +99,19 @@ fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error>
             other.data_type(),
         )),
     }
+}
+
+/// The number naming the index of `(rtype, param)` in `search_index`: a stable 63-bit
+/// FNV-1a hash (no registry to keep in step; collisions among the few thousand R4
+/// parameters are practically impossible, and a collision would only add candidates,
+/// which the server's verification removes).
+fn index_no(rtype: &str, param: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in rtype.bytes().chain([0u8]).chain(param.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 1) as i64
 }
 
 fn engine(e: rusqlite::Error) -> StoreError {
@@ -359,6 +372,97 @@ impl Store for SqliteStore {
         self.with_reader(|c| matching_ids(c, rtype, tokens, usize::MAX))
     }
 
+    fn candidates(
+        &self,
+        rtype: &str,
+        query: &Candidates,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let q = simplify(query);
+        if q == Candidates::All {
+            // Current versions of the type in id order; the bare columns of a max()
+            // aggregate come from the row holding the maximum (SQLite guarantees this).
+            return self.with_reader(|c| {
+                let sql = if after.is_some() {
+                    "SELECT id, deleted, max(version) FROM resource_version \
+                     WHERE rtype = ?1 AND id > ?2 GROUP BY id ORDER BY id"
+                } else {
+                    "SELECT id, deleted, max(version) FROM resource_version \
+                     WHERE rtype = ?1 AND ?2 IS NULL GROUP BY id ORDER BY id"
+                };
+                let mut st = c.prepare_cached(sql)?;
+                let mut rows = st.query(params![rtype, after.map(DbId)])?;
+                let mut out = Vec::new();
+                while let Some(r) = rows.next()? {
+                    if r.get::<_, i64>(1)? == 0 {
+                        out.push(read_id(r, 0)?);
+                        if out.len() as i64 >= limit {
+                            break;
+                        }
+                    }
+                }
+                Ok(out)
+            });
+        }
+        let mut sql = String::from("SELECT id FROM (");
+        let mut binds = Vec::new();
+        candidate_sql(rtype, &q, &mut sql, &mut binds)?;
+        sql.push(')');
+        if after.is_some() {
+            sql.push_str(" WHERE id > ?");
+        }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let mut n = 0;
+            for b in &binds {
+                n += 1;
+                st.raw_bind_parameter(n, b)?;
+            }
+            if let Some(a) = after {
+                n += 1;
+                st.raw_bind_parameter(n, DbId(a))?;
+            }
+            st.raw_bind_parameter(n + 1, limit)?;
+            let mut rows = st.raw_query();
+            let mut out = Vec::new();
+            while let Some(r) = rows.next()? {
+                out.push(read_id(r, 0)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn index_stats(
+        &self,
+        rtype: &str,
+        param: &str,
+        presence: &[u8],
+    ) -> Result<IndexStats, StoreError> {
+        let ix = index_no(rtype, param);
+        self.with_reader(|c| {
+            let resources: i64 = c
+                .prepare_cached("SELECT count(*) FROM search_index WHERE ix = ?1 AND token = ?2")?
+                .query_row(params![ix, presence], |r| r.get(0))?;
+            let (rows, distinct, max): (i64, i64, Option<i64>) = c
+                .prepare_cached(
+                    "SELECT sum(n), count(*), max(n) FROM \
+                     (SELECT count(*) AS n FROM search_index WHERE ix = ?1 AND token != ?2 GROUP BY token)",
+                )?
+                .query_row(params![ix, presence], |r| {
+                    Ok((r.get::<_, Option<i64>>(0)?.unwrap_or(0), r.get(1)?, r.get(2)?))
+                })?;
+            Ok(IndexStats {
+                resources: resources as u64,
+                rows: rows as u64,
+                distinct_tokens: distinct as u64,
+                max_rows_per_token: max.unwrap_or(0) as u64,
+            })
+        })
+    }
+
     fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_reader(|c| {
             c.prepare_cached("SELECT wrapped FROM data_key WHERE key_id = ?1")?
@@ -592,8 +696,13 @@ fn apply_batch(
     }
     for (index, guard) in batch.guards.iter().enumerate() {
         match guard {
-            Guard::NoMatch { rtype, tokens } => {
-                if !matching_ids(tx, rtype, tokens, 1).map_err(e)?.is_empty() {
+            Guard::NoMatch {
+                rtype,
+                tokens,
+                except,
+            } => {
+                let found = matching_ids(tx, rtype, tokens, except.len() + 1).map_err(e)?;
+                if found.iter().any(|id| !except.contains(id)) {
                     return Err(CommitError::Guard { index });
                 }
             }
@@ -644,22 +753,26 @@ fn apply_batch(
         ])
         .map_err(e)?;
         let mut del = tx
-            .prepare_cached(
-                "DELETE FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
-            )
+            .prepare_cached("DELETE FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3")
             .map_err(e)?;
         for entry in &put.replaces {
-            del.execute(params![row.rtype, entry.param, entry.token, DbId(&row.id)])
-                .map_err(e)?;
+            del.execute(params![
+                index_no(&row.rtype, &entry.param),
+                entry.token,
+                DbId(&row.id)
+            ])
+            .map_err(e)?;
         }
         let mut ins = tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO blind_index (rtype, param, token, id) VALUES (?1, ?2, ?3, ?4)",
-            )
+            .prepare_cached("INSERT OR IGNORE INTO search_index (ix, token, id) VALUES (?1, ?2, ?3)")
             .map_err(e)?;
         for entry in put.index.iter().filter(|_| !row.deleted) {
-            ins.execute(params![row.rtype, entry.param, entry.token, DbId(&row.id)])
-                .map_err(e)?;
+            ins.execute(params![
+                index_no(&row.rtype, &entry.param),
+                entry.token,
+                DbId(&row.id)
+            ])
+            .map_err(e)?;
         }
     }
     let mut last_audit_seq = None;
@@ -686,18 +799,16 @@ fn matching_ids(
     let Some((first, rest)) = tokens.split_first() else {
         return Ok(Vec::new());
     };
-    let mut candidates = c.prepare_cached(
-        "SELECT id FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3",
-    )?;
-    let mut rows = candidates.query(params![rtype, first.param, first.token])?;
-    let mut check = c.prepare_cached(
-        "SELECT 1 FROM blind_index WHERE rtype = ?1 AND param = ?2 AND token = ?3 AND id = ?4",
-    )?;
+    let mut candidates =
+        c.prepare_cached("SELECT id FROM search_index WHERE ix = ?1 AND token = ?2")?;
+    let mut rows = candidates.query(params![index_no(rtype, &first.param), first.token])?;
+    let mut check = c
+        .prepare_cached("SELECT 1 FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3")?;
     let mut out = Vec::new();
     'ids: while let Some(r) = rows.next()? {
         let id = read_id(r, 0)?;
         for t in rest {
-            if !check.exists(params![rtype, t.param, t.token, DbId(&id)])? {
+            if !check.exists(params![index_no(rtype, &t.param), t.token, DbId(&id)])? {
                 continue 'ids;
             }
         }
@@ -707,6 +818,96 @@ fn matching_ids(
         }
     }
     Ok(out)
+}
+
+/// Largest number of tokens bound in one candidate query (SQLite's default limit on
+/// host parameters is 32766).
+const MAX_BOUND_TOKENS: usize = 30_000;
+
+/// Append the SQL of a candidate query (a compound SELECT of one `id` column) and its
+/// bound tokens. `All` never reaches here (the caller scans the type instead).
+fn candidate_sql(
+    rtype: &str,
+    q: &Candidates,
+    sql: &mut String,
+    binds: &mut Vec<Vec<u8>>,
+) -> Result<(), StoreError> {
+    use std::fmt::Write as _;
+    match q {
+        Candidates::Tokens { param, tokens } => {
+            if tokens.is_empty() {
+                sql.push_str("SELECT id FROM search_index WHERE 0");
+                return Ok(());
+            }
+            let _ = write!(
+                sql,
+                "SELECT id FROM search_index WHERE ix = {} AND token IN (",
+                index_no(rtype, param)
+            );
+            for (i, t) in tokens.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ",?" });
+                binds.push(t.clone());
+            }
+            sql.push(')');
+        }
+        Candidates::And(parts) | Candidates::Or(parts) => {
+            let op = if matches!(q, Candidates::And(_)) {
+                " INTERSECT "
+            } else {
+                " UNION "
+            };
+            let parts: Vec<&Candidates> = parts
+                .iter()
+                .filter(|p| !matches!(p, Candidates::All))
+                .collect();
+            if parts.is_empty() {
+                return Err(StoreError::Engine("empty candidate expression".into()));
+            }
+            for (i, p) in parts.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(op);
+                }
+                sql.push_str("SELECT id FROM (");
+                candidate_sql(rtype, p, sql, binds)?;
+                sql.push(')');
+            }
+        }
+        Candidates::All => return Err(StoreError::Engine("unexpected full scan".into())),
+    }
+    if binds.len() > MAX_BOUND_TOKENS {
+        return Err(StoreError::Engine("too many tokens in one query".into()));
+    }
+    Ok(())
+}
+
+/// Normalise a candidate expression: `All` inside `And` is dropped (it narrows nothing),
+/// an `Or` containing `All` is `All`.
+fn simplify(q: &Candidates) -> Candidates {
+    match q {
+        Candidates::And(parts) => {
+            let mut v: Vec<Candidates> = parts
+                .iter()
+                .map(simplify)
+                .filter(|p| *p != Candidates::All)
+                .collect();
+            match v.len() {
+                0 => Candidates::All,
+                1 => v.remove(0),
+                _ => Candidates::And(v),
+            }
+        }
+        Candidates::Or(parts) => {
+            let mut v: Vec<Candidates> = parts.iter().map(simplify).collect();
+            if v.is_empty() || v.contains(&Candidates::All) {
+                return Candidates::All;
+            }
+            if v.len() == 1 {
+                return v.remove(0);
+            }
+            Candidates::Or(v)
+        }
+        other => other.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,7 @@ pub fn run_all(store: &dyn Store) {
     conflicts_are_detected(store);
     failed_batch_writes_nothing(store);
     guards_and_lookup(store);
+    candidate_queries(store);
     key_conflict(store);
     uuid_and_text_ids(store);
     meta_roundtrip(store);
@@ -223,6 +224,7 @@ fn guards_and_lookup(store: &dyn Store) {
                 vec![Guard::NoMatch {
                     rtype: "Practitioner".into(),
                     tokens: t,
+                    except: vec![],
                 }]
             })
             .unwrap_or_default(),
@@ -253,6 +255,119 @@ fn guards_and_lookup(store: &dyn Store) {
     ids.sort();
     assert_eq!(ids, vec!["p1".to_string(), "p3".to_string()]);
     assert!(store.lookup("Patient", &both).unwrap().is_empty());
+    // a guard that names the known non-matching holders of the tokens passes
+    let b = WriteBatch {
+        guards: vec![Guard::NoMatch {
+            rtype: "Practitioner".into(),
+            tokens: both.clone(),
+            except: vec!["p1".into()],
+        }],
+        puts: vec![Put {
+            row: row("Practitioner", "p4", 1, b"x"),
+            expect: Expect::Absent,
+            index: both.clone(),
+            replaces: vec![],
+        }],
+        ..Default::default()
+    };
+    commit(store, b).expect("guard with except");
+}
+
+fn candidate_queries(store: &dyn Store) {
+    use crate::Candidates as C;
+    let ids: Vec<String> = (0..40)
+        .map(|i| format!("018f0000-0000-7000-8000-{i:012x}"))
+        .collect();
+    let puts = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut index = vec![tok("code", if i % 2 == 0 { b"even" } else { b"odd" })];
+            if i % 3 == 0 {
+                index.push(tok("flag", b"three"));
+            }
+            index.push(tok("_present_code", b"p"));
+            Put {
+                row: row("Condition", id, 1, b"x"),
+                expect: Expect::Absent,
+                index,
+                replaces: vec![],
+            }
+        })
+        .collect();
+    commit(
+        store,
+        WriteBatch {
+            puts,
+            ..Default::default()
+        },
+    )
+    .expect("conditions");
+    // a deleted one leaves every candidate set and the type scan
+    let del = WriteBatch {
+        puts: vec![Put {
+            row: VersionRow {
+                deleted: true,
+                sealed: vec![],
+                ..row("Condition", &ids[0], 2, b"")
+            },
+            expect: Expect::Version(1),
+            index: vec![],
+            replaces: vec![tok("code", b"even"), tok("flag", b"three")],
+        }],
+        ..Default::default()
+    };
+    commit(store, del).expect("delete");
+    let t = |p: &str, v: &[&[u8]]| C::Tokens {
+        param: p.into(),
+        tokens: v.iter().map(|x| x.to_vec()).collect(),
+    };
+    let even = t("code", &[b"even"]);
+    let three = t("flag", &[b"three"]);
+    let q = C::And(vec![even.clone(), three.clone()]);
+    let got = store.candidates("Condition", &q, None, 100).unwrap();
+    let want: Vec<String> = (0..40)
+        .filter(|i| i % 6 == 0 && *i != 0)
+        .map(|i| ids[i].clone())
+        .collect();
+    assert_eq!(got, want, "AND of two token sets, in id order");
+    let got = store
+        .candidates("Condition", &C::Or(vec![even, three]), None, 100)
+        .unwrap();
+    assert_eq!(got.len(), 19 + 7, "OR: 19 even (one deleted) + 7 odd multiples of 3");
+    // paging: after + limit walk the same order without gaps or repeats
+    let all = store.candidates("Condition", &C::All, None, 1000).unwrap();
+    assert_eq!(all.len(), 39);
+    assert!(!all.contains(&ids[0]));
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .candidates("Condition", &C::All, after.as_deref(), 7)
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        walked.extend(page);
+    }
+    assert_eq!(walked, all);
+    let odd = t("code", &[b"odd", b"nothing"]);
+    let page1 = store.candidates("Condition", &odd, None, 5).unwrap();
+    let page2 = store
+        .candidates("Condition", &odd, page1.last().map(String::as_str), 100)
+        .unwrap();
+    assert_eq!(page1.len() + page2.len(), 20);
+    assert!(page1.last() < page2.first());
+    // All inside And narrows nothing
+    let q = C::And(vec![C::All, t("flag", &[b"three"])]);
+    assert_eq!(store.candidates("Condition", &q, None, 100).unwrap().len(), 13);
+    let st = store.index_stats("Condition", "code", b"none").unwrap();
+    assert_eq!(st.rows, 39);
+    assert_eq!(st.distinct_tokens, 2);
+    assert_eq!(st.max_rows_per_token, 20);
+    let st = store.index_stats("Condition", "_present_code", b"p").unwrap();
+    assert_eq!(st.resources, 40, "the deleted one's presence token was not named in replaces");
 }
 
 fn key_conflict(store: &dyn Store) {

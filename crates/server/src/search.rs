@@ -1,0 +1,931 @@
+//! Search over encrypted records.
+//!
+//! A query is answered in two steps. The blind index yields *candidates*: the resources
+//! whose keyed, truncated tokens match the query's terms — a superset of the matches
+//! (tokens deliberately coincide, dates are bucketed, string prefixes are bounded). Each
+//! candidate is then opened and checked with the exact FHIR semantics. Candidates come in
+//! the store's id order, so a page needs only as many decryptions as it has candidates
+//! before it is full, and a page never decrypts more than [`MAX_EXAMINE`] records: the
+//! table is never decrypted to answer a query.
+//!
+//! Paging cursors are sealed (AEAD under a key derived from the master key) and hold the
+//! query, the client it was issued to, an expiry and the position (the last id returned,
+//! or the last sort key): `next` links reveal nothing and survive concurrent writes
+//! (positions are keys, not offsets).
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use phivault_auth::{Authenticated, Interaction};
+use phivault_fhir::IssueCode;
+use phivault_fhir::search::{
+    self, Criterion, Include, Lookup, Modifier, ParamType, QueryValue, SearchQuery, SearchValue,
+    SortKey, Summary, Target, Total,
+};
+use phivault_store::{Candidates, Guard, IndexEntry, VersionRow};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::engine::{instant, key_patient, now_ms};
+use crate::error::ApiError;
+
+/// Most records decrypted to fill one page; a page that reaches it is returned partial,
+/// with a `next` link that continues after the last record examined.
+pub const MAX_EXAMINE: usize = 5_000;
+/// Most records examined to count (`_total`, `_summary=count`) or sort one query.
+pub const MAX_FULL_EXAMINE: usize = 50_000;
+/// Most matches of the inner query of a chain or `_has`.
+pub const MAX_CHAIN_IDS: usize = 1_000;
+/// Most resources added to one page by `_include` / `_revinclude`.
+pub const MAX_INCLUDED: usize = 1_000;
+/// Most rounds of `:iterate`.
+pub const MAX_ITERATE: usize = 3;
+/// How long a paging cursor stays valid.
+const CURSOR_TTL_MS: i64 = 60 * 60 * 1000;
+/// Label of the cursor-sealing key.
+const CURSOR_LABEL: &str = "search-cursor-v1";
+/// Candidates fetched from the index per round trip.
+const CANDIDATE_BATCH: usize = 256;
+
+/// One opened current resource.
+#[derive(Clone)]
+pub struct Loaded {
+    /// Its stored row (without the ciphertext).
+    pub row: VersionRow,
+    /// Its JSON.
+    pub json: Value,
+}
+
+/// A query ready to run on one type: chains and `_has` resolved into reference and `_id`
+/// criteria, the index lookup computed.
+struct Plan {
+    rtype: String,
+    criteria: Vec<Criterion>,
+    /// Explicit ids (from `_id` and `_has`), sorted in store order; None = unrestricted.
+    ids: Option<Vec<String>>,
+    /// Patient compartment membership: any of these must match.
+    any_of: Vec<Criterion>,
+    candidates: Candidates,
+    /// The query can match nothing (an empty chain, an empty `_id` intersection).
+    empty: bool,
+}
+
+/// Store order of ids: non-UUID ids (stored as text) before UUIDs (stored as 16 bytes),
+/// each in byte order (canonical lower-case UUID text sorts like its bytes).
+fn id_order(id: &str) -> (bool, &str) {
+    (phivault_audit::uuid_bytes(id).is_some(), id)
+}
+
+fn too_costly(msg: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, IssueCode::TooCostly, msg)
+}
+
+fn unavailable<E>(_: E) -> ApiError {
+    ApiError::unavailable()
+}
+
+/// Open a current version; None if absent or deleted.
+pub fn load(app: &App, rtype: &str, id: &str) -> Result<Option<Loaded>, ApiError> {
+    let Some(mut row) = app.engine.store.current(rtype, id).map_err(unavailable)? else {
+        return Ok(None);
+    };
+    if row.deleted {
+        return Ok(None);
+    }
+    let body = app.engine.open(&row)?;
+    row.sealed = Vec::new();
+    let json: Value = serde_json::from_slice(&body).map_err(|_| ApiError::integrity())?;
+    Ok(Some(Loaded { row, json }))
+}
+
+fn reference_criterion(
+    def: &'static search::SearchParamDef,
+    rtype: &str,
+    ids: &[String],
+) -> Criterion {
+    Criterion {
+        target: Target::Param(def),
+        modifier: Modifier::None,
+        values: ids
+            .iter()
+            .map(|id| QueryValue::Reference {
+                rtype: Some(rtype.to_owned()),
+                id: id.clone(),
+                is_url: false,
+            })
+            .collect(),
+    }
+}
+
+impl Plan {
+    fn new(
+        app: &App,
+        rtype: &str,
+        criteria: &[Criterion],
+        compartment: Option<&str>,
+    ) -> Result<Plan, ApiError> {
+        let mut plan = Plan {
+            rtype: rtype.to_owned(),
+            criteria: Vec::with_capacity(criteria.len()),
+            ids: None,
+            any_of: Vec::new(),
+            candidates: Candidates::All,
+            empty: false,
+        };
+        let restrict = |plan: &mut Plan, ids: Vec<String>| {
+            let set: BTreeSet<String> = ids.into_iter().collect();
+            plan.ids = Some(match plan.ids.take() {
+                None => set.into_iter().collect(),
+                Some(prev) => prev.into_iter().filter(|i| set.contains(i)).collect(),
+            });
+        };
+        for c in criteria {
+            match &c.target {
+                Target::Chain {
+                    reference,
+                    target_type,
+                    inner,
+                } => {
+                    let ids = match_ids(app, target_type, std::slice::from_ref(inner))?;
+                    if ids.is_empty() {
+                        plan.empty = true;
+                    }
+                    plan.criteria
+                        .push(reference_criterion(reference, target_type, &ids));
+                }
+                Target::Has {
+                    rtype: source,
+                    reference,
+                    inner,
+                } => {
+                    let sources = match_all(app, source, std::slice::from_ref(inner))?;
+                    let mut ids = Vec::new();
+                    for s in &sources {
+                        for v in search::extract(reference, &s.json) {
+                            if let SearchValue::Reference {
+                                rtype: Some(t),
+                                id: Some(id),
+                                ..
+                            } = v
+                                && t == rtype
+                            {
+                                ids.push(id);
+                            }
+                        }
+                    }
+                    restrict(&mut plan, ids);
+                }
+                Target::Id => {
+                    let ids = c
+                        .values
+                        .iter()
+                        .filter_map(|v| match v {
+                            QueryValue::Token { code: Some(id), .. } => Some(id.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    restrict(&mut plan, ids);
+                }
+                _ => plan.criteria.push(c.clone()),
+            }
+        }
+        if let Some(patient) = compartment {
+            if rtype == "Patient" {
+                restrict(&mut plan, vec![patient.to_owned()]);
+            }
+            for p in phivault_fhir::patient_compartment_params(rtype) {
+                if let Some(def) = search::search_param(rtype, p)
+                    && def.ptype == ParamType::Reference
+                {
+                    plan.any_of
+                        .push(reference_criterion(def, "Patient", &[patient.to_owned()]));
+                }
+            }
+            if rtype != "Patient" && plan.any_of.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    IssueCode::NotSupported,
+                    "this resource type is not in the Patient compartment",
+                ));
+            }
+        }
+        let mut lookup = search::lookup_terms(&plan.criteria);
+        if !plan.any_of.is_empty() && rtype != "Patient" {
+            let any = Lookup::Or(
+                plan.any_of
+                    .iter()
+                    .map(|c| search::lookup_terms(std::slice::from_ref(c)))
+                    .collect(),
+            );
+            lookup = Lookup::And(vec![lookup, any]);
+        }
+        plan.candidates = app.engine.candidates(rtype, &lookup);
+        if let Some(ids) = &mut plan.ids {
+            ids.sort_by(|a, b| id_order(a).cmp(&id_order(b)));
+            if ids.is_empty() {
+                plan.empty = true;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The next candidate ids after `after`, at most `n`.
+    fn next_candidates(
+        &self,
+        app: &App,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<String>, ApiError> {
+        if self.empty {
+            return Ok(Vec::new());
+        }
+        match &self.ids {
+            Some(ids) => Ok(ids
+                .iter()
+                .filter(|i| after.is_none_or(|a| id_order(i) > id_order(a)))
+                .take(n)
+                .cloned()
+                .collect()),
+            None => app
+                .engine
+                .store
+                .candidates(&self.rtype, &self.candidates, after, n)
+                .map_err(unavailable),
+        }
+    }
+
+    /// Open a candidate and check it exactly.
+    fn verify(&self, app: &App, id: &str) -> Result<Option<Loaded>, ApiError> {
+        let Some(l) = load(app, &self.rtype, id)? else {
+            return Ok(None);
+        };
+        let ok = self.criteria.iter().all(|c| c.matches(&l.json))
+            && (self.any_of.is_empty()
+                || (self.rtype == "Patient" && self.ids.is_some())
+                || self.any_of.iter().any(|c| c.matches(&l.json)));
+        Ok(ok.then_some(l))
+    }
+
+    /// Every match (bounded by [`MAX_FULL_EXAMINE`] records examined and `max` matches).
+    fn all(&self, app: &App, max: usize) -> Result<Vec<Loaded>, ApiError> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        let mut examined = 0;
+        loop {
+            let batch = self.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
+            let Some(last) = batch.last().cloned() else {
+                return Ok(out);
+            };
+            for id in &batch {
+                examined += 1;
+                if let Some(l) = self.verify(app, id)? {
+                    out.push(l);
+                    if out.len() > max {
+                        return Err(too_costly(
+                            "the search matches too many resources for this operation; narrow it",
+                        ));
+                    }
+                }
+            }
+            if examined >= MAX_FULL_EXAMINE {
+                return Err(too_costly(
+                    "the search examines too many resources for this operation; narrow it",
+                ));
+            }
+            after = Some(last);
+        }
+    }
+}
+
+/// Every match of `criteria` on `rtype` (bounded by [`MAX_CHAIN_IDS`]).
+fn match_all(app: &App, rtype: &str, criteria: &[Criterion]) -> Result<Vec<Loaded>, ApiError> {
+    Plan::new(app, rtype, criteria, None)?.all(app, MAX_CHAIN_IDS)
+}
+
+fn match_ids(app: &App, rtype: &str, criteria: &[Criterion]) -> Result<Vec<String>, ApiError> {
+    Ok(match_all(app, rtype, criteria)?
+        .into_iter()
+        .map(|l| l.row.id)
+        .collect())
+}
+
+/// One component of a sort key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum KeyVal {
+    /// No value: sorts last in both directions.
+    Missing,
+    /// A number (dates as milliseconds).
+    Num(f64),
+    /// A string.
+    Str(String),
+}
+
+fn cmp_val(a: &KeyVal, b: &KeyVal, descending: bool) -> std::cmp::Ordering {
+    use std::cmp::Ordering::*;
+    let o = match (a, b) {
+        (KeyVal::Missing, KeyVal::Missing) => return Equal,
+        (KeyVal::Missing, _) => return Greater,
+        (_, KeyVal::Missing) => return Less,
+        (KeyVal::Num(x), KeyVal::Num(y)) => x.total_cmp(y),
+        (KeyVal::Str(x), KeyVal::Str(y)) => x.cmp(y),
+        (KeyVal::Num(_), KeyVal::Str(_)) => Less,
+        (KeyVal::Str(_), KeyVal::Num(_)) => Greater,
+    };
+    if descending { o.reverse() } else { o }
+}
+
+fn sort_key(keys: &[SortKey], l: &Loaded) -> Vec<KeyVal> {
+    keys.iter()
+        .map(|k| {
+            if k.last_updated {
+                return KeyVal::Num(l.row.updated_ms as f64);
+            }
+            let Some(def) = k.param else {
+                return KeyVal::Str(l.row.id.clone());
+            };
+            let vals = search::extract(def, &l.json);
+            let nums = vals.iter().filter_map(|v| match v {
+                SearchValue::Date(r) => Some(if k.descending { r.hi } else { r.lo } as f64),
+                SearchValue::Number(d) => Some(d.value),
+                SearchValue::Quantity { value, .. } => Some(value.value),
+                _ => None,
+            });
+            let num = if k.descending {
+                nums.fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+            } else {
+                nums.fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+            };
+            if let Some(n) = num {
+                return KeyVal::Num(n);
+            }
+            let strs = vals.iter().filter_map(|v| match v {
+                SearchValue::String(s) | SearchValue::Uri(s) => Some(s.to_lowercase()),
+                SearchValue::Token { code: Some(c), .. } => Some(c.clone()),
+                _ => None,
+            });
+            let s = if k.descending { strs.max() } else { strs.min() };
+            s.map_or(KeyVal::Missing, KeyVal::Str)
+        })
+        .collect()
+}
+
+fn cmp_keys(
+    keys: &[SortKey],
+    a: (&[KeyVal], &str),
+    b: (&[KeyVal], &str),
+) -> std::cmp::Ordering {
+    for (i, k) in keys.iter().enumerate() {
+        let (Some(x), Some(y)) = (a.0.get(i), b.0.get(i)) else {
+            break;
+        };
+        let o = cmp_val(x, y, k.descending);
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    id_order(a.1).cmp(&id_order(b.1))
+}
+
+/// The sealed content of a paging cursor.
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    /// Format.
+    v: u8,
+    /// Client it was issued to.
+    c: String,
+    /// Expiry (ms since epoch).
+    x: i64,
+    /// Searched type.
+    t: String,
+    /// Compartment patient.
+    p: Option<String>,
+    /// The query's parameters.
+    q: Vec<(String, String)>,
+    /// Lenient handling.
+    l: bool,
+    /// Page size.
+    n: usize,
+    /// Position: the last id returned (or examined).
+    a: Option<String>,
+    /// Position in sorted order: the sort key of the last entry returned.
+    k: Option<Vec<KeyVal>>,
+}
+
+/// A search request, from a query string, a form body or a cursor.
+pub struct Request {
+    /// Searched type.
+    pub rtype: String,
+    /// Compartment patient (`Patient/{id}/{type}`).
+    pub compartment: Option<String>,
+    /// The decoded parameters.
+    pub pairs: Vec<(String, String)>,
+    /// `Prefer: handling=lenient`.
+    pub lenient: bool,
+    after: Option<String>,
+    after_key: Option<Vec<KeyVal>>,
+}
+
+impl Request {
+    /// A new search (first page).
+    pub fn new(
+        rtype: &str,
+        compartment: Option<String>,
+        pairs: Vec<(String, String)>,
+        lenient: bool,
+    ) -> Self {
+        Request {
+            rtype: rtype.to_owned(),
+            compartment,
+            pairs,
+            lenient,
+            after: None,
+            after_key: None,
+        }
+    }
+
+    /// Resume from a sealed cursor issued to `client`.
+    pub fn from_cursor(app: &App, token: &str, client: &str) -> Result<Request, ApiError> {
+        use base64::Engine as _;
+        let bad = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueCode::Invalid,
+                "invalid or expired paging cursor; repeat the search",
+            )
+        };
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| bad())?;
+        let plain = app.engine.open_secret(CURSOR_LABEL, &sealed).ok_or_else(bad)?;
+        let c: Cursor = serde_json::from_slice(&plain).map_err(|_| bad())?;
+        if c.v != 1 || c.c != client || c.x < now_ms() {
+            return Err(bad());
+        }
+        let mut pairs = c.q;
+        pairs.retain(|(k, _)| k != "_count");
+        pairs.push(("_count".into(), c.n.to_string()));
+        Ok(Request {
+            rtype: c.t,
+            compartment: c.p,
+            pairs,
+            lenient: c.l,
+            after: c.a,
+            after_key: c.k,
+        })
+    }
+}
+
+/// One page of results.
+pub struct Page {
+    /// Matches.
+    pub matches: Vec<Loaded>,
+    /// Resources added by `_include` / `_revinclude`.
+    pub included: Vec<Loaded>,
+    /// Total matches, when asked for.
+    pub total: Option<usize>,
+    /// Sealed cursor of the next page.
+    pub next: Option<String>,
+    /// Warnings (lenient handling).
+    pub warnings: Vec<phivault_fhir::Issue>,
+    /// The parsed query.
+    pub query: SearchQuery,
+}
+
+/// Parse a request's query (400 on any problem in strict mode).
+pub fn parse(req: &Request) -> Result<SearchQuery, ApiError> {
+    if !phivault_fhir::is_known_resource_type(&req.rtype) {
+        return Err(ApiError::not_found("unknown resource type"));
+    }
+    search::parse_search(&req.rtype, &req.pairs, req.lenient).map_err(ApiError::invalid)
+}
+
+/// Run one page of a search (blocking: call from a blocking thread).
+pub fn run(
+    app: &App,
+    auth: &Authenticated,
+    req: &Request,
+    q: SearchQuery,
+) -> Result<Page, ApiError> {
+    let plan = Plan::new(app, &req.rtype, &q.criteria, req.compartment.as_deref())?;
+    let count = q.count;
+    let want_total = q.total != Total::None || q.summary == Summary::Count;
+    let mut total = None;
+    let mut matches = Vec::new();
+    let mut next_pos: Option<(Option<String>, Option<Vec<KeyVal>>)> = None;
+    if !q.sort.is_empty() {
+        let mut all = plan.all(app, MAX_FULL_EXAMINE)?;
+        let mut keyed: Vec<(Vec<KeyVal>, Loaded)> =
+            all.drain(..).map(|l| (sort_key(&q.sort, &l), l)).collect();
+        keyed.sort_by(|a, b| cmp_keys(&q.sort, (&a.0, &a.1.row.id), (&b.0, &b.1.row.id)));
+        if want_total {
+            total = Some(keyed.len());
+        }
+        let start = match (&req.after_key, &req.after) {
+            (Some(k), Some(id)) => keyed.partition_point(|(kk, l)| {
+                cmp_keys(&q.sort, (kk, &l.row.id), (k, id)) != std::cmp::Ordering::Greater
+            }),
+            _ => 0,
+        };
+        let start = start.min(keyed.len());
+        let end = (start + count).min(keyed.len());
+        if q.summary != Summary::Count {
+            let has_more = end < keyed.len();
+            let page: Vec<(Vec<KeyVal>, Loaded)> = keyed.drain(start..end).collect();
+            if has_more && let Some((k, l)) = page.last() {
+                next_pos = Some((Some(l.row.id.clone()), Some(k.clone())));
+            }
+            matches = page.into_iter().map(|(_, l)| l).collect();
+        }
+    } else {
+        if want_total {
+            total = Some(plan.all(app, MAX_FULL_EXAMINE)?.len());
+        }
+        if q.summary != Summary::Count && count > 0 {
+            let mut after = req.after.clone();
+            let mut examined = 0;
+            'page: loop {
+                let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for id in &batch {
+                    examined += 1;
+                    if let Some(l) = plan.verify(app, id)? {
+                        if matches.len() == count {
+                            let last = matches.last().map(|m: &Loaded| m.row.id.clone());
+                            next_pos = Some((last, None));
+                            break 'page;
+                        }
+                        matches.push(l);
+                    }
+                    if examined >= MAX_EXAMINE {
+                        // a partial page: continue after the last record examined
+                        next_pos = Some((Some(id.clone()), None));
+                        break 'page;
+                    }
+                }
+                after = batch.last().cloned();
+            }
+        }
+    }
+    let included = if q.summary == Summary::Count {
+        Vec::new()
+    } else {
+        includes(app, auth, &matches, &q)?
+    };
+    let next = match next_pos {
+        Some((a, k)) => Some(seal_cursor(app, auth, req, &q, a, k)?),
+        None => None,
+    };
+    let warnings = q.warnings.clone();
+    Ok(Page {
+        matches,
+        included,
+        total,
+        next,
+        warnings,
+        query: q,
+    })
+}
+
+fn seal_cursor(
+    app: &App,
+    auth: &Authenticated,
+    req: &Request,
+    q: &SearchQuery,
+    after: Option<String>,
+    after_key: Option<Vec<KeyVal>>,
+) -> Result<String, ApiError> {
+    use base64::Engine as _;
+    let c = Cursor {
+        v: 1,
+        c: auth.client_id().to_owned(),
+        x: now_ms() + CURSOR_TTL_MS,
+        t: req.rtype.clone(),
+        p: req.compartment.clone(),
+        q: req.pairs.clone(),
+        l: req.lenient,
+        n: q.count,
+        a: after,
+        k: after_key,
+    };
+    let plain = serde_json::to_vec(&c).map_err(|_| ApiError::internal())?;
+    let sealed = app
+        .engine
+        .seal_secret(CURSOR_LABEL, &plain)
+        .ok_or_else(ApiError::internal)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
+}
+
+/// `_include` and `_revinclude` (with bounded `:iterate`), limited to types the client may
+/// read.
+fn includes(
+    app: &App,
+    auth: &Authenticated,
+    matches: &[Loaded],
+    q: &SearchQuery,
+) -> Result<Vec<Loaded>, ApiError> {
+    if q.include.is_empty() && q.revinclude.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen: HashSet<(String, String)> = matches
+        .iter()
+        .map(|m| (m.row.rtype.clone(), m.row.id.clone()))
+        .collect();
+    let readable = |t: &str| {
+        app.authorize(auth, t, Interaction::Read).is_ok()
+            || app.authorize(auth, t, Interaction::Search).is_ok()
+    };
+    let mut out: Vec<Loaded> = Vec::new();
+    let mut frontier: Vec<Loaded> = matches.to_vec();
+    for round in 0..=MAX_ITERATE {
+        let active = |i: &&Include| if round == 0 { true } else { i.iterate };
+        let incs: Vec<&Include> = q.include.iter().filter(active).collect();
+        let revs: Vec<&Include> = q.revinclude.iter().filter(active).collect();
+        if incs.is_empty() && revs.is_empty() {
+            break;
+        }
+        let mut added = Vec::new();
+        for m in &frontier {
+            for inc in incs.iter().filter(|i| i.source_type == m.row.rtype) {
+                for v in search::extract(inc.param, &m.json) {
+                    let SearchValue::Reference {
+                        rtype: Some(t),
+                        id: Some(id),
+                        ..
+                    } = v
+                    else {
+                        continue;
+                    };
+                    if inc.target_type.as_ref().is_some_and(|tt| *tt != t)
+                        || !readable(&t)
+                        || seen.contains(&(t.clone(), id.clone()))
+                    {
+                        continue;
+                    }
+                    if let Some(l) = load(app, &t, &id)? {
+                        seen.insert((t, id));
+                        added.push(l);
+                    }
+                }
+            }
+            for rev in &revs {
+                if rev.target_type.as_ref().is_some_and(|tt| *tt != m.row.rtype)
+                    || !readable(&rev.source_type)
+                {
+                    continue;
+                }
+                let crit = reference_criterion(rev.param, &m.row.rtype, &[m.row.id.clone()]);
+                let plan = Plan::new(app, &rev.source_type, &[crit], None)?;
+                for l in plan.all(app, MAX_INCLUDED)? {
+                    if seen.insert((l.row.rtype.clone(), l.row.id.clone())) {
+                        added.push(l);
+                    }
+                }
+            }
+            if out.len() + added.len() > MAX_INCLUDED {
+                return Err(too_costly(
+                    "_include/_revinclude would add too many resources; narrow the search",
+                ));
+            }
+        }
+        if added.is_empty() {
+            break;
+        }
+        out.extend(added.iter().cloned());
+        frontier = added;
+    }
+    Ok(out)
+}
+
+/// Keep only the `_elements` asked for (plus the mandatory ones) and mark the resource
+/// SUBSETTED.
+fn subset(mut v: Value, elements: &[String]) -> Value {
+    if let Some(obj) = v.as_object_mut() {
+        obj.retain(|k, _| {
+            k == "resourceType" || k == "id" || k == "meta" || elements.iter().any(|e| e == k)
+        });
+        let meta = obj.entry("meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            let tags = m.entry("tag").or_insert_with(|| json!([]));
+            if let Some(t) = tags.as_array_mut() {
+                t.push(json!({
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                    "code": "SUBSETTED"
+                }));
+            }
+        }
+    }
+    v
+}
+
+/// The searchset Bundle of a page. `self_url` is the base of the link (no search values:
+/// they may be PHI).
+pub fn bundle(app: &App, page: Page, self_url: &str) -> Value {
+    let mut entries = Vec::with_capacity(page.matches.len() + page.included.len() + 1);
+    if !page.warnings.is_empty() {
+        entries.push(json!({
+            "resource": phivault_fhir::operation_outcome(&page.warnings),
+            "search": {"mode": "outcome"},
+        }));
+    }
+    let elements = page.query.elements.as_deref();
+    for (l, mode) in page
+        .matches
+        .into_iter()
+        .map(|l| (l, "match"))
+        .chain(page.included.into_iter().map(|l| (l, "include")))
+    {
+        let full = format!("{}/{}/{}", app.base_url, l.row.rtype, l.row.id);
+        let resource = match elements {
+            Some(e) if mode == "match" => subset(l.json, e),
+            _ => l.json,
+        };
+        entries.push(json!({
+            "fullUrl": full,
+            "resource": resource,
+            "search": {"mode": mode},
+        }));
+    }
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    if let Some(n) = &page.next {
+        links.push(json!({
+            "relation": "next",
+            "url": format!("{}/{}?_cursor={n}", app.base_url, page.query.rtype),
+        }));
+    }
+    let mut b = json!({
+        "resourceType": "Bundle",
+        "id": crate::engine::new_id(),
+        "meta": {"lastUpdated": instant(now_ms())},
+        "type": "searchset",
+        "link": links,
+        "entry": entries,
+    });
+    if let Some(t) = page.total {
+        b["total"] = json!(t);
+    }
+    b
+}
+
+/// Audit entities of a page: every resource disclosed.
+pub fn entities(page: &Page) -> Vec<phivault_audit::Entity> {
+    page.matches
+        .iter()
+        .chain(page.included.iter())
+        .map(|l| phivault_audit::Entity {
+            action: phivault_audit::Action::R,
+            resource_type: l.row.rtype.clone(),
+            resource_id: l.row.id.clone(),
+            version: Some(l.row.version),
+            patient: key_patient(&l.row.key_id).map(str::to_owned),
+        })
+        .collect()
+}
+
+/// Visit every resource of `rtype` in `patient`'s compartment (for `$everything`); stops
+/// early when `visit` returns false. Err on any failure (the stream is then aborted).
+pub fn stream_compartment(
+    app: &App,
+    rtype: &str,
+    patient: &str,
+    visit: &mut dyn FnMut(Loaded) -> bool,
+) -> Result<(), ()> {
+    let plan = Plan::new(app, rtype, &[], Some(patient)).map_err(|_| ())?;
+    let mut after: Option<String> = None;
+    loop {
+        let batch = plan
+            .next_candidates(app, after.as_deref(), CANDIDATE_BATCH)
+            .map_err(|_| ())?;
+        let Some(last) = batch.last().cloned() else {
+            return Ok(());
+        };
+        for id in &batch {
+            if let Some(l) = plan.verify(app, id).map_err(|_| ())?
+                && !visit(l)
+            {
+                return Err(());
+            }
+        }
+        after = Some(last);
+    }
+}
+
+/// A parsed `If-None-Exist` condition.
+pub struct Conditional {
+    rtype: String,
+    criteria: Vec<Criterion>,
+    /// A flat conjunction of single tokens, usable as a store guard.
+    guard_tokens: Option<Vec<IndexEntry>>,
+}
+
+/// What a conditional create found.
+pub enum CondMatch {
+    /// Exactly one match.
+    One(VersionRow),
+    /// None: write with this guard (if the criteria allow one).
+    None(Option<Guard>),
+}
+
+impl Conditional {
+    /// Parse `If-None-Exist` criteria (`identifier=…&…`; result parameters are refused).
+    pub fn parse(app: &App, rtype: &str, query: &str) -> Result<Conditional, ApiError> {
+        let query = query.split_once('?').map(|(_, q)| q).unwrap_or(query);
+        let pairs = crate::engine::form_urlencoded_pairs(query);
+        if pairs.is_empty() {
+            return Err(ApiError::bad_request("empty conditional create criteria"));
+        }
+        if pairs.iter().any(|(k, _)| k.starts_with('_') && k != "_id") {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                IssueCode::NotSupported,
+                "conditional create criteria take search parameters only",
+            ));
+        }
+        let q = search::parse_search(rtype, &pairs, false).map_err(ApiError::invalid)?;
+        let lookup = search::lookup_terms(&q.criteria);
+        let mut guard_tokens = Vec::new();
+        let flat = match &lookup {
+            Lookup::Terms { .. } => std::slice::from_ref(&lookup),
+            Lookup::And(parts) => parts.as_slice(),
+            _ => &[],
+        };
+        let plain = q
+            .criteria
+            .iter()
+            .all(|c| matches!(c.target, Target::Param(_)));
+        for part in flat {
+            if let Lookup::Terms { param, terms } = part
+                && terms.len() == 1
+            {
+                guard_tokens.push(IndexEntry {
+                    param: param.clone(),
+                    token: app.engine.term_token(rtype, param, &terms[0]),
+                });
+            }
+        }
+        let guard_tokens = (plain && !guard_tokens.is_empty() && guard_tokens.len() == flat.len())
+            .then_some(guard_tokens);
+        Ok(Conditional {
+            rtype: rtype.to_owned(),
+            criteria: q.criteria,
+            guard_tokens,
+        })
+    }
+
+    /// A key for the in-process lock that serialises identical conditional creates.
+    pub fn lock_key(&self) -> String {
+        format!("{:?}", self.criteria)
+    }
+
+    /// Find the match (blocking). Several matches → 412.
+    pub fn find(&self, app: &App) -> Result<CondMatch, ApiError> {
+        let plan = Plan::new(app, &self.rtype, &self.criteria, None)?;
+        let mut found: Vec<Loaded> = Vec::new();
+        let mut except = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
+            let Some(last) = batch.last().cloned() else {
+                break;
+            };
+            for id in &batch {
+                match plan.verify(app, id)? {
+                    Some(l) => found.push(l),
+                    None => except.push(id.clone()),
+                }
+                if found.len() > 1 {
+                    return Err(ApiError::new(
+                        StatusCode::PRECONDITION_FAILED,
+                        IssueCode::Duplicate,
+                        "If-None-Exist criteria match more than one resource",
+                    ));
+                }
+                if except.len() > MAX_FULL_EXAMINE {
+                    return Err(too_costly("If-None-Exist criteria are not selective"));
+                }
+            }
+            after = Some(last);
+        }
+        if let Some(l) = found.pop() {
+            return Ok(CondMatch::One(l.row));
+        }
+        Ok(CondMatch::None(self.guard_tokens.as_ref().map(|t| {
+            Guard::NoMatch {
+                rtype: self.rtype.clone(),
+                tokens: t.clone(),
+                except,
+            }
+        })))
+    }
+}
+
+/// Check the authorization of a search: SMART v2 `s` on the searched type.
+pub fn authorize(app: &App, auth: &Authenticated, rtype: &str) -> Result<(), ApiError> {
+    app.authorize(auth, rtype, Interaction::Search)
+}
+
+/// Shared pointer for blocking sections.
+pub type AppRef = Arc<App>;

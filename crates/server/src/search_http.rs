@@ -1,0 +1,277 @@
+//! HTTP routes of search: type search (`GET /fhir/{type}`, `POST /fhir/{type}/_search`),
+//! paging (`?_cursor=`), compartment search (`GET /fhir/Patient/{id}/{type}`) and
+//! `Patient/{id}/$everything` (streamed).
+//!
+//! Every search is audited as one event (action E) listing every resource disclosed; the
+//! event is durable before the response leaves. Search values never appear in logs, in
+//! audit events or in the links of the returned Bundle.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use phivault_audit::Action;
+use phivault_auth::Interaction;
+use phivault_fhir::IssueCode;
+use serde_json::json;
+
+use crate::FHIR_JSON;
+use crate::app::{App, Ctx, Peer, blocking, finish};
+use crate::engine::{form_urlencoded_pairs, instant, now_ms};
+use crate::error::ApiError;
+use crate::search::{self, Request};
+
+fn lenient(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .any(|p| p.trim().eq_ignore_ascii_case("handling=lenient"))
+}
+
+/// `GET /fhir/{type}?…` (and `?_cursor=` for later pages).
+pub async fn search_type(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::on(peer, Action::E, "search-type", &rtype, None);
+    let pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
+    let r = run(&app, &mut ctx, &headers, rtype, None, pairs).await;
+    finish(&app, ctx, r).await
+}
+
+/// `POST /fhir/{type}/_search` with an `application/x-www-form-urlencoded` body.
+pub async fn search_post(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut ctx = Ctx::on(peer, Action::E, "search-type", &rtype, None);
+    let r = async {
+        let form = form_body(&headers, body)?;
+        let mut pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
+        pairs.extend(form_urlencoded_pairs(&form));
+        run(&app, &mut ctx, &headers, rtype.clone(), None, pairs).await
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+fn form_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ct.split(';').next().map(str::trim) != Some("application/x-www-form-urlencoded") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IssueCode::NotSupported,
+            "_search bodies must be application/x-www-form-urlencoded",
+        ));
+    }
+    let body = body.map_err(|_| ApiError::bad_request("request body could not be read"))?;
+    String::from_utf8(body.to_vec()).map_err(|_| ApiError::bad_request("form body is not UTF-8"))
+}
+
+/// `GET /fhir/{type}/{id}/{compartment type}` and `GET /fhir/Patient/{id}/$everything`.
+pub async fn compartment(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((rtype, id, ctype)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if ctype == "$everything" {
+        return everything(app, peer, rtype, id, headers).await;
+    }
+    let mut ctx = Ctx::on(peer, Action::E, "search-compartment", &ctype, None);
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        if rtype != "Patient" {
+            return Err(ApiError::not_found("only the Patient compartment is served"));
+        }
+        crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
+        ctx.patient = Some(id.clone());
+        drop(auth);
+        let pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
+        run(&app, &mut ctx, &headers, ctype.clone(), Some(id.clone()), pairs).await
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+async fn run(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    rtype: String,
+    compartment: Option<String>,
+    pairs: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    let auth = app.authenticate(headers, ctx)?;
+    let req = match pairs.iter().find(|(k, _)| k == "_cursor") {
+        Some((_, c)) => {
+            if pairs.len() != 1 {
+                return Err(ApiError::bad_request(
+                    "a paging cursor cannot be combined with other parameters",
+                ));
+            }
+            let r = Request::from_cursor(app, c, auth.client_id())?;
+            if r.rtype != rtype {
+                return Err(ApiError::bad_request("the cursor belongs to another search"));
+            }
+            r
+        }
+        None => Request::new(&rtype, compartment, pairs, lenient(headers)),
+    };
+    ctx.rtype = Some(req.rtype.clone());
+    if let Some(p) = &req.compartment {
+        ctx.patient = Some(p.clone());
+        app.authorize(&auth, "Patient", Interaction::Read)
+            .or_else(|_| app.authorize(&auth, "Patient", Interaction::Search))?;
+    }
+    search::authorize(app, &auth, &req.rtype)?;
+    let q = search::parse(&req)?;
+    let a = app.clone();
+    let page = blocking(move || {
+        let page = search::run(&a, &auth, &req, q)?;
+        Ok((page, req))
+    })
+    .await;
+    let (page, req) = page?;
+    let entities = search::entities(&page);
+    let mut patients: Vec<&str> = entities
+        .iter()
+        .filter_map(|e| e.patient.as_deref())
+        .collect();
+    patients.sort_unstable();
+    patients.dedup();
+    if ctx.patient.is_none() && patients.len() == 1 {
+        ctx.patient = patients.first().map(|p| (*p).to_owned());
+    }
+    ctx.entities = entities;
+    let self_url = match &req.compartment {
+        Some(p) => format!("{}/Patient/{p}/{}", app.base_url, req.rtype),
+        None => format!("{}/{}", app.base_url, req.rtype),
+    };
+    let bundle = search::bundle(app, page, &self_url);
+    let body = serde_json::to_vec(&bundle).map_err(|_| ApiError::internal())?;
+    let mut resp = (StatusCode::OK, Bytes::from(body)).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    Ok(resp)
+}
+
+/// `Patient/{id}/$everything`: the patient and every resource of their compartment,
+/// streamed as a searchset Bundle. The audit event (the patient's whole compartment
+/// disclosed) is durable before the first byte is sent.
+async fn everything(
+    app: Arc<App>,
+    peer: Peer,
+    rtype: String,
+    id: String,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::on(peer, Action::E, "everything", &rtype, Some(&id));
+    let prepared = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        if rtype != "Patient" {
+            return Err(ApiError::not_found("$everything is served on Patient only"));
+        }
+        app.authorize(&auth, "Patient", Interaction::Read)?;
+        crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
+        let (a, i) = (app.clone(), id.clone());
+        let exists = blocking(move || search::load(&a, "Patient", &i)).await?;
+        if exists.is_none() {
+            return Err(ApiError::not_found("resource not found"));
+        }
+        ctx.patient = Some(id.clone());
+        // only the compartment types this client may read
+        let types: Vec<&'static str> = phivault_fhir::patient_compartment_types()
+            .into_iter()
+            .filter(|t| {
+                app.authorize(&auth, t, Interaction::Read).is_ok()
+                    || app.authorize(&auth, t, Interaction::Search).is_ok()
+            })
+            .collect();
+        Ok(types)
+    }
+    .await;
+    let types = match prepared {
+        Ok(t) => t,
+        Err(e) => return finish(&app, ctx, Err(e)).await,
+    };
+    // Audit first (fail closed), then stream.
+    let ok = finish(&app, ctx, Ok(StatusCode::OK.into_response())).await;
+    if ok.status() != StatusCode::OK {
+        return ok;
+    }
+    let request_id = ok.headers().get("x-request-id").cloned();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let a = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let send = |b: Vec<u8>| tx.blocking_send(Ok(Bytes::from(b))).is_ok();
+        let head = json!({
+            "resourceType": "Bundle",
+            "id": crate::engine::new_id(),
+            "meta": {"lastUpdated": instant(now_ms())},
+            "type": "searchset",
+        });
+        let mut head = serde_json::to_vec(&head).unwrap_or_default();
+        head.pop(); // reopen the object
+        head.extend_from_slice(b",\"entry\":[");
+        if !send(head) {
+            return;
+        }
+        let mut first = true;
+        let mut failed = false;
+        for t in types {
+            if let Err(()) = search::stream_compartment(&a, t, &id, &mut |l| {
+                let entry = json!({
+                    "fullUrl": format!("{}/{}/{}", a.base_url, l.row.rtype, l.row.id),
+                    "resource": l.json,
+                    "search": {"mode": "match"},
+                });
+                let mut b = Vec::with_capacity(1024);
+                if !first {
+                    b.push(b',');
+                }
+                first = false;
+                if serde_json::to_writer(&mut b, &entry).is_err() {
+                    return false;
+                }
+                send(b)
+            }) {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            // abort the body: the client sees a truncated response, never a false "complete"
+            let _ = tx.blocking_send(Err(std::io::Error::other("search failed")));
+            return;
+        }
+        let _ = send(b"]}".to_vec());
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if let Some(r) = request_id {
+        resp.headers_mut().insert("x-request-id", r);
+    }
+    resp
+}
