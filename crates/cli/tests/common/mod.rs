@@ -83,6 +83,59 @@ impl Server {
         }
     }
 
+    /// Start on a data directory created by `phivault init` with extra arguments.
+    pub fn start_with_init(init_args: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let o = Command::new(BIN)
+            .args(["init", "--data-dir"])
+            .arg(&data)
+            .args(init_args)
+            .output()
+            .expect("init");
+        assert!(o.status.success(), "init: {}", String::from_utf8_lossy(&o.stderr));
+        let (child, origin, stderr) = launch(&data);
+        let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
+        let agent = agent_for(&ca);
+        Server {
+            child: Some(child),
+            tmp,
+            base: format!("{origin}/fhir"),
+            origin,
+            data,
+            stderr,
+            agent,
+        }
+    }
+
+    /// Load synthetic patients (`phivault synth`) as transactions; returns the bundles
+    /// sent and, per bundle, the map from `urn:uuid:` fullUrl to `Type/id`.
+    pub fn load_synth(&self, token: &str, patients: usize, seed: u64) -> Vec<(Value, std::collections::HashMap<String, String>)> {
+        let mut out = Vec::new();
+        for i in 0..patients {
+            let bundle = phivault_synth::patient_bundle(seed, i);
+            let r = self.post("", token, &bundle);
+            assert_eq!(r.status, 200, "transaction: {}", String::from_utf8_lossy(&r.body));
+            let resp = r.json();
+            let mut map = std::collections::HashMap::new();
+            for (e, g) in bundle["entry"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .zip(resp["entry"].as_array().expect("response entries"))
+            {
+                let loc = g["response"]["location"].as_str().expect("location");
+                let rel = loc.strip_prefix(&format!("{}/", self.base)).unwrap_or(loc);
+                let target = rel.split("/_history/").next().unwrap_or(rel).to_owned();
+                if let Some(u) = e["fullUrl"].as_str() {
+                    map.insert(u.to_owned(), target);
+                }
+            }
+            out.push((bundle, map));
+        }
+        out
+    }
+
     /// Start again on the same data directory (after stop or kill9).
     pub fn restart(&mut self) {
         self.stop();
