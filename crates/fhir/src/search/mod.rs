@@ -11,22 +11,23 @@
 //! found by at least one term of the query), never exact.
 //!
 //! Files:
-//! - `types.rs`   — shared value types (this contract; owned by the integrator).
-//! - `defs.rs`    — the parameter registry.
-//! - `extract.rs` — FHIRPath-subset evaluation of parameter expressions into [`SearchValue`]s.
-//! - `query.rs`   — parsing of a search request into a [`SearchQuery`].
-//! - `matcher.rs` — exact matching of a criterion against a resource.
-//! - `terms.rs`   — index terms of values and lookup terms of criteria.
+//! - `types.rs`       — shared value types.
+//! - `datetime.rs`    — date/dateTime/instant and decimal text as intervals.
+//! - `registry.rs`    — the parameter registry, the FHIRPath subset and value extraction.
+//! - `request.rs`     — parsing of a search request into a [`SearchQuery`].
+//! - `matching.rs`    — exact matching of a criterion against a resource.
+//! - `index_terms.rs` — index terms of values and lookup terms of criteria.
 
-mod defs;
-mod extract;
-mod matcher;
-mod query;
-mod terms;
+mod datetime;
+mod index_terms;
+mod matching;
+mod registry;
+mod request;
 mod types;
 
-pub use defs::{search_param, search_params};
-pub use extract::extract;
-pub use query::{MAX_COUNT, DEFAULT_COUNT, parse_search};
-pub use terms::{index_terms, lookup_terms, presence_term};
+pub use datetime::{parse_date, parse_decimal};
+pub use index_terms::{index_terms, lookup_terms, presence_term};
+pub use matching::normalize;
+pub use registry::{extract, search_param, search_params};
+pub use request::{DEFAULT_COUNT, MAX_COUNT, parse_search};
 pub use types::*;

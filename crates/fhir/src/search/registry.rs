@@ -1,0 +1,763 @@
+//! The search parameter registry, built once from the vendored official R4
+//! SearchParameter bundle, and the FHIRPath subset its expressions need.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::LazyLock;
+
+use serde_json::Value;
+
+use super::datetime::{parse_date, parse_decimal};
+use super::types::{DateRange, ParamType, SearchParamDef, SearchValue};
+use crate::{MAX_DEPTH, is_known_resource_type, is_valid_id};
+
+static SEARCH_PARAMS_GZ: &[u8] = include_bytes!("../../data/search-parameters.json.gz");
+
+/// Common parameters (base `Resource`/`DomainResource`) that phivault serves.
+const COMMON: &[&str] = &[
+    "_id",
+    "_lastUpdated",
+    "_tag",
+    "_profile",
+    "_security",
+    "_source",
+];
+
+/// One step of a compiled path.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// An element; with `Some(type)` a choice element cast to that type
+    /// (`value as Quantity` → `valueQuantity`); a bare choice name matches any type.
+    Field(String, Option<String>),
+    /// `.where(resolve() is T)`: references to type T only.
+    Resolves(String),
+    /// `.where(system='x')`.
+    System(String),
+}
+
+/// A compiled expression: a union of paths, or the deceased special case.
+#[derive(Debug, Clone, PartialEq)]
+enum Compiled {
+    Paths(Vec<Vec<Step>>),
+    /// `X.deceased.exists() and X.deceased != false`
+    Deceased,
+}
+
+struct Registry {
+    by_type: HashMap<String, Vec<SearchParamDef>>,
+    compiled: HashMap<(String, String), Compiled>,
+}
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(build);
+
+fn split_top(expr: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    for (i, c) in expr.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            '|' if depth == 0 => {
+                out.push(expr[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(expr[start..].trim());
+    out
+}
+
+fn ident(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Compile one union member against `base`; None if outside the subset or another base.
+fn compile_part(base: &str, part: &str) -> Option<Vec<Step>> {
+    let part = part.trim();
+    // `(Base.a.b as T)` with an optional `.x.y` tail
+    if let Some(rest) = part.strip_prefix('(') {
+        let close = rest.find(')')?;
+        let (inner, tail) = (&rest[..close], &rest[close + 1..]);
+        let (path, ty) = inner.split_once(" as ")?;
+        let mut steps = compile_part(base, path.trim())?;
+        match steps.last_mut() {
+            Some(Step::Field(_, c @ None)) if ident(ty.trim()) => *c = Some(ty.trim().to_owned()),
+            _ => return None,
+        }
+        if !tail.is_empty() {
+            for seg in tail.strip_prefix('.')?.split('.') {
+                if !ident(seg) {
+                    return None;
+                }
+                steps.push(Step::Field(seg.to_owned(), None));
+            }
+        }
+        return Some(steps);
+    }
+    let rest = part.strip_prefix(base)?.strip_prefix('.')?;
+    let mut steps = Vec::new();
+    let mut s = rest;
+    while !s.is_empty() {
+        if let Some(r) = s.strip_prefix("as(") {
+            let close = r.find(')')?;
+            let ty = &r[..close];
+            match steps.last_mut() {
+                Some(Step::Field(_, c @ None)) if ident(ty) => *c = Some(ty.to_owned()),
+                _ => return None,
+            }
+            s = r[close + 1..].strip_prefix('.').unwrap_or(&r[close + 1..]);
+            continue;
+        }
+        if let Some(r) = s.strip_prefix("where(resolve() is ") {
+            let close = r.find(')')?;
+            let ty = &r[..close];
+            if !ident(ty) {
+                return None;
+            }
+            steps.push(Step::Resolves(ty.to_owned()));
+            s = r[close + 1..].strip_prefix('.').unwrap_or(&r[close + 1..]);
+            continue;
+        }
+        if let Some(r) = s.strip_prefix("where(system='") {
+            let close = r.find("')")?;
+            steps.push(Step::System(r[..close].to_owned()));
+            s = r[close + 2..].strip_prefix('.').unwrap_or(&r[close + 2..]);
+            continue;
+        }
+        let end = s.find('.').unwrap_or(s.len());
+        let seg = &s[..end];
+        if !ident(seg) {
+            return None;
+        }
+        steps.push(Step::Field(seg.to_owned(), None));
+        s = s.get(end + 1..).unwrap_or("");
+    }
+    (!steps.is_empty()).then_some(steps)
+}
+
+fn compile(base: &str, expr: &str) -> Option<(Compiled, String)> {
+    if expr == format!("{base}.deceased.exists() and {base}.deceased != false") {
+        return Some((Compiled::Deceased, expr.to_owned()));
+    }
+    let mut paths = Vec::new();
+    let mut kept = Vec::new();
+    for part in split_top(expr) {
+        let part = part
+            .strip_prefix("Resource.")
+            .map(|r| format!("{base}.{r}"))
+            .unwrap_or_else(|| part.to_owned());
+        let applies = part.starts_with(&format!("{base}."))
+            || part.starts_with(&format!("({base}."));
+        if !applies {
+            continue;
+        }
+        match compile_part(base, &part) {
+            Some(p) => {
+                paths.push(p);
+                kept.push(part);
+            }
+            None => return None,
+        }
+    }
+    (!paths.is_empty()).then(|| (Compiled::Paths(paths), kept.join(" | ")))
+}
+
+fn ptype(s: &str) -> Option<ParamType> {
+    Some(match s {
+        "number" => ParamType::Number,
+        "date" => ParamType::Date,
+        "string" => ParamType::String,
+        "token" => ParamType::Token,
+        "reference" => ParamType::Reference,
+        "quantity" => ParamType::Quantity,
+        "uri" => ParamType::Uri,
+        "composite" => ParamType::Composite,
+        "special" => ParamType::Special,
+        _ => return None,
+    })
+}
+
+fn build() -> Registry {
+    let mut reg = Registry {
+        by_type: HashMap::new(),
+        compiled: HashMap::new(),
+    };
+    let mut text = Vec::new();
+    if flate2::read::GzDecoder::new(SEARCH_PARAMS_GZ)
+        .read_to_end(&mut text)
+        .is_err()
+    {
+        return reg;
+    }
+    let Ok(bundle) = serde_json::from_slice::<Value>(&text) else {
+        return reg;
+    };
+    let types: Vec<&'static str> = crate::resource_types().collect();
+    for e in bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(r) = e.get("resource") else { continue };
+        let (Some(code), Some(pt)) = (
+            r.get("code").and_then(Value::as_str),
+            r.get("type").and_then(Value::as_str).and_then(ptype),
+        ) else {
+            continue;
+        };
+        if matches!(pt, ParamType::Composite | ParamType::Special) {
+            continue;
+        }
+        let expr = r.get("expression").and_then(Value::as_str).unwrap_or("");
+        let targets: Vec<String> = r
+            .get("target")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect();
+        let bases: Vec<&str> = r
+            .get("base")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for b in bases {
+            let concrete: Vec<&str> = if b == "Resource" || b == "DomainResource" {
+                if !COMMON.contains(&code) {
+                    continue;
+                }
+                types.clone()
+            } else if types.contains(&b) {
+                vec![b]
+            } else {
+                continue;
+            };
+            for base in concrete {
+                let (expression, compiled) = if code == "_id" || code == "_lastUpdated" {
+                    (None, None)
+                } else {
+                    match compile(base, expr) {
+                        Some((c, kept)) => (Some(kept), Some(c)),
+                        None => continue,
+                    }
+                };
+                let list = reg.by_type.entry(base.to_owned()).or_default();
+                if list.iter().any(|d| d.code == code) {
+                    continue;
+                }
+                list.push(SearchParamDef {
+                    base: base.to_owned(),
+                    code: code.to_owned(),
+                    ptype: pt,
+                    expression,
+                    targets: targets.clone(),
+                });
+                if let Some(c) = compiled {
+                    reg.compiled.insert((base.to_owned(), code.to_owned()), c);
+                }
+            }
+        }
+    }
+    for list in reg.by_type.values_mut() {
+        list.sort_by(|a, b| a.code.cmp(&b.code));
+    }
+    reg
+}
+
+/// The definition of parameter `code` on resource type `rtype`, if phivault serves it.
+pub fn search_param(rtype: &str, code: &str) -> Option<&'static SearchParamDef> {
+    let list = REGISTRY.by_type.get(rtype)?;
+    list.binary_search_by(|d| d.code.as_str().cmp(code))
+        .ok()
+        .and_then(|i| list.get(i))
+}
+
+/// Every served parameter of `rtype` (empty for unknown types).
+pub fn search_params(rtype: &str) -> &'static [SearchParamDef] {
+    REGISTRY
+        .by_type
+        .get(rtype)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn upper_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+fn push_flat<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(a) => out.extend(a.iter().filter(|x| !x.is_null())),
+        Value::Null => {}
+        other => out.push(other),
+    }
+}
+
+fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
+    let mut cur: Vec<&'a Value> = vec![root];
+    for (depth, step) in steps.iter().enumerate() {
+        if depth > MAX_DEPTH || cur.is_empty() {
+            return;
+        }
+        let mut next = Vec::new();
+        for node in cur {
+            let Some(obj) = node.as_object() else {
+                continue;
+            };
+            match step {
+                Step::Field(name, Some(ty)) => {
+                    if let Some(v) = obj.get(&format!("{name}{}", upper_first(ty))) {
+                        push_flat(v, &mut next);
+                    }
+                }
+                Step::Field(name, None) => match obj.get(name) {
+                    Some(v) => push_flat(v, &mut next),
+                    None => {
+                        // a choice element named without its type: any `nameType` key
+                        for (k, v) in obj {
+                            if let Some(sfx) = k.strip_prefix(name.as_str())
+                                && sfx.starts_with(|c: char| c.is_ascii_uppercase())
+                            {
+                                push_flat(v, &mut next);
+                            }
+                        }
+                    }
+                },
+                Step::Resolves(ty) => {
+                    if let Some(r) = obj.get("reference").and_then(Value::as_str)
+                        && parse_reference(r).0.as_deref() == Some(ty.as_str())
+                    {
+                        next.push(node);
+                    }
+                }
+                Step::System(sys) => {
+                    if obj.get("system").and_then(Value::as_str) == Some(sys.as_str()) {
+                        next.push(node);
+                    }
+                }
+            }
+        }
+        cur = next;
+    }
+    out.extend(cur);
+}
+
+/// `(type, id)` of a reference string: `Type/id`, `Type/id/_history/v`, or an absolute URL
+/// ending in one of those.
+pub(crate) fn parse_reference(r: &str) -> (Option<String>, Option<String>) {
+    if r.starts_with('#') || r.starts_with("urn:") {
+        return (None, None);
+    }
+    let segs: Vec<&str> = r.split('/').collect();
+    let n = segs.len();
+    let pick = |t: &str, i: &str| {
+        (is_known_resource_type(t) && is_valid_id(i)).then(|| (t.to_owned(), i.to_owned()))
+    };
+    let found = if n >= 4 && segs[n - 2] == "_history" {
+        pick(segs[n - 4], segs[n - 3])
+    } else if n >= 2 {
+        pick(segs[n - 2], segs[n - 1])
+    } else {
+        None
+    };
+    match found {
+        Some((t, i)) => (Some(t), Some(i)),
+        None => (None, None),
+    }
+}
+
+fn decimal_of(v: &Value) -> Option<super::types::Decimal> {
+    match v {
+        Value::Number(n) => parse_decimal(&n.to_string()),
+        _ => None,
+    }
+}
+
+fn opt_str(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_owned)
+}
+
+const CONTACT_SYSTEMS: &[&str] = &["phone", "fax", "email", "pager", "url", "sms", "other"];
+
+fn convert(ptype: ParamType, v: &Value, out: &mut Vec<SearchValue>) {
+    match ptype {
+        ParamType::Token => match v {
+            Value::Bool(b) => out.push(SearchValue::Token {
+                system: None,
+                code: Some(b.to_string()),
+                text: None,
+            }),
+            Value::String(s) => out.push(SearchValue::Token {
+                system: None,
+                code: Some(s.clone()),
+                text: None,
+            }),
+            Value::Object(o) => {
+                if let Some(codings) = o.get("coding").and_then(Value::as_array) {
+                    let cc_text = opt_str(v, "text");
+                    for c in codings {
+                        out.push(SearchValue::Token {
+                            system: opt_str(c, "system"),
+                            code: opt_str(c, "code"),
+                            text: opt_str(c, "display").or_else(|| cc_text.clone()),
+                        });
+                    }
+                    if codings.is_empty() && cc_text.is_some() {
+                        out.push(SearchValue::Token {
+                            system: None,
+                            code: None,
+                            text: cc_text,
+                        });
+                    }
+                } else if o.contains_key("value") {
+                    let system = opt_str(v, "system");
+                    let contact = system
+                        .as_deref()
+                        .is_some_and(|s| CONTACT_SYSTEMS.contains(&s))
+                        && !o.contains_key("type");
+                    out.push(SearchValue::Token {
+                        system: if contact { None } else { system },
+                        code: opt_str(v, "value"),
+                        text: v
+                            .get("type")
+                            .and_then(|t| t.get("text"))
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                    });
+                } else if o.contains_key("code") || o.contains_key("system") {
+                    out.push(SearchValue::Token {
+                        system: opt_str(v, "system"),
+                        code: opt_str(v, "code"),
+                        text: opt_str(v, "display"),
+                    });
+                } else if let Some(t) = opt_str(v, "text") {
+                    out.push(SearchValue::Token {
+                        system: None,
+                        code: None,
+                        text: Some(t),
+                    });
+                }
+            }
+            _ => {}
+        },
+        ParamType::String => match v {
+            Value::String(s) => out.push(SearchValue::String(s.clone())),
+            Value::Object(o) => {
+                for k in [
+                    "family",
+                    "given",
+                    "prefix",
+                    "suffix",
+                    "text",
+                    "line",
+                    "city",
+                    "district",
+                    "state",
+                    "postalCode",
+                    "country",
+                ] {
+                    match o.get(k) {
+                        Some(Value::String(s)) => out.push(SearchValue::String(s.clone())),
+                        Some(Value::Array(a)) => out.extend(
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .map(|s| SearchValue::String(s.to_owned())),
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        },
+        ParamType::Date => match v {
+            Value::String(s) => {
+                if let Some(r) = parse_date(s) {
+                    out.push(SearchValue::Date(r));
+                }
+            }
+            Value::Object(o) => {
+                if o.contains_key("start") || o.contains_key("end") {
+                    let lo = match o.get("start").and_then(Value::as_str) {
+                        Some(s) => parse_date(s).map(|r| r.lo),
+                        None => Some(i64::MIN),
+                    };
+                    let hi = match o.get("end").and_then(Value::as_str) {
+                        Some(s) => parse_date(s).map(|r| r.hi),
+                        None => Some(i64::MAX),
+                    };
+                    if let (Some(lo), Some(hi)) = (lo, hi)
+                        && hi > lo
+                    {
+                        out.push(SearchValue::Date(DateRange { lo, hi }));
+                    }
+                } else if let Some(ev) = o.get("event").and_then(Value::as_array) {
+                    out.extend(
+                        ev.iter()
+                            .filter_map(Value::as_str)
+                            .filter_map(parse_date)
+                            .map(SearchValue::Date),
+                    );
+                }
+            }
+            _ => {}
+        },
+        ParamType::Reference => match v {
+            Value::Object(o) => {
+                if let Some(r) = o.get("reference").and_then(Value::as_str) {
+                    if r.starts_with('#') {
+                        return;
+                    }
+                    let (rtype, id) = parse_reference(r);
+                    out.push(SearchValue::Reference {
+                        rtype,
+                        id,
+                        url: r.to_owned(),
+                    });
+                }
+            }
+            Value::String(s) => {
+                let (rtype, id) = parse_reference(s);
+                out.push(SearchValue::Reference {
+                    rtype,
+                    id,
+                    url: s.clone(),
+                });
+            }
+            _ => {}
+        },
+        ParamType::Quantity => {
+            if let Some(value) = v.get("value").and_then(decimal_of) {
+                if let Some(cur) = opt_str(v, "currency") {
+                    out.push(SearchValue::Quantity {
+                        value,
+                        system: Some("urn:iso:std:iso:4217".into()),
+                        code: Some(cur),
+                        unit: None,
+                    });
+                } else {
+                    out.push(SearchValue::Quantity {
+                        value,
+                        system: opt_str(v, "system"),
+                        code: opt_str(v, "code"),
+                        unit: opt_str(v, "unit"),
+                    });
+                }
+            }
+        }
+        ParamType::Number => {
+            if let Some(d) = decimal_of(v) {
+                out.push(SearchValue::Number(d));
+            }
+        }
+        ParamType::Uri => {
+            if let Some(s) = v.as_str() {
+                out.push(SearchValue::Uri(s.to_owned()));
+            }
+        }
+        ParamType::Composite | ParamType::Special => {}
+    }
+}
+
+/// The values of parameter `def` in `resource`. Never panics on any JSON.
+pub fn extract(def: &SearchParamDef, resource: &Value) -> Vec<SearchValue> {
+    let Some(compiled) = REGISTRY
+        .compiled
+        .get(&(def.base.clone(), def.code.clone()))
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    match compiled {
+        Compiled::Deceased => {
+            let dead = resource
+                .get("deceasedBoolean")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                || resource.get("deceasedDateTime").is_some();
+            out.push(SearchValue::Token {
+                system: None,
+                code: Some(dead.to_string()),
+                text: None,
+            });
+        }
+        Compiled::Paths(paths) => {
+            let mut nodes = Vec::new();
+            for p in paths {
+                eval(resource, p, &mut nodes);
+            }
+            for n in nodes {
+                convert(def.ptype, n, &mut out);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const REQUIRED: &[&str] = &[
+        "Patient",
+        "Practitioner",
+        "Organization",
+        "Encounter",
+        "Condition",
+        "Observation",
+        "Procedure",
+        "MedicationRequest",
+        "AllergyIntolerance",
+        "Immunization",
+        "DiagnosticReport",
+        "DocumentReference",
+        "Claim",
+        "ExplanationOfBenefit",
+        "CarePlan",
+        "Coverage",
+    ];
+
+    #[test]
+    fn every_parameter_of_the_required_types_is_served() {
+        // every non-composite, non-special parameter in the definitions for these types
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(SEARCH_PARAMS_GZ)
+            .read_to_end(&mut text)
+            .unwrap();
+        let b: Value = serde_json::from_slice(&text).unwrap();
+        let mut missing = Vec::new();
+        for e in b["entry"].as_array().unwrap() {
+            let r = &e["resource"];
+            let t = r["type"].as_str().unwrap();
+            if t == "composite" || t == "special" {
+                continue;
+            }
+            for base in r["base"].as_array().unwrap() {
+                let base = base.as_str().unwrap();
+                if REQUIRED.contains(&base) {
+                    let code = r["code"].as_str().unwrap();
+                    if search_param(base, code).is_none() {
+                        missing.push(format!("{base}.{code}"));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not served: {missing:?}");
+        for t in REQUIRED {
+            assert!(search_param(t, "_id").is_some());
+            assert!(search_param(t, "_lastUpdated").is_some());
+        }
+    }
+
+    fn def(t: &str, c: &str) -> &'static SearchParamDef {
+        search_param(t, c).unwrap_or_else(|| panic!("{t}.{c}"))
+    }
+
+    #[test]
+    fn patient_values() {
+        let p = json!({
+            "resourceType": "Patient",
+            "name": [{"family": "Chalmers", "given": ["Peter", "James"]}],
+            "birthDate": "1974-12-25",
+            "gender": "male",
+            "identifier": [{"system": "urn:oid:1", "value": "12345"}],
+            "telecom": [{"system": "phone", "value": "555-0100"}, {"system": "email", "value": "p@x.org"}],
+            "address": [{"line": ["534 Erewhon St"], "city": "PleasantVille"}],
+            "deceasedDateTime": "2020-01-01"
+        });
+        assert_eq!(extract(def("Patient", "family"), &p), vec![SearchValue::String("Chalmers".into())]);
+        assert_eq!(extract(def("Patient", "name"), &p).len(), 3);
+        assert_eq!(extract(def("Patient", "address"), &p).len(), 2);
+        assert_eq!(
+            extract(def("Patient", "identifier"), &p),
+            vec![SearchValue::Token { system: Some("urn:oid:1".into()), code: Some("12345".into()), text: None }]
+        );
+        assert_eq!(
+            extract(def("Patient", "phone"), &p),
+            vec![SearchValue::Token { system: None, code: Some("555-0100".into()), text: None }]
+        );
+        assert_eq!(extract(def("Patient", "telecom"), &p).len(), 2);
+        assert!(matches!(extract(def("Patient", "birthdate"), &p)[..], [SearchValue::Date(_)]));
+        assert_eq!(
+            extract(def("Patient", "deceased"), &p),
+            vec![SearchValue::Token { system: None, code: Some("true".into()), text: None }]
+        );
+        assert_eq!(
+            extract(def("Patient", "gender"), &p),
+            vec![SearchValue::Token { system: None, code: Some("male".into()), text: None }]
+        );
+    }
+
+    #[test]
+    fn observation_values() {
+        let o = json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose"}]},
+            "subject": {"reference": "Patient/abc"},
+            "effectiveDateTime": "2020-03-15T10:30:00Z",
+            "valueQuantity": {"value": 5.4, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"}
+        });
+        assert_eq!(
+            extract(def("Observation", "patient"), &o),
+            vec![SearchValue::Reference { rtype: Some("Patient".into()), id: Some("abc".into()), url: "Patient/abc".into() }]
+        );
+        assert_eq!(extract(def("Observation", "subject"), &o).len(), 1);
+        assert_eq!(extract(def("Observation", "code"), &o).len(), 1);
+        assert!(matches!(extract(def("Observation", "date"), &o)[..], [SearchValue::Date(_)]));
+        match &extract(def("Observation", "value-quantity"), &o)[..] {
+            [SearchValue::Quantity { value, code, .. }] => {
+                assert!((value.value - 5.4).abs() < 1e-9);
+                assert_eq!(code.as_deref(), Some("mmol/L"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let g = json!({"resourceType": "Observation", "subject": {"reference": "Group/g1"}});
+        assert!(extract(def("Observation", "patient"), &g).is_empty());
+        let p = json!({"resourceType": "Observation", "effectivePeriod": {"start": "2020-01-01"}});
+        match &extract(def("Observation", "date"), &p)[..] {
+            [SearchValue::Date(r)] => assert_eq!(r.hi, i64::MAX),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_types() {
+        let c = json!({"resourceType": "Condition", "onsetDateTime": "2019-05", "subject": {"reference": "Patient/p"}});
+        assert_eq!(extract(def("Condition", "onset-date"), &c).len(), 1);
+        let m = json!({"resourceType": "MedicationRequest", "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "197361"}]}});
+        assert_eq!(extract(def("MedicationRequest", "code"), &m).len(), 1);
+        let e = json!({"resourceType": "Encounter", "period": {"start": "2020-01-01T10:00:00Z", "end": "2020-01-01T11:00:00Z"},
+            "participant": [{"individual": {"reference": "Practitioner/d1"}}]});
+        assert_eq!(extract(def("Encounter", "practitioner"), &e).len(), 1);
+        assert_eq!(extract(def("Encounter", "date"), &e).len(), 1);
+        let cl = json!({"resourceType": "Claim", "total": {"value": 12.5, "currency": "USD"}, "created": "2020-01-01"});
+        assert_eq!(extract(def("Claim", "created"), &cl).len(), 1);
+        assert_eq!(
+            parse_reference("https://x.org/fhir/Patient/12/_history/3"),
+            (Some("Patient".into()), Some("12".into()))
+        );
+        assert_eq!(parse_reference("urn:uuid:abc"), (None, None));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn extraction_never_panics(v in proptest::arbitrary::any::<String>()) {
+            let j: Value = serde_json::from_str(&v).unwrap_or(Value::String(v.clone()));
+            for t in ["Patient", "Observation", "Encounter"] {
+                for d in search_params(t) {
+                    let _ = extract(d, &j);
+                    let _ = extract(d, &json!({"name": [j.clone()], "code": j.clone(), "subject": j.clone(), "effectivePeriod": j.clone()}));
+                }
+            }
+        }
+    }
+}
