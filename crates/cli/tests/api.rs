@@ -328,10 +328,39 @@ fn conditional_create() {
     expect(&r, 412, "two matches");
     assert!(r.is_outcome());
     assert_eq!(history_len(&s, t, "Patient"), before);
-    // unsupported / empty criteria
+    // any search parameter can be a criterion: the family name of the first patient
+    let family = p["name"][0]["family"].as_str().expect("family").to_owned();
+    let before = history_len(&s, t, "Patient");
+    let r = post_with(
+        &s,
+        "Patient",
+        t,
+        &p,
+        &[(
+            "If-None-Exist",
+            &format!("family={family}&birthdate=1971-02-03"),
+        )],
+    );
+    assert!(
+        r.status == 200 || r.status == 412,
+        "matched by family and birth date: {}",
+        r.status
+    );
+    assert_eq!(history_len(&s, t, "Patient"), before, "nothing created");
+    // unknown / result parameters / empty criteria
     expect_4xx(
-        &post_with(&s, "Patient", t, &p, &[("If-None-Exist", "name=Smith")]),
-        "unsupported criterion",
+        &post_with(&s, "Patient", t, &p, &[("If-None-Exist", "nonsense=Smith")]),
+        "unknown criterion",
+    );
+    expect_4xx(
+        &post_with(
+            &s,
+            "Patient",
+            t,
+            &p,
+            &[("If-None-Exist", "family=x&_count=1")],
+        ),
+        "result parameter",
     );
     expect_4xx(
         &post_with(&s, "Patient", t, &p, &[("If-None-Exist", "identifier=")]),

@@ -309,7 +309,9 @@ fn synthetic_patients_leave_no_phi_at_rest_and_read_back_unchanged() {
     let enc = |v: &str| -> String {
         v.bytes()
             .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
+                    (b as char).to_string()
+                }
                 _ => format!("%{b:02X}"),
             })
             .collect()
@@ -318,17 +320,24 @@ fn synthetic_patients_leave_no_phi_at_rest_and_read_back_unchanged() {
     for (i, (_, bundle)) in bundles.iter().enumerate().take(25) {
         let patient = bundle["entry"]
             .as_array()
-            .and_then(|e| e.iter().find(|e| e["resource"]["resourceType"] == "Patient"))
+            .and_then(|e| {
+                e.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Patient")
+            })
             .map(|e| e["resource"].clone())
             .expect("patient");
         let (_, target) = pairs
             .iter()
-            .find(|(sent, _)| sent["resourceType"] == "Patient" && sent["identifier"] == patient["identifier"])
+            .find(|(sent, _)| {
+                sent["resourceType"] == "Patient" && sent["identifier"] == patient["identifier"]
+            })
             .expect("loaded patient");
         let id = target.trim_start_matches("Patient/");
         let family = patient["name"][0]["family"].as_str().expect("family");
         let birth = patient["birthDate"].as_str().expect("birthDate");
-        let ident = patient["identifier"][0]["value"].as_str().expect("identifier");
+        let ident = patient["identifier"][0]["value"]
+            .as_str()
+            .expect("identifier");
         let queries = [
             format!("Patient?family={}&birthdate={}", enc(family), enc(birth)),
             format!("Patient?identifier={}", enc(ident)),
@@ -337,21 +346,38 @@ fn synthetic_patients_leave_no_phi_at_rest_and_read_back_unchanged() {
         ];
         for q in &queries {
             let r = s.get(q, &t);
-            assert_eq!(r.status, 200, "patient {}: search failed: {}", i + 1, String::from_utf8_lossy(&r.body));
+            assert_eq!(
+                r.status,
+                200,
+                "patient {}: search failed: {}",
+                i + 1,
+                String::from_utf8_lossy(&r.body)
+            );
             let b = r.json();
             let ids: Vec<&str> = b["entry"]
                 .as_array()
-                .map(|e| e.iter().filter_map(|e| e["resource"]["id"].as_str()).collect())
+                .map(|e| {
+                    e.iter()
+                        .filter_map(|e| e["resource"]["id"].as_str())
+                        .collect()
+                })
                 .unwrap_or_default();
             if q.starts_with("Patient?") {
-                assert!(ids.contains(&id), "patient {}: search did not find the patient", i + 1);
+                assert!(
+                    ids.contains(&id),
+                    "patient {}: search did not find the patient",
+                    i + 1
+                );
             } else {
                 assert!(!ids.is_empty(), "patient {}: no observations found", i + 1);
             }
             if let Some(links) = b["link"].as_array() {
                 for l in links {
                     let url = l["url"].as_str().unwrap_or("");
-                    assert!(!url.contains(family) && !url.contains(ident) && !url.contains(birth), "search values in a link");
+                    assert!(
+                        !url.contains(family) && !url.contains(ident) && !url.contains(birth),
+                        "search values in a link"
+                    );
                 }
             }
             searched += 1;

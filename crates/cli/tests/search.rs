@@ -39,9 +39,10 @@ fn ids(b: &Value) -> BTreeSet<String> {
 }
 
 fn next_link(b: &Value) -> Option<String> {
-    b["link"].as_array()?.iter().find_map(|l| {
-        (l["relation"] == "next").then(|| l["url"].as_str().unwrap_or("").to_owned())
-    })
+    b["link"]
+        .as_array()?
+        .iter()
+        .find_map(|l| (l["relation"] == "next").then(|| l["url"].as_str().unwrap_or("").to_owned()))
 }
 
 /// Every page of a search, following `next` links.
@@ -147,7 +148,7 @@ fn cursors_are_opaque_bound_and_tamper_evident() {
         .as_str()
         .expect("family")
         .to_owned();
-    let r = s.get(&format!("Observation?_count=3&_sort=-_lastUpdated"), &t);
+    let r = s.get("Observation?_count=3&_sort=-_lastUpdated", &t);
     assert_eq!(r.status, 200);
     let b = r.json();
     let next = next_link(&b).expect("a next link");
@@ -155,7 +156,10 @@ fn cursors_are_opaque_bound_and_tamper_evident() {
     let r = s.get(&format!("Patient?family={}&_count=1", enc(&family)), &t);
     let b = r.json();
     for l in b["link"].as_array().expect("links") {
-        assert!(!l["url"].as_str().unwrap_or("").contains(&family), "search value in a link");
+        assert!(
+            !l["url"].as_str().unwrap_or("").contains(&family),
+            "search value in a link"
+        );
     }
     // the cursor works for its client only
     let other = s.token("system/*.cruds");
@@ -231,7 +235,10 @@ fn bad_input_is_a_4xx_outcome_and_work_is_bounded() {
         "POST",
         &format!("{}/Patient/_search", s.base),
         Some(&t),
-        Some(("application/x-www-form-urlencoded", b"gender=male,female,other,unknown".to_vec())),
+        Some((
+            "application/x-www-form-urlencoded",
+            b"gender=male,female,other,unknown".to_vec(),
+        )),
         &[],
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -239,7 +246,11 @@ fn bad_input_is_a_4xx_outcome_and_work_is_bounded() {
     // a search needs the s scope
     let read_only = s.token("system/*.r");
     assert_eq!(s.get("Patient?gender=male", &read_only).status, 403);
-    assert_eq!(s.send("GET", &format!("{}/Patient", s.base), None, None, &[]).status, 401);
+    assert_eq!(
+        s.send("GET", &format!("{}/Patient", s.base), None, None, &[])
+            .status,
+        401
+    );
 }
 
 #[test]
@@ -247,7 +258,12 @@ fn every_search_is_audited_with_what_it_disclosed() {
     let s = Server::start();
     let t = s.token("system/*.cruds");
     let bundles = s.load_synth(&t, 2, SEED);
-    let pid = bundles[0].1.values().find(|v| v.starts_with("Patient/")).expect("patient").clone();
+    let pid = bundles[0]
+        .1
+        .values()
+        .find(|v| v.starts_with("Patient/"))
+        .expect("patient")
+        .clone();
     let r = s.get(&format!("Observation?subject={pid}&_count=4"), &t);
     assert_eq!(r.status, 200);
     let request_id = r.header("x-request-id").expect("request id").to_owned();
@@ -263,7 +279,13 @@ fn every_search_is_audited_with_what_it_disclosed() {
         .as_array()
         .expect("entities")
         .iter()
-        .map(|x| format!("{}/{}", x["resource_type"].as_str().unwrap_or(""), x["resource_id"].as_str().unwrap_or("")))
+        .map(|x| {
+            format!(
+                "{}/{}",
+                x["resource_type"].as_str().unwrap_or(""),
+                x["resource_id"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     assert_eq!(listed, shown, "the event lists exactly what was returned");
     assert_eq!(e["patient"], pid.trim_start_matches("Patient/"));
@@ -278,11 +300,17 @@ fn index_check_reports_the_coincidence_band() {
     let t = s.token("system/*.cruds");
     s.load_synth(&t, 70, SEED);
     s.stop();
-    let o = run(&["index", "check", "--data-dir", s.data.to_str().expect("path")]);
+    let o = run(&[
+        "index",
+        "check",
+        "--data-dir",
+        s.data.to_str().expect("path"),
+    ]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("Patient.family\t70\t"), "{out}");
     assert!(
-        out.lines().any(|l| l.starts_with("Patient.family\t") && l.ends_with("in band")),
+        out.lines()
+            .any(|l| l.starts_with("Patient.family\t") && l.ends_with("in band")),
         "{out}"
     );
     assert!(o.status.success(), "index check failed:\n{out}");
@@ -291,7 +319,12 @@ fn index_check_reports_the_coincidence_band() {
     let t = s16.token("system/*.cruds");
     s16.load_synth(&t, 70, SEED);
     s16.stop();
-    let o = run(&["index", "check", "--data-dir", s16.data.to_str().expect("path")]);
+    let o = run(&[
+        "index",
+        "check",
+        "--data-dir",
+        s16.data.to_str().expect("path"),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("BELOW band"));
 }

@@ -612,14 +612,19 @@ mod tests {
         let a = t12.token(b"=smith");
         assert_eq!(a.len(), 2);
         assert_eq!(a[1] & 0x0f, 0, "unused bits cleared");
-        assert_eq!(&a[..1], &k.token(b"=smith")[..1], "a prefix of the full token");
+        assert_eq!(
+            &a[..1],
+            &k.token(b"=smith")[..1],
+            "a prefix of the full token"
+        );
         assert_eq!(t12.token(b"=smith"), a);
         assert_eq!(k.truncating(16).token(b"=smith").len(), 2);
         assert_eq!(k.truncating(17).token(b"=smith").len(), 3);
         // with 4 bits, 200 distinct values fall into at most 16 tokens
         let t4 = k.truncating(4);
-        let set: std::collections::HashSet<Vec<u8>> =
-            (0..200).map(|i| t4.token(format!("v{i}").as_bytes())).collect();
+        let set: std::collections::HashSet<Vec<u8>> = (0..200)
+            .map(|i| t4.token(format!("v{i}").as_bytes()))
+            .collect();
         assert!(set.len() <= 16);
         assert!(format!("{t4:?}").contains("redacted"));
     }

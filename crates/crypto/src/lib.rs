@@ -30,9 +30,9 @@ mod util;
 pub use error::CryptoError;
 pub use files::{check_private_file, read_private_file, write_private_file};
 pub use keys::{
-    BlindIndexKey, TruncatedIndexKey, DEK_AAD_LABEL, DataKey, HKDF_SALT, KCV_MESSAGE, KeyHierarchy, LABEL_BLIND_ROOT,
+    BlindIndexKey, DEK_AAD_LABEL, DataKey, HKDF_SALT, KCV_MESSAGE, KeyHierarchy, LABEL_BLIND_ROOT,
     LABEL_BLIND_SCOPE_PREFIX, LABEL_KCV, LABEL_KEK, LABEL_SEALED_SECRET, LABEL_SUBKEY_PREFIX,
-    MasterKey, WRAPPED_DATA_KEY_LEN,
+    MasterKey, TruncatedIndexKey, WRAPPED_DATA_KEY_LEN,
 };
 pub use pki::{DEV_CA_VALIDITY_DAYS, DEV_SERVER_VALIDITY_DAYS, DevPki, generate_dev_pki};
 pub use record::{MAX_PLAINTEXT_LEN, RECORD_AAD_LABEL, RECORD_FORMAT_V1, RecordAad, ZSTD_LEVEL};

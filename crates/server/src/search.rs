@@ -371,11 +371,7 @@ fn sort_key(keys: &[SortKey], l: &Loaded) -> Vec<KeyVal> {
         .collect()
 }
 
-fn cmp_keys(
-    keys: &[SortKey],
-    a: (&[KeyVal], &str),
-    b: (&[KeyVal], &str),
-) -> std::cmp::Ordering {
+fn cmp_keys(keys: &[SortKey], a: (&[KeyVal], &str), b: (&[KeyVal], &str)) -> std::cmp::Ordering {
     for (i, k) in keys.iter().enumerate() {
         let (Some(x), Some(y)) = (a.0.get(i), b.0.get(i)) else {
             break;
@@ -458,7 +454,10 @@ impl Request {
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| bad())?;
-        let plain = app.engine.open_secret(CURSOR_LABEL, &sealed).ok_or_else(bad)?;
+        let plain = app
+            .engine
+            .open_secret(CURSOR_LABEL, &sealed)
+            .ok_or_else(bad)?;
         let c: Cursor = serde_json::from_slice(&plain).map_err(|_| bad())?;
         if c.v != 1 || c.c != client || c.x < now_ms() {
             return Err(bad());
@@ -672,12 +671,16 @@ fn includes(
                 }
             }
             for rev in &revs {
-                if rev.target_type.as_ref().is_some_and(|tt| *tt != m.row.rtype)
+                if rev
+                    .target_type
+                    .as_ref()
+                    .is_some_and(|tt| *tt != m.row.rtype)
                     || !readable(&rev.source_type)
                 {
                     continue;
                 }
-                let crit = reference_criterion(rev.param, &m.row.rtype, &[m.row.id.clone()]);
+                let crit =
+                    reference_criterion(rev.param, &m.row.rtype, std::slice::from_ref(&m.row.id));
                 let plan = Plan::new(app, &rev.source_type, &[crit], None)?;
                 for l in plan.all(app, MAX_INCLUDED)? {
                     if seen.insert((l.row.rtype.clone(), l.row.id.clone())) {
@@ -785,28 +788,26 @@ pub fn entities(page: &Page) -> Vec<phivault_audit::Entity> {
         .collect()
 }
 
-/// Visit every resource of `rtype` in `patient`'s compartment (for `$everything`); stops
-/// early when `visit` returns false. Err on any failure (the stream is then aborted).
+/// Visit every resource of `rtype` in `patient`'s compartment (for `$everything`).
+/// Ok(false) when `visit` stopped it (the receiver went away).
 pub fn stream_compartment(
     app: &App,
     rtype: &str,
     patient: &str,
     visit: &mut dyn FnMut(Loaded) -> bool,
-) -> Result<(), ()> {
-    let plan = Plan::new(app, rtype, &[], Some(patient)).map_err(|_| ())?;
+) -> Result<bool, ApiError> {
+    let plan = Plan::new(app, rtype, &[], Some(patient))?;
     let mut after: Option<String> = None;
     loop {
-        let batch = plan
-            .next_candidates(app, after.as_deref(), CANDIDATE_BATCH)
-            .map_err(|_| ())?;
+        let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
         let Some(last) = batch.last().cloned() else {
-            return Ok(());
+            return Ok(true);
         };
         for id in &batch {
-            if let Some(l) = plan.verify(app, id).map_err(|_| ())?
+            if let Some(l) = plan.verify(app, id)?
                 && !visit(l)
             {
-                return Err(());
+                return Ok(false);
             }
         }
         after = Some(last);

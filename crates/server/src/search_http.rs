@@ -99,13 +99,23 @@ pub async fn compartment(
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
         if rtype != "Patient" {
-            return Err(ApiError::not_found("only the Patient compartment is served"));
+            return Err(ApiError::not_found(
+                "only the Patient compartment is served",
+            ));
         }
         crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
         ctx.patient = Some(id.clone());
         drop(auth);
         let pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
-        run(&app, &mut ctx, &headers, ctype.clone(), Some(id.clone()), pairs).await
+        run(
+            &app,
+            &mut ctx,
+            &headers,
+            ctype.clone(),
+            Some(id.clone()),
+            pairs,
+        )
+        .await
     }
     .await;
     finish(&app, ctx, r).await
@@ -129,7 +139,9 @@ async fn run(
             }
             let r = Request::from_cursor(app, c, auth.client_id())?;
             if r.rtype != rtype {
-                return Err(ApiError::bad_request("the cursor belongs to another search"));
+                return Err(ApiError::bad_request(
+                    "the cursor belongs to another search",
+                ));
             }
             r
         }
@@ -237,7 +249,7 @@ async fn everything(
         let mut first = true;
         let mut failed = false;
         for t in types {
-            if let Err(()) = search::stream_compartment(&a, t, &id, &mut |l| {
+            let r = search::stream_compartment(&a, t, &id, &mut |l| {
                 let entry = json!({
                     "fullUrl": format!("{}/{}/{}", a.base_url, l.row.rtype, l.row.id),
                     "resource": l.json,
@@ -252,7 +264,8 @@ async fn everything(
                     return false;
                 }
                 send(b)
-            }) {
+            });
+            if !matches!(r, Ok(true)) {
                 failed = true;
                 break;
             }

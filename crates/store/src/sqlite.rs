@@ -16,9 +16,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::{
-    Candidates, CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, IndexStats, SignedHead,
-    Store, StoreError,
-    VersionRow, WriteBatch,
+    Candidates, CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, IndexStats,
+    SignedHead, Store, StoreError, VersionRow, WriteBatch,
 };
 
 /// Most batches one group commit takes.
@@ -764,7 +763,9 @@ fn apply_batch(
             .map_err(e)?;
         }
         let mut ins = tx
-            .prepare_cached("INSERT OR IGNORE INTO search_index (ix, token, id) VALUES (?1, ?2, ?3)")
+            .prepare_cached(
+                "INSERT OR IGNORE INTO search_index (ix, token, id) VALUES (?1, ?2, ?3)",
+            )
             .map_err(e)?;
         for entry in put.index.iter().filter(|_| !row.deleted) {
             ins.execute(params![
@@ -802,8 +803,8 @@ fn matching_ids(
     let mut candidates =
         c.prepare_cached("SELECT id FROM search_index WHERE ix = ?1 AND token = ?2")?;
     let mut rows = candidates.query(params![index_no(rtype, &first.param), first.token])?;
-    let mut check = c
-        .prepare_cached("SELECT 1 FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3")?;
+    let mut check =
+        c.prepare_cached("SELECT 1 FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3")?;
     let mut out = Vec::new();
     'ids: while let Some(r) = rows.next()? {
         let id = read_id(r, 0)?;

@@ -334,7 +334,11 @@ fn candidate_queries(store: &dyn Store) {
     let got = store
         .candidates("Condition", &C::Or(vec![even, three]), None, 100)
         .unwrap();
-    assert_eq!(got.len(), 19 + 7, "OR: 19 even (one deleted) + 7 odd multiples of 3");
+    assert_eq!(
+        got.len(),
+        19 + 7,
+        "OR: 19 even (one deleted) + 7 odd multiples of 3"
+    );
     // paging: after + limit walk the same order without gaps or repeats
     let all = store.candidates("Condition", &C::All, None, 1000).unwrap();
     assert_eq!(all.len(), 39);
@@ -361,13 +365,21 @@ fn candidate_queries(store: &dyn Store) {
     assert!(page1.last() < page2.first());
     // All inside And narrows nothing
     let q = C::And(vec![C::All, t("flag", &[b"three"])]);
-    assert_eq!(store.candidates("Condition", &q, None, 100).unwrap().len(), 13);
+    assert_eq!(
+        store.candidates("Condition", &q, None, 100).unwrap().len(),
+        13
+    );
     let st = store.index_stats("Condition", "code", b"none").unwrap();
     assert_eq!(st.rows, 39);
     assert_eq!(st.distinct_tokens, 2);
     assert_eq!(st.max_rows_per_token, 20);
-    let st = store.index_stats("Condition", "_present_code", b"p").unwrap();
-    assert_eq!(st.resources, 40, "the deleted one's presence token was not named in replaces");
+    let st = store
+        .index_stats("Condition", "_present_code", b"p")
+        .unwrap();
+    assert_eq!(
+        st.resources, 40,
+        "the deleted one's presence token was not named in replaces"
+    );
 }
 
 fn key_conflict(store: &dyn Store) {

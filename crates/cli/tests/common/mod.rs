@@ -93,7 +93,11 @@ impl Server {
             .args(init_args)
             .output()
             .expect("init");
-        assert!(o.status.success(), "init: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let (child, origin, stderr) = launch(&data);
         let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
         let agent = agent_for(&ca);
@@ -110,12 +114,22 @@ impl Server {
 
     /// Load synthetic patients (`phivault synth`) as transactions; returns the bundles
     /// sent and, per bundle, the map from `urn:uuid:` fullUrl to `Type/id`.
-    pub fn load_synth(&self, token: &str, patients: usize, seed: u64) -> Vec<(Value, std::collections::HashMap<String, String>)> {
+    pub fn load_synth(
+        &self,
+        token: &str,
+        patients: usize,
+        seed: u64,
+    ) -> Vec<(Value, std::collections::HashMap<String, String>)> {
         let mut out = Vec::new();
         for i in 0..patients {
             let bundle = phivault_synth::patient_bundle(seed, i);
             let r = self.post("", token, &bundle);
-            assert_eq!(r.status, 200, "transaction: {}", String::from_utf8_lossy(&r.body));
+            assert_eq!(
+                r.status,
+                200,
+                "transaction: {}",
+                String::from_utf8_lossy(&r.body)
+            );
             let resp = r.json();
             let mut map = std::collections::HashMap::new();
             for (e, g) in bundle["entry"]

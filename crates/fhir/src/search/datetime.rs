@@ -42,7 +42,11 @@ fn digits(s: &[u8], n: usize) -> Option<i64> {
     if s.len() < n || !s[..n].iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(s[..n].iter().fold(0i64, |a, b| a * 10 + i64::from(b - b'0')))
+    Some(
+        s[..n]
+            .iter()
+            .fold(0i64, |a, b| a * 10 + i64::from(b - b'0')),
+    )
 }
 
 /// Parse FHIR date, dateTime or instant text (also `YYYY-MM-DDThh:mm`, allowed in search
@@ -231,16 +235,30 @@ mod tests {
         let f = parse_date("2020-03-15T10:30:00.25Z").unwrap();
         assert_eq!(f.lo - t.lo, 250);
         assert_eq!(f.hi - f.lo, 1);
-        assert_eq!(civil_from_days(days_from_civil(1999, 12, 31)), (1999, 12, 31));
+        assert_eq!(
+            civil_from_days(days_from_civil(1999, 12, 31)),
+            (1999, 12, 31)
+        );
         assert_eq!(civil_from_days(days_from_civil(1, 1, 1)), (1, 1, 1));
     }
 
     #[test]
     fn invalid_dates() {
         for s in [
-            "", "20", "2020-13", "2020-02-30", "2019-02-29", "0000", "2020-1-1", "2020-01-01T",
-            "2020-01-01T24:00", "2020-01-01T10:00Q", "2020-01-01T10:00:00+1:00", "abcd",
-            "2020-01-01T10:00:00.", "2020-01-01 10:00",
+            "",
+            "20",
+            "2020-13",
+            "2020-02-30",
+            "2019-02-29",
+            "0000",
+            "2020-1-1",
+            "2020-01-01T",
+            "2020-01-01T24:00",
+            "2020-01-01T10:00Q",
+            "2020-01-01T10:00:00+1:00",
+            "abcd",
+            "2020-01-01T10:00:00.",
+            "2020-01-01 10:00",
         ] {
             assert_eq!(parse_date(s), None, "{s}");
         }
@@ -255,7 +273,9 @@ mod tests {
         assert!((parse_decimal("1e3").unwrap().half_ulp - 500.0).abs() < 1e-9);
         assert!((parse_decimal("1.5E-2").unwrap().half_ulp - 0.0005).abs() < 1e-12);
         assert_eq!(parse_decimal("-2").unwrap().value, -2.0);
-        for s in ["", "abc", "1.", ".5", "NaN", "inf", "1e", "1e999", "--1", "1.2.3"] {
+        for s in [
+            "", "abc", "1.", ".5", "NaN", "inf", "1e", "1e999", "--1", "1.2.3",
+        ] {
             assert!(parse_decimal(s).is_none(), "{s}");
         }
     }

@@ -164,10 +164,10 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
             out.push(term(*k, b.as_bytes()));
         }
     }
-    if let Some((t, low_side)) = open {
-        if (low_side && r.lo.is_none()) || (!low_side && r.hi.is_none()) {
-            out.push(t.to_vec());
-        }
+    if let Some((t, low_side)) = open
+        && ((low_side && r.lo.is_none()) || (!low_side && r.hi.is_none()))
+    {
+        out.push(t.to_vec());
     }
     out
 }
@@ -188,7 +188,7 @@ pub fn index_terms(def: &SearchParamDef, value: &SearchValue, out: &mut Vec<Vec<
             for w in 0..chars.len().saturating_sub(PREFIX_CHARS - 1) {
                 let start = chars[w].0;
                 let end = chars.get(w + PREFIX_CHARS).map_or(n.len(), |c| c.0);
-                out.push(term(b'3', n[start..end].as_bytes()));
+                out.push(term(b'3', &n.as_bytes()[start..end]));
             }
         }
         SearchValue::Token { system, code, .. } => {
@@ -213,7 +213,10 @@ pub fn index_terms(def: &SearchParamDef, value: &SearchValue, out: &mut Vec<Vec<
             value, code, unit, ..
         } => {
             if value.value.abs() < 1e15 {
-                out.push(term(b'n', format!("{}", value.value.floor() as i64).as_bytes()));
+                out.push(term(
+                    b'n',
+                    format!("{}", value.value.floor() as i64).as_bytes(),
+                ));
             }
             for u in [code, unit].into_iter().flatten() {
                 out.push(term(b'q', u.as_bytes()));
@@ -548,7 +551,11 @@ mod tests {
         }
     }
 
-    fn complete(def: &'static SearchParamDef, values: &[SearchValue], criteria: &[Criterion]) -> bool {
+    fn complete(
+        def: &'static SearchParamDef,
+        values: &[SearchValue],
+        criteria: &[Criterion],
+    ) -> bool {
         let mut have = HashSet::new();
         let mut t = Vec::new();
         for v in values {
@@ -670,30 +677,85 @@ mod tests {
             text: None,
         };
         for qv in [
-            QueryValue::Token { system: None, code: Some("2339-0".into()) },
-            QueryValue::Token { system: Some(Some("http://loinc.org".into())), code: Some("2339-0".into()) },
+            QueryValue::Token {
+                system: None,
+                code: Some("2339-0".into()),
+            },
+            QueryValue::Token {
+                system: Some(Some("http://loinc.org".into())),
+                code: Some("2339-0".into()),
+            },
         ] {
-            assert!(complete(code, std::slice::from_ref(&v), &[crit(code, Modifier::None, qv)]));
+            assert!(complete(
+                code,
+                std::slice::from_ref(&v),
+                &[crit(code, Modifier::None, qv)]
+            ));
         }
-        assert!(!complete(code, std::slice::from_ref(&v), &[crit(code, Modifier::None, QueryValue::Token { system: None, code: Some("x".into()) })]));
+        assert!(!complete(
+            code,
+            std::slice::from_ref(&v),
+            &[crit(
+                code,
+                Modifier::None,
+                QueryValue::Token {
+                    system: None,
+                    code: Some("x".into())
+                }
+            )]
+        ));
         let subj = search_param("Observation", "subject").unwrap();
-        let r = SearchValue::Reference { rtype: Some("Patient".into()), id: Some("p1".into()), url: "Patient/p1".into() };
+        let r = SearchValue::Reference {
+            rtype: Some("Patient".into()),
+            id: Some("p1".into()),
+            url: "Patient/p1".into(),
+        };
         for qv in [
-            QueryValue::Reference { rtype: Some("Patient".into()), id: "p1".into(), is_url: false },
-            QueryValue::Reference { rtype: None, id: "p1".into(), is_url: false },
-            QueryValue::Reference { rtype: None, id: "https://x/fhir/Patient/p1".into(), is_url: true },
+            QueryValue::Reference {
+                rtype: Some("Patient".into()),
+                id: "p1".into(),
+                is_url: false,
+            },
+            QueryValue::Reference {
+                rtype: None,
+                id: "p1".into(),
+                is_url: false,
+            },
+            QueryValue::Reference {
+                rtype: None,
+                id: "https://x/fhir/Patient/p1".into(),
+                is_url: true,
+            },
         ] {
-            assert!(complete(subj, std::slice::from_ref(&r), &[crit(subj, Modifier::None, qv)]));
+            assert!(complete(
+                subj,
+                std::slice::from_ref(&r),
+                &[crit(subj, Modifier::None, qv)]
+            ));
         }
     }
 
     #[test]
     fn a_month_window_is_one_bounded_lookup() {
         let def = search_param("Observation", "date").unwrap();
-        let c = |p, s| crit(def, Modifier::None, QueryValue::Date(p, parse_date(s).unwrap()));
+        let c = |p, s| {
+            crit(
+                def,
+                Modifier::None,
+                QueryValue::Date(p, parse_date(s).unwrap()),
+            )
+        };
         let l = lookup_terms(&[c(Prefix::Ge, "2020-03-01"), c(Prefix::Lt, "2020-04-01")]);
-        let Lookup::Or(parts) = &l else { panic!("{l:?}") };
-        let Lookup::Terms { terms, .. } = &parts[0] else { panic!("{l:?}") };
-        assert_eq!(terms, &vec![b"pM2020-3".to_vec()], "points: one month bucket");
+        let Lookup::Or(parts) = &l else {
+            panic!("{l:?}")
+        };
+        let Lookup::Terms { terms, .. } = &parts[0] else {
+            panic!("{l:?}")
+        };
+        assert_eq!(
+            terms,
+            &vec![b"pM2020-3".to_vec()],
+            "points: one month bucket"
+        );
     }
 }

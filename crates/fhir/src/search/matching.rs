@@ -110,7 +110,13 @@ fn value_matches(m: &Modifier, sv: &SearchValue, qv: &QueryValue) -> bool {
         (SearchValue::Token { text, .. }, QueryValue::Text(q)) => text
             .as_deref()
             .is_some_and(|t| normalize(t).starts_with(&normalize(q))),
-        (SearchValue::Token { system, code, .. }, QueryValue::Token { system: qs, code: qc }) => {
+        (
+            SearchValue::Token { system, code, .. },
+            QueryValue::Token {
+                system: qs,
+                code: qc,
+            },
+        ) => {
             let code_ok = match qc {
                 Some(c) => code.as_deref() == Some(c.as_str()),
                 None => true,
@@ -139,12 +145,21 @@ fn value_matches(m: &Modifier, sv: &SearchValue, qv: &QueryValue) -> bool {
             },
         ) => {
             let sys_ok = qs.as_ref().is_none_or(|s| system.as_ref() == Some(s));
-            let code_ok = qc
-                .as_ref()
-                .is_none_or(|c| code.as_ref() == Some(c) || (code.is_none() && unit.as_ref() == Some(c)) || (qs.is_none() && unit.as_ref() == Some(c)));
+            let code_ok = qc.as_ref().is_none_or(|c| {
+                code.as_ref() == Some(c)
+                    || (code.is_none() && unit.as_ref() == Some(c))
+                    || (qs.is_none() && unit.as_ref() == Some(c))
+            });
             sys_ok && code_ok && number_matches(*prefix, value.value, *q)
         }
-        (SearchValue::Reference { rtype, id, url }, QueryValue::Reference { rtype: qt, id: qid, is_url }) => {
+        (
+            SearchValue::Reference { rtype, id, url },
+            QueryValue::Reference {
+                rtype: qt,
+                id: qid,
+                is_url,
+            },
+        ) => {
             if *is_url {
                 if url == qid {
                     return true;
@@ -199,14 +214,20 @@ impl Criterion {
                     return values.is_empty() == *missing;
                 }
                 match self.modifier {
-                    Modifier::Not => !values
-                        .iter()
-                        .any(|sv| self.values.iter().any(|qv| value_matches(&Modifier::None, sv, qv))),
+                    Modifier::Not => !values.iter().any(|sv| {
+                        self.values
+                            .iter()
+                            .any(|qv| value_matches(&Modifier::None, sv, qv))
+                    }),
                     Modifier::Text => values.iter().any(|sv| {
-                        self.values.iter().any(|qv| value_matches(&self.modifier, sv, qv))
+                        self.values
+                            .iter()
+                            .any(|qv| value_matches(&self.modifier, sv, qv))
                     }),
                     _ => values.iter().any(|sv| {
-                        self.values.iter().any(|qv| value_matches(&self.modifier, sv, qv))
+                        self.values
+                            .iter()
+                            .any(|qv| value_matches(&self.modifier, sv, qv))
                     }),
                 }
             }

@@ -33,6 +33,8 @@ enum Step {
     Resolves(String),
     /// `.where(system='x')`.
     System(String),
+    /// A choice element with its type, as its JSON key (`valueQuantity`).
+    Key(String),
 }
 
 /// A compiled expression: a union of paths, or the deceased special case.
@@ -45,7 +47,8 @@ enum Compiled {
 
 struct Registry {
     by_type: HashMap<String, Vec<SearchParamDef>>,
-    compiled: HashMap<(String, String), Compiled>,
+    /// base type → parameter code → compiled expression
+    compiled: HashMap<String, HashMap<String, Compiled>>,
 }
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(build);
@@ -147,13 +150,20 @@ fn compile(base: &str, expr: &str) -> Option<(Compiled, String)> {
             .strip_prefix("Resource.")
             .map(|r| format!("{base}.{r}"))
             .unwrap_or_else(|| part.to_owned());
-        let applies = part.starts_with(&format!("{base}."))
-            || part.starts_with(&format!("({base}."));
+        let applies =
+            part.starts_with(&format!("{base}.")) || part.starts_with(&format!("({base}."));
         if !applies {
             continue;
         }
         match compile_part(base, &part) {
             Some(p) => {
+                let p = p
+                    .into_iter()
+                    .map(|st| match st {
+                        Step::Field(n, Some(t)) => Step::Key(format!("{n}{}", upper_first(&t))),
+                        other => other,
+                    })
+                    .collect();
                 paths.push(p);
                 kept.push(part);
             }
@@ -257,7 +267,10 @@ fn build() -> Registry {
                     targets: targets.clone(),
                 });
                 if let Some(c) = compiled {
-                    reg.compiled.insert((base.to_owned(), code.to_owned()), c);
+                    reg.compiled
+                        .entry(base.to_owned())
+                        .or_default()
+                        .insert(code.to_owned(), c);
                 }
             }
         }
@@ -313,6 +326,11 @@ fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
                 continue;
             };
             match step {
+                Step::Key(key) => {
+                    if let Some(v) = obj.get(key.as_str()) {
+                        push_flat(v, &mut next);
+                    }
+                }
                 Step::Field(name, Some(ty)) => {
                     if let Some(v) = obj.get(&format!("{name}{}", upper_first(ty))) {
                         push_flat(v, &mut next);
@@ -570,7 +588,8 @@ fn convert(ptype: ParamType, v: &Value, out: &mut Vec<SearchValue>) {
 pub fn extract(def: &SearchParamDef, resource: &Value) -> Vec<SearchValue> {
     let Some(compiled) = REGISTRY
         .compiled
-        .get(&(def.base.clone(), def.code.clone()))
+        .get(def.base.as_str())
+        .and_then(|m| m.get(def.code.as_str()))
     else {
         return Vec::new();
     };
@@ -673,26 +692,48 @@ mod tests {
             "address": [{"line": ["534 Erewhon St"], "city": "PleasantVille"}],
             "deceasedDateTime": "2020-01-01"
         });
-        assert_eq!(extract(def("Patient", "family"), &p), vec![SearchValue::String("Chalmers".into())]);
+        assert_eq!(
+            extract(def("Patient", "family"), &p),
+            vec![SearchValue::String("Chalmers".into())]
+        );
         assert_eq!(extract(def("Patient", "name"), &p).len(), 3);
         assert_eq!(extract(def("Patient", "address"), &p).len(), 2);
         assert_eq!(
             extract(def("Patient", "identifier"), &p),
-            vec![SearchValue::Token { system: Some("urn:oid:1".into()), code: Some("12345".into()), text: None }]
+            vec![SearchValue::Token {
+                system: Some("urn:oid:1".into()),
+                code: Some("12345".into()),
+                text: None
+            }]
         );
         assert_eq!(
             extract(def("Patient", "phone"), &p),
-            vec![SearchValue::Token { system: None, code: Some("555-0100".into()), text: None }]
+            vec![SearchValue::Token {
+                system: None,
+                code: Some("555-0100".into()),
+                text: None
+            }]
         );
         assert_eq!(extract(def("Patient", "telecom"), &p).len(), 2);
-        assert!(matches!(extract(def("Patient", "birthdate"), &p)[..], [SearchValue::Date(_)]));
+        assert!(matches!(
+            extract(def("Patient", "birthdate"), &p)[..],
+            [SearchValue::Date(_)]
+        ));
         assert_eq!(
             extract(def("Patient", "deceased"), &p),
-            vec![SearchValue::Token { system: None, code: Some("true".into()), text: None }]
+            vec![SearchValue::Token {
+                system: None,
+                code: Some("true".into()),
+                text: None
+            }]
         );
         assert_eq!(
             extract(def("Patient", "gender"), &p),
-            vec![SearchValue::Token { system: None, code: Some("male".into()), text: None }]
+            vec![SearchValue::Token {
+                system: None,
+                code: Some("male".into()),
+                text: None
+            }]
         );
     }
 
@@ -708,11 +749,18 @@ mod tests {
         });
         assert_eq!(
             extract(def("Observation", "patient"), &o),
-            vec![SearchValue::Reference { rtype: Some("Patient".into()), id: Some("abc".into()), url: "Patient/abc".into() }]
+            vec![SearchValue::Reference {
+                rtype: Some("Patient".into()),
+                id: Some("abc".into()),
+                url: "Patient/abc".into()
+            }]
         );
         assert_eq!(extract(def("Observation", "subject"), &o).len(), 1);
         assert_eq!(extract(def("Observation", "code"), &o).len(), 1);
-        assert!(matches!(extract(def("Observation", "date"), &o)[..], [SearchValue::Date(_)]));
+        assert!(matches!(
+            extract(def("Observation", "date"), &o)[..],
+            [SearchValue::Date(_)]
+        ));
         match &extract(def("Observation", "value-quantity"), &o)[..] {
             [SearchValue::Quantity { value, code, .. }] => {
                 assert!((value.value - 5.4).abs() < 1e-9);

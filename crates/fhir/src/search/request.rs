@@ -302,7 +302,8 @@ fn has_criterion(rtype: &str, name: &str, value: &str, depth: usize) -> Result<C
         return Err((IssueCode::TooCostly, "_has nests too deeply".into()));
     }
     let mut it = name.splitn(4, ':');
-    let (Some("_has"), Some(src), Some(refp), Some(rest)) = (it.next(), it.next(), it.next(), it.next())
+    let (Some("_has"), Some(src), Some(refp), Some(rest)) =
+        (it.next(), it.next(), it.next(), it.next())
     else {
         return Err(invalid("malformed '_has' parameter".into()));
     };
@@ -311,7 +312,9 @@ fn has_criterion(rtype: &str, name: &str, value: &str, depth: usize) -> Result<C
     }
     let reference = reference_param(src, refp)?;
     if !reference.targets.iter().any(|t| t == rtype) {
-        return Err(invalid("the '_has' reference cannot point to this type".into()));
+        return Err(invalid(
+            "the '_has' reference cannot point to this type".into(),
+        ));
     }
     let inner = if rest.starts_with("_has:") {
         has_criterion(src, rest, value, depth + 1)?
@@ -349,7 +352,9 @@ fn chain_criterion(rtype: &str, name: &str, value: &str) -> Result<Criterion, Pr
     let target_type = match ty {
         Some(t) => {
             if !reference.targets.iter().any(|x| x == t) {
-                return Err(invalid(format!("'{code}' cannot refer to the chained type")));
+                return Err(invalid(format!(
+                    "'{code}' cannot refer to the chained type"
+                )));
             }
             t.to_owned()
         }
@@ -374,7 +379,12 @@ fn chain_criterion(rtype: &str, name: &str, value: &str) -> Result<Criterion, Pr
     })
 }
 
-fn include(rtype: &str, rev: bool, modifier: Option<&str>, value: &str) -> Result<Include, Problem> {
+fn include(
+    rtype: &str,
+    rev: bool,
+    modifier: Option<&str>,
+    value: &str,
+) -> Result<Include, Problem> {
     let iterate = match modifier {
         None => false,
         Some("iterate") | Some("recurse") => true,
@@ -402,7 +412,9 @@ fn include(rtype: &str, rev: bool, modifier: Option<&str>, value: &str) -> Resul
         return Err(invalid("invalid target type in '_include'".into()));
     }
     if rev && !iterate && !param.targets.iter().any(|x| x == rtype) {
-        return Err(invalid("'_revinclude' parameter cannot refer to the searched type".into()));
+        return Err(invalid(
+            "'_revinclude' parameter cannot refer to the searched type".into(),
+        ));
     }
     Ok(Include {
         source_type: src.to_owned(),
@@ -434,7 +446,9 @@ fn sort_keys(rtype: &str, v: &str) -> Result<Vec<SortKey>, Problem> {
                 let def = search_param(rtype, name)
                     .ok_or_else(|| invalid("unknown parameter in '_sort'".into()))?;
                 if matches!(def.ptype, ParamType::Reference) {
-                    return Err(unsupported("sorting by a reference is not supported".into()));
+                    return Err(unsupported(
+                        "sorting by a reference is not supported".into(),
+                    ));
                 }
                 out.push(SortKey {
                     param: Some(def),
@@ -507,7 +521,11 @@ pub fn parse_search(
                     q.summary = match value.as_str() {
                         "count" => Summary::Count,
                         "false" => Summary::False,
-                        _ => return Err(unsupported("only '_summary=count' and 'false' are supported".into())),
+                        _ => {
+                            return Err(unsupported(
+                                "only '_summary=count' and 'false' are supported".into(),
+                            ));
+                        }
                     }
                 }
                 "_elements" => {
@@ -533,7 +551,10 @@ pub fn parse_search(
                     }
                 }
                 "_format" => {
-                    if !matches!(value.as_str(), "json" | "application/fhir+json" | "application/json") {
+                    if !matches!(
+                        value.as_str(),
+                        "json" | "application/fhir+json" | "application/json"
+                    ) {
                         return Err(unsupported("only JSON is served".into()));
                     }
                 }
@@ -590,7 +611,9 @@ mod tests {
     use super::*;
 
     fn p(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -615,7 +638,12 @@ mod tests {
         assert!(matches!(q.criteria[3].target, Target::Chain { .. }));
         assert_eq!(q.include.len(), 1);
         assert!(q.sort[0].descending);
-        let q = parse_search("Patient", &p(&[("_has:Observation:patient:code", "1234")]), false).unwrap();
+        let q = parse_search(
+            "Patient",
+            &p(&[("_has:Observation:patient:code", "1234")]),
+            false,
+        )
+        .unwrap();
         assert!(matches!(q.criteria[0].target, Target::Has { .. }));
     }
 
