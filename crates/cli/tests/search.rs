@@ -307,10 +307,10 @@ fn index_check_reports_the_coincidence_band() {
         s.data.to_str().expect("path"),
     ]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("Patient.family\t70\t"), "{out}");
+    assert!(out.contains("Patient.name\t70\t"), "{out}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("Patient.family\t") && l.ends_with("in band")),
+            .any(|l| l.starts_with("Patient.name\t") && l.contains("\tin band")),
         "{out}"
     );
     assert!(o.status.success(), "index check failed:\n{out}");

@@ -280,12 +280,13 @@ impl Engine {
     }
 
     /// Blind-index entries of a resource: for every search parameter of its type with a
-    /// value, a presence token and the tokens of each value's terms.
+    /// value, the tokens of each value's terms.
     pub fn index_entries(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
         let mut out = Vec::new();
         let mut terms = Vec::new();
         for def in search::search_params(rtype) {
-            if def.expression.is_none() {
+            // parameters whose values are a subset of a wider one's share its index
+            if def.expression.is_none() || search::index_owner(def) != def.code {
                 continue;
             }
             let values = search::extract(def, resource);
@@ -293,7 +294,6 @@ impl Engine {
                 continue;
             }
             terms.clear();
-            terms.push(search::presence_term().to_vec());
             for v in &values {
                 search::index_terms(def, v, &mut terms);
             }

@@ -120,7 +120,7 @@ pub enum Candidates {
 /// Statistics of one blind index, for the coincidence check. Counts only, no tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IndexStats {
-    /// Resources carrying the presence token (resources with a value for the parameter).
+    /// Resources with at least one entry (resources with a value for the parameter).
     pub resources: u64,
     /// Index rows of the parameter.
     pub rows: u64,
@@ -239,14 +239,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
-    /// Statistics of the index of `param` on `rtype`; `presence` is the token every
-    /// resource with a value carries.
-    fn index_stats(
-        &self,
-        rtype: &str,
-        param: &str,
-        presence: &[u8],
-    ) -> Result<IndexStats, StoreError>;
+    /// Statistics of the index of `param` on `rtype` (offline tools; scans the index).
+    fn index_stats(&self, rtype: &str, param: &str) -> Result<IndexStats, StoreError>;
     /// The wrapped data key stored under `key_id`.
     fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// A value of the store's small metadata table.

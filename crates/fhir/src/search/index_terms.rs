@@ -3,34 +3,37 @@
 //! of the lookup), not exact: candidates are verified by decryption.
 //!
 //! Encoding (one kind byte, then the payload):
-//! - string: `=` normalised value, `^` its first 3 characters, `3` each trigram, `x` the
-//!   raw value;
+//! - string: `^` the first 3 characters of the normalised value, `3` each trigram of it,
+//!   `x` the raw value;
 //! - token: `c` code, `s` system `|` code;
 //! - reference: `r` `Type/id`, `u` URL; uri: `u` value;
 //! - number/quantity: `n` integer floor, `q` unit code and unit;
-//! - date: `p` (a value within one UTC day), `s` (start) or `e` (end) + a bucket: `D`
-//!   decade, `Y` year, `M` month, `d` day, `F<`/`F>` before 1800 / from 2200; `s-` an
-//!   open start, `e+` an open end.
+//! - date: `p` (a value within one UTC day), `s` (start) or `e` (end) + a bucket: `Y`
+//!   year, `M` month, `d` day, `F<`/`F>` before 1800 / from 2200; `s-` an
+//!   open start, `e+` an open end. (No decade level: a half-open range costs at most a few
+//!   hundred year terms at query time, which is cheaper than one more row per date.)
 
 use super::datetime::{civil_from_days, days_from_civil};
 use super::matching::normalize;
-use super::registry::parse_reference;
+use super::registry::{index_owner, parse_reference};
 use super::types::{
     Criterion, DateRange, Lookup, Modifier, ParamType, Prefix, QueryValue, SearchParamDef,
     SearchValue, Target,
 };
 
-/// The term recorded once for every parameter that has at least one value in a resource
-/// (answers `:missing=false`).
-pub fn presence_term() -> &'static [u8] {
-    b"\x00present"
-}
-
 const DAY_MS: i64 = 86_400_000;
 /// Most terms one criterion may look up before the index is not worth it.
-const MAX_TERMS: usize = 512;
+const MAX_TERMS: usize = 1024;
 /// Prefix length of the string prefix term.
 const PREFIX_CHARS: usize = 3;
+
+/// Whether a string index carries trigrams (for `:contains`): only names, where substring
+/// search is a routine clinical lookup. Other strings answer `:contains` by verifying the
+/// candidates of the query's other criteria (or a paged scan), which costs decryptions but
+/// no extra leakage or index rows.
+fn has_trigrams(index_param: &str) -> bool {
+    index_param.contains("name")
+}
 
 fn term(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut t = Vec::with_capacity(payload.len() + 1);
@@ -54,7 +57,7 @@ fn high_day() -> i64 {
     days_from_civil(2200, 1, 1)
 }
 
-/// The buckets of one day: decade, year, month, day (or the far bucket).
+/// The buckets of one day: year, month, day (or the far bucket).
 fn day_buckets(day: i64, kind: u8, out: &mut Vec<Vec<u8>>) {
     if day < low_day() {
         out.push(vec![kind, b'F', b'<']);
@@ -65,7 +68,6 @@ fn day_buckets(day: i64, kind: u8, out: &mut Vec<Vec<u8>>) {
         return;
     }
     let (y, m, d) = civil_from_days(day);
-    out.push(term(kind, format!("D{}", y / 10).as_bytes()));
     out.push(term(kind, format!("Y{y}").as_bytes()));
     out.push(term(kind, format!("M{y}-{m}").as_bytes()));
     out.push(term(kind, format!("d{y}-{m}-{d}").as_bytes()));
@@ -81,14 +83,6 @@ fn cover(a: i64, b: i64, out: &mut Vec<String>) {
     let mut cur = a;
     while cur < b {
         let (y, m, d) = civil_from_days(cur);
-        if m == 1 && d == 1 && y % 10 == 0 {
-            let end = days_from_civil(y + 10, 1, 1);
-            if end <= b {
-                out.push(format!("D{}", y / 10));
-                cur = end;
-                continue;
-            }
-        }
         if m == 1 && d == 1 {
             let end = days_from_civil(y + 1, 1, 1);
             if end <= b {
@@ -174,7 +168,6 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
 
 /// The terms under which `value` of parameter `def` is indexed (appended to `out`).
 pub fn index_terms(def: &SearchParamDef, value: &SearchValue, out: &mut Vec<Vec<u8>>) {
-    let _ = def;
     match value {
         SearchValue::String(s) => {
             let n = normalize(s);
@@ -182,8 +175,10 @@ pub fn index_terms(def: &SearchParamDef, value: &SearchValue, out: &mut Vec<Vec<
             if n.is_empty() {
                 return;
             }
-            out.push(term(b'=', n.as_bytes()));
             out.push(term(b'^', first_chars(&n, PREFIX_CHARS).as_bytes()));
+            if !has_trigrams(index_owner(def)) {
+                return;
+            }
             let chars: Vec<(usize, char)> = n.char_indices().collect();
             for w in 0..chars.len().saturating_sub(PREFIX_CHARS - 1) {
                 let start = chars[w].0;
@@ -392,16 +387,17 @@ fn simplify(l: Lookup) -> Lookup {
 }
 
 fn value_lookup(def: &SearchParamDef, m: &Modifier, v: &QueryValue) -> Lookup {
-    let p = def.code.as_str();
+    let p = index_owner(def);
     let one = |kind: u8, payload: &[u8]| terms(p, vec![term(kind, payload)]);
     match v {
-        QueryValue::Missing(true) => Lookup::All,
-        QueryValue::Missing(false) => terms(p, vec![presence_term().to_vec()]),
+        // `:missing` is answered by verification (no presence rows: they would cost one
+        // index row per parameter per resource for a rarely used modifier)
+        QueryValue::Missing(_) => Lookup::All,
         QueryValue::Text(t) => match (def.ptype, m) {
             (ParamType::String, Modifier::Exact) => one(b'x', t.as_bytes()),
             (ParamType::String, Modifier::Contains) => {
                 let n = normalize(t);
-                if n.chars().count() < PREFIX_CHARS {
+                if n.chars().count() < PREFIX_CHARS || !has_trigrams(p) {
                     Lookup::All
                 } else {
                     one(b'3', first_chars(&n, PREFIX_CHARS).as_bytes())
@@ -521,7 +517,7 @@ pub fn lookup_terms(criteria: &[Criterion]) -> Lookup {
         parts.push(criterion_lookup(c));
     }
     for (def, s, e) in dates {
-        parts.push(date_lookup(&def.code, s, e));
+        parts.push(date_lookup(index_owner(def), s, e));
     }
     simplify(Lookup::And(parts))
 }
@@ -562,7 +558,6 @@ mod tests {
             index_terms(def, v, &mut t);
         }
         have.extend(t);
-        have.insert(presence_term().to_vec());
         holds(&lookup_terms(criteria), &have)
     }
 

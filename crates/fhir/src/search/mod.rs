@@ -26,8 +26,8 @@ mod request;
 mod types;
 
 pub use datetime::{parse_date, parse_decimal};
-pub use index_terms::{index_terms, lookup_terms, presence_term};
+pub use index_terms::{index_terms, lookup_terms};
 pub use matching::normalize;
-pub use registry::{extract, search_param, search_params};
+pub use registry::{extract, index_owner, search_param, search_params};
 pub use request::{DEFAULT_COUNT, MAX_COUNT, parse_search};
 pub use types::*;

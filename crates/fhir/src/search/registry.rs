@@ -49,6 +49,102 @@ struct Registry {
     by_type: HashMap<String, Vec<SearchParamDef>>,
     /// base type → parameter code → compiled expression
     compiled: HashMap<String, HashMap<String, Compiled>>,
+    /// base type → parameter code → the parameter whose index serves it
+    owner: HashMap<String, HashMap<String, String>>,
+}
+
+/// Whether union member `p` selects a subset of what member `q` selects, in terms of
+/// index terms of type `t`.
+fn part_covered(t: ParamType, p: &str, q: &str) -> bool {
+    if p == q {
+        return true;
+    }
+    let Some(rest) = p.strip_prefix(q) else {
+        return false;
+    };
+    if rest.starts_with(".where(resolve() is ") && t == ParamType::Reference {
+        return true;
+    }
+    if rest.starts_with(".where(system='") && t == ParamType::Token {
+        return true;
+    }
+    // a part of a HumanName / Address (strings index every part of those)
+    t == ParamType::String
+        && rest.strip_prefix('.').is_some_and(|f| {
+            matches!(
+                f,
+                "family"
+                    | "given"
+                    | "prefix"
+                    | "suffix"
+                    | "text"
+                    | "line"
+                    | "city"
+                    | "district"
+                    | "state"
+                    | "postalCode"
+                    | "country"
+            )
+        })
+}
+
+/// Parameters whose values are a subset of another parameter's (Observation `patient` of
+/// `subject`, Patient `family` of `name`, `phonetic` = `name`, `combo-code` ⊇ `code`) share
+/// that parameter's index instead of writing their own: fewer rows per resource, and the
+/// exact semantics are restored by verification.
+fn owners(defs: &[SearchParamDef]) -> HashMap<String, String> {
+    let parts = |d: &SearchParamDef| -> Vec<String> {
+        d.expression
+            .as_deref()
+            .map(|e| split_top(e).into_iter().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let covers = |q: &SearchParamDef, p: &SearchParamDef| {
+        q.ptype == p.ptype
+            && q.expression.is_some()
+            && p.expression.is_some()
+            && parts(p)
+                .iter()
+                .all(|pp| parts(q).iter().any(|qq| part_covered(p.ptype, pp, qq)))
+    };
+    let mut out = HashMap::new();
+    for p in defs {
+        if p.expression.is_none() {
+            continue;
+        }
+        // the widest covering parameter; identical ones resolve to the smallest code
+        let best = defs
+            .iter()
+            .filter(|q| covers(q, p))
+            .filter(|q| !covers(p, q) || q.code <= p.code)
+            .max_by(|a, b| {
+                let (ca, cb) = (covers(a, b), covers(b, a));
+                match (ca, cb) {
+                    (true, false) => std::cmp::Ordering::Greater,
+                    (false, true) => std::cmp::Ordering::Less,
+                    _ => parts(a)
+                        .len()
+                        .cmp(&parts(b).len())
+                        .then_with(|| b.code.cmp(&a.code)),
+                }
+            });
+        if let Some(q) = best {
+            out.insert(p.code.clone(), q.code.clone());
+        }
+    }
+    // follow chains to their root
+    let snapshot = out.clone();
+    for v in out.values_mut() {
+        let mut seen = 0;
+        while let Some(n) = snapshot.get(v.as_str()) {
+            if n == v || seen > 8 {
+                break;
+            }
+            *v = n.clone();
+            seen += 1;
+        }
+    }
+    out
 }
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(build);
@@ -192,6 +288,7 @@ fn build() -> Registry {
     let mut reg = Registry {
         by_type: HashMap::new(),
         compiled: HashMap::new(),
+        owner: HashMap::new(),
     };
     let mut text = Vec::new();
     if flate2::read::GzDecoder::new(SEARCH_PARAMS_GZ)
@@ -275,10 +372,22 @@ fn build() -> Registry {
             }
         }
     }
-    for list in reg.by_type.values_mut() {
+    for (t, list) in reg.by_type.iter_mut() {
         list.sort_by(|a, b| a.code.cmp(&b.code));
+        reg.owner.insert(t.clone(), owners(list));
     }
     reg
+}
+
+/// The parameter whose blind index serves `def` (itself unless its values are a subset of
+/// a wider parameter's). Only owners are written; lookups read the owner's index.
+pub fn index_owner(def: &SearchParamDef) -> &'static str {
+    REGISTRY
+        .owner
+        .get(def.base.as_str())
+        .and_then(|m| m.get(def.code.as_str()))
+        .map(String::as_str)
+        .unwrap_or_else(|| search_param(&def.base, &def.code).map_or("", |d| d.code.as_str()))
 }
 
 /// The definition of parameter `code` on resource type `rtype`, if phivault serves it.
@@ -807,5 +916,25 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn narrower_parameters_share_the_wider_index() {
+        let o = |t: &str, c: &str| index_owner(search_param(t, c).unwrap());
+        assert_eq!(o("Observation", "patient"), "subject");
+        assert_eq!(o("Observation", "subject"), "subject");
+        assert_eq!(o("Observation", "code"), "combo-code");
+        assert_eq!(o("Patient", "family"), "name");
+        assert_eq!(o("Patient", "phonetic"), "name");
+        assert_eq!(o("Patient", "name"), "name");
+        assert_eq!(o("Patient", "address-city"), "address");
+        assert_eq!(o("Patient", "phone"), "telecom");
+        assert_eq!(o("Patient", "birthdate"), "birthdate");
+        assert_eq!(o("Patient", "gender"), "gender");
     }
 }
