@@ -3,15 +3,20 @@
 //! of the lookup), not exact: candidates are verified by decryption.
 //!
 //! Encoding (one kind byte, then the payload):
-//! - string: `^` the first 3 characters of the normalised value, `3` each trigram of it,
-//!   `x` the raw value;
-//! - token: `c` code, `s` system `|` code;
+//! - string: `^` the first 3 characters of the normalised value (nothing else: `:exact`
+//!   looks up the prefix of its normalised value, `:contains` has no index and is
+//!   answered by verifying the other criteria's candidates or a bounded scan);
+//! - token: `c` code (a `system|code` query looks up the code and verifies the system);
 //! - reference: `r` `Type/id`, `u` URL; uri: `u` value;
-//! - number/quantity: `n` integer floor, `q` unit code and unit;
+//! - number/quantity: `n` integer floor (units are verified);
 //! - date: `p` (a value within one UTC day), `s` (start) or `e` (end) + a bucket: `Y`
 //!   year, `M` month, `d` day, `F<`/`F>` before 1800 / from 2200; `s-` an
 //!   open start, `e+` an open end. (No decade level: a half-open range costs at most a few
 //!   hundred year terms at query time, which is cheaper than one more row per date.)
+//!
+//! Every row costs import time and tells a database thief something (equality and
+//! frequency of what it hashes); one row per value, on the coarsest term that keeps
+//! lookups selective, is the trade-off (see ARCHITECTURE.md).
 
 use super::datetime::{civil_from_days, days_from_civil};
 use super::matching::normalize;
@@ -26,14 +31,6 @@ const DAY_MS: i64 = 86_400_000;
 const MAX_TERMS: usize = 1024;
 /// Prefix length of the string prefix term.
 const PREFIX_CHARS: usize = 3;
-
-/// Whether a string index carries trigrams (for `:contains`): only names, where substring
-/// search is a routine clinical lookup. Other strings answer `:contains` by verifying the
-/// candidates of the query's other criteria (or a paged scan), which costs decryptions but
-/// no extra leakage or index rows.
-fn has_trigrams(index_param: &str) -> bool {
-    index_param.contains("name")
-}
 
 fn term(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut t = Vec::with_capacity(payload.len() + 1);
@@ -167,31 +164,17 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
 }
 
 /// The terms under which `value` of parameter `def` is indexed (appended to `out`).
-pub fn index_terms(def: &SearchParamDef, value: &SearchValue, out: &mut Vec<Vec<u8>>) {
+pub fn index_terms(value: &SearchValue, out: &mut Vec<Vec<u8>>) {
     match value {
         SearchValue::String(s) => {
             let n = normalize(s);
-            out.push(term(b'x', s.as_bytes()));
-            if n.is_empty() {
-                return;
-            }
-            out.push(term(b'^', first_chars(&n, PREFIX_CHARS).as_bytes()));
-            if !has_trigrams(index_owner(def)) {
-                return;
-            }
-            let chars: Vec<(usize, char)> = n.char_indices().collect();
-            for w in 0..chars.len().saturating_sub(PREFIX_CHARS - 1) {
-                let start = chars[w].0;
-                let end = chars.get(w + PREFIX_CHARS).map_or(n.len(), |c| c.0);
-                out.push(term(b'3', &n.as_bytes()[start..end]));
+            if !n.is_empty() {
+                out.push(term(b'^', first_chars(&n, PREFIX_CHARS).as_bytes()));
             }
         }
-        SearchValue::Token { system, code, .. } => {
+        SearchValue::Token { code, .. } => {
             if let Some(c) = code {
                 out.push(term(b'c', c.as_bytes()));
-                if let Some(s) = system {
-                    out.push(term(b's', format!("{s}|{c}").as_bytes()));
-                }
             }
         }
         SearchValue::Reference { rtype, id, url } => match (rtype, id) {
@@ -204,17 +187,12 @@ pub fn index_terms(def: &SearchParamDef, value: &SearchValue, out: &mut Vec<Vec<
                 out.push(term(b'n', format!("{}", d.value.floor() as i64).as_bytes()));
             }
         }
-        SearchValue::Quantity {
-            value, code, unit, ..
-        } => {
+        SearchValue::Quantity { value, .. } => {
             if value.value.abs() < 1e15 {
                 out.push(term(
                     b'n',
                     format!("{}", value.value.floor() as i64).as_bytes(),
                 ));
-            }
-            for u in [code, unit].into_iter().flatten() {
-                out.push(term(b'q', u.as_bytes()));
             }
         }
         SearchValue::Date(DateRange { lo, hi }) => {
@@ -394,18 +372,12 @@ fn value_lookup(def: &SearchParamDef, m: &Modifier, v: &QueryValue) -> Lookup {
         // index row per parameter per resource for a rarely used modifier)
         QueryValue::Missing(_) => Lookup::All,
         QueryValue::Text(t) => match (def.ptype, m) {
-            (ParamType::String, Modifier::Exact) => one(b'x', t.as_bytes()),
-            (ParamType::String, Modifier::Contains) => {
-                let n = normalize(t);
-                if n.chars().count() < PREFIX_CHARS || !has_trigrams(p) {
-                    Lookup::All
-                } else {
-                    one(b'3', first_chars(&n, PREFIX_CHARS).as_bytes())
-                }
-            }
+            (ParamType::String, Modifier::Contains) => Lookup::All,
             (ParamType::String, _) => {
+                // the default match is a prefix of the normalised value; `:exact` values
+                // normalise to the query's normalised text, so share its prefix
                 let n = normalize(t);
-                if n.chars().count() < PREFIX_CHARS {
+                if n.is_empty() || (*m != Modifier::Exact && n.chars().count() < PREFIX_CHARS) {
                     Lookup::All
                 } else {
                     one(b'^', first_chars(&n, PREFIX_CHARS).as_bytes())
@@ -413,10 +385,9 @@ fn value_lookup(def: &SearchParamDef, m: &Modifier, v: &QueryValue) -> Lookup {
             }
             _ => Lookup::All,
         },
-        QueryValue::Token { system, code } => match (system, code) {
-            (Some(Some(s)), Some(c)) => one(b's', format!("{s}|{c}").as_bytes()),
-            (_, Some(c)) => one(b'c', c.as_bytes()),
-            _ => Lookup::All,
+        QueryValue::Token { code, .. } => match code {
+            Some(c) => one(b'c', c.as_bytes()),
+            None => Lookup::All,
         },
         QueryValue::Reference { rtype, id, is_url } => {
             if *is_url {
@@ -442,17 +413,8 @@ fn value_lookup(def: &SearchParamDef, m: &Modifier, v: &QueryValue) -> Lookup {
             _ => one(b'u', u.as_bytes()),
         },
         QueryValue::Number(prefix, d) => floors(p, *prefix, d.value, d.half_ulp),
-        QueryValue::Quantity {
-            prefix,
-            value,
-            code,
-            ..
-        } => {
-            let n = floors(p, *prefix, value.value, value.half_ulp);
-            match code {
-                Some(c) => simplify(Lookup::And(vec![n, one(b'q', c.as_bytes())])),
-                None => n,
-            }
+        QueryValue::Quantity { prefix, value, .. } => {
+            floors(p, *prefix, value.value, value.half_ulp)
         }
         QueryValue::Date(prefix, q) => match date_condition(*prefix, *q) {
             Some((s, e)) => date_lookup(p, s, e),
@@ -547,15 +509,11 @@ mod tests {
         }
     }
 
-    fn complete(
-        def: &'static SearchParamDef,
-        values: &[SearchValue],
-        criteria: &[Criterion],
-    ) -> bool {
+    fn complete(values: &[SearchValue], criteria: &[Criterion]) -> bool {
         let mut have = HashSet::new();
         let mut t = Vec::new();
         for v in values {
-            index_terms(def, v, &mut t);
+            index_terms(v, &mut t);
         }
         have.extend(t);
         holds(&lookup_terms(criteria), &have)
@@ -629,7 +587,7 @@ mod tests {
             let truth = qs.iter().map(|(p, q)| date_true(*p, v, *q)).collect::<Option<Vec<bool>>>();
             let criteria: Vec<Criterion> = qs.iter().map(|(p, q)| crit(def, Modifier::None, QueryValue::Date(*p, *q))).collect();
             if let Some(t) = truth && t.iter().all(|b| *b) {
-                prop_assert!(complete(def, &[SearchValue::Date(v)], &criteria), "{v:?} {qs:?}");
+                prop_assert!(complete(&[SearchValue::Date(v)], &criteria), "{v:?} {qs:?}");
             }
         }
 
@@ -645,7 +603,7 @@ mod tests {
             let c = crit(def, modifier.clone(), QueryValue::Text(query.clone()));
             let resource = serde_json::json!({"resourceType": "Patient", "name": [{"family": value}]});
             if c.matches(&resource) {
-                prop_assert!(complete(def, &[SearchValue::String(value.clone())], &[c]));
+                prop_assert!(complete(&[SearchValue::String(value.clone())], &[c]));
             }
         }
 
@@ -658,7 +616,7 @@ mod tests {
             let c = crit(def, Modifier::None, qv);
             let resource = serde_json::json!({"resourceType": "Observation", "valueQuantity": {"value": v, "code": "mg"}});
             if c.matches(&resource) {
-                prop_assert!(complete(def, &[value], &[c]));
+                prop_assert!(complete(&[value], &[c]));
             }
         }
     }
@@ -682,13 +640,11 @@ mod tests {
             },
         ] {
             assert!(complete(
-                code,
                 std::slice::from_ref(&v),
                 &[crit(code, Modifier::None, qv)]
             ));
         }
         assert!(!complete(
-            code,
             std::slice::from_ref(&v),
             &[crit(
                 code,
@@ -723,7 +679,6 @@ mod tests {
             },
         ] {
             assert!(complete(
-                subj,
                 std::slice::from_ref(&r),
                 &[crit(subj, Modifier::None, qv)]
             ));
