@@ -1,5 +1,5 @@
-//! Criterion benches of the per-resource hot paths: parse + validate, seal, open, audit
-//! encode + chain. Run: `cargo bench -p phivault --bench hot_paths`.
+//! Criterion benches of the per-resource hot paths: parse + validate, seal, open, blind
+//! index entries, audit encode + chain. Run: `cargo bench -p phivault --bench hot_paths`.
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use phivault_audit::{Action, AuditEvent, ChainHead, Outcome};
 use phivault_crypto::{KeyHierarchy, MasterKey, RecordAad};
@@ -54,6 +54,37 @@ fn bench(c: &mut Criterion) {
             for (i, s) in sealed.iter().enumerate() {
                 dek.open(&aad(i), s).expect("open");
             }
+        })
+    });
+    let parsed: Vec<serde_json::Value> = res
+        .iter()
+        .map(|r| serde_json::from_slice(r).expect("json"))
+        .collect();
+    let index_keys = |rtype: &str| -> Vec<_> {
+        phivault_fhir::search::indexed_params(rtype)
+            .map(|d| {
+                let scope = format!("{rtype}.{}", d.code);
+                (d, keys.blind_index_key(&scope).truncating(16))
+            })
+            .collect()
+    };
+    let per_type: Vec<_> = parsed
+        .iter()
+        .map(|v| index_keys(v["resourceType"].as_str().unwrap_or("")))
+        .collect();
+    g.bench_function("index entries (extract, terms, tokens)", |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for (v, params) in parsed.iter().zip(&per_type) {
+                for (def, key) in params {
+                    let mut terms = Vec::new();
+                    for value in phivault_fhir::search::extract(def, v) {
+                        phivault_fhir::search::index_terms(&value, &mut terms);
+                    }
+                    n += terms.iter().map(|t| key.token(t).len()).sum::<usize>();
+                }
+            }
+            n
         })
     });
     g.finish();

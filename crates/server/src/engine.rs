@@ -48,6 +48,8 @@ pub struct Engine {
     keys: KeyHierarchy,
     deks: RwLock<HashMap<String, DataKey>>,
     blind: RwLock<HashMap<String, Arc<TruncatedIndexKey>>>,
+    /// Per resource type: its indexed parameters with their keys (one lookup per write)
+    indexers: RwLock<HashMap<String, Indexers>>,
     index_bits: u32,
     /// Writers of the same resource queue here instead of racing: without it, N concurrent
     /// unconditional updates of one resource need up to N-1 optimistic retries each.
@@ -137,12 +139,24 @@ impl Written {
     }
 }
 
-/// RFC 3339 instant of a millisecond timestamp.
+/// The indexed parameters of one resource type, each with its blind-index key.
+type Indexers = Arc<[(&'static search::SearchParamDef, Arc<TruncatedIndexKey>)]>;
+
+/// RFC 3339 instant of a millisecond timestamp, always with three fraction digits so
+/// that instants sort as strings the way they sort as times.
 pub fn instant(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// Milliseconds since the Unix epoch now.
@@ -168,6 +182,7 @@ impl Engine {
             keys,
             deks: RwLock::new(HashMap::new()),
             blind: RwLock::new(HashMap::new()),
+            indexers: RwLock::new(HashMap::new()),
             index_bits,
             locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -279,42 +294,42 @@ impl Engine {
         self.blind_key(rtype, param).token(term)
     }
 
+    fn indexers(&self, rtype: &str) -> Indexers {
+        if let Some(v) = self.indexers.read().get(rtype) {
+            return v.clone();
+        }
+        let v: Indexers = search::indexed_params(rtype)
+            .map(|def| (def, self.blind_key(rtype, &def.code)))
+            .collect();
+        self.indexers.write().insert(rtype.to_owned(), v.clone());
+        v
+    }
+
     /// Blind-index entries of a resource: for every search parameter of its type with a
-    /// value, the tokens of each value's terms.
+    /// value, the tokens of each value's terms. (Parameters whose values are a subset of
+    /// a wider one's share its index and write nothing.)
     pub fn index_entries(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
         let mut out = Vec::new();
         let mut terms = Vec::new();
-        for def in search::search_params(rtype) {
-            // parameters whose values are a subset of a wider one's share its index
-            if def.expression.is_none() || search::index_owner(def) != def.code {
-                continue;
-            }
+        let mut tokens = Vec::new();
+        for (def, key) in self.indexers(rtype).iter() {
             let values = search::extract(def, resource);
             if values.is_empty() {
                 continue;
             }
             terms.clear();
             for v in &values {
-                search::index_terms(def, v, &mut terms);
+                search::index_terms(v, &mut terms);
             }
-            terms.sort_unstable();
-            terms.dedup();
-            let key = self.blind_key(rtype, &def.code);
-            let start = out.len();
-            out.extend(terms.iter().map(|t| IndexEntry {
-                param: def.code.clone(),
-                token: key.token(t),
-            }));
             // truncated tokens of distinct terms may coincide
-            out[start..].sort_unstable_by(|a, b| a.token.cmp(&b.token));
-            let mut i = start + 1;
-            while i < out.len() {
-                if out[i].token == out[i - 1].token {
-                    out.remove(i);
-                } else {
-                    i += 1;
-                }
-            }
+            tokens.clear();
+            tokens.extend(terms.iter().map(|t| key.token(t)));
+            tokens.sort_unstable();
+            tokens.dedup();
+            out.extend(tokens.drain(..).map(|token| IndexEntry {
+                param: def.code.clone(),
+                token,
+            }));
         }
         out
     }
@@ -521,7 +536,8 @@ mod tests {
 
     #[test]
     fn instants_are_rfc3339() {
-        assert_eq!(instant(0), "1970-01-01T00:00:00Z");
+        assert_eq!(instant(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(instant(1_700_000_000_120), "2023-11-14T22:13:20.120Z");
         assert!(instant(1_700_000_000_123).ends_with(".123Z"));
     }
 }

@@ -51,6 +51,8 @@ struct Registry {
     compiled: HashMap<String, HashMap<String, Compiled>>,
     /// base type → parameter code → the parameter whose index serves it
     owner: HashMap<String, HashMap<String, String>>,
+    /// type → positions in `by_type` of the parameters that own an index
+    indexed: HashMap<String, Vec<usize>>,
 }
 
 /// Whether union member `p` selects a subset of what member `q` selects, in terms of
@@ -289,6 +291,7 @@ fn build() -> Registry {
         by_type: HashMap::new(),
         compiled: HashMap::new(),
         owner: HashMap::new(),
+        indexed: HashMap::new(),
     };
     let mut text = Vec::new();
     if flate2::read::GzDecoder::new(SEARCH_PARAMS_GZ)
@@ -374,9 +377,31 @@ fn build() -> Registry {
     }
     for (t, list) in reg.by_type.iter_mut() {
         list.sort_by(|a, b| a.code.cmp(&b.code));
-        reg.owner.insert(t.clone(), owners(list));
+        let owner = owners(list);
+        let indexed = list
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| {
+                d.expression.is_some() && owner.get(&d.code).is_none_or(|o| *o == d.code)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        reg.owner.insert(t.clone(), owner);
+        reg.indexed.insert(t.clone(), indexed);
     }
     reg
+}
+
+/// The parameters of `rtype` whose values are written to a blind index: those with an
+/// expression that own their index (see [`index_owner`]).
+pub fn indexed_params(rtype: &str) -> impl Iterator<Item = &'static SearchParamDef> {
+    let list = search_params(rtype);
+    REGISTRY
+        .indexed
+        .get(rtype)
+        .into_iter()
+        .flatten()
+        .filter_map(move |i| list.get(*i))
 }
 
 /// The parameter whose blind index serves `def` (itself unless its values are a subset of
