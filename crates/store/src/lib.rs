@@ -14,6 +14,7 @@
 use phivault_audit::AuditEvent;
 use tokio::sync::oneshot;
 
+mod pending;
 pub mod sqlite;
 pub mod testsuite;
 

@@ -6,16 +6,18 @@
 //! with `synchronous=FULL`, and only then answers every batch. Readers use a small pool
 //! of read-only connections, which WAL lets run concurrently with the writer.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use phivault_audit::{ChainHead, StoredEvent};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use crate::pending::{Pending, Sid, Staged, Tok};
 use crate::{
     Candidates, CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, IndexStats,
     SignedHead, Store, StoreError, VersionRow, WriteBatch,
@@ -48,12 +50,13 @@ CREATE TABLE IF NOT EXISTS search_index (
     id BLOB NOT NULL,
     PRIMARY KEY (ix, token, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS search_recent (
+CREATE TABLE IF NOT EXISTS search_log (
+    seq INTEGER PRIMARY KEY,
     ix INTEGER NOT NULL,
     token BLOB NOT NULL,
     id BLOB NOT NULL,
-    PRIMARY KEY (ix, token, id)
-) WITHOUT ROWID;
+    live INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_event (
     seq INTEGER PRIMARY KEY,
     event BLOB NOT NULL,
@@ -82,6 +85,37 @@ impl rusqlite::ToSql for DbId<'_> {
             Some(b) => ToSqlOutput::Owned(Value::Blob(b.to_vec())),
             None => ToSqlOutput::Borrowed(ValueRef::Text(self.0.as_bytes())),
         })
+    }
+}
+
+/// An id column in its stored form.
+fn read_sid(r: &rusqlite::Row<'_>, idx: usize) -> Result<Sid, rusqlite::Error> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(idx)? {
+        ValueRef::Blob(b) => <[u8; 16]>::try_from(b).map(Sid::Uuid).map_err(|_| {
+            rusqlite::Error::InvalidColumnType(idx, "id".into(), rusqlite::types::Type::Blob)
+        }),
+        ValueRef::Text(t) => std::str::from_utf8(t)
+            .map(|t| Sid::Text(t.into()))
+            .map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    idx,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            }),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            idx,
+            "id".into(),
+            other.data_type(),
+        )),
+    }
+}
+
+fn sid_text(s: &Sid) -> String {
+    match s {
+        Sid::Uuid(b) => phivault_audit::uuid_text(b),
+        Sid::Text(t) => t.to_string(),
     }
 }
 
@@ -140,17 +174,16 @@ pub struct SqliteStore {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     checkpointer: Mutex<Option<(thread::JoinHandle<()>, Stop)>>,
     merge_rows: Arc<AtomicUsize>,
+    /// Index rows of `search_log` not yet merged into `search_index` (see
+    /// [`crate::pending`]). Readers hold the read lock across their SQL query, and the
+    /// writer holds the write lock across a merge's commit, so every lookup sees each
+    /// committed row in exactly one of the two places.
+    pending: Arc<RwLock<Pending>>,
 }
 
-/// Index rows collected in `search_recent` before they are merged into `search_index`.
-///
-/// New index rows go to the small `search_recent` table: a commit then dirties a few of
-/// its pages instead of pages all over the large main index (random HMAC keys touch a
-/// different page per row, and every dirty page is written to the WAL at each commit).
-/// Once it holds this many rows, the writer moves them into `search_index` in one
-/// transaction, in key order (one pass over the main index). Readers query both tables;
-/// a row is in exactly one of them in every snapshot.
-const DEFAULT_MERGE_ROWS: usize = 20_000;
+/// Pending index rows merged into `search_index` at once (about 100 bytes of memory
+/// each). Larger merges cost fewer passes over the main index.
+const DEFAULT_MERGE_ROWS: usize = 200_000;
 
 type Stop = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
 
@@ -195,6 +228,46 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
     // dirty index pages mid-transaction and re-read them from the WAL)
     conn.pragma_update(None, "cache_size", -65536)
         .map_err(engine)?;
+    // `rarray(?)`: pending index ids bound as one parameter
+    rusqlite::vtab::array::load_module(conn).map_err(engine)?;
+    Ok(())
+}
+
+/// Replay `search_log` into the set of pending index rows.
+fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
+    let mut p = Pending::default();
+    let mut st = conn
+        .prepare("SELECT ix, token, id, live FROM search_log ORDER BY seq")
+        .map_err(engine)?;
+    let mut rows = st.query([]).map_err(engine)?;
+    while let Some(r) = rows.next().map_err(engine)? {
+        let ix: i64 = r.get(0).map_err(engine)?;
+        let token: Vec<u8> = r.get(1).map_err(engine)?;
+        let id = read_sid(r, 2).map_err(engine)?;
+        let live: i64 = r.get(3).map_err(engine)?;
+        p.apply((ix, Tok::new(&token), id), live != 0);
+    }
+    Ok(p)
+}
+
+/// Earlier databases staged new index rows in a `search_recent` table: fold it in.
+fn migrate_recent(conn: &Connection) -> Result<(), StoreError> {
+    let exists: bool = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'search_recent'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(engine)?
+        > 0;
+    if exists {
+        conn.execute_batch(
+            "BEGIN IMMEDIATE; \
+             INSERT OR IGNORE INTO search_index (ix, token, id) SELECT ix, token, id FROM search_recent; \
+             DROP TABLE search_recent; COMMIT;",
+        )
+        .map_err(engine)?;
+    }
     Ok(())
 }
 
@@ -226,16 +299,20 @@ impl SqliteStore {
         conn.pragma_update(None, "wal_autocheckpoint", "0")
             .map_err(engine)?;
         conn.execute_batch(SCHEMA).map_err(engine)?;
+        migrate_recent(&conn)?;
         let head = load_head(&conn)?;
-        let recent: i64 = conn
-            .query_row("SELECT count(*) FROM search_recent", [], |r| r.get(0))
-            .map_err(engine)?;
+        let pending = Arc::new(RwLock::new(load_pending(&conn)?));
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
-        let mr = merge_rows.clone();
+        let writer_state = Writer {
+            head,
+            signer,
+            pending: pending.clone(),
+            merge_rows: merge_rows.clone(),
+        };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, head, signer, recent as usize, mr))
+            .spawn(move || writer_loop(conn, rx, writer_state))
             .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
         let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
         let checkpointer = {
@@ -258,10 +335,11 @@ impl SqliteStore {
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some((checkpointer, stop))),
             merge_rows,
+            pending,
         })
     }
 
-    /// Merge the recent index into the main one once it holds this many rows (tests use
+    /// Merge pending index rows into `search_index` once there are this many (tests use
     /// small values to exercise merges).
     pub fn set_merge_rows(&self, rows: usize) {
         self.merge_rows.store(rows.max(1), Ordering::Relaxed);
@@ -272,6 +350,23 @@ impl SqliteStore {
         if !path.exists() {
             return Err(StoreError::Engine("database file does not exist".into()));
         }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(engine)?;
+        let has_log: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'search_log'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(engine)?;
+        let pending = if has_log > 0 {
+            load_pending(&conn)?
+        } else {
+            Pending::default()
+        };
         Ok(SqliteStore {
             path: path.to_path_buf(),
             tx: Mutex::new(None),
@@ -279,6 +374,7 @@ impl SqliteStore {
             writer: Mutex::new(None),
             checkpointer: Mutex::new(None),
             merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
+            pending: Arc::new(RwLock::new(pending)),
         })
     }
 
@@ -403,7 +499,17 @@ impl Store for SqliteStore {
     }
 
     fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError> {
-        self.with_reader(|c| matching_ids(c, rtype, tokens, usize::MAX))
+        let pending = self.pending.read();
+        self.with_reader(|c| {
+            matching_ids(
+                c,
+                rtype,
+                tokens,
+                usize::MAX,
+                &pending,
+                &mut Staged::default(),
+            )
+        })
     }
 
     fn candidates(
@@ -443,7 +549,10 @@ impl Store for SqliteStore {
         // DISTINCT: one resource can carry several of the looked-up tokens
         let mut sql = String::from("SELECT DISTINCT id FROM (");
         let mut binds = Vec::new();
-        candidate_sql(rtype, &q, &mut sql, &mut binds)?;
+        // held until the query has run: a merge cannot move rows between the two places
+        // while this reader looks at both
+        let pending = self.pending.read();
+        candidate_sql(rtype, &q, &pending, &mut sql, &mut binds)?;
         sql.push(')');
         if after.is_some() {
             sql.push_str(" WHERE id > ?");
@@ -454,7 +563,10 @@ impl Store for SqliteStore {
             let mut n = 0;
             for b in &binds {
                 n += 1;
-                st.raw_bind_parameter(n, b)?;
+                match b {
+                    Bind::Token(t) => st.raw_bind_parameter(n, t)?,
+                    Bind::Ids(ids) => st.raw_bind_parameter(n, ids)?,
+                }
             }
             if let Some(a) = after {
                 n += 1;
@@ -472,31 +584,25 @@ impl Store for SqliteStore {
 
     fn index_stats(&self, rtype: &str, param: &str) -> Result<IndexStats, StoreError> {
         let ix = index_no(rtype, param);
+        let pending = self.pending.read();
         self.with_reader(|c| {
-            let resources: i64 = c
-                .prepare_cached(
-                    "SELECT count(DISTINCT id) FROM (SELECT id FROM search_index WHERE ix = ?1 \
-                     UNION ALL SELECT id FROM search_recent WHERE ix = ?1)",
-                )?
-                .query_row(params![ix], |r| r.get(0))?;
-            let (rows, distinct, max): (i64, i64, Option<i64>) = c
-                .prepare_cached(
-                    "SELECT sum(n), count(*), max(n) FROM \
-                     (SELECT count(*) AS n FROM (SELECT token FROM search_index WHERE ix = ?1 \
-                      UNION ALL SELECT token FROM search_recent WHERE ix = ?1) GROUP BY token)",
-                )?
-                .query_row(params![ix], |r| {
-                    Ok((
-                        r.get::<_, Option<i64>>(0)?.unwrap_or(0),
-                        r.get(1)?,
-                        r.get(2)?,
-                    ))
-                })?;
+            let mut per_token: HashMap<Vec<u8>, u64> = HashMap::new();
+            let mut ids: HashSet<Sid> = HashSet::new();
+            let mut st = c.prepare_cached("SELECT token, id FROM search_index WHERE ix = ?1")?;
+            let mut rows = st.query(params![ix])?;
+            while let Some(r) = rows.next()? {
+                *per_token.entry(r.get(0)?).or_default() += 1;
+                ids.insert(read_sid(r, 1)?);
+            }
+            for (_, token, id) in pending.rows_of(ix) {
+                *per_token.entry(token.bytes().to_vec()).or_default() += 1;
+                ids.insert(id.clone());
+            }
             Ok(IndexStats {
-                resources: resources as u64,
-                rows: rows as u64,
-                distinct_tokens: distinct as u64,
-                max_rows_per_token: max.unwrap_or(0) as u64,
+                resources: ids.len() as u64,
+                rows: per_token.values().sum(),
+                distinct_tokens: per_token.len() as u64,
+                max_rows_per_token: per_token.values().copied().max().unwrap_or(0),
             })
         })
     }
@@ -602,14 +708,16 @@ fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
     }
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Command>,
-    mut head: ChainHead,
+/// What the writer thread owns besides its connection.
+struct Writer {
+    head: ChainHead,
     signer: HeadSigner,
-    mut recent: usize,
+    pending: Arc<RwLock<Pending>>,
     merge_rows: Arc<AtomicUsize>,
-) {
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer) {
+    let mut staged = Staged::default();
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -618,29 +726,41 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        recent += group
-            .iter()
-            .map(|c| match c {
-                Command::Batch(b, _) => b.puts.iter().map(|p| p.index.len()).sum(),
-                Command::SetMeta(..) => 0,
-            })
-            .sum::<usize>();
-        let before = head;
-        let results = apply_group(&mut conn, &mut group, &mut head, &signer);
+        let before = w.head;
+        let results = {
+            // the writer is the only one to change `pending`: reading it here is stable
+            let pending = w.pending.read();
+            apply_group(
+                &mut conn,
+                &mut group,
+                &mut w.head,
+                &w.signer,
+                &pending,
+                &mut staged,
+            )
+        };
         match results {
             Ok(results) => {
+                // committed: lookups see the new rows before any batch is acknowledged
+                {
+                    let mut pending = w.pending.write();
+                    for (row, live) in staged.take() {
+                        pending.apply(row, live);
+                    }
+                }
                 for (cmd, res) in group.into_iter().zip(results) {
                     reply(cmd, res);
                 }
-                if recent >= merge_rows.load(Ordering::Relaxed) {
-                    // a failed merge leaves both tables as they were; retried later
-                    if merge_recent(&mut conn).is_ok() {
-                        recent = 0;
+                if w.pending.read().len() >= w.merge_rows.load(Ordering::Relaxed) {
+                    // a failed merge changes nothing; it is retried after the next group
+                    if let Err(e) = merge_pending(&mut conn, &w.pending) {
+                        tracing::warn!(error = %e, "index merge failed; retried later");
                     }
                 }
             }
             Err(e) => {
-                head = before;
+                staged.take();
+                w.head = before;
                 let msg = e.to_string();
                 for cmd in group {
                     reply(
@@ -654,16 +774,26 @@ fn writer_loop(
     checkpoint(&conn);
 }
 
-/// Move every row of `search_recent` into `search_index`, atomically, in key order.
-fn merge_recent(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+/// Move every pending index row into `search_index` (in key order: one pass over the
+/// B-tree) and empty `search_log`, in one transaction.
+fn merge_pending(conn: &mut Connection, pending: &RwLock<Pending>) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tx.execute(
-        "INSERT OR IGNORE INTO search_index (ix, token, id) \
-         SELECT ix, token, id FROM search_recent",
-        [],
-    )?;
-    tx.execute("DELETE FROM search_recent", [])?;
-    tx.commit()
+    {
+        let p = pending.read();
+        let mut st = tx.prepare_cached(
+            "INSERT OR IGNORE INTO search_index (ix, token, id) VALUES (?1, ?2, ?3)",
+        )?;
+        for (ix, token, id) in p.all() {
+            st.execute(params![ix, token.bytes(), id])?;
+        }
+    }
+    tx.execute("DELETE FROM search_log", [])?;
+    // readers hold the read lock across their queries: none sees the rows in neither
+    // place (committed here, cleared from memory) nor in both
+    let mut p = pending.write();
+    tx.commit()?;
+    p.clear();
+    Ok(())
 }
 
 fn checkpoint(conn: &Connection) {
@@ -691,6 +821,8 @@ fn apply_group(
     group: &mut [Command],
     head: &mut ChainHead,
     signer: &HeadSigner,
+    pending: &Pending,
+    staged: &mut Staged,
 ) -> Result<Vec<Result<Committed, CommitError>>, StoreError> {
     let tx = conn.transaction().map_err(engine)?;
     let start_size = head.size;
@@ -699,14 +831,16 @@ fn apply_group(
         let res = match cmd {
             Command::Batch(batch, _) => {
                 let saved = *head;
+                let mark = staged.mark();
                 tx.execute_batch("SAVEPOINT b").map_err(engine)?;
-                match apply_batch(&tx, batch, head) {
+                match apply_batch(&tx, batch, head, pending, staged) {
                     Ok(c) => {
                         tx.execute_batch("RELEASE b").map_err(engine)?;
                         Ok(c)
                     }
                     Err(e) => {
                         *head = saved;
+                        staged.rollback_to(mark);
                         tx.execute_batch("ROLLBACK TO b; RELEASE b").map_err(engine)?;
                         Err(e)
                     }
@@ -739,6 +873,8 @@ fn apply_batch(
     tx: &rusqlite::Transaction<'_>,
     batch: &WriteBatch,
     head: &mut ChainHead,
+    pending: &Pending,
+    staged: &mut Staged,
 ) -> Result<Committed, CommitError> {
     let e = |e: rusqlite::Error| CommitError::Store(engine(e));
     for (key_id, wrapped) in &batch.new_keys {
@@ -766,7 +902,8 @@ fn apply_batch(
                 tokens,
                 except,
             } => {
-                let found = matching_ids(tx, rtype, tokens, except.len() + 1).map_err(e)?;
+                let found = matching_ids(tx, rtype, tokens, except.len() + 1, pending, staged)
+                    .map_err(e)?;
                 if found.iter().any(|id| !except.contains(id)) {
                     return Err(CommitError::Guard { index });
                 }
@@ -817,23 +954,30 @@ fn apply_batch(
             row.sealed
         ])
         .map_err(e)?;
-        for table in ["search_index", "search_recent"] {
-            let mut del = tx
-                .prepare_cached(&format!(
-                    "DELETE FROM {table} WHERE ix = ?1 AND token = ?2 AND id = ?3"
-                ))
-                .map_err(e)?;
-            for entry in &put.replaces {
-                del.execute(params![
-                    index_no(&row.rtype, &entry.param),
-                    entry.token,
-                    DbId(&row.id)
-                ])
-                .map_err(e)?;
+        let mut del = tx
+            .prepare_cached("DELETE FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3")
+            .map_err(e)?;
+        let sid = Sid::new(&row.id);
+        let mut dead = Vec::new();
+        for entry in &put.replaces {
+            let ix = index_no(&row.rtype, &entry.param);
+            del.execute(params![ix, entry.token, &sid]).map_err(e)?;
+            let key = (ix, Tok::new(&entry.token), sid.clone());
+            let is_pending = staged.state(&key).unwrap_or_else(|| pending.contains(&key));
+            if is_pending {
+                dead.push((ix, entry.token.as_slice()));
             }
         }
+        log_index(tx, &sid, &dead, false, staged).map_err(e)?;
         if !row.deleted {
-            insert_index(tx, &row.rtype, &row.id, &put.index).map_err(e)?;
+            let mut rows: Vec<(i64, &[u8])> = put
+                .index
+                .iter()
+                .map(|en| (index_no(&row.rtype, &en.param), en.token.as_slice()))
+                .collect();
+            rows.sort_unstable();
+            rows.dedup();
+            log_index(tx, &sid, &rows, true, staged).map_err(e)?;
         }
     }
     let mut last_audit_seq = None;
@@ -849,84 +993,100 @@ fn apply_batch(
     Ok(Committed { last_audit_seq })
 }
 
-/// Index rows are inserted this many per statement (and the rest 8, then 1, at a time):
-/// one statement step for many rows instead of one per row.
+/// Log records are inserted this many per statement (and the rest 8, then 1, at a
+/// time): one statement step for many rows instead of one per row.
 const INSERT_CHUNKS: [usize; 3] = [32, 8, 1];
 
-fn insert_sql(n: usize) -> String {
-    let mut s = String::from("INSERT OR IGNORE INTO search_recent (ix, token, id) VALUES ");
+fn log_sql(n: usize) -> String {
+    let mut s = String::from("INSERT INTO search_log (ix, token, id, live) VALUES ");
     for i in 0..n {
-        s.push_str(if i == 0 { "(?,?,?)" } else { ",(?,?,?)" });
+        s.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
     }
     s
 }
 
-/// Insert the index rows of one version, sorted (neighbouring keys share B-tree pages).
-fn insert_index(
+/// Append log records for the index rows `rows` of `id` (`live`: added, else removed),
+/// and stage them for [`Pending`].
+fn log_index(
     c: &Connection,
-    rtype: &str,
-    id: &str,
-    entries: &[IndexEntry],
+    id: &Sid,
+    rows: &[(i64, &[u8])],
+    live: bool,
+    staged: &mut Staged,
 ) -> Result<(), rusqlite::Error> {
-    use rusqlite::ToSql as _;
-    let id = DbId(id);
-    let id = id.to_sql()?;
-    let mut rows: Vec<(i64, &[u8])> = entries
-        .iter()
-        .map(|en| (index_no(rtype, &en.param), en.token.as_slice()))
-        .collect();
-    rows.sort_unstable();
-    let mut rest = rows.as_slice();
+    let live_n = i64::from(live);
+    let mut rest = rows;
     for n in INSERT_CHUNKS {
         while rest.len() >= n {
             let (chunk, tail) = rest.split_at(n);
-            let mut st = c.prepare_cached(&insert_sql(n))?;
+            let mut st = c.prepare_cached(&log_sql(n))?;
             for (i, (ix, token)) in chunk.iter().enumerate() {
-                st.raw_bind_parameter(3 * i + 1, ix)?;
-                st.raw_bind_parameter(3 * i + 2, token)?;
-                st.raw_bind_parameter(3 * i + 3, &id)?;
+                st.raw_bind_parameter(4 * i + 1, ix)?;
+                st.raw_bind_parameter(4 * i + 2, token)?;
+                st.raw_bind_parameter(4 * i + 3, id)?;
+                st.raw_bind_parameter(4 * i + 4, live_n)?;
             }
             st.raw_execute()?;
             rest = tail;
         }
     }
+    for (ix, token) in rows {
+        staged.push((*ix, Tok::new(token), id.clone()), live);
+    }
     Ok(())
 }
 
-/// Ids of resources of `rtype` carrying all `tokens` (at most `limit`). The blind index
-/// only holds entries of current, non-deleted versions.
+/// Ids of resources of `rtype` carrying all `tokens` (at most `limit`), in
+/// `search_index`, `pending` or the current transaction's `staged` records. The blind
+/// index only holds entries of current, non-deleted versions.
 fn matching_ids(
     c: &Connection,
     rtype: &str,
     tokens: &[IndexEntry],
     limit: usize,
+    pending: &Pending,
+    staged: &mut Staged,
 ) -> Result<Vec<String>, rusqlite::Error> {
-    let Some((first, rest)) = tokens.split_first() else {
+    let Some(first) = tokens.first() else {
         return Ok(Vec::new());
     };
-    let mut candidates = c.prepare_cached(
-        "SELECT id FROM search_index WHERE ix = ?1 AND token = ?2 \
-         UNION ALL SELECT id FROM search_recent WHERE ix = ?1 AND token = ?2",
-    )?;
-    let mut rows = candidates.query(params![index_no(rtype, &first.param), first.token])?;
-    let mut check = c.prepare_cached(
-        "SELECT 1 FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3 \
-         UNION ALL SELECT 1 FROM search_recent WHERE ix = ?1 AND token = ?2 AND id = ?3",
-    )?;
+    let mut check =
+        c.prepare_cached("SELECT 1 FROM search_index WHERE ix = ?1 AND token = ?2 AND id = ?3")?;
+    let ix = index_no(rtype, &first.param);
+    let first_tok = Tok::new(&first.token);
+    let mut ids: Vec<Sid> = c
+        .prepare_cached("SELECT id FROM search_index WHERE ix = ?1 AND token = ?2")?
+        .query_map(params![ix, first.token], |r| read_sid(r, 0))?
+        .collect::<Result<_, _>>()?;
+    ids.extend(pending.ids(ix, &first_tok).cloned());
+    ids.extend(staged.live_ids(ix, &first_tok));
+    ids.sort_unstable();
+    ids.dedup();
     let mut out = Vec::new();
-    'ids: while let Some(r) = rows.next()? {
-        let id = read_id(r, 0)?;
-        for t in rest {
-            if !check.exists(params![index_no(rtype, &t.param), t.token, DbId(&id)])? {
+    'ids: for id in ids {
+        for t in tokens {
+            let key = (index_no(rtype, &t.param), Tok::new(&t.token), id.clone());
+            let has = match staged.state(&key) {
+                Some(live) => live,
+                None => pending.contains(&key) || check.exists(params![key.0, t.token, &id])?,
+            };
+            if !has {
                 continue 'ids;
             }
         }
-        out.push(id);
+        out.push(sid_text(&id));
         if out.len() >= limit {
             break;
         }
     }
     Ok(out)
+}
+
+/// A bound value of a candidate query.
+enum Bind {
+    Token(Vec<u8>),
+    /// Pending ids of one posting-list lookup, as `rarray(?)`.
+    Ids(rusqlite::vtab::array::Array),
 }
 
 /// Largest number of tokens bound in one candidate query (SQLite's default limit on
@@ -938,8 +1098,9 @@ const MAX_BOUND_TOKENS: usize = 30_000;
 fn candidate_sql(
     rtype: &str,
     q: &Candidates,
+    pending: &Pending,
     sql: &mut String,
-    binds: &mut Vec<Vec<u8>>,
+    binds: &mut Vec<Bind>,
 ) -> Result<(), StoreError> {
     use std::fmt::Write as _;
     match q {
@@ -948,20 +1109,24 @@ fn candidate_sql(
                 sql.push_str("SELECT id FROM search_index WHERE 0");
                 return Ok(());
             }
-            for (k, table) in ["search_index", "search_recent"].iter().enumerate() {
-                if k > 0 {
-                    sql.push_str(" UNION ALL ");
-                }
-                let _ = write!(
-                    sql,
-                    "SELECT id FROM {table} WHERE ix = {} AND token IN (",
-                    index_no(rtype, param)
-                );
-                for (i, t) in tokens.iter().enumerate() {
-                    sql.push_str(if i == 0 { "?" } else { ",?" });
-                    binds.push(t.clone());
-                }
-                sql.push(')');
+            let ix = index_no(rtype, param);
+            let _ = write!(
+                sql,
+                "SELECT id FROM search_index WHERE ix = {ix} AND token IN ("
+            );
+            for (i, t) in tokens.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ",?" });
+                binds.push(Bind::Token(t.clone()));
+            }
+            sql.push(')');
+            let mut ids: Vec<rusqlite::types::Value> = Vec::new();
+            for t in tokens {
+                let t = Tok::new(t);
+                ids.extend(pending.ids(ix, &t).map(Sid::to_value));
+            }
+            if !ids.is_empty() {
+                sql.push_str(" UNION ALL SELECT value FROM rarray(?)");
+                binds.push(Bind::Ids(std::rc::Rc::new(ids)));
             }
         }
         Candidates::And(parts) | Candidates::Or(parts) => {
@@ -982,7 +1147,7 @@ fn candidate_sql(
                     sql.push_str(op);
                 }
                 sql.push_str("SELECT id FROM (");
-                candidate_sql(rtype, p, sql, binds)?;
+                candidate_sql(rtype, p, pending, sql, binds)?;
                 sql.push(')');
             }
         }
@@ -1027,6 +1192,7 @@ fn simplify(q: &Candidates) -> Candidates {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Put;
 
     fn open(dir: &Path) -> SqliteStore {
         SqliteStore::open(&dir.join("db.sqlite"), Box::new(|m: &[u8]| m.to_vec())).unwrap()
@@ -1041,8 +1207,8 @@ mod tests {
 
     #[test]
     fn shared_suite_passes_with_frequent_index_merges() {
-        // rows move from search_recent to search_index every few batches, so lookups,
-        // guards, deletes and candidate queries see rows in both tables
+        // pending rows move to search_index every few batches, so lookups, guards,
+        // deletes and candidate queries see rows in both places
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         store.set_merge_rows(7);
@@ -1052,6 +1218,71 @@ mod tests {
             .query_row("SELECT count(*) FROM search_index", [], |r| r.get(0))
             .unwrap();
         assert!(main > 0, "merges happened");
+    }
+
+    #[test]
+    fn pending_index_rows_survive_a_restart_and_read_only_opens() {
+        use crate::Candidates as C;
+        let dir = tempfile::tempdir().unwrap();
+        let even = C::Tokens {
+            param: "code".into(),
+            tokens: vec![b"even".to_vec()],
+        };
+        let store = open(dir.path());
+        crate::testsuite::run_all(&store);
+        let want = store.candidates("Condition", &even, None, 1000).unwrap();
+        let stats = store.index_stats("Condition", "code").unwrap();
+        assert!(!want.is_empty() && stats.rows > 0);
+        store.close();
+        let c = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        let (logged, merged): (i64, i64) = c
+            .query_row(
+                "SELECT (SELECT count(*) FROM search_log), (SELECT count(*) FROM search_index)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert!(logged > 0 && merged == 0, "rows are still pending");
+        drop(c);
+        let ro = SqliteStore::open_read_only(&dir.path().join("db.sqlite")).unwrap();
+        assert_eq!(ro.candidates("Condition", &even, None, 1000).unwrap(), want);
+        assert_eq!(ro.index_stats("Condition", "code").unwrap(), stats);
+        drop(ro);
+        let store = open(dir.path());
+        assert_eq!(
+            store.candidates("Condition", &even, None, 1000).unwrap(),
+            want
+        );
+        // a merge moves them without changing any answer
+        store.set_merge_rows(1);
+        crate::testsuite::append_audit(&store, 1);
+        let b = WriteBatch {
+            puts: vec![Put {
+                row: VersionRow {
+                    rtype: "Condition".into(),
+                    id: "late".into(),
+                    version: 1,
+                    key_id: "k1".into(),
+                    deleted: false,
+                    updated_ms: 1,
+                    sealed: b"x".to_vec(),
+                },
+                expect: Expect::Absent,
+                index: vec![IndexEntry {
+                    param: "code".into(),
+                    token: b"even".to_vec(),
+                }],
+                replaces: vec![],
+            }],
+            ..Default::default()
+        };
+        store.submit(b).blocking_recv().unwrap().unwrap();
+        // the writer merges after answering; its next batch is answered after the merge
+        crate::testsuite::append_audit(&store, 1);
+        let mut after = store.candidates("Condition", &even, None, 1000).unwrap();
+        after.retain(|id| id != "late");
+        assert_eq!(after, want);
+        assert_eq!(store.pending.read().len(), 0);
     }
 
     #[test]
