@@ -320,12 +320,14 @@ pub fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
 
 /// The canonical text of a 16-byte UUID.
 pub fn uuid_text(b: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(36);
     for (i, x) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push_str(&format!("{x:02x}"));
+        s.push(char::from(HEX[usize::from(x >> 4)]));
+        s.push(char::from(HEX[usize::from(x & 0xf)]));
     }
     s
 }

@@ -205,11 +205,13 @@ fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     println!("index\tR\tC\tband\tdistinct tokens\tmax rows/token\tverdict");
     let mut out_of_band = 0;
     for rtype in phivault_fhir::resource_types() {
-        for def in search::search_params(rtype) {
-            if def.expression.is_none() || search::index_owner(def) != def.code {
-                continue;
-            }
-            let st = opened.store.index_stats(rtype, &def.code)?;
+        let indexes = search::indexed_params(rtype).flat_map(|def| {
+            let span =
+                (def.ptype == search::ParamType::Date).then(|| search::span_index(&def.code));
+            std::iter::once(def.code.clone()).chain(span)
+        });
+        for code in indexes {
+            let st = opened.store.index_stats(rtype, &code)?;
             if st.resources == 0 {
                 continue;
             }
@@ -232,8 +234,8 @@ fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
                 "in band"
             };
             println!(
-                "{rtype}.{}\t{}\t{c:.2}\t[2, {hi:.1}]\t{}\t{}\t{verdict}",
-                def.code, st.resources, st.distinct_tokens, st.max_rows_per_token
+                "{rtype}.{code}\t{}\t{c:.2}\t[2, {hi:.1}]\t{}\t{}\t{verdict}",
+                st.resources, st.distinct_tokens, st.max_rows_per_token
             );
         }
     }

@@ -139,8 +139,16 @@ impl Written {
     }
 }
 
-/// The indexed parameters of one resource type, each with its blind-index key.
-type Indexers = Arc<[(&'static search::SearchParamDef, Arc<TruncatedIndexKey>)]>;
+/// One indexed parameter with its blind-index key (and, for dates, the index and key of
+/// its span terms: see `search::span_index`).
+struct Indexer {
+    def: &'static search::SearchParamDef,
+    key: Arc<TruncatedIndexKey>,
+    span: Option<(String, Arc<TruncatedIndexKey>)>,
+}
+
+/// The indexed parameters of one resource type.
+type Indexers = Arc<[Indexer]>;
 
 /// RFC 3339 instant of a millisecond timestamp, always with three fraction digits so
 /// that instants sort as strings the way they sort as times.
@@ -299,7 +307,18 @@ impl Engine {
             return v.clone();
         }
         let v: Indexers = search::indexed_params(rtype)
-            .map(|def| (def, self.blind_key(rtype, &def.code)))
+            .map(|def| {
+                let span = (def.ptype == search::ParamType::Date).then(|| {
+                    let code = search::span_index(&def.code);
+                    let key = self.blind_key(rtype, &code);
+                    (code, key)
+                });
+                Indexer {
+                    def,
+                    key: self.blind_key(rtype, &def.code),
+                    span,
+                }
+            })
             .collect();
         self.indexers.write().insert(rtype.to_owned(), v.clone());
         v
@@ -312,8 +331,8 @@ impl Engine {
         let mut out = Vec::new();
         let mut terms = Vec::new();
         let mut tokens = Vec::new();
-        for (def, key) in self.indexers(rtype).iter() {
-            let values = search::extract(def, resource);
+        for ix in self.indexers(rtype).iter() {
+            let values = search::extract(ix.def, resource);
             if values.is_empty() {
                 continue;
             }
@@ -321,15 +340,24 @@ impl Engine {
             for v in &values {
                 search::index_terms(v, &mut terms);
             }
-            // truncated tokens of distinct terms may coincide
-            tokens.clear();
-            tokens.extend(terms.iter().map(|t| key.token(t)));
-            tokens.sort_unstable();
-            tokens.dedup();
-            out.extend(tokens.drain(..).map(|token| IndexEntry {
-                param: def.code.clone(),
-                token,
-            }));
+            let (span, point): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = match &ix.span {
+                Some(_) => terms.iter().partition(|t| search::is_span_term(t)),
+                None => (Vec::new(), terms.iter().collect()),
+            };
+            for (code, key, part) in [(&ix.def.code, &ix.key, point)]
+                .into_iter()
+                .chain(ix.span.iter().map(|(c, k)| (c, k, span.clone())))
+            {
+                // truncated tokens of distinct terms may coincide
+                tokens.clear();
+                tokens.extend(part.iter().map(|t| key.token(t)));
+                tokens.sort_unstable();
+                tokens.dedup();
+                out.extend(tokens.drain(..).map(|token| IndexEntry {
+                    param: code.clone(),
+                    token,
+                }));
+            }
         }
         out
     }

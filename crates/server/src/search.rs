@@ -746,11 +746,12 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Value {
             Some(e) if mode == "match" => subset(l.json, e),
             _ => l.json,
         };
-        entries.push(json!({
-            "fullUrl": full,
-            "resource": resource,
-            "search": {"mode": mode},
-        }));
+        // built by moving the values in: `json!` would deep-copy every resource
+        entries.push(object([
+            ("fullUrl", Value::String(full)),
+            ("resource", resource),
+            ("search", json!({"mode": mode})),
+        ]));
     }
     let mut links = vec![json!({"relation": "self", "url": self_url})];
     if let Some(n) = &page.next {
@@ -759,18 +760,23 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Value {
             "url": format!("{}/{}?_cursor={n}", app.base_url, page.query.rtype),
         }));
     }
-    let mut b = json!({
-        "resourceType": "Bundle",
-        "id": crate::engine::new_id(),
-        "meta": {"lastUpdated": instant(now_ms())},
-        "type": "searchset",
-        "link": links,
-        "entry": entries,
-    });
+    let mut b = object([
+        ("resourceType", json!("Bundle")),
+        ("id", Value::String(crate::engine::new_id())),
+        ("meta", json!({"lastUpdated": instant(now_ms())})),
+        ("type", json!("searchset")),
+        ("link", Value::Array(links)),
+        ("entry", Value::Array(entries)),
+    ]);
     if let Some(t) = page.total {
         b["total"] = json!(t);
     }
     b
+}
+
+/// A JSON object of `pairs`, moving the values in.
+pub(crate) fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
+    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
 /// Audit entities of a page: every resource disclosed.

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use phivault_audit::Action;
 use phivault_auth::Interaction;
 use phivault_fhir::IssueCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
 use crate::app::{App, Ctx, Peer, blocking, finish};
@@ -250,11 +250,14 @@ async fn everything(
         let mut failed = false;
         for t in types {
             let r = search::stream_compartment(&a, t, &id, &mut |l| {
-                let entry = json!({
-                    "fullUrl": format!("{}/{}/{}", a.base_url, l.row.rtype, l.row.id),
-                    "resource": l.json,
-                    "search": {"mode": "match"},
-                });
+                let entry = search::object([
+                    (
+                        "fullUrl",
+                        Value::String(format!("{}/{}/{}", a.base_url, l.row.rtype, l.row.id)),
+                    ),
+                    ("resource", l.json),
+                    ("search", json!({"mode": "match"})),
+                ]);
                 let mut b = Vec::with_capacity(1024);
                 if !first {
                     b.push(b',');

@@ -181,6 +181,9 @@ pub struct SqliteStore {
     pending: Arc<RwLock<Pending>>,
 }
 
+/// A writer without work for this long merges whatever index rows are pending.
+const IDLE_MERGE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Pending index rows merged into `search_index` at once (about 100 bytes of memory
 /// each). Larger merges cost fewer passes over the main index.
 const DEFAULT_MERGE_ROWS: usize = 200_000;
@@ -228,7 +231,15 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
     // dirty index pages mid-transaction and re-read them from the WAL)
     conn.pragma_update(None, "cache_size", -65536)
         .map_err(engine)?;
-    // `rarray(?)`: pending index ids bound as one parameter
+    // Plans never depend on bound values: without this, a statement whose parameters
+    // feed an index constraint is re-prepared whenever the values change (with the
+    // bundled STAT4), which cost search more than running it.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map_err(engine)?;
+    // `rarray(?)`: token lists and pending index ids bound as one parameter each
     rusqlite::vtab::array::load_module(conn).map_err(engine)?;
     Ok(())
 }
@@ -552,7 +563,7 @@ impl Store for SqliteStore {
         // held until the query has run: a merge cannot move rows between the two places
         // while this reader looks at both
         let pending = self.pending.read();
-        candidate_sql(rtype, &q, &pending, &mut sql, &mut binds)?;
+        candidate_sql(rtype, &q, &pending, &mut sql, &mut binds, &mut 0)?;
         sql.push(')');
         if after.is_some() {
             sql.push_str(" WHERE id > ?");
@@ -564,8 +575,8 @@ impl Store for SqliteStore {
             for b in &binds {
                 n += 1;
                 match b {
-                    Bind::Token(t) => st.raw_bind_parameter(n, t)?,
-                    Bind::Ids(ids) => st.raw_bind_parameter(n, ids)?,
+                    Bind::Index(ix) => st.raw_bind_parameter(n, ix)?,
+                    Bind::List(l) => st.raw_bind_parameter(n, l)?,
                 }
             }
             if let Some(a) = after {
@@ -718,7 +729,20 @@ struct Writer {
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer) {
     let mut staged = Staged::default();
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.recv_timeout(IDLE_MERGE_AFTER) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // idle: fold pending rows in, so reads use the B-tree alone
+                if w.pending.read().len() > 0
+                    && let Err(e) = merge_pending(&mut conn, &w.pending)
+                {
+                    tracing::warn!(error = %e, "index merge failed; retried later");
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -742,7 +766,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
         match results {
             Ok(results) => {
                 // committed: lookups see the new rows before any batch is acknowledged
-                {
+                if staged.mark() > 0 {
                     let mut pending = w.pending.write();
                     for (row, live) in staged.take() {
                         pending.apply(row, live);
@@ -1084,13 +1108,13 @@ fn matching_ids(
 
 /// A bound value of a candidate query.
 enum Bind {
-    Token(Vec<u8>),
-    /// Pending ids of one posting-list lookup, as `rarray(?)`.
-    Ids(rusqlite::vtab::array::Array),
+    Index(i64),
+    /// A list (tokens, or pending ids) as `rarray(?)`: one parameter whatever its length,
+    /// so the SQL text depends only on the shape of the query and stays prepared.
+    List(rusqlite::vtab::array::Array),
 }
 
-/// Largest number of tokens bound in one candidate query (SQLite's default limit on
-/// host parameters is 32766).
+/// Largest number of tokens one candidate query looks up.
 const MAX_BOUND_TOKENS: usize = 30_000;
 
 /// Append the SQL of a candidate query (a compound SELECT of one `id` column) and its
@@ -1101,8 +1125,8 @@ fn candidate_sql(
     pending: &Pending,
     sql: &mut String,
     binds: &mut Vec<Bind>,
+    bound: &mut usize,
 ) -> Result<(), StoreError> {
-    use std::fmt::Write as _;
     match q {
         Candidates::Tokens { param, tokens } => {
             if tokens.is_empty() {
@@ -1110,24 +1134,24 @@ fn candidate_sql(
                 return Ok(());
             }
             let ix = index_no(rtype, param);
-            let _ = write!(
-                sql,
-                "SELECT id FROM search_index WHERE ix = {ix} AND token IN ("
+            sql.push_str(
+                "SELECT id FROM search_index WHERE ix = ? AND token IN rarray(?) \
+                 UNION ALL SELECT value FROM rarray(?)",
             );
-            for (i, t) in tokens.iter().enumerate() {
-                sql.push_str(if i == 0 { "?" } else { ",?" });
-                binds.push(Bind::Token(t.clone()));
-            }
-            sql.push(')');
             let mut ids: Vec<rusqlite::types::Value> = Vec::new();
             for t in tokens {
                 let t = Tok::new(t);
                 ids.extend(pending.ids(ix, &t).map(Sid::to_value));
             }
-            if !ids.is_empty() {
-                sql.push_str(" UNION ALL SELECT value FROM rarray(?)");
-                binds.push(Bind::Ids(std::rc::Rc::new(ids)));
-            }
+            binds.push(Bind::Index(ix));
+            binds.push(Bind::List(std::rc::Rc::new(
+                tokens
+                    .iter()
+                    .map(|t| rusqlite::types::Value::Blob(t.clone()))
+                    .collect(),
+            )));
+            binds.push(Bind::List(std::rc::Rc::new(ids)));
+            *bound += tokens.len();
         }
         Candidates::And(parts) | Candidates::Or(parts) => {
             let op = if matches!(q, Candidates::And(_)) {
@@ -1147,13 +1171,13 @@ fn candidate_sql(
                     sql.push_str(op);
                 }
                 sql.push_str("SELECT id FROM (");
-                candidate_sql(rtype, p, pending, sql, binds)?;
+                candidate_sql(rtype, p, pending, sql, binds, bound)?;
                 sql.push(')');
             }
         }
         Candidates::All => return Err(StoreError::Engine("unexpected full scan".into())),
     }
-    if binds.len() > MAX_BOUND_TOKENS {
+    if *bound > MAX_BOUND_TOKENS {
         return Err(StoreError::Engine("too many tokens in one query".into()));
     }
     Ok(())

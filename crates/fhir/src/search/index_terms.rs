@@ -9,10 +9,12 @@
 //! - token: `c` code (a `system|code` query looks up the code and verifies the system);
 //! - reference: `r` `Type/id`, `u` URL; uri: `u` value;
 //! - number/quantity: `n` integer floor (units are verified);
-//! - date: `p` (a value within one UTC day), `s` (start) or `e` (end) + a bucket: `Y`
-//!   year, `M` month, `d` day, `F<`/`F>` before 1800 / from 2200; `s-` an
-//!   open start, `e+` an open end. (No decade level: a half-open range costs at most a few
-//!   hundred year terms at query time, which is cheaper than one more row per date.)
+//! - date: `p` (a value within one UTC day) + a bucket: `Y` year, `M` month, `d` day,
+//!   `F<`/`F>` before 1800 / from 2200; a longer value has `s` (start) and `e` (end)
+//!   buckets, which add `C` century and `D` decade, in an index of their own
+//!   ([`span_index`]); `s-` an open start, `e+` an open end. (One-day values have no
+//!   decade level: a half-open range costs at most a few hundred year terms at query time,
+//!   which is cheaper than two more rows for every date.)
 //!
 //! Every row costs import time and tells a database thief something (equality and
 //! frequency of what it hashes); one row per value, on the coarsest term that keeps
@@ -31,6 +33,19 @@ const DAY_MS: i64 = 86_400_000;
 const MAX_TERMS: usize = 1024;
 /// Prefix length of the string prefix term.
 const PREFIX_CHARS: usize = 3;
+
+/// The index that holds the *span* terms (`s…`, `e…`: dates that do not fall within one
+/// day) of date parameter `param`. Spans have an index of their own: the open ranges a
+/// `ge`/`lt` query looks up on them cover centuries of buckets, which in a shared index
+/// would collide (tokens are truncated) with the far more numerous one-day values.
+pub fn span_index(param: &str) -> String {
+    format!("{param}~span")
+}
+
+/// Whether `term` is a span term (see [`span_index`]).
+pub fn is_span_term(term: &[u8]) -> bool {
+    matches!(term.first(), Some(b's' | b'e'))
+}
 
 fn term(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut t = Vec::with_capacity(payload.len() + 1);
@@ -65,9 +80,20 @@ fn day_buckets(day: i64, kind: u8, out: &mut Vec<Vec<u8>>) {
         return;
     }
     let (y, m, d) = civil_from_days(day);
+    if coarse(kind) {
+        out.push(term(kind, format!("C{}", y / 100).as_bytes()));
+        out.push(term(kind, format!("D{}", y / 10).as_bytes()));
+    }
     out.push(term(kind, format!("Y{y}").as_bytes()));
     out.push(term(kind, format!("M{y}-{m}").as_bytes()));
     out.push(term(kind, format!("d{y}-{m}-{d}").as_bytes()));
+}
+
+/// Whether terms of `kind` also carry century and decade buckets: span starts and ends
+/// do (spans are few, and the open ranges of `ge`/`lt` queries on them would otherwise
+/// cost hundreds of year terms); one-day values do not (they are most rows).
+fn coarse(kind: u8) -> bool {
+    matches!(kind, b's' | b'e')
 }
 
 fn day_of(ms: i64) -> i64 {
@@ -76,10 +102,25 @@ fn day_of(ms: i64) -> i64 {
 
 /// Aligned buckets exactly covering the days `[a, b)` (both within the bucketed years),
 /// as bucket payloads.
-fn cover(a: i64, b: i64, out: &mut Vec<String>) {
+fn cover(a: i64, b: i64, coarse: bool, out: &mut Vec<String>) {
     let mut cur = a;
     while cur < b {
         let (y, m, d) = civil_from_days(cur);
+        if coarse && m == 1 && d == 1 {
+            let mut done = false;
+            for (width, tag) in [(100, 'C'), (10, 'D')] {
+                let end = days_from_civil(y + width, 1, 1);
+                if y % width == 0 && end <= b {
+                    out.push(format!("{tag}{}", y / width));
+                    cur = end;
+                    done = true;
+                    break;
+                }
+            }
+            if done {
+                continue;
+            }
+        }
         if m == 1 && d == 1 {
             let end = days_from_civil(y + 1, 1, 1);
             if end <= b {
@@ -149,7 +190,12 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
     if hi > high_day() {
         buckets.push("F>".to_owned());
     }
-    cover(lo.max(low_day()), hi.min(high_day()), &mut buckets);
+    cover(
+        lo.max(low_day()),
+        hi.min(high_day()),
+        kinds.iter().all(|k| coarse(*k)),
+        &mut buckets,
+    );
     for k in kinds {
         for b in &buckets {
             out.push(term(*k, b.as_bytes()));
@@ -292,12 +338,13 @@ fn date_lookup(param: &str, s: Days, e: Days) -> Lookup {
     // values within one day: their day must satisfy both
     let points = day_terms(s.intersect(e), b"p", None);
     // spans: start in S and end in E
+    let sp = span_index(param);
     let mut span = Vec::new();
     if !s.is_all() {
-        span.push(terms(param, day_terms(s, b"s", Some((b"s-", true)))));
+        span.push(terms(&sp, day_terms(s, b"s", Some((b"s-", true)))));
     }
     if !e.is_all() {
-        span.push(terms(param, day_terms(e, b"e", Some((b"e+", false)))));
+        span.push(terms(&sp, day_terms(e, b"e", Some((b"e+", false)))));
     }
     let span = match span.len() {
         1 => span.remove(0),
@@ -491,6 +538,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn span_terms_are_looked_up_in_their_own_index() {
+        fn walk(l: &Lookup, out: &mut Vec<(String, Vec<u8>)>) {
+            match l {
+                Lookup::Terms { param, terms } => {
+                    out.extend(terms.iter().map(|t| (param.clone(), t.clone())))
+                }
+                Lookup::And(p) | Lookup::Or(p) => p.iter().for_each(|x| walk(x, out)),
+                Lookup::All => {}
+            }
+        }
+        let def = search_param("Encounter", "date").unwrap();
+        let q = |s: &str| {
+            let (p, r) = match s.split_at(2) {
+                ("ge", r) => (Prefix::Ge, r),
+                ("lt", r) => (Prefix::Lt, r),
+                _ => unreachable!(),
+            };
+            crit(
+                def,
+                Modifier::None,
+                QueryValue::Date(p, parse_date(r).unwrap()),
+            )
+        };
+        let mut got = Vec::new();
+        walk(
+            &lookup_terms(&[q("ge2020-03-01"), q("lt2020-04-01")]),
+            &mut got,
+        );
+        assert!(got.iter().any(|(p, _)| p == "date"));
+        assert!(got.iter().any(|(p, _)| p == "date~span"));
+        for (p, t) in &got {
+            assert_eq!(is_span_term(t), p == "date~span", "{p} {t:?}");
+        }
+    }
 
     fn holds(l: &Lookup, have: &HashSet<Vec<u8>>) -> bool {
         match l {
