@@ -56,6 +56,8 @@ pub struct Loaded {
     pub row: VersionRow,
     /// Its JSON.
     pub json: Value,
+    /// The same JSON as stored (what a read returns), written out as is.
+    pub body: Vec<u8>,
 }
 
 /// A query ready to run on one type: chains and `_has` resolved into reference and `_id`
@@ -97,7 +99,7 @@ pub fn load(app: &App, rtype: &str, id: &str) -> Result<Option<Loaded>, ApiError
     let body = app.engine.open(&row)?;
     row.sealed = Vec::new();
     let json: Value = serde_json::from_slice(&body).map_err(|_| ApiError::integrity())?;
-    Ok(Some(Loaded { row, json }))
+    Ok(Some(Loaded { row, json, body }))
 }
 
 fn reference_criterion(
@@ -726,13 +728,51 @@ fn subset(mut v: Value, elements: &[String]) -> Value {
 
 /// The searchset Bundle of a page. `self_url` is the base of the link (no search values:
 /// they may be PHI).
-pub fn bundle(app: &App, page: Page, self_url: &str) -> Value {
-    let mut entries = Vec::with_capacity(page.matches.len() + page.included.len() + 1);
-    if !page.warnings.is_empty() {
-        entries.push(json!({
-            "resource": phivault_fhir::operation_outcome(&page.warnings),
-            "search": {"mode": "outcome"},
+pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError> {
+    let ser = |out: &mut Vec<u8>, v: &Value| {
+        serde_json::to_writer(out, v).map_err(|_| ApiError::internal())
+    };
+    let size: usize = page
+        .matches
+        .iter()
+        .chain(&page.included)
+        .map(|l| l.body.len() + 128)
+        .sum();
+    let mut out = Vec::with_capacity(size + 512);
+    out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
+    ser(&mut out, &Value::String(crate::engine::new_id()))?;
+    out.extend_from_slice(br#","meta":"#);
+    ser(&mut out, &json!({"lastUpdated": instant(now_ms())}))?;
+    out.extend_from_slice(br#","type":"searchset","link":"#);
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    if let Some(n) = &page.next {
+        links.push(json!({
+            "relation": "next",
+            "url": format!("{}/{}?_cursor={n}", app.base_url, page.query.rtype),
         }));
+    }
+    ser(&mut out, &Value::Array(links))?;
+    if let Some(t) = page.total {
+        out.extend_from_slice(br#","total":"#);
+        out.extend_from_slice(t.to_string().as_bytes());
+    }
+    out.extend_from_slice(br#","entry":["#);
+    let mut first = true;
+    let mut sep = |out: &mut Vec<u8>| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+    };
+    if !page.warnings.is_empty() {
+        sep(&mut out);
+        ser(
+            &mut out,
+            &json!({
+                "resource": phivault_fhir::operation_outcome(&page.warnings),
+                "search": {"mode": "outcome"},
+            }),
+        )?;
     }
     let elements = page.query.elements.as_deref();
     for (l, mode) in page
@@ -741,37 +781,24 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Value {
         .map(|l| (l, "match"))
         .chain(page.included.into_iter().map(|l| (l, "include")))
     {
-        let full = format!("{}/{}/{}", app.base_url, l.row.rtype, l.row.id);
-        let resource = match elements {
-            Some(e) if mode == "match" => subset(l.json, e),
-            _ => l.json,
-        };
-        // built by moving the values in: `json!` would deep-copy every resource
-        entries.push(object([
-            ("fullUrl", Value::String(full)),
-            ("resource", resource),
-            ("search", json!({"mode": mode})),
-        ]));
+        sep(&mut out);
+        out.extend_from_slice(br#"{"fullUrl":"#);
+        ser(
+            &mut out,
+            &Value::String(format!("{}/{}/{}", app.base_url, l.row.rtype, l.row.id)),
+        )?;
+        out.extend_from_slice(br#","resource":"#);
+        match elements {
+            Some(e) if mode == "match" => ser(&mut out, &subset(l.json, e))?,
+            // the stored JSON, as a read returns it: no re-serialisation
+            _ => out.extend_from_slice(&l.body),
+        }
+        out.extend_from_slice(br#","search":{"mode":""#);
+        out.extend_from_slice(mode.as_bytes());
+        out.extend_from_slice(br#""}}"#);
     }
-    let mut links = vec![json!({"relation": "self", "url": self_url})];
-    if let Some(n) = &page.next {
-        links.push(json!({
-            "relation": "next",
-            "url": format!("{}/{}?_cursor={n}", app.base_url, page.query.rtype),
-        }));
-    }
-    let mut b = object([
-        ("resourceType", json!("Bundle")),
-        ("id", Value::String(crate::engine::new_id())),
-        ("meta", json!({"lastUpdated": instant(now_ms())})),
-        ("type", json!("searchset")),
-        ("link", Value::Array(links)),
-        ("entry", Value::Array(entries)),
-    ]);
-    if let Some(t) = page.total {
-        b["total"] = json!(t);
-    }
-    b
+    out.extend_from_slice(b"]}");
+    Ok(out)
 }
 
 /// A JSON object of `pairs`, moving the values in.

@@ -177,8 +177,7 @@ async fn run(
         Some(p) => format!("{}/Patient/{p}/{}", app.base_url, req.rtype),
         None => format!("{}/{}", app.base_url, req.rtype),
     };
-    let bundle = search::bundle(app, page, &self_url);
-    let body = serde_json::to_vec(&bundle).map_err(|_| ApiError::internal())?;
+    let body = search::bundle(app, page, &self_url)?;
     let mut resp = (StatusCode::OK, Bytes::from(body)).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));

@@ -9,7 +9,7 @@
 //! `search_index` in key order in one transaction and empties the log. On open, the log
 //! is replayed into a fresh set, so nothing depends on this memory surviving a crash.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 
 /// A token, inline when short (every token the server makes is at most 16 bytes).
@@ -80,16 +80,30 @@ pub(crate) type Row = (i64, Tok, Sid);
 #[derive(Default, Debug)]
 pub(crate) struct Pending {
     rows: BTreeSet<Row>,
+    /// Index numbers that have (or once had) a row, here or in `search_index`: a lookup
+    /// in any other index is answered without a query.
+    indexes: HashSet<i64>,
 }
 
 impl Pending {
     /// Apply one log record (`live` = the row exists after it).
     pub(crate) fn apply(&mut self, row: Row, live: bool) {
         if live {
+            self.indexes.insert(row.0);
             self.rows.insert(row);
         } else {
             self.rows.remove(&row);
         }
+    }
+
+    /// Record that `search_index` holds rows of index `ix`.
+    pub(crate) fn note_index(&mut self, ix: i64) {
+        self.indexes.insert(ix);
+    }
+
+    /// Whether index `ix` may hold rows (false: certainly none).
+    pub(crate) fn may_have(&self, ix: i64) -> bool {
+        self.indexes.contains(&ix)
     }
 
     pub(crate) fn contains(&self, row: &Row) -> bool {
@@ -127,6 +141,7 @@ impl Pending {
         self.rows.iter()
     }
 
+    /// Forget the rows (merged into `search_index`; the index numbers stay known).
     pub(crate) fn clear(&mut self) {
         self.rows.clear();
     }
@@ -227,6 +242,7 @@ mod tests {
         assert_eq!(p.all().count(), 3);
         p.clear();
         assert_eq!(p.len(), 0);
+        assert!(p.may_have(1) && p.may_have(2) && !p.may_have(3));
     }
 
     #[test]

@@ -244,9 +244,23 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Replay `search_log` into the set of pending index rows.
+/// Replay `search_log` into the set of pending index rows, and note which indexes
+/// `search_index` holds (one seek per index).
 fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
     let mut p = Pending::default();
+    let mut st = conn
+        .prepare(
+            "WITH RECURSIVE t(ix) AS (SELECT min(ix) FROM search_index \
+             UNION ALL SELECT (SELECT min(ix) FROM search_index WHERE ix > t.ix) FROM t \
+             WHERE t.ix IS NOT NULL) SELECT ix FROM t WHERE ix IS NOT NULL",
+        )
+        .map_err(engine)?;
+    let mut rows = st.query([]).map_err(engine)?;
+    while let Some(r) = rows.next().map_err(engine)? {
+        p.note_index(r.get(0).map_err(engine)?);
+    }
+    drop(rows);
+    drop(st);
     let mut st = conn
         .prepare("SELECT ix, token, id, live FROM search_log ORDER BY seq")
         .map_err(engine)?;
@@ -1129,11 +1143,11 @@ fn candidate_sql(
 ) -> Result<(), StoreError> {
     match q {
         Candidates::Tokens { param, tokens } => {
-            if tokens.is_empty() {
+            let ix = index_no(rtype, param);
+            if tokens.is_empty() || !pending.may_have(ix) {
                 sql.push_str("SELECT id FROM search_index WHERE 0");
                 return Ok(());
             }
-            let ix = index_no(rtype, param);
             sql.push_str(
                 "SELECT id FROM search_index WHERE ix = ? AND token IN rarray(?) \
                  UNION ALL SELECT value FROM rarray(?)",
