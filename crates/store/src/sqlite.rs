@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
@@ -174,6 +174,7 @@ pub struct SqliteStore {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     checkpointer: Mutex<Option<(thread::JoinHandle<()>, Stop)>>,
     merge_rows: Arc<AtomicUsize>,
+    idle_merge_ms: Arc<AtomicU64>,
     /// Index rows of `search_log` not yet merged into `search_index` (see
     /// [`crate::pending`]). Readers hold the read lock across their SQL query, and the
     /// writer holds the write lock across a merge's commit, so every lookup sees each
@@ -181,8 +182,8 @@ pub struct SqliteStore {
     pending: Arc<RwLock<Pending>>,
 }
 
-/// A writer without work for this long merges whatever index rows are pending.
-const IDLE_MERGE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// A writer that has written no index rows for this long (ms) merges whatever is pending.
+const IDLE_MERGE_MS: u64 = 1_000;
 
 /// Pending index rows merged into `search_index` at once (about 100 bytes of memory
 /// each). Larger merges cost fewer passes over the main index.
@@ -329,11 +330,13 @@ impl SqliteStore {
         let pending = Arc::new(RwLock::new(load_pending(&conn)?));
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
+        let idle_merge_ms = Arc::new(AtomicU64::new(IDLE_MERGE_MS));
         let writer_state = Writer {
             head,
             signer,
             pending: pending.clone(),
             merge_rows: merge_rows.clone(),
+            idle_merge_ms: idle_merge_ms.clone(),
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
@@ -360,8 +363,15 @@ impl SqliteStore {
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some((checkpointer, stop))),
             merge_rows,
+            idle_merge_ms,
             pending,
         })
+    }
+
+    /// Merge pending index rows once no index row has been written for `ms`
+    /// milliseconds (tests use a long time to keep rows pending).
+    pub fn set_idle_merge_ms(&self, ms: u64) {
+        self.idle_merge_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Merge pending index rows into `search_index` once there are this many (tests use
@@ -399,6 +409,7 @@ impl SqliteStore {
             writer: Mutex::new(None),
             checkpointer: Mutex::new(None),
             merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
+            idle_merge_ms: Arc::new(AtomicU64::new(IDLE_MERGE_MS)),
             pending: Arc::new(RwLock::new(pending)),
         })
     }
@@ -739,22 +750,25 @@ struct Writer {
     signer: HeadSigner,
     pending: Arc<RwLock<Pending>>,
     merge_rows: Arc<AtomicUsize>,
+    idle_merge_ms: Arc<AtomicU64>,
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer) {
     let mut staged = Staged::default();
+    let mut last_index_write = std::time::Instant::now();
     loop {
-        let first = match rx.recv_timeout(IDLE_MERGE_AFTER) {
-            Ok(c) => c,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // idle: fold pending rows in, so reads use the B-tree alone
-                if w.pending.read().len() > 0
-                    && let Err(e) = merge_pending(&mut conn, &w.pending)
-                {
-                    tracing::warn!(error = %e, "index merge failed; retried later");
-                }
-                continue;
+        // no index rows written for a while (audit-only groups do not count): fold the
+        // pending rows in, so reads use the B-tree alone
+        let idle = std::time::Duration::from_millis(w.idle_merge_ms.load(Ordering::Relaxed));
+        if last_index_write.elapsed() >= idle && w.pending.read().len() > 0 {
+            if let Err(e) = merge_pending(&mut conn, &w.pending) {
+                tracing::warn!(error = %e, "index merge failed; retried later");
             }
+            last_index_write = std::time::Instant::now();
+        }
+        let first = match rx.recv_timeout(idle.min(std::time::Duration::from_secs(1))) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut group = vec![first];
@@ -781,6 +795,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
             Ok(results) => {
                 // committed: lookups see the new rows before any batch is acknowledged
                 if staged.mark() > 0 {
+                    last_index_write = std::time::Instant::now();
                     let mut pending = w.pending.write();
                     for (row, live) in staged.take() {
                         pending.apply(row, live);
@@ -1267,6 +1282,7 @@ mod tests {
             tokens: vec![b"even".to_vec()],
         };
         let store = open(dir.path());
+        store.set_idle_merge_ms(u64::MAX);
         crate::testsuite::run_all(&store);
         let want = store.candidates("Condition", &even, None, 1000).unwrap();
         let stats = store.index_stats("Condition", "code").unwrap();
@@ -1321,6 +1337,26 @@ mod tests {
         after.retain(|id| id != "late");
         assert_eq!(after, want);
         assert_eq!(store.pending.read().len(), 0);
+    }
+
+    #[test]
+    fn pending_rows_merge_once_index_writes_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.set_idle_merge_ms(50);
+        crate::testsuite::run_all(&store);
+        // audit-only batches keep coming; they do not hold the merge back
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.pending.read().len() > 0 {
+            assert!(std::time::Instant::now() < deadline, "no merge");
+            crate::testsuite::append_audit(&store, 1);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let c = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        let logged: i64 = c
+            .query_row("SELECT count(*) FROM search_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 0);
     }
 
     #[test]
