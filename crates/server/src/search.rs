@@ -552,13 +552,15 @@ pub fn run(
                     break;
                 }
                 for id in &batch {
+                    if matches.len() == count {
+                        // full, and this candidate is not verified yet: a next page, which
+                        // may turn out empty (cheaper than decrypting one more per page)
+                        let last = matches.last().map(|m: &Loaded| m.row.id.clone());
+                        next_pos = Some((last, None));
+                        break 'page;
+                    }
                     examined += 1;
                     if let Some(l) = plan.verify(app, id)? {
-                        if matches.len() == count {
-                            let last = matches.last().map(|m: &Loaded| m.row.id.clone());
-                            next_pos = Some((last, None));
-                            break 'page;
-                        }
                         matches.push(l);
                     }
                     if examined >= MAX_EXAMINE {
