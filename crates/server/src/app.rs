@@ -460,10 +460,22 @@ pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    // CPU-bound work (decrypting, parsing, searching) on more threads than cores only
+    // adds context switches and tail latency; the rest wait here, without a thread
+    let _permit = BLOCKING
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable())?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| ApiError::internal())?
 }
+
+/// Blocking tasks run at once: twice the cores (some of their time is I/O wait).
+static BLOCKING: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    tokio::sync::Semaphore::new((2 * cores).max(4))
+});
 
 /// Outcome of committing a prepared batch.
 pub enum Commit {
