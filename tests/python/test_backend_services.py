@@ -13,6 +13,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -98,10 +99,13 @@ def _read_listening_line(proc: subprocess.Popen, timeout: float) -> str:
         raise RuntimeError(f"unexpected stdout line before listening line: {line!r}")
 
 
-@pytest.fixture(scope="session")
-def server():
+@contextlib.contextmanager
+def running_server(prefix: str, client_name: str):
+    """A fresh data directory served by the real binary on 127.0.0.1:0, with one
+    registered SMART Backend Services client (`system/*.cruds`); stopped with SIGTERM
+    (which must succeed) on exit."""
     binary = phivault_bin()
-    tmp = Path(tempfile.mkdtemp(prefix="phivault-pytest-"))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     data_dir = tmp / "data"
     stderr_path = tmp / "server.stderr"
     stderr_file = open(stderr_path, "wb")
@@ -135,7 +139,7 @@ def server():
                 "--data-dir",
                 str(data_dir),
                 "--name",
-                "pytest-fhirpy",
+                client_name,
                 "--scope",
                 "system/*.cruds",
                 "--token-url",
@@ -176,6 +180,12 @@ def server():
         shutil.rmtree(tmp, ignore_errors=True)
         if rc != 0:
             pytest.fail(f"server exited with status {rc} on SIGTERM\n{stderr_text}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def server():
+    with running_server("phivault-pytest-", "pytest-fhirpy") as s:
+        yield s
 
 
 # ---------------------------------------------------------------- helpers

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import signal
 import subprocess
 import tempfile
 import unicodedata
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -29,12 +26,9 @@ from fhirpy import SyncFHIRClient
 
 from test_backend_services import (
     HTTP_TIMEOUT_S,
-    STARTUP_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    Server,
-    _read_listening_line,
     get_token,
     phivault_bin,
+    running_server,
 )
 
 PATIENTS = 40
@@ -46,52 +40,15 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def srv():
-    binary = phivault_bin()
-    tmp = Path(tempfile.mkdtemp(prefix="phivault-search-"))
-    data_dir = tmp / "data"
-    stderr_path = tmp / "server.stderr"
-    stderr_file = open(stderr_path, "wb")
-    proc = subprocess.Popen(
-        [str(binary), "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=stderr_file,
-        text=True,
-    )
-    try:
-        origin = _read_listening_line(proc, STARTUP_TIMEOUT_S)
-        creds_path = tmp / "client.json"
-        add = subprocess.run(
-            [str(binary), "client", "add", "--data-dir", str(data_dir), "--name", "search",
-             "--scope", "system/*.cruds", "--token-url", f"{origin}/auth/token", "--out", str(creds_path)],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert add.returncode == 0, add.stderr
-        synth = tmp / "bundles"
+    with running_server("phivault-search-", "search") as server, \
+            tempfile.TemporaryDirectory(prefix="phivault-synth-") as t:
+        synth = Path(t) / "bundles"
         out = subprocess.run(
-            [str(binary), "synth", "--patients", str(PATIENTS), "--seed", str(SEED), "--out", str(synth)],
+            [str(phivault_bin()), "synth", "--patients", str(PATIENTS), "--seed", str(SEED), "--out", str(synth)],
             capture_output=True, text=True, timeout=120,
         )
         assert out.returncode == 0, out.stderr
-        yield Server(
-            origin=origin,
-            fhir_base=f"{origin}/fhir",
-            token_url=f"{origin}/auth/token",
-            ca_path=str(data_dir / "tls" / "ca.pem"),
-            data_dir=data_dir,
-            creds=json.loads(creds_path.read_text()),
-            stderr_path=stderr_path,
-        ), synth
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        stderr_file.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield server, synth
 
 
 def rewrite(v, m):

@@ -1251,6 +1251,14 @@ mod tests {
         SqliteStore::open(&dir.join("db.sqlite"), Box::new(|m: &[u8]| m.to_vec())).unwrap()
     }
 
+    /// Rows of `table` in the database under `dir`, read through a connection of its own.
+    fn rows(dir: &Path, table: &str) -> i64 {
+        Connection::open(dir.join("db.sqlite"))
+            .unwrap()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn shared_suite_passes_on_sqlite() {
         let dir = tempfile::tempdir().unwrap();
@@ -1266,11 +1274,7 @@ mod tests {
         let store = open(dir.path());
         store.set_merge_rows(7);
         crate::testsuite::run_all(&store);
-        let c = Connection::open(dir.path().join("db.sqlite")).unwrap();
-        let main: i64 = c
-            .query_row("SELECT count(*) FROM search_index", [], |r| r.get(0))
-            .unwrap();
-        assert!(main > 0, "merges happened");
+        assert!(rows(dir.path(), "search_index") > 0, "merges happened");
     }
 
     #[test]
@@ -1288,16 +1292,11 @@ mod tests {
         let stats = store.index_stats("Condition", "code").unwrap();
         assert!(!want.is_empty() && stats.rows > 0);
         store.close();
-        let c = Connection::open(dir.path().join("db.sqlite")).unwrap();
-        let (logged, merged): (i64, i64) = c
-            .query_row(
-                "SELECT (SELECT count(*) FROM search_log), (SELECT count(*) FROM search_index)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap();
+        let (logged, merged) = (
+            rows(dir.path(), "search_log"),
+            rows(dir.path(), "search_index"),
+        );
         assert!(logged > 0 && merged == 0, "rows are still pending");
-        drop(c);
         let ro = SqliteStore::open_read_only(&dir.path().join("db.sqlite")).unwrap();
         assert_eq!(ro.candidates("Condition", &even, None, 1000).unwrap(), want);
         assert_eq!(ro.index_stats("Condition", "code").unwrap(), stats);
@@ -1352,11 +1351,7 @@ mod tests {
             crate::testsuite::append_audit(&store, 1);
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let c = Connection::open(dir.path().join("db.sqlite")).unwrap();
-        let logged: i64 = c
-            .query_row("SELECT count(*) FROM search_log", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(logged, 0);
+        assert_eq!(rows(dir.path(), "search_log"), 0);
     }
 
     #[test]
