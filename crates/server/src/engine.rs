@@ -150,6 +150,17 @@ struct Indexer {
 /// The indexed parameters of one resource type.
 type Indexers = Arc<[Indexer]>;
 
+/// Append the entries of one index (truncated tokens of distinct terms may coincide: each
+/// token once).
+fn push_entries(out: &mut Vec<IndexEntry>, param: &str, mut tokens: Vec<Vec<u8>>) {
+    tokens.sort_unstable();
+    tokens.dedup();
+    out.extend(tokens.into_iter().map(|token| IndexEntry {
+        param: param.to_owned(),
+        token,
+    }));
+}
+
 /// RFC 3339 instant of a millisecond timestamp, always with three fraction digits so
 /// that instants sort as strings the way they sort as times.
 pub fn instant(ms: i64) -> String {
@@ -330,7 +341,6 @@ impl Engine {
     pub fn index_entries(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
         let mut out = Vec::new();
         let mut terms = Vec::new();
-        let mut tokens = Vec::new();
         for ix in self.indexers(rtype).iter() {
             let values = search::extract(ix.def, resource);
             if values.is_empty() {
@@ -340,23 +350,16 @@ impl Engine {
             for v in &values {
                 search::index_terms(v, &mut terms);
             }
-            let (span, point): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) = match &ix.span {
-                Some(_) => terms.iter().partition(|t| search::is_span_term(t)),
-                None => (Vec::new(), terms.iter().collect()),
-            };
-            for (code, key, part) in [(&ix.def.code, &ix.key, point)]
-                .into_iter()
-                .chain(ix.span.iter().map(|(c, k)| (c, k, span.clone())))
-            {
-                // truncated tokens of distinct terms may coincide
-                tokens.clear();
-                tokens.extend(part.iter().map(|t| key.token(t)));
-                tokens.sort_unstable();
-                tokens.dedup();
-                out.extend(tokens.drain(..).map(|token| IndexEntry {
-                    param: code.clone(),
-                    token,
-                }));
+            let (mut point, mut span) = (Vec::new(), Vec::new());
+            for t in &terms {
+                match &ix.span {
+                    Some((_, key)) if search::is_span_term(t) => span.push(key.token(t)),
+                    _ => point.push(ix.key.token(t)),
+                }
+            }
+            push_entries(&mut out, &ix.def.code, point);
+            if let Some((code, _)) = &ix.span {
+                push_entries(&mut out, code, span);
             }
         }
         out
