@@ -827,17 +827,35 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
     checkpoint(&conn);
 }
 
+/// Rows per statement when pending rows are merged.
+const MERGE_CHUNK: usize = 64;
+
 /// Move every pending index row into `search_index` (in key order: one pass over the
 /// B-tree) and empty `search_log`, in one transaction.
 fn merge_pending(conn: &mut Connection, pending: &RwLock<Pending>) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let p = pending.read();
-        let mut st = tx.prepare_cached(
-            "INSERT OR IGNORE INTO search_index (ix, token, id) VALUES (?1, ?2, ?3)",
-        )?;
-        for (ix, token, id) in p.all() {
-            st.execute(params![ix, token.bytes(), id])?;
+        let rows: Vec<_> = p.all().collect();
+        // many rows per statement: one statement step instead of one per row
+        let mut rest = rows.as_slice();
+        for n in [MERGE_CHUNK, 1] {
+            let mut sql =
+                String::from("INSERT OR IGNORE INTO search_index (ix, token, id) VALUES ");
+            for i in 0..n {
+                sql.push_str(if i == 0 { "(?,?,?)" } else { ",(?,?,?)" });
+            }
+            let mut st = tx.prepare_cached(&sql)?;
+            while rest.len() >= n {
+                let (chunk, tail) = rest.split_at(n);
+                for (i, (ix, token, id)) in chunk.iter().enumerate() {
+                    st.raw_bind_parameter(3 * i + 1, ix)?;
+                    st.raw_bind_parameter(3 * i + 2, token.bytes())?;
+                    st.raw_bind_parameter(3 * i + 3, id)?;
+                }
+                st.raw_execute()?;
+                rest = tail;
+            }
         }
     }
     tx.execute("DELETE FROM search_log", [])?;
