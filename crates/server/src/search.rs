@@ -90,7 +90,13 @@ fn unavailable<E>(_: E) -> ApiError {
 
 /// Open a current version; None if absent or deleted.
 pub fn load(app: &App, rtype: &str, id: &str) -> Result<Option<Loaded>, ApiError> {
-    let Some(mut row) = app.engine.store.current(rtype, id).map_err(unavailable)? else {
+    let row = app.engine.store.current(rtype, id).map_err(unavailable)?;
+    open_row(app, row)
+}
+
+/// Open a current version read earlier; None if absent or deleted.
+fn open_row(app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiError> {
+    let Some(mut row) = row else {
         return Ok(None);
     };
     if row.deleted {
@@ -260,7 +266,17 @@ impl Plan {
 
     /// Open a candidate and check it exactly.
     fn verify(&self, app: &App, id: &str) -> Result<Option<Loaded>, ApiError> {
-        let Some(l) = load(app, &self.rtype, id)? else {
+        let row = app
+            .engine
+            .store
+            .current(&self.rtype, id)
+            .map_err(unavailable)?;
+        self.verify_row(app, row)
+    }
+
+    /// [`Plan::verify`] of a current version read earlier.
+    fn verify_row(&self, app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiError> {
+        let Some(l) = open_row(app, row)? else {
             return Ok(None);
         };
         let ok = self.criteria.iter().all(|c| c.matches(&l.json))
@@ -551,21 +567,35 @@ pub fn run(
                 if batch.is_empty() {
                     break;
                 }
-                for id in &batch {
+                // rows are read a few at a time: as many as the page still needs
+                let mut rest = batch.as_slice();
+                while !rest.is_empty() {
                     if matches.len() == count {
-                        // full, and this candidate is not verified yet: a next page, which
+                        // full, and candidates are left unverified: a next page, which
                         // may turn out empty (cheaper than decrypting one more per page)
                         let last = matches.last().map(|m: &Loaded| m.row.id.clone());
                         next_pos = Some((last, None));
                         break 'page;
                     }
-                    examined += 1;
-                    if let Some(l) = plan.verify(app, id)? {
-                        matches.push(l);
+                    let take = (count - matches.len())
+                        .min(MAX_EXAMINE - examined)
+                        .clamp(1, rest.len());
+                    let (ids, tail) = rest.split_at(take);
+                    rest = tail;
+                    let rows = app
+                        .engine
+                        .store
+                        .current_many(&plan.rtype, ids)
+                        .map_err(unavailable)?;
+                    for row in rows {
+                        examined += 1;
+                        if let Some(l) = plan.verify_row(app, row)? {
+                            matches.push(l);
+                        }
                     }
                     if examined >= MAX_EXAMINE {
                         // a partial page: continue after the last record examined
-                        next_pos = Some((Some(id.clone()), None));
+                        next_pos = ids.last().map(|id| (Some(id.clone()), None));
                         break 'page;
                     }
                 }

@@ -215,6 +215,14 @@ pub type HeadSigner = Box<dyn Fn(&[u8]) -> Vec<u8> + Send + 'static>;
 pub trait Store: Send + Sync + 'static {
     /// The current version (possibly a tombstone) of a resource.
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError>;
+    /// The current versions of several resources of one type, in the order of `ids`.
+    fn current_many(
+        &self,
+        rtype: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        ids.iter().map(|id| self.current(rtype, id)).collect()
+    }
     /// One version of a resource.
     fn version(
         &self,

@@ -484,14 +484,33 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> Result<VersionRow, rusqlite::Error> 
 const SELECT_VERSION: &str = "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
      FROM resource_version v JOIN data_key k ON k.key_no = v.key_no";
 
+const SELECT_CURRENT: &str = "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
+     FROM resource_version v JOIN data_key k ON k.key_no = v.key_no \
+     WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1";
+
 impl Store for SqliteStore {
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
         self.with_reader(|c| {
-            c.prepare_cached(&format!(
-                "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1"
-            ))?
-            .query_row(params![rtype, DbId(id)], row_to_version)
-            .optional()
+            c.prepare_cached(SELECT_CURRENT)?
+                .query_row(params![rtype, DbId(id)], row_to_version)
+                .optional()
+        })
+    }
+
+    fn current_many(
+        &self,
+        rtype: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        // one connection and one prepared statement for the lot
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(SELECT_CURRENT)?;
+            ids.iter()
+                .map(|id| {
+                    st.query_row(params![rtype, DbId(id)], row_to_version)
+                        .optional()
+                })
+                .collect()
         })
     }
 

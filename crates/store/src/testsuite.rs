@@ -428,6 +428,21 @@ fn uuid_and_text_ids(store: &dyn Store) {
             vec![id.to_string()]
         );
     }
+    // several at once: in the order asked, missing ones as None
+    let ids: Vec<String> = [
+        "plain-text.id",
+        "missing",
+        "0190f3a2-7b1c-7def-8abc-0123456789ab",
+        "0190F3A2-7B1C-7DEF-8ABC-0123456789AB",
+    ]
+    .map(String::from)
+    .to_vec();
+    let many = store.current_many("Device", &ids).unwrap();
+    assert_eq!(many.len(), ids.len());
+    for (id, got) in ids.iter().zip(&many) {
+        assert_eq!(got.as_ref(), store.current("Device", id).unwrap().as_ref());
+    }
+    assert!(many[1].is_none() && many[0].is_some());
 }
 
 fn meta_roundtrip(store: &dyn Store) {
