@@ -761,9 +761,6 @@ fn subset(mut v: Value, elements: &[String]) -> Value {
 /// The searchset Bundle of a page. `self_url` is the base of the link (no search values:
 /// they may be PHI).
 pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError> {
-    let ser = |out: &mut Vec<u8>, v: &Value| {
-        serde_json::to_writer(out, v).map_err(|_| ApiError::internal())
-    };
     let size: usize = page
         .matches
         .iter()
@@ -771,11 +768,8 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError
         .map(|l| l.body.len() + 128)
         .sum();
     let mut out = Vec::with_capacity(size + 512);
-    out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
-    ser(&mut out, &Value::String(crate::engine::new_id()))?;
-    out.extend_from_slice(br#","meta":"#);
-    ser(&mut out, &json!({"lastUpdated": instant(now_ms())}))?;
-    out.extend_from_slice(br#","type":"searchset","link":"#);
+    write_head(&mut out)?;
+    out.extend_from_slice(br#","link":"#);
     let mut links = vec![json!({"relation": "self", "url": self_url})];
     if let Some(n) = &page.next {
         links.push(json!({
@@ -783,22 +777,16 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError
             "url": format!("{}/{}?_cursor={n}", app.base_url, page.query.rtype),
         }));
     }
-    ser(&mut out, &Value::Array(links))?;
+    write_json(&mut out, &Value::Array(links))?;
     if let Some(t) = page.total {
         out.extend_from_slice(br#","total":"#);
         out.extend_from_slice(t.to_string().as_bytes());
     }
     out.extend_from_slice(br#","entry":["#);
     let mut first = true;
-    let mut sep = |out: &mut Vec<u8>| {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-    };
     if !page.warnings.is_empty() {
-        sep(&mut out);
-        ser(
+        first = false;
+        write_json(
             &mut out,
             &json!({
                 "resource": phivault_fhir::operation_outcome(&page.warnings),
@@ -813,29 +801,55 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError
         .map(|l| (l, "match"))
         .chain(page.included.into_iter().map(|l| (l, "include")))
     {
-        sep(&mut out);
-        out.extend_from_slice(br#"{"fullUrl":"#);
-        ser(
-            &mut out,
-            &Value::String(format!("{}/{}/{}", app.base_url, l.row.rtype, l.row.id)),
-        )?;
-        out.extend_from_slice(br#","resource":"#);
-        match elements {
-            Some(e) if mode == "match" => ser(&mut out, &subset(l.json, e))?,
-            // the stored JSON, as a read returns it: no re-serialisation
-            _ => out.extend_from_slice(&l.body),
+        if !first {
+            out.push(b',');
         }
-        out.extend_from_slice(br#","search":{"mode":""#);
-        out.extend_from_slice(mode.as_bytes());
-        out.extend_from_slice(br#""}}"#);
+        first = false;
+        let subset_of = elements.filter(|_| mode == "match");
+        write_entry(&mut out, &app.base_url, l, mode, subset_of)?;
     }
     out.extend_from_slice(b"]}");
     Ok(out)
 }
 
-/// A JSON object of `pairs`, moving the values in.
-pub(crate) fn object<const N: usize>(pairs: [(&str, Value); N]) -> Value {
-    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+fn write_json(out: &mut Vec<u8>, v: &Value) -> Result<(), ApiError> {
+    serde_json::to_writer(out, v).map_err(|_| ApiError::internal())
+}
+
+/// The opening of a searchset Bundle, up to (not including) its `link` or `entry`: the
+/// object is left open.
+pub(crate) fn write_head(out: &mut Vec<u8>) -> Result<(), ApiError> {
+    out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
+    write_json(out, &Value::String(crate::engine::new_id()))?;
+    out.extend_from_slice(br#","meta":"#);
+    write_json(out, &json!({"lastUpdated": instant(now_ms())}))?;
+    out.extend_from_slice(br#","type":"searchset""#);
+    Ok(())
+}
+
+/// One searchset entry of `l` with search mode `mode`: the stored JSON as a read returns
+/// it (no re-serialisation), or its `_elements` subset.
+pub(crate) fn write_entry(
+    out: &mut Vec<u8>,
+    base_url: &str,
+    l: Loaded,
+    mode: &str,
+    elements: Option<&[String]>,
+) -> Result<(), ApiError> {
+    out.extend_from_slice(br#"{"fullUrl":"#);
+    write_json(
+        out,
+        &Value::String(format!("{base_url}/{}/{}", l.row.rtype, l.row.id)),
+    )?;
+    out.extend_from_slice(br#","resource":"#);
+    match elements {
+        Some(e) => write_json(out, &subset(l.json, e))?,
+        None => out.extend_from_slice(&l.body),
+    }
+    out.extend_from_slice(br#","search":{"mode":""#);
+    out.extend_from_slice(mode.as_bytes());
+    out.extend_from_slice(br#""}}"#);
+    Ok(())
 }
 
 /// Audit entities of a page: every resource disclosed.

@@ -16,11 +16,10 @@ use axum::response::{IntoResponse, Response};
 use phivault_audit::Action;
 use phivault_auth::Interaction;
 use phivault_fhir::IssueCode;
-use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
 use crate::app::{App, Ctx, Peer, blocking, finish};
-use crate::engine::{form_urlencoded_pairs, instant, now_ms};
+use crate::engine::form_urlencoded_pairs;
 use crate::error::ApiError;
 use crate::search::{self, Request};
 
@@ -233,14 +232,10 @@ async fn everything(
     let a = app.clone();
     tokio::task::spawn_blocking(move || {
         let send = |b: Vec<u8>| tx.blocking_send(Ok(Bytes::from(b))).is_ok();
-        let head = json!({
-            "resourceType": "Bundle",
-            "id": crate::engine::new_id(),
-            "meta": {"lastUpdated": instant(now_ms())},
-            "type": "searchset",
-        });
-        let mut head = serde_json::to_vec(&head).unwrap_or_default();
-        head.pop(); // reopen the object
+        let mut head = Vec::with_capacity(256);
+        if search::write_head(&mut head).is_err() {
+            return;
+        }
         head.extend_from_slice(b",\"entry\":[");
         if !send(head) {
             return;
@@ -249,20 +244,12 @@ async fn everything(
         let mut failed = false;
         for t in types {
             let r = search::stream_compartment(&a, t, &id, &mut |l| {
-                let entry = search::object([
-                    (
-                        "fullUrl",
-                        Value::String(format!("{}/{}/{}", a.base_url, l.row.rtype, l.row.id)),
-                    ),
-                    ("resource", l.json),
-                    ("search", json!({"mode": "match"})),
-                ]);
-                let mut b = Vec::with_capacity(1024);
+                let mut b = Vec::with_capacity(l.body.len() + 128);
                 if !first {
                     b.push(b',');
                 }
                 first = false;
-                if serde_json::to_writer(&mut b, &entry).is_err() {
+                if search::write_entry(&mut b, &a.base_url, l, "match", None).is_err() {
                     return false;
                 }
                 send(b)
