@@ -120,25 +120,7 @@ fn sid_text(s: &Sid) -> String {
 }
 
 fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error> {
-    use rusqlite::types::ValueRef;
-    match r.get_ref(idx)? {
-        ValueRef::Blob(b) => match <&[u8; 16]>::try_from(b) {
-            Ok(u) => Ok(phivault_audit::uuid_text(u)),
-            Err(_) => Err(rusqlite::Error::InvalidColumnType(
-                idx,
-                "id".into(),
-                rusqlite::types::Type::Blob,
-            )),
-        },
-        ValueRef::Text(t) => String::from_utf8(t.to_vec()).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-        }),
-        other => Err(rusqlite::Error::InvalidColumnType(
-            idx,
-            "id".into(),
-            other.data_type(),
-        )),
-    }
+    read_sid(r, idx).map(|s| sid_text(&s))
 }
 
 /// The number naming the index of `(rtype, param)` in `search_index`: a stable 31-bit
@@ -276,17 +258,19 @@ fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
     Ok(p)
 }
 
+fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .map_err(engine)
+}
+
 /// Earlier databases staged new index rows in a `search_recent` table: fold it in.
 fn migrate_recent(conn: &Connection) -> Result<(), StoreError> {
-    let exists: bool = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'search_recent'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(engine)?
-        > 0;
-    if exists {
+    if table_exists(conn, "search_recent")? {
         conn.execute_batch(
             "BEGIN IMMEDIATE; \
              INSERT OR IGNORE INTO search_index (ix, token, id) SELECT ix, token, id FROM search_recent; \
@@ -390,14 +374,7 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(engine)?;
-        let has_log: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'search_log'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(engine)?;
-        let pending = if has_log > 0 {
+        let pending = if table_exists(&conn, "search_log")? {
             load_pending(&conn)?
         } else {
             Pending::default()
@@ -481,12 +458,19 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> Result<VersionRow, rusqlite::Error> 
     })
 }
 
-const SELECT_VERSION: &str = "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
-     FROM resource_version v JOIN data_key k ON k.key_no = v.key_no";
+macro_rules! select_version {
+    () => {
+        "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
+         FROM resource_version v JOIN data_key k ON k.key_no = v.key_no"
+    };
+}
 
-const SELECT_CURRENT: &str = "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
-     FROM resource_version v JOIN data_key k ON k.key_no = v.key_no \
-     WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1";
+const SELECT_VERSION: &str = select_version!();
+
+const SELECT_CURRENT: &str = concat!(
+    select_version!(),
+    " WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1"
+);
 
 impl Store for SqliteStore {
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
@@ -780,9 +764,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
         // pending rows in, so reads use the B-tree alone
         let idle = std::time::Duration::from_millis(w.idle_merge_ms.load(Ordering::Relaxed));
         if last_index_write.elapsed() >= idle && w.pending.read().len() > 0 {
-            if let Err(e) = merge_pending(&mut conn, &w.pending) {
-                tracing::warn!(error = %e, "index merge failed; retried later");
-            }
+            merge_or_warn(&mut conn, &w.pending);
             last_index_write = std::time::Instant::now();
         }
         let first = match rx.recv_timeout(idle.min(std::time::Duration::from_secs(1))) {
@@ -824,10 +806,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
                     reply(cmd, res);
                 }
                 if w.pending.read().len() >= w.merge_rows.load(Ordering::Relaxed) {
-                    // a failed merge changes nothing; it is retried after the next group
-                    if let Err(e) = merge_pending(&mut conn, &w.pending) {
-                        tracing::warn!(error = %e, "index merge failed; retried later");
-                    }
+                    merge_or_warn(&mut conn, &w.pending);
                 }
             }
             Err(e) => {
@@ -846,6 +825,13 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
     checkpoint(&conn);
 }
 
+/// [`merge_pending`]; a failed merge changes nothing and is retried later.
+fn merge_or_warn(conn: &mut Connection, pending: &RwLock<Pending>) {
+    if let Err(e) = merge_pending(conn, pending) {
+        tracing::warn!(error = %e, "index merge failed; retried later");
+    }
+}
+
 /// Rows per statement when pending rows are merged.
 const MERGE_CHUNK: usize = 64;
 
@@ -859,12 +845,11 @@ fn merge_pending(conn: &mut Connection, pending: &RwLock<Pending>) -> Result<(),
         // many rows per statement: one statement step instead of one per row
         let mut rest = rows.as_slice();
         for n in [MERGE_CHUNK, 1] {
-            let mut sql =
-                String::from("INSERT OR IGNORE INTO search_index (ix, token, id) VALUES ");
-            for i in 0..n {
-                sql.push_str(if i == 0 { "(?,?,?)" } else { ",(?,?,?)" });
-            }
-            let mut st = tx.prepare_cached(&sql)?;
+            let mut st = tx.prepare_cached(&multi_row_insert(
+                "INSERT OR IGNORE INTO search_index (ix, token, id)",
+                3,
+                n,
+            ))?;
             while rest.len() >= n {
                 let (chunk, tail) = rest.split_at(n);
                 for (i, (ix, token, id)) in chunk.iter().enumerate() {
@@ -1087,12 +1072,10 @@ fn apply_batch(
 /// time): one statement step for many rows instead of one per row.
 const INSERT_CHUNKS: [usize; 3] = [32, 8, 1];
 
-fn log_sql(n: usize) -> String {
-    let mut s = String::from("INSERT INTO search_log (ix, token, id, live) VALUES ");
-    for i in 0..n {
-        s.push_str(if i == 0 { "(?,?,?,?)" } else { ",(?,?,?,?)" });
-    }
-    s
+/// `head VALUES (?,…),(?,…),…`: `rows` tuples of `arity` parameters.
+fn multi_row_insert(head: &str, arity: usize, rows: usize) -> String {
+    let tuple = format!("({})", vec!["?"; arity].join(","));
+    format!("{head} VALUES {}", vec![tuple; rows].join(","))
 }
 
 /// Append log records for the index rows `rows` of `id` (`live`: added, else removed),
@@ -1109,7 +1092,11 @@ fn log_index(
     for n in INSERT_CHUNKS {
         while rest.len() >= n {
             let (chunk, tail) = rest.split_at(n);
-            let mut st = c.prepare_cached(&log_sql(n))?;
+            let mut st = c.prepare_cached(&multi_row_insert(
+                "INSERT INTO search_log (ix, token, id, live)",
+                4,
+                n,
+            ))?;
             for (i, (ix, token)) in chunk.iter().enumerate() {
                 st.raw_bind_parameter(4 * i + 1, ix)?;
                 st.raw_bind_parameter(4 * i + 2, token)?;
@@ -1294,6 +1281,14 @@ mod tests {
             .unwrap()
             .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
             .unwrap()
+    }
+
+    #[test]
+    fn multi_row_insert_text() {
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a, b)", 2, 3),
+            "INSERT INTO t (a, b) VALUES (?,?),(?,?),(?,?)"
+        );
     }
 
     #[test]
