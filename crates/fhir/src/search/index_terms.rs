@@ -44,7 +44,14 @@ pub fn span_index(param: &str) -> String {
 
 /// Whether `term` is a span term (see [`span_index`]).
 pub fn is_span_term(term: &[u8]) -> bool {
-    matches!(term.first(), Some(b's' | b'e'))
+    term.first().is_some_and(|k| is_span_kind(*k))
+}
+
+/// Span starts and ends (`s`, `e`): they carry century and decade buckets too (spans are
+/// few, and the open ranges of `ge`/`lt` queries on them would otherwise cost hundreds of
+/// year terms); one-day values do not (they are most rows).
+fn is_span_kind(kind: u8) -> bool {
+    matches!(kind, b's' | b'e')
 }
 
 fn term(kind: u8, payload: &[u8]) -> Vec<u8> {
@@ -80,20 +87,13 @@ fn day_buckets(day: i64, kind: u8, out: &mut Vec<Vec<u8>>) {
         return;
     }
     let (y, m, d) = civil_from_days(day);
-    if coarse(kind) {
+    if is_span_kind(kind) {
         out.push(term(kind, format!("C{}", y / 100).as_bytes()));
         out.push(term(kind, format!("D{}", y / 10).as_bytes()));
     }
     out.push(term(kind, format!("Y{y}").as_bytes()));
     out.push(term(kind, format!("M{y}-{m}").as_bytes()));
     out.push(term(kind, format!("d{y}-{m}-{d}").as_bytes()));
-}
-
-/// Whether terms of `kind` also carry century and decade buckets: span starts and ends
-/// do (spans are few, and the open ranges of `ge`/`lt` queries on them would otherwise
-/// cost hundreds of year terms); one-day values do not (they are most rows).
-fn coarse(kind: u8) -> bool {
-    matches!(kind, b's' | b'e')
 }
 
 fn day_of(ms: i64) -> i64 {
@@ -193,7 +193,7 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
     cover(
         lo.max(low_day()),
         hi.min(high_day()),
-        kinds.iter().all(|k| coarse(*k)),
+        kinds.iter().all(|k| is_span_kind(*k)),
         &mut buckets,
     );
     for k in kinds {
