@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
         resource_type: "Observation",
         id: "0190f3a2-7b1c-7def-8abc-0123456789ab",
         version: i as u64 + 1,
+        updated_ms: 0,
         key_id: "p:bench",
     };
     g.bench_function("seal", |b| {

@@ -12,6 +12,7 @@ fn main() {
         resource_type: "Observation",
         id: "0b7d1e94-6c2a-4f3b-8e5d-9a1c7f40b2e6",
         version: 1,
+        updated_ms: 0,
         key_id: "patient-1",
     };
     // ~1.5 KB of FHIR-like JSON with varying values.

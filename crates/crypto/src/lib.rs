@@ -35,7 +35,9 @@ pub use keys::{
     MasterKey, TruncatedIndexKey, WRAPPED_DATA_KEY_LEN,
 };
 pub use pki::{DEV_CA_VALIDITY_DAYS, DEV_SERVER_VALIDITY_DAYS, DevPki, generate_dev_pki};
-pub use record::{MAX_PLAINTEXT_LEN, RECORD_AAD_LABEL, RECORD_FORMAT_V1, RecordAad, ZSTD_LEVEL};
+pub use record::{
+    MAX_PLAINTEXT_LEN, RECORD_AAD_LABEL, RECORD_FORMAT_V1, RECORD_FORMAT_V2, RecordAad, ZSTD_LEVEL,
+};
 pub use secret::Secret;
 pub use sign::{SigningKey, verify_ed25519};
 pub use util::{MIN_TOKEN_BYTES, constant_time_eq, random_bytes, random_token_b64url, sha256};

@@ -1,9 +1,10 @@
 //! Sealing FHIR resource versions (DR1, invariant 4).
 //!
 //! ```text
-//! sealed = [format 0x01][nonce 12][AES-256-GCM(DataKey, zstd(plaintext)) ‖ tag 16]
+//! sealed = [format][nonce 12][AES-256-GCM(DataKey, zstd(plaintext)) ‖ tag 16]
 //! AAD    = format ‖ lp("phivault-record-v1") ‖ lp(resource_type) ‖ lp(id)
-//!                 ‖ version (u64 BE) ‖ lp(key_id)          lp(x) = len(x) as u64 BE ‖ x
+//!                 ‖ version (u64 BE) ‖ lp(key_id)
+//!                 [‖ updated_ms (i64 BE)  — format 2 only]  lp(x) = len(x) as u64 BE ‖ x
 //! ```
 //!
 //! * The AAD binds a ciphertext to its row: moving it to another resource, id, version or
@@ -12,7 +13,10 @@
 //! * The format byte is part of the AAD, so it cannot be changed either. Format 1 means
 //!   "AES-256-GCM over a zstd frame compressed with the built-in dictionary
 //!   `dict/fhir-json-v1.txt`"; the dictionary is therefore frozen (a test pins its SHA-256) —
-//!   a new dictionary needs a new format byte.
+//!   a new dictionary needs a new format byte. Format 2 (what [`DataKey::seal`] writes)
+//!   is format 1 with the version's write time also bound, so that a plaintext may leave
+//!   out what its row already holds (type, id, version, time: see the server's stored
+//!   form) without any of it becoming editable. Format 1 records still open.
 //! * Nonces are 96 random bits per seal. With one data key per patient, the number of
 //!   seals under one key stays far below the 2³² at which NIST SP 800-38D §8.3 asks for
 //!   another construction.
@@ -40,8 +44,10 @@ const ZSTD_WINDOW_LOG_MAX: u32 = 26;
 /// zstd compression level (3 is zstd's default: fast, and little is gained above it on JSON
 /// this small).
 pub const ZSTD_LEVEL: i32 = 3;
-/// Format byte of records sealed by this version.
+/// Format byte of records whose AAD binds type, id, version and key (earlier versions).
 pub const RECORD_FORMAT_V1: u8 = 1;
+/// Format byte of records sealed by this version: format 1 plus the write time in the AAD.
+pub const RECORD_FORMAT_V2: u8 = 2;
 /// Domain label in a record's associated data.
 pub const RECORD_AAD_LABEL: &str = "phivault-record-v1";
 
@@ -72,6 +78,9 @@ pub struct RecordAad<'a> {
     pub version: u64,
     /// Identifier of the data key that seals it — the owning patient's key.
     pub key_id: &'a str,
+    /// Write time of this version (`meta.lastUpdated`), ms since the Unix epoch; bound
+    /// by format 2 only.
+    pub updated_ms: i64,
 }
 
 impl RecordAad<'_> {
@@ -91,6 +100,9 @@ impl RecordAad<'_> {
         push_lp(&mut out, self.id.as_bytes());
         out.extend_from_slice(&self.version.to_be_bytes());
         push_lp(&mut out, self.key_id.as_bytes());
+        if format >= RECORD_FORMAT_V2 {
+            out.extend_from_slice(&self.updated_ms.to_be_bytes());
+        }
         out
     }
 }
@@ -183,7 +195,7 @@ fn decompress_stream(compressed: &[u8]) -> Result<Vec<u8>, CryptoError> {
 impl DataKey {
     /// Compresses `plaintext` (zstd level [`ZSTD_LEVEL`], FHIR dictionary) and seals it
     /// with AES-256-GCM under a fresh random nonce, bound to `aad`.
-    /// Output: `[RECORD_FORMAT_V1][nonce 12][ciphertext ‖ tag 16]`.
+    /// Output: `[RECORD_FORMAT_V2][nonce 12][ciphertext ‖ tag 16]`.
     ///
     /// Plaintexts over [`MAX_PLAINTEXT_LEN`] are refused ([`CryptoError::TooLarge`]).
     pub fn seal(&self, aad: &RecordAad<'_>, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
@@ -196,8 +208,8 @@ impl DataKey {
         let compressed = compress(plaintext)?;
         aead_seal(
             &self.key,
-            RECORD_FORMAT_V1,
-            &aad.encode(RECORD_FORMAT_V1),
+            RECORD_FORMAT_V2,
+            &aad.encode(RECORD_FORMAT_V2),
             &compressed,
         )
     }
@@ -206,12 +218,23 @@ impl DataKey {
     /// Every failure — wrong key, wrong `aad`, changed or truncated bytes, unknown format,
     /// bad zstd frame, over-long output — is [`CryptoError::Integrity`].
     pub fn open(&self, aad: &RecordAad<'_>, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.open_record(aad, sealed)
+            .map(|(_, plaintext)| plaintext)
+    }
+
+    /// [`DataKey::open`], also returning the record's format byte (which says what the
+    /// AAD bound, and so what the plaintext may leave out).
+    pub fn open_record(
+        &self,
+        aad: &RecordAad<'_>,
+        sealed: &[u8],
+    ) -> Result<(u8, Vec<u8>), CryptoError> {
         let format = *sealed.first().ok_or(CryptoError::Integrity)?;
-        if format != RECORD_FORMAT_V1 {
+        if format != RECORD_FORMAT_V1 && format != RECORD_FORMAT_V2 {
             return Err(CryptoError::Integrity);
         }
         let compressed = aead_open(&self.key, format, &aad.encode(format), sealed)?;
-        decompress(&compressed)
+        Ok((format, decompress(&compressed)?))
     }
 }
 
@@ -236,6 +259,7 @@ mod tests {
         id: "8f2c6a3e",
         version: 3,
         key_id: "patient-1",
+        updated_ms: 1_700_000_000_123,
     };
 
     #[test]
@@ -260,7 +284,7 @@ mod tests {
             &[0u8; 100_000],
         ] {
             let sealed = k.seal(&AAD, pt).expect("seal");
-            assert_eq!(sealed[0], RECORD_FORMAT_V1);
+            assert_eq!(sealed[0], RECORD_FORMAT_V2);
             assert_eq!(k.open(&AAD, &sealed).expect("open"), pt);
         }
     }
@@ -272,6 +296,38 @@ mod tests {
             k.seal(&AAD, PATIENT.as_bytes()).expect("seal"),
             k.seal(&AAD, PATIENT.as_bytes()).expect("seal")
         );
+    }
+
+    #[test]
+    fn format_1_records_still_open_and_formats_cannot_be_swapped() {
+        let k = key();
+        let compressed = compress(PATIENT.as_bytes()).expect("zstd");
+        let v1 = aead_seal(
+            &k.key,
+            RECORD_FORMAT_V1,
+            &AAD.encode(RECORD_FORMAT_V1),
+            &compressed,
+        )
+        .expect("seal");
+        // format 1 does not bind the write time
+        let other_time = RecordAad {
+            updated_ms: 5,
+            ..AAD
+        };
+        assert_eq!(
+            k.open_record(&other_time, &v1).expect("open"),
+            (RECORD_FORMAT_V1, PATIENT.as_bytes().to_vec())
+        );
+        let mut relabelled = v1.clone();
+        relabelled[0] = RECORD_FORMAT_V2;
+        assert!(matches!(
+            k.open(&AAD, &relabelled),
+            Err(CryptoError::Integrity)
+        ));
+        let mut v2 = k.seal(&AAD, PATIENT.as_bytes()).expect("seal");
+        assert_eq!(k.open_record(&AAD, &v2).expect("open").0, RECORD_FORMAT_V2);
+        v2[0] = RECORD_FORMAT_V1;
+        assert!(matches!(k.open(&AAD, &v2), Err(CryptoError::Integrity)));
     }
 
     #[test]
@@ -297,6 +353,10 @@ mod tests {
                 resource_type: "",
                 ..AAD
             },
+            RecordAad {
+                updated_ms: AAD.updated_ms + 1,
+                ..AAD
+            },
         ];
         for v in variants {
             assert!(
@@ -313,12 +373,14 @@ mod tests {
             id: "c",
             version: 1,
             key_id: "k",
+            updated_ms: 0,
         };
         let b = RecordAad {
             resource_type: "a",
             id: "bc",
             version: 1,
             key_id: "k",
+            updated_ms: 0,
         };
         assert_ne!(a.encode(1), b.encode(1));
         assert_ne!(a.encode(1), a.encode(2));

@@ -18,6 +18,7 @@ struct Fields {
     id: String,
     version: u64,
     key_id: String,
+    updated_ms: i64,
 }
 
 impl Fields {
@@ -27,6 +28,7 @@ impl Fields {
             id: &self.id,
             version: self.version,
             key_id: &self.key_id,
+            updated_ms: self.updated_ms,
         }
     }
 }
@@ -37,12 +39,14 @@ fn fields() -> impl Strategy<Value = Fields> {
         "[A-Za-z0-9.-]{0,64}",
         any::<u64>(),
         "\\PC{0,32}",
+        any::<i64>(),
     )
-        .prop_map(|(resource_type, id, version, key_id)| Fields {
+        .prop_map(|(resource_type, id, version, key_id, updated_ms)| Fields {
             resource_type,
             id,
             version,
             key_id,
+            updated_ms,
         })
 }
 
@@ -53,6 +57,7 @@ enum Mutation {
     Id(String),
     Version(u64),
     KeyId(String),
+    UpdatedMs(i64),
     /// Move the last byte of the type into the front of the id (tests the length prefixes).
     ShiftTypeIntoId,
 }
@@ -63,6 +68,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         "\\PC{0,8}".prop_map(Mutation::Id),
         any::<u64>().prop_map(Mutation::Version),
         "\\PC{0,8}".prop_map(Mutation::KeyId),
+        any::<i64>().prop_map(Mutation::UpdatedMs),
         Just(Mutation::ShiftTypeIntoId),
     ]
 }
@@ -74,6 +80,7 @@ fn apply(f: &Fields, m: &Mutation) -> Fields {
         Mutation::ResourceType(s) => g.resource_type = format!("{}{s}X", f.resource_type),
         Mutation::Id(s) => g.id = format!("X{s}{}", f.id),
         Mutation::Version(d) => g.version = f.version ^ d.max(&1),
+        Mutation::UpdatedMs(d) => g.updated_ms = f.updated_ms ^ d.max(&1),
         Mutation::KeyId(s) => g.key_id = format!("{}{s}\u{e9}", f.key_id),
         Mutation::ShiftTypeIntoId => match g.resource_type.pop() {
             Some(c) => g.id.insert(0, c),

@@ -411,13 +411,13 @@ impl Engine {
             }
             _ => Vec::new(),
         };
-        let (body, patient, index, deleted) = match resource {
+        let (stored, patient, index, deleted) = match resource {
             Some(mut r) => {
                 set_server_fields(&mut r, id, version, now);
                 let patient = phivault_fhir::patient_compartment(&r);
                 let index = self.index_entries(rtype, &r);
-                let body = serde_json::to_vec(&r).map_err(|_| ApiError::internal())?;
-                (body, patient, index, false)
+                let stored = crate::stored::compact(&r).map_err(|_| ApiError::internal())?;
+                (stored, patient, index, false)
             }
             None => (
                 Vec::new(),
@@ -439,8 +439,16 @@ impl Engine {
                 id,
                 version,
                 key_id: &key_id,
+                updated_ms: now,
             };
-            key.seal(&aad, &body).map_err(|_| ApiError::internal())?
+            key.seal(&aad, &stored).map_err(|_| ApiError::internal())?
+        };
+        // what a read of this version returns, byte for byte
+        let body = if deleted {
+            Vec::new()
+        } else {
+            crate::stored::expand(&stored, rtype, id, version, &instant(now))
+                .ok_or_else(ApiError::internal)?
         };
         let put = Put {
             row: VersionRow {
@@ -479,9 +487,23 @@ impl Engine {
             id: &row.id,
             version: row.version,
             key_id: &row.key_id,
+            updated_ms: row.updated_ms,
         };
-        key.open(&aad, &row.sealed)
-            .map_err(|_| ApiError::integrity())
+        let (format, plain) = key
+            .open_record(&aad, &row.sealed)
+            .map_err(|_| ApiError::integrity())?;
+        if format == phivault_crypto::RECORD_FORMAT_V1 {
+            // sealed before the stored form: the whole resource
+            return Ok(plain);
+        }
+        crate::stored::expand(
+            &plain,
+            &row.rtype,
+            &row.id,
+            row.version,
+            &instant(row.updated_ms),
+        )
+        .ok_or_else(ApiError::integrity)
     }
 }
 

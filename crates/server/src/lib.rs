@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod search;
 pub mod search_http;
+pub mod stored;
 
 pub use app::{App, Limits, Peer, client_meta_key, router};
 pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};
