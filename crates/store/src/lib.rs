@@ -15,6 +15,7 @@ use phivault_audit::AuditEvent;
 use tokio::sync::oneshot;
 
 mod pending;
+mod segments;
 pub mod sqlite;
 pub mod testsuite;
 

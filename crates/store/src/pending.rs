@@ -1,19 +1,21 @@
-//! Blind-index rows that are committed but not yet merged into the B-tree of
-//! `search_index`.
+//! Blind-index rows that are committed but not yet merged into the index segments.
 //!
-//! Index tokens are keyed hashes, so new rows land on random pages of a token-ordered
-//! B-tree; inserting them one commit at a time dirties (and writes to the WAL) a page per
-//! row. Instead the writer appends new rows and deletion marks to the rowid-ordered
-//! `search_log` table (a commit touches only its last pages), and keeps the net set here,
-//! in memory, where lookups see it. Once the set is large, the writer merges it into
-//! `search_index` in key order in one transaction and empties the log. On open, the log
-//! is replayed into a fresh set, so nothing depends on this memory surviving a crash.
+//! Index tokens are keyed hashes, so new postings land all over a token-ordered index;
+//! rewriting segments one commit at a time would rewrite a page or more per row. Instead
+//! the writer appends new postings and removal marks to the rowid-ordered `index_log`
+//! table (a commit touches only its last pages), and keeps the net state here, in memory,
+//! where lookups see it: a posting marked live is in the index whatever the segments say,
+//! one marked dead is not. Once the set is large (or the writer is idle), the writer
+//! merges it into the segments ([`crate::segments`]) in one transaction and empties the
+//! log. On open, the log is replayed into a fresh set, so nothing depends on this memory
+//! surviving a crash.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 
 /// A token, inline when short (every token the server makes is at most 16 bytes).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Ordered by its bytes, as SQLite orders blobs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Tok {
     Inline(u8, [u8; 16]),
     Heap(Box<[u8]>),
@@ -36,6 +38,20 @@ impl Tok {
             Tok::Heap(b) => b,
         }
     }
+
+    const MIN: Tok = Tok::Inline(0, [0; 16]);
+}
+
+impl Ord for Tok {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.bytes().cmp(other.bytes())
+    }
+}
+
+impl PartialOrd for Tok {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// A logical id in its stored form: a UUID as its 16 bytes, any other id as text.
@@ -46,19 +62,11 @@ pub(crate) enum Sid {
 }
 
 impl Sid {
-    const MIN: Sid = Sid::Uuid([0; 16]);
-
+    #[cfg(test)]
     pub(crate) fn new(id: &str) -> Sid {
         match phivault_audit::uuid_bytes(id) {
             Some(b) => Sid::Uuid(b),
             None => Sid::Text(id.into()),
-        }
-    }
-
-    pub(crate) fn to_value(&self) -> rusqlite::types::Value {
-        match self {
-            Sid::Uuid(b) => rusqlite::types::Value::Blob(b.to_vec()),
-            Sid::Text(t) => rusqlite::types::Value::Text(t.to_string()),
         }
     }
 }
@@ -73,75 +81,71 @@ impl rusqlite::ToSql for Sid {
     }
 }
 
-/// One index row: `(index number, token, id)`.
-pub(crate) type Row = (i64, Tok, Sid);
+/// One posting: `(index number, token, resource number)`.
+pub(crate) type Row = (i64, Tok, i64);
 
-/// The net rows of the log.
+/// The net state of the log: for each posting it names, whether it is live.
 #[derive(Default, Debug)]
 pub(crate) struct Pending {
-    rows: BTreeSet<Row>,
-    /// Index numbers that have (or once had) a row, here or in `search_index`: a lookup
+    rows: BTreeMap<Row, bool>,
+    /// Index numbers that have (or once had) a posting, here or in the segments: a lookup
     /// in any other index is answered without a query.
     indexes: HashSet<i64>,
 }
 
 impl Pending {
-    /// Apply one log record (`live` = the row exists after it).
+    /// Apply one log record (`live` = the posting exists after it).
     pub(crate) fn apply(&mut self, row: Row, live: bool) {
         if live {
             self.indexes.insert(row.0);
-            self.rows.insert(row);
-        } else {
-            self.rows.remove(&row);
         }
+        self.rows.insert(row, live);
     }
 
-    /// Record that `search_index` holds rows of index `ix`.
+    /// Record that the segments hold postings of index `ix`.
     pub(crate) fn note_index(&mut self, ix: i64) {
         self.indexes.insert(ix);
     }
 
-    /// Whether index `ix` may hold rows (false: certainly none).
+    /// Whether index `ix` may hold postings (false: certainly none).
     pub(crate) fn may_have(&self, ix: i64) -> bool {
         self.indexes.contains(&ix)
     }
 
-    pub(crate) fn contains(&self, row: &Row) -> bool {
-        self.rows.contains(row)
-    }
-
-    /// The ids of one posting list.
-    pub(crate) fn ids<'a>(&'a self, ix: i64, token: &'a Tok) -> impl Iterator<Item = &'a Sid> {
+    /// The postings of one token the log names, with their state, in number order.
+    pub(crate) fn list<'a>(
+        &'a self,
+        ix: i64,
+        token: &'a Tok,
+    ) -> impl Iterator<Item = (i64, bool)> + 'a {
         self.rows
             .range((
-                Bound::Included((ix, token.clone(), Sid::MIN)),
+                Bound::Included((ix, token.clone(), i64::MIN)),
                 Bound::Unbounded,
             ))
-            .take_while(move |(i, t, _)| *i == ix && t == token)
-            .map(|(_, _, id)| id)
+            .take_while(move |((i, t, _), _)| *i == ix && t == token)
+            .map(|((_, _, n), live)| (*n, *live))
     }
 
-    /// Every row of index `ix`.
-    pub(crate) fn rows_of(&self, ix: i64) -> impl Iterator<Item = &Row> {
+    /// Every record of index `ix`.
+    pub(crate) fn rows_of(&self, ix: i64) -> impl Iterator<Item = (&Row, bool)> {
         self.rows
-            .range((
-                Bound::Included((ix, Tok::Inline(0, [0; 16]), Sid::MIN)),
-                Bound::Unbounded,
-            ))
-            .take_while(move |(i, _, _)| *i == ix)
+            .range((Bound::Included((ix, Tok::MIN, i64::MIN)), Bound::Unbounded))
+            .take_while(move |((i, _, _), _)| *i == ix)
+            .map(|(r, live)| (r, *live))
     }
 
-    /// Rows held.
+    /// Records held.
     pub(crate) fn len(&self) -> usize {
         self.rows.len()
     }
 
-    /// Every row in key order.
-    pub(crate) fn all(&self) -> impl Iterator<Item = &Row> {
-        self.rows.iter()
+    /// Every record in key order.
+    pub(crate) fn all(&self) -> impl Iterator<Item = (&Row, bool)> {
+        self.rows.iter().map(|(r, live)| (r, *live))
     }
 
-    /// Forget the rows (merged into `search_index`; the index numbers stay known).
+    /// Forget the records (merged into the segments; the index numbers stay known).
     pub(crate) fn clear(&mut self) {
         self.rows.clear();
     }
@@ -169,25 +173,16 @@ impl Staged {
         self.net_upto = self.log.len();
     }
 
-    /// The state a staged record gives the row, if any.
-    pub(crate) fn state(&mut self, row: &Row) -> Option<bool> {
-        if self.log.is_empty() {
-            return None;
-        }
-        self.catch_up();
-        self.net.get(row).copied()
-    }
-
-    /// Ids staged live in one posting list.
-    pub(crate) fn live_ids(&mut self, ix: i64, token: &Tok) -> Vec<Sid> {
+    /// The staged postings of one token, with their state.
+    pub(crate) fn list(&mut self, ix: i64, token: &Tok) -> Vec<(i64, bool)> {
         if self.log.is_empty() {
             return Vec::new();
         }
         self.catch_up();
         self.net
             .iter()
-            .filter(|((i, t, _), live)| **live && *i == ix && t == token)
-            .map(|((_, _, id), _)| id.clone())
+            .filter(|((i, t, _), _)| *i == ix && t == token)
+            .map(|((_, _, n), live)| (*n, *live))
             .collect()
     }
 
@@ -218,31 +213,41 @@ impl Staged {
 mod tests {
     use super::*;
 
-    fn r(ix: i64, t: &[u8], id: &str) -> Row {
-        (ix, Tok::new(t), Sid::new(id))
+    fn r(ix: i64, t: &[u8], n: i64) -> Row {
+        (ix, Tok::new(t), n)
     }
 
     #[test]
     fn pending_applies_records_in_order() {
         let mut p = Pending::default();
-        p.apply(r(1, b"a", "x"), true);
-        p.apply(r(1, b"a", "y"), true);
-        p.apply(r(1, b"a", "x"), true);
-        p.apply(r(2, b"a", "x"), true);
-        p.apply(r(1, b"ab", "z"), true);
+        p.apply(r(1, b"a", 1), true);
+        p.apply(r(1, b"a", 2), true);
+        p.apply(r(1, b"a", 1), true);
+        p.apply(r(2, b"a", 1), true);
+        p.apply(r(1, b"ab", 3), true);
         assert_eq!(p.len(), 4);
-        p.apply(r(1, b"a", "x"), false);
-        p.apply(r(1, b"b", "x"), false);
-        assert_eq!(p.len(), 3);
-        assert!(!p.contains(&r(1, b"a", "x")));
+        p.apply(r(1, b"a", 1), false);
+        p.apply(r(1, b"b", 1), false);
+        assert_eq!(
+            p.len(),
+            5,
+            "removal marks are kept: the segments may hold the posting"
+        );
         let a = Tok::new(b"a");
-        assert_eq!(p.ids(1, &a).collect::<Vec<_>>(), [&Sid::new("y")]);
-        assert_eq!(p.rows_of(1).count(), 2);
+        assert_eq!(p.list(1, &a).collect::<Vec<_>>(), [(1, false), (2, true)]);
+        assert_eq!(p.rows_of(1).count(), 4);
         assert_eq!(p.rows_of(2).count(), 1);
-        assert_eq!(p.all().count(), 3);
+        assert_eq!(p.all().count(), 5);
         p.clear();
         assert_eq!(p.len(), 0);
         assert!(p.may_have(1) && p.may_have(2) && !p.may_have(3));
+    }
+
+    #[test]
+    fn tokens_order_by_their_bytes() {
+        assert!(Tok::new(b"b") > Tok::new(b"ab"));
+        assert!(Tok::new(b"a") < Tok::new(b"a\0"));
+        assert!(Tok::MIN <= Tok::new(b""));
     }
 
     #[test]
@@ -259,17 +264,18 @@ mod tests {
     #[test]
     fn staged_rolls_back_to_a_mark() {
         let mut s = Staged::default();
-        s.push(r(1, b"t", "a"), true);
-        assert_eq!(s.state(&r(1, b"t", "a")), Some(true));
+        let t = Tok::new(b"t");
+        s.push(r(1, b"t", 1), true);
+        assert_eq!(s.list(1, &t), [(1, true)]);
         let m = s.mark();
-        s.push(r(1, b"t", "a"), false);
-        s.push(r(1, b"t", "b"), true);
-        assert_eq!(s.state(&r(1, b"t", "a")), Some(false));
+        s.push(r(1, b"t", 1), false);
+        s.push(r(1, b"t", 2), true);
+        let mut l = s.list(1, &t);
+        l.sort();
+        assert_eq!(l, [(1, false), (2, true)]);
         s.rollback_to(m);
-        assert_eq!(s.state(&r(1, b"t", "a")), Some(true));
-        assert_eq!(s.state(&r(1, b"t", "b")), None);
-        assert_eq!(s.live_ids(1, &Tok::new(b"t")), [Sid::new("a")]);
+        assert_eq!(s.list(1, &t), [(1, true)]);
         assert_eq!(s.take().len(), 1);
-        assert_eq!(s.state(&r(1, b"t", "a")), None);
+        assert!(s.list(1, &t).is_empty());
     }
 }
