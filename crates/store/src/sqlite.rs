@@ -59,10 +59,8 @@ CREATE TABLE IF NOT EXISTS search_seg (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS index_log (
     seq INTEGER PRIMARY KEY,
-    ix INTEGER NOT NULL,
-    token BLOB NOT NULL,
     rno INTEGER NOT NULL,
-    live INTEGER NOT NULL
+    data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_event (
     seq INTEGER PRIMARY KEY,
@@ -250,17 +248,49 @@ fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
     drop(rows);
     drop(st);
     let mut st = conn
-        .prepare("SELECT ix, token, rno, live FROM index_log ORDER BY seq")
+        .prepare("SELECT rno, data FROM index_log ORDER BY seq")
         .map_err(engine)?;
     let mut rows = st.query([]).map_err(engine)?;
     while let Some(r) = rows.next().map_err(engine)? {
-        let ix: i64 = r.get(0).map_err(engine)?;
-        let token: Vec<u8> = r.get(1).map_err(engine)?;
-        let rno: i64 = r.get(2).map_err(engine)?;
-        let live: i64 = r.get(3).map_err(engine)?;
-        p.apply((ix, Tok::new(&token), rno), live != 0);
+        let rno: i64 = r.get(0).map_err(engine)?;
+        let data = r
+            .get_ref(1)
+            .and_then(|v| Ok(v.as_blob()?))
+            .map_err(engine)?;
+        for (ix, token, live) in
+            decode_log_record(data).ok_or(StoreError::Corrupt("index log record"))?
+        {
+            p.apply((ix, Tok::new(token), rno), live);
+        }
     }
     Ok(p)
+}
+
+/// One `index_log` record: every posting one write adds or removes for one resource, as
+/// `live u8 ‖ ix u32 BE ‖ token_len u8 ‖ token` each (one row per write instead of one
+/// per posting: the writer is serial, and rows are what it pays for).
+fn encode_log_record(out: &mut Vec<u8>, ix: i64, token: &[u8], live: bool) {
+    out.push(u8::from(live));
+    out.extend_from_slice(&(ix as u32).to_be_bytes());
+    out.push(token.len() as u8);
+    out.extend_from_slice(token);
+}
+
+fn decode_log_record(mut data: &[u8]) -> Option<Vec<(i64, &[u8], bool)>> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let live = match data.first()? {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let ix = i64::from(u32::from_be_bytes(data.get(1..5)?.try_into().ok()?));
+        let len = usize::from(*data.get(5)?);
+        let token = data.get(6..6 + len)?;
+        out.push((ix, token, live));
+        data = &data[6 + len..];
+    }
+    Some(out)
 }
 
 fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
@@ -1227,8 +1257,7 @@ fn apply_batch(
             .filter(|p| old.binary_search(p).is_err())
             .copied()
             .collect();
-        log_index(tx, rno, &removed, false, staged).map_err(e)?;
-        log_index(tx, rno, &added, true, staged).map_err(e)?;
+        log_index(tx, rno, &removed, &added, staged).map_err(e)?;
     }
     let mut last_audit_seq = None;
     for ev in &batch.audit {
@@ -1254,48 +1283,27 @@ fn postings_of_entries<'a>(rtype: &str, entries: &'a [IndexEntry]) -> Vec<(i64, 
     v
 }
 
-/// Log records are inserted this many per statement (and the rest 8, then 1, at a
-/// time): one statement step for many rows instead of one per row.
-const INSERT_CHUNKS: [usize; 3] = [32, 8, 1];
-
-/// `head VALUES (?,…),(?,…),…`: `rows` tuples of `arity` parameters.
-fn multi_row_insert(head: &str, arity: usize, rows: usize) -> String {
-    let tuple = format!("({})", vec!["?"; arity].join(","));
-    format!("{head} VALUES {}", vec![tuple; rows].join(","))
-}
-
-/// Append log records for the postings `rows` of resource number `rno` (`live`: added,
-/// else removed), and stage them for [`Pending`].
+/// Append one log record for the postings of resource number `rno` that a write
+/// removes and adds (in that order), and stage them for [`Pending`].
 fn log_index(
     c: &Connection,
     rno: i64,
-    rows: &[(i64, &[u8])],
-    live: bool,
+    removed: &[(i64, &[u8])],
+    added: &[(i64, &[u8])],
     staged: &mut Staged,
 ) -> Result<(), rusqlite::Error> {
-    let live_n = i64::from(live);
-    let mut rest = rows;
-    for n in INSERT_CHUNKS {
-        while rest.len() >= n {
-            let (chunk, tail) = rest.split_at(n);
-            let mut st = c.prepare_cached(&multi_row_insert(
-                "INSERT INTO index_log (ix, token, rno, live)",
-                4,
-                n,
-            ))?;
-            for (i, (ix, token)) in chunk.iter().enumerate() {
-                st.raw_bind_parameter(4 * i + 1, ix)?;
-                st.raw_bind_parameter(4 * i + 2, token)?;
-                st.raw_bind_parameter(4 * i + 3, rno)?;
-                st.raw_bind_parameter(4 * i + 4, live_n)?;
-            }
-            st.raw_execute()?;
-            rest = tail;
+    if removed.is_empty() && added.is_empty() {
+        return Ok(());
+    }
+    let mut data = Vec::with_capacity((removed.len() + added.len()) * 10);
+    for (rows, live) in [(removed, false), (added, true)] {
+        for (ix, token) in rows {
+            encode_log_record(&mut data, *ix, token, live);
+            staged.push((*ix, Tok::new(token), rno), live);
         }
     }
-    for (ix, token) in rows {
-        staged.push((*ix, Tok::new(token), rno), live);
-    }
+    c.prepare_cached("INSERT INTO index_log (rno, data) VALUES (?1, ?2)")?
+        .execute(params![rno, data])?;
     Ok(())
 }
 
@@ -1503,11 +1511,17 @@ mod tests {
     }
 
     #[test]
-    fn multi_row_insert_text() {
+    fn log_records_round_trip_and_malformed_ones_are_refused() {
+        let mut d = Vec::new();
+        encode_log_record(&mut d, 0x7fff_fffe, b"ab", false);
+        encode_log_record(&mut d, 1, b"", true);
         assert_eq!(
-            multi_row_insert("INSERT INTO t (a, b)", 2, 3),
-            "INSERT INTO t (a, b) VALUES (?,?),(?,?),(?,?)"
+            decode_log_record(&d).unwrap(),
+            [(0x7fff_fffe, &b"ab"[..], false), (1, &b""[..], true)]
         );
+        assert!(decode_log_record(&d[..d.len() - 1]).is_none());
+        assert!(decode_log_record(&[2, 0, 0, 0, 1, 0]).is_none());
+        assert!(decode_log_record(&[1, 0, 0, 0, 1, 3, b'a']).is_none());
     }
 
     #[test]
