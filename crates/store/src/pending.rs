@@ -54,33 +54,6 @@ impl PartialOrd for Tok {
     }
 }
 
-/// A logical id in its stored form: a UUID as its 16 bytes, any other id as text.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum Sid {
-    Uuid([u8; 16]),
-    Text(Box<str>),
-}
-
-impl Sid {
-    #[cfg(test)]
-    pub(crate) fn new(id: &str) -> Sid {
-        match phivault_audit::uuid_bytes(id) {
-            Some(b) => Sid::Uuid(b),
-            None => Sid::Text(id.into()),
-        }
-    }
-}
-
-impl rusqlite::ToSql for Sid {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        use rusqlite::types::{ToSqlOutput, ValueRef};
-        Ok(match self {
-            Sid::Uuid(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
-            Sid::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
-        })
-    }
-}
-
 /// One posting: `(index number, token, resource number)`.
 pub(crate) type Row = (i64, Tok, i64);
 
@@ -251,10 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn ids_and_tokens_keep_their_stored_form() {
-        let u = "018f0000-0000-7000-8000-000000000001";
-        assert!(matches!(Sid::new(u), Sid::Uuid(_)));
-        assert!(matches!(Sid::new("example-1"), Sid::Text(_)));
+    fn tokens_keep_their_bytes() {
         assert_eq!(Tok::new(b"abc").bytes(), b"abc");
         let long = [7u8; 40];
         assert_eq!(Tok::new(&long).bytes(), &long[..]);

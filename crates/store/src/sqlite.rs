@@ -17,7 +17,7 @@ use phivault_audit::{ChainHead, StoredEvent};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use crate::pending::{self, Pending, Sid, Staged, Tok};
+use crate::pending::{self, Pending, Staged, Tok};
 use crate::segments;
 use crate::{
     Candidates, CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, IndexStats,
@@ -93,39 +93,24 @@ impl rusqlite::ToSql for DbId<'_> {
     }
 }
 
-/// An id column in its stored form.
-fn read_sid(r: &rusqlite::Row<'_>, idx: usize) -> Result<Sid, rusqlite::Error> {
+/// An id column in its stored form (a UUID as 16 bytes, any other id as text) as text.
+fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error> {
     use rusqlite::types::ValueRef;
     match r.get_ref(idx)? {
-        ValueRef::Blob(b) => <[u8; 16]>::try_from(b).map(Sid::Uuid).map_err(|_| {
-            rusqlite::Error::InvalidColumnType(idx, "id".into(), rusqlite::types::Type::Blob)
-        }),
-        ValueRef::Text(t) => std::str::from_utf8(t)
-            .map(|t| Sid::Text(t.into()))
-            .map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    idx,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
+        ValueRef::Blob(b) => <[u8; 16]>::try_from(b)
+            .map(|b| phivault_audit::uuid_text(&b))
+            .map_err(|_| {
+                rusqlite::Error::InvalidColumnType(idx, "id".into(), rusqlite::types::Type::Blob)
             }),
+        ValueRef::Text(t) => std::str::from_utf8(t).map(str::to_owned).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+        }),
         other => Err(rusqlite::Error::InvalidColumnType(
             idx,
             "id".into(),
             other.data_type(),
         )),
     }
-}
-
-fn sid_text(s: &Sid) -> String {
-    match s {
-        Sid::Uuid(b) => phivault_audit::uuid_text(b),
-        Sid::Text(t) => t.to_string(),
-    }
-}
-
-fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error> {
-    read_sid(r, idx).map(|s| sid_text(&s))
 }
 
 /// The number naming the index of `(rtype, param)` in `search_seg` and `index_log`: a stable 31-bit
