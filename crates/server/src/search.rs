@@ -562,8 +562,12 @@ pub fn run(
         if q.summary != Summary::Count && count > 0 {
             let mut after = req.after.clone();
             let mut examined = 0;
+            // candidates come as ids, each one a look-up for the store: ask for about
+            // what the page needs first (most candidates match), more if they do not
+            let mut want = (count + 1).clamp(16, CANDIDATE_BATCH);
             'page: loop {
-                let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
+                let batch = plan.next_candidates(app, after.as_deref(), want)?;
+                want = (want * 4).min(CANDIDATE_BATCH);
                 if batch.is_empty() {
                     break;
                 }
