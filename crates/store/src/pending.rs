@@ -57,10 +57,13 @@ impl PartialOrd for Tok {
 /// One posting: `(index number, token, resource number)`.
 pub(crate) type Row = (i64, Tok, i64);
 
-/// The net state of the log: for each posting it names, whether it is live.
+/// The net state of the log: for each posting it names, whether it is live. Postings
+/// are grouped by `(index number, token)`, each group sorted by resource number: one
+/// tree entry per token rather than per posting keeps the writer's inserts cheap.
 #[derive(Default, Debug)]
 pub(crate) struct Pending {
-    rows: BTreeMap<Row, bool>,
+    lists: BTreeMap<(i64, Tok), Vec<(i64, bool)>>,
+    len: usize,
     /// Index numbers that have (or once had) a posting, here or in the segments: a lookup
     /// in any other index is answered without a query.
     indexes: HashSet<i64>,
@@ -68,11 +71,24 @@ pub(crate) struct Pending {
 
 impl Pending {
     /// Apply one log record (`live` = the posting exists after it).
-    pub(crate) fn apply(&mut self, row: Row, live: bool) {
+    pub(crate) fn apply(&mut self, (ix, tok, n): Row, live: bool) {
         if live {
-            self.indexes.insert(row.0);
+            self.indexes.insert(ix);
         }
-        self.rows.insert(row, live);
+        let list = self.lists.entry((ix, tok)).or_default();
+        // new resources have the highest numbers: almost always an append
+        match list.last() {
+            Some((last, _)) if *last < n => list.push((n, live)),
+            None => list.push((n, live)),
+            _ => match list.binary_search_by_key(&n, |(m, _)| *m) {
+                Ok(i) => {
+                    list[i].1 = live;
+                    return;
+                }
+                Err(i) => list.insert(i, (n, live)),
+            },
+        }
+        self.len += 1;
     }
 
     /// Record that the segments hold postings of index `ix`.
@@ -89,38 +105,39 @@ impl Pending {
     pub(crate) fn list<'a>(
         &'a self,
         ix: i64,
-        token: &'a Tok,
+        token: &Tok,
     ) -> impl Iterator<Item = (i64, bool)> + 'a {
-        self.rows
-            .range((
-                Bound::Included((ix, token.clone(), i64::MIN)),
-                Bound::Unbounded,
-            ))
-            .take_while(move |((i, t, _), _)| *i == ix && t == token)
-            .map(|((_, _, n), live)| (*n, *live))
+        self.lists
+            .get(&(ix, token.clone()))
+            .into_iter()
+            .flatten()
+            .copied()
     }
 
     /// Every record of index `ix`.
-    pub(crate) fn rows_of(&self, ix: i64) -> impl Iterator<Item = (&Row, bool)> {
-        self.rows
-            .range((Bound::Included((ix, Tok::MIN, i64::MIN)), Bound::Unbounded))
-            .take_while(move |((i, _, _), _)| *i == ix)
-            .map(|(r, live)| (r, *live))
+    pub(crate) fn rows_of(&self, ix: i64) -> impl Iterator<Item = (Row, bool)> + '_ {
+        self.lists
+            .range((Bound::Included((ix, Tok::MIN)), Bound::Unbounded))
+            .take_while(move |((i, _), _)| *i == ix)
+            .flat_map(|((i, t), l)| l.iter().map(move |(n, live)| ((*i, t.clone(), *n), *live)))
     }
 
     /// Records held.
     pub(crate) fn len(&self) -> usize {
-        self.rows.len()
+        self.len
     }
 
     /// Every record in key order.
-    pub(crate) fn all(&self) -> impl Iterator<Item = (&Row, bool)> {
-        self.rows.iter().map(|(r, live)| (r, *live))
+    pub(crate) fn all(&self) -> impl Iterator<Item = (Row, bool)> + '_ {
+        self.lists
+            .iter()
+            .flat_map(|((i, t), l)| l.iter().map(move |(n, live)| ((*i, t.clone(), *n), *live)))
     }
 
     /// Forget the records (merged into the segments; the index numbers stay known).
     pub(crate) fn clear(&mut self) {
-        self.rows.clear();
+        self.lists.clear();
+        self.len = 0;
     }
 }
 

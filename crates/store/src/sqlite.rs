@@ -352,7 +352,7 @@ fn migrate_to_segments(conn: &mut Connection) -> Result<(), StoreError> {
             );
         }
     }
-    let rows: Vec<(&pending::Row, bool)> = p.all().collect();
+    let rows: Vec<(pending::Row, bool)> = p.all().collect();
     merge_into_segments(&tx, &rows).map_err(engine)?;
     tx.execute_batch(
         "DROP TABLE IF EXISTS search_index; DROP TABLE IF EXISTS search_recent; \
@@ -711,9 +711,9 @@ impl Store for SqliteStore {
             }
             for ((_, token, n), live) in pending.rows_of(ix) {
                 if live {
-                    postings.insert((token.clone(), *n));
+                    postings.insert((token, n));
                 } else {
-                    postings.remove(&(token.clone(), *n));
+                    postings.remove(&(token, n));
                 }
             }
             let mut per_token: HashMap<Tok, u64> = HashMap::new();
@@ -930,7 +930,7 @@ fn merge_pending(conn: &mut Connection, pending: &RwLock<Pending>) -> Result<(),
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let p = pending.read();
-        let rows: Vec<(&pending::Row, bool)> = p.all().collect();
+        let rows: Vec<(pending::Row, bool)> = p.all().collect();
         merge_into_segments(&tx, &rows)?;
     }
     tx.execute("DELETE FROM index_log", [])?;
@@ -956,7 +956,7 @@ fn decode_segment(data: &[u8]) -> Result<Vec<segments::Pair>, rusqlite::Error> {
 /// gets new ones.
 fn merge_into_segments(
     c: &Connection,
-    rows: &[(&pending::Row, bool)],
+    rows: &[(pending::Row, bool)],
 ) -> Result<(), rusqlite::Error> {
     let mut at_or_before = c.prepare_cached(
         "SELECT tok, lo, data FROM search_seg WHERE ix = ?1 AND (tok, lo) <= (?2, ?3) \
@@ -979,7 +979,7 @@ fn merge_into_segments(
     };
     let mut i = 0;
     while i < rows.len() {
-        let ((ix, tok, n), _) = rows[i];
+        let ((ix, tok, n), _) = &rows[i];
         let ix = *ix;
         let seg = match at_or_before
             .query_row(params![ix, tok.bytes(), n], seg_row)
@@ -998,7 +998,7 @@ fn merge_into_segments(
         };
         let mut j = i;
         while j < rows.len() {
-            let ((jx, jt, jn), _) = rows[j];
+            let ((jx, jt, jn), _) = &rows[j];
             let below = upper.as_ref().is_none_or(|(ut, un)| (jt, *jn) < (ut, *un));
             if *jx != ix || !below {
                 break;
@@ -1024,7 +1024,7 @@ fn merge_into_segments(
 /// Sorted postings `old` with sorted log records applied.
 fn apply_records(
     old: Vec<segments::Pair>,
-    records: &[(&pending::Row, bool)],
+    records: &[(pending::Row, bool)],
 ) -> Vec<segments::Pair> {
     let mut out = Vec::with_capacity(old.len() + records.len());
     let mut old = old.into_iter().peekable();
