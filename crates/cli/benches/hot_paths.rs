@@ -65,7 +65,10 @@ fn bench(c: &mut Criterion) {
         phivault_fhir::search::indexed_params(rtype)
             .map(|d| {
                 let scope = format!("{rtype}.{}", d.code);
-                (d, keys.blind_index_key(&scope).truncating(16))
+                (
+                    phivault_fhir::search::extractor(d),
+                    keys.blind_index_key(&scope).truncating(16),
+                )
             })
             .collect()
     };
@@ -77,9 +80,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut n = 0;
             for (v, params) in parsed.iter().zip(&per_type) {
-                for (def, key) in params {
+                for (extractor, key) in params {
+                    let Some(extractor) = extractor else { continue };
                     let mut terms = Vec::new();
-                    for value in phivault_fhir::search::extract(def, v) {
+                    for value in extractor.extract(v) {
                         phivault_fhir::search::index_terms(&value, &mut terms);
                     }
                     n += terms.iter().map(|t| key.token(t).len()).sum::<usize>();

@@ -143,6 +143,7 @@ impl Written {
 /// its span terms: see `search::span_index`).
 struct Indexer {
     def: &'static search::SearchParamDef,
+    extractor: Option<search::Extractor>,
     key: Arc<TruncatedIndexKey>,
     span: Option<(String, Arc<TruncatedIndexKey>)>,
 }
@@ -326,6 +327,7 @@ impl Engine {
                 });
                 Indexer {
                     def,
+                    extractor: search::extractor(def),
                     key: self.blind_key(rtype, &def.code),
                     span,
                 }
@@ -342,7 +344,10 @@ impl Engine {
         let mut out = Vec::new();
         let mut terms = Vec::new();
         for ix in self.indexers(rtype).iter() {
-            let values = search::extract(ix.def, resource);
+            let Some(extractor) = ix.extractor else {
+                continue;
+            };
+            let values = extractor.extract(resource);
             if values.is_empty() {
                 continue;
             }

@@ -28,6 +28,8 @@ mod types;
 pub use datetime::{parse_date, parse_decimal};
 pub use index_terms::{index_terms, is_span_term, lookup_terms, span_index};
 pub use matching::normalize;
-pub use registry::{extract, index_owner, indexed_params, search_param, search_params};
+pub use registry::{
+    Extractor, extract, extractor, index_owner, indexed_params, search_param, search_params,
+};
 pub use request::{DEFAULT_COUNT, MAX_COUNT, parse_search};
 pub use types::*;

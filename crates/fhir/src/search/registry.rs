@@ -720,38 +720,61 @@ fn convert(ptype: ParamType, v: &Value, out: &mut Vec<SearchValue>) {
 
 /// The values of parameter `def` in `resource`. Never panics on any JSON.
 pub fn extract(def: &SearchParamDef, resource: &Value) -> Vec<SearchValue> {
-    let Some(compiled) = REGISTRY
+    extractor(def)
+        .map(|e| e.extract(resource))
+        .unwrap_or_default()
+}
+
+/// A parameter's compiled expression, looked up once: what [`extract`] does without the
+/// two registry look-ups per call (callers that index every parameter of every resource
+/// keep one per parameter).
+#[derive(Debug, Clone, Copy)]
+pub struct Extractor {
+    ptype: ParamType,
+    compiled: &'static Compiled,
+}
+
+/// The [`Extractor`] of `def`, if it has an expression.
+pub fn extractor(def: &SearchParamDef) -> Option<Extractor> {
+    REGISTRY
         .compiled
         .get(def.base.as_str())
         .and_then(|m| m.get(def.code.as_str()))
-    else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    match compiled {
-        Compiled::Deceased => {
-            let dead = resource
-                .get("deceasedBoolean")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
-                || resource.get("deceasedDateTime").is_some();
-            out.push(SearchValue::Token {
-                system: None,
-                code: Some(dead.to_string()),
-                text: None,
-            });
-        }
-        Compiled::Paths(paths) => {
-            let mut nodes = Vec::new();
-            for p in paths {
-                eval(resource, p, &mut nodes);
+        .map(|compiled| Extractor {
+            ptype: def.ptype,
+            compiled,
+        })
+}
+
+impl Extractor {
+    /// The values of the parameter in `resource` (see [`extract`]).
+    pub fn extract(&self, resource: &Value) -> Vec<SearchValue> {
+        let mut out = Vec::new();
+        match self.compiled {
+            Compiled::Deceased => {
+                let dead = resource
+                    .get("deceasedBoolean")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+                    || resource.get("deceasedDateTime").is_some();
+                out.push(SearchValue::Token {
+                    system: None,
+                    code: Some(dead.to_string()),
+                    text: None,
+                });
             }
-            for n in nodes {
-                convert(def.ptype, n, &mut out);
+            Compiled::Paths(paths) => {
+                let mut nodes = Vec::new();
+                for p in paths {
+                    eval(resource, p, &mut nodes);
+                }
+                for n in nodes {
+                    convert(self.ptype, n, &mut out);
+                }
             }
         }
+        out
     }
-    out
 }
 
 #[cfg(test)]
