@@ -72,6 +72,9 @@ struct Plan {
     candidates: Candidates,
     /// The query can match nothing (an empty chain, an empty `_id` intersection).
     empty: bool,
+    /// The top-level fields verification reads (None: all): a page that needs nothing
+    /// else from its matches parses only these.
+    fields: Option<Vec<(String, bool)>>,
 }
 
 /// Store order of ids: non-UUID ids (stored as text) before UUIDs (stored as 16 bytes),
@@ -96,6 +99,15 @@ pub fn load(app: &App, rtype: &str, id: &str) -> Result<Option<Loaded>, ApiError
 
 /// Open a current version read earlier; None if absent or deleted.
 fn open_row(app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiError> {
+    open_row_fields(app, row, None)
+}
+
+/// [`open_row`], parsing only the top-level `fields` when given (see `Plan::fields`).
+fn open_row_fields(
+    app: &App,
+    row: Option<VersionRow>,
+    fields: Option<&[(String, bool)]>,
+) -> Result<Option<Loaded>, ApiError> {
     let Some(mut row) = row else {
         return Ok(None);
     };
@@ -104,7 +116,11 @@ fn open_row(app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiErr
     }
     let body = app.engine.open(&row)?;
     row.sealed = Vec::new();
-    let json: Value = serde_json::from_slice(&body).map_err(|_| ApiError::integrity())?;
+    let json: Value = match fields {
+        Some(f) => search::parse_fields(&body, f),
+        None => serde_json::from_slice(&body),
+    }
+    .map_err(|_| ApiError::integrity())?;
     Ok(Some(Loaded { row, json, body }))
 }
 
@@ -141,6 +157,7 @@ impl Plan {
             any_of: Vec::new(),
             candidates: Candidates::All,
             empty: false,
+            fields: None,
         };
         let restrict = |plan: &mut Plan, ids: Vec<String>| {
             let set: BTreeSet<String> = ids.into_iter().collect();
@@ -230,6 +247,13 @@ impl Plan {
             lookup = Lookup::And(vec![lookup, any]);
         }
         plan.candidates = app.engine.candidates(rtype, &lookup);
+        plan.fields = plan
+            .criteria
+            .iter()
+            .chain(&plan.any_of)
+            .map(Criterion::top_fields)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
         if let Some(ids) = &mut plan.ids {
             ids.sort_by(|a, b| id_order(a).cmp(&id_order(b)));
             if ids.is_empty() {
@@ -276,7 +300,23 @@ impl Plan {
 
     /// [`Plan::verify`] of a current version read earlier.
     fn verify_row(&self, app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiError> {
-        let Some(l) = open_row(app, row)? else {
+        self.verify_row_fields(app, row, false)
+    }
+
+    /// [`Plan::verify_row`]; with `partial`, the match's JSON holds only the fields
+    /// verification read (for pages that use nothing else of it).
+    fn verify_row_fields(
+        &self,
+        app: &App,
+        row: Option<VersionRow>,
+        partial: bool,
+    ) -> Result<Option<Loaded>, ApiError> {
+        let fields = if partial {
+            self.fields.as_deref()
+        } else {
+            None
+        };
+        let Some(l) = open_row_fields(app, row, fields)? else {
             return Ok(None);
         };
         let ok = self.criteria.iter().all(|c| c.matches(&l.json))
@@ -565,6 +605,12 @@ pub fn run(
             // candidates come as ids, each one a look-up for the store: ask for about
             // what the page needs first (most candidates match), more if they do not
             let mut want = (count + 1).clamp(16, CANDIDATE_BATCH);
+            // the page writes its matches' stored bytes: unless includes, sorting or
+            // `_elements` read them, a match's JSON only serves verification
+            let partial = q.include.is_empty()
+                && q.revinclude.is_empty()
+                && q.sort.is_empty()
+                && q.elements.is_none();
             'page: loop {
                 let batch = plan.next_candidates(app, after.as_deref(), want)?;
                 want = (want * 4).min(CANDIDATE_BATCH);
@@ -593,7 +639,7 @@ pub fn run(
                         .map_err(unavailable)?;
                     for row in rows {
                         examined += 1;
-                        if let Some(l) = plan.verify_row(app, row)? {
+                        if let Some(l) = plan.verify_row_fields(app, row, partial)? {
                             matches.push(l);
                         }
                     }

@@ -181,6 +181,17 @@ fn value_matches(m: &Modifier, sv: &SearchValue, qv: &QueryValue) -> bool {
 }
 
 impl Criterion {
+    /// The top-level fields [`Criterion::matches`] reads (see `top_fields`); None when
+    /// that cannot be said.
+    pub fn top_fields(&self) -> Option<Vec<(String, bool)>> {
+        match &self.target {
+            Target::Chain { .. } | Target::Has { .. } => Some(Vec::new()),
+            Target::Id => Some(vec![("id".into(), false)]),
+            Target::LastUpdated => Some(vec![("meta".into(), false)]),
+            Target::Param(def) => super::registry::top_fields(def),
+        }
+    }
+
     /// Whether `resource` satisfies this criterion with the exact FHIR R4 semantics.
     /// `Target::Chain` and `Target::Has` are resolved by the server before matching (it
     /// rewrites them into reference / `_id` criteria); here they return `true`.

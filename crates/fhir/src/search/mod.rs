@@ -29,7 +29,8 @@ pub use datetime::{parse_date, parse_decimal};
 pub use index_terms::{index_terms, is_span_term, lookup_terms, span_index};
 pub use matching::normalize;
 pub use registry::{
-    Extractor, extract, extractor, index_owner, indexed_params, search_param, search_params,
+    Extractor, extract, extractor, field_selected, index_owner, indexed_params, parse_fields,
+    search_param, search_params, top_fields,
 };
 pub use request::{DEFAULT_COUNT, MAX_COUNT, parse_search};
 pub use types::*;
