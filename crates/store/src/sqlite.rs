@@ -278,24 +278,29 @@ fn decode_log_record(mut data: &[u8]) -> Option<Vec<(i64, &[u8], bool)>> {
     Some(out)
 }
 
-fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
-    conn.query_row(
-        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )
+/// Whether a `SELECT count(*) …` query counts anything.
+fn counts_any(conn: &Connection, sql: &str, args: &[&str]) -> Result<bool, StoreError> {
+    conn.query_row(sql, rusqlite::params_from_iter(args), |r| {
+        r.get::<_, i64>(0)
+    })
     .map(|n| n > 0)
     .map_err(engine)
 }
 
-fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
-    conn.query_row(
-        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
-        [table, column],
-        |r| r.get::<_, i64>(0),
+fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    counts_any(
+        conn,
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        &[name],
     )
-    .map(|n| n > 0)
-    .map_err(engine)
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    counts_any(
+        conn,
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        &[table, column],
+    )
 }
 
 /// Databases written before resource numbers and index segments: number every resource,
