@@ -346,8 +346,52 @@ fn kill9_during_write_load_loses_no_acknowledged_write() {
         assert_eq!(r.status, 200);
         assert!(version_of(&r) >= *v, "{rtype}/{id} went back in time");
     }
+    // The search index was rebuilt from its log on restart: every current resource is
+    // found by its values (each patient by its current family name, each acknowledged
+    // observation through its subject).
+    let search_ids = |query: &str| -> Vec<String> {
+        let r = s.get(query, &t);
+        assert_eq!(
+            r.status,
+            200,
+            "{query}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["entry"]
+            .as_array()
+            .map(|es| {
+                es.iter()
+                    .filter_map(|e| e["resource"]["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut searched = 0;
+    for (rtype, id) in latest.keys() {
+        if *rtype != "Patient" {
+            continue;
+        }
+        let current = s.get(&format!("Patient/{id}"), &t).json();
+        let family = current["name"][0]["family"].as_str().expect("family");
+        assert!(
+            search_ids(&format!("Patient?family={family}&_count=1000")).contains(&(*id).to_owned()),
+            "Patient/{id} not found by its family name after kill -9"
+        );
+        let observations = search_ids(&format!("Observation?subject=Patient/{id}&_count=1000"));
+        for a in acks.iter().filter(|a| {
+            a.rtype == "Observation" && a.sent["subject"]["reference"] == format!("Patient/{id}")
+        }) {
+            assert!(
+                observations.contains(&a.id),
+                "Observation/{} not found through its subject after kill -9",
+                a.id
+            );
+            searched += 1;
+        }
+    }
+    assert!(searched > 0, "no observation was checked by search");
     println!(
-        "kill -9: {} acknowledged writes ({} resources) all read back",
+        "kill -9: {} acknowledged writes ({} resources) all read back; {searched} found by search",
         acks.len(),
         latest.len()
     );
