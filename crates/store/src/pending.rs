@@ -180,6 +180,11 @@ impl Staged {
         self.log.len()
     }
 
+    /// The records staged after `mark`, in order.
+    pub(crate) fn since(&self, mark: usize) -> &[(Row, bool)] {
+        self.log.get(mark..).unwrap_or(&[])
+    }
+
     /// Forget the records after `mark` (a batch rolled back to its savepoint).
     pub(crate) fn rollback_to(&mut self, mark: usize) {
         if mark >= self.log.len() {

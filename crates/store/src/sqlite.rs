@@ -59,7 +59,6 @@ CREATE TABLE IF NOT EXISTS search_seg (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS index_log (
     seq INTEGER PRIMARY KEY,
-    rno INTEGER NOT NULL,
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_event (
@@ -233,16 +232,15 @@ fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
     drop(rows);
     drop(st);
     let mut st = conn
-        .prepare("SELECT rno, data FROM index_log ORDER BY seq")
+        .prepare("SELECT data FROM index_log ORDER BY seq")
         .map_err(engine)?;
     let mut rows = st.query([]).map_err(engine)?;
     while let Some(r) = rows.next().map_err(engine)? {
-        let rno: i64 = r.get(0).map_err(engine)?;
         let data = r
-            .get_ref(1)
+            .get_ref(0)
             .and_then(|v| Ok(v.as_blob()?))
             .map_err(engine)?;
-        for (ix, token, live) in
+        for (ix, rno, token, live) in
             decode_log_record(data).ok_or(StoreError::Corrupt("index log record"))?
         {
             p.apply((ix, Tok::new(token), rno), live);
@@ -251,17 +249,21 @@ fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
     Ok(p)
 }
 
-/// One `index_log` record: every posting one write adds or removes for one resource, as
-/// `live u8 ‖ ix u32 BE ‖ token_len u8 ‖ token` each (one row per write instead of one
-/// per posting: the writer is serial, and rows are what it pays for).
-fn encode_log_record(out: &mut Vec<u8>, ix: i64, token: &[u8], live: bool) {
+/// One `index_log` record: every posting one group commit adds or removes, in order, as
+/// `live u8 ‖ ix u32 BE ‖ resource number u64 BE ‖ token_len u8 ‖ token` each (one row
+/// per commit instead of one per posting or per write: the writer is serial, and rows
+/// are what it pays for).
+fn encode_log_record(out: &mut Vec<u8>, ix: i64, rno: i64, token: &[u8], live: bool) {
     out.push(u8::from(live));
     out.extend_from_slice(&(ix as u32).to_be_bytes());
+    out.extend_from_slice(&(rno as u64).to_be_bytes());
     out.push(token.len() as u8);
     out.extend_from_slice(token);
 }
 
-fn decode_log_record(mut data: &[u8]) -> Option<Vec<(i64, &[u8], bool)>> {
+type LogEntry<'a> = (i64, i64, &'a [u8], bool);
+
+fn decode_log_record(mut data: &[u8]) -> Option<Vec<LogEntry<'_>>> {
     let mut out = Vec::new();
     while !data.is_empty() {
         let live = match data.first()? {
@@ -270,10 +272,11 @@ fn decode_log_record(mut data: &[u8]) -> Option<Vec<(i64, &[u8], bool)>> {
             _ => return None,
         };
         let ix = i64::from(u32::from_be_bytes(data.get(1..5)?.try_into().ok()?));
-        let len = usize::from(*data.get(5)?);
-        let token = data.get(6..6 + len)?;
-        out.push((ix, token, live));
-        data = &data[6 + len..];
+        let rno = i64::try_from(u64::from_be_bytes(data.get(5..13)?.try_into().ok()?)).ok()?;
+        let len = usize::from(*data.get(13)?);
+        let token = data.get(14..14 + len)?;
+        out.push((ix, rno, token, live));
+        data = &data[14 + len..];
     }
     Some(out)
 }
@@ -1086,6 +1089,7 @@ fn apply_group(
 ) -> Result<Vec<Result<Committed, CommitError>>, StoreError> {
     let tx = conn.transaction().map_err(engine)?;
     let start_size = head.size;
+    let group_mark = staged.mark();
     let mut results = Vec::with_capacity(group.len());
     for cmd in group.iter_mut() {
         let res = match cmd {
@@ -1115,6 +1119,16 @@ fn apply_group(
                 .map_err(|e| CommitError::Store(engine(e))),
         };
         results.push(res);
+    }
+    let logged = staged.since(group_mark);
+    if !logged.is_empty() {
+        let mut data = Vec::with_capacity(logged.len() * 18);
+        for ((ix, token, rno), live) in logged {
+            encode_log_record(&mut data, *ix, *rno, token.bytes(), *live);
+        }
+        tx.prepare_cached("INSERT INTO index_log (data) VALUES (?1)")
+            .and_then(|mut st| st.execute(params![data]))
+            .map_err(engine)?;
     }
     if head.size != start_size {
         let signature = signer(&head.signing_message());
@@ -1247,7 +1261,7 @@ fn apply_batch(
             .filter(|p| old.binary_search(p).is_err())
             .copied()
             .collect();
-        log_index(tx, rno, &removed, &added, staged).map_err(e)?;
+        log_index(rno, &removed, &added, staged);
     }
     let mut last_audit_seq = None;
     for ev in &batch.audit {
@@ -1273,28 +1287,14 @@ fn postings_of_entries<'a>(rtype: &str, entries: &'a [IndexEntry]) -> Vec<(i64, 
     v
 }
 
-/// Append one log record for the postings of resource number `rno` that a write
-/// removes and adds (in that order), and stage them for [`Pending`].
-fn log_index(
-    c: &Connection,
-    rno: i64,
-    removed: &[(i64, &[u8])],
-    added: &[(i64, &[u8])],
-    staged: &mut Staged,
-) -> Result<(), rusqlite::Error> {
-    if removed.is_empty() && added.is_empty() {
-        return Ok(());
-    }
-    let mut data = Vec::with_capacity((removed.len() + added.len()) * 10);
+/// Stage the postings of resource number `rno` that a write removes and adds (in that
+/// order); [`apply_group`] logs what its batches staged in one record.
+fn log_index(rno: i64, removed: &[(i64, &[u8])], added: &[(i64, &[u8])], staged: &mut Staged) {
     for (rows, live) in [(removed, false), (added, true)] {
         for (ix, token) in rows {
-            encode_log_record(&mut data, *ix, token, live);
             staged.push((*ix, Tok::new(token), rno), live);
         }
     }
-    c.prepare_cached("INSERT INTO index_log (rno, data) VALUES (?1, ?2)")?
-        .execute(params![rno, data])?;
-    Ok(())
 }
 
 /// The resource numbers holding `tok` in index `ix`: the segments, with the pending and
@@ -1503,15 +1503,18 @@ mod tests {
     #[test]
     fn log_records_round_trip_and_malformed_ones_are_refused() {
         let mut d = Vec::new();
-        encode_log_record(&mut d, 0x7fff_fffe, b"ab", false);
-        encode_log_record(&mut d, 1, b"", true);
+        encode_log_record(&mut d, 0x7fff_fffe, 7, b"ab", false);
+        encode_log_record(&mut d, 1, 1 << 40, b"", true);
         assert_eq!(
             decode_log_record(&d).unwrap(),
-            [(0x7fff_fffe, &b"ab"[..], false), (1, &b""[..], true)]
+            [
+                (0x7fff_fffe, 7, &b"ab"[..], false),
+                (1, 1 << 40, &b""[..], true)
+            ]
         );
         assert!(decode_log_record(&d[..d.len() - 1]).is_none());
-        assert!(decode_log_record(&[2, 0, 0, 0, 1, 0]).is_none());
-        assert!(decode_log_record(&[1, 0, 0, 0, 1, 3, b'a']).is_none());
+        assert!(decode_log_record(&[2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0]).is_none());
+        assert!(decode_log_record(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 3, b'a']).is_none());
     }
 
     #[test]
