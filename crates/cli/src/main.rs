@@ -305,13 +305,6 @@ fn serve(
         let verifier = issuer.verifier();
         let store: Arc<dyn Store> = opened.store.clone();
         let engine = phivault_server::Engine::new(store, opened.keys.clone());
-        let started = std::time::Instant::now();
-        let types = engine.warm_up();
-        tracing::info!(
-            types,
-            ms = started.elapsed().as_millis() as u64,
-            "search parameters and index keys ready"
-        );
         let app = Arc::new(phivault_server::App::new(
             engine,
             &origin,

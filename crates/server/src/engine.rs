@@ -314,15 +314,6 @@ impl Engine {
         self.blind_key(rtype, param).token(term)
     }
 
-    /// Build, before the first request needs them, what indexing loads lazily: the R4
-    /// schema, the search-parameter registry (every FHIRPath expression compiled) and each
-    /// resource type's index keys. Returns how many types have indexed parameters.
-    pub fn warm_up(&self) -> usize {
-        phivault_fhir::resource_types()
-            .filter(|t| !self.indexers(t).is_empty())
-            .count()
-    }
-
     fn indexers(&self, rtype: &str) -> Indexers {
         if let Some(v) = self.indexers.read().get(rtype) {
             return v.clone();
