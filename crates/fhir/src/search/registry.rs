@@ -729,27 +729,7 @@ pub fn extract(def: &SearchParamDef, resource: &Value) -> Vec<SearchValue> {
 /// where `choice` means any key `name` followed by a type name (`effective` →
 /// `effectiveDateTime`, `effectivePeriod`, …). None when that cannot be said.
 pub fn top_fields(def: &SearchParamDef) -> Option<Vec<(String, bool)>> {
-    let compiled = REGISTRY
-        .compiled
-        .get(def.base.as_str())
-        .and_then(|m| m.get(def.code.as_str()))?;
-    match compiled {
-        Compiled::Deceased => Some(vec![
-            ("deceasedBoolean".into(), false),
-            ("deceasedDateTime".into(), false),
-        ]),
-        Compiled::Paths(paths) => paths
-            .iter()
-            .map(|p| match p.first() {
-                Some(Step::Key(k)) => Some((k.clone(), false)),
-                Some(Step::Field(name, None)) => Some((name.clone(), true)),
-                Some(Step::Field(name, Some(ty))) => {
-                    Some((format!("{name}{}", upper_first(ty)), false))
-                }
-                _ => None,
-            })
-            .collect(),
-    }
+    extractor(def)?.top_fields()
 }
 
 /// Whether a top-level `key` is one of `fields` (see [`top_fields`]).
@@ -820,6 +800,25 @@ pub fn extractor(def: &SearchParamDef) -> Option<Extractor> {
 }
 
 impl Extractor {
+    /// See [`top_fields`]. Compiled paths start with a `Key` (an element with its type)
+    /// or a bare `Field` (any type of a choice element).
+    fn top_fields(&self) -> Option<Vec<(String, bool)>> {
+        match self.compiled {
+            Compiled::Deceased => Some(vec![
+                ("deceasedBoolean".into(), false),
+                ("deceasedDateTime".into(), false),
+            ]),
+            Compiled::Paths(paths) => paths
+                .iter()
+                .map(|p| match p.first() {
+                    Some(Step::Key(k)) => Some((k.clone(), false)),
+                    Some(Step::Field(name, None)) => Some((name.clone(), true)),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
     /// The values of the parameter in `resource` (see [`extract`]).
     pub fn extract(&self, resource: &Value) -> Vec<SearchValue> {
         let mut out = Vec::new();
