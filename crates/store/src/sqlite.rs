@@ -1568,23 +1568,7 @@ mod tests {
         store.set_merge_rows(1);
         crate::testsuite::append_audit(&store, 1);
         let b = WriteBatch {
-            puts: vec![Put {
-                row: VersionRow {
-                    rtype: "Condition".into(),
-                    id: "late".into(),
-                    version: 1,
-                    key_id: "k1".into(),
-                    deleted: false,
-                    updated_ms: 1,
-                    sealed: b"x".to_vec(),
-                },
-                expect: Expect::Absent,
-                index: vec![IndexEntry {
-                    param: "code".into(),
-                    token: b"even".to_vec(),
-                }],
-                replaces: vec![],
-            }],
+            puts: vec![put_of("Condition", "late", 1, false, &[b"even"], &[])],
             ..Default::default()
         };
         store.submit(b).blocking_recv().unwrap().unwrap();
@@ -1613,6 +1597,17 @@ mod tests {
     }
 
     fn put(id: &str, version: u64, deleted: bool, index: &[&[u8]], replaces: &[&[u8]]) -> Put {
+        put_of("Observation", id, version, deleted, index, replaces)
+    }
+
+    fn put_of(
+        rtype: &str,
+        id: &str,
+        version: u64,
+        deleted: bool,
+        index: &[&[u8]],
+        replaces: &[&[u8]],
+    ) -> Put {
         let entries = |ts: &[&[u8]]| -> Vec<IndexEntry> {
             ts.iter()
                 .map(|t| IndexEntry {
@@ -1623,7 +1618,7 @@ mod tests {
         };
         Put {
             row: VersionRow {
-                rtype: "Observation".into(),
+                rtype: rtype.into(),
                 id: id.into(),
                 version,
                 key_id: "k1".into(),
