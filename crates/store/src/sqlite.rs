@@ -507,6 +507,22 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
+        self.with_connection(false, f)
+    }
+
+    /// [`Self::with_reader`] for reads of several statements: all in one read transaction.
+    fn with_snapshot<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        self.with_connection(true, f)
+    }
+
+    fn with_connection<T>(
+        &self,
+        snapshot: bool,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
         let conn = self.readers.lock().pop();
         let conn = match conn {
             Some(c) => c,
@@ -520,9 +536,26 @@ impl SqliteStore {
                 c
             }
         };
-        let out = f(&conn).map_err(engine);
+        let out = if snapshot {
+            // One read transaction for every statement of `f`: SQLite drops a
+            // connection's page cache at the start of a read transaction whenever the
+            // WAL has changed (audited requests commit all the time), so per-statement
+            // transactions re-read the same pages; and the statements see one state.
+            conn.prepare_cached("BEGIN")
+                .and_then(|mut s| s.execute([]))
+                .and_then(|_| {
+                    let out = f(&conn);
+                    let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+                    conn.prepare_cached(end)?.execute([])?;
+                    out
+                })
+                .map_err(engine)
+        } else {
+            f(&conn).map_err(engine)
+        };
         let mut pool = self.readers.lock();
-        if pool.len() < MAX_IDLE_READERS {
+        // a connection left inside a transaction (its COMMIT or ROLLBACK failed) is dropped
+        if pool.len() < MAX_IDLE_READERS && conn.is_autocommit() {
             pool.push(conn);
         }
         out
@@ -583,7 +616,7 @@ impl Store for SqliteStore {
         ids: &[String],
     ) -> Result<Vec<Option<VersionRow>>, StoreError> {
         // one connection and one prepared statement for the lot
-        self.with_reader(|c| {
+        self.with_snapshot(|c| {
             let mut st = c.prepare_cached(SELECT_CURRENT)?;
             ids.iter()
                 .map(|id| {
@@ -684,7 +717,7 @@ impl Store for SqliteStore {
         // held until the segments have been read: a merge cannot move postings between
         // the two places while this reader looks at both
         let pending = self.pending.read();
-        self.with_reader(|c| {
+        self.with_snapshot(|c| {
             let mut bound = 0;
             let numbers = evaluate(c, rtype, &q, &pending, &mut bound)?;
             let after = match after {
@@ -710,7 +743,7 @@ impl Store for SqliteStore {
     fn index_stats(&self, rtype: &str, param: &str) -> Result<IndexStats, StoreError> {
         let ix = index_no(rtype, param);
         let pending = self.pending.read();
-        self.with_reader(|c| {
+        self.with_snapshot(|c| {
             let mut postings: HashSet<(Tok, i64)> = HashSet::new();
             let mut st = c.prepare_cached("SELECT data FROM search_seg WHERE ix = ?1")?;
             let mut rows = st.query(params![ix])?;
@@ -1594,6 +1627,45 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert_eq!(rows(dir.path(), "index_log"), 0);
+    }
+
+    #[test]
+    fn a_snapshot_read_sees_one_state_and_a_failed_one_leaves_no_transaction_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let write = |b: WriteBatch| store.submit(b).blocking_recv().unwrap().unwrap();
+        write(WriteBatch {
+            new_keys: vec![("k1".into(), b"w".to_vec())],
+            puts: vec![put("a", 1, false, &[], &[])],
+            ..Default::default()
+        });
+        let count = |c: &Connection| -> Result<i64, rusqlite::Error> {
+            c.query_row("SELECT count(*) FROM resource_version", [], |r| r.get(0))
+        };
+        // a write committed between two statements of one snapshot is seen by neither
+        let (before, after) = store
+            .with_snapshot(|c| {
+                let before = count(c)?;
+                write(WriteBatch {
+                    puts: vec![put("b", 1, false, &[], &[])],
+                    ..Default::default()
+                });
+                Ok((before, count(c)?))
+            })
+            .unwrap();
+        assert_eq!((before, after), (1, 1));
+        // plain reads see each commit as it lands
+        assert_eq!(store.with_reader(count).unwrap(), 2);
+        // a failing snapshot is rolled back; its connection goes back to the pool usable
+        assert!(
+            store
+                .with_snapshot(|c| c.query_row("SELECT * FROM no_such_table", [], |_| Ok(())))
+                .is_err()
+        );
+        for _ in 0..MAX_IDLE_READERS + 1 {
+            assert_eq!(store.with_snapshot(count).unwrap(), 2);
+        }
+        assert!(store.readers.lock().iter().all(Connection::is_autocommit));
     }
 
     fn put(id: &str, version: u64, deleted: bool, index: &[&[u8]], replaces: &[&[u8]]) -> Put {
