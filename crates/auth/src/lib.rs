@@ -11,6 +11,8 @@
 //!   ([`token_endpoint`]).
 //! * Access tokens issued by phivault itself (EdDSA / Ed25519) and their verification on
 //!   the resource server with a small verified-token cache ([`access_token`], SM3/SM6).
+//! * People: Argon2id password hashes ([`password`]), TOTP second factors ([`totp`]) and
+//!   accounts with roles and lockout ([`users`]) (AC1, AC2).
 //! * The authorization decision as a proof type ([`policy::Authorized`]) that only this
 //!   crate can construct, so a handler that skipped the check does not compile.
 //!
@@ -33,9 +35,12 @@ pub mod access_token;
 pub mod client_assertion;
 pub mod jwk;
 pub mod jws;
+pub mod password;
 pub mod policy;
 pub mod scope;
 pub mod token_endpoint;
+pub mod totp;
+pub mod users;
 
 pub use access_token::{
     AccessTokenIssuer, AccessTokenVerifier, Authenticated, IssuedToken, TokenError,
@@ -47,6 +52,7 @@ pub use jws::{Alg, Jws, JwsError};
 pub use policy::{Authorized, Denied, authorize};
 pub use scope::{Context, Interaction, Perms, Scope, ScopeError, ScopeSet};
 pub use token_endpoint::{TokenResponse, handle_token_request};
+pub use users::{LoginFailure, Role, UserError, UserRecord};
 
 /// Maximum size of any compact JWS accepted from untrusted input (client assertions,
 /// access tokens): 8 KiB.
