@@ -61,6 +61,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClientCmd,
     },
+    /// Manage the accounts of people (clinicians, auditors, admins, patients).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
     /// Write deterministic synthetic patients as FHIR transaction Bundles.
     Synth {
         #[arg(long)]
@@ -117,6 +122,48 @@ enum ClientCmd {
 }
 
 #[derive(Subcommand)]
+enum UserCmd {
+    /// Add a person. The password is read from the first line of standard input; the
+    /// second factor's enrolment secret is printed once, and must be proven at the first
+    /// sign-in before any token is issued.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        username: String,
+        /// clinician | auditor | admin | patient
+        #[arg(long)]
+        role: String,
+        /// The Practitioner a clinician is (its id; must exist).
+        #[arg(long, conflicts_with = "patient")]
+        practitioner: Option<String>,
+        /// The Patient a patient user is (its id; must exist).
+        #[arg(long)]
+        patient: Option<String>,
+    },
+    /// Disable a person's account; their tokens stop working.
+    Disable {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        username: String,
+    },
+    /// Change a person's role (and link); their tokens stop working.
+    Role {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, conflicts_with = "patient")]
+        practitioner: Option<String>,
+        #[arg(long)]
+        patient: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     /// Verify the audit chain and its signed head, offline. Exit 0 when intact.
     Verify {
@@ -169,6 +216,7 @@ fn run(cli: Cli) -> Result<i32> {
                     token_url,
                 },
         } => client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
+        Cmd::User { cmd } => user_cmd(cmd),
         Cmd::Synth {
             patients,
             seed,
@@ -393,6 +441,123 @@ fn client_add(
         None => println!("{text}"),
     }
     Ok(0)
+}
+
+fn parse_role(role: &str) -> Result<phivault_auth::Role> {
+    phivault_auth::Role::parse(role)
+        .ok_or_else(|| anyhow::anyhow!("invalid --role: clinician, auditor, admin or patient"))
+}
+
+/// Refuse a link to a Practitioner or Patient that does not exist (or is deleted).
+fn check_link_exists(
+    store: &dyn phivault_store::Store,
+    practitioner: Option<&str>,
+    patient: Option<&str>,
+) -> Result<()> {
+    for (rtype, id) in [("Practitioner", practitioner), ("Patient", patient)] {
+        if let Some(id) = id {
+            match store.current(rtype, id)? {
+                Some(row) if !row.deleted => {}
+                _ => anyhow::bail!("there is no {rtype} with that id in this data directory"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn user_cmd(cmd: UserCmd) -> Result<i32> {
+    use phivault_auth::{UserRecord, users::normalize_username};
+    use phivault_server::UserDirectory;
+    match cmd {
+        UserCmd::Add {
+            data_dir,
+            username,
+            role,
+            practitioner,
+            patient,
+        } => {
+            let role = parse_role(&role)?;
+            let mut line = zeroize::Zeroizing::new(String::new());
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("cannot read the password from standard input")?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            let opened = datadir::open(&data_dir)?;
+            let result = (|| {
+                check_link_exists(&*opened.store, practitioner.as_deref(), patient.as_deref())?;
+                let rec = UserRecord::new(
+                    &username,
+                    role,
+                    practitioner.as_deref(),
+                    patient.as_deref(),
+                    password,
+                    &phivault_crypto::random_bytes()?,
+                    phivault_crypto::random_bytes()?,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .as_secs(),
+                )?;
+                UserDirectory::new(&opened.keys, &*opened.store).add(&rec)?;
+                Ok::<_, anyhow::Error>(rec)
+            })();
+            opened.store.close();
+            let rec = result?;
+            let link = match (&rec.practitioner, &rec.patient) {
+                (Some(p), _) => format!(", Practitioner/{p}"),
+                (_, Some(p)) => format!(", Patient/{p}"),
+                _ => String::new(),
+            };
+            eprintln!(
+                "user {} added ({}{link}). Enrol the second factor in an authenticator app now: \
+                 the secret below is shown once, and the first sign-in must prove a code from it.",
+                rec.username, rec.role
+            );
+            println!("{}", rec.enrolment_uri());
+            Ok(0)
+        }
+        UserCmd::Disable { data_dir, username } => {
+            let username = normalize_username(&username)?;
+            let opened = datadir::open(&data_dir)?;
+            let users = UserDirectory::new(&opened.keys, &*opened.store);
+            let result = (|| {
+                let mut rec = users
+                    .get(&username)?
+                    .ok_or_else(|| anyhow::anyhow!("no such user"))?;
+                rec.disable();
+                users.put(&rec)?;
+                Ok::<_, anyhow::Error>(())
+            })();
+            opened.store.close();
+            result?;
+            eprintln!("user {username} disabled");
+            Ok(0)
+        }
+        UserCmd::Role {
+            data_dir,
+            username,
+            role,
+            practitioner,
+            patient,
+        } => {
+            let username = normalize_username(&username)?;
+            let role = parse_role(&role)?;
+            let opened = datadir::open(&data_dir)?;
+            let users = UserDirectory::new(&opened.keys, &*opened.store);
+            let result = (|| {
+                check_link_exists(&*opened.store, practitioner.as_deref(), patient.as_deref())?;
+                let mut rec = users
+                    .get(&username)?
+                    .ok_or_else(|| anyhow::anyhow!("no such user"))?;
+                rec.set_role(role, practitioner.as_deref(), patient.as_deref())?;
+                users.put(&rec)?;
+                Ok::<_, anyhow::Error>(())
+            })();
+            opened.store.close();
+            result?;
+            eprintln!("user {username} is now {role}");
+            Ok(0)
+        }
+    }
 }
 
 fn uuid_like() -> Result<String> {

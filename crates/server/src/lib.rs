@@ -18,9 +18,11 @@ pub mod error;
 pub mod search;
 pub mod search_http;
 pub mod stored;
+pub mod users;
 
 pub use app::{App, Limits, Peer, client_meta_key, router};
 pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};
+pub use users::{UserDirectory, UserStoreError};
 
 /// Content type of FHIR JSON responses.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
