@@ -32,6 +32,7 @@ mod strict_json;
 mod test_support;
 
 pub mod access_token;
+pub mod authorize;
 pub mod client_assertion;
 pub mod jwk;
 pub mod jws;

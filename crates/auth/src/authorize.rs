@@ -1,0 +1,792 @@
+//! SMART App Launch v2 (standalone) authorization server core, framework-free: the
+//! authorization request, PKCE, single-use authorization codes and rotating refresh
+//! tokens (SM2, SM4, SM5). The server renders the pages, signs people in
+//! ([`crate::users`]) and issues the access tokens; this module decides what is valid.
+//!
+//! Rules (RFC 6749, RFC 7636, OAuth 2.0 Security BCP RFC 9700, SMART App Launch 2.x):
+//! - `response_type=code` only; `redirect_uri` must equal one registered for the app, and
+//!   until it has been checked nothing is redirected (an error page is shown instead);
+//! - PKCE with `S256` only: `plain`, a missing challenge or a malformed one is refused;
+//! - `state` is required and returned; `aud` must be this server's FHIR base URL;
+//! - codes are 256-bit random, kept only as their SHA-256, live 60 s and are single-use:
+//!   a second use is refused *and* revokes every refresh token issued from the first;
+//! - refresh tokens rotate: each use returns a new one and retires the old; presenting a
+//!   retired one revokes its whole family (a stolen token and its owner cannot both keep
+//!   using it); a refresh may narrow the scope, never widen it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use parking_lot::Mutex;
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::b64;
+use crate::error::OAuthError;
+use crate::scope::ScopeSet;
+use crate::users::Role;
+
+/// Lifetime of an authorization code.
+pub const CODE_TTL_SECONDS: u64 = 60;
+/// Lifetime of a refresh token family (re-authentication after this).
+pub const REFRESH_TTL_SECONDS: u64 = 8 * 3600;
+/// Most codes outstanding at once (a flood is refused, not buffered).
+pub const MAX_CODES: usize = 10_000;
+/// Most refresh tokens kept at once.
+pub const MAX_REFRESH: usize = 100_000;
+
+/// A registered SMART app (public client: PKCE, no secret).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppRecord {
+    /// Client id.
+    pub client_id: String,
+    /// Display name for the consent page.
+    pub name: String,
+    /// Exact redirect URIs (https, or http on a loopback address for native apps).
+    pub redirect_uris: Vec<String>,
+    /// Scopes the app may ever be granted.
+    pub scopes: ScopeSet,
+    /// Disabled apps cannot start or continue a sign-in.
+    pub disabled: bool,
+}
+
+impl AppRecord {
+    /// Refuse redirect URIs that are not absolute https (or loopback http) URLs without a
+    /// fragment, and an empty scope.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.redirect_uris.is_empty() {
+            return Err("at least one redirect URI");
+        }
+        for u in &self.redirect_uris {
+            let ok_scheme = u.starts_with("https://")
+                || u.starts_with("http://127.0.0.1:")
+                || u.starts_with("http://127.0.0.1/")
+                || u.starts_with("http://[::1]")
+                || u.starts_with("http://localhost:")
+                || u.starts_with("http://localhost/");
+            if !ok_scheme || u.contains('#') || u.len() > 2048 || u.chars().any(char::is_whitespace)
+            {
+                return Err(
+                    "redirect URIs must be absolute https (or loopback http) without a fragment",
+                );
+            }
+        }
+        if self.scopes.is_empty() {
+            return Err("at least one scope");
+        }
+        Ok(())
+    }
+}
+
+/// A validated authorization request, waiting for sign-in and consent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    /// The app.
+    pub client_id: String,
+    /// Where the code goes (registered, exact).
+    pub redirect_uri: String,
+    /// What the app asked for, ∩ what it is registered for.
+    pub scope: ScopeSet,
+    /// Opaque value returned to the app.
+    pub state: String,
+    /// PKCE S256 challenge (base64url of 32 bytes).
+    pub code_challenge: String,
+    /// OpenID Connect nonce, echoed into the id token.
+    pub nonce: Option<String>,
+}
+
+/// A failed authorization request: shown on the server's page when the redirect URI is not
+/// (yet) trusted, otherwise sent back to the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorizeError {
+    /// Do not redirect: unknown app, or a redirect URI that is not registered.
+    Page(&'static str),
+    /// Redirect to `redirect_uri` with `error`, `error_description` and `state`.
+    Redirect {
+        /// The registered redirect URI.
+        redirect_uri: String,
+        /// RFC 6749 §4.1.2.1 code.
+        error: &'static str,
+        /// A fixed description.
+        description: &'static str,
+        /// The app's state, if it sent one.
+        state: Option<String>,
+    },
+}
+
+fn single<'a>(params: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, ()> {
+    let mut it = params.iter().filter(|(k, _)| k == name);
+    let first = it.next().map(|(_, v)| v.as_str());
+    if it.next().is_some() {
+        return Err(());
+    }
+    Ok(first)
+}
+
+fn is_pkce_value(s: &str) -> bool {
+    (43..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+/// Validate an authorization request's query parameters for this server (`fhir_base` is
+/// the required `aud`).
+pub fn parse_authorize_request(
+    params: &[(String, String)],
+    lookup: &dyn Fn(&str) -> Option<AppRecord>,
+    fhir_base: &str,
+) -> Result<AuthorizeRequest, AuthorizeError> {
+    if params.len() > 32 {
+        return Err(AuthorizeError::Page("too many parameters"));
+    }
+    let get =
+        |n: &str| single(params, n).map_err(|_| AuthorizeError::Page("a parameter is repeated"));
+    let client_id = get("client_id")?.ok_or(AuthorizeError::Page("client_id missing"))?;
+    let app = lookup(client_id)
+        .filter(|a| !a.disabled)
+        .ok_or(AuthorizeError::Page("unknown client"))?;
+    let redirect_uri = get("redirect_uri")?.ok_or(AuthorizeError::Page("redirect_uri missing"))?;
+    if !app.redirect_uris.iter().any(|u| u == redirect_uri) {
+        return Err(AuthorizeError::Page(
+            "redirect_uri is not registered for this client",
+        ));
+    }
+    // from here on, errors go back to the app
+    let state = get("state")?.map(str::to_owned);
+    let fail = |error: &'static str, description: &'static str| AuthorizeError::Redirect {
+        redirect_uri: redirect_uri.to_owned(),
+        error,
+        description,
+        state: state.clone(),
+    };
+    match get("response_type")? {
+        Some("code") => {}
+        Some(_) => return Err(fail("unsupported_response_type", "only response_type=code")),
+        None => return Err(fail("invalid_request", "response_type missing")),
+    }
+    let Some(st) = state.as_deref() else {
+        return Err(fail("invalid_request", "state missing"));
+    };
+    if st.is_empty() || st.len() > 512 {
+        return Err(fail("invalid_request", "state malformed"));
+    }
+    if get("aud")? != Some(fhir_base) {
+        return Err(fail(
+            "invalid_request",
+            "aud must be this server's FHIR base URL",
+        ));
+    }
+    match get("code_challenge_method")? {
+        Some("S256") => {}
+        Some(_) => return Err(fail("invalid_request", "only code_challenge_method=S256")),
+        None => return Err(fail("invalid_request", "PKCE is required (S256)")),
+    }
+    let challenge = get("code_challenge")?.unwrap_or_default();
+    if challenge.len() != 43 || b64::decode(challenge).is_none_or(|d| d.len() != 32) {
+        return Err(fail("invalid_request", "code_challenge malformed"));
+    }
+    let requested = get("scope")?.ok_or_else(|| fail("invalid_scope", "scope missing"))?;
+    let requested =
+        ScopeSet::parse(requested).map_err(|_| fail("invalid_scope", "scope malformed"))?;
+    let scope = requested.intersect(&app.scopes);
+    if scope.resource_scopes().next().is_none() {
+        return Err(fail(
+            "invalid_scope",
+            "no requested resource scope is allowed for this app",
+        ));
+    }
+    let nonce = get("nonce")?.map(str::to_owned);
+    if nonce.as_ref().is_some_and(|n| n.len() > 512) {
+        return Err(fail("invalid_request", "nonce malformed"));
+    }
+    Ok(AuthorizeRequest {
+        client_id: client_id.to_owned(),
+        redirect_uri: redirect_uri.to_owned(),
+        scope,
+        state: st.to_owned(),
+        code_challenge: challenge.to_owned(),
+        nonce,
+    })
+}
+
+/// What a person granted an app: the outcome of sign-in and consent, carried by a code
+/// and then by the refresh tokens of one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The app.
+    pub client_id: String,
+    /// The person.
+    pub username: String,
+    /// Their role when they signed in.
+    pub role: Role,
+    /// Their account generation when they signed in (tokens of an older one are refused).
+    pub generation: u64,
+    /// `Practitioner/…` or `Patient/…` (the `fhirUser` claim).
+    pub fhir_user: Option<String>,
+    /// The patient in context (`launch/patient`).
+    pub patient: Option<String>,
+    /// The scopes granted.
+    pub scope: ScopeSet,
+    /// OpenID Connect nonce.
+    pub nonce: Option<String>,
+    /// Unix time of the sign-in (re-authentication bound).
+    pub auth_time: u64,
+}
+
+struct PendingCode {
+    grant: Grant,
+    redirect_uri: String,
+    code_challenge: String,
+    expires: u64,
+    /// The refresh family issued from this code (revoked if the code is replayed).
+    family: Option<u64>,
+    used: bool,
+}
+
+struct RefreshEntry {
+    family: u64,
+    /// Only the newest token of a family is current.
+    current: bool,
+}
+
+struct Family {
+    grant: Grant,
+    expires: u64,
+    revoked: bool,
+}
+
+/// Codes and refresh tokens of this server process. Everything is in memory: a restart
+/// signs everyone out, which fails safe.
+pub struct AuthorizationServer {
+    rng: SystemRandom,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    codes: HashMap<[u8; 32], PendingCode>,
+    refresh: HashMap<[u8; 32], RefreshEntry>,
+    families: HashMap<u64, Family>,
+    next_family: u64,
+}
+
+/// A secret handed to a client once (code or refresh token). `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OneTimeSecret(pub String);
+
+impl fmt::Debug for OneTimeSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, secret.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Whether `verifier` is the PKCE verifier of S256 `challenge` (RFC 7636 §4.6).
+pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
+    if !is_pkce_value(verifier) {
+        return false;
+    }
+    let d = digest::digest(&digest::SHA256, verifier.as_bytes());
+    let ours = b64::encode(d.as_ref());
+    ours.len() == challenge.len()
+        && ours
+            .bytes()
+            .zip(challenge.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+impl Default for AuthorizationServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AuthorizationServer {
+    /// An empty server.
+    pub fn new() -> Self {
+        AuthorizationServer {
+            rng: SystemRandom::new(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn secret(&self) -> Result<String, OAuthError> {
+        let mut b = [0u8; 32];
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| OAuthError::ServerError("random generation failed"))?;
+        Ok(b64::encode(&b))
+    }
+
+    /// A code for `grant`, after the person signed in and approved `req`.
+    pub fn issue_code(
+        &self,
+        req: &AuthorizeRequest,
+        grant: Grant,
+        now: u64,
+    ) -> Result<OneTimeSecret, OAuthError> {
+        let code = self.secret()?;
+        let mut inner = self.inner.lock();
+        // keep live codes, and used ones while their session could still be revoked by a replay
+        inner.codes.retain(|_, c| {
+            (c.expires > now && !c.used)
+                || (c.family.is_some() && c.expires + REFRESH_TTL_SECONDS > now)
+        });
+        if inner.codes.len() >= MAX_CODES {
+            return Err(OAuthError::ServerError("too many pending authorizations"));
+        }
+        inner.codes.insert(
+            hash(&code),
+            PendingCode {
+                grant,
+                redirect_uri: req.redirect_uri.clone(),
+                code_challenge: req.code_challenge.clone(),
+                expires: now + CODE_TTL_SECONDS,
+                family: None,
+                used: false,
+            },
+        );
+        Ok(OneTimeSecret(code))
+    }
+
+    /// `grant_type=authorization_code`: the grant and the first refresh token of a new
+    /// family, or `invalid_grant` for anything wrong (unknown, expired or used code, other
+    /// client or redirect URI, wrong verifier).
+    pub fn exchange_code(
+        &self,
+        client_id: &str,
+        code: &str,
+        redirect_uri: &str,
+        verifier: &str,
+        now: u64,
+    ) -> Result<(Grant, OneTimeSecret), OAuthError> {
+        let refresh = self.secret()?;
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let Some(pending) = inner.codes.get_mut(&hash(code)) else {
+            return Err(OAuthError::InvalidGrant("unknown code"));
+        };
+        if pending.used {
+            // replay: whoever holds the first exchange's tokens loses them too
+            if let Some(f) = pending.family.and_then(|f| inner.families.get_mut(&f)) {
+                f.revoked = true;
+            }
+            return Err(OAuthError::InvalidGrant("code already used"));
+        }
+        if pending.expires <= now {
+            return Err(OAuthError::InvalidGrant("code expired"));
+        }
+        // a failed attempt burns the code too: the verifier cannot be guessed online
+        pending.used = true;
+        if pending.grant.client_id != client_id || pending.redirect_uri != redirect_uri {
+            return Err(OAuthError::InvalidGrant(
+                "code issued to another client or redirect",
+            ));
+        }
+        if !pkce_matches(verifier, &pending.code_challenge) {
+            return Err(OAuthError::InvalidGrant("PKCE verifier does not match"));
+        }
+        let grant = pending.grant.clone();
+        if inner.refresh.len() >= MAX_REFRESH {
+            inner.refresh.retain(|_, r| r.current);
+            if inner.refresh.len() >= MAX_REFRESH {
+                return Err(OAuthError::ServerError("too many sessions"));
+            }
+        }
+        inner.next_family += 1;
+        let family = inner.next_family;
+        pending.family = Some(family);
+        inner.families.insert(
+            family,
+            Family {
+                grant: grant.clone(),
+                expires: now + REFRESH_TTL_SECONDS,
+                revoked: false,
+            },
+        );
+        inner.refresh.insert(
+            hash(&refresh),
+            RefreshEntry {
+                family,
+                current: true,
+            },
+        );
+        Ok((grant, OneTimeSecret(refresh)))
+    }
+
+    /// `grant_type=refresh_token`: the grant (its scope narrowed to `scope` when given)
+    /// and the family's next refresh token. A retired token revokes the family.
+    pub fn refresh(
+        &self,
+        client_id: &str,
+        token: &str,
+        scope: Option<&ScopeSet>,
+        now: u64,
+    ) -> Result<(Grant, OneTimeSecret), OAuthError> {
+        let next = self.secret()?;
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let Some(entry) = inner.refresh.get_mut(&hash(token)) else {
+            return Err(OAuthError::InvalidGrant("unknown refresh token"));
+        };
+        let family_id = entry.family;
+        let Some(family) = inner.families.get_mut(&family_id) else {
+            return Err(OAuthError::InvalidGrant("unknown refresh token"));
+        };
+        if !entry.current {
+            family.revoked = true;
+            return Err(OAuthError::InvalidGrant(
+                "refresh token reused; session revoked",
+            ));
+        }
+        if family.revoked || family.expires <= now {
+            return Err(OAuthError::InvalidGrant("session ended"));
+        }
+        if family.grant.client_id != client_id {
+            return Err(OAuthError::InvalidGrant("refresh token of another client"));
+        }
+        if let Some(s) = scope {
+            if &s.intersect(&family.grant.scope) != s {
+                return Err(OAuthError::InvalidScope("a refresh cannot widen the scope"));
+            }
+            family.grant.scope = s.clone();
+        }
+        entry.current = false;
+        let grant = family.grant.clone();
+        inner.refresh.insert(
+            hash(&next),
+            RefreshEntry {
+                family: family_id,
+                current: true,
+            },
+        );
+        Ok((grant, OneTimeSecret(next)))
+    }
+
+    /// RFC 7009 revocation of a refresh token: its whole family ends. Unknown tokens are
+    /// ignored (the endpoint answers 200 either way).
+    pub fn revoke(&self, client_id: &str, token: &str) {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        if let Some(e) = inner.refresh.get(&hash(token))
+            && let Some(f) = inner.families.get_mut(&e.family)
+            && f.grant.client_id == client_id
+        {
+            f.revoked = true;
+        }
+    }
+
+    /// End every session of `username` (account disabled or role changed).
+    pub fn revoke_user(&self, username: &str) {
+        for f in self.inner.lock().families.values_mut() {
+            if f.grant.username == username {
+                f.revoked = true;
+            }
+        }
+    }
+
+    /// RFC 7662 introspection of a refresh token: the grant while its family is live.
+    pub fn introspect_refresh(&self, token: &str, now: u64) -> Option<Grant> {
+        let inner = self.inner.lock();
+        let e = inner.refresh.get(&hash(token)).filter(|e| e.current)?;
+        let f = inner.families.get(&e.family)?;
+        (!f.revoked && f.expires > now).then(|| f.grant.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "https://127.0.0.1:8443/fhir";
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+
+    fn app() -> AppRecord {
+        AppRecord {
+            client_id: "app1".into(),
+            name: "Chart viewer".into(),
+            redirect_uris: vec!["https://app.example/cb".into()],
+            scopes: ScopeSet::parse(
+                "patient/*.rs user/*.rs openid fhirUser launch/patient offline_access",
+            )
+            .unwrap(),
+            disabled: false,
+        }
+    }
+
+    fn params(extra: &[(&str, &str)], drop: &[&str]) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = [
+            ("response_type", "code"),
+            ("client_id", "app1"),
+            ("redirect_uri", "https://app.example/cb"),
+            (
+                "scope",
+                "patient/Observation.rs openid fhirUser launch/patient system/*.cruds",
+            ),
+            ("state", "xyz"),
+            ("aud", BASE),
+            ("code_challenge", CHALLENGE),
+            ("code_challenge_method", "S256"),
+        ]
+        .iter()
+        .filter(|(k, _)| !drop.contains(k) && !extra.iter().any(|(e, _)| e == k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        p.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        p
+    }
+
+    fn parse(p: &[(String, String)]) -> Result<AuthorizeRequest, AuthorizeError> {
+        parse_authorize_request(p, &|id| (id == "app1").then(app), BASE)
+    }
+
+    fn redirect_error(r: Result<AuthorizeRequest, AuthorizeError>) -> &'static str {
+        match r {
+            Err(AuthorizeError::Redirect { error, state, .. }) => {
+                assert_eq!(state.as_deref(), Some("xyz"));
+                error
+            }
+            other => panic!("expected a redirect error, got {other:?}"),
+        }
+    }
+
+    fn grant(scope: &str) -> Grant {
+        Grant {
+            client_id: "app1".into(),
+            username: "maria".into(),
+            role: Role::Patient,
+            generation: 1,
+            fhir_user: Some("Patient/p1".into()),
+            patient: Some("p1".into()),
+            scope: ScopeSet::parse(scope).unwrap(),
+            nonce: None,
+            auth_time: 100,
+        }
+    }
+
+    #[test]
+    fn rfc7636_appendix_b_vector() {
+        assert!(pkce_matches(VERIFIER, CHALLENGE));
+        assert!(!pkce_matches(
+            "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXK",
+            CHALLENGE
+        ));
+        assert!(!pkce_matches(CHALLENGE, CHALLENGE), "plain is not S256");
+        assert!(!pkce_matches("short", CHALLENGE));
+    }
+
+    #[test]
+    fn a_good_request_is_narrowed_to_the_app_registration() {
+        let r = parse(&params(&[], &[])).unwrap();
+        assert_eq!(r.redirect_uri, "https://app.example/cb");
+        assert_eq!(r.state, "xyz");
+        // system/ is not registered for the app: dropped
+        assert_eq!(
+            r.scope.to_string(),
+            "patient/Observation.rs fhirUser launch/patient openid"
+        );
+    }
+
+    #[test]
+    fn untrusted_redirects_get_a_page_and_the_rest_go_back_to_the_app() {
+        assert!(matches!(
+            parse(&params(&[("client_id", "nope")], &[])),
+            Err(AuthorizeError::Page(_))
+        ));
+        assert!(matches!(
+            parse(&params(&[], &["client_id"])),
+            Err(AuthorizeError::Page(_))
+        ));
+        assert!(matches!(
+            parse(&params(&[("redirect_uri", "https://evil.example/cb")], &[])),
+            Err(AuthorizeError::Page(_))
+        ));
+        assert!(matches!(
+            parse(&params(&[("redirect_uri", "https://app.example/cb/")], &[])),
+            Err(AuthorizeError::Page(_))
+        ));
+        let mut twice = params(&[], &[]);
+        twice.push(("redirect_uri".into(), "https://evil.example/cb".into()));
+        assert!(matches!(parse(&twice), Err(AuthorizeError::Page(_))));
+
+        assert_eq!(
+            redirect_error(parse(&params(&[("code_challenge_method", "plain")], &[]))),
+            "invalid_request"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(&[], &["code_challenge_method"]))),
+            "invalid_request"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(&[], &["code_challenge"]))),
+            "invalid_request"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(
+                &[(
+                    "code_challenge",
+                    "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw+cM"
+                )],
+                &[]
+            ))),
+            "invalid_request"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(&[("response_type", "token")], &[]))),
+            "unsupported_response_type"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(&[("aud", "https://other/fhir")], &[]))),
+            "invalid_request"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(&[("scope", "system/*.cruds")], &[]))),
+            "invalid_scope"
+        );
+        assert_eq!(
+            redirect_error(parse(&params(
+                &[("scope", "patient/Observation.rs\tx")],
+                &[]
+            ))),
+            "invalid_scope"
+        );
+        assert!(matches!(
+            parse(&params(&[], &["state"])),
+            Err(AuthorizeError::Redirect {
+                error: "invalid_request",
+                state: None,
+                ..
+            })
+        ));
+        let mut disabled = app();
+        disabled.disabled = true;
+        assert!(matches!(
+            parse_authorize_request(&params(&[], &[]), &|_| Some(disabled.clone()), BASE),
+            Err(AuthorizeError::Page(_))
+        ));
+    }
+
+    #[test]
+    fn codes_are_single_use_bound_and_short_lived() {
+        let s = AuthorizationServer::new();
+        let req = parse(&params(&[], &[])).unwrap();
+        let g = grant("patient/Observation.rs openid");
+        let cb = "https://app.example/cb";
+        // wrong verifier burns the code
+        let c = s.issue_code(&req, g.clone(), 1000).unwrap();
+        assert!(
+            s.exchange_code("app1", &c.0, cb, &"a".repeat(43), 1001)
+                .is_err()
+        );
+        assert!(s.exchange_code("app1", &c.0, cb, VERIFIER, 1001).is_err());
+        // other client, other redirect
+        let c = s.issue_code(&req, g.clone(), 1000).unwrap();
+        assert!(s.exchange_code("app2", &c.0, cb, VERIFIER, 1001).is_err());
+        let c = s.issue_code(&req, g.clone(), 1000).unwrap();
+        assert!(
+            s.exchange_code("app1", &c.0, "https://app.example/other", VERIFIER, 1001)
+                .is_err()
+        );
+        // expired
+        let c = s.issue_code(&req, g.clone(), 1000).unwrap();
+        assert!(
+            s.exchange_code("app1", &c.0, cb, VERIFIER, 1000 + CODE_TTL_SECONDS)
+                .is_err()
+        );
+        // good, then replayed: the replay also ends the first exchange's session
+        let c = s.issue_code(&req, g.clone(), 1000).unwrap();
+        let (got, refresh) = s.exchange_code("app1", &c.0, cb, VERIFIER, 1001).unwrap();
+        assert_eq!(got, g);
+        assert!(s.introspect_refresh(&refresh.0, 1002).is_some());
+        assert_eq!(
+            s.exchange_code("app1", &c.0, cb, VERIFIER, 1002)
+                .unwrap_err(),
+            OAuthError::InvalidGrant("code already used")
+        );
+        assert!(s.introspect_refresh(&refresh.0, 1003).is_none());
+        assert!(s.refresh("app1", &refresh.0, None, 1003).is_err());
+        assert!(
+            s.exchange_code("app1", "made-up", cb, VERIFIER, 1001)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn refresh_tokens_rotate_narrow_and_a_reuse_revokes_the_family() {
+        let s = AuthorizationServer::new();
+        let req = parse(&params(&[], &[])).unwrap();
+        let cb = "https://app.example/cb";
+        let c = s
+            .issue_code(&req, grant("patient/Observation.rs patient/Patient.rs"), 0)
+            .unwrap();
+        let (_, r1) = s.exchange_code("app1", &c.0, cb, VERIFIER, 1).unwrap();
+        // escalation refused, and does not consume the token
+        let wider = ScopeSet::parse("patient/*.cruds").unwrap();
+        assert_eq!(
+            s.refresh("app1", &r1.0, Some(&wider), 2).unwrap_err(),
+            OAuthError::InvalidScope("a refresh cannot widen the scope")
+        );
+        assert!(s.refresh("app2", &r1.0, None, 2).is_err(), "another client");
+        let narrow = ScopeSet::parse("patient/Observation.rs").unwrap();
+        let (g2, r2) = s.refresh("app1", &r1.0, Some(&narrow), 3).unwrap();
+        assert_eq!(g2.scope, narrow);
+        assert_ne!(r1, r2);
+        let (g3, r3) = s.refresh("app1", &r2.0, None, 4).unwrap();
+        assert_eq!(g3.scope, narrow, "narrowing sticks");
+        // r1 again (stolen copy): refused and the family, r3 included, is revoked
+        assert!(s.refresh("app1", &r1.0, None, 5).is_err());
+        assert!(s.refresh("app1", &r3.0, None, 6).is_err());
+        // revocation and user revocation
+        let c = s
+            .issue_code(&req, grant("patient/Observation.rs"), 10)
+            .unwrap();
+        let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 11).unwrap();
+        s.revoke("app2", &r.0);
+        assert!(
+            s.introspect_refresh(&r.0, 12).is_some(),
+            "only the owning client revokes"
+        );
+        s.revoke("app1", &r.0);
+        assert!(s.refresh("app1", &r.0, None, 13).is_err());
+        let c = s
+            .issue_code(&req, grant("patient/Observation.rs"), 20)
+            .unwrap();
+        let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 21).unwrap();
+        s.revoke_user("maria");
+        assert!(s.refresh("app1", &r.0, None, 22).is_err());
+        // sessions end
+        let c = s
+            .issue_code(&req, grant("patient/Observation.rs"), 30)
+            .unwrap();
+        let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 31).unwrap();
+        assert!(
+            s.refresh("app1", &r.0, None, 31 + REFRESH_TTL_SECONDS)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn app_records_need_safe_redirects() {
+        let mut a = app();
+        assert!(a.validate().is_ok());
+        for bad in [
+            "http://app.example/cb",
+            "https://app.example/cb#x",
+            "app://cb",
+            "https://a b",
+        ] {
+            a.redirect_uris = vec![bad.into()];
+            assert!(a.validate().is_err(), "{bad}");
+        }
+        a.redirect_uris = vec!["http://127.0.0.1:9000/cb".into()];
+        assert!(a.validate().is_ok());
+    }
+}
