@@ -174,6 +174,19 @@ impl AccessTokenIssuer {
         scopes: &ScopeSet,
         now: u64,
     ) -> Result<IssuedToken, AuthError> {
+        self.issue_for(client_id, None, scopes, now)
+    }
+
+    /// Issues a token for `client_id` acting for `person` (SMART App Launch) when given:
+    /// `sub` is then `user:USERNAME`, and the person's role, account generation,
+    /// `fhirUser` and patient context travel in the token.
+    pub fn issue_for(
+        &self,
+        client_id: &str,
+        person: Option<&Person>,
+        scopes: &ScopeSet,
+        now: u64,
+    ) -> Result<IssuedToken, AuthError> {
         let mut id = [0u8; 16];
         self.rng
             .fill(&mut id)
@@ -181,7 +194,7 @@ impl AccessTokenIssuer {
         let jti = b64::encode(&id);
         let exp = now.saturating_add(self.lifetime);
         let header = json!({"alg": "EdDSA", "kid": self.kid, "typ": ACCESS_TOKEN_TYP});
-        let claims = json!({
+        let mut claims = json!({
             "iss": self.issuer_url,
             "aud": self.audience,
             "sub": client_id,
@@ -192,6 +205,15 @@ impl AccessTokenIssuer {
             "exp": exp,
             "jti": jti,
         });
+        if let Some(p) = person {
+            claims["sub"] = json!(format!("{USER_SUB_PREFIX}{}", p.username));
+            claims[PERSON_CLAIM] = json!({
+                "role": p.role.as_str(),
+                "gen": p.generation,
+                "fhirUser": p.fhir_user,
+                "patient": p.patient,
+            });
+        }
         let token = encode_compact::<AuthError>(&header, &claims, |msg| {
             Ok(self.key.sign(msg).as_ref().to_vec())
         })?;
@@ -283,9 +305,62 @@ impl TokenError {
 
 struct AuthInner {
     client_id: String,
+    person: Option<Person>,
     scopes: ScopeSet,
     token_id: String,
     expires_at: u64,
+}
+
+/// `sub` prefix of tokens issued for a person.
+const USER_SUB_PREFIX: &str = "user:";
+/// The private claim carrying the person's role, generation and FHIR links.
+const PERSON_CLAIM: &str = "phivault_person";
+
+/// The person a token acts for (SMART App Launch), as signed into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Person {
+    /// Login name.
+    pub username: String,
+    /// Role at sign-in.
+    pub role: crate::users::Role,
+    /// Account generation at sign-in (an older one than the account's is revoked).
+    pub generation: u64,
+    /// `Practitioner/…` or `Patient/…`.
+    pub fhir_user: Option<String>,
+    /// Patient in context (`launch/patient`).
+    pub patient: Option<String>,
+}
+
+fn person_of(c: &serde_json::Map<String, serde_json::Value>) -> Result<Option<Person>, TokenError> {
+    let sub = claims::string(c, "sub").ok_or(TokenError::InvalidClaims)?;
+    let Some(v) = c.get(PERSON_CLAIM) else {
+        return Ok(None);
+    };
+    let username = sub
+        .strip_prefix(USER_SUB_PREFIX)
+        .filter(|u| !u.is_empty())
+        .ok_or(TokenError::InvalidClaims)?;
+    let opt = |k: &str| -> Result<Option<String>, TokenError> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(TokenError::InvalidClaims),
+        }
+    };
+    Ok(Some(Person {
+        username: username.to_owned(),
+        role: v
+            .get("role")
+            .and_then(|r| r.as_str())
+            .and_then(crate::users::Role::parse)
+            .ok_or(TokenError::InvalidClaims)?,
+        generation: v
+            .get("gen")
+            .and_then(|g| g.as_u64())
+            .ok_or(TokenError::InvalidClaims)?,
+        fhir_user: opt("fhirUser")?,
+        patient: opt("patient")?,
+    }))
 }
 
 /// Proof that a bearer token was verified. Only this crate can construct it. Cheap to
@@ -308,6 +383,10 @@ impl Authenticated {
     /// The client the token was issued to.
     pub fn client_id(&self) -> &str {
         &self.0.client_id
+    }
+    /// The person the client acts for (None: a back-end client on its own behalf).
+    pub fn person(&self) -> Option<&Person> {
+        self.0.person.as_ref()
     }
     /// The granted scopes.
     pub fn scopes(&self) -> &ScopeSet {
@@ -492,7 +571,9 @@ impl AccessTokenVerifier {
             return Err(TokenError::NotYetValid);
         }
         let client_id = claims::string(c, "client_id").ok_or(TokenError::InvalidClaims)?;
-        if claims::string(c, "sub") != Some(client_id) || client_id.is_empty() {
+        let person = person_of(c)?;
+        if client_id.is_empty() || (person.is_none() && claims::string(c, "sub") != Some(client_id))
+        {
             return Err(TokenError::InvalidClaims);
         }
         let scopes = claims::string(c, "scope")
@@ -503,6 +584,7 @@ impl AccessTokenVerifier {
             .ok_or(TokenError::InvalidClaims)?;
         let auth = Authenticated(Arc::new(AuthInner {
             client_id: client_id.to_owned(),
+            person,
             scopes,
             token_id: jti.to_owned(),
             expires_at: exp,
@@ -552,6 +634,31 @@ pub(crate) mod tests {
         // Debug hides the token
         assert!(!format!("{t:?}").contains(t.token()));
         assert!(!format!("{i:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn tokens_for_a_person_carry_who_and_in_what_role() {
+        let i = issuer();
+        let p = Person {
+            username: "maria".into(),
+            role: crate::users::Role::Patient,
+            generation: 3,
+            fhir_user: Some("Patient/p1".into()),
+            patient: Some("p1".into()),
+        };
+        let t = i
+            .issue_for(
+                "app1",
+                Some(&p),
+                &ScopeSet::parse("patient/*.rs").unwrap(),
+                NOW,
+            )
+            .expect("issue");
+        let a = i.verifier().verify(t.token(), NOW).expect("verify");
+        assert_eq!(a.client_id(), "app1");
+        assert_eq!(a.person(), Some(&p));
+        let b = i.issue("backend", &scopes(), NOW).expect("issue");
+        assert_eq!(i.verifier().verify(b.token(), NOW).unwrap().person(), None);
     }
 
     #[test]

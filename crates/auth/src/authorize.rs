@@ -23,7 +23,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::b64;
 use crate::error::OAuthError;
-use crate::scope::ScopeSet;
+use crate::scope::{Context, ScopeSet};
 use crate::users::Role;
 
 /// Lifetime of an authorization code.
@@ -188,7 +188,10 @@ pub fn parse_authorize_request(
     let requested = get("scope")?.ok_or_else(|| fail("invalid_scope", "scope missing"))?;
     let requested =
         ScopeSet::parse(requested).map_err(|_| fail("invalid_scope", "scope malformed"))?;
-    let scope = requested.intersect(&app.scopes);
+    // a person's app gets patient/ and user/ scopes, never system/ ones
+    let scope = requested
+        .intersect(&app.scopes)
+        .without_context(Context::System);
     if scope.resource_scopes().next().is_none() {
         return Err(fail(
             "invalid_scope",
@@ -588,7 +591,12 @@ mod tests {
         let r = parse(&params(&[], &[])).unwrap();
         assert_eq!(r.redirect_uri, "https://app.example/cb");
         assert_eq!(r.state, "xyz");
-        // system/ is not registered for the app: dropped
+        // system/ scopes are never granted to a person's app, even one registered for them
+        let mut sys = app();
+        sys.scopes = ScopeSet::parse("system/*.cruds patient/*.rs").unwrap();
+        let r2 = parse_authorize_request(&params(&[], &[]), &|_| Some(sys.clone()), BASE).unwrap();
+        assert_eq!(r2.scope.to_string(), "patient/Observation.rs");
+        // the request is narrowed to what the app is registered for
         assert_eq!(
             r.scope.to_string(),
             "patient/Observation.rs fhirUser launch/patient openid"

@@ -44,7 +44,7 @@ pub mod totp;
 pub mod users;
 
 pub use access_token::{
-    AccessTokenIssuer, AccessTokenVerifier, Authenticated, IssuedToken, TokenError,
+    AccessTokenIssuer, AccessTokenVerifier, Authenticated, IssuedToken, Person, TokenError,
 };
 pub use client_assertion::{ClientRecord, ReplayCache, verify_client_assertion};
 pub use error::{AuthError, OAuthError};

@@ -8,7 +8,8 @@
 //! are parsed and carried in tokens but grant nothing until users, patient compartments
 //! and launch context exist (they need the compartment rules of SM2, which belong to the
 //! server's search layer). Scopes with a `?query` restriction likewise grant nothing yet
-//! (see [`crate::scope`]). Deny by default (AC1).
+//! (see [`crate::scope`]). A token issued for a person ([`crate::Person`]) is never
+//! granted anything by `system/` scopes. Deny by default (AC1).
 
 use crate::access_token::Authenticated;
 use crate::scope::{Context, Interaction, is_valid_resource_type_syntax};
@@ -90,7 +91,8 @@ pub fn authorize(
     if !is_valid_resource_type_syntax(resource_type) {
         return Err(Denied::InvalidResourceType);
     }
-    if !auth.scopes().allows(Context::System, resource_type, i) {
+    // a person's token never acts with system/ scopes, whatever it carries
+    if auth.person().is_some() || !auth.scopes().allows(Context::System, resource_type, i) {
         return Err(Denied::InsufficientScope);
     }
     Ok(Authorized {
@@ -149,6 +151,33 @@ mod tests {
         }
         let q = auth("system/Observation.rs?category=laboratory");
         assert!(authorize(&q, "Observation", Interaction::Read).is_err());
+    }
+
+    #[test]
+    fn system_scopes_grant_nothing_to_a_person() {
+        let i = issuer();
+        let p = crate::access_token::Person {
+            username: "greta".into(),
+            role: crate::users::Role::Clinician,
+            generation: 1,
+            fhir_user: Some("Practitioner/x".into()),
+            patient: None,
+        };
+        let t = i
+            .issue_for(
+                "app",
+                Some(&p),
+                &ScopeSet::parse("system/*.cruds").unwrap(),
+                NOW,
+            )
+            .expect("issue");
+        let a = i.verifier().verify(t.token(), NOW).expect("verify");
+        for it in Interaction::ALL {
+            assert_eq!(
+                authorize(&a, "Patient", it).err(),
+                Some(Denied::InsufficientScope)
+            );
+        }
     }
 
     #[test]

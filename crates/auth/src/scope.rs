@@ -474,6 +474,19 @@ impl ScopeSet {
         ScopeSet::normalized(out, other_set)
     }
 
+    /// The set without its resource scopes of context `ctx`.
+    pub fn without_context(&self, ctx: Context) -> ScopeSet {
+        ScopeSet {
+            scopes: self
+                .scopes
+                .iter()
+                .filter(|s| s.context != ctx)
+                .cloned()
+                .collect(),
+            other: self.other.clone(),
+        }
+    }
+
     /// Whether the set holds no scope at all.
     pub fn is_empty(&self) -> bool {
         self.scopes.is_empty() && self.other.is_empty()
