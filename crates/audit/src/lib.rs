@@ -74,6 +74,9 @@ pub struct AuditEvent {
     pub request_id: String,
     /// Authenticated client id, or `None` for requests that failed authentication.
     pub client_id: Option<String>,
+    /// The person's account id (a UUID, never a name) when the client acts for one or a
+    /// person signs in; `None` for back-end clients.
+    pub user: Option<String>,
     /// Action category.
     pub action: Action,
     /// FHIR interaction name (read, vread, create, update, delete, history-instance, history-type, batch, transaction, token, ...).
@@ -110,21 +113,30 @@ pub struct Entity {
     pub patient: Option<String>,
 }
 
-/// Format byte of the binary event encoding.
+/// Format byte of the binary event encoding (events without a user).
 const FORMAT_V1: u8 = 1;
+/// Format byte of events that name a user (the user follows the client id).
+const FORMAT_V2: u8 = 2;
 /// Most entities one event may carry.
 pub const MAX_ENTITIES: usize = 100_000;
 
 impl AuditEvent {
-    /// Canonical, compact binary encoding (format byte 1): fixed field order, varint
-    /// lengths, UUID-shaped identifiers packed into 16 bytes. Every event has exactly one
-    /// encoding, so the chain hash is well defined.
+    /// Canonical, compact binary encoding (format byte 1, or 2 when the event names a
+    /// user): fixed field order, varint lengths, UUID-shaped identifiers packed into 16
+    /// bytes. Every event has exactly one encoding, so the chain hash is well defined.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(96 + self.entities.len() * 40);
-        w.push(FORMAT_V1);
+        w.push(if self.user.is_some() {
+            FORMAT_V2
+        } else {
+            FORMAT_V1
+        });
         w.extend_from_slice(&self.time_ms.to_be_bytes());
         put_ident(&mut w, &self.request_id);
         put_opt_ident(&mut w, self.client_id.as_deref());
+        if let Some(u) = &self.user {
+            put_ident(&mut w, u);
+        }
         w.push(self.action.code());
         put_str(&mut w, &self.interaction);
         put_opt_str(&mut w, self.resource_type.as_deref());
@@ -160,12 +172,18 @@ impl AuditEvent {
     /// Decode stored bytes; rejects anything that is not exactly a canonical encoding.
     pub fn decode(bytes: &[u8]) -> Result<Self, AuditError> {
         let mut r = Reader { b: bytes, pos: 0 };
-        if r.u8()? != FORMAT_V1 {
+        let format = r.u8()?;
+        if format != FORMAT_V1 && format != FORMAT_V2 {
             return Err(AuditError::Malformed);
         }
         let time_ms = u64::from_be_bytes(r.array::<8>()?);
         let request_id = r.ident()?;
         let client_id = r.opt(|r| r.ident())?;
+        let user = if format == FORMAT_V2 {
+            Some(r.ident()?)
+        } else {
+            None
+        };
         let action = Action::from_code(r.u8()?)?;
         let interaction = r.string()?;
         let resource_type = r.opt(|r| r.string())?;
@@ -210,6 +228,7 @@ impl AuditEvent {
             time_ms,
             request_id,
             client_id,
+            user,
             action,
             interaction,
             resource_type,
@@ -629,6 +648,7 @@ mod tests {
             time_ms: 1_700_000_000_000 + i,
             request_id: format!("req-{i}"),
             client_id: Some("client-a".into()),
+            user: (i % 2 == 1).then(|| format!("6d30932c-501a-49d4-a421-d44ff1175d{:02}", i % 100)),
             action: Action::R,
             interaction: "read".into(),
             resource_type: Some("Patient".into()),
@@ -658,7 +678,22 @@ mod tests {
             .collect();
         let bytes = e.encode();
         assert_eq!(AuditEvent::decode(&bytes).unwrap(), e);
-        assert!(bytes.len() < 100 + 15 * 35, "{} bytes", bytes.len());
+        // a user costs 17 bytes (a UUID packed) and format byte 2
+        assert!(bytes.len() < 117 + 15 * 35, "{} bytes", bytes.len());
+        assert_eq!(bytes[0], FORMAT_V2);
+        let mut plain = e.clone();
+        plain.user = None;
+        let plain_bytes = plain.encode();
+        assert_eq!(plain_bytes[0], FORMAT_V1);
+        assert_eq!(plain_bytes.len() + 17, bytes.len());
+        assert_eq!(AuditEvent::decode(&plain_bytes).unwrap(), plain);
+        // the format byte cannot be swapped to drop or invent the user
+        let mut swapped = bytes.clone();
+        swapped[0] = FORMAT_V1;
+        assert!(AuditEvent::decode(&swapped).is_err());
+        let mut swapped = plain_bytes.clone();
+        swapped[0] = FORMAT_V2;
+        assert!(AuditEvent::decode(&swapped).is_err());
         // non-canonical or truncated encodings are rejected
         for cut in 0..bytes.len() {
             assert!(AuditEvent::decode(&bytes[..cut]).is_err());

@@ -10,6 +10,7 @@ fn build(n: u64) -> (Vec<StoredEvent>, ChainHead) {
                 time_ms: i,
                 request_id: format!("r{i}"),
                 client_id: Some(format!("c{}", i % 3)),
+                user: (i % 4 == 0).then(|| format!("u{i}")),
                 action: Action::R,
                 interaction: "read".into(),
                 resource_type: Some("Observation".into()),

@@ -178,7 +178,7 @@ impl AccessTokenIssuer {
     }
 
     /// Issues a token for `client_id` acting for `person` (SMART App Launch) when given:
-    /// `sub` is then `user:USERNAME`, and the person's role, account generation,
+    /// `sub` is then `user:USER-ID`, and the person's role, account generation,
     /// `fhirUser` and patient context travel in the token.
     pub fn issue_for(
         &self,
@@ -206,7 +206,7 @@ impl AccessTokenIssuer {
             "jti": jti,
         });
         if let Some(p) = person {
-            claims["sub"] = json!(format!("{USER_SUB_PREFIX}{}", p.username));
+            claims["sub"] = json!(format!("{USER_SUB_PREFIX}{}", p.user_id));
             claims[PERSON_CLAIM] = json!({
                 "role": p.role.as_str(),
                 "gen": p.generation,
@@ -319,8 +319,9 @@ const PERSON_CLAIM: &str = "phivault_person";
 /// The person a token acts for (SMART App Launch), as signed into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Person {
-    /// Login name.
-    pub username: String,
+    /// The account's opaque id (never the login name: tokens and audit events carry no
+    /// names).
+    pub user_id: String,
     /// Role at sign-in.
     pub role: crate::users::Role,
     /// Account generation at sign-in (an older one than the account's is revoked).
@@ -336,7 +337,7 @@ fn person_of(c: &serde_json::Map<String, serde_json::Value>) -> Result<Option<Pe
     let Some(v) = c.get(PERSON_CLAIM) else {
         return Ok(None);
     };
-    let username = sub
+    let user_id = sub
         .strip_prefix(USER_SUB_PREFIX)
         .filter(|u| !u.is_empty())
         .ok_or(TokenError::InvalidClaims)?;
@@ -348,7 +349,7 @@ fn person_of(c: &serde_json::Map<String, serde_json::Value>) -> Result<Option<Pe
         }
     };
     Ok(Some(Person {
-        username: username.to_owned(),
+        user_id: user_id.to_owned(),
         role: v
             .get("role")
             .and_then(|r| r.as_str())
@@ -640,7 +641,7 @@ pub(crate) mod tests {
     fn tokens_for_a_person_carry_who_and_in_what_role() {
         let i = issuer();
         let p = Person {
-            username: "maria".into(),
+            user_id: "0b6f3a52-4c1e-4a8e-9d0e-3f1f6c2a9b11".into(),
             role: crate::users::Role::Patient,
             generation: 3,
             fhir_user: Some("Patient/p1".into()),

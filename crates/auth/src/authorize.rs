@@ -218,8 +218,8 @@ pub fn parse_authorize_request(
 pub struct Grant {
     /// The app.
     pub client_id: String,
-    /// The person.
-    pub username: String,
+    /// The person (their account's opaque id).
+    pub user_id: String,
     /// Their role when they signed in.
     pub role: Role,
     /// Their account generation when they signed in (tokens of an older one are refused).
@@ -486,10 +486,10 @@ impl AuthorizationServer {
         }
     }
 
-    /// End every session of `username` (account disabled or role changed).
-    pub fn revoke_user(&self, username: &str) {
+    /// End every session of account `user_id` (disabled or role changed).
+    pub fn revoke_user(&self, user_id: &str) {
         for f in self.inner.lock().families.values_mut() {
-            if f.grant.username == username {
+            if f.grant.user_id == user_id {
                 f.revoked = true;
             }
         }
@@ -564,7 +564,7 @@ mod tests {
     fn grant(scope: &str) -> Grant {
         Grant {
             client_id: "app1".into(),
-            username: "maria".into(),
+            user_id: "u-maria".into(),
             role: Role::Patient,
             generation: 1,
             fhir_user: Some("Patient/p1".into()),
@@ -768,7 +768,7 @@ mod tests {
             .issue_code(&req, grant("patient/Observation.rs"), 20)
             .unwrap();
         let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 21).unwrap();
-        s.revoke_user("maria");
+        s.revoke_user("u-maria");
         assert!(s.refresh("app1", &r.0, None, 22).is_err());
         // sessions end
         let c = s

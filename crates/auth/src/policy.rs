@@ -157,7 +157,7 @@ mod tests {
     fn system_scopes_grant_nothing_to_a_person() {
         let i = issuer();
         let p = crate::access_token::Person {
-            username: "greta".into(),
+            user_id: "u-1".into(),
             role: crate::users::Role::Clinician,
             generation: 1,
             fhir_user: Some("Practitioner/x".into()),

@@ -129,6 +129,8 @@ pub enum LoginFailure {
 /// One person's account.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct UserRecord {
+    /// Opaque account id (a UUID): what tokens and audit events name, never the login name.
+    pub id: String,
     /// Login name (lowercase).
     pub username: String,
     /// Role.
@@ -184,6 +186,7 @@ impl Drop for UserRecord {
 impl fmt::Debug for UserRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UserRecord")
+            .field("id", &self.id)
             .field("username", &self.username)
             .field("role", &self.role)
             .field("practitioner", &self.practitioner)
@@ -213,6 +216,21 @@ pub fn normalize_username(username: &str) -> Result<String, UserError> {
         return Err(UserError::GenericUsername);
     }
     Ok(u)
+}
+
+/// A version-4 UUID in its canonical text form, from 16 random bytes.
+fn uuid_text(mut b: [u8; 16]) -> String {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 fn check_fhir_id(id: &str) -> Result<(), UserError> {
@@ -249,9 +267,11 @@ fn check_links(
 }
 
 impl UserRecord {
-    /// A new, not yet enrolled account. `salt` and `totp_secret` must be fresh random bytes.
+    /// A new, not yet enrolled account. `id`, `salt` and `totp_secret` must be fresh random
+    /// bytes.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        id: [u8; 16],
         username: &str,
         role: Role,
         practitioner: Option<&str>,
@@ -265,6 +285,7 @@ impl UserRecord {
         check_links(role, practitioner, patient)?;
         password::check_policy(&username, password)?;
         Ok(UserRecord {
+            id: uuid_text(id),
             password: password::hash_password(password, salt)?,
             username,
             role,
@@ -285,6 +306,9 @@ impl UserRecord {
     pub fn validate(&self) -> Result<(), UserError> {
         if normalize_username(&self.username)? != self.username {
             return Err(UserError::BadUsername);
+        }
+        if self.id.len() != 36 || !self.id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Err(UserError::BadId);
         }
         check_links(
             self.role,
@@ -380,6 +404,7 @@ mod tests {
 
     fn alice() -> UserRecord {
         UserRecord::new(
+            [5; 16],
             "Alice.Jones",
             Role::Clinician,
             Some("prac-1"),
@@ -396,6 +421,7 @@ mod tests {
     fn accounts_are_named_people_with_the_right_link() {
         let a = alice();
         assert_eq!(a.username, "alice.jones");
+        assert_eq!(a.id, "05050505-0505-4505-8505-050505050505");
         assert!(!a.may_get_token(T0), "not enrolled yet");
         for bad in ["ab", "-x-", "a b", "ädam", &"a".repeat(65)] {
             assert_eq!(
@@ -408,7 +434,7 @@ mod tests {
             assert_eq!(normalize_username(generic), Err(UserError::GenericUsername));
         }
         let mk = |role, pr: Option<&str>, pa: Option<&str>| {
-            UserRecord::new("bob", role, pr, pa, PW, &[1; 16], [2; 20], T0).map(|_| ())
+            UserRecord::new([6; 16], "bob", role, pr, pa, PW, &[1; 16], [2; 20], T0).map(|_| ())
         };
         assert!(matches!(
             mk(Role::Clinician, None, None),
@@ -430,6 +456,7 @@ mod tests {
         assert_eq!(mk(Role::Admin, None, None), Ok(()));
         assert!(matches!(
             UserRecord::new(
+                [6; 16],
                 "bob",
                 Role::Admin,
                 None,

@@ -97,6 +97,7 @@ fn bench(c: &mut Criterion) {
         time_ms: 1_800_000_000_000,
         request_id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
         client_id: Some("2ad92417c8d9eadae75d9c64b0cc083c".into()),
+        user: None,
         action: Action::R,
         interaction: "read".into(),
         resource_type: Some("Observation".into()),

@@ -486,6 +486,7 @@ fn user_cmd(cmd: UserCmd) -> Result<i32> {
             let result = (|| {
                 check_link_exists(&*opened.store, practitioner.as_deref(), patient.as_deref())?;
                 let rec = UserRecord::new(
+                    phivault_crypto::random_bytes()?,
                     &username,
                     role,
                     practitioner.as_deref(),

@@ -132,6 +132,7 @@ impl App {
         match self.verifier.verify(token, now) {
             Ok(auth) => {
                 ctx.client_id = Some(auth.client_id().to_owned());
+                ctx.user = auth.person().map(|p| p.user_id.clone());
                 Ok(auth)
             }
             Err(e) => Err(ApiError::unauthorized(e.www_authenticate())),
@@ -205,6 +206,8 @@ pub struct Ctx {
     pub source: String,
     /// Authenticated client.
     pub client_id: Option<String>,
+    /// The person's account id, when the client acts for one (or one signs in).
+    pub user: Option<String>,
     /// Action.
     pub action: Action,
     /// Interaction name.
@@ -232,6 +235,7 @@ impl Ctx {
             request_id: next_request_id(),
             source: peer.0.ip().to_string(),
             client_id: None,
+            user: None,
             action,
             interaction,
             rtype: None,
@@ -264,6 +268,7 @@ impl Ctx {
             time_ms: now_ms() as u64,
             request_id: self.request_id.clone(),
             client_id: self.client_id.clone(),
+            user: self.user.clone(),
             action: self.action,
             interaction: self.interaction.to_owned(),
             resource_type: self.rtype.clone(),

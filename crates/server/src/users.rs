@@ -109,6 +109,7 @@ mod tests {
 
     fn record(name: &str) -> UserRecord {
         UserRecord::new(
+            [name.len() as u8; 16],
             name,
             Role::Patient,
             None,

@@ -23,6 +23,7 @@ fn event(n: u64) -> AuditEvent {
         time_ms: n,
         request_id: format!("r{n}"),
         client_id: Some("c".into()),
+        user: None,
         action: Action::C,
         interaction: "create".into(),
         resource_type: Some("Patient".into()),
