@@ -230,6 +230,38 @@ impl AccessTokenIssuer {
         })
     }
 
+    /// An OpenID Connect id token (SMART `openid fhirUser`) for `client_id` about account
+    /// `user_id`: `aud` is the client, `fhirUser` the absolute URL of the person's FHIR
+    /// resource, signed with the access-token key (EdDSA, RFC 8037; in the JWKS).
+    pub fn id_token(
+        &self,
+        client_id: &str,
+        user_id: &str,
+        fhir_user: Option<&str>,
+        nonce: Option<&str>,
+        auth_time: u64,
+        now: u64,
+    ) -> Result<String, AuthError> {
+        let header = json!({"alg": "EdDSA", "kid": self.kid, "typ": "JWT"});
+        let mut claims = json!({
+            "iss": self.issuer_url,
+            "sub": user_id,
+            "aud": client_id,
+            "iat": now,
+            "exp": now.saturating_add(self.lifetime),
+            "auth_time": auth_time,
+        });
+        if let Some(f) = fhir_user {
+            claims["fhirUser"] = json!(format!("{}/{f}", self.audience));
+        }
+        if let Some(n) = nonce {
+            claims["nonce"] = json!(n);
+        }
+        encode_compact::<AuthError>(&header, &claims, |msg| {
+            Ok(self.key.sign(msg).as_ref().to_vec())
+        })
+    }
+
     /// The public key as a JWK (`OKP`/`Ed25519`).
     pub fn public_jwk(&self) -> PublicJwk {
         self.public.clone()
@@ -660,6 +692,26 @@ pub(crate) mod tests {
         assert_eq!(a.person(), Some(&p));
         let b = i.issue("backend", &scopes(), NOW).expect("issue");
         assert_eq!(i.verifier().verify(b.token(), NOW).unwrap().person(), None);
+        // an id token is not an access token
+        let id = i
+            .id_token(
+                "app1",
+                &p.user_id,
+                Some("Patient/p1"),
+                Some("n-1"),
+                NOW - 5,
+                NOW,
+            )
+            .expect("id token");
+        assert!(i.verifier().verify(&id, NOW).is_err());
+        let jws = Jws::parse(&id).expect("parse");
+        let c = jws
+            .verify(&i.public_jwk(), &[Alg::EdDSA])
+            .expect("signature");
+        assert_eq!(c["aud"], "app1");
+        assert_eq!(c["sub"], p.user_id.as_str());
+        assert_eq!(c["nonce"], "n-1");
+        assert_eq!(c["fhirUser"], format!("{AUD}/Patient/p1"));
     }
 
     #[test]

@@ -220,6 +220,8 @@ pub struct Grant {
     pub client_id: String,
     /// The person (their account's opaque id).
     pub user_id: String,
+    /// Their login name (kept in memory only, to re-check the account at each refresh).
+    pub username: String,
     /// Their role when they signed in.
     pub role: Role,
     /// Their account generation when they signed in (tokens of an older one are refused).
@@ -565,6 +567,7 @@ mod tests {
         Grant {
             client_id: "app1".into(),
             user_id: "u-maria".into(),
+            username: "maria".into(),
             role: Role::Patient,
             generation: 1,
             fhir_user: Some("Patient/p1".into()),

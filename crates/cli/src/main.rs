@@ -61,6 +61,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClientCmd,
     },
+    /// Register SMART apps (public clients that sign people in with App Launch).
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
     /// Manage the accounts of people (clinicians, auditors, admins, patients).
     User {
         #[command(subcommand)]
@@ -118,6 +123,23 @@ enum ClientCmd {
         /// Token endpoint URL written into the credentials.
         #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
         token_url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppCmd {
+    /// Register a public SMART app (authorization code + PKCE S256); prints its client_id.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// An exact redirect URI (https, or http on a loopback address); repeatable.
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// Scopes the app may ever be granted, e.g. "patient/*.rs openid fhirUser launch/patient offline_access".
+        #[arg(long)]
+        scope: String,
     },
 }
 
@@ -217,6 +239,15 @@ fn run(cli: Cli) -> Result<i32> {
                 },
         } => client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
         Cmd::User { cmd } => user_cmd(cmd),
+        Cmd::App {
+            cmd:
+                AppCmd::Add {
+                    data_dir,
+                    name,
+                    redirect_uris,
+                    scope,
+                },
+        } => app_add(&data_dir, &name, redirect_uris, &scope),
         Cmd::Synth {
             patients,
             seed,
@@ -440,6 +471,33 @@ fn client_add(
         }
         None => println!("{text}"),
     }
+    Ok(0)
+}
+
+fn app_add(data_dir: &Path, name: &str, redirect_uris: Vec<String>, scope: &str) -> Result<i32> {
+    let scopes = phivault_auth::ScopeSet::parse(scope)
+        .map_err(|e| anyhow::anyhow!("invalid --scope: {e}"))?;
+    let record = phivault_auth::authorize::AppRecord {
+        client_id: uuid_like()?,
+        name: name.to_owned(),
+        redirect_uris,
+        scopes,
+        disabled: false,
+    };
+    record
+        .validate()
+        .map_err(|e| anyhow::anyhow!("app refused: {e}"))?;
+    let opened = datadir::open(data_dir)?;
+    let r = opened.store.set_meta(
+        &phivault_server::launch::app_meta_key(&record.client_id),
+        &serde_json::to_vec(&record)?,
+    );
+    opened.store.close();
+    r?;
+    println!(
+        "{}",
+        serde_json::json!({"client_id": record.client_id, "name": record.name, "scope": record.scopes.to_string()})
+    );
     Ok(0)
 }
 

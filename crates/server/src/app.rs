@@ -63,6 +63,10 @@ pub struct App {
     pub replay: ReplayCache,
     /// Request limits.
     pub limits: Limits,
+    /// SMART App Launch codes and refresh tokens.
+    pub authz: phivault_auth::authorize::AuthorizationServer,
+    /// Sign-ins in progress.
+    pub(crate) flows: crate::launch::Flows,
     capability: Bytes,
     smart_configuration: Bytes,
     jwks: Bytes,
@@ -95,6 +99,8 @@ impl App {
             verifier,
             replay: ReplayCache::default(),
             limits,
+            authz: phivault_auth::authorize::AuthorizationServer::new(),
+            flows: crate::launch::Flows::default(),
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
             smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
             jwks: Bytes::from(serde_json::to_vec(&jwks).unwrap_or_default()),
@@ -1107,6 +1113,24 @@ async fn token_inner(
         return Ok(oauth_error("invalid_request", StatusCode::BAD_REQUEST));
     };
     let form = crate::engine::form_urlencoded_pairs(text);
+    if let Some(answer) = crate::launch::person_grant(app, &form, ctx) {
+        return Ok(match answer {
+            Ok(body) => {
+                let mut r = (StatusCode::OK, body.to_string()).into_response();
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r.headers_mut()
+                    .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+                r
+            }
+            Err(e) => oauth_error(
+                e.error_code(),
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+            ),
+        });
+    }
     let a = app.clone();
     let result = blocking(move || {
         let now = (now_ms() / 1000) as u64;
@@ -1208,6 +1232,11 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/.well-known/jwks.json", get(jwks))
         .route("/auth/token", post(token))
+        .route("/auth/authorize", get(crate::launch::authorize))
+        .route("/auth/login", post(crate::launch::login))
+        .route("/auth/consent", post(crate::launch::consent))
+        .route("/auth/revoke", post(crate::launch::revoke))
+        .route("/auth/introspect", post(crate::launch::introspect))
         .route("/fhir", post(bundle::handle))
         .route("/fhir/", post(bundle::handle))
         .route(

@@ -116,11 +116,25 @@ pub fn smart_configuration(origin: &str, token_url: &str) -> Value {
         "issuer": origin,
         "jwks_uri": format!("{origin}/.well-known/jwks.json"),
         "token_endpoint": token_url,
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "authorization_endpoint": format!("{origin}/auth/authorize"),
+        "revocation_endpoint": format!("{origin}/auth/revoke"),
+        "introspection_endpoint": format!("{origin}/auth/introspect"),
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384"],
-        "grant_types_supported": ["client_credentials"],
-        "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"],
-        "response_types_supported": [],
-        "capabilities": ["client-confidential-asymmetric"]
+        "grant_types_supported": ["client_credentials", "authorization_code", "refresh_token"],
+        "code_challenge_methods_supported": ["S256"],
+        "scopes_supported": [
+            "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write",
+            "patient/*.rs", "user/*.rs", "launch/patient", "openid", "fhirUser",
+            "offline_access", "online_access"
+        ],
+        "response_types_supported": ["code"],
+        "id_token_signing_alg_values_supported": ["EdDSA"],
+        "capabilities": [
+            "client-confidential-asymmetric", "client-public", "launch-standalone",
+            "context-standalone-patient", "permission-v2", "permission-patient",
+            "permission-user", "permission-offline", "permission-online",
+            "sso-openid-connect"
+        ]
     })
 }

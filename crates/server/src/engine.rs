@@ -290,6 +290,11 @@ impl Engine {
             .map(|s| s.expose().clone())
     }
 
+    /// The people's accounts of this data directory.
+    pub fn users(&self) -> crate::users::UserDirectory<'_> {
+        crate::users::UserDirectory::new(&self.keys, &*self.store)
+    }
+
     /// Token width of this data directory's blind indexes.
     pub fn index_bits(&self) -> u32 {
         self.index_bits

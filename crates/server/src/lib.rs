@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod capability;
 pub mod engine;
 pub mod error;
+pub mod launch;
 pub mod search;
 pub mod search_http;
 pub mod stored;

@@ -1,0 +1,643 @@
+//! SMART App Launch (standalone) through the real binary: a patient signs in with password
+//! and TOTP on the server's pages, approves, and the app exchanges the code with PKCE;
+//! refresh tokens rotate; and the attacks on the flow are refused and audited.
+mod common;
+use common::*;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::Value;
+
+const PASSWORD: &str = "harbor-violet-compass-42";
+const REDIRECT: &str = "https://app.example/cb";
+
+/// An agent that does not follow redirects (the app's redirect URI is not a real host).
+fn browser(server: &Server) -> ureq::Agent {
+    let ca = std::fs::read(server.data.join("tls/ca.pem")).expect("ca");
+    let cert = ureq::tls::Certificate::from_pem(&ca).expect("pem");
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
+        .build();
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build(),
+    )
+}
+
+struct Page {
+    status: u16,
+    location: Option<String>,
+    cookie: Option<String>,
+    body: String,
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> Page {
+    page(agent.get(url).call().expect("get"))
+}
+
+fn post_form(agent: &ureq::Agent, url: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Page {
+    let body: Vec<String> = form
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect();
+    let mut req = agent
+        .post(url)
+        .header("Content-Type", "application/x-www-form-urlencoded");
+    if let Some(c) = cookie {
+        req = req.header("Cookie", c);
+    }
+    page(req.send(body.join("&")).expect("post"))
+}
+
+fn page(mut r: ureq::http::Response<ureq::Body>) -> Page {
+    let h = |n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let location = h("location");
+    let cookie = h("set-cookie").map(|c| c.split(';').next().unwrap_or("").to_owned());
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    Page {
+        status,
+        location,
+        cookie,
+        body,
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn hidden(body: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let at = body
+        .find(&marker)
+        .unwrap_or_else(|| panic!("{name} in {body}"))
+        + marker.len();
+    body[at..].split('"').next().expect("value").to_owned()
+}
+
+fn query_param(url: &str, name: &str) -> Option<String> {
+    url.split_once('?')?.1.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.replace("%2F", "/").replace("%20", " "))
+    })
+}
+
+fn cli(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("stdin");
+    child.wait_with_output().expect("wait")
+}
+
+fn base32_decode(s: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => panic!("base32"),
+        };
+        acc = (acc << 5) | u32::from(v);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+struct Setup {
+    server: Server,
+    client_id: String,
+    patient: String,
+    /// maria.p's TOTP secret
+    secret: Vec<u8>,
+    verifier: String,
+    challenge: String,
+}
+
+/// Add a patient user linked to `patient`; their TOTP secret.
+fn add_user(server: &Server, username: &str, patient: &str) -> Vec<u8> {
+    let data = server.data.to_str().expect("path");
+    let o = cli(
+        &[
+            "user",
+            "add",
+            "--data-dir",
+            data,
+            "--username",
+            username,
+            "--role",
+            "patient",
+            "--patient",
+            patient,
+        ],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let uri = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    base32_decode(&query_param(&uri, "secret").expect("secret"))
+}
+
+fn setup() -> Setup {
+    let server = Server::start();
+    let token = server.token("system/*.cruds");
+    let loaded = server.load_synth(&token, 1, 77);
+    let patient = loaded[0]
+        .1
+        .values()
+        .find_map(|t| t.strip_prefix("Patient/"))
+        .expect("patient")
+        .to_owned();
+    let data = server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &[
+            "app",
+            "add",
+            "--data-dir",
+            &data,
+            "--name",
+            "My <Health> App",
+            "--redirect-uri",
+            REDIRECT,
+            "--scope",
+            "patient/*.rs user/*.rs openid fhirUser launch/patient offline_access",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let app: Value = serde_json::from_slice(&o.stdout).expect("app json");
+    let client_id = app["client_id"].as_str().expect("client_id").to_owned();
+    let secret = add_user(&server, "maria.p", &patient);
+    let verifier = URL_SAFE_NO_PAD.encode([7u8; 48]);
+    let challenge = URL_SAFE_NO_PAD
+        .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref());
+    Setup {
+        server,
+        client_id,
+        patient,
+        secret,
+        verifier,
+        challenge,
+    }
+}
+
+impl Setup {
+    fn authorize_url(&self, extra: &[(&str, &str)]) -> String {
+        let mut p: Vec<(&str, String)> = vec![
+            ("response_type", "code".into()),
+            ("client_id", self.client_id.clone()),
+            ("redirect_uri", REDIRECT.into()),
+            (
+                "scope",
+                "patient/Patient.rs patient/Observation.rs openid fhirUser launch/patient offline_access".into(),
+            ),
+            ("state", "st-1".into()),
+            ("aud", self.server.base.clone()),
+            ("code_challenge", self.challenge.clone()),
+            ("code_challenge_method", "S256".into()),
+        ];
+        for (k, v) in extra {
+            p.retain(|(n, _)| n != k);
+            if !v.is_empty() {
+                p.push((k, (*v).to_owned()));
+            }
+        }
+        let q: Vec<String> = p.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect();
+        format!("{}/auth/authorize?{}", self.server.origin, q.join("&"))
+    }
+
+    /// maria.p's authenticator code at `at`.
+    fn code(&self, at: u64) -> String {
+        phivault_auth::totp::code_at(&self.secret, at)
+    }
+
+    fn token(&self, agent: &ureq::Agent, form: &[(&str, &str)]) -> (u16, Value) {
+        let p = post_form(
+            agent,
+            &format!("{}/auth/token", self.server.origin),
+            None,
+            form,
+        );
+        (
+            p.status,
+            serde_json::from_str(&p.body).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// Sign in as `username` on the pages with `otp` and approve; the code the app receives.
+fn sign_in(s: &Setup, agent: &ureq::Agent, username: &str, otp: &str) -> String {
+    let start = get(agent, &s.authorize_url(&[]));
+    assert_eq!(start.status, 200, "{}", start.body);
+    assert!(
+        start.body.contains("My &lt;Health&gt; App"),
+        "app name escaped"
+    );
+    let cookie = start.cookie.expect("flow cookie");
+    assert!(cookie.starts_with("__Host-phivault-flow="));
+    let (flow, csrf) = (hidden(&start.body, "flow"), hidden(&start.body, "csrf"));
+    let login = post_form(
+        agent,
+        &format!("{}/auth/login", s.server.origin),
+        Some(&cookie),
+        &[
+            ("flow", &flow),
+            ("csrf", &csrf),
+            ("username", username),
+            ("password", PASSWORD),
+            ("otp", otp),
+        ],
+    );
+    assert_eq!(login.status, 200, "{}", login.body);
+    assert!(login.body.contains("patient/Observation.rs") && login.body.contains("Allow"));
+    let consent = post_form(
+        agent,
+        &format!("{}/auth/consent", s.server.origin),
+        Some(&cookie),
+        &[("flow", &flow), ("csrf", &csrf), ("decision", "approve")],
+    );
+    assert_eq!(consent.status, 303, "{}", consent.body);
+    let to = consent.location.expect("redirect");
+    assert!(to.starts_with(&format!("{REDIRECT}?code=")), "{to}");
+    assert_eq!(query_param(&to, "state").as_deref(), Some("st-1"));
+    query_param(&to, "code").expect("code")
+}
+
+#[test]
+fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
+    let s = setup();
+    let agent = browser(&s.server);
+    let now = now();
+    // codes of one step are accepted once, within one step of the server's clock: two
+    // sign-ins per person (maria.p, then jon.p)
+    let jon = add_user(&s.server, "jon.p", &s.patient);
+    let jon_code = |at: u64| phivault_auth::totp::code_at(&jon, at);
+    let code = sign_in(&s, &agent, "Maria.P", &s.code(now));
+    let exchange = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", s.client_id.as_str()),
+        ("code_verifier", s.verifier.as_str()),
+    ];
+    // a wrong verifier burns the code
+    let mut wrong = exchange;
+    let bad_verifier = URL_SAFE_NO_PAD.encode([8u8; 48]);
+    wrong[4] = ("code_verifier", bad_verifier.as_str());
+    assert_eq!(s.token(&agent, &wrong).1["error"], "invalid_grant");
+    assert_eq!(s.token(&agent, &exchange).1["error"], "invalid_grant");
+
+    // a fresh sign-in (the next TOTP step: the first code cannot be used twice)
+    let code = sign_in(&s, &agent, "maria.p", &s.code(now + 30));
+    let exchange = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", s.client_id.as_str()),
+        ("code_verifier", s.verifier.as_str()),
+    ];
+    let (status, t) = s.token(&agent, &exchange);
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["token_type"], "Bearer");
+    assert_eq!(t["patient"], s.patient.as_str());
+    assert_eq!(
+        t["scope"],
+        "patient/Observation.rs patient/Patient.rs fhirUser launch/patient offline_access openid"
+    );
+    let access = t["access_token"].as_str().expect("access").to_owned();
+    let refresh = t["refresh_token"].as_str().expect("refresh").to_owned();
+    // the id token names the account and the Patient, for this app
+    let id = t["id_token"].as_str().expect("id_token");
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(id.split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    )
+    .expect("claims");
+    assert_eq!(claims["aud"], s.client_id.as_str());
+    assert_eq!(
+        claims["fhirUser"],
+        format!("{}/Patient/{}", s.server.base, s.patient)
+    );
+    // the code is single-use, and its replay ends the session it started
+    assert_eq!(s.token(&agent, &exchange).1["error"], "invalid_grant");
+    let (status, _) = s.token(
+        &agent,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &refresh),
+            ("client_id", &s.client_id),
+        ],
+    );
+    assert_eq!(status, 400, "the replayed code revoked the refresh token");
+    // the access token is a person's: until the patient-compartment policy lands it opens
+    // nothing (fail closed), and it never counts as a back-end system token
+    let r = s.server.get(&format!("Patient/{}", s.patient), &access);
+    assert_eq!(r.status, 403);
+
+    // refresh tokens rotate; a retired one revokes the family; scope only narrows
+    let code = sign_in(&s, &agent, "jon.p", &jon_code(now));
+    let (_, t) = s.token(
+        &agent,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &s.client_id),
+            ("code_verifier", &s.verifier),
+        ],
+    );
+    let r1 = t["refresh_token"].as_str().expect("refresh").to_owned();
+    let refresh_with = |tok: &str, scope: Option<&str>| {
+        let mut f = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", tok),
+            ("client_id", s.client_id.as_str()),
+        ];
+        if let Some(sc) = scope {
+            f.push(("scope", sc));
+        }
+        s.token(&agent, &f)
+    };
+    let (st, e) = refresh_with(&r1, Some("patient/*.cruds"));
+    assert_eq!((st, e["error"].as_str()), (400, Some("invalid_scope")));
+    let (st, t2) = refresh_with(&r1, Some("patient/Observation.rs offline_access"));
+    assert_eq!(st, 200, "{t2}");
+    assert_eq!(t2["scope"], "patient/Observation.rs offline_access");
+    let r2 = t2["refresh_token"].as_str().expect("rotated").to_owned();
+    assert_ne!(r1, r2);
+    assert_eq!(refresh_with(&r1, None).1["error"], "invalid_grant");
+    assert_eq!(
+        refresh_with(&r2, None).1["error"],
+        "invalid_grant",
+        "reuse of r1 revoked r2"
+    );
+
+    // introspection (a back-end client) and revocation
+    let backend = s.server.token("system/*.rs");
+    let intro = |tok: &str| -> Value {
+        let r = s.server.send(
+            "POST",
+            &format!("{}/auth/introspect", s.server.origin),
+            Some(&backend),
+            Some((
+                "application/x-www-form-urlencoded",
+                format!("token={}", enc(tok)).into_bytes(),
+            )),
+            &[],
+        );
+        assert_eq!(r.status, 200);
+        r.json()
+    };
+    assert_eq!(intro(&access)["active"], true);
+    assert_eq!(intro(&access)["patient"], s.patient.as_str());
+    assert_eq!(intro(&r2)["active"], false);
+    assert_eq!(intro("not-a-token")["active"], false);
+    let r = s.server.send(
+        "POST",
+        &format!("{}/auth/introspect", s.server.origin),
+        Some(&access),
+        Some(("application/x-www-form-urlencoded", b"token=x".to_vec())),
+        &[],
+    );
+    assert_eq!(r.status, 403, "a person's token cannot introspect");
+
+    // revocation ends the session
+    let code = sign_in(&s, &agent, "jon.p", &jon_code(now + 30));
+    let (_, t) = s.token(
+        &agent,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &s.client_id),
+            ("code_verifier", &s.verifier),
+        ],
+    );
+    let r3 = t["refresh_token"].as_str().expect("refresh").to_owned();
+    assert_eq!(intro(&r3)["active"], true);
+    let p = post_form(
+        &agent,
+        &format!("{}/auth/revoke", s.server.origin),
+        None,
+        &[("token", &r3), ("client_id", &s.client_id)],
+    );
+    assert_eq!(p.status, 200);
+    assert_eq!(intro(&r3)["active"], false);
+
+    let mut server = s.server;
+    let (ok, out) = server.audit_verify();
+    assert!(ok, "{out}");
+    server.stop();
+}
+
+#[test]
+fn attacks_on_the_flow_are_refused() {
+    let s = setup();
+    let agent = browser(&s.server);
+    // an unregistered redirect URI gets an error page, never a redirect
+    let p = get(
+        &agent,
+        &s.authorize_url(&[("redirect_uri", "https://evil.example/cb")]),
+    );
+    assert_eq!((p.status, p.location.is_none()), (400, true));
+    // PKCE plain, or none: back to the app with an error
+    for extra in [
+        [("code_challenge_method", "plain"), ("code_challenge", "")],
+        [("code_challenge_method", ""), ("code_challenge", "")],
+    ] {
+        let p = get(&agent, &s.authorize_url(&extra));
+        assert_eq!(p.status, 303);
+        let to = p.location.expect("redirect");
+        assert_eq!(
+            query_param(&to, "error").as_deref(),
+            Some("invalid_request")
+        );
+        assert_eq!(query_param(&to, "state").as_deref(), Some("st-1"));
+    }
+    // system/ scopes are never granted to a person's app
+    let p = get(&agent, &s.authorize_url(&[("scope", "system/*.cruds")]));
+    assert_eq!(
+        query_param(&p.location.expect("redirect"), "error").as_deref(),
+        Some("invalid_scope")
+    );
+
+    // the login form without the browser cookie, or with another CSRF token: refused
+    let start = get(&agent, &s.authorize_url(&[]));
+    let cookie = start.cookie.clone().expect("cookie");
+    let (flow, csrf) = (hidden(&start.body, "flow"), hidden(&start.body, "csrf"));
+    let login_url = format!("{}/auth/login", s.server.origin);
+    let good = s.code(now());
+    let attempt = |cookie: Option<&str>, csrf: &str, password: &str, otp: &str| {
+        post_form(
+            &agent,
+            &login_url,
+            cookie,
+            &[
+                ("flow", &flow),
+                ("csrf", csrf),
+                ("username", "maria.p"),
+                ("password", password),
+                ("otp", otp),
+            ],
+        )
+    };
+    assert_eq!(attempt(None, &csrf, PASSWORD, &good).status, 400);
+    assert_eq!(
+        attempt(Some(&cookie), "forged", PASSWORD, &good).status,
+        400
+    );
+    assert_eq!(
+        attempt(Some("__Host-phivault-flow=stolen"), &csrf, PASSWORD, &good).status,
+        400
+    );
+    // wrong password, wrong code: the same answer, which names neither
+    let a = attempt(Some(&cookie), &csrf, "not-the-password-1", &good);
+    let wrong_code = if good == "000000" { "111111" } else { "000000" };
+    let b = attempt(Some(&cookie), &csrf, PASSWORD, wrong_code);
+    assert_eq!((a.status, b.status), (401, 401));
+    assert!(a.body.contains("Sign-in failed") && b.body.contains("Sign-in failed"));
+    assert!(!a.body.contains("password is wrong") && !b.body.contains("code is wrong"));
+    // an unknown user gets the same answer too
+    let c = post_form(
+        &agent,
+        &login_url,
+        Some(&cookie),
+        &[
+            ("flow", &flow),
+            ("csrf", &csrf),
+            ("username", "nobody.here"),
+            ("password", PASSWORD),
+            ("otp", &good),
+        ],
+    );
+    assert_eq!(c.status, 401);
+    // the page allows five failures, then ends
+    assert_eq!(
+        attempt(Some(&cookie), &csrf, "wrong-password-22", &good).status,
+        401
+    );
+    let e = attempt(Some(&cookie), &csrf, "wrong-password-33", &good);
+    assert_eq!(e.status, 401);
+    assert!(e.body.contains("expired"), "{}", e.body);
+    assert_eq!(
+        attempt(Some(&cookie), &csrf, PASSWORD, &good).status,
+        400,
+        "flow ended"
+    );
+    // a fifth failure of the account locks it: then even the right credentials fail
+    let start = get(&agent, &s.authorize_url(&[]));
+    let cookie = start.cookie.expect("cookie");
+    let (flow, csrf) = (hidden(&start.body, "flow"), hidden(&start.body, "csrf"));
+    let fifth = post_form(
+        &agent,
+        &login_url,
+        Some(&cookie),
+        &[
+            ("flow", &flow),
+            ("csrf", &csrf),
+            ("username", "maria.p"),
+            ("password", "wrong-password-44"),
+            ("otp", &good),
+        ],
+    );
+    assert_eq!(fifth.status, 401);
+    let locked = post_form(
+        &agent,
+        &login_url,
+        Some(&cookie),
+        &[
+            ("flow", &flow),
+            ("csrf", &csrf),
+            ("username", "maria.p"),
+            ("password", PASSWORD),
+            ("otp", &s.code(now() + 30)),
+        ],
+    );
+    assert_eq!(locked.status, 401, "locked: {}", locked.body);
+    assert!(locked.body.contains("Sign-in failed"));
+
+    // every attempt is in the audit log, naming the account (by id) where one was named,
+    // and the log verifies
+    let mut server = s.server;
+    server.stop();
+    let (ok, out) = server.audit_verify();
+    assert!(ok, "{out}");
+    let events = audit_events(&server);
+    let count = |what: &str| events.iter().filter(|e| e.interaction == what).count();
+    assert_eq!(
+        count("authorize-refused"),
+        3,
+        "plain, missing PKCE and system scope"
+    );
+    assert_eq!(count("login-failed-password"), 4, "a, unknown user, 22, 33");
+    assert_eq!(count("login-failed-second-factor"), 1);
+    assert_eq!(
+        count("login-locked"),
+        2,
+        "44 (the fifth failure locks) and then the right credentials"
+    );
+    let maria: Vec<_> = events
+        .iter()
+        .filter(|e| e.interaction.starts_with("login-") && e.user.is_some())
+        .collect();
+    assert_eq!(
+        maria.len(),
+        6,
+        "every failure of the named account carries its id"
+    );
+    assert!(maria.windows(2).all(|w| w[0].user == w[1].user));
+    let id = maria[0].user.as_deref().expect("id");
+    assert_eq!(id.len(), 36, "an opaque UUID, not the login name");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.outcome.http_status != 200 || !e.interaction.starts_with("login-failed"))
+    );
+}
+
+fn audit_events(server: &Server) -> Vec<phivault_audit::AuditEvent> {
+    let c = rusqlite::Connection::open(server.db_path()).expect("db");
+    let mut st = c
+        .prepare("SELECT event FROM audit_event ORDER BY seq")
+        .expect("prepare");
+    st.query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .expect("query")
+        .map(|b| phivault_audit::AuditEvent::decode(&b.expect("row")).expect("decode"))
+        .collect()
+}
