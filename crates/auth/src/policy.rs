@@ -4,15 +4,17 @@
 //! into an [`Authorized`] proof or a [`Denied`]. Handlers that touch resources should take
 //! an `Authorized` argument, so skipping the check does not compile.
 //!
-//! **Phase 1 policy:** only `system/` scopes grant access. `patient/` and `user/` scopes
-//! are parsed and carried in tokens but grant nothing until users, patient compartments
-//! and launch context exist (they need the compartment rules of SM2, which belong to the
-//! server's search layer). Scopes with a `?query` restriction likewise grant nothing yet
-//! (see [`crate::scope`]). A token issued for a person ([`crate::Person`]) is never
-//! granted anything by `system/` scopes. Deny by default (AC1).
+//! **Phase 2 policy:** a back-end client's token is granted by its `system/` scopes. A
+//! token issued for a person ([`crate::Person`]) is never granted anything by `system/`
+//! scopes; a *patient's* token is granted read and search by its `patient/` scopes,
+//! confined to the patient in its context ([`Authorized::patient`]) — the server confines
+//! what it serves to that compartment, or refuses. Clinicians' `user/` scopes (treatment
+//! relationships), patients' writes and scopes with a `?query` restriction grant nothing
+//! yet (see [`crate::scope`]). Deny by default (AC1).
 
 use crate::access_token::Authenticated;
 use crate::scope::{Context, Interaction, is_valid_resource_type_syntax};
+use crate::users::Role;
 use std::fmt;
 
 /// Proof that `client_id` may perform `interaction` on `resource_type`. Only this crate
@@ -23,6 +25,7 @@ pub struct Authorized {
     token_id: String,
     resource_type: String,
     interaction: Interaction,
+    patient: Option<String>,
 }
 
 impl fmt::Debug for Authorized {
@@ -51,6 +54,12 @@ impl Authorized {
     /// The interaction authorized.
     pub fn interaction(&self) -> Interaction {
         self.interaction
+    }
+    /// The one patient compartment the access is confined to (a patient's own app); `None`
+    /// for a back-end client's `system/` access. A caller that cannot confine what it
+    /// serves to this compartment must refuse.
+    pub fn patient(&self) -> Option<&str> {
+        self.patient.as_deref()
     }
 }
 
@@ -91,15 +100,32 @@ pub fn authorize(
     if !is_valid_resource_type_syntax(resource_type) {
         return Err(Denied::InvalidResourceType);
     }
-    // a person's token never acts with system/ scopes, whatever it carries
-    if auth.person().is_some() || !auth.scopes().allows(Context::System, resource_type, i) {
-        return Err(Denied::InsufficientScope);
-    }
+    let patient = match auth.person() {
+        // a person's token never acts with system/ scopes, whatever it carries
+        Some(p) => {
+            // phase 2: a patient reads and searches their own compartment through
+            // patient/ scopes; clinicians (treatment relationships), writes by patients
+            // and user/ scopes are not granted yet
+            let own = p.patient.as_deref().filter(|_| p.role == Role::Patient);
+            match own {
+                Some(pid)
+                    if matches!(i, Interaction::Read | Interaction::Search)
+                        && auth.scopes().allows(Context::Patient, resource_type, i) =>
+                {
+                    Some(pid.to_owned())
+                }
+                _ => return Err(Denied::InsufficientScope),
+            }
+        }
+        None if auth.scopes().allows(Context::System, resource_type, i) => None,
+        None => return Err(Denied::InsufficientScope),
+    };
     Ok(Authorized {
         client_id: auth.client_id().to_owned(),
         token_id: auth.token_id().to_owned(),
         resource_type: resource_type.to_owned(),
         interaction: i,
+        patient,
     })
 }
 
@@ -141,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn patient_and_user_scopes_grant_nothing_yet() {
+    fn patient_and_user_scopes_of_a_client_without_a_person_grant_nothing() {
         let a = auth("patient/*.cruds user/*.cruds");
         for i in Interaction::ALL {
             assert_eq!(
@@ -178,6 +204,75 @@ mod tests {
                 Some(Denied::InsufficientScope)
             );
         }
+    }
+
+    #[test]
+    fn a_patient_reads_and_searches_only_their_compartment() {
+        let i = issuer();
+        let person = |role, patient: Option<&str>| crate::access_token::Person {
+            user_id: "u-1".into(),
+            role,
+            generation: 1,
+            fhir_user: None,
+            patient: patient.map(str::to_owned),
+        };
+        let tok = |p: &crate::access_token::Person, s: &str| {
+            let t = i
+                .issue_for("app", Some(p), &ScopeSet::parse(s).unwrap(), NOW)
+                .expect("issue");
+            i.verifier().verify(t.token(), NOW).expect("verify")
+        };
+        let pat = person(Role::Patient, Some("p1"));
+        let a = tok(&pat, "patient/*.cruds");
+        let z = authorize(&a, "Observation", Interaction::Search).expect("search");
+        assert_eq!(z.patient(), Some("p1"));
+        assert_eq!(
+            authorize(&a, "Patient", Interaction::Read)
+                .unwrap()
+                .patient(),
+            Some("p1")
+        );
+        for w in [
+            Interaction::Create,
+            Interaction::Update,
+            Interaction::Delete,
+        ] {
+            assert!(authorize(&a, "Observation", w).is_err(), "{w:?}");
+        }
+        // scopes still bound it
+        let narrow = tok(&pat, "patient/Observation.r");
+        assert!(authorize(&narrow, "Observation", Interaction::Read).is_ok());
+        assert!(authorize(&narrow, "Observation", Interaction::Search).is_err());
+        assert!(authorize(&narrow, "Condition", Interaction::Read).is_err());
+        // no patient in context, another role, or user/ scopes: nothing
+        assert!(
+            authorize(
+                &tok(&person(Role::Patient, None), "patient/*.rs"),
+                "Observation",
+                Interaction::Read
+            )
+            .is_err()
+        );
+        assert!(
+            authorize(
+                &tok(
+                    &person(Role::Clinician, Some("p1")),
+                    "patient/*.rs user/*.rs"
+                ),
+                "Observation",
+                Interaction::Read
+            )
+            .is_err()
+        );
+        assert!(authorize(&tok(&pat, "user/*.rs"), "Observation", Interaction::Read).is_err());
+        // back-end tokens are never confined
+        let sys = auth("system/*.rs");
+        assert_eq!(
+            authorize(&sys, "Observation", Interaction::Read)
+                .unwrap()
+                .patient(),
+            None
+        );
     }
 
     #[test]

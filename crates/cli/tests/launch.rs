@@ -144,6 +144,10 @@ struct Setup {
     server: Server,
     client_id: String,
     patient: String,
+    /// Observations of `patient`
+    own_obs: Vec<String>,
+    /// Another patient and one of their observations
+    other: (String, String),
     /// maria.p's TOTP secret
     secret: Vec<u8>,
     verifier: String,
@@ -176,13 +180,21 @@ fn add_user(server: &Server, username: &str, patient: &str) -> Vec<u8> {
 fn setup() -> Setup {
     let server = Server::start();
     let token = server.token("system/*.cruds");
-    let loaded = server.load_synth(&token, 1, 77);
-    let patient = loaded[0]
-        .1
-        .values()
-        .find_map(|t| t.strip_prefix("Patient/"))
-        .expect("patient")
-        .to_owned();
+    let loaded = server.load_synth(&token, 2, 77);
+    let of = |i: usize, rtype: &str| -> Vec<String> {
+        let mut v: Vec<String> = loaded[i]
+            .1
+            .values()
+            .filter_map(|t| t.strip_prefix(&format!("{rtype}/")))
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    };
+    let patient = of(0, "Patient")[0].clone();
+    let own_obs = of(0, "Observation");
+    let other = (of(1, "Patient")[0].clone(), of(1, "Observation")[0].clone());
+    assert!(!own_obs.is_empty());
     let data = server.data.to_str().expect("path").to_owned();
     let o = cli(
         &[
@@ -210,6 +222,8 @@ fn setup() -> Setup {
         server,
         client_id,
         patient,
+        own_obs,
+        other,
         secret,
         verifier,
         challenge,
@@ -365,10 +379,7 @@ fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
         ],
     );
     assert_eq!(status, 400, "the replayed code revoked the refresh token");
-    // the access token is a person's: until the patient-compartment policy lands it opens
-    // nothing (fail closed), and it never counts as a back-end system token
-    let r = s.server.get(&format!("Patient/{}", s.patient), &access);
-    assert_eq!(r.status, 403);
+    compartment_is_all_a_patient_sees(&s, &access);
 
     // refresh tokens rotate; a retired one revokes the family; scope only narrows
     let code = sign_in(&s, &agent, "jon.p", &jon_code(now));
@@ -464,6 +475,70 @@ fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
     let (ok, out) = server.audit_verify();
     assert!(ok, "{out}");
     server.stop();
+}
+
+/// A patient's token reads and searches exactly their compartment; everything that would
+/// reach outside it is refused or not found.
+fn compartment_is_all_a_patient_sees(s: &Setup, access: &str) {
+    let get = |path: &str| s.server.get(path, access);
+    let own = &s.patient;
+    let (other, other_obs) = &s.other;
+    assert_eq!(get(&format!("Patient/{own}")).status, 200);
+    assert_eq!(get(&format!("Observation/{}", s.own_obs[0])).status, 200);
+    // another patient's records: not found (their ids reveal nothing)
+    assert_eq!(get(&format!("Patient/{other}")).status, 404);
+    assert_eq!(get(&format!("Observation/{other_obs}")).status, 404);
+    assert_eq!(get("Observation/no-such-id").status, 404);
+    // searches are confined to the compartment
+    let b = get("Observation?_count=1000").json();
+    let mut ids: Vec<String> = b["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, s.own_obs, "exactly the patient's observations");
+    let b = get("Patient").json();
+    assert_eq!(b["entry"].as_array().map(Vec::len), Some(1));
+    assert_eq!(b["entry"][0]["resource"]["id"], own.as_str());
+    assert_eq!(get(&format!("Patient/{own}/Observation")).status, 200);
+    // refused: another compartment, chains, _has, includes, writes, history, $everything,
+    // types outside the granted scopes, batches
+    for path in [
+        format!("Patient/{other}/Observation"),
+        "Observation?subject:Patient.name=a".to_owned(),
+        "Patient?_has:Observation:patient:code=x".to_owned(),
+        "Observation?_include=Observation:subject".to_owned(),
+        "Patient?_revinclude=Observation:subject".to_owned(),
+        format!("Observation/{}/_history", s.own_obs[0]),
+        "Observation/_history".to_owned(),
+        format!("Patient/{own}/$everything"),
+        "Condition".to_owned(),
+    ] {
+        let r = get(&path);
+        assert!(
+            r.status == 403 || r.status == 404,
+            "{path}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.is_outcome(), "{path}");
+    }
+    let obs = serde_json::json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": format!("Patient/{own}")}});
+    assert_eq!(s.server.post("Observation", access, &obs).status, 403);
+    let batch = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": format!("Patient/{other}")}}]});
+    let r = s.server.post("", access, &batch);
+    assert!(
+        r.status == 403
+            || r.json()["entry"][0]["response"]["status"]
+                .as_str()
+                .is_some_and(|st| st.starts_with("403")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 #[test]

@@ -157,18 +157,35 @@ impl App {
         self.authorize(&auth, rtype, interaction)
     }
 
-    /// Authorize one interaction of an authenticated client (each bundle entry separately, SM2).
+    /// Authorize one interaction of an authenticated client (each bundle entry separately,
+    /// SM2), for paths that serve whatever the type holds: access confined to one patient's
+    /// compartment is refused here (fail closed); the paths that can confine what they
+    /// serve call [`App::authorize_confined`].
     pub(crate) fn authorize(
         &self,
         auth: &Authenticated,
         rtype: &str,
         interaction: Interaction,
     ) -> Result<(), ApiError> {
+        match self.authorize_confined(auth, rtype, interaction)? {
+            None => Ok(()),
+            Some(_) => Err(ApiError::forbidden()),
+        }
+    }
+
+    /// [`App::authorize`], but a grant confined to one patient's compartment is returned
+    /// (`Some(patient id)`) for the caller to enforce.
+    pub(crate) fn authorize_confined(
+        &self,
+        auth: &Authenticated,
+        rtype: &str,
+        interaction: Interaction,
+    ) -> Result<Option<String>, ApiError> {
         if !phivault_fhir::is_known_resource_type(rtype) {
             return Err(ApiError::not_found("unknown resource type"));
         }
         phivault_auth::authorize(auth, rtype, interaction)
-            .map(|_| ())
+            .map(|a| a.patient().map(str::to_owned))
             .map_err(|_| ApiError::forbidden())
     }
 
@@ -867,7 +884,19 @@ async fn read_inner(
     version: Option<u64>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.access(headers, ctx, rtype, Interaction::Read)?;
+    let auth = app.authenticate(headers, ctx)?;
+    if let Some(patient) = app.authorize_confined(&auth, rtype, Interaction::Read)? {
+        // a patient's app reads only what is sealed under that patient's key (their
+        // compartment); anything else is "not found", so ids of others reveal nothing
+        let row = match version {
+            None => app.engine.store.current(rtype, id),
+            Some(v) => app.engine.store.version(rtype, id, v),
+        }
+        .map_err(|_| ApiError::unavailable())?;
+        if row.is_none_or(|r| key_patient(&r.key_id) != Some(patient.as_str())) {
+            return Err(ApiError::not_found("resource not found"));
+        }
+    }
     let (row, body) = do_read(app, ctx, rtype, id, version).await?;
     Ok(resource_response(
         app,

@@ -1052,10 +1052,5 @@ impl Conditional {
     }
 }
 
-/// Check the authorization of a search: SMART v2 `s` on the searched type.
-pub fn authorize(app: &App, auth: &Authenticated, rtype: &str) -> Result<(), ApiError> {
-    app.authorize(auth, rtype, Interaction::Search)
-}
-
 /// Shared pointer for blocking sections.
 pub type AppRef = Arc<App>;

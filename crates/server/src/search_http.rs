@@ -147,13 +147,28 @@ async fn run(
         None => Request::new(&rtype, compartment, pairs, lenient(headers)),
     };
     ctx.rtype = Some(req.rtype.clone());
+    let mut req = req;
+    let confined = app.authorize_confined(&auth, &req.rtype, Interaction::Search)?;
+    if let Some(own) = &confined {
+        // a patient's app searches their own compartment only
+        match &req.compartment {
+            Some(p) if p != own => return Err(ApiError::forbidden()),
+            _ => req.compartment = Some(own.clone()),
+        }
+    }
     if let Some(p) = &req.compartment {
         ctx.patient = Some(p.clone());
-        app.authorize(&auth, "Patient", Interaction::Read)
-            .or_else(|_| app.authorize(&auth, "Patient", Interaction::Search))?;
+        if confined.is_none() {
+            app.authorize(&auth, "Patient", Interaction::Read)
+                .or_else(|_| app.authorize(&auth, "Patient", Interaction::Search))?;
+        }
     }
-    search::authorize(app, &auth, &req.rtype)?;
     let q = search::parse(&req)?;
+    if confined.is_some() && q.reaches_outside() {
+        // chains, _has and includes read other resources, whose counts, bounds or
+        // compartments could tell about other patients: not for confined access (yet)
+        return Err(ApiError::forbidden());
+    }
     let a = app.clone();
     let page = blocking(move || {
         let page = search::run(&a, &auth, &req, q)?;
