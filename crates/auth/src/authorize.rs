@@ -114,11 +114,20 @@ pub enum AuthorizeError {
     },
 }
 
-fn single<'a>(params: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, ()> {
+/// A parameter given more than once (RFC 6749 §3.1 forbids it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepeatedParameter;
+
+/// The value of parameter `name` in a decoded form or query; [`RepeatedParameter`] when
+/// it is given more than once.
+pub fn single_param<'a>(
+    params: &'a [(String, String)],
+    name: &str,
+) -> Result<Option<&'a str>, RepeatedParameter> {
     let mut it = params.iter().filter(|(k, _)| k == name);
     let first = it.next().map(|(_, v)| v.as_str());
     if it.next().is_some() {
-        return Err(());
+        return Err(RepeatedParameter);
     }
     Ok(first)
 }
@@ -139,8 +148,9 @@ pub fn parse_authorize_request(
     if params.len() > 32 {
         return Err(AuthorizeError::Page("too many parameters"));
     }
-    let get =
-        |n: &str| single(params, n).map_err(|_| AuthorizeError::Page("a parameter is repeated"));
+    let get = |n: &str| {
+        single_param(params, n).map_err(|_| AuthorizeError::Page("a parameter is repeated"))
+    };
     let client_id = get("client_id")?.ok_or(AuthorizeError::Page("client_id missing"))?;
     let app = lookup(client_id)
         .filter(|a| !a.disabled)
@@ -298,13 +308,7 @@ pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
         return false;
     }
     let d = digest::digest(&digest::SHA256, verifier.as_bytes());
-    let ours = b64::encode(d.as_ref());
-    ours.len() == challenge.len()
-        && ours
-            .bytes()
-            .zip(challenge.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    crate::constant_time_eq(b64::encode(d.as_ref()).as_bytes(), challenge.as_bytes())
 }
 
 impl Default for AuthorizationServer {

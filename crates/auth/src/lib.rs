@@ -55,6 +55,27 @@ pub use scope::{Context, Interaction, Perms, Scope, ScopeError, ScopeSet};
 pub use token_endpoint::{TokenResponse, handle_token_request};
 pub use users::{LoginFailure, Role, UserError, UserRecord};
 
+/// Percent-encoding of a URL query component or path segment (RFC 3986: everything but the
+/// unreserved characters).
+pub fn percent_encode(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                o.push(char::from(b));
+            }
+            _ => o.push_str(&format!("%{b:02X}")),
+        }
+    }
+    o
+}
+
+/// Equality of two secrets' bytes in time that depends only on their lengths.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
+}
+
 /// Maximum size of any compact JWS accepted from untrusted input (client assertions,
 /// access tokens): 8 KiB.
 pub const MAX_JWS_LEN: usize = 8 * 1024;

@@ -58,17 +58,15 @@ pub fn verify(secret: &[u8], code: &str, unix_seconds: u64, last_step: Option<u6
     let mut found = None;
     // every candidate is computed, so timing does not tell which step matched
     for step in now.saturating_sub(WINDOW)..=now + WINDOW {
-        let ok = constant_time_eq(hotp(secret, step, DIGITS), given);
+        let ok = crate::constant_time_eq(
+            &hotp(secret, step, DIGITS).to_be_bytes(),
+            &given.to_be_bytes(),
+        );
         if ok && last_step.is_none_or(|l| step > l) && found.is_none() {
             found = Some(step);
         }
     }
     found
-}
-
-/// A comparison of two codes with no data-dependent branch (one XOR, one test).
-fn constant_time_eq(a: u32, b: u32) -> bool {
-    std::hint::black_box(a ^ b) == 0
 }
 
 const B32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -93,16 +91,7 @@ pub fn base32(bytes: &[u8]) -> String {
 
 /// The `otpauth://` URI an authenticator app enrols from (Key Uri Format).
 pub fn otpauth_uri(issuer: &str, account: &str, secret: &[u8]) -> String {
-    let enc = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
+    let enc = crate::percent_encode;
     format!(
         "otpauth://totp/{}:{}?secret={}&issuer={}&algorithm=SHA1&digits={DIGITS}&period={STEP_SECONDS}",
         enc(issuer),

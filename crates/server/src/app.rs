@@ -408,7 +408,11 @@ pub fn resource_response(
     resp
 }
 
-fn json_response(status: StatusCode, body: Bytes, content_type: &'static str) -> Response {
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: Bytes,
+    content_type: &'static str,
+) -> Response {
     let mut resp = (status, body).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -1141,19 +1145,17 @@ async fn token_inner(
     let Ok(text) = std::str::from_utf8(&bytes) else {
         return Ok(oauth_error("invalid_request", StatusCode::BAD_REQUEST));
     };
+    // a token response: JSON, never cached (RFC 6749 §5.1)
+    let issued = |body: Vec<u8>| {
+        let mut r = json_response(StatusCode::OK, Bytes::from(body), "application/json");
+        r.headers_mut()
+            .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        r
+    };
     let form = crate::engine::form_urlencoded_pairs(text);
     if let Some(answer) = crate::launch::person_grant(app, &form, ctx) {
         return Ok(match answer {
-            Ok(body) => {
-                let mut r = (StatusCode::OK, body.to_string()).into_response();
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r.headers_mut()
-                    .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-                r
-            }
+            Ok(body) => issued(body.to_string().into_bytes()),
             Err(e) => oauth_error(
                 e.error_code(),
                 StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -1177,14 +1179,7 @@ async fn token_inner(
         Ok(resp) => {
             ctx.client_id = Some(resp.client_id.clone());
             let body = serde_json::to_vec(&resp).map_err(|_| ApiError::internal())?;
-            let mut r = (StatusCode::OK, body).into_response();
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r.headers_mut()
-                .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-            Ok(r)
+            Ok(issued(body))
         }
         Err(e) => Ok(oauth_error(
             e.error_code(),

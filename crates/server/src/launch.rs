@@ -22,13 +22,13 @@ use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
 use phivault_audit::Action;
 use phivault_auth::authorize::{
-    AppRecord, AuthorizeError, AuthorizeRequest, Grant, parse_authorize_request,
+    AppRecord, AuthorizeError, AuthorizeRequest, Grant, parse_authorize_request, single_param,
 };
 use phivault_auth::users::{LoginFailure, Role, normalize_username};
 use phivault_auth::{Context, OAuthError, Person, ScopeSet, password};
 use serde_json::json;
 
-use crate::app::{App, Ctx, Peer, blocking, finish};
+use crate::app::{App, Ctx, Peer, blocking, finish, json_response};
 use crate::engine::{form_urlencoded_pairs, now_ms};
 use crate::error::ApiError;
 
@@ -98,17 +98,6 @@ fn escape(s: &str) -> String {
         }
     }
     o
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn page(status: StatusCode, title: &str, body: &str) -> Response {
@@ -184,7 +173,7 @@ fn redirect(to: &str) -> Response {
 fn redirect_with(uri: &str, params: &[(&str, &str)]) -> Response {
     let q: Vec<String> = params
         .iter()
-        .map(|(k, v)| format!("{k}={}", url_encode(v)))
+        .map(|(k, v)| format!("{k}={}", phivault_auth::percent_encode(v)))
         .collect();
     let sep = if uri.contains('?') { '&' } else { '?' };
     redirect(&format!("{uri}{sep}{}", q.join("&")))
@@ -608,12 +597,7 @@ pub(crate) fn person_grant(
     ctx: &mut Ctx,
 ) -> Option<Result<serde_json::Value, OAuthError>> {
     let get = |k: &str| -> Result<Option<&str>, OAuthError> {
-        let mut it = form.iter().filter(|(n, _)| n == k);
-        let v = it.next().map(|(_, v)| v.as_str());
-        if it.next().is_some() {
-            return Err(OAuthError::InvalidRequest("duplicate parameter"));
-        }
-        Ok(v)
+        single_param(form, k).map_err(|_| OAuthError::InvalidRequest("duplicate parameter"))
     };
     let grant_type = match get("grant_type") {
         Ok(Some(g @ ("authorization_code" | "refresh_token"))) => g,
@@ -784,12 +768,11 @@ pub async fn introspect(
         } else {
             json!({"active": false})
         };
-        let mut r = (StatusCode::OK, answer.to_string()).into_response();
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        Ok(r)
+        Ok(json_response(
+            StatusCode::OK,
+            Bytes::from(answer.to_string()),
+            "application/json",
+        ))
     })();
     finish(&app, ctx, r).await
 }
@@ -804,7 +787,10 @@ mod tests {
             escape("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
-        assert_eq!(url_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+        assert_eq!(
+            phivault_auth::percent_encode("a b&c=d/é"),
+            "a%20b%26c%3Dd%2F%C3%A9"
+        );
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
