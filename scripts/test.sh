@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of phivault: format and lint gates, the Rust unit, property and
 # integration tests (the integration tests start the real binary over HTTPS on
-# 127.0.0.1:0), and the third-party Python FHIR client test against the real binary.
-# Installs what it needs (a Python virtualenv with the pinned test clients) and stops
-# every server it starts.
+# 127.0.0.1:0), the third-party Python FHIR client test and the headless-Chromium
+# sign-in test (Playwright) against the real binary. Installs what it needs (a Python
+# virtualenv with the pinned test clients; Debian's chromium and the pinned
+# playwright-core) and stops every server it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
@@ -21,5 +22,8 @@ cargo test --workspace --no-fail-fast
 echo "== third-party Python FHIR client (fhirpy + PyJWT) against the real binary"
 cargo build -p phivault
 PHIVAULT_BIN="$CARGO_TARGET_DIR/debug/phivault" tests/python/run.sh
+
+echo "== headless Chromium sign-in (Playwright) against the real binary"
+PHIVAULT_BIN="$CARGO_TARGET_DIR/debug/phivault" tests/browser/run.sh
 
 echo "== all tests passed"
