@@ -30,6 +30,8 @@ use crate::users::Role;
 pub const CODE_TTL_SECONDS: u64 = 60;
 /// Lifetime of a refresh token family (re-authentication after this).
 pub const REFRESH_TTL_SECONDS: u64 = 8 * 3600;
+/// A session unused for this long ends (AC4 idle timeout): its next refresh is refused.
+pub const IDLE_TIMEOUT_SECONDS: u64 = 15 * 60;
 /// Most codes outstanding at once (a flood is refused, not buffered).
 pub const MAX_CODES: usize = 10_000;
 /// Most refresh tokens kept at once.
@@ -267,6 +269,8 @@ struct RefreshEntry {
 struct Family {
     grant: Grant,
     expires: u64,
+    /// Unix time of the last code exchange or refresh (idle timeout).
+    last_used: u64,
     revoked: bool,
 }
 
@@ -417,6 +421,7 @@ impl AuthorizationServer {
             Family {
                 grant: grant.clone(),
                 expires: now + REFRESH_TTL_SECONDS,
+                last_used: now,
                 revoked: false,
             },
         );
@@ -455,7 +460,9 @@ impl AuthorizationServer {
                 "refresh token reused; session revoked",
             ));
         }
-        if family.revoked || family.expires <= now {
+        if family.revoked || family.expires <= now || family.last_used + IDLE_TIMEOUT_SECONDS <= now
+        {
+            family.revoked = true;
             return Err(OAuthError::InvalidGrant("session ended"));
         }
         if family.grant.client_id != client_id {
@@ -468,6 +475,7 @@ impl AuthorizationServer {
             family.grant.scope = s.clone();
         }
         entry.current = false;
+        family.last_used = now;
         let grant = family.grant.clone();
         inner.refresh.insert(
             hash(&next),
@@ -506,7 +514,8 @@ impl AuthorizationServer {
         let inner = self.inner.lock();
         let e = inner.refresh.get(&hash(token)).filter(|e| e.current)?;
         let f = inner.families.get(&e.family)?;
-        (!f.revoked && f.expires > now).then(|| f.grant.clone())
+        let live = !f.revoked && f.expires > now && f.last_used + IDLE_TIMEOUT_SECONDS > now;
+        live.then(|| f.grant.clone())
     }
 }
 
@@ -777,13 +786,41 @@ mod tests {
         let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 21).unwrap();
         s.revoke_user("u-maria");
         assert!(s.refresh("app1", &r.0, None, 22).is_err());
-        // sessions end
+        // sessions end: after their lifetime, however busy
         let c = s
             .issue_code(&req, grant("patient/Observation.rs"), 30)
             .unwrap();
-        let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 31).unwrap();
+        let (_, mut r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 31).unwrap();
+        let mut t = 31;
+        while t + IDLE_TIMEOUT_SECONDS / 2 < 31 + REFRESH_TTL_SECONDS {
+            t += IDLE_TIMEOUT_SECONDS / 2;
+            r = s
+                .refresh("app1", &r.0, None, t)
+                .expect("in use, not idle")
+                .1;
+        }
         assert!(
             s.refresh("app1", &r.0, None, 31 + REFRESH_TTL_SECONDS)
+                .is_err()
+        );
+        // and after the idle timeout, however young
+        let c = s
+            .issue_code(&req, grant("patient/Observation.rs"), 40)
+            .unwrap();
+        let (_, r) = s.exchange_code("app1", &c.0, cb, VERIFIER, 41).unwrap();
+        let (_, r) = s
+            .refresh("app1", &r.0, None, 41 + IDLE_TIMEOUT_SECONDS - 1)
+            .unwrap();
+        assert!(
+            s.introspect_refresh(&r.0, 41 + 2 * IDLE_TIMEOUT_SECONDS - 2)
+                .is_some()
+        );
+        assert!(
+            s.introspect_refresh(&r.0, 41 + 2 * IDLE_TIMEOUT_SECONDS - 1)
+                .is_none()
+        );
+        assert!(
+            s.refresh("app1", &r.0, None, 41 + 2 * IDLE_TIMEOUT_SECONDS - 1)
                 .is_err()
         );
     }

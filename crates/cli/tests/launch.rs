@@ -471,6 +471,49 @@ fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
     assert_eq!(p.status, 200);
     assert_eq!(intro(&r3)["active"], false);
 
+    // disabling an account, or changing its role, revokes its access tokens too
+    let jon_access = t["access_token"].as_str().expect("access").to_owned();
+    let own = format!("Patient/{}", s.patient);
+    assert_eq!(s.server.get(&own, &jon_access).status, 200);
+    assert_eq!(s.server.get(&own, &access).status, 200);
+    let data = s.server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &[
+            "user",
+            "disable",
+            "--data-dir",
+            &data,
+            "--username",
+            "jon.p",
+        ],
+        "",
+    );
+    assert!(o.status.success());
+    let o = cli(
+        &[
+            "user",
+            "role",
+            "--data-dir",
+            &data,
+            "--username",
+            "maria.p",
+            "--role",
+            "auditor",
+        ],
+        "",
+    );
+    assert!(o.status.success());
+    // the server re-reads an account at most every 2 s
+    std::thread::sleep(Duration::from_millis(2500));
+    for tok in [&jon_access, &access] {
+        let r = s.server.get(&own, tok);
+        assert_eq!(r.status, 401);
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|w| w.contains("invalid_token"))
+        );
+    }
+
     let mut server = s.server;
     let (ok, out) = server.audit_verify();
     assert!(ok, "{out}");

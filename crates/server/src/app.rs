@@ -67,10 +67,15 @@ pub struct App {
     pub authz: phivault_auth::authorize::AuthorizationServer,
     /// Sign-ins in progress.
     pub(crate) flows: crate::launch::Flows,
+    /// Accounts of persons' tokens as last read: (generation, usable, unix time read).
+    accounts: parking_lot::Mutex<std::collections::HashMap<String, (u64, bool, u64)>>,
     capability: Bytes,
     smart_configuration: Bytes,
     jwks: Bytes,
 }
+
+/// How long a person's account state is trusted before it is read again.
+const ACCOUNT_RECHECK_SECONDS: u64 = 2;
 
 /// Store key under which a client record is kept.
 pub fn client_meta_key(client_id: &str) -> String {
@@ -101,6 +106,7 @@ impl App {
             limits,
             authz: phivault_auth::authorize::AuthorizationServer::new(),
             flows: crate::launch::Flows::default(),
+            accounts: Default::default(),
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
             smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
             jwks: Bytes::from(serde_json::to_vec(&jwks).unwrap_or_default()),
@@ -139,10 +145,39 @@ impl App {
             Ok(auth) => {
                 ctx.client_id = Some(auth.client_id().to_owned());
                 ctx.user = auth.person().map(|p| p.user_id.clone());
+                if let Some(p) = auth.person()
+                    && !self.account_live(&p.user_id, p.generation, now)
+                {
+                    return Err(ApiError::unauthorized(
+                        "Bearer realm=\"phivault\", error=\"invalid_token\"".to_string(),
+                    ));
+                }
                 Ok(auth)
             }
             Err(e) => Err(ApiError::unauthorized(e.www_authenticate())),
         }
+    }
+
+    /// Whether the account a person's token was issued for is still as it was: enabled,
+    /// same generation (disabling it or changing its role revokes its tokens). Read from
+    /// the store at most every [`ACCOUNT_RECHECK_SECONDS`] per account (the CLI changes
+    /// accounts from another process, so the server polls).
+    fn account_live(&self, user_id: &str, generation: u64, now: u64) -> bool {
+        if let Some(&(g, ok, at)) = self.accounts.lock().get(user_id)
+            && at + ACCOUNT_RECHECK_SECONDS > now
+        {
+            return ok && g == generation;
+        }
+        let (g, ok) = match self.engine.users().get_by_id(user_id) {
+            Ok(Some(r)) => (r.generation, !r.disabled),
+            _ => (0, false),
+        };
+        let mut cache = self.accounts.lock();
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(user_id.to_owned(), (g, ok, now));
+        ok && g == generation
     }
 
     /// Authenticate and authorize one interaction on a resource type.

@@ -18,6 +18,11 @@ const USER_KEY_SCOPE: &str = "phivault.user.name";
 /// Label prefix of the sealed records.
 const USER_SEAL_LABEL: &str = "phivault user record v1\u{0}";
 
+/// The row pointing from an account id to its record's row.
+fn id_key(id: &str) -> String {
+    format!("userid:{id}")
+}
+
 /// Why an account cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum UserStoreError {
@@ -62,8 +67,28 @@ impl<'a> UserDirectory<'a> {
 
     /// The account named `username` (already normalised), if any.
     pub fn get(&self, username: &str) -> Result<Option<UserRecord>, UserStoreError> {
-        let key = self.row_key(username);
-        let Some(sealed) = self.store.meta(&key)? else {
+        let rec = self.open_row(&self.row_key(username))?;
+        if rec.as_ref().is_some_and(|r| r.username != username) {
+            return Err(UserStoreError::Integrity);
+        }
+        Ok(rec)
+    }
+
+    /// The account whose opaque id is `id` (what tokens and audit events name), if any.
+    pub fn get_by_id(&self, id: &str) -> Result<Option<UserRecord>, UserStoreError> {
+        let Some(key) = self.store.meta(&id_key(id))? else {
+            return Ok(None);
+        };
+        let key = String::from_utf8(key).map_err(|_| UserStoreError::Integrity)?;
+        let rec = self.open_row(&key)?;
+        if rec.as_ref().is_some_and(|r| r.id != id) {
+            return Err(UserStoreError::Integrity);
+        }
+        Ok(rec)
+    }
+
+    fn open_row(&self, key: &str) -> Result<Option<UserRecord>, UserStoreError> {
+        let Some(sealed) = self.store.meta(key)? else {
             return Ok(None);
         };
         let plain = self
@@ -72,7 +97,7 @@ impl<'a> UserDirectory<'a> {
             .map_err(|_| UserStoreError::Integrity)?;
         let rec: UserRecord =
             serde_json::from_slice(plain.expose()).map_err(|_| UserStoreError::Integrity)?;
-        if rec.username != username || rec.validate().is_err() {
+        if rec.validate().is_err() || self.row_key(&rec.username) != key {
             return Err(UserStoreError::Integrity);
         }
         Ok(Some(rec))
@@ -88,6 +113,9 @@ impl<'a> UserDirectory<'a> {
             .seal_secret(&format!("{USER_SEAL_LABEL}{key}"), &plain)
             .map_err(|_| UserStoreError::Seal)?;
         self.store.set_meta(&key, &sealed)?;
+        // the id names the row (both are opaque); a forged pointer opens nothing, since the
+        // record it leads to must carry the id
+        self.store.set_meta(&id_key(&rec.id), key.as_bytes())?;
         Ok(())
     }
 
@@ -138,6 +166,26 @@ mod tests {
         ));
         let got = users.get("maria.garcia").unwrap().unwrap();
         assert_eq!(got.username, "maria.garcia");
+        assert_eq!(
+            users.get_by_id(&got.id).unwrap().unwrap().username,
+            "maria.garcia"
+        );
+        assert!(users.get_by_id("no-such-id").unwrap().is_none());
+        // a pointer edited to lead to another account's row is refused
+        let john = users.get("john.smith").unwrap().unwrap();
+        let saved = store.meta(&id_key(&got.id)).unwrap().unwrap();
+        store
+            .set_meta(&id_key(&got.id), users.row_key("john.smith").as_bytes())
+            .unwrap();
+        assert!(matches!(
+            users.get_by_id(&got.id),
+            Err(UserStoreError::Integrity)
+        ));
+        store.set_meta(&id_key(&got.id), &saved).unwrap();
+        assert_eq!(
+            users.get_by_id(&john.id).unwrap().unwrap().username,
+            "john.smith"
+        );
         assert_eq!(got.patient.as_deref(), Some("pat-1"));
         // neither the name nor the secrets are in the stored row
         let (mk, mv) = (users.row_key("maria.garcia"), users.row_key("john.smith"));
