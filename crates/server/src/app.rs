@@ -924,19 +924,8 @@ async fn read_inner(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let auth = app.authenticate(headers, ctx)?;
-    if let Some(patient) = app.authorize_confined(&auth, rtype, Interaction::Read)? {
-        // a patient's app reads only what is sealed under that patient's key (their
-        // compartment); anything else is "not found", so ids of others reveal nothing
-        let row = match version {
-            None => app.engine.store.current(rtype, id),
-            Some(v) => app.engine.store.version(rtype, id, v),
-        }
-        .map_err(|_| ApiError::unavailable())?;
-        if row.is_none_or(|r| key_patient(&r.key_id) != Some(patient.as_str())) {
-            return Err(ApiError::not_found("resource not found"));
-        }
-    }
-    let (row, body) = do_read(app, ctx, rtype, id, version).await?;
+    let confined = app.authorize_confined(&auth, rtype, Interaction::Read)?;
+    let (row, body) = do_read_in(app, ctx, rtype, id, version, confined.as_deref()).await?;
     Ok(resource_response(
         app,
         StatusCode::OK,
@@ -959,6 +948,20 @@ pub async fn do_read(
     id: &str,
     version: Option<u64>,
 ) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
+    do_read_in(app, ctx, rtype, id, version, None).await
+}
+
+/// [`do_read`] confined to `patient`'s compartment when given: a version not sealed under
+/// that patient's key is "not found" (before deletion is told or anything is decrypted),
+/// so ids of other patients' records reveal nothing.
+async fn do_read_in(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: &str,
+    version: Option<u64>,
+    patient: Option<&str>,
+) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
     check_id(id).map_err(|_| ApiError::not_found("resource not found"))?;
     // A point read by primary key takes microseconds on the page cache: done inline rather
     // than paying a thread hand-off per request.
@@ -968,6 +971,7 @@ pub async fn do_read(
             Some(v) => app.engine.store.version(rtype, id, v),
         }
         .map_err(|_| ApiError::unavailable())?;
+        let row = row.filter(|r| patient.is_none_or(|p| key_patient(&r.key_id) == Some(p)));
         match row {
             None => (None, Vec::new()),
             Some(row) if row.deleted => (Some(row), Vec::new()),
