@@ -50,7 +50,7 @@ pub use client_assertion::{ClientRecord, ReplayCache, verify_client_assertion};
 pub use error::{AuthError, OAuthError};
 pub use jwk::{PrivateJwk, PublicJwk, generate_ed25519_pkcs8, generate_es384_jwk};
 pub use jws::{Alg, Jws, JwsError};
-pub use policy::{Authorized, Denied, authorize};
+pub use policy::{Authorized, Denied, Reach, authorize};
 pub use scope::{Context, Interaction, Perms, Scope, ScopeError, ScopeSet};
 pub use token_endpoint::{TokenResponse, handle_token_request};
 pub use users::{LoginFailure, Role, UserError, UserRecord};

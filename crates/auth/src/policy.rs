@@ -7,15 +7,37 @@
 //! **Phase 2 policy:** a back-end client's token is granted by its `system/` scopes. A
 //! token issued for a person ([`crate::Person`]) is never granted anything by `system/`
 //! scopes; a *patient's* token is granted read and search by its `patient/` scopes,
-//! confined to the patient in its context ([`Authorized::patient`]) — the server confines
-//! what it serves to that compartment, or refuses. Clinicians' `user/` scopes (treatment
-//! relationships), patients' writes and scopes with a `?query` restriction grant nothing
+//! confined to the patient in its context ([`Reach::Patient`]) — the server confines
+//! what it serves to that compartment, or refuses. A *clinician's* token is granted read
+//! and search by its `user/` scopes, confined to the patients the practitioner has a
+//! treatment relationship with ([`Reach::TreatedBy`]; the server works out who they are,
+//! and adds patients opened by break-the-glass). Auditors and administrators are granted no
+//! clinical data. Writes by persons and scopes with a `?query` restriction grant nothing
 //! yet (see [`crate::scope`]). Deny by default (AC1).
 
 use crate::access_token::Authenticated;
 use crate::scope::{Context, Interaction, is_valid_resource_type_syntax};
 use crate::users::Role;
 use std::fmt;
+
+/// Whose records a grant reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reach {
+    /// Whatever the scopes cover (a back-end client's `system/` access).
+    All,
+    /// One patient's compartment (a patient's own app).
+    Patient(String),
+    /// The patient compartments of the patients practitioner `practitioner` (a clinician,
+    /// account `user`) has a treatment relationship with or opened by break-the-glass, and
+    /// records outside any patient compartment.
+    TreatedBy {
+        /// The practitioner's resource id.
+        practitioner: String,
+        /// The clinician's account id.
+        user: String,
+    },
+}
 
 /// Proof that `client_id` may perform `interaction` on `resource_type`. Only this crate
 /// can construct it.
@@ -25,7 +47,7 @@ pub struct Authorized {
     token_id: String,
     resource_type: String,
     interaction: Interaction,
-    patient: Option<String>,
+    reach: Reach,
 }
 
 impl fmt::Debug for Authorized {
@@ -55,11 +77,17 @@ impl Authorized {
     pub fn interaction(&self) -> Interaction {
         self.interaction
     }
-    /// The one patient compartment the access is confined to (a patient's own app); `None`
-    /// for a back-end client's `system/` access. A caller that cannot confine what it
-    /// serves to this compartment must refuse.
+    /// Whose records the access reaches. A caller that cannot confine what it serves to
+    /// anything but [`Reach::All`] must refuse.
+    pub fn reach(&self) -> &Reach {
+        &self.reach
+    }
+    /// The one patient compartment the access is confined to (a patient's own app).
     pub fn patient(&self) -> Option<&str> {
-        self.patient.as_deref()
+        match &self.reach {
+            Reach::Patient(p) => Some(p),
+            _ => None,
+        }
     }
 }
 
@@ -100,24 +128,37 @@ pub fn authorize(
     if !is_valid_resource_type_syntax(resource_type) {
         return Err(Denied::InvalidResourceType);
     }
-    let patient = match auth.person() {
-        // a person's token never acts with system/ scopes, whatever it carries
-        Some(p) => {
-            // phase 2: a patient reads and searches their own compartment through
-            // patient/ scopes; clinicians (treatment relationships), writes by patients
-            // and user/ scopes are not granted yet
-            let own = p.patient.as_deref().filter(|_| p.role == Role::Patient);
-            match own {
-                Some(pid)
-                    if matches!(i, Interaction::Read | Interaction::Search)
-                        && auth.scopes().allows(Context::Patient, resource_type, i) =>
-                {
-                    Some(pid.to_owned())
+    let reads = matches!(i, Interaction::Read | Interaction::Search);
+    let reach = match auth.person() {
+        // a person's token never acts with system/ scopes, whatever it carries; persons
+        // read and search (their writes are not granted yet)
+        Some(p) => match p.role {
+            Role::Patient => match &p.patient {
+                Some(pid) if reads && auth.scopes().allows(Context::Patient, resource_type, i) => {
+                    Reach::Patient(pid.clone())
                 }
                 _ => return Err(Denied::InsufficientScope),
+            },
+            Role::Clinician => {
+                let practitioner = p
+                    .fhir_user
+                    .as_deref()
+                    .and_then(|u| u.strip_prefix("Practitioner/"))
+                    .filter(|id| !id.is_empty());
+                match practitioner {
+                    Some(pr) if reads && auth.scopes().allows(Context::User, resource_type, i) => {
+                        Reach::TreatedBy {
+                            practitioner: pr.to_owned(),
+                            user: p.user_id.clone(),
+                        }
+                    }
+                    _ => return Err(Denied::InsufficientScope),
+                }
             }
-        }
-        None if auth.scopes().allows(Context::System, resource_type, i) => None,
+            // auditors and administrators: no clinical data
+            Role::Auditor | Role::Admin => return Err(Denied::InsufficientScope),
+        },
+        None if auth.scopes().allows(Context::System, resource_type, i) => Reach::All,
         None => return Err(Denied::InsufficientScope),
     };
     Ok(Authorized {
@@ -125,7 +166,7 @@ pub fn authorize(
         token_id: auth.token_id().to_owned(),
         resource_type: resource_type.to_owned(),
         interaction: i,
-        patient,
+        reach,
     })
 }
 
@@ -255,10 +296,7 @@ mod tests {
         );
         assert!(
             authorize(
-                &tok(
-                    &person(Role::Clinician, Some("p1")),
-                    "patient/*.rs user/*.rs"
-                ),
+                &tok(&person(Role::Clinician, Some("p1")), "patient/*.rs"),
                 "Observation",
                 Interaction::Read
             )
@@ -272,6 +310,78 @@ mod tests {
                 .unwrap()
                 .patient(),
             None
+        );
+    }
+
+    #[test]
+    fn a_clinician_reads_and_searches_their_patients_only_auditors_and_admins_nothing() {
+        let i = issuer();
+        let tok = |role, fhir_user: Option<&str>, s: &str| {
+            let p = crate::access_token::Person {
+                user_id: "u-7".into(),
+                role,
+                generation: 1,
+                fhir_user: fhir_user.map(str::to_owned),
+                patient: None,
+            };
+            let t = i
+                .issue_for("app", Some(&p), &ScopeSet::parse(s).unwrap(), NOW)
+                .expect("issue");
+            i.verifier().verify(t.token(), NOW).expect("verify")
+        };
+        let c = tok(Role::Clinician, Some("Practitioner/pr1"), "user/*.rs");
+        let z = authorize(&c, "Observation", Interaction::Search).expect("search");
+        assert_eq!(
+            z.reach(),
+            &Reach::TreatedBy {
+                practitioner: "pr1".into(),
+                user: "u-7".into()
+            }
+        );
+        assert_eq!(z.patient(), None);
+        assert!(authorize(&c, "Patient", Interaction::Read).is_ok());
+        for w in [
+            Interaction::Create,
+            Interaction::Update,
+            Interaction::Delete,
+        ] {
+            assert!(authorize(&c, "Observation", w).is_err(), "{w:?}");
+        }
+        // the scopes bound it; patient/ and system/ scopes give a clinician nothing
+        let narrow = tok(
+            Role::Clinician,
+            Some("Practitioner/pr1"),
+            "user/Condition.r",
+        );
+        assert!(authorize(&narrow, "Condition", Interaction::Read).is_ok());
+        assert!(authorize(&narrow, "Observation", Interaction::Read).is_err());
+        for s in ["patient/*.rs", "system/*.rs"] {
+            let t = tok(Role::Clinician, Some("Practitioner/pr1"), s);
+            assert!(
+                authorize(&t, "Observation", Interaction::Read).is_err(),
+                "{s}"
+            );
+        }
+        // a clinician not linked to a practitioner: nothing
+        for fu in [None, Some("Patient/p1"), Some("Practitioner/")] {
+            let t = tok(Role::Clinician, fu, "user/*.rs");
+            assert!(
+                authorize(&t, "Observation", Interaction::Read).is_err(),
+                "{fu:?}"
+            );
+        }
+        // auditors and administrators read no clinical data, whatever the scopes
+        for role in [Role::Auditor, Role::Admin] {
+            let t = tok(role, None, "user/*.cruds patient/*.cruds system/*.cruds");
+            for it in Interaction::ALL {
+                assert!(authorize(&t, "Patient", it).is_err(), "{role:?} {it:?}");
+            }
+        }
+        assert_eq!(
+            authorize(&auth("system/*.rs"), "Observation", Interaction::Read)
+                .unwrap()
+                .reach(),
+            &Reach::All
         );
     }
 

@@ -343,6 +343,31 @@ impl UserRecord {
                 None => Some(LoginFailure::SecondFactor),
             }
         };
+        self.count(failure, now)
+    }
+
+    /// Re-entry of the second factor by a signed-in person (break-the-glass): the TOTP
+    /// `code` at `now`, under the same replay guard and the same failure count and lockout
+    /// as a login.
+    pub fn confirm_second_factor(&mut self, code: &str, now: u64) -> Result<(), LoginFailure> {
+        if self.disabled {
+            return Err(LoginFailure::Disabled);
+        }
+        if self.locked_until > now {
+            return Err(LoginFailure::Locked(self.locked_until));
+        }
+        let failure = match totp::verify(&self.totp_secret, code, now, self.totp_last_step) {
+            Some(step) => {
+                self.totp_last_step = Some(step);
+                None
+            }
+            None => Some(LoginFailure::SecondFactor),
+        };
+        self.count(failure, now)
+    }
+
+    /// Count an attempt: a success clears the failures, the fifth failure locks.
+    fn count(&mut self, failure: Option<LoginFailure>, now: u64) -> Result<(), LoginFailure> {
         match failure {
             None => {
                 self.totp_enrolled = true;
@@ -512,6 +537,42 @@ mod tests {
         let t = until + 1;
         let code = totp::code_at(a.secret_for_test(), t);
         assert_eq!(a.login(PW, &code, t), Ok(()));
+    }
+
+    #[test]
+    fn reentering_the_second_factor_is_guarded_like_a_login() {
+        let mut a = alice();
+        let code = totp::code_at(a.secret_for_test(), T0);
+        assert_eq!(a.login(PW, &code, T0), Ok(()));
+        // the code of the login cannot be used again
+        assert_eq!(
+            a.confirm_second_factor(&code, T0 + 5),
+            Err(LoginFailure::SecondFactor)
+        );
+        let next = totp::code_at(a.secret_for_test(), T0 + 30);
+        assert_eq!(a.confirm_second_factor(&next, T0 + 30), Ok(()));
+        assert_eq!(a.failed_logins, 0);
+        for i in 1..MAX_FAILURES {
+            assert_eq!(
+                a.confirm_second_factor("no-code", T0 + 60 + u64::from(i)),
+                Err(LoginFailure::SecondFactor)
+            );
+        }
+        assert!(matches!(
+            a.confirm_second_factor("no-code", T0 + 70),
+            Err(LoginFailure::Locked(_))
+        ));
+        let t = T0 + 120;
+        let code = totp::code_at(a.secret_for_test(), t);
+        assert!(matches!(
+            a.confirm_second_factor(&code, t),
+            Err(LoginFailure::Locked(_))
+        ));
+        a.disable();
+        assert_eq!(
+            a.confirm_second_factor(&code, T0 + 10_000),
+            Err(LoginFailure::Disabled)
+        );
     }
 
     #[test]

@@ -192,6 +192,14 @@ enum AuditCmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Print the alert records for review (break-the-glass), oldest first, as JSON lines.
+    Alerts {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 fn main() {
@@ -263,6 +271,17 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir },
         } => audit_verify(&data_dir),
+        Cmd::Audit {
+            cmd: AuditCmd::Alerts { data_dir, limit },
+        } => {
+            let opened = datadir::open(&data_dir)?;
+            let alerts = phivault_server::care::alerts(&opened.keys, &*opened.store, limit);
+            opened.store.close();
+            for a in alerts? {
+                println!("{}", serde_json::to_string(&a)?);
+            }
+            Ok(0)
+        }
         Cmd::Index {
             cmd:
                 IndexCmd::Check {

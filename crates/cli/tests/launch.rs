@@ -45,6 +45,16 @@ fn get(agent: &ureq::Agent, url: &str) -> Page {
 }
 
 fn post_form(agent: &ureq::Agent, url: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Page {
+    let headers: Vec<(&str, &str)> = cookie.map(|c| ("Cookie", c)).into_iter().collect();
+    post_form_with(agent, url, &headers, form)
+}
+
+fn post_form_with(
+    agent: &ureq::Agent,
+    url: &str,
+    headers: &[(&str, &str)],
+    form: &[(&str, &str)],
+) -> Page {
     let body: Vec<String> = form
         .iter()
         .map(|(k, v)| format!("{k}={}", enc(v)))
@@ -52,8 +62,8 @@ fn post_form(agent: &ureq::Agent, url: &str, cookie: Option<&str>, form: &[(&str
     let mut req = agent
         .post(url)
         .header("Content-Type", "application/x-www-form-urlencoded");
-    if let Some(c) = cookie {
-        req = req.header("Cookie", c);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     page(req.send(body.join("&")).expect("post"))
 }
@@ -156,6 +166,12 @@ struct Setup {
 
 /// Add a patient user linked to `patient`; their TOTP secret.
 fn add_user(server: &Server, username: &str, patient: &str) -> Vec<u8> {
+    add_person(server, username, "patient", patient)
+}
+
+/// Add a user in `role` linked to `link` (a Patient id for patients, a Practitioner id for
+/// clinicians); their TOTP secret.
+fn add_person(server: &Server, username: &str, role: &str, link: &str) -> Vec<u8> {
     let data = server.data.to_str().expect("path");
     let o = cli(
         &[
@@ -166,9 +182,13 @@ fn add_user(server: &Server, username: &str, patient: &str) -> Vec<u8> {
             "--username",
             username,
             "--role",
-            "patient",
-            "--patient",
-            patient,
+            role,
+            if role == "clinician" {
+                "--practitioner"
+            } else {
+                "--patient"
+            },
+            link,
         ],
         &format!("{PASSWORD}\n"),
     );
@@ -177,10 +197,18 @@ fn add_user(server: &Server, username: &str, patient: &str) -> Vec<u8> {
     base32_decode(&query_param(&uri, "secret").expect("secret"))
 }
 
+/// The synthetic bundles loaded, each with its `fullUrl` → `Type/id` map.
+type Loaded = Vec<(Value, std::collections::HashMap<String, String>)>;
+
 fn setup() -> Setup {
+    setup_with(2).0
+}
+
+/// The setup over `patients` synthetic patients, and what was loaded.
+fn setup_with(patients: usize) -> (Setup, Loaded) {
     let server = Server::start();
     let token = server.token("system/*.cruds");
-    let loaded = server.load_synth(&token, 2, 77);
+    let loaded = server.load_synth(&token, patients, 77);
     let of = |i: usize, rtype: &str| -> Vec<String> {
         let mut v: Vec<String> = loaded[i]
             .1
@@ -218,7 +246,7 @@ fn setup() -> Setup {
     let verifier = URL_SAFE_NO_PAD.encode([7u8; 48]);
     let challenge = URL_SAFE_NO_PAD
         .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref());
-    Setup {
+    let s = Setup {
         server,
         client_id,
         patient,
@@ -227,7 +255,8 @@ fn setup() -> Setup {
         secret,
         verifier,
         challenge,
-    }
+    };
+    (s, loaded)
 }
 
 impl Setup {
@@ -276,7 +305,18 @@ impl Setup {
 
 /// Sign in as `username` on the pages with `otp` and approve; the code the app receives.
 fn sign_in(s: &Setup, agent: &ureq::Agent, username: &str, otp: &str) -> String {
-    let start = get(agent, &s.authorize_url(&[]));
+    sign_in_for(s, agent, username, otp, &[])
+}
+
+/// [`sign_in`] with other authorization request parameters (`("scope", …)`).
+fn sign_in_for(
+    s: &Setup,
+    agent: &ureq::Agent,
+    username: &str,
+    otp: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let start = get(agent, &s.authorize_url(extra));
     assert_eq!(start.status, 200, "{}", start.body);
     assert!(
         start.body.contains("My &lt;Health&gt; App"),
@@ -298,7 +338,7 @@ fn sign_in(s: &Setup, agent: &ureq::Agent, username: &str, otp: &str) -> String 
         ],
     );
     assert_eq!(login.status, 200, "{}", login.body);
-    assert!(login.body.contains("patient/Observation.rs") && login.body.contains("Allow"));
+    assert!(login.body.contains("/Observation.rs") && login.body.contains("Allow"));
     let consent = post_form(
         agent,
         &format!("{}/auth/consent", s.server.origin),
@@ -747,6 +787,271 @@ fn attacks_on_the_flow_are_refused() {
             .iter()
             .all(|e| e.outcome.http_status != 200 || !e.interaction.starts_with("login-failed"))
     );
+}
+
+/// The server ids of `rtype` records among what was loaded from bundles `which`.
+fn loaded_ids(loaded: &Loaded, which: &[usize], rtype: &str) -> Vec<String> {
+    let mut v: Vec<String> = which
+        .iter()
+        .flat_map(|&i| loaded[i].1.values())
+        .filter_map(|t| t.strip_prefix(&format!("{rtype}/")))
+        .map(str::to_owned)
+        .collect();
+    v.sort();
+    v
+}
+
+fn ids_of(bundle: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = bundle["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["resource"]["id"].as_str().expect("id").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
+    let (mut s, loaded) = setup_with(4);
+    let system = s.server.token("system/*.cruds");
+    // the synthetic data's own relationships, computed from the generated bundles: the
+    // patients of the Encounters practitioner 0 takes part in
+    let pr_url = loaded[0].0["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Practitioner")
+        .and_then(|e| e["fullUrl"].as_str())
+        .expect("practitioner")
+        .to_owned();
+    let pr = loaded[0].1[&pr_url]
+        .strip_prefix("Practitioner/")
+        .expect("id")
+        .to_owned();
+    let mut treated: Vec<usize> = Vec::new();
+    for (i, (bundle, _)) in loaded.iter().enumerate() {
+        for e in bundle["entry"].as_array().expect("entries") {
+            let r = &e["resource"];
+            let takes_part = r["participant"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["individual"]["reference"] == pr_url.as_str())
+            });
+            if r["resourceType"] == "Encounter" && takes_part && !treated.contains(&i) {
+                treated.push(i);
+            }
+        }
+    }
+    assert_eq!(treated, [0], "one practitioner per synthetic patient");
+    let patient = |i: usize| loaded_ids(&loaded, &[i], "Patient")[0].clone();
+    // a CareTeam puts them in patient 1's care, an Appointment in patient 2's
+    let team = serde_json::json!({"resourceType": "CareTeam", "status": "active",
+        "subject": {"reference": format!("Patient/{}", patient(1))},
+        "participant": [{"member": {"reference": format!("Practitioner/{pr}")}}]});
+    assert_eq!(s.server.post("CareTeam", &system, &team).status, 201);
+    let appt = serde_json::json!({"resourceType": "Appointment", "status": "booked",
+        "participant": [
+            {"actor": {"reference": format!("Patient/{}", patient(2))}, "status": "accepted"},
+            {"actor": {"reference": format!("Practitioner/{pr}")}, "status": "accepted"}]});
+    assert_eq!(s.server.post("Appointment", &system, &appt).status, 201);
+    treated.extend([1, 2]);
+
+    let secret = add_person(&s.server, "dr.adams", "clinician", &pr);
+    let agent = browser(&s.server);
+    let now = now();
+    let code = sign_in_for(
+        &s,
+        &agent,
+        "dr.adams",
+        &phivault_auth::totp::code_at(&secret, now),
+        &[(
+            "scope",
+            "user/Patient.rs user/Observation.rs user/Practitioner.rs openid fhirUser",
+        )],
+    );
+    let (status, t) = s.token(
+        &agent,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &s.client_id),
+            ("code_verifier", &s.verifier),
+        ],
+    );
+    assert_eq!(status, 200, "{t}");
+    assert!(
+        t.get("patient").is_none(),
+        "no patient context for a clinician"
+    );
+    let access = t["access_token"].as_str().expect("access").to_owned();
+    let get = |path: &str| s.server.get(path, &access);
+    let sees = |which: &[usize]| {
+        assert_eq!(
+            ids_of(&get("Patient?_count=100").json()),
+            loaded_ids(&loaded, which, "Patient"),
+            "patients"
+        );
+        assert_eq!(
+            ids_of(&get("Observation?_count=1000").json()),
+            loaded_ids(&loaded, which, "Observation"),
+            "observations"
+        );
+        for i in 0..loaded.len() {
+            let status = if which.contains(&i) { 200 } else { 404 };
+            assert_eq!(
+                get(&format!("Patient/{}", patient(i))).status,
+                status,
+                "{i}"
+            );
+            let obs = &loaded_ids(&loaded, &[i], "Observation")[0];
+            assert_eq!(get(&format!("Observation/{obs}")).status, status, "{i}");
+            let compartment = get(&format!("Patient/{}/Observation", patient(i)));
+            assert_eq!(compartment.status, if status == 200 { 200 } else { 403 });
+        }
+    };
+    sees(&treated);
+    // records outside any compartment are not patients' data
+    assert_eq!(get(&format!("Practitioner/{pr}")).status, 200);
+    // what reaches outside the reach, writes, other scopes: refused
+    for path in [
+        "Observation?subject:Patient.name=a".to_owned(),
+        "Patient?_has:Observation:patient:code=x".to_owned(),
+        "Observation?_include=Observation:subject".to_owned(),
+        "Patient?_revinclude=Observation:subject".to_owned(),
+        format!("Patient/{}/_history", patient(0)),
+        format!("Patient/{}/$everything", patient(0)),
+        "Condition".to_owned(),
+    ] {
+        let r = get(&path);
+        assert!(r.status == 403 || r.status == 404, "{path}: {}", r.status);
+    }
+    let obs = serde_json::json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": format!("Patient/{}", patient(0))}});
+    assert_eq!(s.server.post("Observation", &access, &obs).status, 403);
+
+    // break-the-glass for patient 3: a reason and a fresh second factor
+    let btg = |form: &[(&str, &str)], token: &str| {
+        post_form_with(
+            &agent,
+            &format!("{}/auth/break-glass", s.server.origin),
+            &[("Authorization", &format!("Bearer {token}"))],
+            form,
+        )
+    };
+    let p3 = patient(3);
+    let fresh = phivault_auth::totp::code_at(&secret, now + 30);
+    let reason = "unconscious in the emergency department, chart needed";
+    for (form, want) in [
+        (
+            vec![
+                ("patient", p3.as_str()),
+                ("reason", "because"),
+                ("otp", &fresh),
+            ],
+            400,
+        ),
+        (
+            vec![
+                ("patient", p3.as_str()),
+                ("reason", reason),
+                ("otp", "000000"),
+            ],
+            403,
+        ),
+        (
+            vec![
+                ("patient", "no-such-patient"),
+                ("reason", reason),
+                ("otp", &fresh),
+            ],
+            404,
+        ),
+    ] {
+        let r = btg(&form, &access);
+        assert_eq!(r.status, want, "{}", r.body);
+    }
+    assert_eq!(
+        btg(
+            &[("patient", &p3), ("reason", reason), ("otp", &fresh)],
+            "x"
+        )
+        .status,
+        401
+    );
+    let patient_token = s.server.token("system/*.rs");
+    assert_eq!(
+        btg(
+            &[("patient", &p3), ("reason", reason), ("otp", &fresh)],
+            &patient_token
+        )
+        .status,
+        403,
+        "not for back-end clients"
+    );
+    sees(&treated);
+    let r = btg(
+        &[("patient", &p3), ("reason", reason), ("otp", &fresh)],
+        &access,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let opened: Value = serde_json::from_str(&r.body).expect("json");
+    assert_eq!(opened["patient"], p3.as_str());
+    let expires = opened["expires_at"].as_u64().expect("expiry");
+    assert!(expires > now + 3500 && expires < now + 3700, "an hour");
+    // the same code again is a replay
+    assert_eq!(
+        btg(
+            &[("patient", &p3), ("reason", reason), ("otp", &fresh)],
+            &access
+        )
+        .status,
+        403
+    );
+    treated.push(3);
+    sees(&treated);
+
+    // an alert for review holds the reason; the audit event does not
+    let data = s.server.data.to_str().expect("path");
+    let o = cli(&["audit", "alerts", "--data-dir", data], "");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let alerts: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("alert json"))
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["rule"], "break-the-glass");
+    assert_eq!(alerts[0]["patient"], p3.as_str());
+    assert_eq!(alerts[0]["reason"], reason);
+    assert_eq!(alerts[0]["username"], "dr.adams");
+    assert_eq!(alerts[0]["status"], "open");
+    assert_eq!(alerts[0]["id"], opened["alert"]);
+    let events = audit_events(&s.server);
+    let glass: Vec<_> = events
+        .iter()
+        .filter(|e| e.interaction == "break-the-glass")
+        .collect();
+    assert_eq!(glass.len(), 7, "every attempt is audited");
+    let ok: Vec<_> = glass
+        .iter()
+        .filter(|e| e.outcome.http_status == 200)
+        .collect();
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0].patient.as_deref(), Some(p3.as_str()));
+    assert_eq!(
+        ok[0].request_id,
+        alerts[0]["request_id"].as_str().expect("rid")
+    );
+    assert!(ok[0].user.is_some());
+    let raw = std::fs::read(s.server.db_path()).expect("db");
+    assert!(
+        !raw.windows(reason.len()).any(|w| w == reason.as_bytes()),
+        "reason sealed"
+    );
+    s.server.stop();
 }
 
 fn audit_events(server: &Server) -> Vec<phivault_audit::AuditEvent> {

@@ -69,6 +69,8 @@ pub struct App {
     pub(crate) flows: crate::launch::Flows,
     /// Accounts of persons' tokens as last read: (generation, usable, unix time read).
     accounts: parking_lot::Mutex<std::collections::HashMap<String, (u64, bool, u64)>>,
+    /// Clinicians' treatment relationships and break-the-glass windows.
+    pub(crate) care: crate::care::Care,
     capability: Bytes,
     smart_configuration: Bytes,
     jwks: Bytes,
@@ -107,6 +109,7 @@ impl App {
             authz: phivault_auth::authorize::AuthorizationServer::new(),
             flows: crate::launch::Flows::default(),
             accounts: Default::default(),
+            care: Default::default(),
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
             smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
             jwks: Bytes::from(serde_json::to_vec(&jwks).unwrap_or_default()),
@@ -193,9 +196,9 @@ impl App {
     }
 
     /// Authorize one interaction of an authenticated client (each bundle entry separately,
-    /// SM2), for paths that serve whatever the type holds: access confined to one patient's
-    /// compartment is refused here (fail closed); the paths that can confine what they
-    /// serve call [`App::authorize_confined`].
+    /// SM2), for paths that serve whatever the type holds: access confined to some
+    /// patients' compartments is refused here (fail closed); the paths that can confine
+    /// what they serve call [`App::authorize_confined`].
     pub(crate) fn authorize(
         &self,
         auth: &Authenticated,
@@ -208,20 +211,21 @@ impl App {
         }
     }
 
-    /// [`App::authorize`], but a grant confined to one patient's compartment is returned
-    /// (`Some(patient id)`) for the caller to enforce.
+    /// [`App::authorize`], but a grant confined to some patients' compartments is
+    /// returned (`Some(reach)`: a patient's own, a clinician's treated patients) for the
+    /// caller to enforce.
     pub(crate) fn authorize_confined(
         &self,
         auth: &Authenticated,
         rtype: &str,
         interaction: Interaction,
-    ) -> Result<Option<String>, ApiError> {
+    ) -> Result<Option<crate::care::Reach>, ApiError> {
         if !phivault_fhir::is_known_resource_type(rtype) {
             return Err(ApiError::not_found("unknown resource type"));
         }
-        phivault_auth::authorize(auth, rtype, interaction)
-            .map(|a| a.patient().map(str::to_owned))
-            .map_err(|_| ApiError::forbidden())
+        let grant = phivault_auth::authorize(auth, rtype, interaction)
+            .map_err(|_| ApiError::forbidden())?;
+        self.reach(grant.reach())
     }
 
     /// Make audit events durable; fail closed.
@@ -554,7 +558,17 @@ pub enum Commit {
 
 /// Submit a batch and classify the outcome.
 pub async fn commit(app: &App, batch: WriteBatch) -> Result<Commit, ApiError> {
-    match app.engine.store.submit(batch).await {
+    // a write of a treatment relationship drops the cached reach of clinicians: before
+    // (nothing computed from now on is kept past the write) and after it lands
+    let relations = crate::care::Care::touches(batch.puts.iter().map(|p| p.row.rtype.as_str()));
+    if relations {
+        app.care.invalidate();
+    }
+    let r = app.engine.store.submit(batch).await;
+    if relations {
+        app.care.invalidate();
+    }
+    match r {
         Ok(Ok(_)) => Ok(Commit::Done),
         Ok(Err(CommitError::Store(_))) | Err(_) => Err(ApiError::unavailable()),
         Ok(Err(e)) => Ok(Commit::Conflict(e)),
@@ -925,7 +939,7 @@ async fn read_inner(
 ) -> Result<Response, ApiError> {
     let auth = app.authenticate(headers, ctx)?;
     let confined = app.authorize_confined(&auth, rtype, Interaction::Read)?;
-    let (row, body) = do_read_in(app, ctx, rtype, id, version, confined.as_deref()).await?;
+    let (row, body) = do_read_in(app, ctx, rtype, id, version, confined.as_ref()).await?;
     Ok(resource_response(
         app,
         StatusCode::OK,
@@ -951,8 +965,8 @@ pub async fn do_read(
     do_read_in(app, ctx, rtype, id, version, None).await
 }
 
-/// [`do_read`] confined to `patient`'s compartment when given: a version not sealed under
-/// that patient's key is "not found" (before deletion is told or anything is decrypted),
+/// [`do_read`] confined to `reach` when given: a version not sealed under the key of a
+/// patient it reaches is "not found" (before deletion is told or anything is decrypted),
 /// so ids of other patients' records reveal nothing.
 async fn do_read_in(
     app: &Arc<App>,
@@ -960,7 +974,7 @@ async fn do_read_in(
     rtype: &str,
     id: &str,
     version: Option<u64>,
-    patient: Option<&str>,
+    reach: Option<&crate::care::Reach>,
 ) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
     check_id(id).map_err(|_| ApiError::not_found("resource not found"))?;
     // A point read by primary key takes microseconds on the page cache: done inline rather
@@ -971,7 +985,7 @@ async fn do_read_in(
             Some(v) => app.engine.store.version(rtype, id, v),
         }
         .map_err(|_| ApiError::unavailable())?;
-        let row = row.filter(|r| patient.is_none_or(|p| key_patient(&r.key_id) == Some(p)));
+        let row = row.filter(|r| reach.is_none_or(|c| c.admits(key_patient(&r.key_id))));
         match row {
             None => (None, Vec::new()),
             Some(row) if row.deleted => (Some(row), Vec::new()),
@@ -1300,6 +1314,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/auth/consent", post(crate::launch::consent))
         .route("/auth/revoke", post(crate::launch::revoke))
         .route("/auth/introspect", post(crate::launch::introspect))
+        .route("/auth/break-glass", post(crate::care::break_glass))
         .route("/fhir", post(bundle::handle))
         .route("/fhir/", post(bundle::handle))
         .route(

@@ -190,7 +190,7 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-fn form_of(body: Result<Bytes, BytesRejection>) -> Option<HashMap<String, String>> {
+pub(crate) fn form_of(body: Result<Bytes, BytesRejection>) -> Option<HashMap<String, String>> {
     let bytes = body.ok()?;
     let text = std::str::from_utf8(&bytes).ok()?;
     let pairs = form_urlencoded_pairs(text);
@@ -230,7 +230,7 @@ impl Flows {
         e.1 <= ATTEMPTS_PER_MINUTE
     }
 
-    fn stripe(&self, username: &str) -> &Mutex<()> {
+    pub(crate) fn stripe(&self, username: &str) -> &Mutex<()> {
         let h = username.bytes().fold(0usize, |h, b| {
             h.wrapping_mul(31).wrapping_add(usize::from(b))
         });

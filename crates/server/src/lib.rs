@@ -13,6 +13,7 @@ use tower::ServiceExt;
 pub mod app;
 pub mod bundle;
 pub mod capability;
+pub mod care;
 pub mod engine;
 pub mod error;
 pub mod launch;

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::app::App;
+use crate::care::Reach;
 use crate::engine::{instant, key_patient, now_ms};
 use crate::error::ApiError;
 
@@ -148,7 +149,7 @@ impl Plan {
         app: &App,
         rtype: &str,
         criteria: &[Criterion],
-        compartment: Option<&str>,
+        reach: Option<&Reach>,
     ) -> Result<Plan, ApiError> {
         let mut plan = Plan {
             rtype: rtype.to_owned(),
@@ -216,24 +217,34 @@ impl Plan {
                 _ => plan.criteria.push(c.clone()),
             }
         }
-        if let Some(patient) = compartment {
+        if let Some(reach) = reach {
+            // the compartments of the patients reached (a compartment search, a patient's
+            // own app, a clinician's patients)
+            let patients: Vec<String> = reach.patients.iter().cloned().collect();
             if rtype == "Patient" {
-                restrict(&mut plan, vec![patient.to_owned()]);
+                restrict(&mut plan, patients.clone());
             }
             for p in phivault_fhir::patient_compartment_params(rtype) {
                 if let Some(def) = search::search_param(rtype, p)
                     && def.ptype == ParamType::Reference
                 {
                     plan.any_of
-                        .push(reference_criterion(def, "Patient", &[patient.to_owned()]));
+                        .push(reference_criterion(def, "Patient", &patients));
                 }
             }
+            if patients.is_empty() {
+                plan.empty = true;
+            }
             if rtype != "Patient" && plan.any_of.is_empty() {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    IssueCode::NotSupported,
-                    "this resource type is not in the Patient compartment",
-                ));
+                if reach.shared {
+                    // not a compartment type: records outside any compartment are reached
+                } else {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        IssueCode::NotSupported,
+                        "this resource type is not in the Patient compartment",
+                    ));
+                }
             }
         }
         let mut lookup = search::lookup_terms(&plan.criteria);
@@ -360,6 +371,27 @@ impl Plan {
 /// Every match of `criteria` on `rtype` (bounded by [`MAX_CHAIN_IDS`]).
 fn match_all(app: &App, rtype: &str, criteria: &[Criterion]) -> Result<Vec<Loaded>, ApiError> {
     Plan::new(app, rtype, criteria, None)?.all(app, MAX_CHAIN_IDS)
+}
+
+/// The patients (the compartments their records are sealed under) of the `rtype` records
+/// whose reference parameter `param` names `target_type/target_id`, each match decrypted
+/// and verified (at most [`MAX_FULL_EXAMINE`] examined).
+pub fn patients_referencing(
+    app: &App,
+    rtype: &str,
+    param: &str,
+    target_type: &str,
+    target_id: &str,
+) -> Result<BTreeSet<String>, ApiError> {
+    let def = search::search_param(rtype, param)
+        .filter(|d| d.ptype == ParamType::Reference)
+        .ok_or_else(ApiError::internal)?;
+    let crit = reference_criterion(def, target_type, &[target_id.to_owned()]);
+    Ok(Plan::new(app, rtype, &[crit], None)?
+        .all(app, MAX_FULL_EXAMINE)?
+        .iter()
+        .filter_map(|l| key_patient(&l.row.key_id).map(str::to_owned))
+        .collect())
 }
 
 fn match_ids(app: &App, rtype: &str, criteria: &[Criterion]) -> Result<Vec<String>, ApiError> {
@@ -559,13 +591,22 @@ pub fn parse(req: &Request) -> Result<SearchQuery, ApiError> {
 }
 
 /// Run one page of a search (blocking: call from a blocking thread).
+/// `reach`, when given, confines the search to those patients' compartments (the URL's
+/// compartment, when there is one, confines it further).
 pub fn run(
     app: &App,
     auth: &Authenticated,
     req: &Request,
     q: SearchQuery,
+    reach: Option<&Reach>,
 ) -> Result<Page, ApiError> {
-    let plan = Plan::new(app, &req.rtype, &q.criteria, req.compartment.as_deref())?;
+    let url_compartment = req.compartment.as_deref().map(Reach::patient);
+    let plan = Plan::new(
+        app,
+        &req.rtype,
+        &q.criteria,
+        url_compartment.as_ref().or(reach),
+    )?;
     let count = q.count;
     let want_total = q.total != Total::None || q.summary == Summary::Count;
     let mut total = None;
@@ -925,7 +966,7 @@ pub fn stream_compartment(
     patient: &str,
     visit: &mut dyn FnMut(Loaded) -> bool,
 ) -> Result<bool, ApiError> {
-    let plan = Plan::new(app, rtype, &[], Some(patient))?;
+    let plan = Plan::new(app, rtype, &[], Some(&Reach::patient(patient)))?;
     let mut after: Option<String> = None;
     loop {
         let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;

@@ -148,30 +148,39 @@ async fn run(
     };
     ctx.rtype = Some(req.rtype.clone());
     let mut req = req;
-    let confined = app.authorize_confined(&auth, &req.rtype, Interaction::Search)?;
-    if let Some(own) = &confined {
-        // a patient's app searches their own compartment only
+    let mut reach = app.authorize_confined(&auth, &req.rtype, Interaction::Search)?;
+    let confined = reach.is_some();
+    if let Some(r) = &reach {
         match &req.compartment {
-            Some(p) if p != own => return Err(ApiError::forbidden()),
-            _ => req.compartment = Some(own.clone()),
+            // a compartment the access does not reach: refused
+            Some(p) if !r.admits(Some(p)) => return Err(ApiError::forbidden()),
+            // the URL's compartment is within reach and confines the search further
+            Some(_) => reach = None,
+            // one patient's app: their compartment
+            None => {
+                if let Some(own) = r.single() {
+                    req.compartment = Some(own.to_owned());
+                    reach = None;
+                }
+            }
         }
     }
     if let Some(p) = &req.compartment {
         ctx.patient = Some(p.clone());
-        if confined.is_none() {
+        if !confined {
             app.authorize(&auth, "Patient", Interaction::Read)
                 .or_else(|_| app.authorize(&auth, "Patient", Interaction::Search))?;
         }
     }
     let q = search::parse(&req)?;
-    if confined.is_some() && q.reaches_outside() {
+    if confined && q.reaches_outside() {
         // chains, _has and includes read other resources, whose counts, bounds or
         // compartments could tell about other patients: not for confined access (yet)
         return Err(ApiError::forbidden());
     }
     let a = app.clone();
     let page = blocking(move || {
-        let page = search::run(&a, &auth, &req, q)?;
+        let page = search::run(&a, &auth, &req, q, reach.as_ref())?;
         Ok((page, req))
     })
     .await;

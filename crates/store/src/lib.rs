@@ -257,6 +257,9 @@ pub trait Store: Send + Sync + 'static {
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Set a metadata value (durable on return).
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// The metadata rows whose key starts with `prefix`, in key order, at most `limit`.
+    fn meta_prefix(&self, prefix: &str, limit: usize)
+    -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Submit a batch; the receiver yields once the batch is durable or rejected.
     fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>>;
     /// The signed audit head, if any event was ever written.

@@ -788,6 +788,22 @@ impl Store for SqliteStore {
         })
     }
 
+    fn meta_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // keys are ASCII: the range [prefix, prefix + U+10FFFF) holds exactly the keys
+        // that start with it
+        let end = format!("{prefix}\u{10FFFF}");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            c.prepare_cached("SELECT k, v FROM meta WHERE k >= ?1 AND k < ?2 ORDER BY k LIMIT ?3")?
+                .query_map(params![prefix, end, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+    }
+
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         if !self.send(Command::SetMeta(key.to_owned(), value.to_vec(), tx)) {

@@ -451,6 +451,25 @@ fn meta_roundtrip(store: &dyn Store) {
     store.set_meta("x", b"1").unwrap();
     store.set_meta("x", b"2").unwrap();
     assert_eq!(store.meta("x").unwrap().unwrap(), b"2");
+    for k in [
+        "alert:b", "alert:a", "alerts", "alert;", "alert:c", "alers:z",
+    ] {
+        store.set_meta(k, k.as_bytes()).unwrap();
+    }
+    let keys = |limit| -> Vec<String> {
+        store
+            .meta_prefix("alert:", limit)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                assert_eq!(k.as_bytes(), v.as_slice());
+                k
+            })
+            .collect()
+    };
+    assert_eq!(keys(10), ["alert:a", "alert:b", "alert:c"]);
+    assert_eq!(keys(2), ["alert:a", "alert:b"]);
+    assert!(store.meta_prefix("nothing:", 10).unwrap().is_empty());
 }
 
 fn concurrent_batches_all_land(store: &dyn Store) {

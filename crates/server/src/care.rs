@@ -1,0 +1,453 @@
+//! Whose records a clinician may see (AC1, AC5): treatment relationships and
+//! break-the-glass.
+//!
+//! A clinician's token reaches the patients their practitioner record has a treatment
+//! relationship with — the patient of an Encounter the practitioner participates in, of a
+//! CareTeam they are a member of, or of an Appointment they are an actor of — plus the
+//! patients they opened by break-the-glass while that window lasts, plus records outside
+//! any patient compartment. "The patient of" a record is the compartment its version is
+//! sealed under, the same key that decides what a patient's own app sees.
+//!
+//! The set is worked out by search over the blind indexes (each match decrypted and
+//! verified), cached per account, and dropped whenever a relationship record is written
+//! or a window opens (and at least every [`MAX_AGE_MS`]).
+//!
+//! Break-the-glass: `POST /auth/break-glass` with the clinician's bearer token, the patient,
+//! a stated reason and a fresh code from their authenticator opens that one patient for
+//! [`WINDOW_MINUTES`]. It is audited (interaction `break-the-glass`) and writes an alert
+//! record for review; the reason, which may itself hold PHI, lives only in the sealed alert.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use phivault_audit::Action;
+use phivault_auth::{Interaction, LoginFailure, Reach as Grant};
+use phivault_fhir::IssueCode;
+use serde::{Deserialize, Serialize};
+
+use crate::app::{App, Ctx, Peer, check_id, finish};
+use crate::engine::{new_id, now_ms};
+use crate::error::ApiError;
+
+/// The record types whose participants have a treatment relationship with the patient,
+/// and the reference search parameter naming them.
+pub const RELATIONSHIPS: [(&str, &str); 3] = [
+    ("Encounter", "participant"),
+    ("CareTeam", "participant"),
+    ("Appointment", "actor"),
+];
+
+/// How long break-the-glass opens a patient.
+pub const WINDOW_MINUTES: i64 = 60;
+/// The longest a cached set is used.
+const MAX_AGE_MS: i64 = 5_000;
+/// Shortest and longest accepted reason.
+const REASON_CHARS: std::ops::RangeInclusive<usize> = 10..=500;
+
+const GRANTS_LABEL: &str = "phivault break-the-glass grants v1\u{0}";
+const ALERT_LABEL: &str = "phivault alert v1\u{0}";
+/// Metadata key prefix of alert records.
+pub const ALERT_PREFIX: &str = "alert:";
+
+fn grants_key(user: &str) -> String {
+    format!("btg:{user}")
+}
+
+/// Which patients' records an access reaches (anything but "all").
+#[derive(Debug, Clone)]
+pub struct Reach {
+    /// The patients whose compartments are reached.
+    pub patients: Arc<BTreeSet<String>>,
+    /// Whether records outside any patient compartment are reached too.
+    pub shared: bool,
+}
+
+impl Reach {
+    /// One patient's compartment only.
+    pub fn patient(id: &str) -> Self {
+        Reach {
+            patients: Arc::new(BTreeSet::from([id.to_owned()])),
+            shared: false,
+        }
+    }
+
+    /// Whether a record sealed for `patient` (None: outside any compartment) is reached.
+    pub fn admits(&self, patient: Option<&str>) -> bool {
+        match patient {
+            Some(p) => self.patients.contains(p),
+            None => self.shared,
+        }
+    }
+
+    /// The one patient, when that is all it reaches.
+    pub fn single(&self) -> Option<&str> {
+        match (self.shared, self.patients.len()) {
+            (false, 1) => self.patients.first().map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+/// One break-the-glass window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Window {
+    patient: String,
+    from_ms: i64,
+    until_ms: i64,
+}
+
+/// An alert for review.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Alert {
+    /// Alert id.
+    pub id: String,
+    /// The rule that raised it.
+    pub rule: String,
+    /// Account id of the person.
+    pub user: String,
+    /// Their username.
+    pub username: String,
+    /// The patient concerned.
+    pub patient: String,
+    /// The reason the person gave.
+    pub reason: String,
+    /// When (ms since the epoch).
+    pub at_ms: i64,
+    /// Until when access was opened (ms since the epoch).
+    pub until_ms: i64,
+    /// The request that raised it (joins the audit event).
+    pub request_id: String,
+    /// Review state: `open`, `justified` or `violation`.
+    pub status: String,
+}
+
+impl std::fmt::Debug for Alert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alert")
+            .field("id", &self.id)
+            .field("rule", &self.rule)
+            .field("reason", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cached reach of clinicians' accounts.
+#[derive(Default)]
+pub struct Care {
+    /// Moves whenever a relationship record or a window is written.
+    generation: AtomicU64,
+    cache: parking_lot::Mutex<HashMap<String, Cached>>,
+}
+
+struct Cached {
+    reach: Reach,
+    generation: u64,
+    until_ms: i64,
+}
+
+impl Care {
+    /// Drop every cached set (a relationship changed).
+    pub fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether a batch writing `rtypes` changes relationships.
+    pub fn touches<'a>(mut rtypes: impl Iterator<Item = &'a str>) -> bool {
+        rtypes.any(|t| RELATIONSHIPS.iter().any(|(r, _)| *r == t))
+    }
+}
+
+impl App {
+    /// What a grant reaches; None for everything (a back-end client's `system/` access).
+    pub(crate) fn reach(&self, grant: &Grant) -> Result<Option<Reach>, ApiError> {
+        match grant {
+            Grant::Patient(p) => Ok(Some(Reach::patient(p))),
+            Grant::TreatedBy { practitioner, user } => self.treated(practitioner, user).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The patients `practitioner` (account `user`) treats or opened by break-the-glass.
+    fn treated(&self, practitioner: &str, user: &str) -> Result<Reach, ApiError> {
+        let now = now_ms();
+        let generation = self.care.generation.load(Ordering::SeqCst);
+        if let Some(c) = self.care.cache.lock().get(user)
+            && c.generation == generation
+            && c.until_ms > now
+        {
+            return Ok(c.reach.clone());
+        }
+        let mut patients = BTreeSet::new();
+        for (rtype, param) in RELATIONSHIPS {
+            patients.extend(crate::search::patients_referencing(
+                self,
+                rtype,
+                param,
+                "Practitioner",
+                practitioner,
+            )?);
+        }
+        let mut until_ms = now + MAX_AGE_MS;
+        for w in self.windows(user)? {
+            if w.from_ms <= now && now < w.until_ms {
+                patients.insert(w.patient);
+                until_ms = until_ms.min(w.until_ms);
+            }
+        }
+        let reach = Reach {
+            patients: Arc::new(patients),
+            shared: true,
+        };
+        let mut cache = self.care.cache.lock();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(
+            user.to_owned(),
+            Cached {
+                reach: reach.clone(),
+                generation,
+                until_ms,
+            },
+        );
+        Ok(reach)
+    }
+
+    fn windows(&self, user: &str) -> Result<Vec<Window>, ApiError> {
+        let key = grants_key(user);
+        let Some(sealed) = self
+            .engine
+            .store
+            .meta(&key)
+            .map_err(|_| ApiError::unavailable())?
+        else {
+            return Ok(Vec::new());
+        };
+        let plain = self
+            .engine
+            .open_secret(&format!("{GRANTS_LABEL}{key}"), &sealed)
+            .ok_or_else(ApiError::integrity)?;
+        serde_json::from_slice(&plain).map_err(|_| ApiError::integrity())
+    }
+
+    fn put_sealed<T: Serialize>(&self, label: &str, key: &str, v: &T) -> Result<(), ApiError> {
+        let plain =
+            zeroize::Zeroizing::new(serde_json::to_vec(v).map_err(|_| ApiError::internal())?);
+        let sealed = self
+            .engine
+            .seal_secret(&format!("{label}{key}"), &plain)
+            .ok_or_else(ApiError::internal)?;
+        self.engine
+            .store
+            .set_meta(key, &sealed)
+            .map_err(|_| ApiError::unavailable())
+    }
+}
+
+/// The alert records, oldest first (at most `limit`); a record that does not open is an
+/// integrity error.
+pub fn alerts(
+    keys: &phivault_crypto::KeyHierarchy,
+    store: &dyn phivault_store::Store,
+    limit: usize,
+) -> Result<Vec<Alert>, AlertError> {
+    store
+        .meta_prefix(ALERT_PREFIX, limit)?
+        .into_iter()
+        .map(|(k, sealed)| {
+            let plain = keys
+                .open_secret(&format!("{ALERT_LABEL}{k}"), &sealed)
+                .map_err(|_| AlertError::Integrity)?;
+            serde_json::from_slice(plain.expose()).map_err(|_| AlertError::Integrity)
+        })
+        .collect()
+}
+
+/// Why alerts cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] phivault_store::StoreError),
+    /// A stored alert does not open: tampered, moved or from another key.
+    #[error("a stored alert failed its integrity check")]
+    Integrity,
+}
+
+fn forbidden(msg: &str) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, IssueCode::Forbidden, msg)
+}
+
+/// `POST /auth/break-glass` (form: `patient`, `reason`, `otp`) with a clinician's bearer
+/// token.
+pub async fn break_glass(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let mut ctx = Ctx::on(peer, Action::E, "break-the-glass", "Patient", None);
+    let a = app.clone();
+    // store reads and writes block: off the async threads
+    let done = crate::app::blocking(move || {
+        let r = break_glass_inner(&a, &mut ctx, &headers, body);
+        Ok((ctx, r))
+    })
+    .await;
+    match done {
+        Ok((ctx, r)) => finish(&app, ctx, r).await,
+        Err(e) => {
+            let ctx = Ctx::on(peer, Action::E, "break-the-glass", "Patient", None);
+            finish(&app, ctx, Err(e)).await
+        }
+    }
+}
+
+fn break_glass_inner(
+    app: &App,
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let auth = app.authenticate(headers, ctx)?;
+    let form =
+        crate::launch::form_of(body).ok_or_else(|| ApiError::bad_request("malformed form"))?;
+    let field = |k: &str| form.get(k).map_or("", |v| v.as_str());
+    let patient = field("patient");
+    check_id(patient).map_err(|_| ApiError::bad_request("patient must be a resource id"))?;
+    ctx.id = Some(patient.to_owned());
+    ctx.patient = Some(patient.to_owned());
+    // only a clinician linked to a practitioner, through a token that may read patients
+    let user = match phivault_auth::authorize(&auth, "Patient", Interaction::Read)
+        .map(|g| g.reach().clone())
+    {
+        Ok(Grant::TreatedBy { user, .. }) => user,
+        _ => return Err(forbidden("break-the-glass is for clinicians")),
+    };
+    let reason = field("reason").trim();
+    if !REASON_CHARS.contains(&reason.chars().count()) {
+        return Err(ApiError::bad_request(
+            "state the reason for access (10 to 500 characters)",
+        ));
+    }
+    let exists = app
+        .engine
+        .store
+        .current("Patient", patient)
+        .map_err(|_| ApiError::unavailable())?
+        .is_some_and(|r| !r.deleted);
+    if !exists {
+        return Err(ApiError::not_found("resource not found"));
+    }
+    // the second factor again, under the account's replay guard and lockout
+    let users = app.engine.users();
+    let now = now_ms();
+    let mut rec = users
+        .get_by_id(&user)
+        .ok()
+        .flatten()
+        .ok_or_else(|| forbidden("break-the-glass is for clinicians"))?;
+    let _guard = app.flows.stripe(&rec.username).lock();
+    let checked = rec.confirm_second_factor(field("otp"), (now / 1000) as u64);
+    users.put(&rec).map_err(|_| ApiError::unavailable())?;
+    match checked {
+        Ok(()) => {}
+        Err(LoginFailure::Locked(_)) => return Err(forbidden("the account is locked")),
+        Err(_) => return Err(forbidden("the authenticator code was not accepted")),
+    }
+    let until_ms = now + WINDOW_MINUTES * 60_000;
+    let mut windows: Vec<Window> = app
+        .windows(&user)?
+        .into_iter()
+        .filter(|w| w.until_ms > now)
+        .collect();
+    windows.push(Window {
+        patient: patient.to_owned(),
+        from_ms: now,
+        until_ms,
+    });
+    let alert = Alert {
+        id: new_id(),
+        rule: "break-the-glass".into(),
+        user: user.clone(),
+        username: rec.username.clone(),
+        patient: patient.to_owned(),
+        reason: reason.to_owned(),
+        at_ms: now,
+        until_ms,
+        request_id: ctx.request_id.clone(),
+        status: "open".into(),
+    };
+    // the alert first: a window never opens without its alert
+    app.put_sealed(
+        ALERT_LABEL,
+        &format!("{ALERT_PREFIX}{now:013}-{}", alert.id),
+        &alert,
+    )?;
+    app.put_sealed(GRANTS_LABEL, &grants_key(&user), &windows)?;
+    app.care.invalidate();
+    let body = serde_json::json!({
+        "patient": patient,
+        "expires_at": until_ms / 1000,
+        "alert": alert.id,
+    });
+    let body = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
+    Ok(crate::app::json_response(
+        StatusCode::OK,
+        Bytes::from(body),
+        "application/json",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reach_admits_its_patients_and_shared_records_only_when_told() {
+        let one = Reach::patient("p1");
+        assert!(one.admits(Some("p1")));
+        assert!(!one.admits(Some("p2")));
+        assert!(!one.admits(None));
+        assert_eq!(one.single(), Some("p1"));
+        let many = Reach {
+            patients: Arc::new(BTreeSet::from(["a".to_owned(), "b".to_owned()])),
+            shared: true,
+        };
+        assert!(many.admits(Some("b")) && many.admits(None) && !many.admits(Some("c")));
+        assert_eq!(many.single(), None);
+    }
+
+    #[test]
+    fn relationship_types_are_known_and_searchable_by_reference() {
+        for (rtype, param) in RELATIONSHIPS {
+            let def = phivault_fhir::search::search_param(rtype, param).expect(param);
+            assert_eq!(def.ptype, phivault_fhir::search::ParamType::Reference);
+            assert!(Care::touches([rtype].into_iter()));
+        }
+        assert!(!Care::touches(["Observation", "Patient"].into_iter()));
+    }
+
+    #[test]
+    fn alert_debug_hides_the_reason() {
+        let a = Alert {
+            id: "x".into(),
+            rule: "break-the-glass".into(),
+            user: "u".into(),
+            username: "dr.who".into(),
+            patient: "p".into(),
+            reason: "unconscious in the emergency room".into(),
+            at_ms: 0,
+            until_ms: 0,
+            request_id: "r".into(),
+            status: "open".into(),
+        };
+        assert!(!format!("{a:?}").contains("unconscious"));
+    }
+}
