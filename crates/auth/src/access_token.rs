@@ -187,6 +187,20 @@ impl AccessTokenIssuer {
         scopes: &ScopeSet,
         now: u64,
     ) -> Result<IssuedToken, AuthError> {
+        self.issue_bound(client_id, person, scopes, now, None)
+    }
+
+    /// [`AccessTokenIssuer::issue_for`], bound to the DPoP key whose RFC 7638 thumbprint
+    /// is `jkt` when given (`cnf.jkt`, RFC 9449 §6): the token is then only accepted with
+    /// a proof of possession of that key.
+    pub fn issue_bound(
+        &self,
+        client_id: &str,
+        person: Option<&Person>,
+        scopes: &ScopeSet,
+        now: u64,
+        jkt: Option<&str>,
+    ) -> Result<IssuedToken, AuthError> {
         let mut id = [0u8; 16];
         self.rng
             .fill(&mut id)
@@ -213,6 +227,9 @@ impl AccessTokenIssuer {
                 "fhirUser": p.fhir_user,
                 "patient": p.patient,
             });
+        }
+        if let Some(j) = jkt {
+            claims["cnf"] = json!({ "jkt": j });
         }
         let token = encode_compact::<AuthError>(&header, &claims, |msg| {
             Ok(self.key.sign(msg).as_ref().to_vec())
@@ -341,6 +358,7 @@ struct AuthInner {
     scopes: ScopeSet,
     token_id: String,
     expires_at: u64,
+    jkt: Option<String>,
 }
 
 /// `sub` prefix of tokens issued for a person.
@@ -432,6 +450,11 @@ impl Authenticated {
     /// The token's `exp`.
     pub fn expires_at(&self) -> u64 {
         self.0.expires_at
+    }
+    /// The DPoP key the token is bound to (`cnf.jkt`), if any: the token is then only
+    /// valid with a proof made with that key.
+    pub fn dpop_jkt(&self) -> Option<&str> {
+        self.0.jkt.as_deref()
     }
 }
 
@@ -615,12 +638,23 @@ impl AccessTokenVerifier {
         let jti = claims::string(c, "jti")
             .filter(|j| !j.is_empty())
             .ok_or(TokenError::InvalidClaims)?;
+        let jkt = match c.get("cnf") {
+            None => None,
+            Some(cnf) => Some(
+                cnf.get("jkt")
+                    .and_then(|j| j.as_str())
+                    .filter(|j| j.len() == 43)
+                    .ok_or(TokenError::InvalidClaims)?
+                    .to_owned(),
+            ),
+        };
         let auth = Authenticated(Arc::new(AuthInner {
             client_id: client_id.to_owned(),
             person,
             scopes,
             token_id: jti.to_owned(),
             expires_at: exp,
+            jkt,
         }));
         Ok((auth, nbf))
     }
@@ -667,6 +701,22 @@ pub(crate) mod tests {
         // Debug hides the token
         assert!(!format!("{t:?}").contains(t.token()));
         assert!(!format!("{i:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn a_bound_token_carries_its_key_thumbprint() {
+        let i = issuer();
+        let jkt = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs";
+        let t = i
+            .issue_bound("app", None, &scopes(), NOW, Some(jkt))
+            .expect("issue");
+        let a = i.verifier().verify(t.token(), NOW).expect("verify");
+        assert_eq!(a.dpop_jkt(), Some(jkt));
+        let plain = i.issue("app", &scopes(), NOW).expect("issue");
+        assert_eq!(
+            i.verifier().verify(plain.token(), NOW).unwrap().dpop_jkt(),
+            None
+        );
     }
 
     #[test]

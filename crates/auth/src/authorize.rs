@@ -50,6 +50,10 @@ pub struct AppRecord {
     pub scopes: ScopeSet,
     /// Disabled apps cannot start or continue a sign-in.
     pub disabled: bool,
+    /// Tokens only with a DPoP proof (RFC 9449): access tokens are bound to the app's
+    /// key, and so is its session of refresh tokens.
+    #[serde(default)]
+    pub require_dpop: bool,
 }
 
 impl AppRecord {
@@ -272,6 +276,8 @@ struct Family {
     /// Unix time of the last code exchange or refresh (idle timeout).
     last_used: u64,
     revoked: bool,
+    /// The DPoP key (RFC 7638 thumbprint) the session is bound to.
+    jkt: Option<String>,
 }
 
 /// Codes and refresh tokens of this server process. Everything is in memory: a restart
@@ -423,6 +429,7 @@ impl AuthorizationServer {
                 expires: now + REFRESH_TTL_SECONDS,
                 last_used: now,
                 revoked: false,
+                jkt: None,
             },
         );
         inner.refresh.insert(
@@ -487,6 +494,26 @@ impl AuthorizationServer {
         Ok((grant, OneTimeSecret(next)))
     }
 
+    /// Bind the session of refresh token `token` to the DPoP key `jkt` (RFC 9449 §5: a
+    /// public client's refresh tokens are bound to its key). Once bound, it stays bound.
+    pub fn bind_dpop(&self, token: &str, jkt: &str) {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        if let Some(e) = inner.refresh.get(&hash(token))
+            && let Some(f) = inner.families.get_mut(&e.family)
+            && f.jkt.is_none()
+        {
+            f.jkt = Some(jkt.to_owned());
+        }
+    }
+
+    /// The DPoP key the session of refresh token `token` is bound to, if any.
+    pub fn dpop_key_of(&self, token: &str) -> Option<String> {
+        let inner = self.inner.lock();
+        let e = inner.refresh.get(&hash(token))?;
+        inner.families.get(&e.family)?.jkt.clone()
+    }
+
     /// RFC 7009 revocation of a refresh token: its whole family ends. Unknown tokens are
     /// ignored (the endpoint answers 200 either way).
     pub fn revoke(&self, client_id: &str, token: &str) {
@@ -537,6 +564,7 @@ mod tests {
             )
             .unwrap(),
             disabled: false,
+            require_dpop: false,
         }
     }
 

@@ -50,6 +50,10 @@ pub enum OAuthError {
     /// `server_error`: token issuing failed on the server side.
     #[error("server_error: the server could not issue a token")]
     ServerError(&'static str),
+    /// `invalid_dpop_proof` (RFC 9449 §5): missing, malformed, replayed or for another
+    /// key or request.
+    #[error("invalid_dpop_proof: the DPoP proof is invalid")]
+    InvalidDpopProof(&'static str),
 }
 
 impl OAuthError {
@@ -63,6 +67,7 @@ impl OAuthError {
             OAuthError::UnsupportedGrantType => "unsupported_grant_type",
             OAuthError::InvalidScope(_) => "invalid_scope",
             OAuthError::ServerError(_) => "server_error",
+            OAuthError::InvalidDpopProof(_) => "invalid_dpop_proof",
         }
     }
 
@@ -85,6 +90,7 @@ impl OAuthError {
             OAuthError::UnsupportedGrantType => "Only client_credentials is supported.",
             OAuthError::InvalidScope(_) => "The requested scope is invalid or not granted.",
             OAuthError::ServerError(_) => "The server could not issue a token.",
+            OAuthError::InvalidDpopProof(_) => "The DPoP proof is missing or invalid.",
         }
     }
 
@@ -96,7 +102,8 @@ impl OAuthError {
             | OAuthError::InvalidGrant(r)
             | OAuthError::UnauthorizedClient(r)
             | OAuthError::InvalidScope(r)
-            | OAuthError::ServerError(r) => r,
+            | OAuthError::ServerError(r)
+            | OAuthError::InvalidDpopProof(r) => r,
             OAuthError::UnsupportedGrantType => "unsupported grant_type",
         }
     }

@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 
 const PRIVATE_MEMBERS: &[&str] = &["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
 const P384_COORD_LEN: usize = 48;
+const P256_COORD_LEN: usize = 32;
 const MIN_RSA_BITS: usize = 2048;
 const MAX_RSA_BITS: usize = 8192;
 
@@ -26,6 +27,8 @@ const MAX_RSA_BITS: usize = 8192;
 enum KeyMaterial {
     /// Uncompressed SEC1 point `0x04 || x || y`.
     EcP384(Vec<u8>),
+    /// Uncompressed SEC1 point `0x04 || x || y` (DPoP proof keys).
+    EcP256(Vec<u8>),
     Rsa {
         n: Vec<u8>,
         e: Vec<u8>,
@@ -77,14 +80,37 @@ fn bit_len(be: &[u8]) -> usize {
 
 /// Checks that `point` is a valid P-384 public key by running an ephemeral ECDH with it
 /// (ring validates the peer point; ring has no other public point-validation API).
-fn p384_point_is_valid(point: &[u8]) -> bool {
+fn point_is_valid(curve: &'static ring::agreement::Algorithm, point: &[u8]) -> bool {
     use ring::agreement;
     let rng = SystemRandom::new();
-    let Ok(eph) = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P384, &rng) else {
+    let Ok(eph) = agreement::EphemeralPrivateKey::generate(curve, &rng) else {
         return false;
     };
-    let peer = agreement::UnparsedPublicKey::new(&agreement::ECDH_P384, point);
+    let peer = agreement::UnparsedPublicKey::new(curve, point);
     agreement::agree_ephemeral(eph, &peer, |_| ()).is_ok()
+}
+
+/// `0x04 || x || y` from a JWK's `x` and `y` of `len` bytes each, checked to be on `curve`.
+fn ec_point(
+    m: &Map<String, Value>,
+    len: usize,
+    curve: &'static ring::agreement::Algorithm,
+) -> Result<Vec<u8>, AuthError> {
+    let x = req_b64(m, "x")?;
+    let y = req_b64(m, "y")?;
+    if x.len() != len || y.len() != len {
+        return Err(AuthError::InvalidKey(
+            "EC JWK coordinates have the wrong length",
+        ));
+    }
+    let mut point = Vec::with_capacity(1 + 2 * len);
+    point.push(0x04);
+    point.extend_from_slice(&x);
+    point.extend_from_slice(&y);
+    if !point_is_valid(curve, &point) {
+        return Err(AuthError::InvalidKey("EC JWK point is not on its curve"));
+    }
+    Ok(point)
 }
 
 impl PublicJwk {
@@ -110,24 +136,17 @@ impl PublicJwk {
             Some(a) => Some(Alg::from_name(a).ok_or(AuthError::InvalidKey("JWK alg unsupported"))?),
         };
         let key = match get_str(m, "kty")? {
-            Some("EC") => {
-                if get_str(m, "crv")? != Some("P-384") {
-                    return Err(AuthError::InvalidKey("EC JWK curve must be P-384"));
+            Some("EC") => match get_str(m, "crv")? {
+                Some("P-384") => {
+                    KeyMaterial::EcP384(ec_point(m, P384_COORD_LEN, &ring::agreement::ECDH_P384)?)
                 }
-                let x = req_b64(m, "x")?;
-                let y = req_b64(m, "y")?;
-                if x.len() != P384_COORD_LEN || y.len() != P384_COORD_LEN {
-                    return Err(AuthError::InvalidKey("EC JWK coordinates must be 48 bytes"));
+                Some("P-256") => {
+                    KeyMaterial::EcP256(ec_point(m, P256_COORD_LEN, &ring::agreement::ECDH_P256)?)
                 }
-                let mut point = Vec::with_capacity(1 + 2 * P384_COORD_LEN);
-                point.push(0x04);
-                point.extend_from_slice(&x);
-                point.extend_from_slice(&y);
-                if !p384_point_is_valid(&point) {
-                    return Err(AuthError::InvalidKey("EC JWK point is not on P-384"));
+                _ => {
+                    return Err(AuthError::InvalidKey("EC JWK curve must be P-384 or P-256"));
                 }
-                KeyMaterial::EcP384(point)
-            }
+            },
             Some("RSA") => {
                 let n = req_b64(m, "n")?;
                 let e = req_b64(m, "e")?;
@@ -183,12 +202,62 @@ impl PublicJwk {
         })
     }
 
+    /// A public key embedded in a JWS header (a DPoP proof's `jwk`), which has no `kid`
+    /// of its own: parsed as strictly as [`PublicJwk::from_json`].
+    pub fn from_embedded(v: &Value) -> Result<PublicJwk, AuthError> {
+        let mut v = v.clone();
+        match v.as_object_mut() {
+            Some(m) if !m.contains_key("kid") => {
+                m.insert("kid".into(), json!("embedded"));
+            }
+            Some(_) => {}
+            None => return Err(AuthError::InvalidKey("JWK is not a JSON object")),
+        }
+        PublicJwk::from_json(&v)
+    }
+
+    /// The RFC 7638 JWK SHA-256 thumbprint, base64url: the required members only, in
+    /// lexicographic order, without white space.
+    pub fn thumbprint(&self) -> String {
+        let canonical = match &self.key {
+            KeyMaterial::EcP384(p) | KeyMaterial::EcP256(p) => {
+                let crv = if matches!(self.key, KeyMaterial::EcP384(_)) {
+                    "P-384"
+                } else {
+                    "P-256"
+                };
+                let (x, y) = p[1..].split_at((p.len() - 1) / 2);
+                format!(
+                    r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#,
+                    b64::encode(x),
+                    b64::encode(y)
+                )
+            }
+            KeyMaterial::Rsa { n, e } => format!(
+                r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+                b64::encode(e),
+                b64::encode(n)
+            ),
+            KeyMaterial::Ed25519(x) => {
+                format!(
+                    r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+                    b64::encode(x)
+                )
+            }
+        };
+        b64::encode(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref())
+    }
+
     /// The JWK JSON (public members only).
     pub fn to_json(&self) -> Value {
         let mut v = match &self.key {
             KeyMaterial::EcP384(p) => {
                 let (x, y) = p[1..].split_at(P384_COORD_LEN);
                 json!({"kty": "EC", "crv": "P-384", "x": b64::encode(x), "y": b64::encode(y)})
+            }
+            KeyMaterial::EcP256(p) => {
+                let (x, y) = p[1..].split_at(P256_COORD_LEN);
+                json!({"kty": "EC", "crv": "P-256", "x": b64::encode(x), "y": b64::encode(y)})
             }
             KeyMaterial::Rsa { n, e } => {
                 json!({"kty": "RSA", "n": b64::encode(n), "e": b64::encode(e)})
@@ -211,7 +280,7 @@ impl PublicJwk {
     /// `EC`, `RSA` or `OKP`.
     pub fn kty(&self) -> &'static str {
         match self.key {
-            KeyMaterial::EcP384(_) => "EC",
+            KeyMaterial::EcP384(_) | KeyMaterial::EcP256(_) => "EC",
             KeyMaterial::Rsa { .. } => "RSA",
             KeyMaterial::Ed25519(_) => "OKP",
         }
@@ -226,6 +295,7 @@ impl PublicJwk {
         matches!(
             (&self.key, alg),
             (KeyMaterial::EcP384(_), Alg::ES384)
+                | (KeyMaterial::EcP256(_), Alg::ES256)
                 | (KeyMaterial::Rsa { .. }, Alg::RS384)
                 | (KeyMaterial::Ed25519(_), Alg::EdDSA)
         )
@@ -245,6 +315,12 @@ impl PublicJwk {
             KeyMaterial::EcP384(point) => {
                 sig.len() == 2 * P384_COORD_LEN
                     && signature::UnparsedPublicKey::new(&signature::ECDSA_P384_SHA384_FIXED, point)
+                        .verify(msg, sig)
+                        .is_ok()
+            }
+            KeyMaterial::EcP256(point) => {
+                sig.len() == 2 * P256_COORD_LEN
+                    && signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
                         .verify(msg, sig)
                         .is_ok()
             }

@@ -25,6 +25,8 @@ const FORBIDDEN_HEADER_PARAMS: &[&str] = &["crit", "jku", "x5u", "jwk", "x5c", "
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Alg {
+    /// ECDSA P-256 with SHA-256; signature is `r || s`, 64 bytes (DPoP proofs).
+    ES256,
     /// ECDSA P-384 with SHA-384; signature is `r || s`, 96 bytes.
     ES384,
     /// RSASSA-PKCS1-v1_5 with SHA-384, 2048–8192-bit keys.
@@ -37,6 +39,7 @@ impl Alg {
     /// The JOSE name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Alg::ES256 => "ES256",
             Alg::ES384 => "ES384",
             Alg::RS384 => "RS384",
             Alg::EdDSA => "EdDSA",
@@ -46,6 +49,7 @@ impl Alg {
     /// Parses a JOSE name; `None` for anything not supported (including `none`, `HS*`).
     pub fn from_name(s: &str) -> Option<Alg> {
         match s {
+            "ES256" => Some(Alg::ES256),
             "ES384" => Some(Alg::ES384),
             "RS384" => Some(Alg::RS384),
             "EdDSA" => Some(Alg::EdDSA),
@@ -110,6 +114,17 @@ impl fmt::Debug for Jws {
 impl Jws {
     /// Parses a compact JWS from untrusted input. Does not verify anything cryptographic.
     pub fn parse(token: &str) -> Result<Jws, JwsError> {
+        Self::parse_inner(token, false).map(|(j, _)| j)
+    }
+
+    /// [`Jws::parse`] for a DPoP proof (RFC 9449), whose header must carry its public key
+    /// as `jwk`: the JWS and that JWK's JSON (to be parsed strictly by the caller).
+    pub fn parse_with_jwk(token: &str) -> Result<(Jws, Value), JwsError> {
+        let (j, jwk) = Self::parse_inner(token, true)?;
+        Ok((j, jwk.ok_or(JwsError::Malformed("jwk missing"))?))
+    }
+
+    fn parse_inner(token: &str, embedded_key: bool) -> Result<(Jws, Option<Value>), JwsError> {
         if token.len() > MAX_JWS_LEN {
             return Err(JwsError::TooLong);
         }
@@ -129,10 +144,11 @@ impl Jws {
             .ok_or(JwsError::Malformed("header is not a JSON object"))?;
         if FORBIDDEN_HEADER_PARAMS
             .iter()
-            .any(|k| header.contains_key(*k))
+            .any(|k| header.contains_key(*k) && !(embedded_key && *k == "jwk"))
         {
             return Err(JwsError::ForbiddenHeader);
         }
+        let jwk = header.get("jwk").cloned();
         let alg = match header.get("alg") {
             Some(Value::String(a)) => Alg::from_name(a).ok_or(JwsError::UnsupportedAlgorithm)?,
             _ => return Err(JwsError::Malformed("alg missing or not a string")),
@@ -150,14 +166,17 @@ impl Jws {
         let claims = strict_json::parse_object(&payload)
             .ok_or(JwsError::Malformed("payload is not a JSON object"))?;
         let signing_input = token[..h.len() + 1 + p.len()].to_owned();
-        Ok(Jws {
-            alg,
-            kid,
-            typ,
-            signing_input,
-            claims,
-            signature,
-        })
+        Ok((
+            Jws {
+                alg,
+                kid,
+                typ,
+                signing_input,
+                claims,
+                signature,
+            },
+            jwk,
+        ))
     }
 
     /// The header's algorithm.
@@ -273,7 +292,7 @@ mod tests {
         let c = json!({"a": 1});
         let sig = [1u8; 96];
         for alg in [
-            "none", "HS256", "HS384", "HS512", "RS256", "ES256", "PS384", "", "es384",
+            "none", "HS256", "HS384", "HS512", "RS256", "PS384", "", "es384",
         ] {
             let t = token(&json!({"alg": alg}), &c, &sig);
             assert_eq!(
@@ -282,6 +301,22 @@ mod tests {
                 "{alg}"
             );
         }
+        // ES256 parses (DPoP proofs) but is not allowed where the caller does not list it
+        let t = token(&json!({"alg": "ES256"}), &c, &[1u8; 64]);
+        let es256 = Jws::parse(&t).expect("parses");
+        let (p384, _) = crate::jwk::generate_es384_jwk("k").expect("key");
+        assert_eq!(
+            es256.verify(&p384.public(), &[Alg::ES384]).err(),
+            Some(JwsError::AlgorithmNotAllowed)
+        );
+        // an embedded jwk only where asked for
+        let h = json!({"alg": "ES256", "jwk": {"kty": "EC"}});
+        assert_eq!(
+            Jws::parse(&token(&h, &c, &sig)).err(),
+            Some(JwsError::ForbiddenHeader)
+        );
+        assert!(Jws::parse_with_jwk(&token(&h, &c, &sig)).is_ok());
+        assert!(Jws::parse_with_jwk(&t).is_err(), "no jwk");
         for p in FORBIDDEN_HEADER_PARAMS {
             let mut h = json!({"alg": "ES384"});
             h[*p] = json!("x");

@@ -34,6 +34,7 @@ mod test_support;
 pub mod access_token;
 pub mod authorize;
 pub mod client_assertion;
+pub mod dpop;
 pub mod jwk;
 pub mod jws;
 pub mod password;

@@ -124,3 +124,29 @@ proptest! {
         prop_assert!(verify_client_assertion(&s, None, &lookup, "https://a/token", NOW, &replay).is_err());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// DPoP proofs come from anyone: random text and bit-flipped real proofs never panic,
+    /// and a changed proof never verifies (a flip in base64url padding bits aside, which
+    /// decodes to the same bytes).
+    #[test]
+    fn dpop_proofs_never_panic_and_altered_ones_fail(s in ".{0,600}", mutate in 0usize..2000, byte in 1u8..) {
+        use phivault_auth::dpop::{ProofKey, verify_proof};
+        let url = "https://a.example/fhir/Patient/1";
+        prop_assert!(verify_proof(&s, "GET", url, NOW, Some("t")).is_err());
+        let key = ProofKey::generate().expect("key");
+        let proof = key.proof("GET", url, NOW, Some("t")).expect("proof");
+        prop_assert!(verify_proof(&proof, "GET", url, NOW, Some("t")).is_ok());
+        let mut bytes = proof.clone().into_bytes();
+        let idx = mutate % bytes.len();
+        bytes[idx] ^= byte;
+        if let Ok(t) = String::from_utf8(bytes)
+            && let Ok(p) = verify_proof(&t, "GET", url, NOW, Some("t"))
+        {
+            // only an equivalent encoding of the same proof can pass
+            prop_assert_eq!(p.jkt, key.thumbprint());
+        }
+    }
+}

@@ -140,6 +140,10 @@ enum AppCmd {
         /// Scopes the app may ever be granted, e.g. "patient/*.rs openid fhirUser launch/patient offline_access".
         #[arg(long)]
         scope: String,
+        /// Issue tokens to it only with a DPoP proof (RFC 9449): its access and refresh
+        /// tokens are bound to its key, useless without it.
+        #[arg(long)]
+        require_dpop: bool,
     },
 }
 
@@ -254,8 +258,9 @@ fn run(cli: Cli) -> Result<i32> {
                     name,
                     redirect_uris,
                     scope,
+                    require_dpop,
                 },
-        } => app_add(&data_dir, &name, redirect_uris, &scope),
+        } => app_add(&data_dir, &name, redirect_uris, &scope, require_dpop),
         Cmd::Synth {
             patients,
             seed,
@@ -493,7 +498,13 @@ fn client_add(
     Ok(0)
 }
 
-fn app_add(data_dir: &Path, name: &str, redirect_uris: Vec<String>, scope: &str) -> Result<i32> {
+fn app_add(
+    data_dir: &Path,
+    name: &str,
+    redirect_uris: Vec<String>,
+    scope: &str,
+    require_dpop: bool,
+) -> Result<i32> {
     let scopes = phivault_auth::ScopeSet::parse(scope)
         .map_err(|e| anyhow::anyhow!("invalid --scope: {e}"))?;
     let record = phivault_auth::authorize::AppRecord {
@@ -502,6 +513,7 @@ fn app_add(data_dir: &Path, name: &str, redirect_uris: Vec<String>, scope: &str)
         redirect_uris,
         scopes,
         disabled: false,
+        require_dpop,
     };
     record
         .validate()
@@ -515,7 +527,8 @@ fn app_add(data_dir: &Path, name: &str, redirect_uris: Vec<String>, scope: &str)
     r?;
     println!(
         "{}",
-        serde_json::json!({"client_id": record.client_id, "name": record.name, "scope": record.scopes.to_string()})
+        serde_json::json!({"client_id": record.client_id, "name": record.name,
+            "scope": record.scopes.to_string(), "require_dpop": record.require_dpop})
     );
     Ok(0)
 }

@@ -318,8 +318,9 @@ fn sign_in_for(
 ) -> String {
     let start = get(agent, &s.authorize_url(extra));
     assert_eq!(start.status, 200, "{}", start.body);
+    let own_app = extra.iter().all(|(k, _)| *k != "client_id");
     assert!(
-        start.body.contains("My &lt;Health&gt; App"),
+        !own_app || start.body.contains("My &lt;Health&gt; App"),
         "app name escaped"
     );
     let cookie = start.cookie.expect("flow cookie");
@@ -1051,6 +1052,208 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
         !raw.windows(reason.len()).any(|w| w == reason.as_bytes()),
         "reason sealed"
     );
+    s.server.stop();
+}
+
+#[test]
+fn dpop_binds_an_apps_tokens_to_its_key() {
+    use phivault_auth::dpop::ProofKey;
+    let mut s = setup();
+    let data = s.server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &[
+            "app",
+            "add",
+            "--data-dir",
+            &data,
+            "--name",
+            "Phone app",
+            "--redirect-uri",
+            REDIRECT,
+            "--scope",
+            "patient/*.rs openid fhirUser launch/patient offline_access",
+            "--require-dpop",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let app: Value = serde_json::from_slice(&o.stdout).expect("app json");
+    assert_eq!(app["require_dpop"], true);
+    let app_id = app["client_id"].as_str().expect("client_id").to_owned();
+    let agent = browser(&s.server);
+    let now = now();
+    let key = ProofKey::generate().expect("key");
+    let thief = ProofKey::generate().expect("key");
+    let token_url = format!("{}/auth/token", s.server.origin);
+    let code = sign_in_for(
+        &s,
+        &agent,
+        "maria.p",
+        &s.code(now),
+        &[("client_id", &app_id)],
+    );
+    let exchange = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", app_id.as_str()),
+        ("code_verifier", s.verifier.as_str()),
+    ];
+    let post = |headers: &[(&str, &str)], form: &[(&str, &str)]| {
+        let p = post_form_with(&agent, &token_url, headers, form);
+        (
+            p.status,
+            serde_json::from_str::<Value>(&p.body).unwrap_or(Value::Null),
+        )
+    };
+    let proof = |k: &ProofKey, htm: &str, url: &str, tok: Option<&str>| {
+        k.proof(htm, url, now, tok).expect("proof")
+    };
+    // this app gets no token without a proof, nor with a proof for another endpoint
+    let (st, b) = post(&[], &exchange);
+    assert_eq!((st, b["error"].as_str()), (400, Some("invalid_dpop_proof")));
+    let wrong = proof(
+        &key,
+        "POST",
+        &format!("{}/auth/revoke", s.server.origin),
+        None,
+    );
+    let (st, b) = post(&[("DPoP", &wrong)], &exchange);
+    assert_eq!((st, b["error"].as_str()), (400, Some("invalid_dpop_proof")));
+    let (st, t) = post(
+        &[("DPoP", &proof(&key, "POST", &token_url, None))],
+        &exchange,
+    );
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["token_type"], "DPoP");
+    let access = t["access_token"].as_str().expect("access").to_owned();
+    let refresh = t["refresh_token"].as_str().expect("refresh").to_owned();
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(access.split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    )
+    .expect("claims");
+    assert_eq!(claims["cnf"]["jkt"], key.thumbprint());
+
+    let url = format!("{}/Patient/{}", s.server.base, s.patient);
+    let read = |scheme: &str, proof: Option<&str>| {
+        let mut r = agent
+            .get(&url)
+            .header("Authorization", &format!("{scheme} {access}"));
+        if let Some(p) = proof {
+            r = r.header("DPoP", p);
+        }
+        page(r.call().expect("get")).status
+    };
+    let good = proof(&key, "GET", &url, Some(&access));
+    let stolen_token_cases = [
+        ("Bearer", None, "as a bearer token"),
+        ("DPoP", None, "without a proof"),
+        (
+            "DPoP",
+            Some(proof(&thief, "GET", &url, Some(&access))),
+            "a proof by another key",
+        ),
+        (
+            "DPoP",
+            Some(proof(&key, "POST", &url, Some(&access))),
+            "a proof for another method",
+        ),
+        (
+            "DPoP",
+            Some(proof(
+                &key,
+                "GET",
+                &format!("{}/Patient", s.server.base),
+                Some(&access),
+            )),
+            "a proof for another URI",
+        ),
+        (
+            "DPoP",
+            Some(proof(&key, "GET", &url, None)),
+            "a proof without ath",
+        ),
+        (
+            "DPoP",
+            Some(proof(&key, "GET", &url, Some("another-token"))),
+            "a proof for another token",
+        ),
+        (
+            "DPoP",
+            Some(
+                key.proof("GET", &url, now - 600, Some(&access))
+                    .expect("proof"),
+            ),
+            "an old proof",
+        ),
+    ];
+    for (scheme, p, what) in &stolen_token_cases {
+        assert_eq!(read(scheme, p.as_deref()), 401, "{what}");
+    }
+    assert_eq!(read("DPoP", Some(&good)), 200);
+    assert_eq!(read("DPoP", Some(&good)), 401, "a replayed proof");
+    assert_eq!(
+        read("DPoP", Some(&proof(&key, "GET", &url, Some(&access)))),
+        200
+    );
+    // an unbound token under the DPoP scheme is refused too
+    let bearer = s.server.token("system/*.rs");
+    let r = agent
+        .get(&url)
+        .header("Authorization", &format!("DPoP {bearer}"))
+        .header("DPoP", &proof(&key, "GET", &url, Some(&bearer)));
+    assert_eq!(page(r.call().expect("get")).status, 401);
+
+    // the session is bound to the key as well
+    let refresh_form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh.as_str()),
+        ("client_id", app_id.as_str()),
+    ];
+    let (st, b) = post(&[], &refresh_form);
+    assert_eq!((st, b["error"].as_str()), (400, Some("invalid_dpop_proof")));
+    let (st, b) = post(
+        &[("DPoP", &proof(&thief, "POST", &token_url, None))],
+        &refresh_form,
+    );
+    assert_eq!((st, b["error"].as_str()), (400, Some("invalid_dpop_proof")));
+    let same = proof(&key, "POST", &token_url, None);
+    let (st, t) = post(&[("DPoP", &same)], &refresh_form);
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["token_type"], "DPoP");
+    let next = t["refresh_token"].as_str().expect("refresh").to_owned();
+    let (st, b) = post(
+        &[("DPoP", &same)],
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &next),
+            ("client_id", &app_id),
+        ],
+    );
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (400, Some("invalid_dpop_proof")),
+        "replayed proof"
+    );
+
+    // each refusal is in the audit log
+    let events = audit_events(&s.server);
+    let refused_reads = events
+        .iter()
+        .filter(|e| {
+            e.interaction == "read"
+                && e.outcome.http_status == 401
+                && e.client_id.as_deref() == Some(app_id.as_str())
+        })
+        .count();
+    assert_eq!(refused_reads, stolen_token_cases.len() + 1);
+    let refused_tokens = events
+        .iter()
+        .filter(|e| e.interaction == "token" && e.outcome.http_status == 400)
+        .count();
+    assert!(refused_tokens >= 5, "{refused_tokens}");
     s.server.stop();
 }
 

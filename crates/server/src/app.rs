@@ -61,6 +61,8 @@ pub struct App {
     pub verifier: AccessTokenVerifier,
     /// Client-assertion `jti` replay cache.
     pub replay: ReplayCache,
+    /// DPoP proof (`jkt`, `jti`) replay cache.
+    pub dpop_replay: ReplayCache,
     /// Request limits.
     pub limits: Limits,
     /// SMART App Launch codes and refresh tokens.
@@ -105,6 +107,7 @@ impl App {
             issuer,
             verifier,
             replay: ReplayCache::default(),
+            dpop_replay: ReplayCache::default(),
             limits,
             authz: phivault_auth::authorize::AuthorizationServer::new(),
             flows: crate::launch::Flows::default(),
@@ -131,12 +134,18 @@ impl App {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthorized(challenge));
         };
-        let token = value
+        let (dpop, token) = value
             .to_str()
             .ok()
             .and_then(|v| {
                 let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+                if scheme.eq_ignore_ascii_case("bearer") {
+                    Some((false, rest.trim()))
+                } else if scheme.eq_ignore_ascii_case("dpop") {
+                    Some((true, rest.trim()))
+                } else {
+                    None
+                }
             })
             .ok_or_else(|| {
                 ApiError::unauthorized(
@@ -148,6 +157,7 @@ impl App {
             Ok(auth) => {
                 ctx.client_id = Some(auth.client_id().to_owned());
                 ctx.user = auth.person().map(|p| p.user_id.clone());
+                self.check_sender(&auth, dpop, token, headers, now)?;
                 if let Some(p) = auth.person()
                     && !self.account_live(&p.user_id, p.generation, now)
                 {
@@ -159,6 +169,61 @@ impl App {
             }
             Err(e) => Err(ApiError::unauthorized(e.www_authenticate())),
         }
+    }
+
+    /// RFC 9449 §7: a token bound to a DPoP key (`cnf.jkt`) is accepted only under the
+    /// `DPoP` scheme with exactly one fresh, unreplayed proof made with that key for this
+    /// method and URI and this token (`ath`); an unbound token only as a bearer token.
+    fn check_sender(
+        &self,
+        auth: &Authenticated,
+        dpop_scheme: bool,
+        token: &str,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Result<(), ApiError> {
+        let refuse = |error: &str| {
+            ApiError::unauthorized(format!(
+                "DPoP algs=\"ES256 ES384 EdDSA\", error=\"{error}\""
+            ))
+        };
+        let Some(jkt) = auth.dpop_jkt() else {
+            return if dpop_scheme {
+                Err(refuse("invalid_token"))
+            } else {
+                Ok(())
+            };
+        };
+        if !dpop_scheme {
+            return Err(refuse("invalid_token"));
+        }
+        let mut proofs = headers.get_all("dpop").iter();
+        let (Some(proof), None) = (proofs.next(), proofs.next()) else {
+            return Err(refuse("invalid_dpop_proof"));
+        };
+        let target = headers
+            .get(REQUEST_TARGET)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.split_once(' '));
+        let (Some(proof), Some((method, path))) = (proof.to_str().ok(), target) else {
+            return Err(refuse("invalid_dpop_proof"));
+        };
+        let uri = format!("{}{path}", self.origin());
+        let p = phivault_auth::dpop::verify_proof(proof, method, &uri, now, Some(token))
+            .map_err(|_| refuse("invalid_dpop_proof"))?;
+        if p.jkt != jkt {
+            return Err(refuse("invalid_dpop_proof"));
+        }
+        self.dpop_replay
+            .check_and_insert(&p.jkt, &p.jti, p.replay_until, now)
+            .map_err(|_| refuse("invalid_dpop_proof"))
+    }
+
+    /// `https://host:port`, the origin the server is reached at.
+    pub(crate) fn origin(&self) -> &str {
+        self.base_url
+            .strip_suffix("/fhir")
+            .unwrap_or(&self.base_url)
     }
 
     /// Whether the account a person's token was issued for is still as it was: enabled,
@@ -1168,16 +1233,18 @@ async fn jwks(State(app): State<Arc<App>>) -> Response {
 async fn token(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let mut ctx = Ctx::new(peer, Action::E, "token");
-    let r = token_inner(&app, &mut ctx, body).await;
+    let r = token_inner(&app, &mut ctx, &headers, body).await;
     finish(&app, ctx, r).await
 }
 
 async fn token_inner(
     app: &Arc<App>,
     ctx: &mut Ctx,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let oauth_error = |code: &str, status: StatusCode| {
@@ -1206,7 +1273,7 @@ async fn token_inner(
         r
     };
     let form = crate::engine::form_urlencoded_pairs(text);
-    if let Some(answer) = crate::launch::person_grant(app, &form, ctx) {
+    if let Some(answer) = crate::launch::person_grant(app, &form, ctx, headers) {
         return Ok(match answer {
             Ok(body) => issued(body.to_string().into_bytes()),
             Err(e) => oauth_error(
@@ -1274,7 +1341,21 @@ async fn method_not_allowed(
 }
 
 /// Security headers on every response.
-async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// An internal request header: `METHOD path` of the request, set by the server for DPoP
+/// proof checks (whatever a client sends under this name is removed first).
+pub(crate) const REQUEST_TARGET: &str = "x-phivault-request-target";
+
+async fn security_headers(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    req.headers_mut().remove(REQUEST_TARGET);
+    if req.headers().contains_key("dpop") {
+        let target = format!("{} {}", req.method(), req.uri().path());
+        if let Ok(v) = HeaderValue::from_str(&target) {
+            req.headers_mut().insert(REQUEST_TARGET, v);
+        }
+    }
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

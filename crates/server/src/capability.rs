@@ -123,6 +123,7 @@ pub fn smart_configuration(origin: &str, token_url: &str) -> Value {
         "token_endpoint_auth_signing_alg_values_supported": ["ES384", "RS384"],
         "grant_types_supported": ["client_credentials", "authorization_code", "refresh_token"],
         "code_challenge_methods_supported": ["S256"],
+        "dpop_signing_alg_values_supported": ["ES256", "ES384", "EdDSA"],
         "scopes_supported": [
             "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write",
             "patient/*.rs", "user/*.rs", "launch/patient", "openid", "fhirUser",

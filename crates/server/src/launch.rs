@@ -595,6 +595,7 @@ pub(crate) fn person_grant(
     app: &App,
     form: &[(String, String)],
     ctx: &mut Ctx,
+    headers: &HeaderMap,
 ) -> Option<Result<serde_json::Value, OAuthError>> {
     let get = |k: &str| -> Result<Option<&str>, OAuthError> {
         single_param(form, k).map_err(|_| OAuthError::InvalidRequest("duplicate parameter"))
@@ -620,6 +621,12 @@ pub(crate) fn person_grant(
             .ok_or(OAuthError::InvalidClient("unknown client"))?;
         ctx.client_id = Some(registered.client_id.clone());
         let now = now_s();
+        // RFC 9449 §5: a DPoP proof for this request binds what is issued to its key
+        let proof = dpop_proof(app, headers, now)?;
+        if registered.require_dpop && proof.is_none() {
+            return Err(OAuthError::InvalidDpopProof("this app must use DPoP"));
+        }
+        let jkt = proof.as_ref().map(|p| p.jkt.as_str());
         let (grant, refresh) = if grant_type == "authorization_code" {
             app.authz.exchange_code(
                 client_id,
@@ -635,13 +642,21 @@ pub(crate) fn person_grant(
                 ),
                 None => None,
             };
-            app.authz.refresh(
-                client_id,
-                get("refresh_token")?.ok_or(OAuthError::InvalidRequest("refresh_token missing"))?,
-                scope.as_ref(),
-                now,
-            )?
+            let token =
+                get("refresh_token")?.ok_or(OAuthError::InvalidRequest("refresh_token missing"))?;
+            // a session bound to a key refreshes only with a proof made with that key
+            if let Some(bound) = app.authz.dpop_key_of(token)
+                && jkt != Some(bound.as_str())
+            {
+                return Err(OAuthError::InvalidDpopProof(
+                    "refresh token bound to another key",
+                ));
+            }
+            app.authz.refresh(client_id, token, scope.as_ref(), now)?
         };
+        if let Some(j) = jkt {
+            app.authz.bind_dpop(&refresh.0, j);
+        }
         ctx.user = Some(grant.user_id.clone());
         // the account must still be what it was at sign-in
         let current = app
@@ -666,11 +681,11 @@ pub(crate) fn person_grant(
         };
         let issued = app
             .issuer
-            .issue_for(client_id, Some(&person), &grant.scope, now)
+            .issue_bound(client_id, Some(&person), &grant.scope, now, jkt)
             .map_err(|_| OAuthError::ServerError("token issuing failed"))?;
         let mut body = json!({
             "access_token": issued.token(),
-            "token_type": "Bearer",
+            "token_type": if jkt.is_some() { "DPoP" } else { "Bearer" },
             "expires_in": issued.expires_in(),
             "scope": grant.scope.to_string(),
         });
@@ -698,6 +713,29 @@ pub(crate) fn person_grant(
         }
         Ok(body)
     })())
+}
+
+/// The token request's DPoP proof, verified for `POST` to the token endpoint and not seen
+/// before; None when the request has none.
+fn dpop_proof(
+    app: &App,
+    headers: &HeaderMap,
+    now: u64,
+) -> Result<Option<phivault_auth::dpop::DpopProof>, OAuthError> {
+    let mut all = headers.get_all("dpop").iter();
+    let proof = match (all.next(), all.next()) {
+        (None, _) => return Ok(None),
+        (Some(p), None) => p
+            .to_str()
+            .map_err(|_| OAuthError::InvalidDpopProof("not text"))?,
+        (Some(_), Some(_)) => return Err(OAuthError::InvalidDpopProof("more than one proof")),
+    };
+    let p = phivault_auth::dpop::verify_proof(proof, "POST", &app.token_url, now, None)
+        .map_err(|e| OAuthError::InvalidDpopProof(e.0))?;
+    app.dpop_replay
+        .check_and_insert(&p.jkt, &p.jti, p.replay_until, now)
+        .map_err(OAuthError::InvalidDpopProof)?;
+    Ok(Some(p))
 }
 
 /// `POST /auth/revoke` (RFC 7009): ends the session of a refresh token; 200 whatever the
