@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of phivault: format and lint gates, the Rust unit, property and
 # integration tests (the integration tests start the real binary over HTTPS on
-# 127.0.0.1:0), the third-party Python FHIR client test and the headless-Chromium
-# sign-in test (Playwright) against the real binary. Installs what it needs (a Python
-# virtualenv with the pinned test clients; Debian's chromium and the pinned
-# playwright-core) and stops every server it starts.
+# 127.0.0.1:0; the OpenID Connect test starts a real provider, the pinned npm
+# `oidc-provider`, on 127.0.0.1), the third-party Python FHIR client test and the
+# headless-Chromium sign-in test (Playwright) against the real binary. Installs what it
+# needs (the provider's npm packages; a Python virtualenv with the pinned test clients;
+# Debian's chromium and the pinned playwright-core) and stops every server it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
@@ -15,6 +16,10 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy (deny warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== npm ci: the OpenID Connect provider the integration tests start"
+command -v node >/dev/null || { echo "node is required (apt-get install nodejs npm)"; exit 1; }
+(cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
 echo "== cargo test (unit, property, integration)"
 cargo test --workspace --no-fail-fast

@@ -431,6 +431,25 @@ impl fmt::Debug for Authenticated {
 }
 
 impl Authenticated {
+    /// A token verified by another issuer's rules (an external identity provider).
+    pub(crate) fn external(
+        client_id: String,
+        person: Person,
+        scopes: ScopeSet,
+        token_id: String,
+        expires_at: u64,
+        jkt: Option<String>,
+    ) -> Authenticated {
+        Authenticated(Arc::new(AuthInner {
+            client_id,
+            person: Some(person),
+            scopes,
+            token_id,
+            expires_at,
+            jkt,
+        }))
+    }
+
     /// The client the token was issued to.
     pub fn client_id(&self) -> &str {
         &self.0.client_id

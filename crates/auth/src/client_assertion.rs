@@ -323,11 +323,12 @@ mod tests {
             reason(verify(&t, &t.hs256_with_public_key(&c), &r)),
             "assertion algorithm unsupported"
         );
+        // RS256 and EdDSA are supported by the JWS layer (identity providers, our own
+        // tokens) but not allowed for client assertions (SM3: ES384 and RS384)
         assert_eq!(
             reason(verify(&t, &t.rs256(&c), &r)),
-            "assertion algorithm unsupported"
+            "assertion algorithm not allowed"
         );
-        // EdDSA is supported by the JWS layer but not allowed for client assertions
         assert_eq!(
             reason(verify(&t, &t.eddsa(&c), &r)),
             "assertion algorithm not allowed"

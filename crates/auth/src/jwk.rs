@@ -296,7 +296,7 @@ impl PublicJwk {
             (&self.key, alg),
             (KeyMaterial::EcP384(_), Alg::ES384)
                 | (KeyMaterial::EcP256(_), Alg::ES256)
-                | (KeyMaterial::Rsa { .. }, Alg::RS384)
+                | (KeyMaterial::Rsa { .. }, Alg::RS384 | Alg::RS256)
                 | (KeyMaterial::Ed25519(_), Alg::EdDSA)
         )
     }
@@ -325,7 +325,15 @@ impl PublicJwk {
                         .is_ok()
             }
             KeyMaterial::Rsa { n, e } => signature::RsaPublicKeyComponents { n, e }
-                .verify(&signature::RSA_PKCS1_2048_8192_SHA384, msg, sig)
+                .verify(
+                    if alg == Alg::RS256 {
+                        &signature::RSA_PKCS1_2048_8192_SHA256
+                    } else {
+                        &signature::RSA_PKCS1_2048_8192_SHA384
+                    },
+                    msg,
+                    sig,
+                )
                 .is_ok(),
             KeyMaterial::Ed25519(x) => {
                 sig.len() == 64

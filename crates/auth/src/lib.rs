@@ -37,6 +37,7 @@ pub mod client_assertion;
 pub mod dpop;
 pub mod jwk;
 pub mod jws;
+pub mod oidc;
 pub mod password;
 pub mod policy;
 pub mod scope;

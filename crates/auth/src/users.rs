@@ -387,6 +387,15 @@ impl UserRecord {
         }
     }
 
+    /// The `fhirUser` of the account: its Practitioner (clinicians) or Patient (patients).
+    pub fn fhir_user(&self) -> Option<String> {
+        match (self.role, &self.practitioner, &self.patient) {
+            (Role::Clinician, Some(p), _) => Some(format!("Practitioner/{p}")),
+            (Role::Patient, _, Some(p)) => Some(format!("Patient/{p}")),
+            _ => None,
+        }
+    }
+
     /// Whether the account may be issued a token now: enrolled, enabled, not locked.
     pub fn may_get_token(&self, now: u64) -> bool {
         self.totp_enrolled && !self.disabled && self.locked_until <= now

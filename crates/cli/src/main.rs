@@ -71,6 +71,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Trust a hospital's own OpenID Connect provider for people's access tokens.
+    Idp {
+        #[command(subcommand)]
+        cmd: IdpCmd,
+    },
     /// Write deterministic synthetic patients as FHIR transaction Bundles.
     Synth {
         #[arg(long)]
@@ -190,6 +195,29 @@ enum UserCmd {
 }
 
 #[derive(Subcommand)]
+enum IdpCmd {
+    /// Accept access tokens (RFC 9068 JWTs) from this provider: its keys come from its
+    /// discovery document; the person claim names a local account, whose role and links
+    /// decide what the token reaches.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The issuer URL, exactly as in its tokens (https; http only on a loopback address).
+        #[arg(long)]
+        issuer: String,
+        /// The audience its tokens must carry for this server (its FHIR base URL).
+        #[arg(long)]
+        audience: String,
+        /// The claim naming the person; its value is a local username.
+        #[arg(long, default_value = "preferred_username")]
+        username_claim: String,
+        /// PEM file of the CA of the provider's TLS certificate (a private PKI).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     /// Verify the audit chain and its signed head, offline. Exit 0 when intact.
     Verify {
@@ -251,6 +279,38 @@ fn run(cli: Cli) -> Result<i32> {
                 },
         } => client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
         Cmd::User { cmd } => user_cmd(cmd),
+        Cmd::Idp {
+            cmd:
+                IdpCmd::Add {
+                    data_dir,
+                    issuer,
+                    audience,
+                    username_claim,
+                    ca_file,
+                },
+        } => {
+            let ca_pem = match ca_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                ),
+                None => None,
+            };
+            let cfg = phivault_auth::oidc::IdpConfig {
+                issuer,
+                audience,
+                username_claim,
+                ca_pem,
+            };
+            cfg.validate()
+                .map_err(|e| anyhow::anyhow!("identity provider refused: {e}"))?;
+            let opened = datadir::open(&data_dir)?;
+            let r = phivault_server::idp::store_config(&opened.keys, &*opened.store, &cfg);
+            opened.store.close();
+            r?;
+            println!("identity provider {} trusted", cfg.issuer);
+            Ok(0)
+        }
         Cmd::App {
             cmd:
                 AppCmd::Add {

@@ -1257,6 +1257,244 @@ fn dpop_binds_an_apps_tokens_to_its_key() {
     s.server.stop();
 }
 
+/// An OpenID Connect provider (the `oidc-provider` npm package, `tests/oidc/provider.mjs`)
+/// on 127.0.0.1, issuing RFC 9068 access tokens for `audience`, signed with the keys named
+/// in `keys` (kept in `keys_dir`, so a restart on the same port keeps or rotates them).
+struct Provider {
+    child: std::process::Child,
+    issuer: String,
+}
+
+impl Provider {
+    fn start(port: u16, audience: &str, keys_dir: &std::path::Path, keys: &str) -> Provider {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/oidc");
+        let mut child = Command::new("node")
+            .arg("provider.mjs")
+            .arg("serve")
+            .current_dir(dir)
+            .env("PORT", port.to_string())
+            .env("AUDIENCE", audience)
+            .env("KEYS_DIR", keys_dir)
+            .env("KEYS", keys)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node (run npm ci in tests/oidc first; scripts/test.sh does)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("provider output");
+        let issuer = line
+            .trim()
+            .strip_prefix("issuer ")
+            .unwrap_or_else(|| panic!("provider did not start: {line:?}"))
+            .to_owned();
+        Provider { child, issuer }
+    }
+
+    fn port(&self) -> u16 {
+        self.issuer
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    /// An access token for `user`, through the provider's own sign-in pages.
+    fn token(&self, user: &str, scope: &str, resource: &str) -> String {
+        let o = Command::new("node")
+            .args(["login.mjs", &self.issuer, user, scope, resource])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/oidc"))
+            .output()
+            .expect("node");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).expect("utf8").trim().to_owned()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_external_oidc_providers_tokens_grant_exactly_the_mapped_accounts_access() {
+    let (mut s, loaded) = setup_with(3);
+    let keys = tempfile::tempdir().expect("tmp");
+    let idp = Provider::start(0, &s.server.base, keys.path(), "a");
+    let data = s.server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &[
+            "idp",
+            "add",
+            "--data-dir",
+            &data,
+            "--issuer",
+            &idp.issuer,
+            "--audience",
+            &s.server.base,
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // local accounts the provider's people map to: a clinician of patient 0, patient 1
+    let pr = loaded_ids(&loaded, &[0], "Practitioner")[0].clone();
+    add_person(&s.server, "dr.adams", "clinician", &pr);
+    let p1 = loaded_ids(&loaded, &[1], "Patient")[0].clone();
+    add_person(&s.server, "pat.jones", "patient", &p1);
+    let ids = |token: &str, path: &str| {
+        let r = s.server.get(path, token);
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        ids_of(&r.json())
+    };
+    let clinician = idp.token(
+        "dr.adams",
+        "openid user/Patient.rs user/Observation.rs",
+        &s.server.base,
+    );
+    assert_eq!(
+        ids(&clinician, "Patient?_count=100"),
+        loaded_ids(&loaded, &[0], "Patient")
+    );
+    assert_eq!(
+        ids(&clinician, "Observation?_count=1000"),
+        loaded_ids(&loaded, &[0], "Observation")
+    );
+    assert_eq!(
+        s.server.get(&format!("Patient/{p1}"), &clinician).status,
+        404
+    );
+    assert_eq!(
+        s.server.get("Condition", &clinician).status,
+        403,
+        "not in its scopes"
+    );
+    let obs = serde_json::json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": format!("Patient/{p1}")}});
+    assert_eq!(s.server.post("Observation", &clinician, &obs).status, 403);
+    let patient = idp.token(
+        "pat.jones",
+        "openid patient/Patient.rs patient/Observation.rs",
+        &s.server.base,
+    );
+    assert_eq!(ids(&patient, "Patient"), vec![p1.clone()]);
+    assert_eq!(
+        ids(&patient, "Observation?_count=1000"),
+        loaded_ids(&loaded, &[1], "Observation")
+    );
+
+    // refused: a person without a local account, another audience, an unconfigured
+    // issuer, a tampered token, a disabled account
+    let nobody = idp.token("nobody", "openid user/Patient.rs", &s.server.base);
+    let other_aud = Provider::start(0, "https://elsewhere.example/fhir", keys.path(), "a");
+    let o = cli(
+        &[
+            "idp",
+            "add",
+            "--data-dir",
+            &data,
+            "--issuer",
+            &other_aud.issuer,
+            "--audience",
+            &s.server.base,
+        ],
+        "",
+    );
+    assert!(o.status.success());
+    let wrong_aud = other_aud.token(
+        "dr.adams",
+        "openid user/Patient.rs",
+        "https://elsewhere.example/fhir",
+    );
+    let rogue = Provider::start(
+        0,
+        &s.server.base,
+        tempfile::tempdir().expect("tmp").path(),
+        "a",
+    );
+    let unconfigured = rogue.token(
+        "dr.adams",
+        "openid user/Patient.rs user/Observation.rs",
+        &s.server.base,
+    );
+    let mut tampered = clinician.clone().into_bytes();
+    let at = clinician.find('.').expect("dot") + 5;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).expect("utf8");
+    for (t, what) in [
+        (&nobody, "no local account"),
+        (&wrong_aud, "another audience"),
+        (&unconfigured, "an unconfigured issuer"),
+        (&tampered, "a tampered token"),
+    ] {
+        assert_eq!(s.server.get("Patient", t).status, 401, "{what}");
+    }
+    let o = cli(
+        &[
+            "user",
+            "disable",
+            "--data-dir",
+            &data,
+            "--username",
+            "pat.jones",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        s.server.get("Patient", &patient).status,
+        401,
+        "disabled account"
+    );
+
+    // key rotation: the provider restarts signing with a new key; the server fetches its
+    // key set again when a token names an unknown kid (at most every few seconds)
+    let port = idp.port();
+    drop(idp);
+    let idp = Provider::start(port, &s.server.base, keys.path(), "b,a");
+    std::thread::sleep(Duration::from_millis(5_500));
+    let rotated = idp.token("dr.adams", "openid user/Patient.rs", &s.server.base);
+    let kid: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(rotated.split('.').next().expect("header"))
+            .expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(kid["kid"], "b");
+    assert_eq!(
+        ids(&rotated, "Patient"),
+        loaded_ids(&loaded, &[0], "Patient")
+    );
+    assert_eq!(
+        ids(&clinician, "Patient"),
+        loaded_ids(&loaded, &[0], "Patient"),
+        "old key kept"
+    );
+
+    let events = audit_events(&s.server);
+    let refused = events
+        .iter()
+        .filter(|e| e.interaction == "search-type" && e.outcome.http_status == 401)
+        .count();
+    assert!(refused >= 5, "{refused}");
+    let by_idp = events
+        .iter()
+        .filter(|e| e.client_id.as_deref() == Some("oidc:ehr-portal") && e.user.is_some())
+        .count();
+    assert!(by_idp >= 6, "{by_idp}");
+    drop((other_aud, rogue));
+    s.server.stop();
+}
+
 fn audit_events(server: &Server) -> Vec<phivault_audit::AuditEvent> {
     let c = rusqlite::Connection::open(server.db_path()).expect("db");
     let mut st = c

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use phivault_audit::{Action, AuditEvent, Outcome};
 use phivault_auth::{
     AccessTokenIssuer, AccessTokenVerifier, Authenticated, ClientRecord, Interaction, ReplayCache,
+    TokenError,
 };
 use phivault_fhir::IssueCode;
 use phivault_store::{CommitError, Expect, WriteBatch};
@@ -73,6 +74,8 @@ pub struct App {
     accounts: parking_lot::Mutex<std::collections::HashMap<String, (u64, bool, u64)>>,
     /// Clinicians' treatment relationships and break-the-glass windows.
     pub(crate) care: crate::care::Care,
+    /// External OpenID Connect providers.
+    pub(crate) idps: crate::idp::Idps,
     capability: Bytes,
     smart_configuration: Bytes,
     jwks: Bytes,
@@ -113,6 +116,7 @@ impl App {
             flows: crate::launch::Flows::default(),
             accounts: Default::default(),
             care: Default::default(),
+            idps: Default::default(),
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
             smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
             jwks: Bytes::from(serde_json::to_vec(&jwks).unwrap_or_default()),
@@ -153,7 +157,16 @@ impl App {
                 )
             })?;
         let now = (now_ms() / 1000) as u64;
-        match self.verifier.verify(token, now) {
+        let verified = match self.verifier.verify(token, now) {
+            // not one of ours: a configured identity provider's, or refused as it is
+            Err(
+                e @ (TokenError::UnsupportedAlgorithm
+                | TokenError::UnknownKey
+                | TokenError::WrongIssuer),
+            ) => self.verify_external(token, now).unwrap_or(Err(e)),
+            v => v,
+        };
+        match verified {
             Ok(auth) => {
                 ctx.client_id = Some(auth.client_id().to_owned());
                 ctx.user = auth.person().map(|p| p.user_id.clone());

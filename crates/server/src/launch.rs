@@ -515,11 +515,7 @@ fn login_inner(
                 };
                 return (resp, Some(client_id), user, Some("login-nothing-to-grant"));
             }
-            let fhir_user = match (rec.role, &rec.practitioner, &rec.patient) {
-                (Role::Clinician, Some(p), _) => Some(format!("Practitioner/{p}")),
-                (Role::Patient, _, Some(p)) => Some(format!("Patient/{p}")),
-                _ => None,
-            };
+            let fhir_user = rec.fhir_user();
             let grant = Grant {
                 client_id: client_id.clone(),
                 user_id: rec.id.clone(),

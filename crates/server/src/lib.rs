@@ -16,6 +16,7 @@ pub mod capability;
 pub mod care;
 pub mod engine;
 pub mod error;
+pub mod idp;
 pub mod launch;
 pub mod search;
 pub mod search_http;
