@@ -587,17 +587,79 @@ fn compartment_is_all_a_patient_sees(s: &Setup, access: &str) {
     assert_eq!(b["entry"].as_array().map(Vec::len), Some(1));
     assert_eq!(b["entry"][0]["resource"]["id"], own.as_str());
     assert_eq!(get(&format!("Patient/{own}/Observation")).status, 200);
-    // refused: another compartment, chains, _has, includes, writes, history, $everything,
-    // types outside the granted scopes, batches
+    // chains, _has, includes, instance history, $everything and batch reads work within
+    // the compartment, and only there
+    let all_genders = "subject:Patient.gender=male,female,other,unknown";
+    assert_eq!(
+        ids_of(&get(&format!("Observation?{all_genders}&_count=1000")).json()),
+        s.own_obs
+    );
+    assert_eq!(
+        ids_of(&get("Patient?_has:Observation:patient:status=final").json()),
+        std::slice::from_ref(own)
+    );
+    let with = |path: &str| -> Vec<String> {
+        let b = get(path).json();
+        let mut v: Vec<String> = b["entry"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| {
+                let r = &e["resource"];
+                format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().expect("type"),
+                    r["id"].as_str().expect("id")
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut expect: Vec<String> = s
+        .own_obs
+        .iter()
+        .map(|o| format!("Observation/{o}"))
+        .collect();
+    expect.push(format!("Patient/{own}"));
+    expect.sort();
+    assert_eq!(
+        with("Observation?_include=Observation:subject&_count=1000"),
+        expect
+    );
+    assert_eq!(
+        with("Patient?_revinclude=Observation:subject&_count=1000"),
+        expect
+    );
+    assert_eq!(
+        get(&format!("Observation/{}/_history", s.own_obs[0])).status,
+        200
+    );
+    assert_eq!(
+        get(&format!("Observation/{other_obs}/_history")).status,
+        404
+    );
+    let everything = get(&format!("Patient/{own}/$everything"));
+    assert_eq!(everything.status, 200);
+    let everything = everything.json();
+    assert!(
+        everything["entry"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .all(|e| {
+                let r = &e["resource"];
+                r["id"] == own.as_str()
+                    || serde_json::to_string(r)
+                        .expect("json")
+                        .contains(&format!("Patient/{own}"))
+            })
+    );
+    // refused: another compartment, type history, types outside the granted scopes
     for path in [
         format!("Patient/{other}/Observation"),
-        "Observation?subject:Patient.name=a".to_owned(),
-        "Patient?_has:Observation:patient:code=x".to_owned(),
-        "Observation?_include=Observation:subject".to_owned(),
-        "Patient?_revinclude=Observation:subject".to_owned(),
-        format!("Observation/{}/_history", s.own_obs[0]),
+        format!("Patient/{other}/$everything"),
         "Observation/_history".to_owned(),
-        format!("Patient/{own}/$everything"),
         "Condition".to_owned(),
     ] {
         let r = get(&path);
@@ -613,16 +675,20 @@ fn compartment_is_all_a_patient_sees(s: &Setup, access: &str) {
         "code": {"text": "x"}, "subject": {"reference": format!("Patient/{own}")}});
     assert_eq!(s.server.post("Observation", access, &obs).status, 403);
     let batch = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET", "url": format!("Patient/{other}")}}]});
+        {"request": {"method": "GET", "url": format!("Patient/{other}")}},
+        {"request": {"method": "GET", "url": format!("Patient/{own}")}},
+        {"request": {"method": "DELETE", "url": format!("Patient/{own}")}}]});
     let r = s.server.post("", access, &batch);
-    assert!(
-        r.status == 403
-            || r.json()["entry"][0]["response"]["status"]
-                .as_str()
-                .is_some_and(|st| st.starts_with("403")),
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let statuses: Vec<String> = r.json()["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(statuses[0].starts_with("404"), "{statuses:?}");
+    assert!(statuses[1].starts_with("200"), "{statuses:?}");
+    assert!(statuses[2].starts_with("403"), "{statuses:?}");
 }
 
 #[test]
@@ -917,17 +983,33 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
     sees(&treated);
     // records outside any compartment are not patients' data
     assert_eq!(get(&format!("Practitioner/{pr}")).status, 200);
-    // what reaches outside the reach, writes, other scopes: refused
-    for path in [
-        "Observation?subject:Patient.name=a".to_owned(),
-        "Patient?_has:Observation:patient:code=x".to_owned(),
-        "Observation?_include=Observation:subject".to_owned(),
-        "Patient?_revinclude=Observation:subject".to_owned(),
-        format!("Patient/{}/_history", patient(0)),
-        format!("Patient/{}/$everything", patient(0)),
-        "Condition".to_owned(),
-    ] {
-        let r = get(&path);
+    // chains, includes, history and $everything stay within the reach
+    let treated_obs = loaded_ids(&loaded, &treated, "Observation");
+    let chain = "Observation?subject:Patient.gender=male,female,other,unknown&_count=1000";
+    assert_eq!(ids_of(&get(chain).json()), treated_obs);
+    let included = get("Observation?_include=Observation:subject&_count=1000").json();
+    let mut inc_patients: Vec<String> = included["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "Patient")
+        .map(|e| e["resource"]["id"].as_str().expect("id").to_owned())
+        .collect();
+    inc_patients.sort();
+    assert_eq!(inc_patients, loaded_ids(&loaded, &treated, "Patient"));
+    assert_eq!(get(&format!("Patient/{}/_history", patient(0))).status, 200);
+    assert_eq!(get(&format!("Patient/{}/_history", patient(3))).status, 404);
+    assert_eq!(
+        get(&format!("Patient/{}/$everything", patient(0))).status,
+        200
+    );
+    assert_eq!(
+        get(&format!("Patient/{}/$everything", patient(3))).status,
+        403
+    );
+    // type history and scopes it does not have: refused
+    for path in ["Observation/_history", "Condition"] {
+        let r = get(path);
         assert!(r.status == 403 || r.status == 404, "{path}: {}", r.status);
     }
     let obs = serde_json::json!({"resourceType": "Observation", "status": "final",

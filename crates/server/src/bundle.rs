@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use crate::FHIR_JSON;
 use crate::app::{
     App, Commit, Created, Ctx, MAX_RETRIES, Peer, blocking, body_bytes, commit, conflict_exhausted,
-    do_create, do_read, finish, forget_keys, parse_etag, update_or_delete,
+    do_create, do_read, do_read_in, finish, forget_keys, parse_etag, update_or_delete,
 };
 use crate::engine::{Written, instant, now_ms};
 use crate::error::ApiError;
@@ -448,11 +448,18 @@ async fn batch(
         ectx.audited = false;
         ectx.rtype = Some(e.resource_type.clone());
         ectx.id = e.id.clone();
-        let allowed = app.authorize(auth, &e.resource_type, interaction_of(&e.method));
+        // a read entry may be confined (a patient's or clinician's app): served within
+        // its reach; every other entry needs unconfined access
+        let allowed = match e.method {
+            Method::Get => app.authorize_confined(auth, &e.resource_type, Interaction::Read),
+            _ => app
+                .authorize(auth, &e.resource_type, interaction_of(&e.method))
+                .map(|()| None),
+        };
         tasks.spawn(async move {
             let index = e.index;
             let r = match allowed {
-                Ok(()) => batch_entry(&app, &mut ectx, e).await,
+                Ok(reach) => batch_entry(&app, &mut ectx, e, reach.as_ref()).await,
                 Err(err) => Err(err),
             };
             let out = match r {
@@ -482,7 +489,12 @@ async fn batch(
     }))
 }
 
-async fn batch_entry(app: &Arc<App>, ctx: &mut Ctx, e: EntryRequest) -> Result<Value, ApiError> {
+async fn batch_entry(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    e: EntryRequest,
+    reach: Option<&crate::care::Reach>,
+) -> Result<Value, ApiError> {
     let rtype = e.resource_type.as_str();
     if let Some(r) = &e.resource
         && r.get("resourceType").and_then(Value::as_str) != Some(rtype)
@@ -511,7 +523,7 @@ async fn batch_entry(app: &Arc<App>, ctx: &mut Ctx, e: EntryRequest) -> Result<V
             ctx.interaction = if vid.is_some() { "vread" } else { "read" };
             // The entry's own context carries the version and patient read, and the
             // error path (404, 410, ...) is audited with its real status by `batch`.
-            let (row, body) = do_read(app, ctx, rtype, id, vid).await?;
+            let (row, body) = do_read_in(app, ctx, rtype, id, vid, reach).await?;
             Ok(read_response_entry(&row, &body))
         }
         Method::Post => {

@@ -150,6 +150,7 @@ impl Plan {
         rtype: &str,
         criteria: &[Criterion],
         reach: Option<&Reach>,
+        access: Option<&Reach>,
     ) -> Result<Plan, ApiError> {
         let mut plan = Plan {
             rtype: rtype.to_owned(),
@@ -174,7 +175,9 @@ impl Plan {
                     target_type,
                     inner,
                 } => {
-                    let ids = match_ids(app, target_type, std::slice::from_ref(inner))?;
+                    // the chained search runs within the access's reach too: its
+                    // matches, counts and bounds tell nothing about anyone else
+                    let ids = match_ids(app, target_type, std::slice::from_ref(inner), access)?;
                     if ids.is_empty() {
                         plan.empty = true;
                     }
@@ -186,7 +189,7 @@ impl Plan {
                     reference,
                     inner,
                 } => {
-                    let sources = match_all(app, source, std::slice::from_ref(inner))?;
+                    let sources = match_all(app, source, std::slice::from_ref(inner), access)?;
                     let mut ids = Vec::new();
                     for s in &sources {
                         for v in search::extract(reference, &s.json) {
@@ -369,8 +372,13 @@ impl Plan {
 }
 
 /// Every match of `criteria` on `rtype` (bounded by [`MAX_CHAIN_IDS`]).
-fn match_all(app: &App, rtype: &str, criteria: &[Criterion]) -> Result<Vec<Loaded>, ApiError> {
-    Plan::new(app, rtype, criteria, None)?.all(app, MAX_CHAIN_IDS)
+fn match_all(
+    app: &App,
+    rtype: &str,
+    criteria: &[Criterion],
+    access: Option<&Reach>,
+) -> Result<Vec<Loaded>, ApiError> {
+    Plan::new(app, rtype, criteria, access, access)?.all(app, MAX_CHAIN_IDS)
 }
 
 /// The patients (the compartments their records are sealed under) of the `rtype` records
@@ -387,15 +395,20 @@ pub fn patients_referencing(
         .filter(|d| d.ptype == ParamType::Reference)
         .ok_or_else(ApiError::internal)?;
     let crit = reference_criterion(def, target_type, &[target_id.to_owned()]);
-    Ok(Plan::new(app, rtype, &[crit], None)?
+    Ok(Plan::new(app, rtype, &[crit], None, None)?
         .all(app, MAX_FULL_EXAMINE)?
         .iter()
         .filter_map(|l| key_patient(&l.row.key_id).map(str::to_owned))
         .collect())
 }
 
-fn match_ids(app: &App, rtype: &str, criteria: &[Criterion]) -> Result<Vec<String>, ApiError> {
-    Ok(match_all(app, rtype, criteria)?
+fn match_ids(
+    app: &App,
+    rtype: &str,
+    criteria: &[Criterion],
+    access: Option<&Reach>,
+) -> Result<Vec<String>, ApiError> {
+    Ok(match_all(app, rtype, criteria, access)?
         .into_iter()
         .map(|l| l.row.id)
         .collect())
@@ -606,6 +619,7 @@ pub fn run(
         &req.rtype,
         &q.criteria,
         url_compartment.as_ref().or(reach),
+        reach,
     )?;
     let count = q.count;
     let want_total = q.total != Total::None || q.summary == Summary::Count;
@@ -697,7 +711,7 @@ pub fn run(
     let included = if q.summary == Summary::Count {
         Vec::new()
     } else {
-        includes(app, auth, &matches, &q)?
+        includes(app, auth, &matches, &q, reach)?
     };
     let next = match next_pos {
         Some((a, k)) => Some(seal_cursor(app, auth, req, &q, a, k)?),
@@ -744,12 +758,14 @@ fn seal_cursor(
 }
 
 /// `_include` and `_revinclude` (with bounded `:iterate`), limited to types the client may
-/// read.
+/// read and to what its access reaches (`reach`: a record of a patient it does not reach
+/// is not included, and not decrypted either).
 fn includes(
     app: &App,
     auth: &Authenticated,
     matches: &[Loaded],
     q: &SearchQuery,
+    reach: Option<&Reach>,
 ) -> Result<Vec<Loaded>, ApiError> {
     if q.include.is_empty() && q.revinclude.is_empty() {
         return Ok(Vec::new());
@@ -759,8 +775,8 @@ fn includes(
         .map(|m| (m.row.rtype.clone(), m.row.id.clone()))
         .collect();
     let readable = |t: &str| {
-        app.authorize(auth, t, Interaction::Read).is_ok()
-            || app.authorize(auth, t, Interaction::Search).is_ok()
+        app.authorize_confined(auth, t, Interaction::Read).is_ok()
+            || app.authorize_confined(auth, t, Interaction::Search).is_ok()
     };
     let mut out: Vec<Loaded> = Vec::new();
     let mut frontier: Vec<Loaded> = matches.to_vec();
@@ -789,7 +805,10 @@ fn includes(
                     {
                         continue;
                     }
-                    if let Some(l) = load(app, &t, &id)? {
+                    let row = app.engine.store.current(&t, &id).map_err(unavailable)?;
+                    let row =
+                        row.filter(|r| reach.is_none_or(|c| c.admits(key_patient(&r.key_id))));
+                    if let Some(l) = open_row(app, row)? {
                         seen.insert((t, id));
                         added.push(l);
                     }
@@ -806,7 +825,7 @@ fn includes(
                 }
                 let crit =
                     reference_criterion(rev.param, &m.row.rtype, std::slice::from_ref(&m.row.id));
-                let plan = Plan::new(app, &rev.source_type, &[crit], None)?;
+                let plan = Plan::new(app, &rev.source_type, &[crit], reach, reach)?;
                 for l in plan.all(app, MAX_INCLUDED)? {
                     if seen.insert((l.row.rtype.clone(), l.row.id.clone())) {
                         added.push(l);
@@ -966,7 +985,7 @@ pub fn stream_compartment(
     patient: &str,
     visit: &mut dyn FnMut(Loaded) -> bool,
 ) -> Result<bool, ApiError> {
-    let plan = Plan::new(app, rtype, &[], Some(&Reach::patient(patient)))?;
+    let plan = Plan::new(app, rtype, &[], Some(&Reach::patient(patient)), None)?;
     let mut after: Option<String> = None;
     loop {
         let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
@@ -1053,7 +1072,7 @@ impl Conditional {
 
     /// Find the match (blocking). Several matches → 412.
     pub fn find(&self, app: &App) -> Result<CondMatch, ApiError> {
-        let plan = Plan::new(app, &self.rtype, &self.criteria, None)?;
+        let plan = Plan::new(app, &self.rtype, &self.criteria, None, None)?;
         let mut found: Vec<Loaded> = Vec::new();
         let mut except = Vec::new();
         let mut after: Option<String> = None;

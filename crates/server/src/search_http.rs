@@ -148,21 +148,16 @@ async fn run(
     };
     ctx.rtype = Some(req.rtype.clone());
     let mut req = req;
-    let mut reach = app.authorize_confined(&auth, &req.rtype, Interaction::Search)?;
+    let reach = app.authorize_confined(&auth, &req.rtype, Interaction::Search)?;
     let confined = reach.is_some();
     if let Some(r) = &reach {
         match &req.compartment {
             // a compartment the access does not reach: refused
             Some(p) if !r.admits(Some(p)) => return Err(ApiError::forbidden()),
             // the URL's compartment is within reach and confines the search further
-            Some(_) => reach = None,
+            Some(_) => {}
             // one patient's app: their compartment
-            None => {
-                if let Some(own) = r.single() {
-                    req.compartment = Some(own.to_owned());
-                    reach = None;
-                }
-            }
+            None => req.compartment = r.single().map(str::to_owned),
         }
     }
     if let Some(p) = &req.compartment {
@@ -172,12 +167,9 @@ async fn run(
                 .or_else(|_| app.authorize(&auth, "Patient", Interaction::Search))?;
         }
     }
+    // chains, `_has` and includes of a confined search run within its reach too (see
+    // `search::run`): they match, count and include only records it may see
     let q = search::parse(&req)?;
-    if confined && q.reaches_outside() {
-        // chains, _has and includes read other resources, whose counts, bounds or
-        // compartments could tell about other patients: not for confined access (yet)
-        return Err(ApiError::forbidden());
-    }
     let a = app.clone();
     let page = blocking(move || {
         let page = search::run(&a, &auth, &req, q, reach.as_ref())?;
@@ -223,8 +215,14 @@ async fn everything(
         if rtype != "Patient" {
             return Err(ApiError::not_found("$everything is served on Patient only"));
         }
-        app.authorize(&auth, "Patient", Interaction::Read)?;
         crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
+        // a confined access (a patient's own app, a clinician's patients) gets the
+        // compartments it reaches only, checked before anything is read
+        if let Some(r) = app.authorize_confined(&auth, "Patient", Interaction::Read)?
+            && !r.admits(Some(&id))
+        {
+            return Err(ApiError::forbidden());
+        }
         let (a, i) = (app.clone(), id.clone());
         let exists = blocking(move || search::load(&a, "Patient", &i)).await?;
         if exists.is_none() {
@@ -235,8 +233,10 @@ async fn everything(
         let types: Vec<&'static str> = phivault_fhir::patient_compartment_types()
             .into_iter()
             .filter(|t| {
-                app.authorize(&auth, t, Interaction::Read).is_ok()
-                    || app.authorize(&auth, t, Interaction::Search).is_ok()
+                app.authorize_confined(&auth, t, Interaction::Read).is_ok()
+                    || app
+                        .authorize_confined(&auth, t, Interaction::Search)
+                        .is_ok()
             })
             .collect();
         Ok(types)

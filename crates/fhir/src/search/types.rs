@@ -329,19 +329,6 @@ pub struct SearchQuery {
     pub canonical: String,
 }
 
-impl SearchQuery {
-    /// Whether a criterion searches resources other than the searched ones (a chain or
-    /// `_has`), or `_include`/`_revinclude` reads others.
-    pub fn reaches_outside(&self) -> bool {
-        !self.include.is_empty()
-            || !self.revinclude.is_empty()
-            || self
-                .criteria
-                .iter()
-                .any(|c| matches!(c.target, Target::Chain { .. } | Target::Has { .. }))
-    }
-}
-
 /// How the index narrows one query: an expression over *terms* (each term is looked up as
 /// the keyed token of `(resource type, parameter, term)`). The result is a candidate set
 /// that contains every match; candidates are verified by decrypting them.
