@@ -7,20 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Value, json};
 
-const TOKEN_KEY_LABEL: &str = "token-signing-v1";
 const TOKEN_KID: &str = "phivault-token-1";
-
-/// The server's real token-signing key (Ed25519 PKCS#8), opened from the data directory.
-fn signing_pkcs8(s: &Server) -> Vec<u8> {
-    let master =
-        phivault_crypto::MasterKey::load_key_file(&s.data.join("master.key")).expect("master key");
-    let keys = phivault_crypto::KeyHierarchy::new(&master);
-    let sealed = std::fs::read(s.data.join("keys/token-signing.sealed")).expect("sealed key");
-    keys.open_secret(TOKEN_KEY_LABEL, &sealed)
-        .expect("open token key")
-        .expose()
-        .clone()
-}
 
 fn b64(bytes: &[u8]) -> String {
     B64.encode(bytes)
@@ -28,18 +15,6 @@ fn b64(bytes: &[u8]) -> String {
 
 fn unb64(s: &str) -> Vec<u8> {
     B64.decode(s).expect("base64url")
-}
-
-/// A compact JWS over `header` and `claims`, signed with Ed25519 `pkcs8`.
-fn sign_ed25519(pkcs8: &[u8], header: &Value, claims: &Value) -> String {
-    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8).expect("ed25519 key");
-    let input = format!(
-        "{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes())
-    );
-    let sig = kp.sign(input.as_bytes());
-    format!("{input}.{}", b64(sig.as_ref()))
 }
 
 /// A compact JWS with `alg: HS256`, HMAC-SHA256 keyed with `key`.

@@ -38,6 +38,8 @@ struct Page {
     location: Option<String>,
     cookie: Option<String>,
     body: String,
+    /// `x-request-id`: joins the response to its audit event.
+    request_id: Option<String>,
 }
 
 fn get(agent: &ureq::Agent, url: &str) -> Page {
@@ -76,6 +78,7 @@ fn page(mut r: ureq::http::Response<ureq::Body>) -> Page {
             .map(str::to_owned)
     };
     let location = h("location");
+    let request_id = h("x-request-id");
     let cookie = h("set-cookie").map(|c| c.split(';').next().unwrap_or("").to_owned());
     let status = r.status().as_u16();
     let body = r.body_mut().read_to_string().unwrap_or_default();
@@ -84,6 +87,7 @@ fn page(mut r: ureq::http::Response<ureq::Body>) -> Page {
         location,
         cookie,
         body,
+        request_id,
     }
 }
 
@@ -1336,6 +1340,601 @@ fn dpop_binds_an_apps_tokens_to_its_key() {
         .filter(|e| e.interaction == "token" && e.outcome.http_status == 400)
         .count();
     assert!(refused_tokens >= 5, "{refused_tokens}");
+    s.server.stop();
+}
+
+/// One attack of the suite: what was tried and what came back.
+struct Attempt {
+    what: String,
+    page: Page,
+}
+
+/// Whether an attempt was denied: an error status, a redirect back to the app with an
+/// error, or a 200 that discloses none of `secrets` (a search confined to what it may see).
+fn denied(a: &Attempt, secrets: &[&str]) -> bool {
+    match a.page.status {
+        400..=499 => true,
+        300..=399 => a
+            .page
+            .location
+            .as_deref()
+            .is_some_and(|l| l.contains("error=")),
+        200 => !secrets.iter().any(|x| a.page.body.contains(x)),
+        _ => false,
+    }
+}
+
+#[test]
+fn the_attack_suite_every_case_is_denied_and_audited() {
+    use phivault_auth::dpop::ProofKey;
+    let (mut s, loaded) = setup_with(3);
+    let agent = browser(&s.server);
+    let t0 = now();
+    let base = s.server.base.clone();
+    let origin = s.server.origin.clone();
+    let own = s.patient.clone();
+    let (other, other_obs) = s.other.clone();
+    let other_obs_all = loaded_ids(&loaded, &[1], "Observation");
+    let mut secrets: Vec<String> = vec![other.clone()];
+    secrets.extend(other_obs_all.iter().cloned());
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let attempts: std::cell::RefCell<Vec<Attempt>> = Default::default();
+    let call = |method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>| -> Page {
+        let mut r = ureq::http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let resp = match body {
+            Some(b) => agent.run(r.body(b.to_owned()).expect("request")),
+            None => agent.run(r.body(()).expect("request")),
+        };
+        page(resp.expect("response"))
+    };
+    let bearer = |t: &str| format!("Bearer {t}");
+    let json_ct = ("Content-Type", "application/fhir+json");
+
+    // a patient's app, signed in properly
+    let code = sign_in(&s, &agent, "maria.p", &s.code(t0));
+    let exchange = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", s.client_id.as_str()),
+        ("code_verifier", s.verifier.as_str()),
+    ];
+    let (st, t) = s.token(&agent, &exchange);
+    assert_eq!(st, 200, "{t}");
+    let access = t["access_token"].as_str().expect("access").to_owned();
+    let refresh = t["refresh_token"].as_str().expect("refresh").to_owned();
+    let auth = bearer(&access);
+    let fhir = |what: &str, method: &str, path: &str, body: Option<String>| {
+        let url = format!("{base}/{path}");
+        let mut h = vec![("Authorization", auth.as_str())];
+        if body.is_some() {
+            h.push(json_ct);
+        }
+        let page = call(method, &url, &h, body.as_deref());
+        attempts.borrow_mut().push(Attempt {
+            what: what.to_owned(),
+            page,
+        });
+    };
+    // 1. another patient's records, every way in
+    fhir(
+        "their Patient by id",
+        "GET",
+        &format!("Patient/{other}"),
+        None,
+    );
+    fhir(
+        "their Observation by id",
+        "GET",
+        &format!("Observation/{other_obs}"),
+        None,
+    );
+    fhir(
+        "their Observation by version",
+        "GET",
+        &format!("Observation/{other_obs}/_history/1"),
+        None,
+    );
+    fhir(
+        "their Observation's history",
+        "GET",
+        &format!("Observation/{other_obs}/_history"),
+        None,
+    );
+    fhir(
+        "the history of a whole type",
+        "GET",
+        "Observation/_history",
+        None,
+    );
+    fhir(
+        "search by their id",
+        "GET",
+        &format!("Patient?_id={other}"),
+        None,
+    );
+    fhir(
+        "search by their reference",
+        "GET",
+        &format!("Observation?subject=Patient/{other}&_count=1000"),
+        None,
+    );
+    fhir(
+        "their compartment",
+        "GET",
+        &format!("Patient/{other}/Observation"),
+        None,
+    );
+    fhir(
+        "their $everything",
+        "GET",
+        &format!("Patient/{other}/$everything"),
+        None,
+    );
+    fhir(
+        "_include of subjects",
+        "GET",
+        "Observation?_include=Observation:subject&_count=1000",
+        None,
+    );
+    fhir(
+        "_revinclude from their records",
+        "GET",
+        &format!("Patient?_id={other}&_revinclude=Observation:subject"),
+        None,
+    );
+    fhir(
+        "a chain over every patient",
+        "GET",
+        "Observation?subject:Patient.gender=male,female,other,unknown&_count=1000",
+        None,
+    );
+    fhir(
+        "_has naming their record",
+        "GET",
+        &format!("Patient?_has:Observation:patient:_id={other_obs}"),
+        None,
+    );
+    let form = format!("subject=Patient/{other}&_count=1000");
+    let page = call(
+        "POST",
+        &format!("{base}/Observation/_search"),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        Some(&form),
+    );
+    attempts.borrow_mut().push(Attempt {
+        what: "POST _search for their records".into(),
+        page,
+    });
+    let batch = |kind: &str| {
+        serde_json::json!({"resourceType": "Bundle", "type": kind, "entry": [
+            {"request": {"method": "GET", "url": format!("Patient/{other}")}}]})
+        .to_string()
+    };
+    fhir("a batch read of theirs", "POST", "", Some(batch("batch")));
+    fhir(
+        "a transaction read of theirs",
+        "POST",
+        "",
+        Some(batch("transaction")),
+    );
+    let obs = serde_json::json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": format!("Patient/{own}")}});
+    fhir(
+        "a write to their own record",
+        "POST",
+        "Observation",
+        Some(obs.to_string()),
+    );
+    let mut theirs = obs.clone();
+    theirs["id"] = serde_json::json!(other_obs);
+    fhir(
+        "an overwrite of theirs",
+        "PUT",
+        &format!("Observation/{other_obs}"),
+        Some(theirs.to_string()),
+    );
+    fhir(
+        "a delete of their own",
+        "DELETE",
+        &format!("Observation/{}", s.own_obs[0]),
+        None,
+    );
+    fhir("a type outside the scopes", "GET", "Condition", None);
+    fhir(
+        "a read outside the scopes",
+        "GET",
+        &format!("Condition/{other}"),
+        None,
+    );
+    // a paging cursor made for another client
+    let system = s.server.token("system/*.rs");
+    let first = s.server.get("Observation?_count=1", &system).json();
+    let next = first["link"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["relation"] == "next"))
+        .and_then(|x| x["url"].as_str())
+        .expect("next link")
+        .to_owned();
+    let cursor = next.split_once('?').expect("query").1.to_owned();
+    fhir(
+        "another client's paging cursor",
+        "GET",
+        &format!("Observation?{cursor}"),
+        None,
+    );
+
+    // 2. broken, forged and stolen tokens
+    let pkcs8 = signing_pkcs8(&s.server);
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(access.split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    )
+    .expect("claims");
+    let header = serde_json::json!({"alg": "EdDSA", "kid": "phivault-token-1", "typ": "at+jwt"});
+    let forge = |f: &dyn Fn(&mut Value)| {
+        let mut c = claims.clone();
+        f(&mut c);
+        sign_ed25519(&pkcs8, &header, &c)
+    };
+    let mut sig_flipped = access.clone().into_bytes();
+    let last = sig_flipped.len() - 3;
+    sig_flipped[last] = if sig_flipped[last] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let (h, rest) = access.split_once('.').expect("jws");
+    let (_, sig) = rest.rsplit_once('.').expect("jws");
+    let mut other_patient = claims.clone();
+    other_patient["phivault_person"]["patient"] = serde_json::json!(other);
+    let patched = format!(
+        "{h}.{}.{sig}",
+        URL_SAFE_NO_PAD.encode(other_patient.to_string().as_bytes())
+    );
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"at+jwt"}"#),
+        access.split('.').nth(1).expect("payload")
+    );
+    let tokens: Vec<(&str, Option<String>)> = vec![
+        ("no token", None),
+        ("a malformed token", Some("Bearer not-a-token".into())),
+        (
+            "a flipped signature",
+            Some(bearer(&String::from_utf8(sig_flipped).expect("utf8"))),
+        ),
+        ("another patient patched in", Some(bearer(&patched))),
+        ("alg none", Some(bearer(&none))),
+        (
+            "a wrong audience",
+            Some(bearer(&forge(&|c| {
+                c["aud"] = serde_json::json!("https://other.example/fhir")
+            }))),
+        ),
+        (
+            "a wrong issuer",
+            Some(bearer(&forge(&|c| {
+                c["iss"] = serde_json::json!("https://evil.example")
+            }))),
+        ),
+        (
+            "an expired token",
+            Some(bearer(&forge(&|c| c["exp"] = serde_json::json!(t0 - 120)))),
+        ),
+        (
+            "an older account generation",
+            Some(bearer(&forge(&|c| {
+                c["phivault_person"]["gen"] = serde_json::json!(0)
+            }))),
+        ),
+        (
+            "a clinician role patched in",
+            Some(bearer(&forge(&|c| {
+                c["phivault_person"]["role"] = serde_json::json!("admin")
+            }))),
+        ),
+    ];
+    for (what, a) in &tokens {
+        let h: Vec<(&str, &str)> = a.iter().map(|v| ("Authorization", v.as_str())).collect();
+        let page = call("GET", &format!("{base}/Patient/{own}"), &h, None);
+        attempts.borrow_mut().push(Attempt {
+            what: (*what).to_owned(),
+            page,
+        });
+    }
+
+    // 3. the flow: PKCE, codes, refresh tokens, redirect URIs, scopes, brute force
+    let token_url = format!("{origin}/auth/token");
+    let post = |what: &str, url: &str, headers: &[(&str, &str)], form: &[(&str, &str)]| {
+        let page = post_form_with(&agent, url, headers, form);
+        attempts.borrow_mut().push(Attempt {
+            what: what.to_owned(),
+            page,
+        });
+    };
+    let code2 = sign_in(&s, &agent, "maria.p", &s.code(t0 + 30));
+    let mut wrong_verifier = exchange;
+    wrong_verifier[1] = ("code", code2.as_str());
+    let bad = URL_SAFE_NO_PAD.encode([9u8; 48]);
+    wrong_verifier[4] = ("code_verifier", bad.as_str());
+    post("a wrong PKCE verifier", &token_url, &[], &wrong_verifier);
+    let refresh_form = |tok: &str, scope: Option<&str>| {
+        let mut f = vec![
+            ("grant_type", "refresh_token".to_owned()),
+            ("refresh_token", tok.to_owned()),
+            ("client_id", s.client_id.clone()),
+        ];
+        if let Some(sc) = scope {
+            f.push(("scope", sc.to_owned()));
+        }
+        f
+    };
+    let as_refs = |f: &[(&'static str, String)]| -> Vec<(&'static str, String)> { f.to_vec() };
+    let wider = as_refs(&refresh_form(&refresh, Some("patient/*.rs")));
+    let wider: Vec<(&str, &str)> = wider.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post("scope escalation at refresh", &token_url, &[], &wider);
+    let (st, t) = s.token(
+        &agent,
+        &refresh_form(&refresh, None)
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(st, 200, "{t}");
+    let rotated = t["refresh_token"].as_str().expect("refresh").to_owned();
+    let reuse = refresh_form(&refresh, None);
+    let reuse: Vec<(&str, &str)> = reuse.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post(
+        "a reused (rotated-out) refresh token",
+        &token_url,
+        &[],
+        &reuse,
+    );
+    let after = refresh_form(&rotated, None);
+    let after: Vec<(&str, &str)> = after.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post("the family revoked by that reuse", &token_url, &[], &after);
+    // replaying the first code: refused, and it ends the session it started
+    post("a replayed code", &token_url, &[], &exchange);
+    let get_page = |what: &str, url: String| {
+        let page = get(&agent, &url);
+        attempts.borrow_mut().push(Attempt {
+            what: what.to_owned(),
+            page,
+        });
+    };
+    get_page(
+        "PKCE plain",
+        s.authorize_url(&[("code_challenge_method", "plain")]),
+    );
+    get_page(
+        "no PKCE",
+        s.authorize_url(&[("code_challenge_method", ""), ("code_challenge", "")]),
+    );
+    get_page(
+        "an unregistered redirect URI",
+        s.authorize_url(&[("redirect_uri", "https://evil.example/cb")]),
+    );
+    get_page(
+        "system scopes for a person's app",
+        s.authorize_url(&[("scope", "system/*.cruds")]),
+    );
+    get_page(
+        "another audience",
+        s.authorize_url(&[("aud", "https://evil.example/fhir")]),
+    );
+    // brute force: five wrong passwords lock the account, then the right ones fail too
+    let start = get(&agent, &s.authorize_url(&[]));
+    let cookie = start.cookie.clone().expect("cookie");
+    let (flow, csrf) = (hidden(&start.body, "flow"), hidden(&start.body, "csrf"));
+    let login = format!("{origin}/auth/login");
+    for i in 0..4 {
+        let wrong = format!("wrong-password-{i}-xyz");
+        let f = [
+            ("flow", flow.as_str()),
+            ("csrf", csrf.as_str()),
+            ("username", "maria.p"),
+            ("password", wrong.as_str()),
+            ("otp", "000000"),
+        ];
+        post(
+            &format!("brute force {i}"),
+            &login,
+            &[("Cookie", &cookie)],
+            &f,
+        );
+    }
+    let start = get(&agent, &s.authorize_url(&[]));
+    let cookie = start.cookie.clone().expect("cookie");
+    let (flow, csrf) = (hidden(&start.body, "flow"), hidden(&start.body, "csrf"));
+    let f = [
+        ("flow", flow.as_str()),
+        ("csrf", csrf.as_str()),
+        ("username", "maria.p"),
+        ("password", "wrong-password-last"),
+        ("otp", "000000"),
+    ];
+    post(
+        "brute force: the locking attempt",
+        &login,
+        &[("Cookie", &cookie)],
+        &f,
+    );
+    let right = s.code(t0 + 60);
+    let f = [
+        ("flow", flow.as_str()),
+        ("csrf", csrf.as_str()),
+        ("username", "maria.p"),
+        ("password", PASSWORD),
+        ("otp", right.as_str()),
+    ];
+    post(
+        "the right credentials while locked",
+        &login,
+        &[("Cookie", &cookie)],
+        &f,
+    );
+    let f = [
+        ("flow", flow.as_str()),
+        ("csrf", "forged"),
+        ("username", "maria.p"),
+        ("password", PASSWORD),
+        ("otp", right.as_str()),
+    ];
+    post("a forged CSRF token", &login, &[("Cookie", &cookie)], &f);
+
+    // 4. DPoP: a bound token without its proof, with a replayed proof, another key's
+    let data = s.server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &[
+            "app",
+            "add",
+            "--data-dir",
+            &data,
+            "--name",
+            "Bound",
+            "--redirect-uri",
+            REDIRECT,
+            "--scope",
+            "patient/*.rs launch/patient",
+            "--require-dpop",
+        ],
+        "",
+    );
+    assert!(o.status.success());
+    let bound_app: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let bound_app = bound_app["client_id"].as_str().expect("id").to_owned();
+    let jon = add_user(&s.server, "jon.p", &own);
+    let code3 = sign_in_for(
+        &s,
+        &agent,
+        "jon.p",
+        &phivault_auth::totp::code_at(&jon, t0),
+        &[("client_id", &bound_app)],
+    );
+    let key = ProofKey::generate().expect("key");
+    let thief = ProofKey::generate().expect("key");
+    let ex = [
+        ("grant_type", "authorization_code"),
+        ("code", code3.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", bound_app.as_str()),
+        ("code_verifier", s.verifier.as_str()),
+    ];
+    post("a DPoP app's code without a proof", &token_url, &[], &ex);
+    let p = key.proof("POST", &token_url, t0, None).expect("proof");
+    let got = post_form_with(&agent, &token_url, &[("DPoP", &p)], &ex);
+    assert_eq!(got.status, 200, "{}", got.body);
+    let dpop_token = serde_json::from_str::<Value>(&got.body).expect("json")["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let url = format!("{base}/Patient/{own}");
+    let dpop_auth = format!("DPoP {dpop_token}");
+    let good = key
+        .proof("GET", &url, t0, Some(&dpop_token))
+        .expect("proof");
+    assert_eq!(
+        call(
+            "GET",
+            &url,
+            &[("Authorization", &dpop_auth), ("DPoP", &good)],
+            None
+        )
+        .status,
+        200
+    );
+    let stolen = thief
+        .proof("GET", &url, t0, Some(&dpop_token))
+        .expect("proof");
+    for (what, h) in [
+        (
+            "a DPoP-bound token as a bearer token",
+            vec![("Authorization", bearer(&dpop_token))],
+        ),
+        (
+            "a DPoP-bound token without its proof",
+            vec![("Authorization", dpop_auth.clone())],
+        ),
+        (
+            "a replayed DPoP proof",
+            vec![("Authorization", dpop_auth.clone()), ("DPoP", good.clone())],
+        ),
+        (
+            "a DPoP proof by another key",
+            vec![("Authorization", dpop_auth.clone()), ("DPoP", stolen)],
+        ),
+    ] {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let page = call("GET", &url, &h, None);
+        attempts.borrow_mut().push(Attempt {
+            what: what.to_owned(),
+            page,
+        });
+    }
+
+    // 5. break-the-glass is not for patients' apps
+    let page = post_form_with(
+        &agent,
+        &format!("{origin}/auth/break-glass"),
+        &[("Authorization", &auth)],
+        &[
+            ("patient", &other),
+            ("reason", "I would like to see it please"),
+            ("otp", "123456"),
+        ],
+    );
+    attempts.borrow_mut().push(Attempt {
+        what: "break-the-glass by a patient".into(),
+        page,
+    });
+
+    // every case denied, and its own request in the audit log with the status it got
+    let attempts = attempts.into_inner();
+    assert!(attempts.len() >= 40, "{} cases", attempts.len());
+    let events = audit_events(&s.server);
+    for a in &attempts {
+        assert!(
+            denied(a, &secrets),
+            "{}: {} {:?} {}",
+            a.what,
+            a.page.status,
+            a.page.location,
+            a.page.body.chars().take(300).collect::<String>()
+        );
+        let rid = a
+            .page
+            .request_id
+            .as_deref()
+            .unwrap_or_else(|| panic!("{}: no request id", a.what));
+        // (a batch's entries share its request id: one of the events is the request's)
+        let mine: Vec<u16> = events
+            .iter()
+            .filter(|e| e.request_id == rid)
+            .map(|e| e.outcome.http_status)
+            .collect();
+        assert!(
+            mine.contains(&a.page.status),
+            "{}: audited as {mine:?}",
+            a.what
+        );
+    }
+    let statuses: std::collections::BTreeMap<u16, usize> =
+        attempts.iter().fold(Default::default(), |mut m, a| {
+            *m.entry(a.page.status).or_default() += 1;
+            m
+        });
+    eprintln!(
+        "{} attack cases, each denied and audited: {statuses:?}",
+        attempts.len()
+    );
     s.server.stop();
 }
 

@@ -524,3 +524,30 @@ pub fn audit_events(s: &Server) -> Vec<Value> {
         })
         .collect()
 }
+
+/// The server's real token-signing key (Ed25519 PKCS#8), opened from the data directory
+/// (for forging tokens the server must refuse).
+pub fn signing_pkcs8(s: &Server) -> Vec<u8> {
+    let master =
+        phivault_crypto::MasterKey::load_key_file(&s.data.join("master.key")).expect("master key");
+    let keys = phivault_crypto::KeyHierarchy::new(&master);
+    let sealed = std::fs::read(s.data.join("keys/token-signing.sealed")).expect("sealed key");
+    keys.open_secret("token-signing-v1", &sealed)
+        .expect("open token key")
+        .expose()
+        .clone()
+}
+
+/// A compact JWS over `header` and `claims`, signed with Ed25519 `pkcs8`.
+pub fn sign_ed25519(pkcs8: &[u8], header: &Value, claims: &Value) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8).expect("ed25519 key");
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = kp.sign(input.as_bytes());
+    format!("{input}.{}", b64(sig.as_ref()))
+}
