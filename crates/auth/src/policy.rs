@@ -39,6 +39,9 @@ pub enum Reach {
     },
 }
 
+/// The resource type under which the audit log is served.
+pub const AUDIT_EVENT: &str = "AuditEvent";
+
 /// Proof that `client_id` may perform `interaction` on `resource_type`. Only this crate
 /// can construct it.
 #[derive(Clone)]
@@ -129,6 +132,26 @@ pub fn authorize(
         return Err(Denied::InvalidResourceType);
     }
     let reads = matches!(i, Interaction::Read | Interaction::Search);
+    // the audit log is read by auditors only, through `user/AuditEvent` scopes; nobody
+    // writes it through the API
+    if resource_type == AUDIT_EVENT {
+        return match auth.person() {
+            Some(p)
+                if p.role == Role::Auditor
+                    && reads
+                    && auth.scopes().allows(Context::User, resource_type, i) =>
+            {
+                Ok(Authorized {
+                    client_id: auth.client_id().to_owned(),
+                    token_id: auth.token_id().to_owned(),
+                    resource_type: resource_type.to_owned(),
+                    interaction: i,
+                    reach: Reach::All,
+                })
+            }
+            _ => Err(Denied::InsufficientScope),
+        };
+    }
     let reach = match auth.person() {
         // a person's token never acts with system/ scopes, whatever it carries; persons
         // read and search (their writes are not granted yet)
@@ -155,7 +178,7 @@ pub fn authorize(
                     _ => return Err(Denied::InsufficientScope),
                 }
             }
-            // auditors and administrators: no clinical data
+            // auditors (the audit log aside) and administrators: no clinical data
             Role::Auditor | Role::Admin => return Err(Denied::InsufficientScope),
         },
         None if auth.scopes().allows(Context::System, resource_type, i) => Reach::All,
@@ -370,11 +393,34 @@ mod tests {
                 "{fu:?}"
             );
         }
-        // auditors and administrators read no clinical data, whatever the scopes
+        // auditors and administrators read no clinical data, whatever the scopes; the
+        // audit log is for auditors only, read-only
         for role in [Role::Auditor, Role::Admin] {
             let t = tok(role, None, "user/*.cruds patient/*.cruds system/*.cruds");
             for it in Interaction::ALL {
                 assert!(authorize(&t, "Patient", it).is_err(), "{role:?} {it:?}");
+            }
+        }
+        let auditor = tok(Role::Auditor, None, "user/AuditEvent.rs");
+        for it in [Interaction::Read, Interaction::Search] {
+            let z = authorize(&auditor, "AuditEvent", it).expect("auditor reads the log");
+            assert_eq!(z.reach(), &Reach::All);
+        }
+        let writer = tok(Role::Auditor, None, "user/AuditEvent.cruds");
+        for it in [
+            Interaction::Create,
+            Interaction::Update,
+            Interaction::Delete,
+        ] {
+            assert!(authorize(&writer, "AuditEvent", it).is_err(), "{it:?}");
+        }
+        for t in [
+            tok(Role::Admin, None, "user/*.cruds"),
+            tok(Role::Clinician, Some("Practitioner/pr1"), "user/*.rs"),
+            auth("system/*.cruds"),
+        ] {
+            for it in Interaction::ALL {
+                assert!(authorize(&t, "AuditEvent", it).is_err(), "{it:?}");
             }
         }
         assert_eq!(

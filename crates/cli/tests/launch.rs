@@ -177,25 +177,22 @@ fn add_user(server: &Server, username: &str, patient: &str) -> Vec<u8> {
 /// clinicians); their TOTP secret.
 fn add_person(server: &Server, username: &str, role: &str, link: &str) -> Vec<u8> {
     let data = server.data.to_str().expect("path");
-    let o = cli(
-        &[
-            "user",
-            "add",
-            "--data-dir",
-            data,
-            "--username",
-            username,
-            "--role",
-            role,
-            if role == "clinician" {
-                "--practitioner"
-            } else {
-                "--patient"
-            },
-            link,
-        ],
-        &format!("{PASSWORD}\n"),
-    );
+    let mut args = vec![
+        "user",
+        "add",
+        "--data-dir",
+        data,
+        "--username",
+        username,
+        "--role",
+        role,
+    ];
+    match role {
+        "clinician" => args.extend(["--practitioner", link]),
+        "patient" => args.extend(["--patient", link]),
+        _ => {}
+    }
+    let o = cli(&args, &format!("{PASSWORD}\n"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let uri = String::from_utf8_lossy(&o.stdout).trim().to_owned();
     base32_decode(&query_param(&uri, "secret").expect("secret"))
@@ -343,7 +340,7 @@ fn sign_in_for(
         ],
     );
     assert_eq!(login.status, 200, "{}", login.body);
-    assert!(login.body.contains("/Observation.rs") && login.body.contains("Allow"));
+    assert!(login.body.contains(".rs") && login.body.contains("Allow"));
     let consent = post_form(
         agent,
         &format!("{}/auth/consent", s.server.origin),
@@ -1340,6 +1337,132 @@ fn dpop_binds_an_apps_tokens_to_its_key() {
         .filter(|e| e.interaction == "token" && e.outcome.http_status == 400)
         .count();
     assert!(refused_tokens >= 5, "{refused_tokens}");
+    s.server.stop();
+}
+
+#[test]
+fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
+    let (mut s, loaded) = setup_with(2);
+    let system = s.server.token("system/*.rs");
+    let p0 = loaded_ids(&loaded, &[0], "Patient")[0].clone();
+    // some access to patient 0's records, and to patient 1's
+    for path in [
+        format!("Patient/{p0}"),
+        format!("Patient/{p0}/Observation"),
+        format!("Patient/{}", s.other.0),
+    ] {
+        assert_eq!(s.server.get(&path, &system).status, 200);
+    }
+    let secret = add_person(&s.server, "audit.kim", "auditor", "");
+    let agent = browser(&s.server);
+    let code = sign_in_for(
+        &s,
+        &agent,
+        "audit.kim",
+        &phivault_auth::totp::code_at(&secret, now()),
+        &[(
+            "scope",
+            "user/AuditEvent.rs user/Patient.rs openid fhirUser",
+        )],
+    );
+    let (status, t) = s.token(
+        &agent,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &s.client_id),
+            ("code_verifier", &s.verifier),
+        ],
+    );
+    assert_eq!(status, 200, "{t}");
+    let auditor = t["access_token"].as_str().expect("access").to_owned();
+    // every event about patient 0, page by page
+    let mut shown: Vec<String> = Vec::new();
+    let mut next = Some(format!("AuditEvent?patient={p0}&_count=3"));
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let r = s.server.get(&path, &auditor);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let b = r.json();
+        for e in b["entry"].as_array().expect("entries") {
+            let ev = &e["resource"];
+            assert_eq!(ev["resourceType"], "AuditEvent");
+            let rid = ev["entity"][0]["what"]["identifier"]["value"]
+                .as_str()
+                .expect("rid");
+            shown.push(rid.to_owned());
+        }
+        next = b["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["relation"] == "next"))
+            .and_then(|x| x["url"].as_str())
+            .map(|u| {
+                u.strip_prefix(&format!("{}/", s.server.base))
+                    .expect("base")
+                    .to_owned()
+            });
+        pages += 1;
+    }
+    assert!(pages > 1, "paged");
+    // expected: read independently from the database
+    let expected: Vec<String> = audit_events(&s.server)
+        .into_iter()
+        .filter(|e| {
+            e.patient.as_deref() == Some(p0.as_str())
+                || e.entities
+                    .iter()
+                    .any(|x| x.patient.as_deref() == Some(p0.as_str()))
+        })
+        .map(|e| e.request_id)
+        .collect();
+    assert!(expected.len() >= 3);
+    assert_eq!(shown, expected);
+    // one event by its id
+    let first = s
+        .server
+        .get(&format!("AuditEvent?patient={p0}&_count=1"), &auditor)
+        .json();
+    let id = first["entry"][0]["resource"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let one = s.server.get(&format!("AuditEvent/{id}"), &auditor);
+    assert_eq!(one.status, 200);
+    assert_eq!(one.json(), first["entry"][0]["resource"]);
+    // no clinical data for the auditor, and nobody writes the log
+    assert_eq!(s.server.get(&format!("Patient/{p0}"), &auditor).status, 403);
+    assert_eq!(s.server.get("Observation", &auditor).status, 403);
+    let ev = first["entry"][0]["resource"].clone();
+    assert_eq!(s.server.post("AuditEvent", &auditor, &ev).status, 405);
+    assert_eq!(
+        s.server
+            .put(&format!("AuditEvent/{id}"), &auditor, &ev, &[])
+            .status,
+        405
+    );
+    // and nobody else reads it
+    let admin = s.server.token("system/*.cruds");
+    assert_eq!(s.server.get("AuditEvent", &admin).status, 403);
+    let clinician_or_patient = {
+        let code = sign_in(&s, &agent, "maria.p", &s.code(now()));
+        let (_, t) = s.token(
+            &agent,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("client_id", &s.client_id),
+                ("code_verifier", &s.verifier),
+            ],
+        );
+        t["access_token"].as_str().expect("access").to_owned()
+    };
+    assert_eq!(
+        s.server.get("AuditEvent", &clinician_or_patient).status,
+        403
+    );
+    assert_eq!(s.server.get("AuditEvent?bogus=1", &auditor).status, 400);
     s.server.stop();
 }
 

@@ -1422,6 +1422,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/auth/revoke", post(crate::launch::revoke))
         .route("/auth/introspect", post(crate::launch::introspect))
         .route("/auth/break-glass", post(crate::care::break_glass))
+        .route("/fhir/AuditEvent", get(crate::audit_http::search))
+        .route("/fhir/AuditEvent/{id}", get(crate::audit_http::read))
         .route("/fhir", post(bundle::handle))
         .route("/fhir/", post(bundle::handle))
         .route(

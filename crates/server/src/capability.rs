@@ -54,6 +54,19 @@ fn search_refs(t: &str, rev: bool) -> Vec<String> {
 pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
     let resources: Vec<Value> = phivault_fhir::resource_types()
         .map(|t| {
+            if t == phivault_auth::policy::AUDIT_EVENT {
+                // the audit log, read-only, for auditors (`audit_http`)
+                return json!({
+                    "type": t,
+                    "interaction": [{"code": "read"}, {"code": "search-type"}],
+                    "searchParam": [
+                        {"name": "patient", "type": "reference"},
+                        {"name": "user", "type": "token"},
+                        {"name": "client", "type": "token"},
+                        {"name": "action", "type": "token"},
+                    ],
+                });
+            }
             json!({
                 "type": t,
                 "interaction": TYPE_INTERACTIONS.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),

@@ -356,8 +356,10 @@ fn scope_for_role(
         ),
         // a clinician: user/ scopes (a patient picker for patient/ scopes is not built)
         Role::Clinician => (requested.without_context(Context::Patient), None),
-        // auditors and admins read no clinical data through apps
-        Role::Auditor | Role::Admin => (
+        // auditors: user/ scopes, of which the policy grants the audit log only
+        Role::Auditor => (requested.without_context(Context::Patient), None),
+        // admins read no clinical data through apps
+        Role::Admin => (
             requested
                 .without_context(Context::Patient)
                 .without_context(Context::User),

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 pub mod app;
+pub mod audit_http;
 pub mod bundle;
 pub mod capability;
 pub mod care;

@@ -269,4 +269,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         visit: &mut dyn FnMut(phivault_audit::StoredEvent) -> bool,
     ) -> Result<(), StoreError>;
+    /// At most `limit` audit events with a sequence number above `after`, in order.
+    fn audit_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<phivault_audit::StoredEvent>, StoreError>;
 }

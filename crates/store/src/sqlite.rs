@@ -850,6 +850,24 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            c.prepare_cached(
+                "SELECT seq, event, hash FROM audit_event WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |r| {
+                Ok(StoredEvent {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    event: r.get(1)?,
+                    hash: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
     fn scan_audit(&self, visit: &mut dyn FnMut(StoredEvent) -> bool) -> Result<(), StoreError> {
         self.with_reader(|c| {
             let mut stmt = c.prepare("SELECT seq, event, hash FROM audit_event ORDER BY seq")?;

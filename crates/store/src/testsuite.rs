@@ -507,4 +507,19 @@ fn concurrent_batches_all_land(store: &dyn Store) {
                 .is_some()
         );
     }
+    // read back in pages by sequence number: every event once, in order
+    let (first, last) = (seqs[0], seqs[199]);
+    let mut after = first - 1;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.audit_after(after, 64).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 64);
+        after = page.last().unwrap().seq;
+        seen.extend(page.iter().map(|e| e.seq));
+    }
+    assert_eq!(seen, seqs);
+    assert!(store.audit_after(last, 10).unwrap().is_empty());
 }

@@ -1,0 +1,376 @@
+//! The audit log for auditors: `GET /fhir/AuditEvent` (search) and
+//! `GET /fhir/AuditEvent/{seq}` (read), each event shown as a FHIR R4 AuditEvent.
+//!
+//! Only a person with the auditor role, through `user/AuditEvent` scopes, is granted this
+//! (see `phivault_auth::policy`); nobody writes AuditEvents through the API (the routes
+//! answer 405 to anything but GET). Events are served oldest first; `patient`, `user`,
+//! `client` and `action` filter, `_count` (≤ [`MAX_COUNT`]) sizes a page and the `next`
+//! link continues after the last sequence number examined (a position in the log, not a
+//! secret). A page examines at most [`MAX_EXAMINE`] events. Reading the log is audited too.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use phivault_audit::{Action, AuditEvent};
+use phivault_auth::Interaction;
+use phivault_auth::policy::AUDIT_EVENT;
+use serde_json::{Value, json};
+
+use crate::FHIR_JSON;
+use crate::app::{App, Ctx, Peer, blocking, finish};
+use crate::engine::{form_urlencoded_pairs, instant};
+use crate::error::ApiError;
+
+/// Largest page.
+pub const MAX_COUNT: usize = 200;
+/// Most events one page examines.
+pub const MAX_EXAMINE: usize = 50_000;
+
+fn action_code(a: Action) -> &'static str {
+    match a {
+        Action::C => "C",
+        Action::R => "R",
+        Action::U => "U",
+        Action::D => "D",
+        Action::E => "E",
+    }
+}
+
+/// One event as a FHIR AuditEvent (identifiers only, as stored).
+pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
+    let mut agents = vec![json!({
+        "type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
+            "code": "110150", "display": "Application"}]},
+        "who": {"identifier": {"system": "urn:phivault:client",
+            "value": e.client_id.as_deref().unwrap_or("unauthenticated")}},
+        "requestor": e.user.is_none(),
+        "network": {"address": e.source, "type": "2"},
+    })];
+    if let Some(u) = &e.user {
+        agents.push(json!({
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
+                "code": "PROV"}]},
+            "who": {"identifier": {"system": "urn:phivault:user", "value": u}},
+            "requestor": true,
+        }));
+    }
+    let mut entities = vec![json!({
+        "what": {"identifier": {"system": "urn:phivault:request-id", "value": e.request_id}},
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "4"},
+    })];
+    if let (Some(t), Some(id)) = (&e.resource_type, &e.resource_id) {
+        let reference = match e.version {
+            Some(v) => format!("{t}/{id}/_history/{v}"),
+            None => format!("{t}/{id}"),
+        };
+        entities.push(json!({"what": {"reference": reference},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
+    }
+    if let Some(p) = &e.patient {
+        entities.push(json!({"what": {"reference": format!("Patient/{p}")},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}));
+    }
+    for x in &e.entities {
+        entities.push(json!({"what": {"reference": format!("{}/{}", x.resource_type, x.resource_id)},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
+    }
+    json!({
+        "resourceType": "AuditEvent",
+        "id": seq.to_string(),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "urn:phivault:interaction", "code": e.interaction}],
+        "action": action_code(e.action),
+        "recorded": instant(i64::try_from(e.time_ms).unwrap_or(i64::MAX)),
+        "outcome": e.outcome.code.to_string(),
+        "outcomeDesc": format!("HTTP {}", e.outcome.http_status),
+        "agent": agents,
+        "source": {"observer": {"display": "phivault"},
+            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                "code": "4"}]},
+        "entity": entities,
+    })
+}
+
+/// The filters of one search.
+#[derive(Default)]
+struct Filter {
+    patient: Option<String>,
+    user: Option<String>,
+    client: Option<String>,
+    action: Option<Action>,
+    count: usize,
+    after: u64,
+}
+
+impl Filter {
+    fn parse(query: Option<&str>) -> Result<Filter, ApiError> {
+        let mut f = Filter {
+            count: 50,
+            ..Default::default()
+        };
+        for (k, v) in form_urlencoded_pairs(query.unwrap_or("")) {
+            let dup = |slot: &Option<String>| {
+                if slot.is_some() {
+                    Err(ApiError::bad_request("a parameter is repeated"))
+                } else {
+                    Ok(Some(v.clone()))
+                }
+            };
+            match k.as_str() {
+                "patient" => f.patient = dup(&f.patient)?,
+                "user" => f.user = dup(&f.user)?,
+                "client" => f.client = dup(&f.client)?,
+                "action" => {
+                    f.action = Some(match v.as_str() {
+                        "C" => Action::C,
+                        "R" => Action::R,
+                        "U" => Action::U,
+                        "D" => Action::D,
+                        "E" => Action::E,
+                        _ => return Err(ApiError::bad_request("action is one of C R U D E")),
+                    })
+                }
+                "_count" => {
+                    f.count = v
+                        .parse::<usize>()
+                        .map_err(|_| ApiError::bad_request("_count must be a number"))?
+                        .min(MAX_COUNT)
+                }
+                "_after" => {
+                    f.after = v
+                        .parse()
+                        .map_err(|_| ApiError::bad_request("_after must be a number"))?
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "supported: patient, user, client, action, _count, _after",
+                    ));
+                }
+            }
+        }
+        if let Some(p) = f
+            .patient
+            .as_deref()
+            .map(|p| p.strip_prefix("Patient/").unwrap_or(p))
+        {
+            f.patient = Some(p.to_owned());
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, e: &AuditEvent) -> bool {
+        let patient_ok = self.patient.as_deref().is_none_or(|p| {
+            e.patient.as_deref() == Some(p)
+                || e.entities.iter().any(|x| x.patient.as_deref() == Some(p))
+        });
+        patient_ok
+            && self
+                .user
+                .as_deref()
+                .is_none_or(|u| e.user.as_deref() == Some(u))
+            && self
+                .client
+                .as_deref()
+                .is_none_or(|c| e.client_id.as_deref() == Some(c))
+            && self.action.is_none_or(|a| e.action == a)
+    }
+
+    fn query(&self) -> String {
+        let mut q = Vec::new();
+        for (k, v) in [
+            ("patient", &self.patient),
+            ("user", &self.user),
+            ("client", &self.client),
+        ] {
+            if let Some(v) = v {
+                q.push(format!("{k}={}", phivault_auth::percent_encode(v)));
+            }
+        }
+        if let Some(a) = self.action {
+            q.push(format!("action={}", action_code(a)));
+        }
+        q.push(format!("_count={}", self.count));
+        q.join("&")
+    }
+}
+
+fn fhir_json(body: Vec<u8>) -> Response {
+    let mut r = (StatusCode::OK, Bytes::from(body)).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+/// `GET /fhir/AuditEvent?…`
+pub async fn search(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::on(peer, Action::E, "search-type", AUDIT_EVENT, None);
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        app.authorize(&auth, AUDIT_EVENT, Interaction::Search)?;
+        let f = Filter::parse(query.as_deref())?;
+        let a = app.clone();
+        let (events, last) = blocking(move || {
+            let mut out = Vec::new();
+            let mut after = f.after;
+            let mut examined = 0;
+            let mut more = false;
+            'scan: loop {
+                let batch = a
+                    .engine
+                    .store
+                    .audit_after(after, 1000)
+                    .map_err(|_| ApiError::unavailable())?;
+                if batch.is_empty() {
+                    break;
+                }
+                for s in batch {
+                    if out.len() == f.count || examined == MAX_EXAMINE {
+                        more = true;
+                        break 'scan;
+                    }
+                    examined += 1;
+                    after = s.seq;
+                    let e = AuditEvent::decode(&s.event).map_err(|_| ApiError::integrity())?;
+                    if f.matches(&e) {
+                        out.push(to_fhir(s.seq, &e));
+                    }
+                }
+            }
+            Ok((out, more.then_some((after, f))))
+        })
+        .await?;
+        let mut links = vec![json!({"relation": "self", "url": format!("{}/AuditEvent", app.base_url)})];
+        if let Some((after, f)) = last {
+            links.push(json!({"relation": "next",
+                "url": format!("{}/AuditEvent?{}&_after={after}", app.base_url, f.query())}));
+        }
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": links,
+            "entry": events.into_iter().map(|r| json!({
+                "fullUrl": format!("{}/AuditEvent/{}", app.base_url, r["id"].as_str().unwrap_or("")),
+                "resource": r,
+                "search": {"mode": "match"},
+            })).collect::<Vec<_>>(),
+        });
+        Ok(fhir_json(
+            serde_json::to_vec(&bundle).map_err(|_| ApiError::internal())?,
+        ))
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+/// `GET /fhir/AuditEvent/{seq}`
+pub async fn read(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::on(peer, Action::R, "read", AUDIT_EVENT, Some(&id));
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
+        let seq: u64 = id
+            .parse()
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| ApiError::not_found("resource not found"))?;
+        let a = app.clone();
+        let found = blocking(move || {
+            a.engine
+                .store
+                .audit_after(seq - 1, 1)
+                .map_err(|_| ApiError::unavailable())
+        })
+        .await?;
+        let s = found
+            .into_iter()
+            .find(|s| s.seq == seq)
+            .ok_or_else(|| ApiError::not_found("resource not found"))?;
+        let e = AuditEvent::decode(&s.event).map_err(|_| ApiError::integrity())?;
+        Ok(fhir_json(
+            serde_json::to_vec(&to_fhir(seq, &e)).map_err(|_| ApiError::internal())?,
+        ))
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phivault_audit::{Entity, Outcome};
+
+    fn event() -> AuditEvent {
+        AuditEvent {
+            time_ms: 1_750_000_000_000,
+            request_id: "r-1".into(),
+            client_id: Some("app".into()),
+            user: Some("u-1".into()),
+            action: Action::R,
+            interaction: "read".into(),
+            resource_type: Some("Observation".into()),
+            resource_id: Some("o1".into()),
+            version: Some(2),
+            patient: Some("p1".into()),
+            outcome: Outcome::from_http(200),
+            source: "127.0.0.1".into(),
+            entities: vec![Entity {
+                action: Action::R,
+                resource_type: "Condition".into(),
+                resource_id: "c1".into(),
+                version: None,
+                patient: Some("p2".into()),
+            }],
+        }
+    }
+
+    #[test]
+    fn events_read_as_fhir_audit_events() {
+        let v = to_fhir(7, &event());
+        assert_eq!(v["id"], "7");
+        assert_eq!(v["action"], "R");
+        assert_eq!(v["outcome"], "0");
+        assert_eq!(v["recorded"], "2025-06-15T15:06:40.000Z");
+        assert_eq!(
+            v["entity"][1]["what"]["reference"],
+            "Observation/o1/_history/2"
+        );
+        assert_eq!(v["entity"][2]["what"]["reference"], "Patient/p1");
+        assert_eq!(v["agent"][1]["who"]["identifier"]["value"], "u-1");
+        let errors = phivault_fhir::validate(&v);
+        assert!(errors.is_ok(), "{errors:?}");
+    }
+
+    #[test]
+    fn filters_parse_strictly_and_match() {
+        let f = Filter::parse(Some("patient=Patient/p2&action=R&_count=500")).unwrap();
+        assert_eq!(f.count, MAX_COUNT);
+        assert!(f.matches(&event()), "an entity's patient counts");
+        assert!(!Filter::parse(Some("patient=p3")).unwrap().matches(&event()));
+        assert!(!Filter::parse(Some("user=u-2")).unwrap().matches(&event()));
+        assert!(Filter::parse(Some("client=app")).unwrap().matches(&event()));
+        for bad in [
+            "name=x",
+            "_count=x",
+            "action=Q",
+            "patient=a&patient=b",
+            "_after=-1",
+        ] {
+            assert!(Filter::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}
