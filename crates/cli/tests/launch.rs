@@ -1826,6 +1826,49 @@ fn the_attack_suite_every_case_is_denied_and_audited() {
     post("the family revoked by that reuse", &token_url, &[], &after);
     // replaying the first code: refused, and it ends the session it started
     post("a replayed code", &token_url, &[], &exchange);
+    // a session revoked by its app (RFC 7009), and an account disabled: their tokens die
+    let ann = add_user(&s.server, "ann.p", &own);
+    let code_ann = sign_in(&s, &agent, "ann.p", &phivault_auth::totp::code_at(&ann, t0));
+    let mut ex_ann = exchange;
+    ex_ann[1] = ("code", code_ann.as_str());
+    let (st, t) = s.token(&agent, &ex_ann);
+    assert_eq!(st, 200, "{t}");
+    let ann_access = t["access_token"].as_str().expect("access").to_owned();
+    let ann_refresh = t["refresh_token"].as_str().expect("refresh").to_owned();
+    let revoked = post_form_with(
+        &agent,
+        &format!("{origin}/auth/revoke"),
+        &[],
+        &[("token", &ann_refresh), ("client_id", &s.client_id)],
+    );
+    assert_eq!(revoked.status, 200);
+    let again = refresh_form(&ann_refresh, None);
+    let again: Vec<(&str, &str)> = again.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post("a revoked refresh token", &token_url, &[], &again);
+    let data = s.server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &[
+            "user",
+            "disable",
+            "--data-dir",
+            &data,
+            "--username",
+            "ann.p",
+        ],
+        "",
+    );
+    assert!(o.status.success());
+    std::thread::sleep(Duration::from_millis(2_500));
+    let page = call(
+        "GET",
+        &format!("{base}/Patient/{own}"),
+        &[("Authorization", &bearer(&ann_access))],
+        None,
+    );
+    attempts.borrow_mut().push(Attempt {
+        what: "the access token of a disabled account".into(),
+        page,
+    });
     let get_page = |what: &str, url: String| {
         let page = get(&agent, &url);
         attempts.borrow_mut().push(Attempt {
@@ -1914,7 +1957,6 @@ fn the_attack_suite_every_case_is_denied_and_audited() {
     post("a forged CSRF token", &login, &[("Cookie", &cookie)], &f);
 
     // 4. DPoP: a bound token without its proof, with a replayed proof, another key's
-    let data = s.server.data.to_str().expect("path").to_owned();
     let o = cli(
         &[
             "app",
