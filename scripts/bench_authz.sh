@@ -30,7 +30,7 @@ ORIGIN=$(sed -n 's/^listening on //p' "$W/out")
 "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" "$W/bundles" 16 >/dev/null
 TOKEN_OUT=$W/token "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" - >/dev/null
 APP=$("$BIN" app add --data-dir "$W/data" --name bench-app --redirect-uri https://app.invalid/cb \
-    --scope 'patient/*.rs user/*.rs launch/patient' | python3 -c 'import json,sys; print(json.load(sys.stdin)["client_id"])')
+    --scope 'patient/*.rs user/*.rs launch/patient' --allow-bearer | python3 -c 'import json,sys; print(json.load(sys.stdin)["client_id"])')
 python3 - "$ORIGIN" "$W/data/tls/ca.pem" "$W/token" "$W" "$BIN" "$APP" <<'PY'
 import base64, hashlib, hmac, html, json, os, re, ssl, struct, subprocess, sys, time
 import urllib.error, urllib.parse, urllib.request

@@ -1,7 +1,8 @@
 // Acceptance 3 of the people/apps issue: in a real browser (headless Chromium driven by
 // Playwright), a patient signs in on phivault's pages with password + TOTP, approves the
 // app's scopes, and the authorization code lands at the app's redirect URI; the app then
-// exchanges it (PKCE S256) and reads the patient's record with the token.
+// exchanges it (PKCE S256) and reads the patient's record with the token — a DPoP-bound
+// token (RFC 9449), its proofs made with Node's own crypto (ES256), as public apps must.
 //
 //   PHIVAULT_BIN   the phivault binary (required)
 //   CHROMIUM       the Chromium binary (default /usr/bin/chromium)
@@ -60,6 +61,21 @@ function totp(secret, unixSeconds) {
   const off = mac[mac.length - 1] & 0x0f;
   const bin = (mac.readUInt32BE(off) & 0x7fffffff) % 1_000_000;
   return String(bin).padStart(6, "0");
+}
+
+// The app's DPoP key and proofs (RFC 9449 §4): an ES256 JWS with the public key in its
+// header, for one method and URI, and the access token's hash when it presents one.
+const dpopKey = crypto.generateKeyPairSync("ec", { namedCurve: "P-256" });
+const dpopJwk = (({ kty, crv, x, y }) => ({ kty, crv, x, y }))(dpopKey.publicKey.export({ format: "jwk" }));
+function dpopProof(htm, htu, accessToken) {
+  const header = b64url(JSON.stringify({ typ: "dpop+jwt", alg: "ES256", jwk: dpopJwk }));
+  const claims = { jti: crypto.randomUUID(), htm, htu, iat: Math.floor(Date.now() / 1000) };
+  if (accessToken) claims.ath = b64url(crypto.createHash("sha256").update(accessToken).digest());
+  const payload = b64url(JSON.stringify(claims));
+  const sig = crypto.sign("sha256", Buffer.from(`${header}.${payload}`), {
+    key: dpopKey.privateKey, dsaEncoding: "ieee-p1363",
+  });
+  return `${header}.${payload}.${b64url(sig)}`;
 }
 
 function request(method, url, { ca, headers = {}, body } = {}) {
@@ -184,19 +200,26 @@ async function main() {
     check(typeof code === "string" && code.length >= 43, "authorization code delivered");
     check(scripts.length === 0, "the pages load no scripts");
 
-    // the app: exchange the code with its PKCE verifier, read the patient
-    const tok = await request("POST", `${origin}/auth/token`, {
-      ca, headers: { "content-type": "application/x-www-form-urlencoded" },
+    // the app: exchange the code with its PKCE verifier and a DPoP proof, read the patient
+    const tokenUrl = `${origin}/auth/token`;
+    const tok = await request("POST", tokenUrl, {
+      ca, headers: { "content-type": "application/x-www-form-urlencoded", dpop: dpopProof("POST", tokenUrl) },
       body: new URLSearchParams({ grant_type: "authorization_code", code, redirect_uri: redirect,
         client_id: app.client_id, code_verifier: verifier }).toString(),
     });
     check(tok.status === 200, `token exchange (${tok.status})`);
     const t = JSON.parse(tok.body);
+    check(t.token_type === "DPoP", "a DPoP-bound token");
     check(t.patient === patientId, "patient context");
-    const read = await request("GET", `${base}/Patient/${patientId}`, {
-      ca, headers: { authorization: `Bearer ${t.access_token}` },
+    const patientUrl = `${base}/Patient/${patientId}`;
+    const read = await request("GET", patientUrl, {
+      ca, headers: { authorization: `DPoP ${t.access_token}`, dpop: dpopProof("GET", patientUrl, t.access_token) },
     });
     check(read.status === 200 && JSON.parse(read.body).name[0].family === "Okafor", "the app reads the patient");
+    const stolen = await request("GET", patientUrl, {
+      ca, headers: { authorization: `Bearer ${t.access_token}` },
+    });
+    check(stolen.status === 401, "the token alone, without the app's key, is refused");
     console.log("browser sign-in test passed");
   } finally {
     for (const c of cleanups) {

@@ -51,9 +51,14 @@ pub struct AppRecord {
     /// Disabled apps cannot start or continue a sign-in.
     pub disabled: bool,
     /// Tokens only with a DPoP proof (RFC 9449): access tokens are bound to the app's
-    /// key, and so is its session of refresh tokens.
-    #[serde(default)]
+    /// key, and so is its session of refresh tokens. The default, also for records
+    /// stored without the field; `phivault app add --allow-bearer` turns it off.
+    #[serde(default = "yes")]
     pub require_dpop: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl AppRecord {

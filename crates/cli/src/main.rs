@@ -145,10 +145,11 @@ enum AppCmd {
         /// Scopes the app may ever be granted, e.g. "patient/*.rs openid fhirUser launch/patient offline_access".
         #[arg(long)]
         scope: String,
-        /// Issue tokens to it only with a DPoP proof (RFC 9449): its access and refresh
-        /// tokens are bound to its key, useless without it.
+        /// Also issue plain bearer tokens to it (apps that cannot keep a key). By default
+        /// a public app gets tokens only with a DPoP proof (RFC 9449): its access and
+        /// refresh tokens are bound to its key, useless to whoever steals them.
         #[arg(long)]
-        require_dpop: bool,
+        allow_bearer: bool,
     },
 }
 
@@ -318,9 +319,9 @@ fn run(cli: Cli) -> Result<i32> {
                     name,
                     redirect_uris,
                     scope,
-                    require_dpop,
+                    allow_bearer,
                 },
-        } => app_add(&data_dir, &name, redirect_uris, &scope, require_dpop),
+        } => app_add(&data_dir, &name, redirect_uris, &scope, !allow_bearer),
         Cmd::Synth {
             patients,
             seed,

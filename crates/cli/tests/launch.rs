@@ -237,6 +237,7 @@ fn setup_with(patients: usize) -> (Setup, Loaded) {
             REDIRECT,
             "--scope",
             "patient/*.rs user/*.rs openid fhirUser launch/patient offline_access",
+            "--allow-bearer",
         ],
         "",
     );
@@ -1155,13 +1156,12 @@ fn dpop_binds_an_apps_tokens_to_its_key() {
             REDIRECT,
             "--scope",
             "patient/*.rs openid fhirUser launch/patient offline_access",
-            "--require-dpop",
         ],
         "",
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let app: Value = serde_json::from_slice(&o.stdout).expect("app json");
-    assert_eq!(app["require_dpop"], true);
+    assert_eq!(app["require_dpop"], true, "the default");
     let app_id = app["client_id"].as_str().expect("client_id").to_owned();
     let agent = browser(&s.server);
     let now = now();
@@ -1969,7 +1969,6 @@ fn the_attack_suite_every_case_is_denied_and_audited() {
             REDIRECT,
             "--scope",
             "patient/*.rs launch/patient",
-            "--require-dpop",
         ],
         "",
     );
