@@ -9,11 +9,12 @@
 //! scopes; a *patient's* token is granted read and search by its `patient/` scopes,
 //! confined to the patient in its context ([`Reach::Patient`]) — the server confines
 //! what it serves to that compartment, or refuses. A *clinician's* token is granted read
-//! and search by its `user/` scopes, confined to the patients the practitioner has a
-//! treatment relationship with ([`Reach::TreatedBy`]; the server works out who they are,
-//! and adds patients opened by break-the-glass). Auditors and administrators are granted no
-//! clinical data. Writes by persons and scopes with a `?query` restriction grant nothing
-//! yet (see [`crate::scope`]). Deny by default (AC1).
+//! search, create and update by its `user/` scopes, confined to the patients the
+//! practitioner has a treatment relationship with ([`Reach::TreatedBy`]; the server works
+//! out who they are, adds patients opened by break-the-glass, and checks a write's record
+//! before and after). Deletes by persons, patients' writes and scopes with a `?query`
+//! restriction grant nothing yet (see [`crate::scope`]). Auditors read the audit log and no
+//! clinical data; administrators get none either. Deny by default (AC1).
 
 use crate::access_token::Authenticated;
 use crate::scope::{Context, Interaction, is_valid_resource_type_syntax};
@@ -168,8 +169,12 @@ pub fn authorize(
                     .as_deref()
                     .and_then(|u| u.strip_prefix("Practitioner/"))
                     .filter(|id| !id.is_empty());
+                // clinicians write too (within their reach), but do not delete
+                let clinical = reads || matches!(i, Interaction::Create | Interaction::Update);
                 match practitioner {
-                    Some(pr) if reads && auth.scopes().allows(Context::User, resource_type, i) => {
+                    Some(pr)
+                        if clinical && auth.scopes().allows(Context::User, resource_type, i) =>
+                    {
                         Reach::TreatedBy {
                             practitioner: pr.to_owned(),
                             user: p.user_id.clone(),
@@ -363,6 +368,7 @@ mod tests {
         );
         assert_eq!(z.patient(), None);
         assert!(authorize(&c, "Patient", Interaction::Read).is_ok());
+        // writes need write scopes, and are confined the same way; deletes are not granted
         for w in [
             Interaction::Create,
             Interaction::Update,
@@ -370,6 +376,16 @@ mod tests {
         ] {
             assert!(authorize(&c, "Observation", w).is_err(), "{w:?}");
         }
+        let writer = tok(
+            Role::Clinician,
+            Some("Practitioner/pr1"),
+            "user/Observation.cruds",
+        );
+        for w in [Interaction::Create, Interaction::Update] {
+            let z = authorize(&writer, "Observation", w).expect("clinician writes");
+            assert!(matches!(z.reach(), Reach::TreatedBy { .. }));
+        }
+        assert!(authorize(&writer, "Observation", Interaction::Delete).is_err());
         // the scopes bound it; patient/ and system/ scopes give a clinician nothing
         let narrow = tok(
             Role::Clinician,

@@ -236,7 +236,7 @@ fn setup_with(patients: usize) -> (Setup, Loaded) {
             "--redirect-uri",
             REDIRECT,
             "--scope",
-            "patient/*.rs user/*.rs openid fhirUser launch/patient offline_access",
+            "patient/*.rs user/*.cruds openid fhirUser launch/patient offline_access",
             "--allow-bearer",
         ],
         "",
@@ -938,7 +938,7 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
         &phivault_auth::totp::code_at(&secret, now),
         &[(
             "scope",
-            "user/Patient.rs user/Observation.rs user/Practitioner.rs openid fhirUser",
+            "user/Patient.rs user/Observation.cruds user/Encounter.cruds user/Practitioner.rs openid fhirUser",
         )],
     );
     let (status, t) = s.token(
@@ -1014,9 +1014,79 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
         let r = get(path);
         assert!(r.status == 403 || r.status == 404, "{path}: {}", r.status);
     }
-    let obs = serde_json::json!({"resourceType": "Observation", "status": "final",
-        "code": {"text": "x"}, "subject": {"reference": format!("Patient/{}", patient(0))}});
-    assert_eq!(s.server.post("Observation", &access, &obs).status, 403);
+    // writes: within the reach only, never moving a record out of it, never creating by
+    // update, no deletes, no relationship records (break-the-glass must not outlast its
+    // window), no conditional creates (their search would reach further)
+    let note = |i: usize, id: Option<&str>| {
+        let mut o = serde_json::json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "blood pressure"},
+            "subject": {"reference": format!("Patient/{}", patient(i))}});
+        if let Some(id) = id {
+            o["id"] = serde_json::json!(id);
+        }
+        o
+    };
+    let created = s.server.post("Observation", &access, &note(0, None));
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let new_id = created.json()["id"].as_str().expect("id").to_owned();
+    let put = |path: &str, body: &Value| s.server.put(path, &access, body, &[]).status;
+    assert_eq!(
+        put(&format!("Observation/{new_id}"), &note(0, Some(&new_id))),
+        200
+    );
+    assert_eq!(
+        s.server.post("Observation", &access, &note(3, None)).status,
+        403
+    );
+    assert_eq!(
+        put(&format!("Observation/{new_id}"), &note(3, Some(&new_id))),
+        403,
+        "moved out"
+    );
+    let theirs = loaded_ids(&loaded, &[3], "Observation")[0].clone();
+    assert_eq!(
+        put(&format!("Observation/{theirs}"), &note(0, Some(&theirs))),
+        403,
+        "not theirs"
+    );
+    assert_eq!(
+        put("Observation/no-such-obs", &note(0, Some("no-such-obs"))),
+        403,
+        "no create by update"
+    );
+    assert_eq!(
+        s.server
+            .delete(&format!("Observation/{new_id}"), &access)
+            .status,
+        403
+    );
+    let enc = serde_json::json!({"resourceType": "Encounter", "status": "finished",
+        "class": {"code": "AMB"}, "subject": {"reference": format!("Patient/{}", patient(0))},
+        "participant": [{"individual": {"reference": format!("Practitioner/{pr}")}}]});
+    assert_eq!(s.server.post("Encounter", &access, &enc).status, 403);
+    let cond = s.server.send(
+        "POST",
+        &format!("{}/Observation", s.server.base),
+        Some(&access),
+        Some((
+            "application/fhir+json",
+            serde_json::to_vec(&note(0, None)).expect("json"),
+        )),
+        &[("If-None-Exist", "code=x")],
+    );
+    assert_eq!(cond.status, 403);
+    let system_view = s
+        .server
+        .get(&format!("Observation/{new_id}"), &system)
+        .json();
+    assert_eq!(system_view["meta"]["versionId"], "2");
+    // (gone again, so that what the clinician sees stays what the bundles hold)
+    assert_eq!(s.server.delete(&format!("Observation/{new_id}"), &system).status, 204);
 
     // break-the-glass for patient 3: a reason and a fresh second factor
     let btg = |form: &[(&str, &str)], token: &str| {

@@ -683,9 +683,18 @@ async fn create_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    app.access(headers, ctx, rtype, Interaction::Create)?;
+    let auth = app.authenticate(headers, ctx)?;
+    let reach = confined_writer(app, &auth, rtype, Interaction::Create)?;
     let bytes = body_bytes(headers, body)?;
     let resource = parse_valid(&bytes, rtype)?;
+    if let Some(r) = &reach {
+        // a confined writer (a clinician) writes only records of patients it reaches; a
+        // conditional create would search beyond them
+        let patient = phivault_fhir::patient_compartment(&resource);
+        if !r.admits(patient.as_deref()) || headers.contains_key("if-none-exist") {
+            return Err(ApiError::forbidden());
+        }
+    }
     let criteria = match headers.get("if-none-exist") {
         Some(v) => Some(
             v.to_str()
@@ -832,7 +841,8 @@ async fn update_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    app.access(headers, ctx, rtype, Interaction::Update)?;
+    let auth = app.authenticate(headers, ctx)?;
+    let reach = confined_writer(app, &auth, rtype, Interaction::Update)?;
     check_id(id)?;
     let bytes = body_bytes(headers, body)?;
     let resource = parse_valid(&bytes, rtype)?;
@@ -841,8 +851,23 @@ async fn update_inner(
             "the resource id in the body must equal the id in the URL",
         ));
     }
+    if let Some(r) = &reach
+        && !r.admits(phivault_fhir::patient_compartment(&resource).as_deref())
+    {
+        // not into a compartment the writer does not reach
+        return Err(ApiError::forbidden());
+    }
     let if_match = parse_if_match(headers)?;
-    let w = update_or_delete(app, ctx, rtype, id, Some(resource), if_match).await?;
+    let w = update_or_delete_in(
+        app,
+        ctx,
+        rtype,
+        id,
+        Some(resource),
+        if_match,
+        reach.as_ref(),
+    )
+    .await?;
     let status = if w.created {
         StatusCode::CREATED
     } else {
@@ -862,6 +887,22 @@ async fn update_inner(
     ))
 }
 
+/// Authorize a create or update; a confined writer (a clinician) gets its reach, and may
+/// not write the records that make treatment relationships (Encounter, CareTeam,
+/// Appointment): otherwise a break-the-glass window could be turned into lasting access.
+fn confined_writer(
+    app: &App,
+    auth: &Authenticated,
+    rtype: &str,
+    i: Interaction,
+) -> Result<Option<crate::care::Reach>, ApiError> {
+    let reach = app.authorize_confined(auth, rtype, i)?;
+    if reach.is_some() && crate::care::Care::touches(std::iter::once(rtype)) {
+        return Err(ApiError::forbidden());
+    }
+    Ok(reach)
+}
+
 /// Write a new version (or tombstone) of an existing-or-new resource, retrying lost races
 /// unless the client pinned the version with If-Match.
 pub async fn update_or_delete(
@@ -871,6 +912,21 @@ pub async fn update_or_delete(
     id: &str,
     resource: Option<Value>,
     if_match: Option<u64>,
+) -> Result<Written, ApiError> {
+    update_or_delete_in(app, ctx, rtype, id, resource, if_match, None).await
+}
+
+/// [`update_or_delete`] by a writer confined to `reach` when given: it updates only a
+/// current version sealed for a patient it reaches, and never creates by update (a 403
+/// either way, so an id tells nothing about records it does not reach).
+async fn update_or_delete_in(
+    app: &Arc<App>,
+    ctx: &mut Ctx,
+    rtype: &str,
+    id: &str,
+    resource: Option<Value>,
+    if_match: Option<u64>,
+    reach: Option<&crate::care::Reach>,
 ) -> Result<Written, ApiError> {
     let deleting = resource.is_none();
     let _locks = app.engine.lock_resources([(rtype, id)]).await;
@@ -883,6 +939,13 @@ pub async fn update_or_delete(
                 .map_err(|_| ApiError::unavailable())
         })
         .await?;
+        if let Some(r) = reach
+            && !cur
+                .as_ref()
+                .is_some_and(|c| !c.deleted && r.admits(key_patient(&c.key_id)))
+        {
+            return Err(ApiError::forbidden());
+        }
         if let Some(expected) = if_match
             && cur.as_ref().map(|c| c.version) != Some(expected)
         {
