@@ -1086,7 +1086,12 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
         .json();
     assert_eq!(system_view["meta"]["versionId"], "2");
     // (gone again, so that what the clinician sees stays what the bundles hold)
-    assert_eq!(s.server.delete(&format!("Observation/{new_id}"), &system).status, 204);
+    assert_eq!(
+        s.server
+            .delete(&format!("Observation/{new_id}"), &system)
+            .status,
+        204
+    );
 
     // break-the-glass for patient 3: a reason and a fresh second factor
     let btg = |form: &[(&str, &str)], token: &str| {
