@@ -12,6 +12,8 @@
 //! This crate knows nothing of HTTP or storage engines: the store persists the
 //! bytes and the hashes this crate computes; `phivault audit verify` feeds them back.
 
+pub mod merkle;
+
 use ring::digest;
 use serde::{Deserialize, Serialize};
 
