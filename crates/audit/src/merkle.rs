@@ -245,6 +245,115 @@ impl Frontier {
     }
 }
 
+impl Frontier {
+    /// The stored form: the size (8 bytes, big-endian) and the subtree roots.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + 32 * self.stack.len());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        for h in &self.stack {
+            b.extend_from_slice(h);
+        }
+        b
+    }
+
+    /// Read the stored form back; None unless it is well formed (one root per set bit of
+    /// the size).
+    pub fn from_bytes(b: &[u8]) -> Option<Frontier> {
+        let (size, rest) = b.split_first_chunk::<8>()?;
+        let size = u64::from_be_bytes(*size);
+        if rest.len() % 32 != 0 || rest.len() / 32 != size.count_ones() as usize {
+            return None;
+        }
+        let stack = rest
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect();
+        Some(Frontier { size, stack })
+    }
+}
+
+/// Domain separation of checkpoint signatures (distinct from the chain head's).
+const CHECKPOINT_DOMAIN: &[u8] = b"phivault-audit-checkpoint-v1\n";
+
+/// A signed checkpoint: the tree head (size, root) of the log at a time, signed with the
+/// audit key. Exported to a witness, it pins the log: a later log must extend it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Events in the tree.
+    pub size: u64,
+    /// The tree's root.
+    pub root: Hash,
+    /// When it was made (ms since the epoch).
+    pub time_ms: u64,
+    /// Ed25519 signature of [`Checkpoint::signing_message`].
+    pub signature: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// What is signed: the domain, the size, the root and the time.
+    pub fn signing_message(size: u64, root: &Hash, time_ms: u64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(CHECKPOINT_DOMAIN.len() + 48);
+        m.extend_from_slice(CHECKPOINT_DOMAIN);
+        m.extend_from_slice(&size.to_be_bytes());
+        m.extend_from_slice(root);
+        m.extend_from_slice(&time_ms.to_be_bytes());
+        m
+    }
+
+    /// Whether the signature is the audit key's (`public_key`, Ed25519).
+    pub fn signature_ok(&self, public_key: &[u8; 32]) -> bool {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+            .verify(
+                &Self::signing_message(self.size, &self.root, self.time_ms),
+                &self.signature,
+            )
+            .is_ok()
+    }
+
+    /// One line of a witness file: `size root-hex time-ms signature-hex`.
+    pub fn to_line(&self) -> String {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        format!(
+            "{} {} {} {}",
+            self.size,
+            hex(&self.root),
+            self.time_ms,
+            hex(&self.signature)
+        )
+    }
+
+    /// Parse a witness-file line.
+    pub fn from_line(line: &str) -> Option<Checkpoint> {
+        let unhex = |s: &str| -> Option<Vec<u8>> {
+            if !s.len().is_multiple_of(2) {
+                return None;
+            }
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+                .collect()
+        };
+        let mut it = line.split_ascii_whitespace();
+        let size = it.next()?.parse().ok()?;
+        let root: Hash = unhex(it.next()?)?.try_into().ok()?;
+        let time_ms = it.next()?.parse().ok()?;
+        let signature = unhex(it.next()?)?;
+        if it.next().is_some() || signature.len() != 64 {
+            return None;
+        }
+        Some(Checkpoint {
+            size,
+            root,
+            time_ms,
+            signature,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,6 +461,60 @@ mod tests {
                 assert!(!verify_consistency(m as u64, n as u64, &bad_old, &r, &p));
             }
         }
+    }
+
+    #[test]
+    fn frontiers_and_checkpoints_round_trip_and_signatures_bind_every_field() {
+        let mut f = Frontier::new();
+        for h in leaves(13) {
+            f.push(h);
+        }
+        let g = Frontier::from_bytes(&f.to_bytes()).expect("round trip");
+        assert_eq!(g, f);
+        assert_eq!(g.root(), root(&leaves(13)));
+        let mut bad = f.to_bytes();
+        bad.truncate(bad.len() - 32);
+        assert!(Frontier::from_bytes(&bad).is_none());
+        assert!(Frontier::from_bytes(&[1, 2]).is_none());
+
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let public: [u8; 32] = ring::signature::KeyPair::public_key(&kp)
+            .as_ref()
+            .try_into()
+            .unwrap();
+        let r = f.root();
+        let sig = kp
+            .sign(&Checkpoint::signing_message(13, &r, 99))
+            .as_ref()
+            .to_vec();
+        let cp = Checkpoint {
+            size: 13,
+            root: r,
+            time_ms: 99,
+            signature: sig,
+        };
+        assert!(cp.signature_ok(&public));
+        assert_eq!(Checkpoint::from_line(&cp.to_line()), Some(cp.clone()));
+        for changed in [
+            Checkpoint {
+                size: 14,
+                ..cp.clone()
+            },
+            Checkpoint {
+                root: leaf_hash(b"x"),
+                ..cp.clone()
+            },
+            Checkpoint {
+                time_ms: 98,
+                ..cp.clone()
+            },
+        ] {
+            assert!(!changed.signature_ok(&public));
+        }
+        assert!(Checkpoint::from_line("1 00 2 00").is_none());
+        assert!(Checkpoint::from_line("").is_none());
     }
 
     proptest! {

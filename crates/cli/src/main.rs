@@ -220,10 +220,25 @@ enum IdpCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Verify the audit chain and its signed head, offline. Exit 0 when intact.
+    /// Verify the audit log offline: the hash chain and its signed head, and the Merkle
+    /// tree against every signed checkpoint (stored, and those a witness kept). Exit 0
+    /// when intact.
     Verify {
         #[arg(long)]
         data_dir: PathBuf,
+        /// A witness file of checkpoints exported earlier (`audit checkpoints`), kept where
+        /// the server cannot rewrite it: a rewritten or rolled-back log fails against it.
+        #[arg(long)]
+        witness: Option<PathBuf>,
+    },
+    /// Print the signed checkpoints of the audit tree, one per line (`size root time
+    /// signature`), to append to a witness file on another volume.
+    Checkpoints {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only checkpoints of more events than this.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
     },
     /// Print the alert records for review (break-the-glass), oldest first, as JSON lines.
     Alerts {
@@ -335,8 +350,18 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Audit {
-            cmd: AuditCmd::Verify { data_dir },
-        } => audit_verify(&data_dir),
+            cmd: AuditCmd::Verify { data_dir, witness },
+        } => audit_verify(&data_dir, witness.as_deref()),
+        Cmd::Audit {
+            cmd: AuditCmd::Checkpoints { data_dir, after },
+        } => {
+            let d = datadir::DataDir::new(&data_dir);
+            let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+            for cp in store.audit_checkpoints(after, usize::MAX)? {
+                println!("{}", cp.to_line());
+            }
+            Ok(0)
+        }
         Cmd::Audit {
             cmd: AuditCmd::Alerts { data_dir, limit },
         } => {
@@ -717,7 +742,7 @@ fn uuid_like() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn audit_verify(data_dir: &Path) -> Result<i32> {
+fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
     use phivault_audit::{ChainHead, verify_head_signature};
     use phivault_store::sqlite::SqliteStore;
     let d = datadir::DataDir::new(data_dir);
@@ -752,24 +777,94 @@ fn audit_verify(data_dir: &Path) -> Result<i32> {
             return Ok(1);
         }
     }
-    let mut verifier = phivault_audit::ChainVerifier::new(signed);
-    let mut failure = None;
-    store.scan_audit(&mut |ev| match verifier.push(&ev) {
-        Ok(()) => true,
-        Err(e) => {
-            failure = Some(e);
-            false
+    // the checkpoints: the stored ones and a witness's, each signed by the audit key and
+    // each the root of the log's first `size` events
+    use phivault_audit::merkle::{self, Checkpoint};
+    let mut checkpoints: Vec<(Checkpoint, &str)> = store
+        .audit_checkpoints(0, usize::MAX)?
+        .into_iter()
+        .map(|c| (c, "stored"))
+        .collect();
+    if let Some(w) = witness {
+        let text = std::fs::read_to_string(w)
+            .with_context(|| format!("cannot read the witness file {}", w.display()))?;
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            match Checkpoint::from_line(line) {
+                Some(c) => checkpoints.push((c, "witnessed")),
+                None => {
+                    println!(
+                        "audit verify: FAILED: witness line {} is not a checkpoint",
+                        n + 1
+                    );
+                    return Ok(1);
+                }
+            }
         }
+    }
+    for (c, origin) in &checkpoints {
+        if !c.signature_ok(&public) {
+            println!(
+                "audit verify: FAILED: the {origin} checkpoint at size {} has an invalid signature",
+                c.size
+            );
+            return Ok(1);
+        }
+    }
+    checkpoints.sort_by_key(|(c, _)| c.size);
+    let mut verifier = phivault_audit::ChainVerifier::new(signed);
+    let mut frontier = merkle::Frontier::new();
+    let mut next = 0;
+    let mut failure = None;
+    let mut mismatch = None;
+    store.scan_audit(&mut |ev| {
+        if let Err(e) = verifier.push(&ev) {
+            failure = Some(e);
+            return false;
+        }
+        frontier.push(merkle::leaf_hash(&ev.event));
+        while let Some((c, origin)) = checkpoints.get(next)
+            && c.size <= frontier.size()
+        {
+            if c.size < frontier.size() || c.root != frontier.root() {
+                mismatch = Some((c.size, *origin));
+                return false;
+            }
+            next += 1;
+        }
+        true
     })?;
+    if let Some((size, origin)) = mismatch {
+        println!(
+            "audit verify: FAILED: the {origin} checkpoint at size {size} does not match \
+             the log: an event at or before position {size} was changed, removed, \
+             inserted or reordered (or the log was rewritten)"
+        );
+        return Ok(1);
+    }
     let result = match failure {
         Some(e) => Err(e),
         None => verifier.finish(),
     };
     match result {
         Ok(h) => {
+            if let Some((c, origin)) = checkpoints.get(next) {
+                println!(
+                    "audit verify: FAILED: the {origin} checkpoint at size {} is beyond the log \
+                     ({} events): events were removed (a rollback or truncation)",
+                    c.size,
+                    frontier.size()
+                );
+                return Ok(1);
+            }
             println!(
-                "audit verify: OK: {} events, chain and signed head intact",
-                h.size
+                "audit verify: OK: {} events, chain and signed head intact; {} checkpoints \
+                 (signatures, Merkle roots, each consistent with the next) verified",
+                h.size,
+                checkpoints.len()
             );
             Ok(0)
         }

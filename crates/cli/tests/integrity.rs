@@ -372,3 +372,171 @@ fn reordered_audit_events_fail_verify_naming_the_position() {
     });
     assert_fails_at(&s, Some(seq), "reordered events");
 }
+
+// ---------------------------------------------------------------------------------------
+// Signed checkpoints of the Merkle tree, and a witness that keeps them.
+
+/// The audit key (Ed25519 PKCS#8) from the data directory: what an insider who copied the
+/// master key could re-sign a forged log with.
+fn audit_key(s: &Server) -> ring::signature::Ed25519KeyPair {
+    let master =
+        phivault_crypto::MasterKey::load_key_file(&s.data.join("master.key")).expect("master key");
+    let keys = phivault_crypto::KeyHierarchy::new(&master);
+    let sealed = std::fs::read(s.data.join("keys/audit-signing.sealed")).expect("sealed key");
+    let pkcs8 = keys.open_secret("audit-signing-v1", &sealed).expect("open");
+    ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.expose()).expect("key")
+}
+
+/// Rewrite the whole log from `events` as a careful forger would: every chain hash
+/// recomputed, the head and every checkpoint re-signed with the real audit key, the
+/// checkpoints' roots recomputed — a log consistent with itself.
+fn forge_log(s: &Server, events: &[Vec<u8>]) {
+    use phivault_audit::merkle::{self, Checkpoint, Frontier};
+    let key = audit_key(s);
+    let c = Connection::open(s.db_path()).expect("db");
+    let sizes: Vec<i64> = c
+        .prepare("SELECT size FROM audit_checkpoint ORDER BY size")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .filter(|n| *n <= events.len() as i64)
+        .collect();
+    c.execute_batch(
+        "DELETE FROM audit_event; DELETE FROM audit_checkpoint; DELETE FROM audit_head;",
+    )
+    .expect("clear");
+    let mut hash = [0u8; 32];
+    let mut f = Frontier::new();
+    for (i, ev) in events.iter().enumerate() {
+        let seq = i as u64 + 1;
+        hash = phivault_audit::chain_hash(&hash, seq, ev);
+        c.execute(
+            "INSERT INTO audit_event (seq, event, hash) VALUES (?1, ?2, ?3)",
+            params![seq as i64, ev, hash.as_slice()],
+        )
+        .expect("insert");
+        f.push(merkle::leaf_hash(ev));
+        if sizes.contains(&(seq as i64)) {
+            let root = f.root();
+            let sig = key.sign(&Checkpoint::signing_message(seq, &root, 1));
+            c.execute(
+                "INSERT INTO audit_checkpoint (size, root, time_ms, signature, frontier) VALUES (?1, ?2, 1, ?3, ?4)",
+                params![seq as i64, root.as_slice(), sig.as_ref(), f.to_bytes()],
+            )
+            .expect("checkpoint");
+        }
+    }
+    let head = phivault_audit::ChainHead {
+        size: events.len() as u64,
+        hash,
+    };
+    let sig = key.sign(&head.signing_message());
+    c.execute(
+        "INSERT INTO audit_head (one, size, hash, signature) VALUES (1, ?1, ?2, ?3)",
+        params![head.size as i64, hash.as_slice(), sig.as_ref()],
+    )
+    .expect("head");
+}
+
+fn events_of(s: &Server) -> Vec<Vec<u8>> {
+    Connection::open(s.db_path())
+        .expect("db")
+        .prepare("SELECT event FROM audit_event ORDER BY seq")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+fn verify_with(s: &Server, witness: &std::path::Path) -> (bool, String) {
+    let o = std::process::Command::new(BIN)
+        .args(["audit", "verify", "--data-dir"])
+        .arg(&s.data)
+        .arg("--witness")
+        .arg(witness)
+        .output()
+        .expect("audit verify");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn a_witness_catches_a_re_signed_forgery_and_a_rollback_of_the_whole_log() {
+    // two bursts of requests more than a checkpoint interval apart: two checkpoints or more
+    let mut s = Server::start();
+    let t = s.token(SCOPE);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(create(
+            &s,
+            &t,
+            &format!("Witnessfamily{i}"),
+            &format!("MRN-W-{i}"),
+        ));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2_300));
+    for id in &ids {
+        assert_eq!(s.get(&format!("Patient/{id}"), &t).status, 200);
+    }
+    s.stop();
+    let (ok, msg) = s.audit_verify();
+    assert!(ok && msg.contains("checkpoints"), "{msg}");
+    // the operator exports the checkpoints to another volume
+    let o = std::process::Command::new(BIN)
+        .args(["audit", "checkpoints", "--data-dir"])
+        .arg(&s.data)
+        .output()
+        .expect("checkpoints");
+    assert!(o.status.success());
+    let lines = String::from_utf8(o.stdout).expect("utf8");
+    assert!(lines.lines().count() >= 2, "{lines}");
+    let witness_dir = tempfile::tempdir().expect("tmp");
+    let witness = witness_dir.path().join("audit.witness");
+    std::fs::write(&witness, &lines).expect("witness");
+    let (ok, msg) = verify_with(&s, &witness);
+    assert!(ok, "{msg}");
+    let events = events_of(&s);
+
+    // 1. an insider with the keys edits one event and re-signs everything: the log is
+    //    consistent with itself, so only the witness can tell
+    let mut forged = events.clone();
+    let victim = 2;
+    let mut ev = phivault_audit::AuditEvent::decode(&forged[victim]).expect("decode");
+    ev.source = "203.0.113.9".into();
+    forged[victim] = ev.encode();
+    forge_log(&s, &forged);
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "a re-signed forgery fools the log alone: {msg}");
+    let (ok, msg) = verify_with(&s, &witness);
+    assert!(
+        !ok && msg.contains("witnessed checkpoint") && msg.contains("does not match"),
+        "{msg}"
+    );
+
+    // 2. the same insider rolls the log back to before the second burst
+    let first: u64 = lines
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("first checkpoint size");
+    forge_log(&s, &events[..first as usize]);
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "a re-signed truncation fools the log alone: {msg}");
+    let (ok, msg) = verify_with(&s, &witness);
+    assert!(!ok && msg.contains("beyond the log"), "{msg}");
+
+    // 3. restored: the witness agrees again; a forged witness line is refused
+    forge_log(&s, &events);
+    let (ok, msg) = verify_with(&s, &witness);
+    assert!(ok, "{msg}");
+    let mut bad = lines.clone();
+    bad = bad.replacen(' ', " 1", 1);
+    std::fs::write(&witness, bad).expect("witness");
+    let (ok, msg) = verify_with(&s, &witness);
+    assert!(!ok && msg.contains("FAILED"), "{msg}");
+}

@@ -269,6 +269,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         visit: &mut dyn FnMut(phivault_audit::StoredEvent) -> bool,
     ) -> Result<(), StoreError>;
+    /// At most `limit` signed checkpoints of the audit tree with a size above `after`, in
+    /// order of size.
+    fn audit_checkpoints(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<phivault_audit::merkle::Checkpoint>, StoreError>;
     /// At most `limit` audit events with a sequence number above `after`, in order.
     fn audit_after(
         &self,

@@ -13,6 +13,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 
 use parking_lot::{Mutex, RwLock};
+use phivault_audit::merkle::{self, Frontier};
 use phivault_audit::{ChainHead, StoredEvent};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -65,6 +66,13 @@ CREATE TABLE IF NOT EXISTS audit_event (
     seq INTEGER PRIMARY KEY,
     event BLOB NOT NULL,
     hash BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoint (
+    size INTEGER PRIMARY KEY,
+    root BLOB NOT NULL,
+    time_ms INTEGER NOT NULL,
+    signature BLOB NOT NULL,
+    frontier BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_head (
     one INTEGER PRIMARY KEY CHECK (one = 1),
@@ -407,12 +415,15 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(engine)?;
         migrate_to_segments(&mut conn)?;
         let head = load_head(&conn)?;
+        let frontier = load_frontier(&conn, head.size)?;
         let pending = Arc::new(RwLock::new(load_pending(&conn)?));
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
         let idle_merge_ms = Arc::new(AtomicU64::new(IDLE_MERGE_MS));
         let writer_state = Writer {
             head,
+            frontier,
+            last_checkpoint: None,
             signer,
             pending: pending.clone(),
             merge_rows: merge_rows.clone(),
@@ -850,6 +861,32 @@ impl Store for SqliteStore {
         .transpose()
     }
 
+    fn audit_checkpoints(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<merkle::Checkpoint>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_reader(|c| {
+            c.prepare_cached(
+                "SELECT size, root, time_ms, signature FROM audit_checkpoint \
+                 WHERE size > ?1 ORDER BY size LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |r| {
+                let root: Vec<u8> = r.get(1)?;
+                Ok(merkle::Checkpoint {
+                    size: r.get::<_, i64>(0)? as u64,
+                    // a root of the wrong length cannot match any tree: zeros
+                    root: root.try_into().unwrap_or([0u8; 32]),
+                    time_ms: r.get::<_, i64>(2)? as u64,
+                    signature: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
     fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -907,9 +944,59 @@ fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
     }
 }
 
+/// The Merkle tree of the audit log as of `head_size` events: from the newest checkpoint's
+/// stored frontier, and the events after it.
+fn load_frontier(conn: &Connection, head_size: u64) -> Result<Frontier, StoreError> {
+    let stored: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT frontier FROM audit_checkpoint ORDER BY size DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(engine)?;
+    let mut f = match stored {
+        Some(b) => {
+            Frontier::from_bytes(&b).ok_or(StoreError::Corrupt("audit checkpoint frontier"))?
+        }
+        None => Frontier::new(),
+    };
+    let mut st = conn
+        .prepare("SELECT seq, event FROM audit_event WHERE seq > ?1 ORDER BY seq")
+        .map_err(engine)?;
+    let mut rows = st
+        .query(params![i64::try_from(f.size()).unwrap_or(i64::MAX)])
+        .map_err(engine)?;
+    while let Some(r) = rows.next().map_err(engine)? {
+        let seq: i64 = r.get(0).map_err(engine)?;
+        if u64::try_from(seq).ok() != Some(f.size() + 1) {
+            return Err(StoreError::Corrupt("audit sequence has a gap"));
+        }
+        let event: Vec<u8> = r.get(1).map_err(engine)?;
+        f.push(merkle::leaf_hash(&event));
+    }
+    if f.size() != head_size {
+        return Err(StoreError::Corrupt("audit checkpoint beyond the log"));
+    }
+    Ok(f)
+}
+
+/// How often (at most) a signed checkpoint of the audit tree is written while events come.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 2_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// What the writer thread owns besides its connection.
 struct Writer {
     head: ChainHead,
+    /// The audit log's Merkle tree, as far as `head`.
+    frontier: Frontier,
+    /// When the last checkpoint was written by this process.
+    last_checkpoint: Option<std::time::Instant>,
     signer: HeadSigner,
     pending: Arc<RwLock<Pending>>,
     merge_rows: Arc<AtomicUsize>,
@@ -940,18 +1027,29 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
             }
         }
         let before = w.head;
+        let frontier_before = w.frontier.clone();
+        let checkpoint_due = w
+            .last_checkpoint
+            .is_none_or(|t| t.elapsed().as_millis() >= u128::from(CHECKPOINT_INTERVAL_MS));
         let results = {
             // the writer is the only one to change `pending`: reading it here is stable
             let pending = w.pending.read();
             apply_group(
                 &mut conn,
                 &mut group,
-                &mut w.head,
-                &w.signer,
+                Audit {
+                    head: &mut w.head,
+                    frontier: &mut w.frontier,
+                    signer: &w.signer,
+                    checkpoint_due,
+                },
                 &pending,
                 &mut staged,
             )
         };
+        if checkpoint_due && w.head.size != before.size {
+            w.last_checkpoint = Some(std::time::Instant::now());
+        }
         match results {
             Ok(results) => {
                 // committed: lookups see the new rows before any batch is acknowledged
@@ -972,6 +1070,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
             Err(e) => {
                 staged.take();
                 w.head = before;
+                w.frontier = frontier_before;
                 let msg = e.to_string();
                 for cmd in group {
                     reply(
@@ -1145,17 +1244,32 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
     }
 }
 
+/// The audit state a group appends to.
+struct Audit<'a> {
+    head: &'a mut ChainHead,
+    frontier: &'a mut Frontier,
+    signer: &'a HeadSigner,
+    /// Write a signed checkpoint of the tree if the group appends events.
+    checkpoint_due: bool,
+}
+
 /// Apply a group in one transaction; per-command results, or an error that failed them all.
 fn apply_group(
     conn: &mut Connection,
     group: &mut [Command],
-    head: &mut ChainHead,
-    signer: &HeadSigner,
+    audit: Audit<'_>,
     pending: &Pending,
     staged: &mut Staged,
 ) -> Result<Vec<Result<Committed, CommitError>>, StoreError> {
+    let Audit {
+        head,
+        frontier,
+        signer,
+        checkpoint_due,
+    } = audit;
     let tx = conn.transaction().map_err(engine)?;
     let start_size = head.size;
+    let mut leaves = Vec::new();
     let group_mark = staged.mark();
     let mut results = Vec::with_capacity(group.len());
     for cmd in group.iter_mut() {
@@ -1163,10 +1277,15 @@ fn apply_group(
             Command::Batch(batch, _) => {
                 let saved = *head;
                 let mark = staged.mark();
+                leaves.clear();
                 tx.execute_batch("SAVEPOINT b").map_err(engine)?;
-                match apply_batch(&tx, batch, head, pending, staged) {
+                match apply_batch(&tx, batch, head, &mut leaves, pending, staged) {
                     Ok(c) => {
                         tx.execute_batch("RELEASE b").map_err(engine)?;
+                        // the batch's events join the tree once they are in
+                        for l in &leaves {
+                            frontier.push(*l);
+                        }
                         Ok(c)
                     }
                     Err(e) => {
@@ -1205,6 +1324,36 @@ fn apply_group(
             params![head.size as i64, head.hash.as_slice(), signature],
         )
         .map_err(engine)?;
+        if checkpoint_due {
+            // only the newest checkpoint keeps its frontier (what a restart resumes from)
+            tx.execute(
+                "UPDATE audit_checkpoint SET frontier = x'' \
+                 WHERE size = (SELECT max(size) FROM audit_checkpoint)",
+                [],
+            )
+            .map_err(engine)?;
+            let root = frontier.root();
+            let time = now_ms();
+            let sig = signer(&merkle::Checkpoint::signing_message(
+                frontier.size(),
+                &root,
+                time,
+            ));
+            tx.prepare_cached(
+                "INSERT INTO audit_checkpoint (size, root, time_ms, signature, frontier) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    frontier.size() as i64,
+                    root.as_slice(),
+                    time as i64,
+                    sig,
+                    frontier.to_bytes()
+                ])
+            })
+            .map_err(engine)?;
+        }
     }
     tx.commit().map_err(engine)?;
     Ok(results)
@@ -1214,6 +1363,7 @@ fn apply_batch(
     tx: &rusqlite::Transaction<'_>,
     batch: &WriteBatch,
     head: &mut ChainHead,
+    leaves: &mut Vec<merkle::Hash>,
     pending: &Pending,
     staged: &mut Staged,
 ) -> Result<Committed, CommitError> {
@@ -1334,6 +1484,7 @@ fn apply_batch(
     for ev in &batch.audit {
         let bytes = ev.encode();
         let hash = head.append(&bytes);
+        leaves.push(merkle::leaf_hash(&bytes));
         tx.prepare_cached("INSERT INTO audit_event (seq, event, hash) VALUES (?1, ?2, ?3)")
             .map_err(e)?
             .execute(params![head.size as i64, bytes, hash.as_slice()])
@@ -1934,6 +2085,43 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             assert!(!table_exists(&c, old).unwrap(), "{old} dropped");
         }
+    }
+
+    #[test]
+    fn checkpoints_sign_the_merkle_tree_of_the_log_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            crate::testsuite::append_audit(&store, 3);
+            store.close();
+        }
+        let store = open(dir.path());
+        crate::testsuite::append_audit(&store, 2);
+        let mut leaves = Vec::new();
+        store
+            .scan_audit(&mut |e| {
+                leaves.push(merkle::leaf_hash(&e.event));
+                true
+            })
+            .unwrap();
+        assert_eq!(leaves.len(), 5);
+        let cps = store.audit_checkpoints(0, 100).unwrap();
+        // the first group of each process writes one (then at most every interval)
+        assert!(cps.len() >= 2, "{cps:?}");
+        let mut last = 0;
+        for cp in &cps {
+            assert!(cp.size > last);
+            last = cp.size;
+            let n = usize::try_from(cp.size).unwrap();
+            assert_eq!(cp.root, merkle::root(&leaves[..n]), "size {n}");
+            // the test signer signs with the identity: the signature is the message
+            assert_eq!(
+                cp.signature,
+                merkle::Checkpoint::signing_message(cp.size, &cp.root, cp.time_ms)
+            );
+        }
+        assert!(cps.iter().any(|c| c.size > 3), "the reopened tree went on");
+        assert!(store.audit_checkpoints(last, 10).unwrap().is_empty());
     }
 
     #[test]
