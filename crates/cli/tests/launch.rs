@@ -1505,6 +1505,91 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
     let one = s.server.get(&format!("AuditEvent/{id}"), &auditor);
     assert_eq!(one.status, 200);
     assert_eq!(one.json(), first["entry"][0]["resource"]);
+    // proofs over the Merkle tree of the log, checked against the database independently
+    let all = s.server.get("AuditEvent?_count=200", &auditor).json();
+    let size: u64 = all["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            e["resource"]["id"]
+                .as_str()
+                .expect("id")
+                .parse::<u64>()
+                .expect("seq")
+        })
+        .max()
+        .expect("events");
+    let seq: u64 = id.parse().expect("seq");
+    let param = |p: &Value, name: &str| -> Vec<[u8; 32]> {
+        p["parameter"]
+            .as_array()
+            .expect("parameters")
+            .iter()
+            .filter(|x| x["name"] == name)
+            .map(|x| {
+                let b = base64::engine::general_purpose::STANDARD
+                    .decode(x["valueBase64Binary"].as_str().expect("b64"))
+                    .expect("base64");
+                b.try_into().expect("32 bytes")
+            })
+            .collect()
+    };
+    let db_leaves: Vec<[u8; 32]> = {
+        let c = rusqlite::Connection::open(s.server.db_path()).expect("db");
+        let mut st = c
+            .prepare("SELECT event FROM audit_event WHERE seq <= ?1 ORDER BY seq")
+            .expect("prepare");
+        st.query_map([size as i64], |r| r.get::<_, Vec<u8>>(0))
+            .expect("query")
+            .map(|e| phivault_audit::merkle::leaf_hash(&e.expect("row")))
+            .collect()
+    };
+    let db_root = phivault_audit::merkle::root(&db_leaves);
+    let p = s
+        .server
+        .get(&format!("AuditEvent/{seq}/$proof?size={size}"), &auditor);
+    assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&p.body));
+    let p = p.json();
+    assert_eq!(param(&p, "leafHash"), [db_leaves[seq as usize - 1]]);
+    assert_eq!(param(&p, "rootHash"), [db_root]);
+    assert!(phivault_audit::merkle::verify_inclusion(
+        seq - 1,
+        size,
+        &db_leaves[seq as usize - 1],
+        &param(&p, "path"),
+        &db_root
+    ));
+    let c = s.server.get(
+        &format!("AuditEvent/$consistency?first={seq}&second={size}"),
+        &auditor,
+    );
+    assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+    let c = c.json();
+    let old_root = phivault_audit::merkle::root(&db_leaves[..seq as usize]);
+    assert_eq!(param(&c, "firstRootHash"), [old_root]);
+    assert!(phivault_audit::merkle::verify_consistency(
+        seq,
+        size,
+        &old_root,
+        &db_root,
+        &param(&c, "path")
+    ));
+    for bad in [
+        format!("AuditEvent/{seq}/$proof?size=0"),
+        format!("AuditEvent/{seq}/$proof?size=999999999"),
+        format!("AuditEvent/{seq}/$proof?bogus=1"),
+        "AuditEvent/$consistency?first=5".to_owned(),
+        "AuditEvent/$consistency?first=9&second=3".to_owned(),
+    ] {
+        assert_eq!(s.server.get(&bad, &auditor).status, 400, "{bad}");
+    }
+    assert_eq!(
+        s.server
+            .get(&format!("AuditEvent/{seq}/$proof?size={size}"), &system)
+            .status,
+        403
+    );
     // no clinical data for the auditor, and nobody writes the log
     assert_eq!(s.server.get(&format!("Patient/{p0}"), &auditor).status, 403);
     assert_eq!(s.server.get("Observation", &auditor).status, 403);

@@ -1487,6 +1487,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/auth/break-glass", post(crate::care::break_glass))
         .route("/fhir/AuditEvent", get(crate::audit_http::search))
         .route("/fhir/AuditEvent/{id}", get(crate::audit_http::read))
+        .route("/fhir/AuditEvent/{id}/{op}", get(crate::audit_http::proof))
         .route("/fhir", post(bundle::handle))
         .route("/fhir/", post(bundle::handle))
         .route(

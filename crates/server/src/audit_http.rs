@@ -7,6 +7,15 @@
 //! `client` and `action` filter, `_count` (≤ [`MAX_COUNT`]) sizes a page and the `next`
 //! link continues after the last sequence number examined (a position in the log, not a
 //! secret). A page examines at most [`MAX_EXAMINE`] events. Reading the log is audited too.
+//!
+//! Proofs over the log's RFC 9162 Merkle tree: `GET /fhir/AuditEvent/{seq}/$proof?size=N`
+//! (that event is leaf `seq - 1` of the tree of the first N events; N defaults to the
+//! newest signed checkpoint) and `GET /fhir/AuditEvent/$consistency?first=M&second=N`
+//! (the tree of M events is a prefix of the tree of N), each a Parameters resource with the
+//! hashes and, when N is a checkpoint's size, that checkpoint's signature — an auditor checks
+//! them with `phivault_audit::merkle::verify_inclusion` / `verify_consistency` against the
+//! roots a witness holds. Proofs are computed from the events (no interior nodes are
+//! stored), so trees are bounded to [`MAX_PROOF_TREE`] events.
 
 use std::sync::Arc;
 
@@ -14,7 +23,7 @@ use axum::body::Bytes;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use phivault_audit::{Action, AuditEvent};
+use phivault_audit::{Action, AuditEvent, merkle};
 use phivault_auth::Interaction;
 use phivault_auth::policy::AUDIT_EVENT;
 use serde_json::{Value, json};
@@ -28,6 +37,8 @@ use crate::error::ApiError;
 pub const MAX_COUNT: usize = 200;
 /// Most events one page examines.
 pub const MAX_EXAMINE: usize = 50_000;
+/// The largest tree a proof is computed over.
+pub const MAX_PROOF_TREE: u64 = 2_000_000;
 
 fn action_code(a: Action) -> &'static str {
     match a {
@@ -272,14 +283,225 @@ pub async fn search(
     finish(&app, ctx, r).await
 }
 
-/// `GET /fhir/AuditEvent/{seq}`
+/// The leaf hashes of the first `size` events (bounded by [`MAX_PROOF_TREE`]).
+fn leaves(app: &App, size: u64) -> Result<Vec<merkle::Hash>, ApiError> {
+    let head = app
+        .engine
+        .store
+        .audit_head()
+        .map_err(|_| ApiError::unavailable())?
+        .map_or(0, |h| h.size);
+    if size == 0 || size > head {
+        return Err(ApiError::bad_request(
+            "the tree size must be between 1 and the log's size",
+        ));
+    }
+    if size > MAX_PROOF_TREE {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            phivault_fhir::IssueCode::TooCostly,
+            "proofs are computed over at most 2,000,000 events",
+        ));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    while (out.len() as u64) < size {
+        let want = usize::try_from(size - out.len() as u64)
+            .unwrap_or(usize::MAX)
+            .min(10_000);
+        let batch = app
+            .engine
+            .store
+            .audit_after(out.len() as u64, want)
+            .map_err(|_| ApiError::unavailable())?;
+        if batch.is_empty() {
+            return Err(ApiError::integrity());
+        }
+        for s in batch {
+            if s.seq != out.len() as u64 + 1 {
+                return Err(ApiError::integrity());
+            }
+            out.push(merkle::leaf_hash(&s.event));
+        }
+    }
+    Ok(out)
+}
+
+fn b64(h: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(h)
+}
+
+/// The checkpoint of exactly `size` events, if one was signed.
+fn checkpoint_of(app: &App, size: u64) -> Result<Option<merkle::Checkpoint>, ApiError> {
+    Ok(app
+        .engine
+        .store
+        .audit_checkpoints(size.saturating_sub(1), 1)
+        .map_err(|_| ApiError::unavailable())?
+        .into_iter()
+        .find(|c| c.size == size))
+}
+
+fn proof_parameters(
+    mut params: Vec<Value>,
+    size: u64,
+    root: &merkle::Hash,
+    path: &[merkle::Hash],
+    checkpoint: Option<merkle::Checkpoint>,
+) -> Value {
+    params.push(json!({"name": "treeSize", "valueInteger": size}));
+    params.push(json!({"name": "rootHash", "valueBase64Binary": b64(root)}));
+    for h in path {
+        params.push(json!({"name": "path", "valueBase64Binary": b64(h)}));
+    }
+    if let Some(c) = checkpoint {
+        params.push(json!({"name": "checkpointTime", "valueInteger": c.time_ms / 1000}));
+        params.push(json!({"name": "checkpointSignature", "valueBase64Binary": b64(&c.signature)}));
+    }
+    json!({"resourceType": "Parameters", "parameter": params})
+}
+
+fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
+    let mut v = None;
+    for (k, val) in form_urlencoded_pairs(query.unwrap_or("")) {
+        if k != name {
+            return Err(ApiError::bad_request("unknown parameter"));
+        }
+        v = Some(
+            val.parse()
+                .map_err(|_| ApiError::bad_request("sizes are whole numbers"))?,
+        );
+    }
+    Ok(v)
+}
+
+/// `GET /fhir/AuditEvent/{seq}/$proof?size=N`
+pub async fn proof(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((id, op)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::on(
+        peer,
+        Action::E,
+        "audit-inclusion-proof",
+        AUDIT_EVENT,
+        Some(&id),
+    );
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
+        if op != "$proof" {
+            return Err(ApiError::not_found("unknown operation"));
+        }
+        let seq: u64 = id
+            .parse()
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| ApiError::not_found("resource not found"))?;
+        let size = query_u64(query.as_deref(), "size")?;
+        let a = app.clone();
+        let body = blocking(move || {
+            let size = match size {
+                Some(n) => n,
+                None => a
+                    .engine
+                    .store
+                    .audit_checkpoints(seq - 1, usize::MAX)
+                    .map_err(|_| ApiError::unavailable())?
+                    .last()
+                    .map(|c| c.size)
+                    .ok_or_else(|| {
+                        ApiError::bad_request("no checkpoint covers this event yet; name a size")
+                    })?,
+            };
+            if seq > size {
+                return Err(ApiError::bad_request(
+                    "the event is not in a tree of that size",
+                ));
+            }
+            let l = leaves(&a, size)?;
+            let index = usize::try_from(seq - 1).map_err(|_| ApiError::internal())?;
+            let path = merkle::inclusion_proof(index, &l).ok_or_else(ApiError::internal)?;
+            let root = merkle::root(&l);
+            let params = vec![
+                json!({"name": "leafIndex", "valueInteger": seq - 1}),
+                json!({"name": "leafHash", "valueBase64Binary": b64(&l[index])}),
+            ];
+            let body = proof_parameters(params, size, &root, &path, checkpoint_of(&a, size)?);
+            serde_json::to_vec(&body).map_err(|_| ApiError::internal())
+        })
+        .await?;
+        Ok(fhir_json(body))
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+/// `GET /fhir/AuditEvent/$consistency?first=M&second=N`
+async fn consistency(
+    app: Arc<App>,
+    mut ctx: Ctx,
+    query: Option<String>,
+    headers: HeaderMap,
+) -> Response {
+    ctx.interaction = "audit-consistency-proof";
+    ctx.action = Action::E;
+    ctx.id = None;
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
+        let mut first = None;
+        let mut second = None;
+        for (k, v) in form_urlencoded_pairs(query.as_deref().unwrap_or("")) {
+            let n: u64 = v
+                .parse()
+                .map_err(|_| ApiError::bad_request("sizes are whole numbers"))?;
+            match k.as_str() {
+                "first" => first = Some(n),
+                "second" => second = Some(n),
+                _ => return Err(ApiError::bad_request("supported: first, second")),
+            }
+        }
+        let (Some(m), Some(n)) = (first, second) else {
+            return Err(ApiError::bad_request("first and second are required"));
+        };
+        if m == 0 || m > n {
+            return Err(ApiError::bad_request("0 < first ≤ second"));
+        }
+        let a = app.clone();
+        let body = blocking(move || {
+            let l = leaves(&a, n)?;
+            let m_us = usize::try_from(m).map_err(|_| ApiError::internal())?;
+            let path = merkle::consistency_proof(m_us, &l).ok_or_else(ApiError::internal)?;
+            let params = vec![
+                json!({"name": "firstSize", "valueInteger": m}),
+                json!({"name": "firstRootHash", "valueBase64Binary": b64(&merkle::root(&l[..m_us]))}),
+            ];
+            let body = proof_parameters(params, n, &merkle::root(&l), &path, checkpoint_of(&a, n)?);
+            serde_json::to_vec(&body).map_err(|_| ApiError::internal())
+        })
+        .await?;
+        Ok(fhir_json(body))
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
+/// `GET /fhir/AuditEvent/{seq}` (and `$consistency`)
 pub async fn read(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let mut ctx = Ctx::on(peer, Action::R, "read", AUDIT_EVENT, Some(&id));
+    if id == "$consistency" {
+        return consistency(app, ctx, query, headers).await;
+    }
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
         app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
