@@ -133,25 +133,37 @@ pub fn authorize(
         return Err(Denied::InvalidResourceType);
     }
     let reads = matches!(i, Interaction::Read | Interaction::Search);
-    // the audit log is read by auditors only, through `user/AuditEvent` scopes; nobody
+    // the audit log is read by auditors, through `user/AuditEvent` scopes, and a patient
+    // reads who accessed their own record, through `patient/AuditEvent` scopes; nobody
     // writes it through the API
     if resource_type == AUDIT_EVENT {
-        return match auth.person() {
+        let reach = match auth.person() {
             Some(p)
                 if p.role == Role::Auditor
                     && reads
                     && auth.scopes().allows(Context::User, resource_type, i) =>
             {
-                Ok(Authorized {
-                    client_id: auth.client_id().to_owned(),
-                    token_id: auth.token_id().to_owned(),
-                    resource_type: resource_type.to_owned(),
-                    interaction: i,
-                    reach: Reach::All,
-                })
+                Reach::All
             }
-            _ => Err(Denied::InsufficientScope),
+            Some(p)
+                if p.role == Role::Patient
+                    && reads
+                    && auth.scopes().allows(Context::Patient, resource_type, i) =>
+            {
+                match &p.patient {
+                    Some(pid) => Reach::Patient(pid.clone()),
+                    None => return Err(Denied::InsufficientScope),
+                }
+            }
+            _ => return Err(Denied::InsufficientScope),
         };
+        return Ok(Authorized {
+            client_id: auth.client_id().to_owned(),
+            token_id: auth.token_id().to_owned(),
+            resource_type: resource_type.to_owned(),
+            interaction: i,
+            reach,
+        });
     }
     let reach = match auth.person() {
         // a person's token never acts with system/ scopes, whatever it carries; persons
@@ -422,6 +434,25 @@ mod tests {
             let z = authorize(&auditor, "AuditEvent", it).expect("auditor reads the log");
             assert_eq!(z.reach(), &Reach::All);
         }
+        // a patient reads the events about their own record
+        let p = crate::access_token::Person {
+            user_id: "u-9".into(),
+            role: Role::Patient,
+            generation: 1,
+            fhir_user: None,
+            patient: Some("p1".into()),
+        };
+        let t = i
+            .issue_for(
+                "app",
+                Some(&p),
+                &ScopeSet::parse("patient/AuditEvent.rs").unwrap(),
+                NOW,
+            )
+            .unwrap();
+        let own = i.verifier().verify(t.token(), NOW).unwrap();
+        let z = authorize(&own, "AuditEvent", Interaction::Search).expect("own accounting");
+        assert_eq!(z.reach(), &Reach::Patient("p1".into()));
         let writer = tok(Role::Auditor, None, "user/AuditEvent.cruds");
         for it in [
             Interaction::Create,

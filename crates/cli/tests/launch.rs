@@ -1622,6 +1622,76 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
         s.server.get("AuditEvent", &clinician_or_patient).status,
         403
     );
+    // with patient/AuditEvent, the patient reads who accessed their record, and only that
+    let code = sign_in_for(
+        &s,
+        &agent,
+        "maria.p",
+        &s.code(now() + 30),
+        &[(
+            "scope",
+            "patient/AuditEvent.rs patient/Patient.rs launch/patient",
+        )],
+    );
+    let (_, t) = s.token(
+        &agent,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &s.client_id),
+            ("code_verifier", &s.verifier),
+        ],
+    );
+    let mine = t["access_token"].as_str().expect("access").to_owned();
+    let r = s.server.get("AuditEvent?_count=200", &mine);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let own_rid = r.header("x-request-id").expect("rid").to_owned();
+    let b = r.json();
+    let mut seen: Vec<String> = Vec::new();
+    for e in b["entry"].as_array().expect("entries") {
+        let ev = &e["resource"];
+        assert!(
+            ev["agent"]
+                .as_array()
+                .expect("agents")
+                .iter()
+                .all(|a| a.get("network").is_none()),
+            "no staff addresses"
+        );
+        seen.push(
+            ev["entity"][0]["what"]["identifier"]["value"]
+                .as_str()
+                .expect("rid")
+                .to_owned(),
+        );
+    }
+    let about_p0: Vec<String> = audit_events(&s.server)
+        .into_iter()
+        .filter(|e| {
+            e.patient.as_deref() == Some(p0.as_str())
+                || e.entities
+                    .iter()
+                    .any(|x| x.patient.as_deref() == Some(p0.as_str()))
+        })
+        .map(|e| e.request_id)
+        .filter(|rid| *rid != own_rid)
+        .collect();
+    assert_eq!(seen, about_p0, "exactly the accesses to their record");
+    assert!(seen.len() >= 3);
+    let other = &s.other.0;
+    assert_eq!(
+        s.server
+            .get(&format!("AuditEvent?patient={other}"), &mine)
+            .status,
+        403
+    );
+    assert_eq!(
+        s.server
+            .get(&format!("AuditEvent/{seq}/$proof?size={size}"), &mine)
+            .status,
+        403
+    );
     assert_eq!(s.server.get("AuditEvent?bogus=1", &auditor).status, 400);
     s.server.stop();
 }

@@ -1,9 +1,11 @@
 //! The audit log for auditors: `GET /fhir/AuditEvent` (search) and
 //! `GET /fhir/AuditEvent/{seq}` (read), each event shown as a FHIR R4 AuditEvent.
 //!
-//! Only a person with the auditor role, through `user/AuditEvent` scopes, is granted this
-//! (see `phivault_auth::policy`); nobody writes AuditEvents through the API (the routes
-//! answer 405 to anything but GET). Events are served oldest first; `patient`, `user`,
+//! A person with the auditor role is granted this through `user/AuditEvent` scopes, and a
+//! patient, through `patient/AuditEvent` scopes, the events about their own record (who
+//! accessed it, when, how; without the staff's network addresses) — see
+//! `phivault_auth::policy`. Proofs are for auditors. Nobody writes AuditEvents through the
+//! API (the routes answer 405 to anything but GET). Events are served oldest first; `patient`, `user`,
 //! `client` and `action` filter, `_count` (≤ [`MAX_COUNT`]) sizes a page and the `next`
 //! link continues after the last sequence number examined (a position in the log, not a
 //! secret). A page examines at most [`MAX_EXAMINE`] events. Reading the log is audited too.
@@ -227,8 +229,16 @@ pub async fn search(
     let mut ctx = Ctx::on(peer, Action::E, "search-type", AUDIT_EVENT, None);
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        app.authorize(&auth, AUDIT_EVENT, Interaction::Search)?;
-        let f = Filter::parse(query.as_deref())?;
+        let own = own_record(&app, &auth)?;
+        let mut f = Filter::parse(query.as_deref())?;
+        if let Some(p) = &own {
+            // a patient's own accounting of access: their record only, nothing else
+            if f.patient.as_ref().is_some_and(|x| x != p) {
+                return Err(ApiError::forbidden());
+            }
+            f.patient = Some(p.clone());
+            ctx.patient = Some(p.clone());
+        }
         let a = app.clone();
         let (events, last) = blocking(move || {
             let mut out = Vec::new();
@@ -253,7 +263,7 @@ pub async fn search(
                     after = s.seq;
                     let e = AuditEvent::decode(&s.event).map_err(|_| ApiError::integrity())?;
                     if f.matches(&e) {
-                        out.push(to_fhir(s.seq, &e));
+                        out.push(shown(s.seq, &e, own.is_some()));
                     }
                 }
             }
@@ -373,6 +383,32 @@ fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
         );
     }
     Ok(v)
+}
+
+/// Who may search the log: an auditor (None) or a patient, for their own record
+/// (`Some(patient id)`).
+fn own_record(app: &App, auth: &phivault_auth::Authenticated) -> Result<Option<String>, ApiError> {
+    match app.authorize_confined(auth, AUDIT_EVENT, Interaction::Search)? {
+        None => Ok(None),
+        Some(r) => r
+            .single()
+            .map(|p| Some(p.to_owned()))
+            .ok_or_else(ApiError::forbidden),
+    }
+}
+
+/// An event as shown: whole to auditors; to the patient it concerns without the network
+/// address the access came from (staff's workstations are not the patient's business).
+fn shown(seq: u64, e: &AuditEvent, to_patient: bool) -> Value {
+    let mut v = to_fhir(seq, e);
+    if to_patient && let Some(agents) = v["agent"].as_array_mut() {
+        for a in agents {
+            if let Some(o) = a.as_object_mut() {
+                o.remove("network");
+            }
+        }
+    }
+    v
 }
 
 /// `GET /fhir/AuditEvent/{seq}/$proof?size=N`
@@ -504,7 +540,7 @@ pub async fn read(
     }
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
+        let own = own_record(&app, &auth)?;
         let seq: u64 = id
             .parse()
             .ok()
@@ -523,8 +559,18 @@ pub async fn read(
             .find(|s| s.seq == seq)
             .ok_or_else(|| ApiError::not_found("resource not found"))?;
         let e = AuditEvent::decode(&s.event).map_err(|_| ApiError::integrity())?;
+        if let Some(p) = &own {
+            // a patient reads only the events about their record
+            let about = Filter {
+                patient: Some(p.clone()),
+                ..Default::default()
+            };
+            if !about.matches(&e) {
+                return Err(ApiError::not_found("resource not found"));
+            }
+        }
         Ok(fhir_json(
-            serde_json::to_vec(&to_fhir(seq, &e)).map_err(|_| ApiError::internal())?,
+            serde_json::to_vec(&shown(seq, &e, own.is_some())).map_err(|_| ApiError::internal())?,
         ))
     }
     .await;
