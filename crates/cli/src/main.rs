@@ -231,6 +231,30 @@ enum AuditCmd {
         #[arg(long)]
         witness: Option<PathBuf>,
     },
+    /// A report of the audit log (AU4): the events of a period, a user, a client or a
+    /// patient, as CSV or as FHIR AuditEvent JSON lines.
+    Report {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// From this date or instant (inclusive), e.g. 2026-12-01.
+        #[arg(long)]
+        from: Option<String>,
+        /// Until this date or instant (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this person's account id.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this client.
+        #[arg(long)]
+        client: Option<String>,
+        /// Only events about this patient (an accounting of disclosures).
+        #[arg(long)]
+        patient: Option<String>,
+        /// csv or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
     /// Print the signed checkpoints of the audit tree, one per line (`size root time
     /// signature`), to append to a witness file on another volume.
     Checkpoints {
@@ -352,6 +376,28 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir, witness },
         } => audit_verify(&data_dir, witness.as_deref()),
+        Cmd::Audit {
+            cmd:
+                AuditCmd::Report {
+                    data_dir,
+                    from,
+                    to,
+                    user,
+                    client,
+                    patient,
+                    format,
+                },
+        } => audit_report(
+            &data_dir,
+            [
+                ("date", from.map(|f| format!("ge{f}"))),
+                ("date", to.map(|t| format!("lt{t}"))),
+                ("user", user),
+                ("client", client),
+                ("patient", patient),
+            ],
+            &format,
+        ),
         Cmd::Audit {
             cmd: AuditCmd::Checkpoints { data_dir, after },
         } => {
@@ -740,6 +786,101 @@ fn user_cmd(cmd: UserCmd) -> Result<i32> {
 fn uuid_like() -> Result<String> {
     let b: [u8; 16] = phivault_crypto::random_bytes()?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `phivault audit report`: the events the filters pass, in log order.
+fn audit_report(
+    data_dir: &Path,
+    filters: [(&str, Option<String>); 5],
+    format: &str,
+) -> Result<i32> {
+    use phivault_server::audit_http::{Filter, to_fhir};
+    use std::io::Write as _;
+    let query: Vec<String> = filters
+        .iter()
+        .filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|v| format!("{k}={}", phivault_auth::percent_encode(v)))
+        })
+        .collect();
+    let filter = Filter::parse(Some(&query.join("&"))).map_err(|e| {
+        let why: Vec<&str> = e.issues.iter().map(|i| i.message.as_str()).collect();
+        anyhow::anyhow!("invalid filter: {}", why.join("; "))
+    })?;
+    if format != "csv" && format != "json" {
+        anyhow::bail!("--format is csv or json");
+    }
+    let d = datadir::DataDir::new(data_dir);
+    let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if format == "csv" {
+        writeln!(
+            out,
+            "seq,recorded,action,interaction,resource,patient,client,user,http_status,source,request_id"
+        )?;
+    }
+    let mut failed = None;
+    store.scan_audit(&mut |s| {
+        let e = match phivault_audit::AuditEvent::decode(&s.event) {
+            Ok(e) => e,
+            Err(_) => {
+                failed = Some(s.seq);
+                return false;
+            }
+        };
+        if !filter.matches(&e) {
+            return true;
+        }
+        let line = if format == "json" {
+            to_fhir(s.seq, &e).to_string()
+        } else {
+            let resource = match (&e.resource_type, &e.resource_id) {
+                (Some(t), Some(i)) => format!("{t}/{i}"),
+                (Some(t), None) => t.clone(),
+                _ => String::new(),
+            };
+            let v = to_fhir(s.seq, &e);
+            [
+                s.seq.to_string(),
+                v["recorded"].as_str().unwrap_or("").to_owned(),
+                v["action"].as_str().unwrap_or("").to_owned(),
+                e.interaction.clone(),
+                resource,
+                e.patient.clone().unwrap_or_default(),
+                e.client_id.clone().unwrap_or_default(),
+                e.user.clone().unwrap_or_default(),
+                e.outcome.http_status.to_string(),
+                e.source.clone(),
+                e.request_id.clone(),
+            ]
+            .iter()
+            .map(|f| csv_field(f))
+            .collect::<Vec<_>>()
+            .join(",")
+        };
+        writeln!(out, "{line}").is_ok()
+    })?;
+    out.flush()?;
+    if let Some(seq) = failed {
+        eprintln!("phivault: the audit event at position {seq} does not decode; run audit verify");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break; a
+/// leading `=`, `+`, `-` or `@` is prefixed with `'` so spreadsheets do not run it.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
 }
 
 fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {

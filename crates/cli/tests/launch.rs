@@ -1693,6 +1693,50 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
         403
     );
     assert_eq!(s.server.get("AuditEvent?bogus=1", &auditor).status, 400);
+    // the same accounting from the command line, as CSV and as JSON (AU4 reports)
+    let data = s.server.data.to_str().expect("path").to_owned();
+    let report = |extra: &[&str]| {
+        let mut args = vec!["audit", "report", "--data-dir", data.as_str()];
+        args.extend_from_slice(extra);
+        let o = cli(&args, "");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).expect("utf8")
+    };
+    let csv = report(&["--patient", &p0]);
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some(
+            "seq,recorded,action,interaction,resource,patient,client,user,http_status,source,request_id"
+        )
+    );
+    let from_csv: Vec<String> = lines
+        .map(|l| l.rsplit(',').next().expect("rid").to_owned())
+        .collect();
+    let expected: Vec<String> = audit_events(&s.server)
+        .into_iter()
+        .filter(|e| {
+            e.patient.as_deref() == Some(p0.as_str())
+                || e.entities
+                    .iter()
+                    .any(|x| x.patient.as_deref() == Some(p0.as_str()))
+        })
+        .map(|e| e.request_id)
+        .collect();
+    assert_eq!(from_csv, expected);
+    let json = report(&["--patient", &p0, "--format", "json"]);
+    assert_eq!(json.lines().count(), expected.len());
+    for l in json.lines() {
+        let v: Value = serde_json::from_str(l).expect("json");
+        assert_eq!(v["resourceType"], "AuditEvent");
+    }
+    let tomorrow = report(&["--from", "2999-01-01"]);
+    assert_eq!(tomorrow.lines().count(), 1, "the header only");
+    let o = cli(
+        &["audit", "report", "--data-dir", &data, "--from", "soon"],
+        "",
+    );
+    assert!(!o.status.success());
     s.server.stop();
 }
 

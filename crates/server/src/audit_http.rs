@@ -109,19 +109,26 @@ pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
     })
 }
 
-/// The filters of one search.
+/// The filters of one search (or report): `patient`, `user`, `client`, `action`, `date`
+/// (repeatable, with the FHIR prefixes `ge gt le lt` or none for the whole date or
+/// instant given), `_count`, `_after`.
 #[derive(Default)]
-struct Filter {
+pub struct Filter {
     patient: Option<String>,
     user: Option<String>,
     client: Option<String>,
     action: Option<Action>,
+    /// Inclusive lower bound of the event time (ms).
+    from_ms: Option<i64>,
+    /// Exclusive upper bound of the event time (ms).
+    to_ms: Option<i64>,
     count: usize,
     after: u64,
 }
 
 impl Filter {
-    fn parse(query: Option<&str>) -> Result<Filter, ApiError> {
+    /// Parse a query string (400 on anything unknown or malformed).
+    pub fn parse(query: Option<&str>) -> Result<Filter, ApiError> {
         let mut f = Filter {
             count: 50,
             ..Default::default()
@@ -148,6 +155,27 @@ impl Filter {
                         _ => return Err(ApiError::bad_request("action is one of C R U D E")),
                     })
                 }
+                "date" => {
+                    let (prefix, value) = match v.get(..2) {
+                        Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &v[2..]),
+                        _ => ("eq", v.as_str()),
+                    };
+                    let r = phivault_fhir::search::parse_date(value)
+                        .ok_or_else(|| ApiError::bad_request("date is a FHIR date or instant"))?;
+                    let (lo, hi) = match prefix {
+                        "ge" => (Some(r.lo), None),
+                        "gt" => (Some(r.hi), None),
+                        "lt" => (None, Some(r.lo)),
+                        "le" => (None, Some(r.hi)),
+                        _ => (Some(r.lo), Some(r.hi)),
+                    };
+                    if let Some(lo) = lo {
+                        f.from_ms = Some(f.from_ms.map_or(lo, |x| x.max(lo)));
+                    }
+                    if let Some(hi) = hi {
+                        f.to_ms = Some(f.to_ms.map_or(hi, |x| x.min(hi)));
+                    }
+                }
                 "_count" => {
                     f.count = v
                         .parse::<usize>()
@@ -161,7 +189,7 @@ impl Filter {
                 }
                 _ => {
                     return Err(ApiError::bad_request(
-                        "supported: patient, user, client, action, _count, _after",
+                        "supported: patient, user, client, action, date, _count, _after",
                     ));
                 }
             }
@@ -176,7 +204,12 @@ impl Filter {
         Ok(f)
     }
 
-    fn matches(&self, e: &AuditEvent) -> bool {
+    /// Whether event `e` passes.
+    pub fn matches(&self, e: &AuditEvent) -> bool {
+        let t = i64::try_from(e.time_ms).unwrap_or(i64::MAX);
+        if self.from_ms.is_some_and(|f| t < f) || self.to_ms.is_some_and(|x| t >= x) {
+            return false;
+        }
         let patient_ok = self.patient.as_deref().is_none_or(|p| {
             e.patient.as_deref() == Some(p)
                 || e.entities.iter().any(|x| x.patient.as_deref() == Some(p))
@@ -206,6 +239,12 @@ impl Filter {
         }
         if let Some(a) = self.action {
             q.push(format!("action={}", action_code(a)));
+        }
+        if let Some(f) = self.from_ms {
+            q.push(format!("date=ge{}", instant(f)));
+        }
+        if let Some(t) = self.to_ms {
+            q.push(format!("date=lt{}", instant(t)));
         }
         q.push(format!("_count={}", self.count));
         q.join("&")
@@ -631,7 +670,27 @@ mod tests {
         assert!(!Filter::parse(Some("patient=p3")).unwrap().matches(&event()));
         assert!(!Filter::parse(Some("user=u-2")).unwrap().matches(&event()));
         assert!(Filter::parse(Some("client=app")).unwrap().matches(&event()));
+        // periods (the event is at 2025-06-15T15:06:40Z)
+        for (q, hit) in [
+            ("date=ge2025-06-15", true),
+            ("date=lt2025-06-15", false),
+            ("date=2025-06-15", true),
+            ("date=2025-06", true),
+            ("date=2025-06-16", false),
+            ("date=ge2025-06-01&date=lt2025-07-01", true),
+            ("date=ge2025-06-16&date=lt2025-07-01", false),
+            ("date=le2025-06-15T15:06:40.000Z", true),
+            ("date=gt2025-06-15T15:06:40.000Z", false),
+        ] {
+            assert_eq!(
+                Filter::parse(Some(q)).unwrap().matches(&event()),
+                hit,
+                "{q}"
+            );
+        }
         for bad in [
+            "date=yesterday",
+            "date=ge2025-13-01",
             "name=x",
             "_count=x",
             "action=Q",
