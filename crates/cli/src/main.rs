@@ -271,6 +271,26 @@ enum AuditCmd {
         /// At most this many.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        /// Only those in this state: open, justified or violation.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Record the review of an alert: justified or violation.
+    Review {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The alert's id.
+        #[arg(long)]
+        alert: String,
+        /// justified or violation.
+        #[arg(long)]
+        status: String,
+        /// Who reviewed it.
+        #[arg(long)]
+        reviewer: String,
+        /// The finding.
+        #[arg(long, default_value = "")]
+        note: String,
     },
 }
 
@@ -409,14 +429,50 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Audit {
-            cmd: AuditCmd::Alerts { data_dir, limit },
+            cmd:
+                AuditCmd::Alerts {
+                    data_dir,
+                    limit,
+                    status,
+                },
         } => {
             let opened = datadir::open(&data_dir)?;
             let alerts = phivault_server::care::alerts(&opened.keys, &*opened.store, limit);
             opened.store.close();
-            for a in alerts? {
-                println!("{}", serde_json::to_string(&a)?);
+            for a in alerts?
+                .iter()
+                .filter(|a| status.as_ref().is_none_or(|s| &a.status == s))
+            {
+                println!("{}", serde_json::to_string(a)?);
             }
+            Ok(0)
+        }
+        Cmd::Audit {
+            cmd:
+                AuditCmd::Review {
+                    data_dir,
+                    alert,
+                    status,
+                    reviewer,
+                    note,
+                },
+        } => {
+            let opened = datadir::open(&data_dir)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis();
+            let r = phivault_server::care::review_alert(
+                &opened.keys,
+                &*opened.store,
+                &alert,
+                &status,
+                &reviewer,
+                &note,
+                i64::try_from(now).unwrap_or(i64::MAX),
+            );
+            opened.store.close();
+            let a = r?;
+            eprintln!("alert {} reviewed: {}", a.id, a.status);
             Ok(0)
         }
         Cmd::Index {

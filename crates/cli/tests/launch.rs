@@ -1189,6 +1189,48 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
     assert_eq!(alerts[0]["username"], "dr.adams");
     assert_eq!(alerts[0]["status"], "open");
     assert_eq!(alerts[0]["id"], opened["alert"]);
+    // an auditor reviews it, once
+    let alert_id = alerts[0]["id"].as_str().expect("id").to_owned();
+    let review = |status: &str| {
+        cli(
+            &[
+                "audit",
+                "review",
+                "--data-dir",
+                data,
+                "--alert",
+                &alert_id,
+                "--status",
+                status,
+                "--reviewer",
+                "K. Auditor",
+                "--note",
+                "admission confirmed by the ED record",
+            ],
+            "",
+        )
+    };
+    assert!(!review("fine").status.success(), "justified or violation");
+    let o = review("justified");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!review("violation").status.success(), "reviewed once");
+    let listed = |status: &str| {
+        let o = cli(
+            &["audit", "alerts", "--data-dir", data, "--status", status],
+            "",
+        );
+        assert!(o.status.success());
+        String::from_utf8(o.stdout)
+            .expect("utf8")
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+            .collect::<Vec<_>>()
+    };
+    assert!(listed("open").is_empty());
+    let done = listed("justified");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["reviewer"], "K. Auditor");
+    assert!(done[0]["reviewed_ms"].as_i64().is_some());
     let events = audit_events(&s.server);
     let glass: Vec<_> = events
         .iter()

@@ -125,6 +125,15 @@ pub struct Alert {
     pub request_id: String,
     /// Review state: `open`, `justified` or `violation`.
     pub status: String,
+    /// Who reviewed it.
+    #[serde(default)]
+    pub reviewer: Option<String>,
+    /// The reviewer's note.
+    #[serde(default)]
+    pub review_note: Option<String>,
+    /// When it was reviewed (ms since the epoch).
+    #[serde(default)]
+    pub reviewed_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for Alert {
@@ -132,6 +141,7 @@ impl std::fmt::Debug for Alert {
         f.debug_struct("Alert")
             .field("id", &self.id)
             .field("rule", &self.rule)
+            .field("status", &self.status)
             .field("reason", &"[redacted]")
             .finish_non_exhaustive()
     }
@@ -257,6 +267,17 @@ pub fn alerts(
     store: &dyn phivault_store::Store,
     limit: usize,
 ) -> Result<Vec<Alert>, AlertError> {
+    Ok(alert_rows(keys, store, limit)?
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect())
+}
+
+fn alert_rows(
+    keys: &phivault_crypto::KeyHierarchy,
+    store: &dyn phivault_store::Store,
+    limit: usize,
+) -> Result<Vec<(String, Alert)>, AlertError> {
     store
         .meta_prefix(ALERT_PREFIX, limit)?
         .into_iter()
@@ -264,9 +285,48 @@ pub fn alerts(
             let plain = keys
                 .open_secret(&format!("{ALERT_LABEL}{k}"), &sealed)
                 .map_err(|_| AlertError::Integrity)?;
-            serde_json::from_slice(plain.expose()).map_err(|_| AlertError::Integrity)
+            let a: Alert =
+                serde_json::from_slice(plain.expose()).map_err(|_| AlertError::Integrity)?;
+            Ok((k, a))
         })
         .collect()
+}
+
+/// Record the review of alert `id`: `justified` or `violation`, by `reviewer`, with a
+/// note (sealed with the alert). An alert is reviewed once.
+pub fn review_alert(
+    keys: &phivault_crypto::KeyHierarchy,
+    store: &dyn phivault_store::Store,
+    id: &str,
+    status: &str,
+    reviewer: &str,
+    note: &str,
+    now_ms: i64,
+) -> Result<Alert, AlertError> {
+    if !matches!(status, "justified" | "violation") {
+        return Err(AlertError::Review("the status is justified or violation"));
+    }
+    if reviewer.trim().is_empty() {
+        return Err(AlertError::Review("name the reviewer"));
+    }
+    let (key, mut alert) = alert_rows(keys, store, usize::MAX)?
+        .into_iter()
+        .find(|(_, a)| a.id == id)
+        .ok_or(AlertError::Review("no such alert"))?;
+    if alert.status != "open" {
+        return Err(AlertError::Review("the alert was reviewed already"));
+    }
+    alert.status = status.to_owned();
+    alert.reviewer = Some(reviewer.trim().to_owned());
+    alert.review_note = Some(note.to_owned());
+    alert.reviewed_ms = Some(now_ms);
+    let plain =
+        zeroize::Zeroizing::new(serde_json::to_vec(&alert).map_err(|_| AlertError::Integrity)?);
+    let sealed = keys
+        .seal_secret(&format!("{ALERT_LABEL}{key}"), &plain)
+        .map_err(|_| AlertError::Integrity)?;
+    store.set_meta(&key, &sealed)?;
+    Ok(alert)
 }
 
 /// Why alerts cannot be read.
@@ -278,6 +338,9 @@ pub enum AlertError {
     /// A stored alert does not open: tampered, moved or from another key.
     #[error("a stored alert failed its integrity check")]
     Integrity,
+    /// A review that cannot be recorded.
+    #[error("{0}")]
+    Review(&'static str),
 }
 
 fn forbidden(msg: &str) -> ApiError {
@@ -383,6 +446,9 @@ fn break_glass_inner(
         until_ms,
         request_id: ctx.request_id.clone(),
         status: "open".into(),
+        reviewer: None,
+        review_note: None,
+        reviewed_ms: None,
     };
     // the alert first: a window never opens without its alert
     app.put_sealed(
@@ -447,6 +513,9 @@ mod tests {
             until_ms: 0,
             request_id: "r".into(),
             status: "open".into(),
+            reviewer: None,
+            review_note: None,
+            reviewed_ms: None,
         };
         assert!(!format!("{a:?}").contains("unconscious"));
     }
