@@ -275,6 +275,22 @@ enum AuditCmd {
         #[arg(long)]
         status: Option<String>,
     },
+    /// Run the snooping rules over the audit events since the last scan and raise alerts
+    /// (after-hours access, whole-record pulls, unusual volume against the person's own
+    /// baseline). Meant to run on a schedule.
+    Scan {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// First working hour (UTC).
+        #[arg(long, default_value_t = 7)]
+        start_hour: u64,
+        /// First hour after work (UTC).
+        #[arg(long, default_value_t = 19)]
+        end_hour: u64,
+        /// Saturdays and Sundays are working days.
+        #[arg(long)]
+        weekends: bool,
+    },
     /// Record the review of an alert: justified or violation.
     Review {
         #[arg(long)]
@@ -446,6 +462,29 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string(a)?);
             }
             Ok(0)
+        }
+        Cmd::Audit {
+            cmd:
+                AuditCmd::Scan {
+                    data_dir,
+                    start_hour,
+                    end_hour,
+                    weekends,
+                },
+        } => {
+            anyhow::ensure!(
+                start_hour < end_hour && end_hour <= 24,
+                "working hours: 0 ≤ start < end ≤ 24"
+            );
+            let opened = datadir::open(&data_dir)?;
+            let hours = phivault_server::snoop::Hours {
+                start: start_hour,
+                end: end_hour,
+                weekends,
+            };
+            let r = audit_scan(&opened, hours);
+            opened.store.close();
+            r
         }
         Cmd::Audit {
             cmd:
@@ -842,6 +881,90 @@ fn user_cmd(cmd: UserCmd) -> Result<i32> {
 fn uuid_like() -> Result<String> {
     let b: [u8; 16] = phivault_crypto::random_bytes()?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `phivault audit scan`: the rules over the events after the last scanned position; each
+/// finding becomes an open alert. The position and the per-person daily counts (the
+/// baselines) are kept in the store, sealed.
+fn audit_scan(opened: &datadir::Opened, hours: phivault_server::snoop::Hours) -> Result<i32> {
+    use phivault_server::care::{Alert, raise_alert};
+    const POSITION: &str = "snoop:position";
+    const HISTORY: &str = "snoop:history";
+    const HISTORY_LABEL: &str = "phivault snooping baselines v1\u{0}snoop:history";
+    const MAX_EVENTS: usize = 2_000_000;
+    let store = &*opened.store;
+    let position: u64 = store
+        .meta(POSITION)?
+        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0);
+    let mut history: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, usize>> =
+        match store.meta(HISTORY)? {
+            Some(sealed) => {
+                let plain = opened
+                    .keys
+                    .open_secret(HISTORY_LABEL, &sealed)
+                    .map_err(|_| {
+                        anyhow::anyhow!("the stored baselines failed their integrity check")
+                    })?;
+                serde_json::from_slice(plain.expose())?
+            }
+            None => Default::default(),
+        };
+    let mut events = Vec::new();
+    let mut last = position;
+    while events.len() < MAX_EVENTS {
+        let batch = store.audit_after(last, 10_000)?;
+        let Some(end) = batch.last().map(|s| s.seq) else {
+            break;
+        };
+        for s in batch {
+            events.push(phivault_audit::AuditEvent::decode(&s.event).map_err(|_| {
+                anyhow::anyhow!("event {} does not decode; run audit verify", s.seq)
+            })?);
+        }
+        last = end;
+    }
+    let findings = phivault_server::snoop::scan(&events, hours, &mut history);
+    let users = phivault_server::UserDirectory::new(&opened.keys, store);
+    let mut by_rule = std::collections::BTreeMap::<String, usize>::new();
+    for f in &findings {
+        let username = users
+            .get_by_id(&f.user)
+            .ok()
+            .flatten()
+            .map(|u| u.username.clone())
+            .unwrap_or_default();
+        let alert = Alert {
+            id: uuid_like()?,
+            rule: f.rule.clone(),
+            user: f.user.clone(),
+            username,
+            patient: f.patient.clone().unwrap_or_default(),
+            reason: f.detail.clone(),
+            at_ms: i64::try_from(f.at_ms).unwrap_or(i64::MAX),
+            until_ms: i64::try_from(f.at_ms).unwrap_or(i64::MAX),
+            request_id: f.evidence.first().cloned().unwrap_or_default(),
+            status: "open".into(),
+            reviewer: None,
+            review_note: None,
+            reviewed_ms: None,
+            evidence: f.evidence.clone(),
+            score: f.score,
+        };
+        raise_alert(&opened.keys, store, &alert)?;
+        *by_rule.entry(f.rule.clone()).or_default() += 1;
+    }
+    let sealed = opened
+        .keys
+        .seal_secret(HISTORY_LABEL, &serde_json::to_vec(&history)?)
+        .map_err(|_| anyhow::anyhow!("sealing the baselines failed"))?;
+    store.set_meta(HISTORY, &sealed)?;
+    store.set_meta(POSITION, last.to_string().as_bytes())?;
+    println!(
+        "{}",
+        serde_json::json!({"events": events.len(), "position": last, "alerts": by_rule})
+    );
+    Ok(0)
 }
 
 /// `phivault audit report`: the events the filters pass, in log order.

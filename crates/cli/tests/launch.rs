@@ -1231,6 +1231,39 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0]["reviewer"], "K. Auditor");
     assert!(done[0]["reviewed_ms"].as_i64().is_some());
+    // the snooping rules over the log: the clinician's whole-record pull is flagged (working
+    // hours set to the whole week, so the wall clock cannot matter); a second scan finds
+    // nothing new
+    let scan = || {
+        let o = cli(
+            &[
+                "audit",
+                "scan",
+                "--data-dir",
+                data,
+                "--start-hour",
+                "0",
+                "--end-hour",
+                "24",
+                "--weekends",
+            ],
+            "",
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<Value>(&o.stdout).expect("summary")
+    };
+    let first = scan();
+    assert_eq!(first["alerts"]["bulk-record"], 1, "{first}");
+    assert!(first["alerts"].get("after-hours").is_none(), "{first}");
+    let bulk = listed("open");
+    assert_eq!(bulk.len(), 1);
+    assert_eq!(bulk[0]["rule"], "bulk-record");
+    assert_eq!(bulk[0]["username"], "dr.adams");
+    assert_eq!(bulk[0]["patient"], patient(0).as_str());
+    assert_eq!(bulk[0]["score"], 60);
+    let again = scan();
+    assert_eq!(again["events"], 0, "{again}");
+    assert_eq!(again["alerts"], serde_json::json!({}));
     let events = audit_events(&s.server);
     let glass: Vec<_> = events
         .iter()

@@ -134,6 +134,34 @@ pub struct Alert {
     /// When it was reviewed (ms since the epoch).
     #[serde(default)]
     pub reviewed_ms: Option<i64>,
+    /// The requests that are the evidence (rules over the audit log).
+    #[serde(default)]
+    pub evidence: Vec<String>,
+    /// 0 – 100: how strongly it suggests snooping (rules over the audit log).
+    #[serde(default)]
+    pub score: u8,
+}
+
+impl Alert {
+    /// The metadata key of its row: time-ordered.
+    fn row_key(&self) -> String {
+        format!("{ALERT_PREFIX}{:013}-{}", self.at_ms, self.id)
+    }
+}
+
+/// Store an alert record (new or reviewed), sealed with its row key bound.
+pub fn raise_alert(
+    keys: &phivault_crypto::KeyHierarchy,
+    store: &dyn phivault_store::Store,
+    alert: &Alert,
+) -> Result<(), AlertError> {
+    let key = alert.row_key();
+    let plain =
+        zeroize::Zeroizing::new(serde_json::to_vec(alert).map_err(|_| AlertError::Integrity)?);
+    let sealed = keys
+        .seal_secret(&format!("{ALERT_LABEL}{key}"), &plain)
+        .map_err(|_| AlertError::Integrity)?;
+    Ok(store.set_meta(&key, &sealed)?)
 }
 
 impl std::fmt::Debug for Alert {
@@ -320,12 +348,10 @@ pub fn review_alert(
     alert.reviewer = Some(reviewer.trim().to_owned());
     alert.review_note = Some(note.to_owned());
     alert.reviewed_ms = Some(now_ms);
-    let plain =
-        zeroize::Zeroizing::new(serde_json::to_vec(&alert).map_err(|_| AlertError::Integrity)?);
-    let sealed = keys
-        .seal_secret(&format!("{ALERT_LABEL}{key}"), &plain)
-        .map_err(|_| AlertError::Integrity)?;
-    store.set_meta(&key, &sealed)?;
+    if key != alert.row_key() {
+        return Err(AlertError::Integrity);
+    }
+    raise_alert(keys, store, &alert)?;
     Ok(alert)
 }
 
@@ -449,13 +475,11 @@ fn break_glass_inner(
         reviewer: None,
         review_note: None,
         reviewed_ms: None,
+        evidence: vec![ctx.request_id.clone()],
+        score: 40,
     };
     // the alert first: a window never opens without its alert
-    app.put_sealed(
-        ALERT_LABEL,
-        &format!("{ALERT_PREFIX}{now:013}-{}", alert.id),
-        &alert,
-    )?;
+    app.put_sealed(ALERT_LABEL, &alert.row_key(), &alert)?;
     app.put_sealed(GRANTS_LABEL, &grants_key(&user), &windows)?;
     app.care.invalidate();
     let body = serde_json::json!({
@@ -516,6 +540,8 @@ mod tests {
             reviewer: None,
             review_note: None,
             reviewed_ms: None,
+            evidence: Vec::new(),
+            score: 0,
         };
         assert!(!format!("{a:?}").contains("unconscious"));
     }

@@ -21,6 +21,7 @@ pub mod idp;
 pub mod launch;
 pub mod search;
 pub mod search_http;
+pub mod snoop;
 pub mod stored;
 pub mod users;
 
