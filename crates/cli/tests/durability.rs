@@ -399,3 +399,72 @@ fn kill9_during_write_load_loses_no_acknowledged_write() {
     let (ok, msg) = s.audit_verify();
     assert!(ok, "audit verify after kill -9: {msg}");
 }
+
+/// Issue 5, acceptance 3: the audit store cannot grow (the server runs with its files
+/// limited to a little more than they hold, so writes past that fail as on a full disk)
+/// during a read load: requests fail cleanly with 503 and an OperationOutcome, none is
+/// served unaudited, and once space returns (the limit is lifted on the running process)
+/// everything works again and the log verifies.
+#[test]
+fn a_full_audit_store_fails_requests_cleanly_and_the_server_recovers() {
+    let mut s = Server::start();
+    let size = |s: &Server, name: &str| std::fs::metadata(s.data.join(name)).map_or(0, |m| m.len());
+    let used = size(&s, "phivault.db").max(size(&s, "phivault.db-wal"));
+    s.restart_with_file_limit(used / 1024 + 1024);
+    // (tokens name the origin, which a restart changes)
+    let t = s.token(SCOPE);
+    let id = create_patient(&s, &t);
+    let family = patient()["name"][0]["family"]
+        .as_str()
+        .expect("family")
+        .to_owned();
+    let path = format!("Patient/{id}");
+    let mut served: Vec<String> = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20_000 {
+        let r = s.get(&path, &t);
+        match r.status {
+            200 => served.push(r.header("x-request-id").expect("rid").to_owned()),
+            503 => {
+                refused += 1;
+                assert!(r.is_outcome(), "a clean OperationOutcome");
+                let body = String::from_utf8_lossy(&r.body);
+                assert!(!body.contains(&family), "nothing of the record");
+            }
+            other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.body)),
+        }
+        if refused >= 50 {
+            break;
+        }
+    }
+    assert!(
+        refused >= 50,
+        "the limit never bit ({} served)",
+        served.len()
+    );
+    // space returns
+    let o = std::process::Command::new("prlimit")
+        .args(["--pid", &s.pid().to_string(), "--fsize=unlimited"])
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut after = 0;
+    for _ in 0..200 {
+        let r = s.get(&path, &t);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        served.push(r.header("x-request-id").expect("rid").to_owned());
+        after += 1;
+    }
+    assert_eq!(after, 200);
+    s.stop();
+    let (ok, msg) = s.audit_verify();
+    assert!(ok, "{msg}");
+    // every response that carried the record has its audit event
+    let audited: BTreeSet<String> = audit_events(&s)
+        .into_iter()
+        .filter(|e| e["outcome"]["http_status"] == json!(200))
+        .filter_map(|e| e["request_id"].as_str().map(str::to_owned))
+        .collect();
+    let missing: Vec<&String> = served.iter().filter(|r| !audited.contains(*r)).collect();
+    assert!(missing.is_empty(), "served unaudited: {missing:?}");
+}

@@ -153,7 +153,32 @@ impl Server {
     /// Start again on the same data directory (after stop or kill9).
     pub fn restart(&mut self) {
         self.stop();
-        let (child, origin, stderr) = launch(&self.data);
+        let launched = launch(&self.data);
+        self.adopt(launched);
+    }
+
+    /// Start again on the same data directory with files limited to `kib` KiB (as if the
+    /// disk were full past that: writes beyond it fail).
+    pub fn restart_with_file_limit(&mut self, kib: u64) {
+        self.stop();
+        let mut c = Command::new("bash");
+        // SIGXFSZ ignored: a write past the limit fails with EFBIG instead of killing
+        c.arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -S -f {kib}; exec \"$0\" serve --data-dir \"$1\" --listen 127.0.0.1:0"
+            ))
+            .arg(BIN)
+            .arg(&self.data);
+        let launched = spawn_server(c);
+        self.adopt(launched);
+    }
+
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn adopt(&mut self, (child, origin, stderr): (Child, String, Arc<Mutex<Vec<u8>>>)) {
         self.child = Some(child);
         self.base = format!("{origin}/fhir");
         self.origin = origin;
@@ -163,10 +188,16 @@ impl Server {
 
 /// Start `phivault serve` on `data`; returns the child, its origin and its captured stderr.
 pub fn launch(data: &Path) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--data-dir"])
         .arg(data)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"]);
+    spawn_server(c)
+}
+
+/// Spawn a command that runs `phivault serve` and wait for its `listening on` line.
+fn spawn_server(mut c: Command) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
+    let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
