@@ -924,7 +924,12 @@ fn audit_scan(opened: &datadir::Opened, hours: phivault_server::snoop::Hours) ->
         }
         last = end;
     }
-    let findings = phivault_server::snoop::scan(&events, hours, &mut history);
+    // the relationship rules read patients' and staff's records: decrypted here, in
+    // memory, never written out (the alerts name ids only)
+    let (keys, _) = datadir::load_keys(&opened.dir)?;
+    let engine = phivault_server::engine::Engine::new(opened.store.clone(), keys);
+    let mut records = phivault_server::snoop::EngineRecords::new(&engine);
+    let findings = phivault_server::snoop::scan(&events, hours, &mut history, &mut records);
     let users = phivault_server::UserDirectory::new(&opened.keys, store);
     let mut by_rule = std::collections::BTreeMap::<String, usize>::new();
     for f in &findings {

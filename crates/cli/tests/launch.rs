@@ -1252,15 +1252,69 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<Value>(&o.stdout).expect("summary")
     };
+    // patient 3's record becomes restricted, and the clinician opens it once more
+    let mut p3_record = s.server.get(&format!("Patient/{p3}"), &system).json();
+    p3_record["meta"] = serde_json::json!({"security": [{"code": "R",
+        "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"}]});
+    let put = s
+        .server
+        .put(&format!("Patient/{p3}"), &system, &p3_record, &[]);
+    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    assert_eq!(get(&format!("Patient/{p3}")).status, 200);
+    // the family names the practitioner shares with patients they opened, from the bundles
+    let family_of = |i: usize, rtype: &str| -> Vec<String> {
+        loaded[i].0["entry"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == rtype)
+            .flat_map(|e| {
+                e["resource"]["name"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|n| n["family"].as_str().map(str::to_lowercase))
+            .collect()
+    };
+    let pr_families = family_of(0, "Practitioner");
+    let kin = (0..4)
+        .filter(|&i| {
+            family_of(i, "Patient")
+                .iter()
+                .any(|f| pr_families.contains(f))
+        })
+        .count();
     let first = scan();
     assert_eq!(first["alerts"]["bulk-record"], 1, "{first}");
+    assert_eq!(first["alerts"]["restricted-record"], 1, "{first}");
+    assert_eq!(
+        first["alerts"]
+            .get("same-family-name")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        kin as u64,
+        "{first}"
+    );
     assert!(first["alerts"].get("after-hours").is_none(), "{first}");
-    let bulk = listed("open");
+    let open = listed("open");
+    let bulk: Vec<&Value> = open.iter().filter(|a| a["rule"] == "bulk-record").collect();
     assert_eq!(bulk.len(), 1);
-    assert_eq!(bulk[0]["rule"], "bulk-record");
     assert_eq!(bulk[0]["username"], "dr.adams");
     assert_eq!(bulk[0]["patient"], patient(0).as_str());
     assert_eq!(bulk[0]["score"], 60);
+    let restricted: Vec<&Value> = open
+        .iter()
+        .filter(|a| a["rule"] == "restricted-record")
+        .collect();
+    assert_eq!(restricted[0]["patient"], p3.as_str());
+    assert!(
+        restricted[0]["evidence"]
+            .as_array()
+            .expect("evidence")
+            .len()
+            >= 2
+    );
     let again = scan();
     assert_eq!(again["events"], 0, "{again}");
     assert_eq!(again["alerts"], serde_json::json!({}));

@@ -10,9 +10,19 @@
 //!   own median of earlier days (at least three days of history) and more than
 //!   [`VOLUME_FLOOR`]; the day's peer median is shown as context.
 //!
-//! Break-the-glass alerts are raised when the window opens (`care.rs`). Rules that need
-//! demographics (same family name or address, coworker, VIP) and treatment context come
-//! next (issue 5).
+//! * `self-access` — the patient is the person themselves (same family name, given name
+//!   and birth date as their Practitioner record).
+//! * `coworker` — the patient is a member of the workforce (a Practitioner record with the
+//!   same identity).
+//! * `same-family-name` / `same-address` — the patient shares a family name or an address
+//!   with the person.
+//! * `restricted-record` — the patient's record is restricted (`meta.security` R or V) or
+//!   tagged VIP.
+//!
+//! The relationship rules need the records: a [`Records`] gives the [`Facts`] of patients,
+//! of staff and of the workforce (the scanner decrypts them; no fact leaves it, alerts name
+//! ids only). Each fires once per person, patient and day. Break-the-glass alerts are
+//! raised when the window opens (`care.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -53,6 +63,239 @@ impl Hours {
     }
 }
 
+/// What the relationship rules compare of a person or a patient.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Family names, lower-cased.
+    pub families: Vec<String>,
+    /// Addresses: lines and postal code, lower-cased, spaces collapsed.
+    pub addresses: Vec<String>,
+    /// `family|given|birth date`, lower-cased, when the birth date is known.
+    pub identity: Option<String>,
+    /// Restricted (`meta.security` R or V) or tagged VIP.
+    pub restricted: bool,
+}
+
+fn norm(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+impl Facts {
+    /// The facts of a Patient or Practitioner resource.
+    pub fn of(r: &serde_json::Value) -> Facts {
+        let names = r["name"].as_array().cloned().unwrap_or_default();
+        let families: Vec<String> = names
+            .iter()
+            .filter_map(|n| n["family"].as_str())
+            .map(norm)
+            .filter(|f| !f.is_empty())
+            .collect();
+        let given = names.first().and_then(|n| n["given"][0].as_str()).map(norm);
+        let identity = match (families.first(), given, r["birthDate"].as_str()) {
+            (Some(f), Some(g), Some(b)) => Some(format!("{f}|{g}|{b}")),
+            _ => None,
+        };
+        let addresses = r["address"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|ad| {
+                        let lines: Vec<&str> = ad["line"]
+                            .as_array()?
+                            .iter()
+                            .filter_map(|l| l.as_str())
+                            .collect();
+                        let postal = ad["postalCode"].as_str().unwrap_or("");
+                        (!lines.is_empty())
+                            .then(|| norm(&format!("{} | {postal}", lines.join(" "))))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let codes = |k: &str| -> Vec<String> {
+            r["meta"][k]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c["code"].as_str())
+                        .map(str::to_uppercase)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let restricted = codes("security").iter().any(|c| c == "R" || c == "V")
+            || codes("tag").iter().any(|c| c == "VIP");
+        Facts {
+            families,
+            addresses,
+            identity,
+            restricted,
+        }
+    }
+}
+
+/// Where the relationship rules look things up.
+pub trait Records {
+    /// The facts of patient `id`.
+    fn patient(&mut self, id: &str) -> Option<Facts>;
+    /// The facts of the person behind account `user` (their Practitioner record).
+    fn staff(&mut self, user: &str) -> Option<Facts>;
+    /// Whether a member of the workforce (a Practitioner record) has this identity.
+    fn is_workforce(&mut self, identity: &str) -> bool;
+}
+
+/// No records: only the rules over events run.
+pub struct NoRecords;
+
+impl Records for NoRecords {
+    fn patient(&mut self, _: &str) -> Option<Facts> {
+        None
+    }
+    fn staff(&mut self, _: &str) -> Option<Facts> {
+        None
+    }
+    fn is_workforce(&mut self, _: &str) -> bool {
+        false
+    }
+}
+
+/// [`Records`] read from the store (each record decrypted once per scan).
+pub struct EngineRecords<'a> {
+    engine: &'a crate::engine::Engine,
+    patients: HashMap<String, Option<Facts>>,
+    staff: HashMap<String, Option<Facts>>,
+    workforce: Option<BTreeSet<String>>,
+}
+
+impl<'a> EngineRecords<'a> {
+    /// Over `engine`'s store.
+    pub fn new(engine: &'a crate::engine::Engine) -> Self {
+        EngineRecords {
+            engine,
+            patients: HashMap::new(),
+            staff: HashMap::new(),
+            workforce: None,
+        }
+    }
+
+    fn facts(&self, row: Option<phivault_store::VersionRow>) -> Option<Facts> {
+        let row = row.filter(|r| !r.deleted)?;
+        let body = self.engine.open(&row).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        Some(Facts::of(&json))
+    }
+
+    fn load(&self, rtype: &str, id: &str) -> Option<Facts> {
+        self.facts(self.engine.store.current(rtype, id).ok()?)
+    }
+}
+
+impl Records for EngineRecords<'_> {
+    fn patient(&mut self, id: &str) -> Option<Facts> {
+        if let Some(f) = self.patients.get(id) {
+            return f.clone();
+        }
+        let f = self.load("Patient", id);
+        self.patients.insert(id.to_owned(), f.clone());
+        f
+    }
+
+    fn staff(&mut self, user: &str) -> Option<Facts> {
+        if let Some(f) = self.staff.get(user) {
+            return f.clone();
+        }
+        let practitioner = self
+            .engine
+            .users()
+            .get_by_id(user)
+            .ok()
+            .flatten()
+            .and_then(|u| u.practitioner.clone());
+        let f = practitioner.and_then(|p| self.load("Practitioner", &p));
+        self.staff.insert(user.to_owned(), f.clone());
+        f
+    }
+
+    fn is_workforce(&mut self, identity: &str) -> bool {
+        if self.workforce.is_none() {
+            let mut set = BTreeSet::new();
+            let mut after: Option<String> = None;
+            loop {
+                let ids = self
+                    .engine
+                    .store
+                    .candidates(
+                        "Practitioner",
+                        &phivault_store::Candidates::All,
+                        after.as_deref(),
+                        1000,
+                    )
+                    .unwrap_or_default();
+                let Some(last) = ids.last().cloned() else {
+                    break;
+                };
+                let rows = self
+                    .engine
+                    .store
+                    .current_many("Practitioner", &ids)
+                    .unwrap_or_default();
+                for row in rows {
+                    if let Some(i) = self.facts(row).and_then(|f| f.identity) {
+                        set.insert(i);
+                    }
+                }
+                after = Some(last);
+            }
+            self.workforce = Some(set);
+        }
+        self.workforce
+            .as_ref()
+            .is_some_and(|w| w.contains(identity))
+    }
+}
+
+/// The relationship rules for one access by `staff` to `patient`: (rule, score, detail).
+fn relationship(
+    staff: Option<&Facts>,
+    patient: &Facts,
+    workforce: bool,
+) -> Vec<(&'static str, u8, &'static str)> {
+    let mut out = Vec::new();
+    let same_person = staff
+        .and_then(|s| s.identity.as_ref())
+        .is_some_and(|i| patient.identity.as_ref() == Some(i));
+    if same_person {
+        out.push(("self-access", 90, "the patient is the person themselves"));
+    } else if workforce {
+        out.push(("coworker", 60, "the patient is a member of the workforce"));
+    }
+    if let Some(s) = staff
+        && !same_person
+    {
+        if s.families.iter().any(|f| patient.families.contains(f)) {
+            out.push((
+                "same-family-name",
+                40,
+                "the patient shares the person's family name",
+            ));
+        }
+        if s.addresses.iter().any(|a| patient.addresses.contains(a)) {
+            out.push((
+                "same-address",
+                50,
+                "the patient shares the person's address",
+            ));
+        }
+    }
+    if patient.restricted {
+        out.push(("restricted-record", 70, "the record is restricted or VIP"));
+    }
+    out
+}
+
 /// A finding of one rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
@@ -87,8 +330,11 @@ pub fn scan(
     events: &[AuditEvent],
     hours: Hours,
     history: &mut BTreeMap<String, BTreeMap<u64, usize>>,
+    records: &mut dyn Records,
 ) -> Vec<Finding> {
-    let mut out = Vec::new();
+    let mut out: Vec<Finding> = Vec::new();
+    // relationship findings: once per rule, person, patient and day
+    let mut seen: HashMap<(&'static str, String, String, u64), usize> = HashMap::new();
     // after-hours: one alert per person and night
     let mut nights: HashMap<(String, u64), usize> = HashMap::new();
     // volume: distinct patients per person per day
@@ -101,6 +347,34 @@ pub fn scan(
         let patients = patients_of(e);
         if patients.is_empty() {
             continue;
+        }
+        for p in &patients {
+            let Some(pf) = records.patient(p) else {
+                continue;
+            };
+            let sf = records.staff(user);
+            let workforce = pf
+                .identity
+                .as_deref()
+                .is_some_and(|i| records.is_workforce(i));
+            for (rule, score, detail) in relationship(sf.as_ref(), &pf, workforce) {
+                let key = (rule, user.clone(), (*p).to_owned(), e.time_ms / DAY_MS);
+                match seen.get(&key) {
+                    Some(&i) => out[i].evidence.push(e.request_id.clone()),
+                    None => {
+                        seen.insert(key, out.len());
+                        out.push(Finding {
+                            rule: rule.into(),
+                            user: user.clone(),
+                            patient: Some((*p).to_owned()),
+                            evidence: vec![e.request_id.clone()],
+                            score,
+                            at_ms: e.time_ms,
+                            detail: detail.into(),
+                        });
+                    }
+                }
+            }
         }
         if e.interaction == "everything" {
             out.push(Finding {
@@ -202,6 +476,130 @@ mod tests {
         }
     }
 
+    #[derive(Default)]
+    struct Mem {
+        patients: HashMap<String, Facts>,
+        staff: HashMap<String, Facts>,
+        workforce: BTreeSet<String>,
+    }
+
+    impl Records for Mem {
+        fn patient(&mut self, id: &str) -> Option<Facts> {
+            self.patients.get(id).cloned()
+        }
+        fn staff(&mut self, user: &str) -> Option<Facts> {
+            self.staff.get(user).cloned()
+        }
+        fn is_workforce(&mut self, identity: &str) -> bool {
+            self.workforce.contains(identity)
+        }
+    }
+
+    #[test]
+    fn facts_come_from_the_fhir_record() {
+        let f = Facts::of(&serde_json::json!({"resourceType": "Patient",
+            "name": [{"family": " Okafor ", "given": ["Ada", "N"]}], "birthDate": "1980-01-01",
+            "address": [{"line": ["1  Elm St", "Apt 2"], "postalCode": "02134"}],
+            "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}]}}));
+        assert_eq!(f.families, ["okafor"]);
+        assert_eq!(f.identity.as_deref(), Some("okafor|ada|1980-01-01"));
+        assert_eq!(f.addresses, ["1 elm st apt 2 | 02134"]);
+        assert!(f.restricted);
+        let plain =
+            Facts::of(&serde_json::json!({"resourceType": "Patient", "name": [{"family": "X"}]}));
+        assert_eq!(plain.identity, None);
+        assert!(!plain.restricted);
+        let vip = Facts::of(&serde_json::json!({"meta": {"tag": [{"code": "vip"}]}}));
+        assert!(vip.restricted);
+    }
+
+    /// A clinician's day: a thousand ordinary patients and one of each relationship.
+    #[test]
+    fn relationship_rules_find_self_coworker_family_address_and_restricted_records() {
+        let facts = |family: &str, given: &str, birth: Option<&str>, address: &str| Facts {
+            families: vec![family.into()],
+            addresses: vec![address.into()],
+            identity: birth.map(|b| format!("{family}|{given}|{b}")),
+            restricted: false,
+        };
+        let mut m = Mem::default();
+        m.staff.insert(
+            "u1".into(),
+            facts("okafor", "ada", Some("1980-01-01"), "1 elm st | 02134"),
+        );
+        m.workforce.insert("smith|jo|1975-05-05".into());
+        m.patients.insert(
+            "self".into(),
+            facts("okafor", "ada", Some("1980-01-01"), "9 oak rd | 02100"),
+        );
+        m.patients.insert(
+            "coworker".into(),
+            facts("smith", "jo", Some("1975-05-05"), "3 pine | 02111"),
+        );
+        m.patients.insert(
+            "kin".into(),
+            facts("okafor", "ben", Some("2001-02-03"), "5 birch | 02122"),
+        );
+        m.patients.insert(
+            "neighbour".into(),
+            facts("lee", "kim", None, "1 elm st | 02134"),
+        );
+        let mut vip = facts("star", "sam", Some("1990-09-09"), "7 hill | 02199");
+        vip.restricted = true;
+        m.patients.insert("vip".into(), vip);
+        for i in 0..1000 {
+            m.patients.insert(
+                format!("p{i}"),
+                facts(
+                    &format!("family{i}"),
+                    "x",
+                    Some("1950-01-01"),
+                    &format!("{i} main st | 0{i}"),
+                ),
+            );
+        }
+        let mut events = Vec::new();
+        let t0 = MONDAY + 9 * HOUR;
+        for (n, p) in ["self", "self", "coworker", "kin", "neighbour", "vip"]
+            .iter()
+            .enumerate()
+        {
+            events.push(ev(n as u64, t0 + n as u64 * 60_000, "u1", p, "read"));
+        }
+        for i in 0..1000u64 {
+            events.push(ev(
+                100 + i,
+                t0 + HOUR + i * 1000,
+                "u1",
+                &format!("p{i}"),
+                "read",
+            ));
+        }
+        let found = scan(&events, Hours::default(), &mut BTreeMap::new(), &mut m);
+        let got: BTreeSet<(&str, &str)> = found
+            .iter()
+            .map(|f| (f.rule.as_str(), f.patient.as_deref().unwrap_or("")))
+            .collect();
+        let want = BTreeSet::from([
+            ("self-access", "self"),
+            ("coworker", "coworker"),
+            ("same-family-name", "kin"),
+            ("same-address", "neighbour"),
+            ("restricted-record", "vip"),
+        ]);
+        assert_eq!(got, want, "{found:?}");
+        let me = found
+            .iter()
+            .find(|f| f.rule == "self-access")
+            .expect("self");
+        assert_eq!(
+            me.evidence,
+            ["r0", "r1"],
+            "one finding a day, with every access"
+        );
+        assert_eq!(me.score, 90);
+    }
+
     #[test]
     fn monday_is_a_monday() {
         let h = Hours::default();
@@ -280,7 +678,7 @@ mod tests {
         }
         events.sort_by_key(|e| e.time_ms);
         let mut history = BTreeMap::new();
-        let found = scan(&events, Hours::default(), &mut history);
+        let found = scan(&events, Hours::default(), &mut history, &mut NoRecords);
         let rule = |r: &str| found.iter().filter(|f| f.rule == r).collect::<Vec<_>>();
         let after = rule("after-hours");
         let users: BTreeSet<&str> = after.iter().map(|f| f.user.as_str()).collect();
