@@ -6,9 +6,9 @@
 //! * `after-hours` — a person opens patient data outside working hours (default 07:00 –
 //!   19:00 UTC, Monday to Friday); one alert per person and night.
 //! * `bulk-record` — a person pulls a whole record (`$everything`).
-//! * `volume` — a person touches more distinct patients in a day than three times their
-//!   own median of earlier days (at least three days of history) and more than
-//!   [`VOLUME_FLOOR`]; the day's peer median is shown as context.
+//! * `volume` — a person touches more distinct patients in a day than [`VOLUME_FLOOR`] and
+//!   than three times their own median of earlier days (with three days of history or
+//!   more) — or, without such a history, three times their peers' median that day.
 //!
 //! * `self-access` — the patient is the person themselves (same family name, given name
 //!   and birth date as their Practitioner record).
@@ -422,27 +422,34 @@ pub fn scan(
     for ((day, user), (patients, requests)) in daily {
         let n = patients.len();
         let past = history.entry(user.clone()).or_default();
-        let earlier: Vec<usize> = past.range(..day).map(|(_, c)| *c).collect();
-        if earlier.len() >= 3 && n > VOLUME_FLOOR {
-            let mut sorted = earlier.clone();
-            sorted.sort_unstable();
-            let median = sorted[sorted.len() / 2];
-            if n > 3 * median.max(1) {
-                let mut peers = by_day.get(&day).cloned().unwrap_or_default();
-                peers.sort_unstable();
-                let peer_median = peers.get(peers.len() / 2).copied().unwrap_or(0);
-                out.push(Finding {
-                    rule: "volume".into(),
-                    user: user.clone(),
-                    patient: None,
-                    evidence: requests,
-                    score: 50,
-                    at_ms: day * DAY_MS,
-                    detail: format!(
-                        "{n} patients in a day; own median {median}, peers' median {peer_median}"
-                    ),
-                });
-            }
+        let mut earlier: Vec<usize> = past.range(..day).map(|(_, c)| *c).collect();
+        earlier.sort_unstable();
+        // against their own baseline (three days of history or more), or, for someone
+        // without one, against their peers' that day (five peers or more)
+        let own = (earlier.len() >= 3).then(|| earlier[earlier.len() / 2]);
+        let mut peers = by_day.get(&day).cloned().unwrap_or_default();
+        peers.sort_unstable();
+        let peer_median = (peers.len() >= 5).then(|| peers[peers.len() / 2]);
+        let unusual = match (own, peer_median) {
+            (Some(m), _) => n > 3 * m.max(1),
+            (None, Some(pm)) => n > 3 * pm.max(1),
+            (None, None) => false,
+        };
+        if unusual && n > VOLUME_FLOOR {
+            let fmt = |m: Option<usize>| m.map_or("none".to_owned(), |m| m.to_string());
+            out.push(Finding {
+                rule: "volume".into(),
+                user: user.clone(),
+                patient: None,
+                evidence: requests,
+                score: 50,
+                at_ms: day * DAY_MS,
+                detail: format!(
+                    "{n} patients in a day; own median {}, peers' median {}",
+                    fmt(own),
+                    fmt(peer_median)
+                ),
+            });
         }
         *past.entry(day).or_default() += n;
     }
@@ -676,6 +683,11 @@ mod tests {
             let t = MONDAY + 25 * 24 * HOUR + 9 * HOUR + k * 60_000;
             push(&mut events, t, "u5", &format!("q{k}"), "read");
         }
+        // someone new, with no history, pulls 80 patients on their first day
+        for k in 0..80 {
+            let t = MONDAY + 15 * 24 * HOUR + 10 * HOUR + k * 60_000;
+            push(&mut events, t, "newcomer", &format!("n{k}"), "read");
+        }
         events.sort_by_key(|e| e.time_ms);
         let mut history = BTreeMap::new();
         let found = scan(&events, Hours::default(), &mut history, &mut NoRecords);
@@ -686,8 +698,8 @@ mod tests {
         assert_eq!(after.len(), 2, "u3's two accesses are one night: {after:?}");
         assert_eq!(rule("bulk-record").len(), 2);
         let volume = rule("volume");
-        assert_eq!(volume.len(), 1, "{volume:?}");
-        assert_eq!(volume[0].user, "u5");
+        let spiking: BTreeSet<&str> = volume.iter().map(|f| f.user.as_str()).collect();
+        assert_eq!(spiking, BTreeSet::from(["u5", "newcomer"]), "{volume:?}");
         // false findings: anything that is not about the planted events
         let planted: BTreeSet<String> = (planted_at + 1..=n as usize)
             .map(|i| format!("r{i}"))
