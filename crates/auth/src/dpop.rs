@@ -42,6 +42,78 @@ pub struct DpopProof {
     pub replay_until: u64,
 }
 
+/// Proofs seen, until they could no longer be accepted: 24 bytes per proof (a 16-byte
+/// digest of key thumbprint and `jti`, and the expiry), so a million fit in some 50 MB —
+/// ~6,600 DPoP requests/s sustained over the acceptance window before it is full (and
+/// fails closed).
+pub struct ProofCache {
+    inner: parking_lot::Mutex<ProofInner>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct ProofInner {
+    seen: std::collections::HashMap<[u8; 16], u64>,
+    /// Insertion order with expiry (expiries rise with insertion, give or take the skew).
+    order: std::collections::VecDeque<(u64, [u8; 16])>,
+}
+
+impl Default for ProofCache {
+    fn default() -> Self {
+        ProofCache::new(ProofCache::DEFAULT_CAPACITY)
+    }
+}
+
+impl std::fmt::Debug for ProofCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProofCache")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProofCache {
+    /// Default capacity: a million proofs.
+    pub const DEFAULT_CAPACITY: usize = 1_000_000;
+
+    /// A cache of at most `capacity` live proofs.
+    pub fn new(capacity: usize) -> Self {
+        ProofCache {
+            inner: parking_lot::Mutex::new(ProofInner::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Record `proof` at `now`; `Err` if it was seen before (a replay) or the cache is full.
+    pub fn check_and_insert(&self, proof: &DpopProof, now: u64) -> Result<(), &'static str> {
+        let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+        c.update(proof.jkt.as_bytes());
+        c.update(&[0]);
+        c.update(proof.jti.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&c.finish().as_ref()[..16]);
+        let mut g = self.inner.lock();
+        while let Some(&(exp, k)) = g.order.front() {
+            if exp > now {
+                break;
+            }
+            g.order.pop_front();
+            if g.seen.get(&k) == Some(&exp) {
+                g.seen.remove(&k);
+            }
+        }
+        if g.seen.contains_key(&key) {
+            return Err("DPoP proof replayed");
+        }
+        if g.seen.len() >= self.capacity {
+            return Err("DPoP replay cache full");
+        }
+        g.seen.insert(key, proof.replay_until);
+        g.order.push_back((proof.replay_until, key));
+        Ok(())
+    }
+}
+
 /// The `ath` value for `access_token`: base64url SHA-256.
 pub fn access_token_hash(access_token: &str) -> String {
     crate::b64::encode(
@@ -246,6 +318,42 @@ pub(crate) mod tests {
         assert!(verify_proof(&k.proof("GET", URL, NOW, None), "GET", q, NOW, None).is_ok());
         let other = "https://fhir.example.org/fhir/Patient/2";
         assert!(verify_proof(&k.proof("GET", URL, NOW, None), "GET", other, NOW, None).is_err());
+    }
+
+    #[test]
+    fn the_proof_cache_refuses_replays_and_forgets_expired_proofs() {
+        let cache = ProofCache::new(2);
+        let p = |jti: &str, until: u64| DpopProof {
+            jkt: "k".repeat(43),
+            jti: jti.into(),
+            replay_until: until,
+        };
+        assert!(cache.check_and_insert(&p("a", 100), 10).is_ok());
+        assert_eq!(
+            cache.check_and_insert(&p("a", 100), 11),
+            Err("DPoP proof replayed")
+        );
+        assert!(cache.check_and_insert(&p("b", 101), 12).is_ok());
+        assert_eq!(
+            cache.check_and_insert(&p("c", 102), 13),
+            Err("DPoP replay cache full")
+        );
+        // once expired (at 100 and 101), entries go and make room; the same jti under
+        // another key is another proof
+        assert!(cache.check_and_insert(&p("c", 300), 101).is_ok());
+        let other = DpopProof {
+            jkt: "z".repeat(43),
+            ..p("c", 300)
+        };
+        assert!(cache.check_and_insert(&other, 101).is_ok());
+        assert_eq!(
+            cache.check_and_insert(&p("c", 300), 102),
+            Err("DPoP proof replayed")
+        );
+        assert_eq!(
+            cache.check_and_insert(&p("d", 300), 102),
+            Err("DPoP replay cache full")
+        );
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub struct App {
     /// Client-assertion `jti` replay cache.
     pub replay: ReplayCache,
     /// DPoP proof (`jkt`, `jti`) replay cache.
-    pub dpop_replay: ReplayCache,
+    pub dpop_replay: phivault_auth::dpop::ProofCache,
     /// Request limits.
     pub limits: Limits,
     /// SMART App Launch codes and refresh tokens.
@@ -110,7 +110,7 @@ impl App {
             issuer,
             verifier,
             replay: ReplayCache::default(),
-            dpop_replay: ReplayCache::default(),
+            dpop_replay: Default::default(),
             limits,
             authz: phivault_auth::authorize::AuthorizationServer::new(),
             flows: crate::launch::Flows::default(),
@@ -228,7 +228,7 @@ impl App {
             return Err(refuse("invalid_dpop_proof"));
         }
         self.dpop_replay
-            .check_and_insert(&p.jkt, &p.jti, p.replay_until, now)
+            .check_and_insert(&p, now)
             .map_err(|_| refuse("invalid_dpop_proof"))
     }
 

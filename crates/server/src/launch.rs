@@ -731,7 +731,7 @@ fn dpop_proof(
     let p = phivault_auth::dpop::verify_proof(proof, "POST", &app.token_url, now, None)
         .map_err(|e| OAuthError::InvalidDpopProof(e.0))?;
     app.dpop_replay
-        .check_and_insert(&p.jkt, &p.jti, p.replay_until, now)
+        .check_and_insert(&p, now)
         .map_err(OAuthError::InvalidDpopProof)?;
     Ok(Some(p))
 }
