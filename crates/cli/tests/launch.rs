@@ -291,6 +291,20 @@ impl Setup {
         phivault_auth::totp::code_at(&self.secret, at)
     }
 
+    /// The app's exchange of an authorization `code` (PKCE verifier, registered redirect).
+    fn exchange(&self, agent: &ureq::Agent, code: &str) -> (u16, Value) {
+        self.token(
+            agent,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", REDIRECT),
+                ("client_id", &self.client_id),
+                ("code_verifier", &self.verifier),
+            ],
+        )
+    }
+
     fn token(&self, agent: &ureq::Agent, form: &[(&str, &str)]) -> (u16, Value) {
         let p = post_form(
             agent,
@@ -426,16 +440,7 @@ fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
 
     // refresh tokens rotate; a retired one revokes the family; scope only narrows
     let code = sign_in(&s, &agent, "jon.p", &jon_code(now));
-    let (_, t) = s.token(
-        &agent,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", &code),
-            ("redirect_uri", REDIRECT),
-            ("client_id", &s.client_id),
-            ("code_verifier", &s.verifier),
-        ],
-    );
+    let (_, t) = s.exchange(&agent, &code);
     let r1 = t["refresh_token"].as_str().expect("refresh").to_owned();
     let refresh_with = |tok: &str, scope: Option<&str>| {
         let mut f = vec![
@@ -493,16 +498,7 @@ fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
 
     // revocation ends the session
     let code = sign_in(&s, &agent, "jon.p", &jon_code(now + 30));
-    let (_, t) = s.token(
-        &agent,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", &code),
-            ("redirect_uri", REDIRECT),
-            ("client_id", &s.client_id),
-            ("code_verifier", &s.verifier),
-        ],
-    );
+    let (_, t) = s.exchange(&agent, &code);
     let r3 = t["refresh_token"].as_str().expect("refresh").to_owned();
     assert_eq!(intro(&r3)["active"], true);
     let p = post_form(
@@ -941,16 +937,7 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
             "user/Patient.rs user/Observation.cruds user/Encounter.cruds user/Practitioner.rs openid fhirUser",
         )],
     );
-    let (status, t) = s.token(
-        &agent,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", &code),
-            ("redirect_uri", REDIRECT),
-            ("client_id", &s.client_id),
-            ("code_verifier", &s.verifier),
-        ],
-    );
+    let (status, t) = s.exchange(&agent, &code);
     assert_eq!(status, 200, "{t}");
     assert!(
         t.get("patient").is_none(),
@@ -1569,16 +1556,7 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
             "user/AuditEvent.rs user/Patient.rs openid fhirUser",
         )],
     );
-    let (status, t) = s.token(
-        &agent,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", &code),
-            ("redirect_uri", REDIRECT),
-            ("client_id", &s.client_id),
-            ("code_verifier", &s.verifier),
-        ],
-    );
+    let (status, t) = s.exchange(&agent, &code);
     assert_eq!(status, 200, "{t}");
     let auditor = t["access_token"].as_str().expect("access").to_owned();
     // every event about patient 0, page by page
@@ -1735,16 +1713,7 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
     assert_eq!(s.server.get("AuditEvent", &admin).status, 403);
     let clinician_or_patient = {
         let code = sign_in(&s, &agent, "maria.p", &s.code(now()));
-        let (_, t) = s.token(
-            &agent,
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("redirect_uri", REDIRECT),
-                ("client_id", &s.client_id),
-                ("code_verifier", &s.verifier),
-            ],
-        );
+        let (_, t) = s.exchange(&agent, &code);
         t["access_token"].as_str().expect("access").to_owned()
     };
     assert_eq!(
@@ -1762,16 +1731,7 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
             "patient/AuditEvent.rs patient/Patient.rs launch/patient",
         )],
     );
-    let (_, t) = s.token(
-        &agent,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", &code),
-            ("redirect_uri", REDIRECT),
-            ("client_id", &s.client_id),
-            ("code_verifier", &s.verifier),
-        ],
-    );
+    let (_, t) = s.exchange(&agent, &code);
     let mine = t["access_token"].as_str().expect("access").to_owned();
     let r = s.server.get("AuditEvent?_count=200", &mine);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use phivault_audit::{Action, AuditEvent, merkle};
 use phivault_auth::Interaction;
 use phivault_auth::policy::AUDIT_EVENT;
@@ -252,10 +252,7 @@ impl Filter {
 }
 
 fn fhir_json(body: Vec<u8>) -> Response {
-    let mut r = (StatusCode::OK, Bytes::from(body)).into_response();
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    r
+    crate::app::json_response(StatusCode::OK, Bytes::from(body), FHIR_JSON)
 }
 
 /// `GET /fhir/AuditEvent?…`
