@@ -13,19 +13,9 @@ PATIENTS=${1:-200}
 CONNS=${2:-32}
 SECS=${3:-10}
 ROUNDS=${4:-2}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p phivault --example load_import
-cargo build --release -q -p phivault
-BIN=$CARGO_TARGET_DIR/release/phivault
-LOAD=$CARGO_TARGET_DIR/release/examples/load_import
-W=$(mktemp -d)
-SPID=
-trap '[ -n "$SPID" ] && kill $SPID 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
+. scripts/bench_common.sh
 "$BIN" synth --patients "$PATIENTS" --seed 7 --out "$W/bundles" >/dev/null
-"$BIN" serve --data-dir "$W/data" --listen 127.0.0.1:0 >"$W/out" 2>>"$W/err" &
-SPID=$!
-for _ in $(seq 200); do grep -q listening "$W/out" 2>/dev/null && break; sleep 0.05; done
-ORIGIN=$(sed -n 's/^listening on //p' "$W/out")
+start
 "$BIN" client add --data-dir "$W/data" --name bench --scope 'system/*.cruds' --token-url "$ORIGIN/auth/token" --out "$W/creds.json" 2>/dev/null
 "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" "$W/bundles" 16 >/dev/null
 TOKEN_OUT=$W/token "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" - >/dev/null
@@ -135,5 +125,5 @@ for round in $(seq "$ROUNDS"); do
     for who in system patient clinician; do line "$kind-$who"; done
   done
 done
-kill -TERM "$SPID"; wait "$SPID" || true; SPID=
+stop
 "$BIN" audit verify --data-dir "$W/data"
