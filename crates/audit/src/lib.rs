@@ -98,7 +98,47 @@ pub struct AuditEvent {
     /// Further resources the request touched (e.g. the entries of a transaction),
     /// each with its own action.
     pub entities: Vec<Entity>,
+    /// Context of the access (IHE BALP): purpose of use, user agent, search parameters.
+    pub detail: Detail,
 }
+
+/// The context of an access that IHE BALP records beyond who, what and where: the purpose
+/// of use, the client software and the names (never the values) of the search parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detail {
+    /// Purpose of use, a v3 ActReason code: `TREAT`, `ETREAT` (break-the-glass),
+    /// `PATRQT` (the patient's own request), `HSYSADMIN` (audit review).
+    pub purpose: Option<String>,
+    /// The client's `User-Agent`, printable ASCII only, at most [`MAX_AGENT`] bytes.
+    pub user_agent: Option<String>,
+    /// The names of the search parameters of a search (`family`, `birthdate`, …), at most
+    /// [`MAX_QUERY_NAMES`]; their values are never recorded.
+    pub query: Vec<String>,
+}
+
+impl Detail {
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.purpose.is_none() && self.user_agent.is_none() && self.query.is_empty()
+    }
+
+    /// A `User-Agent` value as recorded: printable ASCII, at most [`MAX_AGENT`] bytes.
+    pub fn clean_agent(raw: &[u8]) -> Option<String> {
+        let s: String = raw
+            .iter()
+            .filter(|b| (0x20..0x7f).contains(*b))
+            .take(MAX_AGENT)
+            .map(|b| char::from(*b))
+            .collect();
+        let s = s.trim();
+        (!s.is_empty()).then(|| s.to_owned())
+    }
+}
+
+/// Longest user agent recorded.
+pub const MAX_AGENT: usize = 200;
+/// Most search parameter names recorded.
+pub const MAX_QUERY_NAMES: usize = 32;
 
 /// One more resource touched by a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,19 +159,25 @@ pub struct Entity {
 const FORMAT_V1: u8 = 1;
 /// Format byte of events that name a user (the user follows the client id).
 const FORMAT_V2: u8 = 2;
+/// Format byte 1 with a [`Detail`] after the entities.
+const FORMAT_V3: u8 = 3;
+/// Format byte 2 with a [`Detail`] after the entities.
+const FORMAT_V4: u8 = 4;
 /// Most entities one event may carry.
 pub const MAX_ENTITIES: usize = 100_000;
 
 impl AuditEvent {
     /// Canonical, compact binary encoding (format byte 1, or 2 when the event names a
-    /// user): fixed field order, varint lengths, UUID-shaped identifiers packed into 16
-    /// bytes. Every event has exactly one encoding, so the chain hash is well defined.
+    /// user; 3 and 4 likewise when it has a [`Detail`], which follows the entities): fixed
+    /// field order, varint lengths, UUID-shaped identifiers packed into 16 bytes. Every
+    /// event has exactly one encoding, so the chain hash is well defined.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(96 + self.entities.len() * 40);
-        w.push(if self.user.is_some() {
-            FORMAT_V2
-        } else {
-            FORMAT_V1
+        w.push(match (self.user.is_some(), self.detail.is_empty()) {
+            (false, true) => FORMAT_V1,
+            (true, true) => FORMAT_V2,
+            (false, false) => FORMAT_V3,
+            (true, false) => FORMAT_V4,
         });
         w.extend_from_slice(&self.time_ms.to_be_bytes());
         put_ident(&mut w, &self.request_id);
@@ -168,6 +214,14 @@ impl AuditEvent {
                 last_patient = e.patient.as_deref();
             }
         }
+        if !self.detail.is_empty() {
+            put_opt_str(&mut w, self.detail.purpose.as_deref());
+            put_opt_str(&mut w, self.detail.user_agent.as_deref());
+            put_varint(&mut w, self.detail.query.len() as u64);
+            for q in &self.detail.query {
+                put_str(&mut w, q);
+            }
+        }
         w
     }
 
@@ -175,13 +229,13 @@ impl AuditEvent {
     pub fn decode(bytes: &[u8]) -> Result<Self, AuditError> {
         let mut r = Reader { b: bytes, pos: 0 };
         let format = r.u8()?;
-        if format != FORMAT_V1 && format != FORMAT_V2 {
+        if !(FORMAT_V1..=FORMAT_V4).contains(&format) {
             return Err(AuditError::Malformed);
         }
         let time_ms = u64::from_be_bytes(r.array::<8>()?);
         let request_id = r.ident()?;
         let client_id = r.opt(|r| r.ident())?;
-        let user = if format == FORMAT_V2 {
+        let user = if format == FORMAT_V2 || format == FORMAT_V4 {
             Some(r.ident()?)
         } else {
             None
@@ -223,6 +277,18 @@ impl AuditEvent {
                 patient: p,
             });
         }
+        let mut detail = Detail::default();
+        if format == FORMAT_V3 || format == FORMAT_V4 {
+            detail.purpose = r.opt(|r| r.string())?;
+            detail.user_agent = r.opt(|r| r.string())?;
+            let n = r.varint()?;
+            if n > MAX_QUERY_NAMES as u64 {
+                return Err(AuditError::Malformed);
+            }
+            for _ in 0..n {
+                detail.query.push(r.string()?);
+            }
+        }
         if r.pos != bytes.len() {
             return Err(AuditError::Malformed);
         }
@@ -240,6 +306,7 @@ impl AuditEvent {
             outcome: Outcome { code, http_status },
             source,
             entities,
+            detail,
         };
         // canonical: re-encoding must give the same bytes
         if ev.encode() != bytes {
@@ -660,7 +727,41 @@ mod tests {
             outcome: Outcome::from_http(200),
             source: "127.0.0.1".into(),
             entities: vec![],
+            detail: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_balp_detail_round_trips_and_has_one_encoding() {
+        let mut e = event(1);
+        e.detail = Detail {
+            purpose: Some("ETREAT".into()),
+            user_agent: Detail::clean_agent(b"fhirclient/4.2\r\nX-Injected: 1"),
+            query: vec!["family".into(), "birthdate".into()],
+        };
+        assert_eq!(
+            e.detail.user_agent.as_deref(),
+            Some("fhirclient/4.2X-Injected: 1"),
+            "control characters dropped"
+        );
+        let bytes = e.encode();
+        assert_eq!(bytes[0], FORMAT_V4);
+        assert_eq!(AuditEvent::decode(&bytes).unwrap(), e);
+        let mut no_user = e.clone();
+        no_user.user = None;
+        assert_eq!(no_user.encode()[0], FORMAT_V3);
+        assert_eq!(AuditEvent::decode(&no_user.encode()).unwrap(), no_user);
+        // an empty detail written out is not canonical: the format byte says it is there
+        let mut plain = event(1);
+        let mut padded = plain.encode();
+        padded[0] = FORMAT_V4;
+        padded.extend_from_slice(&[0, 0, 0]);
+        assert!(AuditEvent::decode(&padded).is_err());
+        // too many parameter names
+        plain.detail.query = (0..=MAX_QUERY_NAMES).map(|i| format!("p{i}")).collect();
+        assert!(AuditEvent::decode(&plain.encode()).is_err());
+        assert_eq!(Detail::clean_agent(b"\x01\x02  "), None);
+        assert_eq!(Detail::clean_agent(&[b'a'; 500]).map(|s| s.len()), Some(MAX_AGENT));
     }
 
     #[test]

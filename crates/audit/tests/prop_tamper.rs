@@ -20,6 +20,7 @@ fn build(n: u64) -> (Vec<StoredEvent>, ChainHead) {
                 outcome: Outcome::from_http(200),
                 source: "127.0.0.1".into(),
                 entities: vec![],
+                detail: Default::default(),
             };
             let bytes = ev.encode();
             let hash = head.append(&bytes);

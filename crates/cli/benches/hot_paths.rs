@@ -107,6 +107,7 @@ fn bench(c: &mut Criterion) {
         outcome: Outcome::from_http(200),
         source: "127.0.0.1".into(),
         entities: vec![],
+        detail: Default::default(),
     };
     let mut head = ChainHead::EMPTY;
     c.bench_function("audit encode+chain (one read event)", |b| {

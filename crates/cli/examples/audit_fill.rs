@@ -64,6 +64,7 @@ fn event(n: u64) -> AuditEvent {
         outcome: Outcome::from_http(if n.is_multiple_of(97) { 404 } else { 200 }),
         source: format!("10.1.{}.{}", n % 200, n % 250),
         entities,
+        detail: Default::default(),
     }
 }
 

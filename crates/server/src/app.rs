@@ -418,6 +418,7 @@ impl Ctx {
             outcome: Outcome::from_http(status),
             source: self.source.clone(),
             entities: Vec::new(),
+            detail: Default::default(),
         }
     }
 

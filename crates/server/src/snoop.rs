@@ -480,6 +480,7 @@ mod tests {
             outcome: Outcome::from_http(200),
             source: "10.0.0.1".into(),
             entities: Vec::new(),
+            detail: Default::default(),
         }
     }
 

@@ -33,6 +33,7 @@ fn event(n: u64) -> AuditEvent {
         outcome: Outcome::from_http(201),
         source: "127.0.0.1".into(),
         entities: vec![],
+        detail: Default::default(),
     }
 }
 
