@@ -761,7 +761,10 @@ mod tests {
         plain.detail.query = (0..=MAX_QUERY_NAMES).map(|i| format!("p{i}")).collect();
         assert!(AuditEvent::decode(&plain.encode()).is_err());
         assert_eq!(Detail::clean_agent(b"\x01\x02  "), None);
-        assert_eq!(Detail::clean_agent(&[b'a'; 500]).map(|s| s.len()), Some(MAX_AGENT));
+        assert_eq!(
+            Detail::clean_agent(&[b'a'; 500]).map(|s| s.len()),
+            Some(MAX_AGENT)
+        );
     }
 
     #[test]

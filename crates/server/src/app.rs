@@ -135,6 +135,9 @@ impl App {
         ctx: &mut Ctx,
     ) -> Result<Authenticated, ApiError> {
         let challenge = "Bearer realm=\"phivault\"".to_string();
+        ctx.detail.user_agent = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| phivault_audit::Detail::clean_agent(v.as_bytes()));
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthorized(challenge));
         };
@@ -170,6 +173,7 @@ impl App {
             Ok(auth) => {
                 ctx.client_id = Some(auth.client_id().to_owned());
                 ctx.user = auth.person().map(|p| p.user_id.clone());
+                ctx.detail.purpose = auth.person().map(|p| purpose_of(p.role).to_owned());
                 self.check_sender(&auth, dpop, token, headers, now)?;
                 if let Some(p) = auth.person()
                     && !self.account_live(&p.user_id, p.generation, now)
@@ -307,7 +311,8 @@ impl App {
     }
 
     /// Make audit events durable; fail closed.
-    pub async fn audit(&self, events: Vec<AuditEvent>) -> Result<(), ApiError> {
+    pub async fn audit(&self, mut events: Vec<AuditEvent>) -> Result<(), ApiError> {
+        self.mark_glass(&mut events);
         let rx = self.engine.store.submit(WriteBatch {
             audit: events,
             ..Default::default()
@@ -335,6 +340,16 @@ fn next_request_id() -> String {
         *PREFIX,
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The purpose of use (v3 ActReason) a person's access is recorded under; a clinician's
+/// access to a patient opened by break-the-glass becomes `ETREAT` when it is audited.
+pub fn purpose_of(role: phivault_auth::Role) -> &'static str {
+    match role {
+        phivault_auth::Role::Clinician => "TREAT",
+        phivault_auth::Role::Patient => "PATRQT",
+        phivault_auth::Role::Auditor | phivault_auth::Role::Admin => "HSYSADMIN",
+    }
 }
 
 /// What one request is doing, for its audit event.
@@ -366,6 +381,8 @@ pub struct Ctx {
     pub extra: Vec<AuditEvent>,
     /// Resources disclosed by a search (recorded in the request's event).
     pub entities: Vec<phivault_audit::Entity>,
+    /// Purpose of use, user agent and search parameter names (IHE BALP).
+    pub detail: phivault_audit::Detail,
 }
 
 impl Ctx {
@@ -385,6 +402,7 @@ impl Ctx {
             audited: false,
             extra: Vec::new(),
             entities: Vec::new(),
+            detail: Default::default(),
         }
     }
 
@@ -418,7 +436,7 @@ impl Ctx {
             outcome: Outcome::from_http(status),
             source: self.source.clone(),
             entities: Vec::new(),
-            detail: Default::default(),
+            detail: self.detail.clone(),
         }
     }
 
@@ -791,7 +809,8 @@ pub async fn do_create(
             now_ms(),
             None,
         )?;
-        let event = ctx.event_for(&written, Action::C, ctx.interaction, 201);
+        let mut event = ctx.event_for(&written, Action::C, ctx.interaction, 201);
+        app.mark_glass(std::slice::from_mut(&mut event));
         let batch = WriteBatch {
             new_keys: ring.new_keys(),
             guards,
@@ -990,7 +1009,8 @@ async fn update_or_delete_in(
         } else {
             (Action::U, "update", 200)
         };
-        let event = ctx.event_for(&written, action, name, status);
+        let mut event = ctx.event_for(&written, action, name, status);
+        app.mark_glass(std::slice::from_mut(&mut event));
         let batch = WriteBatch {
             new_keys: ring.new_keys(),
             guards: Vec::new(),

@@ -62,6 +62,9 @@ pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
         "requestor": e.user.is_none(),
         "network": {"address": e.source, "type": "2"},
     })];
+    if let Some(ua) = &e.detail.user_agent {
+        agents[0]["name"] = json!(ua);
+    }
     if let Some(u) = &e.user {
         agents.push(json!({
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass",
@@ -91,7 +94,26 @@ pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
         entities.push(json!({"what": {"reference": format!("{}/{}", x.resource_type, x.resource_id)},
             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
     }
-    json!({
+    if !e.detail.query.is_empty() {
+        // the names of the search parameters only: their values are never recorded
+        entities.push(json!({
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24"},
+            "detail": [{"type": "parameters", "valueString": e.detail.query.join(",")}]}));
+    }
+    let purpose: Vec<Value> = e
+        .detail
+        .purpose
+        .iter()
+        .map(|p| {
+            json!({"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]})
+        })
+        .collect();
+    if let (Some(p), Some(person)) = (purpose.first(), agents.get_mut(1)) {
+        person["purposeOfUse"] = json!([p]);
+    }
+    let mut out = json!({
         "resourceType": "AuditEvent",
         "id": seq.to_string(),
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
@@ -106,7 +128,11 @@ pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
             "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
                 "code": "4"}]},
         "entity": entities,
-    })
+    });
+    if !purpose.is_empty() {
+        out["purposeOfEvent"] = json!(purpose);
+    }
+    out
 }
 
 /// The filters of one search (or report): `patient`, `user`, `client`, `action`, `date`
@@ -118,6 +144,8 @@ pub struct Filter {
     user: Option<String>,
     client: Option<String>,
     action: Option<Action>,
+    /// AuditEvent outcome code: 0, 4, 8 or 12.
+    outcome: Option<u8>,
     /// Inclusive lower bound of the event time (ms).
     from_ms: Option<i64>,
     /// Exclusive upper bound of the event time (ms).
@@ -155,6 +183,15 @@ impl Filter {
                         _ => return Err(ApiError::bad_request("action is one of C R U D E")),
                     })
                 }
+                "outcome" => {
+                    f.outcome = Some(match v.as_str() {
+                        "0" => 0,
+                        "4" => 4,
+                        "8" => 8,
+                        "12" => 12,
+                        _ => return Err(ApiError::bad_request("outcome is one of 0 4 8 12")),
+                    })
+                }
                 "date" => {
                     let (prefix, value) = match v.get(..2) {
                         Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &v[2..]),
@@ -189,7 +226,7 @@ impl Filter {
                 }
                 _ => {
                     return Err(ApiError::bad_request(
-                        "supported: patient, user, client, action, date, _count, _after",
+                        "supported: patient, user, client, action, outcome, date, _count, _after",
                     ));
                 }
             }
@@ -224,6 +261,7 @@ impl Filter {
                 .as_deref()
                 .is_none_or(|c| e.client_id.as_deref() == Some(c))
             && self.action.is_none_or(|a| e.action == a)
+            && self.outcome.is_none_or(|o| e.outcome.code == o)
     }
 
     fn query(&self) -> String {
@@ -239,6 +277,9 @@ impl Filter {
         }
         if let Some(a) = self.action {
             q.push(format!("action={}", action_code(a)));
+        }
+        if let Some(o) = self.outcome {
+            q.push(format!("outcome={o}"));
         }
         if let Some(f) = self.from_ms {
             q.push(format!("date=ge{}", instant(f)));
@@ -434,13 +475,15 @@ fn own_record(app: &App, auth: &phivault_auth::Authenticated) -> Result<Option<S
 }
 
 /// An event as shown: whole to auditors; to the patient it concerns without the network
-/// address the access came from (staff's workstations are not the patient's business).
+/// address and the software the access came from (staff's workstations are not the
+/// patient's business).
 fn shown(seq: u64, e: &AuditEvent, to_patient: bool) -> Value {
     let mut v = to_fhir(seq, e);
     if to_patient && let Some(agents) = v["agent"].as_array_mut() {
         for a in agents {
             if let Some(o) = a.as_object_mut() {
                 o.remove("network");
+                o.remove("name");
             }
         }
     }
@@ -639,6 +682,11 @@ mod tests {
                 version: None,
                 patient: Some("p2".into()),
             }],
+            detail: phivault_audit::Detail {
+                purpose: Some("TREAT".into()),
+                user_agent: Some("fhirclient/4.2".into()),
+                query: vec!["family".into(), "birthdate".into()],
+            },
         }
     }
 
@@ -655,6 +703,21 @@ mod tests {
         );
         assert_eq!(v["entity"][2]["what"]["reference"], "Patient/p1");
         assert_eq!(v["agent"][1]["who"]["identifier"]["value"], "u-1");
+        // IHE BALP context: purpose of use, the client software, the parameter names
+        assert_eq!(v["purposeOfEvent"][0]["coding"][0]["code"], "TREAT");
+        assert_eq!(
+            v["agent"][1]["purposeOfUse"][0]["coding"][0]["code"],
+            "TREAT"
+        );
+        assert_eq!(v["agent"][0]["name"], "fhirclient/4.2");
+        assert_eq!(
+            v["entity"][4]["detail"][0]["valueString"],
+            "family,birthdate"
+        );
+        assert_eq!(v["entity"][4]["role"]["code"], "24");
+        let mine = shown(7, &event(), true);
+        assert!(mine["agent"][0].get("name").is_none());
+        assert!(mine["agent"][0].get("network").is_none());
         let errors = phivault_fhir::validate(&v);
         assert!(errors.is_ok(), "{errors:?}");
     }
@@ -667,6 +730,8 @@ mod tests {
         assert!(!Filter::parse(Some("patient=p3")).unwrap().matches(&event()));
         assert!(!Filter::parse(Some("user=u-2")).unwrap().matches(&event()));
         assert!(Filter::parse(Some("client=app")).unwrap().matches(&event()));
+        assert!(Filter::parse(Some("outcome=0")).unwrap().matches(&event()));
+        assert!(!Filter::parse(Some("outcome=4")).unwrap().matches(&event()));
         // periods (the event is at 2025-06-15T15:06:40Z)
         for (q, hit) in [
             ("date=ge2025-06-15", true),
@@ -691,6 +756,7 @@ mod tests {
             "name=x",
             "_count=x",
             "action=Q",
+            "outcome=3",
             "patient=a&patient=b",
             "_after=-1",
         ] {

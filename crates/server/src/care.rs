@@ -185,6 +185,8 @@ pub struct Care {
 
 struct Cached {
     reach: Reach,
+    /// The patients in reach only through a break-the-glass window.
+    glass: BTreeSet<String>,
     generation: u64,
     until_ms: i64,
 }
@@ -232,8 +234,12 @@ impl App {
             )?);
         }
         let mut until_ms = now + MAX_AGE_MS;
+        let mut glass = BTreeSet::new();
         for w in self.windows(user)? {
             if w.from_ms <= now && now < w.until_ms {
+                if !patients.contains(&w.patient) {
+                    glass.insert(w.patient.clone());
+                }
                 patients.insert(w.patient);
                 until_ms = until_ms.min(w.until_ms);
             }
@@ -250,11 +256,36 @@ impl App {
             user.to_owned(),
             Cached {
                 reach: reach.clone(),
+                glass,
                 generation,
                 until_ms,
             },
         );
         Ok(reach)
+    }
+
+    /// A clinician's events about a patient they reach only through a break-the-glass
+    /// window get the purpose of use `ETREAT` instead of `TREAT`.
+    pub(crate) fn mark_glass(&self, events: &mut [phivault_audit::AuditEvent]) {
+        for e in events {
+            if e.detail.purpose.as_deref() == Some("TREAT")
+                && let (Some(user), Some(patient)) = (&e.user, &e.patient)
+                && self.by_glass(user, patient)
+            {
+                e.detail.purpose = Some("ETREAT".into());
+            }
+        }
+    }
+
+    fn by_glass(&self, user: &str, patient: &str) -> bool {
+        if let Some(c) = self.care.cache.lock().get(user) {
+            return c.glass.contains(patient);
+        }
+        let now = now_ms();
+        self.windows(user).is_ok_and(|ws| {
+            ws.iter()
+                .any(|w| w.patient == patient && w.from_ms <= now && now < w.until_ms)
+        })
     }
 
     fn windows(&self, user: &str) -> Result<Vec<Window>, ApiError> {

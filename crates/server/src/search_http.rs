@@ -120,6 +120,36 @@ pub async fn compartment(
     finish(&app, ctx, r).await
 }
 
+/// The names of a search's parameters as its audit event records them (IHE BALP): known
+/// parameters only, without modifiers or chains, each once, never a value.
+fn param_names(rtype: &str, pairs: &[(String, String)]) -> Vec<String> {
+    const CONTROL: [&str; 12] = [
+        "_id",
+        "_lastUpdated",
+        "_count",
+        "_sort",
+        "_total",
+        "_summary",
+        "_elements",
+        "_include",
+        "_revinclude",
+        "_has",
+        "_format",
+        "_cursor",
+    ];
+    let mut names: Vec<String> = Vec::new();
+    for (k, _) in pairs {
+        let base = k.split([':', '.']).next().unwrap_or("");
+        let known =
+            CONTROL.contains(&base) || phivault_fhir::search::search_param(rtype, base).is_some();
+        if known && !names.iter().any(|n| n == base) {
+            names.push(base.to_owned());
+        }
+    }
+    names.truncate(phivault_audit::MAX_QUERY_NAMES);
+    names
+}
+
 async fn run(
     app: &Arc<App>,
     ctx: &mut Ctx,
@@ -170,6 +200,7 @@ async fn run(
     // chains, `_has` and includes of a confined search run within its reach too (see
     // `search::run`): they match, count and include only records it may see
     let q = search::parse(&req)?;
+    ctx.detail.query = param_names(&req.rtype, &req.pairs);
     let a = app.clone();
     let page = blocking(move || {
         let page = search::run(&a, &auth, &req, q, reach.as_ref())?;
