@@ -883,6 +883,28 @@ fn uuid_like() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// The server's resource operations without a listener, for commands that search the
+/// records (the token issuer is there because an `App` has one; nothing is issued).
+fn offline_app(opened: &datadir::Opened) -> Result<phivault_server::App> {
+    let origin = "https://localhost";
+    let issuer = phivault_auth::AccessTokenIssuer::from_pkcs8(
+        opened.token_pkcs8.expose(),
+        origin.to_owned(),
+        format!("{origin}/fhir"),
+        "phivault-token-1".to_owned(),
+    )
+    .map_err(|e| anyhow::anyhow!("token signing key: {e}"))?;
+    let verifier = issuer.verifier();
+    let engine = phivault_server::Engine::new(opened.store.clone(), opened.keys.clone());
+    Ok(phivault_server::App::new(
+        engine,
+        origin,
+        issuer,
+        verifier,
+        phivault_server::Limits::default(),
+    ))
+}
+
 /// `phivault audit scan`: the rules over the events after the last scanned position; each
 /// finding becomes an open alert. The position and the per-person daily counts (the
 /// baselines) are kept in the store, sealed.
@@ -926,9 +948,8 @@ fn audit_scan(opened: &datadir::Opened, hours: phivault_server::snoop::Hours) ->
     }
     // the relationship rules read patients' and staff's records: decrypted here, in
     // memory, never written out (the alerts name ids only)
-    let (keys, _) = datadir::load_keys(&opened.dir)?;
-    let engine = phivault_server::engine::Engine::new(opened.store.clone(), keys);
-    let mut records = phivault_server::snoop::EngineRecords::new(&engine);
+    let app = offline_app(opened)?;
+    let mut records = phivault_server::snoop::EngineRecords::new(&app);
     let findings = phivault_server::snoop::scan(&events, hours, &mut history, &mut records);
     let users = phivault_server::UserDirectory::new(&opened.keys, store);
     let mut by_rule = std::collections::BTreeMap::<String, usize>::new();

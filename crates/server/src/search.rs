@@ -391,15 +391,26 @@ pub fn patients_referencing(
     target_type: &str,
     target_id: &str,
 ) -> Result<BTreeSet<String>, ApiError> {
+    Ok(referencing(app, rtype, param, target_type, target_id)?
+        .iter()
+        .filter_map(|l| key_patient(&l.row.key_id).map(str::to_owned))
+        .collect())
+}
+
+/// The `rtype` records whose reference parameter `param` names `target_type/target_id`,
+/// decrypted and verified (at most [`MAX_FULL_EXAMINE`] examined).
+pub fn referencing(
+    app: &App,
+    rtype: &str,
+    param: &str,
+    target_type: &str,
+    target_id: &str,
+) -> Result<Vec<Loaded>, ApiError> {
     let def = search::search_param(rtype, param)
         .filter(|d| d.ptype == ParamType::Reference)
         .ok_or_else(ApiError::internal)?;
     let crit = reference_criterion(def, target_type, &[target_id.to_owned()]);
-    Ok(Plan::new(app, rtype, &[crit], None, None)?
-        .all(app, MAX_FULL_EXAMINE)?
-        .iter()
-        .filter_map(|l| key_patient(&l.row.key_id).map(str::to_owned))
-        .collect())
+    Plan::new(app, rtype, &[crit], None, None)?.all(app, MAX_FULL_EXAMINE)
 }
 
 fn match_ids(

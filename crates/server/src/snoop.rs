@@ -19,6 +19,15 @@
 //! * `restricted-record` — the patient's record is restricted (`meta.security` R or V) or
 //!   tagged VIP.
 //!
+//! * `unexplained-access` — a clinician opens a patient's chart (a request about that one
+//!   patient, not a list) and no treatment relationship explains it at that time: no
+//!   Encounter, CareTeam or Appointment naming their Practitioner whose period, widened by
+//!   [`BEFORE_MS`] before and [`AFTER_MS`] after, covers the access (see [`span_of`]).
+//!   Access under break-the-glass (`ETREAT`) has its own alert and is not counted here.
+//! * `name-search` — a clinician searches patients by name and, within
+//!   [`NAME_SEARCH_MS`], opens the chart of a patient it found whom no relationship
+//!   explains: looking someone up rather than treating them.
+//!
 //! The relationship rules need the records: a [`Records`] gives the [`Facts`] of patients,
 //! of staff and of the workforce (the scanner decrypts them; no fact leaves it, alerts name
 //! ids only). Each fires once per person, patient and day. Break-the-glass alerts are
@@ -137,6 +146,63 @@ impl Facts {
     }
 }
 
+/// How long before a relationship's period starts it explains access (pre-visit review).
+pub const BEFORE_MS: i64 = 7 * DAY_MS as i64;
+/// How long after a relationship's period ends it explains access (results, follow-up).
+pub const AFTER_MS: i64 = 30 * DAY_MS as i64;
+/// How long after a name search opening a patient it found counts as following it.
+pub const NAME_SEARCH_MS: u64 = 30 * 60_000;
+
+/// A treatment relationship: a patient and when it explains access (ms since the epoch,
+/// inclusive; `i64::MIN`/`i64::MAX` when open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    /// The patient.
+    pub patient: String,
+    /// From when.
+    pub from_ms: i64,
+    /// Until when.
+    pub until_ms: i64,
+}
+
+/// When a relationship record (`Encounter`, `CareTeam` or `Appointment`) explains access:
+/// its period widened by [`BEFORE_MS`] and [`AFTER_MS`]; open where the record leaves it
+/// open; None when it explains nothing (cancelled, entered in error, a no-show, an inactive
+/// team without a period).
+pub fn span_of(rtype: &str, r: &serde_json::Value) -> Option<(i64, i64)> {
+    let at = |v: &serde_json::Value, end: bool| -> Option<i64> {
+        let d = phivault_fhir::search::parse_date(v.as_str()?)?;
+        Some(if end { d.hi } else { d.lo })
+    };
+    let status = r["status"].as_str().unwrap_or("");
+    if matches!(status, "cancelled" | "entered-in-error" | "noshow") {
+        return None;
+    }
+    let (start, end) = match rtype {
+        "Appointment" => (
+            at(&r["start"], false),
+            at(&r["end"], true).or(at(&r["start"], true)),
+        ),
+        _ => (
+            at(&r["period"]["start"], false),
+            at(&r["period"]["end"], true),
+        ),
+    };
+    if rtype == "CareTeam" && status == "inactive" && end.is_none() {
+        return None;
+    }
+    let end = match (end, rtype, status) {
+        (Some(e), ..) => Some(e),
+        // a finished encounter without an end: as if it ended when it started
+        (None, "Encounter", "finished") => start,
+        _ => None,
+    };
+    Some((
+        start.map_or(i64::MIN, |s| s.saturating_sub(BEFORE_MS)),
+        end.map_or(i64::MAX, |e| e.saturating_add(AFTER_MS)),
+    ))
+}
+
 /// Where the relationship rules look things up.
 pub trait Records {
     /// The facts of patient `id`.
@@ -145,6 +211,9 @@ pub trait Records {
     fn staff(&mut self, user: &str) -> Option<Facts>;
     /// Whether a member of the workforce (a Practitioner record) has this identity.
     fn is_workforce(&mut self, identity: &str) -> bool;
+    /// The treatment relationships of the person behind account `user`; None when the
+    /// account is not a Practitioner's (no relationship can explain its accesses).
+    fn relations(&mut self, user: &str) -> Option<Vec<Relation>>;
 }
 
 /// No records: only the rules over events run.
@@ -160,25 +229,41 @@ impl Records for NoRecords {
     fn is_workforce(&mut self, _: &str) -> bool {
         false
     }
+    fn relations(&mut self, _: &str) -> Option<Vec<Relation>> {
+        None
+    }
 }
 
 /// [`Records`] read from the store (each record decrypted once per scan).
 pub struct EngineRecords<'a> {
+    app: &'a crate::App,
     engine: &'a crate::engine::Engine,
     patients: HashMap<String, Option<Facts>>,
     staff: HashMap<String, Option<Facts>>,
     workforce: Option<BTreeSet<String>>,
+    relations: HashMap<String, Option<Vec<Relation>>>,
 }
 
 impl<'a> EngineRecords<'a> {
-    /// Over `engine`'s store.
-    pub fn new(engine: &'a crate::engine::Engine) -> Self {
+    /// Over `app`'s store.
+    pub fn new(app: &'a crate::App) -> Self {
         EngineRecords {
-            engine,
+            app,
+            engine: &app.engine,
             patients: HashMap::new(),
             staff: HashMap::new(),
             workforce: None,
+            relations: HashMap::new(),
         }
+    }
+
+    fn practitioner(&self, user: &str) -> Option<String> {
+        self.engine
+            .users()
+            .get_by_id(user)
+            .ok()
+            .flatten()
+            .and_then(|u| u.practitioner.clone())
     }
 
     fn facts(&self, row: Option<phivault_store::VersionRow>) -> Option<Facts> {
@@ -207,14 +292,9 @@ impl Records for EngineRecords<'_> {
         if let Some(f) = self.staff.get(user) {
             return f.clone();
         }
-        let practitioner = self
-            .engine
-            .users()
-            .get_by_id(user)
-            .ok()
-            .flatten()
-            .and_then(|u| u.practitioner.clone());
-        let f = practitioner.and_then(|p| self.load("Practitioner", &p));
+        let f = self
+            .practitioner(user)
+            .and_then(|p| self.load("Practitioner", &p));
         self.staff.insert(user.to_owned(), f.clone());
         f
     }
@@ -254,6 +334,34 @@ impl Records for EngineRecords<'_> {
         self.workforce
             .as_ref()
             .is_some_and(|w| w.contains(identity))
+    }
+
+    fn relations(&mut self, user: &str) -> Option<Vec<Relation>> {
+        if let Some(r) = self.relations.get(user) {
+            return r.clone();
+        }
+        let found = self.practitioner(user).map(|pr| {
+            let mut out = Vec::new();
+            for (rtype, param) in crate::care::RELATIONSHIPS {
+                let rows = crate::search::referencing(self.app, rtype, param, "Practitioner", &pr)
+                    .unwrap_or_default();
+                for l in rows {
+                    let Some(patient) = crate::engine::key_patient(&l.row.key_id) else {
+                        continue;
+                    };
+                    if let Some((from_ms, until_ms)) = span_of(rtype, &l.json) {
+                        out.push(Relation {
+                            patient: patient.to_owned(),
+                            from_ms,
+                            until_ms,
+                        });
+                    }
+                }
+            }
+            out
+        });
+        self.relations.insert(user.to_owned(), found.clone());
+        found
     }
 }
 
@@ -339,6 +447,8 @@ pub fn scan(
     let mut nights: HashMap<(String, u64), usize> = HashMap::new();
     // volume: distinct patients per person per day
     let mut daily: BTreeMap<(u64, String), (BTreeSet<String>, Vec<String>)> = BTreeMap::new();
+    // name searches per person: (time, request, patients found), the recent ones
+    let mut searches: HashMap<String, Vec<(u64, String, BTreeSet<String>)>> = HashMap::new();
     for e in events {
         let Some(user) = &e.user else { continue };
         if e.outcome.http_status >= 400 {
@@ -347,6 +457,77 @@ pub fn scan(
         let patients = patients_of(e);
         if patients.is_empty() {
             continue;
+        }
+        if e.interaction == "search-type"
+            && e.resource_type.as_deref() == Some("Patient")
+            && e.detail
+                .query
+                .iter()
+                .any(|q| matches!(q.as_str(), "name" | "family" | "given" | "phonetic"))
+        {
+            let found = e
+                .entities
+                .iter()
+                .filter(|x| x.resource_type == "Patient")
+                .map(|x| x.resource_id.clone())
+                .collect();
+            let list = searches.entry(user.clone()).or_default();
+            list.retain(|(t, ..)| t + NAME_SEARCH_MS >= e.time_ms);
+            list.push((e.time_ms, e.request_id.clone(), found));
+        }
+        // opening one patient's chart (not a list), not under break-the-glass
+        let chart = e.patient.as_deref().filter(|_| {
+            e.detail.purpose.as_deref() != Some("ETREAT")
+                && !(e.interaction == "search-type"
+                    && e.resource_type.as_deref() == Some("Patient"))
+        });
+        if let Some(p) = chart
+            && let Some(relations) = records.relations(user)
+        {
+            let t = i64::try_from(e.time_ms).unwrap_or(i64::MAX);
+            let explained = relations
+                .iter()
+                .any(|r| r.patient == p && r.from_ms <= t && t <= r.until_ms);
+            if !explained {
+                let day = e.time_ms / DAY_MS;
+                let mut raise = |rule: &'static str, score, detail: &str, evidence: Vec<String>| {
+                    let key = (rule, user.clone(), p.to_owned(), day);
+                    match seen.get(&key) {
+                        Some(&i) => out[i].evidence.push(e.request_id.clone()),
+                        None => {
+                            seen.insert(key, out.len());
+                            out.push(Finding {
+                                rule: rule.into(),
+                                user: user.clone(),
+                                patient: Some(p.to_owned()),
+                                evidence,
+                                score,
+                                at_ms: e.time_ms,
+                                detail: detail.into(),
+                            });
+                        }
+                    }
+                };
+                raise(
+                    "unexplained-access",
+                    50,
+                    "no treatment relationship explains the access",
+                    vec![e.request_id.clone()],
+                );
+                let looked_up = searches.get(user).and_then(|list| {
+                    list.iter()
+                        .rev()
+                        .find(|(t, _, found)| t + NAME_SEARCH_MS >= e.time_ms && found.contains(p))
+                });
+                if let Some((_, search, _)) = looked_up {
+                    raise(
+                        "name-search",
+                        60,
+                        "a name search, then the chart of a patient it found, unexplained",
+                        vec![search.clone(), e.request_id.clone()],
+                    );
+                }
+            }
         }
         for p in &patients {
             let Some(pf) = records.patient(p) else {
@@ -489,6 +670,7 @@ mod tests {
         patients: HashMap<String, Facts>,
         staff: HashMap<String, Facts>,
         workforce: BTreeSet<String>,
+        relations: HashMap<String, Vec<Relation>>,
     }
 
     impl Records for Mem {
@@ -501,6 +683,134 @@ mod tests {
         fn is_workforce(&mut self, identity: &str) -> bool {
             self.workforce.contains(identity)
         }
+        fn relations(&mut self, user: &str) -> Option<Vec<Relation>> {
+            self.relations.get(user).cloned()
+        }
+    }
+
+    #[test]
+    fn relationship_records_explain_access_for_their_period() {
+        use serde_json::json;
+        let day = DAY_MS as i64;
+        let t = |s: &str| phivault_fhir::search::parse_date(s).expect("date").lo;
+        let enc = json!({"status": "finished",
+            "period": {"start": "2026-03-01T10:00:00Z", "end": "2026-03-01T11:00:00Z"}});
+        let (from, until) = span_of("Encounter", &enc).expect("span");
+        assert_eq!(from, t("2026-03-01T10:00:00Z") - 7 * day);
+        assert_eq!(until, t("2026-03-01T11:00:00Z") + 1000 + 30 * day);
+        let ongoing = json!({"status": "in-progress", "period": {"start": "2026-03-01"}});
+        assert_eq!(span_of("Encounter", &ongoing).map(|s| s.1), Some(i64::MAX));
+        let no_end = json!({"status": "finished", "period": {"start": "2026-03-01"}});
+        assert!(span_of("Encounter", &no_end).expect("span").1 < t("2026-04-02"));
+        assert_eq!(span_of("Encounter", &json!({"status": "cancelled"})), None);
+        assert_eq!(
+            span_of("Encounter", &json!({"status": "planned"})),
+            Some((i64::MIN, i64::MAX))
+        );
+        assert_eq!(
+            span_of("CareTeam", &json!({"status": "active"})),
+            Some((i64::MIN, i64::MAX))
+        );
+        assert_eq!(span_of("CareTeam", &json!({"status": "inactive"})), None);
+        let appt = json!({"status": "booked", "start": "2026-05-10T09:00:00Z"});
+        let (from, until) = span_of("Appointment", &appt).expect("span");
+        assert_eq!(from, t("2026-05-10T09:00:00Z") - 7 * day);
+        assert!(until > t("2026-06-08") && until < t("2026-06-10"));
+        assert_eq!(
+            span_of(
+                "Appointment",
+                &json!({"status": "noshow", "start": "2026-05-10"})
+            ),
+            None
+        );
+    }
+
+    /// A clinician opens charts their relationships explain, one whose relationship ended
+    /// long ago, one they looked up by name, and one under break-the-glass.
+    #[test]
+    fn unexplained_access_and_name_search_are_found() {
+        let t0 = MONDAY + 10 * HOUR;
+        let mut m = Mem::default();
+        for p in ["current", "old", "found", "glass", "other"] {
+            m.patients.insert(p.into(), Facts::default());
+        }
+        let span = |p: &str, from: u64, until: u64| Relation {
+            patient: p.into(),
+            from_ms: from as i64,
+            until_ms: until as i64,
+        };
+        m.relations.insert(
+            "u1".into(),
+            vec![
+                span("current", t0 - DAY_MS, t0 + DAY_MS),
+                span("old", t0 - 900 * DAY_MS, t0 - 800 * DAY_MS),
+                span("found", t0 - 900 * DAY_MS, t0 - 800 * DAY_MS),
+            ],
+        );
+        let mut events = vec![
+            ev(1, t0, "u1", "current", "read"),
+            ev(2, t0 + 60_000, "u1", "old", "read"),
+        ];
+        // a name search that lists "current" and "found", then both charts opened
+        let mut search = ev(3, t0 + 120_000, "u1", "x", "search-type");
+        search.patient = None;
+        search.resource_id = None;
+        search.detail.query = vec!["family".into(), "birthdate".into()];
+        search.entities = ["current", "found"]
+            .iter()
+            .map(|p| phivault_audit::Entity {
+                action: Action::R,
+                resource_type: "Patient".into(),
+                resource_id: (*p).into(),
+                version: None,
+                patient: Some((*p).into()),
+            })
+            .collect();
+        events.push(search);
+        events.push(ev(4, t0 + 180_000, "u1", "current", "read"));
+        events.push(ev(5, t0 + 240_000, "u1", "found", "read"));
+        // break-the-glass access has its own alert; a patient's own access is no one's
+        let mut glass = ev(6, t0 + 300_000, "u1", "glass", "read");
+        glass.detail.purpose = Some("ETREAT".into());
+        events.push(glass);
+        events.push(ev(7, t0 + 360_000, "patient-user", "other", "read"));
+        // the same lookup more than half an hour after the search is not "following" it
+        let mut late = ev(8, t0 + 400_000, "u2", "x", "search-type");
+        late.patient = None;
+        late.detail.query = vec!["name".into()];
+        late.entities = events[2].entities.clone();
+        events.push(late);
+        events.push(ev(
+            9,
+            t0 + 400_000 + NAME_SEARCH_MS + 1,
+            "u2",
+            "found",
+            "read",
+        ));
+        m.relations.insert("u2".into(), Vec::new());
+        let found = scan(&events, Hours::default(), &mut BTreeMap::new(), &mut m);
+        let got: BTreeSet<(&str, &str, &str)> = found
+            .iter()
+            .map(|f| {
+                (
+                    f.rule.as_str(),
+                    f.user.as_str(),
+                    f.patient.as_deref().unwrap_or(""),
+                )
+            })
+            .collect();
+        let want = BTreeSet::from([
+            ("unexplained-access", "u1", "old"),
+            ("unexplained-access", "u1", "found"),
+            ("name-search", "u1", "found"),
+            ("unexplained-access", "u2", "found"),
+        ]);
+        assert_eq!(got, want, "{found:?}");
+        let lookup = found
+            .iter()
+            .find(|f| f.rule == "name-search")
+            .expect("lookup");
+        assert_eq!(lookup.evidence, ["r3", "r5"]);
     }
 
     #[test]
