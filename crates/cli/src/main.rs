@@ -1021,7 +1021,7 @@ fn audit_report(
     if format == "csv" {
         writeln!(
             out,
-            "seq,recorded,action,interaction,resource,patient,client,user,http_status,source,request_id"
+            "seq,recorded,action,interaction,resource,patient,client,user,http_status,source,request_id,purpose_of_use,user_agent,search_parameters"
         )?;
     }
     let mut failed = None;
@@ -1057,6 +1057,9 @@ fn audit_report(
                 e.outcome.http_status.to_string(),
                 e.source.clone(),
                 e.request_id.clone(),
+                e.detail.purpose.clone().unwrap_or_default(),
+                e.detail.user_agent.clone().unwrap_or_default(),
+                e.detail.query.join(" "),
             ]
             .iter()
             .map(|f| csv_field(f))

@@ -278,10 +278,14 @@ impl App {
     }
 
     fn by_glass(&self, user: &str, patient: &str) -> bool {
-        if let Some(c) = self.care.cache.lock().get(user) {
+        let now = now_ms();
+        let generation = self.care.generation.load(Ordering::SeqCst);
+        if let Some(c) = self.care.cache.lock().get(user)
+            && c.generation == generation
+            && c.until_ms > now
+        {
             return c.glass.contains(patient);
         }
-        let now = now_ms();
         self.windows(user).is_ok_and(|ws| {
             ws.iter()
                 .any(|w| w.patient == patient && w.from_ms <= now && now < w.until_ms)

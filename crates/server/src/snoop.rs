@@ -475,9 +475,11 @@ pub fn scan(
             list.retain(|(t, ..)| t + NAME_SEARCH_MS >= e.time_ms);
             list.push((e.time_ms, e.request_id.clone(), found));
         }
-        // opening one patient's chart (not a list), not under break-the-glass
+        // opening one patient's chart (not a list), not under or breaking the glass (which
+        // has its own alert)
         let chart = e.patient.as_deref().filter(|_| {
             e.detail.purpose.as_deref() != Some("ETREAT")
+                && e.interaction != "break-the-glass"
                 && !(e.interaction == "search-type"
                     && e.resource_type.as_deref() == Some("Patient"))
         });

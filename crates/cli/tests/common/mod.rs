@@ -2,6 +2,8 @@
 //! 127.0.0.1 with port 0 and talks to it as a client would.
 #![allow(dead_code)]
 
+pub mod flow;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
