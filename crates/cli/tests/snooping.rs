@@ -233,14 +233,13 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref());
     let agent = browser(&server);
     let at = now();
-    for (i, c) in staff.iter_mut().enumerate() {
-        let username = format!("clin{i}");
-        c.secret = add_person(&server, &username, "clinician", &c.practitioner);
+    // signs `username` in with their authenticator's code at `at` for `scope`: the token
+    let sign_in = |username: &str, secret: &[u8], scope: &str| -> String {
         let q: Vec<String> = [
             ("response_type", "code"),
             ("client_id", client_id.as_str()),
             ("redirect_uri", REDIRECT),
-            ("scope", SCOPE),
+            ("scope", scope),
             ("state", "st-1"),
             ("aud", server.base.as_str()),
             ("code_challenge", challenge.as_str()),
@@ -250,8 +249,8 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         .map(|(k, v)| format!("{k}={}", enc(v)))
         .collect();
         let url = format!("{}/auth/authorize?{}", server.origin, q.join("&"));
-        let otp = phivault_auth::totp::code_at(&c.secret, at);
-        let code = sign_in_at(&server, &agent, &url, &username, &otp, Some("Ward App"));
+        let otp = phivault_auth::totp::code_at(secret, at);
+        let code = sign_in_at(&server, &agent, &url, username, &otp, Some("Ward App"));
         let p = post_form(
             &agent,
             &format!("{}/auth/token", server.origin),
@@ -266,7 +265,12 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         );
         assert_eq!(p.status, 200, "{}", p.body);
         let t: Value = serde_json::from_str(&p.body).expect("token");
-        c.token = t["access_token"].as_str().expect("access").to_owned();
+        t["access_token"].as_str().expect("access").to_owned()
+    };
+    for (i, c) in staff.iter_mut().enumerate() {
+        let username = format!("clin{i}");
+        c.secret = add_person(&server, &username, "clinician", &c.practitioner);
+        c.token = sign_in(&username, &c.secret, SCOPE);
     }
 
     // ordinary work: every clinician opens each of their patients' charts several times,
@@ -502,6 +506,88 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         "{} false alerts over {legit} ordinary accesses: {false_alerts:?}",
         false_alerts.len()
     );
+    // an auditor reviews them through the API: the same alerts as the CLI lists
+    let secret = add_person(&server, "aud0", "auditor", "");
+    let auditor = sign_in("aud0", &secret, "user/AuditEvent.rs openid fhirUser");
+    let call = |method: &str, path: &str, token: &str, form: Option<&str>| {
+        server.send(
+            method,
+            &format!("{}/audit/{path}", server.origin),
+            Some(token),
+            form.map(|f| ("application/x-www-form-urlencoded", f.as_bytes().to_vec())),
+            &[],
+        )
+    };
+    let listed = call("GET", "alerts?status=open&_count=1000", &auditor, None);
+    assert_eq!(
+        listed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
+    let ids = |v: &[Value]| -> BTreeSet<String> {
+        v.iter()
+            .map(|a| a["id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let api_alerts = listed.json()["alerts"].as_array().cloned().expect("alerts");
+    assert_eq!(ids(&api_alerts), ids(&alerts));
+    assert_eq!(
+        call("GET", "alerts", &staff[0].token, None).status,
+        403,
+        "clinicians do not read alerts"
+    );
+    assert_eq!(
+        call("GET", "alerts?status=closed", &auditor, None).status,
+        400
+    );
+    let target = alerts
+        .iter()
+        .find(|a| a["rule"] == "self-access")
+        .and_then(|a| a["id"].as_str())
+        .expect("self-access alert");
+    let path = format!("alerts/{target}");
+    let note = Some("status=violation&note=opened+own+chart%2C+reported+to+the+privacy+officer");
+    assert_eq!(
+        call("POST", &path, &staff[0].token, note).status,
+        403,
+        "no one reviews their own alert but an auditor"
+    );
+    let reviewed = call("POST", &path, &auditor, note);
+    assert_eq!(
+        reviewed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reviewed.body)
+    );
+    assert_eq!(reviewed.json()["alert"]["reviewer"], "aud0");
+    assert_eq!(
+        call("POST", &path, &auditor, note).status,
+        400,
+        "reviewed once"
+    );
+    assert_eq!(
+        call("POST", &path, &auditor, Some("status=fine")).status,
+        400
+    );
+    assert_eq!(
+        call("POST", "alerts/0123456789abcdef", &auditor, note).status,
+        404
+    );
+    let violations = call("GET", "alerts?status=violation", &auditor, None).json();
+    assert_eq!(
+        ids(violations["alerts"].as_array().expect("alerts")),
+        BTreeSet::from([target.to_owned()])
+    );
+    // the review is itself audited
+    let o = cli(&["audit", "report", "--data-dir", &data], "");
+    let csv = String::from_utf8(o.stdout).expect("utf8");
+    let review_rid = reviewed.header("x-request-id").expect("rid");
+    assert!(
+        csv.lines()
+            .any(|l| l.contains(review_rid) && l.contains(",alert-review,"))
+    );
+
     eprintln!(
         "snooping scenario: {legit} ordinary accesses, {} planted requests, {} alerts, {} false; {summary}",
         all_planted.len(),

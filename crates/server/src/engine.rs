@@ -277,6 +277,11 @@ impl Engine {
         self.deks.write().remove(key_id);
     }
 
+    /// The key hierarchy (for records sealed outside resources: alerts).
+    pub(crate) fn keys(&self) -> &KeyHierarchy {
+        &self.keys
+    }
+
     /// Seal a server-internal secret (paging cursors) under a key derived for `label`.
     pub fn seal_secret(&self, label: &str, plain: &[u8]) -> Option<Vec<u8>> {
         self.keys.seal_secret(label, plain).ok()

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+pub mod alerts_http;
 pub mod app;
 pub mod audit_http;
 pub mod bundle;
