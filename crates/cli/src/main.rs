@@ -55,6 +55,8 @@ enum Cmd {
         /// Public origin clients use (default https://LISTEN-ADDRESS); the token audience derives from it.
         #[arg(long)]
         public_url: Option<String>,
+        #[command(flatten)]
+        watch: WatchArgs,
     },
     /// Manage SMART Backend Services clients.
     Client {
@@ -343,7 +345,8 @@ fn run(cli: Cli) -> Result<i32> {
             tls_cert,
             tls_key,
             public_url,
-        } => serve(&data_dir, listen, tls_cert, tls_key, public_url),
+            watch,
+        } => serve(&data_dir, listen, tls_cert, tls_key, public_url, watch),
         Cmd::Client {
             cmd:
                 ClientCmd::Add {
@@ -580,13 +583,62 @@ fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     Ok(0)
 }
 
+/// How a running server watches its audit log (see `phivault_server::watch`).
+#[derive(clap::Args, Debug)]
+struct WatchArgs {
+    /// Run the snooping rules over new audit events every this many seconds (10 – 86400).
+    #[arg(long, default_value_t = 300)]
+    scan_every: u64,
+    /// First working hour (UTC) for the after-hours rule.
+    #[arg(long, default_value_t = 7)]
+    start_hour: u64,
+    /// First hour after work (UTC).
+    #[arg(long, default_value_t = 19)]
+    end_hour: u64,
+    /// Saturdays and Sundays are working days.
+    #[arg(long)]
+    weekends: bool,
+    /// Append every signed audit checkpoint to this file (another volume, append-only) for
+    /// `audit verify --witness`.
+    #[arg(long)]
+    witness_file: Option<PathBuf>,
+    /// Send new alerts to this syslog socket (RFC 5424 datagrams, e.g. /dev/log).
+    #[arg(long)]
+    alert_syslog: Option<PathBuf>,
+}
+
+impl WatchArgs {
+    fn check(self) -> Result<phivault_server::watch::Watch> {
+        anyhow::ensure!(
+            (10..=86_400).contains(&self.scan_every),
+            "refusing to start: --scan-every is 10 to 86400 seconds"
+        );
+        anyhow::ensure!(
+            self.start_hour < self.end_hour && self.end_hour <= 24,
+            "refusing to start: working hours: 0 ≤ start < end ≤ 24"
+        );
+        Ok(phivault_server::watch::Watch {
+            scan_every: std::time::Duration::from_secs(self.scan_every),
+            hours: phivault_server::snoop::Hours {
+                start: self.start_hour,
+                end: self.end_hour,
+                weekends: self.weekends,
+            },
+            witness_file: self.witness_file,
+            alert_syslog: self.alert_syslog,
+        })
+    }
+}
+
 fn serve(
     data_dir: &Path,
     listen: SocketAddr,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     public_url: Option<String>,
+    watch: WatchArgs,
 ) -> Result<i32> {
+    let watch = watch.check()?;
     // Refuse insecure configurations before touching anything (TR1).
     if !listen.ip().is_loopback() && tls_cert.is_none() {
         bail!(
@@ -642,6 +694,7 @@ fn serve(
             verifier,
             phivault_server::Limits::default(),
         ));
+        phivault_server::watch::spawn(app.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");
         eprintln!(
@@ -905,91 +958,12 @@ fn offline_app(opened: &datadir::Opened) -> Result<phivault_server::App> {
     ))
 }
 
-/// `phivault audit scan`: the rules over the events after the last scanned position; each
-/// finding becomes an open alert. The position and the per-person daily counts (the
-/// baselines) are kept in the store, sealed.
+/// `phivault audit scan`: the rules over the events after the last scanned position
+/// (see `phivault_server::snoop::run`); prints what it raised.
 fn audit_scan(opened: &datadir::Opened, hours: phivault_server::snoop::Hours) -> Result<i32> {
-    use phivault_server::care::{Alert, raise_alert};
-    const POSITION: &str = "snoop:position";
-    const HISTORY: &str = "snoop:history";
-    const HISTORY_LABEL: &str = "phivault snooping baselines v1\u{0}snoop:history";
-    const MAX_EVENTS: usize = 2_000_000;
-    let store = &*opened.store;
-    let position: u64 = store
-        .meta(POSITION)?
-        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
-        .unwrap_or(0);
-    let mut history: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, usize>> =
-        match store.meta(HISTORY)? {
-            Some(sealed) => {
-                let plain = opened
-                    .keys
-                    .open_secret(HISTORY_LABEL, &sealed)
-                    .map_err(|_| {
-                        anyhow::anyhow!("the stored baselines failed their integrity check")
-                    })?;
-                serde_json::from_slice(plain.expose())?
-            }
-            None => Default::default(),
-        };
-    let mut events = Vec::new();
-    let mut last = position;
-    while events.len() < MAX_EVENTS {
-        let batch = store.audit_after(last, 10_000)?;
-        let Some(end) = batch.last().map(|s| s.seq) else {
-            break;
-        };
-        for s in batch {
-            events.push(phivault_audit::AuditEvent::decode(&s.event).map_err(|_| {
-                anyhow::anyhow!("event {} does not decode; run audit verify", s.seq)
-            })?);
-        }
-        last = end;
-    }
-    // the relationship rules read patients' and staff's records: decrypted here, in
-    // memory, never written out (the alerts name ids only)
     let app = offline_app(opened)?;
-    let mut records = phivault_server::snoop::EngineRecords::new(&app);
-    let findings = phivault_server::snoop::scan(&events, hours, &mut history, &mut records);
-    let users = phivault_server::UserDirectory::new(&opened.keys, store);
-    let mut by_rule = std::collections::BTreeMap::<String, usize>::new();
-    for f in &findings {
-        let username = users
-            .get_by_id(&f.user)
-            .ok()
-            .flatten()
-            .map(|u| u.username.clone())
-            .unwrap_or_default();
-        let alert = Alert {
-            id: uuid_like()?,
-            rule: f.rule.clone(),
-            user: f.user.clone(),
-            username,
-            patient: f.patient.clone().unwrap_or_default(),
-            reason: f.detail.clone(),
-            at_ms: i64::try_from(f.at_ms).unwrap_or(i64::MAX),
-            until_ms: i64::try_from(f.at_ms).unwrap_or(i64::MAX),
-            request_id: f.evidence.first().cloned().unwrap_or_default(),
-            status: "open".into(),
-            reviewer: None,
-            review_note: None,
-            reviewed_ms: None,
-            evidence: f.evidence.clone(),
-            score: f.score,
-        };
-        raise_alert(&opened.keys, store, &alert)?;
-        *by_rule.entry(f.rule.clone()).or_default() += 1;
-    }
-    let sealed = opened
-        .keys
-        .seal_secret(HISTORY_LABEL, &serde_json::to_vec(&history)?)
-        .map_err(|_| anyhow::anyhow!("sealing the baselines failed"))?;
-    store.set_meta(HISTORY, &sealed)?;
-    store.set_meta(POSITION, last.to_string().as_bytes())?;
-    println!(
-        "{}",
-        serde_json::json!({"events": events.len(), "position": last, "alerts": by_rule})
-    );
+    let summary = phivault_server::snoop::run(&app, hours)?;
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(0)
 }
 

@@ -13,8 +13,6 @@ use common::*;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
 /// Clinicians: (family, given, birth date, address line).
@@ -209,63 +207,11 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
     );
 
     // the app and the clinicians' accounts; each signs in on the pages
-    let o = cli(
-        &[
-            "app",
-            "add",
-            "--data-dir",
-            &data,
-            "--name",
-            "Ward App",
-            "--redirect-uri",
-            REDIRECT,
-            "--scope",
-            "user/*.cruds openid fhirUser offline_access",
-            "--allow-bearer",
-        ],
-        "",
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let app: Value = serde_json::from_slice(&o.stdout).expect("app json");
-    let client_id = app["client_id"].as_str().expect("client_id").to_owned();
-    let verifier = URL_SAFE_NO_PAD.encode([9u8; 48]);
-    let challenge = URL_SAFE_NO_PAD
-        .encode(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref());
-    let agent = browser(&server);
+    let app = App::register(&server, "Ward App");
+    let agent = &app.agent;
     let at = now();
-    // signs `username` in with their authenticator's code at `at` for `scope`: the token
     let sign_in = |username: &str, secret: &[u8], scope: &str| -> String {
-        let q: Vec<String> = [
-            ("response_type", "code"),
-            ("client_id", client_id.as_str()),
-            ("redirect_uri", REDIRECT),
-            ("scope", scope),
-            ("state", "st-1"),
-            ("aud", server.base.as_str()),
-            ("code_challenge", challenge.as_str()),
-            ("code_challenge_method", "S256"),
-        ]
-        .iter()
-        .map(|(k, v)| format!("{k}={}", enc(v)))
-        .collect();
-        let url = format!("{}/auth/authorize?{}", server.origin, q.join("&"));
-        let otp = phivault_auth::totp::code_at(secret, at);
-        let code = sign_in_at(&server, &agent, &url, username, &otp, Some("Ward App"));
-        let p = post_form(
-            &agent,
-            &format!("{}/auth/token", server.origin),
-            None,
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("redirect_uri", REDIRECT),
-                ("client_id", &client_id),
-                ("code_verifier", &verifier),
-            ],
-        );
-        assert_eq!(p.status, 200, "{}", p.body);
-        let t: Value = serde_json::from_str(&p.body).expect("token");
-        t["access_token"].as_str().expect("access").to_owned()
+        app.token(&server, username, secret, at, scope)
     };
     for (i, c) in staff.iter_mut().enumerate() {
         let username = format!("clin{i}");
@@ -355,7 +301,7 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         let t = if t / 30 == at / 30 { t + 30 } else { t };
         let otp = phivault_auth::totp::code_at(&staff[who].secret, t);
         let g = post_form_with(
-            &agent,
+            agent,
             &format!("{}/auth/break-glass", server.origin),
             &[("Authorization", &format!("Bearer {}", staff[who].token))],
             &[
@@ -595,4 +541,94 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         false_alerts.len()
     );
     server.stop();
+}
+
+/// The server runs the rules by itself and sends each new alert to syslog (here a socket
+/// the test listens on); an operator's scan afterwards raises nothing twice.
+#[test]
+fn the_server_scans_by_itself_and_sends_new_alerts_to_syslog() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock_path = tmp.path().join("log.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let sock_arg = sock_path.to_str().expect("path").to_owned();
+    let mut server = Server::start_with_args(&[
+        "--scan-every",
+        "10",
+        "--start-hour",
+        "0",
+        "--end-hour",
+        "24",
+        "--weekends",
+        "--alert-syslog",
+        &sock_arg,
+    ]);
+    let system = server.token("system/*.cruds");
+    let post = |rtype: &str, body: &Value| created(server.post(rtype, &system, body));
+    let (f, g, b, l) = STAFF[0];
+    let pr = post("Practitioner", &person("Practitioner", f, g, b, l));
+    let patient = post(
+        "Patient",
+        &person("Patient", "Quietly", "Quinn", "1950-05-05", "1 Calm Street"),
+    );
+    post("Encounter", &encounter(&patient, &pr, false));
+    let app = App::register(&server, "Ward App");
+    let secret = add_person(&server, "clin0", "clinician", &pr);
+    let token = app.token(&server, "clin0", &secret, now(), SCOPE);
+    let pulled = server.get(&format!("Patient/{patient}/$everything"), &token);
+    assert_eq!(pulled.status, 200);
+    let mut buf = vec![0u8; 8192];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a syslog message within a minute");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        msg.starts_with("<84>1 "),
+        "authpriv.warning, RFC 5424: {msg}"
+    );
+    assert!(msg.contains("rule=\"bulk-record\""), "{msg}");
+    assert!(msg.contains(&format!("patient=\"{patient}\"")), "{msg}");
+    assert!(
+        msg.contains(&format!("request=\"{}\"", rid(&pulled))),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("Quietly") && !msg.contains("Quinn"),
+        "no PHI: {msg}"
+    );
+    let data = server.data.to_str().expect("path").to_owned();
+    let o = cli(
+        &["audit", "alerts", "--data-dir", &data, "--status", "open"],
+        "",
+    );
+    let listed = String::from_utf8(o.stdout).expect("utf8");
+    let alert: Value = listed
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .find(|a| a["rule"] == "bulk-record")
+        .expect("the alert is stored");
+    assert!(msg.contains(&format!("id=\"{}\"", alert["id"].as_str().expect("id"))));
+    server.stop();
+    let o = cli(
+        &[
+            "audit",
+            "scan",
+            "--data-dir",
+            &data,
+            "--start-hour",
+            "0",
+            "--end-hour",
+            "24",
+            "--weekends",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_slice(&o.stdout).expect("summary");
+    assert_eq!(
+        summary["alerts"],
+        json!({}),
+        "nothing raised twice: {summary}"
+    );
 }

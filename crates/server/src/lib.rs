@@ -25,6 +25,7 @@ pub mod search_http;
 pub mod snoop;
 pub mod stored;
 pub mod users;
+pub mod watch;
 
 pub use app::{App, Limits, Peer, client_meta_key, router};
 pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};

@@ -597,13 +597,38 @@ pub fn scan(
         d.0.extend(patients.iter().map(|p| (*p).to_owned()));
         d.1.push(e.request_id.clone());
     }
-    // volume against the person's own baseline, day by day
+    // volume against the person's own baseline, day by day; a day's count goes on from
+    // what earlier scans of the same day counted, and the alert is raised by the scan in
+    // which the count becomes unusual (once a day)
+    let so_far = |history: &BTreeMap<String, BTreeMap<u64, usize>>, user: &str, day: u64| {
+        history
+            .get(user)
+            .and_then(|h| h.get(&day))
+            .copied()
+            .unwrap_or(0)
+    };
+    // everyone's count of each day in this scan: earlier scans' and this one's
     let mut by_day: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-    for ((day, _), (p, _)) in &daily {
-        by_day.entry(*day).or_default().push(p.len());
+    let days: BTreeSet<u64> = daily.keys().map(|(d, _)| *d).collect();
+    for &day in &days {
+        let counts = by_day.entry(day).or_default();
+        for (user, h) in history.iter() {
+            if let Some(c) = h.get(&day)
+                && !daily.contains_key(&(day, user.clone()))
+            {
+                counts.push(*c);
+            }
+        }
+    }
+    for ((day, user), (p, _)) in &daily {
+        by_day
+            .entry(*day)
+            .or_default()
+            .push(so_far(history, user, *day) + p.len());
     }
     for ((day, user), (patients, requests)) in daily {
-        let n = patients.len();
+        let before = so_far(history, &user, day);
+        let n = before + patients.len();
         let past = history.entry(user.clone()).or_default();
         let mut earlier: Vec<usize> = past.range(..day).map(|(_, c)| *c).collect();
         earlier.sort_unstable();
@@ -613,12 +638,15 @@ pub fn scan(
         let mut peers = by_day.get(&day).cloned().unwrap_or_default();
         peers.sort_unstable();
         let peer_median = (peers.len() >= 5).then(|| peers[peers.len() / 2]);
-        let unusual = match (own, peer_median) {
-            (Some(m), _) => n > 3 * m.max(1),
-            (None, Some(pm)) => n > 3 * pm.max(1),
-            (None, None) => false,
+        let unusual = |n: usize| {
+            n > VOLUME_FLOOR
+                && match (own, peer_median) {
+                    (Some(m), _) => n > 3 * m.max(1),
+                    (None, Some(pm)) => n > 3 * pm.max(1),
+                    (None, None) => false,
+                }
         };
-        if unusual && n > VOLUME_FLOOR {
+        if unusual(n) && !unusual(before) {
             let fmt = |m: Option<usize>| m.map_or("none".to_owned(), |m| m.to_string());
             out.push(Finding {
                 rule: "volume".into(),
@@ -634,9 +662,169 @@ pub fn scan(
                 ),
             });
         }
-        *past.entry(day).or_default() += n;
+        *past.entry(day).or_default() = n;
     }
     out
+}
+
+/// Where the scanner keeps its position in the log.
+const POSITION: &str = "snoop:position";
+/// The per-person daily counts (the volume baselines), sealed.
+const HISTORY: &str = "snoop:history";
+const HISTORY_LABEL: &str = "phivault snooping baselines v1\u{0}snoop:history";
+/// Days of counts kept for the volume baselines.
+const BASELINE_DAYS: u64 = 90;
+/// Most events one scan reads; the next scan goes on from there.
+const MAX_EVENTS: usize = 2_000_000;
+
+/// What one [`run`] read and raised.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    /// Events read.
+    pub events: usize,
+    /// The log position scanned up to.
+    pub position: u64,
+    /// New alerts by rule.
+    pub alerts: BTreeMap<String, usize>,
+    /// The new alerts.
+    #[serde(skip)]
+    pub raised: Vec<crate::care::Alert>,
+}
+
+/// Why a scan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] phivault_store::StoreError),
+    /// A stored event or baseline does not open or decode.
+    #[error("{0}; run phivault audit verify")]
+    Integrity(String),
+    /// An alert could not be written.
+    #[error(transparent)]
+    Alert(#[from] crate::care::AlertError),
+}
+
+/// An alert's id, derived from what it is about, so that two scans over the same events
+/// (the server's and an operator's) write the same alert, not two.
+fn alert_id(f: &Finding) -> String {
+    let mut buf = Vec::new();
+    for part in [
+        f.rule.as_str(),
+        f.user.as_str(),
+        f.patient.as_deref().unwrap_or(""),
+        f.evidence.first().map_or("", String::as_str),
+    ] {
+        buf.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        buf.extend_from_slice(part.as_bytes());
+    }
+    phivault_crypto::sha256(&buf)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Run the rules over the events after the last scanned position and raise an open alert
+/// for each finding (one already raised is left as it is, reviewed or not). The position
+/// and the baselines are kept in the store; the records the relationship rules read are
+/// decrypted in memory only.
+pub fn run(app: &crate::App, hours: Hours) -> Result<Summary, ScanError> {
+    use crate::care::{Alert, raise_alert};
+    let store = &*app.engine.store;
+    let keys = app.engine.keys();
+    let position: u64 = store
+        .meta(POSITION)?
+        .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0);
+    let mut history: BTreeMap<String, BTreeMap<u64, usize>> = match store.meta(HISTORY)? {
+        Some(sealed) => {
+            let plain = keys.open_secret(HISTORY_LABEL, &sealed).map_err(|_| {
+                ScanError::Integrity("the stored baselines failed their integrity check".into())
+            })?;
+            serde_json::from_slice(plain.expose())
+                .map_err(|_| ScanError::Integrity("the stored baselines do not decode".into()))?
+        }
+        None => Default::default(),
+    };
+    let mut events = Vec::new();
+    let mut last = position;
+    while events.len() < MAX_EVENTS {
+        let batch = store.audit_after(last, 10_000)?;
+        let Some(end) = batch.last().map(|s| s.seq) else {
+            break;
+        };
+        for s in batch {
+            events.push(
+                AuditEvent::decode(&s.event).map_err(|_| {
+                    ScanError::Integrity(format!("event {} does not decode", s.seq))
+                })?,
+            );
+        }
+        last = end;
+    }
+    let mut records = EngineRecords::new(app);
+    let findings = scan(&events, hours, &mut history, &mut records);
+    let users = app.engine.users();
+    let existing: BTreeSet<String> = crate::care::alerts(keys, store, usize::MAX)?
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    let mut summary = Summary {
+        events: events.len(),
+        position: last,
+        ..Default::default()
+    };
+    for f in &findings {
+        let id = alert_id(f);
+        if existing.contains(&id) {
+            continue;
+        }
+        let username = users
+            .get_by_id(&f.user)
+            .ok()
+            .flatten()
+            .map(|u| u.username.clone())
+            .unwrap_or_default();
+        let at_ms = i64::try_from(f.at_ms).unwrap_or(i64::MAX);
+        let alert = Alert {
+            id,
+            rule: f.rule.clone(),
+            user: f.user.clone(),
+            username,
+            patient: f.patient.clone().unwrap_or_default(),
+            reason: f.detail.clone(),
+            at_ms,
+            until_ms: at_ms,
+            request_id: f.evidence.first().cloned().unwrap_or_default(),
+            status: "open".into(),
+            reviewer: None,
+            review_note: None,
+            reviewed_ms: None,
+            evidence: f.evidence.clone(),
+            score: f.score,
+        };
+        raise_alert(keys, store, &alert)?;
+        *summary.alerts.entry(f.rule.clone()).or_default() += 1;
+        summary.raised.push(alert);
+    }
+    // baselines of the last [`BASELINE_DAYS`] days are enough; older days are dropped
+    if let Some(newest) = events.last().map(|e| e.time_ms / DAY_MS) {
+        let oldest = newest.saturating_sub(BASELINE_DAYS);
+        for days in history.values_mut() {
+            days.retain(|d, _| *d >= oldest);
+        }
+        history.retain(|_, days| !days.is_empty());
+    }
+    let plain = zeroize::Zeroizing::new(
+        serde_json::to_vec(&history)
+            .map_err(|_| ScanError::Integrity("baselines do not encode".into()))?,
+    );
+    let sealed = keys
+        .seal_secret(HISTORY_LABEL, &plain)
+        .map_err(|_| ScanError::Integrity("sealing the baselines failed".into()))?;
+    store.set_meta(HISTORY, &sealed)?;
+    store.set_meta(POSITION, last.to_string().as_bytes())?;
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -918,6 +1106,48 @@ mod tests {
             "one finding a day, with every access"
         );
         assert_eq!(me.score, 90);
+    }
+
+    /// Scans that run while the day goes on (the server's, every few minutes) find a
+    /// volume spike once, however the day's events are split between them.
+    #[test]
+    fn a_spike_split_between_scans_is_found_once() {
+        let t0 = MONDAY + 9 * HOUR;
+        let mut events = Vec::new();
+        let mut n = 0;
+        for k in 0..80u64 {
+            for c in 0..6u64 {
+                if k < 15 {
+                    n += 1;
+                    events.push(ev(
+                        n,
+                        t0 + k * 60_000 + c,
+                        &format!("u{c}"),
+                        &format!("p{c}-{k}"),
+                        "read",
+                    ));
+                }
+            }
+            n += 1;
+            events.push(ev(
+                n,
+                t0 + k * 60_000 + 9,
+                "spiker",
+                &format!("q{k}"),
+                "read",
+            ));
+        }
+        for chunk in [1000, 97, 40, 7] {
+            let mut history = BTreeMap::new();
+            let mut found = Vec::new();
+            for part in events.chunks(chunk) {
+                found.extend(scan(part, Hours::default(), &mut history, &mut NoRecords));
+            }
+            let volume: Vec<&Finding> = found.iter().filter(|f| f.rule == "volume").collect();
+            assert_eq!(volume.len(), 1, "chunks of {chunk}: {volume:?}");
+            assert_eq!(volume[0].user, "spiker");
+            assert_eq!(history["spiker"].values().sum::<usize>(), 80);
+        }
     }
 
     #[test]

@@ -228,3 +228,94 @@ pub fn sign_in_at(
     assert_eq!(query_param(&to, "state").as_deref(), Some("st-1"));
     query_param(&to, "code").expect("code")
 }
+
+/// A SMART app registered with `phivault app add` (bearer tokens allowed), and a browser
+/// for its users' sign-ins.
+pub struct App {
+    pub client_id: String,
+    pub name: String,
+    verifier: String,
+    challenge: String,
+    pub agent: ureq::Agent,
+}
+
+impl App {
+    /// Register `name` for `user/*.cruds openid fhirUser offline_access`.
+    pub fn register(server: &Server, name: &str) -> App {
+        let data = server.data.to_str().expect("path");
+        let o = cli(
+            &[
+                "app",
+                "add",
+                "--data-dir",
+                data,
+                "--name",
+                name,
+                "--redirect-uri",
+                REDIRECT,
+                "--scope",
+                "user/*.cruds openid fhirUser offline_access",
+                "--allow-bearer",
+            ],
+            "",
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let app: serde_json::Value = serde_json::from_slice(&o.stdout).expect("app json");
+        let verifier =
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, [9u8; 48]);
+        let challenge = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref(),
+        );
+        App {
+            client_id: app["client_id"].as_str().expect("client_id").to_owned(),
+            name: name.to_owned(),
+            verifier,
+            challenge,
+            agent: browser(server),
+        }
+    }
+
+    /// `username` signs in on the pages with their authenticator's code at `at` and
+    /// approves `scope`; the access token the app gets.
+    pub fn token(
+        &self,
+        server: &Server,
+        username: &str,
+        secret: &[u8],
+        at: u64,
+        scope: &str,
+    ) -> String {
+        let q: Vec<String> = [
+            ("response_type", "code"),
+            ("client_id", self.client_id.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", scope),
+            ("state", "st-1"),
+            ("aud", server.base.as_str()),
+            ("code_challenge", self.challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ]
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect();
+        let url = format!("{}/auth/authorize?{}", server.origin, q.join("&"));
+        let otp = phivault_auth::totp::code_at(secret, at);
+        let code = sign_in_at(server, &self.agent, &url, username, &otp, Some(&self.name));
+        let p = post_form(
+            &self.agent,
+            &format!("{}/auth/token", server.origin),
+            None,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("client_id", &self.client_id),
+                ("code_verifier", &self.verifier),
+            ],
+        );
+        assert_eq!(p.status, 200, "{}", p.body);
+        let t: serde_json::Value = serde_json::from_str(&p.body).expect("token");
+        t["access_token"].as_str().expect("access").to_owned()
+    }
+}

@@ -69,9 +69,14 @@ pub fn run(args: &[&str]) -> std::process::Output {
 impl Server {
     /// Start on a fresh data directory.
     pub fn start() -> Server {
+        Server::start_with_args(&[])
+    }
+
+    /// Start on a fresh data directory with more `serve` arguments.
+    pub fn start_with_args(args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let (child, origin, stderr) = launch(&data);
+        let (child, origin, stderr) = launch_with(&data, args);
         let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
         let agent = agent_for(&ca);
         Server {
@@ -190,10 +195,16 @@ impl Server {
 
 /// Start `phivault serve` on `data`; returns the child, its origin and its captured stderr.
 pub fn launch(data: &Path) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
+    launch_with(data, &[])
+}
+
+/// [`launch`] with more `serve` arguments.
+pub fn launch_with(data: &Path, args: &[&str]) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
     let mut c = Command::new(BIN);
     c.args(["serve", "--data-dir"])
         .arg(data)
-        .args(["--listen", "127.0.0.1:0"]);
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args);
     spawn_server(c)
 }
 
