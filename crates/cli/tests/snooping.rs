@@ -578,11 +578,44 @@ fn the_server_scans_by_itself_and_sends_new_alerts_to_syslog() {
     let token = app.token(&server, "clin0", &secret, now(), SCOPE);
     let pulled = server.get(&format!("Patient/{patient}/$everything"), &token);
     assert_eq!(pulled.status, 200);
+    // and breaks the glass for someone they do not treat
+    let stranger = post(
+        "Patient",
+        &person("Patient", "Unrelated", "Una", "1951-06-06", "2 Calm Street"),
+    );
+    let t = now() + 30;
+    let glass = post_form_with(
+        &app.agent,
+        &format!("{}/auth/break-glass", server.origin),
+        &[("Authorization", &format!("Bearer {token}"))],
+        &[
+            ("patient", stranger.as_str()),
+            ("reason", "collapsed in the corridor, chart needed now"),
+            ("otp", &phivault_auth::totp::code_at(&secret, t)),
+        ],
+    );
+    assert_eq!(glass.status, 200, "{}", glass.body);
+    let mut messages: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 8192];
-    let n = sock
-        .recv(&mut buf)
-        .expect("a syslog message within a minute");
-    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    while messages.len() < 2 {
+        let n = sock
+            .recv(&mut buf)
+            .expect("syslog messages within a minute");
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("rule=\"break-the-glass\"")
+                && m.contains(&format!("patient=\"{stranger}\""))
+                && !m.contains("corridor")),
+        "break-the-glass, without its reason: {messages:?}"
+    );
+    let msg = messages
+        .iter()
+        .find(|m| m.contains("rule=\"bulk-record\""))
+        .expect("bulk-record")
+        .clone();
     assert!(
         msg.starts_with("<84>1 "),
         "authpriv.warning, RFC 5424: {msg}"

@@ -10,6 +10,7 @@
 //!   --witness`: put it on another volume, append-only (`chattr +a`), or ship it off the
 //!   host, so that a rewrite of the whole database is caught.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,28 +42,52 @@ pub fn spawn(app: Arc<App>, watch: Watch) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(w.scan_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
+        // the alerts there are at start have been delivered (or predate delivery)
+        let mut known: Option<HashSet<String>> = None;
+        let mut first = true;
         loop {
-            tick.tick().await;
-            let a = scanner.clone();
-            let hours = w.hours;
-            let done = tokio::task::spawn_blocking(move || crate::snoop::run(&a, hours)).await;
-            match done {
-                Ok(Ok(summary)) => {
-                    if !summary.raised.is_empty() {
+            if !first {
+                let a = scanner.clone();
+                let hours = w.hours;
+                let done = tokio::task::spawn_blocking(move || crate::snoop::run(&a, hours)).await;
+                match done {
+                    Ok(Ok(summary)) if !summary.raised.is_empty() => {
                         tracing::warn!(events = summary.events, alerts = ?summary.alerts, "snooping rules raised alerts for review");
                     }
-                    if let Some(path) = &w.alert_syslog {
-                        for alert in &summary.raised {
-                            if let Err(e) = send_syslog(path, alert) {
-                                tracing::error!(error = %e, "an alert could not be sent to syslog");
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "the snooping scan failed"),
+                    Err(_) => tracing::error!("the snooping scan stopped"),
+                }
+            }
+            first = false;
+            // every new alert — the rules' and break-the-glass — to syslog
+            if let Some(path) = &w.alert_syslog {
+                let a = scanner.clone();
+                let all = tokio::task::spawn_blocking(move || {
+                    crate::care::alerts(a.engine.keys(), &*a.engine.store, usize::MAX)
+                })
+                .await;
+                match (all, known.as_mut()) {
+                    (Ok(Ok(all)), None) => known = Some(all.into_iter().map(|x| x.id).collect()),
+                    (Ok(Ok(all)), Some(seen)) => {
+                        for alert in all {
+                            if seen.contains(&alert.id) {
+                                continue;
+                            }
+                            match send_syslog(path, &alert) {
+                                Ok(()) => {
+                                    seen.insert(alert.id);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "an alert could not be sent to syslog; retried at the next scan")
+                                }
                             }
                         }
                     }
+                    _ => tracing::error!("the alerts could not be read for delivery"),
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "the snooping scan failed"),
-                Err(_) => tracing::error!("the snooping scan stopped"),
             }
+            tick.tick().await;
         }
     });
     if let Some(path) = watch.witness_file {
