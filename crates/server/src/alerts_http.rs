@@ -3,9 +3,11 @@
 //! records and rules as `phivault audit alerts` and `phivault audit review`.
 //!
 //! * `GET /audit/alerts?status=open|justified|violation&_count=N` — oldest first, as JSON.
-//!   For auditors, and for back-end clients with `system/AuditEvent.rs` (a SIEM).
-//! * `POST /audit/alerts/{id}` (form: `status` = `justified` | `violation`, `note`) — by an
-//!   auditor only: the review names a person. An alert is reviewed once.
+//! * `POST /audit/alerts/{id}` (form: `status` = `justified` | `violation`, `note`): the
+//!   review names the auditor. An alert is reviewed once.
+//!
+//! Both for auditors only (`user/AuditEvent.rs` with the auditor role, as the audit log
+//! itself; back-end clients do not read the log).
 //!
 //! Every call is audited like any other access.
 
@@ -28,19 +30,14 @@ use crate::error::ApiError;
 /// Most alerts one listing returns.
 const MAX_COUNT: usize = 1000;
 
-/// Reading alerts needs unconfined access to the audit log: an auditor's or a back-end
-/// client's. The person, when one acts.
-fn audit_reader(app: &App, auth: &Authenticated) -> Result<(), ApiError> {
-    if app
+/// Alerts are for whoever reads the whole audit log: an auditor.
+fn auditor(app: &App, auth: &Authenticated) -> Result<(), ApiError> {
+    let whole_log = app
         .authorize_confined(auth, AUDIT_EVENT, Interaction::Search)?
-        .is_some()
-    {
-        return Err(ApiError::forbidden());
-    }
+        .is_none();
     match auth.person() {
-        None => Ok(()),
-        Some(p) if p.role == Role::Auditor => Ok(()),
-        Some(_) => Err(ApiError::forbidden()),
+        Some(p) if whole_log && p.role == Role::Auditor => Ok(()),
+        _ => Err(ApiError::forbidden()),
     }
 }
 
@@ -72,7 +69,7 @@ pub async fn list(
     let mut ctx = Ctx::new(peer, Action::R, "alerts");
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        audit_reader(&app, &auth)?;
+        auditor(&app, &auth)?;
         let mut status: Option<String> = None;
         let mut count = 100;
         for (k, v) in form_urlencoded_pairs(query.as_deref().unwrap_or("")) {
@@ -121,7 +118,7 @@ pub async fn review(
     let mut ctx = Ctx::new(peer, Action::U, "alert-review");
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        audit_reader(&app, &auth)?;
+        auditor(&app, &auth)?;
         let Some(person) = auth.person() else {
             return Err(ApiError::forbidden());
         };
