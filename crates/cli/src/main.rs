@@ -278,20 +278,12 @@ enum AuditCmd {
         status: Option<String>,
     },
     /// Run the snooping rules over the audit events since the last scan and raise alerts
-    /// (after-hours access, whole-record pulls, unusual volume against the person's own
-    /// baseline). Meant to run on a schedule.
+    /// (the server does this by itself too, every --scan-every seconds).
     Scan {
         #[arg(long)]
         data_dir: PathBuf,
-        /// First working hour (UTC).
-        #[arg(long, default_value_t = 7)]
-        start_hour: u64,
-        /// First hour after work (UTC).
-        #[arg(long, default_value_t = 19)]
-        end_hour: u64,
-        /// Saturdays and Sundays are working days.
-        #[arg(long)]
-        weekends: bool,
+        #[command(flatten)]
+        hours: HoursArgs,
     },
     /// Record the review of an alert: justified or violation.
     Review {
@@ -468,23 +460,10 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Audit {
             cmd:
-                AuditCmd::Scan {
-                    data_dir,
-                    start_hour,
-                    end_hour,
-                    weekends,
-                },
+                AuditCmd::Scan { data_dir, hours },
         } => {
-            anyhow::ensure!(
-                start_hour < end_hour && end_hour <= 24,
-                "working hours: 0 ≤ start < end ≤ 24"
-            );
+            let hours = hours.check()?;
             let opened = datadir::open(&data_dir)?;
-            let hours = phivault_server::snoop::Hours {
-                start: start_hour,
-                end: end_hour,
-                weekends,
-            };
             let r = audit_scan(&opened, hours);
             opened.store.close();
             r
@@ -583,13 +562,10 @@ fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     Ok(0)
 }
 
-/// How a running server watches its audit log (see `phivault_server::watch`).
+/// Working hours (UTC) of the after-hours rule.
 #[derive(clap::Args, Debug)]
-struct WatchArgs {
-    /// Run the snooping rules over new audit events every this many seconds (10 – 86400).
-    #[arg(long, default_value_t = 300)]
-    scan_every: u64,
-    /// First working hour (UTC) for the after-hours rule.
+struct HoursArgs {
+    /// First working hour (UTC).
     #[arg(long, default_value_t = 7)]
     start_hour: u64,
     /// First hour after work (UTC).
@@ -598,6 +574,30 @@ struct WatchArgs {
     /// Saturdays and Sundays are working days.
     #[arg(long)]
     weekends: bool,
+}
+
+impl HoursArgs {
+    fn check(&self) -> Result<phivault_server::snoop::Hours> {
+        anyhow::ensure!(
+            self.start_hour < self.end_hour && self.end_hour <= 24,
+            "working hours: 0 ≤ start < end ≤ 24"
+        );
+        Ok(phivault_server::snoop::Hours {
+            start: self.start_hour,
+            end: self.end_hour,
+            weekends: self.weekends,
+        })
+    }
+}
+
+/// How a running server watches its audit log (see `phivault_server::watch`).
+#[derive(clap::Args, Debug)]
+struct WatchArgs {
+    /// Run the snooping rules over new audit events every this many seconds (10 – 86400).
+    #[arg(long, default_value_t = 300)]
+    scan_every: u64,
+    #[command(flatten)]
+    hours: HoursArgs,
     /// Append every signed audit checkpoint to this file (another volume, append-only) for
     /// `audit verify --witness`.
     #[arg(long)]
@@ -613,17 +613,12 @@ impl WatchArgs {
             (10..=86_400).contains(&self.scan_every),
             "refusing to start: --scan-every is 10 to 86400 seconds"
         );
-        anyhow::ensure!(
-            self.start_hour < self.end_hour && self.end_hour <= 24,
-            "refusing to start: working hours: 0 ≤ start < end ≤ 24"
-        );
         Ok(phivault_server::watch::Watch {
             scan_every: std::time::Duration::from_secs(self.scan_every),
-            hours: phivault_server::snoop::Hours {
-                start: self.start_hour,
-                end: self.end_hour,
-                weekends: self.weekends,
-            },
+            hours: self
+                .hours
+                .check()
+                .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
             witness_file: self.witness_file,
             alert_syslog: self.alert_syslog,
         })
