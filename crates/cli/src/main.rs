@@ -459,8 +459,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Audit {
-            cmd:
-                AuditCmd::Scan { data_dir, hours },
+            cmd: AuditCmd::Scan { data_dir, hours },
         } => {
             let hours = hours.check()?;
             let opened = datadir::open(&data_dir)?;

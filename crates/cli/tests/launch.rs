@@ -1004,18 +1004,7 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
     let o = review("justified");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!review("violation").status.success(), "reviewed once");
-    let listed = |status: &str| {
-        let o = cli(
-            &["audit", "alerts", "--data-dir", data, "--status", status],
-            "",
-        );
-        assert!(o.status.success());
-        String::from_utf8(o.stdout)
-            .expect("utf8")
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).expect("json"))
-            .collect::<Vec<_>>()
-    };
+    let listed = |status: &str| alerts_listed(data, status);
     assert!(listed("open").is_empty());
     let done = listed("justified");
     assert_eq!(done.len(), 1);
@@ -1024,24 +1013,7 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
     // the snooping rules over the log: the clinician's whole-record pull is flagged (working
     // hours set to the whole week, so the wall clock cannot matter); a second scan finds
     // nothing new
-    let scan = || {
-        let o = cli(
-            &[
-                "audit",
-                "scan",
-                "--data-dir",
-                data,
-                "--start-hour",
-                "0",
-                "--end-hour",
-                "24",
-                "--weekends",
-            ],
-            "",
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<Value>(&o.stdout).expect("summary")
-    };
+    let scan = || scan_all_week(data);
     // patient 3's record becomes restricted, and the clinician opens it once more
     let mut p3_record = s.server.get(&format!("Patient/{p3}"), &system).json();
     p3_record["meta"] = serde_json::json!({"security": [{"code": "R",

@@ -369,32 +369,8 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
     assert_eq!(params["detail"][0]["valueString"], "family");
 
     // the scan (working hours: the whole week; see the module's note)
-    let o = cli(
-        &[
-            "audit",
-            "scan",
-            "--data-dir",
-            &data,
-            "--start-hour",
-            "0",
-            "--end-hour",
-            "24",
-            "--weekends",
-        ],
-        "",
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: Value = serde_json::from_slice(&o.stdout).expect("summary");
-    let o = cli(
-        &["audit", "alerts", "--data-dir", &data, "--status", "open"],
-        "",
-    );
-    assert!(o.status.success());
-    let alerts: Vec<Value> = String::from_utf8(o.stdout)
-        .expect("utf8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let summary = scan_all_week(&data);
+    let alerts = alerts_listed(&data, "open");
     let evidence = |a: &Value| -> BTreeSet<String> {
         let mut e: BTreeSet<String> = a["evidence"]
             .as_array()
@@ -631,34 +607,13 @@ fn the_server_scans_by_itself_and_sends_new_alerts_to_syslog() {
         "no PHI: {msg}"
     );
     let data = server.data.to_str().expect("path").to_owned();
-    let o = cli(
-        &["audit", "alerts", "--data-dir", &data, "--status", "open"],
-        "",
-    );
-    let listed = String::from_utf8(o.stdout).expect("utf8");
-    let alert: Value = listed
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+    let alert = alerts_listed(&data, "open")
+        .into_iter()
         .find(|a| a["rule"] == "bulk-record")
         .expect("the alert is stored");
     assert!(msg.contains(&format!("id=\"{}\"", alert["id"].as_str().expect("id"))));
     server.stop();
-    let o = cli(
-        &[
-            "audit",
-            "scan",
-            "--data-dir",
-            &data,
-            "--start-hour",
-            "0",
-            "--end-hour",
-            "24",
-            "--weekends",
-        ],
-        "",
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let summary: Value = serde_json::from_slice(&o.stdout).expect("summary");
+    let summary = scan_all_week(&data);
     assert_eq!(
         summary["alerts"],
         json!({}),

@@ -4,31 +4,14 @@
 mod common;
 use common::*;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 const PASSWORD: &str = "quartz-meadow-lantern-7";
 
 /// `phivault user ARGS` with `stdin` on its standard input.
 fn user(server: &Server, args: &[&str], stdin: &str) -> std::process::Output {
-    let mut child = Command::new(BIN)
-        .arg("user")
-        .arg(args[0])
-        .arg("--data-dir")
-        .arg(&server.data)
-        .args(&args[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("wait")
+    let data = server.data.to_str().expect("path");
+    let mut all = vec!["user", args[0], "--data-dir", data];
+    all.extend_from_slice(&args[1..]);
+    common::flow::cli(&all, stdin)
 }
 
 fn text(b: &[u8]) -> String {

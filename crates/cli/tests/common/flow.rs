@@ -3,8 +3,6 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
 use super::{BIN, Server};
 
@@ -14,18 +12,7 @@ pub const REDIRECT: &str = "https://app.example/cb";
 /// An agent that does not follow redirects (the app's redirect URI is not a real host).
 pub fn browser(server: &Server) -> ureq::Agent {
     let ca = std::fs::read(server.data.join("tls/ca.pem")).expect("ca");
-    let cert = ureq::tls::Certificate::from_pem(&ca).expect("pem");
-    let tls = ureq::tls::TlsConfig::builder()
-        .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
-        .build();
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .tls_config(tls)
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build(),
-    )
+    super::tls_agent(&ca, 0)
 }
 
 pub struct Page {
@@ -318,4 +305,39 @@ impl App {
         let t: serde_json::Value = serde_json::from_str(&p.body).expect("token");
         t["access_token"].as_str().expect("access").to_owned()
     }
+}
+
+/// `phivault audit scan` with working hours set to the whole week (so the wall clock
+/// cannot matter): its summary.
+pub fn scan_all_week(data: &str) -> serde_json::Value {
+    let o = cli(
+        &[
+            "audit",
+            "scan",
+            "--data-dir",
+            data,
+            "--start-hour",
+            "0",
+            "--end-hour",
+            "24",
+            "--weekends",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("summary")
+}
+
+/// `phivault audit alerts --status STATUS`: the alerts, one JSON object each.
+pub fn alerts_listed(data: &str, status: &str) -> Vec<serde_json::Value> {
+    let o = cli(
+        &["audit", "alerts", "--data-dir", data, "--status", status],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
 }

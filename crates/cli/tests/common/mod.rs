@@ -433,6 +433,11 @@ impl Drop for Server {
 }
 
 pub fn agent_for(ca_pem: &[u8]) -> ureq::Agent {
+    tls_agent(ca_pem, 10)
+}
+
+/// An agent trusting only `ca_pem`, following at most `redirects` redirects.
+pub fn tls_agent(ca_pem: &[u8], redirects: u32) -> ureq::Agent {
     let cert = ureq::tls::Certificate::from_pem(ca_pem).expect("ca pem");
     let tls = ureq::tls::TlsConfig::builder()
         .root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])))
@@ -441,6 +446,7 @@ pub fn agent_for(ca_pem: &[u8]) -> ureq::Agent {
         ureq::Agent::config_builder()
             .tls_config(tls)
             .http_status_as_error(false)
+            .max_redirects(redirects)
             .timeout_global(Some(Duration::from_secs(120)))
             .build(),
     )
