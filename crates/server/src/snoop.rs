@@ -431,6 +431,40 @@ fn patients_of(e: &AuditEvent) -> BTreeSet<&str> {
         .collect()
 }
 
+/// Findings so far, and where each (rule, person, patient, day) is among them.
+type Found<'a> = (
+    &'a mut Vec<Finding>,
+    &'a mut HashMap<(&'static str, String, String, u64), usize>,
+);
+
+/// Record `rule`'s finding about event `e`'s person and `patient` once a day (with
+/// `evidence`); a later event the same day adds its request to the first one's evidence.
+fn once_a_day(
+    (out, seen): Found<'_>,
+    e: &AuditEvent,
+    patient: &str,
+    (rule, score, detail): (&'static str, u8, &'static str),
+    evidence: Vec<String>,
+) {
+    let user = e.user.clone().unwrap_or_default();
+    let key = (rule, user.clone(), patient.to_owned(), e.time_ms / DAY_MS);
+    match seen.get(&key) {
+        Some(&i) => out[i].evidence.push(e.request_id.clone()),
+        None => {
+            seen.insert(key, out.len());
+            out.push(Finding {
+                rule: rule.into(),
+                user,
+                patient: Some(patient.to_owned()),
+                evidence,
+                score,
+                at_ms: e.time_ms,
+                detail: detail.into(),
+            });
+        }
+    }
+}
+
 /// Run the rules over `events` (in log order) and return what they find. `history` is the
 /// per-person count of distinct patients of each earlier day (updated in place, so a
 /// scheduled scan keeps baselines across runs).
@@ -491,29 +525,15 @@ pub fn scan(
                 .iter()
                 .any(|r| r.patient == p && r.from_ms <= t && t <= r.until_ms);
             if !explained {
-                let day = e.time_ms / DAY_MS;
-                let mut raise = |rule: &'static str, score, detail: &str, evidence: Vec<String>| {
-                    let key = (rule, user.clone(), p.to_owned(), day);
-                    match seen.get(&key) {
-                        Some(&i) => out[i].evidence.push(e.request_id.clone()),
-                        None => {
-                            seen.insert(key, out.len());
-                            out.push(Finding {
-                                rule: rule.into(),
-                                user: user.clone(),
-                                patient: Some(p.to_owned()),
-                                evidence,
-                                score,
-                                at_ms: e.time_ms,
-                                detail: detail.into(),
-                            });
-                        }
-                    }
-                };
-                raise(
-                    "unexplained-access",
-                    50,
-                    "no treatment relationship explains the access",
+                once_a_day(
+                    (&mut out, &mut seen),
+                    e,
+                    p,
+                    (
+                        "unexplained-access",
+                        50,
+                        "no treatment relationship explains the access",
+                    ),
                     vec![e.request_id.clone()],
                 );
                 let looked_up = searches.get(user).and_then(|list| {
@@ -522,10 +542,15 @@ pub fn scan(
                         .find(|(t, _, found)| t + NAME_SEARCH_MS >= e.time_ms && found.contains(p))
                 });
                 if let Some((_, search, _)) = looked_up {
-                    raise(
-                        "name-search",
-                        60,
-                        "a name search, then the chart of a patient it found, unexplained",
+                    once_a_day(
+                        (&mut out, &mut seen),
+                        e,
+                        p,
+                        (
+                            "name-search",
+                            60,
+                            "a name search, then the chart of a patient it found, unexplained",
+                        ),
                         vec![search.clone(), e.request_id.clone()],
                     );
                 }
@@ -540,23 +565,14 @@ pub fn scan(
                 .identity
                 .as_deref()
                 .is_some_and(|i| records.is_workforce(i));
-            for (rule, score, detail) in relationship(sf.as_ref(), &pf, workforce) {
-                let key = (rule, user.clone(), (*p).to_owned(), e.time_ms / DAY_MS);
-                match seen.get(&key) {
-                    Some(&i) => out[i].evidence.push(e.request_id.clone()),
-                    None => {
-                        seen.insert(key, out.len());
-                        out.push(Finding {
-                            rule: rule.into(),
-                            user: user.clone(),
-                            patient: Some((*p).to_owned()),
-                            evidence: vec![e.request_id.clone()],
-                            score,
-                            at_ms: e.time_ms,
-                            detail: detail.into(),
-                        });
-                    }
-                }
+            for rule in relationship(sf.as_ref(), &pf, workforce) {
+                once_a_day(
+                    (&mut out, &mut seen),
+                    e,
+                    p,
+                    rule,
+                    vec![e.request_id.clone()],
+                );
             }
         }
         if e.interaction == "everything" {
