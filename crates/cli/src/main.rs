@@ -967,7 +967,7 @@ fn audit_report(
     filters: [(&str, Option<String>); 5],
     format: &str,
 ) -> Result<i32> {
-    use phivault_server::audit_http::{Filter, to_fhir};
+    use phivault_server::audit_http::{CSV_HEADER, Filter, csv_line, to_fhir};
     use std::io::Write as _;
     let query: Vec<String> = filters
         .iter()
@@ -987,10 +987,7 @@ fn audit_report(
     let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if format == "csv" {
-        writeln!(
-            out,
-            "seq,recorded,action,interaction,resource,patient,client,user,http_status,source,request_id,purpose_of_use,user_agent,search_parameters"
-        )?;
+        writeln!(out, "{CSV_HEADER}")?;
     }
     let mut failed = None;
     store.scan_audit(&mut |s| {
@@ -1007,32 +1004,7 @@ fn audit_report(
         let line = if format == "json" {
             to_fhir(s.seq, &e).to_string()
         } else {
-            let resource = match (&e.resource_type, &e.resource_id) {
-                (Some(t), Some(i)) => format!("{t}/{i}"),
-                (Some(t), None) => t.clone(),
-                _ => String::new(),
-            };
-            let v = to_fhir(s.seq, &e);
-            [
-                s.seq.to_string(),
-                v["recorded"].as_str().unwrap_or("").to_owned(),
-                v["action"].as_str().unwrap_or("").to_owned(),
-                e.interaction.clone(),
-                resource,
-                e.patient.clone().unwrap_or_default(),
-                e.client_id.clone().unwrap_or_default(),
-                e.user.clone().unwrap_or_default(),
-                e.outcome.http_status.to_string(),
-                e.source.clone(),
-                e.request_id.clone(),
-                e.detail.purpose.clone().unwrap_or_default(),
-                e.detail.user_agent.clone().unwrap_or_default(),
-                e.detail.query.join(" "),
-            ]
-            .iter()
-            .map(|f| csv_field(f))
-            .collect::<Vec<_>>()
-            .join(",")
+            csv_line(s.seq, &e)
         };
         writeln!(out, "{line}").is_ok()
     })?;
@@ -1042,21 +1014,6 @@ fn audit_report(
         return Ok(1);
     }
     Ok(0)
-}
-
-/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break; a
-/// leading `=`, `+`, `-` or `@` is prefixed with `'` so spreadsheets do not run it.
-fn csv_field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
 }
 
 fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {

@@ -501,6 +501,42 @@ fn planted_violations_of_every_rule_raise_alerts_and_ordinary_work_does_not() {
         ids(violations["alerts"].as_array().expect("alerts")),
         BTreeSet::from([target.to_owned()])
     );
+    // the report as CSV through the API is the CLI's, page by page
+    let o = cli(
+        &["audit", "report", "--data-dir", &data, "--patient", &vip0],
+        "",
+    );
+    assert!(o.status.success());
+    let from_cli: Vec<String> = String::from_utf8(o.stdout)
+        .expect("utf8")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(from_cli.len() >= 3, "{from_cli:?}");
+    let mut from_api: Vec<String> = Vec::new();
+    let mut next = Some(format!("report?patient={vip0}&_count=2"));
+    while let Some(path) = next.take() {
+        let r = call("GET", &path, &auditor, None);
+        assert_eq!(r.status, 200);
+        assert!(
+            r.header("content-type")
+                .is_some_and(|c| c.starts_with("text/csv"))
+        );
+        let text = String::from_utf8(r.body.clone()).expect("utf8");
+        let mut lines = text.lines();
+        let header = lines.next().expect("header").to_owned();
+        if from_api.is_empty() {
+            from_api.push(header);
+        }
+        from_api.extend(lines.map(str::to_owned));
+        next = r.header("link").map(|l| {
+            let url = l.trim_start_matches('<').split('>').next().expect("url");
+            url.split_once("/audit/").expect("path").1.to_owned()
+        });
+    }
+    assert_eq!(from_api, from_cli);
+    assert_eq!(call("GET", "report", &staff[0].token, None).status, 403);
+    assert_eq!(call("GET", "report?name=x", &auditor, None).status, 400);
     // the review is itself audited
     let o = cli(&["audit", "report", "--data-dir", &data], "");
     let csv = String::from_utf8(o.stdout).expect("utf8");

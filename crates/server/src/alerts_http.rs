@@ -30,8 +30,8 @@ use crate::error::ApiError;
 /// Most alerts one listing returns.
 const MAX_COUNT: usize = 1000;
 
-/// Alerts are for whoever reads the whole audit log: an auditor.
-fn auditor(app: &App, auth: &Authenticated) -> Result<(), ApiError> {
+/// Alerts and reports are for whoever reads the whole audit log: an auditor.
+pub(crate) fn auditor(app: &App, auth: &Authenticated) -> Result<(), ApiError> {
     let whole_log = app
         .authorize_confined(auth, AUDIT_EVENT, Interaction::Search)?
         .is_none();

@@ -1507,6 +1507,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/auth/introspect", post(crate::launch::introspect))
         .route("/auth/break-glass", post(crate::care::break_glass))
         .route("/audit/alerts", get(crate::alerts_http::list))
+        .route("/audit/report", get(crate::audit_http::report))
         .route("/audit/alerts/{id}", post(crate::alerts_http::review))
         .route("/fhir/AuditEvent", get(crate::audit_http::search))
         .route("/fhir/AuditEvent/{id}", get(crate::audit_http::read))

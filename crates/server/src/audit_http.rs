@@ -296,6 +296,148 @@ fn fhir_json(body: Vec<u8>) -> Response {
     crate::app::json_response(StatusCode::OK, Bytes::from(body), FHIR_JSON)
 }
 
+/// Events with their positions, and where to go on from.
+type Page = (Vec<(u64, AuditEvent)>, Option<u64>);
+
+/// One page of the events `f` passes, from `f.after` on: at most `f.count` of them, after
+/// examining at most `examine`; and the position to go on from when there may be more.
+fn page(app: &App, f: &Filter, examine: usize) -> Result<Page, ApiError> {
+    let mut out = Vec::new();
+    let mut after = f.after;
+    let mut examined = 0;
+    loop {
+        let batch = app
+            .engine
+            .store
+            .audit_after(after, 1000)
+            .map_err(|_| ApiError::unavailable())?;
+        if batch.is_empty() {
+            return Ok((out, None));
+        }
+        for s in batch {
+            if out.len() == f.count || examined == examine {
+                return Ok((out, Some(after)));
+            }
+            examined += 1;
+            after = s.seq;
+            let e = AuditEvent::decode(&s.event).map_err(|_| ApiError::integrity())?;
+            if f.matches(&e) {
+                out.push((s.seq, e));
+            }
+        }
+    }
+}
+
+/// The header of the CSV report (`phivault audit report`, `GET /audit/report`).
+pub const CSV_HEADER: &str = "seq,recorded,action,interaction,resource,patient,client,user,http_status,source,request_id,purpose_of_use,user_agent,search_parameters";
+
+/// Event `e` at position `seq` as a line of the CSV report.
+pub fn csv_line(seq: u64, e: &AuditEvent) -> String {
+    let resource = match (&e.resource_type, &e.resource_id) {
+        (Some(t), Some(i)) => format!("{t}/{i}"),
+        (Some(t), None) => t.clone(),
+        _ => String::new(),
+    };
+    [
+        seq.to_string(),
+        instant(i64::try_from(e.time_ms).unwrap_or(i64::MAX)),
+        action_code(e.action).to_owned(),
+        e.interaction.clone(),
+        resource,
+        e.patient.clone().unwrap_or_default(),
+        e.client_id.clone().unwrap_or_default(),
+        e.user.clone().unwrap_or_default(),
+        e.outcome.http_status.to_string(),
+        e.source.clone(),
+        e.request_id.clone(),
+        e.detail.purpose.clone().unwrap_or_default(),
+        e.detail.user_agent.clone().unwrap_or_default(),
+        e.detail.query.join(" "),
+    ]
+    .iter()
+    .map(|f| csv_field(f))
+    .collect::<Vec<_>>()
+    .join(",")
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break; a
+/// leading `=`, `+`, `-` or `@` is prefixed with `'` so spreadsheets do not run it.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
+/// Most rows of one CSV report response (`_count`); `Link: <…>; rel="next"` goes on.
+const MAX_REPORT_ROWS: usize = 10_000;
+
+/// `GET /audit/report?…` — the audit report (AU4) as CSV for auditors: the filters of
+/// `GET /fhir/AuditEvent` (`patient` for an accounting of disclosures, `user`, `client`,
+/// `action`, `outcome`, `date`), `_count` rows (≤ 10,000, default 10,000) from `_after`.
+pub async fn report(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "audit-report");
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        crate::alerts_http::auditor(&app, &auth)?;
+        // `_count` is the report's own (larger) page size; the rest are the log's filters
+        let mut count = MAX_REPORT_ROWS;
+        let mut rest = Vec::new();
+        for (k, v) in form_urlencoded_pairs(query.as_deref().unwrap_or("")) {
+            if k == "_count" {
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::bad_request("_count must be a number"))?
+                    .clamp(1, MAX_REPORT_ROWS);
+            } else {
+                rest.push(format!("{k}={}", phivault_auth::percent_encode(&v)));
+            }
+        }
+        let mut f = Filter::parse(Some(&rest.join("&")))?;
+        f.count = count;
+        let a = app.clone();
+        let (rows, next) = blocking(move || {
+            let (found, next) = page(&a, &f, MAX_EXAMINE * 20)?;
+            let mut body = String::with_capacity(64 + found.len() * 160);
+            body.push_str(CSV_HEADER);
+            body.push_str("\r\n");
+            for (seq, e) in &found {
+                body.push_str(&csv_line(*seq, e));
+                body.push_str("\r\n");
+            }
+            Ok((
+                body,
+                next.map(|after| format!("{}&_after={after}", f.query())),
+            ))
+        })
+        .await?;
+        let mut resp =
+            crate::app::json_response(StatusCode::OK, Bytes::from(rows), "text/csv; charset=utf-8");
+        if let Some(q) = next
+            && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
+                "<{}/audit/report?{q}>; rel=\"next\"",
+                app.base_url.trim_end_matches("/fhir")
+            ))
+        {
+            resp.headers_mut().insert(axum::http::header::LINK, v);
+        }
+        Ok(resp)
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
+
 /// `GET /fhir/AuditEvent?…`
 pub async fn search(
     State(app): State<Arc<App>>,
@@ -318,33 +460,12 @@ pub async fn search(
         }
         let a = app.clone();
         let (events, last) = blocking(move || {
-            let mut out = Vec::new();
-            let mut after = f.after;
-            let mut examined = 0;
-            let mut more = false;
-            'scan: loop {
-                let batch = a
-                    .engine
-                    .store
-                    .audit_after(after, 1000)
-                    .map_err(|_| ApiError::unavailable())?;
-                if batch.is_empty() {
-                    break;
-                }
-                for s in batch {
-                    if out.len() == f.count || examined == MAX_EXAMINE {
-                        more = true;
-                        break 'scan;
-                    }
-                    examined += 1;
-                    after = s.seq;
-                    let e = AuditEvent::decode(&s.event).map_err(|_| ApiError::integrity())?;
-                    if f.matches(&e) {
-                        out.push(shown(s.seq, &e, own.is_some()));
-                    }
-                }
-            }
-            Ok((out, more.then_some((after, f))))
+            let (found, next) = page(&a, &f, MAX_EXAMINE)?;
+            let out: Vec<Value> = found
+                .iter()
+                .map(|(seq, e)| shown(*seq, e, own.is_some()))
+                .collect();
+            Ok((out, next.map(|after| (after, f))))
         })
         .await?;
         let mut links = vec![json!({"relation": "self", "url": format!("{}/AuditEvent", app.base_url)})];
