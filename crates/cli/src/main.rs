@@ -671,23 +671,7 @@ fn serve(
         let local = listener.local_addr()?;
         let origin = public_url.unwrap_or_else(|| format!("https://{local}"));
         let origin = origin.trim_end_matches('/').to_owned();
-        let issuer = phivault_auth::AccessTokenIssuer::from_pkcs8(
-            opened.token_pkcs8.expose(),
-            origin.clone(),
-            format!("{origin}/fhir"),
-            "phivault-token-1".to_owned(),
-        )
-        .map_err(|e| anyhow::anyhow!("token signing key: {e}"))?;
-        let verifier = issuer.verifier();
-        let store: Arc<dyn Store> = opened.store.clone();
-        let engine = phivault_server::Engine::new(store, opened.keys.clone());
-        let app = Arc::new(phivault_server::App::new(
-            engine,
-            &origin,
-            issuer,
-            verifier,
-            phivault_server::Limits::default(),
-        ));
+        let app = Arc::new(app_at(&opened, &origin)?);
         phivault_server::watch::spawn(app.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");
@@ -930,10 +914,9 @@ fn uuid_like() -> Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// The server's resource operations without a listener, for commands that search the
-/// records (the token issuer is there because an `App` has one; nothing is issued).
-fn offline_app(opened: &datadir::Opened) -> Result<phivault_server::App> {
-    let origin = "https://localhost";
+/// The server's state for `origin`: resource operations over the opened store and the
+/// token issuer and verifier under the data directory's signing key.
+fn app_at(opened: &datadir::Opened, origin: &str) -> Result<phivault_server::App> {
     let issuer = phivault_auth::AccessTokenIssuer::from_pkcs8(
         opened.token_pkcs8.expose(),
         origin.to_owned(),
@@ -950,6 +933,12 @@ fn offline_app(opened: &datadir::Opened) -> Result<phivault_server::App> {
         verifier,
         phivault_server::Limits::default(),
     ))
+}
+
+/// The server's state without a listener, for commands that search the records (nothing
+/// is issued to the placeholder origin).
+fn offline_app(opened: &datadir::Opened) -> Result<phivault_server::App> {
+    app_at(opened, "https://localhost")
 }
 
 /// `phivault audit scan`: the rules over the events after the last scanned position
