@@ -19,27 +19,15 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phivault_audit::Action;
-use phivault_auth::policy::AUDIT_EVENT;
-use phivault_auth::{Authenticated, Interaction, Role};
 
 use crate::app::{App, Ctx, Peer, blocking, finish};
+use crate::audit_http::auditor;
 use crate::care::AlertError;
 use crate::engine::{form_urlencoded_pairs, now_ms};
 use crate::error::ApiError;
 
 /// Most alerts one listing returns.
 const MAX_COUNT: usize = 1000;
-
-/// Alerts and reports are for whoever reads the whole audit log: an auditor.
-pub(crate) fn auditor(app: &App, auth: &Authenticated) -> Result<(), ApiError> {
-    let whole_log = app
-        .authorize_confined(auth, AUDIT_EVENT, Interaction::Search)?
-        .is_none();
-    match auth.person() {
-        Some(p) if whole_log && p.role == Role::Auditor => Ok(()),
-        _ => Err(ApiError::forbidden()),
-    }
-}
 
 fn alert_error(e: AlertError) -> ApiError {
     match e {

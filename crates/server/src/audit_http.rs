@@ -390,7 +390,7 @@ pub async fn report(
     let mut ctx = Ctx::new(peer, Action::R, "audit-report");
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        crate::alerts_http::auditor(&app, &auth)?;
+        auditor(&app, &auth)?;
         // `_count` is the report's own (larger) page size; the rest are the log's filters
         let mut count = MAX_REPORT_ROWS;
         let mut rest = Vec::new();
@@ -585,6 +585,17 @@ fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
 
 /// Who may search the log: an auditor (None) or a patient, for their own record
 /// (`Some(patient id)`).
+/// Alerts and reports are for whoever reads the whole audit log: an auditor.
+pub(crate) fn auditor(app: &App, auth: &phivault_auth::Authenticated) -> Result<(), ApiError> {
+    let whole_log = app
+        .authorize_confined(auth, AUDIT_EVENT, Interaction::Search)?
+        .is_none();
+    match auth.person() {
+        Some(p) if whole_log && p.role == phivault_auth::Role::Auditor => Ok(()),
+        _ => Err(ApiError::forbidden()),
+    }
+}
+
 fn own_record(app: &App, auth: &phivault_auth::Authenticated) -> Result<Option<String>, ApiError> {
     match app.authorize_confined(auth, AUDIT_EVENT, Interaction::Search)? {
         None => Ok(None),
