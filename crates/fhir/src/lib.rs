@@ -13,6 +13,7 @@
 mod bundle;
 mod compartment;
 mod error;
+mod formats;
 mod issue;
 mod parse;
 mod reference;

@@ -106,6 +106,12 @@ enum Prim {
         regex: usize,
         calendar: bool,
     },
+    /// One of the R4 date/time patterns, matched by hand (`crate::formats`); `calendar` as
+    /// for `Pattern`.
+    Format {
+        format: crate::formats::Format,
+        calendar: bool,
+    },
     /// Number checked with nothing beyond being a number (unknown numeric primitive).
     Number,
 }
@@ -124,7 +130,7 @@ impl Prim {
             Prim::Integer => "integer",
             Prim::PositiveInt => "positiveInt",
             Prim::UnsignedInt => "unsignedInt",
-            Prim::Pattern { .. } => "formatted string",
+            Prim::Pattern { .. } | Prim::Format { .. } => "formatted string",
         }
     }
 }
@@ -194,6 +200,17 @@ impl<'a> Compiler<'a> {
         Ok(self.regexes.len() - 1)
     }
 
+    /// The check of a string pattern: by hand for the date/time patterns, else a regex.
+    fn pattern(&mut self, pattern: &str, calendar: bool) -> Result<Prim, String> {
+        Ok(match crate::formats::Format::of_pattern(pattern) {
+            Some(format) => Prim::Format { format, calendar },
+            None => Prim::Pattern {
+                regex: self.regex(pattern)?,
+                calendar,
+            },
+        })
+    }
+
     fn primitive(&mut self, name: &str, def: &'a Value) -> Result<Prim, String> {
         let json_type = def.get("type").and_then(Value::as_str);
         let pattern = def.get("pattern").and_then(Value::as_str);
@@ -210,10 +227,9 @@ impl<'a> Compiler<'a> {
             "positiveInt" => Prim::PositiveInt,
             "unsignedInt" => Prim::UnsignedInt,
             _ => match (json_type, pattern) {
-                (Some("string"), Some(p)) => Prim::Pattern {
-                    regex: self.regex(p)?,
-                    calendar: matches!(name, "date" | "dateTime" | "instant"),
-                },
+                (Some("string"), Some(p)) => {
+                    self.pattern(p, matches!(name, "date" | "dateTime" | "instant"))?
+                }
                 (Some("string"), None) => Prim::String,
                 (Some("number"), _) => Prim::Number,
                 (Some("boolean"), _) => Prim::Boolean,
@@ -255,10 +271,7 @@ impl<'a> Compiler<'a> {
                 return Ok(Ty::Prim(Prim::Base64));
             }
             return match json_type {
-                "string" => Ok(Ty::Prim(Prim::Pattern {
-                    regex: self.regex(p)?,
-                    calendar: false,
-                })),
+                "string" => Ok(Ty::Prim(self.pattern(p, false)?)),
                 "number" => Ok(Ty::Prim(Prim::Number)),
                 "boolean" => Ok(Ty::Prim(Prim::Boolean)),
                 _ => Err(format!("unsupported inline type {json_type}")),
@@ -626,6 +639,9 @@ impl Cx<'_> {
                     .is_some_and(|re| re.is_match(s))
                     && (!calendar || check_calendar(s))
             }
+            (Prim::Format { format, calendar }, Value::String(s)) => {
+                format.matches(s) && (!calendar || check_calendar(s))
+            }
             _ => {
                 let expected = match p {
                     Prim::Boolean => "expected a boolean",
@@ -826,6 +842,24 @@ mod tests {
             "Patient.address[0].line[0]",
         ] {
             assert!(ps.contains(&want.to_string()), "{want} missing from {ps:?}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_date_time_patterns_are_matched_by_hand() {
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(SCHEMA_GZ)
+            .read_to_end(&mut text)
+            .unwrap();
+        let raw: Value = serde_json::from_slice(&text).unwrap();
+        for name in ["date", "dateTime", "instant", "time"] {
+            let p = raw["definitions"][name]["pattern"].as_str().unwrap();
+            assert!(crate::formats::Format::of_pattern(p).is_some(), "{name}");
+        }
+        // and no regex is left for them: every compiled regex is some other pattern
+        let schema = SCHEMA.as_ref().unwrap();
+        for re in &schema.regexes {
+            assert!(crate::formats::Format::of_pattern(re.as_str()).is_none());
         }
     }
 
