@@ -765,7 +765,7 @@ pub async fn do_create(
     app: &Arc<App>,
     ctx: &mut Ctx,
     rtype: &str,
-    resource: Value,
+    mut resource: Value,
     if_none_exist: Option<&str>,
 ) -> Result<Created, ApiError> {
     let cond = match if_none_exist {
@@ -805,7 +805,7 @@ pub async fn do_create(
             &id,
             1,
             Expect::Absent,
-            Some(resource.clone()),
+            Some(&mut resource),
             now_ms(),
             None,
         )?;
@@ -944,7 +944,7 @@ async fn update_or_delete_in(
     ctx: &mut Ctx,
     rtype: &str,
     id: &str,
-    resource: Option<Value>,
+    mut resource: Option<Value>,
     if_match: Option<u64>,
     reach: Option<&crate::care::Reach>,
 ) -> Result<Written, ApiError> {
@@ -998,7 +998,7 @@ async fn update_or_delete_in(
             id,
             version,
             expect,
-            resource.clone(),
+            resource.as_mut(),
             now_ms(),
             cur.as_ref(),
         )?;

@@ -112,9 +112,9 @@ fn response_entry(status: &str, w: Option<&Written>, base: &str) -> Value {
 
 /// What a transaction entry will do once the references are known.
 enum Plan {
-    Create { id: String, resource: Value },
+    Create { id: String },
     Existing(phivault_store::VersionRow),
-    Put { id: String, resource: Value },
+    Put { id: String },
     Delete { id: String },
     Read { id: String, vid: Option<u64> },
 }
@@ -123,7 +123,7 @@ async fn transaction(
     app: &Arc<App>,
     ctx: &mut Ctx,
     auth: &Authenticated,
-    entries: Vec<EntryRequest>,
+    mut entries: Vec<EntryRequest>,
 ) -> Result<Value, ApiError> {
     // 1. Authorize every entry before anything happens (SM2); reject what we do not do.
     for e in &entries {
@@ -156,7 +156,19 @@ async fn transaction(
             _ => None,
         }))
         .await;
+    // The entries' resources, moved out once: an attempt rewrites their references in place
+    // and a retry first puts the original references back (`undo`), so no resource is
+    // copied however many attempts a conflict takes.
+    let mut resources: Vec<Option<Value>> = entries.iter_mut().map(|e| e.resource.take()).collect();
+    let mut undo: Vec<Vec<(usize, String)>> = vec![Vec::new(); entries.len()];
     for _ in 0..MAX_RETRIES {
+        for (r, u) in resources.iter_mut().zip(undo.iter_mut()) {
+            if let Some(r) = r
+                && !u.is_empty()
+            {
+                restore_references(r, u);
+            }
+        }
         // 2. Resolve ids: new ids for creates, existing ones for matched conditional creates.
         let mut map: HashMap<String, String> = HashMap::new();
         let mut plans: Vec<Plan> = Vec::with_capacity(entries.len());
@@ -184,13 +196,11 @@ async fn transaction(
                         Some(row) => Plan::Existing(row),
                         None => Plan::Create {
                             id: crate::engine::new_id(),
-                            resource: e.resource.clone().unwrap_or(Value::Null),
                         },
                     }
                 }
                 Method::Put => Plan::Put {
                     id: e.id.clone().unwrap_or_default(),
-                    resource: e.resource.clone().unwrap_or(Value::Null),
                 },
                 Method::Delete => Plan::Delete {
                     id: e.id.clone().unwrap_or_default(),
@@ -228,15 +238,22 @@ async fn transaction(
             plans.push(plan);
         }
         // 3. Rewrite references to the assigned ids; an unresolvable urn reference is an error.
-        for (e, plan) in entries.iter().zip(plans.iter_mut()) {
-            if let Plan::Create { resource, .. } | Plan::Put { resource, .. } = plan {
+        for (((e, plan), resource), undo) in entries
+            .iter()
+            .zip(plans.iter())
+            .zip(resources.iter_mut())
+            .zip(undo.iter_mut())
+        {
+            if let (Plan::Create { .. } | Plan::Put { .. }, Some(resource)) = (plan, resource) {
                 let mut dangling = false;
+                let mut n = 0;
                 phivault_fhir::for_each_reference_mut(resource, &mut |r: &mut String| {
                     if let Some(t) = map.get(r.as_str()) {
-                        *r = t.clone();
+                        undo.push((n, std::mem::replace(r, t.clone())));
                     } else if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
                         dangling = true;
                     }
+                    n += 1;
                 });
                 if dangling {
                     return Err(entry_error(
@@ -260,17 +277,24 @@ async fn transaction(
                 continue;
             };
             let rtype = e.resource_type.as_str();
-            let (id, resource, expect_new) = match plan {
-                Plan::Create { id, resource } => (id, Some(std::mem::take(resource)), true),
-                Plan::Put { id, resource } => (id, Some(std::mem::take(resource)), false),
-                Plan::Delete { id } => (id, None, false),
-                Plan::Existing(row) => {
+            let resource = resources.get_mut(i).and_then(Option::as_mut);
+            let (id, resource, expect_new) = match (plan, resource) {
+                (Plan::Create { id }, Some(r)) => (id, Some(r), true),
+                (Plan::Put { id }, Some(r)) => (id, Some(r), false),
+                (Plan::Create { .. } | Plan::Put { .. }, None) => {
+                    return Err(entry_error(
+                        e.index,
+                        ApiError::bad_request("resource is required for POST and PUT"),
+                    ));
+                }
+                (Plan::Delete { id }, _) => (id, None, false),
+                (Plan::Existing(row), _) => {
                     let w = Written::from_row(row);
                     entities.push(entity(&w, Action::R));
                     results[i] = Some(("200 OK".into(), Some(w)));
                     continue;
                 }
-                Plan::Read { .. } => continue,
+                (Plan::Read { .. }, _) => continue,
             };
             let cur = if expect_new {
                 None
@@ -377,6 +401,20 @@ async fn transaction(
         }));
     }
     Err(conflict_exhausted())
+}
+
+/// Put back the reference strings a transaction attempt rewrote: `undo` holds, in visiting
+/// order, each rewritten reference's position among the resource's references and its
+/// original text (the walk's order does not depend on the strings' contents).
+fn restore_references(resource: &mut Value, undo: &mut Vec<(usize, String)>) {
+    let mut pending = undo.drain(..).peekable();
+    let mut n = 0;
+    phivault_fhir::for_each_reference_mut(resource, &mut |r: &mut String| {
+        if let Some((_, original)) = pending.next_if(|(at, _)| *at == n) {
+            *r = original;
+        }
+        n += 1;
+    });
 }
 
 fn entity(w: &Written, action: Action) -> phivault_audit::Entity {
@@ -573,6 +611,51 @@ async fn batch_entry(
                 "200 OK"
             };
             Ok(response_entry(status, Some(&w), &app.base_url))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retried_attempt_starts_from_the_original_references() {
+        let original = json!({
+            "resourceType": "Observation",
+            "subject": {"reference": "urn:uuid:p"},
+            "performer": [{"reference": "Practitioner/kept"}, {"reference": "urn:uuid:q"}],
+            "contained": [{"resourceType": "Provenance", "target": [{"reference": "urn:uuid:p"}]}],
+            "note": [{"text": "reference"}]
+        });
+        let mut r = original.clone();
+        let map: HashMap<&str, &str> = [
+            ("urn:uuid:p", "Patient/1"),
+            ("urn:uuid:q", "Practitioner/2"),
+        ]
+        .into_iter()
+        .collect();
+        for attempt in 0..3 {
+            let mut undo = Vec::new();
+            let mut n = 0;
+            phivault_fhir::for_each_reference_mut(&mut r, &mut |s: &mut String| {
+                if let Some(t) = map.get(s.as_str()) {
+                    undo.push((n, std::mem::replace(s, (*t).to_owned())));
+                }
+                n += 1;
+            });
+            assert_eq!(undo.len(), 3, "attempt {attempt}");
+            assert_eq!(r["subject"]["reference"], "Patient/1");
+            assert_eq!(r["performer"][0]["reference"], "Practitioner/kept");
+            assert_eq!(r["contained"][0]["target"][0]["reference"], "Patient/1");
+            // server fields set in between do not move the references
+            r["id"] = json!("x");
+            r["meta"] = json!({"versionId": "1"});
+            restore_references(&mut r, &mut undo);
+            assert!(undo.is_empty());
+            r.as_object_mut()
+                .map(|o| (o.remove("id"), o.remove("meta")));
+            assert_eq!(r, original, "attempt {attempt}");
         }
     }
 }

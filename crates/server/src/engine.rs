@@ -403,7 +403,9 @@ impl Engine {
         }
     }
 
-    /// Seal a new version of `rtype/id`. `resource` None writes a delete tombstone.
+    /// Seal a new version of `rtype/id`. `resource` None writes a delete tombstone. The
+    /// resource gets its server-owned fields (id, meta) set in place, so a caller that
+    /// retries after a conflict passes the same value again without copying it.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
@@ -412,7 +414,7 @@ impl Engine {
         id: &str,
         version: u64,
         expect: phivault_store::Expect,
-        resource: Option<Value>,
+        resource: Option<&mut Value>,
         now: i64,
         previous: Option<&VersionRow>,
     ) -> Result<(Put, Written), ApiError> {
@@ -427,11 +429,11 @@ impl Engine {
             _ => Vec::new(),
         };
         let (stored, patient, index, deleted) = match resource {
-            Some(mut r) => {
-                set_server_fields(&mut r, id, version, now);
-                let patient = phivault_fhir::patient_compartment(&r);
-                let index = self.index_entries(rtype, &r);
-                let stored = crate::stored::compact(&r).map_err(|_| ApiError::internal())?;
+            Some(r) => {
+                set_server_fields(r, id, version, now);
+                let patient = phivault_fhir::patient_compartment(r);
+                let index = self.index_entries(rtype, r);
+                let stored = crate::stored::compact(r).map_err(|_| ApiError::internal())?;
                 (stored, patient, index, false)
             }
             None => (
