@@ -449,13 +449,16 @@ fn push_flat<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 }
 
 fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
+    // two buffers, swapped at every step (this runs for every path of every indexed
+    // parameter of every resource written)
     let mut cur: Vec<&'a Value> = vec![root];
+    let mut next: Vec<&'a Value> = Vec::new();
     for (depth, step) in steps.iter().enumerate() {
         if depth > MAX_DEPTH || cur.is_empty() {
             return;
         }
-        let mut next = Vec::new();
-        for node in cur {
+        next.clear();
+        for &node in &cur {
             let Some(obj) = node.as_object() else {
                 continue;
             };
@@ -485,7 +488,7 @@ fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
                 },
                 Step::Resolves(ty) => {
                     if let Some(r) = obj.get("reference").and_then(Value::as_str)
-                        && parse_reference(r).0.as_deref() == Some(ty.as_str())
+                        && reference_parts(r).is_some_and(|(t, _)| t == ty.as_str())
                     {
                         next.push(node);
                     }
@@ -497,7 +500,7 @@ fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
                 }
             }
         }
-        cur = next;
+        std::mem::swap(&mut cur, &mut next);
     }
     out.extend(cur);
 }
@@ -505,25 +508,27 @@ fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
 /// `(type, id)` of a reference string: `Type/id`, `Type/id/_history/v`, or an absolute URL
 /// ending in one of those.
 pub(crate) fn parse_reference(r: &str) -> (Option<String>, Option<String>) {
-    if r.starts_with('#') || r.starts_with("urn:") {
-        return (None, None);
-    }
-    let segs: Vec<&str> = r.split('/').collect();
-    let n = segs.len();
-    let pick = |t: &str, i: &str| {
-        (is_known_resource_type(t) && is_valid_id(i)).then(|| (t.to_owned(), i.to_owned()))
-    };
-    let found = if n >= 4 && segs[n - 2] == "_history" {
-        pick(segs[n - 4], segs[n - 3])
-    } else if n >= 2 {
-        pick(segs[n - 2], segs[n - 1])
-    } else {
-        None
-    };
-    match found {
-        Some((t, i)) => (Some(t), Some(i)),
+    match reference_parts(r) {
+        Some((t, i)) => (Some(t.to_owned()), Some(i.to_owned())),
         None => (None, None),
     }
+}
+
+/// [`parse_reference`] without copying: the type and id within `r`.
+fn reference_parts(r: &str) -> Option<(&str, &str)> {
+    if r.starts_with('#') || r.starts_with("urn:") {
+        return None;
+    }
+    // the last four segments are all any form needs
+    let mut last = r.rsplitn(5, '/');
+    let (s1, s2) = (last.next()?, last.next()?);
+    let pick = |t: &str, i: &str| (is_known_resource_type(t) && is_valid_id(i)).then_some(());
+    if s2 == "_history" {
+        // Type/id/_history/v (an id cannot be `_history`, so this is never a plain Type/id)
+        let (s3, s4) = (last.next()?, last.next()?);
+        return pick(s4, s3).map(|()| (s4, s3));
+    }
+    pick(s2, s1).map(|()| (s2, s1))
 }
 
 fn decimal_of(v: &Value) -> Option<super::types::Decimal> {
@@ -1071,7 +1076,38 @@ mod tests {
         assert_eq!(parse_reference("urn:uuid:abc"), (None, None));
     }
 
+    /// The split-and-collect form `reference_parts` replaced, as the oracle.
+    fn parts_by_split(r: &str) -> Option<(String, String)> {
+        if r.starts_with('#') || r.starts_with("urn:") {
+            return None;
+        }
+        let segs: Vec<&str> = r.split('/').collect();
+        let n = segs.len();
+        let pick = |t: &str, i: &str| {
+            (is_known_resource_type(t) && is_valid_id(i)).then(|| (t.to_owned(), i.to_owned()))
+        };
+        if n >= 4 && segs[n - 2] == "_history" {
+            pick(segs[n - 4], segs[n - 3])
+        } else if n >= 2 {
+            pick(segs[n - 2], segs[n - 1])
+        } else {
+            None
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn reference_parts_agree_with_splitting(
+            segs in proptest::collection::vec(
+                proptest::sample::select(vec!["Patient", "Observation", "_history", "12", "a.b", "", "x y", "https:", "#c", "urn:uuid:1", "3"]),
+                0..7,
+            )
+        ) {
+            let r = segs.join("/");
+            let got = reference_parts(&r).map(|(t, i)| (t.to_owned(), i.to_owned()));
+            proptest::prop_assert_eq!(got, parts_by_split(&r), "{:?}", r);
+        }
+
         #[test]
         fn extraction_never_panics(v in proptest::arbitrary::any::<String>()) {
             let j: Value = serde_json::from_str(&v).unwrap_or(Value::String(v.clone()));
