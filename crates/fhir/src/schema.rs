@@ -172,12 +172,16 @@ pub(crate) fn schema() -> Option<&'static Schema> {
 }
 
 fn load() -> Result<Schema, String> {
+    compile(&raw_schema()?)
+}
+
+/// The shipped R4 JSON schema, as JSON.
+fn raw_schema() -> Result<Value, String> {
     let mut text = Vec::new();
     flate2::read::GzDecoder::new(SCHEMA_GZ)
         .read_to_end(&mut text)
         .map_err(|e| format!("decompress: {e}"))?;
-    let raw: Value = serde_json::from_slice(&text).map_err(|e| format!("parse: {e}"))?;
-    compile(&raw)
+    serde_json::from_slice(&text).map_err(|e| format!("parse: {e}"))
 }
 
 fn ref_name(v: &Value) -> Option<&str> {
@@ -847,11 +851,7 @@ mod tests {
 
     #[test]
     fn the_shipped_date_time_patterns_are_matched_by_hand() {
-        let mut text = Vec::new();
-        flate2::read::GzDecoder::new(SCHEMA_GZ)
-            .read_to_end(&mut text)
-            .unwrap();
-        let raw: Value = serde_json::from_slice(&text).unwrap();
+        let raw = raw_schema().unwrap();
         for name in ["date", "dateTime", "instant", "time"] {
             let p = raw["definitions"][name]["pattern"].as_str().unwrap();
             assert!(crate::formats::Format::of_pattern(p).is_some(), "{name}");
