@@ -244,25 +244,15 @@ async fn transaction(
             .zip(resources.iter_mut())
             .zip(undo.iter_mut())
         {
-            if let (Plan::Create { .. } | Plan::Put { .. }, Some(resource)) = (plan, resource) {
-                let mut dangling = false;
-                let mut n = 0;
-                phivault_fhir::for_each_reference_mut(resource, &mut |r: &mut String| {
-                    if let Some(t) = map.get(r.as_str()) {
-                        undo.push((n, std::mem::replace(r, t.clone())));
-                    } else if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
-                        dangling = true;
-                    }
-                    n += 1;
-                });
-                if dangling {
-                    return Err(entry_error(
-                        e.index,
-                        ApiError::bad_request(
-                            "a urn: reference does not resolve to an entry of the transaction",
-                        ),
-                    ));
-                }
+            if let (Plan::Create { .. } | Plan::Put { .. }, Some(resource)) = (plan, resource)
+                && rewrite_references(resource, &map, undo)
+            {
+                return Err(entry_error(
+                    e.index,
+                    ApiError::bad_request(
+                        "a urn: reference does not resolve to an entry of the transaction",
+                    ),
+                ));
             }
         }
         // 4. Seal every write into one batch.
@@ -401,6 +391,27 @@ async fn transaction(
         }));
     }
     Err(conflict_exhausted())
+}
+
+/// Rewrite `resource`'s references that `map` names (fullUrl or absolute URL → `Type/id`),
+/// recording each original in `undo` for [`restore_references`]; true when a `urn:`
+/// reference names no entry of the transaction.
+fn rewrite_references(
+    resource: &mut Value,
+    map: &HashMap<String, String>,
+    undo: &mut Vec<(usize, String)>,
+) -> bool {
+    let mut dangling = false;
+    let mut n = 0;
+    phivault_fhir::for_each_reference_mut(resource, &mut |r: &mut String| {
+        if let Some(t) = map.get(r.as_str()) {
+            undo.push((n, std::mem::replace(r, t.clone())));
+        } else if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
+            dangling = true;
+        }
+        n += 1;
+    });
+    dangling
 }
 
 /// Put back the reference strings a transaction attempt rewrote: `undo` holds, in visiting
@@ -629,21 +640,19 @@ mod tests {
             "note": [{"text": "reference"}]
         });
         let mut r = original.clone();
-        let map: HashMap<&str, &str> = [
+        let mut dangling =
+            json!({"resourceType": "Observation", "subject": {"reference": "urn:uuid:zz"}});
+        let map: HashMap<String, String> = [
             ("urn:uuid:p", "Patient/1"),
             ("urn:uuid:q", "Practitioner/2"),
         ]
         .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         for attempt in 0..3 {
             let mut undo = Vec::new();
-            let mut n = 0;
-            phivault_fhir::for_each_reference_mut(&mut r, &mut |s: &mut String| {
-                if let Some(t) = map.get(s.as_str()) {
-                    undo.push((n, std::mem::replace(s, (*t).to_owned())));
-                }
-                n += 1;
-            });
+            assert!(!rewrite_references(&mut r, &map, &mut undo));
+            assert!(rewrite_references(&mut dangling, &map, &mut Vec::new()));
             assert_eq!(undo.len(), 3, "attempt {attempt}");
             assert_eq!(r["subject"]["reference"], "Patient/1");
             assert_eq!(r["performer"][0]["reference"], "Practitioner/kept");
