@@ -159,7 +159,13 @@ pub struct SqliteStore {
     /// writer holds the write lock across a merge's commit, so every lookup sees each
     /// committed row in exactly one of the two places.
     pending: Arc<RwLock<Pending>>,
+    /// Resource numbers readers have turned into ids (see [`SqliteStore::id_of_number`]).
+    ids_by_number: RwLock<HashMap<i64, String>>,
 }
+
+/// Most resource numbers [`SqliteStore::id_of_number`] keeps (~100 bytes each); the map
+/// is emptied when full.
+const IDS_BY_NUMBER_MAX: usize = 1 << 18;
 
 /// A writer that has written no index rows for this long (ms) merges whatever is pending.
 const IDLE_MERGE_MS: u64 = 1_000;
@@ -456,6 +462,7 @@ impl SqliteStore {
             merge_rows,
             idle_merge_ms,
             pending,
+            ids_by_number: RwLock::new(HashMap::new()),
         })
     }
 
@@ -469,6 +476,28 @@ impl SqliteStore {
     /// small values to exercise merges).
     pub fn set_merge_rows(&self, rows: usize) {
         self.merge_rows.store(rows.max(1), Ordering::Relaxed);
+    }
+
+    /// The id of resource number `rno`, as committed. A `resource_no` row is only ever
+    /// inserted, never changed or deleted, and a reader sees committed rows only (a
+    /// number handed out in a transaction that rolled back is never seen, even if it is
+    /// handed out again), so what a reader read once holds for good and is kept: search
+    /// pages turn every candidate number into an id, and each look-up costs a B-tree
+    /// descent through pages SQLite re-reads after every commit. The writer, which also
+    /// sees its own uncommitted rows, must not use this.
+    fn id_of_number(&self, c: &Connection, rno: i64) -> Result<String, rusqlite::Error> {
+        if let Some(id) = self.ids_by_number.read().get(&rno) {
+            return Ok(id.clone());
+        }
+        let id = c
+            .prepare_cached("SELECT id FROM resource_no WHERE rno = ?1")?
+            .query_row(params![rno], |r| read_id(r, 0))?;
+        let mut known = self.ids_by_number.write();
+        if known.len() >= IDS_BY_NUMBER_MAX {
+            known.clear();
+        }
+        known.insert(rno, id.clone());
+        Ok(id)
     }
 
     /// Open the database read-only (offline verification, reports); writes fail.
@@ -495,6 +524,7 @@ impl SqliteStore {
             merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
             idle_merge_ms: Arc::new(AtomicU64::new(IDLE_MERGE_MS)),
             pending: Arc::new(RwLock::new(pending)),
+            ids_by_number: RwLock::new(HashMap::new()),
         })
     }
 
@@ -742,11 +772,10 @@ impl Store for SqliteStore {
                     .unwrap_or(i64::MAX),
             };
             let start = numbers.partition_point(|n| *n <= after);
-            let mut st = c.prepare_cached("SELECT id FROM resource_no WHERE rno = ?1")?;
             numbers[start..]
                 .iter()
                 .take(usize::try_from(limit).unwrap_or(usize::MAX))
-                .map(|n| st.query_row(params![n], |r| read_id(r, 0)))
+                .map(|&n| self.id_of_number(c, n))
                 .collect()
         })
     }

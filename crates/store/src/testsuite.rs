@@ -69,6 +69,7 @@ pub fn run_all(store: &dyn Store) {
     failed_batch_writes_nothing(store);
     guards_and_lookup(store);
     candidate_queries(store);
+    numbers_of_failed_batches_name_nothing(store);
     key_conflict(store);
     uuid_and_text_ids(store);
     meta_roundtrip(store);
@@ -379,6 +380,67 @@ fn candidate_queries(store: &dyn Store) {
         store.index_stats("Condition", "flag").unwrap().resources,
         13
     );
+}
+
+/// A resource created in a batch that fails leaves no trace in the candidates, and the
+/// resource created next (which an engine may give the same internal number) is found
+/// under its own id, before and after earlier look-ups.
+fn numbers_of_failed_batches_name_nothing(store: &dyn Store) {
+    use crate::Candidates as C;
+    let put = |id: &str, code: &[u8]| Put {
+        row: row("Procedure", id, 1, b"x"),
+        expect: Expect::Absent,
+        index: vec![tok("code", code)],
+        replaces: vec![],
+    };
+    let find = |code: &[u8]| {
+        let q = C::Tokens {
+            param: "code".into(),
+            tokens: vec![code.to_vec()],
+        };
+        store.candidates("Procedure", &q, None, 10).unwrap()
+    };
+    let a = "018f0000-0000-7000-8000-00000000000a";
+    let (b, c) = (
+        "018f0000-0000-7000-8000-00000000000b",
+        "018f0000-0000-7000-8000-00000000000c",
+    );
+    commit(
+        store,
+        WriteBatch {
+            puts: vec![put(a, b"first")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(find(b"first"), vec![a.to_owned()]);
+    for _ in 0..2 {
+        let failing = WriteBatch {
+            puts: vec![
+                put(b, b"second"),
+                Put {
+                    row: row("Procedure", "missing", 9, b"x"),
+                    expect: Expect::Version(8),
+                    index: vec![],
+                    replaces: vec![],
+                },
+            ],
+            ..Default::default()
+        };
+        assert!(commit(store, failing).is_err());
+        assert!(find(b"second").is_empty());
+    }
+    commit(
+        store,
+        WriteBatch {
+            puts: vec![put(c, b"second")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(find(b"second"), vec![c.to_owned()]);
+    assert_eq!(find(b"first"), vec![a.to_owned()]);
+    assert!(store.current("Procedure", b).unwrap().is_none());
 }
 
 fn key_conflict(store: &dyn Store) {
