@@ -167,6 +167,31 @@ fn push_entries(out: &mut Vec<IndexEntry>, param: &str, mut tokens: Vec<Vec<u8>>
 pub fn instant(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    // (`time` keeps years within ±9999: four digits unless negative)
+    let Ok(year) = u32::try_from(t.year()) else {
+        return instant_formatted(&t);
+    };
+    // digit by digit: every response and every written version carries one or more of
+    // these, and the formatting machinery cost more than the date arithmetic
+    let mut out = String::with_capacity(24);
+    let mut push = |n: u32, width: u32, then: char| {
+        for place in (0..width).rev() {
+            out.push(char::from(b'0' + (n / 10u32.pow(place) % 10) as u8));
+        }
+        out.push(then);
+    };
+    push(year, 4, '-');
+    push(u32::from(u8::from(t.month())), 2, '-');
+    push(u32::from(t.day()), 2, 'T');
+    push(u32::from(t.hour()), 2, ':');
+    push(u32::from(t.minute()), 2, ':');
+    push(u32::from(t.second()), 2, '.');
+    push(u32::from(t.millisecond()), 3, 'Z');
+    out
+}
+
+/// [`instant`] through `format!`, for negative years.
+fn instant_formatted(t: &time::OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -609,5 +634,14 @@ mod tests {
         assert_eq!(instant(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(instant(1_700_000_000_120), "2023-11-14T22:13:20.120Z");
         assert!(instant(1_700_000_000_123).ends_with(".123Z"));
+        assert_eq!(instant(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn digit_by_digit_instants_equal_formatted_ones(ms in -62_135_596_800_000i64..253_402_300_799_999) {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
+            proptest::prop_assert_eq!(instant(ms), instant_formatted(&t));
+        }
     }
 }
