@@ -176,6 +176,9 @@ const DEFAULT_MERGE_ROWS: usize = 200_000;
 
 type Stop = Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>;
 
+/// Prepared statements each connection keeps.
+const STATEMENT_CACHE: usize = 128;
+
 /// How often the WAL is folded back into the database while the server runs.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -206,6 +209,9 @@ impl std::fmt::Debug for SqliteStore {
 fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(engine)?;
+    // Room for every statement a connection prepares (the writer alone uses more than
+    // rusqlite's default 16, and an evicted statement is parsed again on its next use).
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(engine)?;
     // Everything SQLite would spill to a temporary file stays in memory: no plaintext
@@ -1307,10 +1313,10 @@ fn apply_group(
                 let saved = *head;
                 let mark = staged.mark();
                 leaves.clear();
-                tx.execute_batch("SAVEPOINT b").map_err(engine)?;
+                run_cached(&tx, "SAVEPOINT b")?;
                 match apply_batch(&tx, batch, head, &mut leaves, pending, staged) {
                     Ok(c) => {
-                        tx.execute_batch("RELEASE b").map_err(engine)?;
+                        run_cached(&tx, "RELEASE b")?;
                         // the batch's events join the tree once they are in
                         for l in &leaves {
                             frontier.push(*l);
@@ -1320,7 +1326,8 @@ fn apply_group(
                     Err(e) => {
                         *head = saved;
                         staged.rollback_to(mark);
-                        tx.execute_batch("ROLLBACK TO b; RELEASE b").map_err(engine)?;
+                        run_cached(&tx, "ROLLBACK TO b")?;
+                        run_cached(&tx, "RELEASE b")?;
                         Err(e)
                     }
                 }
@@ -1386,6 +1393,16 @@ fn apply_group(
     }
     tx.commit().map_err(engine)?;
     Ok(results)
+}
+
+/// Run a statement without results through the statement cache: the savepoint around
+/// every batch of a group (one per request, reads' audit events included) was parsed
+/// anew each time, on the writer that every request waits for.
+fn run_cached(tx: &rusqlite::Transaction<'_>, sql: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .map(|_| ())
+        .map_err(engine)
 }
 
 fn apply_batch(
