@@ -405,14 +405,14 @@ fn numbers_of_failed_batches_name_nothing(store: &dyn Store) {
         "018f0000-0000-7000-8000-00000000000b",
         "018f0000-0000-7000-8000-00000000000c",
     );
-    commit(
-        store,
-        WriteBatch {
-            puts: vec![put(a, b"first")],
+    let create = |id: &str, code: &[u8]| {
+        let batch = WriteBatch {
+            puts: vec![put(id, code)],
             ..Default::default()
-        },
-    )
-    .unwrap();
+        };
+        commit(store, batch).unwrap();
+    };
+    create(a, b"first");
     assert_eq!(find(b"first"), vec![a.to_owned()]);
     for _ in 0..2 {
         let failing = WriteBatch {
@@ -430,14 +430,7 @@ fn numbers_of_failed_batches_name_nothing(store: &dyn Store) {
         assert!(commit(store, failing).is_err());
         assert!(find(b"second").is_empty());
     }
-    commit(
-        store,
-        WriteBatch {
-            puts: vec![put(c, b"second")],
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    create(c, b"second");
     assert_eq!(find(b"second"), vec![c.to_owned()]);
     assert_eq!(find(b"first"), vec![a.to_owned()]);
     assert!(store.current("Procedure", b).unwrap().is_none());
