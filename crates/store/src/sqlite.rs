@@ -160,12 +160,43 @@ pub struct SqliteStore {
     /// committed row in exactly one of the two places.
     pending: Arc<RwLock<Pending>>,
     /// Resource numbers readers have turned into ids (see [`SqliteStore::id_of_number`]).
-    ids_by_number: RwLock<HashMap<i64, String>>,
+    ids_by_number: Remembered,
+    /// Data key numbers readers have turned into key ids (see [`SqliteStore::key_id_of`]).
+    key_ids: Remembered,
 }
 
-/// Most resource numbers [`SqliteStore::id_of_number`] keeps (~100 bytes each); the map
-/// is emptied when full.
-const IDS_BY_NUMBER_MAX: usize = 1 << 18;
+/// What readers have read of rows that never change once committed (`resource_no`,
+/// `data_key`'s number → id): only ever inserted, never updated or deleted, and a reader
+/// sees committed rows only (a number handed out in a transaction that rolled back is
+/// never seen, even if it is handed out again), so what a reader read once holds for
+/// good. Every commit makes SQLite drop a reader's page cache, and with every request
+/// audited that is always, so each look-up kept here saves a B-tree descent through pages
+/// read again from the file. The writer, which sees its own uncommitted rows, must not
+/// use these. At most [`REMEMBERED_MAX`] entries (~100 bytes each); emptied when full.
+#[derive(Default)]
+struct Remembered(RwLock<HashMap<i64, String>>);
+
+/// See [`Remembered`].
+const REMEMBERED_MAX: usize = 1 << 18;
+
+impl Remembered {
+    fn get_or_read(
+        &self,
+        key: i64,
+        read: impl FnOnce() -> Result<String, rusqlite::Error>,
+    ) -> Result<String, rusqlite::Error> {
+        if let Some(v) = self.0.read().get(&key) {
+            return Ok(v.clone());
+        }
+        let v = read()?;
+        let mut known = self.0.write();
+        if known.len() >= REMEMBERED_MAX {
+            known.clear();
+        }
+        known.insert(key, v.clone());
+        Ok(v)
+    }
+}
 
 /// A writer that has written no index rows for this long (ms) merges whatever is pending.
 const IDLE_MERGE_MS: u64 = 1_000;
@@ -468,7 +499,8 @@ impl SqliteStore {
             merge_rows,
             idle_merge_ms,
             pending,
-            ids_by_number: RwLock::new(HashMap::new()),
+            ids_by_number: Remembered::default(),
+            key_ids: Remembered::default(),
         })
     }
 
@@ -484,26 +516,32 @@ impl SqliteStore {
         self.merge_rows.store(rows.max(1), Ordering::Relaxed);
     }
 
-    /// The id of resource number `rno`, as committed. A `resource_no` row is only ever
-    /// inserted, never changed or deleted, and a reader sees committed rows only (a
-    /// number handed out in a transaction that rolled back is never seen, even if it is
-    /// handed out again), so what a reader read once holds for good and is kept: search
-    /// pages turn every candidate number into an id, and each look-up costs a B-tree
-    /// descent through pages SQLite re-reads after every commit. The writer, which also
-    /// sees its own uncommitted rows, must not use this.
+    /// The id of resource number `rno` (search pages turn every candidate number into
+    /// an id), remembered (see [`Remembered`]). Readers only.
     fn id_of_number(&self, c: &Connection, rno: i64) -> Result<String, rusqlite::Error> {
-        if let Some(id) = self.ids_by_number.read().get(&rno) {
-            return Ok(id.clone());
-        }
-        let id = c
-            .prepare_cached("SELECT id FROM resource_no WHERE rno = ?1")?
-            .query_row(params![rno], |r| read_id(r, 0))?;
-        let mut known = self.ids_by_number.write();
-        if known.len() >= IDS_BY_NUMBER_MAX {
-            known.clear();
-        }
-        known.insert(rno, id.clone());
-        Ok(id)
+        self.ids_by_number.get_or_read(rno, || {
+            c.prepare_cached("SELECT id FROM resource_no WHERE rno = ?1")?
+                .query_row(params![rno], |r| read_id(r, 0))
+        })
+    }
+
+    /// The key id of data key number `key_no` (every version row read names one),
+    /// remembered (see [`Remembered`]). Readers only.
+    fn key_id_of(&self, c: &Connection, key_no: i64) -> Result<String, rusqlite::Error> {
+        self.key_ids.get_or_read(key_no, || {
+            c.prepare_cached("SELECT key_id FROM data_key WHERE key_no = ?1")?
+                .query_row(params![key_no], |r| r.get(0))
+        })
+    }
+
+    /// A version row as read by [`raw_version`], with its key id.
+    fn named(
+        &self,
+        c: &Connection,
+        (key_no, mut row): (i64, VersionRow),
+    ) -> Result<VersionRow, rusqlite::Error> {
+        row.key_id = self.key_id_of(c, key_no)?;
+        Ok(row)
     }
 
     /// Open the database read-only (offline verification, reports); writes fail.
@@ -530,7 +568,8 @@ impl SqliteStore {
             merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
             idle_merge_ms: Arc::new(AtomicU64::new(IDLE_MERGE_MS)),
             pending: Arc::new(RwLock::new(pending)),
-            ids_by_number: RwLock::new(HashMap::new()),
+            ids_by_number: Remembered::default(),
+            key_ids: Remembered::default(),
         })
     }
 
@@ -622,22 +661,27 @@ impl Drop for SqliteStore {
     }
 }
 
-fn row_to_version(r: &rusqlite::Row<'_>) -> Result<VersionRow, rusqlite::Error> {
-    Ok(VersionRow {
-        rtype: r.get(0)?,
-        id: read_id(r, 1)?,
-        version: r.get::<_, i64>(2)? as u64,
-        key_id: r.get(3)?,
-        deleted: r.get::<_, i64>(4)? != 0,
-        updated_ms: r.get(5)?,
-        sealed: r.get(6)?,
-    })
+/// A row of [`select_version!`]: its data key number, and the row without its key id
+/// (see [`SqliteStore::named`]).
+fn raw_version(r: &rusqlite::Row<'_>) -> Result<(i64, VersionRow), rusqlite::Error> {
+    Ok((
+        r.get(3)?,
+        VersionRow {
+            rtype: r.get(0)?,
+            id: read_id(r, 1)?,
+            version: r.get::<_, i64>(2)? as u64,
+            key_id: String::new(),
+            deleted: r.get::<_, i64>(4)? != 0,
+            updated_ms: r.get(5)?,
+            sealed: r.get(6)?,
+        },
+    ))
 }
 
 macro_rules! select_version {
     () => {
-        "SELECT v.rtype, v.id, v.version, k.key_id, v.deleted, v.updated_ms, v.sealed \
-         FROM resource_version v JOIN data_key k ON k.key_no = v.key_no"
+        "SELECT v.rtype, v.id, v.version, v.key_no, v.deleted, v.updated_ms, v.sealed \
+         FROM resource_version v"
     };
 }
 
@@ -652,8 +696,10 @@ impl Store for SqliteStore {
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
         self.with_reader(|c| {
             c.prepare_cached(SELECT_CURRENT)?
-                .query_row(params![rtype, DbId(id)], row_to_version)
-                .optional()
+                .query_row(params![rtype, DbId(id)], raw_version)
+                .optional()?
+                .map(|raw| self.named(c, raw))
+                .transpose()
         })
     }
 
@@ -667,8 +713,10 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached(SELECT_CURRENT)?;
             ids.iter()
                 .map(|id| {
-                    st.query_row(params![rtype, DbId(id)], row_to_version)
-                        .optional()
+                    st.query_row(params![rtype, DbId(id)], raw_version)
+                        .optional()?
+                        .map(|raw| self.named(c, raw))
+                        .transpose()
                 })
                 .collect()
         })
@@ -685,8 +733,10 @@ impl Store for SqliteStore {
             c.prepare_cached(&format!(
                 "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
             ))?
-            .query_row(params![rtype, DbId(id), v], row_to_version)
-            .optional()
+            .query_row(params![rtype, DbId(id), v], raw_version)
+            .optional()?
+            .map(|raw| self.named(c, raw))
+            .transpose()
         })
     }
 
@@ -702,13 +752,15 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!(
                     "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT ?3"
                 ))?
-                .query_map(params![rtype, DbId(id), limit], row_to_version)?
+                .query_map(params![rtype, DbId(id), limit], raw_version)?
+                .map(|raw| self.named(c, raw?))
                 .collect(),
             None => c
                 .prepare_cached(&format!(
                     "{SELECT_VERSION} WHERE v.rtype = ?1 ORDER BY v.updated_ms DESC, v.id DESC, v.version DESC LIMIT ?2"
                 ))?
-                .query_map(params![rtype, limit], row_to_version)?
+                .query_map(params![rtype, limit], raw_version)?
+                .map(|raw| self.named(c, raw?))
                 .collect(),
         })
     }
