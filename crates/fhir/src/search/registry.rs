@@ -476,12 +476,17 @@ fn eval<'a>(root: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
                 Step::Field(name, None) => match obj.get(name) {
                     Some(v) => push_flat(v, &mut next),
                     None => {
-                        // a choice element named without its type: any `nameType` key
+                        // a choice element named without its type: any `nameType` key.
+                        // Keys come sorted, so those starting with `name` are together and
+                        // the first key past `name` that does not is the end of them.
                         for (k, v) in obj {
-                            if let Some(sfx) = k.strip_prefix(name.as_str())
-                                && sfx.starts_with(|c: char| c.is_ascii_uppercase())
-                            {
-                                push_flat(v, &mut next);
+                            match k.strip_prefix(name.as_str()) {
+                                Some(sfx) if sfx.starts_with(|c: char| c.is_ascii_uppercase()) => {
+                                    push_flat(v, &mut next)
+                                }
+                                Some(_) => {}
+                                None if k.as_str() > name.as_str() => break,
+                                None => {}
                             }
                         }
                     }
@@ -1074,6 +1079,20 @@ mod tests {
             (Some("Patient".into()), Some("12".into()))
         );
         assert_eq!(parse_reference("urn:uuid:abc"), (None, None));
+    }
+
+    #[test]
+    fn choice_elements_are_found_among_keys_written_in_any_order() {
+        // the scan for `effective[x]` stops at the first key past `effective…`, which
+        // relies on object keys coming sorted (serde_json without `preserve_order`)
+        let text = r#"{"resourceType": "Observation", "zeta": 1, "status": "final",
+            "effectiveDateTime": "2020-01-01", "abc": 2, "effectivf": 3, "effectiveX": 4}"#;
+        let o: Value = serde_json::from_str(text).unwrap();
+        let d = search_params("Observation")
+            .iter()
+            .find(|d| d.code == "date")
+            .unwrap();
+        assert_eq!(extract(d, &o).len(), 1, "{:?}", extract(d, &o));
     }
 
     /// The split-and-collect form `reference_parts` replaced, as the oracle.
