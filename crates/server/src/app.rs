@@ -733,7 +733,7 @@ async fn create_inner(
                     version: w.version,
                     updated_ms: w.updated_ms,
                 },
-                w.body,
+                w.body()?,
                 true,
             ),
             Created::Existing(row) => resource_response(
@@ -902,7 +902,7 @@ async fn update_inner(
             version: w.version,
             updated_ms: w.updated_ms,
         },
-        w.body,
+        w.body()?,
         true,
     ))
 }

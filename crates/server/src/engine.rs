@@ -107,8 +107,9 @@ pub struct Written {
     pub version: u64,
     /// Write time (ms since epoch).
     pub updated_ms: i64,
-    /// The stored JSON (empty for deletes).
-    pub body: Vec<u8>,
+    /// The stored form of the new version (empty for deletes and for versions already
+    /// stored); [`Written::body`] expands it for a response that carries the resource.
+    stored: Vec<u8>,
     /// Patient compartment, if any.
     pub patient: Option<String>,
     /// True when the write created the resource.
@@ -124,6 +125,23 @@ pub fn new_id() -> String {
 }
 
 impl Written {
+    /// What a read of this version returns, byte for byte (empty for a delete or a
+    /// version already stored). Only responses that carry the resource ask for it: a
+    /// transaction's entries do not.
+    pub fn body(&self) -> Result<Vec<u8>, ApiError> {
+        if self.stored.is_empty() {
+            return Ok(Vec::new());
+        }
+        crate::stored::expand(
+            &self.stored,
+            &self.rtype,
+            &self.id,
+            self.version,
+            &instant(self.updated_ms),
+        )
+        .ok_or_else(ApiError::internal)
+    }
+
     /// A version already stored (nothing is written; no body).
     pub fn from_row(row: &VersionRow) -> Self {
         Written {
@@ -131,7 +149,7 @@ impl Written {
             id: row.id.clone(),
             version: row.version,
             updated_ms: row.updated_ms,
-            body: Vec::new(),
+            stored: Vec::new(),
             patient: key_patient(&row.key_id).map(str::to_owned),
             created: false,
             deleted: row.deleted,
@@ -485,13 +503,6 @@ impl Engine {
             };
             key.seal(&aad, &stored).map_err(|_| ApiError::internal())?
         };
-        // what a read of this version returns, byte for byte
-        let body = if deleted {
-            Vec::new()
-        } else {
-            crate::stored::expand(&stored, rtype, id, version, &instant(now))
-                .ok_or_else(ApiError::internal)?
-        };
         let put = Put {
             row: VersionRow {
                 rtype: rtype.to_owned(),
@@ -511,7 +522,7 @@ impl Engine {
             id: id.to_owned(),
             version,
             updated_ms: now,
-            body,
+            stored,
             patient,
             created: version == 1,
             deleted,
