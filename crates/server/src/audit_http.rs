@@ -583,8 +583,6 @@ fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
     Ok(v)
 }
 
-/// Who may search the log: an auditor (None) or a patient, for their own record
-/// (`Some(patient id)`).
 /// Alerts and reports are for whoever reads the whole audit log: an auditor.
 pub(crate) fn auditor(app: &App, auth: &phivault_auth::Authenticated) -> Result<(), ApiError> {
     let whole_log = app
@@ -596,6 +594,8 @@ pub(crate) fn auditor(app: &App, auth: &phivault_auth::Authenticated) -> Result<
     }
 }
 
+/// Who may search the log: an auditor (None) or a patient, for their own record
+/// (`Some(patient id)`).
 fn own_record(app: &App, auth: &phivault_auth::Authenticated) -> Result<Option<String>, ApiError> {
     match app.authorize_confined(auth, AUDIT_EVENT, Interaction::Search)? {
         None => Ok(None),

@@ -527,13 +527,14 @@ fn reference_parts(r: &str) -> Option<(&str, &str)> {
     // the last four segments are all any form needs
     let mut last = r.rsplitn(5, '/');
     let (s1, s2) = (last.next()?, last.next()?);
-    let pick = |t: &str, i: &str| (is_known_resource_type(t) && is_valid_id(i)).then_some(());
-    if s2 == "_history" {
+    let (t, i) = if s2 == "_history" {
         // Type/id/_history/v (an id cannot be `_history`, so this is never a plain Type/id)
-        let (s3, s4) = (last.next()?, last.next()?);
-        return pick(s4, s3).map(|()| (s4, s3));
-    }
-    pick(s2, s1).map(|()| (s2, s1))
+        let s3 = last.next()?;
+        (last.next()?, s3)
+    } else {
+        (s2, s1)
+    };
+    (is_known_resource_type(t) && is_valid_id(i)).then_some((t, i))
 }
 
 fn decimal_of(v: &Value) -> Option<super::types::Decimal> {
