@@ -15,6 +15,7 @@ use phivault_audit::AuditEvent;
 use tokio::sync::oneshot;
 
 mod pending;
+mod rows;
 mod segments;
 pub mod sqlite;
 pub mod testsuite;

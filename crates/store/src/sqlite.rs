@@ -19,6 +19,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::pending::{self, Pending, Staged, Tok};
+use crate::rows::RowCache;
 use crate::segments;
 use crate::{
     Candidates, CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, IndexStats,
@@ -84,6 +85,11 @@ CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
     v BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS resource_epoch (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    n INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO resource_epoch (one, n) VALUES (1, 0);
 "#;
 
 /// A logical id as stored: canonical lower-case UUIDs as 16-byte blobs (ids are the bulk of
@@ -163,6 +169,9 @@ pub struct SqliteStore {
     ids_by_number: Remembered,
     /// Data key numbers readers have turned into key ids (see [`SqliteStore::key_id_of`]).
     key_ids: Remembered,
+    /// Current rows readers have read (see [`crate::rows`]); none on a read-only open,
+    /// whose database may predate `resource_epoch`.
+    rows: Option<RowCache>,
 }
 
 /// What readers have read of rows that never change once committed (`resource_no`,
@@ -501,6 +510,7 @@ impl SqliteStore {
             pending,
             ids_by_number: Remembered::default(),
             key_ids: Remembered::default(),
+            rows: Some(RowCache::default()),
         })
     }
 
@@ -532,6 +542,17 @@ impl SqliteStore {
             c.prepare_cached("SELECT key_id FROM data_key WHERE key_no = ?1")?
                 .query_row(params![key_no], |r| r.get(0))
         })
+    }
+
+    /// The kept rows and the resource state `c` reads (see [`crate::rows`]).
+    fn kept(&self, c: &Connection) -> Result<Option<(&RowCache, i64)>, rusqlite::Error> {
+        let Some(cache) = &self.rows else {
+            return Ok(None);
+        };
+        let epoch = c
+            .prepare_cached("SELECT n FROM resource_epoch")?
+            .query_row([], |r| r.get(0))?;
+        Ok(Some((cache, epoch)))
     }
 
     /// A version row as read by [`raw_version`], with its key id.
@@ -570,6 +591,7 @@ impl SqliteStore {
             pending: Arc::new(RwLock::new(pending)),
             ids_by_number: Remembered::default(),
             key_ids: Remembered::default(),
+            rows: None,
         })
     }
 
@@ -694,12 +716,26 @@ const SELECT_CURRENT: &str = concat!(
 
 impl Store for SqliteStore {
     fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        // two statements without a common snapshot: the row read after the count is at
+        // least as new as the state counted, so never stale for it (crate::rows)
         self.with_reader(|c| {
-            c.prepare_cached(SELECT_CURRENT)?
+            let kept = self.kept(c)?;
+            let ids = [id.to_owned()];
+            if let Some((cache, epoch)) = kept
+                && let Some(row) = cache.get_many(epoch, rtype, &ids).pop().flatten()
+            {
+                return Ok(Some(row));
+            }
+            let row = c
+                .prepare_cached(SELECT_CURRENT)?
                 .query_row(params![rtype, DbId(id)], raw_version)
                 .optional()?
                 .map(|raw| self.named(c, raw))
-                .transpose()
+                .transpose()?;
+            if let Some((cache, epoch)) = kept {
+                cache.keep(epoch, &row);
+            }
+            Ok(row)
         })
     }
 
@@ -708,17 +744,30 @@ impl Store for SqliteStore {
         rtype: &str,
         ids: &[String],
     ) -> Result<Vec<Option<VersionRow>>, StoreError> {
-        // one connection and one prepared statement for the lot
+        // one connection, one snapshot and one prepared statement for the lot; rows kept
+        // for this snapshot's resource state are not read again
         self.with_snapshot(|c| {
+            let kept = self.kept(c)?;
+            let mut out = match kept {
+                Some((cache, epoch)) => cache.get_many(epoch, rtype, ids),
+                None => vec![None; ids.len()],
+            };
             let mut st = c.prepare_cached(SELECT_CURRENT)?;
-            ids.iter()
-                .map(|id| {
-                    st.query_row(params![rtype, DbId(id)], raw_version)
+            let mut read = Vec::new();
+            for (slot, id) in out.iter_mut().zip(ids) {
+                if slot.is_none() {
+                    *slot = st
+                        .query_row(params![rtype, DbId(id)], raw_version)
                         .optional()?
                         .map(|raw| self.named(c, raw))
-                        .transpose()
-                })
-                .collect()
+                        .transpose()?;
+                    read.extend(slot.as_ref());
+                }
+            }
+            if let Some((cache, epoch)) = kept {
+                cache.keep(epoch, read);
+            }
+            Ok(out)
         })
     }
 
@@ -1356,6 +1405,7 @@ fn apply_group(
     } = audit;
     let tx = conn.transaction().map_err(engine)?;
     let start_size = head.size;
+    let mut versions_written = false;
     let mut leaves = Vec::new();
     let group_mark = staged.mark();
     let mut results = Vec::with_capacity(group.len());
@@ -1369,6 +1419,7 @@ fn apply_group(
                 match apply_batch(&tx, batch, head, &mut leaves, pending, staged) {
                     Ok(c) => {
                         run_cached(&tx, "RELEASE b")?;
+                        versions_written |= !batch.puts.is_empty();
                         // the batch's events join the tree once they are in
                         for l in &leaves {
                             frontier.push(*l);
@@ -1393,6 +1444,10 @@ fn apply_group(
                 .map_err(|e| CommitError::Store(engine(e))),
         };
         results.push(res);
+    }
+    if versions_written {
+        // a new resource state: rows readers kept for the old one are stale (crate::rows)
+        run_cached(&tx, "UPDATE resource_epoch SET n = n + 1")?;
     }
     let logged = staged.since(group_mark);
     if !logged.is_empty() {
@@ -1989,6 +2044,77 @@ mod tests {
             index: entries(index),
             replaces: entries(replaces),
         }
+    }
+
+    #[test]
+    fn kept_rows_never_outlive_a_write_even_from_another_process() {
+        // two stores on one file stand for the server and a command-line tool
+        let dir = tempfile::tempdir().unwrap();
+        let (server, tool) = (open(dir.path()), open(dir.path()));
+        let write = |s: &SqliteStore, b: WriteBatch| s.submit(b).blocking_recv().unwrap().unwrap();
+        let versions = |s: &SqliteStore| -> Vec<Option<(u64, bool)>> {
+            let ids = ["a".to_owned(), "b".to_owned()];
+            let many = s.current_many("Observation", &ids).unwrap();
+            for (id, row) in ids.iter().zip(&many) {
+                assert_eq!(&s.current("Observation", id).unwrap(), row);
+            }
+            many.into_iter()
+                .map(|r| r.map(|r| (r.version, r.deleted)))
+                .collect()
+        };
+        write(
+            &server,
+            WriteBatch {
+                new_keys: vec![("k1".into(), b"w".to_vec())],
+                puts: vec![put_of("Observation", "a", 1, false, &[], &[])],
+                ..Default::default()
+            },
+        );
+        assert_eq!(versions(&server), vec![Some((1, false)), None]);
+        for (store, put, want) in [
+            (
+                &server,
+                put_of("Observation", "a", 2, false, &[], &[]),
+                [Some((2, false)), None],
+            ),
+            (
+                &tool,
+                put_of("Observation", "a", 3, false, &[], &[]),
+                [Some((3, false)), None],
+            ),
+            (
+                &tool,
+                put_of("Observation", "b", 1, false, &[], &[]),
+                [Some((3, false)), Some((1, false))],
+            ),
+            (
+                &server,
+                put_of("Observation", "a", 4, true, &[], &[]),
+                [Some((4, true)), Some((1, false))],
+            ),
+        ] {
+            // read twice (the second from what the first kept), then write
+            assert_eq!(versions(&server), versions(&server));
+            write(
+                store,
+                WriteBatch {
+                    puts: vec![put],
+                    ..Default::default()
+                },
+            );
+            assert_eq!(versions(&server), want.to_vec());
+            assert_eq!(versions(&tool), want.to_vec());
+        }
+        // audit-only commits keep the kept rows
+        crate::testsuite::append_audit(&server, 3);
+        let epoch = |s: &SqliteStore| {
+            s.with_reader(|c| {
+                c.query_row("SELECT n FROM resource_epoch", [], |r| r.get::<_, i64>(0))
+            })
+            .unwrap()
+        };
+        assert_eq!(epoch(&server), 5);
+        assert_eq!(epoch(&tool), 5);
     }
 
     #[test]
