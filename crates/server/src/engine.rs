@@ -47,7 +47,7 @@ pub struct Engine {
     pub store: Arc<dyn Store>,
     keys: KeyHierarchy,
     deks: RwLock<HashMap<String, DataKey>>,
-    blind: RwLock<HashMap<String, Arc<TruncatedIndexKey>>>,
+    blind: RwLock<HashMap<String, Arc<BlindKey>>>,
     /// Per resource type: its indexed parameters with their keys (one lookup per write)
     indexers: RwLock<HashMap<String, Indexers>>,
     index_bits: u32,
@@ -162,8 +162,39 @@ impl Written {
 struct Indexer {
     def: &'static search::SearchParamDef,
     extractor: Option<search::Extractor>,
-    key: Arc<TruncatedIndexKey>,
-    span: Option<(String, Arc<TruncatedIndexKey>)>,
+    key: Arc<BlindKey>,
+    span: Option<(String, Arc<BlindKey>)>,
+}
+
+/// A blind-index key, with the tokens it made of coarse date terms (years, months and
+/// wider: see `search::is_coarse_date_term`). A search on a date window hashes some thirty
+/// of them, the same few hundred over and over, and most dates written hash two. Terms
+/// that name a day or any other value are hashed every time and never kept. At most
+/// [`COARSE_TOKENS_MAX`] per key; emptied when full.
+struct BlindKey {
+    key: TruncatedIndexKey,
+    coarse: RwLock<HashMap<Vec<u8>, Vec<u8>>>,
+}
+
+/// See [`BlindKey`].
+const COARSE_TOKENS_MAX: usize = 4096;
+
+impl BlindKey {
+    fn token(&self, term: &[u8]) -> Vec<u8> {
+        if !search::is_coarse_date_term(term) {
+            return self.key.token(term);
+        }
+        if let Some(t) = self.coarse.read().get(term) {
+            return t.clone();
+        }
+        let t = self.key.token(term);
+        let mut kept = self.coarse.write();
+        if kept.len() >= COARSE_TOKENS_MAX {
+            kept.clear();
+        }
+        kept.insert(term.to_vec(), t.clone());
+        t
+    }
 }
 
 /// The indexed parameters of one resource type.
@@ -348,16 +379,18 @@ impl Engine {
         self.index_bits
     }
 
-    fn blind_key(&self, rtype: &str, param: &str) -> Arc<TruncatedIndexKey> {
+    fn blind_key(&self, rtype: &str, param: &str) -> Arc<BlindKey> {
         let scope = format!("{rtype}.{param}");
         if let Some(k) = self.blind.read().get(&scope) {
             return k.clone();
         }
-        let k = Arc::new(
-            self.keys
+        let k = Arc::new(BlindKey {
+            key: self
+                .keys
                 .blind_index_key(&scope)
                 .truncating(self.index_bits),
-        );
+            coarse: RwLock::new(HashMap::new()),
+        });
         self.blind.write().insert(scope, k.clone());
         k
     }
@@ -624,6 +657,29 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_coarse_tokens_are_the_hashed_ones_and_nothing_else_is_kept() {
+        let keys = KeyHierarchy::new(&phivault_crypto::MasterKey::from_bytes(&[5; 32]));
+        let plain = || keys.blind_index_key("Observation.date").truncating(40);
+        let memo = BlindKey {
+            key: plain(),
+            coarse: RwLock::new(HashMap::new()),
+        };
+        let terms: Vec<Vec<u8>> = (0..COARSE_TOKENS_MAX + 10)
+            .map(|i| format!("pM{}-{}", 1800 + i / 12, i % 12 + 1).into_bytes())
+            .chain([b"pd2016-1-15".to_vec(), b"^smi".to_vec(), b"e+".to_vec()])
+            .collect();
+        for round in 0..2 {
+            for t in &terms {
+                assert_eq!(memo.token(t), plain().token(t), "round {round}");
+            }
+        }
+        let kept = memo.coarse.read();
+        assert!(kept.len() <= COARSE_TOKENS_MAX);
+        assert!(kept.contains_key(&b"e+"[..]));
+        assert!(!kept.contains_key(&b"pd2016-1-15"[..]) && !kept.contains_key(&b"^smi"[..]));
+    }
 
     #[test]
     fn decodes_forms() {

@@ -76,42 +76,113 @@ fn high_day() -> i64 {
     days_from_civil(2200, 1, 1)
 }
 
+/// A date bucket, written after a term's kind byte (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bucket {
+    /// Before 1800 (`F<`).
+    Before,
+    /// From 2200 (`F>`).
+    After,
+    Century(i64),
+    Decade(i64),
+    Year(i64),
+    Month(i64, i64),
+    Day(i64, i64, i64),
+}
+
+/// `v` in decimal (as `format!("{v}")` writes it).
+fn push_int(t: &mut Vec<u8>, v: i64) {
+    if v < 0 {
+        t.push(b'-');
+    }
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = v.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    t.extend_from_slice(&digits[i..]);
+}
+
+impl Bucket {
+    /// The term of this bucket for `kind` (`p`, `s` or `e`).
+    fn term(self, kind: u8) -> Vec<u8> {
+        let (tag, values, n): (&[u8], [i64; 3], usize) = match self {
+            Bucket::Before => (b"F<", [0; 3], 0),
+            Bucket::After => (b"F>", [0; 3], 0),
+            Bucket::Century(c) => (b"C", [c, 0, 0], 1),
+            Bucket::Decade(d) => (b"D", [d, 0, 0], 1),
+            Bucket::Year(y) => (b"Y", [y, 0, 0], 1),
+            Bucket::Month(y, m) => (b"M", [y, m, 0], 2),
+            Bucket::Day(y, m, d) => (b"d", [y, m, d], 3),
+        };
+        let mut t = Vec::with_capacity(16);
+        t.push(kind);
+        t.extend_from_slice(tag);
+        for (i, v) in values[..n].iter().enumerate() {
+            if i > 0 {
+                t.push(b'-');
+            }
+            push_int(&mut t, *v);
+        }
+        t
+    }
+}
+
+/// Whether index term `term` is a date term no finer than a month: one that names no
+/// day (what a memory of tokens may hold; see the server's blind-index keys).
+pub fn is_coarse_date_term(term: &[u8]) -> bool {
+    match term {
+        [b's', b'-'] | [b'e', b'+'] => true,
+        [b'p' | b's' | b'e', tag, ..] => matches!(tag, b'C' | b'D' | b'Y' | b'M' | b'F'),
+        _ => false,
+    }
+}
+
 /// The buckets of one day: year, month, day (or the far bucket).
 fn day_buckets(day: i64, kind: u8, out: &mut Vec<Vec<u8>>) {
     if day < low_day() {
-        out.push(vec![kind, b'F', b'<']);
+        out.push(Bucket::Before.term(kind));
         return;
     }
     if day >= high_day() {
-        out.push(vec![kind, b'F', b'>']);
+        out.push(Bucket::After.term(kind));
         return;
     }
     let (y, m, d) = civil_from_days(day);
     if is_span_kind(kind) {
-        out.push(term(kind, format!("C{}", y / 100).as_bytes()));
-        out.push(term(kind, format!("D{}", y / 10).as_bytes()));
+        out.push(Bucket::Century(y / 100).term(kind));
+        out.push(Bucket::Decade(y / 10).term(kind));
     }
-    out.push(term(kind, format!("Y{y}").as_bytes()));
-    out.push(term(kind, format!("M{y}-{m}").as_bytes()));
-    out.push(term(kind, format!("d{y}-{m}-{d}").as_bytes()));
+    out.push(Bucket::Year(y).term(kind));
+    out.push(Bucket::Month(y, m).term(kind));
+    out.push(Bucket::Day(y, m, d).term(kind));
 }
 
 fn day_of(ms: i64) -> i64 {
     ms.div_euclid(DAY_MS)
 }
 
-/// Aligned buckets exactly covering the days `[a, b)` (both within the bucketed years),
-/// as bucket payloads.
-fn cover(a: i64, b: i64, coarse: bool, out: &mut Vec<String>) {
+/// Aligned buckets exactly covering the days `[a, b)` (both within the bucketed years).
+fn cover(a: i64, b: i64, coarse: bool, out: &mut Vec<Bucket>) {
     let mut cur = a;
     while cur < b {
         let (y, m, d) = civil_from_days(cur);
         if coarse && m == 1 && d == 1 {
             let mut done = false;
-            for (width, tag) in [(100, 'C'), (10, 'D')] {
+            for width in [100, 10] {
                 let end = days_from_civil(y + width, 1, 1);
                 if y % width == 0 && end <= b {
-                    out.push(format!("{tag}{}", y / width));
+                    out.push(if width == 100 {
+                        Bucket::Century(y / width)
+                    } else {
+                        Bucket::Decade(y / width)
+                    });
                     cur = end;
                     done = true;
                     break;
@@ -124,7 +195,7 @@ fn cover(a: i64, b: i64, coarse: bool, out: &mut Vec<String>) {
         if m == 1 && d == 1 {
             let end = days_from_civil(y + 1, 1, 1);
             if end <= b {
-                out.push(format!("Y{y}"));
+                out.push(Bucket::Year(y));
                 cur = end;
                 continue;
             }
@@ -136,12 +207,12 @@ fn cover(a: i64, b: i64, coarse: bool, out: &mut Vec<String>) {
                 days_from_civil(y, m + 1, 1)
             };
             if end <= b {
-                out.push(format!("M{y}-{m}"));
+                out.push(Bucket::Month(y, m));
                 cur = end;
                 continue;
             }
         }
-        out.push(format!("d{y}-{m}-{d}"));
+        out.push(Bucket::Day(y, m, d));
         cur += 1;
     }
 }
@@ -185,10 +256,10 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
     let (lo, hi) = (r.lo.unwrap_or(i64::MIN), r.hi.unwrap_or(i64::MAX));
     let mut buckets = Vec::new();
     if lo < low_day() {
-        buckets.push("F<".to_owned());
+        buckets.push(Bucket::Before);
     }
     if hi > high_day() {
-        buckets.push("F>".to_owned());
+        buckets.push(Bucket::After);
     }
     cover(
         lo.max(low_day()),
@@ -198,7 +269,7 @@ fn day_terms(r: Days, kinds: &[u8], open: Option<(&[u8], bool)>) -> Vec<Vec<u8>>
     );
     for k in kinds {
         for b in &buckets {
-            out.push(term(*k, b.as_bytes()));
+            out.push(b.term(*k));
         }
     }
     if let Some((t, low_side)) = open
@@ -765,6 +836,52 @@ mod tests {
                 std::slice::from_ref(&r),
                 &[crit(subj, Modifier::None, qv)]
             ));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn bucket_terms_are_the_formatted_ones(
+            day in days_from_civil(1700, 1, 1)..days_from_civil(2300, 1, 1),
+            kind in prop::sample::select(vec![b'p', b's', b'e']),
+            n in any::<i64>(),
+        ) {
+            // stored tokens are keyed hashes of these bytes: they must never change
+            let (y, m, d) = civil_from_days(day);
+            let formatted = |payload: String| [vec![kind], payload.into_bytes()].concat();
+            for (b, want) in [
+                (Bucket::Before, "F<".to_owned()),
+                (Bucket::After, "F>".to_owned()),
+                (Bucket::Century(y / 100), format!("C{}", y / 100)),
+                (Bucket::Decade(y / 10), format!("D{}", y / 10)),
+                (Bucket::Year(y), format!("Y{y}")),
+                (Bucket::Month(y, m), format!("M{y}-{m}")),
+                (Bucket::Day(y, m, d), format!("d{y}-{m}-{d}")),
+            ] {
+                let t = b.term(kind);
+                prop_assert_eq!(&t, &formatted(want));
+                prop_assert_eq!(is_coarse_date_term(&t), !matches!(b, Bucket::Day(..)));
+            }
+            let mut t = Vec::new();
+            push_int(&mut t, n);
+            prop_assert_eq!(t, n.to_string().into_bytes());
+        }
+    }
+
+    #[test]
+    fn coarse_date_terms_name_no_day() {
+        for t in [&b"s-"[..], b"e+", b"pY2016", b"sM2016-1", b"eC20", b"pF<"] {
+            assert!(is_coarse_date_term(t), "{t:?}");
+        }
+        for t in [
+            &b"pd2016-1-15"[..],
+            b"sd1-1-1",
+            b"^smi",
+            b"cY2016",
+            b"p",
+            b"rPatient/1",
+        ] {
+            assert!(!is_coarse_date_term(t), "{t:?}");
         }
     }
 

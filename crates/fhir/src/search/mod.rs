@@ -26,7 +26,7 @@ mod request;
 mod types;
 
 pub use datetime::{parse_date, parse_decimal};
-pub use index_terms::{index_terms, is_span_term, lookup_terms, span_index};
+pub use index_terms::{index_terms, is_coarse_date_term, is_span_term, lookup_terms, span_index};
 pub use matching::normalize;
 pub use registry::{
     Extractor, extract, extractor, field_selected, index_owner, indexed_params, parse_fields,
