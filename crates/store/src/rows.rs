@@ -6,10 +6,11 @@
 //! that is always: a search page's rows were each a B-tree descent through pages read
 //! again from the file. The database counts resource states in `resource_epoch`, which
 //! every commit that writes a version increments in the same transaction (whatever
-//! process commits it). A reader reads that count in the snapshot it reads rows in, so a
-//! row kept under count `n` is the current row of every snapshot with count `n`; a
-//! reader whose snapshot has a higher count first forgets every row (they may be stale),
-//! and one with a lower count (an older snapshot) neither uses nor keeps rows.
+//! process commits it). A reader reads that count in the snapshot it reads rows in, or
+//! before the statement that reads the row, so a row kept under count `n` is the current
+//! row of state `n` or of a later one — never of an earlier one; a reader whose snapshot
+//! has a higher count first forgets every row (they may be stale), and one with a lower
+//! count (an older snapshot) neither uses nor keeps rows.
 //!
 //! Bounded by the bytes of the rows kept ([`MAX_BYTES`]); emptied when full.
 
