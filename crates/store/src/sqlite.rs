@@ -160,8 +160,8 @@ pub struct SqliteStore {
     checkpointer: Mutex<Option<(thread::JoinHandle<()>, Stop)>>,
     merge_rows: Arc<AtomicUsize>,
     idle_merge_ms: Arc<AtomicU64>,
-    /// WAL frames past which the writer restarts the log.
-    wal_restart_frames: Arc<AtomicU64>,
+    /// When the writer restarts the WAL.
+    wal_restart: Arc<WalRestart>,
     /// Index rows of `index_log` not yet merged into the segments (see
     /// [`crate::pending`]). Readers hold the read lock across their SQL query, and the
     /// writer holds the write lock across a merge's commit, so every lookup sees each
@@ -235,6 +235,29 @@ const WAL_RESTART_FRAMES: u64 = 2_048;
 /// tried again later) rather than hold the writer longer.
 const WAL_RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// After restarts that readers held off, the next try waits 5 ms, doubled after each one
+/// that fails again up to this: a long read transaction (an export, a backup, an operator's
+/// `sqlite3`) then costs the writer one wait every quarter of a second, not one per group.
+const WAL_RESTART_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// When the writer restarts the WAL, shared with the store (tests change and watch it).
+#[derive(Debug)]
+struct WalRestart {
+    /// Frames in the log past which the writer restarts it.
+    frames: AtomicU64,
+    /// Restarts tried so far.
+    tries: AtomicU64,
+}
+
+impl WalRestart {
+    fn new() -> Arc<Self> {
+        Arc::new(WalRestart {
+            frames: AtomicU64::new(WAL_RESTART_FRAMES),
+            tries: AtomicU64::new(0),
+        })
+    }
+}
+
 /// A WAL file longer than this is cut back to it when the log restarts.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
@@ -275,18 +298,34 @@ fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlit
     Ok(())
 }
 
+/// How a WAL restart went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// The log is checkpointed and no reader reads from it: the next commit starts it again.
+    Done,
+    /// The checkpoint thread was checkpointing (SQLite gives up at once then).
+    Checkpointing,
+    /// Readers on old frames did not finish in time.
+    HeldOff,
+}
+
 /// Checkpoint the whole WAL and wait (briefly) until no reader still reads from it, so the
 /// writer's next transaction writes the log from its beginning again. The passive
 /// checkpoints have copied almost every frame already; what is left is waiting for the
-/// readers in flight, which take well under a millisecond each. Returns whether the log
-/// will restart.
-fn restart_wal(conn: &Connection) -> bool {
+/// readers in flight, which take well under a millisecond each.
+fn restart_wal(conn: &Connection) -> Restart {
     let _ = conn.busy_timeout(WAL_RESTART_WAIT);
-    let done = conn
-        .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
-        .is_ok_and(|busy| busy == 0);
+    // (busy, frames in the log, frames checkpointed); the frames are -1 when the
+    // checkpoint lock was taken
+    let r = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+    });
     let _ = conn.busy_timeout(BUSY_TIMEOUT);
-    done
+    match r {
+        Ok((0, _)) => Restart::Done,
+        Ok((_, -1)) => Restart::Checkpointing,
+        _ => Restart::HeldOff,
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -524,7 +563,7 @@ impl SqliteStore {
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
         let idle_merge_ms = Arc::new(AtomicU64::new(IDLE_MERGE_MS));
-        let wal_restart_frames = Arc::new(AtomicU64::new(WAL_RESTART_FRAMES));
+        let wal_restart = WalRestart::new();
         let writer_state = Writer {
             head,
             frontier,
@@ -533,7 +572,9 @@ impl SqliteStore {
             pending: pending.clone(),
             merge_rows: merge_rows.clone(),
             idle_merge_ms: idle_merge_ms.clone(),
-            wal_restart_frames: wal_restart_frames.clone(),
+            wal_restart: wal_restart.clone(),
+            wal_retry_at: None,
+            wal_held_off: 0,
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
@@ -561,7 +602,7 @@ impl SqliteStore {
             checkpointer: Mutex::new(Some((checkpointer, stop))),
             merge_rows,
             idle_merge_ms,
-            wal_restart_frames,
+            wal_restart,
             pending,
             ids_by_number: Remembered::default(),
             key_ids: Remembered::default(),
@@ -578,7 +619,8 @@ impl SqliteStore {
     /// Restart the WAL once it holds this many frames (tests use small values to restart
     /// it often).
     pub fn set_wal_restart_frames(&self, frames: u64) {
-        self.wal_restart_frames
+        self.wal_restart
+            .frames
             .store(frames.max(1), Ordering::Relaxed);
     }
 
@@ -650,7 +692,7 @@ impl SqliteStore {
             checkpointer: Mutex::new(None),
             merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
             idle_merge_ms: Arc::new(AtomicU64::new(IDLE_MERGE_MS)),
-            wal_restart_frames: Arc::new(AtomicU64::new(WAL_RESTART_FRAMES)),
+            wal_restart: WalRestart::new(),
             pending: Arc::new(RwLock::new(pending)),
             ids_by_number: Remembered::default(),
             key_ids: Remembered::default(),
@@ -1200,7 +1242,11 @@ struct Writer {
     pending: Arc<RwLock<Pending>>,
     merge_rows: Arc<AtomicUsize>,
     idle_merge_ms: Arc<AtomicU64>,
-    wal_restart_frames: Arc<AtomicU64>,
+    wal_restart: Arc<WalRestart>,
+    /// No WAL restart is tried before this (set after one that readers held off).
+    wal_retry_at: Option<std::time::Instant>,
+    /// Restarts held off in a row.
+    wal_held_off: u32,
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer) {
@@ -1270,10 +1316,27 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
                 }
                 // after answering: the wait for readers delays the next group only
                 if WAL_FRAMES.with(std::cell::Cell::get)
-                    >= w.wal_restart_frames.load(Ordering::Relaxed)
-                    && restart_wal(&conn)
+                    >= w.wal_restart.frames.load(Ordering::Relaxed)
+                    && w.wal_retry_at
+                        .is_none_or(|t| std::time::Instant::now() >= t)
                 {
-                    WAL_FRAMES.with(|f| f.set(0));
+                    w.wal_restart.tries.fetch_add(1, Ordering::Relaxed);
+                    match restart_wal(&conn) {
+                        Restart::Done => {
+                            WAL_FRAMES.with(|f| f.set(0));
+                            w.wal_retry_at = None;
+                            w.wal_held_off = 0;
+                        }
+                        // it gave up at once: again after the next group
+                        Restart::Checkpointing => {}
+                        Restart::HeldOff => {
+                            let wait = std::time::Duration::from_millis(5)
+                                .saturating_mul(1 << w.wal_held_off.min(16))
+                                .min(WAL_RESTART_RETRY_MAX);
+                            w.wal_held_off = w.wal_held_off.saturating_add(1);
+                            w.wal_retry_at = Some(std::time::Instant::now() + wait);
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -2090,7 +2153,43 @@ mod tests {
         assert!(restarts >= 10, "the log started again {restarts} times");
         // the file keeps its longest length: the restart frames, a group's and some slack
         // for readers that held a restart off
-        assert!(size <= 1024 * (4096 + 24) + 32, "the log grew to {size} B");
+        assert!(size <= 2048 * (4096 + 24) + 32, "the log grew to {size} B");
+    }
+
+    #[test]
+    fn a_reader_that_holds_the_wal_delays_no_group_after_the_first_try() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.set_wal_restart_frames(8);
+        crate::testsuite::append_audit(&store, 1);
+        // a long read transaction (an export, an operator's sqlite3) pins the log (or, begun
+        // when every frame was checkpointed, the database file: then no checkpoint can copy
+        // frames into it and restarts are held off all the same)
+        let reader = Connection::open(dir.path().join("db.sqlite")).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM audit_event", [], |r| r.get(0))
+            .unwrap();
+        let t = std::time::Instant::now();
+        crate::testsuite::append_audit(&store, 300);
+        let ms = u64::try_from(t.elapsed().as_millis()).unwrap();
+        let tries = store.wal_restart.tries.load(Ordering::Relaxed);
+        // past the threshold after a few commits; then tries further and further apart
+        // (5, 10, 20 … 250 ms), not one (and its wait) after every group
+        assert!(tries >= 1, "no restart was tried");
+        assert!(tries <= 8 + ms / 250, "{tries} tries in {ms} ms");
+        // once it is gone, the log starts again
+        let held = wal_restarts(dir.path());
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while wal_restarts(dir.path()) == held {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log never started again"
+            );
+            crate::testsuite::append_audit(&store, 10);
+        }
     }
 
     #[test]
