@@ -258,6 +258,53 @@ impl WalRestart {
     }
 }
 
+/// The writer's side of WAL restarts: when the next one may be tried.
+struct WalRestarter {
+    shared: Arc<WalRestart>,
+    /// No restart is tried before this (set after one that readers held off).
+    retry_at: Option<std::time::Instant>,
+    /// Restarts held off in a row.
+    held_off: u32,
+}
+
+impl WalRestarter {
+    fn new(shared: Arc<WalRestart>) -> Self {
+        WalRestarter {
+            shared,
+            retry_at: None,
+            held_off: 0,
+        }
+    }
+
+    /// After a group is answered (the wait for readers delays the next group only): restart
+    /// the WAL if it is long and no back-off holds the try.
+    fn after_group(&mut self, conn: &Connection) {
+        let now = std::time::Instant::now();
+        if WAL_FRAMES.with(std::cell::Cell::get) < self.shared.frames.load(Ordering::Relaxed)
+            || self.retry_at.is_some_and(|t| now < t)
+        {
+            return;
+        }
+        self.shared.tries.fetch_add(1, Ordering::Relaxed);
+        match restart_wal(conn) {
+            Restart::Done => {
+                WAL_FRAMES.with(|f| f.set(0));
+                self.retry_at = None;
+                self.held_off = 0;
+            }
+            // it gave up at once: again after the next group
+            Restart::Checkpointing => {}
+            Restart::HeldOff => {
+                let wait = std::time::Duration::from_millis(5)
+                    .saturating_mul(1 << self.held_off.min(16))
+                    .min(WAL_RESTART_RETRY_MAX);
+                self.held_off = self.held_off.saturating_add(1);
+                self.retry_at = Some(std::time::Instant::now() + wait);
+            }
+        }
+    }
+}
+
 /// A WAL file longer than this is cut back to it when the log restarts.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
@@ -572,9 +619,7 @@ impl SqliteStore {
             pending: pending.clone(),
             merge_rows: merge_rows.clone(),
             idle_merge_ms: idle_merge_ms.clone(),
-            wal_restart: wal_restart.clone(),
-            wal_retry_at: None,
-            wal_held_off: 0,
+            wal: WalRestarter::new(wal_restart.clone()),
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
@@ -1242,11 +1287,7 @@ struct Writer {
     pending: Arc<RwLock<Pending>>,
     merge_rows: Arc<AtomicUsize>,
     idle_merge_ms: Arc<AtomicU64>,
-    wal_restart: Arc<WalRestart>,
-    /// No WAL restart is tried before this (set after one that readers held off).
-    wal_retry_at: Option<std::time::Instant>,
-    /// Restarts held off in a row.
-    wal_held_off: u32,
+    wal: WalRestarter,
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer) {
@@ -1314,30 +1355,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer)
                 if w.pending.read().len() >= w.merge_rows.load(Ordering::Relaxed) {
                     merge_or_warn(&mut conn, &w.pending);
                 }
-                // after answering: the wait for readers delays the next group only
-                if WAL_FRAMES.with(std::cell::Cell::get)
-                    >= w.wal_restart.frames.load(Ordering::Relaxed)
-                    && w.wal_retry_at
-                        .is_none_or(|t| std::time::Instant::now() >= t)
-                {
-                    w.wal_restart.tries.fetch_add(1, Ordering::Relaxed);
-                    match restart_wal(&conn) {
-                        Restart::Done => {
-                            WAL_FRAMES.with(|f| f.set(0));
-                            w.wal_retry_at = None;
-                            w.wal_held_off = 0;
-                        }
-                        // it gave up at once: again after the next group
-                        Restart::Checkpointing => {}
-                        Restart::HeldOff => {
-                            let wait = std::time::Duration::from_millis(5)
-                                .saturating_mul(1 << w.wal_held_off.min(16))
-                                .min(WAL_RESTART_RETRY_MAX);
-                            w.wal_held_off = w.wal_held_off.saturating_add(1);
-                            w.wal_retry_at = Some(std::time::Instant::now() + wait);
-                        }
-                    }
-                }
+                w.wal.after_group(&conn);
             }
             Err(e) => {
                 staged.take();
