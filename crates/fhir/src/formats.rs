@@ -20,17 +20,19 @@ pub(crate) enum Format {
     Time,
 }
 
+/// Each pattern text with the format that implements it.
+const ALL: [(&str, Format); 4] = [
+    (DATE, Format::Date),
+    (DATE_TIME, Format::DateTime),
+    (INSTANT, Format::Instant),
+    (TIME, Format::Time),
+];
+
 impl Format {
     /// The format whose pattern text is exactly `pattern`.
     pub(crate) fn of_pattern(pattern: &str) -> Option<Format> {
-        [
-            (DATE, Format::Date),
-            (DATE_TIME, Format::DateTime),
-            (INSTANT, Format::Instant),
-            (TIME, Format::Time),
-        ]
-        .into_iter()
-        .find_map(|(p, f)| (p == pattern).then_some(f))
+        ALL.into_iter()
+            .find_map(|(p, f)| (p == pattern).then_some(f))
     }
 
     /// Whether `s` matches the pattern (the whole string).
@@ -153,12 +155,7 @@ mod tests {
 
     #[test]
     fn patterns_are_recognised_and_match_like_the_regex() {
-        for (p, f) in [
-            (DATE, Format::Date),
-            (DATE_TIME, Format::DateTime),
-            (INSTANT, Format::Instant),
-            (TIME, Format::Time),
-        ] {
+        for (p, f) in ALL {
             assert_eq!(Format::of_pattern(p), Some(f));
         }
         assert_eq!(Format::of_pattern(r"^\S*$"), None);
@@ -193,9 +190,8 @@ mod tests {
             "2024-01-01Z",
             "２０２４",
         ];
-        for p in [DATE, DATE_TIME, INSTANT, TIME] {
+        for (p, f) in ALL {
             let re = regex_lite::Regex::new(p).unwrap();
-            let f = Format::of_pattern(p).unwrap();
             for s in cases {
                 assert_eq!(f.matches(s), re.is_match(s), "{f:?} {s:?}");
             }
@@ -239,9 +235,8 @@ mod tests {
 
     /// Every matcher says what its regex says about `s`.
     fn agree(s: &str) -> Result<(), proptest::test_runner::TestCaseError> {
-        for p in [DATE, DATE_TIME, INSTANT, TIME] {
+        for (p, f) in ALL {
             let re = regex_lite::Regex::new(p).unwrap();
-            let f = Format::of_pattern(p).unwrap();
             proptest::prop_assert_eq!(f.matches(s), re.is_match(s), "{:?} {:?}", f, s);
         }
         Ok(())

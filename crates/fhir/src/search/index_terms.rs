@@ -175,14 +175,13 @@ fn cover(a: i64, b: i64, coarse: bool, out: &mut Vec<Bucket>) {
         let (y, m, d) = civil_from_days(cur);
         if coarse && m == 1 && d == 1 {
             let mut done = false;
-            for width in [100, 10] {
+            for (width, bucket) in [
+                (100, Bucket::Century as fn(i64) -> Bucket),
+                (10, Bucket::Decade),
+            ] {
                 let end = days_from_civil(y + width, 1, 1);
                 if y % width == 0 && end <= b {
-                    out.push(if width == 100 {
-                        Bucket::Century(y / width)
-                    } else {
-                        Bucket::Decade(y / width)
-                    });
+                    out.push(bucket(y / width));
                     cur = end;
                     done = true;
                     break;
