@@ -27,7 +27,7 @@ pub use compartment::{patient_compartment, patient_compartment_params, patient_c
 pub use error::FhirError;
 pub use issue::{Issue, IssueCode, Severity, operation_outcome, outcome_error};
 pub use parse::parse_resource;
-pub use reference::for_each_reference_mut;
+pub use reference::{LocalBase, UnresolvableLocal, for_each_reference_mut, localize_references};
 pub use schema::{is_known_resource_type, resource_types, validate};
 
 /// Maximum nesting depth (objects and arrays) accepted in a resource.

@@ -81,7 +81,8 @@ pub async fn list(
         }
         let a = app.clone();
         let alerts = blocking(move || {
-            crate::care::alerts(a.engine.keys(), &*a.engine.store, usize::MAX).map_err(alert_error)
+            crate::care::alerts(a.engine.keys(), &**a.engine.store(), usize::MAX)
+                .map_err(alert_error)
         })
         .await?;
         let shown: Vec<_> = alerts
@@ -131,7 +132,7 @@ pub async fn review(
                 .ok_or_else(ApiError::forbidden)?;
             crate::care::review_alert(
                 a.engine.keys(),
-                &*a.engine.store,
+                &**a.engine.store(),
                 &id,
                 &status,
                 &reviewer,

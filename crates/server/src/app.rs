@@ -19,6 +19,7 @@ use phivault_fhir::IssueCode;
 use phivault_store::{CommitError, Expect, WriteBatch};
 use serde_json::{Value, json};
 
+use crate::access::Access;
 use crate::engine::{Engine, Written, instant, key_patient, now_ms};
 use crate::error::ApiError;
 use crate::{FHIR_JSON, bundle};
@@ -98,7 +99,9 @@ impl App {
         verifier: AccessTokenVerifier,
         limits: Limits,
     ) -> Self {
+        let mut engine = engine;
         let base_url = format!("{origin}/fhir");
+        engine.set_base_url(&base_url);
         let token_url = format!("{origin}/auth/token");
         let capability = crate::capability::capability_statement(&base_url, &token_url);
         let smart = crate::capability::smart_configuration(origin, &token_url);
@@ -125,7 +128,11 @@ impl App {
 
     /// Look a registered client up.
     pub fn client(&self, client_id: &str) -> Option<ClientRecord> {
-        let bytes = self.engine.store.meta(&client_meta_key(client_id)).ok()??;
+        let bytes = self
+            .engine
+            .store()
+            .meta(&client_meta_key(client_id))
+            .ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -265,55 +272,10 @@ impl App {
         ok && g == generation
     }
 
-    /// Authenticate and authorize one interaction on a resource type.
-    fn access(
-        &self,
-        headers: &HeaderMap,
-        ctx: &mut Ctx,
-        rtype: &str,
-        interaction: Interaction,
-    ) -> Result<(), ApiError> {
-        let auth = self.authenticate(headers, ctx)?;
-        self.authorize(&auth, rtype, interaction)
-    }
-
-    /// Authorize one interaction of an authenticated client (each bundle entry separately,
-    /// SM2), for paths that serve whatever the type holds: access confined to some
-    /// patients' compartments is refused here (fail closed); the paths that can confine
-    /// what they serve call [`App::authorize_confined`].
-    pub(crate) fn authorize(
-        &self,
-        auth: &Authenticated,
-        rtype: &str,
-        interaction: Interaction,
-    ) -> Result<(), ApiError> {
-        match self.authorize_confined(auth, rtype, interaction)? {
-            None => Ok(()),
-            Some(_) => Err(ApiError::forbidden()),
-        }
-    }
-
-    /// [`App::authorize`], but a grant confined to some patients' compartments is
-    /// returned (`Some(reach)`: a patient's own, a clinician's treated patients) for the
-    /// caller to enforce.
-    pub(crate) fn authorize_confined(
-        &self,
-        auth: &Authenticated,
-        rtype: &str,
-        interaction: Interaction,
-    ) -> Result<Option<crate::care::Reach>, ApiError> {
-        if !phivault_fhir::is_known_resource_type(rtype) {
-            return Err(ApiError::not_found("unknown resource type"));
-        }
-        let grant = phivault_auth::authorize(auth, rtype, interaction)
-            .map_err(|_| ApiError::forbidden())?;
-        self.reach(grant.reach())
-    }
-
     /// Make audit events durable; fail closed.
     pub async fn audit(&self, mut events: Vec<AuditEvent>) -> Result<(), ApiError> {
         self.mark_glass(&mut events);
-        let rx = self.engine.store.submit(WriteBatch {
+        let rx = self.engine.store().submit(WriteBatch {
             audit: events,
             ..Default::default()
         });
@@ -661,7 +623,7 @@ pub async fn commit(app: &App, batch: WriteBatch) -> Result<Commit, ApiError> {
     if relations {
         app.care.invalidate();
     }
-    let r = app.engine.store.submit(batch).await;
+    let r = app.engine.store().submit(batch).await;
     if relations {
         app.care.invalidate();
     }
@@ -703,16 +665,13 @@ async fn create_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let auth = app.authenticate(headers, ctx)?;
-    let reach = confined_writer(app, &auth, rtype, Interaction::Create)?;
+    let access = writer(app, &auth, rtype, Interaction::Create)?;
     let bytes = body_bytes(headers, body)?;
     let resource = parse_valid(&bytes, rtype)?;
-    if let Some(r) = &reach {
-        // a confined writer (a clinician) writes only records of patients it reaches; a
-        // conditional create would search beyond them
-        let patient = phivault_fhir::patient_compartment(&resource);
-        if !r.admits(patient.as_deref()) || headers.contains_key("if-none-exist") {
-            return Err(ApiError::forbidden());
-        }
+    // a confined writer (a clinician) writes only records of patients it reaches (the
+    // engine checks the record it seals); a conditional create would search beyond them
+    if access.is_confined() && headers.contains_key("if-none-exist") {
+        return Err(ApiError::forbidden());
     }
     let criteria = match headers.get("if-none-exist") {
         Some(v) => Some(
@@ -723,7 +682,7 @@ async fn create_inner(
         None => None,
     };
     Ok(
-        match do_create(app, ctx, rtype, resource, criteria.as_deref()).await? {
+        match do_create(app, ctx, &access, resource, criteria.as_deref()).await? {
             Created::New(w) => resource_response(
                 app,
                 StatusCode::CREATED,
@@ -764,10 +723,11 @@ pub enum Created {
 pub async fn do_create(
     app: &Arc<App>,
     ctx: &mut Ctx,
-    rtype: &str,
+    access: &Access,
     mut resource: Value,
     if_none_exist: Option<&str>,
 ) -> Result<Created, ApiError> {
+    let rtype = access.rtype();
     let cond = match if_none_exist {
         Some(q) => Some(Arc::new(crate::search::Conditional::parse(app, rtype, q)?)),
         None => None,
@@ -800,6 +760,7 @@ pub async fn do_create(
         let id = crate::engine::new_id();
         let mut ring = app.engine.key_ring();
         let (put, written) = app.engine.prepare(
+            access,
             &mut ring,
             rtype,
             &id,
@@ -862,7 +823,7 @@ async fn update_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let auth = app.authenticate(headers, ctx)?;
-    let reach = confined_writer(app, &auth, rtype, Interaction::Update)?;
+    let access = writer(app, &auth, rtype, Interaction::Update)?;
     check_id(id)?;
     let bytes = body_bytes(headers, body)?;
     let resource = parse_valid(&bytes, rtype)?;
@@ -871,23 +832,8 @@ async fn update_inner(
             "the resource id in the body must equal the id in the URL",
         ));
     }
-    if let Some(r) = &reach
-        && !r.admits(phivault_fhir::patient_compartment(&resource).as_deref())
-    {
-        // not into a compartment the writer does not reach
-        return Err(ApiError::forbidden());
-    }
     let if_match = parse_if_match(headers)?;
-    let w = update_or_delete_in(
-        app,
-        ctx,
-        rtype,
-        id,
-        Some(resource),
-        if_match,
-        reach.as_ref(),
-    )
-    .await?;
+    let w = update_or_delete(app, ctx, &access, id, Some(resource), if_match).await?;
     let status = if w.created {
         StatusCode::CREATED
     } else {
@@ -910,59 +856,48 @@ async fn update_inner(
 /// Authorize a create or update; a confined writer (a clinician) gets its reach, and may
 /// not write the records that make treatment relationships (Encounter, CareTeam,
 /// Appointment): otherwise a break-the-glass window could be turned into lasting access.
-fn confined_writer(
+fn writer(
     app: &App,
     auth: &Authenticated,
     rtype: &str,
     i: Interaction,
-) -> Result<Option<crate::care::Reach>, ApiError> {
-    let reach = app.authorize_confined(auth, rtype, i)?;
-    if reach.is_some() && crate::care::Care::touches(std::iter::once(rtype)) {
+) -> Result<Access, ApiError> {
+    let access = app.decide(auth, rtype, i)?;
+    if access.is_confined() && crate::care::Care::touches(std::iter::once(rtype)) {
         return Err(ApiError::forbidden());
     }
-    Ok(reach)
+    Ok(access)
 }
 
 /// Write a new version (or tombstone) of an existing-or-new resource, retrying lost races
-/// unless the client pinned the version with If-Match.
+/// unless the client pinned the version with If-Match. A confined writer updates only a
+/// current version of a patient it reaches and never creates by update (a 403 either way,
+/// so an id tells nothing about records it does not reach); the engine checks the record
+/// it seals.
 pub async fn update_or_delete(
     app: &Arc<App>,
     ctx: &mut Ctx,
-    rtype: &str,
-    id: &str,
-    resource: Option<Value>,
-    if_match: Option<u64>,
-) -> Result<Written, ApiError> {
-    update_or_delete_in(app, ctx, rtype, id, resource, if_match, None).await
-}
-
-/// [`update_or_delete`] by a writer confined to `reach` when given: it updates only a
-/// current version sealed for a patient it reaches, and never creates by update (a 403
-/// either way, so an id tells nothing about records it does not reach).
-async fn update_or_delete_in(
-    app: &Arc<App>,
-    ctx: &mut Ctx,
-    rtype: &str,
+    access: &Access,
     id: &str,
     mut resource: Option<Value>,
     if_match: Option<u64>,
-    reach: Option<&crate::care::Reach>,
 ) -> Result<Written, ApiError> {
+    let rtype = access.rtype();
     let deleting = resource.is_none();
     let _locks = app.engine.lock_resources([(rtype, id)]).await;
     for _ in 0..MAX_RETRIES {
         let (a, t, i) = (app.clone(), rtype.to_owned(), id.to_owned());
         let cur = blocking(move || {
             a.engine
-                .store
+                .store()
                 .current(&t, &i)
                 .map_err(|_| ApiError::unavailable())
         })
         .await?;
-        if let Some(r) = reach
+        if access.is_confined()
             && !cur
                 .as_ref()
-                .is_some_and(|c| !c.deleted && r.admits(key_patient(&c.key_id)))
+                .is_some_and(|c| !c.deleted && access.admits_row(c))
         {
             return Err(ApiError::forbidden());
         }
@@ -993,6 +928,7 @@ async fn update_or_delete_in(
         };
         let mut ring = app.engine.key_ring();
         let (put, written) = app.engine.prepare(
+            access,
             &mut ring,
             rtype,
             id,
@@ -1047,10 +983,11 @@ async fn delete(
 ) -> Response {
     let mut ctx = Ctx::on(peer, Action::D, "delete", &rtype, Some(&id));
     let r = async {
-        app.access(&headers, &mut ctx, &rtype, Interaction::Delete)?;
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        let access = app.decide_unconfined(&auth, &rtype, Interaction::Delete)?;
         check_id(&id)?;
         let if_match = parse_if_match(&headers)?;
-        update_or_delete(&app, &mut ctx, &rtype, &id, None, if_match).await?;
+        update_or_delete(&app, &mut ctx, &access, &id, None, if_match).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     }
     .await;
@@ -1099,9 +1036,8 @@ async fn read_inner(
     version: Option<u64>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let auth = app.authenticate(headers, ctx)?;
-    let confined = app.authorize_confined(&auth, rtype, Interaction::Read)?;
-    let (row, body) = do_read_in(app, ctx, rtype, id, version, confined.as_ref()).await?;
+    let (_, access) = app.access(headers, ctx, rtype, Interaction::Read)?;
+    let (row, body) = do_read(app, ctx, &access, id, version).await?;
     Ok(resource_response(
         app,
         StatusCode::OK,
@@ -1116,43 +1052,33 @@ async fn read_inner(
     ))
 }
 
-/// Read the current or a given version: 404 when absent, 410 when deleted.
+/// Read the current or a given version of a record `access` reaches: 404 when absent,
+/// 410 when deleted. A version of a patient it does not reach is "not found" (before
+/// deletion is told or anything is decrypted), so ids of other patients' records reveal
+/// nothing.
 pub async fn do_read(
     app: &Arc<App>,
     ctx: &mut Ctx,
-    rtype: &str,
+    access: &Access,
     id: &str,
     version: Option<u64>,
 ) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
-    do_read_in(app, ctx, rtype, id, version, None).await
-}
-
-/// [`do_read`] confined to `reach` when given: a version not sealed under the key of a
-/// patient it reaches is "not found" (before deletion is told or anything is decrypted),
-/// so ids of other patients' records reveal nothing.
-pub(crate) async fn do_read_in(
-    app: &Arc<App>,
-    ctx: &mut Ctx,
-    rtype: &str,
-    id: &str,
-    version: Option<u64>,
-    reach: Option<&crate::care::Reach>,
-) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
+    let rtype = access.rtype();
     check_id(id).map_err(|_| ApiError::not_found("resource not found"))?;
     // A point read by primary key takes microseconds on the page cache: done inline rather
     // than paying a thread hand-off per request.
     let (row, body) = {
         let row = match version {
-            None => app.engine.store.current(rtype, id),
-            Some(v) => app.engine.store.version(rtype, id, v),
+            None => app.engine.store().current(rtype, id),
+            Some(v) => app.engine.store().version(rtype, id, v),
         }
         .map_err(|_| ApiError::unavailable())?;
-        let row = row.filter(|r| reach.is_none_or(|c| c.admits(key_patient(&r.key_id))));
+        let row = row.filter(|r| access.admits_row(r));
         match row {
             None => (None, Vec::new()),
             Some(row) if row.deleted => (Some(row), Vec::new()),
             Some(row) => {
-                let body = app.engine.open(&row)?;
+                let body = app.engine.open(access, &row)?;
                 (Some(row), body)
             }
         }
@@ -1227,9 +1153,8 @@ async fn history_inner(
     query: Option<String>,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let auth = app.authenticate(headers, ctx)?;
-    let reach = app.authorize_confined(&auth, rtype, Interaction::Read)?;
-    if reach.is_some() && id.is_none() {
+    let (_, access) = app.access(headers, ctx, rtype, Interaction::Read)?;
+    if access.is_confined() && id.is_none() {
         // the latest versions of a whole type, filtered, would still tell how much was
         // written for others: not for confined access
         return Err(ApiError::forbidden());
@@ -1242,22 +1167,18 @@ async fn history_inner(
     let rows = blocking(move || {
         let rows = a
             .engine
-            .store
+            .store()
             .history(&t, i.as_deref(), count)
             .map_err(|_| ApiError::unavailable())?;
         // a confined access sees the versions sealed for patients it reaches (a record
         // moved between patients shows each only its own versions); nothing else is opened
         rows.into_iter()
-            .filter(|r| {
-                reach
-                    .as_ref()
-                    .is_none_or(|c| c.admits(key_patient(&r.key_id)))
-            })
+            .filter(|r| access.admits_row(r))
             .map(|r| {
                 let body = if r.deleted {
                     Vec::new()
                 } else {
-                    a.engine.open(&r)?
+                    a.engine.open(&access, &r)?
                 };
                 Ok((r, body))
             })

@@ -308,7 +308,7 @@ fn page(app: &App, f: &Filter, examine: usize) -> Result<Page, ApiError> {
     loop {
         let batch = app
             .engine
-            .store
+            .store()
             .audit_after(after, 1000)
             .map_err(|_| ApiError::unavailable())?;
         if batch.is_empty() {
@@ -495,7 +495,7 @@ pub async fn search(
 fn leaves(app: &App, size: u64) -> Result<Vec<merkle::Hash>, ApiError> {
     let head = app
         .engine
-        .store
+        .store()
         .audit_head()
         .map_err(|_| ApiError::unavailable())?
         .map_or(0, |h| h.size);
@@ -518,7 +518,7 @@ fn leaves(app: &App, size: u64) -> Result<Vec<merkle::Hash>, ApiError> {
             .min(10_000);
         let batch = app
             .engine
-            .store
+            .store()
             .audit_after(out.len() as u64, want)
             .map_err(|_| ApiError::unavailable())?;
         if batch.is_empty() {
@@ -543,7 +543,7 @@ fn b64(h: &[u8]) -> String {
 fn checkpoint_of(app: &App, size: u64) -> Result<Option<merkle::Checkpoint>, ApiError> {
     Ok(app
         .engine
-        .store
+        .store()
         .audit_checkpoints(size.saturating_sub(1), 1)
         .map_err(|_| ApiError::unavailable())?
         .into_iter()
@@ -586,7 +586,8 @@ fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
 /// Alerts and reports are for whoever reads the whole audit log: an auditor.
 pub(crate) fn auditor(app: &App, auth: &phivault_auth::Authenticated) -> Result<(), ApiError> {
     let whole_log = app
-        .authorize_confined(auth, AUDIT_EVENT, Interaction::Search)?
+        .decide(auth, AUDIT_EVENT, Interaction::Search)?
+        .reach()
         .is_none();
     match auth.person() {
         Some(p) if whole_log && p.role == phivault_auth::Role::Auditor => Ok(()),
@@ -597,7 +598,7 @@ pub(crate) fn auditor(app: &App, auth: &phivault_auth::Authenticated) -> Result<
 /// Who may search the log: an auditor (None) or a patient, for their own record
 /// (`Some(patient id)`).
 fn own_record(app: &App, auth: &phivault_auth::Authenticated) -> Result<Option<String>, ApiError> {
-    match app.authorize_confined(auth, AUDIT_EVENT, Interaction::Search)? {
+    match app.decide(auth, AUDIT_EVENT, Interaction::Search)?.reach() {
         None => Ok(None),
         Some(r) => r
             .single()
@@ -639,7 +640,7 @@ pub async fn proof(
     );
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
+        app.decide_unconfined(&auth, AUDIT_EVENT, Interaction::Read)?;
         if op != "$proof" {
             return Err(ApiError::not_found("unknown operation"));
         }
@@ -655,7 +656,7 @@ pub async fn proof(
                 Some(n) => n,
                 None => a
                     .engine
-                    .store
+                    .store()
                     .audit_checkpoints(seq - 1, usize::MAX)
                     .map_err(|_| ApiError::unavailable())?
                     .last()
@@ -699,7 +700,7 @@ async fn consistency(
     ctx.id = None;
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        app.authorize(&auth, AUDIT_EVENT, Interaction::Read)?;
+        app.decide_unconfined(&auth, AUDIT_EVENT, Interaction::Read)?;
         let mut first = None;
         let mut second = None;
         for (k, v) in form_urlencoded_pairs(query.as_deref().unwrap_or("")) {
@@ -760,7 +761,7 @@ pub async fn read(
         let a = app.clone();
         let found = blocking(move || {
             a.engine
-                .store
+                .store()
                 .audit_after(seq - 1, 1)
                 .map_err(|_| ApiError::unavailable())
         })

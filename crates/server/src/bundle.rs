@@ -22,9 +22,10 @@ use phivault_store::{CommitError, Expect, WriteBatch};
 use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
+use crate::access::Access;
 use crate::app::{
     App, Commit, Created, Ctx, MAX_RETRIES, Peer, blocking, body_bytes, commit, conflict_exhausted,
-    do_create, do_read, do_read_in, finish, forget_keys, parse_etag, update_or_delete,
+    do_create, do_read, finish, forget_keys, parse_etag, update_or_delete,
 };
 use crate::engine::{Written, instant, now_ms};
 use crate::error::ApiError;
@@ -126,9 +127,12 @@ async fn transaction(
     mut entries: Vec<EntryRequest>,
 ) -> Result<Value, ApiError> {
     // 1. Authorize every entry before anything happens (SM2); reject what we do not do.
+    let mut accesses = Vec::with_capacity(entries.len());
     for e in &entries {
-        app.authorize(auth, &e.resource_type, interaction_of(&e.method))
-            .map_err(|err| entry_error(e.index, err))?;
+        accesses.push(
+            app.decide_unconfined(auth, &e.resource_type, interaction_of(&e.method))
+                .map_err(|err| entry_error(e.index, err))?,
+        );
         if let Some(r) = &e.resource
             && r.get("resourceType").and_then(Value::as_str) != Some(e.resource_type.as_str())
         {
@@ -263,7 +267,9 @@ async fn transaction(
         let mut pinned = false;
         let mut entities = Vec::new();
         for &i in &phivault_fhir::transaction_order(&entries) {
-            let (Some(e), Some(plan)) = (entries.get(i), plans.get_mut(i)) else {
+            let (Some(e), Some(plan), Some(access)) =
+                (entries.get(i), plans.get_mut(i), accesses.get(i))
+            else {
                 continue;
             };
             let rtype = e.resource_type.as_str();
@@ -292,7 +298,7 @@ async fn transaction(
                 let (a, t, id2) = (app.clone(), rtype.to_owned(), id.clone());
                 blocking(move || {
                     a.engine
-                        .store
+                        .store()
                         .current(&t, &id2)
                         .map_err(|_| ApiError::unavailable())
                 })
@@ -323,6 +329,7 @@ async fn transaction(
             let (put, written) = app
                 .engine
                 .prepare(
+                    access,
                     &mut ring,
                     rtype,
                     id,
@@ -370,9 +377,9 @@ async fn transaction(
         // 5. Reads run last, after the writes, each audited.
         let mut out = Vec::with_capacity(entries.len());
         let mut read_events = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
-            if let Some(Plan::Read { id, vid }) = plans.get(i) {
-                let (entry, ev) = read_entry(app, ctx, &e.resource_type, id, *vid).await;
+        for (i, (plan, access)) in plans.iter().zip(&accesses).enumerate() {
+            if let Plan::Read { id, vid } = plan {
+                let (entry, ev) = read_entry(app, ctx, access, id, *vid).await;
                 read_events.extend(ev);
                 out.push(entry);
             } else {
@@ -442,17 +449,18 @@ fn entity(w: &Written, action: Action) -> phivault_audit::Entity {
 async fn read_entry(
     app: &Arc<App>,
     parent: &Ctx,
-    rtype: &str,
+    access: &Access,
     id: &str,
     vid: Option<u64>,
 ) -> (Value, Option<AuditEvent>) {
+    let rtype = access.rtype();
     let mut ctx = parent.clone();
     ctx.action = Action::R;
     ctx.interaction = if vid.is_some() { "vread" } else { "read" };
     ctx.rtype = Some(rtype.to_owned());
     ctx.id = Some(id.to_owned());
     ctx.audited = false;
-    match do_read(app, &mut ctx, rtype, id, vid).await {
+    match do_read(app, &mut ctx, access, id, vid).await {
         Ok((row, body)) => (read_response_entry(&row, &body), Some(ctx.event(200))),
         Err(e) => outcome_entry(e, &ctx),
     }
@@ -500,15 +508,13 @@ async fn batch(
         // a read entry may be confined (a patient's or clinician's app): served within
         // its reach; every other entry needs unconfined access
         let allowed = match e.method {
-            Method::Get => app.authorize_confined(auth, &e.resource_type, Interaction::Read),
-            _ => app
-                .authorize(auth, &e.resource_type, interaction_of(&e.method))
-                .map(|()| None),
+            Method::Get => app.decide(auth, &e.resource_type, Interaction::Read),
+            _ => app.decide_unconfined(auth, &e.resource_type, interaction_of(&e.method)),
         };
         tasks.spawn(async move {
             let index = e.index;
             let r = match allowed {
-                Ok(reach) => batch_entry(&app, &mut ectx, e, reach.as_ref()).await,
+                Ok(access) => batch_entry(&app, &mut ectx, e, &access).await,
                 Err(err) => Err(err),
             };
             let out = match r {
@@ -542,7 +548,7 @@ async fn batch_entry(
     app: &Arc<App>,
     ctx: &mut Ctx,
     e: EntryRequest,
-    reach: Option<&crate::care::Reach>,
+    access: &Access,
 ) -> Result<Value, ApiError> {
     let rtype = e.resource_type.as_str();
     if let Some(r) = &e.resource
@@ -572,7 +578,7 @@ async fn batch_entry(
             ctx.interaction = if vid.is_some() { "vread" } else { "read" };
             // The entry's own context carries the version and patient read, and the
             // error path (404, 410, ...) is audited with its real status by `batch`.
-            let (row, body) = do_read_in(app, ctx, rtype, id, vid, reach).await?;
+            let (row, body) = do_read(app, ctx, access, id, vid).await?;
             Ok(read_response_entry(&row, &body))
         }
         Method::Post => {
@@ -580,7 +586,7 @@ async fn batch_entry(
             ctx.interaction = "create";
             let resource = e.resource.unwrap_or(Value::Null);
             Ok(
-                match do_create(app, ctx, rtype, resource, e.if_none_exist.as_deref()).await? {
+                match do_create(app, ctx, access, resource, e.if_none_exist.as_deref()).await? {
                     Created::New(w) => response_entry("201 Created", Some(&w), &app.base_url),
                     Created::Existing(row) => {
                         response_entry("200 OK", Some(&Written::from_row(&row)), &app.base_url)
@@ -613,7 +619,7 @@ async fn batch_entry(
                     "resource.id must equal the id in request.url",
                 ));
             }
-            let w = update_or_delete(app, ctx, rtype, &id, e.resource, if_match).await?;
+            let w = update_or_delete(app, ctx, access, &id, e.resource, if_match).await?;
             let status = if deleting {
                 "204 No Content"
             } else if w.created {

@@ -77,14 +77,6 @@ impl Reach {
         }
     }
 
-    /// Whether a record sealed for `patient` (None: outside any compartment) is reached.
-    pub fn admits(&self, patient: Option<&str>) -> bool {
-        match patient {
-            Some(p) => self.patients.contains(p),
-            None => self.shared,
-        }
-    }
-
     /// The one patient, when that is all it reaches.
     pub fn single(&self) -> Option<&str> {
         match (self.shared, self.patients.len()) {
@@ -296,7 +288,7 @@ impl App {
         let key = grants_key(user);
         let Some(sealed) = self
             .engine
-            .store
+            .store()
             .meta(&key)
             .map_err(|_| ApiError::unavailable())?
         else {
@@ -317,7 +309,7 @@ impl App {
             .seal_secret(&format!("{label}{key}"), &plain)
             .ok_or_else(ApiError::internal)?;
         self.engine
-            .store
+            .store()
             .set_meta(key, &sealed)
             .map_err(|_| ApiError::unavailable())
     }
@@ -462,7 +454,7 @@ fn break_glass_inner(
     }
     let exists = app
         .engine
-        .store
+        .store()
         .current("Patient", patient)
         .map_err(|_| ApiError::unavailable())?
         .is_some_and(|r| !r.deleted);
@@ -535,17 +527,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reach_admits_its_patients_and_shared_records_only_when_told() {
+    fn reach_names_its_one_patient_only_when_that_is_all() {
         let one = Reach::patient("p1");
-        assert!(one.admits(Some("p1")));
-        assert!(!one.admits(Some("p2")));
-        assert!(!one.admits(None));
         assert_eq!(one.single(), Some("p1"));
         let many = Reach {
             patients: Arc::new(BTreeSet::from(["a".to_owned(), "b".to_owned()])),
             shared: true,
         };
-        assert!(many.admits(Some("b")) && many.admits(None) && !many.admits(Some("c")));
         assert_eq!(many.single(), None);
     }
 

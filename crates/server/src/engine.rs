@@ -15,7 +15,9 @@ use phivault_fhir::search::{self, Lookup};
 use phivault_store::{Candidates, IndexEntry, Put, Store, VersionRow};
 use serde_json::Value;
 
+use crate::access::Access;
 use crate::error::ApiError;
+use phivault_auth::Interaction;
 
 /// Number of per-resource write locks (hashed shards).
 const LOCK_SHARDS: usize = 1024;
@@ -43,8 +45,11 @@ pub fn key_patient(key_id: &str) -> Option<&str> {
 
 /// Shared state of resource operations.
 pub struct Engine {
-    /// The storage engine.
-    pub store: Arc<dyn Store>,
+    /// The storage engine: reached only through the engine (rows come out of it through
+    /// calls that take an [`Access`] proof, or the server's own jobs).
+    store: Arc<dyn Store>,
+    /// This server's own FHIR base: references spelled as absolute URLs to it are local.
+    local_base: Option<phivault_fhir::LocalBase>,
     keys: KeyHierarchy,
     deks: RwLock<HashMap<String, DataKey>>,
     blind: RwLock<HashMap<String, Arc<BlindKey>>>,
@@ -273,6 +278,7 @@ impl Engine {
             .unwrap_or(DEFAULT_INDEX_BITS);
         Engine {
             store,
+            local_base: None,
             keys,
             deks: RwLock::new(HashMap::new()),
             blind: RwLock::new(HashMap::new()),
@@ -282,6 +288,17 @@ impl Engine {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
         }
+    }
+
+    /// The storage engine, for the server's own jobs and for reads whose rows are checked
+    /// against an [`Access`] before anything is opened.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Tell the engine this server's FHIR base URL (references to it are local).
+    pub(crate) fn set_base_url(&mut self, base_url: &str) {
+        self.local_base = phivault_fhir::LocalBase::new(base_url);
     }
 
     /// Take the write locks of these resources (in a fixed order, so two writers never
@@ -482,9 +499,16 @@ impl Engine {
     /// Seal a new version of `rtype/id`. `resource` None writes a delete tombstone. The
     /// resource gets its server-owned fields (id, meta) set in place, so a caller that
     /// retries after a conflict passes the same value again without copying it.
+    ///
+    /// The one door of writes: `access` must grant a write of `rtype`, and reach the
+    /// patient the version will belong to and the one the replaced version belongs to
+    /// (403 otherwise). References spelled as this server's own absolute URL are made
+    /// relative first, so they count for the compartment like any local reference (400
+    /// for one on this server that names no resource).
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
+        access: &Access,
         ring: &mut KeyRing<'_>,
         rtype: &str,
         id: &str,
@@ -494,11 +518,21 @@ impl Engine {
         now: i64,
         previous: Option<&VersionRow>,
     ) -> Result<(Put, Written), ApiError> {
+        let writes = matches!(
+            access.interaction(),
+            Interaction::Create | Interaction::Update | Interaction::Delete
+        );
+        if !writes
+            || access.rtype() != rtype
+            || previous.is_some_and(|p| !p.deleted && !access.admits_row(p))
+        {
+            return Err(ApiError::forbidden());
+        }
         let previous_key = previous.map(|p| p.key_id.as_str());
         // The blind-index entries of the version being replaced, recomputed from its content.
         let replaces = match previous {
             Some(p) if !p.deleted => {
-                let old = self.open(p)?;
+                let old = self.open(access, p)?;
                 let old: Value = serde_json::from_slice(&old).map_err(|_| ApiError::integrity())?;
                 self.index_entries(rtype, &old)
             }
@@ -506,8 +540,19 @@ impl Engine {
         };
         let (stored, patient, index, deleted) = match resource {
             Some(r) => {
+                if let Some(base) = &self.local_base {
+                    phivault_fhir::localize_references(r, base).map_err(|_| {
+                        ApiError::bad_request(
+                            "a reference to this server must name Type/id or \
+                             Type/id/_history/version below its FHIR base",
+                        )
+                    })?;
+                }
                 set_server_fields(r, id, version, now);
                 let patient = phivault_fhir::patient_compartment(r);
+                if !access.admits(patient.as_deref()) {
+                    return Err(ApiError::forbidden());
+                }
                 let index = self.index_entries(rtype, r);
                 let stored = crate::stored::compact(r).map_err(|_| ApiError::internal())?;
                 (stored, patient, index, false)
@@ -563,8 +608,12 @@ impl Engine {
         Ok((put, written))
     }
 
-    /// Open a stored version; any failure is an integrity error, never data.
-    pub fn open(&self, row: &VersionRow) -> Result<Vec<u8>, ApiError> {
+    /// Open a stored version `access` reaches (403 for any other: callers filter first, so
+    /// this is the backstop); any failure is an integrity error, never data.
+    pub fn open(&self, access: &Access, row: &VersionRow) -> Result<Vec<u8>, ApiError> {
+        if !access.admits_row(row) {
+            return Err(ApiError::forbidden());
+        }
         let Some(key) = self.existing_key(&row.key_id)? else {
             return Err(ApiError::integrity());
         };

@@ -185,7 +185,7 @@ impl App {
         }
         let rows = self
             .engine
-            .store
+            .store()
             .meta_prefix(IDP_PREFIX, 1000)
             .unwrap_or_default();
         let list: Vec<Arc<Provider>> = rows

@@ -209,7 +209,7 @@ pub(crate) fn form_of(body: Result<Bytes, BytesRejection>) -> Option<HashMap<Str
 impl App {
     /// Look a registered SMART app up.
     pub fn launch_app(&self, client_id: &str) -> Option<AppRecord> {
-        let bytes = self.engine.store.meta(&app_meta_key(client_id)).ok()??;
+        let bytes = self.engine.store().meta(&app_meta_key(client_id)).ok()??;
         let a: AppRecord = serde_json::from_slice(&bytes).ok()?;
         a.validate().is_ok().then_some(a)
     }

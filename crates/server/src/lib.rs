@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+pub mod access;
 pub mod alerts_http;
 pub mod app;
 pub mod audit_http;
@@ -27,6 +28,7 @@ pub mod stored;
 pub mod users;
 pub mod watch;
 
+pub use access::Access;
 pub use app::{App, Limits, Peer, client_meta_key, router};
 pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};
 pub use users::{UserDirectory, UserStoreError};

@@ -27,8 +27,8 @@ use phivault_store::{Candidates, Guard, IndexEntry, VersionRow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::access::Access;
 use crate::app::App;
-use crate::care::Reach;
 use crate::engine::{instant, key_patient, now_ms};
 use crate::error::ApiError;
 
@@ -65,10 +65,15 @@ pub struct Loaded {
 /// criteria, the index lookup computed.
 struct Plan {
     rtype: String,
+    /// The proof every candidate is checked against before it is opened.
+    access: Access,
+    /// The one patient whose records a compartment search (or `$everything`) lists.
+    compartment: Option<String>,
     criteria: Vec<Criterion>,
     /// Explicit ids (from `_id` and `_has`), sorted in store order; None = unrestricted.
     ids: Option<Vec<String>>,
-    /// Patient compartment membership: any of these must match.
+    /// Patient compartment membership of the patients reached: candidates have one of
+    /// these (the patient a record belongs to is named in its compartment elements).
     any_of: Vec<Criterion>,
     candidates: Candidates,
     /// The query can match nothing (an empty chain, an empty `_id` intersection).
@@ -92,30 +97,40 @@ fn unavailable<E>(_: E) -> ApiError {
     ApiError::unavailable()
 }
 
-/// Open a current version; None if absent or deleted.
-pub fn load(app: &App, rtype: &str, id: &str) -> Result<Option<Loaded>, ApiError> {
-    let row = app.engine.store.current(rtype, id).map_err(unavailable)?;
-    open_row(app, row)
+/// Open the current version of a record `access` reaches; None if absent, deleted or
+/// not reached.
+pub fn load(app: &App, access: &Access, id: &str) -> Result<Option<Loaded>, ApiError> {
+    let row = app
+        .engine
+        .store()
+        .current(access.rtype(), id)
+        .map_err(unavailable)?;
+    open_row(app, access, row)
 }
 
-/// Open a current version read earlier; None if absent or deleted.
-fn open_row(app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiError> {
-    open_row_fields(app, row, None)
+/// Open a current version read earlier; None if absent, deleted or not reached.
+fn open_row(
+    app: &App,
+    access: &Access,
+    row: Option<VersionRow>,
+) -> Result<Option<Loaded>, ApiError> {
+    open_row_fields(app, access, row, None)
 }
 
 /// [`open_row`], parsing only the top-level `fields` when given (see `Plan::fields`).
 fn open_row_fields(
     app: &App,
+    access: &Access,
     row: Option<VersionRow>,
     fields: Option<&[(String, bool)]>,
 ) -> Result<Option<Loaded>, ApiError> {
     let Some(mut row) = row else {
         return Ok(None);
     };
-    if row.deleted {
+    if row.deleted || !access.admits_row(&row) {
         return Ok(None);
     }
-    let body = app.engine.open(&row)?;
+    let body = app.engine.open(access, &row)?;
     row.sealed = Vec::new();
     let json: Value = match fields {
         Some(f) => search::parse_fields(&body, f),
@@ -145,15 +160,21 @@ fn reference_criterion(
 }
 
 impl Plan {
+    /// A plan of `criteria` on `access`'s type, listing only records `access` reaches and,
+    /// with `compartment`, only that patient's. `auth` (None for the server's own jobs)
+    /// decides the types a chain or `_has` searches.
     fn new(
         app: &App,
-        rtype: &str,
+        auth: Option<&Authenticated>,
+        access: &Access,
+        compartment: Option<&str>,
         criteria: &[Criterion],
-        reach: Option<&Reach>,
-        access: Option<&Reach>,
     ) -> Result<Plan, ApiError> {
+        let rtype = access.rtype();
         let mut plan = Plan {
             rtype: rtype.to_owned(),
+            access: access.clone(),
+            compartment: compartment.map(str::to_owned),
             criteria: Vec::with_capacity(criteria.len()),
             ids: None,
             any_of: Vec::new(),
@@ -175,9 +196,12 @@ impl Plan {
                     target_type,
                     inner,
                 } => {
-                    // the chained search runs within the access's reach too: its
-                    // matches, counts and bounds tell nothing about anyone else
-                    let ids = match_ids(app, target_type, std::slice::from_ref(inner), access)?;
+                    // the chained search runs under the client's own grant on its type,
+                    // within its reach: its matches, counts and bounds tell nothing about
+                    // anyone else
+                    let inner_access =
+                        access.for_type(app, auth, target_type, Interaction::Search)?;
+                    let ids = match_ids(app, auth, &inner_access, std::slice::from_ref(inner))?;
                     if ids.is_empty() {
                         plan.empty = true;
                     }
@@ -189,7 +213,9 @@ impl Plan {
                     reference,
                     inner,
                 } => {
-                    let sources = match_all(app, source, std::slice::from_ref(inner), access)?;
+                    let source_access = access.for_type(app, auth, source, Interaction::Search)?;
+                    let sources =
+                        match_all(app, auth, &source_access, std::slice::from_ref(inner))?;
                     let mut ids = Vec::new();
                     for s in &sources {
                         for v in search::extract(reference, &s.json) {
@@ -220,10 +246,18 @@ impl Plan {
                 _ => plan.criteria.push(c.clone()),
             }
         }
-        if let Some(reach) = reach {
-            // the compartments of the patients reached (a compartment search, a patient's
-            // own app, a clinician's patients)
-            let patients: Vec<String> = reach.patients.iter().cloned().collect();
+        // the patients whose records are listed: a compartment search's (or
+        // `$everything`'s) one, else those the access reaches (a patient's own app, a
+        // clinician's patients); candidates are narrowed to records naming them, and each
+        // is checked by the patient it belongs to before it is opened
+        let (patients, shared) = match compartment {
+            Some(p) => (Some(vec![p.to_owned()]), false),
+            None => match access.reach() {
+                Some(r) => (Some(r.patients.iter().cloned().collect()), r.shared),
+                None => (None, false),
+            },
+        };
+        if let Some(patients) = patients {
             if rtype == "Patient" {
                 restrict(&mut plan, patients.clone());
             }
@@ -239,7 +273,7 @@ impl Plan {
                 plan.empty = true;
             }
             if rtype != "Patient" && plan.any_of.is_empty() {
-                if reach.shared {
+                if shared {
                     // not a compartment type: records outside any compartment are reached
                 } else {
                     return Err(ApiError::new(
@@ -264,7 +298,6 @@ impl Plan {
         plan.fields = plan
             .criteria
             .iter()
-            .chain(&plan.any_of)
             .map(Criterion::top_fields)
             .collect::<Option<Vec<_>>>()
             .map(|v| v.concat());
@@ -296,7 +329,7 @@ impl Plan {
                 .collect()),
             None => app
                 .engine
-                .store
+                .store()
                 .candidates(&self.rtype, &self.candidates, after, n)
                 .map_err(unavailable),
         }
@@ -306,7 +339,7 @@ impl Plan {
     fn verify(&self, app: &App, id: &str) -> Result<Option<Loaded>, ApiError> {
         let row = app
             .engine
-            .store
+            .store()
             .current(&self.rtype, id)
             .map_err(unavailable)?;
         self.verify_row(app, row)
@@ -330,13 +363,16 @@ impl Plan {
         } else {
             None
         };
-        let Some(l) = open_row_fields(app, row, fields)? else {
+        // the patient a record belongs to decides, before it is opened (the one rule)
+        let row = row.filter(|r| {
+            self.compartment
+                .as_deref()
+                .is_none_or(|p| key_patient(&r.key_id) == Some(p))
+        });
+        let Some(l) = open_row_fields(app, &self.access, row, fields)? else {
             return Ok(None);
         };
-        let ok = self.criteria.iter().all(|c| c.matches(&l.json))
-            && (self.any_of.is_empty()
-                || (self.rtype == "Patient" && self.ids.is_some())
-                || self.any_of.iter().any(|c| c.matches(&l.json)));
+        let ok = self.criteria.iter().all(|c| c.matches(&l.json));
         Ok(ok.then_some(l))
     }
 
@@ -371,14 +407,14 @@ impl Plan {
     }
 }
 
-/// Every match of `criteria` on `rtype` (bounded by [`MAX_CHAIN_IDS`]).
+/// Every match of `criteria` that `access` reaches (bounded by [`MAX_CHAIN_IDS`]).
 fn match_all(
     app: &App,
-    rtype: &str,
+    auth: Option<&Authenticated>,
+    access: &Access,
     criteria: &[Criterion],
-    access: Option<&Reach>,
 ) -> Result<Vec<Loaded>, ApiError> {
-    Plan::new(app, rtype, criteria, access, access)?.all(app, MAX_CHAIN_IDS)
+    Plan::new(app, auth, access, None, criteria)?.all(app, MAX_CHAIN_IDS)
 }
 
 /// The patients (the compartments their records are sealed under) of the `rtype` records
@@ -410,16 +446,18 @@ pub fn referencing(
         .filter(|d| d.ptype == ParamType::Reference)
         .ok_or_else(ApiError::internal)?;
     let crit = reference_criterion(def, target_type, &[target_id.to_owned()]);
-    Plan::new(app, rtype, &[crit], None, None)?.all(app, MAX_FULL_EXAMINE)
+    // the server's own look-up (treatment relationships)
+    let access = Access::internal(rtype, Interaction::Search);
+    Plan::new(app, None, &access, None, &[crit])?.all(app, MAX_FULL_EXAMINE)
 }
 
 fn match_ids(
     app: &App,
-    rtype: &str,
+    auth: Option<&Authenticated>,
+    access: &Access,
     criteria: &[Criterion],
-    access: Option<&Reach>,
 ) -> Result<Vec<String>, ApiError> {
-    Ok(match_all(app, rtype, criteria, access)?
+    Ok(match_all(app, auth, access, criteria)?
         .into_iter()
         .map(|l| l.row.id)
         .collect())
@@ -614,23 +652,24 @@ pub fn parse(req: &Request) -> Result<SearchQuery, ApiError> {
     search::parse_search(&req.rtype, &req.pairs, req.lenient).map_err(ApiError::invalid)
 }
 
-/// Run one page of a search (blocking: call from a blocking thread).
-/// `reach`, when given, confines the search to those patients' compartments (the URL's
-/// compartment, when there is one, confines it further).
+/// Run one page of a search (blocking: call from a blocking thread): only records
+/// `access` reaches (and of the URL's compartment patient, when there is one).
 pub fn run(
     app: &App,
     auth: &Authenticated,
+    access: &Access,
     req: &Request,
     q: SearchQuery,
-    reach: Option<&Reach>,
 ) -> Result<Page, ApiError> {
-    let url_compartment = req.compartment.as_deref().map(Reach::patient);
+    if access.rtype() != req.rtype {
+        return Err(ApiError::forbidden());
+    }
     let plan = Plan::new(
         app,
-        &req.rtype,
+        Some(auth),
+        access,
+        req.compartment.as_deref(),
         &q.criteria,
-        url_compartment.as_ref().or(reach),
-        reach,
     )?;
     let count = q.count;
     let want_total = q.total != Total::None || q.summary == Summary::Count;
@@ -700,7 +739,7 @@ pub fn run(
                     rest = tail;
                     let rows = app
                         .engine
-                        .store
+                        .store()
                         .current_many(&plan.rtype, ids)
                         .map_err(unavailable)?;
                     for row in rows {
@@ -722,7 +761,7 @@ pub fn run(
     let included = if q.summary == Summary::Count {
         Vec::new()
     } else {
-        includes(app, auth, &matches, &q, reach)?
+        includes(app, auth, access, &matches, &q)?
     };
     let next = match next_pos {
         Some((a, k)) => Some(seal_cursor(app, auth, req, &q, a, k)?),
@@ -769,14 +808,14 @@ fn seal_cursor(
 }
 
 /// `_include` and `_revinclude` (with bounded `:iterate`), limited to types the client may
-/// read and to what its access reaches (`reach`: a record of a patient it does not reach
-/// is not included, and not decrypted either).
+/// read and to the records its grant on each type reaches (a record of a patient it does
+/// not reach is not included, and not decrypted either).
 fn includes(
     app: &App,
     auth: &Authenticated,
+    access: &Access,
     matches: &[Loaded],
     q: &SearchQuery,
-    reach: Option<&Reach>,
 ) -> Result<Vec<Loaded>, ApiError> {
     if q.include.is_empty() && q.revinclude.is_empty() {
         return Ok(Vec::new());
@@ -785,9 +824,18 @@ fn includes(
         .iter()
         .map(|m| (m.row.rtype.clone(), m.row.id.clone()))
         .collect();
-    let readable = |t: &str| {
-        app.authorize_confined(auth, t, Interaction::Read).is_ok()
-            || app.authorize_confined(auth, t, Interaction::Search).is_ok()
+    // the client's grant on each included type, decided once per type
+    let mut grants: std::collections::HashMap<String, Option<Access>> = Default::default();
+    let mut readable = |t: &str| -> Option<Access> {
+        grants
+            .entry(t.to_owned())
+            .or_insert_with(|| {
+                access
+                    .for_type(app, Some(auth), t, Interaction::Read)
+                    .or_else(|_| access.for_type(app, Some(auth), t, Interaction::Search))
+                    .ok()
+            })
+            .clone()
     };
     let mut out: Vec<Loaded> = Vec::new();
     let mut frontier: Vec<Loaded> = matches.to_vec();
@@ -811,15 +859,15 @@ fn includes(
                         continue;
                     };
                     if inc.target_type.as_ref().is_some_and(|tt| *tt != t)
-                        || !readable(&t)
                         || seen.contains(&(t.clone(), id.clone()))
                     {
                         continue;
                     }
-                    let row = app.engine.store.current(&t, &id).map_err(unavailable)?;
-                    let row =
-                        row.filter(|r| reach.is_none_or(|c| c.admits(key_patient(&r.key_id))));
-                    if let Some(l) = open_row(app, row)? {
+                    let Some(target) = readable(&t) else {
+                        continue;
+                    };
+                    let row = app.engine.store().current(&t, &id).map_err(unavailable)?;
+                    if let Some(l) = open_row(app, &target, row)? {
                         seen.insert((t, id));
                         added.push(l);
                     }
@@ -830,13 +878,15 @@ fn includes(
                     .target_type
                     .as_ref()
                     .is_some_and(|tt| *tt != m.row.rtype)
-                    || !readable(&rev.source_type)
                 {
                     continue;
                 }
+                let Some(source) = readable(&rev.source_type) else {
+                    continue;
+                };
                 let crit =
                     reference_criterion(rev.param, &m.row.rtype, std::slice::from_ref(&m.row.id));
-                let plan = Plan::new(app, &rev.source_type, &[crit], reach, reach)?;
+                let plan = Plan::new(app, Some(auth), &source, None, &[crit])?;
                 for l in plan.all(app, MAX_INCLUDED)? {
                     if seen.insert((l.row.rtype.clone(), l.row.id.clone())) {
                         added.push(l);
@@ -988,15 +1038,15 @@ pub fn entities(page: &Page) -> Vec<phivault_audit::Entity> {
         .collect()
 }
 
-/// Visit every resource of `rtype` in `patient`'s compartment (for `$everything`).
-/// Ok(false) when `visit` stopped it (the receiver went away).
+/// Visit every record of `access`'s type that belongs to `patient` and `access` reaches
+/// (for `$everything`). Ok(false) when `visit` stopped it (the receiver went away).
 pub fn stream_compartment(
     app: &App,
-    rtype: &str,
+    access: &Access,
     patient: &str,
     visit: &mut dyn FnMut(Loaded) -> bool,
 ) -> Result<bool, ApiError> {
-    let plan = Plan::new(app, rtype, &[], Some(&Reach::patient(patient)), None)?;
+    let plan = Plan::new(app, None, access, Some(patient), &[])?;
     let mut after: Option<String> = None;
     loop {
         let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
@@ -1083,7 +1133,9 @@ impl Conditional {
 
     /// Find the match (blocking). Several matches → 412.
     pub fn find(&self, app: &App) -> Result<CondMatch, ApiError> {
-        let plan = Plan::new(app, &self.rtype, &self.criteria, None, None)?;
+        // the server's own look-up: conditional creates are refused to confined writers
+        let access = Access::internal(&self.rtype, Interaction::Search);
+        let plan = Plan::new(app, None, &access, None, &self.criteria)?;
         let mut found: Vec<Loaded> = Vec::new();
         let mut except = Vec::new();
         let mut after: Option<String> = None;

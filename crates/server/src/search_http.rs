@@ -14,7 +14,7 @@ use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use phivault_audit::Action;
-use phivault_auth::Interaction;
+use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
 
 use crate::FHIR_JSON;
@@ -42,7 +42,11 @@ pub async fn search_type(
 ) -> Response {
     let mut ctx = Ctx::on(peer, Action::E, "search-type", &rtype, None);
     let pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
-    let r = run(&app, &mut ctx, &headers, rtype, None, pairs).await;
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        run(&app, &mut ctx, &headers, auth, rtype, None, pairs).await
+    }
+    .await;
     finish(&app, ctx, r).await
 }
 
@@ -57,10 +61,11 @@ pub async fn search_post(
 ) -> Response {
     let mut ctx = Ctx::on(peer, Action::E, "search-type", &rtype, None);
     let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
         let form = form_body(&headers, body)?;
         let mut pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
         pairs.extend(form_urlencoded_pairs(&form));
-        run(&app, &mut ctx, &headers, rtype.clone(), None, pairs).await
+        run(&app, &mut ctx, &headers, auth, rtype.clone(), None, pairs).await
     }
     .await;
     finish(&app, ctx, r).await
@@ -104,12 +109,13 @@ pub async fn compartment(
         }
         crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
         ctx.patient = Some(id.clone());
-        drop(auth);
         let pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
+        // the request's credentials were checked once, above (a DPoP proof is single-use)
         run(
             &app,
             &mut ctx,
             &headers,
+            auth,
             ctype.clone(),
             Some(id.clone()),
             pairs,
@@ -150,15 +156,16 @@ fn param_names(rtype: &str, pairs: &[(String, String)]) -> Vec<String> {
     names
 }
 
+/// A search of an authenticated client (its credentials checked once, by the route).
 async fn run(
     app: &Arc<App>,
     ctx: &mut Ctx,
     headers: &HeaderMap,
+    auth: Authenticated,
     rtype: String,
     compartment: Option<String>,
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let auth = app.authenticate(headers, ctx)?;
     let req = match pairs.iter().find(|(k, _)| k == "_cursor") {
         Some((_, c)) => {
             if pairs.len() != 1 {
@@ -178,12 +185,11 @@ async fn run(
     };
     ctx.rtype = Some(req.rtype.clone());
     let mut req = req;
-    let reach = app.authorize_confined(&auth, &req.rtype, Interaction::Search)?;
-    let confined = reach.is_some();
-    if let Some(r) = &reach {
+    let access = app.decide(&auth, &req.rtype, Interaction::Search)?;
+    if let Some(r) = access.reach() {
         match &req.compartment {
             // a compartment the access does not reach: refused
-            Some(p) if !r.admits(Some(p)) => return Err(ApiError::forbidden()),
+            Some(p) if !r.patients.contains(p) => return Err(ApiError::forbidden()),
             // the URL's compartment is within reach and confines the search further
             Some(_) => {}
             // one patient's app: their compartment
@@ -192,18 +198,19 @@ async fn run(
     }
     if let Some(p) = &req.compartment {
         ctx.patient = Some(p.clone());
-        if !confined {
-            app.authorize(&auth, "Patient", Interaction::Read)
-                .or_else(|_| app.authorize(&auth, "Patient", Interaction::Search))?;
+        if !access.is_confined() {
+            app.decide_unconfined(&auth, "Patient", Interaction::Read)
+                .or_else(|_| app.decide_unconfined(&auth, "Patient", Interaction::Search))?;
         }
     }
-    // chains, `_has` and includes of a confined search run within its reach too (see
-    // `search::run`): they match, count and include only records it may see
+    // chains, `_has` and includes run under the client's own grant on their types,
+    // within its reach (see `search::run`): they match, count and include only records it
+    // may see
     let q = search::parse(&req)?;
     ctx.detail.query = param_names(&req.rtype, &req.pairs);
     let a = app.clone();
     let page = blocking(move || {
-        let page = search::run(&a, &auth, &req, q, reach.as_ref())?;
+        let page = search::run(&a, &auth, &access, &req, q)?;
         Ok((page, req))
     })
     .await;
@@ -248,26 +255,24 @@ async fn everything(
         }
         crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
         // a confined access (a patient's own app, a clinician's patients) gets the
-        // compartments it reaches only, checked before anything is read
-        if let Some(r) = app.authorize_confined(&auth, "Patient", Interaction::Read)?
-            && !r.admits(Some(&id))
-        {
+        // patients it reaches only, checked before anything is read
+        let patient = app.decide(&auth, "Patient", Interaction::Read)?;
+        if !patient.admits(Some(&id)) {
             return Err(ApiError::forbidden());
         }
         let (a, i) = (app.clone(), id.clone());
-        let exists = blocking(move || search::load(&a, "Patient", &i)).await?;
+        let exists = blocking(move || search::load(&a, &patient, &i)).await?;
         if exists.is_none() {
             return Err(ApiError::not_found("resource not found"));
         }
         ctx.patient = Some(id.clone());
-        // only the compartment types this client may read
-        let types: Vec<&'static str> = phivault_fhir::patient_compartment_types()
+        // only the compartment types this client may read, each under its grant
+        let types: Vec<crate::access::Access> = phivault_fhir::patient_compartment_types()
             .into_iter()
-            .filter(|t| {
-                app.authorize_confined(&auth, t, Interaction::Read).is_ok()
-                    || app
-                        .authorize_confined(&auth, t, Interaction::Search)
-                        .is_ok()
+            .filter_map(|t| {
+                app.decide(&auth, t, Interaction::Read)
+                    .or_else(|_| app.decide(&auth, t, Interaction::Search))
+                    .ok()
             })
             .collect();
         Ok(types)
@@ -298,7 +303,7 @@ async fn everything(
         let mut first = true;
         let mut failed = false;
         for t in types {
-            let r = search::stream_compartment(&a, t, &id, &mut |l| {
+            let r = search::stream_compartment(&a, &t, &id, &mut |l| {
                 let mut b = Vec::with_capacity(l.body.len() + 128);
                 if !first {
                     b.push(b',');

@@ -64,7 +64,7 @@ pub fn spawn(app: Arc<App>, watch: Watch) {
             if let Some(path) = &w.alert_syslog {
                 let a = scanner.clone();
                 let all = tokio::task::spawn_blocking(move || {
-                    crate::care::alerts(a.engine.keys(), &*a.engine.store, usize::MAX)
+                    crate::care::alerts(a.engine.keys(), &**a.engine.store(), usize::MAX)
                 })
                 .await;
                 match (all, known.as_mut()) {
@@ -106,7 +106,7 @@ pub fn spawn(app: Arc<App>, watch: Watch) {
                 let done = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
                     let cps = a
                         .engine
-                        .store
+                        .store()
                         .audit_checkpoints(last, 1000)
                         .map_err(std::io::Error::other)?;
                     append_checkpoints(&p, &cps)?;

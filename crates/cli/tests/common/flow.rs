@@ -229,6 +229,11 @@ pub struct App {
 impl App {
     /// Register `name` for `user/*.cruds openid fhirUser offline_access`.
     pub fn register(server: &Server, name: &str) -> App {
+        App::register_for(server, name, "user/*.cruds openid fhirUser offline_access")
+    }
+
+    /// Register `name` (bearer tokens allowed) for `scope`.
+    pub fn register_for(server: &Server, name: &str, scope: &str) -> App {
         let data = server.data.to_str().expect("path");
         let o = cli(
             &[
@@ -241,7 +246,7 @@ impl App {
                 "--redirect-uri",
                 REDIRECT,
                 "--scope",
-                "user/*.cruds openid fhirUser offline_access",
+                scope,
                 "--allow-bearer",
             ],
             "",
