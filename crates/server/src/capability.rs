@@ -115,7 +115,7 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
                     "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                     "extension": [{"url": "token", "valueUri": token_url}]
                 }],
-                "description": "OAuth 2 bearer tokens (SMART Backend Services, private_key_jwt with ES384/RS384) are required on every route but /metadata and /.well-known/*."
+                "description": "OAuth 2 bearer tokens (SMART Backend Services, private_key_jwt with ES384/RS384) are required on every route but /metadata and /.well-known/*. A record belongs, for access, to the one patient it is about (the patient whose key seals it: its subject/patient); being named as performer, author, recipient or other participant does not open it for that patient or for those who treat them. This deliberately narrows the Patient compartment: Patient/{id}/{type}, $everything and patient-confined searches list the records that belong to that patient. References to this server's own absolute base are stored relative; other servers' references are in no compartment."
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}]
