@@ -656,3 +656,131 @@ fn the_server_scans_by_itself_and_sends_new_alerts_to_syslog() {
         "nothing raised twice: {summary}"
     );
 }
+
+/// A ward day scanned in rounds (issue 15): six clinicians open the same seven ward
+/// patients round after round, one of them through a long shift, with `phivault audit scan`
+/// after every round (as the server's scan every few minutes would); in the fourth round
+/// a seventh opens 25 patients. The volume rule counts each person's distinct patients of
+/// the day however the day is split into scans: the long shift raises nothing, and the
+/// spike is alerted — with each request that opened one of the 25 as evidence. (Counting
+/// each scan's patients again, as before, made the long shift "91 patients today" and
+/// the peers' inflated counts hid the spike.)
+#[test]
+fn a_ward_day_scanned_in_rounds_alerts_the_spike_and_not_the_long_shift() {
+    const WARD: usize = 7;
+    const SPIKE_N: usize = 25;
+    let started = std::time::Instant::now();
+    let day = now() / 86_400;
+    let mut server = Server::start();
+    let system = server.token("system/*.cruds");
+    let post = |rtype: &str, body: &Value| created(server.post(rtype, &system, body));
+    let data = server.data.to_str().expect("path").to_owned();
+    let staff: Vec<String> = STAFF[..7]
+        .iter()
+        .map(|(f, g, b, l)| post("Practitioner", &person("Practitioner", f, g, b, l)))
+        .collect();
+    // the ward's patients, each in an ongoing encounter with the whole team
+    let since = iso(now() - 86_400);
+    let in_care = |patient: &str, team: &[String]| {
+        let participant: Vec<Value> = team
+            .iter()
+            .map(|pr| json!({"individual": {"reference": format!("Practitioner/{pr}")}}))
+            .collect();
+        post(
+            "Encounter",
+            &json!({"resourceType": "Encounter", "status": "in-progress",
+                "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+                "subject": {"reference": format!("Patient/{patient}")},
+                "participant": participant, "period": {"start": since}}),
+        );
+    };
+    let patient = |n: usize| {
+        post(
+            "Patient",
+            &person(
+                "Patient",
+                &format!("Wardson{n}"),
+                "Pat",
+                &format!("19{:02}-0{}-1{}", 30 + n % 60, 1 + n % 9, n % 10),
+                &format!("{n} Ward Street"),
+            ),
+        )
+    };
+    let ward: Vec<String> = (0..WARD).map(patient).collect();
+    for p in &ward {
+        in_care(p, &staff);
+    }
+    let others: Vec<String> = (0..SPIKE_N).map(|n| patient(100 + n)).collect();
+    for p in &others {
+        in_care(p, &staff[6..]);
+    }
+    let app = App::register(&server, "Ward App");
+    let at = now();
+    let tokens: Vec<String> = staff
+        .iter()
+        .enumerate()
+        .map(|(i, pr)| {
+            let username = format!("clin{i}");
+            let secret = add_person(&server, &username, "clinician", pr);
+            app.token(&server, &username, &secret, at, SCOPE)
+        })
+        .collect();
+    let open = |who: usize, p: &str| -> String {
+        let r = server.get(&format!("Patient/{p}"), &tokens[who]);
+        assert_eq!(r.status, 200);
+        rid(&r)
+    };
+    let mut volume_raised: Vec<Value> = Vec::new();
+    let mut spike = Vec::new();
+    for round in 1..=13 {
+        // the team's rounds; clin0 stays on for a long shift
+        let team = if round <= 4 { 0..6 } else { 0..1 };
+        for who in team {
+            for p in &ward {
+                open(who, p);
+            }
+        }
+        if round == 4 {
+            spike = others.iter().map(|p| open(6, p)).collect();
+        }
+        let summary = scan_all_week(&data);
+        if summary["alerts"]["volume"].as_u64().unwrap_or(0) > 0 {
+            volume_raised.push(json!({"round": round, "summary": summary}));
+        }
+    }
+    if now() / 86_400 != day {
+        eprintln!("the ward day crossed midnight UTC, so it is two days of counts: not judged");
+        return;
+    }
+    let volume: Vec<Value> = alerts_listed(&data, "open")
+        .into_iter()
+        .filter(|a| a["rule"] == "volume")
+        .collect();
+    let who: Vec<&str> = volume
+        .iter()
+        .map(|a| a["username"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(who, ["clin6"], "{volume:?}; raised in {volume_raised:?}");
+    assert_eq!(volume_raised.len(), 1, "{volume_raised:?}");
+    assert_eq!(volume_raised[0]["round"], 4);
+    let evidence: BTreeSet<&str> = volume[0]["evidence"]
+        .as_array()
+        .expect("evidence")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for r in &spike {
+        assert!(evidence.contains(r.as_str()), "{r} is evidence: {volume:?}");
+    }
+    assert!(
+        volume[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("{SPIKE_N} patients in a day"))),
+        "{volume:?}"
+    );
+    eprintln!(
+        "ward day in 13 scans: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    server.stop();
+}

@@ -8,7 +8,9 @@
 //! * `bulk-record` — a person pulls a whole record (`$everything`).
 //! * `volume` — a person touches more distinct patients in a day than [`VOLUME_FLOOR`] and
 //!   than three times their own median of earlier days (with three days of history or
-//!   more) — or, without such a history, three times their peers' median that day.
+//!   more) — or, without such a history, three times their peers' median that day. Judged
+//!   as each event comes, on the day so far; one alert per person and day, to which every
+//!   further new patient that day adds its request.
 //!
 //! * `self-access` — the patient is the person themselves (same family name, given name
 //!   and birth date as their Practitioner record).
@@ -27,6 +29,12 @@
 //! * `name-search` — a clinician searches patients by name and, within
 //!   [`NAME_SEARCH_MS`], opens the chart of a patient it found whom no relationship
 //!   explains: looking someone up rather than treating them.
+//!
+//! What the rules find does not depend on how the log is split into scans (the server's
+//! every few minutes, an operator's by hand, a scan cut short at its most events): each scan goes
+//! on from the [`State`] the last one left — the distinct patients of each person's day,
+//! the findings later events add evidence to, the recent name searches — so that one scan
+//! over a day and a scan every minute raise the same alerts with the same evidence.
 //!
 //! The relationship rules need the records: a [`Records`] gives the [`Facts`] of patients,
 //! of staff and of the workforce (the scanner decrypts them; no fact leaves it, alerts name
@@ -268,13 +276,19 @@ impl<'a> EngineRecords<'a> {
 
     fn facts(&self, row: Option<phivault_store::VersionRow>) -> Option<Facts> {
         let row = row.filter(|r| !r.deleted)?;
-        let body = self.engine.open(&row).ok()?;
+        let body = self
+            .engine
+            .open(
+                &crate::access::Access::internal(&row.rtype, phivault_auth::Interaction::Read),
+                &row,
+            )
+            .ok()?;
         let json: serde_json::Value = serde_json::from_slice(&body).ok()?;
         Some(Facts::of(&json))
     }
 
     fn load(&self, rtype: &str, id: &str) -> Option<Facts> {
-        self.facts(self.engine.store.current(rtype, id).ok()?)
+        self.facts(self.engine.store().current(rtype, id).ok()?)
     }
 }
 
@@ -306,7 +320,7 @@ impl Records for EngineRecords<'_> {
             loop {
                 let ids = self
                     .engine
-                    .store
+                    .store()
                     .candidates(
                         "Practitioner",
                         &phivault_store::Candidates::All,
@@ -319,7 +333,7 @@ impl Records for EngineRecords<'_> {
                 };
                 let rows = self
                     .engine
-                    .store
+                    .store()
                     .current_many("Practitioner", &ids)
                     .unwrap_or_default();
                 for row in rows {
@@ -407,6 +421,9 @@ fn relationship(
 /// A finding of one rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
+    /// Its id and its alert's, derived from what it is about; a finding that adds evidence
+    /// to an earlier scan's has that one's id.
+    pub id: String,
     /// The rule.
     pub rule: String,
     /// The person's account id.
@@ -431,59 +448,261 @@ fn patients_of(e: &AuditEvent) -> BTreeSet<&str> {
         .collect()
 }
 
-/// Findings so far, and where each (rule, person, patient, day) is among them.
-type Found<'a> = (
-    &'a mut Vec<Finding>,
-    &'a mut HashMap<(&'static str, String, String, u64), usize>,
-);
+/// An alert's id, derived from what it is about — the rule, the person, the patient and
+/// the first request of its evidence — so that two scans over the same events (the
+/// server's and an operator's) write the same alert, not two.
+fn alert_id(rule: &str, user: &str, patient: Option<&str>, first: &str) -> String {
+    let mut buf = Vec::new();
+    for part in [rule, user, patient.unwrap_or(""), first] {
+        buf.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        buf.extend_from_slice(part.as_bytes());
+    }
+    phivault_crypto::sha256(&buf)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
-/// Record `rule`'s finding about event `e`'s person and `patient` once a day (with
-/// `evidence`); a later event the same day adds its request to the first one's evidence.
-fn once_a_day(
-    (out, seen): Found<'_>,
-    e: &AuditEvent,
-    patient: &str,
-    (rule, score, detail): (&'static str, u8, &'static str),
-    evidence: Vec<String>,
-) {
-    let user = e.user.clone().unwrap_or_default();
-    let key = (rule, user.clone(), patient.to_owned(), e.time_ms / DAY_MS);
-    match seen.get(&key) {
-        Some(&i) => out[i].evidence.push(e.request_id.clone()),
-        None => {
-            seen.insert(key, out.len());
-            out.push(Finding {
-                rule: rule.into(),
+impl Finding {
+    fn new(
+        (rule, score): (&str, u8),
+        user: &str,
+        patient: Option<&str>,
+        evidence: Vec<String>,
+        at_ms: u64,
+        detail: String,
+    ) -> Finding {
+        Finding {
+            id: alert_id(
+                rule,
                 user,
-                patient: Some(patient.to_owned()),
-                evidence,
-                score,
-                at_ms: e.time_ms,
-                detail: detail.into(),
-            });
+                patient,
+                evidence.first().map_or("", String::as_str),
+            ),
+            rule: rule.into(),
+            user: user.into(),
+            patient: patient.map(str::to_owned),
+            evidence,
+            score,
+            at_ms,
+            detail,
+        }
+    }
+
+    /// Fold `more` — a later finding with the same id — into this one, as [`run`] folds it
+    /// into the stored alert: its new requests join the evidence and its detail (counts so
+    /// far) replaces this one's. Whether anything changed.
+    pub fn absorb(&mut self, more: &Finding) -> bool {
+        let new: Vec<String> = more
+            .evidence
+            .iter()
+            .filter(|r| !self.evidence.contains(r))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return false;
+        }
+        self.evidence.extend(new);
+        self.detail.clone_from(&more.detail);
+        true
+    }
+}
+
+/// What the rules carry from one scan to the next, so that what they find does not depend
+/// on how the log is split into scans: scanning events in one go, or in any number of
+/// pieces with the state carried between them, finds the same (see the property test
+/// `findings_do_not_depend_on_how_the_log_is_split_into_scans`). [`run`] keeps it in the
+/// store, sealed: it names patients.
+///
+/// The scanner's clock is the newest event time seen. An event of a day (or, for
+/// `after-hours`, a night) before the clock's previous one is *late*: it raises a finding
+/// of its own instead of joining the day's, and it does not count towards a day's volume.
+/// (The server stamps events when it handles them, so only a request that took a day, or
+/// a clock stepped back by one, is late.) This is what lets a scan drop everything the
+/// clock has left behind: no later event can reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// The newest event time seen (ms since the epoch).
+    pub clock_ms: u64,
+    /// Per person, per day: the distinct patients they touched.
+    pub days: BTreeMap<String, BTreeMap<u64, Day>>,
+    /// Findings that later events of the same day (night) add evidence to.
+    pub open: Vec<OpenFinding>,
+    /// Per person, their name searches of the last [`NAME_SEARCH_MS`].
+    pub searches: BTreeMap<String, Vec<NameSearch>>,
+}
+
+/// One person's day, for the volume rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Day {
+    /// A day events may still come for (the clock's day and the one before): the distinct
+    /// patients, and in order each request that first touched one of them.
+    Open {
+        /// The patients.
+        patients: BTreeSet<String>,
+        /// The requests that touched a patient for the first time that day.
+        requests: Vec<String>,
+    },
+    /// An earlier day: its count of distinct patients (a baseline).
+    Closed(usize),
+}
+
+impl Day {
+    /// Distinct patients that day.
+    pub fn count(&self) -> usize {
+        match self {
+            Day::Open { patients, .. } => patients.len(),
+            Day::Closed(n) => *n,
         }
     }
 }
 
-/// Run the rules over `events` (in log order) and return what they find. `history` is the
-/// per-person count of distinct patients of each earlier day (updated in place, so a
-/// scheduled scan keeps baselines across runs).
+/// A finding raised once per rule, person, patient and day (night): later events add their
+/// requests to its evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenFinding {
+    /// The rule.
+    pub rule: String,
+    /// The person's account id.
+    pub user: String,
+    /// The patient (empty when the finding is about no single patient).
+    pub patient: String,
+    /// The day (the night, for `after-hours`) since the epoch.
+    pub period: u64,
+    /// The finding's (and its alert's) id.
+    pub id: String,
+    /// Events noted so far.
+    pub count: usize,
+}
+
+/// A name search: when, its request and the patients it found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameSearch {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// Its request.
+    pub request: String,
+    /// The patients it found.
+    pub found: BTreeSet<String>,
+}
+
+/// (rule, person, patient, period) of a once-per-period finding.
+type Key = (String, String, String, u64);
+
+/// An open finding during a scan: its id, events so far, and where it is among this
+/// scan's findings (None while this scan has added nothing to it).
+struct Entry {
+    id: String,
+    count: usize,
+    index: Option<usize>,
+}
+
+/// What a scan finds, and the findings later events may add to.
+struct Sink {
+    out: Vec<Finding>,
+    open: BTreeMap<Key, Entry>,
+}
+
+impl Sink {
+    fn push(&mut self, f: Finding) {
+        self.out.push(f);
+    }
+
+    /// Note `new`'s rule for `key` once: the first event raises `new`; a later one adds
+    /// `request` to its evidence (in this scan's finding, or in a finding with the same
+    /// id that [`run`] folds into the stored alert). `detail` words the finding after
+    /// `n` events. A late event (`key` None) raises a finding of its own.
+    fn once(
+        &mut self,
+        key: Option<Key>,
+        mut new: Finding,
+        request: &str,
+        detail: impl Fn(usize) -> String,
+    ) {
+        let Some(key) = key else {
+            new.detail = detail(1);
+            return self.push(new);
+        };
+        match self.open.get_mut(&key) {
+            Some(entry) => {
+                entry.count += 1;
+                let text = detail(entry.count);
+                match entry.index {
+                    Some(i) => {
+                        let f = &mut self.out[i];
+                        f.evidence.push(request.to_owned());
+                        f.detail = text;
+                    }
+                    None => {
+                        entry.index = Some(self.out.len());
+                        self.out.push(Finding {
+                            id: entry.id.clone(),
+                            evidence: vec![request.to_owned()],
+                            detail: text,
+                            ..new
+                        });
+                    }
+                }
+            }
+            None => {
+                new.detail = detail(1);
+                self.open.insert(
+                    key,
+                    Entry {
+                        id: new.id.clone(),
+                        count: 1,
+                        index: Some(self.out.len()),
+                    },
+                );
+                self.out.push(new);
+            }
+        }
+    }
+}
+
+impl Hours {
+    /// The night an access belongs to: shifted so that one night is one key.
+    fn night(&self, time_ms: u64) -> u64 {
+        (time_ms + 24u64.saturating_sub(self.end) * 3_600_000) / DAY_MS
+    }
+}
+
+/// The key of a once-per-`period` finding, or None when the event is late (its period is
+/// before the one before the clock's).
+fn key_of(rule: &str, user: &str, patient: &str, period: u64, current: u64) -> Option<Key> {
+    (period + 1 >= current).then(|| (rule.to_owned(), user.to_owned(), patient.to_owned(), period))
+}
+
+/// Run the rules over `events` (in log order) and return what they find. `state` is what
+/// earlier scans carried over (see [`State`]); it is updated in place, so a scheduled scan
+/// goes on from where the last one stopped and finds what one scan over all the events
+/// would. A finding whose id an earlier scan's finding had adds to it ([`Finding::absorb`]).
 pub fn scan(
     events: &[AuditEvent],
     hours: Hours,
-    history: &mut BTreeMap<String, BTreeMap<u64, usize>>,
+    state: &mut State,
     records: &mut dyn Records,
 ) -> Vec<Finding> {
-    let mut out: Vec<Finding> = Vec::new();
-    // relationship findings: once per rule, person, patient and day
-    let mut seen: HashMap<(&'static str, String, String, u64), usize> = HashMap::new();
-    // after-hours: one alert per person and night
-    let mut nights: HashMap<(String, u64), usize> = HashMap::new();
-    // volume: distinct patients per person per day
-    let mut daily: BTreeMap<(u64, String), (BTreeSet<String>, Vec<String>)> = BTreeMap::new();
-    // name searches per person: (time, request, patients found), the recent ones
-    let mut searches: HashMap<String, Vec<(u64, String, BTreeSet<String>)>> = HashMap::new();
+    let mut sink = Sink {
+        out: Vec::new(),
+        open: std::mem::take(&mut state.open)
+            .into_iter()
+            .map(|o| {
+                (
+                    (o.rule, o.user, o.patient, o.period),
+                    Entry {
+                        id: o.id,
+                        count: o.count,
+                        index: None,
+                    },
+                )
+            })
+            .collect(),
+    };
     for e in events {
+        state.clock_ms = state.clock_ms.max(e.time_ms);
+        let clock = state.clock_ms;
+        let today = clock / DAY_MS;
         let Some(user) = &e.user else { continue };
         if e.outcome.http_status >= 400 {
             continue;
@@ -492,6 +711,8 @@ pub fn scan(
         if patients.is_empty() {
             continue;
         }
+        let day_key =
+            |rule: &str, patient: &str| key_of(rule, user, patient, e.time_ms / DAY_MS, today);
         if e.interaction == "search-type"
             && e.resource_type.as_deref() == Some("Patient")
             && e.detail
@@ -505,9 +726,13 @@ pub fn scan(
                 .filter(|x| x.resource_type == "Patient")
                 .map(|x| x.resource_id.clone())
                 .collect();
-            let list = searches.entry(user.clone()).or_default();
-            list.retain(|(t, ..)| t + NAME_SEARCH_MS >= e.time_ms);
-            list.push((e.time_ms, e.request_id.clone(), found));
+            let list = state.searches.entry(user.clone()).or_default();
+            list.retain(|s| s.at_ms + NAME_SEARCH_MS >= clock);
+            list.push(NameSearch {
+                at_ms: e.time_ms,
+                request: e.request_id.clone(),
+                found,
+            });
         }
         // opening one patient's chart (not a list), not under or breaking the glass (which
         // has its own alert)
@@ -525,33 +750,47 @@ pub fn scan(
                 .iter()
                 .any(|r| r.patient == p && r.from_ms <= t && t <= r.until_ms);
             if !explained {
-                once_a_day(
-                    (&mut out, &mut seen),
-                    e,
-                    p,
-                    (
-                        "unexplained-access",
-                        50,
-                        "no treatment relationship explains the access",
-                    ),
-                    vec![e.request_id.clone()],
+                let rule = (
+                    "unexplained-access",
+                    50,
+                    "no treatment relationship explains the access",
                 );
-                let looked_up = searches.get(user).and_then(|list| {
+                sink.once(
+                    day_key(rule.0, p),
+                    Finding::new(
+                        (rule.0, rule.1),
+                        user,
+                        Some(p),
+                        vec![e.request_id.clone()],
+                        e.time_ms,
+                        String::new(),
+                    ),
+                    &e.request_id,
+                    |_| rule.2.to_owned(),
+                );
+                // a search within the window (by the clock, so that the searches a scan
+                // drops are those no later event can follow)
+                let looked_up = state.searches.get(user).and_then(|list| {
                     list.iter()
                         .rev()
-                        .find(|(t, _, found)| t + NAME_SEARCH_MS >= e.time_ms && found.contains(p))
+                        .find(|s| s.at_ms + NAME_SEARCH_MS >= clock && s.found.contains(p))
                 });
-                if let Some((_, search, _)) = looked_up {
-                    once_a_day(
-                        (&mut out, &mut seen),
-                        e,
-                        p,
-                        (
-                            "name-search",
-                            60,
-                            "a name search, then the chart of a patient it found, unexplained",
+                if let Some(search) = looked_up {
+                    sink.once(
+                        day_key("name-search", p),
+                        Finding::new(
+                            ("name-search", 60),
+                            user,
+                            Some(p),
+                            vec![search.request.clone(), e.request_id.clone()],
+                            e.time_ms,
+                            String::new(),
                         ),
-                        vec![search.clone(), e.request_id.clone()],
+                        &e.request_id,
+                        |_| {
+                            "a name search, then the chart of a patient it found, unexplained"
+                                .to_owned()
+                        },
                     );
                 }
             }
@@ -565,129 +804,202 @@ pub fn scan(
                 .identity
                 .as_deref()
                 .is_some_and(|i| records.is_workforce(i));
-            for rule in relationship(sf.as_ref(), &pf, workforce) {
-                once_a_day(
-                    (&mut out, &mut seen),
-                    e,
-                    p,
-                    rule,
-                    vec![e.request_id.clone()],
+            for (rule, score, detail) in relationship(sf.as_ref(), &pf, workforce) {
+                sink.once(
+                    day_key(rule, p),
+                    Finding::new(
+                        (rule, score),
+                        user,
+                        Some(p),
+                        vec![e.request_id.clone()],
+                        e.time_ms,
+                        String::new(),
+                    ),
+                    &e.request_id,
+                    |_| detail.to_owned(),
                 );
             }
         }
+        let first = patients.first().copied();
         if e.interaction == "everything" {
-            out.push(Finding {
-                rule: "bulk-record".into(),
-                user: user.clone(),
-                patient: patients.first().map(|p| (*p).to_owned()),
-                evidence: vec![e.request_id.clone()],
-                score: 60,
-                at_ms: e.time_ms,
-                detail: "a whole record was pulled ($everything)".into(),
-            });
+            sink.push(Finding::new(
+                ("bulk-record", 60),
+                user,
+                first,
+                vec![e.request_id.clone()],
+                e.time_ms,
+                "a whole record was pulled ($everything)".into(),
+            ));
         }
         if hours.outside(e.time_ms) {
-            // the night an access belongs to: shifted so that one night is one key
-            let night = (e.time_ms + 24u64.saturating_sub(hours.end) * 3_600_000) / DAY_MS;
-            match nights.get(&(user.clone(), night)) {
-                Some(&i) => {
-                    let f: &mut Finding = &mut out[i];
-                    f.evidence.push(e.request_id.clone());
-                    f.detail = format!("{} accesses outside working hours", f.evidence.len());
-                }
-                None => {
-                    nights.insert((user.clone(), night), out.len());
-                    out.push(Finding {
-                        rule: "after-hours".into(),
-                        user: user.clone(),
-                        patient: patients.first().map(|p| (*p).to_owned()),
-                        evidence: vec![e.request_id.clone()],
-                        score: 30,
-                        at_ms: e.time_ms,
-                        detail: "1 access outside working hours".into(),
-                    });
-                }
-            }
-        }
-        let d = daily.entry((e.time_ms / DAY_MS, user.clone())).or_default();
-        d.0.extend(patients.iter().map(|p| (*p).to_owned()));
-        d.1.push(e.request_id.clone());
-    }
-    // volume against the person's own baseline, day by day; a day's count goes on from
-    // what earlier scans of the same day counted, and the alert is raised by the scan in
-    // which the count becomes unusual (once a day)
-    let so_far = |history: &BTreeMap<String, BTreeMap<u64, usize>>, user: &str, day: u64| {
-        history
-            .get(user)
-            .and_then(|h| h.get(&day))
-            .copied()
-            .unwrap_or(0)
-    };
-    // everyone's count of each day in this scan: earlier scans' and this one's
-    let mut by_day: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-    let days: BTreeSet<u64> = daily.keys().map(|(d, _)| *d).collect();
-    for &day in &days {
-        let counts = by_day.entry(day).or_default();
-        for (user, h) in history.iter() {
-            if let Some(c) = h.get(&day)
-                && !daily.contains_key(&(day, user.clone()))
-            {
-                counts.push(*c);
-            }
-        }
-    }
-    for ((day, user), (p, _)) in &daily {
-        by_day
-            .entry(*day)
-            .or_default()
-            .push(so_far(history, user, *day) + p.len());
-    }
-    for ((day, user), (patients, requests)) in daily {
-        let before = so_far(history, &user, day);
-        let n = before + patients.len();
-        let past = history.entry(user.clone()).or_default();
-        let mut earlier: Vec<usize> = past.range(..day).map(|(_, c)| *c).collect();
-        earlier.sort_unstable();
-        // against their own baseline (three days of history or more), or, for someone
-        // without one, against their peers' that day (five peers or more)
-        let own = (earlier.len() >= 3).then(|| earlier[earlier.len() / 2]);
-        let mut peers = by_day.get(&day).cloned().unwrap_or_default();
-        peers.sort_unstable();
-        let peer_median = (peers.len() >= 5).then(|| peers[peers.len() / 2]);
-        let unusual = |n: usize| {
-            n > VOLUME_FLOOR
-                && match (own, peer_median) {
-                    (Some(m), _) => n > 3 * m.max(1),
-                    (None, Some(pm)) => n > 3 * pm.max(1),
-                    (None, None) => false,
-                }
-        };
-        if unusual(n) && !unusual(before) {
-            let fmt = |m: Option<usize>| m.map_or("none".to_owned(), |m| m.to_string());
-            out.push(Finding {
-                rule: "volume".into(),
-                user: user.clone(),
-                patient: None,
-                evidence: requests,
-                score: 50,
-                at_ms: day * DAY_MS,
-                detail: format!(
-                    "{n} patients in a day; own median {}, peers' median {}",
-                    fmt(own),
-                    fmt(peer_median)
+            sink.once(
+                key_of(
+                    "after-hours",
+                    user,
+                    "",
+                    hours.night(e.time_ms),
+                    hours.night(clock),
                 ),
-            });
+                Finding::new(
+                    ("after-hours", 30),
+                    user,
+                    first,
+                    vec![e.request_id.clone()],
+                    e.time_ms,
+                    String::new(),
+                ),
+                &e.request_id,
+                |n| {
+                    if n == 1 {
+                        "1 access outside working hours".to_owned()
+                    } else {
+                        format!("{n} accesses outside working hours")
+                    }
+                },
+            );
         }
-        *past.entry(day).or_default() = n;
+        volume(state, &mut sink, e, user, &patients, today);
     }
-    out
+    settle(state, sink.open, hours);
+    sink.out
+}
+
+/// The volume rule for event `e` by `user`: count its patients into the day's, and when
+/// the count becomes unusual, raise the day's alert (once; later new patients that day
+/// add to its evidence). Judged on what the log holds so far, so that a scan every few
+/// minutes raises the alert as soon as the count is unusual.
+fn volume(
+    state: &mut State,
+    sink: &mut Sink,
+    e: &AuditEvent,
+    user: &str,
+    patients: &BTreeSet<&str>,
+    today: u64,
+) {
+    let day = e.time_ms / DAY_MS;
+    if day + 1 < today {
+        return; // late: earlier days are closed
+    }
+    let days = state.days.entry(user.to_owned()).or_default();
+    let Day::Open {
+        patients: seen,
+        requests,
+    } = days.entry(day).or_insert_with(|| Day::Open {
+        patients: BTreeSet::new(),
+        requests: Vec::new(),
+    })
+    else {
+        return;
+    };
+    let before = seen.len();
+    seen.extend(patients.iter().map(|p| (*p).to_owned()));
+    let n = seen.len();
+    if n == before {
+        return;
+    }
+    requests.push(e.request_id.clone());
+    if n <= VOLUME_FLOOR {
+        return;
+    }
+    let evidence = requests.clone();
+    // against their own baseline (three days of history or more), or, for someone without
+    // one, against their peers' that day (five peers or more)
+    let mut earlier: Vec<usize> = days
+        .range(day.saturating_sub(BASELINE_DAYS)..day)
+        .map(|(_, d)| d.count())
+        .collect();
+    earlier.sort_unstable();
+    let own = (earlier.len() >= 3).then(|| earlier[earlier.len() / 2]);
+    let mut peers: Vec<usize> = state
+        .days
+        .values()
+        .filter_map(|d| d.get(&day).map(Day::count))
+        .collect();
+    peers.sort_unstable();
+    let peer_median = (peers.len() >= 5).then(|| peers[peers.len() / 2]);
+    let unusual = match (own, peer_median) {
+        (Some(m), _) => n > 3 * m.max(1),
+        (None, Some(pm)) => n > 3 * pm.max(1),
+        (None, None) => false,
+    };
+    let key = ("volume".to_owned(), user.to_owned(), String::new(), day);
+    if !unusual && !sink.open.contains_key(&key) {
+        return;
+    }
+    let fmt = |m: Option<usize>| m.map_or("none".to_owned(), |m| m.to_string());
+    let detail = format!(
+        "{n} patients in a day; own median {}, peers' median {}",
+        fmt(own),
+        fmt(peer_median)
+    );
+    sink.once(
+        Some(key),
+        Finding::new(
+            ("volume", 50),
+            user,
+            None,
+            evidence,
+            day * DAY_MS,
+            String::new(),
+        ),
+        &e.request_id,
+        |_| detail.clone(),
+    );
+}
+
+/// At the end of a scan: keep the open findings the clock has not left behind, close the
+/// days before yesterday (their counts stay, as baselines, for [`BASELINE_DAYS`]) and drop
+/// the name searches no later event can follow.
+fn settle(state: &mut State, open: BTreeMap<Key, Entry>, hours: Hours) {
+    let clock = state.clock_ms;
+    let today = clock / DAY_MS;
+    state.open = open
+        .into_iter()
+        .filter(|((rule, _, _, period), _)| {
+            let current = if rule == "after-hours" {
+                hours.night(clock)
+            } else {
+                today
+            };
+            period + 1 >= current
+        })
+        .map(|((rule, user, patient, period), e)| OpenFinding {
+            rule,
+            user,
+            patient,
+            period,
+            id: e.id,
+            count: e.count,
+        })
+        .collect();
+    // a day's baseline reaches BASELINE_DAYS back from an open day
+    let oldest = today.saturating_sub(1 + BASELINE_DAYS);
+    for days in state.days.values_mut() {
+        days.retain(|d, _| *d >= oldest);
+        for (d, day) in days.iter_mut() {
+            if d + 1 < today
+                && let Day::Open { patients, .. } = day
+            {
+                *day = Day::Closed(patients.len());
+            }
+        }
+    }
+    state.days.retain(|_, days| !days.is_empty());
+    for list in state.searches.values_mut() {
+        list.retain(|s| s.at_ms + NAME_SEARCH_MS >= clock);
+    }
+    state.searches.retain(|_, list| !list.is_empty());
 }
 
 /// Where the scanner keeps its position in the log.
 const POSITION: &str = "snoop:position";
-/// The per-person daily counts (the volume baselines), sealed.
-const HISTORY: &str = "snoop:history";
-const HISTORY_LABEL: &str = "phivault snooping baselines v1\u{0}snoop:history";
+/// What the rules carry between scans ([`State`]), sealed.
+const STATE: &str = "snoop:state";
+const STATE_LABEL: &str = "phivault snooping state v2\u{0}snoop:state";
+/// The per-person daily counts of earlier versions, which counted a patient again in
+/// every scan of the day: not carried over (an inflated baseline hides a real spike; the
+/// volume rule judges against peers until three days of exact counts are kept), emptied.
+const OLD_HISTORY: &str = "snoop:history";
 /// Days of counts kept for the volume baselines.
 const BASELINE_DAYS: u64 = 90;
 /// Most events one scan reads; the next scan goes on from there.
@@ -702,6 +1014,9 @@ pub struct Summary {
     pub position: u64,
     /// New alerts by rule.
     pub alerts: BTreeMap<String, usize>,
+    /// Open alerts of earlier scans that got more evidence.
+    #[serde(default)]
+    pub extended: usize,
     /// The new alerts.
     #[serde(skip)]
     pub raised: Vec<crate::care::Alert>,
@@ -721,46 +1036,42 @@ pub enum ScanError {
     Alert(#[from] crate::care::AlertError),
 }
 
-/// An alert's id, derived from what it is about, so that two scans over the same events
-/// (the server's and an operator's) write the same alert, not two.
-fn alert_id(f: &Finding) -> String {
-    let mut buf = Vec::new();
-    for part in [
-        f.rule.as_str(),
-        f.user.as_str(),
-        f.patient.as_deref().unwrap_or(""),
-        f.evidence.first().map_or("", String::as_str),
-    ] {
-        buf.extend_from_slice(&(part.len() as u64).to_be_bytes());
-        buf.extend_from_slice(part.as_bytes());
+impl State {
+    /// The state as stored (before sealing).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
     }
-    phivault_crypto::sha256(&buf)[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+
+    /// The state from [`State::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<State> {
+        serde_json::from_slice(bytes).ok()
+    }
 }
 
 /// Run the rules over the events after the last scanned position and raise an open alert
-/// for each finding (one already raised is left as it is, reviewed or not). The position
-/// and the baselines are kept in the store; the records the relationship rules read are
-/// decrypted in memory only.
+/// for each finding. A finding with the id of an alert already raised adds its new
+/// requests to that alert's evidence while the alert is open; once it is reviewed, they
+/// raise an alert of their own (a review does not cover what came after it). The position
+/// and the rules' [`State`] are kept in the store (the state sealed); the records the
+/// relationship rules read are decrypted in memory only.
 pub fn run(app: &crate::App, hours: Hours) -> Result<Summary, ScanError> {
     use crate::care::{Alert, raise_alert};
-    let store = &*app.engine.store;
+    let store = &**app.engine.store();
     let keys = app.engine.keys();
     let position: u64 = store
         .meta(POSITION)?
         .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
         .unwrap_or(0);
-    let mut history: BTreeMap<String, BTreeMap<u64, usize>> = match store.meta(HISTORY)? {
+    let mut state = match store.meta(STATE)? {
         Some(sealed) => {
-            let plain = keys.open_secret(HISTORY_LABEL, &sealed).map_err(|_| {
-                ScanError::Integrity("the stored baselines failed their integrity check".into())
+            let plain = keys.open_secret(STATE_LABEL, &sealed).map_err(|_| {
+                ScanError::Integrity("the stored scan state failed its integrity check".into())
             })?;
-            serde_json::from_slice(plain.expose())
-                .map_err(|_| ScanError::Integrity("the stored baselines do not decode".into()))?
+            State::from_bytes(plain.expose()).ok_or_else(|| {
+                ScanError::Integrity("the stored scan state does not decode".into())
+            })?
         }
-        None => Default::default(),
+        None => State::default(),
     };
     let mut events = Vec::new();
     let mut last = position;
@@ -779,21 +1090,38 @@ pub fn run(app: &crate::App, hours: Hours) -> Result<Summary, ScanError> {
         last = end;
     }
     let mut records = EngineRecords::new(app);
-    let findings = scan(&events, hours, &mut history, &mut records);
+    let findings = scan(&events, hours, &mut state, &mut records);
     let users = app.engine.users();
-    let existing: BTreeSet<String> = crate::care::alerts(keys, store, usize::MAX)?
+    let mut existing: HashMap<String, Alert> = crate::care::alerts(keys, store, usize::MAX)?
         .into_iter()
-        .map(|a| a.id)
+        .map(|a| (a.id.clone(), a))
         .collect();
     let mut summary = Summary {
         events: events.len(),
         position: last,
         ..Default::default()
     };
-    for f in &findings {
-        let id = alert_id(f);
-        if existing.contains(&id) {
-            continue;
+    'findings: for mut f in findings {
+        // the alert it belongs to: its own, or, once that is reviewed, the one that follows
+        // it (one per reviewed alert, so that what came after a review is reviewed again)
+        while let Some(a) = existing.get_mut(&f.id) {
+            f.evidence.retain(|r| !a.evidence.contains(r));
+            if f.evidence.is_empty() {
+                continue 'findings; // scanned before (an operator's scan beside the server's)
+            }
+            if a.status == "open" {
+                a.evidence.append(&mut f.evidence);
+                a.reason.clone_from(&f.detail);
+                raise_alert(keys, store, a)?;
+                summary.extended += 1;
+                continue 'findings;
+            }
+            f.id = alert_id(
+                &f.rule,
+                &f.user,
+                f.patient.as_deref(),
+                &format!("after the review of {}", a.id),
+            );
         }
         let username = users
             .get_by_id(&f.user)
@@ -803,7 +1131,7 @@ pub fn run(app: &crate::App, hours: Hours) -> Result<Summary, ScanError> {
             .unwrap_or_default();
         let at_ms = i64::try_from(f.at_ms).unwrap_or(i64::MAX);
         let alert = Alert {
-            id,
+            id: f.id.clone(),
             rule: f.rule.clone(),
             user: f.user.clone(),
             username,
@@ -821,24 +1149,17 @@ pub fn run(app: &crate::App, hours: Hours) -> Result<Summary, ScanError> {
         };
         raise_alert(keys, store, &alert)?;
         *summary.alerts.entry(f.rule.clone()).or_default() += 1;
+        existing.insert(alert.id.clone(), alert.clone());
         summary.raised.push(alert);
     }
-    // baselines of the last [`BASELINE_DAYS`] days are enough; older days are dropped
-    if let Some(newest) = events.last().map(|e| e.time_ms / DAY_MS) {
-        let oldest = newest.saturating_sub(BASELINE_DAYS);
-        for days in history.values_mut() {
-            days.retain(|d, _| *d >= oldest);
-        }
-        history.retain(|_, days| !days.is_empty());
-    }
-    let plain = zeroize::Zeroizing::new(
-        serde_json::to_vec(&history)
-            .map_err(|_| ScanError::Integrity("baselines do not encode".into()))?,
-    );
+    let plain = zeroize::Zeroizing::new(state.to_bytes());
     let sealed = keys
-        .seal_secret(HISTORY_LABEL, &plain)
-        .map_err(|_| ScanError::Integrity("sealing the baselines failed".into()))?;
-    store.set_meta(HISTORY, &sealed)?;
+        .seal_secret(STATE_LABEL, &plain)
+        .map_err(|_| ScanError::Integrity("sealing the scan state failed".into()))?;
+    store.set_meta(STATE, &sealed)?;
+    if store.meta(OLD_HISTORY)?.is_some_and(|v| !v.is_empty()) {
+        store.set_meta(OLD_HISTORY, &[])?;
+    }
     store.set_meta(POSITION, last.to_string().as_bytes())?;
     Ok(summary)
 }
@@ -891,6 +1212,195 @@ mod tests {
         }
         fn relations(&mut self, user: &str) -> Option<Vec<Relation>> {
             self.relations.get(user).cloned()
+        }
+    }
+
+    /// Findings as [`run`] files them: one per id, later ones folded into the first.
+    fn fold(found: Vec<Finding>) -> BTreeMap<String, Finding> {
+        let mut out: BTreeMap<String, Finding> = BTreeMap::new();
+        for f in found {
+            match out.get_mut(&f.id) {
+                Some(first) => {
+                    first.absorb(&f);
+                }
+                None => {
+                    out.insert(f.id.clone(), f);
+                }
+            }
+        }
+        out
+    }
+
+    /// What a proptest case generates of one event.
+    #[derive(Debug, Clone)]
+    enum Kind {
+        Read,
+        Everything,
+        /// A name search finding these patients, and after how long (ms) the first of them
+        /// is opened.
+        NameSearch(Vec<u64>, Option<u64>),
+        /// A search that is not by name, listing these patients.
+        List(Vec<u64>),
+        Glass,
+        Failed,
+    }
+
+    fn kind() -> impl proptest::strategy::Strategy<Value = Kind> {
+        use proptest::prelude::*;
+        let found = proptest::collection::vec(0..40u64, 1..4);
+        prop_oneof![
+            12 => Just(Kind::Read),
+            1 => Just(Kind::Everything),
+            2 => (found.clone(), proptest::option::of(0..2 * NAME_SEARCH_MS))
+                .prop_map(|(f, then)| Kind::NameSearch(f, then)),
+            1 => found.prop_map(Kind::List),
+            1 => Just(Kind::Glass),
+            1 => Just(Kind::Failed),
+        ]
+    }
+
+    /// Records for the proptest: relationships that explain some accesses (u0 always, u1
+    /// for two days, u2 never; u3 – u5 are no Practitioners), and patients who are u0
+    /// themselves, share u0's family name, are restricted or a coworker.
+    fn proptest_records() -> Mem {
+        let mut m = Mem::default();
+        for i in 0..40 {
+            m.patients.insert(format!("p{i}"), Facts::default());
+        }
+        let person = |family: &str, identity: &str| Facts {
+            families: vec![family.into()],
+            addresses: Vec::new(),
+            identity: Some(identity.into()),
+            restricted: false,
+        };
+        m.staff
+            .insert("u0".into(), person("okafor", "okafor|ada|1980"));
+        m.patients
+            .insert("p5".into(), person("okafor", "okafor|ada|1980"));
+        m.patients
+            .insert("p6".into(), person("okafor", "okafor|ben|2001"));
+        m.patients
+            .insert("p8".into(), person("smith", "smith|jo|1975"));
+        m.workforce.insert("smith|jo|1975".into());
+        m.patients.get_mut("p7").expect("p7").restricted = true;
+        let span = |p: u64, from: u64, until: u64| Relation {
+            patient: format!("p{p}"),
+            from_ms: from as i64,
+            until_ms: until as i64,
+        };
+        m.relations.insert(
+            "u0".into(),
+            (0..10).map(|p| span(p, 0, u64::MAX / 2)).collect(),
+        );
+        m.relations.insert(
+            "u1".into(),
+            (10..20)
+                .map(|p| span(p, MONDAY, MONDAY + 2 * DAY_MS))
+                .collect(),
+        );
+        m.relations.insert("u2".into(), Vec::new());
+        m
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The same events scanned in one go and in random pieces — the state carried
+        /// between the pieces through its stored form, the findings filed by id as `run`
+        /// files them — give the same alerts and leave the same state. Events are mostly in
+        /// time order, with some out of order and some late by days.
+        #[test]
+        fn findings_do_not_depend_on_how_the_log_is_split_into_scans(
+            raw in proptest::collection::vec(
+                (0..6u64, 0..DAY_MS, 0..6u64, 0..40u64, kind()), 1..250),
+            spike in proptest::option::of((0..6u64, 0..5u64, 21..60u64)),
+            swaps in proptest::collection::vec((0..1000usize, 0..1000usize), 0..6),
+            cuts in proptest::collection::vec(0..1000usize, 0..12),
+        ) {
+            let mut raw = raw;
+            // some name searches are followed by opening a patient they found
+            let follow: Vec<_> = raw
+                .iter()
+                .filter_map(|(day, at, user, _, kind)| match kind {
+                    Kind::NameSearch(found, Some(then)) => {
+                        Some((*day, at + then, *user, found[0], Kind::Read))
+                    }
+                    _ => None,
+                })
+                .collect();
+            raw.extend(follow);
+            // a spike: one person opens many distinct patients in an hour of one day
+            if let Some((user, day, count)) = spike {
+                for k in 0..count {
+                    raw.push((day, 9 * HOUR + k * 60_000, user, 100 + k, Kind::Read));
+                }
+            }
+            raw.sort_by_key(|r| (r.0, r.1));
+            let len = raw.len();
+            for (a, b) in swaps {
+                raw.swap(a % len, b % len);
+            }
+            let events: Vec<AuditEvent> = raw
+                .iter()
+                .enumerate()
+                .map(|(n, (day, at, user, patient, kind))| {
+                    let t = MONDAY + day * DAY_MS + at;
+                    let user = format!("u{user}");
+                    let p = format!("p{patient}");
+                    let n = n as u64;
+                    let listing = |found: &[u64], query: &str| {
+                        let mut e = ev(n, t, &user, "x", "search-type");
+                        e.patient = None;
+                        e.resource_id = None;
+                        e.detail.query = vec![query.into()];
+                        e.entities = found
+                            .iter()
+                            .map(|f| phivault_audit::Entity {
+                                action: Action::R,
+                                resource_type: "Patient".into(),
+                                resource_id: format!("p{f}"),
+                                version: None,
+                                patient: Some(format!("p{f}")),
+                            })
+                            .collect();
+                        e
+                    };
+                    match kind {
+                        Kind::Read => ev(n, t, &user, &p, "read"),
+                        Kind::Everything => ev(n, t, &user, &p, "everything"),
+                        Kind::NameSearch(found, _) => listing(found, "family"),
+                        Kind::List(found) => listing(found, "birthdate"),
+                        Kind::Glass => {
+                            let mut e = ev(n, t, &user, &p, "read");
+                            e.detail.purpose = Some("ETREAT".into());
+                            e
+                        }
+                        Kind::Failed => {
+                            let mut e = ev(n, t, &user, &p, "read");
+                            e.outcome = Outcome::from_http(403);
+                            e
+                        }
+                    }
+                })
+                .collect();
+            let hours = Hours::default();
+            let mut whole = State::default();
+            let at_once = fold(scan(&events, hours, &mut whole, &mut proptest_records()));
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (events.len() + 1)).collect();
+            bounds.push(0);
+            bounds.push(events.len());
+            bounds.sort_unstable();
+            bounds.dedup();
+            let mut stored = State::default().to_bytes();
+            let mut found = Vec::new();
+            for w in bounds.windows(2) {
+                let mut state = State::from_bytes(&stored).expect("state decodes");
+                found.extend(scan(&events[w[0]..w[1]], hours, &mut state, &mut proptest_records()));
+                stored = state.to_bytes();
+            }
+            let in_pieces = fold(found);
+            proptest::prop_assert_eq!(&at_once, &in_pieces);
+            proptest::prop_assert_eq!(&whole, &State::from_bytes(&stored).expect("state"));
         }
     }
 
@@ -994,7 +1504,7 @@ mod tests {
             "read",
         ));
         m.relations.insert("u2".into(), Vec::new());
-        let found = scan(&events, Hours::default(), &mut BTreeMap::new(), &mut m);
+        let found = scan(&events, Hours::default(), &mut State::default(), &mut m);
         let got: BTreeSet<(&str, &str, &str)> = found
             .iter()
             .map(|f| {
@@ -1099,7 +1609,7 @@ mod tests {
                 "read",
             ));
         }
-        let found = scan(&events, Hours::default(), &mut BTreeMap::new(), &mut m);
+        let found = scan(&events, Hours::default(), &mut State::default(), &mut m);
         let got: BTreeSet<(&str, &str)> = found
             .iter()
             .map(|f| (f.rule.as_str(), f.patient.as_deref().unwrap_or("")))
@@ -1154,15 +1664,22 @@ mod tests {
             ));
         }
         for chunk in [1000, 97, 40, 7] {
-            let mut history = BTreeMap::new();
+            let mut state = State::default();
             let mut found = Vec::new();
             for part in events.chunks(chunk) {
-                found.extend(scan(part, Hours::default(), &mut history, &mut NoRecords));
+                found.extend(scan(part, Hours::default(), &mut state, &mut NoRecords));
             }
-            let volume: Vec<&Finding> = found.iter().filter(|f| f.rule == "volume").collect();
+            let found = fold(found);
+            let volume: Vec<&Finding> = found.values().filter(|f| f.rule == "volume").collect();
             assert_eq!(volume.len(), 1, "chunks of {chunk}: {volume:?}");
             assert_eq!(volume[0].user, "spiker");
-            assert_eq!(history["spiker"].values().sum::<usize>(), 80);
+            assert_eq!(
+                volume[0].evidence.len(),
+                80,
+                "every new patient is evidence"
+            );
+            assert!(volume[0].detail.starts_with("80 patients"), "{volume:?}");
+            assert_eq!(state.days["spiker"][&(t0 / DAY_MS)].count(), 80);
         }
     }
 
@@ -1248,8 +1765,12 @@ mod tests {
             push(&mut events, t, "newcomer", &format!("n{k}"), "read");
         }
         events.sort_by_key(|e| e.time_ms);
-        let mut history = BTreeMap::new();
-        let found = scan(&events, Hours::default(), &mut history, &mut NoRecords);
+        let found = scan(
+            &events,
+            Hours::default(),
+            &mut State::default(),
+            &mut NoRecords,
+        );
         let rule = |r: &str| found.iter().filter(|f| f.rule == r).collect::<Vec<_>>();
         let after = rule("after-hours");
         let users: BTreeSet<&str> = after.iter().map(|f| f.user.as_str()).collect();
