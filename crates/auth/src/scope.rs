@@ -487,6 +487,33 @@ impl ScopeSet {
         }
     }
 
+    /// What a back-end client (SMART Backend Services, `client_credentials`) may hold:
+    /// the `system/` resource scopes only. It acts for a system, with no user and no
+    /// patient in context, so `patient/` and `user/` scopes would grant it nothing, and no
+    /// identity (`openid`, `fhirUser`), launch or refresh scope applies to it.
+    pub fn system_only(&self) -> ScopeSet {
+        ScopeSet {
+            scopes: self
+                .scopes
+                .iter()
+                .filter(|s| s.context == Context::System)
+                .cloned()
+                .collect(),
+            other: BTreeSet::new(),
+        }
+    }
+
+    /// The scopes a back-end client cannot hold (see [`ScopeSet::system_only`]), in
+    /// canonical form: empty when the set is fit for one.
+    pub fn not_system(&self) -> Vec<String> {
+        self.scopes
+            .iter()
+            .filter(|s| s.context != Context::System)
+            .map(ToString::to_string)
+            .chain(self.other.iter().cloned())
+            .collect()
+    }
+
     /// Whether the set holds no scope at all.
     pub fn is_empty(&self) -> bool {
         self.scopes.is_empty() && self.other.is_empty()
@@ -748,5 +775,21 @@ mod tests {
         let back: Result<ScopeSet, _> = serde_json::from_str(&j);
         assert_eq!(back.ok(), Some(s));
         assert!(serde_json::from_str::<ScopeSet>("\"system/Patient.q\"").is_err());
+    }
+
+    #[test]
+    fn back_end_clients_hold_system_scopes_only() {
+        let s = p("system/Patient.rs patient/*.read user/Observation.rs openid fhirUser");
+        assert_eq!(s.system_only().to_string(), "system/Patient.rs");
+        assert_eq!(
+            s.not_system(),
+            ["patient/*.rs", "user/Observation.rs", "fhirUser", "openid"]
+        );
+        assert!(
+            p("system/*.cruds system/Observation.rs")
+                .not_system()
+                .is_empty()
+        );
+        assert!(p("launch/patient").system_only().is_empty());
     }
 }

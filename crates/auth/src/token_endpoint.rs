@@ -3,8 +3,9 @@
 //!
 //! Only `grant_type=client_credentials` with `private_key_jwt` client authentication
 //! (SMART Backend Services, SM3). No refresh tokens are issued. The granted scope is the
-//! requested scope intersected with the client's registered scopes; an empty
-//! intersection is `invalid_scope`.
+//! requested scope intersected with the client's registered `system/` scopes (a back-end
+//! client holds no other: [`ScopeSet::system_only`]); an empty intersection is
+//! `invalid_scope`.
 //!
 //! Order of checks: duplicate parameters (`invalid_request`), `grant_type`
 //! (`unsupported_grant_type`), client authentication (`invalid_client`), scope
@@ -107,7 +108,11 @@ pub fn handle_token_request(
         .ok_or(OAuthError::InvalidScope("scope missing"))?;
     let requested =
         ScopeSet::parse(requested).map_err(|_| OAuthError::InvalidScope("scope malformed"))?;
-    let granted = requested.intersect(&client.scopes);
+    // A back-end client acts with system/ scopes only: patient/, user/ and non-resource
+    // scopes of its record (registered before `client add` refused them) are dropped, not
+    // granted — a token carrying them would grant nothing and claim what it cannot do.
+    // Asking for only those is `invalid_scope`, as for any scope not registered.
+    let granted = requested.intersect(&client.scopes.system_only());
     if granted.is_empty() {
         return Err(OAuthError::InvalidScope(
             "no requested scope is registered for the client",
@@ -242,5 +247,42 @@ mod tests {
         let f = form(&t, "system/Patient.rs");
         assert!(run(&t, &f, &i, &r).is_ok());
         assert_eq!(code(f), Some("invalid_client"));
+    }
+
+    /// A client registered with patient/, user/ or identity scopes (before `client add`
+    /// refused them) gets none of them in a token: only its system/ scopes are granted.
+    #[test]
+    fn a_back_end_client_is_granted_system_scopes_only() {
+        let mut t = TestClient::new();
+        t.record.scopes = ScopeSet::parse(
+            "system/Patient.rs patient/*.cruds user/Observation.rs openid fhirUser launch",
+        )
+        .expect("scopes");
+        let i = issuer();
+        let r = ReplayCache::default();
+        let resp = run(
+            &t,
+            &form(
+                &t,
+                "system/Patient.rs patient/*.rs user/Observation.rs openid",
+            ),
+            &i,
+            &r,
+        )
+        .expect("token");
+        assert_eq!(resp.scope, "system/Patient.rs");
+        let a = i
+            .verifier()
+            .verify(&resp.access_token, NOW)
+            .expect("verify");
+        assert_eq!(a.scopes().to_string(), "system/Patient.rs");
+        for scope in [
+            "patient/Patient.rs",
+            "user/Observation.rs",
+            "openid fhirUser",
+        ] {
+            let e = run(&t, &form(&t, scope), &i, &r).expect_err(scope);
+            assert_eq!(e.error_code(), "invalid_scope", "{scope}");
+        }
     }
 }

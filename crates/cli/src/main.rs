@@ -121,7 +121,7 @@ enum ClientCmd {
         data_dir: PathBuf,
         #[arg(long)]
         name: String,
-        /// Scopes the client may be granted, e.g. "system/*.cruds".
+        /// Scopes the client may be granted: system/ scopes only, e.g. "system/*.cruds".
         #[arg(long)]
         scope: String,
         /// Credentials file to create (mode 0600); stdout when absent.
@@ -710,6 +710,15 @@ fn client_add(
 ) -> Result<i32> {
     let scopes = phivault_auth::ScopeSet::parse(scope)
         .map_err(|e| anyhow::anyhow!("invalid --scope: {e}"))?;
+    // a back-end client acts for a system: its tokens carry system/ scopes only (the token
+    // endpoint grants no other), so a patient/, user/ or identity scope is a mistake
+    let refused = scopes.not_system();
+    if !refused.is_empty() {
+        anyhow::bail!(
+            "refusing --scope {}: a back-end client (SMART Backend Services) takes system/ scopes only, e.g. 'system/*.rs'; patient/ and user/ scopes are for apps a person signs in to (phivault app add)",
+            refused.join(" ")
+        );
+    }
     let opened = datadir::open(data_dir)?;
     let client_id = uuid_like()?;
     let kid = format!("{client_id}-1");

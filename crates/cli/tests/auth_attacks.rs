@@ -778,3 +778,80 @@ fn wrong_method_on_a_protected_route_needs_a_token_first() {
         "answered without authentication: {wrong:?}"
     );
 }
+
+/// A back-end client (SMART Backend Services) acts with system/ scopes only: `client add`
+/// refuses patient/, user/ and identity scopes, naming the scope, and a client whose
+/// record holds them from before (written here straight into the store) gets a token with
+/// its system/ scopes only.
+#[test]
+fn back_end_clients_are_registered_and_granted_system_scopes_only() {
+    let s = Server::start();
+    let add = |scope: &str| {
+        let out = s.tmp.path().join(format!("creds-{}.json", rand_hex()));
+        let o = std::process::Command::new(BIN)
+            .args(["client", "add", "--data-dir"])
+            .arg(&s.data)
+            .args(["--name", "backend", "--scope", scope, "--out"])
+            .arg(&out)
+            .output()
+            .expect("client add");
+        (o, out)
+    };
+    for (scope, named) in [
+        ("patient/*.rs", "patient/*.rs"),
+        ("user/Observation.rs", "user/Observation.rs"),
+        (
+            "system/*.rs patient/Observation.read",
+            "patient/Observation.rs",
+        ),
+        ("system/*.rs openid", "openid"),
+    ] {
+        let (o, out) = add(scope);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{scope}: accepted");
+        assert!(
+            err.contains(&format!("refusing --scope {named}")),
+            "{scope}: {err}"
+        );
+        assert!(err.contains("system/ scopes only"), "{scope}: {err}");
+        assert!(!out.exists(), "{scope}: no credentials written");
+    }
+    let creds = s.add_client("system/*.rs");
+    let tok = s.token_for(&creds, "system/*.rs");
+    assert_eq!(payload(&tok)["scope"], "system/*.rs");
+
+    // a record from before the refusal: patient/, user/ and openid scopes beside system/
+    let db = rusqlite::Connection::open(s.db_path()).expect("db");
+    db.busy_timeout(std::time::Duration::from_secs(10))
+        .expect("busy timeout");
+    let key = format!("client:{}", creds.client_id);
+    let raw: Vec<u8> = db
+        .query_row("SELECT v FROM meta WHERE k = ?1", [&key], |r| r.get(0))
+        .expect("client record");
+    let mut record: Value = serde_json::from_slice(&raw).expect("record json");
+    record["scopes"] = json!("system/*.rs patient/*.rs user/Observation.rs openid");
+    db.execute(
+        "UPDATE meta SET v = ?1 WHERE k = ?2",
+        rusqlite::params![serde_json::to_vec(&record).expect("json"), key],
+    )
+    .expect("update");
+    drop(db);
+    let url = s.token_url();
+    let a = s.assertion(&creds, &url, &rand_hex());
+    let r = s.token_request(&a, "system/*.rs patient/*.rs user/Observation.rs openid");
+    assert_status(&r, 200, "token for an old record");
+    assert_eq!(r.json()["scope"], "system/*.rs", "only its system/ scopes");
+    let tok = r.json()["access_token"].as_str().expect("token").to_owned();
+    assert_eq!(payload(&tok)["scope"], "system/*.rs");
+    for scope in ["patient/*.rs", "user/Observation.rs", "openid"] {
+        let a = s.assertion(&creds, &url, &rand_hex());
+        let r = s.token_request(&a, scope);
+        assert_eq!(
+            r.status,
+            400,
+            "{scope}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(oauth_error(&r), "invalid_scope", "{scope}");
+    }
+}
