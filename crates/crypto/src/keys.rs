@@ -26,10 +26,11 @@ use std::fmt;
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hmac;
+use subtle::ConstantTimeEq as _;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::util::fill_random;
-use crate::{CryptoError, Secret, constant_time_eq, random_bytes};
+use crate::{CryptoError, Secret, random_bytes};
 
 /// Salt for HKDF-Extract over the master key (fixed; the master key is uniformly random).
 pub const HKDF_SALT: &[u8] = b"phivault-hkdf-salt-v1";
@@ -287,7 +288,7 @@ impl KeyHierarchy {
 
     /// Constant-time comparison of a stored key check value with this hierarchy's.
     pub fn verify_key_check_value(&self, stored: &[u8]) -> bool {
-        constant_time_eq(&self.kcv, stored)
+        self.kcv.as_slice().ct_eq(stored).into()
     }
 
     /// A fresh random 256-bit data key and its wrapped form

@@ -2,6 +2,7 @@
 
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
+use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use crate::CryptoError;
@@ -48,17 +49,10 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 /// Compares two byte strings in time that depends only on their lengths, not their contents.
 /// Slices of different length compare unequal (the length itself is not secret).
 ///
-/// (ring's own helper is deprecated for outside use; this is the usual branch-free
-/// OR-of-XORs, with `black_box` keeping the optimizer from short-circuiting it.)
+/// A thin wrapper over [`subtle::ConstantTimeEq`], kept only for a caller outside this crate
+/// (`phivault-server`'s launch handler); new code calls `subtle` directly.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut acc = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        acc |= std::hint::black_box(x ^ y);
-    }
-    std::hint::black_box(acc) == 0
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
