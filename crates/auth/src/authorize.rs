@@ -20,6 +20,7 @@ use std::fmt;
 use parking_lot::Mutex;
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
+use subtle::ConstantTimeEq as _;
 
 use crate::b64;
 use crate::error::OAuthError;
@@ -323,7 +324,10 @@ pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
         return false;
     }
     let d = digest::digest(&digest::SHA256, verifier.as_bytes());
-    crate::constant_time_eq(b64::encode(d.as_ref()).as_bytes(), challenge.as_bytes())
+    b64::encode(d.as_ref())
+        .as_bytes()
+        .ct_eq(challenge.as_bytes())
+        .into()
 }
 
 impl Default for AuthorizationServer {

@@ -13,6 +13,8 @@
 //! The caller records (`jkt`, `jti`) until [`DpopProof::replay_until`] and refuses a proof
 //! seen before, and compares `jkt` (the RFC 7638 thumbprint) with the token's `cnf.jkt`.
 
+use subtle::ConstantTimeEq as _;
+
 use crate::claims;
 use crate::jwk::PublicJwk;
 use crate::jws::{Alg, Jws, JwsError};
@@ -185,8 +187,7 @@ pub fn verify_proof(
         return Err(DpopError("iat outside the accepted window"));
     }
     match (access_token, claims::string(c, "ath")) {
-        (Some(t), Some(ath))
-            if crate::constant_time_eq(ath.as_bytes(), access_token_hash(t).as_bytes()) => {}
+        (Some(t), Some(ath)) if ath.as_bytes().ct_eq(access_token_hash(t).as_bytes()).into() => {}
         (Some(_), _) => return Err(DpopError("ath does not match the access token")),
         (None, _) => {}
     }

@@ -72,12 +72,6 @@ pub fn percent_encode(s: &str) -> String {
     o
 }
 
-/// Equality of two secrets' bytes in time that depends only on their lengths.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len()
-        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
-}
-
 /// Maximum size of any compact JWS accepted from untrusted input (client assertions,
 /// access tokens): 8 KiB.
 pub const MAX_JWS_LEN: usize = 8 * 1024;
