@@ -40,4 +40,4 @@ pub use record::{
 };
 pub use secret::Secret;
 pub use sign::{SigningKey, verify_ed25519};
-pub use util::{MIN_TOKEN_BYTES, constant_time_eq, random_bytes, random_token_b64url, sha256};
+pub use util::{MIN_TOKEN_BYTES, random_bytes, random_token_b64url, sha256};

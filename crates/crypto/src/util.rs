@@ -2,7 +2,6 @@
 
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
-use subtle::ConstantTimeEq as _;
 use zeroize::Zeroizing;
 
 use crate::CryptoError;
@@ -46,15 +45,6 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Compares two byte strings in time that depends only on their lengths, not their contents.
-/// Slices of different length compare unequal (the length itself is not secret).
-///
-/// A thin wrapper over [`subtle::ConstantTimeEq`], kept only for a caller outside this crate
-/// (`phivault-server`'s launch handler); new code calls `subtle` directly.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.ct_eq(b).into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,13 +78,5 @@ mod tests {
             [0xba, 0x78, 0x16, 0xbf],
             "FIPS 180-2 test vector for \"abc\""
         );
-    }
-
-    #[test]
-    fn ct_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

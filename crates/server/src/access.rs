@@ -34,10 +34,10 @@ use axum::http::HeaderMap;
 use phivault_auth::{Authenticated, Authorized, Interaction};
 use phivault_store::VersionRow;
 
-use crate::app::{App, Ctx};
 use crate::care::Reach;
 use crate::engine::key_patient;
 use crate::error::ApiError;
+use crate::state::{App, Ctx};
 
 /// Proof that a client may perform one interaction on one resource type, carrying the
 /// reach that grant has. Only [`App::access`] (a client's request) and [`Access::internal`]

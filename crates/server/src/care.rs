@@ -21,19 +21,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
-use phivault_audit::Action;
-use phivault_auth::{Interaction, LoginFailure, Reach as Grant};
+use axum::http::StatusCode;
+use phivault_auth::{LoginFailure, Reach as Grant};
 use phivault_fhir::IssueCode;
 use serde::{Deserialize, Serialize};
 
-use crate::app::{App, Ctx, Peer, check_id, finish};
 use crate::engine::{new_id, now_ms};
 use crate::error::ApiError;
+use crate::state::App;
 
 /// The record types whose participants have a treatment relationship with the patient,
 /// and the reference search parameter naming them.
@@ -396,130 +391,98 @@ pub enum AlertError {
     Review(&'static str),
 }
 
-fn forbidden(msg: &str) -> ApiError {
+pub(crate) fn forbidden(msg: &str) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, IssueCode::Forbidden, msg)
 }
 
-/// `POST /auth/break-glass` (form: `patient`, `reason`, `otp`) with a clinician's bearer
-/// token.
-pub async fn break_glass(
-    State(app): State<Arc<App>>,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let mut ctx = Ctx::on(peer, Action::E, "break-the-glass", "Patient", None);
-    let a = app.clone();
-    // store reads and writes block: off the async threads
-    let done = crate::app::blocking(move || {
-        let r = break_glass_inner(&a, &mut ctx, &headers, body);
-        Ok((ctx, r))
-    })
-    .await;
-    match done {
-        Ok((ctx, r)) => finish(&app, ctx, r).await,
-        Err(e) => {
-            let ctx = Ctx::on(peer, Action::E, "break-the-glass", "Patient", None);
-            finish(&app, ctx, Err(e)).await
-        }
-    }
+/// A break-the-glass window just opened.
+pub(crate) struct Opened {
+    /// When it closes (ms since epoch).
+    pub until_ms: i64,
+    /// The alert raised for review.
+    pub alert: String,
 }
 
-fn break_glass_inner(
-    app: &App,
-    ctx: &mut Ctx,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let auth = app.authenticate(headers, ctx)?;
-    let form =
-        crate::launch::form_of(body).ok_or_else(|| ApiError::bad_request("malformed form"))?;
-    let field = |k: &str| form.get(k).map_or("", |v| v.as_str());
-    let patient = field("patient");
-    check_id(patient).map_err(|_| ApiError::bad_request("patient must be a resource id"))?;
-    ctx.id = Some(patient.to_owned());
-    ctx.patient = Some(patient.to_owned());
-    // only a clinician linked to a practitioner, through a token that may read patients
-    let user = match phivault_auth::authorize(&auth, "Patient", Interaction::Read)
-        .map(|g| g.reach().clone())
-    {
-        Ok(Grant::TreatedBy { user, .. }) => user,
-        _ => return Err(forbidden("break-the-glass is for clinicians")),
-    };
-    let reason = field("reason").trim();
-    if !REASON_CHARS.contains(&reason.chars().count()) {
-        return Err(ApiError::bad_request(
-            "state the reason for access (10 to 500 characters)",
-        ));
+impl App {
+    /// Open `patient` to clinician account `user` for [`WINDOW_MINUTES`]: the reason
+    /// stated, a fresh authenticator code under the account's replay guard and lockout;
+    /// the alert is written before the window.
+    pub(crate) fn open_glass(
+        &self,
+        user: &str,
+        patient: &str,
+        reason: &str,
+        otp: &str,
+        request_id: &str,
+    ) -> Result<Opened, ApiError> {
+        let reason = reason.trim();
+        if !REASON_CHARS.contains(&reason.chars().count()) {
+            return Err(ApiError::bad_request(
+                "state the reason for access (10 to 500 characters)",
+            ));
+        }
+        let exists = self
+            .engine
+            .store()
+            .current("Patient", patient)
+            .map_err(|_| ApiError::unavailable())?
+            .is_some_and(|r| !r.deleted);
+        if !exists {
+            return Err(ApiError::not_found("resource not found"));
+        }
+        // the second factor again, under the account's replay guard and lockout
+        let users = self.engine.users();
+        let now = now_ms();
+        let mut rec = users
+            .get_by_id(user)
+            .ok()
+            .flatten()
+            .ok_or_else(|| forbidden("break-the-glass is for clinicians"))?;
+        let _guard = self.flows.stripe(&rec.username).lock();
+        let checked = rec.confirm_second_factor(otp, (now / 1000) as u64);
+        users.put(&rec).map_err(|_| ApiError::unavailable())?;
+        match checked {
+            Ok(()) => {}
+            Err(LoginFailure::Locked(_)) => return Err(forbidden("the account is locked")),
+            Err(_) => return Err(forbidden("the authenticator code was not accepted")),
+        }
+        let until_ms = now + WINDOW_MINUTES * 60_000;
+        let mut windows: Vec<Window> = self
+            .windows(user)?
+            .into_iter()
+            .filter(|w| w.until_ms > now)
+            .collect();
+        windows.push(Window {
+            patient: patient.to_owned(),
+            from_ms: now,
+            until_ms,
+        });
+        let alert = Alert {
+            id: new_id(),
+            rule: "break-the-glass".into(),
+            user: user.to_owned(),
+            username: rec.username.clone(),
+            patient: patient.to_owned(),
+            reason: reason.to_owned(),
+            at_ms: now,
+            until_ms,
+            request_id: request_id.to_owned(),
+            status: "open".into(),
+            reviewer: None,
+            review_note: None,
+            reviewed_ms: None,
+            evidence: vec![request_id.to_owned()],
+            score: 40,
+        };
+        // the alert first: a window never opens without its alert
+        self.put_sealed(ALERT_LABEL, &alert.row_key(), &alert)?;
+        self.put_sealed(GRANTS_LABEL, &grants_key(user), &windows)?;
+        self.care.invalidate();
+        Ok(Opened {
+            until_ms,
+            alert: alert.id,
+        })
     }
-    let exists = app
-        .engine
-        .store()
-        .current("Patient", patient)
-        .map_err(|_| ApiError::unavailable())?
-        .is_some_and(|r| !r.deleted);
-    if !exists {
-        return Err(ApiError::not_found("resource not found"));
-    }
-    // the second factor again, under the account's replay guard and lockout
-    let users = app.engine.users();
-    let now = now_ms();
-    let mut rec = users
-        .get_by_id(&user)
-        .ok()
-        .flatten()
-        .ok_or_else(|| forbidden("break-the-glass is for clinicians"))?;
-    let _guard = app.flows.stripe(&rec.username).lock();
-    let checked = rec.confirm_second_factor(field("otp"), (now / 1000) as u64);
-    users.put(&rec).map_err(|_| ApiError::unavailable())?;
-    match checked {
-        Ok(()) => {}
-        Err(LoginFailure::Locked(_)) => return Err(forbidden("the account is locked")),
-        Err(_) => return Err(forbidden("the authenticator code was not accepted")),
-    }
-    let until_ms = now + WINDOW_MINUTES * 60_000;
-    let mut windows: Vec<Window> = app
-        .windows(&user)?
-        .into_iter()
-        .filter(|w| w.until_ms > now)
-        .collect();
-    windows.push(Window {
-        patient: patient.to_owned(),
-        from_ms: now,
-        until_ms,
-    });
-    let alert = Alert {
-        id: new_id(),
-        rule: "break-the-glass".into(),
-        user: user.clone(),
-        username: rec.username.clone(),
-        patient: patient.to_owned(),
-        reason: reason.to_owned(),
-        at_ms: now,
-        until_ms,
-        request_id: ctx.request_id.clone(),
-        status: "open".into(),
-        reviewer: None,
-        review_note: None,
-        reviewed_ms: None,
-        evidence: vec![ctx.request_id.clone()],
-        score: 40,
-    };
-    // the alert first: a window never opens without its alert
-    app.put_sealed(ALERT_LABEL, &alert.row_key(), &alert)?;
-    app.put_sealed(GRANTS_LABEL, &grants_key(&user), &windows)?;
-    app.care.invalidate();
-    let body = serde_json::json!({
-        "patient": patient,
-        "expires_at": until_ms / 1000,
-        "alert": alert.id,
-    });
-    let body = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
-    Ok(crate::app::json_response(
-        StatusCode::OK,
-        Bytes::from(body),
-        "application/json",
-    ))
 }
 
 #[cfg(test)]

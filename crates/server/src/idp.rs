@@ -16,7 +16,7 @@ use phivault_auth::access_token::{Person, TokenError};
 use phivault_auth::oidc::{ExternalIssuer, IdpConfig, unverified_issuer, unverified_kid};
 use serde_json::Value;
 
-use crate::app::App;
+use crate::state::App;
 
 /// Metadata key prefix of provider configurations.
 pub const IDP_PREFIX: &str = "idp:";

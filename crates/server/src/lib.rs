@@ -11,26 +11,29 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 pub mod access;
-pub mod alerts_http;
-pub mod app;
-pub mod audit_http;
-pub mod bundle;
 pub mod capability;
 pub mod care;
 pub mod engine;
 pub mod error;
+mod handlers;
 pub mod idp;
-pub mod launch;
+mod records;
+mod respond;
+mod routes;
 pub mod search;
-pub mod search_http;
+mod signin;
 pub mod snoop;
+mod state;
 pub mod stored;
 pub mod users;
 pub mod watch;
 
 pub use access::Access;
-pub use app::{App, Limits, Peer, client_meta_key, router};
 pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};
+pub use handlers::audit::{CSV_HEADER, Filter, csv_line, to_fhir};
+pub use routes::router;
+pub use signin::app_meta_key;
+pub use state::{App, Limits, Peer, client_meta_key};
 pub use users::{UserDirectory, UserStoreError};
 
 /// Content type of FHIR JSON responses.

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::access::Access;
-use crate::app::App;
 use crate::engine::{instant, key_patient, now_ms};
 use crate::error::ApiError;
+use crate::state::App;
 
 /// Most records decrypted to fill one page; a page that reaches it is returned partial,
 /// with a `next` link that continues after the last record examined.

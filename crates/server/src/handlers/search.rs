@@ -18,10 +18,10 @@ use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
 
 use crate::FHIR_JSON;
-use crate::app::{App, Ctx, Peer, blocking, finish};
 use crate::engine::form_urlencoded_pairs;
 use crate::error::ApiError;
 use crate::search::{self, Request};
+use crate::state::{App, Ctx, Peer, blocking, finish};
 
 fn lenient(headers: &HeaderMap) -> bool {
     headers
@@ -107,7 +107,7 @@ pub async fn compartment(
                 "only the Patient compartment is served",
             ));
         }
-        crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
+        crate::respond::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
         ctx.patient = Some(id.clone());
         let pairs = form_urlencoded_pairs(query.as_deref().unwrap_or(""));
         // the request's credentials were checked once, above (a DPoP proof is single-use)
@@ -253,7 +253,7 @@ async fn everything(
         if rtype != "Patient" {
             return Err(ApiError::not_found("$everything is served on Patient only"));
         }
-        crate::app::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
+        crate::respond::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
         // a confined access (a patient's own app, a clinician's patients) gets the
         // patients it reaches only, checked before anything is read
         let patient = app.decide(&auth, "Patient", Interaction::Read)?;

@@ -20,11 +20,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phivault_audit::Action;
 
-use crate::app::{App, Ctx, Peer, blocking, finish};
-use crate::audit_http::auditor;
 use crate::care::AlertError;
 use crate::engine::{form_urlencoded_pairs, now_ms};
 use crate::error::ApiError;
+use crate::handlers::audit::auditor;
+use crate::state::{App, Ctx, Peer, blocking, finish};
 
 /// Most alerts one listing returns.
 const MAX_COUNT: usize = 1000;
@@ -40,7 +40,7 @@ fn alert_error(e: AlertError) -> ApiError {
 
 fn json(value: &serde_json::Value) -> Result<Response, ApiError> {
     let body = serde_json::to_vec(value).map_err(|_| ApiError::internal())?;
-    Ok(crate::app::json_response(
+    Ok(crate::respond::json_response(
         StatusCode::OK,
         Bytes::from(body),
         "application/json",
@@ -111,10 +111,10 @@ pub async fn review(
         let Some(person) = auth.person() else {
             return Err(ApiError::forbidden());
         };
-        crate::app::check_id(&id).map_err(|_| ApiError::not_found("no such alert"))?;
+        crate::respond::check_id(&id).map_err(|_| ApiError::not_found("no such alert"))?;
         ctx.id = Some(id.clone());
-        let form =
-            crate::launch::form_of(body).ok_or_else(|| ApiError::bad_request("malformed form"))?;
+        let form = crate::handlers::launch::form_of(body)
+            .ok_or_else(|| ApiError::bad_request("malformed form"))?;
         let status = form.get("status").cloned().unwrap_or_default();
         let note = form.get("note").cloned().unwrap_or_default();
         if note.chars().count() > 2000 {

@@ -31,9 +31,9 @@ use phivault_auth::policy::AUDIT_EVENT;
 use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
-use crate::app::{App, Ctx, Peer, blocking, finish};
 use crate::engine::{form_urlencoded_pairs, instant};
 use crate::error::ApiError;
+use crate::state::{App, Ctx, Peer, blocking, finish};
 
 /// Largest page.
 pub const MAX_COUNT: usize = 200;
@@ -293,7 +293,7 @@ impl Filter {
 }
 
 fn fhir_json(body: Vec<u8>) -> Response {
-    crate::app::json_response(StatusCode::OK, Bytes::from(body), FHIR_JSON)
+    crate::respond::json_response(StatusCode::OK, Bytes::from(body), FHIR_JSON)
 }
 
 /// Events with their positions, and where to go on from.
@@ -422,8 +422,11 @@ pub async fn report(
             ))
         })
         .await?;
-        let mut resp =
-            crate::app::json_response(StatusCode::OK, Bytes::from(rows), "text/csv; charset=utf-8");
+        let mut resp = crate::respond::json_response(
+            StatusCode::OK,
+            Bytes::from(rows),
+            "text/csv; charset=utf-8",
+        );
         if let Some(q) = next
             && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
                 "<{}/audit/report?{q}>; rel=\"next\"",

@@ -23,12 +23,14 @@ use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
 use crate::access::Access;
-use crate::app::{
-    App, Commit, Created, Ctx, MAX_RETRIES, Peer, blocking, body_bytes, commit, conflict_exhausted,
-    do_create, do_read, finish, forget_keys, parse_etag, update_or_delete,
-};
 use crate::engine::{Written, instant, now_ms};
 use crate::error::ApiError;
+use crate::records::{
+    Commit, Created, MAX_RETRIES, commit, conflict_exhausted, do_create, do_read, forget_keys,
+    update_or_delete,
+};
+use crate::respond::{body_bytes, parse_etag};
+use crate::state::{App, Ctx, Peer, blocking, finish};
 
 /// Handler of `POST /fhir`.
 pub async fn handle(
@@ -602,7 +604,7 @@ async fn batch_entry(
                     "conditional update/delete is not supported",
                 ));
             };
-            crate::app::check_id(&id)?;
+            crate::respond::check_id(&id)?;
             let if_match = match &e.if_match {
                 Some(m) => Some(parse_etag(m).ok_or_else(|| {
                     ApiError::bad_request("ifMatch must be an ETag like W/\"3\"")

@@ -19,18 +19,19 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use parking_lot::Mutex;
 use phivault_audit::Action;
 use phivault_auth::authorize::{
-    AppRecord, AuthorizeError, AuthorizeRequest, Grant, parse_authorize_request, single_param,
+    AuthorizeError, AuthorizeRequest, Grant, parse_authorize_request, single_param,
 };
 use phivault_auth::users::{LoginFailure, Role, normalize_username};
 use phivault_auth::{Context, OAuthError, Person, ScopeSet, password};
 use serde_json::json;
 
-use crate::app::{App, Ctx, Peer, blocking, finish, json_response};
 use crate::engine::{form_urlencoded_pairs, now_ms};
 use crate::error::ApiError;
+use crate::respond::json_response;
+use crate::signin::{Flow, Stage};
+use crate::state::{App, Ctx, Peer, blocking, finish};
 
 /// How long a sign-in may take.
 const FLOW_TTL_SECONDS: u64 = 600;
@@ -38,38 +39,8 @@ const FLOW_TTL_SECONDS: u64 = 600;
 const MAX_FLOWS: usize = 10_000;
 /// Failed attempts one sign-in page allows before it must be restarted.
 const MAX_FLOW_FAILURES: u32 = 5;
-/// Sign-in attempts per source address per minute.
-const ATTEMPTS_PER_MINUTE: u32 = 20;
 /// The browser-binding cookie.
 const FLOW_COOKIE: &str = "__Host-phivault-flow";
-
-/// Store key of a registered SMART app.
-pub fn app_meta_key(client_id: &str) -> String {
-    format!("app:{client_id}")
-}
-
-enum Stage {
-    Login { failures: u32 },
-    Consent(Box<Grant>),
-}
-
-struct Flow {
-    req: AuthorizeRequest,
-    app_name: String,
-    browser: String,
-    csrf: String,
-    stage: Stage,
-    expires: u64,
-}
-
-/// Sign-ins in progress and the per-source attempt counters.
-#[derive(Default)]
-pub struct Flows {
-    flows: Mutex<HashMap<String, Flow>>,
-    attempts: Mutex<HashMap<String, (u64, u32)>>,
-    /// Striped locks serializing read-modify-write of one account's record.
-    stripes: [Mutex<()>; 16],
-}
 
 fn now_s() -> u64 {
     (now_ms() / 1000) as u64
@@ -82,7 +53,8 @@ fn random_b64() -> Result<String, ApiError> {
 }
 
 fn same(a: &str, b: &str) -> bool {
-    phivault_crypto::constant_time_eq(a.as_bytes(), b.as_bytes())
+    use subtle::ConstantTimeEq as _;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 fn escape(s: &str) -> String {
@@ -204,38 +176,6 @@ pub(crate) fn form_of(body: Result<Bytes, BytesRejection>) -> Option<HashMap<Str
         }
     }
     Some(m)
-}
-
-impl App {
-    /// Look a registered SMART app up.
-    pub fn launch_app(&self, client_id: &str) -> Option<AppRecord> {
-        let bytes = self.engine.store().meta(&app_meta_key(client_id)).ok()??;
-        let a: AppRecord = serde_json::from_slice(&bytes).ok()?;
-        a.validate().is_ok().then_some(a)
-    }
-}
-
-impl Flows {
-    /// Count an attempt from `source`; false when it is over the per-minute budget.
-    fn admit(&self, source: &str, now: u64) -> bool {
-        let mut a = self.attempts.lock();
-        if a.len() > 100_000 {
-            a.retain(|_, (minute, _)| *minute == now / 60);
-        }
-        let e = a.entry(source.to_owned()).or_insert((now / 60, 0));
-        if e.0 != now / 60 {
-            *e = (now / 60, 0);
-        }
-        e.1 += 1;
-        e.1 <= ATTEMPTS_PER_MINUTE
-    }
-
-    pub(crate) fn stripe(&self, username: &str) -> &Mutex<()> {
-        let h = username.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        &self.stripes[h % self.stripes.len()]
-    }
 }
 
 /// `GET /auth/authorize`: check the request, start a sign-in.
