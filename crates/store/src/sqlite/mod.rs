@@ -1,0 +1,408 @@
+//! The embedded default engine: one SQLite database file in WAL mode.
+//!
+//! One writer thread owns the only read-write connection and group-commits every batch
+//! queued while the previous commit was being made durable; readers use a small pool of
+//! read-only connections, which WAL lets run concurrently with the writer. This module
+//! opens and closes the store; each concern has a module of its own:
+//!
+//! - `schema`: the tables, and migrations of databases written in an earlier form;
+//! - `wal`: checkpoints beside the writer, and restarts of the write-ahead log;
+//! - `writer`: the writer thread and its group commit;
+//! - `read`: the reader pool and the reads of versions, keys, metadata and audit;
+//! - `index`: the blind index on disk, its log and its segments;
+//! - `lists`: candidate queries evaluated over posting lists.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+
+use parking_lot::{Mutex, RwLock};
+use phivault_audit::StoredEvent;
+use phivault_audit::merkle;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use crate::pending::Pending;
+use crate::rows::RowCache;
+use crate::{
+    Candidates, CommitError, Committed, HeadSigner, IndexEntry, IndexStats, SignedHead, Store,
+    StoreError, VersionRow, WriteBatch,
+};
+
+mod index;
+mod lists;
+mod read;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod wal;
+mod writer;
+
+pub use writer::CHECKPOINT_INTERVAL_MS;
+
+use index::load_pending;
+use read::Remembered;
+use schema::{SCHEMA, migrate_to_segments, table_exists};
+use wal::{Stop, WAL_SIZE_LIMIT, WalRestart, WalRestarter, spawn_checkpointer};
+use writer::{
+    Command, DEFAULT_MERGE_ROWS, IDLE_MERGE_MS, Writer, load_frontier, load_head, writer_loop,
+};
+
+/// Prepared statements each connection keeps.
+const STATEMENT_CACHE: usize = 128;
+
+/// How long a connection waits on another's lock before giving up with `SQLITE_BUSY`.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A logical id as stored: canonical lower-case UUIDs as 16-byte blobs (ids are the bulk of
+/// every key), any other FHIR id as text. The mapping is one-to-one.
+struct DbId<'a>(&'a str);
+
+impl rusqlite::ToSql for DbId<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        Ok(match phivault_audit::uuid_bytes(self.0) {
+            Some(b) => ToSqlOutput::Owned(Value::Blob(b.to_vec())),
+            None => ToSqlOutput::Borrowed(ValueRef::Text(self.0.as_bytes())),
+        })
+    }
+}
+
+/// An id column in its stored form (a UUID as 16 bytes, any other id as text) as text.
+fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(idx)? {
+        ValueRef::Blob(b) => <[u8; 16]>::try_from(b)
+            .map(|b| phivault_audit::uuid_text(&b))
+            .map_err(|_| {
+                rusqlite::Error::InvalidColumnType(idx, "id".into(), rusqlite::types::Type::Blob)
+            }),
+        ValueRef::Text(t) => std::str::from_utf8(t).map(str::to_owned).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+        }),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            idx,
+            "id".into(),
+            other.data_type(),
+        )),
+    }
+}
+
+fn engine(e: rusqlite::Error) -> StoreError {
+    // rusqlite messages name SQL and constraint names, never bound values.
+    StoreError::Engine(e.to_string())
+}
+
+/// SQLite engine.
+pub struct SqliteStore {
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    readers: Mutex<Vec<Connection>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+    checkpointer: Mutex<Option<(thread::JoinHandle<()>, Stop)>>,
+    merge_rows: Arc<AtomicUsize>,
+    idle_merge_ms: Arc<AtomicU64>,
+    /// When the writer restarts the WAL.
+    wal_restart: Arc<WalRestart>,
+    /// Index rows of `index_log` not yet merged into the segments (see
+    /// [`crate::pending`]). Readers hold the read lock across their SQL query, and the
+    /// writer holds the write lock across a merge's commit, so every lookup sees each
+    /// committed row in exactly one of the two places.
+    pending: Arc<RwLock<Pending>>,
+    /// Resource numbers readers have turned into ids (see [`SqliteStore::id_of_number`]).
+    ids_by_number: Remembered,
+    /// Data key numbers readers have turned into key ids (see [`SqliteStore::key_id_of`]).
+    key_ids: Remembered,
+    /// Current rows readers have read (see [`crate::rows`]); none on a read-only open,
+    /// whose database may predate `resource_epoch`.
+    rows: Option<RowCache>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+/// Settings of every connection.
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(engine)?;
+    // Room for every statement a connection prepares (the writer alone uses more than
+    // rusqlite's default 16, and an evicted statement is parsed again on its next use).
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(engine)?;
+    // Everything SQLite would spill to a temporary file stays in memory: no plaintext
+    // ever reaches a file anyway, but temp files outside the data directory would
+    // escape its backup and permission regime.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(engine)?;
+    // 64 MiB of page cache per connection (the default 2 MiB makes the writer spill
+    // dirty index pages mid-transaction and re-read them from the WAL)
+    conn.pragma_update(None, "cache_size", -65536)
+        .map_err(engine)?;
+    // Plans never depend on bound values: without this, a statement whose parameters
+    // feed an index constraint is re-prepared whenever the values change (with the
+    // bundled STAT4), which cost search more than running it.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map_err(engine)?;
+    Ok(())
+}
+
+/// Settings of the writer's connection.
+fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    // A new database returns free pages to the filesystem on a clean stop (the index
+    // log empties at every merge); this must be chosen before the first table exists
+    // and before the switch to WAL.
+    if !table_exists(conn, "resource_version")? {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(engine)?;
+    }
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(engine)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Engine("WAL journal mode unavailable".into()));
+    }
+    // Durability: every commit is fsynced before any batch in it is acknowledged.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(engine)?;
+    // Overwrite deleted content so freed pages keep no old ciphertext around.
+    conn.pragma_update(None, "secure_delete", "ON")
+        .map_err(engine)?;
+    // Checkpoints run on their own thread (`wal`), never inside a commit: an automatic
+    // checkpoint would stall every request waiting on that commit.
+    conn.pragma_update(None, "wal_autocheckpoint", "0")
+        .map_err(engine)?;
+    // The writer restarts the WAL (see `wal::restart_wal`); a log that grew long before
+    // (a burst, or a build without restarts) is cut back when it does.
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .map_err(engine)?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`. `signer` signs audit heads.
+    pub fn open(path: &Path, signer: HeadSigner) -> Result<Self, StoreError> {
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(engine)?;
+        configure(&conn)?;
+        configure_writer(&conn)?;
+        conn.execute_batch(SCHEMA).map_err(engine)?;
+        migrate_to_segments(&mut conn)?;
+        let head = load_head(&conn)?;
+        let frontier = load_frontier(&conn, head.size)?;
+        let pending = Arc::new(RwLock::new(load_pending(&conn)?));
+        let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
+        let (tx, rx) = mpsc::channel();
+        let idle_merge_ms = Arc::new(AtomicU64::new(IDLE_MERGE_MS));
+        let wal_restart = WalRestart::new();
+        let writer_state = Writer {
+            head,
+            frontier,
+            last_checkpoint: None,
+            signer,
+            pending: pending.clone(),
+            merge_rows: merge_rows.clone(),
+            idle_merge_ms: idle_merge_ms.clone(),
+            wal: WalRestarter::new(wal_restart.clone()),
+        };
+        let writer = thread::Builder::new()
+            .name("phivault-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_state))
+            .map_err(|e| StoreError::Engine(format!("cannot start writer thread: {e}")))?;
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let checkpointer = spawn_checkpointer(path, stop.clone())?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            readers: Mutex::new(Vec::new()),
+            writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some((checkpointer, stop))),
+            merge_rows,
+            idle_merge_ms,
+            wal_restart,
+            pending,
+            ids_by_number: Remembered::default(),
+            key_ids: Remembered::default(),
+            rows: Some(RowCache::default()),
+        })
+    }
+
+    /// Merge pending index rows once no index row has been written for `ms`
+    /// milliseconds (tests use a long time to keep rows pending).
+    pub fn set_idle_merge_ms(&self, ms: u64) {
+        self.idle_merge_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Restart the WAL once it holds this many frames (tests use small values to restart
+    /// it often).
+    pub fn set_wal_restart_frames(&self, frames: u64) {
+        self.wal_restart
+            .frames
+            .store(frames.max(1), Ordering::Relaxed);
+    }
+
+    /// Merge pending index rows into the segments once there are this many (tests use
+    /// small values to exercise merges).
+    pub fn set_merge_rows(&self, rows: usize) {
+        self.merge_rows.store(rows.max(1), Ordering::Relaxed);
+    }
+
+    /// Open the database read-only (offline verification, reports); writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Engine("database file does not exist".into()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(engine)?;
+        let pending = if table_exists(&conn, "index_log")? {
+            load_pending(&conn)?
+        } else {
+            Pending::default()
+        };
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            tx: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+            writer: Mutex::new(None),
+            checkpointer: Mutex::new(None),
+            merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
+            idle_merge_ms: Arc::new(AtomicU64::new(IDLE_MERGE_MS)),
+            wal_restart: WalRestart::new(),
+            pending: Arc::new(RwLock::new(pending)),
+            ids_by_number: Remembered::default(),
+            key_ids: Remembered::default(),
+            rows: None,
+        })
+    }
+
+    /// Stop the writer after it has finished the queued batches.
+    pub fn close(&self) {
+        if let Some((h, stop)) = self.checkpointer.lock().take() {
+            if let Ok(mut s) = stop.0.lock() {
+                *s = true;
+            }
+            stop.1.notify_all();
+            let _ = h.join();
+        }
+        self.readers.lock().clear();
+        self.tx.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads in `read` and `lists`; writes are queued for the `writer`.
+impl Store for SqliteStore {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        self.read_current(rtype, id)
+    }
+
+    fn current_many(
+        &self,
+        rtype: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        self.read_current_many(rtype, ids)
+    }
+
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        self.read_version(rtype, id, version)
+    }
+
+    fn history(
+        &self,
+        rtype: &str,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        self.read_history(rtype, id, limit)
+    }
+
+    fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError> {
+        self.read_lookup(rtype, tokens)
+    }
+
+    fn candidates(
+        &self,
+        rtype: &str,
+        query: &Candidates,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read_candidates(rtype, query, after, limit)
+    }
+
+    fn index_stats(&self, rtype: &str, param: &str) -> Result<IndexStats, StoreError> {
+        self.read_index_stats(rtype, param)
+    }
+
+    fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_data_key(key_id)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_meta(key)
+    }
+
+    fn meta_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read_meta_prefix(prefix, limit)
+    }
+
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.submit_meta(key, value)
+    }
+
+    fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>> {
+        self.submit_batch(batch)
+    }
+
+    fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
+        self.read_audit_head()
+    }
+
+    fn audit_checkpoints(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<merkle::Checkpoint>, StoreError> {
+        self.read_audit_checkpoints(after, limit)
+    }
+
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read_audit_after(after, limit)
+    }
+
+    fn scan_audit(&self, visit: &mut dyn FnMut(StoredEvent) -> bool) -> Result<(), StoreError> {
+        self.read_scan_audit(visit)
+    }
+}

@@ -1,0 +1,661 @@
+//! The single writer thread and its group commit.
+//!
+//! One writer thread owns the only read-write connection and group-commits: it takes
+//! every batch queued while the previous commit was being made durable (at most
+//! [`MAX_GROUP`]), applies each in its own savepoint (so one failing batch does not affect
+//! the others), commits once with `synchronous=FULL`, and only then answers every batch.
+//! The same transaction logs the group's index postings in one `index_log` record,
+//! appends its audit events, signs the new audit head and, at most every
+//! [`CHECKPOINT_INTERVAL_MS`], a checkpoint of the audit log's Merkle tree. Between groups
+//! the writer merges pending index rows ([`super::index`]) and restarts a long WAL
+//! ([`super::wal`]).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+
+use parking_lot::RwLock;
+use phivault_audit::merkle::{self, Frontier};
+use phivault_audit::{AuditEvent, ChainHead};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::index::{encode_log_record, index_no, merge_or_warn};
+use super::lists::matching_ids;
+use super::wal::{WalRestarter, checkpoint, note_wal_frames};
+use super::{DbId, SqliteStore, engine};
+use crate::pending::{self, Pending, Staged, Tok};
+use crate::{
+    CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, Put, StoreError, WriteBatch,
+};
+
+/// Most batches one group commit takes.
+const MAX_GROUP: usize = 1024;
+
+/// A writer that has written no index rows for this long (ms) merges whatever is pending.
+pub(super) const IDLE_MERGE_MS: u64 = 1_000;
+
+/// Pending index rows merged into the segments at once (about 100 bytes of memory
+/// each). Larger merges cost fewer passes over the main index.
+pub(super) const DEFAULT_MERGE_ROWS: usize = 200_000;
+
+type Reply = oneshot::Sender<Result<Committed, CommitError>>;
+
+pub(super) enum Command {
+    Batch(WriteBatch, Reply),
+    SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The writes of [`crate::Store`]: commands queued for the writer.
+impl SqliteStore {
+    pub(super) fn send(&self, cmd: Command) -> bool {
+        match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(cmd).is_ok(),
+            None => false,
+        }
+    }
+
+    pub(super) fn submit_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::SetMeta(key.to_owned(), value.to_vec(), tx)) {
+            return Err(StoreError::Closed);
+        }
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) fn submit_batch(
+        &self,
+        batch: WriteBatch,
+    ) -> oneshot::Receiver<Result<Committed, CommitError>> {
+        let (tx, rx) = oneshot::channel();
+        let sender = self.tx.lock();
+        let closed = match sender.as_ref() {
+            Some(s) => match s.send(Command::Batch(batch, tx)) {
+                Ok(()) => None,
+                Err(mpsc::SendError(Command::Batch(_, tx))) => Some(tx),
+                Err(_) => None,
+            },
+            None => Some(tx),
+        };
+        if let Some(tx) = closed {
+            let _ = tx.send(Err(CommitError::Store(StoreError::Closed)));
+        }
+        rx
+    }
+}
+
+pub(super) fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
+    let last: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(engine)?;
+    match last {
+        None => Ok(ChainHead::EMPTY),
+        Some((seq, hash)) => Ok(ChainHead {
+            size: seq as u64,
+            hash: hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("audit hash length"))?,
+        }),
+    }
+}
+
+/// The Merkle tree of the audit log as of `head_size` events: from the newest checkpoint's
+/// stored frontier, and the events after it.
+pub(super) fn load_frontier(conn: &Connection, head_size: u64) -> Result<Frontier, StoreError> {
+    let stored: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT frontier FROM audit_checkpoint ORDER BY size DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(engine)?;
+    let mut f = match stored {
+        Some(b) => {
+            Frontier::from_bytes(&b).ok_or(StoreError::Corrupt("audit checkpoint frontier"))?
+        }
+        None => Frontier::new(),
+    };
+    let mut st = conn
+        .prepare("SELECT seq, event FROM audit_event WHERE seq > ?1 ORDER BY seq")
+        .map_err(engine)?;
+    let mut rows = st
+        .query(params![i64::try_from(f.size()).unwrap_or(i64::MAX)])
+        .map_err(engine)?;
+    while let Some(r) = rows.next().map_err(engine)? {
+        let seq: i64 = r.get(0).map_err(engine)?;
+        if u64::try_from(seq).ok() != Some(f.size() + 1) {
+            return Err(StoreError::Corrupt("audit sequence has a gap"));
+        }
+        let event: Vec<u8> = r.get(1).map_err(engine)?;
+        f.push(merkle::leaf_hash(&event));
+    }
+    if f.size() != head_size {
+        return Err(StoreError::Corrupt("audit checkpoint beyond the log"));
+    }
+    Ok(f)
+}
+
+/// How often (at most) a signed checkpoint of the audit tree is written while events come.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 2_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What the writer thread owns besides its connection.
+pub(super) struct Writer {
+    pub(super) head: ChainHead,
+    /// The audit log's Merkle tree, as far as `head`.
+    pub(super) frontier: Frontier,
+    /// When the last checkpoint was written by this process.
+    pub(super) last_checkpoint: Option<std::time::Instant>,
+    pub(super) signer: HeadSigner,
+    pub(super) pending: Arc<RwLock<Pending>>,
+    pub(super) merge_rows: Arc<AtomicUsize>,
+    pub(super) idle_merge_ms: Arc<AtomicU64>,
+    pub(super) wal: WalRestarter,
+}
+
+/// The writer thread: group commits until every sender is gone, then a clean stop.
+pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut w: Writer) {
+    let mut staged = Staged::default();
+    let mut last_index_write = std::time::Instant::now();
+    // (after open: `wal_autocheckpoint` would replace it)
+    conn.wal_hook(Some(note_wal_frames));
+    loop {
+        // no index rows written for a while (audit-only groups do not count): fold the
+        // pending rows in, so reads use the B-tree alone
+        let idle = std::time::Duration::from_millis(w.idle_merge_ms.load(Ordering::Relaxed));
+        if last_index_write.elapsed() >= idle && w.pending.read().len() > 0 {
+            merge_or_warn(&mut conn, &w.pending);
+            last_index_write = std::time::Instant::now();
+        }
+        let first = match rx.recv_timeout(idle.min(std::time::Duration::from_secs(1))) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut conn, group, &mut w, &mut staged, &mut last_index_write);
+    }
+    // a clean stop is the longest idle: merge, so the next open has no log to replay
+    if w.idle_merge_ms.load(Ordering::Relaxed) != u64::MAX && w.pending.read().len() > 0 {
+        merge_or_warn(&mut conn, &w.pending);
+    }
+    // free pages (a merged log's, mostly) go back to the filesystem; a database created
+    // before auto_vacuum was set ignores this
+    incremental_vacuum(&conn);
+    checkpoint(&conn);
+}
+
+/// Apply and commit one group, then answer its batches; merge the pending index rows once
+/// there are enough of them, and restart the WAL once it is long.
+fn commit_group(
+    conn: &mut Connection,
+    mut group: Vec<Command>,
+    w: &mut Writer,
+    staged: &mut Staged,
+    last_index_write: &mut std::time::Instant,
+) {
+    let before = w.head;
+    let frontier_before = w.frontier.clone();
+    let checkpoint_due = w
+        .last_checkpoint
+        .is_none_or(|t| t.elapsed().as_millis() >= u128::from(CHECKPOINT_INTERVAL_MS));
+    let results = {
+        // the writer is the only one to change `pending`: reading it here is stable
+        let pending = w.pending.read();
+        apply_group(
+            conn,
+            &mut group,
+            Audit {
+                head: &mut w.head,
+                frontier: &mut w.frontier,
+                signer: &w.signer,
+                checkpoint_due,
+            },
+            &pending,
+            staged,
+        )
+    };
+    if checkpoint_due && w.head.size != before.size {
+        w.last_checkpoint = Some(std::time::Instant::now());
+    }
+    match results {
+        Ok(results) => {
+            // committed: lookups see the new rows before any batch is acknowledged
+            if staged.mark() > 0 {
+                *last_index_write = std::time::Instant::now();
+                let mut pending = w.pending.write();
+                for (row, live) in staged.take() {
+                    pending.apply(row, live);
+                }
+            }
+            for (cmd, res) in group.into_iter().zip(results) {
+                reply(cmd, res);
+            }
+            if w.pending.read().len() >= w.merge_rows.load(Ordering::Relaxed) {
+                merge_or_warn(conn, &w.pending);
+            }
+            w.wal.after_group(conn);
+        }
+        Err(e) => {
+            staged.take();
+            w.head = before;
+            w.frontier = frontier_before;
+            let msg = e.to_string();
+            for cmd in group {
+                reply(
+                    cmd,
+                    Err(CommitError::Store(StoreError::Engine(msg.clone()))),
+                );
+            }
+        }
+    }
+}
+
+/// Return every free page to the filesystem (each step of the pragma frees one).
+fn incremental_vacuum(conn: &Connection) {
+    let Ok(mut st) = conn.prepare("PRAGMA incremental_vacuum") else {
+        return;
+    };
+    let Ok(mut rows) = st.query([]) else { return };
+    while let Ok(Some(_)) = rows.next() {}
+}
+
+fn reply(cmd: Command, res: Result<Committed, CommitError>) {
+    match cmd {
+        Command::Batch(_, tx) => {
+            let _ = tx.send(res);
+        }
+        Command::SetMeta(_, _, tx) => {
+            let _ = tx.send(res.map(|_| ()).map_err(|e| match e {
+                CommitError::Store(s) => s,
+                other => StoreError::Engine(other.to_string()),
+            }));
+        }
+    }
+}
+
+/// The audit state a group appends to.
+struct Audit<'a> {
+    head: &'a mut ChainHead,
+    frontier: &'a mut Frontier,
+    signer: &'a HeadSigner,
+    /// Write a signed checkpoint of the tree if the group appends events.
+    checkpoint_due: bool,
+}
+
+/// Apply a group in one transaction; per-command results, or an error that failed them all.
+fn apply_group(
+    conn: &mut Connection,
+    group: &mut [Command],
+    audit: Audit<'_>,
+    pending: &Pending,
+    staged: &mut Staged,
+) -> Result<Vec<Result<Committed, CommitError>>, StoreError> {
+    let Audit {
+        head,
+        frontier,
+        signer,
+        checkpoint_due,
+    } = audit;
+    let tx = conn.transaction().map_err(engine)?;
+    let start_size = head.size;
+    let mut versions_written = false;
+    let mut leaves = Vec::new();
+    let group_mark = staged.mark();
+    let mut results = Vec::with_capacity(group.len());
+    for cmd in group.iter_mut() {
+        let res = match cmd {
+            Command::Batch(batch, _) => {
+                let saved = *head;
+                let mark = staged.mark();
+                leaves.clear();
+                run_cached(&tx, "SAVEPOINT b")?;
+                match apply_batch(&tx, batch, head, &mut leaves, pending, staged) {
+                    Ok(c) => {
+                        run_cached(&tx, "RELEASE b")?;
+                        versions_written |= !batch.puts.is_empty();
+                        // the batch's events join the tree once they are in
+                        for l in &leaves {
+                            frontier.push(*l);
+                        }
+                        Ok(c)
+                    }
+                    Err(e) => {
+                        *head = saved;
+                        staged.rollback_to(mark);
+                        run_cached(&tx, "ROLLBACK TO b")?;
+                        run_cached(&tx, "RELEASE b")?;
+                        Err(e)
+                    }
+                }
+            }
+            Command::SetMeta(k, v, _) => tx
+                .execute(
+                    "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                    params![&*k, &*v],
+                )
+                .map(|_| Committed { last_audit_seq: None })
+                .map_err(|e| CommitError::Store(engine(e))),
+        };
+        results.push(res);
+    }
+    if versions_written {
+        // a new resource state: rows readers kept for the old one are stale (crate::rows)
+        run_cached(&tx, "UPDATE resource_epoch SET n = n + 1")?;
+    }
+    let logged = staged.since(group_mark);
+    if !logged.is_empty() {
+        log_postings(&tx, logged)?;
+    }
+    if head.size != start_size {
+        sign_head(&tx, head, signer)?;
+        if checkpoint_due {
+            write_checkpoint(&tx, frontier, signer)?;
+        }
+    }
+    tx.commit().map_err(engine)?;
+    Ok(results)
+}
+
+/// One `index_log` record of the postings a group staged (see [`super::index`]).
+fn log_postings(
+    tx: &rusqlite::Transaction<'_>,
+    logged: &[(pending::Row, bool)],
+) -> Result<(), StoreError> {
+    let mut data = Vec::with_capacity(logged.len() * 18);
+    for ((ix, token, rno), live) in logged {
+        encode_log_record(&mut data, *ix, *rno, token.bytes(), *live);
+    }
+    tx.prepare_cached("INSERT INTO index_log (data) VALUES (?1)")
+        .and_then(|mut st| st.execute(params![data]))
+        .map_err(engine)?;
+    Ok(())
+}
+
+/// Store the new audit head, signed.
+fn sign_head(
+    tx: &rusqlite::Transaction<'_>,
+    head: &ChainHead,
+    signer: &HeadSigner,
+) -> Result<(), StoreError> {
+    let signature = signer(&head.signing_message());
+    tx.execute(
+        "INSERT INTO audit_head (one, size, hash, signature) VALUES (1, ?1, ?2, ?3) \
+         ON CONFLICT (one) DO UPDATE SET size = excluded.size, hash = excluded.hash, signature = excluded.signature",
+        params![head.size as i64, head.hash.as_slice(), signature],
+    )
+    .map_err(engine)?;
+    Ok(())
+}
+
+/// Store a signed checkpoint of the audit log's Merkle tree.
+fn write_checkpoint(
+    tx: &rusqlite::Transaction<'_>,
+    frontier: &Frontier,
+    signer: &HeadSigner,
+) -> Result<(), StoreError> {
+    // only the newest checkpoint keeps its frontier (what a restart resumes from)
+    tx.execute(
+        "UPDATE audit_checkpoint SET frontier = x'' \
+         WHERE size = (SELECT max(size) FROM audit_checkpoint)",
+        [],
+    )
+    .map_err(engine)?;
+    let root = frontier.root();
+    let time = now_ms();
+    let sig = signer(&merkle::Checkpoint::signing_message(
+        frontier.size(),
+        &root,
+        time,
+    ));
+    tx.prepare_cached(
+        "INSERT INTO audit_checkpoint (size, root, time_ms, signature, frontier) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            frontier.size() as i64,
+            root.as_slice(),
+            time as i64,
+            sig,
+            frontier.to_bytes()
+        ])
+    })
+    .map_err(engine)?;
+    Ok(())
+}
+
+/// Run a statement without results through the statement cache: the savepoint around
+/// every batch of a group (one per request, reads' audit events included) was parsed
+/// anew each time, on the writer that every request waits for.
+fn run_cached(tx: &rusqlite::Transaction<'_>, sql: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .map(|_| ())
+        .map_err(engine)
+}
+
+/// Apply one batch in its savepoint: its new data keys, its guards, its versions (with
+/// their index changes staged) and its audit events.
+fn apply_batch(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &WriteBatch,
+    head: &mut ChainHead,
+    leaves: &mut Vec<merkle::Hash>,
+    pending: &Pending,
+    staged: &mut Staged,
+) -> Result<Committed, CommitError> {
+    store_new_keys(tx, &batch.new_keys)?;
+    check_guards(tx, &batch.guards, pending, staged)?;
+    for (index, put) in batch.puts.iter().enumerate() {
+        apply_put(tx, index, put, staged)?;
+    }
+    append_audit_events(tx, &batch.audit, head, leaves)
+}
+
+/// Store the data keys a batch brings; one stored already must be wrapped the same.
+fn store_new_keys(
+    tx: &rusqlite::Transaction<'_>,
+    keys: &[(String, Vec<u8>)],
+) -> Result<(), CommitError> {
+    let e = |e: rusqlite::Error| CommitError::Store(engine(e));
+    for (key_id, wrapped) in keys {
+        let existing: Option<Vec<u8>> = tx
+            .prepare_cached("SELECT wrapped FROM data_key WHERE key_id = ?1")
+            .map_err(e)?
+            .query_row(params![key_id], |r| r.get(0))
+            .optional()
+            .map_err(e)?;
+        match existing {
+            Some(w) if &w == wrapped => {}
+            Some(_) => return Err(CommitError::KeyConflict),
+            None => {
+                tx.prepare_cached("INSERT INTO data_key (key_id, wrapped) VALUES (?1, ?2)")
+                    .map_err(e)?
+                    .execute(params![key_id, wrapped])
+                    .map_err(e)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuse the batch if a guard matches.
+fn check_guards(
+    tx: &rusqlite::Transaction<'_>,
+    guards: &[Guard],
+    pending: &Pending,
+    staged: &mut Staged,
+) -> Result<(), CommitError> {
+    let e = |e: rusqlite::Error| CommitError::Store(engine(e));
+    for (index, guard) in guards.iter().enumerate() {
+        match guard {
+            Guard::NoMatch {
+                rtype,
+                tokens,
+                except,
+            } => {
+                let found = matching_ids(tx, rtype, tokens, except.len() + 1, pending, staged)
+                    .map_err(e)?;
+                if found.iter().any(|id| !except.contains(id)) {
+                    return Err(CommitError::Guard { index });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Store the version `put` (the `index`th of its batch) if it is the one after the
+/// version it expects, and stage its index changes.
+fn apply_put(
+    tx: &rusqlite::Transaction<'_>,
+    index: usize,
+    put: &Put,
+    staged: &mut Staged,
+) -> Result<(), CommitError> {
+    let e = |e: rusqlite::Error| CommitError::Store(engine(e));
+    let row = &put.row;
+    let current: Option<(i64, i64)> = tx
+        .prepare_cached(
+            "SELECT version, rno FROM resource_version WHERE rtype = ?1 AND id = ?2 \
+             ORDER BY version DESC LIMIT 1",
+        )
+        .map_err(e)?
+        .query_row(params![row.rtype, DbId(&row.id)], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+        .map_err(e)?;
+    let (current, rno) = match current {
+        Some((v, rno)) => (Some(v as u64), rno),
+        None => (None, 0),
+    };
+    let ok = match put.expect {
+        Expect::Absent => current.is_none(),
+        Expect::Version(v) => current == Some(v),
+    };
+    if !ok || row.version != current.unwrap_or(0) + 1 {
+        return Err(CommitError::Conflict { index, current });
+    }
+    // a new resource gets the next resource number (rolled back with its batch)
+    let rno = if current.is_none() {
+        tx.prepare_cached("INSERT INTO resource_no (id) VALUES (?1)")
+            .map_err(e)?
+            .execute(params![DbId(&row.id)])
+            .map_err(e)?;
+        tx.last_insert_rowid()
+    } else {
+        rno
+    };
+    let version = row.version as i64;
+    let key_no: i64 = tx
+        .prepare_cached("SELECT key_no FROM data_key WHERE key_id = ?1")
+        .map_err(e)?
+        .query_row(params![row.key_id], |r| r.get(0))
+        .optional()
+        .map_err(e)?
+        .ok_or(CommitError::Store(StoreError::Corrupt(
+            "version sealed under a data key that is not stored",
+        )))?;
+    tx.prepare_cached(
+        "INSERT INTO resource_version (rtype, id, version, key_no, deleted, updated_ms, sealed, rno) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .map_err(e)?
+    .execute(params![
+        row.rtype,
+        DbId(&row.id),
+        version,
+        key_no,
+        row.deleted as i64,
+        row.updated_ms,
+        row.sealed,
+        rno
+    ])
+    .map_err(e)?;
+    stage_index_changes(rno, put, staged);
+    Ok(())
+}
+
+/// Stage the postings a write of resource number `rno` removes and adds.
+fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged) {
+    let row = &put.row;
+    let old = postings_of_entries(&row.rtype, &put.replaces);
+    let new = if row.deleted {
+        Vec::new()
+    } else {
+        postings_of_entries(&row.rtype, &put.index)
+    };
+    // only what changes is logged: an update that keeps a value keeps its posting
+    let removed: Vec<(i64, &[u8])> = old
+        .iter()
+        .filter(|p| new.binary_search(p).is_err())
+        .copied()
+        .collect();
+    let added: Vec<(i64, &[u8])> = new
+        .iter()
+        .filter(|p| old.binary_search(p).is_err())
+        .copied()
+        .collect();
+    log_index(rno, &removed, &added, staged);
+}
+
+/// Append a batch's audit events to the chain and their leaves to `leaves`.
+fn append_audit_events(
+    tx: &rusqlite::Transaction<'_>,
+    events: &[AuditEvent],
+    head: &mut ChainHead,
+    leaves: &mut Vec<merkle::Hash>,
+) -> Result<Committed, CommitError> {
+    let e = |e: rusqlite::Error| CommitError::Store(engine(e));
+    let mut last_audit_seq = None;
+    for ev in events {
+        let bytes = ev.encode();
+        let hash = head.append(&bytes);
+        leaves.push(merkle::leaf_hash(&bytes));
+        tx.prepare_cached("INSERT INTO audit_event (seq, event, hash) VALUES (?1, ?2, ?3)")
+            .map_err(e)?
+            .execute(params![head.size as i64, bytes, hash.as_slice()])
+            .map_err(e)?;
+        last_audit_seq = Some(head.size);
+    }
+    Ok(Committed { last_audit_seq })
+}
+
+/// The `(index number, token)` pairs of index entries of `rtype`, sorted and distinct.
+fn postings_of_entries<'a>(rtype: &str, entries: &'a [IndexEntry]) -> Vec<(i64, &'a [u8])> {
+    let mut v: Vec<(i64, &[u8])> = entries
+        .iter()
+        .map(|en| (index_no(rtype, &en.param), en.token.as_slice()))
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Stage the postings of resource number `rno` that a write removes and adds (in that
+/// order); [`apply_group`] logs what its batches staged in one record.
+fn log_index(rno: i64, removed: &[(i64, &[u8])], added: &[(i64, &[u8])], staged: &mut Staged) {
+    for (rows, live) in [(removed, false), (added, true)] {
+        for (ix, token) in rows {
+            staged.push((*ix, Tok::new(token), rno), live);
+        }
+    }
+}
