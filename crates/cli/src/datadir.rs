@@ -118,7 +118,7 @@ pub fn init(root: &Path, index_bits: u32) -> Result<()> {
     let store = SqliteStore::open(&d.db(), Box::new(|_: &[u8]| Vec::new()))?;
     store.set_meta(META_KCV, &keys.key_check_value())?;
     store.set_meta(
-        phivault_server::INDEX_BITS_META,
+        phivault_records::INDEX_BITS_META,
         index_bits.to_string().as_bytes(),
     )?;
     store.close();

@@ -36,7 +36,7 @@ enum Cmd {
         /// Width in bits of blind-index tokens. Plan it for the expected number of
         /// resources R per type: the coincidence band 2 <= R/2^bits <= sqrt(R) of DR3
         /// (16 bits suits 131 thousand to 4 billion resources); see `index check`.
-        #[arg(long, default_value_t = phivault_server::DEFAULT_INDEX_BITS)]
+        #[arg(long, default_value_t = phivault_records::DEFAULT_INDEX_BITS)]
         index_bits: u32,
     },
     /// Serve FHIR over HTTPS (initialises the data directory on first run).
@@ -376,7 +376,8 @@ fn run(cli: Cli) -> Result<i32> {
             cfg.validate()
                 .map_err(|e| anyhow::anyhow!("identity provider refused: {e}"))?;
             let opened = datadir::open(&data_dir)?;
-            let r = phivault_server::idp::store_config(&opened.keys, &*opened.store, &cfg);
+            let r =
+                phivault_records::registrations::store_config(&opened.keys, &*opened.store, &cfg);
             opened.store.close();
             r?;
             println!("identity provider {} trusted", cfg.issuer);
@@ -448,7 +449,7 @@ fn run(cli: Cli) -> Result<i32> {
                 },
         } => {
             let opened = datadir::open(&data_dir)?;
-            let alerts = phivault_server::care::alerts(&opened.keys, &*opened.store, limit);
+            let alerts = phivault_records::care::alerts(&opened.keys, &*opened.store, limit);
             opened.store.close();
             for a in alerts?
                 .iter()
@@ -481,7 +482,7 @@ fn run(cli: Cli) -> Result<i32> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis();
-            let r = phivault_server::care::review_alert(
+            let r = phivault_records::care::review_alert(
                 &opened.keys,
                 &*opened.store,
                 &alert,
@@ -509,7 +510,7 @@ fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     use phivault_fhir::search;
     use phivault_store::Store as _;
     let opened = datadir::open(data_dir)?;
-    let engine = phivault_server::Engine::new(opened.store.clone(), opened.keys.clone());
+    let engine = phivault_records::Engine::new(opened.store.clone(), opened.keys.clone());
     let bits = engine.index_bits();
     let space = 2f64.powi(bits as i32);
     println!("token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R)");
@@ -576,12 +577,12 @@ struct HoursArgs {
 }
 
 impl HoursArgs {
-    fn check(&self) -> Result<phivault_server::snoop::Hours> {
+    fn check(&self) -> Result<phivault_records::snoop::Hours> {
         anyhow::ensure!(
             self.start_hour < self.end_hour && self.end_hour <= 24,
             "working hours: 0 ≤ start < end ≤ 24"
         );
-        Ok(phivault_server::snoop::Hours {
+        Ok(phivault_records::snoop::Hours {
             start: self.start_hour,
             end: self.end_hour,
             weekends: self.weekends,
@@ -607,12 +608,12 @@ struct WatchArgs {
 }
 
 impl WatchArgs {
-    fn check(self) -> Result<phivault_server::watch::Watch> {
+    fn check(self) -> Result<phivault_records::watch::Watch> {
         anyhow::ensure!(
             (10..=86_400).contains(&self.scan_every),
             "refusing to start: --scan-every is 10 to 86400 seconds"
         );
-        Ok(phivault_server::watch::Watch {
+        Ok(phivault_records::watch::Watch {
             scan_every: std::time::Duration::from_secs(self.scan_every),
             hours: self
                 .hours
@@ -646,7 +647,7 @@ fn serve(
         bail!("refusing to start: --public-url must be an https:// URL");
     }
     if !data_dir.exists() {
-        datadir::init(data_dir, phivault_server::DEFAULT_INDEX_BITS)?;
+        datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS)?;
         eprintln!("initialised new data directory {}", data_dir.display());
     }
     let opened = datadir::open(data_dir)?;
@@ -672,7 +673,7 @@ fn serve(
         let origin = public_url.unwrap_or_else(|| format!("https://{local}"));
         let origin = origin.trim_end_matches('/').to_owned();
         let app = Arc::new(app_at(&opened, &origin)?);
-        phivault_server::watch::spawn(app.clone(), watch);
+        phivault_records::watch::spawn(app.vault.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");
         eprintln!(
@@ -735,7 +736,7 @@ fn client_add(
         .validate()
         .map_err(|e| anyhow::anyhow!("client record invalid: {e}"))?;
     opened.store.set_meta(
-        &phivault_server::client_meta_key(&client_id),
+        &phivault_records::registrations::client_meta_key(&client_id),
         &serde_json::to_vec(&record)?,
     )?;
     opened.store.close();
@@ -824,7 +825,7 @@ fn check_link_exists(
 
 fn user_cmd(cmd: UserCmd) -> Result<i32> {
     use phivault_auth::{UserRecord, users::normalize_username};
-    use phivault_server::UserDirectory;
+    use phivault_records::UserDirectory;
     match cmd {
         UserCmd::Add {
             data_dir,
@@ -934,9 +935,8 @@ fn app_at(opened: &datadir::Opened, origin: &str) -> Result<phivault_server::App
     )
     .map_err(|e| anyhow::anyhow!("token signing key: {e}"))?;
     let verifier = issuer.verifier();
-    let engine = phivault_server::Engine::new(opened.store.clone(), opened.keys.clone());
     Ok(phivault_server::App::new(
-        engine,
+        vault_at(opened, origin),
         origin,
         issuer,
         verifier,
@@ -944,17 +944,18 @@ fn app_at(opened: &datadir::Opened, origin: &str) -> Result<phivault_server::App
     ))
 }
 
-/// The server's state without a listener, for commands that search the records (nothing
-/// is issued to the placeholder origin).
-fn offline_app(opened: &datadir::Opened) -> Result<phivault_server::App> {
-    app_at(opened, "https://localhost")
+/// The records of the data directory served at `origin`.
+fn vault_at(opened: &datadir::Opened, origin: &str) -> Arc<phivault_records::Vault> {
+    let engine = phivault_records::Engine::new(opened.store.clone(), opened.keys.clone());
+    phivault_records::Vault::new(engine, origin)
 }
 
 /// `phivault audit scan`: the rules over the events after the last scanned position
-/// (see `phivault_server::snoop::run`); prints what it raised.
-fn audit_scan(opened: &datadir::Opened, hours: phivault_server::snoop::Hours) -> Result<i32> {
-    let app = offline_app(opened)?;
-    let summary = phivault_server::snoop::run(&app, hours)?;
+/// (see `phivault_records::snoop::run`); prints what it raised.
+fn audit_scan(opened: &datadir::Opened, hours: phivault_records::snoop::Hours) -> Result<i32> {
+    // no listener: nothing is issued to the placeholder origin
+    let vault = vault_at(opened, "https://localhost");
+    let summary = phivault_records::snoop::run(&vault, hours)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(0)
 }

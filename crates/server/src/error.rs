@@ -100,6 +100,28 @@ impl ApiError {
     }
 }
 
+/// The one place a records error becomes an HTTP status.
+impl From<phivault_records::Error> for ApiError {
+    fn from(e: phivault_records::Error) -> Self {
+        use phivault_records::Kind;
+        let status = match e.kind {
+            Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Gone => StatusCode::GONE,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            issues: e.issues,
+            challenge: None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = phivault_fhir::operation_outcome(&self.issues);

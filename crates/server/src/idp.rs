@@ -16,48 +16,13 @@ use phivault_auth::access_token::{Person, TokenError};
 use phivault_auth::oidc::{ExternalIssuer, IdpConfig, unverified_issuer, unverified_kid};
 use serde_json::Value;
 
+use phivault_records::registrations::{IDP_PREFIX, IDP_SEAL_LABEL, idp_meta_key};
+
 use crate::state::App;
 
-/// Metadata key prefix of provider configurations.
-pub const IDP_PREFIX: &str = "idp:";
 const RELOAD_SECONDS: u64 = 10;
 const REFETCH_SECONDS: u64 = 5;
 const MAX_DOCUMENT: u64 = 1 << 20;
-
-/// The metadata key of the provider `issuer`.
-pub fn idp_meta_key(issuer: &str) -> String {
-    format!("{IDP_PREFIX}{issuer}")
-}
-
-/// Label prefix of sealed configurations.
-const IDP_SEAL_LABEL: &str = "phivault identity provider v1\u{0}";
-
-/// Store `cfg`, sealed under the data directory's secret-sealing key with its row key as
-/// associated data: whoever can write the database but not read the master key cannot add
-/// a provider (and so mint tokens) or move one to another row.
-pub fn store_config(
-    keys: &phivault_crypto::KeyHierarchy,
-    store: &dyn phivault_store::Store,
-    cfg: &IdpConfig,
-) -> Result<(), IdpStoreError> {
-    let key = idp_meta_key(&cfg.issuer);
-    let plain = serde_json::to_vec(cfg).map_err(|_| IdpStoreError::Seal)?;
-    let sealed = keys
-        .seal_secret(&format!("{IDP_SEAL_LABEL}{key}"), &plain)
-        .map_err(|_| IdpStoreError::Seal)?;
-    Ok(store.set_meta(&key, &sealed)?)
-}
-
-/// Why a provider configuration cannot be stored.
-#[derive(Debug, thiserror::Error)]
-pub enum IdpStoreError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] phivault_store::StoreError),
-    /// Sealing failed.
-    #[error("sealing the identity provider configuration failed")]
-    Seal,
-}
 
 struct Provider {
     issuer: ExternalIssuer,
@@ -184,6 +149,7 @@ impl App {
             *loaded = now;
         }
         let rows = self
+            .vault
             .engine
             .store()
             .meta_prefix(IDP_PREFIX, 1000)
@@ -191,7 +157,10 @@ impl App {
         let list: Vec<Arc<Provider>> = rows
             .iter()
             .filter_map(|(k, v)| {
-                let plain = self.engine.open_secret(&format!("{IDP_SEAL_LABEL}{k}"), v);
+                let plain = self
+                    .vault
+                    .engine
+                    .open_secret(&format!("{IDP_SEAL_LABEL}{k}"), v);
                 if plain.is_none() {
                     tracing::warn!("an identity provider configuration failed its integrity check");
                 }
@@ -242,7 +211,7 @@ impl App {
                 blocking_io(|| p.fetch_keys());
             }
         }
-        let users = self.engine.users();
+        let users = self.vault.engine.users();
         let account = |name: &str| -> Option<Person> {
             let name = phivault_auth::users::normalize_username(name).ok()?;
             let rec = users.get(&name).ok()??;

@@ -1,6 +1,8 @@
 #![forbid(unsafe_code)]
 //! The HTTPS server: axum routes, TLS (rustls with the ring provider), the mapping of
-//! every error to an OperationOutcome. Only this crate knows HTTP; it knows no SQL.
+//! every error to an OperationOutcome. Only this crate knows HTTP; it knows no SQL, and
+//! the records' rules are `phivault_records`'s: handlers translate HTTP to its calls and
+//! back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,31 +12,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-pub mod access;
-pub mod capability;
-pub mod care;
-pub mod engine;
-pub mod error;
+mod capability;
+mod error;
 mod handlers;
-pub mod idp;
-mod records;
+mod idp;
+mod interactions;
 mod respond;
 mod routes;
-pub mod search;
 mod signin;
-pub mod snoop;
 mod state;
-pub mod stored;
-pub mod users;
-pub mod watch;
 
-pub use access::Access;
-pub use engine::{DEFAULT_INDEX_BITS, Engine, INDEX_BITS_META};
-pub use handlers::audit::{CSV_HEADER, Filter, csv_line, to_fhir};
+pub use error::ApiError;
 pub use routes::router;
-pub use signin::app_meta_key;
-pub use state::{App, Limits, Peer, client_meta_key};
-pub use users::{UserDirectory, UserStoreError};
+pub use state::{App, Limits, Peer};
 
 /// Content type of FHIR JSON responses.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";

@@ -7,15 +7,12 @@ use std::collections::HashMap;
 use parking_lot::Mutex;
 use phivault_auth::authorize::{AppRecord, AuthorizeRequest, Grant};
 
+use phivault_records::registrations::app_meta_key;
+
 use crate::state::App;
 
 /// Sign-in attempts per source address per minute.
 const ATTEMPTS_PER_MINUTE: u32 = 20;
-
-/// Store key of a registered SMART app.
-pub fn app_meta_key(client_id: &str) -> String {
-    format!("app:{client_id}")
-}
 
 pub(crate) enum Stage {
     Login { failures: u32 },
@@ -36,14 +33,17 @@ pub(crate) struct Flow {
 pub struct Flows {
     pub(crate) flows: Mutex<HashMap<String, Flow>>,
     attempts: Mutex<HashMap<String, (u64, u32)>>,
-    /// Striped locks serializing read-modify-write of one account's record.
-    stripes: [Mutex<()>; 16],
 }
 
 impl App {
     /// Look a registered SMART app up.
     pub fn launch_app(&self, client_id: &str) -> Option<AppRecord> {
-        let bytes = self.engine.store().meta(&app_meta_key(client_id)).ok()??;
+        let bytes = self
+            .vault
+            .engine
+            .store()
+            .meta(&app_meta_key(client_id))
+            .ok()??;
         let a: AppRecord = serde_json::from_slice(&bytes).ok()?;
         a.validate().is_ok().then_some(a)
     }
@@ -62,12 +62,5 @@ impl Flows {
         }
         e.1 += 1;
         e.1 <= ATTEMPTS_PER_MINUTE
-    }
-
-    pub(crate) fn stripe(&self, username: &str) -> &Mutex<()> {
-        let h = username.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        &self.stripes[h % self.stripes.len()]
     }
 }

@@ -14,8 +14,13 @@ use phivault_auth::{
 };
 use phivault_store::WriteBatch;
 
-use crate::engine::{Engine, Written, now_ms};
+use std::sync::Arc;
+
 use crate::error::ApiError;
+use phivault_auth::Interaction;
+use phivault_records::engine::{Written, now_ms};
+use phivault_records::registrations::client_meta_key;
+use phivault_records::{Access, Vault};
 
 /// Remote address of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +49,9 @@ impl Default for Limits {
 
 /// Everything the routes share.
 pub struct App {
-    /// Resource operations.
-    pub engine: Engine,
+    /// The records and their rules (sealing, the one authorization decision, search,
+    /// care relationships).
+    pub vault: Arc<Vault>,
     /// FHIR base URL (`https://host:port/fhir`), the audience of access tokens.
     pub base_url: String,
     /// Token endpoint URL, the audience of client assertions.
@@ -66,8 +72,6 @@ pub struct App {
     pub(crate) flows: crate::signin::Flows,
     /// Accounts of persons' tokens as last read: (generation, usable, unix time read).
     accounts: parking_lot::Mutex<std::collections::HashMap<String, (u64, bool, u64)>>,
-    /// Clinicians' treatment relationships and break-the-glass windows.
-    pub(crate) care: crate::care::Care,
     /// External OpenID Connect providers.
     pub(crate) idps: crate::idp::Idps,
     pub(crate) capability: Bytes,
@@ -78,29 +82,22 @@ pub struct App {
 /// How long a person's account state is trusted before it is read again.
 const ACCOUNT_RECHECK_SECONDS: u64 = 2;
 
-/// Store key under which a client record is kept.
-pub fn client_meta_key(client_id: &str) -> String {
-    format!("client:{client_id}")
-}
-
 impl App {
     /// Assemble the state.
     pub fn new(
-        engine: Engine,
+        vault: Arc<Vault>,
         origin: &str,
         issuer: AccessTokenIssuer,
         verifier: AccessTokenVerifier,
         limits: Limits,
     ) -> Self {
-        let mut engine = engine;
-        let base_url = format!("{origin}/fhir");
-        engine.set_base_url(&base_url);
+        let base_url = vault.base_url.clone();
         let token_url = format!("{origin}/auth/token");
         let capability = crate::capability::capability_statement(&base_url, &token_url);
         let smart = crate::capability::smart_configuration(origin, &token_url);
         let jwks = issuer.jwks();
         App {
-            engine,
+            vault,
             base_url,
             token_url,
             issuer,
@@ -111,7 +108,6 @@ impl App {
             authz: phivault_auth::authorize::AuthorizationServer::new(),
             flows: crate::signin::Flows::default(),
             accounts: Default::default(),
-            care: Default::default(),
             idps: Default::default(),
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
             smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
@@ -122,6 +118,7 @@ impl App {
     /// Look a registered client up.
     pub fn client(&self, client_id: &str) -> Option<ClientRecord> {
         let bytes = self
+            .vault
             .engine
             .store()
             .meta(&client_meta_key(client_id))
@@ -253,7 +250,7 @@ impl App {
         {
             return ok && g == generation;
         }
-        let (g, ok) = match self.engine.users().get_by_id(user_id) {
+        let (g, ok) = match self.vault.engine.users().get_by_id(user_id) {
             Ok(Some(r)) => (r.generation, !r.disabled),
             _ => (0, false),
         };
@@ -265,10 +262,24 @@ impl App {
         ok && g == generation
     }
 
+    /// Authenticate a request (its credentials checked exactly once) and decide one
+    /// interaction on a resource type.
+    pub(crate) fn access(
+        &self,
+        headers: &HeaderMap,
+        ctx: &mut Ctx,
+        rtype: &str,
+        interaction: Interaction,
+    ) -> Result<(Authenticated, Access), ApiError> {
+        let auth = self.authenticate(headers, ctx)?;
+        let access = self.vault.decide(&auth, rtype, interaction)?;
+        Ok((auth, access))
+    }
+
     /// Make audit events durable; fail closed.
     pub async fn audit(&self, mut events: Vec<AuditEvent>) -> Result<(), ApiError> {
-        self.mark_glass(&mut events);
-        let rx = self.engine.store().submit(WriteBatch {
+        self.vault.mark_glass(&mut events);
+        let rx = self.vault.engine.store().submit(WriteBatch {
             audit: events,
             ..Default::default()
         });

@@ -14,7 +14,8 @@ use axum::body::Body;
 use axum::http::Request;
 use phivault_auth::{AccessTokenIssuer, Person, Role, ScopeSet, UserRecord};
 use phivault_crypto::{KeyHierarchy, MasterKey};
-use phivault_server::{App, Engine, Limits, Peer, router};
+use phivault_records::{Engine, Vault};
+use phivault_server::{App, Limits, Peer, router};
 use phivault_store::sqlite::SqliteStore;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -48,7 +49,7 @@ fn world() -> &'static World {
         };
         let engine = Engine::new(Arc::new(store), keys);
         let app = App::new(
-            engine,
+            Vault::new(engine, ORIGIN),
             ORIGIN,
             issuer(),
             issuer().verifier(),
@@ -255,7 +256,7 @@ fn person_token(who: &Who, patients: &[String], tag: &str) -> String {
         now(),
     )
     .expect("record");
-    w.app.engine.users().add(&rec).expect("add user");
+    w.app.vault.engine.users().add(&rec).expect("add user");
     let person = Person {
         user_id: rec.id.clone(),
         role,

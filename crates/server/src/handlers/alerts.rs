@@ -20,11 +20,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phivault_audit::Action;
 
-use crate::care::AlertError;
-use crate::engine::{form_urlencoded_pairs, now_ms};
 use crate::error::ApiError;
 use crate::handlers::audit::auditor;
 use crate::state::{App, Ctx, Peer, blocking, finish};
+use phivault_records::care::AlertError;
+use phivault_records::engine::{form_urlencoded_pairs, now_ms};
 
 /// Most alerts one listing returns.
 const MAX_COUNT: usize = 1000;
@@ -81,8 +81,12 @@ pub async fn list(
         }
         let a = app.clone();
         let alerts = blocking(move || {
-            crate::care::alerts(a.engine.keys(), &**a.engine.store(), usize::MAX)
-                .map_err(alert_error)
+            phivault_records::care::alerts(
+                a.vault.engine.keys(),
+                &**a.vault.engine.store(),
+                usize::MAX,
+            )
+            .map_err(alert_error)
         })
         .await?;
         let shown: Vec<_> = alerts
@@ -124,15 +128,16 @@ pub async fn review(
         let a = app.clone();
         let reviewed = blocking(move || {
             let reviewer = a
+                .vault
                 .engine
                 .users()
                 .get_by_id(&user)
                 .map_err(|_| ApiError::unavailable())?
                 .map(|u| u.username.clone())
                 .ok_or_else(ApiError::forbidden)?;
-            crate::care::review_alert(
-                a.engine.keys(),
-                &**a.engine.store(),
+            phivault_records::care::review_alert(
+                a.vault.engine.keys(),
+                &**a.vault.engine.store(),
                 &id,
                 &status,
                 &reviewer,

@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use phivault_audit::Action;
 use serde_json::json;
 
-use crate::engine::now_ms;
 use crate::error::ApiError;
 use crate::respond::json_response;
 use crate::state::{App, Ctx, Peer, blocking, finish};
+use phivault_records::engine::now_ms;
 
 pub(crate) async fn smart_configuration(State(app): State<Arc<App>>) -> Response {
     json_response(
@@ -70,7 +70,7 @@ async fn token_inner(
             .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
         r
     };
-    let form = crate::engine::form_urlencoded_pairs(text);
+    let form = phivault_records::engine::form_urlencoded_pairs(text);
     if let Some(answer) = crate::handlers::launch::person_grant(app, &form, ctx, headers) {
         return Ok(match answer {
             Ok(body) => issued(body.to_string().into_bytes()),

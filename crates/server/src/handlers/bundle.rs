@@ -22,15 +22,15 @@ use phivault_store::{CommitError, Expect, WriteBatch};
 use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
-use crate::access::Access;
-use crate::engine::{Written, instant, now_ms};
 use crate::error::ApiError;
-use crate::records::{
+use crate::interactions::{
     Commit, Created, MAX_RETRIES, commit, conflict_exhausted, do_create, do_read, forget_keys,
     update_or_delete,
 };
 use crate::respond::{body_bytes, parse_etag};
 use crate::state::{App, Ctx, Peer, blocking, finish};
+use phivault_records::Access;
+use phivault_records::engine::{Written, instant, now_ms};
 
 /// Handler of `POST /fhir`.
 pub async fn handle(
@@ -132,8 +132,9 @@ async fn transaction(
     let mut accesses = Vec::with_capacity(entries.len());
     for e in &entries {
         accesses.push(
-            app.decide_unconfined(auth, &e.resource_type, interaction_of(&e.method))
-                .map_err(|err| entry_error(e.index, err))?,
+            app.vault
+                .decide_unconfined(auth, &e.resource_type, interaction_of(&e.method))
+                .map_err(|err| entry_error(e.index, err.into()))?,
         );
         if let Some(r) = &e.resource
             && r.get("resourceType").and_then(Value::as_str) != Some(e.resource_type.as_str())
@@ -156,6 +157,7 @@ async fn transaction(
         }
     }
     let _locks = app
+        .vault
         .engine
         .lock_resources(entries.iter().filter_map(|e| match e.method {
             Method::Put | Method::Delete => Some((e.resource_type.as_str(), e.id.as_deref()?)),
@@ -186,22 +188,28 @@ async fn transaction(
                     let mut existing = None;
                     if let Some(q) = &e.if_none_exist {
                         let cond = Arc::new(
-                            crate::search::Conditional::parse(app, &e.resource_type, q)
-                                .map_err(|err| entry_error(e.index, err))?,
+                            phivault_records::search::Conditional::parse(
+                                &app.vault,
+                                &e.resource_type,
+                                q,
+                            )
+                            .map_err(|err| entry_error(e.index, err.into()))?,
                         );
                         let a = app.clone();
-                        match blocking(move || cond.find(&a))
+                        match blocking(move || Ok(cond.find(&a.vault)?))
                             .await
                             .map_err(|err| entry_error(e.index, err))?
                         {
-                            crate::search::CondMatch::One(row) => existing = Some(row),
-                            crate::search::CondMatch::None(guard) => guards.extend(guard),
+                            phivault_records::search::CondMatch::One(row) => existing = Some(row),
+                            phivault_records::search::CondMatch::None(guard) => {
+                                guards.extend(guard)
+                            }
                         }
                     }
                     match existing {
                         Some(row) => Plan::Existing(row),
                         None => Plan::Create {
-                            id: crate::engine::new_id(),
+                            id: phivault_records::engine::new_id(),
                         },
                     }
                 }
@@ -263,7 +271,7 @@ async fn transaction(
         }
         // 4. Seal every write into one batch.
         let now = now_ms();
-        let mut ring = app.engine.key_ring();
+        let mut ring = app.vault.engine.key_ring();
         let mut batch = WriteBatch::default();
         let mut results: Vec<Option<(String, Option<Written>)>> = vec![None; entries.len()];
         let mut pinned = false;
@@ -299,7 +307,8 @@ async fn transaction(
             } else {
                 let (a, t, id2) = (app.clone(), rtype.to_owned(), id.clone());
                 blocking(move || {
-                    a.engine
+                    a.vault
+                        .engine
                         .store()
                         .current(&t, &id2)
                         .map_err(|_| ApiError::unavailable())
@@ -329,6 +338,7 @@ async fn transaction(
                 None => (Expect::Absent, 1),
             };
             let (put, written) = app
+                .vault
                 .engine
                 .prepare(
                     access,
@@ -341,7 +351,7 @@ async fn transaction(
                     now,
                     cur.as_ref(),
                 )
-                .map_err(|err| entry_error(e.index, err))?;
+                .map_err(|err| entry_error(e.index, err.into()))?;
             let (action, status) = match e.method {
                 Method::Delete => (Action::D, "204 No Content"),
                 _ if version == 1 => (Action::C, "201 Created"),
@@ -394,7 +404,7 @@ async fn transaction(
         }
         return Ok(json!({
             "resourceType": "Bundle",
-            "id": crate::engine::new_id(),
+            "id": phivault_records::engine::new_id(),
             "type": "transaction-response",
             "entry": out,
         }));
@@ -510,14 +520,16 @@ async fn batch(
         // a read entry may be confined (a patient's or clinician's app): served within
         // its reach; every other entry needs unconfined access
         let allowed = match e.method {
-            Method::Get => app.decide(auth, &e.resource_type, Interaction::Read),
-            _ => app.decide_unconfined(auth, &e.resource_type, interaction_of(&e.method)),
+            Method::Get => app.vault.decide(auth, &e.resource_type, Interaction::Read),
+            _ => app
+                .vault
+                .decide_unconfined(auth, &e.resource_type, interaction_of(&e.method)),
         };
         tasks.spawn(async move {
             let index = e.index;
             let r = match allowed {
                 Ok(access) => batch_entry(&app, &mut ectx, e, &access).await,
-                Err(err) => Err(err),
+                Err(err) => Err(err.into()),
             };
             let out = match r {
                 Ok(v) => (v, (!ectx.audited).then(|| ectx.event(200))),
@@ -540,7 +552,7 @@ async fn batch(
     ctx.audited = true;
     Ok(json!({
         "resourceType": "Bundle",
-        "id": crate::engine::new_id(),
+        "id": phivault_records::engine::new_id(),
         "type": "batch-response",
         "entry": out,
     }))

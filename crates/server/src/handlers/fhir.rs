@@ -14,13 +14,13 @@ use phivault_fhir::IssueCode;
 use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
-use crate::engine::{instant, key_patient, now_ms};
 use crate::error::ApiError;
-use crate::records::{Created, do_create, do_read, update_or_delete, writer};
+use crate::interactions::{Created, do_create, do_read, update_or_delete, writer};
 use crate::respond::{
     VersionRef, body_bytes, check_id, json_response, parse_if_match, parse_valid, resource_response,
 };
 use crate::state::{App, Ctx, Peer, blocking, finish};
+use phivault_records::engine::{instant, key_patient, now_ms};
 
 pub(crate) async fn create(
     State(app): State<Arc<App>>,
@@ -148,7 +148,9 @@ pub(crate) async fn delete(
     let mut ctx = Ctx::on(peer, Action::D, "delete", &rtype, Some(&id));
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
-        let access = app.decide_unconfined(&auth, &rtype, Interaction::Delete)?;
+        let access = app
+            .vault
+            .decide_unconfined(&auth, &rtype, Interaction::Delete)?;
         check_id(&id)?;
         let if_match = parse_if_match(&headers)?;
         update_or_delete(&app, &mut ctx, &access, &id, None, if_match).await?;
@@ -218,7 +220,7 @@ async fn read_inner(
 
 fn parse_count(query: Option<&str>, max: usize) -> Result<usize, ApiError> {
     let mut count = 50.min(max);
-    for (k, v) in crate::engine::form_urlencoded_pairs(query.unwrap_or("")) {
+    for (k, v) in phivault_records::engine::form_urlencoded_pairs(query.unwrap_or("")) {
         match k.as_str() {
             "_count" => {
                 count = v
@@ -284,6 +286,7 @@ async fn history_inner(
     let (a, t, i) = (app.clone(), rtype.to_owned(), id.clone());
     let rows = blocking(move || {
         let rows = a
+            .vault
             .engine
             .store()
             .history(&t, i.as_deref(), count)
@@ -296,7 +299,7 @@ async fn history_inner(
                 let body = if r.deleted {
                     Vec::new()
                 } else {
-                    a.engine.open(&access, &r)?
+                    a.vault.engine.open(&access, &r)?
                 };
                 Ok((r, body))
             })
@@ -349,7 +352,7 @@ async fn history_inner(
     }
     let bundle = json!({
         "resourceType": "Bundle",
-        "id": crate::engine::new_id(),
+        "id": phivault_records::engine::new_id(),
         "meta": {"lastUpdated": instant(now_ms())},
         "type": "history",
         "total": entries.len(),

@@ -59,9 +59,13 @@ fn break_glass_inner(
         .map(|g| g.reach().clone())
     {
         Ok(Grant::TreatedBy { user, .. }) => user,
-        _ => return Err(crate::care::forbidden("break-the-glass is for clinicians")),
+        _ => {
+            return Err(
+                phivault_records::care::forbidden("break-the-glass is for clinicians").into(),
+            );
+        }
     };
-    let opened = app.open_glass(
+    let opened = app.vault.open_glass(
         &user,
         patient,
         field("reason"),

@@ -27,11 +27,11 @@ use phivault_auth::users::{LoginFailure, Role, normalize_username};
 use phivault_auth::{Context, OAuthError, Person, ScopeSet, password};
 use serde_json::json;
 
-use crate::engine::{form_urlencoded_pairs, now_ms};
 use crate::error::ApiError;
 use crate::respond::json_response;
 use crate::signin::{Flow, Stage};
 use crate::state::{App, Ctx, Peer, blocking, finish};
+use phivault_records::engine::{form_urlencoded_pairs, now_ms};
 
 /// How long a sign-in may take.
 const FLOW_TTL_SECONDS: u64 = 600;
@@ -379,7 +379,7 @@ fn login_inner(
     };
     let field = |k: &str| form.get(k).map_or("", String::as_str);
     let username = normalize_username(field("username")).ok();
-    let users = app.engine.users();
+    let users = app.vault.engine.users();
     let outcome = match &username {
         None => {
             // same cost as a real check
@@ -387,7 +387,7 @@ fn login_inner(
             Err((None, LoginFailure::Password))
         }
         Some(u) => {
-            let _guard = app.flows.stripe(u).lock();
+            let _guard = app.vault.account_stripe(u).lock();
             match users.get(u) {
                 Ok(Some(mut rec)) => {
                     let res = rec.login(field("password"), field("otp"), now);
@@ -598,6 +598,7 @@ pub(crate) fn person_grant(
         ctx.user = Some(grant.user_id.clone());
         // the account must still be what it was at sign-in
         let current = app
+            .vault
             .engine
             .users()
             .get(&grant.username)

@@ -18,10 +18,10 @@ use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
 
 use crate::FHIR_JSON;
-use crate::engine::form_urlencoded_pairs;
 use crate::error::ApiError;
-use crate::search::{self, Request};
 use crate::state::{App, Ctx, Peer, blocking, finish};
+use phivault_records::engine::form_urlencoded_pairs;
+use phivault_records::search::{self, Request};
 
 fn lenient(headers: &HeaderMap) -> bool {
     headers
@@ -173,7 +173,7 @@ async fn run(
                     "a paging cursor cannot be combined with other parameters",
                 ));
             }
-            let r = Request::from_cursor(app, c, auth.client_id())?;
+            let r = Request::from_cursor(&app.vault, c, auth.client_id())?;
             if r.rtype != rtype {
                 return Err(ApiError::bad_request(
                     "the cursor belongs to another search",
@@ -185,7 +185,7 @@ async fn run(
     };
     ctx.rtype = Some(req.rtype.clone());
     let mut req = req;
-    let access = app.decide(&auth, &req.rtype, Interaction::Search)?;
+    let access = app.vault.decide(&auth, &req.rtype, Interaction::Search)?;
     if let Some(r) = access.reach() {
         match &req.compartment {
             // a compartment the access does not reach: refused
@@ -199,8 +199,12 @@ async fn run(
     if let Some(p) = &req.compartment {
         ctx.patient = Some(p.clone());
         if !access.is_confined() {
-            app.decide_unconfined(&auth, "Patient", Interaction::Read)
-                .or_else(|_| app.decide_unconfined(&auth, "Patient", Interaction::Search))?;
+            app.vault
+                .decide_unconfined(&auth, "Patient", Interaction::Read)
+                .or_else(|_| {
+                    app.vault
+                        .decide_unconfined(&auth, "Patient", Interaction::Search)
+                })?;
         }
     }
     // chains, `_has` and includes run under the client's own grant on their types,
@@ -210,7 +214,7 @@ async fn run(
     ctx.detail.query = param_names(&req.rtype, &req.pairs);
     let a = app.clone();
     let page = blocking(move || {
-        let page = search::run(&a, &auth, &access, &req, q)?;
+        let page = search::run(&a.vault, &auth, &access, &req, q)?;
         Ok((page, req))
     })
     .await;
@@ -230,7 +234,7 @@ async fn run(
         Some(p) => format!("{}/Patient/{p}/{}", app.base_url, req.rtype),
         None => format!("{}/{}", app.base_url, req.rtype),
     };
-    let body = search::bundle(app, page, &self_url)?;
+    let body = search::bundle(&app.vault, page, &self_url)?;
     let mut resp = (StatusCode::OK, Bytes::from(body)).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
@@ -256,22 +260,23 @@ async fn everything(
         crate::respond::check_id(&id).map_err(|_| ApiError::not_found("resource not found"))?;
         // a confined access (a patient's own app, a clinician's patients) gets the
         // patients it reaches only, checked before anything is read
-        let patient = app.decide(&auth, "Patient", Interaction::Read)?;
+        let patient = app.vault.decide(&auth, "Patient", Interaction::Read)?;
         if !patient.admits(Some(&id)) {
             return Err(ApiError::forbidden());
         }
         let (a, i) = (app.clone(), id.clone());
-        let exists = blocking(move || search::load(&a, &patient, &i)).await?;
+        let exists = blocking(move || Ok(search::load(&a.vault, &patient, &i)?)).await?;
         if exists.is_none() {
             return Err(ApiError::not_found("resource not found"));
         }
         ctx.patient = Some(id.clone());
         // only the compartment types this client may read, each under its grant
-        let types: Vec<crate::access::Access> = phivault_fhir::patient_compartment_types()
+        let types: Vec<phivault_records::Access> = phivault_fhir::patient_compartment_types()
             .into_iter()
             .filter_map(|t| {
-                app.decide(&auth, t, Interaction::Read)
-                    .or_else(|_| app.decide(&auth, t, Interaction::Search))
+                app.vault
+                    .decide(&auth, t, Interaction::Read)
+                    .or_else(|_| app.vault.decide(&auth, t, Interaction::Search))
                     .ok()
             })
             .collect();
@@ -303,7 +308,7 @@ async fn everything(
         let mut first = true;
         let mut failed = false;
         for t in types {
-            let r = search::stream_compartment(&a, &t, &id, &mut |l| {
+            let r = search::stream_compartment(&a.vault, &t, &id, &mut |l| {
                 let mut b = Vec::with_capacity(l.body.len() + 128);
                 if !first {
                     b.push(b',');

@@ -1,4 +1,4 @@
-//! Resource operations between HTTP and storage: sealing, blind indexing, version
+//! Resource operations above the store: sealing, blind indexing, version
 //! preconditions and the retry of optimistic conflicts.
 //!
 //! Every version is sealed under the data key of the patient whose compartment holds it
@@ -15,8 +15,8 @@ use phivault_fhir::search::{self, Lookup};
 use phivault_store::{Candidates, IndexEntry, Put, Store, VersionRow};
 use serde_json::Value;
 
+use crate::Error;
 use crate::access::Access;
-use crate::error::ApiError;
 use phivault_auth::Interaction;
 
 /// Number of per-resource write locks (hashed shards).
@@ -69,7 +69,7 @@ pub struct KeyRing<'a> {
 
 impl KeyRing<'_> {
     /// The data key for `key_id`, generating (and remembering to store) a new one if none exists.
-    pub fn key(&mut self, key_id: &str) -> Result<DataKey, ApiError> {
+    pub fn key(&mut self, key_id: &str) -> Result<DataKey, Error> {
         if let Some((_, k, _)) = self.fresh.iter().find(|(id, _, _)| id == key_id) {
             return Ok(k.clone());
         }
@@ -80,7 +80,7 @@ impl KeyRing<'_> {
             .engine
             .keys
             .new_data_key(key_id)
-            .map_err(|_| ApiError::internal())?;
+            .map_err(|_| Error::internal())?;
         self.fresh.push((key_id.to_owned(), k.clone(), wrapped));
         Ok(k)
     }
@@ -133,7 +133,7 @@ impl Written {
     /// What a read of this version returns, byte for byte (empty for a delete or a
     /// version already stored). Only responses that carry the resource ask for it: a
     /// transaction's entries do not.
-    pub fn body(&self) -> Result<Vec<u8>, ApiError> {
+    pub fn body(&self) -> Result<Vec<u8>, Error> {
         if self.stored.is_empty() {
             return Ok(Vec::new());
         }
@@ -144,7 +144,7 @@ impl Written {
             self.version,
             &instant(self.updated_ms),
         )
-        .ok_or_else(ApiError::internal)
+        .ok_or_else(Error::internal)
     }
 
     /// A version already stored (nothing is written; no body).
@@ -292,7 +292,7 @@ impl Engine {
 
     /// The storage engine, for the server's own jobs and for reads whose rows are checked
     /// against an [`Access`] before anything is opened.
-    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
@@ -335,21 +335,21 @@ impl Engine {
         }
     }
 
-    fn existing_key(&self, key_id: &str) -> Result<Option<DataKey>, ApiError> {
+    fn existing_key(&self, key_id: &str) -> Result<Option<DataKey>, Error> {
         if let Some(k) = self.deks.read().get(key_id) {
             return Ok(Some(k.clone()));
         }
         let Some(wrapped) = self
             .store
             .data_key(key_id)
-            .map_err(|_| ApiError::unavailable())?
+            .map_err(|_| Error::unavailable())?
         else {
             return Ok(None);
         };
         let k = self
             .keys
             .unwrap_data_key(key_id, &wrapped)
-            .map_err(|_| ApiError::integrity())?;
+            .map_err(|_| Error::integrity())?;
         self.cache_key(key_id.to_owned(), k.clone());
         Ok(Some(k))
     }
@@ -369,7 +369,7 @@ impl Engine {
     }
 
     /// The key hierarchy (for records sealed outside resources: alerts).
-    pub(crate) fn keys(&self) -> &KeyHierarchy {
+    pub fn keys(&self) -> &KeyHierarchy {
         &self.keys
     }
 
@@ -517,7 +517,7 @@ impl Engine {
         resource: Option<&mut Value>,
         now: i64,
         previous: Option<&VersionRow>,
-    ) -> Result<(Put, Written), ApiError> {
+    ) -> Result<(Put, Written), Error> {
         let writes = matches!(
             access.interaction(),
             Interaction::Create | Interaction::Update | Interaction::Delete
@@ -526,14 +526,14 @@ impl Engine {
             || access.rtype() != rtype
             || previous.is_some_and(|p| !p.deleted && !access.admits_row(p))
         {
-            return Err(ApiError::forbidden());
+            return Err(Error::forbidden());
         }
         let previous_key = previous.map(|p| p.key_id.as_str());
         // The blind-index entries of the version being replaced, recomputed from its content.
         let replaces = match previous {
             Some(p) if !p.deleted => {
                 let old = self.open(access, p)?;
-                let old: Value = serde_json::from_slice(&old).map_err(|_| ApiError::integrity())?;
+                let old: Value = serde_json::from_slice(&old).map_err(|_| Error::integrity())?;
                 self.index_entries(rtype, &old)
             }
             _ => Vec::new(),
@@ -542,7 +542,7 @@ impl Engine {
             Some(r) => {
                 if let Some(base) = &self.local_base {
                     phivault_fhir::localize_references(r, base).map_err(|_| {
-                        ApiError::bad_request(
+                        Error::bad_request(
                             "a reference to this server must name Type/id or \
                              Type/id/_history/version below its FHIR base",
                         )
@@ -551,10 +551,10 @@ impl Engine {
                 set_server_fields(r, id, version, now);
                 let patient = phivault_fhir::patient_compartment(r);
                 if !access.admits(patient.as_deref()) {
-                    return Err(ApiError::forbidden());
+                    return Err(Error::forbidden());
                 }
                 let index = self.index_entries(rtype, r);
-                let stored = crate::stored::compact(r).map_err(|_| ApiError::internal())?;
+                let stored = crate::stored::compact(r).map_err(|_| Error::internal())?;
                 (stored, patient, index, false)
             }
             None => (
@@ -579,7 +579,7 @@ impl Engine {
                 key_id: &key_id,
                 updated_ms: now,
             };
-            key.seal(&aad, &stored).map_err(|_| ApiError::internal())?
+            key.seal(&aad, &stored).map_err(|_| Error::internal())?
         };
         let put = Put {
             row: VersionRow {
@@ -610,12 +610,12 @@ impl Engine {
 
     /// Open a stored version `access` reaches (403 for any other: callers filter first, so
     /// this is the backstop); any failure is an integrity error, never data.
-    pub fn open(&self, access: &Access, row: &VersionRow) -> Result<Vec<u8>, ApiError> {
+    pub fn open(&self, access: &Access, row: &VersionRow) -> Result<Vec<u8>, Error> {
         if !access.admits_row(row) {
-            return Err(ApiError::forbidden());
+            return Err(Error::forbidden());
         }
         let Some(key) = self.existing_key(&row.key_id)? else {
-            return Err(ApiError::integrity());
+            return Err(Error::integrity());
         };
         let aad = RecordAad {
             resource_type: &row.rtype,
@@ -626,7 +626,7 @@ impl Engine {
         };
         let (format, plain) = key
             .open_record(&aad, &row.sealed)
-            .map_err(|_| ApiError::integrity())?;
+            .map_err(|_| Error::integrity())?;
         if format == phivault_crypto::RECORD_FORMAT_V1 {
             // sealed before the stored form: the whole resource
             return Ok(plain);
@@ -638,7 +638,7 @@ impl Engine {
             row.version,
             &instant(row.updated_ms),
         )
-        .ok_or_else(ApiError::integrity)
+        .ok_or_else(Error::integrity)
     }
 }
 

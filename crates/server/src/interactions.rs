@@ -11,11 +11,11 @@ use phivault_fhir::IssueCode;
 use phivault_store::{CommitError, Expect, WriteBatch};
 use serde_json::Value;
 
-use crate::access::Access;
-use crate::engine::{Written, key_patient, now_ms};
 use crate::error::ApiError;
 use crate::respond::check_id;
 use crate::state::{App, Ctx, blocking};
+use phivault_records::Access;
+use phivault_records::engine::{Written, key_patient, now_ms};
 
 /// Outcome of committing a prepared batch.
 pub enum Commit {
@@ -29,13 +29,14 @@ pub enum Commit {
 pub async fn commit(app: &App, batch: WriteBatch) -> Result<Commit, ApiError> {
     // a write of a treatment relationship drops the cached reach of clinicians: before
     // (nothing computed from now on is kept past the write) and after it lands
-    let relations = crate::care::Care::touches(batch.puts.iter().map(|p| p.row.rtype.as_str()));
+    let relations =
+        phivault_records::care::Care::touches(batch.puts.iter().map(|p| p.row.rtype.as_str()));
     if relations {
-        app.care.invalidate();
+        app.vault.care.invalidate();
     }
-    let r = app.engine.store().submit(batch).await;
+    let r = app.vault.engine.store().submit(batch).await;
     if relations {
-        app.care.invalidate();
+        app.vault.care.invalidate();
     }
     match r {
         Ok(Ok(_)) => Ok(Commit::Done),
@@ -73,7 +74,9 @@ pub async fn do_create(
 ) -> Result<Created, ApiError> {
     let rtype = access.rtype();
     let cond = match if_none_exist {
-        Some(q) => Some(Arc::new(crate::search::Conditional::parse(app, rtype, q)?)),
+        Some(q) => Some(Arc::new(phivault_records::search::Conditional::parse(
+            &app.vault, rtype, q,
+        )?)),
         None => None,
     };
     // identical conditional creates queue here (the store guard covers the common
@@ -81,7 +84,8 @@ pub async fn do_create(
     let lock_key = cond.as_ref().map(|c| c.lock_key()).unwrap_or_default();
     let _cond_lock = match &cond {
         Some(_) => Some(
-            app.engine
+            app.vault
+                .engine
                 .lock_resources([("If-None-Exist", lock_key.as_str())])
                 .await,
         ),
@@ -91,9 +95,9 @@ pub async fn do_create(
         let mut guards = Vec::new();
         if let Some(c) = &cond {
             let (a, c) = (app.clone(), c.clone());
-            match blocking(move || c.find(&a)).await? {
-                crate::search::CondMatch::None(guard) => guards.extend(guard),
-                crate::search::CondMatch::One(cur) => {
+            match blocking(move || Ok(c.find(&a.vault)?)).await? {
+                phivault_records::search::CondMatch::None(guard) => guards.extend(guard),
+                phivault_records::search::CondMatch::One(cur) => {
                     ctx.id = Some(cur.id.clone());
                     ctx.version = Some(cur.version);
                     ctx.patient = key_patient(&cur.key_id).map(str::to_owned);
@@ -101,9 +105,9 @@ pub async fn do_create(
                 }
             }
         }
-        let id = crate::engine::new_id();
-        let mut ring = app.engine.key_ring();
-        let (put, written) = app.engine.prepare(
+        let id = phivault_records::engine::new_id();
+        let mut ring = app.vault.engine.key_ring();
+        let (put, written) = app.vault.engine.prepare(
             access,
             &mut ring,
             rtype,
@@ -115,7 +119,7 @@ pub async fn do_create(
             None,
         )?;
         let mut event = ctx.event_for(&written, Action::C, ctx.interaction, 201);
-        app.mark_glass(std::slice::from_mut(&mut event));
+        app.vault.mark_glass(std::slice::from_mut(&mut event));
         let batch = WriteBatch {
             new_keys: ring.new_keys(),
             guards,
@@ -141,8 +145,14 @@ pub async fn do_create(
 /// Drop cached keys a lost key race may have made stale.
 pub fn forget_keys(app: &App, w: &Written) {
     match &w.patient {
-        Some(p) => app.engine.forget_key(&crate::engine::patient_key_id(p)),
-        None => app.engine.forget_key(crate::engine::SHARED_KEY_ID),
+        Some(p) => app
+            .vault
+            .engine
+            .forget_key(&phivault_records::engine::patient_key_id(p)),
+        None => app
+            .vault
+            .engine
+            .forget_key(phivault_records::engine::SHARED_KEY_ID),
     }
 }
 
@@ -155,8 +165,8 @@ pub(crate) fn writer(
     rtype: &str,
     i: Interaction,
 ) -> Result<Access, ApiError> {
-    let access = app.decide(auth, rtype, i)?;
-    if access.is_confined() && crate::care::Care::touches(std::iter::once(rtype)) {
+    let access = app.vault.decide(auth, rtype, i)?;
+    if access.is_confined() && phivault_records::care::Care::touches(std::iter::once(rtype)) {
         return Err(ApiError::forbidden());
     }
     Ok(access)
@@ -177,11 +187,12 @@ pub async fn update_or_delete(
 ) -> Result<Written, ApiError> {
     let rtype = access.rtype();
     let deleting = resource.is_none();
-    let _locks = app.engine.lock_resources([(rtype, id)]).await;
+    let _locks = app.vault.engine.lock_resources([(rtype, id)]).await;
     for _ in 0..MAX_RETRIES {
         let (a, t, i) = (app.clone(), rtype.to_owned(), id.to_owned());
         let cur = blocking(move || {
-            a.engine
+            a.vault
+                .engine
                 .store()
                 .current(&t, &i)
                 .map_err(|_| ApiError::unavailable())
@@ -219,8 +230,8 @@ pub async fn update_or_delete(
             Some(c) => (Expect::Version(c.version), c.version + 1),
             None => (Expect::Absent, 1),
         };
-        let mut ring = app.engine.key_ring();
-        let (put, written) = app.engine.prepare(
+        let mut ring = app.vault.engine.key_ring();
+        let (put, written) = app.vault.engine.prepare(
             access,
             &mut ring,
             rtype,
@@ -239,7 +250,7 @@ pub async fn update_or_delete(
             (Action::U, "update", 200)
         };
         let mut event = ctx.event_for(&written, action, name, status);
-        app.mark_glass(std::slice::from_mut(&mut event));
+        app.vault.mark_glass(std::slice::from_mut(&mut event));
         let batch = WriteBatch {
             new_keys: ring.new_keys(),
             guards: Vec::new(),
@@ -285,8 +296,8 @@ pub async fn do_read(
     // than paying a thread hand-off per request.
     let (row, body) = {
         let row = match version {
-            None => app.engine.store().current(rtype, id),
-            Some(v) => app.engine.store().version(rtype, id, v),
+            None => app.vault.engine.store().current(rtype, id),
+            Some(v) => app.vault.engine.store().version(rtype, id, v),
         }
         .map_err(|_| ApiError::unavailable())?;
         let row = row.filter(|r| access.admits_row(r));
@@ -294,7 +305,7 @@ pub async fn do_read(
             None => (None, Vec::new()),
             Some(row) if row.deleted => (Some(row), Vec::new()),
             Some(row) => {
-                let body = app.engine.open(access, &row)?;
+                let body = app.vault.engine.open(access, &row)?;
                 (Some(row), body)
             }
         }

@@ -16,7 +16,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use axum::http::StatusCode;
+use crate::Kind;
 use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
 use phivault_fhir::search::{
@@ -27,10 +27,10 @@ use phivault_store::{Candidates, Guard, IndexEntry, VersionRow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::Error;
+use crate::Vault;
 use crate::access::Access;
 use crate::engine::{instant, key_patient, now_ms};
-use crate::error::ApiError;
-use crate::state::App;
 
 /// Most records decrypted to fill one page; a page that reaches it is returned partial,
 /// with a `next` link that continues after the last record examined.
@@ -89,17 +89,17 @@ fn id_order(id: &str) -> (bool, &str) {
     (phivault_audit::uuid_bytes(id).is_some(), id)
 }
 
-fn too_costly(msg: &str) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, IssueCode::TooCostly, msg)
+fn too_costly(msg: &str) -> Error {
+    Error::new(Kind::BadRequest, IssueCode::TooCostly, msg)
 }
 
-fn unavailable<E>(_: E) -> ApiError {
-    ApiError::unavailable()
+fn unavailable<E>(_: E) -> Error {
+    Error::unavailable()
 }
 
 /// Open the current version of a record `access` reaches; None if absent, deleted or
 /// not reached.
-pub fn load(app: &App, access: &Access, id: &str) -> Result<Option<Loaded>, ApiError> {
+pub fn load(app: &Vault, access: &Access, id: &str) -> Result<Option<Loaded>, Error> {
     let row = app
         .engine
         .store()
@@ -110,20 +110,20 @@ pub fn load(app: &App, access: &Access, id: &str) -> Result<Option<Loaded>, ApiE
 
 /// Open a current version read earlier; None if absent, deleted or not reached.
 fn open_row(
-    app: &App,
+    app: &Vault,
     access: &Access,
     row: Option<VersionRow>,
-) -> Result<Option<Loaded>, ApiError> {
+) -> Result<Option<Loaded>, Error> {
     open_row_fields(app, access, row, None)
 }
 
 /// [`open_row`], parsing only the top-level `fields` when given (see `Plan::fields`).
 fn open_row_fields(
-    app: &App,
+    app: &Vault,
     access: &Access,
     row: Option<VersionRow>,
     fields: Option<&[(String, bool)]>,
-) -> Result<Option<Loaded>, ApiError> {
+) -> Result<Option<Loaded>, Error> {
     let Some(mut row) = row else {
         return Ok(None);
     };
@@ -136,7 +136,7 @@ fn open_row_fields(
         Some(f) => search::parse_fields(&body, f),
         None => serde_json::from_slice(&body),
     }
-    .map_err(|_| ApiError::integrity())?;
+    .map_err(|_| Error::integrity())?;
     Ok(Some(Loaded { row, json, body }))
 }
 
@@ -164,12 +164,12 @@ impl Plan {
     /// with `compartment`, only that patient's. `auth` (None for the server's own jobs)
     /// decides the types a chain or `_has` searches.
     fn new(
-        app: &App,
+        app: &Vault,
         auth: Option<&Authenticated>,
         access: &Access,
         compartment: Option<&str>,
         criteria: &[Criterion],
-    ) -> Result<Plan, ApiError> {
+    ) -> Result<Plan, Error> {
         let rtype = access.rtype();
         let mut plan = Plan {
             rtype: rtype.to_owned(),
@@ -276,8 +276,8 @@ impl Plan {
                 if shared {
                     // not a compartment type: records outside any compartment are reached
                 } else {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
+                    return Err(Error::new(
+                        Kind::BadRequest,
                         IssueCode::NotSupported,
                         "this resource type is not in the Patient compartment",
                     ));
@@ -313,10 +313,10 @@ impl Plan {
     /// The next candidate ids after `after`, at most `n`.
     fn next_candidates(
         &self,
-        app: &App,
+        app: &Vault,
         after: Option<&str>,
         n: usize,
-    ) -> Result<Vec<String>, ApiError> {
+    ) -> Result<Vec<String>, Error> {
         if self.empty {
             return Ok(Vec::new());
         }
@@ -336,7 +336,7 @@ impl Plan {
     }
 
     /// Open a candidate and check it exactly.
-    fn verify(&self, app: &App, id: &str) -> Result<Option<Loaded>, ApiError> {
+    fn verify(&self, app: &Vault, id: &str) -> Result<Option<Loaded>, Error> {
         let row = app
             .engine
             .store()
@@ -346,7 +346,7 @@ impl Plan {
     }
 
     /// [`Plan::verify`] of a current version read earlier.
-    fn verify_row(&self, app: &App, row: Option<VersionRow>) -> Result<Option<Loaded>, ApiError> {
+    fn verify_row(&self, app: &Vault, row: Option<VersionRow>) -> Result<Option<Loaded>, Error> {
         self.verify_row_fields(app, row, false)
     }
 
@@ -354,10 +354,10 @@ impl Plan {
     /// verification read (for pages that use nothing else of it).
     fn verify_row_fields(
         &self,
-        app: &App,
+        app: &Vault,
         row: Option<VersionRow>,
         partial: bool,
-    ) -> Result<Option<Loaded>, ApiError> {
+    ) -> Result<Option<Loaded>, Error> {
         let fields = if partial {
             self.fields.as_deref()
         } else {
@@ -377,7 +377,7 @@ impl Plan {
     }
 
     /// Every match (bounded by [`MAX_FULL_EXAMINE`] records examined and `max` matches).
-    fn all(&self, app: &App, max: usize) -> Result<Vec<Loaded>, ApiError> {
+    fn all(&self, app: &Vault, max: usize) -> Result<Vec<Loaded>, Error> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         let mut examined = 0;
@@ -409,11 +409,11 @@ impl Plan {
 
 /// Every match of `criteria` that `access` reaches (bounded by [`MAX_CHAIN_IDS`]).
 fn match_all(
-    app: &App,
+    app: &Vault,
     auth: Option<&Authenticated>,
     access: &Access,
     criteria: &[Criterion],
-) -> Result<Vec<Loaded>, ApiError> {
+) -> Result<Vec<Loaded>, Error> {
     Plan::new(app, auth, access, None, criteria)?.all(app, MAX_CHAIN_IDS)
 }
 
@@ -421,12 +421,12 @@ fn match_all(
 /// whose reference parameter `param` names `target_type/target_id`, each match decrypted
 /// and verified (at most [`MAX_FULL_EXAMINE`] examined).
 pub fn patients_referencing(
-    app: &App,
+    app: &Vault,
     rtype: &str,
     param: &str,
     target_type: &str,
     target_id: &str,
-) -> Result<BTreeSet<String>, ApiError> {
+) -> Result<BTreeSet<String>, Error> {
     Ok(referencing(app, rtype, param, target_type, target_id)?
         .iter()
         .filter_map(|l| key_patient(&l.row.key_id).map(str::to_owned))
@@ -436,15 +436,15 @@ pub fn patients_referencing(
 /// The `rtype` records whose reference parameter `param` names `target_type/target_id`,
 /// decrypted and verified (at most [`MAX_FULL_EXAMINE`] examined).
 pub fn referencing(
-    app: &App,
+    app: &Vault,
     rtype: &str,
     param: &str,
     target_type: &str,
     target_id: &str,
-) -> Result<Vec<Loaded>, ApiError> {
+) -> Result<Vec<Loaded>, Error> {
     let def = search::search_param(rtype, param)
         .filter(|d| d.ptype == ParamType::Reference)
-        .ok_or_else(ApiError::internal)?;
+        .ok_or_else(Error::internal)?;
     let crit = reference_criterion(def, target_type, &[target_id.to_owned()]);
     // the server's own look-up (treatment relationships)
     let access = Access::internal(rtype, Interaction::Search);
@@ -452,11 +452,11 @@ pub fn referencing(
 }
 
 fn match_ids(
-    app: &App,
+    app: &Vault,
     auth: Option<&Authenticated>,
     access: &Access,
     criteria: &[Criterion],
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Vec<String>, Error> {
     Ok(match_all(app, auth, access, criteria)?
         .into_iter()
         .map(|l| l.row.id)
@@ -594,11 +594,11 @@ impl Request {
     }
 
     /// Resume from a sealed cursor issued to `client`.
-    pub fn from_cursor(app: &App, token: &str, client: &str) -> Result<Request, ApiError> {
+    pub fn from_cursor(app: &Vault, token: &str, client: &str) -> Result<Request, Error> {
         use base64::Engine as _;
         let bad = || {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
+            Error::new(
+                Kind::BadRequest,
                 IssueCode::Invalid,
                 "invalid or expired paging cursor; repeat the search",
             )
@@ -645,24 +645,24 @@ pub struct Page {
 }
 
 /// Parse a request's query (400 on any problem in strict mode).
-pub fn parse(req: &Request) -> Result<SearchQuery, ApiError> {
+pub fn parse(req: &Request) -> Result<SearchQuery, Error> {
     if !phivault_fhir::is_known_resource_type(&req.rtype) {
-        return Err(ApiError::not_found("unknown resource type"));
+        return Err(Error::not_found("unknown resource type"));
     }
-    search::parse_search(&req.rtype, &req.pairs, req.lenient).map_err(ApiError::invalid)
+    search::parse_search(&req.rtype, &req.pairs, req.lenient).map_err(Error::invalid)
 }
 
 /// Run one page of a search (blocking: call from a blocking thread): only records
 /// `access` reaches (and of the URL's compartment patient, when there is one).
 pub fn run(
-    app: &App,
+    app: &Vault,
     auth: &Authenticated,
     access: &Access,
     req: &Request,
     q: SearchQuery,
-) -> Result<Page, ApiError> {
+) -> Result<Page, Error> {
     if access.rtype() != req.rtype {
-        return Err(ApiError::forbidden());
+        return Err(Error::forbidden());
     }
     let plan = Plan::new(
         app,
@@ -779,13 +779,13 @@ pub fn run(
 }
 
 fn seal_cursor(
-    app: &App,
+    app: &Vault,
     auth: &Authenticated,
     req: &Request,
     q: &SearchQuery,
     after: Option<String>,
     after_key: Option<Vec<KeyVal>>,
-) -> Result<String, ApiError> {
+) -> Result<String, Error> {
     use base64::Engine as _;
     let c = Cursor {
         v: 1,
@@ -799,11 +799,11 @@ fn seal_cursor(
         a: after,
         k: after_key,
     };
-    let plain = serde_json::to_vec(&c).map_err(|_| ApiError::internal())?;
+    let plain = serde_json::to_vec(&c).map_err(|_| Error::internal())?;
     let sealed = app
         .engine
         .seal_secret(CURSOR_LABEL, &plain)
-        .ok_or_else(ApiError::internal)?;
+        .ok_or_else(Error::internal)?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
 }
 
@@ -811,12 +811,12 @@ fn seal_cursor(
 /// read and to the records its grant on each type reaches (a record of a patient it does
 /// not reach is not included, and not decrypted either).
 fn includes(
-    app: &App,
+    app: &Vault,
     auth: &Authenticated,
     access: &Access,
     matches: &[Loaded],
     q: &SearchQuery,
-) -> Result<Vec<Loaded>, ApiError> {
+) -> Result<Vec<Loaded>, Error> {
     if q.include.is_empty() && q.revinclude.is_empty() {
         return Ok(Vec::new());
     }
@@ -931,7 +931,7 @@ fn subset(mut v: Value, elements: &[String]) -> Value {
 
 /// The searchset Bundle of a page. `self_url` is the base of the link (no search values:
 /// they may be PHI).
-pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError> {
+pub fn bundle(app: &Vault, page: Page, self_url: &str) -> Result<Vec<u8>, Error> {
     let size: usize = page
         .matches
         .iter()
@@ -983,13 +983,13 @@ pub fn bundle(app: &App, page: Page, self_url: &str) -> Result<Vec<u8>, ApiError
     Ok(out)
 }
 
-fn write_json(out: &mut Vec<u8>, v: &Value) -> Result<(), ApiError> {
-    serde_json::to_writer(out, v).map_err(|_| ApiError::internal())
+fn write_json(out: &mut Vec<u8>, v: &Value) -> Result<(), Error> {
+    serde_json::to_writer(out, v).map_err(|_| Error::internal())
 }
 
 /// The opening of a searchset Bundle, up to (not including) its `link` or `entry`: the
 /// object is left open.
-pub(crate) fn write_head(out: &mut Vec<u8>) -> Result<(), ApiError> {
+pub fn write_head(out: &mut Vec<u8>) -> Result<(), Error> {
     out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
     write_json(out, &Value::String(crate::engine::new_id()))?;
     out.extend_from_slice(br#","meta":"#);
@@ -1000,13 +1000,13 @@ pub(crate) fn write_head(out: &mut Vec<u8>) -> Result<(), ApiError> {
 
 /// One searchset entry of `l` with search mode `mode`: the stored JSON as a read returns
 /// it (no re-serialisation), or its `_elements` subset.
-pub(crate) fn write_entry(
+pub fn write_entry(
     out: &mut Vec<u8>,
     base_url: &str,
     l: Loaded,
     mode: &str,
     elements: Option<&[String]>,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     out.extend_from_slice(br#"{"fullUrl":"#);
     write_json(
         out,
@@ -1041,11 +1041,11 @@ pub fn entities(page: &Page) -> Vec<phivault_audit::Entity> {
 /// Visit every record of `access`'s type that belongs to `patient` and `access` reaches
 /// (for `$everything`). Ok(false) when `visit` stopped it (the receiver went away).
 pub fn stream_compartment(
-    app: &App,
+    app: &Vault,
     access: &Access,
     patient: &str,
     visit: &mut dyn FnMut(Loaded) -> bool,
-) -> Result<bool, ApiError> {
+) -> Result<bool, Error> {
     let plan = Plan::new(app, None, access, Some(patient), &[])?;
     let mut after: Option<String> = None;
     loop {
@@ -1082,20 +1082,20 @@ pub enum CondMatch {
 
 impl Conditional {
     /// Parse `If-None-Exist` criteria (`identifier=…&…`; result parameters are refused).
-    pub fn parse(app: &App, rtype: &str, query: &str) -> Result<Conditional, ApiError> {
+    pub fn parse(app: &Vault, rtype: &str, query: &str) -> Result<Conditional, Error> {
         let query = query.split_once('?').map(|(_, q)| q).unwrap_or(query);
         let pairs = crate::engine::form_urlencoded_pairs(query);
         if pairs.is_empty() {
-            return Err(ApiError::bad_request("empty conditional create criteria"));
+            return Err(Error::bad_request("empty conditional create criteria"));
         }
         if pairs.iter().any(|(k, _)| k.starts_with('_') && k != "_id") {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+            return Err(Error::new(
+                Kind::BadRequest,
                 IssueCode::NotSupported,
                 "conditional create criteria take search parameters only",
             ));
         }
-        let q = search::parse_search(rtype, &pairs, false).map_err(ApiError::invalid)?;
+        let q = search::parse_search(rtype, &pairs, false).map_err(Error::invalid)?;
         let lookup = search::lookup_terms(&q.criteria);
         let mut guard_tokens = Vec::new();
         let flat = match &lookup {
@@ -1132,7 +1132,7 @@ impl Conditional {
     }
 
     /// Find the match (blocking). Several matches → 412.
-    pub fn find(&self, app: &App) -> Result<CondMatch, ApiError> {
+    pub fn find(&self, app: &Vault) -> Result<CondMatch, Error> {
         // the server's own look-up: conditional creates are refused to confined writers
         let access = Access::internal(&self.rtype, Interaction::Search);
         let plan = Plan::new(app, None, &access, None, &self.criteria)?;
@@ -1150,8 +1150,8 @@ impl Conditional {
                     None => except.push(id.clone()),
                 }
                 if found.len() > 1 {
-                    return Err(ApiError::new(
-                        StatusCode::PRECONDITION_FAILED,
+                    return Err(Error::new(
+                        Kind::PreconditionFailed,
                         IssueCode::Duplicate,
                         "If-None-Exist criteria match more than one resource",
                     ));
@@ -1176,4 +1176,4 @@ impl Conditional {
 }
 
 /// Shared pointer for blocking sections.
-pub type AppRef = Arc<App>;
+pub type AppRef = Arc<Vault>;

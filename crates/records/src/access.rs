@@ -1,7 +1,7 @@
 //! The one door to every record: the authorization decision as a proof value.
 //!
-//! [`Access`] is the only way into a sealed record. [`App::access`] (for a request's token)
-//! is the one decision point that makes one for a client: it combines the token's grant
+//! [`Access`] is the only way into a sealed record. [`Vault::decide`] (for a request's
+//! token) is the one decision point that makes one for a client: it combines the token's grant
 //! ([`phivault_auth::authorize`], SMART scopes ∩ role) with whose records the grant reaches
 //! (a patient's own, a clinician's treated patients). The engine's `open`, `prepare` (every
 //! write) and the search functions take an `&Access`, and its fields are private to this
@@ -9,13 +9,13 @@
 //!
 //! ```compile_fail
 //! // outside this crate an Access cannot be made up
-//! let a = phivault_server::Access { rtype: "Observation".into(), reach: None };
+//! let a = phivault_records::Access { rtype: "Observation".into(), reach: None };
 //! ```
 //!
 //! ```compile_fail
 //! // the store is not reachable past the engine: rows come only through proof-taking calls
-//! fn read(app: &phivault_server::App) {
-//!     let _ = app.engine.store.current("Observation", "1");
+//! fn read(vault: &phivault_records::Vault) {
+//!     let _ = vault.engine.store.current("Observation", "1");
 //! }
 //! ```
 //!
@@ -30,17 +30,16 @@
 //! every search (matches, counts, chains, `_has`, includes, paging), `$everything`,
 //! compartment routes, batch entries and the reach check of writes all ask [`Access::admits`].
 
-use axum::http::HeaderMap;
 use phivault_auth::{Authenticated, Authorized, Interaction};
 use phivault_store::VersionRow;
 
+use crate::Error;
+use crate::Vault;
 use crate::care::Reach;
 use crate::engine::key_patient;
-use crate::error::ApiError;
-use crate::state::{App, Ctx};
 
 /// Proof that a client may perform one interaction on one resource type, carrying the
-/// reach that grant has. Only [`App::access`] (a client's request) and [`Access::internal`]
+/// reach that grant has. Only [`Vault::decide`] (a client's token) and [`Access::internal`]
 /// (the server's own jobs) make one.
 #[derive(Clone)]
 pub struct Access {
@@ -121,15 +120,15 @@ impl Access {
     /// The server's own access stays the server's; a client's needs its token (`auth`).
     pub(crate) fn for_type(
         &self,
-        app: &App,
+        app: &Vault,
         auth: Option<&Authenticated>,
         rtype: &str,
         interaction: Interaction,
-    ) -> Result<Access, ApiError> {
+    ) -> Result<Access, Error> {
         match (&self.grant, auth) {
             (None, _) => Ok(Access::internal(rtype, interaction)),
             (Some(_), Some(auth)) => app.decide(auth, rtype, interaction),
-            (Some(_), None) => Err(ApiError::forbidden()),
+            (Some(_), None) => Err(Error::forbidden()),
         }
     }
 }
@@ -147,20 +146,20 @@ pub(crate) fn admits(reach: Option<&Reach>, rtype: &str, owner: Option<&str>) ->
     }
 }
 
-impl App {
+impl Vault {
     /// The one decision point: may `auth` perform `interaction` on `rtype`, and whose
     /// records does that reach? 404 for an unknown type, 403 when no scope grants it.
-    pub(crate) fn decide(
+    pub fn decide(
         &self,
         auth: &Authenticated,
         rtype: &str,
         interaction: Interaction,
-    ) -> Result<Access, ApiError> {
+    ) -> Result<Access, Error> {
         if !phivault_fhir::is_known_resource_type(rtype) {
-            return Err(ApiError::not_found("unknown resource type"));
+            return Err(Error::not_found("unknown resource type"));
         }
-        let grant = phivault_auth::authorize(auth, rtype, interaction)
-            .map_err(|_| ApiError::forbidden())?;
+        let grant =
+            phivault_auth::authorize(auth, rtype, interaction).map_err(|_| Error::forbidden())?;
         let reach = self.reach(grant.reach())?;
         Ok(Access {
             rtype: rtype.to_owned(),
@@ -170,32 +169,18 @@ impl App {
         })
     }
 
-    /// Authenticate a request (its credentials checked exactly once) and decide one
-    /// interaction on a resource type.
-    pub(crate) fn access(
-        &self,
-        headers: &HeaderMap,
-        ctx: &mut Ctx,
-        rtype: &str,
-        interaction: Interaction,
-    ) -> Result<(Authenticated, Access), ApiError> {
-        let auth = self.authenticate(headers, ctx)?;
-        let access = self.decide(&auth, rtype, interaction)?;
-        Ok((auth, access))
-    }
-
-    /// [`App::decide`] for paths that serve whatever the type holds (deletes, transaction
+    /// [`Vault::decide`] for paths that serve whatever the type holds (deletes, transaction
     /// entries, the audit log's own routes): a grant confined to some patients is refused
     /// here (fail closed).
-    pub(crate) fn decide_unconfined(
+    pub fn decide_unconfined(
         &self,
         auth: &Authenticated,
         rtype: &str,
         interaction: Interaction,
-    ) -> Result<Access, ApiError> {
+    ) -> Result<Access, Error> {
         let a = self.decide(auth, rtype, interaction)?;
         if a.is_confined() {
-            return Err(ApiError::forbidden());
+            return Err(Error::forbidden());
         }
         Ok(a)
     }

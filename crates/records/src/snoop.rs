@@ -244,7 +244,7 @@ impl Records for NoRecords {
 
 /// [`Records`] read from the store (each record decrypted once per scan).
 pub struct EngineRecords<'a> {
-    app: &'a crate::App,
+    app: &'a crate::Vault,
     engine: &'a crate::engine::Engine,
     patients: HashMap<String, Option<Facts>>,
     staff: HashMap<String, Option<Facts>>,
@@ -254,7 +254,7 @@ pub struct EngineRecords<'a> {
 
 impl<'a> EngineRecords<'a> {
     /// Over `app`'s store.
-    pub fn new(app: &'a crate::App) -> Self {
+    pub fn new(app: &'a crate::Vault) -> Self {
         EngineRecords {
             app,
             engine: &app.engine,
@@ -1054,7 +1054,7 @@ impl State {
 /// raise an alert of their own (a review does not cover what came after it). The position
 /// and the rules' [`State`] are kept in the store (the state sealed); the records the
 /// relationship rules read are decrypted in memory only.
-pub fn run(app: &crate::App, hours: Hours) -> Result<Summary, ScanError> {
+pub fn run(app: &crate::Vault, hours: Hours) -> Result<Summary, ScanError> {
     use crate::care::{Alert, raise_alert};
     let store = &**app.engine.store();
     let keys = app.engine.keys();

@@ -21,14 +21,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::http::StatusCode;
+use crate::Kind;
 use phivault_auth::{LoginFailure, Reach as Grant};
 use phivault_fhir::IssueCode;
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
+use crate::Vault;
 use crate::engine::{new_id, now_ms};
-use crate::error::ApiError;
-use crate::state::App;
 
 /// The record types whose participants have a treatment relationship with the patient,
 /// and the reference search parameter naming them.
@@ -190,9 +190,9 @@ impl Care {
     }
 }
 
-impl App {
+impl Vault {
     /// What a grant reaches; None for everything (a back-end client's `system/` access).
-    pub(crate) fn reach(&self, grant: &Grant) -> Result<Option<Reach>, ApiError> {
+    pub fn reach(&self, grant: &Grant) -> Result<Option<Reach>, Error> {
         match grant {
             Grant::Patient(p) => Ok(Some(Reach::patient(p))),
             Grant::TreatedBy { practitioner, user } => self.treated(practitioner, user).map(Some),
@@ -201,7 +201,7 @@ impl App {
     }
 
     /// The patients `practitioner` (account `user`) treats or opened by break-the-glass.
-    fn treated(&self, practitioner: &str, user: &str) -> Result<Reach, ApiError> {
+    fn treated(&self, practitioner: &str, user: &str) -> Result<Reach, Error> {
         let now = now_ms();
         let generation = self.care.generation.load(Ordering::SeqCst);
         if let Some(c) = self.care.cache.lock().get(user)
@@ -253,7 +253,7 @@ impl App {
 
     /// A clinician's events about a patient they reach only through a break-the-glass
     /// window get the purpose of use `ETREAT` instead of `TREAT`.
-    pub(crate) fn mark_glass(&self, events: &mut [phivault_audit::AuditEvent]) {
+    pub fn mark_glass(&self, events: &mut [phivault_audit::AuditEvent]) {
         for e in events {
             if e.detail.purpose.as_deref() == Some("TREAT")
                 && let (Some(user), Some(patient)) = (&e.user, &e.patient)
@@ -279,34 +279,33 @@ impl App {
         })
     }
 
-    fn windows(&self, user: &str) -> Result<Vec<Window>, ApiError> {
+    fn windows(&self, user: &str) -> Result<Vec<Window>, Error> {
         let key = grants_key(user);
         let Some(sealed) = self
             .engine
             .store()
             .meta(&key)
-            .map_err(|_| ApiError::unavailable())?
+            .map_err(|_| Error::unavailable())?
         else {
             return Ok(Vec::new());
         };
         let plain = self
             .engine
             .open_secret(&format!("{GRANTS_LABEL}{key}"), &sealed)
-            .ok_or_else(ApiError::integrity)?;
-        serde_json::from_slice(&plain).map_err(|_| ApiError::integrity())
+            .ok_or_else(Error::integrity)?;
+        serde_json::from_slice(&plain).map_err(|_| Error::integrity())
     }
 
-    fn put_sealed<T: Serialize>(&self, label: &str, key: &str, v: &T) -> Result<(), ApiError> {
-        let plain =
-            zeroize::Zeroizing::new(serde_json::to_vec(v).map_err(|_| ApiError::internal())?);
+    fn put_sealed<T: Serialize>(&self, label: &str, key: &str, v: &T) -> Result<(), Error> {
+        let plain = zeroize::Zeroizing::new(serde_json::to_vec(v).map_err(|_| Error::internal())?);
         let sealed = self
             .engine
             .seal_secret(&format!("{label}{key}"), &plain)
-            .ok_or_else(ApiError::internal)?;
+            .ok_or_else(Error::internal)?;
         self.engine
             .store()
             .set_meta(key, &sealed)
-            .map_err(|_| ApiError::unavailable())
+            .map_err(|_| Error::unavailable())
     }
 }
 
@@ -391,33 +390,33 @@ pub enum AlertError {
     Review(&'static str),
 }
 
-pub(crate) fn forbidden(msg: &str) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, IssueCode::Forbidden, msg)
+pub fn forbidden(msg: &str) -> Error {
+    Error::new(Kind::Forbidden, IssueCode::Forbidden, msg)
 }
 
 /// A break-the-glass window just opened.
-pub(crate) struct Opened {
+pub struct Opened {
     /// When it closes (ms since epoch).
     pub until_ms: i64,
     /// The alert raised for review.
     pub alert: String,
 }
 
-impl App {
+impl Vault {
     /// Open `patient` to clinician account `user` for [`WINDOW_MINUTES`]: the reason
     /// stated, a fresh authenticator code under the account's replay guard and lockout;
     /// the alert is written before the window.
-    pub(crate) fn open_glass(
+    pub fn open_glass(
         &self,
         user: &str,
         patient: &str,
         reason: &str,
         otp: &str,
         request_id: &str,
-    ) -> Result<Opened, ApiError> {
+    ) -> Result<Opened, Error> {
         let reason = reason.trim();
         if !REASON_CHARS.contains(&reason.chars().count()) {
-            return Err(ApiError::bad_request(
+            return Err(Error::bad_request(
                 "state the reason for access (10 to 500 characters)",
             ));
         }
@@ -425,10 +424,10 @@ impl App {
             .engine
             .store()
             .current("Patient", patient)
-            .map_err(|_| ApiError::unavailable())?
+            .map_err(|_| Error::unavailable())?
             .is_some_and(|r| !r.deleted);
         if !exists {
-            return Err(ApiError::not_found("resource not found"));
+            return Err(Error::not_found("resource not found"));
         }
         // the second factor again, under the account's replay guard and lockout
         let users = self.engine.users();
@@ -438,9 +437,9 @@ impl App {
             .ok()
             .flatten()
             .ok_or_else(|| forbidden("break-the-glass is for clinicians"))?;
-        let _guard = self.flows.stripe(&rec.username).lock();
+        let _guard = self.account_stripe(&rec.username).lock();
         let checked = rec.confirm_second_factor(otp, (now / 1000) as u64);
-        users.put(&rec).map_err(|_| ApiError::unavailable())?;
+        users.put(&rec).map_err(|_| Error::unavailable())?;
         match checked {
             Ok(()) => {}
             Err(LoginFailure::Locked(_)) => return Err(forbidden("the account is locked")),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use phivault_audit::merkle::Checkpoint;
 
-use crate::App;
+use crate::Vault;
 use crate::care::Alert;
 use crate::snoop::Hours;
 
@@ -36,7 +36,7 @@ pub struct Watch {
 }
 
 /// Start the watchers on the current runtime.
-pub fn spawn(app: Arc<App>, watch: Watch) {
+pub fn spawn(app: Arc<Vault>, watch: Watch) {
     let scanner = app.clone();
     let w = watch.clone();
     tokio::spawn(async move {
