@@ -8,8 +8,9 @@
 //! batches (one durable commit for many requests) without weakening durability: a
 //! batch's result is only reported after the commit that holds it is durable.
 //!
-//! Engines: [`sqlite::SqliteStore`] (embedded default). Every engine must pass
-//! [`testsuite`].
+//! Engines: [`sqlite::SqliteStore`] (embedded default). Every engine must pass the shared
+//! suite in `testsuite`, compiled for this crate's tests and, for other crates' tests, with
+//! the `testsuite` feature (off by default, so release builds do not contain it).
 
 use phivault_audit::AuditEvent;
 use tokio::sync::oneshot;
@@ -18,6 +19,7 @@ mod pending;
 mod rows;
 mod segments;
 pub mod sqlite;
+#[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
 
 /// One stored version of a resource: identifiers in clear, content sealed.
