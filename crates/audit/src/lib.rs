@@ -9,10 +9,16 @@
 //! truncating the log is detected as well as editing, deleting, inserting or
 //! reordering events ([`verify_chain`]).
 //!
+//! The log is also an RFC 9162 Merkle tree ([`merkle`]) whose signed checkpoints a
+//! witness keeps; [`verify::verify_log`] checks a whole log, its checkpoints and a
+//! witness file offline (`phivault audit verify`).
+//!
 //! This crate knows nothing of HTTP or storage engines: the store persists the
-//! bytes and the hashes this crate computes; `phivault audit verify` feeds them back.
+//! bytes and the hashes this crate computes, and hands them back through
+//! [`verify::Source`].
 
 pub mod merkle;
+pub mod verify;
 
 use ring::digest;
 use serde::{Deserialize, Serialize};

@@ -1016,133 +1016,46 @@ fn audit_report(
 }
 
 fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
-    use phivault_audit::{ChainHead, verify_head_signature};
-    use phivault_store::sqlite::SqliteStore;
-    let d = datadir::DataDir::new(data_dir);
-    let public = datadir::load_keys(&d)?.1.public_key();
-    let store = SqliteStore::open_read_only(&d.db())?;
-    let head = store.audit_head()?;
-    let signed = match &head {
-        Some(h) => {
-            let ch = ChainHead {
+    use phivault_audit::{StoredEvent, merkle::Checkpoint, verify};
+    /// The data directory's store and the witness file, read as the verification asks.
+    struct Files<'a> {
+        store: phivault_store::sqlite::SqliteStore,
+        witness: Option<&'a Path>,
+    }
+    impl verify::Source for Files<'_> {
+        type Error = anyhow::Error;
+        fn signed_head(&mut self) -> Result<Option<verify::SignedHead>> {
+            Ok(self.store.audit_head()?.map(|h| verify::SignedHead {
                 size: h.size,
                 hash: h.hash,
-            };
-            if !verify_head_signature(&ch, &public, &h.signature) {
-                println!(
-                    "audit verify: FAILED: the signed head (size {}) has an invalid signature",
-                    h.size
-                );
-                return Ok(1);
-            }
-            Some(ch)
+                signature: h.signature,
+            }))
         }
-        None => None,
-    };
-    if signed.is_none() {
-        let mut any = false;
-        store.scan_audit(&mut |_| {
-            any = true;
-            false
-        })?;
-        if any {
-            println!("audit verify: FAILED: events exist but there is no signed head");
-            return Ok(1);
+        fn stored_checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
+            Ok(self.store.audit_checkpoints(0, usize::MAX)?)
+        }
+        fn witness(&mut self) -> Result<Option<String>> {
+            self.witness
+                .map(|w| {
+                    std::fs::read_to_string(w)
+                        .with_context(|| format!("cannot read the witness file {}", w.display()))
+                })
+                .transpose()
+        }
+        fn scan(&mut self, visit: &mut dyn FnMut(StoredEvent) -> bool) -> Result<()> {
+            Ok(self.store.scan_audit(visit)?)
         }
     }
-    // the checkpoints: the stored ones and a witness's, each signed by the audit key and
-    // each the root of the log's first `size` events
-    use phivault_audit::merkle::{self, Checkpoint};
-    let mut checkpoints: Vec<(Checkpoint, &str)> = store
-        .audit_checkpoints(0, usize::MAX)?
-        .into_iter()
-        .map(|c| (c, "stored"))
-        .collect();
-    if let Some(w) = witness {
-        let text = std::fs::read_to_string(w)
-            .with_context(|| format!("cannot read the witness file {}", w.display()))?;
-        for (n, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            match Checkpoint::from_line(line) {
-                Some(c) => checkpoints.push((c, "witnessed")),
-                None => {
-                    println!(
-                        "audit verify: FAILED: witness line {} is not a checkpoint",
-                        n + 1
-                    );
-                    return Ok(1);
-                }
-            }
-        }
-    }
-    for (c, origin) in &checkpoints {
-        if !c.signature_ok(&public) {
-            println!(
-                "audit verify: FAILED: the {origin} checkpoint at size {} has an invalid signature",
-                c.size
-            );
-            return Ok(1);
-        }
-    }
-    checkpoints.sort_by_key(|(c, _)| c.size);
-    let mut verifier = phivault_audit::ChainVerifier::new(signed);
-    let mut frontier = merkle::Frontier::new();
-    let mut next = 0;
-    let mut failure = None;
-    let mut mismatch = None;
-    store.scan_audit(&mut |ev| {
-        if let Err(e) = verifier.push(&ev) {
-            failure = Some(e);
-            return false;
-        }
-        frontier.push(merkle::leaf_hash(&ev.event));
-        while let Some((c, origin)) = checkpoints.get(next)
-            && c.size <= frontier.size()
-        {
-            if c.size < frontier.size() || c.root != frontier.root() {
-                mismatch = Some((c.size, *origin));
-                return false;
-            }
-            next += 1;
-        }
-        true
-    })?;
-    if let Some((size, origin)) = mismatch {
-        println!(
-            "audit verify: FAILED: the {origin} checkpoint at size {size} does not match \
-             the log: an event at or before position {size} was changed, removed, \
-             inserted or reordered (or the log was rewritten)"
-        );
-        return Ok(1);
-    }
-    let result = match failure {
-        Some(e) => Err(e),
-        None => verifier.finish(),
-    };
-    match result {
-        Ok(h) => {
-            if let Some((c, origin)) = checkpoints.get(next) {
-                println!(
-                    "audit verify: FAILED: the {origin} checkpoint at size {} is beyond the log \
-                     ({} events): events were removed (a rollback or truncation)",
-                    c.size,
-                    frontier.size()
-                );
-                return Ok(1);
-            }
-            println!(
-                "audit verify: OK: {} events, chain and signed head intact; {} checkpoints \
-                 (signatures, Merkle roots, each consistent with the next) verified",
-                h.size,
-                checkpoints.len()
-            );
+    let d = datadir::DataDir::new(data_dir);
+    let public = datadir::load_keys(&d)?.1.public_key();
+    let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+    match verify::verify_log(&mut Files { store, witness }, &public)? {
+        Ok(report) => {
+            println!("audit verify: OK: {report}");
             Ok(0)
         }
-        Err(e) => {
-            println!("audit verify: FAILED: {e}");
+        Err(failure) => {
+            println!("audit verify: FAILED: {failure}");
             Ok(1)
         }
     }
