@@ -660,47 +660,10 @@ fn set_server_fields(r: &mut Value, id: &str, version: u64, now: i64) {
     }
 }
 
-/// Decode `a=b&c=d` with percent-decoding and `+` as space.
+/// Decode `a=b&c=d` (application/x-www-form-urlencoded: percent-decoding, `+` as space,
+/// invalid UTF-8 replaced, empty pairs skipped).
 pub fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' if i + 2 < b.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                    }
-                    _ => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
 #[cfg(test)]
@@ -739,10 +702,13 @@ mod tests {
                 ("a".to_string(), String::new())
             ]
         );
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%41"), "A");
+        let one = |q: &str| form_urlencoded_pairs(q).remove(0).1;
+        assert_eq!(one("a=%"), "%");
+        assert_eq!(one("a=%4"), "%4");
+        assert_eq!(one("a=%zz"), "%zz");
+        assert_eq!(one("a=%41"), "A");
+        assert_eq!(one("a=%FF"), "\u{FFFD}");
+        assert!(form_urlencoded_pairs("&&").is_empty());
     }
 
     #[test]
