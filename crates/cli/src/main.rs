@@ -788,7 +788,7 @@ fn app_add(
         .map_err(|e| anyhow::anyhow!("app refused: {e}"))?;
     let opened = datadir::open(data_dir)?;
     let r = opened.store.set_meta(
-        &phivault_server::app_meta_key(&record.client_id),
+        &phivault_records::registrations::app_meta_key(&record.client_id),
         &serde_json::to_vec(&record)?,
     );
     opened.store.close();
@@ -966,7 +966,7 @@ fn audit_report(
     filters: [(&str, Option<String>); 5],
     format: &str,
 ) -> Result<i32> {
-    use phivault_server::{CSV_HEADER, Filter, csv_line, to_fhir};
+    use phivault_records::report::{CSV_HEADER, Filter, csv_line, to_fhir};
     use std::io::Write as _;
     let query: Vec<String> = filters
         .iter()
