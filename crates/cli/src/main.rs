@@ -590,7 +590,7 @@ impl HoursArgs {
     }
 }
 
-/// How a running server watches its audit log (see `phivault_server::watch`).
+/// How a running server watches its audit log (see `phivault_records::watch`).
 #[derive(clap::Args, Debug)]
 struct WatchArgs {
     /// Run the snooping rules over new audit events every this many seconds (10 – 86400).
