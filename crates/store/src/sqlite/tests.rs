@@ -166,9 +166,11 @@ fn the_wal_starts_again_while_readers_never_stop() {
         .len();
     eprintln!("WAL restarts {restarts}, file {size} B");
     assert!(restarts >= 10, "the log started again {restarts} times");
-    // the file keeps its longest length: the restart frames, a group's and some slack
-    // for readers that held a restart off
-    assert!(size <= 2048 * (4096 + 24) + 32, "the log grew to {size} B");
+    // the file keeps its longest length: the restart frames, a group's and slack for
+    // readers that held restarts off (on a loaded machine the back-off can let the log run
+    // past the restart length for a while: 13.8 MB seen with the other core busy); without
+    // restarts it reaches 31 MiB
+    assert!(size <= 2 * 2048 * (4096 + 24) + 32, "the log grew to {size} B");
 }
 
 #[test]
