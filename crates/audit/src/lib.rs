@@ -16,6 +16,46 @@
 //! This crate knows nothing of HTTP or storage engines: the store persists the
 //! bytes and the hashes this crate computes, and hands them back through
 //! [`verify::Source`].
+//!
+//! # Design
+//!
+//! Every request that touches a resource route — reads, writes, searches, denied (401/403) and
+//! failed attempts, and token issuance — produces an event: who (client), what (action,
+//! interaction, resource type/id/version), which patient, outcome, when, from where, request
+//! id, and — when a client acts for a person or a person signs in — the person's account id
+//! (an opaque UUID, never a login name, so the audit table names nobody). A transaction is one
+//! event listing each entry as an entity. Events are encoded canonically (binary,
+//! `AuditEvent::encode`; format byte 1, or 2 for events that carry a person) and chained:
+//! `h_n = SHA-256("phivault-audit-chain-v1" ‖ h_{n-1} ‖ n ‖ len ‖ event)`. After every group
+//! commit the head (size, hash) is signed with the audit key and stored in the same
+//! transaction. `phivault audit verify` recomputes the chain offline, checks the head
+//! signature with the key opened from the data directory, and names the first failing
+//! position; deletion, insertion, reordering, editing and truncation are all detected.
+//!
+//! Auditors read the log through `GET /fhir/AuditEvent` (`server's `handlers/audit.rs``): each
+//! event shown as a FHIR AuditEvent, filtered by patient, user, client or action, paged by
+//! position. The events are also the leaves of an RFC 9162 Merkle tree (`audit/src/merkle.rs`:
+//! `SHA-256(0x00 ‖ event)` leaves, `SHA-256(0x01 ‖ l ‖ r)` nodes; tree heads, an append-only
+//! frontier, inclusion and consistency proofs). The writer keeps the tree's frontier and, at
+//! most every 2 s while events come, writes a checkpoint in the group's transaction:
+//! `audit_checkpoint(size, root, time_ms, signature, frontier)`, signed with the audit key over
+//! a domain-separated message; only the newest row keeps its frontier, from which a restart
+//! resumes (replaying the events after it). `audit verify` recomputes the tree in the same pass
+//! as the chain and checks every checkpoint, stored or from a `--witness` file exported with
+//! `audit checkpoints`; a witness kept off the server catches a whole-log rewrite re-signed
+//! with the real keys and a rollback. Auditors get inclusion proofs
+//! (`GET /fhir/AuditEvent/{seq}/$proof?size=N`) and consistency proofs
+//! (`GET /fhir/AuditEvent/$consistency?first=M&second=N`) as Parameters resources; they are
+//! computed from the events (no interior nodes are stored), so bounded to trees of 2,000,000
+//! events until stored subtree roots make them logarithmic.
+//!
+//! Snooping rules over these events, their alerts and the watcher that runs them are
+//! `phivault_records::snoop` and `phivault_records::watch`.
+//!
+//! Audit events carry a `Detail` (IHE BALP; event format bytes 3 and 4): the purpose of use
+//! from the person's role (`ETREAT` when the patient is reached only by a break-the-glass
+//! window), the `User-Agent`, and the names of a search's known parameters — not their values,
+//! which may be names or birth dates.
 
 pub mod merkle;
 pub mod verify;

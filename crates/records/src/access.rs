@@ -2,7 +2,7 @@
 //!
 //! [`Access`] is the only way into a sealed record. [`Vault::decide`] (for a request's
 //! token) is the one decision point that makes one for a client: it combines the token's grant
-//! ([`phivault_auth::authorize`], SMART scopes ∩ role) with whose records the grant reaches
+//! ([`phivault_auth::authorize()`], SMART scopes ∩ role) with whose records the grant reaches
 //! (a patient's own, a clinician's treated patients). The engine's `open`, `prepare` (every
 //! write) and the search functions take an `&Access`, and its fields are private to this
 //! module, so a path that skips the decision does not compile:
@@ -39,7 +39,7 @@ use crate::care::Reach;
 use crate::engine::key_patient;
 
 /// Proof that a client may perform one interaction on one resource type, carrying the
-/// reach that grant has. Only [`Vault::decide`] (a client's token) and [`Access::internal`]
+/// reach that grant has. Only [`Vault::decide`] (a client's token) and `Access::internal`
 /// (the server's own jobs) make one.
 #[derive(Clone)]
 pub struct Access {

@@ -10,7 +10,7 @@
 //!
 //! The set is worked out by search over the blind indexes (each match decrypted and
 //! verified), cached per account, and dropped whenever a relationship record is written
-//! or a window opens (and at least every [`MAX_AGE_MS`]).
+//! or a window opens (and at least every `MAX_AGE_MS`).
 //!
 //! Break-the-glass: `POST /auth/break-glass` with the clinician's bearer token, the patient,
 //! a stated reason and a fresh code from their authenticator opens that one patient for

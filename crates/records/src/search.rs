@@ -12,6 +12,87 @@
 //! query, the client it was issued to, an expiry and the position (the last id returned,
 //! or the last sort key): `next` links reveal nothing and survive concurrent writes
 //! (positions are keys, not offsets).
+//!
+//! # Design
+//!
+//! Search is driven by the official R4 SearchParameter definitions (`crates/fhir/data/
+//! search-parameters.json.gz`): every `number`, `date`, `string`, `token`, `reference`,
+//! `quantity` and `uri` parameter of every resource type whose FHIRPath expression falls in the
+//! supported subset (paths, `|`, `as`/`.as()`, `.where(resolve() is T)`, `.where(system=…)`)
+//! is indexed on every write; `_id` and `_lastUpdated` use the row itself.
+//!
+//! **Terms.** `phivault-fhir::search` turns each extracted value into *terms* (byte strings).
+//! Every term costs an index row on every write and tells a database thief something, so a
+//! value gets as few as keep look-ups selective, and everything else is verified on the
+//! decrypted candidates:
+//!
+//! | type | terms of a value | a query is looked up by |
+//! |---|---|---|
+//! | string | its first 3 characters, normalised (case, accents and punctuation folded) | default (starts-with) and `:exact`: that prefix of the query; `:contains` and queries shorter than 3 characters: no index (below) |
+//! | token | `code` | `code`, `|code` and `system|code` → the code (the system is verified); `system|`, `:text`, `:not`: no index |
+//! | reference | `Type/id` (or the URL) | the same, for every allowed target when the type is not given |
+//! | date | a value within one UTC day: its day, month and year buckets (*point* terms); a longer one: century, decade, year, month and day buckets of its start and of its end (*span* terms, in a separate index `param~span`, so that the open ranges looked up on them do not collide with the many point tokens); before 1800 / from 2200 one bucket each | the minimal set of aligned buckets covering the range the prefix needs; a `ge`/`lt` pair on one parameter is looked up as one bounded range |
+//! | number, quantity | the integer floor | `eq` over the precision interval (units verified); other prefixes: no index |
+//! | uri | the value | `:below`/`:above`: no index |
+//!
+//! Parameters whose values are a subset of a wider parameter's (Observation `patient` ⊂
+//! `subject`, `code` ⊂ `combo-code`, Patient `family`/`given` ⊂ `name`, …; derived from the
+//! FHIRPath expressions) write nothing and look up the wider index. `:missing` has no presence
+//! rows. A criterion without an index look-up narrows nothing: the query's other criteria
+//! supply the candidates, or, when none can, the type is scanned in id order a page at a time
+//! (at most 5,000 decryptions per page; the next link continues the scan). That is the price
+//! of `:contains` without trigrams: an index of every trigram of every name would cost about
+//! 20 rows per patient and would hand a thief the length and letter statistics of each name.
+//!
+//! **Tokens.** The server turns each term into `HMAC-SHA256(K_{Type.param}, term)` truncated
+//! to the data directory's token width (`phivault init --index-bits`, default 16; stored in
+//! `meta`), with `K_{Type.param}` derived by HKDF from the master key. Truncation makes
+//! distinct values share tokens on purpose (DR3's *coincidence*): a token names a set of
+//! values, not a value. Each per-parameter key keeps the tokens of the *coarse date terms* it
+//! has hashed (year, month, decade, century, the far buckets, open ends; at most 4,096 per key)
+//! — a month-window search hashes about thirty of them, the same few hundred over and over —
+//! and hashes every other term (a day, a name prefix, a code, an identifier) each time, keeping
+//! nothing of it (`search::is_coarse_date_term`, `BlindKey` in `engine.rs`).
+//!
+//! **Answering.** A query becomes an AND/OR expression over token sets (`Candidates`), which the
+//! store evaluates over the segments and pending postings as sorted resource-number lists (see
+//! Index segments), after the cursor position, a batch at a time; a look-up in an index that
+//! has never held a posting costs no query. A page asks for about as many candidates as it
+//! needs (`count + 1`, at least 16, four times more per further batch): each candidate id is a
+//! `resource_no` look-up, which readers remember (`Remembered` in the SQLite store, in
+//! memory, bounded to 2¹⁸ entries: a committed `resource_no` row is never changed or deleted
+//! and a reader sees committed rows only, so a number read once names its id for good; the
+//! writer, which sees its own uncommitted rows, does not use it; version rows name their data
+//! key by number and readers remember number → key id the same way, so no read joins
+//! `data_key`). When the page writes its matches' stored bytes (no includes, sort or
+//! `_elements`), a candidate is parsed only as far as its criteria read: the top-level fields
+//! their compiled expressions start from (`search::top_fields`, `search::parse_fields`); the
+//! rest of the JSON is skipped, not built. Each candidate is opened and checked with the exact FHIR
+//! rules (`Criterion::matches`), so truncation, buckets and prefixes only cost decryptions,
+//! never wrong answers (`tests/search.rs` runs with 2-bit tokens). One page decrypts at most
+//! 5,000 candidates; `_sort`, `_total` and `_summary=count` examine at most 50,000 and refuse
+//! wider queries with `too-costly`. Chains (one level) and `_has` run their inner search first
+//! (at most 1,000 matches) and become reference / `_id` criteria; `_include`/`_revinclude`
+//! (`:iterate` at most 3 rounds, 1,000 resources) are limited to types the client may read;
+//! compartment search adds the CompartmentDefinition's reference parameters as an OR.
+//!
+//! **Paging.** `next` links carry one opaque `_cursor`: the query, the client it was issued to,
+//! an expiry (1 h) and the position (the last id returned, or the last sort key and id), sealed
+//! with AES-256-GCM under a key derived from the master key. Another client's cursor, an
+//! edited or an expired one is a 400. Positions are keys, not offsets, so pages stay stable
+//! under concurrent writes: nothing is repeated, and nothing that existed when the search
+//! started and still matches is skipped.
+//!
+//! **`$everything`** streams the patient's compartment as a searchset Bundle; its audit event
+//! (the whole compartment disclosed to that client) is durable before the first byte.
+//!
+//! **Coincidence check.** `phivault index check --data-dir DIR` reports for every index R (the
+//! resources with a value), the coincidence count C = R / 2^bits and the band 2 ≤ C ≤ √R
+//! (CipherSweet's planning rule: below 2 a shared token probably means an equal value; above
+//! √R the index barely narrows), and exits 1 if an index of at least 64 resources is outside
+//! it. Plan the width for the expected population: 16 bits suits 131 thousand to 4 billion
+//! resources per index; a development directory with a few hundred patients is *below* the
+//! band and says so.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;

@@ -11,6 +11,105 @@
 //! - `read`: the reader pool and the reads of versions, keys, metadata and audit;
 //! - `index`: the blind index on disk, its log and its segments;
 //! - `lists`: candidate queries evaluated over posting lists.
+//!
+//! # Design
+//!
+//! `DIR/phivault.db` in WAL mode, `synchronous=FULL`, `secure_delete=ON`, `temp_store=MEMORY`.
+//!
+//! | table | holds |
+//! |---|---|
+//! | `resource_version(rtype, id, version, key_no, deleted, updated_ms, sealed, rno)` | every version, sealed; a delete is a tombstone version; the current version is the highest; `rno` is the resource's number |
+//! | `data_key(key_no, key_id, wrapped)` | data keys, wrapped by the KEK |
+//! | `resource_no(rno, id)` | resource numbers (assigned in creation order) → id, for turning postings back into ids |
+//! | `search_seg(ix, tok, lo, data)` | the merged blind index: for index `ix` (a type and parameter), its sorted `(token, resource number)` postings cut into ~512-byte segments keyed by their first posting |
+//! | `index_log(seq, data)` | one record per group commit since the last merge: the postings its writes added and removed, in order |
+//! | `audit_event(seq, event, hash)`, `audit_head` | the hash-chained audit log and its Ed25519-signed head |
+//! | `meta` | key check value, registered clients (public keys and scopes only) |
+//! | `resource_epoch(one, n)` | the resource state: incremented by every commit that writes a version, in that commit (see *Kept rows*) |
+//!
+//! Logical ids are UUIDv7 (time-ordered) so new versions append to the B-tree, and canonical
+//! UUIDs are stored as 16-byte blobs (other FHIR ids as text). The search index has no reverse
+//! (id → tokens) index: an update or delete names the tokens of the version it replaces, which
+//! the server recomputes by opening that version. WAL checkpoints run on their own thread
+//! (`PRAGMA wal_checkpoint(PASSIVE)` every 250 ms), never inside a commit. Passive checkpoints
+//! alone never let the log start again from its beginning while readers keep coming (one in
+//! flight pins it), and every read appends an audit event: under a steady `GET` load the WAL
+//! grew to 480 MB in 20 s, each commit extended the file and each page lookup searched a
+//! growing WAL index. So the writer watches the WAL's length (SQLite's WAL hook reports it
+//! after each commit) and, once it holds 2,048 frames (8 MiB), after answering its group runs
+//! `wal_checkpoint(RESTART)`, waiting at most 20 ms for the readers still on old frames; its
+//! next commit then writes the log from its beginning, and `journal_size_limit` cuts a file that
+//! grew longer back to 64 MiB. If the checkpoint thread held the checkpoint lock, it tries again
+//! after the next group; if readers held it off, after 5 ms, then 10, 20 … at most 250 ms, so a
+//! long read transaction (an export, a backup, an operator's `sqlite3`) costs the writer one
+//! 20 ms wait per quarter second, not one per group. The WAL stays at 8.5 MB at 18,000 –
+//! 23,000 audited reads/s, where it grew to 480 MB in 20 s before (tests
+//! `the_wal_starts_again_while_readers_never_stop`,
+//! `a_reader_that_holds_the_wal_delays_no_group_after_the_first_try`; BENCHMARKS.md). Reads of several
+//! statements (a candidate query, a page's rows, index statistics) run in one read transaction:
+//! they see one state, and SQLite drops a connection's page cache at the start of a read
+//! transaction whenever the WAL has changed — which, with every request audited, is nearly
+//! always — so per-statement transactions re-read the same pages (≈7% of a date search's server
+//! CPU).
+//!
+//! **Kept rows** (`crates/store/src/rows.rs`). For the same reason every row a reader reads is
+//! a B-tree descent through pages read again from the file (a 10-row search page: ≈13% of a
+//! date search's server CPU). Readers therefore keep the current rows they read — as stored:
+//! sealed ciphertext and the identifiers the database holds in clear, never plaintext — for the
+//! resource state they read them in. Every commit that writes a version increments
+//! `resource_epoch` in the same transaction, whichever process commits it; a reader reads the
+//! count in its snapshot (`current_many`: the same read transaction as the rows; `current`: the
+//! statement before the row, so the row is at least as new as the count), uses and keeps rows
+//! only for that count, forgets them all when it sees a higher one, and keeps nothing from an
+//! older snapshot. So a kept row is never older than any acknowledged write (tests: the shared
+//! suite compares `current` and `current_many` after every write; a second store on the same
+//! file writes and the first sees it at once). Audit-only commits do not change the count, so a
+//! read-mostly load is served from memory; bounded to 64 MiB of ciphertext, emptied when full.
+//! A read-only open (reports, offline verification) keeps nothing: its database may predate the
+//! table.
+//!
+//! **Index segments** (`crates/store/src/segments.rs`). A posting is a truncated token and a
+//! resource number; within a token's run numbers are delta-coded varints, so a posting costs
+//! 1–2 bytes instead of a ~33-byte B-tree row keyed by a 16-byte id (200 patients: the index
+//! fell from 1.0 MB to 94 KB plus 78 KB of `resource_no`). A lookup of one token reads the
+//! segment where its run starts and any later segment that begins inside it (one statement),
+//! decodes them and applies the pending records below; AND/OR are intersections and unions of
+//! sorted number lists, answered in resource-number order after the cursor's resource.
+//!
+//! **Pending postings.** Tokens are keyed hashes, so one write's postings land all over an
+//! index; rewriting segments one commit at a time would rewrite a page or more per posting. So
+//! the writer appends one record per group commit (the postings its writes add, and those of
+//! the versions they replace that no longer hold) to the rowid-ordered `index_log` — a commit
+//! touches only its last pages — and applies them, once committed and before any answer, to an in-memory map
+//! (`Pending`, `crates/store/src/pending.rs`) of posting → live/dead. Lookups read the segments
+//! and apply that map; conditional-create guards inside a transaction also see the records
+//! staged earlier in it. When 200,000 postings are pending, after 1 s without index writes, or
+//! on a clean stop, the writer merges them: only the segments the records fall into are
+//! decoded, changed, re-cut and rewritten, and the log is emptied, in one transaction; readers
+//! hold a read lock across their query and the writer a write lock across that commit, so no
+//! lookup sees a posting in neither place or twice. On open, the log is replayed into a fresh
+//! map: nothing depends on memory surviving a crash. New databases use `auto_vacuum =
+//! INCREMENTAL`, and a clean stop returns free pages (an emptied log's) to the filesystem.
+//! Databases of the earlier form (one `search_index` row per posting, keyed by id) are
+//! migrated on open in one transaction: resources are numbered, old rows become postings (an
+//! id several types share gets a posting for each — a superset, which verification removes).
+//!
+//! **Group commit.** All writes — resource versions, new data keys, blind-index tokens and audit
+//! events — go to one writer thread as `WriteBatch`es. The writer takes every batch that queued
+//! while the previous commit was syncing, applies each inside its own savepoint (a failed
+//! precondition rolls back only that batch), commits once, and only then answers. One fsync
+//! serves many requests; nothing is acknowledged before it is durable.
+//!
+//! **Concurrency.** Writes are optimistic: a batch names the version it expects to replace
+//! (`Expect::Version(n)` / `Expect::Absent`) and the writer checks it inside the transaction.
+//! A lost race is retried by the server with a fresh read (up to 16 times); with `If-Match` it
+//! is a 412. Conditional create runs the criteria as a search (candidates from the index,
+//! confirmed by decryption) and, when the criteria are a conjunction of single tokens (the
+//! usual `identifier=system|value`), adds a `Guard::NoMatch` over those tokens to the batch,
+//! listing the candidates it decrypted and found different; the writer re-checks it in the
+//! same transaction. Identical conditional creates in one process also queue on a lock. A new patient's data key is stored with the first batch that uses it; a
+//! concurrent batch that generated a different key for the same patient fails with
+//! `KeyConflict` and is re-sealed under the stored key.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
