@@ -57,6 +57,8 @@ enum Cmd {
         public_url: Option<String>,
         #[command(flatten)]
         watch: WatchArgs,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Manage SMART Backend Services clients.
     Client {
@@ -338,7 +340,10 @@ fn run(cli: Cli) -> Result<i32> {
             tls_key,
             public_url,
             watch,
-        } => serve(&data_dir, listen, tls_cert, tls_key, public_url, watch),
+            timing,
+        } => serve(
+            &data_dir, listen, tls_cert, tls_key, public_url, watch, timing,
+        ),
         Cmd::Client {
             cmd:
                 ClientCmd::Add {
@@ -625,6 +630,46 @@ impl WatchArgs {
     }
 }
 
+/// How often the server writes audit checkpoints and how long it trusts what it read
+/// (defaults for production; tests shorten them instead of waiting).
+#[derive(clap::Args, Debug)]
+struct TimingArgs {
+    /// Write a signed audit checkpoint at most every this many milliseconds while events
+    /// come (50 – 3600000).
+    #[arg(long, default_value_t = phivault_store::sqlite::CHECKPOINT_INTERVAL_MS)]
+    checkpoint_every_ms: u64,
+    /// Re-read a person's account (disabled, role changed) at most every this many
+    /// milliseconds: their tokens are refused within it (0 – 60000).
+    #[arg(long, default_value_t = 2_000)]
+    account_recheck_ms: u64,
+    /// Fetch an identity provider's key set again for an unknown `kid` at most every this
+    /// many milliseconds (100 – 3600000).
+    #[arg(long, default_value_t = 5_000)]
+    idp_refetch_ms: u64,
+}
+
+impl TimingArgs {
+    fn check(self) -> Result<phivault_server::Freshness> {
+        anyhow::ensure!(
+            (50..=3_600_000).contains(&self.checkpoint_every_ms),
+            "refusing to start: --checkpoint-every-ms is 50 to 3600000"
+        );
+        anyhow::ensure!(
+            self.account_recheck_ms <= 60_000,
+            "refusing to start: --account-recheck-ms is 0 to 60000"
+        );
+        anyhow::ensure!(
+            (100..=3_600_000).contains(&self.idp_refetch_ms),
+            "refusing to start: --idp-refetch-ms is 100 to 3600000"
+        );
+        Ok(phivault_server::Freshness {
+            account_recheck_ms: self.account_recheck_ms,
+            idp_refetch_ms: self.idp_refetch_ms,
+            ..Default::default()
+        })
+    }
+}
+
 fn serve(
     data_dir: &Path,
     listen: SocketAddr,
@@ -632,8 +677,11 @@ fn serve(
     tls_key: Option<PathBuf>,
     public_url: Option<String>,
     watch: WatchArgs,
+    timing: TimingArgs,
 ) -> Result<i32> {
     let watch = watch.check()?;
+    let checkpoint_every_ms = timing.checkpoint_every_ms;
+    let freshness = timing.check()?;
     // Refuse insecure configurations before touching anything (TR1).
     if !listen.ip().is_loopback() && tls_cert.is_none() {
         bail!(
@@ -651,6 +699,7 @@ fn serve(
         eprintln!("initialised new data directory {}", data_dir.display());
     }
     let opened = datadir::open(data_dir)?;
+    opened.store.set_checkpoint_interval_ms(checkpoint_every_ms);
     let (cert_path, key_path) = match (tls_cert, tls_key) {
         (Some(c), Some(k)) => (c, k),
         _ => (opened.dir.server_cert(), opened.dir.server_key()),
@@ -672,7 +721,9 @@ fn serve(
         let local = listener.local_addr()?;
         let origin = public_url.unwrap_or_else(|| format!("https://{local}"));
         let origin = origin.trim_end_matches('/').to_owned();
-        let app = Arc::new(app_at(&opened, &origin)?);
+        let mut app = app_at(&opened, &origin)?;
+        app.freshness = freshness;
+        let app = Arc::new(app);
         phivault_records::watch::spawn(app.vault.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");

@@ -466,11 +466,31 @@ fn verify_with(s: &Server, witness: &std::path::Path) -> (bool, String) {
 
 #[test]
 fn a_witness_catches_a_re_signed_forgery_and_a_rollback_of_the_whole_log() {
-    // two bursts of requests more than a checkpoint interval apart: two checkpoints or more;
-    // the server appends each to a witness file on "another volume" as it is signed
+    // two bursts of requests, the second after the first is witnessed: two checkpoints or
+    // more; the server appends each to a witness file on "another volume" as it is signed
+    // (checkpoints every 100 ms here instead of 2 s, so nobody waits)
     let witness_dir = tempfile::tempdir().expect("tmp");
     let witness = witness_dir.path().join("audit.witness");
-    let mut s = Server::start_with_args(&["--witness-file", witness.to_str().expect("path")]);
+    let mut s = Server::start_with_args(&[
+        "--witness-file",
+        witness.to_str().expect("path"),
+        "--checkpoint-every-ms",
+        "100",
+    ]);
+    let witnessed = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let lines = std::fs::read_to_string(&witness).map_or(0, |t| t.lines().count());
+            if lines >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{lines} checkpoints witnessed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
     let t = s.token(SCOPE);
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -481,12 +501,11 @@ fn a_witness_catches_a_re_signed_forgery_and_a_rollback_of_the_whole_log() {
             &format!("MRN-W-{i}"),
         ));
     }
-    std::thread::sleep(std::time::Duration::from_millis(2_300));
+    witnessed(1);
     for id in &ids {
         assert_eq!(s.get(&format!("Patient/{id}"), &t).status, 200);
     }
-    // a checkpoint interval and an export interval for the second burst to be witnessed
-    std::thread::sleep(std::time::Duration::from_millis(3_000));
+    witnessed(2);
     s.stop();
     let (ok, msg) = s.audit_verify();
     assert!(ok && msg.contains("checkpoints"), "{msg}");

@@ -12,6 +12,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
 
+/// How often the test servers re-read a person's account (`--account-recheck-ms`).
+const ACCOUNT_RECHECK_MS: u64 = 100;
+/// How soon the test servers fetch a provider's keys again (`--idp-refetch-ms`).
+const IDP_REFETCH_MS: u64 = 200;
+
 struct Setup {
     server: Server,
     client_id: String,
@@ -35,7 +40,14 @@ fn setup() -> Setup {
 
 /// The setup over `patients` synthetic patients, and what was loaded.
 fn setup_with(patients: usize) -> (Setup, Loaded) {
-    let server = Server::start();
+    // accounts re-read every 100 ms and providers' keys fetched again after 200 ms (the
+    // defaults are 2 s and 5 s): the tests wait for those intervals, so they are short here
+    let server = Server::start_with_args(&[
+        "--account-recheck-ms",
+        &ACCOUNT_RECHECK_MS.to_string(),
+        "--idp-refetch-ms",
+        &IDP_REFETCH_MS.to_string(),
+    ]);
     let token = server.token("system/*.cruds");
     let loaded = server.load_synth(&token, patients, 77);
     let of = |i: usize, rtype: &str| -> Vec<String> {
@@ -345,8 +357,8 @@ fn a_patient_signs_in_with_password_and_totp_and_the_app_gets_tokens() {
         "",
     );
     assert!(o.status.success());
-    // the server re-reads an account at most every 2 s
-    std::thread::sleep(Duration::from_millis(2500));
+    // the server re-reads an account at most every ACCOUNT_RECHECK_MS
+    std::thread::sleep(Duration::from_millis(3 * ACCOUNT_RECHECK_MS));
     for tok in [&jon_access, &access] {
         let r = s.server.get(&own, tok);
         assert_eq!(r.status, 401);
@@ -1996,7 +2008,8 @@ fn the_attack_suite_every_case_is_denied_and_audited() {
         "",
     );
     assert!(o.status.success());
-    std::thread::sleep(Duration::from_millis(2_500));
+    // the server re-reads an account at most every ACCOUNT_RECHECK_MS
+    std::thread::sleep(Duration::from_millis(3 * ACCOUNT_RECHECK_MS));
     let page = call(
         "GET",
         &format!("{base}/Patient/{own}"),
@@ -2440,11 +2453,11 @@ fn an_external_oidc_providers_tokens_grant_exactly_the_mapped_accounts_access() 
     );
 
     // key rotation: the provider restarts signing with a new key; the server fetches its
-    // key set again when a token names an unknown kid (at most every few seconds)
+    // key set again when a token names an unknown kid (at most every IDP_REFETCH_MS here)
     let port = idp.port();
     drop(idp);
     let idp = Provider::start(port, &s.server.base, keys.path(), "b,a");
-    std::thread::sleep(Duration::from_millis(5_500));
+    std::thread::sleep(Duration::from_millis(2 * IDP_REFETCH_MS));
     let rotated = idp.token("dr.adams", "openid user/Patient.rs", &s.server.base);
     let kid: Value = serde_json::from_slice(
         &URL_SAFE_NO_PAD

@@ -2,11 +2,11 @@
 //! and key sets, and the verification of their access tokens (see `phivault_auth::oidc`).
 //!
 //! Configurations live in the store's `meta` table (`idp:<issuer>`), read when a token
-//! names an issuer not loaded yet (at most every [`RELOAD_SECONDS`]). A provider's keys
+//! names an issuer not loaded yet (at most every `Freshness::idp_reload_ms`). A provider's keys
 //! come from its discovery document (`/.well-known/openid-configuration`, whose `issuer`
 //! must be the configured one) and `jwks_uri`, fetched over https (plain http only for a
 //! loopback provider) with a 5-second timeout and a 1 MiB limit, again whenever a token
-//! names a `kid` not in the set (key rotation), at most every [`REFETCH_SECONDS`].
+//! names a `kid` not in the set (key rotation), at most every `Freshness::idp_refetch_ms`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,6 @@ use phivault_records::registrations::{IDP_PREFIX, IDP_SEAL_LABEL, idp_meta_key};
 
 use crate::state::App;
 
-const RELOAD_SECONDS: u64 = 10;
-const REFETCH_SECONDS: u64 = 5;
 const MAX_DOCUMENT: u64 = 1 << 20;
 
 struct Provider {
@@ -129,7 +127,7 @@ fn blocking_io<T>(f: impl FnOnce() -> T) -> T {
 }
 
 impl App {
-    fn idp_for(&self, issuer: &str, now: u64) -> Option<Arc<Provider>> {
+    fn idp_for(&self, issuer: &str, now_ms: u64) -> Option<Arc<Provider>> {
         let find = || {
             self.idps
                 .list
@@ -143,10 +141,10 @@ impl App {
         }
         {
             let mut loaded = self.idps.loaded.lock();
-            if *loaded + RELOAD_SECONDS > now {
+            if *loaded + self.freshness.idp_reload_ms > now_ms {
                 return None;
             }
-            *loaded = now;
+            *loaded = now_ms;
         }
         let rows = self
             .vault
@@ -196,14 +194,15 @@ impl App {
         now: u64,
     ) -> Option<Result<Authenticated, TokenError>> {
         let issuer = unverified_issuer(token)?;
-        let p = self.idp_for(&issuer, now)?;
+        let now_ms = phivault_records::engine::now_ms() as u64;
+        let p = self.idp_for(&issuer, now_ms)?;
         let kid = unverified_kid(token);
         if kid.as_deref().is_some_and(|k| !p.issuer.has_kid(k)) {
             let due = {
                 let mut f = p.fetched.lock();
-                let due = *f == 0 || *f + REFETCH_SECONDS <= now;
+                let due = *f == 0 || *f + self.freshness.idp_refetch_ms <= now_ms;
                 if due {
-                    *f = now;
+                    *f = now_ms;
                 }
                 due
             };

@@ -24,7 +24,7 @@ mod state;
 
 pub use error::ApiError;
 pub use routes::router;
-pub use state::{App, Limits, Peer};
+pub use state::{App, Freshness, Limits, Peer};
 
 /// Content type of FHIR JSON responses.
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";

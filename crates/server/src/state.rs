@@ -66,11 +66,13 @@ pub struct App {
     pub dpop_replay: phivault_auth::dpop::ProofCache,
     /// Request limits.
     pub limits: Limits,
+    /// How long what was read is trusted.
+    pub freshness: Freshness,
     /// SMART App Launch codes and refresh tokens.
     pub authz: phivault_auth::authorize::AuthorizationServer,
     /// Sign-ins in progress.
     pub(crate) flows: crate::signin::Flows,
-    /// Accounts of persons' tokens as last read: (generation, usable, unix time read).
+    /// Accounts of persons' tokens as last read: (generation, usable, unix time read, ms).
     accounts: parking_lot::Mutex<std::collections::HashMap<String, (u64, bool, u64)>>,
     /// External OpenID Connect providers.
     pub(crate) idps: crate::idp::Idps,
@@ -79,8 +81,28 @@ pub struct App {
     pub(crate) jwks: Bytes,
 }
 
-/// How long a person's account state is trusted before it is read again.
-const ACCOUNT_RECHECK_SECONDS: u64 = 2;
+/// How long the server trusts what it read from the store or a provider before it reads
+/// again. The defaults are for production; tests shorten them instead of waiting.
+#[derive(Debug, Clone)]
+pub struct Freshness {
+    /// A person's account state (disabled, role changed: their tokens are refused within
+    /// this; the CLI changes accounts from another process, so the server polls).
+    pub account_recheck_ms: u64,
+    /// The list of configured identity providers, when a token names an unknown issuer.
+    pub idp_reload_ms: u64,
+    /// A provider's key set, when a token names an unknown `kid` (key rotation).
+    pub idp_refetch_ms: u64,
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness {
+            account_recheck_ms: 2_000,
+            idp_reload_ms: 10_000,
+            idp_refetch_ms: 5_000,
+        }
+    }
+}
 
 impl App {
     /// Assemble the state.
@@ -105,6 +127,7 @@ impl App {
             replay: ReplayCache::default(),
             dpop_replay: Default::default(),
             limits,
+            freshness: Freshness::default(),
             authz: phivault_auth::authorize::AuthorizationServer::new(),
             flows: crate::signin::Flows::default(),
             accounts: Default::default(),
@@ -173,7 +196,7 @@ impl App {
                 ctx.detail.purpose = auth.person().map(|p| purpose_of(p.role).to_owned());
                 self.check_sender(&auth, dpop, token, headers, now)?;
                 if let Some(p) = auth.person()
-                    && !self.account_live(&p.user_id, p.generation, now)
+                    && !self.account_live(&p.user_id, p.generation, now_ms() as u64)
                 {
                     return Err(ApiError::unauthorized(
                         "Bearer realm=\"phivault\", error=\"invalid_token\"".to_string(),
@@ -242,11 +265,11 @@ impl App {
 
     /// Whether the account a person's token was issued for is still as it was: enabled,
     /// same generation (disabling it or changing its role revokes its tokens). Read from
-    /// the store at most every [`ACCOUNT_RECHECK_SECONDS`] per account (the CLI changes
-    /// accounts from another process, so the server polls).
-    fn account_live(&self, user_id: &str, generation: u64, now: u64) -> bool {
+    /// the store at most every `freshness.account_recheck_ms` per account (the CLI changes
+    /// accounts from another process, so the server polls). `now_ms`: milliseconds.
+    fn account_live(&self, user_id: &str, generation: u64, now_ms: u64) -> bool {
         if let Some(&(g, ok, at)) = self.accounts.lock().get(user_id)
-            && at + ACCOUNT_RECHECK_SECONDS > now
+            && at + self.freshness.account_recheck_ms > now_ms
         {
             return ok && g == generation;
         }
@@ -258,7 +281,7 @@ impl App {
         if cache.len() > 100_000 {
             cache.clear();
         }
-        cache.insert(user_id.to_owned(), (g, ok, now));
+        cache.insert(user_id.to_owned(), (g, ok, now_ms));
         ok && g == generation
     }
 

@@ -202,6 +202,8 @@ pub struct SqliteStore {
     checkpointer: Mutex<Option<(thread::JoinHandle<()>, Stop)>>,
     merge_rows: Arc<AtomicUsize>,
     idle_merge_ms: Arc<AtomicU64>,
+    /// Shortest time between two audit checkpoints (ms).
+    checkpoint_ms: Arc<AtomicU64>,
     /// When the writer restarts the WAL.
     wal_restart: Arc<WalRestart>,
     /// Index rows of `index_log` not yet merged into the segments (see
@@ -304,6 +306,7 @@ impl SqliteStore {
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
         let idle_merge_ms = Arc::new(AtomicU64::new(IDLE_MERGE_MS));
+        let checkpoint_ms = Arc::new(AtomicU64::new(CHECKPOINT_INTERVAL_MS));
         let wal_restart = WalRestart::new();
         let writer_state = Writer {
             head,
@@ -313,6 +316,7 @@ impl SqliteStore {
             pending: pending.clone(),
             merge_rows: merge_rows.clone(),
             idle_merge_ms: idle_merge_ms.clone(),
+            checkpoint_ms: checkpoint_ms.clone(),
             wal: WalRestarter::new(wal_restart.clone()),
         };
         let writer = thread::Builder::new()
@@ -329,6 +333,7 @@ impl SqliteStore {
             checkpointer: Mutex::new(Some((checkpointer, stop))),
             merge_rows,
             idle_merge_ms,
+            checkpoint_ms,
             wal_restart,
             pending,
             ids_by_number: Remembered::default(),
@@ -341,6 +346,12 @@ impl SqliteStore {
     /// milliseconds (tests use a long time to keep rows pending).
     pub fn set_idle_merge_ms(&self, ms: u64) {
         self.idle_merge_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Write an audit checkpoint at most every `ms` milliseconds while events come
+    /// (default [`CHECKPOINT_INTERVAL_MS`]; at least 1).
+    pub fn set_checkpoint_interval_ms(&self, ms: u64) {
+        self.checkpoint_ms.store(ms.max(1), Ordering::Relaxed);
     }
 
     /// Restart the WAL once it holds this many frames (tests use small values to restart
@@ -380,6 +391,7 @@ impl SqliteStore {
             checkpointer: Mutex::new(None),
             merge_rows: Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS)),
             idle_merge_ms: Arc::new(AtomicU64::new(IDLE_MERGE_MS)),
+            checkpoint_ms: Arc::new(AtomicU64::new(CHECKPOINT_INTERVAL_MS)),
             wal_restart: WalRestart::new(),
             pending: Arc::new(RwLock::new(pending)),
             ids_by_number: Remembered::default(),

@@ -170,7 +170,10 @@ fn the_wal_starts_again_while_readers_never_stop() {
     // readers that held restarts off (on a loaded machine the back-off can let the log run
     // past the restart length for a while: 13.8 MB seen with the other core busy); without
     // restarts it reaches 31 MiB
-    assert!(size <= 2 * 2048 * (4096 + 24) + 32, "the log grew to {size} B");
+    assert!(
+        size <= 2 * 2048 * (4096 + 24) + 32,
+        "the log grew to {size} B"
+    );
 }
 
 #[test]

@@ -160,6 +160,8 @@ pub(super) struct Writer {
     pub(super) pending: Arc<RwLock<Pending>>,
     pub(super) merge_rows: Arc<AtomicUsize>,
     pub(super) idle_merge_ms: Arc<AtomicU64>,
+    /// Shortest time between two audit checkpoints (ms).
+    pub(super) checkpoint_ms: Arc<AtomicU64>,
     pub(super) wal: WalRestarter,
 }
 
@@ -212,9 +214,9 @@ fn commit_group(
 ) {
     let before = w.head;
     let frontier_before = w.frontier.clone();
-    let checkpoint_due = w
-        .last_checkpoint
-        .is_none_or(|t| t.elapsed().as_millis() >= u128::from(CHECKPOINT_INTERVAL_MS));
+    let checkpoint_due = w.last_checkpoint.is_none_or(|t| {
+        t.elapsed().as_millis() >= u128::from(w.checkpoint_ms.load(Ordering::Relaxed))
+    });
     let results = {
         // the writer is the only one to change `pending`: reading it here is stable
         let pending = w.pending.read();
