@@ -7,15 +7,33 @@
 //! write) and the search functions take an `&Access`, and its fields are private to this
 //! module, so a path that skips the decision does not compile:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0451
 //! // outside this crate an Access cannot be made up
 //! let a = phivault_records::Access { rtype: "Observation".into(), reach: None };
 //! ```
 //!
-//! ```compile_fail
+//! ```compile_fail,E0624
 //! // the store is not reachable past the engine: rows come only through proof-taking calls
 //! fn read(vault: &phivault_records::Vault) {
-//!     let _ = vault.engine.store.current("Observation", "1");
+//!     let _ = vault.engine.store().current("Observation", "1");
+//! }
+//! ```
+//!
+//! ```compile_fail,E0423
+//! // a version reaches a commit only as sealed by `Engine::prepare` under an `Access`
+//! fn forge(put: phivault_store::Put) -> phivault_records::engine::Sealed {
+//!     phivault_records::engine::Sealed(put)
+//! }
+//! ```
+//!
+//! The calls that do exist take the proof, and compile:
+//!
+//! ```
+//! fn read(
+//!     vault: &phivault_records::Vault,
+//!     access: &phivault_records::Access,
+//! ) -> Result<Option<phivault_store::VersionRow>, phivault_records::Error> {
+//!     vault.engine.current(access, "1")
 //! }
 //! ```
 //!

@@ -394,6 +394,33 @@ pub fn forbidden(msg: &str) -> Error {
     Error::new(Kind::Forbidden, IssueCode::Forbidden, msg)
 }
 
+impl Vault {
+    /// The alert records, oldest first (at most `limit`).
+    pub fn alerts(&self, limit: usize) -> Result<Vec<Alert>, AlertError> {
+        alerts(self.engine.keys(), &**self.engine.store(), limit)
+    }
+
+    /// Record the review of alert `id` (see [`review_alert`]).
+    pub fn review_alert(
+        &self,
+        id: &str,
+        status: &str,
+        reviewer: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<Alert, AlertError> {
+        review_alert(
+            self.engine.keys(),
+            &**self.engine.store(),
+            id,
+            status,
+            reviewer,
+            note,
+            now_ms,
+        )
+    }
+}
+
 /// A break-the-glass window just opened.
 pub struct Opened {
     /// When it closes (ms since epoch).

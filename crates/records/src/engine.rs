@@ -12,7 +12,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use phivault_crypto::{DataKey, KeyHierarchy, RecordAad, TruncatedIndexKey};
 use phivault_fhir::search::{self, Lookup};
-use phivault_store::{Candidates, IndexEntry, Put, Store, VersionRow};
+use phivault_store::{Candidates, IndexEntry, Put, Store, VersionRow, WriteBatch};
 use serde_json::Value;
 
 use crate::Error;
@@ -86,11 +86,13 @@ impl KeyRing<'_> {
     }
 
     /// Wrapped keys to store with the batch.
-    pub fn new_keys(&self) -> Vec<(String, Vec<u8>)> {
-        self.fresh
-            .iter()
-            .map(|(id, _, w)| (id.clone(), w.clone()))
-            .collect()
+    pub fn new_keys(&self) -> NewKeys {
+        NewKeys(
+            self.fresh
+                .iter()
+                .map(|(id, _, w)| (id.clone(), w.clone()))
+                .collect(),
+        )
     }
 
     /// After a successful commit: the new keys are stored; cache them.
@@ -98,6 +100,68 @@ impl KeyRing<'_> {
         for (id, k, _) in self.fresh {
             self.engine.cache_key(id, k);
         }
+    }
+}
+
+/// A version sealed by [`Engine::prepare`] under an [`Access`]: the only thing a
+/// [`Batch`] writes (no other code can make one).
+pub struct Sealed(Put);
+
+impl Sealed {
+    /// The resource type written.
+    pub fn rtype(&self) -> &str {
+        &self.0.row.rtype
+    }
+}
+
+/// Wrapped data keys a [`KeyRing`] generated for a write.
+#[derive(Default)]
+pub struct NewKeys(Vec<(String, Vec<u8>)>);
+
+/// One atomic write for [`Engine::submit`]: sealed versions, the new keys they were
+/// sealed with, preconditions, and the audit events recording it.
+#[derive(Default)]
+pub struct Batch {
+    /// Keys generated for this batch's versions (a conflicting key fails the batch with
+    /// `KeyConflict`: re-seal and retry).
+    pub new_keys: NewKeys,
+    /// Preconditions checked before anything is written.
+    pub guards: Vec<phivault_store::Guard>,
+    /// Versions to write.
+    pub puts: Vec<Sealed>,
+    /// Audit events appended in the same transaction.
+    pub audit: Vec<phivault_audit::AuditEvent>,
+}
+
+/// The audit log as stored, read-only: events, the signed head, checkpoints.
+pub struct AuditLog<'a>(&'a dyn Store);
+
+impl AuditLog<'_> {
+    /// The signed head, if any event was ever written.
+    pub fn head(&self) -> Result<Option<phivault_store::SignedHead>, Error> {
+        self.0.audit_head().map_err(|_| Error::unavailable())
+    }
+
+    /// At most `limit` events with a sequence number above `after`, in order.
+    pub fn after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<phivault_audit::StoredEvent>, Error> {
+        self.0
+            .audit_after(after, limit)
+            .map_err(|_| Error::unavailable())
+    }
+
+    /// At most `limit` signed checkpoints with a size above `after`, in order of size.
+    pub fn checkpoints(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<phivault_audit::merkle::Checkpoint>, Error> {
+        self.0
+            .audit_checkpoints(after, limit)
+            .map_err(|_| Error::unavailable())
     }
 }
 
@@ -290,10 +354,97 @@ impl Engine {
         }
     }
 
-    /// The storage engine, for the server's own jobs and for reads whose rows are checked
-    /// against an [`Access`] before anything is opened.
-    pub fn store(&self) -> &Arc<dyn Store> {
+    /// The storage engine, for this crate's own jobs (search, care, snooping, accounts);
+    /// everyone else reaches it through the calls below, record rows only under an
+    /// [`Access`] and writes only as [`Sealed`] versions.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The current version (possibly a tombstone) of `id` of `access`'s type, if `access`
+    /// reaches it (None when absent or not reached: the caller cannot tell which).
+    pub fn current(&self, access: &Access, id: &str) -> Result<Option<VersionRow>, Error> {
+        let row = self
+            .store
+            .current(access.rtype(), id)
+            .map_err(|_| Error::unavailable())?;
+        Ok(row.filter(|r| access.admits_row(r)))
+    }
+
+    /// Version `version` of `id`, if `access` reaches it.
+    pub fn version(
+        &self,
+        access: &Access,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, Error> {
+        let row = self
+            .store
+            .version(access.rtype(), id, version)
+            .map_err(|_| Error::unavailable())?;
+        Ok(row.filter(|r| access.admits_row(r)))
+    }
+
+    /// The versions `access` reaches, newest first: of `id`, or of the whole type (at most
+    /// `limit` read). A record moved between patients shows each only its own versions.
+    pub fn history(
+        &self,
+        access: &Access,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, Error> {
+        let rows = self
+            .store
+            .history(access.rtype(), id, limit)
+            .map_err(|_| Error::unavailable())?;
+        Ok(rows.into_iter().filter(|r| access.admits_row(r)).collect())
+    }
+
+    /// Commit one atomic write: versions sealed under an [`Access`], the keys they need,
+    /// guards and the audit events recording it; the receiver yields once it is durable
+    /// or rejected.
+    pub fn submit(
+        &self,
+        batch: Batch,
+    ) -> tokio::sync::oneshot::Receiver<
+        Result<phivault_store::Committed, phivault_store::CommitError>,
+    > {
+        self.store.submit(WriteBatch {
+            new_keys: batch.new_keys.0,
+            guards: batch.guards,
+            puts: batch.puts.into_iter().map(|s| s.0).collect(),
+            audit: batch.audit,
+        })
+    }
+
+    /// Append audit events alone (reads, refusals); the receiver yields once durable.
+    pub fn append_audit(
+        &self,
+        events: Vec<phivault_audit::AuditEvent>,
+    ) -> tokio::sync::oneshot::Receiver<
+        Result<phivault_store::Committed, phivault_store::CommitError>,
+    > {
+        self.submit(Batch {
+            audit: events,
+            ..Default::default()
+        })
+    }
+
+    /// The audit log as stored (events, signed head, checkpoints): no records.
+    pub fn audit_log(&self) -> AuditLog<'_> {
+        AuditLog(&*self.store)
+    }
+
+    /// A registration or setting of the metadata table (clients, apps, providers).
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.store.meta(key).map_err(|_| Error::unavailable())
+    }
+
+    /// The metadata rows whose key starts with `prefix`, at most `limit`.
+    pub fn meta_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        self.store
+            .meta_prefix(prefix, limit)
+            .map_err(|_| Error::unavailable())
     }
 
     /// Tell the engine this server's FHIR base URL (references to it are local).
@@ -517,7 +668,7 @@ impl Engine {
         resource: Option<&mut Value>,
         now: i64,
         previous: Option<&VersionRow>,
-    ) -> Result<(Put, Written), Error> {
+    ) -> Result<(Sealed, Written), Error> {
         let writes = matches!(
             access.interaction(),
             Interaction::Create | Interaction::Update | Interaction::Delete
@@ -581,7 +732,7 @@ impl Engine {
             };
             key.seal(&aad, &stored).map_err(|_| Error::internal())?
         };
-        let put = Put {
+        let put = Sealed(Put {
             row: VersionRow {
                 rtype: rtype.to_owned(),
                 id: id.to_owned(),
@@ -594,7 +745,7 @@ impl Engine {
             expect,
             index,
             replaces,
-        };
+        });
         let written = Written {
             rtype: rtype.to_owned(),
             id: id.to_owned(),

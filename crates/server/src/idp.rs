@@ -149,7 +149,6 @@ impl App {
         let rows = self
             .vault
             .engine
-            .store()
             .meta_prefix(IDP_PREFIX, 1000)
             .unwrap_or_default();
         let list: Vec<Arc<Provider>> = rows

@@ -8,7 +8,8 @@ use axum::http::StatusCode;
 use phivault_audit::Action;
 use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
-use phivault_store::{CommitError, Expect, WriteBatch};
+use phivault_records::engine::Batch;
+use phivault_store::{CommitError, Expect};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -26,15 +27,14 @@ pub enum Commit {
 }
 
 /// Submit a batch and classify the outcome.
-pub async fn commit(app: &App, batch: WriteBatch) -> Result<Commit, ApiError> {
+pub async fn commit(app: &App, batch: Batch) -> Result<Commit, ApiError> {
     // a write of a treatment relationship drops the cached reach of clinicians: before
     // (nothing computed from now on is kept past the write) and after it lands
-    let relations =
-        phivault_records::care::Care::touches(batch.puts.iter().map(|p| p.row.rtype.as_str()));
+    let relations = phivault_records::care::Care::touches(batch.puts.iter().map(|p| p.rtype()));
     if relations {
         app.vault.care.invalidate();
     }
-    let r = app.vault.engine.store().submit(batch).await;
+    let r = app.vault.engine.submit(batch).await;
     if relations {
         app.vault.care.invalidate();
     }
@@ -120,7 +120,7 @@ pub async fn do_create(
         )?;
         let mut event = ctx.event_for(&written, Action::C, ctx.interaction, 201);
         app.vault.mark_glass(std::slice::from_mut(&mut event));
-        let batch = WriteBatch {
+        let batch = Batch {
             new_keys: ring.new_keys(),
             guards,
             puts: vec![put],
@@ -189,15 +189,8 @@ pub async fn update_or_delete(
     let deleting = resource.is_none();
     let _locks = app.vault.engine.lock_resources([(rtype, id)]).await;
     for _ in 0..MAX_RETRIES {
-        let (a, t, i) = (app.clone(), rtype.to_owned(), id.to_owned());
-        let cur = blocking(move || {
-            a.vault
-                .engine
-                .store()
-                .current(&t, &i)
-                .map_err(|_| ApiError::unavailable())
-        })
-        .await?;
+        let (a, acc, i) = (app.clone(), access.clone(), id.to_owned());
+        let cur = blocking(move || Ok(a.vault.engine.current(&acc, &i)?)).await?;
         if access.is_confined()
             && !cur
                 .as_ref()
@@ -251,7 +244,7 @@ pub async fn update_or_delete(
         };
         let mut event = ctx.event_for(&written, action, name, status);
         app.vault.mark_glass(std::slice::from_mut(&mut event));
-        let batch = WriteBatch {
+        let batch = Batch {
             new_keys: ring.new_keys(),
             guards: Vec::new(),
             puts: vec![put],
@@ -290,17 +283,14 @@ pub async fn do_read(
     id: &str,
     version: Option<u64>,
 ) -> Result<(phivault_store::VersionRow, Vec<u8>), ApiError> {
-    let rtype = access.rtype();
     check_id(id).map_err(|_| ApiError::not_found("resource not found"))?;
     // A point read by primary key takes microseconds on the page cache: done inline rather
     // than paying a thread hand-off per request.
     let (row, body) = {
         let row = match version {
-            None => app.vault.engine.store().current(rtype, id),
-            Some(v) => app.vault.engine.store().version(rtype, id, v),
-        }
-        .map_err(|_| ApiError::unavailable())?;
-        let row = row.filter(|r| access.admits_row(r));
+            None => app.vault.engine.current(access, id)?,
+            Some(v) => app.vault.engine.version(access, id, v)?,
+        };
         match row {
             None => (None, Vec::new()),
             Some(row) if row.deleted => (Some(row), Vec::new()),

@@ -38,12 +38,7 @@ pub struct Flows {
 impl App {
     /// Look a registered SMART app up.
     pub fn launch_app(&self, client_id: &str) -> Option<AppRecord> {
-        let bytes = self
-            .vault
-            .engine
-            .store()
-            .meta(&app_meta_key(client_id))
-            .ok()??;
+        let bytes = self.vault.engine.meta(&app_meta_key(client_id)).ok()??;
         let a: AppRecord = serde_json::from_slice(&bytes).ok()?;
         a.validate().is_ok().then_some(a)
     }

@@ -12,7 +12,6 @@ use phivault_audit::{Action, AuditEvent, Outcome};
 use phivault_auth::{
     AccessTokenIssuer, AccessTokenVerifier, Authenticated, ClientRecord, ReplayCache, TokenError,
 };
-use phivault_store::WriteBatch;
 
 use std::sync::Arc;
 
@@ -140,12 +139,7 @@ impl App {
 
     /// Look a registered client up.
     pub fn client(&self, client_id: &str) -> Option<ClientRecord> {
-        let bytes = self
-            .vault
-            .engine
-            .store()
-            .meta(&client_meta_key(client_id))
-            .ok()??;
+        let bytes = self.vault.engine.meta(&client_meta_key(client_id)).ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
@@ -302,10 +296,7 @@ impl App {
     /// Make audit events durable; fail closed.
     pub async fn audit(&self, mut events: Vec<AuditEvent>) -> Result<(), ApiError> {
         self.vault.mark_glass(&mut events);
-        let rx = self.vault.engine.store().submit(WriteBatch {
-            audit: events,
-            ..Default::default()
-        });
+        let rx = self.vault.engine.append_audit(events);
         match rx.await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(ApiError::unavailable()),

@@ -80,15 +80,7 @@ pub async fn list(
             }
         }
         let a = app.clone();
-        let alerts = blocking(move || {
-            phivault_records::care::alerts(
-                a.vault.engine.keys(),
-                &**a.vault.engine.store(),
-                usize::MAX,
-            )
-            .map_err(alert_error)
-        })
-        .await?;
+        let alerts = blocking(move || a.vault.alerts(usize::MAX).map_err(alert_error)).await?;
         let shown: Vec<_> = alerts
             .into_iter()
             .filter(|x| status.as_ref().is_none_or(|s| &x.status == s))
@@ -135,16 +127,9 @@ pub async fn review(
                 .map_err(|_| ApiError::unavailable())?
                 .map(|u| u.username.clone())
                 .ok_or_else(ApiError::forbidden)?;
-            phivault_records::care::review_alert(
-                a.vault.engine.keys(),
-                &**a.vault.engine.store(),
-                &id,
-                &status,
-                &reviewer,
-                &note,
-                now_ms(),
-            )
-            .map_err(alert_error)
+            a.vault
+                .review_alert(&id, &status, &reviewer, &note, now_ms())
+                .map_err(alert_error)
         })
         .await?;
         if !reviewed.patient.is_empty() {

@@ -53,8 +53,8 @@ fn page(app: &App, f: &Filter, examine: usize) -> Result<Page, ApiError> {
         let batch = app
             .vault
             .engine
-            .store()
-            .audit_after(after, 1000)
+            .audit_log()
+            .after(after, 1000)
             .map_err(|_| ApiError::unavailable())?;
         if batch.is_empty() {
             return Ok((out, None));
@@ -197,8 +197,8 @@ fn leaves(app: &App, size: u64) -> Result<Vec<merkle::Hash>, ApiError> {
     let head = app
         .vault
         .engine
-        .store()
-        .audit_head()
+        .audit_log()
+        .head()
         .map_err(|_| ApiError::unavailable())?
         .map_or(0, |h| h.size);
     if size == 0 || size > head {
@@ -221,8 +221,8 @@ fn leaves(app: &App, size: u64) -> Result<Vec<merkle::Hash>, ApiError> {
         let batch = app
             .vault
             .engine
-            .store()
-            .audit_after(out.len() as u64, want)
+            .audit_log()
+            .after(out.len() as u64, want)
             .map_err(|_| ApiError::unavailable())?;
         if batch.is_empty() {
             return Err(ApiError::integrity());
@@ -247,8 +247,8 @@ fn checkpoint_of(app: &App, size: u64) -> Result<Option<merkle::Checkpoint>, Api
     Ok(app
         .vault
         .engine
-        .store()
-        .audit_checkpoints(size.saturating_sub(1), 1)
+        .audit_log()
+        .checkpoints(size.saturating_sub(1), 1)
         .map_err(|_| ApiError::unavailable())?
         .into_iter()
         .find(|c| c.size == size))
@@ -351,8 +351,8 @@ pub async fn proof(
                 None => a
                     .vault
                     .engine
-                    .store()
-                    .audit_checkpoints(seq - 1, usize::MAX)
+                    .audit_log()
+                    .checkpoints(seq - 1, usize::MAX)
                     .map_err(|_| ApiError::unavailable())?
                     .last()
                     .map(|c| c.size)
@@ -457,8 +457,8 @@ pub async fn read(
         let found = blocking(move || {
             a.vault
                 .engine
-                .store()
-                .audit_after(seq - 1, 1)
+                .audit_log()
+                .after(seq - 1, 1)
                 .map_err(|_| ApiError::unavailable())
         })
         .await?;

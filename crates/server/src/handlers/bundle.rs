@@ -18,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use phivault_audit::{Action, AuditEvent};
 use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::{BundleType, EntryRequest, IssueCode, Method};
-use phivault_store::{CommitError, Expect, WriteBatch};
+use phivault_records::engine::Batch;
+use phivault_store::{CommitError, Expect};
 use serde_json::{Value, json};
 
 use crate::FHIR_JSON;
@@ -272,7 +273,7 @@ async fn transaction(
         // 4. Seal every write into one batch.
         let now = now_ms();
         let mut ring = app.vault.engine.key_ring();
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         let mut results: Vec<Option<(String, Option<Written>)>> = vec![None; entries.len()];
         let mut pinned = false;
         let mut entities = Vec::new();
@@ -305,15 +306,8 @@ async fn transaction(
             let cur = if expect_new {
                 None
             } else {
-                let (a, t, id2) = (app.clone(), rtype.to_owned(), id.clone());
-                blocking(move || {
-                    a.vault
-                        .engine
-                        .store()
-                        .current(&t, &id2)
-                        .map_err(|_| ApiError::unavailable())
-                })
-                .await?
+                let (a, acc, id2) = (app.clone(), access.clone(), id.clone());
+                blocking(move || Ok(a.vault.engine.current(&acc, &id2)?)).await?
             };
             if let Some(m) = &e.if_match {
                 pinned = true;
