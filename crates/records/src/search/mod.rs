@@ -104,14 +104,20 @@ use phivault_fhir::search::{
     self, Criterion, Include, Lookup, Modifier, ParamType, QueryValue, SearchQuery, SearchValue,
     SortKey, Summary, Target, Total,
 };
-use phivault_store::{Candidates, Guard, IndexEntry, VersionRow};
+use phivault_store::{Candidates, VersionRow};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::Error;
 use crate::Vault;
 use crate::access::Access;
-use crate::engine::{instant, key_patient, now_ms};
+use crate::engine::{key_patient, now_ms};
+
+mod bundle;
+mod conditional;
+
+pub use bundle::{bundle, write_entry, write_head};
+pub use conditional::{CondMatch, Conditional};
 
 /// Most records decrypted to fill one page; a page that reaches it is returned partial,
 /// with a `next` link that continues after the last record examined.
@@ -989,121 +995,6 @@ fn includes(
     Ok(out)
 }
 
-/// Keep only the `_elements` asked for (plus the mandatory ones) and mark the resource
-/// SUBSETTED.
-fn subset(mut v: Value, elements: &[String]) -> Value {
-    if let Some(obj) = v.as_object_mut() {
-        obj.retain(|k, _| {
-            k == "resourceType" || k == "id" || k == "meta" || elements.iter().any(|e| e == k)
-        });
-        let meta = obj.entry("meta").or_insert_with(|| json!({}));
-        if let Some(m) = meta.as_object_mut() {
-            let tags = m.entry("tag").or_insert_with(|| json!([]));
-            if let Some(t) = tags.as_array_mut() {
-                t.push(json!({
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-                    "code": "SUBSETTED"
-                }));
-            }
-        }
-    }
-    v
-}
-
-/// The searchset Bundle of a page. `self_url` is the base of the link (no search values:
-/// they may be PHI).
-pub fn bundle(app: &Vault, page: Page, self_url: &str) -> Result<Vec<u8>, Error> {
-    let size: usize = page
-        .matches
-        .iter()
-        .chain(&page.included)
-        .map(|l| l.body.len() + 128)
-        .sum();
-    let mut out = Vec::with_capacity(size + 512);
-    write_head(&mut out)?;
-    out.extend_from_slice(br#","link":"#);
-    let mut links = vec![json!({"relation": "self", "url": self_url})];
-    if let Some(n) = &page.next {
-        links.push(json!({
-            "relation": "next",
-            "url": format!("{}/{}?_cursor={n}", app.base_url, page.query.rtype),
-        }));
-    }
-    write_json(&mut out, &Value::Array(links))?;
-    if let Some(t) = page.total {
-        out.extend_from_slice(br#","total":"#);
-        out.extend_from_slice(t.to_string().as_bytes());
-    }
-    out.extend_from_slice(br#","entry":["#);
-    let mut first = true;
-    if !page.warnings.is_empty() {
-        first = false;
-        write_json(
-            &mut out,
-            &json!({
-                "resource": phivault_fhir::operation_outcome(&page.warnings),
-                "search": {"mode": "outcome"},
-            }),
-        )?;
-    }
-    let elements = page.query.elements.as_deref();
-    for (l, mode) in page
-        .matches
-        .into_iter()
-        .map(|l| (l, "match"))
-        .chain(page.included.into_iter().map(|l| (l, "include")))
-    {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        let subset_of = elements.filter(|_| mode == "match");
-        write_entry(&mut out, &app.base_url, l, mode, subset_of)?;
-    }
-    out.extend_from_slice(b"]}");
-    Ok(out)
-}
-
-fn write_json(out: &mut Vec<u8>, v: &Value) -> Result<(), Error> {
-    serde_json::to_writer(out, v).map_err(|_| Error::internal())
-}
-
-/// The opening of a searchset Bundle, up to (not including) its `link` or `entry`: the
-/// object is left open.
-pub fn write_head(out: &mut Vec<u8>) -> Result<(), Error> {
-    out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
-    write_json(out, &Value::String(crate::engine::new_id()))?;
-    out.extend_from_slice(br#","meta":"#);
-    write_json(out, &json!({"lastUpdated": instant(now_ms())}))?;
-    out.extend_from_slice(br#","type":"searchset""#);
-    Ok(())
-}
-
-/// One searchset entry of `l` with search mode `mode`: the stored JSON as a read returns
-/// it (no re-serialisation), or its `_elements` subset.
-pub fn write_entry(
-    out: &mut Vec<u8>,
-    base_url: &str,
-    l: Loaded,
-    mode: &str,
-    elements: Option<&[String]>,
-) -> Result<(), Error> {
-    out.extend_from_slice(br#"{"fullUrl":"#);
-    write_json(
-        out,
-        &Value::String(format!("{base_url}/{}/{}", l.row.rtype, l.row.id)),
-    )?;
-    out.extend_from_slice(br#","resource":"#);
-    match elements {
-        Some(e) => write_json(out, &subset(l.json, e))?,
-        None => out.extend_from_slice(&l.body),
-    }
-    out.extend_from_slice(br#","search":{"mode":""#);
-    out.extend_from_slice(mode.as_bytes());
-    out.extend_from_slice(br#""}}"#);
-    Ok(())
-}
-
 /// Audit entities of a page: every resource disclosed.
 pub fn entities(page: &Page) -> Vec<phivault_audit::Entity> {
     page.matches
@@ -1142,117 +1033,6 @@ pub fn stream_compartment(
             }
         }
         after = Some(last);
-    }
-}
-
-/// A parsed `If-None-Exist` condition.
-pub struct Conditional {
-    rtype: String,
-    criteria: Vec<Criterion>,
-    /// A flat conjunction of single tokens, usable as a store guard.
-    guard_tokens: Option<Vec<IndexEntry>>,
-}
-
-/// What a conditional create found.
-pub enum CondMatch {
-    /// Exactly one match.
-    One(VersionRow),
-    /// None: write with this guard (if the criteria allow one).
-    None(Option<Guard>),
-}
-
-impl Conditional {
-    /// Parse `If-None-Exist` criteria (`identifier=…&…`; result parameters are refused).
-    pub fn parse(app: &Vault, rtype: &str, query: &str) -> Result<Conditional, Error> {
-        let query = query.split_once('?').map(|(_, q)| q).unwrap_or(query);
-        let pairs = crate::engine::form_urlencoded_pairs(query);
-        if pairs.is_empty() {
-            return Err(Error::bad_request("empty conditional create criteria"));
-        }
-        if pairs.iter().any(|(k, _)| k.starts_with('_') && k != "_id") {
-            return Err(Error::new(
-                Kind::BadRequest,
-                IssueCode::NotSupported,
-                "conditional create criteria take search parameters only",
-            ));
-        }
-        let q = search::parse_search(rtype, &pairs, false).map_err(Error::invalid)?;
-        let lookup = search::lookup_terms(&q.criteria);
-        let mut guard_tokens = Vec::new();
-        let flat = match &lookup {
-            Lookup::Terms { .. } => std::slice::from_ref(&lookup),
-            Lookup::And(parts) => parts.as_slice(),
-            _ => &[],
-        };
-        let plain = q
-            .criteria
-            .iter()
-            .all(|c| matches!(c.target, Target::Param(_)));
-        for part in flat {
-            if let Lookup::Terms { param, terms } = part
-                && terms.len() == 1
-            {
-                guard_tokens.push(IndexEntry {
-                    param: param.clone(),
-                    token: app.engine.term_token(rtype, param, &terms[0]),
-                });
-            }
-        }
-        let guard_tokens = (plain && !guard_tokens.is_empty() && guard_tokens.len() == flat.len())
-            .then_some(guard_tokens);
-        Ok(Conditional {
-            rtype: rtype.to_owned(),
-            criteria: q.criteria,
-            guard_tokens,
-        })
-    }
-
-    /// A key for the in-process lock that serialises identical conditional creates.
-    pub fn lock_key(&self) -> String {
-        format!("{:?}", self.criteria)
-    }
-
-    /// Find the match (blocking). Several matches → 412.
-    pub fn find(&self, app: &Vault) -> Result<CondMatch, Error> {
-        // the server's own look-up: conditional creates are refused to confined writers
-        let access = Access::internal(&self.rtype, Interaction::Search);
-        let plan = Plan::new(app, None, &access, None, &self.criteria)?;
-        let mut found: Vec<Loaded> = Vec::new();
-        let mut except = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let batch = plan.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
-            let Some(last) = batch.last().cloned() else {
-                break;
-            };
-            for id in &batch {
-                match plan.verify(app, id)? {
-                    Some(l) => found.push(l),
-                    None => except.push(id.clone()),
-                }
-                if found.len() > 1 {
-                    return Err(Error::new(
-                        Kind::PreconditionFailed,
-                        IssueCode::Duplicate,
-                        "If-None-Exist criteria match more than one resource",
-                    ));
-                }
-                if except.len() > MAX_FULL_EXAMINE {
-                    return Err(too_costly("If-None-Exist criteria are not selective"));
-                }
-            }
-            after = Some(last);
-        }
-        if let Some(l) = found.pop() {
-            return Ok(CondMatch::One(l.row));
-        }
-        Ok(CondMatch::None(self.guard_tokens.as_ref().map(|t| {
-            Guard::NoMatch {
-                rtype: self.rtype.clone(),
-                tokens: t.clone(),
-                except,
-            }
-        })))
     }
 }
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The three searches of scripts/bench_search.sh, this tree against another build, in
+# interleaved runs on one data directory (the VM's speed drifts within minutes, so only
+# runs minutes apart compare):
+#   scripts/bench_search_ab.sh OTHER_PHIVAULT_BINARY [PATIENTS] [WRK_CONNECTIONS] [SECONDS] [PAIRS]
+# Imports `synth --patients N --seed 7` once with this tree, writes the query lists once,
+# then each run: `phivault serve` on that directory with one build, a fresh token, and
+# `wrk` over each search. Needs wrk and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OTHER=${1:?usage: bench_search_ab.sh OTHER_PHIVAULT_BINARY [PATIENTS] [CONNS] [SECONDS] [PAIRS]}
+PATIENTS=${2:-1000}
+CONNS=${3:-32}
+SECS=${4:-10}
+PAIRS=${5:-3}
+. scripts/bench_common.sh
+HEAD_BIN=$BIN
+"$BIN" synth --patients "$PATIENTS" --seed 7 --out "$W/bundles" >/dev/null
+start
+"$BIN" client add --data-dir "$W/data" --name bench --scope 'system/*.cruds' --token-url "$ORIGIN/auth/token" --out "$W/creds.json" 2>/dev/null
+"$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" "$W/bundles" 16 >/dev/null
+TOKEN_OUT=$W/token "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" - >/dev/null
+python3 - "$ORIGIN" "$W/data/tls/ca.pem" "$W/token" "$W/bundles" "$W" <<'PY'
+import json, os, ssl, sys, urllib.parse, urllib.request
+origin, ca, token_file, bundles, out = sys.argv[1:6]
+token = open(token_file).read().strip()
+ctx = ssl.create_default_context(cafile=ca)
+def get(url):
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + token})
+    with urllib.request.urlopen(req, context=ctx) as r:
+        return json.load(r)
+patients = []
+url = origin + "/fhir/Patient?_count=1000"
+while url and len(patients) < 2000:
+    b = get(url)
+    for e in b.get("entry", []):
+        r = e["resource"]
+        patients.append((r["id"], r["name"][0]["family"], r["birthDate"]))
+    url = next((l["url"] for l in b.get("link", []) if l["relation"] == "next"), None)
+codes = {}
+for f in sorted(os.listdir(bundles)):
+    for e in json.load(open(os.path.join(bundles, f)))["entry"]:
+        r = e["resource"]
+        if r["resourceType"] == "Observation":
+            c = r["code"]["coding"][0]
+            codes[c["system"] + "|" + c["code"]] = True
+codes = sorted(codes)
+q = lambda s: urllib.parse.quote(s, safe="")
+obs = [f"/fhir/Observation?patient={p[0]}&code={q(codes[i % len(codes)])}" for i, p in enumerate(patients)]
+pat = [f"/fhir/Patient?family={q(p[1])}&birthdate={p[2]}" for p in patients]
+months = [(y, m) for y in range(2016, 2026) for m in range(1, 13)]
+def nxt(y, m):
+    return (y + 1, 1) if m == 12 else (y, m + 1)
+dat = [f"/fhir/Observation?date=ge{y}-{m:02d}-01&date=lt{nxt(y,m)[0]}-{nxt(y,m)[1]:02d}-01&_count=10" for y, m in months]
+for name, paths in [("obs", obs), ("pat", pat), ("date", dat)]:
+    with open(os.path.join(out, name + ".paths.lua"), "w") as f:
+        f.write("paths = {" + ",".join(json.dumps(p) for p in paths) + "}\n")
+        f.write("i = 0\nrequest = function()\n  i = i + 1\n  return wrk.format(\"GET\", paths[(i % #paths) + 1])\nend\n")
+PY
+stop
+run() {
+  BIN=$1 start
+  TOKEN_OUT=$W/token "$LOAD" "$ORIGIN" "$W/data/tls/ca.pem" "$W/creds.json" - >/dev/null
+  for name in obs pat date; do
+    { printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$(cat "$W/token")"; cat "$W/$name.paths.lua"; } >"$W/$name.lua"
+    local out
+    out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -s "$W/$name.lua" "$ORIGIN")
+    echo "$2 $name: $(grep -E 'Requests/sec' <<<"$out" | tr -s ' '), p99 $(grep -E " 99%" <<<"$out" | tr -s " " | cut -d" " -f3-), non-2xx $(grep -Eo 'Non-2xx or 3xx responses: [0-9]+' <<<"$out" | grep -Eo '[0-9]+$' || echo 0)"
+  done
+  stop
+}
+for _ in $(seq "$PAIRS"); do
+  run "$OTHER" other
+  run "$HEAD_BIN" head
+done
