@@ -190,9 +190,43 @@ fn who() -> impl Strategy<Value = Who> {
     ]
 }
 
-/// The model: whom a record (subject, performer) belongs to, and whether `who` reaches it.
-fn owner(subject: &Name, performer: &Name) -> Option<usize> {
-    subject.local().or(performer.local())
+/// A resource type and its two Patient-compartment fields, in the CompartmentDefinition's
+/// order: (type, first field, second field, whether the second is a list, the search
+/// parameter of the second).
+const KINDS: [(&str, &str, &str, bool, &str); 3] = [
+    ("Observation", "subject", "performer", true, "performer"),
+    ("Condition", "subject", "asserter", false, "asserter"),
+    ("DocumentReference", "subject", "author", true, "author"),
+];
+
+/// A record of kind `k` naming `first` and `second` in its two compartment fields.
+fn record(k: usize, first: &Name, second: &Name, patients: &[String]) -> Value {
+    let (rtype, f1, f2, list, _) = KINDS[k];
+    let mut r = match rtype {
+        "Observation" => json!({"resourceType": rtype, "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}}),
+        "Condition" => json!({"resourceType": rtype,
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003"}]}}),
+        _ => json!({"resourceType": rtype, "status": "current",
+            "content": [{"attachment": {"contentType": "text/plain", "data": "aGk="}}]}),
+    };
+    if let Some(x) = first.reference(patients) {
+        r[f1] = json!({"reference": x});
+    }
+    if let Some(x) = second.reference(patients) {
+        r[f2] = if list {
+            json!([{"reference": x}])
+        } else {
+            json!({"reference": x})
+        };
+    }
+    r
+}
+
+/// The model: whom a record (first, second compartment field) belongs to, and whether
+/// `who` reaches it.
+fn owner(first: &Name, second: &Name) -> Option<usize> {
+    first.local().or(second.local())
 }
 
 fn reaches(who: &Who, owner: Option<usize>) -> bool {
@@ -274,7 +308,7 @@ proptest! {
 
     #[test]
     fn every_path_returns_exactly_what_the_one_rule_allows(
-        records in proptest::collection::vec((name(), name()), 1..7),
+        records in proptest::collection::vec((0..KINDS.len(), name(), name()), 1..8),
         who in who(),
     ) {
         let system = token(None, "system/*.cruds");
@@ -282,77 +316,82 @@ proptest! {
             .map(|i| create(&system, &json!({"resourceType": "Patient",
                 "name": [{"family": format!("Prop{i}")}]})))
             .collect();
-        let mut made: BTreeMap<String, (Option<usize>, Option<usize>)> = BTreeMap::new();
-        for (subject, performer) in &records {
-            let mut o = json!({"resourceType": "Observation", "status": "final",
-                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}});
-            if let Some(r) = subject.reference(&patients) {
-                o["subject"] = json!({"reference": r});
-            }
-            if let Some(r) = performer.reference(&patients) {
-                o["performer"] = json!([{"reference": r}]);
-            }
-            let id = create(&system, &o);
-            made.insert(id, (owner(subject, performer), performer.searched_as()));
+        // per kind: id -> (owner, the patient a search by the second field matches)
+        let mut made: Vec<BTreeMap<String, (Option<usize>, Option<usize>)>> =
+            vec![BTreeMap::new(); KINDS.len()];
+        for (k, first, second) in &records {
+            // Condition.subject is required: no subject names a group instead
+            let first = match (KINDS[*k].0, first) {
+                ("Condition", Name::Absent) => &Name::Group,
+                _ => first,
+            };
+            let id = create(&system, &record(*k, first, second, &patients));
+            made[*k].insert(id, (owner(first, second), second.searched_as()));
         }
-        let all: BTreeSet<String> = made.keys().cloned().collect();
         let t = person_token(&who, &patients, "p");
-        let allowed: BTreeSet<String> = made
-            .iter()
-            .filter(|(_, (o, _))| reaches(&who, *o))
-            .map(|(id, _)| id.clone())
-            .collect();
-
-        // read: exactly the allowed ones open
-        for id in &all {
-            let (status, _) = call("GET", &format!("Observation/{id}"), &t, None);
-            prop_assert_eq!(status == 200, allowed.contains(id), "read {} -> {}", id, status);
-            if status != 200 {
-                prop_assert_eq!(status, 404);
-            }
-        }
-        // type search and its count agree with read
-        let ids = all.iter().cloned().collect::<Vec<_>>().join(",");
-        let (status, b) = call("GET", &format!("Observation?_id={ids}&_count=100"), &t, None);
-        prop_assert_eq!(status, 200, "{}", b);
-        prop_assert_eq!(&ids_of(&b, "Observation", &all), &allowed, "search");
-        let (_, b) = call("GET", &format!("Observation?_id={ids}&_summary=count"), &t, None);
-        prop_assert_eq!(b["total"].as_u64(), Some(allowed.len() as u64), "count");
-        // per patient: the compartment route, $everything and _revinclude by performer
-        for (i, p) in patients.iter().enumerate() {
-            let mine: BTreeSet<String> = made
+        for (k, made) in made.iter().enumerate() {
+            let (rtype, _, _, _, second_param) = KINDS[k];
+            let all: BTreeSet<String> = made.keys().cloned().collect();
+            let allowed: BTreeSet<String> = made
                 .iter()
-                .filter(|(id, (o, _))| *o == Some(i) && allowed.contains(*id))
+                .filter(|(_, (o, _))| reaches(&who, *o))
                 .map(|(id, _)| id.clone())
                 .collect();
-            let reached = reaches(&who, Some(i));
-            let (status, b) = call("GET", &format!("Patient/{p}/Observation?_count=100"), &t, None);
-            if reached {
-                prop_assert_eq!(status, 200, "{}", b);
-                prop_assert_eq!(&ids_of(&b, "Observation", &all), &mine, "compartment {}", i);
-            } else {
-                prop_assert_eq!(status, 403, "compartment of an unreached patient");
+            // read: exactly the allowed ones open
+            for id in &all {
+                let (status, _) = call("GET", &format!("{rtype}/{id}"), &t, None);
+                prop_assert_eq!(status == 200, allowed.contains(id), "read {} {} -> {}", rtype, id, status);
+                if status != 200 {
+                    prop_assert_eq!(status, 404);
+                }
             }
-            let (status, b) = call("GET", &format!("Patient/{p}/$everything"), &t, None);
-            if reached {
-                prop_assert_eq!(status, 200);
-                prop_assert_eq!(&ids_of(&b, "Observation", &all), &mine, "$everything {}", i);
-            } else {
-                prop_assert_ne!(status, 200);
+            if all.is_empty() {
+                continue;
             }
-            let named: BTreeSet<String> = made
-                .iter()
-                .filter(|(id, (_, perf))| reached && *perf == Some(i) && allowed.contains(*id))
-                .map(|(id, _)| id.clone())
-                .collect();
-            let (status, b) = call(
-                "GET",
-                &format!("Patient?_id={p}&_revinclude=Observation:performer"),
-                &t,
-                None,
-            );
+            // type search and its count agree with read
+            let ids = all.iter().cloned().collect::<Vec<_>>().join(",");
+            let (status, b) = call("GET", &format!("{rtype}?_id={ids}&_count=100"), &t, None);
             prop_assert_eq!(status, 200, "{}", b);
-            prop_assert_eq!(&ids_of(&b, "Observation", &all), &named, "_revinclude {}", i);
+            prop_assert_eq!(&ids_of(&b, rtype, &all), &allowed, "search {}", rtype);
+            let (_, b) = call("GET", &format!("{rtype}?_id={ids}&_summary=count"), &t, None);
+            prop_assert_eq!(b["total"].as_u64(), Some(allowed.len() as u64), "count {}", rtype);
+            // per patient: the compartment route, $everything and _revinclude by the
+            // second field
+            for (i, p) in patients.iter().enumerate() {
+                let reached = reaches(&who, Some(i));
+                let mine: BTreeSet<String> = made
+                    .iter()
+                    .filter(|(id, (o, _))| *o == Some(i) && allowed.contains(*id))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let (status, b) = call("GET", &format!("Patient/{p}/{rtype}?_count=100"), &t, None);
+                if reached {
+                    prop_assert_eq!(status, 200, "{}", b);
+                    prop_assert_eq!(&ids_of(&b, rtype, &all), &mine, "compartment {} {}", rtype, i);
+                } else {
+                    prop_assert_eq!(status, 403, "compartment of an unreached patient");
+                }
+                let (status, b) = call("GET", &format!("Patient/{p}/$everything"), &t, None);
+                if reached {
+                    prop_assert_eq!(status, 200);
+                    prop_assert_eq!(&ids_of(&b, rtype, &all), &mine, "$everything {} {}", rtype, i);
+                } else {
+                    prop_assert_ne!(status, 200);
+                }
+                let named: BTreeSet<String> = made
+                    .iter()
+                    .filter(|(id, (_, by))| reached && *by == Some(i) && allowed.contains(*id))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let (status, b) = call(
+                    "GET",
+                    &format!("Patient?_id={p}&_revinclude={rtype}:{second_param}"),
+                    &t,
+                    None,
+                );
+                prop_assert_eq!(status, 200, "{}", b);
+                prop_assert_eq!(&ids_of(&b, rtype, &all), &named, "_revinclude {} {}", rtype, i);
+            }
         }
     }
 }
