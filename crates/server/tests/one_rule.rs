@@ -303,6 +303,10 @@ fn person_token(who: &Who, patients: &[String], tag: &str) -> String {
     token(Some(&person), scope)
 }
 
+/// The records of one kind: id -> (the patient it belongs to, the patient a search by its
+/// second field matches).
+type Made = BTreeMap<String, (Option<usize>, Option<usize>)>;
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -317,8 +321,7 @@ proptest! {
                 "name": [{"family": format!("Prop{i}")}]})))
             .collect();
         // per kind: id -> (owner, the patient a search by the second field matches)
-        let mut made: Vec<BTreeMap<String, (Option<usize>, Option<usize>)>> =
-            vec![BTreeMap::new(); KINDS.len()];
+        let mut made: Vec<Made> = vec![BTreeMap::new(); KINDS.len()];
         for (k, first, second) in &records {
             // Condition.subject is required: no subject names a group instead
             let first = match (KINDS[*k].0, first) {
