@@ -53,6 +53,8 @@ struct World {
     b_absolute: String,
     /// an Observation about no patient
     nobody: String,
+    /// the Practitioner A's clinician is
+    pr: String,
     /// A's clinician's token
     clinician: String,
     /// A's and B's apps' tokens
@@ -127,6 +129,7 @@ fn world() -> World {
         a_names_b,
         b_absolute,
         nobody,
+        pr,
         clinician,
         pat_a,
         pat_b,
@@ -451,5 +454,60 @@ fn a_dpop_bound_app_uses_the_compartment_route() {
         if path.contains("Observation") || path.contains("everything") {
             assert!(ids(&r.json(), "Observation").contains(&o), "{path}");
         }
+    }
+}
+
+#[test]
+fn another_servers_practitioner_makes_no_treatment_relationship() {
+    let w = world();
+    let s = &w.server;
+    let c = created(s.post("Patient", &w.system, &patient()));
+    let foreign = format!("https://elsewhere.example/fhir/Practitioner/{}", w.pr);
+    // relationships that name "the same" practitioner on another server
+    created(s.post(
+        "CareTeam",
+        &w.system,
+        &json!({"resourceType": "CareTeam", "status": "active",
+            "subject": {"reference": format!("Patient/{c}")},
+            "participant": [{"member": {"reference": foreign}}]}),
+    ));
+    created(s.post(
+        "Encounter",
+        &w.system,
+        &json!({"resourceType": "Encounter", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": format!("Patient/{c}")},
+            "participant": [{"individual": {"reference": foreign}}]}),
+    ));
+    assert_eq!(s.get(&format!("Patient/{c}"), &w.clinician).status, 404);
+    // the same relationship naming ours does
+    created(s.post(
+        "CareTeam",
+        &w.system,
+        &json!({"resourceType": "CareTeam", "status": "active",
+            "subject": {"reference": format!("Patient/{c}")},
+            "participant": [{"member": {"reference": format!("Practitioner/{}", w.pr)}}]}),
+    ));
+    assert_eq!(s.get(&format!("Patient/{c}"), &w.clinician).status, 200);
+}
+
+#[test]
+fn two_sets_of_credentials_are_refused_whatever_their_order() {
+    let w = world();
+    let s = &w.server;
+    let url = format!("{}/Observation/{}", s.base, w.b_names_a);
+    for (first, second) in [(&w.pat_a, &w.system), (&w.system, &w.pat_a)] {
+        let r = s.send(
+            "GET",
+            &url,
+            Some(first),
+            None,
+            &[("Authorization", &format!("Bearer {second}"))],
+        );
+        assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|h| h.contains("invalid_request"))
+        );
     }
 }

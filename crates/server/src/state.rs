@@ -152,8 +152,17 @@ impl App {
         ctx.detail.user_agent = headers
             .get(header::USER_AGENT)
             .and_then(|v| phivault_audit::Detail::clean_agent(v.as_bytes()));
-        let Some(value) = headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::unauthorized(challenge));
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let value = match (values.next(), values.next()) {
+            (None, _) => return Err(ApiError::unauthorized(challenge)),
+            (Some(v), None) => v,
+            // more than one set of credentials: refused, never resolved by order (RFC 6750
+            // §3.1 invalid_request)
+            (Some(_), Some(_)) => {
+                return Err(ApiError::unauthorized(
+                    "Bearer realm=\"phivault\", error=\"invalid_request\"".to_string(),
+                ));
+            }
         };
         let (dpop, token) = value
             .to_str()

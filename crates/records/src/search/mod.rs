@@ -520,8 +520,13 @@ pub fn patients_referencing(
         .collect())
 }
 
-/// The `rtype` records whose reference parameter `param` names `target_type/target_id`,
-/// decrypted and verified (at most [`MAX_FULL_EXAMINE`] examined).
+/// The `rtype` records whose reference parameter `param` names the local resource
+/// `target_type/target_id`, decrypted and verified (at most [`MAX_FULL_EXAMINE`] examined).
+///
+/// Local means written relative (`Type/id`, optionally versioned), as every reference to
+/// this server is stored (writes make references to its own base relative): reference
+/// search compares type and id whatever the base, so a record naming another server's
+/// `…/Practitioner/{id}` would match too, and must not count as naming ours.
 pub fn referencing(
     app: &Vault,
     rtype: &str,
@@ -535,7 +540,21 @@ pub fn referencing(
     let crit = reference_criterion(def, target_type, &[target_id.to_owned()]);
     // the server's own look-up (treatment relationships)
     let access = Access::internal(rtype, Interaction::Search);
-    Plan::new(app, None, &access, None, &[crit])?.all(app, MAX_FULL_EXAMINE)
+    let local = format!("{target_type}/{target_id}");
+    let names_local = |l: &Loaded| {
+        search::extract(def, &l.json).iter().any(|v| match v {
+            SearchValue::Reference { url, .. } => {
+                url == &local
+                    || url
+                        .strip_prefix(local.as_str())
+                        .is_some_and(|rest| rest.starts_with("/_history/"))
+            }
+            _ => false,
+        })
+    };
+    let mut found = Plan::new(app, None, &access, None, &[crit])?.all(app, MAX_FULL_EXAMINE)?;
+    found.retain(names_local);
+    Ok(found)
 }
 
 fn match_ids(
