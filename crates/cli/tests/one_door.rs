@@ -260,6 +260,19 @@ fn a_reference_to_this_servers_own_base_is_local_and_unowned_records_stay_closed
         .get(&format!("Observation/{}", w.b_absolute), &w.system)
         .json();
     assert_eq!(stored["subject"]["reference"], format!("Patient/{}", w.b));
+    // in a transaction too, for a patient the transaction itself writes
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "door-tx-1"},
+         "request": {"method": "PUT", "url": "Patient/door-tx-1"}},
+        {"resource": obs("7777-1", &format!("{}/Patient/door-tx-1", s.base), None),
+         "request": {"method": "POST", "url": "Observation"}}]});
+    let r = s.post("", &w.system, &tx);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let made = s.get("Observation?code=7777-1", &w.system).json();
+    assert_eq!(
+        made["entry"][0]["resource"]["subject"]["reference"],
+        "Patient/door-tx-1"
+    );
     paths_agree(
         &w,
         &w.pat_b,

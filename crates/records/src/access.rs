@@ -116,11 +116,6 @@ impl Access {
         self.reach.is_some()
     }
 
-    /// The client acting, when a token made it.
-    pub fn client_id(&self) -> Option<&str> {
-        self.grant.as_ref().map(Authorized::client_id)
-    }
-
     /// Whether a record of this access's type that belongs to `owner` (the patient whose
     /// key seals it; None: no patient) is reached. The one rule of the module docs.
     pub fn admits(&self, owner: Option<&str>) -> bool {

@@ -55,8 +55,10 @@ pub fn resource_response(
     h.insert(header::ETAG, etag(version));
     h.insert(header::LAST_MODIFIED, last_modified(updated_ms));
     if location
-        && let Ok(v) =
-            HeaderValue::from_str(&format!("{}/{rtype}/{id}/_history/{version}", app.base_url))
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "{}/{rtype}/{id}/_history/{version}",
+            app.vault.base_url
+        ))
     {
         h.insert(header::LOCATION, v);
     }

@@ -51,8 +51,6 @@ pub struct App {
     /// The records and their rules (sealing, the one authorization decision, search,
     /// care relationships).
     pub vault: Arc<Vault>,
-    /// FHIR base URL (`https://host:port/fhir`), the audience of access tokens.
-    pub base_url: String,
     /// Token endpoint URL, the audience of client assertions.
     pub token_url: String,
     /// Issues access tokens.
@@ -112,14 +110,12 @@ impl App {
         verifier: AccessTokenVerifier,
         limits: Limits,
     ) -> Self {
-        let base_url = vault.base_url.clone();
         let token_url = format!("{origin}/auth/token");
-        let capability = crate::capability::capability_statement(&base_url, &token_url);
+        let capability = crate::capability::capability_statement(&vault.base_url, &token_url);
         let smart = crate::capability::smart_configuration(origin, &token_url);
         let jwks = issuer.jwks();
         App {
             vault,
-            base_url,
             token_url,
             issuer,
             verifier,
@@ -261,9 +257,10 @@ impl App {
 
     /// `https://host:port`, the origin the server is reached at.
     pub(crate) fn origin(&self) -> &str {
-        self.base_url
+        self.vault
+            .base_url
             .strip_suffix("/fhir")
-            .unwrap_or(&self.base_url)
+            .unwrap_or(&self.vault.base_url)
     }
 
     /// Whether the account a person's token was issued for is still as it was: enabled,

@@ -128,7 +128,7 @@ pub async fn report(
         if let Some(q) = next
             && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
                 "<{}/audit/report?{q}>; rel=\"next\"",
-                app.base_url.trim_end_matches("/fhir")
+                app.vault.base_url.trim_end_matches("/fhir")
             ))
         {
             resp.headers_mut().insert(axum::http::header::LINK, v);
@@ -169,17 +169,17 @@ pub async fn search(
             Ok((out, next.map(|after| (after, f))))
         })
         .await?;
-        let mut links = vec![json!({"relation": "self", "url": format!("{}/AuditEvent", app.base_url)})];
+        let mut links = vec![json!({"relation": "self", "url": format!("{}/AuditEvent", app.vault.base_url)})];
         if let Some((after, f)) = last {
             links.push(json!({"relation": "next",
-                "url": format!("{}/AuditEvent?{}&_after={after}", app.base_url, f.query())}));
+                "url": format!("{}/AuditEvent?{}&_after={after}", app.vault.base_url, f.query())}));
         }
         let bundle = json!({
             "resourceType": "Bundle",
             "type": "searchset",
             "link": links,
             "entry": events.into_iter().map(|r| json!({
-                "fullUrl": format!("{}/AuditEvent/{}", app.base_url, r["id"].as_str().unwrap_or("")),
+                "fullUrl": format!("{}/AuditEvent/{}", app.vault.base_url, r["id"].as_str().unwrap_or("")),
                 "resource": r,
                 "search": {"mode": "match"},
             })).collect::<Vec<_>>(),

@@ -245,10 +245,11 @@ async fn transaction(
                     ));
                 }
                 let target = format!("{}/{}", e.resource_type, id);
+                // (an absolute URL on this server's base needs no entry: every write makes
+                // those relative, `Engine::prepare`)
                 if let Some(full) = &e.full_url {
-                    map.insert(full.clone(), target.clone());
+                    map.insert(full.clone(), target);
                 }
-                map.insert(format!("{}/{}", app.base_url, target), target);
             }
             plans.push(plan);
         }
@@ -390,7 +391,7 @@ async fn transaction(
                 out.push(entry);
             } else {
                 let (status, w) = results[i].take().unwrap_or(("200 OK".into(), None));
-                out.push(response_entry(&status, w.as_ref(), &app.base_url));
+                out.push(response_entry(&status, w.as_ref(), &app.vault.base_url));
             }
         }
         if !read_events.is_empty() {
@@ -595,10 +596,12 @@ async fn batch_entry(
             let resource = e.resource.unwrap_or(Value::Null);
             Ok(
                 match do_create(app, ctx, access, resource, e.if_none_exist.as_deref()).await? {
-                    Created::New(w) => response_entry("201 Created", Some(&w), &app.base_url),
-                    Created::Existing(row) => {
-                        response_entry("200 OK", Some(&Written::from_row(&row)), &app.base_url)
-                    }
+                    Created::New(w) => response_entry("201 Created", Some(&w), &app.vault.base_url),
+                    Created::Existing(row) => response_entry(
+                        "200 OK",
+                        Some(&Written::from_row(&row)),
+                        &app.vault.base_url,
+                    ),
                 },
             )
         }
@@ -635,7 +638,7 @@ async fn batch_entry(
             } else {
                 "200 OK"
             };
-            Ok(response_entry(status, Some(&w), &app.base_url))
+            Ok(response_entry(status, Some(&w), &app.vault.base_url))
         }
     }
 }

@@ -321,7 +321,7 @@ async fn history_inner(
     }
     let mut entries = Vec::with_capacity(rows.len());
     for (row, body) in rows {
-        let full_url = format!("{}/{}/{}", app.base_url, row.rtype, row.id);
+        let full_url = format!("{}/{}/{}", app.vault.base_url, row.rtype, row.id);
         let (method, url) = if row.deleted {
             ("DELETE", format!("{}/{}", row.rtype, row.id))
         } else if row.version == 1 {
@@ -351,8 +351,8 @@ async fn history_inner(
         "type": "history",
         "total": entries.len(),
         "link": [{"relation": "self", "url": match &id {
-            Some(id) => format!("{}/{rtype}/{id}/_history", app.base_url),
-            None => format!("{}/{rtype}/_history", app.base_url),
+            Some(id) => format!("{}/{rtype}/{id}/_history", app.vault.base_url),
+            None => format!("{}/{rtype}/_history", app.vault.base_url),
         }}],
         "entry": entries,
     });

@@ -191,7 +191,7 @@ pub async fn authorize(
         Ok(parse_authorize_request(
             &params,
             &|id| a.launch_app(id),
-            &a.base_url,
+            &a.vault.base_url,
         ))
     })
     .await;

@@ -231,8 +231,8 @@ async fn run(
     }
     ctx.entities = entities;
     let self_url = match &req.compartment {
-        Some(p) => format!("{}/Patient/{p}/{}", app.base_url, req.rtype),
-        None => format!("{}/{}", app.base_url, req.rtype),
+        Some(p) => format!("{}/Patient/{p}/{}", app.vault.base_url, req.rtype),
+        None => format!("{}/{}", app.vault.base_url, req.rtype),
     };
     let body = search::bundle(&app.vault, page, &self_url)?;
     let mut resp = (StatusCode::OK, Bytes::from(body)).into_response();
@@ -314,7 +314,7 @@ async fn everything(
                     b.push(b',');
                 }
                 first = false;
-                if search::write_entry(&mut b, &a.base_url, l, "match", None).is_err() {
+                if search::write_entry(&mut b, &a.vault.base_url, l, "match", None).is_err() {
                     return false;
                 }
                 send(b)
