@@ -1,0 +1,401 @@
+//! The command line: every command and its arguments (clap), and the checks of the
+//! serve options that need no data directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "phivault",
+    version,
+    about = "A FHIR R4 health-records server that stays safe when its storage leaks"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Create a data directory: master key, development CA and server certificate, signing keys, empty database.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Width in bits of blind-index tokens. Plan it for the expected number of
+        /// resources R per type: the coincidence band 2 <= R/2^bits <= sqrt(R) of DR3
+        /// (16 bits suits 131 thousand to 4 billion resources); see `index check`.
+        #[arg(long, default_value_t = phivault_records::DEFAULT_INDEX_BITS)]
+        index_bits: u32,
+    },
+    /// Serve FHIR over HTTPS (initialises the data directory on first run).
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// PEM certificate chain (required for non-loopback addresses).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key, mode 0600 (required for non-loopback addresses).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Public origin clients use (default https://LISTEN-ADDRESS); the token audience derives from it.
+        #[arg(long)]
+        public_url: Option<String>,
+        #[command(flatten)]
+        watch: WatchArgs,
+        #[command(flatten)]
+        timing: TimingArgs,
+    },
+    /// Manage SMART Backend Services clients.
+    Client {
+        #[command(subcommand)]
+        cmd: ClientCmd,
+    },
+    /// Register SMART apps (public clients that sign people in with App Launch).
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
+    /// Manage the accounts of people (clinicians, auditors, admins, patients).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Trust a hospital's own OpenID Connect provider for people's access tokens.
+    Idp {
+        #[command(subcommand)]
+        cmd: IdpCmd,
+    },
+    /// Write deterministic synthetic patients as FHIR transaction Bundles.
+    Synth {
+        #[arg(long)]
+        patients: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// Blind-index tools.
+    Index {
+        #[command(subcommand)]
+        cmd: IndexCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum IndexCmd {
+    /// Check every blind index's coincidence count C = R / 2^bits against the safe band
+    /// 2 <= C <= sqrt(R) (DR3), offline. Exit 0 when every index with at least
+    /// --min-resources resources is in the band, 1 otherwise.
+    Check {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Indexes of fewer resources are listed but not judged (the band is degenerate).
+        #[arg(long, default_value_t = 64)]
+        min_resources: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClientCmd {
+    /// Register a client; writes its credentials (with a private ES384 JWK) as JSON.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Scopes the client may be granted: system/ scopes only, e.g. "system/*.cruds".
+        #[arg(long)]
+        scope: String,
+        /// Credentials file to create (mode 0600); stdout when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Token endpoint URL written into the credentials.
+        #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
+        token_url: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AppCmd {
+    /// Register a public SMART app (authorization code + PKCE S256); prints its client_id.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// An exact redirect URI (https, or http on a loopback address); repeatable.
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// Scopes the app may ever be granted, e.g. "patient/*.rs openid fhirUser launch/patient offline_access".
+        #[arg(long)]
+        scope: String,
+        /// Also issue plain bearer tokens to it (apps that cannot keep a key). By default
+        /// a public app gets tokens only with a DPoP proof (RFC 9449): its access and
+        /// refresh tokens are bound to its key, useless to whoever steals them.
+        #[arg(long)]
+        allow_bearer: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Add a person. The password is read from the first line of standard input; the
+    /// second factor's enrolment secret is printed once, and must be proven at the first
+    /// sign-in before any token is issued.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        username: String,
+        /// clinician | auditor | admin | patient
+        #[arg(long)]
+        role: String,
+        /// The Practitioner a clinician is (its id; must exist).
+        #[arg(long, conflicts_with = "patient")]
+        practitioner: Option<String>,
+        /// The Patient a patient user is (its id; must exist).
+        #[arg(long)]
+        patient: Option<String>,
+    },
+    /// Disable a person's account; their tokens stop working.
+    Disable {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        username: String,
+    },
+    /// Change a person's role (and link); their tokens stop working.
+    Role {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long, conflicts_with = "patient")]
+        practitioner: Option<String>,
+        #[arg(long)]
+        patient: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum IdpCmd {
+    /// Accept access tokens (RFC 9068 JWTs) from this provider: its keys come from its
+    /// discovery document; the person claim names a local account, whose role and links
+    /// decide what the token reaches.
+    Add {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The issuer URL, exactly as in its tokens (https; http only on a loopback address).
+        #[arg(long)]
+        issuer: String,
+        /// The audience its tokens must carry for this server (its FHIR base URL).
+        #[arg(long)]
+        audience: String,
+        /// The claim naming the person; its value is a local username.
+        #[arg(long, default_value = "preferred_username")]
+        username_claim: String,
+        /// PEM file of the CA of the provider's TLS certificate (a private PKI).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Verify the audit log offline: the hash chain and its signed head, and the Merkle
+    /// tree against every signed checkpoint (stored, and those a witness kept). Exit 0
+    /// when intact.
+    Verify {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A witness file of checkpoints exported earlier (`audit checkpoints`), kept where
+        /// the server cannot rewrite it: a rewritten or rolled-back log fails against it.
+        #[arg(long)]
+        witness: Option<PathBuf>,
+    },
+    /// A report of the audit log (AU4): the events of a period, a user, a client or a
+    /// patient, as CSV or as FHIR AuditEvent JSON lines.
+    Report {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// From this date or instant (inclusive), e.g. 2026-12-01.
+        #[arg(long)]
+        from: Option<String>,
+        /// Until this date or instant (exclusive).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this person's account id.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this client.
+        #[arg(long)]
+        client: Option<String>,
+        /// Only events about this patient (an accounting of disclosures).
+        #[arg(long)]
+        patient: Option<String>,
+        /// csv or json.
+        #[arg(long, default_value = "csv")]
+        format: String,
+    },
+    /// Print the signed checkpoints of the audit tree, one per line (`size root time
+    /// signature`), to append to a witness file on another volume.
+    Checkpoints {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only checkpoints of more events than this.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Print the alert records for review (break-the-glass), oldest first, as JSON lines.
+    Alerts {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Only those in this state: open, justified or violation.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Run the snooping rules over the audit events since the last scan and raise alerts
+    /// (the server does this by itself too, every --scan-every seconds).
+    Scan {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        hours: HoursArgs,
+    },
+    /// Record the review of an alert: justified or violation.
+    Review {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The alert's id.
+        #[arg(long)]
+        alert: String,
+        /// justified or violation.
+        #[arg(long)]
+        status: String,
+        /// Who reviewed it.
+        #[arg(long)]
+        reviewer: String,
+        /// The finding.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+/// Working hours (UTC) of the after-hours rule.
+#[derive(clap::Args, Debug)]
+pub struct HoursArgs {
+    /// First working hour (UTC).
+    #[arg(long, default_value_t = 7)]
+    start_hour: u64,
+    /// First hour after work (UTC).
+    #[arg(long, default_value_t = 19)]
+    end_hour: u64,
+    /// Saturdays and Sundays are working days.
+    #[arg(long)]
+    weekends: bool,
+}
+
+impl HoursArgs {
+    pub fn check(&self) -> Result<phivault_records::snoop::Hours> {
+        anyhow::ensure!(
+            self.start_hour < self.end_hour && self.end_hour <= 24,
+            "working hours: 0 ≤ start < end ≤ 24"
+        );
+        Ok(phivault_records::snoop::Hours {
+            start: self.start_hour,
+            end: self.end_hour,
+            weekends: self.weekends,
+        })
+    }
+}
+
+/// How a running server watches its audit log (see `phivault_records::watch`).
+#[derive(clap::Args, Debug)]
+pub struct WatchArgs {
+    /// Run the snooping rules over new audit events every this many seconds (10 – 86400).
+    #[arg(long, default_value_t = 300)]
+    scan_every: u64,
+    #[command(flatten)]
+    hours: HoursArgs,
+    /// Append every signed audit checkpoint to this file (another volume, append-only) for
+    /// `audit verify --witness`.
+    #[arg(long)]
+    witness_file: Option<PathBuf>,
+    /// Send new alerts to this syslog socket (RFC 5424 datagrams, e.g. /dev/log).
+    #[arg(long)]
+    alert_syslog: Option<PathBuf>,
+}
+
+impl WatchArgs {
+    pub fn check(self) -> Result<phivault_records::watch::Watch> {
+        anyhow::ensure!(
+            (10..=86_400).contains(&self.scan_every),
+            "refusing to start: --scan-every is 10 to 86400 seconds"
+        );
+        Ok(phivault_records::watch::Watch {
+            scan_every: std::time::Duration::from_secs(self.scan_every),
+            hours: self
+                .hours
+                .check()
+                .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
+            witness_file: self.witness_file,
+            alert_syslog: self.alert_syslog,
+        })
+    }
+}
+
+/// How often the server writes audit checkpoints and how long it trusts what it read
+/// (defaults for production; tests shorten them instead of waiting).
+#[derive(clap::Args, Debug)]
+pub struct TimingArgs {
+    /// Write a signed audit checkpoint at most every this many milliseconds while events
+    /// come (50 – 3600000).
+    #[arg(long, default_value_t = phivault_store::sqlite::CHECKPOINT_INTERVAL_MS)]
+    pub checkpoint_every_ms: u64,
+    /// Re-read a person's account (disabled, role changed) at most every this many
+    /// milliseconds: their tokens are refused within it (0 – 60000).
+    #[arg(long, default_value_t = 2_000)]
+    account_recheck_ms: u64,
+    /// Fetch an identity provider's key set again for an unknown `kid` at most every this
+    /// many milliseconds (100 – 3600000).
+    #[arg(long, default_value_t = 5_000)]
+    idp_refetch_ms: u64,
+}
+
+impl TimingArgs {
+    pub fn check(self) -> Result<phivault_server::Freshness> {
+        anyhow::ensure!(
+            (50..=3_600_000).contains(&self.checkpoint_every_ms),
+            "refusing to start: --checkpoint-every-ms is 50 to 3600000"
+        );
+        anyhow::ensure!(
+            self.account_recheck_ms <= 60_000,
+            "refusing to start: --account-recheck-ms is 0 to 60000"
+        );
+        anyhow::ensure!(
+            (100..=3_600_000).contains(&self.idp_refetch_ms),
+            "refusing to start: --idp-refetch-ms is 100 to 3600000"
+        );
+        Ok(phivault_server::Freshness {
+            account_recheck_ms: self.account_recheck_ms,
+            idp_refetch_ms: self.idp_refetch_ms,
+            ..Default::default()
+        })
+    }
+}

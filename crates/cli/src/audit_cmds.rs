@@ -1,0 +1,179 @@
+//! Offline tools over a data directory: the audit log (scan, report, verify) and the blind indexes.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::datadir;
+use crate::serve::vault_at;
+use phivault_store::Store as _;
+
+pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
+    use phivault_fhir::search;
+    use phivault_store::Store as _;
+    let opened = datadir::open(data_dir)?;
+    let engine = phivault_records::Engine::new(opened.store.clone(), opened.keys.clone());
+    let bits = engine.index_bits();
+    let space = 2f64.powi(bits as i32);
+    println!("token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R)");
+    println!("index\tR\tC\tband\tdistinct tokens\tmax rows/token\tverdict");
+    let mut out_of_band = 0;
+    for rtype in phivault_fhir::resource_types() {
+        let indexes = search::indexed_params(rtype).flat_map(|def| {
+            let span =
+                (def.ptype == search::ParamType::Date).then(|| search::span_index(&def.code));
+            std::iter::once(def.code.clone()).chain(span)
+        });
+        for code in indexes {
+            let st = opened.store.index_stats(rtype, &code)?;
+            if st.resources == 0 {
+                continue;
+            }
+            let r = st.resources as f64;
+            let c = r / space;
+            let hi = r.sqrt();
+            let verdict = if st.resources < min_resources {
+                "too few to judge"
+            } else if c < 2.0 {
+                out_of_band += 1;
+                "BELOW band: tokens nearly unique, equal tokens likely mean equal values"
+            } else if c > hi {
+                out_of_band += 1;
+                "ABOVE band: tokens too coarse, searches decrypt many false candidates"
+            } else if st.max_rows_per_token * 2 > st.resources {
+                // DR3's band bounds coincidence among distinct values; a field with few
+                // values (status, gender) still shows its value distribution
+                "in band (low-cardinality: token frequencies show the value distribution)"
+            } else {
+                "in band"
+            };
+            println!(
+                "{rtype}.{code}\t{}\t{c:.2}\t[2, {hi:.1}]\t{}\t{}\t{verdict}",
+                st.resources, st.distinct_tokens, st.max_rows_per_token
+            );
+        }
+    }
+    opened.store.close();
+    if out_of_band > 0 {
+        println!(
+            "index check: {out_of_band} index(es) outside the band for {bits}-bit tokens (plan --index-bits for the expected population)"
+        );
+        return Ok(1);
+    }
+    println!("index check: OK");
+    Ok(0)
+}
+
+/// `phivault audit scan`: the rules over the events after the last scanned position
+/// (see `phivault_records::snoop::run`); prints what it raised.
+pub(crate) fn audit_scan(
+    opened: &datadir::Opened,
+    hours: phivault_records::snoop::Hours,
+) -> Result<i32> {
+    // no listener: nothing is issued to the placeholder origin
+    let vault = vault_at(opened, "https://localhost");
+    let summary = phivault_records::snoop::run(&vault, hours)?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(0)
+}
+
+/// `phivault audit report`: the events the filters pass, in log order.
+pub(crate) fn audit_report(
+    data_dir: &Path,
+    filters: [(&str, Option<String>); 5],
+    format: &str,
+) -> Result<i32> {
+    use phivault_records::report::{CSV_HEADER, Filter, csv_line, to_fhir};
+    use std::io::Write as _;
+    let query: Vec<String> = filters
+        .iter()
+        .filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|v| format!("{k}={}", phivault_auth::percent_encode(v)))
+        })
+        .collect();
+    let filter = Filter::parse(Some(&query.join("&"))).map_err(|e| {
+        let why: Vec<&str> = e.issues.iter().map(|i| i.message.as_str()).collect();
+        anyhow::anyhow!("invalid filter: {}", why.join("; "))
+    })?;
+    if format != "csv" && format != "json" {
+        anyhow::bail!("--format is csv or json");
+    }
+    let d = datadir::DataDir::new(data_dir);
+    let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if format == "csv" {
+        writeln!(out, "{CSV_HEADER}")?;
+    }
+    let mut failed = None;
+    store.scan_audit(&mut |s| {
+        let e = match phivault_audit::AuditEvent::decode(&s.event) {
+            Ok(e) => e,
+            Err(_) => {
+                failed = Some(s.seq);
+                return false;
+            }
+        };
+        if !filter.matches(&e) {
+            return true;
+        }
+        let line = if format == "json" {
+            to_fhir(s.seq, &e).to_string()
+        } else {
+            csv_line(s.seq, &e)
+        };
+        writeln!(out, "{line}").is_ok()
+    })?;
+    out.flush()?;
+    if let Some(seq) = failed {
+        eprintln!("phivault: the audit event at position {seq} does not decode; run audit verify");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+pub(crate) fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
+    use phivault_audit::{StoredEvent, merkle::Checkpoint, verify};
+    /// The data directory's store and the witness file, read as the verification asks.
+    struct Files<'a> {
+        store: phivault_store::sqlite::SqliteStore,
+        witness: Option<&'a Path>,
+    }
+    impl verify::Source for Files<'_> {
+        type Error = anyhow::Error;
+        fn signed_head(&mut self) -> Result<Option<verify::SignedHead>> {
+            Ok(self.store.audit_head()?.map(|h| verify::SignedHead {
+                size: h.size,
+                hash: h.hash,
+                signature: h.signature,
+            }))
+        }
+        fn stored_checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
+            Ok(self.store.audit_checkpoints(0, usize::MAX)?)
+        }
+        fn witness(&mut self) -> Result<Option<String>> {
+            self.witness
+                .map(|w| {
+                    std::fs::read_to_string(w)
+                        .with_context(|| format!("cannot read the witness file {}", w.display()))
+                })
+                .transpose()
+        }
+        fn scan(&mut self, visit: &mut dyn FnMut(StoredEvent) -> bool) -> Result<()> {
+            Ok(self.store.scan_audit(visit)?)
+        }
+    }
+    let d = datadir::DataDir::new(data_dir);
+    let public = datadir::load_keys(&d)?.1.public_key();
+    let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+    match verify::verify_log(&mut Files { store, witness }, &public)? {
+        Ok(report) => {
+            println!("audit verify: OK: {report}");
+            Ok(0)
+        }
+        Err(failure) => {
+            println!("audit verify: FAILED: {failure}");
+            Ok(1)
+        }
+    }
+}
