@@ -71,6 +71,21 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: IdpCmd,
     },
+    /// Print an access token for a back-end client: signs a client assertion with the key
+    /// in its credentials file (`client add --out`) and asks the server's token endpoint
+    /// over TLS. Use it as `curl -H "Authorization: Bearer $(phivault token --client F)"`.
+    Token {
+        /// The credentials file written by `client add --out`.
+        #[arg(long)]
+        client: PathBuf,
+        /// Scopes to ask for (default: all the client was registered with).
+        #[arg(long)]
+        scope: Option<String>,
+        /// PEM file of the CA of the server's certificate (default: the CA recorded in the
+        /// credentials file for a loopback server, else the system's roots).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
     /// Write deterministic synthetic patients as FHIR transaction Bundles.
     Synth {
         #[arg(long)]

@@ -4,6 +4,7 @@
 mod args;
 mod audit_cmds;
 mod datadir;
+mod fhir_client;
 mod registry;
 mod serve;
 
@@ -94,6 +95,16 @@ fn run(cli: Cli) -> Result<i32> {
                     allow_bearer,
                 },
         } => registry::app_add(&data_dir, &name, redirect_uris, &scope, !allow_bearer),
+        Cmd::Token {
+            client,
+            scope,
+            ca_file,
+        } => {
+            let creds = fhir_client::Credentials::load(&client)?;
+            let mut c = fhir_client::Client::new(creds, scope.as_deref(), ca_file.as_deref())?;
+            println!("{}", c.token()?.expose());
+            Ok(0)
+        }
         Cmd::Synth {
             patients,
             seed,

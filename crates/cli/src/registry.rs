@@ -26,6 +26,14 @@ pub(crate) fn client_add(
             refused.join(" ")
         );
     }
+    if let Some(p) = out
+        && std::fs::symlink_metadata(p).is_ok()
+    {
+        anyhow::bail!(
+            "{} already exists; refusing to overwrite a credentials file (choose another --out)",
+            p.display()
+        );
+    }
     let opened = datadir::open(data_dir)?;
     let client_id = uuid_like()?;
     let kid = format!("{client_id}-1");
@@ -45,19 +53,29 @@ pub(crate) fn client_add(
         &phivault_records::registrations::client_meta_key(&client_id),
         &serde_json::to_vec(&record)?,
     )?;
-    opened.store.close();
     let private_json: serde_json::Value = serde_json::from_str(
         &private
             .to_json_string()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     )?;
-    let creds = serde_json::json!({
+    let mut creds = serde_json::json!({
         "client_id": client_id,
         "name": name,
         "scope": scopes.to_string(),
         "token_url": token_url,
         "private_jwk": private_json,
     });
+    if let Some(origin) = token_url.strip_suffix("/auth/token") {
+        creds["fhir_base_url"] = format!("{origin}/fhir").into();
+    }
+    // The development certificate serves loopback only: a client of a loopback server
+    // trusts this data directory's CA (public; `phivault token` uses it)
+    if is_loopback_https(token_url)
+        && let Ok(pem) = std::fs::read_to_string(opened.dir.ca_cert())
+    {
+        creds["tls_ca_pem"] = pem.into();
+    }
+    opened.store.close();
     let text = serde_json::to_string_pretty(&creds)?;
     match out {
         Some(p) => {
@@ -258,4 +276,49 @@ pub(crate) fn idp_add(
     r?;
     println!("identity provider {} trusted", cfg.issuer);
     Ok(0)
+}
+
+/// Whether `url` is https on a loopback host (`localhost`, `127.x.y.z`, `[::1]`).
+fn is_loopback_https(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_https;
+
+    #[test]
+    fn only_https_loopback_hosts_get_the_development_ca() {
+        for yes in [
+            "https://127.0.0.1:8443/auth/token",
+            "https://localhost/auth/token",
+            "https://[::1]:8443/auth/token",
+            "https://127.0.0.2:1/auth/token",
+        ] {
+            assert!(is_loopback_https(yes), "{yes}");
+        }
+        for no in [
+            "http://127.0.0.1:8443/auth/token",
+            "https://fhir.example.org/auth/token",
+            "https://127.0.0.1.example.org/auth/token",
+            "https://user@127.0.0.1/auth/token",
+            "https://10.0.0.1:8443/auth/token",
+        ] {
+            assert!(!is_loopback_https(no), "{no}");
+        }
+    }
 }
