@@ -18,7 +18,14 @@ echo "== cargo clippy (deny warnings)"
 cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== npm ci: the OpenID Connect provider the integration tests start"
-command -v node >/dev/null || { echo "node is required (apt-get install nodejs npm)"; exit 1; }
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    # Debian's nodejs and npm (Node 18 on Debian 12) when either is missing.
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+echo "node $(node --version) ($(command -v node)), npm $(npm --version)"
 (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
 echo "== cargo test (unit, property, integration)"

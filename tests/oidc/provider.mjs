@@ -62,9 +62,9 @@ server.listen(Number(PORT), '127.0.0.1', () => {
     jwks: { keys },
     cookies: { keys: ['phivault-oidc-test-cookie-key-5f1c2a9e7d3b'] },
     scopes: RS_SCOPES.split(' '),
-    // oidc-provider 9 requires PKCE only for public clients by default;
-    // require it (S256 is the only supported method) for every client.
-    pkce: { required: () => true },
+    // oidc-provider requires PKCE only for public clients by default;
+    // require it for every client, and allow only S256.
+    pkce: { methods: ['S256'], required: () => true },
     // Any login name is a valid account id.
     findAccount: (ctx, id) => ({
       accountId: id,
