@@ -11,12 +11,20 @@ use phivault_store::Store as _;
 pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     use phivault_fhir::search;
     use phivault_store::Store as _;
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
     let opened = datadir::open(data_dir)?;
     let engine = phivault_records::Engine::new(opened.store.clone(), opened.keys.clone());
     let bits = engine.index_bits();
     let space = 2f64.powi(bits as i32);
-    println!("token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R)");
-    println!("index\tR\tC\tband\tdistinct tokens\tmax rows/token\tverdict");
+    writeln!(
+        out,
+        "token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R)"
+    )?;
+    writeln!(
+        out,
+        "index\tR\tC\tband\tdistinct tokens\tmax rows/token\tverdict"
+    )?;
     let mut out_of_band = 0;
     for rtype in phivault_fhir::resource_types() {
         let indexes = search::indexed_params(rtype).flat_map(|def| {
@@ -47,20 +55,22 @@ pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
             } else {
                 "in band"
             };
-            println!(
+            writeln!(
+                out,
                 "{rtype}.{code}\t{}\t{c:.2}\t[2, {hi:.1}]\t{}\t{}\t{verdict}",
                 st.resources, st.distinct_tokens, st.max_rows_per_token
-            );
+            )?;
         }
     }
     opened.store.close();
     if out_of_band > 0 {
-        println!(
+        writeln!(
+            out,
             "index check: {out_of_band} index(es) outside the band for {bits}-bit tokens (plan --index-bits for the expected population)"
-        );
+        )?;
         return Ok(1);
     }
-    println!("index check: OK");
+    writeln!(out, "index check: OK")?;
     Ok(0)
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! DIR/                      mode 0700
 //!   master.key              the master key (0600); keep it on another volume in production
+//!   serve.lock              held (flock) by the one `serve` of this directory; holds its pid
 //!   phivault.db (+ -wal)    SQLite: sealed versions, blind indexes, wrapped data keys, audit chain
 //!   keys/token-signing.sealed   Ed25519 PKCS#8, sealed under the master key
 //!   keys/audit-signing.sealed   Ed25519 PKCS#8, sealed under the master key
@@ -56,6 +57,57 @@ impl DataDir {
     pub fn server_key(&self) -> PathBuf {
         self.root.join("tls/server-key.pem")
     }
+    pub fn serve_lock(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+}
+
+/// The exclusive claim of one `serve` on a data directory: two servers over one store
+/// would each believe they hold the audit chain's head. Held until the process exits
+/// (the kernel drops the lock with the last descriptor, so a crash leaves no stale lock).
+pub struct ServeLock {
+    _file: std::fs::File,
+}
+
+/// Take the data directory's serve lock, or say which process holds it.
+pub fn lock_for_serving(d: &DataDir) -> Result<ServeLock> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = d.serve_lock();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(0o400_000) // O_NOFOLLOW: never lock through a planted symlink
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if !holder.is_empty() && holder.bytes().all(|b| b.is_ascii_digit()) {
+                format!("process {holder}")
+            } else {
+                "another process".to_owned()
+            };
+            bail!(
+                "refusing to start: the data directory {} is in use by {who} (another phivault serve); one server per data directory — stop it first, or serve another --data-dir",
+                d.root.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(ServeLock { _file: file })
 }
 
 fn mkdir_private(p: &Path) -> Result<()> {
@@ -76,12 +128,15 @@ pub fn init(root: &Path, index_bits: u32) -> Result<()> {
             root.display()
         );
     }
+    // a new store only where its parent already is: a mistyped path must not grow a tree
     if let Some(parent) = root.parent()
         && !parent.as_os_str().is_empty()
-        && !parent.exists()
+        && !parent.is_dir()
     {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        bail!(
+            "{} does not exist, so no data directory is created under it (a mistyped path?); create the parent first if a new store is meant",
+            parent.display()
+        );
     }
     mkdir_private(root)?;
     let d = DataDir::new(root);
@@ -154,10 +209,19 @@ pub fn check_dir_private(root: &Path) -> Result<()> {
 /// Load the master key, the derived keys and the audit signing key of a data directory.
 pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
     check_dir_private(&d.root)?;
-    let master = MasterKey::load_key_file(&d.master_key())
-        .map_err(|e| anyhow::anyhow!("refusing to start: cannot use the master key file: {e}"))?;
+    let master = MasterKey::load_key_file(&d.master_key()).map_err(|e| {
+        anyhow::anyhow!(
+            "refusing to start: cannot use the master key file {}: {e}",
+            d.master_key().display()
+        )
+    })?;
     let keys = KeyHierarchy::new(&master);
-    let sealed = std::fs::read(d.audit_key()).context("cannot read the audit signing key")?;
+    let sealed = std::fs::read(d.audit_key()).with_context(|| {
+        format!(
+            "cannot read the audit signing key {}",
+            d.audit_key().display()
+        )
+    })?;
     let pkcs8 = keys
         .open_secret(AUDIT_KEY_LABEL, &sealed)
         .context("refusing to start: the audit signing key does not open under this master key (a master key from another deployment?)")?;
@@ -169,7 +233,12 @@ pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
 pub fn open(root: &Path) -> Result<Opened> {
     let d = DataDir::new(root);
     let (keys, audit) = load_keys(&d)?;
-    let sealed = std::fs::read(d.token_key()).context("cannot read the token signing key")?;
+    let sealed = std::fs::read(d.token_key()).with_context(|| {
+        format!(
+            "cannot read the token signing key {}",
+            d.token_key().display()
+        )
+    })?;
     let token_pkcs8 = keys
         .open_secret(TOKEN_KEY_LABEL, &sealed)
         .context("refusing to start: the token signing key does not open under this master key")?;

@@ -13,6 +13,8 @@ mod serve;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::io::Write as _;
+
 use anyhow::Result;
 use clap::Parser;
 
@@ -21,20 +23,34 @@ use phivault_store::Store as _;
 use args::{AppCmd, AuditCmd, Cli, ClientCmd, Cmd, IdpCmd, IndexCmd};
 
 fn main() {
+    use std::io::IsTerminal as _;
     let cli = Cli::parse();
+    // colour codes only for a person at a terminal, never into a log file or journal
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false)
         .with_max_level(tracing::Level::INFO)
         .init();
     let code = match run(cli) {
         Ok(code) => code,
+        // `phivault audit report … | head`: the reader has what it wanted
+        Err(e) if reader_went_away(&e) => 0,
         Err(e) => {
             eprintln!("phivault: {e:#}");
             2
         }
     };
     std::process::exit(code);
+}
+
+/// Whether the command failed only because its standard output was closed (EPIPE).
+fn reader_went_away(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -147,8 +163,9 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             let d = datadir::DataDir::new(&data_dir);
             let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+            let mut out = std::io::stdout().lock();
             for cp in store.audit_checkpoints(after, usize::MAX)? {
-                println!("{}", cp.to_line());
+                writeln!(out, "{}", cp.to_line())?;
             }
             Ok(0)
         }
@@ -163,11 +180,12 @@ fn run(cli: Cli) -> Result<i32> {
             let opened = datadir::open(&data_dir)?;
             let alerts = phivault_records::care::alerts(&opened.keys, &*opened.store, limit);
             opened.store.close();
+            let mut out = std::io::stdout().lock();
             for a in alerts?
                 .iter()
                 .filter(|a| status.as_ref().is_none_or(|s| &a.status == s))
             {
-                println!("{}", serde_json::to_string(a)?);
+                writeln!(out, "{}", serde_json::to_string(a)?)?;
             }
             Ok(0)
         }

@@ -33,18 +33,24 @@ pub(crate) fn serve(
     {
         bail!("refusing to start: --public-url must be an https:// URL");
     }
-    if !data_dir.exists() {
+    let created = !data_dir.exists();
+    if created {
         datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS)?;
-        eprintln!("initialised new data directory {}", data_dir.display());
+        announce_new_store(&datadir::DataDir::new(data_dir));
     }
+    let _lock = datadir::lock_for_serving(&datadir::DataDir::new(data_dir))?;
     let opened = datadir::open(data_dir)?;
     opened.store.set_checkpoint_interval_ms(checkpoint_every_ms);
     let (cert_path, key_path) = match (tls_cert, tls_key) {
         (Some(c), Some(k)) => (c, k),
         _ => (opened.dir.server_cert(), opened.dir.server_key()),
     };
-    let key_pem = phivault_crypto::read_private_file(&key_path, 1 << 20)
-        .map_err(|e| anyhow::anyhow!("refusing to start: TLS private key: {e}"))?;
+    let key_pem = phivault_crypto::read_private_file(&key_path, 1 << 20).map_err(|e| {
+        anyhow::anyhow!(
+            "refusing to start: TLS private key {}: {e}",
+            key_path.display()
+        )
+    })?;
     let cert_pem = std::fs::read(&cert_path)
         .with_context(|| format!("cannot read TLS certificate {}", cert_path.display()))?;
     let tls = phivault_server::tls_config(&cert_pem, key_pem.expose())?;
@@ -66,11 +72,7 @@ pub(crate) fn serve(
         phivault_records::watch::spawn(app.vault.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");
-        eprintln!(
-            "FHIR base {origin}/fhir (TLS CA: {ca}).\nTo get a token: phivault client add --data-dir {dir} --name NAME --scope 'system/*.cruds' --token-url {origin}/auth/token --out creds.json\nthen POST a private_key_jwt client assertion to {origin}/auth/token (SMART Backend Services).",
-            ca = opened.dir.ca_cert().display(),
-            dir = opened.dir.root.display(),
-        );
+        eprintln!("{}", first_steps(&opened.dir, &origin));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         phivault_server::serve_tls(listener, tls, router, shutdown_signal()).await;
@@ -78,6 +80,64 @@ pub(crate) fn serve(
     })?;
     db.close();
     Ok(0)
+}
+
+/// Say loudly that a new, empty store was made, where, and where its key is: a mistyped
+/// `--data-dir` must not pass for the real store unnoticed.
+fn announce_new_store(d: &datadir::DataDir) {
+    let root = std::path::absolute(&d.root).unwrap_or_else(|_| d.root.clone());
+    eprintln!(
+        "\n*** Created a NEW, EMPTY data directory: {root} ***\n    (nothing was there; if you meant an existing store, stop this server and check --data-dir)\n    Its master key is {key}: whoever holds it and a copy of the data reads every record,\n    so keep it apart from backups and copies of the data.\n",
+        root = root.display(),
+        key = root.join("master.key").display(),
+    );
+}
+
+/// How a newcomer gets from here to a first search: commands that work from where the
+/// server was started (through `cargo run` when that is how it runs).
+fn first_steps(d: &datadir::DataDir, origin: &str) -> String {
+    let me = invocation();
+    let token_url = if origin == "https://127.0.0.1:8443" {
+        String::new()
+    } else {
+        format!(" --token-url {origin}/auth/token")
+    };
+    format!(
+        "FHIR base {origin}/fhir (TLS CA: {ca})\n\
+         To get a token and search (in another terminal):\n  \
+         {me} client add --data-dir {dir} --name my-app --scope 'system/*.cruds'{token_url} --out my-app.json\n  \
+         curl --cacert {ca} -H \"Authorization: Bearer $({me} token --client my-app.json)\" '{origin}/fhir/Patient?_count=10'",
+        ca = d.ca_cert().display(),
+        dir = d.root.display(),
+    )
+}
+
+/// The command that runs this binary from the current directory: `cargo run --release
+/// -q --` under cargo, `phivault` when it is on PATH, else its path.
+fn invocation() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "phivault".to_owned();
+    };
+    if std::env::var_os("CARGO").is_some() && std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+        let release = exe.parent().is_some_and(|p| p.ends_with("release"));
+        return if release {
+            "cargo run --release -q --".to_owned()
+        } else {
+            "cargo run -q --".to_owned()
+        };
+    }
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join("phivault") == exe));
+    if on_path {
+        return "phivault".to_owned();
+    }
+    match std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(Path::to_path_buf))
+    {
+        Some(rel) => format!("./{}", rel.display()),
+        None => exe.display().to_string(),
+    }
 }
 
 async fn shutdown_signal() {

@@ -120,3 +120,90 @@ fn a_master_key_from_another_deployment_is_refused() {
     assert!(refused);
     assert!(msg.contains("refusing to start"), "{msg}");
 }
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused_and_named() {
+    let mut first = Server::start();
+    let (refused, err) = serve(&first.data, &[]);
+    assert!(refused, "a second serve started: {err}");
+    assert!(
+        err.contains("in use by process") && err.contains(&first.pid().to_string()),
+        "the refusal names the holder: {err}"
+    );
+    // the first server is untouched
+    let t = first.token("system/*.rs");
+    assert_eq!(first.get("Patient", &t).status, 200);
+    // the lock dies with its holder, even by SIGKILL
+    first.kill9();
+    first.restart();
+    assert_eq!(
+        first.get("Patient", &first.token("system/*.rs")).status,
+        200
+    );
+}
+
+#[test]
+fn a_mistyped_data_directory_is_not_created() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let missing_parent = tmp.path().join("phivault-dta");
+    let (refused, err) = serve(&missing_parent.join("data"), &[]);
+    assert!(
+        refused,
+        "serve created a store under a missing parent: {err}"
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!missing_parent.exists(), "no directory is created");
+    let o = run(&[
+        "init",
+        "--data-dir",
+        missing_parent.join("data").to_str().expect("utf8"),
+    ]);
+    assert!(!o.status.success());
+    assert!(!missing_parent.exists());
+}
+
+#[test]
+fn a_new_store_is_announced_with_where_its_key_went() {
+    let server = Server::start();
+    let logs = String::from_utf8_lossy(&server.logs()).into_owned();
+    assert!(logs.contains("NEW, EMPTY data directory"), "{logs}");
+    assert!(
+        logs.contains(&server.data.join("master.key").display().to_string()),
+        "names the key file: {logs}"
+    );
+    // and a restart on the same directory says nothing of the kind
+    let mut server = server;
+    server.stop();
+    server.restart();
+    let again = String::from_utf8_lossy(&server.logs()).into_owned();
+    assert!(!again.contains("NEW, EMPTY"), "{again}");
+}
+
+#[test]
+fn a_listing_into_a_closed_pipe_ends_quietly() {
+    let server = Server::start();
+    let t = server.token("system/*.rs");
+    for _ in 0..30 {
+        assert_eq!(server.get("Patient", &t).status, 200);
+    }
+    for args in [
+        &["audit", "report", "--data-dir"][..],
+        &["audit", "checkpoints", "--data-dir"][..],
+    ] {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg(&server.data)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        drop(child.stdout.take()); // the reader (`| head -0`) is gone
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(
+            !err.contains("Broken pipe") && !err.contains("panick"),
+            "{err}"
+        );
+    }
+}
