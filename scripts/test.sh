@@ -3,7 +3,8 @@
 # integration tests (the integration tests start the real binary over HTTPS on
 # 127.0.0.1:0; the OpenID Connect test starts a real provider, the pinned npm
 # `oidc-provider`, on 127.0.0.1), the third-party Python FHIR client test and the
-# headless-Chromium sign-in test (Playwright) against the real binary. Installs what it
+# headless-Chromium sign-in test (Playwright) against the real binary, and the README's
+# first-run section followed literally on a fresh clone (tests/readme). Installs what it
 # needs (the provider's npm packages; a Python virtualenv with the pinned test clients;
 # Debian's chromium and the pinned playwright-core) and stops every server it starts.
 set -euo pipefail
@@ -37,5 +38,8 @@ PHIVAULT_BIN="$CARGO_TARGET_DIR/debug/phivault" tests/python/run.sh
 
 echo "== headless Chromium sign-in (Playwright) against the real binary"
 PHIVAULT_BIN="$CARGO_TARGET_DIR/debug/phivault" tests/browser/run.sh
+
+echo "== the README's first run, followed literally on a fresh clone (release build)"
+tests/readme/run.sh
 
 echo "== all tests passed"
