@@ -118,7 +118,16 @@ fn invocation() -> String {
     let Ok(exe) = std::env::current_exe() else {
         return "phivault".to_owned();
     };
-    if std::env::var_os("CARGO").is_some() && std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+    // `cargo run` sets CARGO and CARGO_MANIFEST_DIR (crates/cli): under cargo, from inside
+    // the workspace, `cargo run` is what works
+    let workspace = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .and_then(|m| m.parent().and_then(Path::parent).map(Path::to_path_buf));
+    let in_workspace = std::env::current_dir()
+        .ok()
+        .zip(workspace)
+        .is_some_and(|(cwd, ws)| cwd.starts_with(ws));
+    if std::env::var_os("CARGO").is_some() && in_workspace {
         let release = exe.parent().is_some_and(|p| p.ends_with("release"));
         return if release {
             "cargo run --release -q --".to_owned()
