@@ -95,6 +95,27 @@ pub enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Load files into a running server through its FHIR API: transaction or batch Bundles
+    /// (.json) and NDJSON (.ndjson, one resource a line: `PUT Type/id`), several at a time,
+    /// resumable: a rerun of the same command skips what the server acknowledged.
+    Import {
+        /// The credentials file written by `client add --out`.
+        #[arg(long)]
+        client: PathBuf,
+        /// PEM file of the CA of the server's certificate (default: the CA recorded in the
+        /// credentials file, else the system's roots).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Files sent at the same time (1 – 64).
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// The resume file (default: NAME.phivault-import.json beside the first input NAME).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Files, or directories whose *.json and *.ndjson files are imported in name order.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]

@@ -5,7 +5,7 @@
 //! before they expire.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -100,13 +100,28 @@ struct Token {
     renew_at: Instant,
 }
 
-/// A connection to one server under one client's credentials.
+/// A connection to one server under one client's credentials. Clones share the
+/// connection pool and the access token (one token request however many workers).
+#[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
-    creds: Credentials,
-    scope: String,
-    token: Option<Token>,
+    creds: Arc<Credentials>,
+    scope: Arc<str>,
+    token: Arc<Mutex<Option<Token>>>,
 }
+
+/// The server could not be reached (connection, TLS or timeout): nothing about the
+/// request's outcome is known. `anyhow::Error::downcast_ref` finds it.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 /// A response: status and JSON body (`Value::Null` when the body is not JSON).
 pub struct Reply {
@@ -146,12 +161,12 @@ impl Client {
                 .max_redirects(0)
                 .build(),
         );
-        let scope = scope.map_or_else(|| creds.scope.clone(), str::to_owned);
+        let scope: Arc<str> = scope.unwrap_or(&creds.scope).into();
         Ok(Client {
             agent,
-            creds,
+            creds: Arc::new(creds),
             scope,
-            token: None,
+            token: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -159,18 +174,29 @@ impl Client {
         &self.creds.fhir_base
     }
 
-    /// A valid access token: the current one, or a new one from the token endpoint.
-    pub fn token(&mut self) -> Result<&Secret<String>> {
-        let fresh = self
-            .token
-            .as_ref()
-            .is_some_and(|t| Instant::now() < t.renew_at);
+    /// A valid access token: the current one, or a new one from the token endpoint (asked
+    /// once for all clones: the others wait for it).
+    pub fn token(&mut self) -> Result<Secret<String>> {
+        let mut held = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = held.as_ref().is_some_and(|t| Instant::now() < t.renew_at);
         if !fresh {
-            self.token = Some(self.request_token()?);
+            *held = Some(self.request_token()?);
         }
-        match &self.token {
-            Some(t) => Ok(&t.value),
+        match &*held {
+            Some(t) => Ok(Secret::new(t.value.expose().clone())),
             None => bail!("no token"),
+        }
+    }
+
+    /// Forget the token if it is still `used` (the server refused it: revoked, or its
+    /// clock differs), so that the next request asks for a new one.
+    fn drop_token(&self, used: &Secret<String>) {
+        let mut held = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if held
+            .as_ref()
+            .is_some_and(|t| t.value.expose() == used.expose())
+        {
+            *held = None;
         }
     }
 
@@ -187,9 +213,9 @@ impl Client {
                     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                 ),
                 ("client_assertion", assertion.as_str()),
-                ("scope", self.scope.as_str()),
+                ("scope", &*self.scope),
             ])
-            .map_err(|e| unreachable_server(&self.creds.token_url, &e))?;
+            .map_err(|e| anyhow!(unreachable_server(&self.creds.token_url, &e)))?;
         let status = r.status().as_u16();
         let body: Value = r
             .body_mut()
@@ -212,9 +238,26 @@ impl Client {
         })
     }
 
-    /// POST a JSON body to `{fhir base}/{path}` (`path` empty for the base itself).
+    /// POST a JSON body to `{fhir base}/{path}` (`path` empty for the base itself). A 401
+    /// (the token was revoked or expired early) is retried once with a new token; a
+    /// transport failure is an [`Unreachable`] error.
     pub fn post_json(
         &mut self,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
+        self.send_json(false, path, body, headers)
+    }
+
+    /// PUT a JSON body to `{fhir base}/{path}`, like [`Client::post_json`].
+    pub fn put_json(&mut self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Result<Reply> {
+        self.send_json(true, path, body, headers)
+    }
+
+    fn send_json(
+        &mut self,
+        put: bool,
         path: &str,
         body: &[u8],
         headers: &[(&str, &str)],
@@ -224,10 +267,33 @@ impl Client {
         } else {
             format!("{}/{path}", self.creds.fhir_base)
         };
-        let auth = format!("Bearer {}", self.token()?.expose());
-        let mut req = self
-            .agent
-            .post(&url)
+        let mut attempt = 0;
+        loop {
+            let token = self.token()?;
+            let reply = self.send_once(put, &url, &token, body, headers)?;
+            if reply.status != 401 || attempt == 1 {
+                return Ok(reply);
+            }
+            self.drop_token(&token);
+            attempt += 1;
+        }
+    }
+
+    fn send_once(
+        &self,
+        put: bool,
+        url: &str,
+        token: &Secret<String>,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
+        let auth = format!("Bearer {}", token.expose());
+        let req = if put {
+            self.agent.put(url)
+        } else {
+            self.agent.post(url)
+        };
+        let mut req = req
             .header("Authorization", &auth)
             .header("Content-Type", "application/fhir+json")
             .header("Accept", "application/fhir+json");
@@ -236,7 +302,7 @@ impl Client {
         }
         let mut r = req
             .send(body)
-            .map_err(|e| unreachable_server(&self.creds.fhir_base, &e))?;
+            .map_err(|e| anyhow!(unreachable_server(&self.creds.fhir_base, &e)))?;
         let status = r.status().as_u16();
         let body = r
             .body_mut()
@@ -249,8 +315,10 @@ impl Client {
 }
 
 /// A transport failure, named without the request's content.
-fn unreachable_server(url: &str, e: &ureq::Error) -> anyhow::Error {
-    anyhow!("cannot reach {url}: {e} (is `phivault serve` running there, and is its CA trusted?)")
+fn unreachable_server(url: &str, e: &ureq::Error) -> Unreachable {
+    Unreachable(format!(
+        "cannot reach {url}: {e} (is `phivault serve` running there, and is its CA trusted?)"
+    ))
 }
 
 #[cfg(test)]

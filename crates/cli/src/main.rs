@@ -5,6 +5,8 @@ mod args;
 mod audit_cmds;
 mod datadir;
 mod fhir_client;
+mod import;
+mod progress;
 mod registry;
 mod serve;
 
@@ -126,13 +128,29 @@ fn run(cli: Cli) -> Result<i32> {
             seed,
             out,
         } => {
-            let files = phivault_synth::write_bundles(
+            let bar = progress::synth(patients as u64);
+            let files = phivault_synth::write_bundles_with(
                 &phivault_synth::SynthConfig { patients, seed },
                 &out,
+                |n| bar.set_position(n as u64),
             )?;
+            bar.finish_and_clear();
             println!("wrote {} bundles to {}", files.len(), out.display());
             Ok(0)
         }
+        Cmd::Import {
+            client,
+            ca_file,
+            jobs,
+            resume,
+            paths,
+        } => import::run(import::Options {
+            client,
+            ca_file,
+            jobs,
+            resume,
+            paths,
+        }),
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir, witness },
         } => audit_cmds::audit_verify(&data_dir, witness.as_deref()),

@@ -15,6 +15,8 @@ use crate::time::{age_years, days_from_civil, fmt_date, fmt_datetime};
 pub(crate) const SSN_SYSTEM: &str = "http://hl7.org/fhir/sid/us-ssn";
 pub(crate) const NPI_SYSTEM: &str = "http://hl7.org/fhir/sid/us-npi";
 pub(crate) const MRN_SYSTEM: &str = "urn:oid:2.16.840.1.113883.19.5.99999.1";
+/// The system of the identifier every generated resource carries (see [`crate::SYNTH_SYSTEM`]).
+pub(crate) const SYNTH_SYSTEM: &str = "urn:phivault:synth";
 const V2_0203: &str = "http://terminology.hl7.org/CodeSystem/v2-0203";
 const SNOMED: &str = "http://snomed.info/sct";
 const LOINC: &str = "http://loinc.org";
@@ -149,9 +151,17 @@ fn article_for(age: i64) -> &'static str {
     }
 }
 
+/// The value of the synth identifier of a patient's `entry`th resource:
+/// `{seed}-{index:06}-{entry:02}` (unique per seed, patient and position).
+pub(crate) fn synth_identifier(seed: u64, index: u64, entry: usize) -> String {
+    format!("{seed}-{index:06}-{entry:02}")
+}
+
 struct Builder {
     rng: Rng,
     entries: Vec<Value>,
+    seed: u64,
+    index: u64,
 }
 
 impl Builder {
@@ -159,16 +169,28 @@ impl Builder {
         format!("urn:uuid:{}", self.rng.uuid())
     }
 
-    fn push(&mut self, full_url: &str, resource: Value) {
+    /// Adds the entry: the resource gets its synth identifier (appended to those it has)
+    /// and the request creates it only if no resource carries that identifier yet.
+    fn push(&mut self, full_url: &str, mut resource: Value) {
         let rtype = resource
             .get("resourceType")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        let value = synth_identifier(self.seed, self.index, self.entries.len());
+        let identifier = json!({ "system": SYNTH_SYSTEM, "value": value });
+        match resource.get_mut("identifier").and_then(Value::as_array_mut) {
+            Some(ids) => ids.push(identifier),
+            None => resource["identifier"] = json!([identifier]),
+        }
         self.entries.push(json!({
             "fullUrl": full_url,
             "resource": resource,
-            "request": { "method": "POST", "url": rtype },
+            "request": {
+                "method": "POST",
+                "url": rtype,
+                "ifNoneExist": format!("identifier={SYNTH_SYSTEM}|{value}"),
+            },
         }));
     }
 
@@ -193,6 +215,8 @@ pub(crate) fn build(seed: u64, index: usize) -> Value {
     let mut b = Builder {
         rng: Rng::from_seed(stream),
         entries: Vec::with_capacity(24),
+        seed,
+        index: idx,
     };
 
     // ---------------------------------------------------------------- Patient

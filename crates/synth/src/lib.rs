@@ -3,8 +3,15 @@
 //!
 //! Every patient is emitted as a Synthea-style FHIR R4 *transaction* Bundle
 //! whose entries carry `urn:uuid:` fullUrls, no resource ids, and
-//! `request: {method: POST, url: <Type>}`; all intra-bundle references use
-//! those `urn:uuid:` URLs.
+//! `request: {method: POST, url: <Type>, ifNoneExist: identifier=…}`; all
+//! intra-bundle references use those `urn:uuid:` URLs.
+//!
+//! Every resource carries one more identifier, system [`SYNTH_SYSTEM`] and value
+//! `{seed}-{patient index:06}-{entry:02}`, and its entry creates it only if none
+//! exists with that identifier (conditional create). Loading a bundle twice —
+//! an import resumed after an interruption — therefore adds nothing the second
+//! time: the server matches every entry and resolves the `urn:uuid:` references
+//! to the resources already there.
 //!
 //! Output depends only on `(seed, index)`: randomness comes from a built-in
 //! SplitMix64-seeded xoshiro256** generator (no RNG crate), all arithmetic is
@@ -26,6 +33,10 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::Value;
+
+/// The system of the identifier that makes every generated resource's create
+/// idempotent (`request.ifNoneExist`).
+pub const SYNTH_SYSTEM: &str = generate::SYNTH_SYSTEM;
 
 /// How many patients to generate and from which seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,6 +62,16 @@ pub fn bundle_file_name(index: usize) -> String {
 /// Writes DIR/patient-00001.json ... (compact JSON, trailing newline) and
 /// returns the file paths in patient order. Creates DIR if missing.
 pub fn write_bundles(cfg: &SynthConfig, out: &Path) -> std::io::Result<Vec<PathBuf>> {
+    write_bundles_with(cfg, out, |_| {})
+}
+
+/// [`write_bundles`], calling `progress(n)` after the `n`th file is written
+/// (a progress bar's hook).
+pub fn write_bundles_with(
+    cfg: &SynthConfig,
+    out: &Path,
+    mut progress: impl FnMut(usize),
+) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out)?;
     let mut paths = Vec::with_capacity(cfg.patients);
     for index in 0..cfg.patients {
@@ -60,6 +81,7 @@ pub fn write_bundles(cfg: &SynthConfig, out: &Path) -> std::io::Result<Vec<PathB
         let path = out.join(bundle_file_name(index));
         std::fs::write(&path, &bytes)?;
         paths.push(path);
+        progress(paths.len());
     }
     Ok(paths)
 }

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::*;
-use crate::generate::{MRN_SYSTEM, NPI_SYSTEM, SSN_SYSTEM, npi_is_valid};
+use crate::generate::{MRN_SYSTEM, NPI_SYSTEM, SSN_SYSTEM, npi_is_valid, synth_identifier};
 use crate::pools;
 
 fn resources(bundle: &Value) -> Vec<&Value> {
@@ -82,7 +82,9 @@ fn golden_output_is_stable() {
     let h = fnv1a(&bytes_of(42, 0)) ^ fnv1a(&bytes_of(7, 123)).rotate_left(1);
     assert_eq!(h, GOLDEN_HASH, "got {h:#018x}");
 }
-const GOLDEN_HASH: u64 = 0x7265_52b9_e1f0_b62f;
+// Changed deliberately in issue 16: every resource carries a synth identifier and every
+// entry an `ifNoneExist` on it.
+const GOLDEN_HASH: u64 = 0x1257_528f_d1cc_978e;
 
 #[test]
 fn entries_are_transaction_posts_with_urn_uuids() {
@@ -101,6 +103,30 @@ fn entries_are_transaction_posts_with_urn_uuids() {
             assert!(r.get("id").is_none());
             assert_eq!(e["request"]["method"], "POST");
             assert_eq!(e["request"]["url"], r["resourceType"]);
+        }
+    }
+}
+
+/// Every entry is a conditional create on the resource's own synth identifier, so
+/// loading a bundle twice adds nothing.
+#[test]
+fn every_entry_creates_only_if_its_synth_identifier_is_absent() {
+    let mut seen = HashSet::new();
+    for seed in [1, 2] {
+        for i in 0..50 {
+            let b = patient_bundle(seed, i);
+            for (n, e) in array(&b, "entry").iter().enumerate() {
+                let ids = array(&e["resource"], "identifier");
+                let own: Vec<&Value> = ids.iter().filter(|x| x["system"] == SYNTH_SYSTEM).collect();
+                assert_eq!(own.len(), 1, "bundle {i} entry {n}");
+                let value = own[0]["value"].as_str().expect("value");
+                assert_eq!(value, synth_identifier(seed, i as u64, n));
+                assert_eq!(
+                    e["request"]["ifNoneExist"],
+                    format!("identifier={SYNTH_SYSTEM}|{value}")
+                );
+                assert!(seen.insert(value.to_owned()), "{value} repeats");
+            }
         }
     }
 }
@@ -580,6 +606,7 @@ fn thousand_patients_round_trip_sized_and_unique() {
     }
     assert_eq!((per_type["Patient"], per_type["Practitioner"]), (N, N));
     assert_eq!((per_type["Claim"], per_type["DocumentReference"]), (N, N));
-    // MRN and SSN per patient, NPI per practitioner: all distinct.
-    assert_eq!(identifiers.len(), 3 * N);
+    // MRN, SSN and synth identifier per patient, NPI and synth identifier per
+    // practitioner: all distinct.
+    assert_eq!(identifiers.len(), 5 * N);
 }

@@ -1,0 +1,33 @@
+//! Progress bars of long commands (`synth`, `import`), drawn on standard error only when it
+//! is a terminal; hidden otherwise (scripts and logs get the commands' one-line summaries).
+
+use std::io::IsTerminal as _;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
+}
+
+/// `synth`: patients written, rate and ETA.
+pub fn synth(patients: u64) -> ProgressBar {
+    bar(
+        patients,
+        "synth [{bar:30}] {pos}/{len} patients, {per_sec}, ETA {eta}",
+    )
+}
+
+/// `import`: bytes of input sent, rate and ETA; the message counts resources and files.
+pub fn import(bytes: u64) -> ProgressBar {
+    bar(
+        bytes,
+        "import [{bar:30}] {binary_bytes}/{binary_total_bytes}, {binary_bytes_per_sec}, ETA {eta}; {msg}",
+    )
+}
