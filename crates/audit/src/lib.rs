@@ -55,7 +55,10 @@
 //! Audit events carry a `Detail` (IHE BALP; event format bytes 3 and 4): the purpose of use
 //! from the person's role (`ETREAT` when the patient is reached only by a break-the-glass
 //! window), the `User-Agent`, and the names of a search's known parameters — not their values,
-//! which may be names or birth dates.
+//! which may be names or birth dates. A refused request's detail may also carry a reason code
+//! chosen by the server (`assertion-expired`, `unknown-kid`, `scope-not-registered`, … for the
+//! token endpoint; shown as the AuditEvent's `outcomeDesc`): format bytes 5 and 6, which are 3
+//! and 4 with the reason after the detail. Events without a reason keep their old encoding.
 
 pub mod merkle;
 pub mod verify;
@@ -149,7 +152,8 @@ pub struct AuditEvent {
 }
 
 /// The context of an access that IHE BALP records beyond who, what and where: the purpose
-/// of use, the client software and the names (never the values) of the search parameters.
+/// of use, the client software and the names (never the values) of the search parameters;
+/// for a refused request, the machine-readable reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Detail {
     /// Purpose of use, a v3 ActReason code: `TREAT`, `ETREAT` (break-the-glass),
@@ -160,12 +164,26 @@ pub struct Detail {
     /// The names of the search parameters of a search (`family`, `birthdate`, …), at most
     /// [`MAX_QUERY_NAMES`]; their values are never recorded.
     pub query: Vec<String>,
+    /// Why the request was refused, as a short, stable code chosen by the server (lower-case
+    /// words joined by `-`, e.g. `assertion-expired`, `jti-replayed`): never caller input, so
+    /// never PHI. Set with [`Detail::refused_because`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Detail {
     /// Whether nothing is recorded.
     pub fn is_empty(&self) -> bool {
-        self.purpose.is_none() && self.user_agent.is_none() && self.query.is_empty()
+        self.purpose.is_none()
+            && self.user_agent.is_none()
+            && self.query.is_empty()
+            && self.reason.is_none()
+    }
+
+    /// Records why the request was refused: `code` is one of the server's own fixed codes
+    /// (a `&'static str`, so not something a request carried).
+    pub fn refused_because(&mut self, code: &'static str) {
+        self.reason = Some(code.to_owned());
     }
 
     /// A `User-Agent` value as recorded: printable ASCII, at most [`MAX_AGENT`] bytes.
@@ -209,22 +227,35 @@ const FORMAT_V2: u8 = 2;
 const FORMAT_V3: u8 = 3;
 /// Format byte 2 with a [`Detail`] after the entities.
 const FORMAT_V4: u8 = 4;
+/// Format byte 3 with a reason ([`Detail::reason`]) after the detail.
+const FORMAT_V5: u8 = 5;
+/// Format byte 4 with a reason ([`Detail::reason`]) after the detail.
+const FORMAT_V6: u8 = 6;
 /// Most entities one event may carry.
 pub const MAX_ENTITIES: usize = 100_000;
 
 impl AuditEvent {
     /// Canonical, compact binary encoding (format byte 1, or 2 when the event names a
-    /// user; 3 and 4 likewise when it has a [`Detail`], which follows the entities): fixed
-    /// field order, varint lengths, UUID-shaped identifiers packed into 16 bytes. Every
-    /// event has exactly one encoding, so the chain hash is well defined.
+    /// user; 3 and 4 likewise when it has a [`Detail`], which follows the entities; 5 and
+    /// 6 when that detail has a reason, which follows it): fixed field order, varint
+    /// lengths, UUID-shaped identifiers packed into 16 bytes. Every event has exactly one
+    /// encoding, so the chain hash is well defined.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(96 + self.entities.len() * 40);
-        w.push(match (self.user.is_some(), self.detail.is_empty()) {
-            (false, true) => FORMAT_V1,
-            (true, true) => FORMAT_V2,
-            (false, false) => FORMAT_V3,
-            (true, false) => FORMAT_V4,
-        });
+        w.push(
+            match (
+                self.user.is_some(),
+                self.detail.is_empty(),
+                self.detail.reason.is_some(),
+            ) {
+                (false, true, _) => FORMAT_V1,
+                (true, true, _) => FORMAT_V2,
+                (false, false, false) => FORMAT_V3,
+                (true, false, false) => FORMAT_V4,
+                (false, false, true) => FORMAT_V5,
+                (true, false, true) => FORMAT_V6,
+            },
+        );
         w.extend_from_slice(&self.time_ms.to_be_bytes());
         put_ident(&mut w, &self.request_id);
         put_opt_ident(&mut w, self.client_id.as_deref());
@@ -267,6 +298,9 @@ impl AuditEvent {
             for q in &self.detail.query {
                 put_str(&mut w, q);
             }
+            if let Some(r) = &self.detail.reason {
+                put_str(&mut w, r);
+            }
         }
         w
     }
@@ -275,13 +309,13 @@ impl AuditEvent {
     pub fn decode(bytes: &[u8]) -> Result<Self, AuditError> {
         let mut r = Reader { b: bytes, pos: 0 };
         let format = r.u8()?;
-        if !(FORMAT_V1..=FORMAT_V4).contains(&format) {
+        if !(FORMAT_V1..=FORMAT_V6).contains(&format) {
             return Err(AuditError::Malformed);
         }
         let time_ms = u64::from_be_bytes(r.array::<8>()?);
         let request_id = r.ident()?;
         let client_id = r.opt(|r| r.ident())?;
-        let user = if format == FORMAT_V2 || format == FORMAT_V4 {
+        let user = if matches!(format, FORMAT_V2 | FORMAT_V4 | FORMAT_V6) {
             Some(r.ident()?)
         } else {
             None
@@ -324,7 +358,7 @@ impl AuditEvent {
             });
         }
         let mut detail = Detail::default();
-        if format == FORMAT_V3 || format == FORMAT_V4 {
+        if format >= FORMAT_V3 {
             detail.purpose = r.opt(|r| r.string())?;
             detail.user_agent = r.opt(|r| r.string())?;
             let n = r.varint()?;
@@ -333,6 +367,9 @@ impl AuditEvent {
             }
             for _ in 0..n {
                 detail.query.push(r.string()?);
+            }
+            if format >= FORMAT_V5 {
+                detail.reason = Some(r.string()?);
             }
         }
         if r.pos != bytes.len() {
@@ -784,6 +821,7 @@ mod tests {
             purpose: Some("ETREAT".into()),
             user_agent: Detail::clean_agent(b"fhirclient/4.2\r\nX-Injected: 1"),
             query: vec!["family".into(), "birthdate".into()],
+            reason: None,
         };
         assert_eq!(
             e.detail.user_agent.as_deref(),
@@ -811,6 +849,50 @@ mod tests {
             Detail::clean_agent(&[b'a'; 500]).map(|s| s.len()),
             Some(MAX_AGENT)
         );
+    }
+
+    /// A refusal's reason round-trips under format bytes 5 and 6, alone or beside the
+    /// rest of the detail; events without one keep the encodings of before.
+    #[test]
+    fn a_reason_round_trips_and_leaves_other_encodings_alone() {
+        let plain = event(2);
+        let before = plain.encode();
+        let mut e = plain.clone();
+        e.detail.refused_because("assertion-expired");
+        assert!(!e.detail.is_empty());
+        let bytes = e.encode();
+        assert_eq!(bytes[0], FORMAT_V5);
+        assert_eq!(&bytes[1..before.len()], &before[1..]);
+        let back = AuditEvent::decode(&bytes).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.detail.reason.as_deref(), Some("assertion-expired"));
+        let mut with_user = e.clone();
+        with_user.user = Some("6d30932c-501a-49d4-a421-d44ff1175c86".into());
+        with_user.detail.user_agent = Some("curl/8".into());
+        assert_eq!(with_user.encode()[0], FORMAT_V6);
+        assert_eq!(AuditEvent::decode(&with_user.encode()).unwrap(), with_user);
+        // without a reason, format 3 and 4 as before
+        let mut no_reason = with_user.clone();
+        no_reason.detail.reason = None;
+        assert_eq!(no_reason.encode()[0], FORMAT_V4);
+        // a reason byte string under a format byte that does not announce it is refused
+        let mut relabelled = bytes.clone();
+        relabelled[0] = FORMAT_V3;
+        assert!(AuditEvent::decode(&relabelled).is_err());
+        // and format 5 without the reason is truncated
+        let mut short = e.clone();
+        short.detail.reason = None;
+        short.detail.purpose = Some("TREAT".into());
+        let mut cut = short.encode();
+        cut[0] = FORMAT_V5;
+        assert!(AuditEvent::decode(&cut).is_err());
+        // JSON without the field reads as no reason (and none is written)
+        let j = serde_json::to_value(&plain).unwrap();
+        assert!(j["detail"].get("reason").is_none());
+        let mut old = serde_json::to_value(&e).unwrap();
+        old["detail"].as_object_mut().unwrap().remove("reason");
+        let read: AuditEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(read.detail.reason, None);
     }
 
     #[test]

@@ -1,17 +1,42 @@
 //! SMART Backend Services client authentication: `private_key_jwt` (SM3).
 //!
-//! The checks, in order: strict JWS parse; `alg` ∈ {ES384, RS384}; `kid` present; the
-//! client (from the `client_id` form parameter, else the unverified `iss`) exists and is
-//! enabled; `kid` names one of its registered keys; signature; `iss` = `sub` = client id;
-//! `aud` is the token URL; `exp` present, in the future and at most five minutes (plus
-//! [`EXP_LEEWAY`]) ahead; `iat`/`nbf`, if present, not more than [`CLOCK_LEEWAY`] in the
-//! future; `jti` present and unseen. The replay cache is consulted only after the
-//! signature has verified, so nobody can fill it with forged assertions.
+//! Every failure is `invalid_client`, naming its [`TokenFailure`]: the `error_description`
+//! the client reads and the reason code the audit keeps come from that one table.
 //!
-//! Every failure is `OAuthError::InvalidClient` carrying a fixed reason for the log.
+//! # The order of the checks, and what a refusal tells
+//!
+//! An unauthenticated caller must not learn from a refusal whether a client id is
+//! registered. So the checks fall in two groups:
+//!
+//! 1. **What the request says about itself**, before any client is looked up, each with its
+//!    exact reason: strict JWS parse (length, structure, refused header parameters); `alg`
+//!    ∈ {ES384, RS384}; `kid` present; `iss` a possible client id and equal to the
+//!    `client_id` parameter when one is sent; `sub` = `iss`; `aud` is the token URL; `exp`
+//!    present, in the future and at most five minutes (plus [`EXP_LEEWAY`]) ahead;
+//!    `iat`/`nbf`, if present, not more than [`CLOCK_LEEWAY`] in the future; `jti` present.
+//!    These read the claims before the signature is checked, which is sound: the verified
+//!    claims are these very bytes, and a claim check can only refuse, never admit. Saying
+//!    exactly why reveals nothing the caller did not send, except the server's clock and
+//!    token URL, which are public.
+//! 2. **What the server holds**, after the lookup. An unknown client id and an unknown
+//!    `kid` of a registered client get the same description ("no key matches the client
+//!    assertion's iss and kid"), so a caller probing client ids learns nothing. A disabled
+//!    client reads the same as an unknown one unless its signature verifies: only someone
+//!    holding its key learns "the client is disabled". A bad signature (or a key of
+//!    another type than `alg`) under a registered, enabled client's `kid` is named as such:
+//!    that tells the caller the pair (client id, `kid`) exists, which is no more than the
+//!    caller already knew to send it (`kid`s are not secret: every assertion carries one),
+//!    and a client whose key is wrong needs to know. Last, the `jti` replay cache, consulted
+//!    only after the signature has verified, so nobody can fill it with forged assertions
+//!    or learn which `jti`s were used.
+//!
+//! The audit keeps the precise reason code (`unknown-client`, `unknown-kid`,
+//! `client-disabled-unverified`, …): auditors may know which clients exist. The times the
+//! checks take are not equalised: a refusal after a signature check takes longer than one
+//! before it.
 
 use crate::claims;
-use crate::error::{AuthError, OAuthError};
+use crate::error::{AuthError, OAuthError, TokenFailure};
 use crate::jwk::PublicJwk;
 use crate::jws::{Alg, Jws, JwsError};
 use crate::scope::ScopeSet;
@@ -128,23 +153,24 @@ impl ReplayCache {
         }
     }
 
-    /// Records (client_id, jti) until `expires_at`. `Err` with a log reason if it was
-    /// already seen (replay) or the cache is full.
+    /// Records (client_id, jti) until `expires_at`. `Err` if it was already seen
+    /// ([`TokenFailure::JtiReplayed`]) or the cache is full
+    /// ([`TokenFailure::ReplayCacheFull`]).
     pub fn check_and_insert(
         &self,
         client_id: &str,
         jti: &str,
         expires_at: u64,
         now: u64,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), TokenFailure> {
         let mut g = self.inner.lock();
         g.purge(now);
         let key = (client_id.to_owned(), jti.to_owned());
         if g.seen.contains_key(&key) {
-            return Err("jti replayed");
+            return Err(TokenFailure::JtiReplayed);
         }
         if g.seen.len() >= self.capacity {
-            return Err("replay cache full");
+            return Err(TokenFailure::ReplayCacheFull);
         }
         g.by_exp.insert((expires_at, key.0.clone(), key.1.clone()));
         g.seen.insert(key, expires_at);
@@ -162,12 +188,9 @@ impl ReplayCache {
     }
 }
 
-fn fail(reason: &'static str) -> OAuthError {
-    OAuthError::InvalidClient(reason)
-}
-
 /// Verifies a client assertion (RFC 7523 `private_key_jwt`, SMART Backend Services) and
-/// returns the authenticated client's record. See the module documentation for the checks.
+/// returns the authenticated client's record. See the module documentation for the checks
+/// and their order; every error is an [`OAuthError::Refused`] with `invalid_client`.
 pub fn verify_client_assertion(
     assertion: &str,
     expected_client_id: Option<&str>,
@@ -176,77 +199,74 @@ pub fn verify_client_assertion(
     now: u64,
     replay: &ReplayCache,
 ) -> Result<ClientRecord, OAuthError> {
+    use TokenFailure as F;
+    // 1. what the request says about itself: exact reasons
     let jws = Jws::parse(assertion).map_err(|e| match e {
-        JwsError::TooLong => fail("assertion too long"),
-        JwsError::UnsupportedAlgorithm => fail("assertion algorithm unsupported"),
-        JwsError::ForbiddenHeader => fail("assertion header has a forbidden parameter"),
-        _ => fail("assertion malformed"),
+        JwsError::TooLong => F::AssertionTooLong,
+        JwsError::UnsupportedAlgorithm => F::AlgNotAllowed,
+        JwsError::ForbiddenHeader => F::HeaderForbidden,
+        _ => F::AssertionMalformed,
     })?;
     if !CLIENT_ASSERTION_ALGS.contains(&jws.alg()) {
-        return Err(fail("assertion algorithm not allowed"));
+        return Err(F::AlgNotAllowed.into());
     }
-    let kid = jws.kid().ok_or(fail("assertion kid missing"))?;
+    let kid = jws.kid().ok_or(F::KidMissing)?;
+    let claims = jws.unverified_claims();
+    let client_id = claims::string(claims, "iss")
+        .filter(|iss| valid_id(iss))
+        .ok_or(F::IssInvalid)?;
+    if expected_client_id.is_some_and(|e| e != client_id) {
+        return Err(F::ClientIdMismatch.into());
+    }
+    if claims::string(claims, "sub") != Some(client_id) {
+        return Err(F::IssSubMismatch.into());
+    }
+    if !claims::audience_contains(claims, token_url) {
+        return Err(F::AudMismatch.into());
+    }
+    let exp = claims::numeric_date(claims, "exp")
+        .ok()
+        .flatten()
+        .ok_or(F::ExpMissing)?;
+    if exp <= now {
+        return Err(F::AssertionExpired.into());
+    }
+    if exp > now.saturating_add(MAX_ASSERTION_LIFETIME + EXP_LEEWAY) {
+        return Err(F::ExpTooFar.into());
+    }
+    for k in ["iat", "nbf"] {
+        let v = claims::numeric_date(claims, k).map_err(|()| F::IatNbfInvalid)?;
+        if v.is_some_and(|t| t > now.saturating_add(CLOCK_LEEWAY)) {
+            return Err(F::IatNbfInFuture.into());
+        }
+    }
+    let jti = claims::string(claims, "jti")
+        .filter(|j| !j.is_empty() && j.len() <= MAX_ID_LEN)
+        .ok_or(F::JtiMissing)?;
 
-    let unverified_iss = claims::string(jws.unverified_claims(), "iss");
-    let client_id = match (expected_client_id, unverified_iss) {
-        (Some(e), Some(iss)) if e == iss => e,
-        (Some(_), _) => return Err(fail("assertion iss does not match client_id")),
-        (None, Some(iss)) => iss,
-        (None, None) => return Err(fail("assertion iss missing")),
-    };
-    if !valid_id(client_id) {
-        return Err(fail("client id invalid"));
-    }
-    let record = lookup(client_id).ok_or(fail("unknown client"))?;
-    if record.client_id != client_id {
-        return Err(fail("client lookup returned another client"));
-    }
-    if record.disabled {
-        return Err(fail("client disabled"));
-    }
+    // 2. what the server holds: an unknown client, an unknown kid and a disabled client
+    // whose signature does not verify all read "no key matches" (the codes differ, for the
+    // audit only)
+    let record = lookup(client_id)
+        .filter(|r| r.client_id == client_id)
+        .ok_or(F::UnknownClient)?;
     let key = record
         .jwks
         .iter()
         .find(|k| k.kid() == kid)
-        .ok_or(fail("assertion kid not registered for client"))?;
-    let claims = jws
-        .verify(key, CLIENT_ASSERTION_ALGS)
-        .map_err(|e| match e {
-            JwsError::BadSignature => fail("assertion signature invalid"),
-            _ => fail("assertion algorithm does not match key"),
-        })?;
-
-    if claims::string(claims, "iss") != Some(client_id) {
-        return Err(fail("assertion iss is not the client id"));
+        .ok_or(F::UnknownKid)?;
+    match jws.verify(key, CLIENT_ASSERTION_ALGS) {
+        Ok(_) => {}
+        Err(_) if record.disabled => return Err(F::DisabledUnverified.into()),
+        Err(JwsError::BadSignature) => return Err(F::SignatureInvalid.into()),
+        Err(JwsError::KeyMismatch) => return Err(F::AlgKeyMismatch.into()),
+        Err(_) => return Err(F::AlgNotAllowed.into()),
     }
-    if claims::string(claims, "sub") != Some(client_id) {
-        return Err(fail("assertion sub is not the client id"));
+    // the caller holds the client's key from here on
+    if record.disabled {
+        return Err(F::ClientDisabled.into());
     }
-    if !claims::audience_contains(claims, token_url) {
-        return Err(fail("assertion aud is not the token URL"));
-    }
-    let exp = claims::numeric_date(claims, "exp")
-        .map_err(|()| fail("assertion exp invalid"))?
-        .ok_or(fail("assertion exp missing"))?;
-    if exp <= now {
-        return Err(fail("assertion expired"));
-    }
-    if exp > now.saturating_add(MAX_ASSERTION_LIFETIME + EXP_LEEWAY) {
-        return Err(fail("assertion exp too far in the future"));
-    }
-    for k in ["iat", "nbf"] {
-        let v = claims::numeric_date(claims, k).map_err(|()| fail("assertion iat/nbf invalid"))?;
-        if v.is_some_and(|t| t > now.saturating_add(CLOCK_LEEWAY)) {
-            return Err(fail("assertion iat/nbf in the future"));
-        }
-    }
-    let jti = claims::string(claims, "jti").ok_or(fail("assertion jti missing"))?;
-    if jti.is_empty() || jti.len() > MAX_ID_LEN {
-        return Err(fail("assertion jti invalid"));
-    }
-    replay
-        .check_and_insert(client_id, jti, exp, now)
-        .map_err(fail)?;
+    replay.check_and_insert(client_id, jti, exp, now)?;
     Ok(record)
 }
 
@@ -264,10 +284,11 @@ mod tests {
         verify_client_assertion(assertion, None, &|id| t.lookup(id), TOKEN_URL, NOW, replay)
     }
 
+    /// The reason code of a refusal ("accepted" when there is none).
     fn reason(r: Result<ClientRecord, OAuthError>) -> &'static str {
         match r {
             Ok(_) => "accepted",
-            Err(OAuthError::InvalidClient(r)) => r,
+            Err(OAuthError::Refused(f)) if f.error() == "invalid_client" => f.code(),
             Err(_) => "wrong error kind",
         }
     }
@@ -309,30 +330,21 @@ mod tests {
                 &unsigned(&json!({"alg": "none", "kid": ES_KID}), &c),
                 &r
             )),
-            "assertion malformed"
+            "assertion-malformed"
         );
         let none_sig = format!(
             "{}AAAA",
             unsigned(&json!({"alg": "none", "kid": ES_KID}), &c)
         );
-        assert_eq!(
-            reason(verify(&t, &none_sig, &r)),
-            "assertion algorithm unsupported"
-        );
+        assert_eq!(reason(verify(&t, &none_sig, &r)), "alg-not-allowed");
         assert_eq!(
             reason(verify(&t, &t.hs256_with_public_key(&c), &r)),
-            "assertion algorithm unsupported"
+            "alg-not-allowed"
         );
         // RS256 and EdDSA are supported by the JWS layer (identity providers, our own
         // tokens) but not allowed for client assertions (SM3: ES384 and RS384)
-        assert_eq!(
-            reason(verify(&t, &t.rs256(&c), &r)),
-            "assertion algorithm not allowed"
-        );
-        assert_eq!(
-            reason(verify(&t, &t.eddsa(&c), &r)),
-            "assertion algorithm not allowed"
-        );
+        assert_eq!(reason(verify(&t, &t.rs256(&c), &r)), "alg-not-allowed");
+        assert_eq!(reason(verify(&t, &t.eddsa(&c), &r)), "alg-not-allowed");
     }
 
     #[test]
@@ -346,7 +358,7 @@ mod tests {
                 &t.es384_header(&json!({"alg": "ES384"}), &c),
                 &r
             )),
-            "assertion kid missing"
+            "kid-missing"
         );
         assert_eq!(
             reason(verify(
@@ -354,7 +366,7 @@ mod tests {
                 &t.es384_header(&json!({"alg": "ES384", "kid": "nope"}), &c),
                 &r
             )),
-            "assertion kid not registered for client"
+            "unknown-kid"
         );
         // ES384 signature presented under the RSA key's kid
         assert_eq!(
@@ -363,7 +375,7 @@ mod tests {
                 &t.es384_header(&json!({"alg": "ES384", "kid": RS_KID}), &c),
                 &r
             )),
-            "assertion algorithm does not match key"
+            "alg-key-mismatch"
         );
     }
 
@@ -373,36 +385,56 @@ mod tests {
         let r = ReplayCache::default();
         let mut c = t.claims();
         c["iss"] = json!("someone-else");
-        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "unknown client");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iss-sub-mismatch");
+        c["sub"] = json!("someone-else");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "unknown-client");
+        let mut c = t.claims();
+        c.as_object_mut().map(|m| m.remove("iss"));
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iss-invalid");
+        let mut c = t.claims();
+        c["iss"] = json!("two words");
+        c["sub"] = json!("two words");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iss-invalid");
         let mut c = t.claims();
         c["sub"] = json!("someone-else");
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion sub is not the client id"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iss-sub-mismatch");
         let mut c = t.claims();
         c.as_object_mut().map(|m| m.remove("sub"));
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion sub is not the client id"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iss-sub-mismatch");
         let mut c = t.claims();
         c["aud"] = json!("https://evil.example/token");
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion aud is not the token URL"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "aud-mismatch");
         // client_id form parameter disagrees with iss
         let a = t.es384(&t.claims());
         let res =
             verify_client_assertion(&a, Some("other"), &|id| t.lookup(id), TOKEN_URL, NOW, &r);
-        assert_eq!(reason(res), "assertion iss does not match client_id");
-        // disabled client
+        assert_eq!(reason(res), "client-id-mismatch");
+        // disabled client: named only to whoever holds its key
         let mut d = TestClient::new();
         d.record.disabled = true;
         assert_eq!(
             reason(verify(&d, &d.es384(&d.claims()), &r)),
-            "client disabled"
+            "client-disabled"
+        );
+        assert_eq!(
+            reason(verify(&d, &tamper_signature(&d.es384(&d.claims())), &r)),
+            "client-disabled-unverified"
+        );
+        assert_eq!(
+            reason(verify(
+                &d,
+                &d.es384_header(&json!({"alg": "ES384", "kid": RS_KID}), &d.claims()),
+                &r
+            )),
+            "client-disabled-unverified"
+        );
+        assert_eq!(
+            reason(verify(
+                &d,
+                &d.es384_header(&json!({"alg": "ES384", "kid": "nope"}), &d.claims()),
+                &r
+            )),
+            "unknown-kid"
         );
     }
 
@@ -412,41 +444,26 @@ mod tests {
         let r = ReplayCache::default();
         let mut c = t.claims();
         c["exp"] = json!(NOW - 1);
-        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion expired");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion-expired");
         c["exp"] = json!(NOW);
-        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion expired");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion-expired");
         c["exp"] = json!(NOW + 400);
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion exp too far in the future"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "exp-too-far");
         c["exp"] = json!(NOW + MAX_ASSERTION_LIFETIME + EXP_LEEWAY + 1);
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion exp too far in the future"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "exp-too-far");
         c["exp"] = json!("soon");
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion exp invalid"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "exp-missing");
         c.as_object_mut().map(|m| m.remove("exp"));
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion exp missing"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "exp-missing");
         let mut c = t.claims();
         c["iat"] = json!(NOW + CLOCK_LEEWAY + 1);
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion iat/nbf in the future"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iat-nbf-in-future");
         let mut c = t.claims();
         c["nbf"] = json!(NOW + 3600);
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion iat/nbf in the future"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iat-nbf-in-future");
+        let mut c = t.claims();
+        c["nbf"] = json!("now");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "iat-nbf-invalid");
         let mut c = t.claims();
         c["iat"] = json!(NOW + 30);
         verify(&t, &t.es384(&c), &r).expect("small skew accepted");
@@ -458,22 +475,16 @@ mod tests {
         let r = ReplayCache::default();
         let a = t.es384(&t.claims());
         verify(&t, &a, &r).expect("first");
-        assert_eq!(reason(verify(&t, &a, &r)), "jti replayed");
+        assert_eq!(reason(verify(&t, &a, &r)), "jti-replayed");
         // a forged assertion reusing a fresh jti does not burn it
         let c = t.claims();
         let forged = tamper_signature(&t.es384(&c));
-        assert_eq!(
-            reason(verify(&t, &forged, &r)),
-            "assertion signature invalid"
-        );
+        assert_eq!(reason(verify(&t, &forged, &r)), "signature-invalid");
         verify(&t, &t.es384(&c), &r).expect("jti still fresh");
         // jti missing
         let mut c = t.claims();
         c.as_object_mut().map(|m| m.remove("jti"));
-        assert_eq!(
-            reason(verify(&t, &t.es384(&c), &r)),
-            "assertion jti missing"
-        );
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "jti-missing");
     }
 
     #[test]
@@ -483,50 +494,92 @@ mod tests {
         let a = t.es384(&t.claims());
         assert_eq!(
             reason(verify(&t, &tamper_payload(&a), &r)),
-            "assertion signature invalid"
+            "signature-invalid"
         );
         assert_eq!(
             reason(verify(&t, &tamper_signature(&a), &r)),
-            "assertion signature invalid"
+            "signature-invalid"
         );
         let rs = t.rs384(&t.claims());
         assert_eq!(
             reason(verify(&t, &tamper_payload(&rs), &r)),
-            "assertion signature invalid"
+            "signature-invalid"
         );
         assert_eq!(
             reason(verify(&t, &tamper_signature(&rs), &r)),
-            "assertion signature invalid"
+            "signature-invalid"
         );
         assert_eq!(
             reason(verify(&t, "not!base64.x.y", &r)),
-            "assertion malformed"
+            "assertion-malformed"
         );
         assert_eq!(
             reason(verify(&t, &format!("{a}.extra"), &r)),
-            "assertion malformed"
+            "assertion-malformed"
         );
-        assert_eq!(reason(verify(&t, "", &r)), "assertion malformed");
+        assert_eq!(reason(verify(&t, "", &r)), "assertion-malformed");
         let mut c = t.claims();
         c["pad"] = json!("x".repeat(9000));
-        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion too long");
+        assert_eq!(reason(verify(&t, &t.es384(&c), &r)), "assertion-too-long");
         let h = json!({"alg": "ES384", "kid": ES_KID, "jku": "https://evil/jwks"});
         assert_eq!(
             reason(verify(&t, &t.es384_header(&h, &t.claims()), &r)),
-            "assertion header has a forbidden parameter"
+            "header-forbidden"
         );
     }
 
+    /// The body names the check but echoes nothing of the request.
     #[test]
-    fn error_display_is_generic() {
+    fn errors_name_the_check_and_echo_nothing() {
         let t = TestClient::new();
         let r = ReplayCache::default();
         let a = t.es384(&t.claims());
         let e = verify(&t, &tamper_signature(&a), &r).expect_err("error");
         let shown = format!("{e} {}", e.to_json());
-        assert!(!shown.contains("signature"));
+        assert_eq!(
+            e.to_json()["error_description"],
+            "the client assertion's signature does not verify"
+        );
         assert!(!shown.contains(&a[..30]));
+        assert!(!shown.contains(CLIENT_ID));
+        assert!(!shown.contains(ES_KID));
         assert_eq!(e.http_status(), 401);
+    }
+
+    /// An unknown client id and an unknown kid of a registered client get the same body;
+    /// checks on the request itself come first and say exactly why, whoever the iss.
+    #[test]
+    fn client_existence_does_not_show() {
+        let t = TestClient::new();
+        let r = ReplayCache::default();
+        let mut c = t.claims();
+        c["iss"] = json!("no-such-client");
+        c["sub"] = json!("no-such-client");
+        let unknown_client = verify(&t, &t.es384(&c), &r).expect_err("unknown client");
+        let unknown_kid = verify(
+            &t,
+            &t.es384_header(&json!({"alg": "ES384", "kid": "nope"}), &t.claims()),
+            &r,
+        )
+        .expect_err("unknown kid");
+        assert_eq!(unknown_client.to_json(), unknown_kid.to_json());
+        assert_eq!(unknown_client.to_string(), unknown_kid.to_string());
+        assert_ne!(unknown_client.reason(), unknown_kid.reason());
+        // before the lookup: the same reason for a registered and an unknown iss
+        for (claim, value, want) in [
+            ("exp", json!(NOW - 1), "assertion-expired"),
+            ("aud", json!("https://other.example/token"), "aud-mismatch"),
+            ("iat", json!(NOW + 3600), "iat-nbf-in-future"),
+            ("exp", json!(NOW + 3600), "exp-too-far"),
+        ] {
+            for iss in [CLIENT_ID, "no-such-client"] {
+                let mut c = t.claims();
+                c["iss"] = json!(iss);
+                c["sub"] = json!(iss);
+                c[claim] = value.clone();
+                assert_eq!(reason(verify(&t, &t.es384(&c), &r)), want, "{claim} {iss}");
+            }
+        }
     }
 
     #[test]
@@ -540,7 +593,7 @@ mod tests {
         );
         assert_eq!(
             c.check_and_insert("a", "2", 10, 0),
-            Err("replay cache full")
+            Err(TokenFailure::ReplayCacheFull)
         );
         // after expiry entries are evicted
         assert!(c.check_and_insert("a", "2", 20, 10).is_ok());

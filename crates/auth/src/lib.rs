@@ -17,7 +17,9 @@
 //!   crate can construct, so a handler that skipped the check does not compile.
 //!
 //! Nothing here knows about HTTP frameworks or storage engines: the server maps the
-//! errors (`OAuthError::http_status`, `TokenError::www_authenticate`, …) to responses.
+//! errors (`OAuthError::http_status`, `TokenError::www_authenticate`, …) to responses; why a
+//! token request was refused is one table, [`TokenFailure`] (the `error`, the
+//! `error_description` and the audit reason code of each).
 //!
 //! Secrets (private keys, access tokens, assertions) never appear in `Debug`/`Display`
 //! output or in error messages; they print as `[redacted]`.
@@ -49,7 +51,7 @@ pub use access_token::{
     AccessTokenIssuer, AccessTokenVerifier, Authenticated, IssuedToken, Person, TokenError,
 };
 pub use client_assertion::{ClientRecord, ReplayCache, verify_client_assertion};
-pub use error::{AuthError, OAuthError};
+pub use error::{AuthError, OAuthError, TokenFailure};
 pub use jwk::{PrivateJwk, PublicJwk, generate_ed25519_pkcs8, generate_es384_jwk};
 pub use jws::{Alg, Jws, JwsError};
 pub use policy::{Authorized, Denied, Reach, authorize};

@@ -9,11 +9,13 @@
 //!
 //! Order of checks: duplicate parameters (`invalid_request`), `grant_type`
 //! (`unsupported_grant_type`), client authentication (`invalid_client`), scope
-//! (`invalid_scope`).
+//! (`invalid_scope`). Every refusal names its [`TokenFailure`]: the `error_description`
+//! the client reads and the reason code the audit keeps. Scope is checked only once the
+//! client has authenticated, so `scope-not-registered` tells nothing to a stranger.
 
 use crate::access_token::AccessTokenIssuer;
 use crate::client_assertion::{ClientRecord, ReplayCache, verify_client_assertion};
-use crate::error::OAuthError;
+use crate::error::{OAuthError, TokenFailure};
 use crate::scope::ScopeSet;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -62,37 +64,30 @@ pub fn handle_token_request(
     replay: &ReplayCache,
     now: u64,
 ) -> Result<TokenResponse, OAuthError> {
+    use TokenFailure as F;
     if form.len() > MAX_FORM_PARAMS {
-        return Err(OAuthError::InvalidRequest("too many parameters"));
+        return Err(F::TooManyParameters.into());
     }
     let mut params: HashMap<&str, &str> = HashMap::with_capacity(form.len());
     for (k, v) in form {
         if params.insert(k.as_str(), v.as_str()).is_some() {
-            return Err(OAuthError::InvalidRequest("duplicate parameter"));
+            return Err(F::DuplicateParameter.into());
         }
     }
     match params.get("grant_type") {
-        None => return Err(OAuthError::InvalidRequest("grant_type missing")),
+        None => return Err(F::GrantTypeMissing.into()),
         Some(&"client_credentials") => {}
-        Some(_) => return Err(OAuthError::UnsupportedGrantType),
+        Some(_) => return Err(F::GrantTypeUnsupported.into()),
     }
     if params.contains_key("client_secret") {
-        return Err(OAuthError::InvalidRequest(
-            "more than one client authentication method",
-        ));
+        return Err(F::MultipleClientAuth.into());
     }
     match params.get("client_assertion_type") {
         Some(&JWT_BEARER_ASSERTION_TYPE) => {}
-        Some(_) => {
-            return Err(OAuthError::InvalidClient(
-                "unsupported client_assertion_type",
-            ));
-        }
-        None => return Err(OAuthError::InvalidClient("client_assertion_type missing")),
+        Some(_) => return Err(F::AssertionTypeUnsupported.into()),
+        None => return Err(F::AssertionTypeMissing.into()),
     }
-    let assertion = params
-        .get("client_assertion")
-        .ok_or(OAuthError::InvalidClient("client_assertion missing"))?;
+    let assertion = params.get("client_assertion").ok_or(F::AssertionMissing)?;
     let expected_client_id = params.get("client_id").copied();
     let client = verify_client_assertion(
         assertion,
@@ -103,24 +98,19 @@ pub fn handle_token_request(
         replay,
     )?;
 
-    let requested = params
-        .get("scope")
-        .ok_or(OAuthError::InvalidScope("scope missing"))?;
-    let requested =
-        ScopeSet::parse(requested).map_err(|_| OAuthError::InvalidScope("scope malformed"))?;
+    let requested = params.get("scope").ok_or(F::ScopeMissing)?;
+    let requested = ScopeSet::parse(requested).map_err(|_| F::ScopeMalformed)?;
     // A back-end client acts with system/ scopes only: patient/, user/ and non-resource
     // scopes of its record (registered before `client add` refused them) are dropped, not
     // granted — a token carrying them would grant nothing and claim what it cannot do.
     // Asking for only those is `invalid_scope`, as for any scope not registered.
     let granted = requested.intersect(&client.scopes.system_only());
     if granted.is_empty() {
-        return Err(OAuthError::InvalidScope(
-            "no requested scope is registered for the client",
-        ));
+        return Err(F::ScopeNotRegistered.into());
     }
     let issued = issuer
         .issue(&client.client_id, &granted, now)
-        .map_err(|_| OAuthError::ServerError("token issuing failed"))?;
+        .map_err(|_| F::TokenIssuingFailed)?;
     Ok(TokenResponse {
         expires_in: issued.expires_in(),
         access_token: issued.into_token(),
@@ -204,49 +194,79 @@ mod tests {
         let t = TestClient::new();
         let i = issuer();
         let r = ReplayCache::default();
-        let code = |f: Vec<(String, String)>| run(&t, &f, &i, &r).err().map(|e| e.error_code());
+        let failure = |f: Vec<(String, String)>| run(&t, &f, &i, &r).err().map(|e| e.failure());
+        use TokenFailure as F;
 
         let mut f = form(&t, "system/Patient.rs");
         f.push(("scope".into(), "system/Observation.rs".into()));
-        assert_eq!(code(f), Some("invalid_request"));
+        assert_eq!(failure(f), Some(F::DuplicateParameter));
 
         let mut f = form(&t, "system/Patient.rs");
         f[0].1 = "authorization_code".into();
-        assert_eq!(code(f), Some("unsupported_grant_type"));
+        assert_eq!(failure(f), Some(F::GrantTypeUnsupported));
 
         let mut f = form(&t, "system/Patient.rs");
         f.remove(0);
-        assert_eq!(code(f), Some("invalid_request"));
+        assert_eq!(failure(f), Some(F::GrantTypeMissing));
 
         let mut f = form(&t, "system/Patient.rs");
         f[1].1 = "urn:ietf:params:oauth:client-assertion-type:saml2-bearer".into();
-        assert_eq!(code(f), Some("invalid_client"));
+        assert_eq!(failure(f), Some(F::AssertionTypeUnsupported));
+
+        let mut f = form(&t, "system/Patient.rs");
+        f.remove(1);
+        assert_eq!(failure(f), Some(F::AssertionTypeMissing));
 
         let mut f = form(&t, "system/Patient.rs");
         f.remove(2);
-        assert_eq!(code(f), Some("invalid_client"));
+        assert_eq!(failure(f), Some(F::AssertionMissing));
 
         let mut f = form(&t, "system/Patient.rs");
         f.push(("client_secret".into(), "hunter2".into()));
-        assert_eq!(code(f), Some("invalid_request"));
+        assert_eq!(failure(f), Some(F::MultipleClientAuth));
 
         let mut f = form(&t, "system/Patient.rs");
         f[2].1 = tamper_signature(&f[2].1);
-        assert_eq!(code(f), Some("invalid_client"));
+        assert_eq!(failure(f), Some(F::SignatureInvalid));
+
+        let mut f = form(&t, "system/Patient.rs");
+        f.push(("client_id".into(), "someone-else".into()));
+        assert_eq!(failure(f), Some(F::ClientIdMismatch));
 
         let mut f = form(&t, "system/Patient.rs");
         f.remove(3);
-        assert_eq!(code(f), Some("invalid_scope"));
+        assert_eq!(failure(f), Some(F::ScopeMissing));
 
-        assert_eq!(code(form(&t, "system/Patient.rx")), Some("invalid_scope"));
-        assert_eq!(code(form(&t, "system/Encounter.rs")), Some("invalid_scope"));
-        assert_eq!(code(form(&t, "patient/Patient.rs")), Some("invalid_scope"));
-        assert_eq!(code(form(&t, "")), Some("invalid_scope"));
+        let f: Vec<(String, String)> = (0..=MAX_FORM_PARAMS)
+            .map(|n| (format!("p{n}"), String::new()))
+            .collect();
+        assert_eq!(failure(f), Some(F::TooManyParameters));
+
+        assert_eq!(
+            failure(form(&t, "system/Patient.rx")),
+            Some(F::ScopeMalformed)
+        );
+        assert_eq!(
+            failure(form(&t, "system/Encounter.rs")),
+            Some(F::ScopeNotRegistered)
+        );
+        assert_eq!(
+            failure(form(&t, "patient/Patient.rs")),
+            Some(F::ScopeNotRegistered)
+        );
+        assert_eq!(failure(form(&t, "")), Some(F::ScopeNotRegistered));
 
         // replay of a whole request
         let f = form(&t, "system/Patient.rs");
         assert!(run(&t, &f, &i, &r).is_ok());
-        assert_eq!(code(f), Some("invalid_client"));
+        let e = run(&t, &f, &i, &r).expect_err("replay");
+        assert_eq!(e.failure(), F::JtiReplayed);
+        assert_eq!(e.error_code(), "invalid_client");
+        assert_eq!(e.http_status(), 401);
+        assert_eq!(
+            e.to_json()["error_description"],
+            "the client assertion's jti was used before"
+        );
     }
 
     /// A client registered with patient/, user/ or identity scopes (before `client add`

@@ -94,7 +94,7 @@ pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
         "action": action_code(e.action),
         "recorded": instant(i64::try_from(e.time_ms).unwrap_or(i64::MAX)),
         "outcome": e.outcome.code.to_string(),
-        "outcomeDesc": format!("HTTP {}", e.outcome.http_status),
+        "outcomeDesc": outcome_desc(e),
         "agent": agents,
         "source": {"observer": {"display": "phivault"},
             "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type",
@@ -105,6 +105,15 @@ pub fn to_fhir(seq: u64, e: &AuditEvent) -> Value {
         out["purposeOfEvent"] = json!(purpose);
     }
     out
+}
+
+/// `outcomeDesc`: the HTTP status, and the reason code of a refusal when the event has one
+/// (`HTTP 401 assertion-expired`): a fixed code of the server's, never request content.
+fn outcome_desc(e: &AuditEvent) -> String {
+    match &e.detail.reason {
+        Some(r) => format!("HTTP {} {r}", e.outcome.http_status),
+        None => format!("HTTP {}", e.outcome.http_status),
+    }
 }
 
 /// The filters of one search (or report): `patient`, `user`, `client`, `action`, `date`
@@ -369,6 +378,7 @@ mod tests {
                 purpose: Some("TREAT".into()),
                 user_agent: Some("fhirclient/4.2".into()),
                 query: vec!["family".into(), "birthdate".into()],
+                reason: None,
             },
         }
     }
@@ -379,6 +389,7 @@ mod tests {
         assert_eq!(v["id"], "7");
         assert_eq!(v["action"], "R");
         assert_eq!(v["outcome"], "0");
+        assert_eq!(v["outcomeDesc"], "HTTP 200");
         assert_eq!(v["recorded"], "2025-06-15T15:06:40.000Z");
         assert_eq!(
             v["entity"][1]["what"]["reference"],
@@ -401,6 +412,19 @@ mod tests {
         let mine = shown(7, &event(), true);
         assert!(mine["agent"][0].get("name").is_none());
         assert!(mine["agent"][0].get("network").is_none());
+        let errors = phivault_fhir::validate(&v);
+        assert!(errors.is_ok(), "{errors:?}");
+    }
+
+    /// A refusal's reason code is part of `outcomeDesc`.
+    #[test]
+    fn a_refusal_shows_its_reason() {
+        let mut e = event();
+        e.outcome = phivault_audit::Outcome::from_http(401);
+        e.detail.refused_because("jti-replayed");
+        let v = to_fhir(8, &e);
+        assert_eq!(v["outcome"], "4");
+        assert_eq!(v["outcomeDesc"], "HTTP 401 jti-replayed");
         let errors = phivault_fhir::validate(&v);
         assert!(errors.is_ok(), "{errors:?}");
     }

@@ -1,5 +1,10 @@
 //! Handlers of the OAuth side: the token endpoint (client credentials; the App Launch
 //! grants are `launch`'s), SMART configuration and the token signing keys.
+//!
+//! A refused token request is answered `{"error", "error_description"}` (RFC 6749 §5.2)
+//! from its [`TokenFailure`], and the reason code goes into the request's audit event
+//! (`Detail::reason`, shown as the AuditEvent's `outcomeDesc`). Both are fixed strings of
+//! the auth crate's table: nothing of the request is echoed or logged.
 
 use std::sync::Arc;
 
@@ -9,6 +14,7 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use phivault_audit::Action;
+use phivault_auth::{OAuthError, TokenFailure};
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -45,23 +51,11 @@ async fn token_inner(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let oauth_error = |code: &str, status: StatusCode| {
-        let mut r = (
-            status,
-            serde_json::to_vec(&json!({"error": code})).unwrap_or_default(),
-        )
-            .into_response();
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r
-    };
     let Ok(bytes) = body else {
-        return Ok(oauth_error("invalid_request", StatusCode::BAD_REQUEST));
+        return Ok(refuse(ctx, TokenFailure::BodyUnreadable.into()));
     };
     let Ok(text) = std::str::from_utf8(&bytes) else {
-        return Ok(oauth_error("invalid_request", StatusCode::BAD_REQUEST));
+        return Ok(refuse(ctx, TokenFailure::BodyUnreadable.into()));
     };
     // a token response: JSON, never cached (RFC 6749 §5.1)
     let issued = |body: Vec<u8>| {
@@ -74,10 +68,7 @@ async fn token_inner(
     if let Some(answer) = crate::handlers::launch::person_grant(app, &form, ctx, headers) {
         return Ok(match answer {
             Ok(body) => issued(body.to_string().into_bytes()),
-            Err(e) => oauth_error(
-                e.error_code(),
-                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
-            ),
+            Err(e) => refuse(ctx, e),
         });
     }
     let a = app.clone();
@@ -99,9 +90,84 @@ async fn token_inner(
             let body = serde_json::to_vec(&resp).map_err(|_| ApiError::internal())?;
             Ok(issued(body))
         }
-        Err(e) => Ok(oauth_error(
-            e.error_code(),
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
-        )),
+        Err(e) => Ok(refuse(ctx, e)),
+    }
+}
+
+/// The answer to a refused token request (RFC 6749 §5.2), its reason code kept for the
+/// request's audit event.
+fn refuse(ctx: &mut Ctx, e: OAuthError) -> Response {
+    let f = e.failure();
+    ctx.detail.refused_because(f.code());
+    let body = json!({"error": f.error(), "error_description": f.description()});
+    let mut r = (
+        StatusCode::from_u16(f.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `OAuthError` variant that carries a reason string.
+    type MakeError = fn(&'static str) -> OAuthError;
+
+    /// Every reason the launch handler gives as a string literal maps to a failure of its
+    /// own in the auth crate's table (a reworded reason would otherwise fall back to the
+    /// generic description of its kind unnoticed).
+    #[test]
+    fn every_reason_of_the_launch_grants_is_mapped() {
+        let src = include_str!("launch.rs");
+        let generic = [
+            TokenFailure::RequestMalformed,
+            TokenFailure::ClientAuthFailed,
+            TokenFailure::GrantInvalid,
+            TokenFailure::ScopeInvalid,
+            TokenFailure::DpopProofInvalid,
+            TokenFailure::ServerError,
+        ];
+        let kinds: [(&str, MakeError); 6] = [
+            ("InvalidRequest", OAuthError::InvalidRequest),
+            ("InvalidClient", OAuthError::InvalidClient),
+            ("InvalidGrant", OAuthError::InvalidGrant),
+            ("InvalidScope", OAuthError::InvalidScope),
+            ("InvalidDpopProof", OAuthError::InvalidDpopProof),
+            ("ServerError", OAuthError::ServerError),
+        ];
+        let mut seen = 0;
+        for (kind, make) in kinds {
+            let needle = format!("OAuthError::{kind}(");
+            for (at, _) in src.match_indices(&needle) {
+                // the literal may sit on the next line after rustfmt
+                let rest = src[at + needle.len()..].trim_start();
+                let Some(rest) = rest.strip_prefix('"') else {
+                    continue;
+                };
+                let Some(end) = rest.find('"') else { continue };
+                let reason: &'static str = Box::leak(rest[..end].to_owned().into_boxed_str());
+                // DPoP proof checks other than these two pass the dpop module's reasons on
+                let e = make(reason);
+                if kind == "InvalidDpopProof"
+                    && matches!(reason, "not text" | "more than one proof")
+                {
+                    assert_eq!(e.failure(), TokenFailure::DpopProofInvalid);
+                    continue;
+                }
+                assert!(
+                    !generic.contains(&e.failure()),
+                    "unmapped: {kind}({reason:?})"
+                );
+                assert_eq!(e.failure().error(), e.error_code());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 12, "found {seen} reasons in launch.rs");
     }
 }
