@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the third-party Python client tests (fhirpy + PyJWT, SMART Backend Services)
-# against the real phivault binary.
+# Runs the third-party Python client tests (fhirpy and the SMART on FHIR fhirclient, with
+# PyJWT for SMART Backend Services) against the real phivault binary.
 #
 #   PHIVAULT_BIN    the binary to test (default: <repo>/target/release/phivault); must exist.
 #   PHIVAULT_PYENV  the virtualenv to create or reuse (default: <repo>/target/pyenv).

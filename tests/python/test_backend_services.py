@@ -313,6 +313,9 @@ def test_patient_lifecycle(server: Server, client: SyncFHIRClient, token: dict):
     pid = patient.id
     assert pid, "server assigned no id"
     assert patient["meta"]["versionId"] == "1"
+    # fhirpy's count() (`_count=0&_totalMethod=count`, reading `total`)
+    by_mrn = client.resources("Patient").search(identifier="urn:example:mrn|MRN-1815")
+    assert by_mrn.count() == 1
 
     # read back and compare fields
     got = client.get("Patient", pid)
@@ -362,8 +365,9 @@ def test_patient_lifecycle(server: Server, client: SyncFHIRClient, token: dict):
     assert v1["name"] == [{"family": "Lovelace", "given": ["Ada"]}]
     assert "telecom" not in v1
 
-    # delete, then a read reports 410 Gone
+    # delete, then a read reports 410 Gone and the count is 0
     patient.delete()
+    assert by_mrn.count() == 0
     with pytest.raises(ResourceNotFound):
         client.get("Patient", pid)
     r = raw(server, "GET", f"Patient/{pid}", token["access_token"])

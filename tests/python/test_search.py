@@ -378,16 +378,30 @@ def cases(w):
     return c
 
 
+def self_link(b: dict) -> str:
+    return next(l["url"] for l in b.get("link", []) if l["relation"] == "self")
+
+
 def test_conformance_cases(world):
     cs = cases(world)
     assert len(cs) >= 60, len(cs)
     failures = []
     nontrivial = 0
+    base = world["server"].fhir_base
     for name, path, exp in cs:
         want = exp()
-        got, _, _ = fetch(world, path)
+        got, _, bundles = fetch(world, path)
         if got != want:
             failures.append(f"{name} [{path}]: missing {sorted(want - got)[:3]} extra {sorted(got - want)[:3]} ({len(got)} vs {len(want)})")
+        # the self link of the first page (and of a continued one) is the search as the
+        # server applied it: following it gives that page again
+        for b in bundles[:2]:
+            own = self_link(b)
+            assert own.startswith(f"{base}/"), own
+            again, _, _ = fetch(world, own[len(base) + 1:], follow=False)
+            page = {tid(e["resource"]) for e in b.get("entry", []) if e["search"]["mode"] == "match"}
+            if again != page:
+                failures.append(f"{name} [{path}]: self link {own} gave another page")
         rtype = path.split("?")[0].split("/")[-1] if "?" in path else path.split("/")[-1]
         if 0 < len(want) < len(world["R"].get(rtype, [])):
             nontrivial += 1
@@ -441,10 +455,16 @@ def test_paging_links_are_opaque_and_complete(world):
     fam = p0["name"][0]["family"]
     got, _, bundles = fetch(world, f"Patient?family={quote(fam[:3])}&_count=1")
     assert len(bundles) == len(got) or len(bundles) == len(got) + 1
-    for b in bundles:
+    base = world["server"].fhir_base
+    for i, b in enumerate(bundles):
         for link in b.get("link", []):
-            assert fam[:3].lower() not in link["url"].lower(), link["url"]
-            assert "family" not in link["url"]
+            if link["relation"] == "self":
+                # the client's own query as applied (a continued page adds its cursor)
+                own = f"{base}/Patient?_count=1&family={quote(fam[:3])}"
+                assert link["url"] == own or (i > 0 and link["url"].startswith(own + "&_cursor=")), link["url"]
+            else:
+                assert fam[:3].lower() not in link["url"].lower(), link["url"]
+                assert "family" not in link["url"]
 
 
 def test_totals_summary_sort_elements(world):
@@ -500,3 +520,11 @@ def test_fhirpy_searches_with_paging(world):
     fam = world["R"]["Patient"][0]["name"][0]["family"]
     got = {f"Patient/{p['id']}" for p in client.resources("Patient").search(family=fam).fetch_all()}
     assert f"Patient/{world['R']['Patient'][0]['id']}" in got
+    # fhirpy's count() asks `_count=0&_totalMethod=count` and reads `total`
+    assert client.resources("Observation").search(code="8867-4").count() == len(want)
+    assert client.resources("Patient").search(family=fam).count() == len(got)
+    assert client.resources("Patient").count() == len(world["R"]["Patient"])
+    p0 = world["R"]["Patient"][0]["id"]
+    assert client.resources("Observation").search(subject=f"Patient/{p0}").count() == len(
+        select(world, "Observation", lambda r: r["subject"]["reference"] == f"Patient/{p0}"))
+    assert client.resources("Observation").search(code="no-such-code").count() == 0

@@ -50,6 +50,24 @@ fn search_refs(t: &str, rev: bool) -> Vec<String> {
     out
 }
 
+/// The result parameters every search takes (declared once, for all types), with what
+/// the server does with them (includes are declared per type: `searchInclude`).
+fn result_params() -> Value {
+    let count = format!(
+        "Page size: default {}, at most {} (larger values are capped). _count=0 answers with Bundle.total alone (the exact number of matches the client may see) and no entries, as _summary=count does.",
+        phivault_fhir::search::DEFAULT_COUNT,
+        phivault_fhir::search::MAX_COUNT
+    );
+    json!([
+        {"name": "_count", "type": "number", "documentation": count},
+        {"name": "_total", "type": "token", "documentation": "none | estimate | accurate: estimate is answered exactly; a total counts only what the client may see."},
+        {"name": "_totalMethod", "type": "token", "documentation": "count | accurate | estimate | none, as some clients send it (fhirpy's count()): the same as _total."},
+        {"name": "_summary", "type": "token", "documentation": "count (Bundle.total alone) or false; other summaries are refused."},
+        {"name": "_sort", "type": "string", "documentation": "Comma-separated parameters, - for descending; _lastUpdated and _id too."},
+        {"name": "_elements", "type": "string", "documentation": "Top-level elements to return (entries are marked SUBSETTED)."},
+    ])
+}
+
 /// `GET /fhir/metadata`.
 pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
     let resources: Vec<Value> = phivault_fhir::resource_types()
@@ -118,7 +136,8 @@ pub fn capability_statement(base_url: &str, token_url: &str) -> Value {
                 "description": "OAuth 2 bearer tokens (SMART Backend Services, private_key_jwt with ES384/RS384) are required on every route but /metadata and /.well-known/*. A record belongs, for access, to the one patient it is about (the patient whose key seals it: its subject/patient); being named as performer, author, recipient or other participant does not open it for that patient or for those who treat them. This deliberately narrows the Patient compartment: Patient/{id}/{type}, $everything and patient-confined searches list the records that belong to that patient. References to this server's own absolute base are stored relative; other servers' references are in no compartment."
             },
             "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}]
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "searchParam": result_params()
         }]
     })
 }

@@ -29,28 +29,17 @@ fn unsupported(msg: String) -> Problem {
     (IssueCode::NotSupported, msg)
 }
 
-/// Split on unescaped `sep`; `\,` `\|` `\$` `\\` are literal.
-fn split_escaped(s: &str, sep: char) -> Vec<String> {
+/// Split on unescaped `sep`, keeping every escape as written (the parts may be split
+/// again: a value's `\|` must survive the split of a list on `,`).
+fn split_raw(s: &str, sep: char) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
-            match chars.next() {
-                Some(n) if n == ',' || n == '|' || n == '$' || n == '\\' => {
-                    if let Some(last) = out.last_mut() {
-                        last.push(n);
-                    }
-                }
-                Some(n) => {
-                    if let Some(last) = out.last_mut() {
-                        last.push('\\');
-                        last.push(n);
-                    }
-                }
-                None => {
-                    if let Some(last) = out.last_mut() {
-                        last.push('\\');
-                    }
+            if let Some(last) = out.last_mut() {
+                last.push('\\');
+                if let Some(n) = chars.next() {
+                    last.push(n);
                 }
             }
         } else if c == sep {
@@ -60,6 +49,32 @@ fn split_escaped(s: &str, sep: char) -> Vec<String> {
         }
     }
     out
+}
+
+/// `\,` `\|` `\$` `\\` as the character escaped; any other backslash is kept.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(n) if n == ',' || n == '|' || n == '$' || n == '\\' => out.push(n),
+            Some(n) => {
+                out.push('\\');
+                out.push(n);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Split on unescaped `sep`; `\,` `\|` `\$` `\\` are literal.
+fn split_escaped(s: &str, sep: char) -> Vec<String> {
+    split_raw(s, sep).iter().map(|p| unescape(p)).collect()
 }
 
 fn prefix_of(v: &str) -> (Prefix, &str) {
@@ -110,8 +125,12 @@ fn parse_modifier(def: &SearchParamDef, m: Option<&str>) -> Result<Modifier, Pro
     })
 }
 
-fn parse_value(def: &SearchParamDef, m: &Modifier, v: &str) -> Result<QueryValue, Problem> {
+/// One value of an OR list, escapes as written (split on `|` first where the type has
+/// parts, then unescaped).
+fn parse_value(def: &SearchParamDef, m: &Modifier, raw: &str) -> Result<QueryValue, Problem> {
     let name = &def.code;
+    let unescaped = unescape(raw);
+    let v = unescaped.as_str();
     let bad = || invalid(format!("malformed value for '{name}'"));
     if *m == Modifier::Missing {
         return match v {
@@ -126,7 +145,7 @@ fn parse_value(def: &SearchParamDef, m: &Modifier, v: &str) -> Result<QueryValue
             if *m == Modifier::Text {
                 return Ok(QueryValue::Text(v.to_owned()));
             }
-            let parts = split_escaped(v, '|');
+            let parts = split_escaped(raw, '|');
             match parts.as_slice() {
                 [code] => QueryValue::Token {
                     system: None,
@@ -152,7 +171,7 @@ fn parse_value(def: &SearchParamDef, m: &Modifier, v: &str) -> Result<QueryValue
             QueryValue::Number(p, parse_decimal(rest).ok_or_else(bad)?)
         }
         ParamType::Quantity => {
-            let (p, rest) = prefix_of(v);
+            let (p, rest) = prefix_of(raw);
             let parts = split_escaped(rest, '|');
             let (num, system, code) = match parts.as_slice() {
                 [n] => (n.clone(), None, None),
@@ -218,7 +237,7 @@ fn simple_criterion(rtype: &str, name: &str, value: &str) -> Result<Criterion, P
         Some((c, m)) => (c, Some(m)),
         None => (name, None),
     };
-    let values = split_escaped(value, ',');
+    let values = split_raw(value, ',');
     if values.len() > MAX_VALUES {
         return Err((
             IssueCode::TooCostly,
@@ -234,7 +253,7 @@ fn simple_criterion(rtype: &str, name: &str, value: &str) -> Result<Criterion, P
                 return Err(unsupported("modifiers are not supported on '_id'".into()));
             }
             let mut vs = Vec::new();
-            for v in values {
+            for v in values.iter().map(|v| unescape(v)) {
                 if !is_valid_id(&v) {
                     return Err(invalid("malformed value for '_id'".into()));
                 }
@@ -481,7 +500,7 @@ pub fn parse_search(
         summary: Summary::False,
         elements: None,
         warnings: Vec::new(),
-        canonical: String::new(),
+        applied: Vec::new(),
     };
     if pairs.len() > MAX_PAIRS {
         return Err(vec![Issue::error(
@@ -491,6 +510,11 @@ pub fn parse_search(
         )]);
     }
     let mut errors = Vec::new();
+    // criteria and includes applied, as given; the result parameters are written from
+    // what they set, at the end
+    let mut applied: Vec<(String, String)> = Vec::new();
+    let mut count_given = false;
+    let mut format: Option<&str> = None;
     for (name, value) in pairs {
         if value.len() > MAX_VALUE_LEN || name.len() > 256 {
             errors.push((IssueCode::TooCostly, "search value too long".to_owned()));
@@ -500,13 +524,15 @@ pub fn parse_search(
             Some((b, m)) if !name.starts_with("_has:") => (b, Some(m)),
             _ => (name.as_str(), None),
         };
-        let r: Result<(), Problem> = (|| {
+        // Ok(true): a criterion or include, listed as given among the applied parameters
+        let r: Result<bool, Problem> = (|| {
             match base {
                 "_count" => {
                     let n: usize = value
                         .parse()
                         .map_err(|_| invalid("'_count' must be a non-negative integer".into()))?;
                     q.count = n.min(MAX_COUNT);
+                    count_given = true;
                 }
                 "_sort" => q.sort = sort_keys(rtype, value)?,
                 "_total" => {
@@ -515,6 +541,16 @@ pub fn parse_search(
                         "estimate" => Total::Estimate,
                         "accurate" => Total::Accurate,
                         _ => return Err(invalid("invalid '_total'".into())),
+                    }
+                }
+                // the same question as some clients ask it (fhirpy's `count()` sends
+                // `_count=0&_totalMethod=count`)
+                "_totalMethod" => {
+                    q.total = match value.as_str() {
+                        "none" => Total::None,
+                        "estimate" => Total::Estimate,
+                        "count" | "accurate" => Total::Accurate,
+                        _ => return Err(invalid("invalid '_totalMethod'".into())),
                     }
                 }
                 "_summary" => {
@@ -549,6 +585,7 @@ pub fn parse_search(
                     } else {
                         q.include.push(inc);
                     }
+                    return Ok(true);
                 }
                 "_format" => {
                     if !matches!(
@@ -557,24 +594,35 @@ pub fn parse_search(
                     ) {
                         return Err(unsupported("only JSON is served".into()));
                     }
+                    format = Some(value.as_str());
                 }
                 "_pretty" => {}
                 _ if name.starts_with("_has:") => {
-                    q.criteria.push(has_criterion(rtype, name, value, 1)?)
+                    q.criteria.push(has_criterion(rtype, name, value, 1)?);
+                    return Ok(true);
                 }
                 _ if base.contains('.') || modifier.is_some_and(|m| m.contains('.')) => {
-                    q.criteria.push(chain_criterion(rtype, name, value)?)
+                    q.criteria.push(chain_criterion(rtype, name, value)?);
+                    return Ok(true);
                 }
-                "_id" | "_lastUpdated" => q.criteria.push(simple_criterion(rtype, name, value)?),
+                "_id" | "_lastUpdated" => {
+                    q.criteria.push(simple_criterion(rtype, name, value)?);
+                    return Ok(true);
+                }
                 _ if base.starts_with('_') => {
                     return Err(unsupported(format!("parameter '{base}' is not supported")));
                 }
-                _ => q.criteria.push(simple_criterion(rtype, name, value)?),
+                _ => {
+                    q.criteria.push(simple_criterion(rtype, name, value)?);
+                    return Ok(true);
+                }
             }
-            Ok(())
+            Ok(false)
         })();
-        if let Err(p) = r {
-            errors.push(p);
+        match r {
+            Ok(true) => applied.push((name.clone(), value.clone())),
+            Ok(false) => {}
+            Err(p) => errors.push(p),
         }
     }
     if q.criteria.len() > MAX_CRITERIA {
@@ -596,14 +644,80 @@ pub fn parse_search(
                 .collect());
         }
     }
-    let mut canon: Vec<&(String, String)> = pairs.iter().filter(|(k, _)| k != "_count").collect();
-    canon.sort();
-    q.canonical = canon
-        .iter()
-        .map(|(k, v)| format!("{}={}", k.replace(['&', '='], "_"), v.replace('&', "%26")))
-        .collect::<Vec<_>>()
-        .join("&");
+    if count_given {
+        applied.push(("_count".into(), q.count.to_string()));
+    }
+    if !q.sort.is_empty() {
+        let keys: Vec<String> = q
+            .sort
+            .iter()
+            .map(|k| {
+                let name = match k.param {
+                    Some(def) => def.code.as_str(),
+                    None if k.last_updated => "_lastUpdated",
+                    None => "_id",
+                };
+                format!("{}{name}", if k.descending { "-" } else { "" })
+            })
+            .collect();
+        applied.push(("_sort".into(), keys.join(",")));
+    }
+    match q.total {
+        Total::None => {}
+        Total::Estimate => applied.push(("_total".into(), "estimate".into())),
+        Total::Accurate => applied.push(("_total".into(), "accurate".into())),
+    }
+    if q.summary == Summary::Count {
+        applied.push(("_summary".into(), "count".into()));
+    }
+    if let Some(els) = &q.elements {
+        applied.push(("_elements".into(), els.join(",")));
+    }
+    if let Some(f) = format {
+        applied.push(("_format".into(), f.to_owned()));
+    }
+    // stable: repeated parameters keep their order
+    applied.sort_by(|a, b| a.0.cmp(&b.0));
+    q.applied = applied;
     Ok(q)
+}
+
+impl SearchQuery {
+    /// Only the number of matches is asked for (`_summary=count` or `_count=0`): the
+    /// answer is `total` and no entries.
+    pub fn count_only(&self) -> bool {
+        self.summary == Summary::Count || self.count == 0
+    }
+
+    /// [`SearchQuery::applied`] as a URL query (`name=value&…`, without `?`): names and
+    /// values percent-encoded (UTF-8; every byte but unreserved characters and `:` `/`
+    /// `,`, which a query may carry as they are, so `%20` for a space, never `+`).
+    pub fn self_query(&self) -> String {
+        let mut out = String::new();
+        for (k, v) in &self.applied {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            percent_encode(&mut out, k);
+            out.push('=');
+            percent_encode(&mut out, v);
+        }
+        out
+    }
+}
+
+/// Append `s` percent-encoded for a URL query component.
+fn percent_encode(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:/,".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -662,9 +776,122 @@ mod tests {
     }
 
     #[test]
+    fn count_questions_are_understood() {
+        let q = parse_search(
+            "Patient",
+            &p(&[("_count", "0"), ("_totalMethod", "count")]),
+            false,
+        )
+        .unwrap();
+        assert!(q.count_only());
+        assert_eq!(q.total, Total::Accurate);
+        for (v, t) in [
+            ("accurate", Total::Accurate),
+            ("estimate", Total::Estimate),
+            ("none", Total::None),
+        ] {
+            let q = parse_search("Patient", &p(&[("_totalMethod", v)]), false).unwrap();
+            assert_eq!(q.total, t);
+            assert!(!q.count_only());
+        }
+        assert!(parse_search("Patient", &p(&[("_totalMethod", "maybe")]), false).is_err());
+        let q = parse_search("Patient", &p(&[("_summary", "count")]), false).unwrap();
+        assert!(q.count_only());
+        // genuinely unknown parameters stay errors
+        assert!(parse_search("Patient", &p(&[("_count", "0"), ("_bogus", "1")]), false).is_err());
+    }
+
+    #[test]
+    fn the_applied_parameters_are_listed_normalised_and_encoded() {
+        let q = parse_search(
+            "Observation",
+            &p(&[
+                ("code", "http://loinc.org|2339-0,1234-5"),
+                ("_count", "5000"),
+                ("subject:Patient.family", "o'Brien née"),
+                ("_totalMethod", "count"),
+                ("date", "ge2020-01-01"),
+                ("_sort", "-date,_lastUpdated"),
+                ("_summary", "false"),
+                ("_pretty", "true"),
+                ("nonsense", "1"),
+                ("_include", "Observation:subject"),
+                ("date", "lt2021"),
+                ("code:text", "a&b=c+d%"),
+            ]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(q.warnings.len(), 1);
+        let names: Vec<&str> = q.applied.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "_count",
+                "_include",
+                "_sort",
+                "_total",
+                "code",
+                "code:text",
+                "date",
+                "date",
+                "subject:Patient.family"
+            ]
+        );
+        assert_eq!(
+            q.self_query(),
+            "_count=1000&_include=Observation:subject&_sort=-date,_lastUpdated&_total=accurate\
+             &code=http://loinc.org%7C2339-0,1234-5&code:text=a%26b%3Dc%2Bd%25\
+             &date=ge2020-01-01&date=lt2021\
+             &subject:Patient.family=o%27Brien%20n%C3%A9e"
+        );
+        // nothing but defaults: an empty query
+        let q = parse_search(
+            "Patient",
+            &p(&[("_total", "none"), ("_summary", "false"), ("_pretty", "1")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(q.self_query(), "");
+        let q = parse_search(
+            "Patient",
+            &p(&[("_summary", "count"), ("_format", "json")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(q.self_query(), "_format=json&_summary=count");
+    }
+
+    #[test]
     fn escapes() {
         assert_eq!(split_escaped(r"a\,b,c", ','), vec!["a,b", "c"]);
         assert_eq!(split_escaped(r"s\|x|c", '|'), vec!["s|x", "c"]);
+        assert_eq!(split_raw(r"s\|x|c\,d,e", ','), vec![r"s\|x|c\,d", "e"]);
+        assert_eq!(unescape(r"a\,b\|c\$d\\e\xf\"), r"a,b|c$d\e\xf\");
+        // an escaped `|` in a token's code survives the split of the OR list
+        let q = parse_search(
+            "Patient",
+            &p(&[
+                ("identifier", r"urn:x|MRN 7\|9,urn:y|a\,b"),
+                ("family", r"o\,b"),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            q.criteria[0].values,
+            vec![
+                QueryValue::Token {
+                    system: Some(Some("urn:x".into())),
+                    code: Some("MRN 7|9".into())
+                },
+                QueryValue::Token {
+                    system: Some(Some("urn:y".into())),
+                    code: Some("a,b".into())
+                }
+            ]
+        );
+        assert_eq!(q.criteria[1].values, vec![QueryValue::Text("o,b".into())]);
     }
 
     proptest::proptest! {
@@ -674,6 +901,38 @@ mod tests {
                 let _ = parse_search(t, &pairs, false);
                 let _ = parse_search(t, &pairs, true);
             }
+        }
+
+        #[test]
+        fn the_self_query_decodes_to_the_applied_parameters(v in "\\PC{1,20}", w in "[ -~]{1,20}") {
+            let pairs = p(&[("family", v.as_str()), ("name:contains", w.as_str())]);
+            // lenient: a malformed value (an empty OR branch) is left out, not listed
+            let q = parse_search("Patient", &pairs, true).unwrap();
+            let text = q.self_query();
+            proptest::prop_assert!(text.bytes().all(|b| b.is_ascii_graphic() && !b"+#?[]".contains(&b)));
+            let decode = |s: &str| {
+                let mut out = Vec::new();
+                let b = s.as_bytes();
+                let mut i = 0;
+                while i < b.len() {
+                    if b[i] == b'%' {
+                        out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                        i += 3;
+                    } else {
+                        out.push(b[i]);
+                        i += 1;
+                    }
+                }
+                String::from_utf8(out).unwrap()
+            };
+            let back: Vec<(String, String)> = text
+                .split('&')
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap();
+                    (decode(k), decode(v))
+                })
+                .collect();
+            proptest::prop_assert_eq!(back, q.applied);
         }
 
         #[test]

@@ -323,10 +323,15 @@ pub struct SearchQuery {
     /// Problems ignored under `Prefer: handling=lenient` (reported as warnings in the
     /// Bundle's OperationOutcome). Empty in strict mode (problems are errors there).
     pub warnings: Vec<Issue>,
-    /// The query in canonical form (parameters sorted, result parameters except `_count`
-    /// included), used to bind paging cursors to the query. Holds search values: the
-    /// server never logs it and only ever stores it inside an encrypted cursor.
-    pub canonical: String,
+    /// The parameters as the server understood them, decoded, sorted by name (repeated
+    /// parameters keep their order): every criterion and include that was applied, each
+    /// with its value as given; `_count` when given (capped), `_sort`, `_elements`,
+    /// `_format` as given; `_total` when a total is asked for (`_totalMethod` spelled as
+    /// `_total`); `_summary=count`. Parameters ignored under lenient handling, `_pretty`
+    /// and defaults asked for explicitly (`_total=none`, `_summary=false`) are left out.
+    /// [`SearchQuery::self_query`] writes it as the `self` link's query. Holds search
+    /// values: the server never logs it.
+    pub applied: Vec<(String, String)>,
 }
 
 /// How the index narrows one query: an expression over *terms* (each term is looked up as

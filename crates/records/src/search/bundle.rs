@@ -1,5 +1,6 @@
 //! The searchset Bundle of a page, written out from the matches' stored bytes (no
-//! re-serialisation), with `_elements` subsets and the `next` link's sealed cursor.
+//! re-serialisation), with `_elements` subsets, the `self` link (the query as the server
+//! applied it) and the `next` link's sealed cursor.
 
 use serde_json::{Value, json};
 
@@ -29,9 +30,31 @@ pub(super) fn subset(mut v: Value, elements: &[String]) -> Value {
     v
 }
 
-/// The searchset Bundle of a page. `self_url` is the base of the link (no search values:
-/// they may be PHI).
-pub fn bundle(app: &Vault, page: Page, self_url: &str) -> Result<Vec<u8>, Error> {
+/// The `self` link of a page searched at `path` (`{base}/{Type}` or
+/// `{base}/Patient/{id}/{Type}`): the parameters the search applied
+/// ([`phivault_fhir::search::SearchQuery::applied`], percent-encoded), so that following
+/// it repeats the search, whether it came as a GET, a POST `_search` or a cursor. A
+/// continued page adds the sealed `_cursor` it was asked for with: the link names that
+/// page, and the server accepts a cursor beside the very parameters it was issued for.
+/// The values are the client's own search values, sent back to it only in this response
+/// (which is never stored: `Cache-Control: no-store`); the cursor's contents stay sealed.
+fn self_link(path: &str, page: &Page) -> String {
+    let mut url = format!("{path}?{}", page.query.self_query());
+    if let Some(c) = &page.cursor {
+        if !url.ends_with('?') {
+            url.push('&');
+        }
+        url.push_str("_cursor=");
+        url.push_str(c);
+    }
+    if url.ends_with('?') {
+        url.pop();
+    }
+    url
+}
+
+/// The searchset Bundle of a page searched at `path` (its `self` link: `self_link`).
+pub fn bundle(app: &Vault, page: Page, path: &str) -> Result<Vec<u8>, Error> {
     let size: usize = page
         .matches
         .iter()
@@ -41,7 +64,7 @@ pub fn bundle(app: &Vault, page: Page, self_url: &str) -> Result<Vec<u8>, Error>
     let mut out = Vec::with_capacity(size + 512);
     write_head(&mut out)?;
     out.extend_from_slice(br#","link":"#);
-    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    let mut links = vec![json!({"relation": "self", "url": self_link(path, &page)})];
     if let Some(n) = &page.next {
         links.push(json!({
             "relation": "next",
@@ -52,6 +75,11 @@ pub fn bundle(app: &Vault, page: Page, self_url: &str) -> Result<Vec<u8>, Error>
     if let Some(t) = page.total {
         out.extend_from_slice(br#","total":"#);
         out.extend_from_slice(t.to_string().as_bytes());
+    }
+    if page.warnings.is_empty() && page.matches.is_empty() && page.included.is_empty() {
+        // no entries (a count, an empty page): FHIR JSON has no empty arrays
+        out.push(b'}');
+        return Ok(out);
     }
     out.extend_from_slice(br#","entry":["#);
     let mut first = true;

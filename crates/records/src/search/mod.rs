@@ -70,11 +70,14 @@
 //! rest of the JSON is skipped, not built. Each candidate is opened and checked with the exact FHIR
 //! rules (`Criterion::matches`), so truncation, buckets and prefixes only cost decryptions,
 //! never wrong answers (`tests/search.rs` runs with 2-bit tokens). One page decrypts at most
-//! 5,000 candidates; `_sort`, `_total` and `_summary=count` examine at most 50,000 and refuse
-//! wider queries with `too-costly`. Chains (one level) and `_has` run their inner search first
-//! (at most 1,000 matches) and become reference / `_id` criteria; `_include`/`_revinclude`
-//! (`:iterate` at most 3 rounds, 1,000 resources) are limited to types the client may read;
-//! compartment search adds the CompartmentDefinition's reference parameters as an OR.
+//! 5,000 candidates; `_sort`, `_total` and the count alone (`_summary=count`, `_count=0`,
+//! with `_total` or `_totalMethod` or without) examine at most 50,000 and refuse wider
+//! queries with `too-costly`. A count is exact and counts only what a page would list: the
+//! candidates the `Access` admits, verified, none kept. Chains (one level) and `_has` run
+//! their inner search first (at most 1,000 matches) and become reference / `_id` criteria;
+//! `_include`/`_revinclude` (`:iterate` at most 3 rounds, 1,000 resources) are limited to
+//! types the client may read; compartment search adds the CompartmentDefinition's
+//! reference parameters as an OR.
 //!
 //! **Paging.** `next` links carry one opaque `_cursor`: the query, the client it was issued to,
 //! an expiry (1 h) and the position (the last id returned, or the last sort key and id), sealed
@@ -82,6 +85,15 @@
 //! edited or an expired one is a 400. Positions are keys, not offsets, so pages stay stable
 //! under concurrent writes: nothing is repeated, and nothing that existed when the search
 //! started and still matches is skipped.
+//!
+//! **`self` links** list the query as the server applied it
+//! (`{base}/{Type}?{SearchQuery::applied}`, or `{base}/Patient/{id}/{Type}?…` when the search
+//! was confined to one patient's compartment, by the route or by the access): parameters
+//! ignored under lenient handling are not in it, and a POST `_search` gets its GET form. A
+//! continued page's `self` is the same query plus the `_cursor` it was asked for: a cursor
+//! is accepted beside exactly the parameters it was issued for (in any order), so following
+//! `self` repeats that page. Nothing in it is new to the client: its own values, and a
+//! cursor sealed for it.
 //!
 //! **`$everything`** streams the patient's compartment as a searchset Bundle; its audit event
 //! (the whole compartment disclosed to that client) is durable before the first byte.
@@ -102,7 +114,7 @@ use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
 use phivault_fhir::search::{
     self, Criterion, Include, Lookup, Modifier, ParamType, QueryValue, SearchQuery, SearchValue,
-    SortKey, Summary, Target, Total,
+    SortKey, Target, Total,
 };
 use phivault_store::{Candidates, VersionRow};
 use serde::{Deserialize, Serialize};
@@ -122,7 +134,8 @@ pub use conditional::{CondMatch, Conditional};
 /// Most records decrypted to fill one page; a page that reaches it is returned partial,
 /// with a `next` link that continues after the last record examined.
 pub const MAX_EXAMINE: usize = 5_000;
-/// Most records examined to count (`_total`, `_summary=count`) or sort one query.
+/// Most records examined to count (`_total`, `_summary=count`, `_count=0`) or sort one
+/// query.
 pub const MAX_FULL_EXAMINE: usize = 50_000;
 /// Most matches of the inner query of a chain or `_has`.
 pub const MAX_CHAIN_IDS: usize = 1_000;
@@ -492,6 +505,38 @@ impl Plan {
             after = Some(last);
         }
     }
+
+    /// The number of matches, examining at most [`MAX_FULL_EXAMINE`] candidates: each is
+    /// checked as a page's are (the one rule on its row before it is opened, then the
+    /// exact criteria, on the fields they read), and none is kept.
+    fn count(&self, app: &Vault) -> Result<usize, Error> {
+        let mut n = 0;
+        let mut examined = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let batch = self.next_candidates(app, after.as_deref(), CANDIDATE_BATCH)?;
+            let Some(last) = batch.last().cloned() else {
+                return Ok(n);
+            };
+            examined += batch.len();
+            if examined > MAX_FULL_EXAMINE {
+                return Err(too_costly(
+                    "the search examines too many resources for this operation; narrow it",
+                ));
+            }
+            let rows = app
+                .engine
+                .store()
+                .current_many(&self.rtype, &batch)
+                .map_err(unavailable)?;
+            for row in rows {
+                if self.verify_row_fields(app, row, true)?.is_some() {
+                    n += 1;
+                }
+            }
+            after = Some(last);
+        }
+    }
 }
 
 /// Every match of `criteria` that `access` reaches (bounded by [`MAX_CHAIN_IDS`]).
@@ -659,8 +704,6 @@ struct Cursor {
     q: Vec<(String, String)>,
     /// Lenient handling.
     l: bool,
-    /// Page size.
-    n: usize,
     /// Position: the last id returned (or examined).
     a: Option<String>,
     /// Position in sorted order: the sort key of the last entry returned.
@@ -677,6 +720,8 @@ pub struct Request {
     pub pairs: Vec<(String, String)>,
     /// `Prefer: handling=lenient`.
     pub lenient: bool,
+    /// The sealed cursor this request continues, as the client sent it.
+    cursor: Option<String>,
     after: Option<String>,
     after_key: Option<Vec<KeyVal>>,
 }
@@ -694,6 +739,7 @@ impl Request {
             compartment,
             pairs,
             lenient,
+            cursor: None,
             after: None,
             after_key: None,
         }
@@ -720,17 +766,26 @@ impl Request {
         if c.v != 1 || c.c != client || c.x < now_ms() {
             return Err(bad());
         }
-        let mut pairs = c.q;
-        pairs.retain(|(k, _)| k != "_count");
-        pairs.push(("_count".into(), c.n.to_string()));
         Ok(Request {
             rtype: c.t,
             compartment: c.p,
-            pairs,
+            pairs: c.q,
             lenient: c.l,
+            cursor: Some(token.to_owned()),
             after: c.a,
             after_key: c.k,
         })
+    }
+
+    /// Whether `given` are the parameters this request's search applied (in any order):
+    /// what the `self` link of a continued page lists beside its `_cursor`, so that link
+    /// can be followed back to the same page.
+    pub fn applies_exactly(&self, given: &[(String, String)]) -> Result<bool, Error> {
+        let mut applied = parse(self)?.applied;
+        let mut given = given.to_vec();
+        applied.sort();
+        given.sort();
+        Ok(applied == given)
     }
 }
 
@@ -748,6 +803,8 @@ pub struct Page {
     pub warnings: Vec<phivault_fhir::Issue>,
     /// The parsed query.
     pub query: SearchQuery,
+    /// The sealed cursor this page continued from (for its `self` link).
+    pub cursor: Option<String>,
 }
 
 /// Parse a request's query (400 on any problem in strict mode).
@@ -778,11 +835,15 @@ pub fn run(
         &q.criteria,
     )?;
     let count = q.count;
-    let want_total = q.total != Total::None || q.summary == Summary::Count;
+    // `_summary=count` and `_count=0` ask for the total alone
+    let count_only = q.count_only();
+    let want_total = count_only || q.total != Total::None;
     let mut total = None;
     let mut matches = Vec::new();
     let mut next_pos: Option<(Option<String>, Option<Vec<KeyVal>>)> = None;
-    if !q.sort.is_empty() {
+    if count_only {
+        total = Some(plan.count(app)?);
+    } else if !q.sort.is_empty() {
         let mut all = plan.all(app, MAX_FULL_EXAMINE)?;
         let mut keyed: Vec<(Vec<KeyVal>, Loaded)> =
             all.drain(..).map(|l| (sort_key(&q.sort, &l), l)).collect();
@@ -798,79 +859,75 @@ pub fn run(
         };
         let start = start.min(keyed.len());
         let end = (start + count).min(keyed.len());
-        if q.summary != Summary::Count {
-            let has_more = end < keyed.len();
-            let page: Vec<(Vec<KeyVal>, Loaded)> = keyed.drain(start..end).collect();
-            if has_more && let Some((k, l)) = page.last() {
-                next_pos = Some((Some(l.row.id.clone()), Some(k.clone())));
-            }
-            matches = page.into_iter().map(|(_, l)| l).collect();
+        let has_more = end < keyed.len();
+        let page: Vec<(Vec<KeyVal>, Loaded)> = keyed.drain(start..end).collect();
+        if has_more && let Some((k, l)) = page.last() {
+            next_pos = Some((Some(l.row.id.clone()), Some(k.clone())));
         }
+        matches = page.into_iter().map(|(_, l)| l).collect();
     } else {
         if want_total {
-            total = Some(plan.all(app, MAX_FULL_EXAMINE)?.len());
+            total = Some(plan.count(app)?);
         }
-        if q.summary != Summary::Count && count > 0 {
-            let mut after = req.after.clone();
-            let mut examined = 0;
-            // candidates come as ids, each one a look-up for the store: ask for about
-            // what the page needs first (most candidates match), more if they do not
-            let mut want = (count + 1).clamp(16, CANDIDATE_BATCH);
-            // the page writes its matches' stored bytes: unless includes, sorting or
-            // `_elements` read them, a match's JSON only serves verification
-            let partial = q.include.is_empty()
-                && q.revinclude.is_empty()
-                && q.sort.is_empty()
-                && q.elements.is_none();
-            'page: loop {
-                let batch = plan.next_candidates(app, after.as_deref(), want)?;
-                want = (want * 4).min(CANDIDATE_BATCH);
-                if batch.is_empty() {
-                    break;
-                }
-                // rows are read a few at a time: as many as the page still needs
-                let mut rest = batch.as_slice();
-                while !rest.is_empty() {
-                    if matches.len() == count {
-                        // full, and candidates are left unverified: a next page, which
-                        // may turn out empty (cheaper than decrypting one more per page)
-                        let last = matches.last().map(|m: &Loaded| m.row.id.clone());
-                        next_pos = Some((last, None));
-                        break 'page;
-                    }
-                    let take = (count - matches.len())
-                        .min(MAX_EXAMINE - examined)
-                        .clamp(1, rest.len());
-                    let (ids, tail) = rest.split_at(take);
-                    rest = tail;
-                    let rows = app
-                        .engine
-                        .store()
-                        .current_many(&plan.rtype, ids)
-                        .map_err(unavailable)?;
-                    for row in rows {
-                        examined += 1;
-                        if let Some(l) = plan.verify_row_fields(app, row, partial)? {
-                            matches.push(l);
-                        }
-                    }
-                    if examined >= MAX_EXAMINE {
-                        // a partial page: continue after the last record examined
-                        next_pos = ids.last().map(|id| (Some(id.clone()), None));
-                        break 'page;
-                    }
-                }
-                after = batch.last().cloned();
+        let mut after = req.after.clone();
+        let mut examined = 0;
+        // candidates come as ids, each one a look-up for the store: ask for about
+        // what the page needs first (most candidates match), more if they do not
+        let mut want = (count + 1).clamp(16, CANDIDATE_BATCH);
+        // the page writes its matches' stored bytes: unless includes, sorting or
+        // `_elements` read them, a match's JSON only serves verification
+        let partial = q.include.is_empty()
+            && q.revinclude.is_empty()
+            && q.sort.is_empty()
+            && q.elements.is_none();
+        'page: loop {
+            let batch = plan.next_candidates(app, after.as_deref(), want)?;
+            want = (want * 4).min(CANDIDATE_BATCH);
+            if batch.is_empty() {
+                break;
             }
+            // rows are read a few at a time: as many as the page still needs
+            let mut rest = batch.as_slice();
+            while !rest.is_empty() {
+                if matches.len() == count {
+                    // full, and candidates are left unverified: a next page, which
+                    // may turn out empty (cheaper than decrypting one more per page)
+                    let last = matches.last().map(|m: &Loaded| m.row.id.clone());
+                    next_pos = Some((last, None));
+                    break 'page;
+                }
+                let take = (count - matches.len())
+                    .min(MAX_EXAMINE - examined)
+                    .clamp(1, rest.len());
+                let (ids, tail) = rest.split_at(take);
+                rest = tail;
+                let rows = app
+                    .engine
+                    .store()
+                    .current_many(&plan.rtype, ids)
+                    .map_err(unavailable)?;
+                for row in rows {
+                    examined += 1;
+                    if let Some(l) = plan.verify_row_fields(app, row, partial)? {
+                        matches.push(l);
+                    }
+                }
+                if examined >= MAX_EXAMINE {
+                    // a partial page: continue after the last record examined
+                    next_pos = ids.last().map(|id| (Some(id.clone()), None));
+                    break 'page;
+                }
+            }
+            after = batch.last().cloned();
         }
     }
-    let included = if q.summary == Summary::Count {
+    let included = if count_only {
         Vec::new()
     } else {
         includes(app, auth, access, &matches, &q)?
     };
     let next = match next_pos {
-        Some((a, k)) => Some(seal_cursor(app, auth, req, &q, a, k)?),
+        Some((a, k)) => Some(seal_cursor(app, auth, req, a, k)?),
         None => None,
     };
     let warnings = q.warnings.clone();
@@ -881,6 +938,7 @@ pub fn run(
         next,
         warnings,
         query: q,
+        cursor: req.cursor.clone(),
     })
 }
 
@@ -888,7 +946,6 @@ fn seal_cursor(
     app: &Vault,
     auth: &Authenticated,
     req: &Request,
-    q: &SearchQuery,
     after: Option<String>,
     after_key: Option<Vec<KeyVal>>,
 ) -> Result<String, Error> {
@@ -901,7 +958,6 @@ fn seal_cursor(
         p: req.compartment.clone(),
         q: req.pairs.clone(),
         l: req.lenient,
-        n: q.count,
         a: after,
         k: after_key,
     };

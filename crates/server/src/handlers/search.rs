@@ -4,7 +4,8 @@
 //!
 //! Every search is audited as one event (action E) listing every resource disclosed; the
 //! event is durable before the response leaves. Search values never appear in logs, in
-//! audit events or in the links of the returned Bundle.
+//! audit events or in `next` links (a sealed cursor); the Bundle's `self` link hands the
+//! client back its own query as the server applied it (see `records::search`).
 
 use std::sync::Arc;
 
@@ -129,12 +130,13 @@ pub async fn compartment(
 /// The names of a search's parameters as its audit event records them (IHE BALP): known
 /// parameters only, without modifiers or chains, each once, never a value.
 fn param_names(rtype: &str, pairs: &[(String, String)]) -> Vec<String> {
-    const CONTROL: [&str; 12] = [
+    const CONTROL: [&str; 13] = [
         "_id",
         "_lastUpdated",
         "_count",
         "_sort",
         "_total",
+        "_totalMethod",
         "_summary",
         "_elements",
         "_include",
@@ -166,17 +168,22 @@ async fn run(
     compartment: Option<String>,
     pairs: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let req = match pairs.iter().find(|(k, _)| k == "_cursor") {
-        Some((_, c)) => {
-            if pairs.len() != 1 {
-                return Err(ApiError::bad_request(
-                    "a paging cursor cannot be combined with other parameters",
-                ));
-            }
-            let r = Request::from_cursor(&app.vault, c, auth.client_id())?;
-            if r.rtype != rtype {
+    let req = match pairs.iter().position(|(k, _)| k == "_cursor") {
+        Some(i) => {
+            let mut others = pairs;
+            let (_, c) = others.remove(i);
+            let r = Request::from_cursor(&app.vault, &c, auth.client_id())?;
+            // a `next` link's cursor alone, or a continued page's `self` link: the cursor
+            // beside exactly the parameters it was issued for, on its own route
+            let route_differs = compartment.is_some() && compartment != r.compartment;
+            if r.rtype != rtype || route_differs {
                 return Err(ApiError::bad_request(
                     "the cursor belongs to another search",
+                ));
+            }
+            if !others.is_empty() && !r.applies_exactly(&others)? {
+                return Err(ApiError::bad_request(
+                    "a paging cursor can be combined only with the parameters of its own search",
                 ));
             }
             r
@@ -230,11 +237,12 @@ async fn run(
         ctx.patient = patients.first().map(|p| (*p).to_owned());
     }
     ctx.entities = entities;
-    let self_url = match &req.compartment {
+    // where the search was answered: its `self` link adds the query as applied
+    let path = match &req.compartment {
         Some(p) => format!("{}/Patient/{p}/{}", app.vault.base_url, req.rtype),
         None => format!("{}/{}", app.vault.base_url, req.rtype),
     };
-    let body = search::bundle(&app.vault, page, &self_url)?;
+    let body = search::bundle(&app.vault, page, &path)?;
     let mut resp = (StatusCode::OK, Bytes::from(body)).into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
