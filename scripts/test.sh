@@ -43,7 +43,7 @@ echo "node $(node --version) ($(command -v node)), npm $(npm --version)"
 echo "== cargo test (unit, property, integration)"
 cargo test --workspace --no-fail-fast
 
-echo "== third-party Python FHIR client (fhirpy + PyJWT) against the real binary"
+echo "== third-party Python FHIR clients (fhirpy, fhirclient, PyJWT) against the real binary"
 cargo build -p phivault
 PHIVAULT_BIN="$CARGO_TARGET_DIR/debug/phivault" tests/python/run.sh
 

@@ -1632,7 +1632,20 @@ fn denied(a: &Attempt, secrets: &[&str]) -> bool {
             .location
             .as_deref()
             .is_some_and(|l| l.contains("error=")),
-        200 => !secrets.iter().any(|x| a.page.body.contains(x)),
+        200 => {
+            // a searchset's `self` link restates the caller's own query (which may name
+            // the other patient's id they tried); everything else must hold no secret
+            let body = match serde_json::from_str::<serde_json::Value>(&a.page.body) {
+                Ok(mut v) => {
+                    if let Some(links) = v["link"].as_array_mut() {
+                        links.retain(|l| l["relation"] != "self");
+                    }
+                    v.to_string()
+                }
+                Err(_) => a.page.body.clone(),
+            };
+            !secrets.iter().any(|x| body.contains(x))
+        }
         _ => false,
     }
 }
