@@ -7,8 +7,18 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
+/// A server child killed when the test ends, even by a failed assertion.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start `serve` with `cwd` as its working directory; returns the child and its hint.
-fn serve_in(cwd: &std::path::Path) -> (std::process::Child, String, Vec<String>) {
+fn serve_in(cwd: &std::path::Path) -> (Running, String, Vec<String>) {
     let mut child = Command::new(BIN)
         .current_dir(cwd)
         .args([
@@ -41,13 +51,13 @@ fn serve_in(cwd: &std::path::Path) -> (std::process::Child, String, Vec<String>)
         }
     }
     std::thread::spawn(move || for _ in err {});
-    (child, origin, hint)
+    (Running(child), origin, hint)
 }
 
 #[test]
 fn the_start_up_hint_works_as_printed_from_where_the_server_started() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (mut child, origin, hint) = serve_in(tmp.path());
+    let (_server, origin, hint) = serve_in(tmp.path());
     let text = hint.join("\n");
     assert!(text.contains("NEW, EMPTY data directory"), "{text}");
     let add = hint
@@ -95,8 +105,6 @@ fn the_start_up_hint_works_as_printed_from_where_the_server_started() {
     .expect("search");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["type"], "searchset");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
