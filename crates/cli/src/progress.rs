@@ -16,11 +16,11 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     pb
 }
 
-/// `synth`: patients written, rate and ETA.
+/// `synth`: patients written, time so far and ETA.
 pub fn synth(patients: u64) -> ProgressBar {
     bar(
         patients,
-        "synth [{bar:30}] {pos}/{len} patients, {per_sec}, ETA {eta}",
+        "synth [{bar:30}] {pos}/{len} patients, {elapsed} so far, ETA {eta}",
     )
 }
 

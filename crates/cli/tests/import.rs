@@ -324,3 +324,39 @@ fn a_bad_input_is_reported_without_its_content_while_the_others_load() {
     assert!(stderr(&o).contains("3 skipped"), "{}", stderr(&o));
     assert_eq!(count(&s, &token, "Patient"), 3 + 2);
 }
+
+#[test]
+fn a_server_gone_midway_stops_the_import_with_a_consistent_resume_file() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let bundles = synth(work.path());
+    let mut s = Server::start();
+    let creds = credentials(&s, work.path());
+    let resume = work.path().join("progress.json");
+    let child = import_command(
+        &creds,
+        &[
+            "--resume",
+            resume.to_str().expect("utf-8"),
+            bundles.to_str().expect("utf-8"),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn import");
+    let t0 = Instant::now();
+    while recorded(&resume) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.kill9();
+    let o = child.wait_with_output().expect("wait");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    assert!(
+        err.contains("run the same command again to resume"),
+        "{err}"
+    );
+    let done = recorded(&resume);
+    assert!((1..PATIENTS).contains(&done), "{done} recorded");
+}

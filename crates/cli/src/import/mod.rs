@@ -107,7 +107,15 @@ pub fn run(opts: Options) -> Result<i32> {
     client.clone().token()?;
     let mut run = Run::new(inputs, resume, opts.jobs);
     run.go(client)?;
-    Ok(run.finish())
+    let fatal = run.fatal.take();
+    let code = run.finish();
+    match fatal {
+        Some(e) => bail!(
+            "{e}; the import stopped: what the server acknowledged is recorded, run the same \
+             command again to resume"
+        ),
+        None => Ok(code),
+    }
 }
 
 /// `NAME.phivault-import.json` beside the first input `NAME` (file or directory).
@@ -321,11 +329,11 @@ impl Run {
             }
         }
         let r = self.totals.resources;
-        self.bar.set_message(format!(
-            "{r} resources, {} of {} files",
-            self.loaded + self.skipped,
-            self.inputs.len()
-        ));
+        let rate = r as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let files = self.loaded + self.skipped;
+        let n = self.inputs.len();
+        self.bar
+            .set_message(format!("{r} resources ({rate:.0}/s), {files} of {n} files"));
     }
 
     /// Record an NDJSON input whole once all its chunks are.
