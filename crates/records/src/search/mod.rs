@@ -106,30 +106,36 @@
 //! resources per index; a development directory with a few hundred patients is *below* the
 //! band and says so.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::Kind;
 use phivault_auth::{Authenticated, Interaction};
 use phivault_fhir::IssueCode;
 use phivault_fhir::search::{
-    self, Criterion, Include, Lookup, Modifier, ParamType, QueryValue, SearchQuery, SearchValue,
-    SortKey, Target, Total,
+    self, Criterion, Lookup, Modifier, ParamType, QueryValue, SearchQuery, SearchValue, Target,
+    Total,
 };
 use phivault_store::{Candidates, VersionRow};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::Error;
 use crate::Vault;
 use crate::access::Access;
-use crate::engine::{key_patient, now_ms};
+use crate::engine::key_patient;
 
 mod bundle;
 mod conditional;
+mod cursor;
+mod includes;
+mod sort;
 
 pub use bundle::{bundle, write_entry, write_head};
 pub use conditional::{CondMatch, Conditional};
+pub use cursor::Request;
+use cursor::seal_cursor;
+use includes::includes;
+use sort::{KeyVal, cmp_keys, sort_key};
 
 /// Most records decrypted to fill one page; a page that reaches it is returned partial,
 /// with a `next` link that continues after the last record examined.
@@ -143,10 +149,6 @@ pub const MAX_CHAIN_IDS: usize = 1_000;
 pub const MAX_INCLUDED: usize = 1_000;
 /// Most rounds of `:iterate`.
 pub const MAX_ITERATE: usize = 3;
-/// How long a paging cursor stays valid.
-const CURSOR_TTL_MS: i64 = 60 * 60 * 1000;
-/// Label of the cursor-sealing key.
-const CURSOR_LABEL: &str = "search-cursor-v1";
 /// Candidates fetched from the index per round trip.
 const CANDIDATE_BATCH: usize = 256;
 
@@ -614,181 +616,6 @@ fn match_ids(
         .collect())
 }
 
-/// One component of a sort key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum KeyVal {
-    /// No value: sorts last in both directions.
-    Missing,
-    /// A number (dates as milliseconds).
-    Num(f64),
-    /// A string.
-    Str(String),
-}
-
-fn cmp_val(a: &KeyVal, b: &KeyVal, descending: bool) -> std::cmp::Ordering {
-    use std::cmp::Ordering::*;
-    let o = match (a, b) {
-        (KeyVal::Missing, KeyVal::Missing) => return Equal,
-        (KeyVal::Missing, _) => return Greater,
-        (_, KeyVal::Missing) => return Less,
-        (KeyVal::Num(x), KeyVal::Num(y)) => x.total_cmp(y),
-        (KeyVal::Str(x), KeyVal::Str(y)) => x.cmp(y),
-        (KeyVal::Num(_), KeyVal::Str(_)) => Less,
-        (KeyVal::Str(_), KeyVal::Num(_)) => Greater,
-    };
-    if descending { o.reverse() } else { o }
-}
-
-fn sort_key(keys: &[SortKey], l: &Loaded) -> Vec<KeyVal> {
-    keys.iter()
-        .map(|k| {
-            if k.last_updated {
-                return KeyVal::Num(l.row.updated_ms as f64);
-            }
-            let Some(def) = k.param else {
-                return KeyVal::Str(l.row.id.clone());
-            };
-            let vals = search::extract(def, &l.json);
-            let nums = vals.iter().filter_map(|v| match v {
-                SearchValue::Date(r) => Some(if k.descending { r.hi } else { r.lo } as f64),
-                SearchValue::Number(d) => Some(d.value),
-                SearchValue::Quantity { value, .. } => Some(value.value),
-                _ => None,
-            });
-            let num = if k.descending {
-                nums.fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
-            } else {
-                nums.fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
-            };
-            if let Some(n) = num {
-                return KeyVal::Num(n);
-            }
-            let strs = vals.iter().filter_map(|v| match v {
-                SearchValue::String(s) | SearchValue::Uri(s) => Some(s.to_lowercase()),
-                SearchValue::Token { code: Some(c), .. } => Some(c.clone()),
-                _ => None,
-            });
-            let s = if k.descending { strs.max() } else { strs.min() };
-            s.map_or(KeyVal::Missing, KeyVal::Str)
-        })
-        .collect()
-}
-
-fn cmp_keys(keys: &[SortKey], a: (&[KeyVal], &str), b: (&[KeyVal], &str)) -> std::cmp::Ordering {
-    for (i, k) in keys.iter().enumerate() {
-        let (Some(x), Some(y)) = (a.0.get(i), b.0.get(i)) else {
-            break;
-        };
-        let o = cmp_val(x, y, k.descending);
-        if o != std::cmp::Ordering::Equal {
-            return o;
-        }
-    }
-    id_order(a.1).cmp(&id_order(b.1))
-}
-
-/// The sealed content of a paging cursor.
-#[derive(Serialize, Deserialize)]
-struct Cursor {
-    /// Format.
-    v: u8,
-    /// Client it was issued to.
-    c: String,
-    /// Expiry (ms since epoch).
-    x: i64,
-    /// Searched type.
-    t: String,
-    /// Compartment patient.
-    p: Option<String>,
-    /// The query's parameters.
-    q: Vec<(String, String)>,
-    /// Lenient handling.
-    l: bool,
-    /// Position: the last id returned (or examined).
-    a: Option<String>,
-    /// Position in sorted order: the sort key of the last entry returned.
-    k: Option<Vec<KeyVal>>,
-}
-
-/// A search request, from a query string, a form body or a cursor.
-pub struct Request {
-    /// Searched type.
-    pub rtype: String,
-    /// Compartment patient (`Patient/{id}/{type}`).
-    pub compartment: Option<String>,
-    /// The decoded parameters.
-    pub pairs: Vec<(String, String)>,
-    /// `Prefer: handling=lenient`.
-    pub lenient: bool,
-    /// The sealed cursor this request continues, as the client sent it.
-    cursor: Option<String>,
-    after: Option<String>,
-    after_key: Option<Vec<KeyVal>>,
-}
-
-impl Request {
-    /// A new search (first page).
-    pub fn new(
-        rtype: &str,
-        compartment: Option<String>,
-        pairs: Vec<(String, String)>,
-        lenient: bool,
-    ) -> Self {
-        Request {
-            rtype: rtype.to_owned(),
-            compartment,
-            pairs,
-            lenient,
-            cursor: None,
-            after: None,
-            after_key: None,
-        }
-    }
-
-    /// Resume from a sealed cursor issued to `client`.
-    pub fn from_cursor(app: &Vault, token: &str, client: &str) -> Result<Request, Error> {
-        use base64::Engine as _;
-        let bad = || {
-            Error::new(
-                Kind::BadRequest,
-                IssueCode::Invalid,
-                "invalid or expired paging cursor; repeat the search",
-            )
-        };
-        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(token)
-            .map_err(|_| bad())?;
-        let plain = app
-            .engine
-            .open_secret(CURSOR_LABEL, &sealed)
-            .ok_or_else(bad)?;
-        let c: Cursor = serde_json::from_slice(&plain).map_err(|_| bad())?;
-        if c.v != 1 || c.c != client || c.x < now_ms() {
-            return Err(bad());
-        }
-        Ok(Request {
-            rtype: c.t,
-            compartment: c.p,
-            pairs: c.q,
-            lenient: c.l,
-            cursor: Some(token.to_owned()),
-            after: c.a,
-            after_key: c.k,
-        })
-    }
-
-    /// Whether `given` are the parameters this request's search applied (in any order):
-    /// what the `self` link of a continued page lists beside its `_cursor`, so that link
-    /// can be followed back to the same page.
-    pub fn applies_exactly(&self, given: &[(String, String)]) -> Result<bool, Error> {
-        let mut applied = parse(self)?.applied;
-        let mut given = given.to_vec();
-        applied.sort();
-        given.sort();
-        Ok(applied == given)
-    }
-}
-
 /// One page of results.
 pub struct Page {
     /// Matches.
@@ -940,134 +767,6 @@ pub fn run(
         query: q,
         cursor: req.cursor.clone(),
     })
-}
-
-fn seal_cursor(
-    app: &Vault,
-    auth: &Authenticated,
-    req: &Request,
-    after: Option<String>,
-    after_key: Option<Vec<KeyVal>>,
-) -> Result<String, Error> {
-    use base64::Engine as _;
-    let c = Cursor {
-        v: 1,
-        c: auth.client_id().to_owned(),
-        x: now_ms() + CURSOR_TTL_MS,
-        t: req.rtype.clone(),
-        p: req.compartment.clone(),
-        q: req.pairs.clone(),
-        l: req.lenient,
-        a: after,
-        k: after_key,
-    };
-    let plain = serde_json::to_vec(&c).map_err(|_| Error::internal())?;
-    let sealed = app
-        .engine
-        .seal_secret(CURSOR_LABEL, &plain)
-        .ok_or_else(Error::internal)?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
-}
-
-/// `_include` and `_revinclude` (with bounded `:iterate`), limited to types the client may
-/// read and to the records its grant on each type reaches (a record of a patient it does
-/// not reach is not included, and not decrypted either).
-fn includes(
-    app: &Vault,
-    auth: &Authenticated,
-    access: &Access,
-    matches: &[Loaded],
-    q: &SearchQuery,
-) -> Result<Vec<Loaded>, Error> {
-    if q.include.is_empty() && q.revinclude.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut seen: HashSet<(String, String)> = matches
-        .iter()
-        .map(|m| (m.row.rtype.clone(), m.row.id.clone()))
-        .collect();
-    // the client's grant on each included type, decided once per type
-    let mut grants: std::collections::HashMap<String, Option<Access>> = Default::default();
-    let mut readable = |t: &str| -> Option<Access> {
-        grants
-            .entry(t.to_owned())
-            .or_insert_with(|| {
-                access
-                    .for_type(app, Some(auth), t, Interaction::Read)
-                    .or_else(|_| access.for_type(app, Some(auth), t, Interaction::Search))
-                    .ok()
-            })
-            .clone()
-    };
-    let mut out: Vec<Loaded> = Vec::new();
-    let mut frontier: Vec<Loaded> = matches.to_vec();
-    for round in 0..=MAX_ITERATE {
-        let active = |i: &&Include| if round == 0 { true } else { i.iterate };
-        let incs: Vec<&Include> = q.include.iter().filter(active).collect();
-        let revs: Vec<&Include> = q.revinclude.iter().filter(active).collect();
-        if incs.is_empty() && revs.is_empty() {
-            break;
-        }
-        let mut added = Vec::new();
-        for m in &frontier {
-            for inc in incs.iter().filter(|i| i.source_type == m.row.rtype) {
-                for v in search::extract(inc.param, &m.json) {
-                    let SearchValue::Reference {
-                        rtype: Some(t),
-                        id: Some(id),
-                        ..
-                    } = v
-                    else {
-                        continue;
-                    };
-                    if inc.target_type.as_ref().is_some_and(|tt| *tt != t)
-                        || seen.contains(&(t.clone(), id.clone()))
-                    {
-                        continue;
-                    }
-                    let Some(target) = readable(&t) else {
-                        continue;
-                    };
-                    let row = app.engine.store().current(&t, &id).map_err(unavailable)?;
-                    if let Some(l) = open_row(app, &target, row)? {
-                        seen.insert((t, id));
-                        added.push(l);
-                    }
-                }
-            }
-            for rev in &revs {
-                if rev
-                    .target_type
-                    .as_ref()
-                    .is_some_and(|tt| *tt != m.row.rtype)
-                {
-                    continue;
-                }
-                let Some(source) = readable(&rev.source_type) else {
-                    continue;
-                };
-                let crit =
-                    reference_criterion(rev.param, &m.row.rtype, std::slice::from_ref(&m.row.id));
-                let plan = Plan::new(app, Some(auth), &source, None, &[crit])?;
-                for l in plan.all(app, MAX_INCLUDED)? {
-                    if seen.insert((l.row.rtype.clone(), l.row.id.clone())) {
-                        added.push(l);
-                    }
-                }
-            }
-            if out.len() + added.len() > MAX_INCLUDED {
-                return Err(too_costly(
-                    "_include/_revinclude would add too many resources; narrow the search",
-                ));
-            }
-        }
-        if added.is_empty() {
-            break;
-        }
-        out.extend(added.iter().cloned());
-        frontier = added;
-    }
-    Ok(out)
 }
 
 /// Audit entities of a page: every resource disclosed.
