@@ -18,17 +18,15 @@
 //!    claims are these very bytes, and a claim check can only refuse, never admit. Saying
 //!    exactly why reveals nothing the caller did not send, except the server's clock and
 //!    token URL, which are public.
-//! 2. **What the server holds**, after the lookup. An unknown client id and an unknown
-//!    `kid` of a registered client get the same description ("no key matches the client
-//!    assertion's iss and kid"), so a caller probing client ids learns nothing. A disabled
-//!    client reads the same as an unknown one unless its signature verifies: only someone
-//!    holding its key learns "the client is disabled". A bad signature (or a key of
-//!    another type than `alg`) under a registered, enabled client's `kid` is named as such:
-//!    that tells the caller the pair (client id, `kid`) exists, which is no more than the
-//!    caller already knew to send it (`kid`s are not secret: every assertion carries one),
-//!    and a client whose key is wrong needs to know. Last, the `jti` replay cache, consulted
-//!    only after the signature has verified, so nobody can fill it with forged assertions
-//!    or learn which `jti`s were used.
+//! 2. **What the server holds**, after the lookup. An unknown client id, an unknown `kid`
+//!    of a registered client, a key of another type than `alg`, and a signature that does
+//!    not verify all get the same description ("no registered key with the client
+//!    assertion's iss and kid verifies it"), so a caller probing client ids learns nothing:
+//!    `kid`s are predictable (`{client_id}-1`), so naming a bad signature would confirm
+//!    that a guessed or leaked client id is registered. A disabled client reads the same
+//!    unless its signature verifies: only someone holding its key learns "the client is
+//!    disabled". Last, the `jti` replay cache, consulted only after the signature has
+//!    verified, so nobody can fill it with forged assertions or learn which `jti`s were used.
 //!
 //! The audit keeps the precise reason code (`unknown-client`, `unknown-kid`,
 //! `client-disabled-unverified`, …): auditors may know which clients exist. The times the
@@ -244,9 +242,9 @@ pub fn verify_client_assertion(
         .filter(|j| !j.is_empty() && j.len() <= MAX_ID_LEN)
         .ok_or(F::JtiMissing)?;
 
-    // 2. what the server holds: an unknown client, an unknown kid and a disabled client
-    // whose signature does not verify all read "no key matches" (the codes differ, for the
-    // audit only)
+    // 2. what the server holds: an unknown client, an unknown kid, a key that does not fit,
+    // a bad signature and a disabled client whose signature does not verify all read the
+    // same (the codes differ, for the audit only)
     let record = lookup(client_id)
         .filter(|r| r.client_id == client_id)
         .ok_or(F::UnknownClient)?;
@@ -538,7 +536,7 @@ mod tests {
         let shown = format!("{e} {}", e.to_json());
         assert_eq!(
             e.to_json()["error_description"],
-            "the client assertion's signature does not verify"
+            "no registered key with the client assertion's iss and kid verifies it"
         );
         assert!(!shown.contains(&a[..30]));
         assert!(!shown.contains(CLIENT_ID));

@@ -23,9 +23,12 @@ pub enum AuthError {
     Config(&'static str),
 }
 
-/// The description of every failure that must not tell an unknown client id from an
-/// unknown `kid` of a registered client (see [`TokenFailure::UnknownClient`]).
-const NO_KEY: &str = "no key matches the client assertion's iss and kid";
+/// The description of every failure that must not tell an unknown client id from a
+/// registered one: an unknown `kid`, a key that does not fit the `alg`, and a signature
+/// that does not verify all read like an unknown client, since client ids and their `kid`s
+/// (`{client_id}-1`) are not secret enough to make the difference harmless (see
+/// [`TokenFailure::UnknownClient`]). The audit keeps the exact reason.
+const NO_KEY: &str = "no registered key with the client assertion's iss and kid verifies it";
 
 /// Why a token request was refused (RFC 6749 §5.2): for each reason, in one place, the
 /// `error` code, the `error_description` the client reads and the short, stable reason
@@ -378,16 +381,8 @@ impl TokenFailure {
             UnknownClient => (CLIENT, "unknown-client", NO_KEY),
             UnknownKid => (CLIENT, "unknown-kid", NO_KEY),
             DisabledUnverified => (CLIENT, "client-disabled-unverified", NO_KEY),
-            AlgKeyMismatch => (
-                CLIENT,
-                "alg-key-mismatch",
-                "the client assertion's alg does not fit the key its kid names",
-            ),
-            SignatureInvalid => (
-                CLIENT,
-                "signature-invalid",
-                "the client assertion's signature does not verify",
-            ),
+            AlgKeyMismatch => (CLIENT, "alg-key-mismatch", NO_KEY),
+            SignatureInvalid => (CLIENT, "signature-invalid", NO_KEY),
             ClientDisabled => (CLIENT, "client-disabled", "the client is disabled"),
             JtiReplayed => (
                 CLIENT,
@@ -760,14 +755,17 @@ mod tests {
         assert_eq!(codes.len(), TokenFailure::ALL.len());
     }
 
-    /// An unknown client, an unknown kid of a registered client and a disabled client whose
-    /// assertion did not verify read the same to the caller; the audit tells them apart.
+    /// An unknown client, an unknown kid of a registered client, a key that does not fit
+    /// the alg, a bad signature and a disabled client whose assertion did not verify read
+    /// the same to the caller; the audit tells them apart.
     #[test]
     fn unknown_client_and_unknown_kid_read_the_same() {
         let same = [
             TokenFailure::UnknownClient,
             TokenFailure::UnknownKid,
             TokenFailure::DisabledUnverified,
+            TokenFailure::AlgKeyMismatch,
+            TokenFailure::SignatureInvalid,
         ];
         for f in same {
             assert_eq!(

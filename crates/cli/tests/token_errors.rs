@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Value, json};
 
 /// What every unknown client, unknown kid and unproven disabled client reads.
-const NO_KEY: &str = "no key matches the client assertion's iss and kid";
+const NO_KEY: &str = "no registered key with the client assertion's iss and kid verifies it";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 fn b64(bytes: &[u8]) -> String {
@@ -355,7 +355,7 @@ fn every_refusal_says_why_and_is_audited_with_its_reason() {
                 "signed by another client's key under this client's kid",
                 401,
                 CLIENT,
-                "the client assertion's signature does not verify",
+                NO_KEY,
                 "signature-invalid",
             ),
             with_assertion(
@@ -376,7 +376,7 @@ fn every_refusal_says_why_and_is_audited_with_its_reason() {
                 "tampered signature",
                 401,
                 CLIENT,
-                "the client assertion's signature does not verify",
+                NO_KEY,
                 "signature-invalid",
             ),
             with_assertion(&s, &tampered(&sign(&good())), "system/Patient.rs"),
@@ -757,8 +757,9 @@ fn every_refusal_says_why_and_is_audited_with_its_reason() {
     assert!(ok, "{msg}");
 }
 
-/// An unknown client id and an unknown kid of a registered client (and a disabled client
-/// whose assertion does not verify) get byte-identical answers.
+/// An unknown client id, an unknown kid of a registered client, a registered client's kid
+/// under someone else's key (and a disabled client whose assertion does not verify) get
+/// byte-identical answers.
 #[test]
 fn an_unknown_client_and_an_unknown_kid_read_the_same() {
     let s = Server::start();
@@ -790,6 +791,19 @@ fn an_unknown_client_and_an_unknown_kid_read_the_same() {
             with_assertion(
                 &s,
                 &renamed.sign_jws(&claims(&c.client_id)).expect("sign"),
+                "system/Patient.rs",
+            ),
+        ),
+        (
+            // kids are predictable ({client_id}-1): a bad signature under a registered
+            // client's real kid must not confirm that the client exists
+            "registered client, its real kid, a stranger's key",
+            with_assertion(
+                &s,
+                &{
+                    let (stranger, _) = phivault_auth::generate_es384_jwk(key.kid()).expect("key");
+                    stranger.sign_jws(&claims(&c.client_id)).expect("sign")
+                },
                 "system/Patient.rs",
             ),
         ),
