@@ -109,8 +109,7 @@ pub(crate) fn audit_report(
     if format != "csv" && format != "json" {
         anyhow::bail!("--format is csv or json");
     }
-    let d = datadir::DataDir::new(data_dir);
-    let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+    let store = datadir::read_only_store(&data_dir)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if format == "csv" {
         writeln!(out, "{CSV_HEADER}")?;
@@ -175,7 +174,7 @@ pub(crate) fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i3
     }
     let d = datadir::DataDir::new(data_dir);
     let public = datadir::load_keys(&d)?.1.public_key();
-    let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+    let store = datadir::read_only_store(data_dir)?;
     match verify::verify_log(&mut Files { store, witness }, &public)? {
         Ok(report) => {
             println!("audit verify: OK: {report}");

@@ -3,7 +3,7 @@
 //! ```text
 //! DIR/                      mode 0700
 //!   master.key              the master key (0600); keep it on another volume in production
-//!   serve.lock              held (flock) by the one `serve` of this directory; holds its pid
+//!   serve.lock              the pid of the one `serve` of this directory (which holds a flock on DIR)
 //!   phivault.db (+ -wal)    SQLite: sealed versions, blind indexes, wrapped data keys, audit chain
 //!   keys/token-signing.sealed   Ed25519 PKCS#8, sealed under the master key
 //!   keys/audit-signing.sealed   Ed25519 PKCS#8, sealed under the master key
@@ -63,31 +63,36 @@ impl DataDir {
 }
 
 /// The exclusive claim of one `serve` on a data directory: two servers over one store
-/// would each believe they hold the audit chain's head. Held until the process exits
-/// (the kernel drops the lock with the last descriptor, so a crash leaves no stale lock).
+/// would each believe they hold the audit chain's head. The lock is a `flock` on the data
+/// directory itself (deleting a file cannot release it), held until the process exits (the
+/// kernel drops it with the last descriptor, so a crash leaves no stale lock); `serve.lock`
+/// only tells a refused second server the holder's pid.
 pub struct ServeLock {
-    _file: std::fs::File,
+    _dir: std::fs::File,
+    _pid: std::fs::File,
 }
 
 /// Take the data directory's serve lock, or say which process holds it.
 pub fn lock_for_serving(d: &DataDir) -> Result<ServeLock> {
     use std::io::{Read as _, Seek as _, Write as _};
     use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = std::fs::File::open(&d.root)
+        .with_context(|| format!("cannot open the data directory {}", d.root.display()))?;
     let path = d.serve_lock();
-    let mut file = std::fs::OpenOptions::new()
+    let mut pid = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .custom_flags(0o400_000) // O_NOFOLLOW: never lock through a planted symlink
+        .custom_flags(0o400_000) // O_NOFOLLOW: never write through a planted symlink
         .open(&path)
         .with_context(|| format!("cannot open the lock file {}", path.display()))?;
-    match file.try_lock() {
+    match dir.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
+            let _ = pid.read_to_string(&mut holder);
             let holder = holder.trim();
             let who = if !holder.is_empty() && holder.bytes().all(|b| b.is_ascii_digit()) {
                 format!("process {holder}")
@@ -100,14 +105,17 @@ pub fn lock_for_serving(d: &DataDir) -> Result<ServeLock> {
             );
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            return Err(e).with_context(|| format!("cannot lock {}", d.root.display()));
         }
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
-    file.sync_all()?;
-    Ok(ServeLock { _file: file })
+    pid.set_len(0)?;
+    pid.rewind()?;
+    writeln!(pid, "{}", std::process::id())?;
+    pid.sync_all()?;
+    Ok(ServeLock {
+        _dir: dir,
+        _pid: pid,
+    })
 }
 
 fn mkdir_private(p: &Path) -> Result<()> {
@@ -227,6 +235,19 @@ pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
         .context("refusing to start: the audit signing key does not open under this master key (a master key from another deployment?)")?;
     let audit = SigningKey::from_pkcs8(pkcs8.expose())?;
     Ok((keys, audit))
+}
+
+/// The data directory's database, read-only (offline reports), or an error naming the path.
+pub fn read_only_store(root: &Path) -> Result<SqliteStore> {
+    let db = DataDir::new(root).db();
+    if !db.is_file() {
+        bail!(
+            "{} is not a phivault data directory (no {})",
+            root.display(),
+            db.display()
+        );
+    }
+    SqliteStore::open_read_only(&db).with_context(|| format!("cannot open {}", db.display()))
 }
 
 /// Open a data directory for serving or administration.

@@ -52,6 +52,13 @@ impl Credentials {
                 .ok_or_else(|| anyhow!("the credentials file {} has no {name}", path.display()))
         };
         let token_url = field("token_url")?;
+        // the assertion and the token must never cross the network in clear
+        if !token_url.starts_with("https://") {
+            bail!(
+                "the token_url in {} is not an https:// URL; phivault speaks TLS only",
+                path.display()
+            );
+        }
         let fhir_base = match v["fhir_base_url"].as_str() {
             Some(b) => b.trim_end_matches('/').to_owned(),
             None => fhir_base_next_to(&token_url)?,
@@ -224,9 +231,15 @@ impl Client {
             .read_json()
             .unwrap_or(Value::Null);
         if status != 200 {
-            let error = body["error"].as_str().unwrap_or("no OAuth error code");
-            let why = body["error_description"].as_str().unwrap_or("");
-            bail!("the token endpoint refused the request ({status}, {error}): {why}");
+            match (body["error"].as_str(), body["error_description"].as_str()) {
+                (Some(error), why) => bail!(
+                    "the token endpoint refused the request ({status}, {error}): {}",
+                    why.unwrap_or("no description")
+                ),
+                (None, _) => bail!(
+                    "the token endpoint answered {status} without an OAuth error; the server's log says why"
+                ),
+            }
         }
         let value = body["access_token"]
             .as_str()

@@ -179,8 +179,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Audit {
             cmd: AuditCmd::Checkpoints { data_dir, after },
         } => {
-            let d = datadir::DataDir::new(&data_dir);
-            let store = phivault_store::sqlite::SqliteStore::open_read_only(&d.db())?;
+            let store = datadir::read_only_store(&data_dir)?;
             let mut out = std::io::stdout().lock();
             for cp in store.audit_checkpoints(after, usize::MAX)? {
                 writeln!(out, "{}", cp.to_line())?;

@@ -26,6 +26,9 @@ pub(crate) fn client_add(
             refused.join(" ")
         );
     }
+    if !token_url.starts_with("https://") {
+        anyhow::bail!("--token-url must be an https:// URL: phivault speaks TLS only");
+    }
     if let Some(p) = out
         && std::fs::symlink_metadata(p).is_ok()
     {

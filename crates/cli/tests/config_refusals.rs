@@ -130,6 +130,14 @@ fn a_second_server_on_the_same_data_directory_is_refused_and_named() {
         err.contains("in use by process") && err.contains(&first.pid().to_string()),
         "the refusal names the holder: {err}"
     );
+    // deleting the pid file does not release the lock
+    std::fs::remove_file(first.data.join("serve.lock")).expect("rm serve.lock");
+    let (refused, err) = serve(&first.data, &[]);
+    assert!(
+        refused,
+        "a second serve started once serve.lock was deleted: {err}"
+    );
+    assert!(err.contains("in use by another process"), "{err}");
     // the first server is untouched
     let t = first.token("system/*.rs");
     assert_eq!(first.get("Patient", &t).status, 200);

@@ -199,3 +199,72 @@ fn client_add_refuses_to_overwrite_credentials_and_registers_nothing_then() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));
     assert_eq!(std::fs::read(&creds).expect("read"), b"{}");
 }
+
+#[test]
+fn credentials_never_send_an_assertion_in_clear_and_typos_are_named() {
+    let server = Server::start();
+    let data = server.data.to_str().expect("utf8");
+    let creds = server.tmp.path().join("plain.json");
+    let o = run(&[
+        "client",
+        "add",
+        "--data-dir",
+        data,
+        "--name",
+        "plain",
+        "--scope",
+        "system/*.rs",
+        "--token-url",
+        "http://127.0.0.1:8443/auth/token",
+        "--out",
+        creds.to_str().expect("utf8"),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("https://"));
+    assert!(!creds.exists());
+    // a credentials file edited to an http:// token URL is refused before anything is sent
+    let o = run(&[
+        "client",
+        "add",
+        "--data-dir",
+        data,
+        "--name",
+        "ok",
+        "--scope",
+        "system/*.rs",
+        "--token-url",
+        &server.token_url(),
+        "--out",
+        creds.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success());
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&creds).expect("read")).expect("json");
+    v["token_url"] = server.token_url().replace("https://", "http://").into();
+    let edited = server.tmp.path().join("edited.json");
+    let o = std::process::Command::new("install")
+        .args(["-m", "600", "/dev/null"])
+        .arg(&edited)
+        .status()
+        .expect("install");
+    assert!(o.success());
+    std::fs::write(&edited, v.to_string()).expect("write");
+    let o = run(&["token", "--client", edited.to_str().expect("utf8")]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not an https:// URL"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // an offline report on a mistyped directory names it
+    let typo = server.tmp.path().join("dta");
+    let o = run(&[
+        "audit",
+        "report",
+        "--data-dir",
+        typo.to_str().expect("utf8"),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(typo.to_str().expect("utf8")), "{err}");
+}

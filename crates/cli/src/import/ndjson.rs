@@ -17,7 +17,7 @@
 //! References are sent as they are: a Bulk Data export's `Patient/123` names the resource
 //! that its own line `PUT`s, in whatever order the files load.
 
-use std::io::BufRead;
+use std::io::{BufRead, Read as _};
 
 use serde_json::{Value, json};
 
@@ -25,6 +25,10 @@ use serde_json::{Value, json};
 pub const CHUNK_LINES: usize = 250;
 /// A chunk ends once its lines reach this many bytes (the server takes 16 MiB a request).
 pub const CHUNK_BYTES: usize = 4 << 20;
+/// The longest line sent: with a chunk's other lines (under [`CHUNK_BYTES`]) and the
+/// Bundle around them it stays under the server's 16 MiB request limit. A longer line is
+/// reported, not read into memory, and the rest of the file loads.
+pub const MAX_LINE: usize = 11 << 20;
 
 /// Consecutive lines of an NDJSON file.
 #[derive(Debug)]
@@ -33,6 +37,8 @@ pub struct Chunk {
     pub index: u64,
     /// The non-blank lines: (line number from 1, content).
     pub lines: Vec<(usize, Vec<u8>)>,
+    /// Lines longer than [`MAX_LINE`] (line numbers): skipped, reported.
+    pub oversized: Vec<usize>,
     /// Bytes of the file it covers (with blank lines and newlines).
     pub bytes: u64,
 }
@@ -44,6 +50,7 @@ pub struct Chunks<R> {
     index: u64,
     max_lines: usize,
     max_bytes: usize,
+    max_line: usize,
 }
 
 impl<R: BufRead> Chunks<R> {
@@ -58,6 +65,37 @@ impl<R: BufRead> Chunks<R> {
             index: 0,
             max_lines: max_lines.max(1),
             max_bytes,
+            max_line: MAX_LINE,
+        }
+    }
+}
+
+#[cfg(test)]
+impl<R: BufRead> Chunks<R> {
+    fn with_max_line(mut self, max_line: usize) -> Self {
+        self.max_line = max_line;
+        self
+    }
+}
+
+/// Read past the rest of a line without keeping it; the bytes skipped.
+fn skip_line<R: BufRead>(reader: &mut R) -> std::io::Result<u64> {
+    let mut skipped = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(skipped);
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(skipped + i as u64 + 1);
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+                skipped += n as u64;
+            }
         }
     }
 }
@@ -69,16 +107,26 @@ impl<R: BufRead> Iterator for Chunks<R> {
         let mut chunk = Chunk {
             index: self.index,
             lines: Vec::new(),
+            oversized: Vec::new(),
             bytes: 0,
         };
         let mut held = 0usize;
         while chunk.lines.len() < self.max_lines && held < self.max_bytes {
             let mut buf = Vec::new();
-            match self.reader.read_until(b'\n', &mut buf) {
+            let limit = (self.max_line + 1) as u64;
+            match (&mut self.reader).take(limit).read_until(b'\n', &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     self.line += 1;
                     chunk.bytes += n as u64;
+                    if n > self.max_line && buf.last() != Some(&b'\n') {
+                        match skip_line(&mut self.reader) {
+                            Ok(rest) => chunk.bytes += rest,
+                            Err(e) => return Some(Err(e)),
+                        }
+                        chunk.oversized.push(self.line);
+                        continue;
+                    }
                     let trimmed = buf.trim_ascii();
                     if !trimmed.is_empty() {
                         held += trimmed.len();
@@ -88,7 +136,7 @@ impl<R: BufRead> Iterator for Chunks<R> {
                 Err(e) => return Some(Err(e)),
             }
         }
-        if chunk.lines.is_empty() {
+        if chunk.lines.is_empty() && chunk.oversized.is_empty() {
             return None;
         }
         self.index += 1;
@@ -101,7 +149,19 @@ impl<R: BufRead> Iterator for Chunks<R> {
 pub fn bundle_of(chunk: &Chunk, kind: &str) -> (Value, Vec<usize>, Vec<(usize, String)>) {
     let mut entries = Vec::with_capacity(chunk.lines.len());
     let mut lines = Vec::with_capacity(chunk.lines.len());
-    let mut refused = Vec::new();
+    let mut refused: Vec<(usize, String)> = chunk
+        .oversized
+        .iter()
+        .map(|&n| {
+            (
+                n,
+                format!(
+                    "longer than {} MiB, more than a request to the server may carry",
+                    MAX_LINE >> 20
+                ),
+            )
+        })
+        .collect();
     for (n, text) in &chunk.lines {
         match entry_of(text) {
             Ok(e) => {
@@ -211,6 +271,38 @@ mod tests {
         );
         let covered: u64 = chunks.iter().map(|c| c.bytes).sum();
         assert_eq!(covered, text.len() as u64, "every byte is in one chunk");
+    }
+
+    #[test]
+    fn an_overlong_line_is_skipped_unread_and_reported_and_the_rest_loads() {
+        let long = format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"big\",\"x\":\"{}\"}}",
+            "a".repeat(5000)
+        );
+        let text = format!("{}{long}\n{}", lines(1), lines(2));
+        let chunks: Vec<Chunk> = Chunks::with_limits(text.as_bytes(), 1000, 1 << 20)
+            .with_max_line(1000)
+            .collect::<Result<_, _>>()
+            .expect("chunks");
+        assert_eq!(chunks.len(), 1);
+        let c = &chunks[0];
+        assert_eq!(c.oversized, [2]);
+        let kept: Vec<usize> = c.lines.iter().map(|(n, _)| *n).collect();
+        assert_eq!(kept, [1, 3, 4]);
+        assert_eq!(c.bytes, text.len() as u64, "every byte is in one chunk");
+        let (_, sent, refused) = bundle_of(c, "transaction");
+        assert_eq!(sent, [1, 3, 4]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, 2);
+        assert!(refused[0].1.contains("longer than"), "{}", refused[0].1);
+        // a file that is one overlong line without a newline
+        let only: Vec<Chunk> = Chunks::with_limits(long.as_bytes(), 1000, 1 << 20)
+            .with_max_line(1000)
+            .collect::<Result<_, _>>()
+            .expect("chunks");
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].oversized, [1]);
+        assert!(only[0].lines.is_empty());
     }
 
     #[test]

@@ -233,8 +233,30 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
+    // a new file of our own: never through a planted symlink, never another's file
+    // (create_new is O_EXCL, which also refuses a symlink at the name), private to the user
+    let (tmp, mut f) = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut tries = 0;
+        loop {
+            let nonce: [u8; 8] = phivault_crypto::random_bytes()
+                .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
+            let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+            let tmp = dir.join(format!(".{name}.{nonce}.tmp"));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+            {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);

@@ -69,6 +69,9 @@ pub fn process(client: &mut Client, unit: Unit) -> Event {
     }
 }
 
+/// The largest Bundle file sent: the server takes 16 MiB a request.
+const MAX_BUNDLE_FILE: u64 = 16 << 20;
+
 /// A Bundle file: checked to be a transaction or batch Bundle, then POSTed to the base as
 /// it is (the bytes of the file).
 fn bundle(client: &mut Client, path: &std::path::Path, bytes: u64) -> Result<Outcome> {
@@ -76,6 +79,13 @@ fn bundle(client: &mut Client, path: &std::path::Path, bytes: u64) -> Result<Out
         bytes,
         ..Outcome::default()
     };
+    if bytes > MAX_BUNDLE_FILE {
+        out.errors.push(format!(
+            "larger than {} MiB, more than a request to the server may carry (split it, or write it as NDJSON)",
+            MAX_BUNDLE_FILE >> 20
+        ));
+        return Ok(out);
+    }
     let body = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) => {
