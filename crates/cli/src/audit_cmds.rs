@@ -109,7 +109,7 @@ pub(crate) fn audit_report(
     if format != "csv" && format != "json" {
         anyhow::bail!("--format is csv or json");
     }
-    let store = datadir::read_only_store(&data_dir)?;
+    let store = datadir::read_only_store(data_dir)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if format == "csv" {
         writeln!(out, "{CSV_HEADER}")?;
