@@ -480,6 +480,16 @@ fn sort_keys(rtype: &str, v: &str) -> Result<Vec<SortKey>, Problem> {
     Ok(out)
 }
 
+/// Result parameters that take one value.
+const SINGLE_VALUED: [&str; 6] = [
+    "_count",
+    "_sort",
+    "_total",
+    "_totalMethod",
+    "_summary",
+    "_elements",
+];
+
 /// Parse the decoded `(name, value)` pairs of a search on `rtype`. In strict mode any
 /// unknown parameter, unsupported modifier or malformed value is an error (issues name
 /// the parameter, never the value); in lenient mode they are skipped and reported in
@@ -514,6 +524,7 @@ pub fn parse_search(
     // what they set, at the end
     let mut applied: Vec<(String, String)> = Vec::new();
     let mut count_given = false;
+    let mut single_seen: std::collections::HashSet<&str> = Default::default();
     let mut format: Option<&str> = None;
     for (name, value) in pairs {
         if value.len() > MAX_VALUE_LEN || name.len() > 256 {
@@ -524,6 +535,14 @@ pub fn parse_search(
             Some((b, m)) if !name.starts_with("_has:") => (b, Some(m)),
             _ => (name.as_str(), None),
         };
+        // a result parameter takes one value: a second one is a mistake, not "the last wins"
+        if SINGLE_VALUED.contains(&base) && !single_seen.insert(base) {
+            errors.push((
+                IssueCode::Invalid,
+                format!("'{base}' is given more than once"),
+            ));
+            continue;
+        }
         // Ok(true): a criterion or include, listed as given among the applied parameters
         let r: Result<bool, Problem> = (|| {
             match base {
@@ -795,6 +814,19 @@ mod tests {
             assert!(!q.count_only());
         }
         assert!(parse_search("Patient", &p(&[("_totalMethod", "maybe")]), false).is_err());
+        for twice in ["_count", "_sort", "_total", "_summary", "_elements"] {
+            let v = match twice {
+                "_count" => "1",
+                "_sort" => "birthdate",
+                "_total" => "accurate",
+                "_summary" => "count",
+                _ => "name",
+            };
+            assert!(
+                parse_search("Patient", &p(&[(twice, v), (twice, v)]), false).is_err(),
+                "{twice} twice"
+            );
+        }
         let q = parse_search("Patient", &p(&[("_summary", "count")]), false).unwrap();
         assert!(q.count_only());
         // genuinely unknown parameters stay errors
