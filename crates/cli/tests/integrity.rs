@@ -149,7 +149,10 @@ fn flipped_ciphertext_byte_is_an_integrity_error() {
     }
     // the failures are logged, without colour codes: standard error is not a terminal
     assert!(logs.contains("request failed"), "{logs}");
-    assert!(!logs.contains('\u{1b}'), "colour codes in a log file: {logs:?}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in a log file: {logs:?}"
+    );
     // The failed reads were audited and the chain is intact.
     s.stop();
     let (ok, msg) = s.audit_verify();
