@@ -76,7 +76,14 @@ fn main() {
     }
     let dir = std::path::PathBuf::from(&args[1]);
     let total: u64 = args[2].parse().expect("EVENTS");
-    let master = phivault_crypto::MasterKey::load_key_file(&dir.join("master.key")).expect("key");
+    // the data directory's key file (the `file` provider keeps it outside the directory)
+    let provider: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("keys/provider.json")).expect("keys/provider.json"),
+    )
+    .expect("provider json");
+    let key_file = provider["key_file"].as_str().expect("a file key provider");
+    let master =
+        phivault_crypto::MasterKey::load_key_file(std::path::Path::new(key_file)).expect("key");
     let keys = phivault_crypto::KeyHierarchy::new(&master);
     let sealed = std::fs::read(dir.join("keys/audit-signing.sealed")).expect("audit key");
     let pkcs8 = keys

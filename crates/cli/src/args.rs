@@ -14,8 +14,37 @@ use clap::{Parser, Subcommand};
     about = "A FHIR R4 health-records server that stays safe when its storage leaks"
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// How a command unlocks a data directory's master key when its provider needs a secret
+/// (never from argv or the environment).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct UnlockArgs {
+    /// The passphrase of a `passphrase` key provider: the first line of this file (mode
+    /// 0600, e.g. a systemd credential). Default: $CREDENTIALS_DIRECTORY/phivault-passphrase,
+    /// else asked on the terminal.
+    #[arg(long, global = true, conflicts_with = "passphrase_fd")]
+    pub passphrase_file: Option<PathBuf>,
+    /// The passphrase from this inherited file descriptor.
+    #[arg(long, global = true)]
+    pub passphrase_fd: Option<u32>,
+}
+
+/// Where `init` (or a first `serve`) puts a new master key.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// file (a key file outside the data directory) or passphrase (the key wrapped under
+    /// Argon2id of a passphrase).
+    #[arg(long, default_value = "file")]
+    pub key_provider: String,
+    /// The key file of the `file` provider (outside the data directory). Default:
+    /// $XDG_CONFIG_HOME/phivault/ID.key (else ~/.config/phivault/ID.key).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -29,6 +58,13 @@ pub enum Cmd {
         /// (16 bits suits 131 thousand to 4 billion resources); see `index check`.
         #[arg(long, default_value_t = phivault_records::DEFAULT_INDEX_BITS)]
         index_bits: u32,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Key providers and key management.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
     },
     /// Serve FHIR over HTTPS (initialises the data directory on first run).
     Serve {
@@ -125,6 +161,31 @@ pub enum Cmd {
     Index {
         #[command(subcommand)]
         cmd: IndexCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Where the master key comes from (provider, place, since when).
+    Status {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Move the master key to another provider (rewraps the master key only; records are
+    /// untouched). Also moves a `master.key` kept inside the data directory (older
+    /// versions) out of it. Run while no server uses the directory.
+    Migrate {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// file or passphrase.
+        #[arg(long = "to")]
+        to: String,
+        /// The new key file (the `file` provider; outside the data directory).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The new passphrase (the `passphrase` provider): first line of this file.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
     },
 }
 

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DIR/                      mode 0700
-//!   master.key              the master key (0600); keep it on another volume in production
+//!   keys/provider.json      where the master key comes from (phivault-keys): never from here
+//!   keys/master.passphrase  (passphrase provider) the master key wrapped under Argon2id
 //!   serve.lock              the pid of the one `serve` of this directory (which holds a flock on DIR)
 //!   phivault.db (+ -wal)    SQLite: sealed versions, blind indexes, wrapped data keys, audit chain
 //!   keys/token-signing.sealed   Ed25519 PKCS#8, sealed under the master key
@@ -36,7 +37,8 @@ impl DataDir {
             root: root.to_path_buf(),
         }
     }
-    pub fn master_key(&self) -> PathBuf {
+    /// Where versions before key providers kept the master key: refused now.
+    pub fn legacy_master_key(&self) -> PathBuf {
         self.root.join("master.key")
     }
     pub fn db(&self) -> PathBuf {
@@ -125,8 +127,25 @@ fn mkdir_private(p: &Path) -> Result<()> {
         .with_context(|| format!("cannot create directory {}", p.display()))
 }
 
+/// What unlocks master keys in this process (set once by `main` from the command line).
+static UNLOCK: std::sync::OnceLock<phivault_keys::Unlock> = std::sync::OnceLock::new();
+
+/// Record how this process unlocks master keys.
+pub fn set_unlock(unlock: phivault_keys::Unlock) {
+    let _ = UNLOCK.set(unlock);
+}
+
+fn unlock() -> phivault_keys::Unlock {
+    UNLOCK.get().cloned().unwrap_or_default()
+}
+
 /// `phivault init`: create a new data directory; refuses to touch an existing one.
-pub fn init(root: &Path, index_bits: u32) -> Result<()> {
+/// Returns where its master key went.
+pub fn init(
+    root: &Path,
+    index_bits: u32,
+    key: &phivault_keys::Create,
+) -> Result<phivault_keys::ProviderConfig> {
     if !(1..=64).contains(&index_bits) {
         bail!("--index-bits must be between 1 and 64");
     }
@@ -150,9 +169,16 @@ pub fn init(root: &Path, index_bits: u32) -> Result<()> {
     let d = DataDir::new(root);
     mkdir_private(&root.join("keys"))?;
     mkdir_private(&root.join("tls"))?;
-    let master = MasterKey::generate()?;
-    master.write_new_key_file(&d.master_key())?;
+    let (master, provider) = match phivault_keys::create(root, key) {
+        Ok(k) => k,
+        Err(e) => {
+            // nothing of a half-made directory stays behind
+            let _ = std::fs::remove_dir_all(root);
+            bail!("{e}");
+        }
+    };
     let keys = KeyHierarchy::new(&master);
+    drop(master);
     for (label, path) in [
         (TOKEN_KEY_LABEL, d.token_key()),
         (AUDIT_KEY_LABEL, d.audit_key()),
@@ -185,7 +211,7 @@ pub fn init(root: &Path, index_bits: u32) -> Result<()> {
         index_bits.to_string().as_bytes(),
     )?;
     store.close();
-    Ok(())
+    Ok(provider)
 }
 
 /// An opened data directory: keys loaded and checked, store open.
@@ -214,15 +240,32 @@ pub fn check_dir_private(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The master key through the data directory's recorded provider; a directory of an older
+/// version, with `master.key` inside it, is refused with the way out.
+pub fn load_master(d: &DataDir) -> Result<MasterKey> {
+    if !phivault_keys::ProviderConfig::path(&d.root).exists() {
+        if d.legacy_master_key().exists() {
+            bail!(
+                "refusing to start: the master key is inside the data directory ({}): whoever copies the directory has the key. Move it out with `phivault keys migrate --data-dir {} --to file` (or `--to passphrase`)",
+                d.legacy_master_key().display(),
+                d.root.display()
+            );
+        }
+        bail!(
+            "{} is not a phivault data directory (no {})",
+            d.root.display(),
+            phivault_keys::config::PROVIDER_JSON
+        );
+    }
+    let (master, _) = phivault_keys::load(&d.root, &unlock())
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    Ok(master)
+}
+
 /// Load the master key, the derived keys and the audit signing key of a data directory.
 pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
     check_dir_private(&d.root)?;
-    let master = MasterKey::load_key_file(&d.master_key()).map_err(|e| {
-        anyhow::anyhow!(
-            "refusing to start: cannot use the master key file {}: {e}",
-            d.master_key().display()
-        )
-    })?;
+    let master = load_master(d)?;
     let keys = KeyHierarchy::new(&master);
     let sealed = std::fs::read(d.audit_key()).with_context(|| {
         format!(
@@ -235,6 +278,16 @@ pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
         .context("refusing to start: the audit signing key does not open under this master key (a master key from another deployment?)")?;
     let audit = SigningKey::from_pkcs8(pkcs8.expose())?;
     Ok((keys, audit))
+}
+
+/// Refuse `keys` that are not this database's (its key check value).
+pub fn check_key(d: &DataDir, keys: &KeyHierarchy) -> Result<()> {
+    let store = read_only_store(&d.root)?;
+    match store.meta(META_KCV)? {
+        Some(kcv) if keys.verify_key_check_value(&kcv) => Ok(()),
+        Some(_) => bail!("the master key does not match this database"),
+        None => bail!("the database has no key check value (not initialised by phivault init)"),
+    }
 }
 
 /// The data directory's database, read-only (offline reports), or an error naming the path.

@@ -6,6 +6,7 @@ mod audit_cmds;
 mod datadir;
 mod fhir_client;
 mod import;
+mod keys_cmds;
 mod progress;
 mod registry;
 mod serve;
@@ -22,7 +23,7 @@ use clap::Parser;
 
 use phivault_store::Store as _;
 
-use args::{AppCmd, AuditCmd, Cli, ClientCmd, Cmd, IdpCmd, IndexCmd};
+use args::{AppCmd, AuditCmd, Cli, ClientCmd, Cmd, IdpCmd, IndexCmd, KeysCmd};
 
 fn main() {
     use std::io::IsTerminal as _;
@@ -56,15 +57,43 @@ fn reader_went_away(e: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    let unlock = phivault_keys::Unlock {
+        passphrase: match (&cli.unlock.passphrase_file, cli.unlock.passphrase_fd) {
+            (Some(f), _) => phivault_keys::PassphraseSource::File(f.clone()),
+            (None, Some(fd)) => phivault_keys::PassphraseSource::Fd(fd),
+            (None, None) => phivault_keys::PassphraseSource::Default,
+        },
+    };
+    datadir::set_unlock(unlock.clone());
     match cli.cmd {
         Cmd::Init {
             data_dir,
             index_bits,
+            key,
         } => {
-            datadir::init(&data_dir, index_bits)?;
+            let spec = keys_cmds::create_spec(&key, &unlock)?;
+            let cfg = datadir::init(&data_dir, index_bits, &spec)?;
             println!("initialised {}", data_dir.display());
+            eprintln!("{}", keys_cmds::describe(&cfg));
             Ok(0)
         }
+        Cmd::Keys {
+            cmd: KeysCmd::Status { data_dir },
+        } => keys_cmds::status(&data_dir),
+        Cmd::Keys {
+            cmd:
+                KeysCmd::Migrate {
+                    data_dir,
+                    to,
+                    key_file,
+                    new_passphrase_file,
+                },
+        } => keys_cmds::migrate(
+            &data_dir,
+            &to,
+            key_file.as_deref(),
+            new_passphrase_file.as_deref(),
+        ),
         Cmd::Serve {
             data_dir,
             listen,

@@ -33,10 +33,10 @@ pub(crate) fn serve(
     {
         bail!("refusing to start: --public-url must be an https:// URL");
     }
-    let created = !data_dir.exists();
-    if created {
-        datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS)?;
-        announce_new_store(&datadir::DataDir::new(data_dir));
+    if !data_dir.exists() {
+        let spec = phivault_keys::Create::File { key_file: None };
+        let cfg = datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS, &spec)?;
+        announce_new_store(&datadir::DataDir::new(data_dir), &cfg);
     }
     let _lock = datadir::lock_for_serving(&datadir::DataDir::new(data_dir))?;
     let opened = datadir::open(data_dir)?;
@@ -84,12 +84,12 @@ pub(crate) fn serve(
 
 /// Say loudly that a new, empty store was made, where, and where its key is: a mistyped
 /// `--data-dir` must not pass for the real store unnoticed.
-fn announce_new_store(d: &datadir::DataDir) {
+fn announce_new_store(d: &datadir::DataDir, key: &phivault_keys::ProviderConfig) {
     let root = std::path::absolute(&d.root).unwrap_or_else(|_| d.root.clone());
     eprintln!(
-        "\n*** Created a NEW, EMPTY data directory: {root} ***\n    (nothing was there; if you meant an existing store, stop this server and check --data-dir)\n    Its master key is {key}: whoever holds it and a copy of the data reads every record,\n    so keep it apart from backups and copies of the data.\n",
+        "\n*** Created a NEW, EMPTY data directory: {root} ***\n    (nothing was there; if you meant an existing store, stop this server and check --data-dir)\n    Its {key}.\n    Whoever holds the key and a copy of the data reads every record.\n",
         root = root.display(),
-        key = root.join("master.key").display(),
+        key = crate::keys_cmds::describe(key),
     );
 }
 

@@ -39,7 +39,10 @@ fn serve(data: &Path, extra: &[&str]) -> (bool, String) {
 fn init() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    let o = run(&["init", "--data-dir", data.to_str().expect("utf8")]);
+    let mut c = Command::new(BIN);
+    c.args(["init", "--data-dir"]).arg(&data);
+    key_home(&mut c, &data);
+    let o = c.output().expect("init");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     (tmp, data)
 }
@@ -56,7 +59,7 @@ fn init_refuses_an_existing_directory() {
 fn readable_master_key_is_refused() {
     let (_tmp, data) = init();
     std::fs::set_permissions(
-        data.join("master.key"),
+        master_key_file(&data),
         std::fs::Permissions::from_mode(0o644),
     )
     .expect("chmod");
@@ -112,10 +115,10 @@ fn plain_http_public_url_is_refused() {
 fn a_master_key_from_another_deployment_is_refused() {
     let (_tmp, a) = init();
     let (_tmp2, b) = init();
-    std::fs::remove_file(a.join("master.key")).expect("rm");
-    std::fs::copy(b.join("master.key"), a.join("master.key")).expect("cp");
-    std::fs::set_permissions(a.join("master.key"), std::fs::Permissions::from_mode(0o600))
-        .expect("chmod");
+    let (ka, kb) = (master_key_file(&a), master_key_file(&b));
+    std::fs::remove_file(&ka).expect("rm");
+    std::fs::copy(&kb, &ka).expect("cp");
+    std::fs::set_permissions(&ka, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let (refused, msg) = serve(&a, &[]);
     assert!(refused);
     assert!(msg.contains("refusing to start"), "{msg}");
@@ -175,9 +178,14 @@ fn a_new_store_is_announced_with_where_its_key_went() {
     let server = Server::start();
     let logs = String::from_utf8_lossy(&server.logs()).into_owned();
     assert!(logs.contains("NEW, EMPTY data directory"), "{logs}");
+    let key = master_key_file(&server.data);
     assert!(
-        logs.contains(&server.data.join("master.key").display().to_string()),
+        logs.contains(&key.display().to_string()),
         "names the key file: {logs}"
+    );
+    assert!(
+        !key.starts_with(&server.data),
+        "the key lives outside the data"
     );
     // and a restart on the same directory says nothing of the kind
     let mut server = server;

@@ -21,6 +21,10 @@ impl Drop for Running {
 fn serve_in(cwd: &std::path::Path) -> (Running, String, Vec<String>) {
     let mut child = Command::new(BIN)
         .current_dir(cwd)
+        // as a user runs it, not as cargo test does; the new key beside the test's files
+        .env_remove("CARGO")
+        .env_remove("CARGO_MANIFEST_DIR")
+        .env("XDG_CONFIG_HOME", cwd.join("config"))
         .args([
             "serve",
             "--data-dir",

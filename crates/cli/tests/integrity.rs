@@ -385,8 +385,7 @@ fn reordered_audit_events_fail_verify_naming_the_position() {
 /// The audit key (Ed25519 PKCS#8) from the data directory: what an insider who copied the
 /// master key could re-sign a forged log with.
 fn audit_key(s: &Server) -> ring::signature::Ed25519KeyPair {
-    let master =
-        phivault_crypto::MasterKey::load_key_file(&s.data.join("master.key")).expect("master key");
+    let master = master_key_of(&s.data);
     let keys = phivault_crypto::KeyHierarchy::new(&master);
     let sealed = std::fs::read(s.data.join("keys/audit-signing.sealed")).expect("sealed key");
     let pkcs8 = keys.open_secret("audit-signing-v1", &sealed).expect("open");

@@ -97,6 +97,13 @@ impl MasterKey {
         Self { bytes: *bytes }
     }
 
+    /// The key's bytes, for key providers only (`phivault-keys`: wrapping under a
+    /// passphrase, an HSM or a KMS key, splitting into Shamir shares). Never log, print or
+    /// store them; copy them only into zeroizing buffers.
+    pub fn expose_to_provider(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+
     /// Writes a new key file: `phivault-master-key-v1:<base64 of 32 bytes>\n`, created with
     /// `O_EXCL` and mode 0600, fsynced. An existing file is never overwritten
     /// ([`CryptoError::KeyFileExists`]).

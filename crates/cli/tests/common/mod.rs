@@ -94,12 +94,10 @@ impl Server {
     pub fn start_with_init(init_args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let o = Command::new(BIN)
-            .args(["init", "--data-dir"])
-            .arg(&data)
-            .args(init_args)
-            .output()
-            .expect("init");
+        let mut c = Command::new(BIN);
+        c.args(["init", "--data-dir"]).arg(&data).args(init_args);
+        key_home(&mut c, &data);
+        let o = c.output().expect("init");
         assert!(
             o.status.success(),
             "init: {}",
@@ -205,6 +203,7 @@ pub fn launch_with(data: &Path, args: &[&str]) -> (Child, String, Arc<Mutex<Vec<
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
         .args(args);
+    key_home(&mut c, data);
     spawn_server(c)
 }
 
@@ -575,11 +574,32 @@ pub fn audit_events(s: &Server) -> Vec<Value> {
         .collect()
 }
 
+/// Where the `file` provider put a data directory's master key (outside it).
+pub fn master_key_file(data: &Path) -> PathBuf {
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(data.join("keys/provider.json")).expect("provider"))
+            .expect("json");
+    PathBuf::from(cfg["key_file"].as_str().expect("a file provider"))
+}
+
+/// A data directory's master key (tests that play an insider holding it).
+pub fn master_key_of(data: &Path) -> phivault_crypto::MasterKey {
+    phivault_crypto::MasterKey::load_key_file(&master_key_file(data)).expect("master key")
+}
+
+/// Where a test's new data directory puts its key file: beside it, never in the user's
+/// configuration directory.
+pub fn key_home(c: &mut Command, data: &Path) {
+    c.env(
+        "XDG_CONFIG_HOME",
+        data.parent().unwrap_or(Path::new("/tmp")).join("config"),
+    );
+}
+
 /// The server's real token-signing key (Ed25519 PKCS#8), opened from the data directory
 /// (for forging tokens the server must refuse).
 pub fn signing_pkcs8(s: &Server) -> Vec<u8> {
-    let master =
-        phivault_crypto::MasterKey::load_key_file(&s.data.join("master.key")).expect("master key");
+    let master = master_key_of(&s.data);
     let keys = phivault_crypto::KeyHierarchy::new(&master);
     let sealed = std::fs::read(s.data.join("keys/token-signing.sealed")).expect("sealed key");
     keys.open_secret("token-signing-v1", &sealed)

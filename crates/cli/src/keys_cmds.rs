@@ -1,0 +1,117 @@
+//! `phivault keys`: where a data directory's master key comes from, and moving it.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use crate::args::KeyArgs;
+use crate::datadir;
+
+/// What `--key-provider` and `--key-file` ask for at `init` or a first `serve`.
+pub(crate) fn create_spec(
+    key: &KeyArgs,
+    unlock: &phivault_keys::Unlock,
+) -> Result<phivault_keys::Create> {
+    match key.key_provider.as_str() {
+        "file" => Ok(phivault_keys::Create::File {
+            key_file: key.key_file.clone(),
+        }),
+        "passphrase" if key.key_file.is_none() => Ok(phivault_keys::Create::Passphrase {
+            source: unlock.passphrase.clone(),
+        }),
+        "passphrase" => bail!("--key-file is for the file provider"),
+        other => bail!("unknown --key-provider {other:?}: file or passphrase"),
+    }
+}
+
+/// A line about where a new data directory's master key went.
+pub(crate) fn describe(cfg: &phivault_keys::ProviderConfig) -> String {
+    match &cfg.provider {
+        phivault_keys::Provider::File { key_file } => format!(
+            "master key file {} (outside the data directory: keep it apart from backups and copies of the data)",
+            key_file.display()
+        ),
+        phivault_keys::Provider::Passphrase {} => {
+            "master key wrapped under your passphrase (Argon2id); without the passphrase the data directory opens nothing".to_owned()
+        }
+    }
+}
+
+/// `phivault keys status`.
+pub(crate) fn status(data_dir: &Path) -> Result<i32> {
+    let cfg = phivault_keys::ProviderConfig::read(data_dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "data directory {} (id {})",
+        data_dir.display(),
+        cfg.data_dir_id
+    );
+    println!(
+        "provider {} since {}",
+        cfg.provider.name(),
+        since(cfg.since)
+    );
+    println!("{}", describe(&cfg));
+    Ok(0)
+}
+
+fn since(secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(0))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// `phivault keys migrate`: the same master key under another provider; a legacy
+/// `master.key` inside the directory moves out and is shredded.
+pub(crate) fn migrate(
+    data_dir: &Path,
+    to: &str,
+    key_file: Option<&Path>,
+    new_passphrase_file: Option<&Path>,
+) -> Result<i32> {
+    let d = datadir::DataDir::new(data_dir);
+    datadir::check_dir_private(data_dir)?;
+    let _lock = datadir::lock_for_serving(&d)?;
+    let old = phivault_keys::ProviderConfig::read(data_dir).ok();
+    let master = match &old {
+        Some(_) => datadir::load_master(&d)?,
+        None => phivault_crypto::MasterKey::load_key_file(&d.legacy_master_key()).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot use the master key file {}: {e}",
+                d.legacy_master_key().display()
+            )
+        })?,
+    };
+    // the key must be this database's before anything is rewritten
+    datadir::check_key(&d, &phivault_crypto::KeyHierarchy::new(&master))?;
+    let spec = match to {
+        "file" => phivault_keys::Create::File {
+            key_file: key_file.map(Path::to_path_buf),
+        },
+        "passphrase" => phivault_keys::Create::Passphrase {
+            source: match new_passphrase_file {
+                Some(f) => phivault_keys::PassphraseSource::File(f.to_path_buf()),
+                None => phivault_keys::PassphraseSource::Default,
+            },
+        },
+        other => bail!("unknown --to {other:?}: file or passphrase"),
+    };
+    let cfg = phivault_keys::migrate(data_dir, &master, old.as_ref(), &spec)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if old.is_none() {
+        phivault_keys::file::shred(&d.legacy_master_key()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "moved the master key out of the data directory; {} was overwritten and removed",
+            d.legacy_master_key().display()
+        );
+    }
+    eprintln!(
+        "key provider is now {}: {}",
+        cfg.provider.name(),
+        describe(&cfg)
+    );
+    Ok(0)
+}

@@ -1,0 +1,177 @@
+#![forbid(unsafe_code)]
+//! Where a data directory's master key comes from: its **key provider**, chosen at `init`
+//! and recorded, non-secret, in `DIR/keys/provider.json`. No provider keeps the key next
+//! to the data it opens: what leaks most often — a copy of the whole directory, a disk
+//! image, a snapshot — must not carry its own key.
+//!
+//! - [`file`]: a key file **outside** the data directory (mode 0600; refused when others
+//!   may read it or when it lies inside the data directory tree). The default, in the
+//!   user's configuration directory, named after the data directory's id.
+//! - [`passphrase`]: the master key wrapped (AES-256-GCM) under Argon2id(passphrase); the
+//!   wrapped key lives in the data directory, the passphrase comes from a terminal, a
+//!   credential file or a file descriptor — never from argv or the environment.
+//!
+//! A provider only produces the master key; that it is *this* database's key is checked
+//! by the caller against the database's key check value.
+
+pub mod config;
+pub mod file;
+pub mod passphrase;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Provider, ProviderConfig};
+use phivault_crypto::MasterKey;
+
+/// Why a key could not be created or loaded. Messages name paths and checks, never key
+/// material or passphrases.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A refusal with its reason (an insecure or misplaced key, a wrong passphrase, …).
+    #[error("{0}")]
+    Refused(String),
+    /// An I/O failure on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Crypto(#[from] phivault_crypto::CryptoError),
+}
+
+impl KeyError {
+    pub(crate) fn refused(why: impl Into<String>) -> Self {
+        KeyError::Refused(why.into())
+    }
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Where a passphrase comes from when one is needed (the `passphrase` provider).
+#[derive(Debug, Clone, Default)]
+pub enum PassphraseSource {
+    /// A file holding it (its first line), private to its owner — a systemd credential.
+    File(PathBuf),
+    /// An open file descriptor (read through `/proc/self/fd/N`).
+    Fd(u32),
+    /// `$CREDENTIALS_DIRECTORY/phivault-passphrase` if present, else the terminal.
+    #[default]
+    Default,
+}
+
+/// What a command may use to unlock the master key.
+#[derive(Debug, Clone, Default)]
+pub struct Unlock {
+    pub passphrase: PassphraseSource,
+}
+
+/// How to create a new master key's home at `init`.
+#[derive(Debug, Clone)]
+pub enum Create {
+    /// A key file (default: [`file::default_key_file`]).
+    File { key_file: Option<PathBuf> },
+    /// A passphrase-wrapped key; the passphrase is asked twice on a terminal.
+    Passphrase { source: PassphraseSource },
+}
+
+/// A new data directory's id: 16 random bytes, hex.
+pub fn new_data_dir_id() -> Result<String, KeyError> {
+    let b: [u8; 16] = phivault_crypto::random_bytes()?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Create the master key's home for the data directory `root` (which exists and is
+/// empty of keys) and record the provider; returns the new master key.
+pub fn create(root: &Path, spec: &Create) -> Result<(MasterKey, ProviderConfig), KeyError> {
+    let id = new_data_dir_id()?;
+    let master = MasterKey::generate()?;
+    let provider = match spec {
+        Create::File { key_file } => {
+            let path = match key_file {
+                Some(p) => p.clone(),
+                None => file::default_key_file(&id)?,
+            };
+            file::create(root, &path, &master)?
+        }
+        Create::Passphrase { source } => passphrase::create(root, &id, source, &master)?,
+    };
+    let cfg = ProviderConfig::new(id, provider);
+    cfg.write_new(root)?;
+    Ok((master, cfg))
+}
+
+/// Load the master key of the data directory `root` through its recorded provider.
+pub fn load(root: &Path, unlock: &Unlock) -> Result<(MasterKey, ProviderConfig), KeyError> {
+    let cfg = ProviderConfig::read(root)?;
+    let master = match &cfg.provider {
+        Provider::File { key_file } => file::load(root, key_file)?,
+        Provider::Passphrase { .. } => {
+            passphrase::load(root, &cfg.data_dir_id, &unlock.passphrase)?
+        }
+    };
+    Ok((master, cfg))
+}
+
+/// Record `master` under a new provider for `root` (the master key itself is unchanged,
+/// so no record is touched), then remove what the old provider kept (a key file inside
+/// or outside the directory is overwritten and deleted). Returns the new configuration.
+pub fn migrate(
+    root: &Path,
+    master: &MasterKey,
+    old: Option<&ProviderConfig>,
+    to: &Create,
+) -> Result<ProviderConfig, KeyError> {
+    let id = match old {
+        Some(c) => c.data_dir_id.clone(),
+        None => new_data_dir_id()?,
+    };
+    let provider = match to {
+        Create::File { key_file } => {
+            let path = match key_file {
+                Some(p) => p.clone(),
+                None => file::default_key_file(&id)?,
+            };
+            file::create(root, &path, master)?
+        }
+        Create::Passphrase { source } => passphrase::create(root, &id, source, master)?,
+    };
+    let cfg = ProviderConfig::new(id, provider);
+    cfg.replace(root)?;
+    if let Some(Provider::File { key_file }) = old.map(|c| &c.provider)
+        && !matches!(&cfg.provider, Provider::File { key_file: new } if new == key_file)
+    {
+        file::shred(key_file)?;
+    }
+    if let Some(Provider::Passphrase { .. }) = old.map(|c| &c.provider)
+        && !matches!(cfg.provider, Provider::Passphrase { .. })
+    {
+        file::shred(&passphrase::wrapped_path(root))?;
+    }
+    Ok(cfg)
+}
+
+/// Whether `inner` is `outer` or lies below it, comparing canonical paths (symlinks
+/// resolved; a path that does not exist yet is judged by its existing parent).
+pub fn is_inside(inner: &Path, outer: &Path) -> bool {
+    let canon = |p: &Path| -> Option<PathBuf> {
+        if let Ok(c) = p.canonicalize() {
+            return Some(c);
+        }
+        let parent = p.parent().filter(|q| !q.as_os_str().is_empty())?;
+        let parent = parent.canonicalize().ok()?;
+        Some(parent.join(p.file_name()?))
+    };
+    match (canon(inner), canon(outer)) {
+        (Some(i), Some(o)) => i.starts_with(o),
+        // unresolvable: judge the absolute spellings, and fail closed when equal-prefixed
+        _ => {
+            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            abs(inner).starts_with(abs(outer))
+        }
+    }
+}
