@@ -40,6 +40,22 @@ fi
 echo "node $(node --version) ($(command -v node)), npm $(npm --version)"
 (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
+echo "== test tools: SoftHSM2 (apt) and the Python virtualenv (fhirpy, fhirclient, PyJWT, moto)"
+if ! command -v softhsm2-util >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+fi
+PYENV="$(tests/python/venv.sh)"
+# the key-provider tests start their own SoftHSM2 token and moto KMS server on 127.0.0.1
+export PHIVAULT_PKCS11_MODULE="${PHIVAULT_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}"
+export PHIVAULT_MOTO_SERVER="$PYENV/bin/moto_server"
+# keys that tests' data directories make land here, not in the user's configuration
+XDG_CONFIG_HOME="$(mktemp -d)"
+export XDG_CONFIG_HOME
+trap 'rm -rf "$XDG_CONFIG_HOME"' EXIT
+
 echo "== cargo test (unit, property, integration)"
 cargo test --workspace --no-fail-fast
 

@@ -19,17 +19,7 @@ if [ ! -x "$BIN" ]; then
 fi
 export PHIVAULT_BIN="$BIN"
 
-PYENV="${PHIVAULT_PYENV:-$REPO/target/pyenv}"
-PYTHON="${PYTHON:-python3}"
-if [ ! -x "$PYENV/bin/python" ]; then
-    "$PYTHON" -m venv "$PYENV"
-fi
-# Reinstall only when requirements.txt changed since the last successful install.
-STAMP="$PYENV/.phivault-requirements"
-if ! cmp -s "$HERE/requirements.txt" "$STAMP" 2>/dev/null; then
-    "$PYENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$HERE/requirements.txt"
-    cp "$HERE/requirements.txt" "$STAMP"
-fi
+PYENV="$("$HERE/venv.sh")"
 
 cd "$HERE"
 export PYTHONDONTWRITEBYTECODE=1
