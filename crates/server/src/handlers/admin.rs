@@ -1,0 +1,58 @@
+//! Key administration through the API (issue 17).
+//!
+//! * `POST /admin/keys/rotate-kek` — make a new generation of the key-encryption key,
+//!   rewrap every patient's data key under it while requests go on, and destroy the older
+//!   generations (`phivault_records::kek`). Answers once done:
+//!   `{"generation": g, "rewrapped": n, "destroyed": [..], "unreadable": 0}`.
+//!
+//! Allowed to a person with the admin role, or a back-end client holding
+//! `system/PhivaultKeys.u` by name (`phivault_auth::policy::may_rotate_keys`); audited
+//! like any other request (interaction `rotate-kek`), refusals included.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use phivault_audit::Action;
+use phivault_records::kek::DEFAULT_REWRAP_BATCH;
+
+use crate::error::ApiError;
+use crate::state::{App, Ctx, Peer, blocking, finish};
+
+/// `POST /admin/keys/rotate-kek`
+pub async fn rotate_kek(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::E, "rotate-kek");
+    ctx.detail.purpose = Some("HSYSADMIN".to_owned());
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        let admin = app.vault.decide_key_admin(&auth)?;
+        let a = app.clone();
+        let done = blocking(move || {
+            a.vault
+                .engine
+                .rotate_kek(&admin, DEFAULT_REWRAP_BATCH)
+                .map_err(ApiError::from)
+        })
+        .await?;
+        let body = serde_json::json!({
+            "generation": done.generation,
+            "rewrapped": done.rewrapped,
+            "destroyed": done.destroyed,
+            "unreadable": done.unreadable,
+        });
+        let body = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
+        Ok(crate::respond::json_response(
+            StatusCode::OK,
+            Bytes::from(body),
+            "application/json",
+        ))
+    }
+    .await;
+    finish(&app, ctx, r).await
+}
