@@ -54,8 +54,8 @@ pub use client_assertion::{ClientRecord, ReplayCache, verify_client_assertion};
 pub use error::{AuthError, OAuthError, TokenFailure};
 pub use jwk::{PrivateJwk, PublicJwk, generate_ed25519_pkcs8, generate_es384_jwk};
 pub use jws::{Alg, Jws, JwsError};
-pub use policy::{Authorized, Denied, Reach, authorize};
-pub use scope::{Context, Interaction, Perms, Scope, ScopeError, ScopeSet};
+pub use policy::{Authorized, Denied, Reach, authorize, authorize_erasure};
+pub use scope::{Context, ERASE_SCOPE, Interaction, Perms, Scope, ScopeError, ScopeSet};
 pub use token_endpoint::{TokenResponse, handle_token_request};
 pub use users::{LoginFailure, Role, UserError, UserRecord};
 

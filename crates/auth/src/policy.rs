@@ -210,6 +210,25 @@ pub fn authorize(
     })
 }
 
+/// Decides whether `auth` may erase a patient's records (crypto-shredding, `POST
+/// Patient/{id}/$erase`): only a back-end client whose token carries
+/// [`crate::scope::ERASE_SCOPE`] (`system/Patient.$erase`), which no SMART resource scope
+/// implies. A person's token is never granted it — administrators included: the grant is
+/// a registered client's, made by whoever holds the data directory (`client add`), and the
+/// offline `phivault patient erase` is the operator's own.
+pub fn authorize_erasure(auth: &Authenticated) -> Result<Authorized, Denied> {
+    if auth.person().is_some() || !auth.scopes().has_other(crate::scope::ERASE_SCOPE) {
+        return Err(Denied::InsufficientScope);
+    }
+    Ok(Authorized {
+        client_id: auth.client_id().to_owned(),
+        token_id: auth.token_id().to_owned(),
+        resource_type: "Patient".to_owned(),
+        interaction: Interaction::Delete,
+        reach: Reach::All,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,6 +495,43 @@ mod tests {
                 .reach(),
             &Reach::All
         );
+    }
+
+    #[test]
+    fn only_a_back_end_client_with_the_erase_scope_erases() {
+        let ok = auth("system/Patient.$erase");
+        let z = authorize_erasure(&ok).expect("erase");
+        assert_eq!(z.interaction(), Interaction::Delete);
+        assert_eq!(z.reach(), &Reach::All);
+        // nothing else implies it, and it grants nothing else
+        for s in ["system/*.cruds", "system/Patient.d", "user/*.cruds"] {
+            assert!(authorize_erasure(&auth(s)).is_err(), "{s}");
+        }
+        for it in Interaction::ALL {
+            assert!(authorize(&ok, "Patient", it).is_err());
+        }
+        // a person's token never, whatever it carries (administrators included)
+        let i = issuer();
+        let admin = crate::access_token::Person {
+            user_id: "u-1".into(),
+            role: Role::Admin,
+            generation: 1,
+            fhir_user: None,
+            patient: None,
+        };
+        let scopes = ScopeSet::parse("system/Patient.$erase user/*.cruds").unwrap();
+        let t = i.issue_for("app", Some(&admin), &scopes, NOW).unwrap();
+        let a = i.verifier().verify(t.token(), NOW).unwrap();
+        assert!(authorize_erasure(&a).is_err());
+        // a back-end client may be registered with it (system-only sets keep it)
+        assert!(scopes.system_only().has_other(crate::scope::ERASE_SCOPE));
+        assert!(
+            ScopeSet::parse("system/Patient.$erase")
+                .unwrap()
+                .not_system()
+                .is_empty()
+        );
+        assert!(ScopeSet::parse("system/Observation.$erase").is_err());
     }
 
     #[test]

@@ -36,6 +36,15 @@ const OTHER_SCOPES: &[&str] = &[
     "online_access",
 ];
 
+/// The scope of erasing a patient's records by crypto-shredding (`POST
+/// Patient/{id}/$erase`): outside SMART's grammar on purpose, so no `system/*.cruds` or
+/// `system/Patient.d` grant implies it; a back-end client must be registered with it and
+/// ask for it by name.
+pub const ERASE_SCOPE: &str = "system/Patient.$erase";
+
+/// Scopes of operations (not SMART resource scopes) that back-end clients may hold.
+const SYSTEM_OPERATION_SCOPES: &[&str] = &[ERASE_SCOPE];
+
 /// The context a scope applies in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -331,7 +340,7 @@ enum Parsed {
 }
 
 fn parse_one(tok: &str) -> Result<Parsed, &'static str> {
-    if OTHER_SCOPES.contains(&tok) {
+    if OTHER_SCOPES.contains(&tok) || SYSTEM_OPERATION_SCOPES.contains(&tok) {
         return Ok(Parsed::Other(tok.to_owned()));
     }
     let (ctx, rest) = tok.split_once('/').ok_or("unknown scope")?;
@@ -499,7 +508,12 @@ impl ScopeSet {
                 .filter(|s| s.context == Context::System)
                 .cloned()
                 .collect(),
-            other: BTreeSet::new(),
+            other: self
+                .other
+                .iter()
+                .filter(|o| SYSTEM_OPERATION_SCOPES.contains(&o.as_str()))
+                .cloned()
+                .collect(),
         }
     }
 
@@ -510,7 +524,12 @@ impl ScopeSet {
             .iter()
             .filter(|s| s.context != Context::System)
             .map(ToString::to_string)
-            .chain(self.other.iter().cloned())
+            .chain(
+                self.other
+                    .iter()
+                    .filter(|o| !SYSTEM_OPERATION_SCOPES.contains(&o.as_str()))
+                    .cloned(),
+            )
             .collect()
     }
 

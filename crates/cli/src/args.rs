@@ -162,6 +162,29 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: IndexCmd,
     },
+    /// Patient record tools.
+    Patient {
+        #[command(subcommand)]
+        cmd: PatientCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PatientCmd {
+    /// Erase a patient's records by crypto-shredding: their data key is destroyed, so every
+    /// version sealed under it opens no more (410 Gone), their index postings are removed
+    /// and the erasure is audited (the reason sealed). Offline: refused while a server
+    /// holds the data directory.
+    Erase {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The patient's id.
+        #[arg(long)]
+        patient: String,
+        /// Why (kept sealed with the erasure, never in the audit log in clear).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -7,6 +7,7 @@ mod datadir;
 mod fhir_client;
 mod import;
 mod keys_cmds;
+mod patient_cmds;
 mod progress;
 mod registry;
 mod serve;
@@ -279,5 +280,13 @@ fn run(cli: Cli) -> Result<i32> {
                     min_resources,
                 },
         } => audit_cmds::index_check(&data_dir, min_resources),
+        Cmd::Patient {
+            cmd:
+                args::PatientCmd::Erase {
+                    data_dir,
+                    patient,
+                    reason,
+                },
+        } => patient_cmds::erase(&data_dir, &patient, &reason),
     }
 }

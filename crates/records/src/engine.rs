@@ -52,6 +52,8 @@ pub struct Engine {
     local_base: Option<phivault_fhir::LocalBase>,
     keys: KeyHierarchy,
     deks: RwLock<HashMap<String, DataKey>>,
+    /// Key ids known to be erased (`crate::erase`): never unwrapped or cached again.
+    erased: RwLock<std::collections::HashSet<String>>,
     blind: RwLock<HashMap<String, Arc<BlindKey>>>,
     /// Per resource type: its indexed parameters with their keys (one lookup per write)
     indexers: RwLock<HashMap<String, Indexers>>,
@@ -345,6 +347,7 @@ impl Engine {
             local_base: None,
             keys,
             deks: RwLock::new(HashMap::new()),
+            erased: RwLock::new(Default::default()),
             blind: RwLock::new(HashMap::new()),
             indexers: RwLock::new(HashMap::new()),
             index_bits,
@@ -490,6 +493,10 @@ impl Engine {
         if let Some(k) = self.deks.read().get(key_id) {
             return Ok(Some(k.clone()));
         }
+        // an erased key's marker wins over whatever the key table holds
+        if self.is_erased(key_id)? {
+            return Err(Error::erased());
+        }
         let Some(wrapped) = self
             .store
             .data_key(key_id)
@@ -508,10 +515,41 @@ impl Engine {
     /// Remember an unwrapped data key (bounded: the cache is dropped when full).
     fn cache_key(&self, key_id: String, k: DataKey) {
         let mut cache = self.deks.write();
+        // (a key read just before its erasure is not kept after it)
+        if self.erased.read().contains(&key_id) {
+            return;
+        }
         if cache.len() >= DEK_CACHE_MAX {
             cache.clear();
         }
         cache.insert(key_id, k);
+    }
+
+    /// Whether the data key `key_id` was erased (its marker is in the store).
+    pub fn is_erased(&self, key_id: &str) -> Result<bool, Error> {
+        if self.erased.read().contains(key_id) {
+            return Ok(true);
+        }
+        let marked = self
+            .store
+            .meta(&phivault_store::erased_marker_key(key_id))
+            .map_err(|_| Error::unavailable())?
+            .is_some();
+        if marked {
+            self.mark_erased(key_id);
+        }
+        Ok(marked)
+    }
+
+    /// Remember that `key_id` is erased, and drop it from the cache of unwrapped keys.
+    pub(crate) fn mark_erased(&self, key_id: &str) {
+        self.erased.write().insert(key_id.to_owned());
+        self.deks.write().remove(key_id);
+    }
+
+    /// Undo [`Engine::mark_erased`] (an erasure that did not happen).
+    pub(crate) fn unmark_erased(&self, key_id: &str) {
+        self.erased.write().remove(key_id);
     }
 
     /// Forget a cached key (after a key conflict).

@@ -25,6 +25,10 @@ pub enum Kind {
     Internal,
 }
 
+/// The message of [`Error::erased`].
+const ERASED: &str =
+    "the resource was erased: the data key of the patient it belongs to was destroyed";
+
 /// A failure of a records operation.
 #[derive(Debug, Clone)]
 pub struct Error {
@@ -112,6 +116,16 @@ impl Error {
             IssueCode::Exception,
             "stored data failed its integrity check; it was not returned and the incident was recorded",
         )
+    }
+
+    /// The record's patient was erased (its data key destroyed): 410, with no PHI.
+    pub fn erased() -> Self {
+        Self::new(Kind::Gone, IssueCode::Deleted, ERASED)
+    }
+
+    /// Whether this is [`Error::erased`] (searches leave such records out).
+    pub fn is_erased(&self) -> bool {
+        self.kind == Kind::Gone && self.issues.first().is_some_and(|i| i.message == ERASED)
     }
 
     /// An internal failure, with no internals.

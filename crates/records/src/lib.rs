@@ -11,6 +11,7 @@ use std::sync::Arc;
 pub mod access;
 pub mod care;
 pub mod engine;
+pub mod erase;
 mod error;
 pub mod registrations;
 pub mod report;

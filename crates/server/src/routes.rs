@@ -13,7 +13,7 @@ use phivault_audit::Action;
 use phivault_fhir::IssueCode;
 
 use crate::error::ApiError;
-use crate::handlers::{alerts, audit, auth, bundle, fhir, glass, launch, search};
+use crate::handlers::{alerts, audit, auth, bundle, erase, fhir, glass, launch, search};
 use crate::state::{App, Ctx, Peer, REQUEST_TARGET, finish};
 
 async fn not_found(
@@ -112,7 +112,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/fhir/", post(bundle::handle))
         .route("/fhir/{rtype}", post(fhir::create).get(search::search_type))
         .route("/fhir/{rtype}/_search", post(search::search_post))
-        .route("/fhir/{rtype}/{id}/{ctype}", get(search::compartment))
+        .route(
+            "/fhir/{rtype}/{id}/{ctype}",
+            get(search::compartment).post(erase::erase),
+        )
         .route("/fhir/{rtype}/_history", get(fhir::history_type))
         .route(
             "/fhir/{rtype}/{id}",

@@ -150,6 +150,39 @@ pub struct WriteBatch {
     pub audit: Vec<AuditEvent>,
 }
 
+/// A data key to destroy (crypto-shredding, [`Store::erase_key`]): the key's wrapped form is
+/// overwritten and deleted, the resources sealed under it lose their index postings, and
+/// `marker` is stored under [`erased_marker_key`] in the same transaction, with `audit`.
+#[derive(Debug)]
+pub struct Erasure {
+    /// The data key to destroy (`p:{patient id}`).
+    pub key_id: String,
+    /// The erasure's record, kept under [`erased_marker_key`] for good: an erased key id is
+    /// never unwrapped, nor sealed under, again (whatever `data_key` later finds).
+    pub marker: Vec<u8>,
+    /// Audit events recording it.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// What an erasure did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erased {
+    /// Resources whose current version was sealed under the key (their postings removed).
+    pub resources: u64,
+    /// Index postings removed.
+    pub postings: u64,
+    /// Whether the write-ahead log was emptied afterwards (readers can hold it off; then the
+    /// old wrapped key's page may stay in the log until its next restart).
+    pub wal_truncated: bool,
+    /// Sequence number of the last audit event written, if any.
+    pub last_audit_seq: Option<u64>,
+}
+
+/// The metadata key marking `key_id` erased (see [`Erasure`]).
+pub fn erased_marker_key(key_id: &str) -> String {
+    format!("erased:{key_id}")
+}
+
 /// Result of a committed batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
@@ -178,6 +211,12 @@ pub enum CommitError {
     /// A different data key was stored under the same id first.
     #[error("data key conflict")]
     KeyConflict,
+    /// The data key was erased: nothing is sealed under it, nor erased, again.
+    #[error("data key erased")]
+    KeyErased,
+    /// No data key is stored under the id to erase.
+    #[error("no such data key")]
+    NoKey,
     /// The engine failed (I/O, disk full, closed). Nothing of the batch is durable.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -265,6 +304,10 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Submit a batch; the receiver yields once the batch is durable or rejected.
     fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>>;
+    /// Destroy a data key (see [`Erasure`]) in a transaction of its own, with secure
+    /// deletion, then empty the write-ahead log; the receiver yields once it is durable or
+    /// refused ([`CommitError::KeyErased`] when already erased, [`CommitError::NoKey`]).
+    fn erase_key(&self, erasure: Erasure) -> oneshot::Receiver<Result<Erased, CommitError>>;
     /// The signed audit head, if any event was ever written.
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError>;
     /// Visit audit events in sequence order (for verification and reports).

@@ -284,23 +284,32 @@ async fn history_inner(
     }
     let count = parse_count(query.as_deref(), app.limits.max_count)?;
     let (a, i) = (app.clone(), id.clone());
-    let rows = blocking(move || {
+    let (rows, erased) = blocking(move || {
         // a confined access sees the versions sealed for patients it reaches (a record
         // moved between patients shows each only its own versions); nothing else is opened
         let rows = a.vault.engine.history(&access, i.as_deref(), count)?;
-        rows.into_iter()
-            .map(|r| {
-                let body = if r.deleted {
-                    Vec::new()
-                } else {
-                    a.vault.engine.open(&access, &r)?
-                };
-                Ok((r, body))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()
+        let mut out = Vec::with_capacity(rows.len());
+        let mut erased = false;
+        for r in rows {
+            // an erased patient's versions are left out (all of a record's: 410 below)
+            if a.vault.engine.is_erased(&r.key_id)? {
+                erased = true;
+                continue;
+            }
+            let body = if r.deleted {
+                Vec::new()
+            } else {
+                a.vault.engine.open(&access, &r)?
+            };
+            out.push((r, body));
+        }
+        Ok((out, erased))
     })
     .await?;
     if id.is_some() && rows.is_empty() {
+        if erased {
+            return Err(phivault_records::Error::erased().into());
+        }
         return Err(ApiError::not_found("resource not found"));
     }
     let mut patients: Vec<String> = rows

@@ -5,6 +5,7 @@ pub(crate) mod alerts;
 pub(crate) mod audit;
 pub(crate) mod auth;
 pub(crate) mod bundle;
+pub(crate) mod erase;
 pub(crate) mod fhir;
 pub(crate) mod glass;
 pub(crate) mod launch;

@@ -10,7 +10,8 @@
 //! - `writer`: the writer thread and its group commit;
 //! - `read`: the reader pool and the reads of versions, keys, metadata and audit;
 //! - `index`: the blind index on disk, its log and its segments;
-//! - `lists`: candidate queries evaluated over posting lists.
+//! - `lists`: candidate queries evaluated over posting lists;
+//! - `erase`: crypto-shredding one data key (its own transaction, then the WAL truncated).
 //!
 //! # Design
 //!
@@ -129,6 +130,7 @@ use crate::{
     StoreError, VersionRow, WriteBatch,
 };
 
+mod erase;
 mod index;
 mod lists;
 mod read;
@@ -495,6 +497,13 @@ impl Store for SqliteStore {
 
     fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>> {
         self.submit_batch(batch)
+    }
+
+    fn erase_key(
+        &self,
+        erasure: crate::Erasure,
+    ) -> oneshot::Receiver<Result<crate::Erased, CommitError>> {
+        self.submit_erasure(erasure)
     }
 
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {

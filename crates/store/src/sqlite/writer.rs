@@ -43,6 +43,11 @@ type Reply = oneshot::Sender<Result<Committed, CommitError>>;
 pub(super) enum Command {
     Batch(WriteBatch, Reply),
     SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+    /// Run in a transaction of its own after the group's batches (`super::erase`).
+    Erase(
+        crate::Erasure,
+        oneshot::Sender<Result<crate::Erased, CommitError>>,
+    ),
 }
 
 /// The writes of [`crate::Store`]: commands queued for the writer.
@@ -143,7 +148,7 @@ pub(super) fn load_frontier(conn: &Connection, head_size: u64) -> Result<Frontie
 /// How often (at most) a signed checkpoint of the audit tree is written while events come.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 2_000;
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -191,7 +196,16 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
                 Err(_) => break,
             }
         }
-        commit_group(&mut conn, group, &mut w, &mut staged, &mut last_index_write);
+        // erasures run alone, after the batches that queued with them
+        let (erasures, group): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .partition(|c| matches!(c, Command::Erase(..)));
+        if !group.is_empty() {
+            commit_group(&mut conn, group, &mut w, &mut staged, &mut last_index_write);
+        }
+        for e in erasures {
+            super::erase::run(&mut conn, e, &mut w);
+        }
     }
     // a clean stop is the longest idle: merge, so the next open has no log to replay
     if w.idle_merge_ms.load(Ordering::Relaxed) != u64::MAX && w.pending.read().len() > 0 {
@@ -289,6 +303,12 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
                 other => StoreError::Engine(other.to_string()),
             }));
         }
+        // (never in a group: the writer loop runs erasures on their own)
+        Command::Erase(_, tx) => {
+            let _ = tx.send(Err(res.err().unwrap_or(CommitError::Store(
+                StoreError::Engine("erasure inside a group".into()),
+            ))));
+        }
     }
 }
 
@@ -354,6 +374,10 @@ fn apply_group(
                 )
                 .map(|_| Committed { last_audit_seq: None })
                 .map_err(|e| CommitError::Store(engine(e))),
+            // (the writer loop runs erasures on their own: never part of a group)
+            Command::Erase(..) => Err(CommitError::Store(StoreError::Engine(
+                "erasure inside a group".into(),
+            ))),
         };
         results.push(res);
     }
@@ -391,7 +415,7 @@ fn log_postings(
 }
 
 /// Store the new audit head, signed.
-fn sign_head(
+pub(super) fn sign_head(
     tx: &rusqlite::Transaction<'_>,
     head: &ChainHead,
     signer: &HeadSigner,
@@ -407,7 +431,7 @@ fn sign_head(
 }
 
 /// Store a signed checkpoint of the audit log's Merkle tree.
-fn write_checkpoint(
+pub(super) fn write_checkpoint(
     tx: &rusqlite::Transaction<'_>,
     frontier: &Frontier,
     signer: &HeadSigner,
@@ -576,6 +600,10 @@ fn apply_put(
         .ok_or(CommitError::Store(StoreError::Corrupt(
             "version sealed under a data key that is not stored",
         )))?;
+    // an erased key's marker wins over whatever `data_key` holds (`super::erase`)
+    if super::erase::is_erased(tx, &row.key_id).map_err(e)? {
+        return Err(CommitError::KeyErased);
+    }
     tx.prepare_cached(
         "INSERT INTO resource_version (rtype, id, version, key_no, deleted, updated_ms, sealed, rno) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -620,7 +648,7 @@ fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged) {
 }
 
 /// Append a batch's audit events to the chain and their leaves to `leaves`.
-fn append_audit_events(
+pub(super) fn append_audit_events(
     tx: &rusqlite::Transaction<'_>,
     events: &[AuditEvent],
     head: &mut ChainHead,
