@@ -155,6 +155,13 @@ impl Server {
         out
     }
 
+    /// Start again on the same data directory with more `serve` arguments.
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.stop();
+        let launched = launch_with(&self.data, args);
+        self.adopt(launched);
+    }
+
     /// Start again on the same data directory (after stop or kill9).
     pub fn restart(&mut self) {
         self.stop();
@@ -204,6 +211,11 @@ pub fn launch_with(data: &Path, args: &[&str]) -> (Child, String, Arc<Mutex<Vec<
         .args(["--listen", "127.0.0.1:0"])
         .args(args);
     key_home(&mut c, data);
+    spawn_server(c)
+}
+
+/// [`spawn_server`] for a test's own command line (a shell redirect, an environment).
+pub fn spawn_command(c: Command) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
     spawn_server(c)
 }
 
@@ -282,6 +294,7 @@ impl Server {
     pub fn add_client(&self, scope: &str) -> Creds {
         let out = self.tmp.path().join(format!("creds-{}.json", rand_hex()));
         let o = Command::new(BIN)
+            .args(unlock_args(&self.data))
             .args(["client", "add", "--data-dir"])
             .arg(&self.data)
             .args(["--name", "test client", "--scope", scope, "--token-url"])
@@ -585,6 +598,20 @@ pub fn master_key_file(data: &Path) -> PathBuf {
 /// A data directory's master key (tests that play an insider holding it).
 pub fn master_key_of(data: &Path) -> phivault_crypto::MasterKey {
     phivault_crypto::MasterKey::load_key_file(&master_key_file(data)).expect("master key")
+}
+
+/// How a test's commands unlock a data directory whose provider needs a secret: a
+/// `passphrase` file kept beside the data directory by the test that made it.
+pub fn unlock_args(data: &Path) -> Vec<String> {
+    let pass = data
+        .parent()
+        .unwrap_or(Path::new("/tmp"))
+        .join("passphrase");
+    if pass.exists() {
+        vec!["--passphrase-file".to_owned(), pass.display().to_string()]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Where a test's new data directory puts its key file: beside it, never in the user's
