@@ -122,6 +122,27 @@ impl Denied {
     }
 }
 
+/// The resource name of the key-administration scope ([`KEY_ROTATION_SCOPE`]).
+pub const KEY_ADMIN_RESOURCE: &str = "PhivaultKeys";
+/// The scope a back-end client needs to rotate the server's keys
+/// (`POST /admin/keys/rotate-kek`). It must be held by name: `system/*` grants it not.
+pub const KEY_ROTATION_SCOPE: &str = "system/PhivaultKeys.u";
+
+/// Whether `auth` may rotate the server's keys: a person with the admin role, or a
+/// back-end client holding [`KEY_ROTATION_SCOPE`] by name (never through a wildcard).
+/// Rotating opens no record: it grants no clinical access, and none implies it.
+pub fn may_rotate_keys(auth: &Authenticated) -> bool {
+    match auth.person() {
+        Some(p) => p.role == Role::Admin,
+        None => auth.scopes().resource_scopes().any(|s| {
+            s.context == Context::System
+                && s.resource.as_deref() == Some(KEY_ADMIN_RESOURCE)
+                && s.query.is_none()
+                && s.perms.contains(Interaction::Update)
+        }),
+    }
+}
+
 /// Decides whether `auth` may perform `i` on `resource_type` (phase 1: `system/` scopes
 /// only; see the module documentation).
 pub fn authorize(
@@ -277,6 +298,49 @@ mod tests {
         }
         let q = auth("system/Observation.rs?category=laboratory");
         assert!(authorize(&q, "Observation", Interaction::Read).is_err());
+    }
+
+    #[test]
+    fn key_rotation_needs_the_admin_role_or_the_named_scope() {
+        assert!(may_rotate_keys(&auth(KEY_ROTATION_SCOPE)));
+        assert!(may_rotate_keys(&auth(
+            "system/Patient.r system/PhivaultKeys.cu"
+        )));
+        for s in [
+            "system/*.cruds",
+            "system/PhivaultKeys.r",
+            "system/PhivaultKeys.u?x=y",
+        ] {
+            assert!(!may_rotate_keys(&auth(s)), "{s}");
+        }
+        // and it grants nothing else
+        let a = auth(KEY_ROTATION_SCOPE);
+        assert!(authorize(&a, "Patient", Interaction::Read).is_err());
+        let i = issuer();
+        for (role, yes) in [
+            (Role::Admin, true),
+            (Role::Auditor, false),
+            (Role::Clinician, false),
+            (Role::Patient, false),
+        ] {
+            let p = crate::access_token::Person {
+                user_id: "u-1".into(),
+                role,
+                generation: 1,
+                fhir_user: None,
+                patient: None,
+            };
+            let t = i
+                .issue_for(
+                    "app",
+                    Some(&p),
+                    &ScopeSet::parse(KEY_ROTATION_SCOPE).unwrap(),
+                    NOW,
+                )
+                .expect("issue");
+            let a = i.verifier().verify(t.token(), NOW).expect("verify");
+            assert_eq!(may_rotate_keys(&a), yes, "{role:?}");
+        }
     }
 
     #[test]

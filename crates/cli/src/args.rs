@@ -210,6 +210,26 @@ pub enum KeysCmd {
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
     },
+    /// Rotate a key while no server uses the directory: `kek` makes a new generation of the
+    /// key-encryption key, rewraps every data key under it and destroys the older ones
+    /// (a running server: `POST /admin/keys/rotate-kek`). Audited.
+    Rotate {
+        /// What to rotate: kek.
+        #[arg(value_enum)]
+        what: RotateWhat,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Data keys rewrapped per write (default 256).
+        #[arg(long)]
+        batch: Option<usize>,
+    },
+}
+
+/// What `keys rotate` rotates.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum RotateWhat {
+    /// The key-encryption key that wraps every patient's data key.
+    Kek,
 }
 
 #[derive(Subcommand)]

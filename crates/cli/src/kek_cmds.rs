@@ -2,7 +2,7 @@
 //! (`phivault_records::kek`). The rotation holds the data directory's serve lock for its
 //! whole run, so it is refused while a server uses the directory (rotate a running server
 //! through `POST /admin/keys/rotate-kek` instead) and no server starts meanwhile. It is
-//! audited: interaction `rotate-kek`, client [`crate::patient_cmds::OPERATOR`], source `local`.
+//! audited: interaction `rotate-kek`, client [`OPERATOR`], source `local`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +12,9 @@ use phivault_audit::{Action, AuditEvent, Outcome};
 use phivault_records::kek::{DEFAULT_REWRAP_BATCH, KeyAdmin, kek_status as read_status};
 
 use crate::datadir;
+
+/// The client id of the command line's audit events (as `patient erase` uses).
+const OPERATOR: &str = "phivault-cli";
 
 /// The KEK lines of `phivault keys status`: the generation and when it was made, and how
 /// many data keys each generation wraps.
@@ -56,7 +59,7 @@ pub fn rotate_kek(data_dir: &Path, batch: Option<usize>) -> Result<i32> {
     let event = AuditEvent {
         time_ms: u64::try_from(phivault_records::engine::now_ms()).unwrap_or(0),
         request_id: phivault_records::engine::new_id(),
-        client_id: Some(crate::patient_cmds::OPERATOR.to_owned()),
+        client_id: Some(OPERATOR.to_owned()),
         user: None,
         action: Action::E,
         interaction: "rotate-kek".to_owned(),

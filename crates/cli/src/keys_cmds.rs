@@ -51,6 +51,7 @@ pub(crate) fn status(data_dir: &Path) -> Result<i32> {
         since(cfg.since)
     );
     println!("{}", describe(&cfg));
+    println!("{}", crate::kek_cmds::kek_status(data_dir)?);
     Ok(0)
 }
 

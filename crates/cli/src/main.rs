@@ -6,6 +6,7 @@ mod audit_cmds;
 mod datadir;
 mod fhir_client;
 mod import;
+mod kek_cmds;
 mod keys_cmds;
 mod patient_cmds;
 mod progress;
@@ -81,6 +82,14 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Keys {
             cmd: KeysCmd::Status { data_dir },
         } => keys_cmds::status(&data_dir),
+        Cmd::Keys {
+            cmd:
+                KeysCmd::Rotate {
+                    what: args::RotateWhat::Kek,
+                    data_dir,
+                    batch,
+                },
+        } => kek_cmds::rotate_kek(&data_dir, batch),
         Cmd::Keys {
             cmd:
                 KeysCmd::Migrate {

@@ -70,6 +70,12 @@ pub enum CryptoError {
     #[error("compression failed")]
     Compression,
 
+    /// A key reached the most messages it may seal with random nonces
+    /// ([`crate::SEAL_LIMIT`]), or the reservation of further seals could not be made
+    /// durable: rotate the key (or wait for the next day's cursor key).
+    #[error("the key has sealed as many messages as it may; rotate it")]
+    SealLimit,
+
     /// Generating a certificate or its key failed.
     #[error("certificate generation failed: {0}")]
     Pki(String),

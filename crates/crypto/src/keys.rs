@@ -3,8 +3,10 @@
 //! ```text
 //! master key (32 random bytes, key file 0600)
 //!   └─ HKDF-Extract(salt = HKDF_SALT)  = PRK
-//!        ├─ HKDF-Expand(PRK, LABEL_KEK)            key-encryption key (AES-256-GCM)
+//!        ├─ HKDF-Expand(PRK, LABEL_KEK)            KEK generation 0 (AES-256-GCM)
 //!        │     └─ wraps per-patient data keys (DataKey), AAD = "phivault-dek-v1" ‖ key_id
+//!        ├─ HKDF-Expand(PRK, LABEL_KEK_WRAP)       wraps random KEK generations ≥ 1 (`kek.rs`)
+//!        ├─ HKDF-Expand(PRK, LABEL_CURSOR_ROOT)    root of the daily cursor keys (`kek.rs`)
 //!        ├─ HKDF-Expand(PRK, LABEL_BLIND_ROOT)     blind-index root
 //!        │     └─ HKDF-Expand(root, LABEL_BLIND_SCOPE_PREFIX ‖ scope)   per-field BlindIndexKey
 //!        ├─ HKDF-Expand(PRK, LABEL_KCV)            key-check key → key check value
@@ -23,12 +25,15 @@
 //! which keeps their copies short-lived.
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hmac;
 use subtle::ConstantTimeEq as _;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::kek::KekRing;
+use crate::seals::SealBook;
 use crate::util::fill_random;
 use crate::{CryptoError, Secret, random_bytes};
 
@@ -159,12 +164,12 @@ impl MasterKey {
 // HKDF / HMAC / AEAD helpers
 
 /// HKDF-Extract(salt, ikm) = HMAC-SHA256(salt, ikm).
-fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Zeroizing<[u8; 32]> {
+pub(crate) fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Zeroizing<[u8; 32]> {
     hmac_sha256(salt, &[ikm])
 }
 
 /// HKDF-Expand(prk, info, 32) = T(1) = HMAC-SHA256(prk, info ‖ 0x01).
-fn hkdf_expand(prk: &[u8; 32], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+pub(crate) fn hkdf_expand(prk: &[u8; 32], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(info.len() + 1);
     parts.extend_from_slice(info);
     parts.push(&[0x01]);
@@ -252,13 +257,21 @@ pub(crate) fn aead_open(
 
 /// Keys derived from the master key. Cheap to clone (a few 32-byte arrays, each zeroized
 /// on drop); share it behind an `Arc` in the server.
+///
+/// Clones share the KEK generations and the seal counters (`kek.rs`, `seals.rs`): a
+/// rotation seen by one clone is seen by all.
 #[derive(Clone, ZeroizeOnDrop)]
 pub struct KeyHierarchy {
-    prk: [u8; 32],
-    kek: [u8; 32],
+    pub(crate) prk: [u8; 32],
+    #[zeroize(skip)]
+    pub(crate) keks: Arc<RwLock<KekRing>>,
+    pub(crate) kek_wrap: [u8; 32],
+    pub(crate) cursor_root: [u8; 32],
     blind_root: [u8; 32],
     secret_key: [u8; 32],
     kcv: [u8; 32],
+    #[zeroize(skip)]
+    pub(crate) seals: Arc<SealBook>,
 }
 
 impl fmt::Debug for KeyHierarchy {
@@ -272,16 +285,21 @@ impl KeyHierarchy {
     pub fn new(master: &MasterKey) -> Self {
         let prk = hkdf_extract(HKDF_SALT, &master.bytes);
         let kek = hkdf_expand(&prk, &[LABEL_KEK.as_bytes()]);
+        let kek_wrap = hkdf_expand(&prk, &[crate::kek::LABEL_KEK_WRAP.as_bytes()]);
+        let cursor_root = hkdf_expand(&prk, &[crate::kek::LABEL_CURSOR_ROOT.as_bytes()]);
         let blind_root = hkdf_expand(&prk, &[LABEL_BLIND_ROOT.as_bytes()]);
         let secret_key = hkdf_expand(&prk, &[LABEL_SEALED_SECRET.as_bytes()]);
         let kcv_key = hkdf_expand(&prk, &[LABEL_KCV.as_bytes()]);
         let kcv = hmac_sha256(&kcv_key[..], &[KCV_MESSAGE]);
         Self {
             prk: *prk,
-            kek: *kek,
+            keks: Arc::new(RwLock::new(KekRing::derived(kek))),
+            kek_wrap: *kek_wrap,
+            cursor_root: *cursor_root,
             blind_root: *blind_root,
             secret_key: *secret_key,
             kcv: *kcv,
+            seals: Arc::default(),
         }
     }
 
@@ -298,9 +316,9 @@ impl KeyHierarchy {
         self.kcv.as_slice().ct_eq(stored).into()
     }
 
-    /// A fresh random 256-bit data key and its wrapped form
-    /// (`[1][nonce 12][AES-256-GCM(KEK, dek) 32 ‖ tag 16]`, [`WRAPPED_DATA_KEY_LEN`] bytes)
-    /// to store next to the records it seals. Destroying every copy of the wrapped form
+    /// A fresh random 256-bit data key and its wrapped form under the current KEK
+    /// generation (generation 0: `[1][nonce 12][AES-256-GCM(KEK, dek) 32 ‖ tag 16]`,
+    /// [`WRAPPED_DATA_KEY_LEN`] bytes; later ones: `[2][generation 4][nonce][..]`) to store next to the records it seals. Destroying every copy of the wrapped form
     /// crypto-shreds the records (DR4).
     pub fn new_data_key(&self, key_id: &str) -> Result<(DataKey, Vec<u8>), CryptoError> {
         let dek = DataKey {
@@ -313,23 +331,13 @@ impl KeyHierarchy {
     /// Wraps an existing data key under this hierarchy's KEK (used for rotation: unwrap
     /// with the old hierarchy, wrap with the new one, records stay as they are).
     pub fn wrap_data_key(&self, key_id: &str, dek: &DataKey) -> Result<Vec<u8>, CryptoError> {
-        let aad = dek_aad(key_id);
-        aead_seal(&self.kek, WRAP_FORMAT_V1, &aad, &dek.key)
+        self.wrap_current(key_id, dek)
     }
 
     /// Unwraps a data key. A wrong `key_id`, a different master key or any changed byte
     /// gives [`CryptoError::Integrity`].
     pub fn unwrap_data_key(&self, key_id: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
-        if wrapped.len() != WRAPPED_DATA_KEY_LEN {
-            return Err(CryptoError::Integrity);
-        }
-        let aad = dek_aad(key_id);
-        let plain = aead_open(&self.kek, WRAP_FORMAT_V1, &aad, wrapped)?;
-        let key: [u8; 32] = plain
-            .as_slice()
-            .try_into()
-            .map_err(|_| CryptoError::Integrity)?;
-        Ok(DataKey { key })
+        self.unwrap_any(key_id, wrapped)
     }
 
     /// The blind-index key of one search field, e.g. scope `"Patient.identifier"`:
@@ -356,7 +364,8 @@ impl KeyHierarchy {
 
     /// Seals a small secret (e.g. a PKCS#8 signing key) for storage in the data directory:
     /// AES-256-GCM under `HKDF(master, LABEL_SEALED_SECRET)`, the label bound as associated
-    /// data. Output `[1][nonce 12][ciphertext ‖ tag 16]`.
+    /// data. Output `[1][nonce 12][ciphertext ‖ tag 16]`. Counted (`secret`): at most
+    /// [`crate::SEAL_LIMIT`] seals ([`CryptoError::SealLimit`] beyond).
     pub fn seal_secret(&self, label: &str, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         if plaintext.len() > crate::MAX_PLAINTEXT_LEN {
             return Err(CryptoError::TooLarge {
@@ -364,6 +373,7 @@ impl KeyHierarchy {
                 max: crate::MAX_PLAINTEXT_LEN,
             });
         }
+        self.seals.take("secret")?;
         aead_seal(
             &self.secret_key,
             WRAP_FORMAT_V1,
@@ -380,7 +390,7 @@ impl KeyHierarchy {
     }
 }
 
-fn dek_aad(key_id: &str) -> Vec<u8> {
+pub(crate) fn dek_aad(key_id: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(1 + 8 + DEK_AAD_LABEL.len() + 8 + key_id.len());
     aad.push(WRAP_FORMAT_V1);
     push_lp(&mut aad, DEK_AAD_LABEL.as_bytes());
@@ -527,7 +537,9 @@ mod tests {
         let h = hierarchy(1);
         let keys = [
             h.prk,
-            h.kek,
+            **h.keks.read().expect("ring").keys_for_test(0),
+            h.kek_wrap,
+            h.cursor_root,
             h.blind_root,
             h.secret_key,
             h.kcv,

@@ -61,6 +61,9 @@ pub struct Engine {
     /// Writers of the same resource queue here instead of racing: without it, N concurrent
     /// unconditional updates of one resource need up to N-1 optimistic retries each.
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Held (read) while a batch with new data keys is sent, and (write) while a KEK
+    /// rotation switches generations (`crate::kek`).
+    kek_gate: RwLock<()>,
 }
 
 /// Data keys used while preparing one write: cached, stored, or newly generated.
@@ -92,7 +95,7 @@ impl KeyRing<'_> {
         NewKeys(
             self.fresh
                 .iter()
-                .map(|(id, _, w)| (id.clone(), w.clone()))
+                .map(|(id, k, w)| (id.clone(), w.clone(), k.clone()))
                 .collect(),
         )
     }
@@ -118,7 +121,7 @@ impl Sealed {
 
 /// Wrapped data keys a [`KeyRing`] generated for a write.
 #[derive(Default)]
-pub struct NewKeys(Vec<(String, Vec<u8>)>);
+pub struct NewKeys(Vec<(String, Vec<u8>, DataKey)>);
 
 /// One atomic write for [`Engine::submit`]: sealed versions, the new keys they were
 /// sealed with, preconditions, and the audit events recording it.
@@ -335,6 +338,7 @@ pub fn now_ms() -> i64 {
 impl Engine {
     /// A new engine over `store` with the key hierarchy `keys`.
     pub fn new(store: Arc<dyn Store>, keys: KeyHierarchy) -> Self {
+        crate::kek::load(&store, &keys);
         let index_bits = store
             .meta(INDEX_BITS_META)
             .ok()
@@ -354,6 +358,7 @@ impl Engine {
             locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            kek_gate: RwLock::new(()),
         }
     }
 
@@ -412,8 +417,26 @@ impl Engine {
     ) -> tokio::sync::oneshot::Receiver<
         Result<phivault_store::Committed, phivault_store::CommitError>,
     > {
+        // new keys go out wrapped under the current KEK generation (`crate::kek`)
+        let _gate = (!batch.new_keys.0.is_empty()).then(|| self.kek_gate.read());
+        let new_keys = batch
+            .new_keys
+            .0
+            .into_iter()
+            .map(|(id, wrapped, k)| {
+                let current = phivault_crypto::data_key_generation(&wrapped)
+                    == Some(self.keys.kek_generation());
+                match current {
+                    true => (id, wrapped),
+                    false => {
+                        let w = self.keys.wrap_data_key(&id, &k).unwrap_or(wrapped);
+                        (id, w)
+                    }
+                }
+            })
+            .collect();
         self.store.submit(WriteBatch {
-            new_keys: batch.new_keys.0,
+            new_keys,
             guards: batch.guards,
             puts: batch.puts.into_iter().map(|s| s.0).collect(),
             audit: batch.audit,
@@ -504,10 +527,17 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let k = self
-            .keys
-            .unwrap_data_key(key_id, &wrapped)
-            .map_err(|_| Error::integrity())?;
+        let k = match self.keys.unwrap_data_key(key_id, &wrapped) {
+            Ok(k) => k,
+            // read just before a KEK rotation rewrapped it and forgot the old generation?
+            Err(_) => self
+                .store
+                .data_key(key_id)
+                .map_err(|_| Error::unavailable())?
+                .filter(|again| *again != wrapped)
+                .and_then(|again| self.keys.unwrap_data_key(key_id, &again).ok())
+                .ok_or_else(Error::integrity)?,
+        };
         self.cache_key(key_id.to_owned(), k.clone());
         Ok(Some(k))
     }
@@ -560,6 +590,11 @@ impl Engine {
     /// The key hierarchy (for records sealed outside resources: alerts).
     pub fn keys(&self) -> &KeyHierarchy {
         &self.keys
+    }
+
+    /// See the field (`crate::kek`).
+    pub(crate) fn kek_gate(&self) -> &RwLock<()> {
+        &self.kek_gate
     }
 
     /// Seal a server-internal secret (paging cursors) under a key derived for `label`.

@@ -13,6 +13,7 @@ pub mod care;
 pub mod engine;
 pub mod erase;
 mod error;
+pub mod kek;
 pub mod registrations;
 pub mod report;
 pub mod search;

@@ -13,7 +13,7 @@ use phivault_audit::Action;
 use phivault_fhir::IssueCode;
 
 use crate::error::ApiError;
-use crate::handlers::{alerts, audit, auth, bundle, erase, fhir, glass, launch, search};
+use crate::handlers::{admin, alerts, audit, auth, bundle, erase, fhir, glass, launch, search};
 use crate::state::{App, Ctx, Peer, REQUEST_TARGET, finish};
 
 async fn not_found(
@@ -105,6 +105,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/audit/alerts", get(alerts::list))
         .route("/audit/report", get(audit::report))
         .route("/audit/alerts/{id}", post(alerts::review))
+        .route("/admin/keys/rotate-kek", post(admin::rotate_kek))
         .route("/fhir/AuditEvent", get(audit::search))
         .route("/fhir/AuditEvent/{id}", get(audit::read))
         .route("/fhir/AuditEvent/{id}/{op}", get(audit::proof))

@@ -183,6 +183,45 @@ pub fn erased_marker_key(key_id: &str) -> String {
     format!("erased:{key_id}")
 }
 
+/// One generation of the key-encryption key as stored ([`Store::kek_generations`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekRow {
+    /// Generation number (0: the KEK derived from the master key; its `wrapped` is empty).
+    pub generation: u32,
+    /// The generation's KEK, wrapped under a key derived from the master key.
+    pub wrapped: Vec<u8>,
+    /// When the generation was made (ms since the Unix epoch).
+    pub created_ms: i64,
+}
+
+/// A data key wrapped again ([`KeyChange::Rewrap`]): applied only if still `old`.
+#[derive(Debug, Clone)]
+pub struct Rewrap {
+    /// The data key's id.
+    pub key_id: String,
+    /// The wrapped form the rotation read.
+    pub old: Vec<u8>,
+    /// The wrapped form under the new generation.
+    pub new: Vec<u8>,
+}
+
+/// A change of the KEK generations ([`Store::change_keys`], KEK rotation).
+#[derive(Debug)]
+pub enum KeyChange {
+    /// Store a new generation (refused if the generation exists).
+    AddKek(KekRow),
+    /// Replace wrapped data keys, each only if it is still wrapped as its `old`.
+    Rewrap(Vec<Rewrap>),
+    /// Delete the generation's row (overwritten: `secure_delete`) only if no data key's
+    /// wrapped form starts with `prefix`, then empty the write-ahead log.
+    DestroyKek {
+        /// The generation.
+        generation: u32,
+        /// How the data keys wrapped under it start.
+        prefix: Vec<u8>,
+    },
+}
+
 /// Result of a committed batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
@@ -308,6 +347,29 @@ pub trait Store: Send + Sync + 'static {
     /// deletion, then empty the write-ahead log; the receiver yields once it is durable or
     /// refused ([`CommitError::KeyErased`] when already erased, [`CommitError::NoKey`]).
     fn erase_key(&self, erasure: Erasure) -> oneshot::Receiver<Result<Erased, CommitError>>;
+    /// Apply a change of the KEK generations through the writer, like any write (blocking:
+    /// call it off the async runtime); the rows it changed (0: a destroy found keys left).
+    fn change_keys(&self, change: KeyChange) -> Result<u64, StoreError> {
+        let _ = change;
+        Err(StoreError::Engine(
+            "KEK generations are not supported".into(),
+        ))
+    }
+    /// The stored KEK generations, ascending (none: only the derived generation 0).
+    fn kek_generations(&self) -> Result<Vec<KekRow>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Data keys numbered above `after`, ascending, at most `limit`: (number, id, wrapped).
+    fn data_keys_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+        let _ = (after, limit);
+        Err(StoreError::Engine(
+            "listing data keys is not supported".into(),
+        ))
+    }
     /// The signed audit head, if any event was ever written.
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError>;
     /// Visit audit events in sequence order (for verification and reports).

@@ -12,8 +12,6 @@ use crate::{Error, Kind, Vault};
 
 /// How long a paging cursor stays valid.
 const CURSOR_TTL_MS: i64 = 60 * 60 * 1000;
-/// Label of the cursor-sealing key.
-const CURSOR_LABEL: &str = "search-cursor-v1";
 
 /// The sealed content of a paging cursor.
 #[derive(Serialize, Deserialize)]
@@ -86,10 +84,9 @@ impl Request {
         let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token)
             .map_err(|_| bad())?;
-        let plain = app
-            .engine
-            .open_secret(CURSOR_LABEL, &sealed)
-            .ok_or_else(bad)?;
+        // under the cursor key of today or yesterday (`crate::kek`): a cursor outlives its
+        // one-hour TTL across midnight, never longer
+        let plain = app.engine.open_cursor(&sealed).ok_or_else(bad)?;
         let c: Cursor = serde_json::from_slice(&plain).map_err(|_| bad())?;
         if c.v != 1 || c.c != client || c.x < now_ms() {
             return Err(bad());
@@ -139,7 +136,7 @@ pub(super) fn seal_cursor(
     let plain = serde_json::to_vec(&c).map_err(|_| Error::internal())?;
     let sealed = app
         .engine
-        .seal_secret(CURSOR_LABEL, &plain)
+        .seal_cursor(&plain)
         .ok_or_else(Error::internal)?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
 }

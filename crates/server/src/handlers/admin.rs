@@ -3,7 +3,8 @@
 //! * `POST /admin/keys/rotate-kek` — make a new generation of the key-encryption key,
 //!   rewrap every patient's data key under it while requests go on, and destroy the older
 //!   generations (`phivault_records::kek`). Answers once done:
-//!   `{"generation": g, "rewrapped": n, "destroyed": [..], "unreadable": 0}`.
+//!   `{"generation": g, "rewrapped": n, "destroyed": [..], "unreadable": 0}`. `?batch=N`
+//!   (1–10,000, default 256) sets how many data keys one write rewraps.
 //!
 //! Allowed to a person with the admin role, or a back-end client holding
 //! `system/PhivaultKeys.u` by name (`phivault_auth::policy::may_rotate_keys`); audited
@@ -12,10 +13,11 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phivault_audit::Action;
+use phivault_records::engine::form_urlencoded_pairs;
 use phivault_records::kek::DEFAULT_REWRAP_BATCH;
 
 use crate::error::ApiError;
@@ -25,6 +27,7 @@ use crate::state::{App, Ctx, Peer, blocking, finish};
 pub async fn rotate_kek(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let mut ctx = Ctx::new(peer, Action::E, "rotate-kek");
@@ -32,11 +35,18 @@ pub async fn rotate_kek(
     let r = async {
         let auth = app.authenticate(&headers, &mut ctx)?;
         let admin = app.vault.decide_key_admin(&auth)?;
+        let mut batch = DEFAULT_REWRAP_BATCH;
+        for (k, v) in form_urlencoded_pairs(query.as_deref().unwrap_or("")) {
+            match (k.as_str(), v.parse::<usize>()) {
+                ("batch", Ok(n)) if (1..=10_000).contains(&n) => batch = n,
+                _ => return Err(ApiError::bad_request("supported: batch (1 to 10000)")),
+            }
+        }
         let a = app.clone();
         let done = blocking(move || {
             a.vault
                 .engine
-                .rotate_kek(&admin, DEFAULT_REWRAP_BATCH)
+                .rotate_kek(&admin, batch)
                 .map_err(ApiError::from)
         })
         .await?;

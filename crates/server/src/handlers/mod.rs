@@ -1,6 +1,7 @@
 //! The HTTP handlers, by area. Each translates a request to calls of the state, the record
 //! operations and the search, and the result back; `routes` names them.
 
+pub(crate) mod admin;
 pub(crate) mod alerts;
 pub(crate) mod audit;
 pub(crate) mod auth;

@@ -6,11 +6,11 @@
 //! more). A rewrap replaces a data key's wrapped form only if it is still the one the
 //! rotation read (a compare-and-set: an erasure in between wins). Destroying a generation
 //! deletes its row — with `secure_delete` on, its bytes are overwritten — only if no data
-//! key is wrapped under it any more, and then checkpoints the write-ahead log with
-//! `TRUNCATE` from a connection of its own (retried while readers hold the log), so the
-//! wrapped KEK is in none of the database's files.
+//! key is wrapped under it any more, and then, before the destroy is answered, the writer
+//! checkpoints the write-ahead log with `TRUNCATE` (retried while readers hold the log), so
+//! the wrapped KEK is in none of the database's files.
 
-use rusqlite::{Connection, OpenFlags, Transaction, params};
+use rusqlite::{Connection, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::writer::Command;
@@ -18,45 +18,17 @@ use super::{SqliteStore, engine, schema::table_exists};
 use crate::{KekRow, KeyChange, StoreError};
 
 /// Attempts at truncating the write-ahead log after a generation is destroyed.
-const TRUNCATE_TRIES: u32 = 200;
-/// How long one attempt waits for readers (it holds writers off meanwhile).
-const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(25);
+const TRUNCATE_TRIES: u32 = 100;
+/// How long one attempt waits for readers.
+const TRUNCATE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl SqliteStore {
     pub(super) fn submit_key_change(&self, change: KeyChange) -> Result<u64, StoreError> {
-        let destroy = matches!(change, KeyChange::DestroyKek { .. });
         let (tx, rx) = oneshot::channel();
         if !self.send(Command::Keys(change, tx)) {
             return Err(StoreError::Closed);
         }
-        let n = rx.blocking_recv().map_err(|_| StoreError::Closed)??;
-        if destroy && n > 0 && !self.truncate_wal_apart() {
-            tracing::warn!(
-                "the write-ahead log could not be truncated after a KEK generation was destroyed"
-            );
-        }
-        Ok(n)
-    }
-
-    /// `wal_checkpoint(TRUNCATE)` on a connection of its own; true once the log is empty.
-    fn truncate_wal_apart(&self) -> bool {
-        let Ok(conn) = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        ) else {
-            return false;
-        };
-        let _ = conn.busy_timeout(TRUNCATE_WAIT);
-        for _ in 0..TRUNCATE_TRIES {
-            let r = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                r.get::<_, i64>(0)
-            });
-            if matches!(r, Ok(0)) {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        false
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
     pub(super) fn read_kek_generations(&self) -> Result<Vec<KekRow>, StoreError> {
@@ -95,6 +67,41 @@ impl SqliteStore {
             })?
             .collect()
         })
+    }
+}
+
+/// After a group's commit, before its replies: when it destroyed a generation, checkpoint
+/// the WAL with `TRUNCATE` on the writer's own connection (another connection holding the
+/// checkpoint would make the writer's next transaction fail busy), retried while readers
+/// hold the log; writes wait meanwhile (readers take well under a millisecond).
+pub(super) fn after_commit(
+    conn: &Connection,
+    group: &[Command],
+    results: &[Result<crate::Committed, crate::CommitError>],
+) {
+    let destroyed = group.iter().zip(results).any(|(c, r)| {
+        matches!(c, Command::Keys(KeyChange::DestroyKek { .. }, _))
+            && matches!(r, Ok(crate::Committed { last_audit_seq: Some(n) }) if *n > 0)
+    });
+    if !destroyed {
+        return;
+    }
+    let _ = conn.busy_timeout(TRUNCATE_WAIT);
+    let done = (0..TRUNCATE_TRIES).any(|_| {
+        let r = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        });
+        let ok = matches!(r, Ok(0));
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        ok
+    });
+    let _ = conn.busy_timeout(super::BUSY_TIMEOUT);
+    if !done {
+        tracing::warn!(
+            "the write-ahead log could not be truncated after a KEK generation was destroyed; it is at its next restart"
+        );
     }
 }
 

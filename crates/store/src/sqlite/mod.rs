@@ -132,6 +132,7 @@ use crate::{
 
 mod erase;
 mod index;
+mod kek;
 mod lists;
 mod read;
 mod schema;
@@ -504,6 +505,22 @@ impl Store for SqliteStore {
         erasure: crate::Erasure,
     ) -> oneshot::Receiver<Result<crate::Erased, CommitError>> {
         self.submit_erasure(erasure)
+    }
+
+    fn change_keys(&self, change: crate::KeyChange) -> Result<u64, StoreError> {
+        self.submit_key_change(change)
+    }
+
+    fn kek_generations(&self) -> Result<Vec<crate::KekRow>, StoreError> {
+        self.read_kek_generations()
+    }
+
+    fn data_keys_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+        self.read_data_keys_after(after, limit)
     }
 
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {

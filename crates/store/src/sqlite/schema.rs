@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS resource_epoch (
     n INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO resource_epoch (one, n) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS kek_generation (
+    generation INTEGER PRIMARY KEY,
+    wrapped BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
 "#;
 
 /// Whether a `SELECT count(*) …` query counts anything.

@@ -43,6 +43,8 @@ type Reply = oneshot::Sender<Result<Committed, CommitError>>;
 pub(super) enum Command {
     Batch(WriteBatch, Reply),
     SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+    /// A change of the KEK generations, in the group like a batch (`super::kek`).
+    Keys(crate::KeyChange, oneshot::Sender<Result<u64, StoreError>>),
     /// Run in a transaction of its own after the group's batches (`super::erase`).
     Erase(
         crate::Erasure,
@@ -260,6 +262,8 @@ fn commit_group(
                     pending.apply(row, live);
                 }
             }
+            // a destroyed KEK generation leaves the WAL before it is reported destroyed
+            super::kek::after_commit(conn, &group, &results);
             for (cmd, res) in group.into_iter().zip(results) {
                 reply(cmd, res);
             }
@@ -302,6 +306,15 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
                 CommitError::Store(s) => s,
                 other => StoreError::Engine(other.to_string()),
             }));
+        }
+        Command::Keys(_, tx) => {
+            let _ = tx.send(
+                res.map(|c| c.last_audit_seq.unwrap_or(0))
+                    .map_err(|e| match e {
+                        CommitError::Store(s) => s,
+                        other => StoreError::Engine(other.to_string()),
+                    }),
+            );
         }
         // (never in a group: the writer loop runs erasures on their own)
         Command::Erase(_, tx) => {
@@ -374,6 +387,17 @@ fn apply_group(
                 )
                 .map(|_| Committed { last_audit_seq: None })
                 .map_err(|e| CommitError::Store(engine(e))),
+            Command::Keys(change, _) => {
+                run_cached(&tx, "SAVEPOINT b")?;
+                let r = super::kek::apply(&tx, change);
+                run_cached(&tx, if r.is_ok() { "RELEASE b" } else { "ROLLBACK TO b" })?;
+                if r.is_err() {
+                    run_cached(&tx, "RELEASE b")?;
+                }
+                // (the count travels in the audit sequence field until the reply)
+                r.map(|n| Committed { last_audit_seq: Some(n) })
+                    .map_err(CommitError::Store)
+            }
             // (the writer loop runs erasures on their own: never part of a group)
             Command::Erase(..) => Err(CommitError::Store(StoreError::Engine(
                 "erasure inside a group".into(),
