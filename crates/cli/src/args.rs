@@ -34,6 +34,27 @@ pub struct UnlockArgs {
     pub passphrase_fd: Option<u32>,
 }
 
+/// Which AWS KMS key wraps the `aws-kms` provider's master key. Credentials come the AWS
+/// way: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), else
+/// ~/.aws/credentials (profile AWS_PROFILE, else default).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KmsArgs {
+    /// The KMS key: key id, key ARN, alias/NAME or alias ARN.
+    #[arg(long)]
+    pub kms_key_id: Option<String>,
+    /// The key's region. Default: AWS_REGION, AWS_DEFAULT_REGION, else the key ARN's.
+    #[arg(long)]
+    pub kms_region: Option<String>,
+    /// The KMS endpoint (https://host[:port]; plain http only on loopback, for tests).
+    /// Default: https://kms.REGION.amazonaws.com.
+    #[arg(long)]
+    pub kms_endpoint: Option<String>,
+    /// PEM CA certificates to trust for the endpoint (a private CA) instead of the
+    /// public roots.
+    #[arg(long)]
+    pub kms_ca_file: Option<PathBuf>,
+}
+
 /// Where `init` (or a first `serve`) puts a new master key.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeyArgs {
@@ -45,6 +66,9 @@ pub struct KeyArgs {
     /// $XDG_CONFIG_HOME/phivault/ID.key (else ~/.config/phivault/ID.key).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// aws-kms: the master key wrapped by an AWS KMS key (envelope encryption).
+    #[command(flatten)]
+    pub kms: KmsArgs,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +233,9 @@ pub enum KeysCmd {
         /// The new passphrase (the `passphrase` provider): first line of this file.
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
+        // the new AWS KMS key (`--to aws-kms`)
+        #[command(flatten)]
+        kms: KmsArgs,
     },
     /// Rotate a key while no server uses the directory: `kek` makes a new generation of the
     /// key-encryption key, rewraps every data key under it and destroys the older ones

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use crate::args::KeyArgs;
+use crate::args::{KeyArgs, KmsArgs};
 use crate::datadir;
 
 /// What `--key-provider` and `--key-file` ask for at `init` or a first `serve`.
@@ -12,7 +12,14 @@ pub(crate) fn create_spec(
     key: &KeyArgs,
     unlock: &phivault_keys::Unlock,
 ) -> Result<phivault_keys::Create> {
+    if key.key_provider != "aws-kms" && kms_given(&key.kms) {
+        bail!(
+            "--kms-key-id, --kms-region, --kms-endpoint and --kms-ca-file are for the aws-kms provider"
+        );
+    }
     match key.key_provider.as_str() {
+        "aws-kms" if key.key_file.is_none() => kms_spec(&key.kms),
+        "aws-kms" => bail!("--key-file is for the file provider"),
         "file" => Ok(phivault_keys::Create::File {
             key_file: key.key_file.clone(),
         }),
@@ -20,8 +27,32 @@ pub(crate) fn create_spec(
             source: unlock.passphrase.clone(),
         }),
         "passphrase" => bail!("--key-file is for the file provider"),
-        other => bail!("unknown --key-provider {other:?}: file or passphrase"),
+        other => bail!("unknown --key-provider {other:?}: file, passphrase or aws-kms"),
     }
+}
+
+fn kms_given(a: &KmsArgs) -> bool {
+    a.kms_key_id.is_some()
+        || a.kms_region.is_some()
+        || a.kms_endpoint.is_some()
+        || a.kms_ca_file.is_some()
+}
+
+/// The `aws-kms` provider's key (region and endpoint may default).
+fn kms_spec(a: &KmsArgs) -> Result<phivault_keys::Create> {
+    let Some(key_id) = &a.kms_key_id else {
+        bail!(
+            "the aws-kms provider needs --kms-key-id KEY (id, ARN or alias), and --kms-region unless AWS_REGION is set or the ARN names it"
+        );
+    };
+    Ok(phivault_keys::Create::AwsKms(
+        phivault_keys::awskms::KmsSpec {
+            key_id: key_id.clone(),
+            region: a.kms_region.clone(),
+            endpoint: a.kms_endpoint.clone(),
+            ca_file: a.kms_ca_file.clone(),
+        },
+    ))
 }
 
 /// A line about where a new data directory's master key went.
@@ -34,6 +65,18 @@ pub(crate) fn describe(cfg: &phivault_keys::ProviderConfig) -> String {
         phivault_keys::Provider::Passphrase {} => {
             "master key wrapped under your passphrase (Argon2id); without the passphrase the data directory opens nothing".to_owned()
         }
+        phivault_keys::Provider::AwsKms {
+            key_id,
+            region,
+            endpoint,
+            ca_file,
+        } => format!(
+            "master key wrapped by AWS KMS key {key_id:?} (region {region}, endpoint {endpoint}{}) in keys/master.kms, opened by KMS Decrypt at start; without access to that key the data directory opens nothing",
+            ca_file
+                .as_ref()
+                .map(|f| format!(", CA {}", f.display()))
+                .unwrap_or_default()
+        ),
     }
 }
 
@@ -72,7 +115,11 @@ pub(crate) fn migrate(
     to: &str,
     key_file: Option<&Path>,
     new_passphrase_file: Option<&Path>,
+    kms: &KmsArgs,
 ) -> Result<i32> {
+    if to != "aws-kms" && kms_given(kms) {
+        bail!("--kms-key-id, --kms-region, --kms-endpoint and --kms-ca-file are for --to aws-kms");
+    }
     let d = datadir::DataDir::new(data_dir);
     datadir::check_dir_private(data_dir)?;
     let _lock = datadir::lock_for_serving(&d)?;
@@ -98,7 +145,8 @@ pub(crate) fn migrate(
                 None => phivault_keys::PassphraseSource::Default,
             },
         },
-        other => bail!("unknown --to {other:?}: file or passphrase"),
+        "aws-kms" => kms_spec(kms)?,
+        other => bail!("unknown --to {other:?}: file, passphrase or aws-kms"),
     };
     let cfg = phivault_keys::migrate(data_dir, &master, old.as_ref(), &spec)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

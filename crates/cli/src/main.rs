@@ -97,12 +97,14 @@ fn run(cli: Cli) -> Result<i32> {
                     to,
                     key_file,
                     new_passphrase_file,
+                    kms,
                 },
         } => keys_cmds::migrate(
             &data_dir,
             &to,
             key_file.as_deref(),
             new_passphrase_file.as_deref(),
+            &kms,
         ),
         Cmd::Serve {
             data_dir,

@@ -21,6 +21,16 @@ pub enum Provider {
     File { key_file: PathBuf },
     /// The master key wrapped under Argon2id(passphrase), in `keys/master.passphrase`.
     Passphrase {},
+    /// The master key wrapped by an AWS KMS key (envelope encryption), in
+    /// `keys/master.kms`: the key id or ARN, the region, the endpoint and an optional CA
+    /// file (absolute) to trust for it. Nothing secret.
+    AwsKms {
+        key_id: String,
+        region: String,
+        endpoint: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<PathBuf>,
+    },
 }
 
 impl Provider {
@@ -29,6 +39,7 @@ impl Provider {
         match self {
             Provider::File { .. } => "file",
             Provider::Passphrase { .. } => "passphrase",
+            Provider::AwsKms { .. } => "aws-kms",
         }
     }
 }

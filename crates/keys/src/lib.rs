@@ -10,13 +10,18 @@
 //! - [`passphrase`]: the master key wrapped (AES-256-GCM) under Argon2id(passphrase); the
 //!   wrapped key lives in the data directory, the passphrase comes from a terminal, a
 //!   credential file or a file descriptor — never from argv or the environment.
+//! - [`awskms`]: envelope encryption: the master key comes from AWS KMS `GenerateDataKey`
+//!   and exists at rest only wrapped by the KMS key (`keys/master.kms`), opened by
+//!   `Decrypt` at start; requests signed by [`sigv4`] (no AWS SDK).
 //!
 //! A provider only produces the master key; that it is *this* database's key is checked
 //! by the caller against the database's key check value.
 
+pub mod awskms;
 pub mod config;
 pub mod file;
 pub mod passphrase;
+pub mod sigv4;
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +82,8 @@ pub enum Create {
     File { key_file: Option<PathBuf> },
     /// A passphrase-wrapped key; the passphrase is asked twice on a terminal.
     Passphrase { source: PassphraseSource },
+    /// The key wrapped by an AWS KMS key (envelope encryption).
+    AwsKms(awskms::KmsSpec),
 }
 
 /// A new data directory's id: 16 random bytes, hex.
@@ -89,6 +96,13 @@ pub fn new_data_dir_id() -> Result<String, KeyError> {
 /// empty of keys) and record the provider; returns the new master key.
 pub fn create(root: &Path, spec: &Create) -> Result<(MasterKey, ProviderConfig), KeyError> {
     let id = new_data_dir_id()?;
+    if let Create::AwsKms(kms) = spec {
+        // KMS makes the key (GenerateDataKey): it never exists unwrapped at rest
+        let (master, provider) = awskms::create(root, &id, kms)?;
+        let cfg = ProviderConfig::new(id, provider);
+        cfg.write_new(root)?;
+        return Ok((master, cfg));
+    }
     let master = MasterKey::generate()?;
     let provider = match spec {
         Create::File { key_file } => {
@@ -99,6 +113,7 @@ pub fn create(root: &Path, spec: &Create) -> Result<(MasterKey, ProviderConfig),
             file::create(root, &path, &master)?
         }
         Create::Passphrase { source } => passphrase::create(root, &id, source, &master)?,
+        Create::AwsKms(kms) => awskms::create_from(root, &id, kms, &master)?,
     };
     let cfg = ProviderConfig::new(id, provider);
     cfg.write_new(root)?;
@@ -113,6 +128,7 @@ pub fn load(root: &Path, unlock: &Unlock) -> Result<(MasterKey, ProviderConfig),
         Provider::Passphrase { .. } => {
             passphrase::load(root, &cfg.data_dir_id, &unlock.passphrase)?
         }
+        p @ Provider::AwsKms { .. } => awskms::load(root, &cfg.data_dir_id, p)?,
     };
     Ok((master, cfg))
 }
@@ -139,6 +155,7 @@ pub fn migrate(
             file::create(root, &path, master)?
         }
         Create::Passphrase { source } => passphrase::create(root, &id, source, master)?,
+        Create::AwsKms(kms) => awskms::create_from(root, &id, kms, master)?,
     };
     let cfg = ProviderConfig::new(id, provider);
     cfg.replace(root)?;
@@ -151,6 +168,11 @@ pub fn migrate(
         && !matches!(cfg.provider, Provider::Passphrase { .. })
     {
         file::shred(&passphrase::wrapped_path(root))?;
+    }
+    if let Some(Provider::AwsKms { .. }) = old.map(|c| &c.provider)
+        && !matches!(cfg.provider, Provider::AwsKms { .. })
+    {
+        file::shred(&awskms::wrapped_path(root))?;
     }
     Ok(cfg)
 }
