@@ -32,6 +32,27 @@ pub struct UnlockArgs {
     /// The passphrase from this inherited file descriptor.
     #[arg(long, global = true)]
     pub passphrase_fd: Option<u32>,
+    /// The user PIN of a `pkcs11` key provider's token: the first line of this file (mode
+    /// 0600, e.g. a systemd credential). Default: $CREDENTIALS_DIRECTORY/phivault-pkcs11-pin,
+    /// else asked on the terminal.
+    #[arg(long, global = true)]
+    pub pkcs11_pin_file: Option<PathBuf>,
+}
+
+/// Where the `pkcs11` provider's key is: the HSM's module, the token and the key (labels).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Pkcs11Args {
+    /// The HSM vendor's PKCS#11 module (a shared library), e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long)]
+    pub pkcs11_module: Option<PathBuf>,
+    /// The token's label.
+    #[arg(long)]
+    pub pkcs11_token: Option<String>,
+    /// The label of the AES-256 key in the token that wraps the master key (generated,
+    /// non-extractable, if the token has none of that label).
+    #[arg(long)]
+    pub pkcs11_key: Option<String>,
 }
 
 /// Which AWS KMS key wraps the `aws-kms` provider's master key. Credentials come the AWS
@@ -66,6 +87,9 @@ pub struct KeyArgs {
     /// $XDG_CONFIG_HOME/phivault/ID.key (else ~/.config/phivault/ID.key).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// pkcs11: the master key wrapped by a non-extractable AES key in an HSM.
+    #[command(flatten)]
+    pub pkcs11: Pkcs11Args,
     /// aws-kms: the master key wrapped by an AWS KMS key (envelope encryption).
     #[command(flatten)]
     pub kms: KmsArgs,
@@ -233,6 +257,10 @@ pub enum KeysCmd {
         /// The new passphrase (the `passphrase` provider): first line of this file.
         #[arg(long)]
         new_passphrase_file: Option<PathBuf>,
+        // the new HSM key (`--to pkcs11`; its PIN from --pkcs11-pin-file), boxed: the
+        // other commands need not be this large
+        #[command(flatten)]
+        pkcs11: Box<Pkcs11Args>,
         // the new AWS KMS key (`--to aws-kms`)
         #[command(flatten)]
         kms: KmsArgs,

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use crate::args::{KeyArgs, KmsArgs};
+use crate::args::{KeyArgs, KmsArgs, Pkcs11Args};
 use crate::datadir;
 
 /// What `--key-provider` and `--key-file` ask for at `init` or a first `serve`.
@@ -12,12 +12,17 @@ pub(crate) fn create_spec(
     key: &KeyArgs,
     unlock: &phivault_keys::Unlock,
 ) -> Result<phivault_keys::Create> {
+    if key.key_provider != "pkcs11" && pkcs11_given(&key.pkcs11) {
+        bail!("--pkcs11-module, --pkcs11-token and --pkcs11-key are for the pkcs11 provider");
+    }
     if key.key_provider != "aws-kms" && kms_given(&key.kms) {
         bail!(
             "--kms-key-id, --kms-region, --kms-endpoint and --kms-ca-file are for the aws-kms provider"
         );
     }
     match key.key_provider.as_str() {
+        "pkcs11" if key.key_file.is_none() => pkcs11_spec(&key.pkcs11, unlock),
+        "pkcs11" => bail!("--key-file is for the file provider"),
         "aws-kms" if key.key_file.is_none() => kms_spec(&key.kms),
         "aws-kms" => bail!("--key-file is for the file provider"),
         "file" => Ok(phivault_keys::Create::File {
@@ -29,6 +34,28 @@ pub(crate) fn create_spec(
         "passphrase" => bail!("--key-file is for the file provider"),
         other => bail!("unknown --key-provider {other:?}: file, passphrase or aws-kms"),
     }
+}
+
+fn pkcs11_given(a: &Pkcs11Args) -> bool {
+    a.pkcs11_module.is_some() || a.pkcs11_token.is_some() || a.pkcs11_key.is_some()
+}
+
+/// The `pkcs11` provider's place: all three of module, token and key are needed.
+fn pkcs11_spec(a: &Pkcs11Args, unlock: &phivault_keys::Unlock) -> Result<phivault_keys::Create> {
+    let (Some(module), Some(token), Some(key)) = (&a.pkcs11_module, &a.pkcs11_token, &a.pkcs11_key)
+    else {
+        bail!(
+            "the pkcs11 provider needs --pkcs11-module PATH, --pkcs11-token LABEL and --pkcs11-key LABEL (the PIN from --pkcs11-pin-file or the terminal)"
+        );
+    };
+    Ok(phivault_keys::Create::Pkcs11 {
+        hsm: phivault_keys::pkcs11::Hsm {
+            module: module.clone(),
+            token: token.clone(),
+            key: key.clone(),
+        },
+        pin: unlock.pkcs11_pin.clone(),
+    })
 }
 
 fn kms_given(a: &KmsArgs) -> bool {
@@ -65,6 +92,14 @@ pub(crate) fn describe(cfg: &phivault_keys::ProviderConfig) -> String {
         phivault_keys::Provider::Passphrase {} => {
             "master key wrapped under your passphrase (Argon2id); without the passphrase the data directory opens nothing".to_owned()
         }
+        phivault_keys::Provider::Pkcs11 {
+            module,
+            token_label,
+            key_label,
+        } => format!(
+            "master key wrapped (CKM_AES_GCM) by the non-extractable AES-256 key {key_label:?} in PKCS#11 token {token_label:?}, module {}; without the HSM and its PIN the data directory opens nothing",
+            module.display()
+        ),
         phivault_keys::Provider::AwsKms {
             key_id,
             region,
@@ -116,7 +151,12 @@ pub(crate) fn migrate(
     key_file: Option<&Path>,
     new_passphrase_file: Option<&Path>,
     kms: &KmsArgs,
+    pkcs11: &Pkcs11Args,
+    unlock: &phivault_keys::Unlock,
 ) -> Result<i32> {
+    if to != "pkcs11" && pkcs11_given(pkcs11) {
+        bail!("--pkcs11-module, --pkcs11-token and --pkcs11-key are for --to pkcs11");
+    }
     if to != "aws-kms" && kms_given(kms) {
         bail!("--kms-key-id, --kms-region, --kms-endpoint and --kms-ca-file are for --to aws-kms");
     }
@@ -146,6 +186,7 @@ pub(crate) fn migrate(
             },
         },
         "aws-kms" => kms_spec(kms)?,
+        "pkcs11" => pkcs11_spec(pkcs11, unlock)?,
         other => bail!("unknown --to {other:?}: file, passphrase or aws-kms"),
     };
     let cfg = phivault_keys::migrate(data_dir, &master, old.as_ref(), &spec)

@@ -65,6 +65,7 @@ fn run(cli: Cli) -> Result<i32> {
             (None, Some(fd)) => phivault_keys::PassphraseSource::Fd(fd),
             (None, None) => phivault_keys::PassphraseSource::Default,
         },
+        pkcs11_pin: cli.unlock.pkcs11_pin_file.clone(),
     };
     datadir::set_unlock(unlock.clone());
     match cli.cmd {
@@ -97,6 +98,7 @@ fn run(cli: Cli) -> Result<i32> {
                     to,
                     key_file,
                     new_passphrase_file,
+                    pkcs11,
                     kms,
                 },
         } => keys_cmds::migrate(
@@ -105,6 +107,8 @@ fn run(cli: Cli) -> Result<i32> {
             key_file.as_deref(),
             new_passphrase_file.as_deref(),
             &kms,
+            &pkcs11,
+            &unlock,
         ),
         Cmd::Serve {
             data_dir,

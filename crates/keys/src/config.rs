@@ -21,6 +21,13 @@ pub enum Provider {
     File { key_file: PathBuf },
     /// The master key wrapped under Argon2id(passphrase), in `keys/master.passphrase`.
     Passphrase {},
+    /// The master key encrypted by a non-extractable AES key in an HSM, in
+    /// `keys/master.pkcs11`: the PKCS#11 module (absolute path), token and key labels.
+    Pkcs11 {
+        module: PathBuf,
+        token_label: String,
+        key_label: String,
+    },
     /// The master key wrapped by an AWS KMS key (envelope encryption), in
     /// `keys/master.kms`: the key id or ARN, the region, the endpoint and an optional CA
     /// file (absolute) to trust for it. Nothing secret.
@@ -39,6 +46,7 @@ impl Provider {
         match self {
             Provider::File { .. } => "file",
             Provider::Passphrase { .. } => "passphrase",
+            Provider::Pkcs11 { .. } => "pkcs11",
             Provider::AwsKms { .. } => "aws-kms",
         }
     }

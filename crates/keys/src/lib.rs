@@ -13,6 +13,9 @@
 //! - [`awskms`]: envelope encryption: the master key comes from AWS KMS `GenerateDataKey`
 //!   and exists at rest only wrapped by the KMS key (`keys/master.kms`), opened by
 //!   `Decrypt` at start; requests signed by [`sigv4`] (no AWS SDK).
+//! - [`pkcs11`]: the master key encrypted by a non-extractable AES-256 key inside an HSM
+//!   (PKCS#11); the encrypted key lives in the data directory, the user PIN comes from a
+//!   file or the terminal.
 //!
 //! A provider only produces the master key; that it is *this* database's key is checked
 //! by the caller against the database's key check value.
@@ -21,6 +24,7 @@ pub mod awskms;
 pub mod config;
 pub mod file;
 pub mod passphrase;
+pub mod pkcs11;
 pub mod sigv4;
 
 use std::path::{Path, PathBuf};
@@ -73,6 +77,9 @@ pub enum PassphraseSource {
 #[derive(Debug, Clone, Default)]
 pub struct Unlock {
     pub passphrase: PassphraseSource,
+    /// The user PIN of a `pkcs11` token: this file (0600), else
+    /// `$CREDENTIALS_DIRECTORY/phivault-pkcs11-pin`, else the terminal.
+    pub pkcs11_pin: Option<PathBuf>,
 }
 
 /// How to create a new master key's home at `init`.
@@ -82,6 +89,12 @@ pub enum Create {
     File { key_file: Option<PathBuf> },
     /// A passphrase-wrapped key; the passphrase is asked twice on a terminal.
     Passphrase { source: PassphraseSource },
+    /// The key encrypted by a non-extractable AES key in an HSM (generated if the token
+    /// has no key of that label); the user PIN from `pin` (see [`Unlock::pkcs11_pin`]).
+    Pkcs11 {
+        hsm: pkcs11::Hsm,
+        pin: Option<PathBuf>,
+    },
     /// The key wrapped by an AWS KMS key (envelope encryption).
     AwsKms(awskms::KmsSpec),
 }
@@ -113,6 +126,7 @@ pub fn create(root: &Path, spec: &Create) -> Result<(MasterKey, ProviderConfig),
             file::create(root, &path, &master)?
         }
         Create::Passphrase { source } => passphrase::create(root, &id, source, &master)?,
+        Create::Pkcs11 { hsm, pin } => pkcs11::create(root, &id, hsm, pin.as_deref(), &master)?,
         Create::AwsKms(kms) => awskms::create_from(root, &id, kms, &master)?,
     };
     let cfg = ProviderConfig::new(id, provider);
@@ -128,6 +142,20 @@ pub fn load(root: &Path, unlock: &Unlock) -> Result<(MasterKey, ProviderConfig),
         Provider::Passphrase { .. } => {
             passphrase::load(root, &cfg.data_dir_id, &unlock.passphrase)?
         }
+        Provider::Pkcs11 {
+            module,
+            token_label,
+            key_label,
+        } => pkcs11::load(
+            root,
+            &cfg.data_dir_id,
+            &pkcs11::Hsm {
+                module: module.clone(),
+                token: token_label.clone(),
+                key: key_label.clone(),
+            },
+            unlock.pkcs11_pin.as_deref(),
+        )?,
         p @ Provider::AwsKms { .. } => awskms::load(root, &cfg.data_dir_id, p)?,
     };
     Ok((master, cfg))
@@ -155,6 +183,7 @@ pub fn migrate(
             file::create(root, &path, master)?
         }
         Create::Passphrase { source } => passphrase::create(root, &id, source, master)?,
+        Create::Pkcs11 { hsm, pin } => pkcs11::create(root, &id, hsm, pin.as_deref(), master)?,
         Create::AwsKms(kms) => awskms::create_from(root, &id, kms, master)?,
     };
     let cfg = ProviderConfig::new(id, provider);
@@ -168,6 +197,11 @@ pub fn migrate(
         && !matches!(cfg.provider, Provider::Passphrase { .. })
     {
         file::shred(&passphrase::wrapped_path(root))?;
+    }
+    if let Some(Provider::Pkcs11 { .. }) = old.map(|c| &c.provider)
+        && !matches!(cfg.provider, Provider::Pkcs11 { .. })
+    {
+        file::shred(&pkcs11::wrapped_path(root))?;
     }
     if let Some(Provider::AwsKms { .. }) = old.map(|c| &c.provider)
         && !matches!(cfg.provider, Provider::AwsKms { .. })
