@@ -79,8 +79,9 @@ pub struct KmsArgs {
 /// Where `init` (or a first `serve`) puts a new master key.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeyArgs {
-    /// file (a key file outside the data directory) or passphrase (the key wrapped under
-    /// Argon2id of a passphrase).
+    /// file (a key file outside the data directory), passphrase (the key wrapped under
+    /// Argon2id of a passphrase), pkcs11 (the key wrapped by a non-extractable AES key in an
+    /// HSM) or aws-kms (the key wrapped by an AWS KMS key).
     #[arg(long, default_value = "file")]
     pub key_provider: String,
     /// The key file of the `file` provider (outside the data directory). Default:
@@ -248,7 +249,7 @@ pub enum KeysCmd {
     Migrate {
         #[arg(long)]
         data_dir: PathBuf,
-        /// file or passphrase.
+        /// file, passphrase, pkcs11 or aws-kms.
         #[arg(long = "to")]
         to: String,
         /// The new key file (the `file` provider; outside the data directory).

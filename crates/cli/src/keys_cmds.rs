@@ -32,7 +32,7 @@ pub(crate) fn create_spec(
             source: unlock.passphrase.clone(),
         }),
         "passphrase" => bail!("--key-file is for the file provider"),
-        other => bail!("unknown --key-provider {other:?}: file, passphrase or aws-kms"),
+        other => bail!("unknown --key-provider {other:?}: file, passphrase, pkcs11 or aws-kms"),
     }
 }
 
@@ -187,7 +187,7 @@ pub(crate) fn migrate(
         },
         "aws-kms" => kms_spec(kms)?,
         "pkcs11" => pkcs11_spec(pkcs11, unlock)?,
-        other => bail!("unknown --to {other:?}: file, passphrase or aws-kms"),
+        other => bail!("unknown --to {other:?}: file, passphrase, pkcs11 or aws-kms"),
     };
     let cfg = phivault_keys::migrate(data_dir, &master, old.as_ref(), &spec)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
