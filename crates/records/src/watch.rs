@@ -35,11 +35,29 @@ pub struct Watch {
     pub alert_syslog: Option<PathBuf>,
 }
 
+/// The running watchers: [`Watcher::stop`] ends them (a sealed server drops its `Vault`).
+pub struct Watcher {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Watcher {
+    /// Stop every watcher task and wait until they are gone (with the `Vault` they held).
+    pub async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 /// Start the watchers on the current runtime.
-pub fn spawn(app: Arc<Vault>, watch: Watch) {
+pub fn spawn(app: Arc<Vault>, watch: Watch) -> Watcher {
     let scanner = app.clone();
     let w = watch.clone();
-    tokio::spawn(async move {
+    let mut tasks = Vec::with_capacity(2);
+    tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(w.scan_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // the alerts there are at start have been delivered (or predate delivery)
@@ -89,9 +107,9 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) {
             }
             tick.tick().await;
         }
-    });
+    }));
     if let Some(path) = watch.witness_file {
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut last = match last_witnessed(&path) {
                 Ok(size) => size,
                 Err(e) => {
@@ -121,8 +139,9 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) {
                     Err(_) => tracing::error!("the witness export stopped"),
                 }
             }
-        });
+        }));
     }
+    Watcher { tasks }
 }
 
 /// The size of the last checkpoint in the witness file (0 when it is new).

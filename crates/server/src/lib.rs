@@ -19,11 +19,13 @@ mod idp;
 mod interactions;
 mod respond;
 mod routes;
+mod sealed;
 mod signin;
 mod state;
 
 pub use error::ApiError;
 pub use routes::router;
+pub use sealed::Gate;
 pub use state::{App, Freshness, Limits, Peer};
 
 /// Content type of FHIR JSON responses.
