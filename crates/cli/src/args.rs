@@ -37,6 +37,11 @@ pub struct UnlockArgs {
     /// else asked on the terminal.
     #[arg(long, global = true)]
     pub pkcs11_pin_file: Option<PathBuf>,
+    /// The shares of a `shamir` key provider: this file (mode 0600), one share a line
+    /// (`unseal`, and offline commands on a shamir data directory). Default: asked on the
+    /// terminal.
+    #[arg(long, global = true)]
+    pub share_file: Option<PathBuf>,
 }
 
 /// Where the `pkcs11` provider's key is: the HSM's module, the token and the key (labels).
@@ -88,6 +93,12 @@ pub struct KeyArgs {
     /// $XDG_CONFIG_HOME/phivault/ID.key (else ~/.config/phivault/ID.key).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// shamir: split the master key into this many shares (2 – 16), printed once.
+    #[arg(long)]
+    pub shares: Option<u8>,
+    /// shamir: how many shares rebuild the key (2 – --shares).
+    #[arg(long)]
+    pub threshold: Option<u8>,
     /// pkcs11: the master key wrapped by a non-extractable AES key in an HSM.
     #[command(flatten)]
     pub pkcs11: Pkcs11Args,
@@ -135,6 +146,19 @@ pub enum Cmd {
         watch: WatchArgs,
         #[command(flatten)]
         timing: TimingArgs,
+    },
+    /// Unseal a running server of a `shamir` data directory: send it shares (from
+    /// --share-file, else asked on the terminal) over its control socket DIR/control.sock.
+    /// Exit 0 unsealed, 1 still sealed (more shares needed), 2 a share was refused.
+    Unseal {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Seal a running server of a `shamir` data directory: it drops its keys and store and
+    /// answers 503 until unsealed again.
+    Seal {
+        #[arg(long)]
+        data_dir: PathBuf,
     },
     /// Manage SMART Backend Services clients.
     Client {

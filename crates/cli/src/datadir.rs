@@ -71,12 +71,12 @@ impl DataDir {
 /// only tells a refused second server the holder's pid.
 pub struct ServeLock {
     _dir: std::fs::File,
-    _pid: std::fs::File,
+    pid: std::fs::File,
 }
 
 /// Take the data directory's serve lock, or say which process holds it.
 pub fn lock_for_serving(d: &DataDir) -> Result<ServeLock> {
-    use std::io::{Read as _, Seek as _, Write as _};
+    use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let dir = std::fs::File::open(&d.root)
         .with_context(|| format!("cannot open the data directory {}", d.root.display()))?;
@@ -110,14 +110,20 @@ pub fn lock_for_serving(d: &DataDir) -> Result<ServeLock> {
             return Err(e).with_context(|| format!("cannot lock {}", d.root.display()));
         }
     }
-    pid.set_len(0)?;
-    pid.rewind()?;
-    writeln!(pid, "{}", std::process::id())?;
-    pid.sync_all()?;
-    Ok(ServeLock {
-        _dir: dir,
-        _pid: pid,
-    })
+    Ok(ServeLock { _dir: dir, pid })
+}
+
+impl ServeLock {
+    /// Write this process's id for a refused second server to name (once the data
+    /// directory opened: a refused start writes nothing).
+    pub fn record_pid(&mut self) -> Result<()> {
+        use std::io::{Seek as _, Write as _};
+        self.pid.set_len(0)?;
+        self.pid.rewind()?;
+        writeln!(self.pid, "{}", std::process::id())?;
+        self.pid.sync_all()?;
+        Ok(())
+    }
 }
 
 fn mkdir_private(p: &Path) -> Result<()> {
@@ -266,7 +272,12 @@ pub fn load_master(d: &DataDir) -> Result<MasterKey> {
 pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
     check_dir_private(&d.root)?;
     let master = load_master(d)?;
-    let keys = KeyHierarchy::new(&master);
+    keys_under(d, &master)
+}
+
+/// The derived keys and the audit signing key of a data directory under `master`.
+pub fn keys_under(d: &DataDir, master: &MasterKey) -> Result<(KeyHierarchy, SigningKey)> {
+    let keys = KeyHierarchy::new(master);
     let sealed = std::fs::read(d.audit_key()).with_context(|| {
         format!(
             "cannot read the audit signing key {}",
@@ -307,6 +318,18 @@ pub fn read_only_store(root: &Path) -> Result<SqliteStore> {
 pub fn open(root: &Path) -> Result<Opened> {
     let d = DataDir::new(root);
     let (keys, audit) = load_keys(&d)?;
+    open_under(d, keys, audit)
+}
+
+/// Open a data directory with its master key already in hand (a sealed server's shares).
+pub fn open_with(root: &Path, master: &MasterKey) -> Result<Opened> {
+    check_dir_private(root)?;
+    let d = DataDir::new(root);
+    let (keys, audit) = keys_under(&d, master)?;
+    open_under(d, keys, audit)
+}
+
+fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> Result<Opened> {
     let sealed = std::fs::read(d.token_key()).with_context(|| {
         format!(
             "cannot read the token signing key {}",

@@ -20,11 +20,15 @@ pub(crate) fn create_spec(
             "--kms-key-id, --kms-region, --kms-endpoint and --kms-ca-file are for the aws-kms provider"
         );
     }
+    if key.key_provider != "shamir" && (key.shares.is_some() || key.threshold.is_some()) {
+        bail!("--shares and --threshold are for the shamir provider");
+    }
     match key.key_provider.as_str() {
-        "pkcs11" if key.key_file.is_none() => pkcs11_spec(&key.pkcs11, unlock),
-        "pkcs11" => bail!("--key-file is for the file provider"),
+        "shamir" => shamir_spec(key),
         "aws-kms" if key.key_file.is_none() => kms_spec(&key.kms),
         "aws-kms" => bail!("--key-file is for the file provider"),
+        "pkcs11" if key.key_file.is_none() => pkcs11_spec(&key.pkcs11, unlock),
+        "pkcs11" => bail!("--key-file is for the file provider"),
         "file" => Ok(phivault_keys::Create::File {
             key_file: key.key_file.clone(),
         }),
@@ -34,28 +38,6 @@ pub(crate) fn create_spec(
         "passphrase" => bail!("--key-file is for the file provider"),
         other => bail!("unknown --key-provider {other:?}: file, passphrase, pkcs11 or aws-kms"),
     }
-}
-
-fn pkcs11_given(a: &Pkcs11Args) -> bool {
-    a.pkcs11_module.is_some() || a.pkcs11_token.is_some() || a.pkcs11_key.is_some()
-}
-
-/// The `pkcs11` provider's place: all three of module, token and key are needed.
-fn pkcs11_spec(a: &Pkcs11Args, unlock: &phivault_keys::Unlock) -> Result<phivault_keys::Create> {
-    let (Some(module), Some(token), Some(key)) = (&a.pkcs11_module, &a.pkcs11_token, &a.pkcs11_key)
-    else {
-        bail!(
-            "the pkcs11 provider needs --pkcs11-module PATH, --pkcs11-token LABEL and --pkcs11-key LABEL (the PIN from --pkcs11-pin-file or the terminal)"
-        );
-    };
-    Ok(phivault_keys::Create::Pkcs11 {
-        hsm: phivault_keys::pkcs11::Hsm {
-            module: module.clone(),
-            token: token.clone(),
-            key: key.clone(),
-        },
-        pin: unlock.pkcs11_pin.clone(),
-    })
 }
 
 fn kms_given(a: &KmsArgs) -> bool {
@@ -82,12 +64,76 @@ fn kms_spec(a: &KmsArgs) -> Result<phivault_keys::Create> {
     ))
 }
 
+fn pkcs11_given(a: &Pkcs11Args) -> bool {
+    a.pkcs11_module.is_some() || a.pkcs11_token.is_some() || a.pkcs11_key.is_some()
+}
+
+/// The `pkcs11` provider's place: all three of module, token and key are needed.
+fn pkcs11_spec(a: &Pkcs11Args, unlock: &phivault_keys::Unlock) -> Result<phivault_keys::Create> {
+    let (Some(module), Some(token), Some(key)) = (&a.pkcs11_module, &a.pkcs11_token, &a.pkcs11_key)
+    else {
+        bail!(
+            "the pkcs11 provider needs --pkcs11-module PATH, --pkcs11-token LABEL and --pkcs11-key LABEL (the PIN from --pkcs11-pin-file or the terminal)"
+        );
+    };
+    Ok(phivault_keys::Create::Pkcs11 {
+        hsm: phivault_keys::pkcs11::Hsm {
+            module: module.clone(),
+            token: token.clone(),
+            key: key.clone(),
+        },
+        pin: unlock.pkcs11_pin.clone(),
+    })
+}
+
+/// The `shamir` provider's split: --shares N --threshold K, 2 <= K <= N <= 16.
+fn shamir_spec(key: &KeyArgs) -> Result<phivault_keys::Create> {
+    if key.key_file.is_some() {
+        bail!("--key-file is for the file provider");
+    }
+    let (Some(shares), Some(threshold)) = (key.shares, key.threshold) else {
+        bail!("the shamir provider needs --shares N and --threshold K (2 <= K <= N <= 16)");
+    };
+    let max = phivault_keys::shamir::MAX_SHARES;
+    if !(2..=max).contains(&shares) || !(2..=shares).contains(&threshold) {
+        bail!("--shares N and --threshold K need 2 <= K <= N <= {max}");
+    }
+    Ok(phivault_keys::Create::Shamir { shares, threshold })
+}
+
+/// Print the shares a shamir `init` made, once, on standard output (one a line); the
+/// rest goes to standard error.
+pub(crate) fn print_new_shares(cfg: &phivault_keys::ProviderConfig) -> Result<()> {
+    use std::io::Write as _;
+    let phivault_keys::Provider::Shamir { threshold, .. } = cfg.provider else {
+        return Ok(());
+    };
+    let Some(shares) = phivault_keys::shamir::take_new_shares() else {
+        return Ok(());
+    };
+    let mut out = std::io::stdout().lock();
+    for s in shares.iter() {
+        out.write_all(s.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    eprintln!(
+        "These {} shares are printed once and stored nowhere: give each to a different custodian. Any {threshold} of them unseal the server (phivault unseal) and open the data directory offline (--share-file); fewer open nothing, and losing more than {} loses the data.",
+        shares.len(),
+        shares.len() - usize::from(threshold)
+    );
+    Ok(())
+}
+
 /// A line about where a new data directory's master key went.
 pub(crate) fn describe(cfg: &phivault_keys::ProviderConfig) -> String {
     match &cfg.provider {
         phivault_keys::Provider::File { key_file } => format!(
             "master key file {} (outside the data directory: keep it apart from backups and copies of the data)",
             key_file.display()
+        ),
+        phivault_keys::Provider::Shamir { shares, threshold } => format!(
+            "master key split into {shares} Shamir shares, any {threshold} of which rebuild it; nothing of it is stored: a server starts sealed until {threshold} shares unseal it"
         ),
         phivault_keys::Provider::Passphrase {} => {
             "master key wrapped under your passphrase (Argon2id); without the passphrase the data directory opens nothing".to_owned()
@@ -154,11 +200,11 @@ pub(crate) fn migrate(
     pkcs11: &Pkcs11Args,
     unlock: &phivault_keys::Unlock,
 ) -> Result<i32> {
-    if to != "pkcs11" && pkcs11_given(pkcs11) {
-        bail!("--pkcs11-module, --pkcs11-token and --pkcs11-key are for --to pkcs11");
-    }
     if to != "aws-kms" && kms_given(kms) {
         bail!("--kms-key-id, --kms-region, --kms-endpoint and --kms-ca-file are for --to aws-kms");
+    }
+    if to != "pkcs11" && pkcs11_given(pkcs11) {
+        bail!("--pkcs11-module, --pkcs11-token and --pkcs11-key are for --to pkcs11");
     }
     let d = datadir::DataDir::new(data_dir);
     datadir::check_dir_private(data_dir)?;
@@ -185,8 +231,8 @@ pub(crate) fn migrate(
                 None => phivault_keys::PassphraseSource::Default,
             },
         },
-        "aws-kms" => kms_spec(kms)?,
         "pkcs11" => pkcs11_spec(pkcs11, unlock)?,
+        "aws-kms" => kms_spec(kms)?,
         other => bail!("unknown --to {other:?}: file, passphrase, pkcs11 or aws-kms"),
     };
     let cfg = phivault_keys::migrate(data_dir, &master, old.as_ref(), &spec)

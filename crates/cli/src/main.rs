@@ -3,6 +3,7 @@
 
 mod args;
 mod audit_cmds;
+mod control;
 mod datadir;
 mod fhir_client;
 mod import;
@@ -11,6 +12,7 @@ mod keys_cmds;
 mod patient_cmds;
 mod progress;
 mod registry;
+mod sealed;
 mod serve;
 
 /// mimalloc: the request path (JSON trees, sealing buffers) is allocation-heavy; glibc malloc
@@ -66,6 +68,7 @@ fn run(cli: Cli) -> Result<i32> {
             (None, None) => phivault_keys::PassphraseSource::Default,
         },
         pkcs11_pin: cli.unlock.pkcs11_pin_file.clone(),
+        share_file: cli.unlock.share_file.clone(),
     };
     datadir::set_unlock(unlock.clone());
     match cli.cmd {
@@ -78,6 +81,7 @@ fn run(cli: Cli) -> Result<i32> {
             let cfg = datadir::init(&data_dir, index_bits, &spec)?;
             println!("initialised {}", data_dir.display());
             eprintln!("{}", keys_cmds::describe(&cfg));
+            keys_cmds::print_new_shares(&cfg)?;
             Ok(0)
         }
         Cmd::Keys {
@@ -131,6 +135,8 @@ fn run(cli: Cli) -> Result<i32> {
                     token_url,
                 },
         } => registry::client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
+        Cmd::Unseal { data_dir } => control::unseal(&data_dir, cli.unlock.share_file.as_deref()),
+        Cmd::Seal { data_dir } => control::seal(&data_dir),
         Cmd::User { cmd } => registry::user_cmd(cmd),
         Cmd::Idp {
             cmd:

@@ -38,8 +38,27 @@ pub(crate) fn serve(
         let cfg = datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS, &spec)?;
         announce_new_store(&datadir::DataDir::new(data_dir), &cfg);
     }
-    let _lock = datadir::lock_for_serving(&datadir::DataDir::new(data_dir))?;
+    let mut lock = datadir::lock_for_serving(&datadir::DataDir::new(data_dir))?;
+    if let Ok(key) = phivault_keys::ProviderConfig::read(data_dir)
+        && matches!(key.provider, phivault_keys::Provider::Shamir { .. })
+    {
+        // starts sealed: nothing under the master key is opened before the shares come
+        datadir::check_dir_private(data_dir)?;
+        lock.record_pid()?;
+        return crate::sealed::serve(crate::sealed::Settings {
+            data_dir: data_dir.to_path_buf(),
+            key,
+            listen,
+            tls_cert,
+            tls_key,
+            public_url,
+            watch,
+            freshness,
+            checkpoint_every_ms,
+        });
+    }
     let opened = datadir::open(data_dir)?;
+    lock.record_pid()?;
     opened.store.set_checkpoint_interval_ms(checkpoint_every_ms);
     let (cert_path, key_path) = match (tls_cert, tls_key) {
         (Some(c), Some(k)) => (c, k),
@@ -149,7 +168,7 @@ fn invocation() -> String {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

@@ -38,6 +38,9 @@ pub enum Provider {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ca_file: Option<PathBuf>,
     },
+    /// The master key split into `shares` Shamir shares, any `threshold` of which rebuild
+    /// it; nothing of the key is stored.
+    Shamir { shares: u8, threshold: u8 },
 }
 
 impl Provider {
@@ -48,6 +51,7 @@ impl Provider {
             Provider::Passphrase { .. } => "passphrase",
             Provider::Pkcs11 { .. } => "pkcs11",
             Provider::AwsKms { .. } => "aws-kms",
+            Provider::Shamir { .. } => "shamir",
         }
     }
 }

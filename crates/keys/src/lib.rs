@@ -10,12 +10,14 @@
 //! - [`passphrase`]: the master key wrapped (AES-256-GCM) under Argon2id(passphrase); the
 //!   wrapped key lives in the data directory, the passphrase comes from a terminal, a
 //!   credential file or a file descriptor — never from argv or the environment.
-//! - [`awskms`]: envelope encryption: the master key comes from AWS KMS `GenerateDataKey`
-//!   and exists at rest only wrapped by the KMS key (`keys/master.kms`), opened by
-//!   `Decrypt` at start; requests signed by [`sigv4`] (no AWS SDK).
 //! - [`pkcs11`]: the master key encrypted by a non-extractable AES-256 key inside an HSM
 //!   (PKCS#11); the encrypted key lives in the data directory, the user PIN comes from a
 //!   file or the terminal.
+//! - [`awskms`]: envelope encryption: the master key comes from AWS KMS `GenerateDataKey`
+//!   and exists at rest only wrapped by the KMS key (`keys/master.kms`), opened by
+//!   `Decrypt` at start; requests signed by [`sigv4`] (no AWS SDK).
+//! - [`shamir`]: the master key split into N Shamir shares, any K of which rebuild it;
+//!   nothing of the key is stored (a server starts sealed and is unsealed with the shares).
 //!
 //! A provider only produces the master key; that it is *this* database's key is checked
 //! by the caller against the database's key check value.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod file;
 pub mod passphrase;
 pub mod pkcs11;
+pub mod shamir;
 pub mod sigv4;
 
 use std::path::{Path, PathBuf};
@@ -80,6 +83,8 @@ pub struct Unlock {
     /// The user PIN of a `pkcs11` token: this file (0600), else
     /// `$CREDENTIALS_DIRECTORY/phivault-pkcs11-pin`, else the terminal.
     pub pkcs11_pin: Option<PathBuf>,
+    /// The shares of a `shamir` provider: this file (0600, one a line), else the terminal.
+    pub share_file: Option<PathBuf>,
 }
 
 /// How to create a new master key's home at `init`.
@@ -97,6 +102,9 @@ pub enum Create {
     },
     /// The key wrapped by an AWS KMS key (envelope encryption).
     AwsKms(awskms::KmsSpec),
+    /// The key split into `shares` Shamir shares, any `threshold` of which rebuild it
+    /// (printed once: [`shamir::take_new_shares`]).
+    Shamir { shares: u8, threshold: u8 },
 }
 
 /// A new data directory's id: 16 random bytes, hex.
@@ -128,6 +136,7 @@ pub fn create(root: &Path, spec: &Create) -> Result<(MasterKey, ProviderConfig),
         Create::Passphrase { source } => passphrase::create(root, &id, source, &master)?,
         Create::Pkcs11 { hsm, pin } => pkcs11::create(root, &id, hsm, pin.as_deref(), &master)?,
         Create::AwsKms(kms) => awskms::create_from(root, &id, kms, &master)?,
+        Create::Shamir { shares, threshold } => shamir::create(&id, &master, *shares, *threshold)?,
     };
     let cfg = ProviderConfig::new(id, provider);
     cfg.write_new(root)?;
@@ -157,6 +166,12 @@ pub fn load(root: &Path, unlock: &Unlock) -> Result<(MasterKey, ProviderConfig),
             unlock.pkcs11_pin.as_deref(),
         )?,
         p @ Provider::AwsKms { .. } => awskms::load(root, &cfg.data_dir_id, p)?,
+        Provider::Shamir { shares, threshold } => shamir::load(
+            &cfg.data_dir_id,
+            *shares,
+            *threshold,
+            unlock.share_file.as_ref(),
+        )?,
     };
     Ok((master, cfg))
 }
@@ -185,6 +200,7 @@ pub fn migrate(
         Create::Passphrase { source } => passphrase::create(root, &id, source, master)?,
         Create::Pkcs11 { hsm, pin } => pkcs11::create(root, &id, hsm, pin.as_deref(), master)?,
         Create::AwsKms(kms) => awskms::create_from(root, &id, kms, master)?,
+        Create::Shamir { shares, threshold } => shamir::create(&id, master, *shares, *threshold)?,
     };
     let cfg = ProviderConfig::new(id, provider);
     cfg.replace(root)?;

@@ -134,9 +134,6 @@ pub(super) fn seal_cursor(
         k: after_key,
     };
     let plain = serde_json::to_vec(&c).map_err(|_| Error::internal())?;
-    let sealed = app
-        .engine
-        .seal_cursor(&plain)
-        .ok_or_else(Error::internal)?;
+    let sealed = app.engine.seal_cursor(&plain).ok_or_else(Error::internal)?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
 }
