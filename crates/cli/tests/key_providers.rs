@@ -11,42 +11,6 @@ use std::sync::{Arc, Mutex};
 
 const PASSPHRASE: &str = "correct horse battery staple";
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
-            let p = e.path();
-            let t = e.file_type().expect("type");
-            if t.is_dir() {
-                stack.push(p);
-            } else if t.is_file() {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// A master key in every spelling a copy might hold it.
-fn spellings(key: &[u8; 32]) -> Vec<Vec<u8>> {
-    use base64::Engine as _;
-    let e = base64::engine::general_purpose::STANDARD;
-    let u = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    vec![
-        key.to_vec(),
-        e.encode(key).into_bytes(),
-        u.encode(key).into_bytes(),
-        hex.clone().into_bytes(),
-        hex.to_uppercase().into_bytes(),
-    ]
-}
-
 /// A provider mode: its `init` arguments (beside `--data-dir`).
 struct Mode {
     name: &'static str,
@@ -203,7 +167,7 @@ fn a_whole_copy_of_the_data_directory_opens_nothing_in_every_provider_mode() {
                     f.display()
                 );
             }
-            for sp in spellings(&key) {
+            for sp in key_spellings(&key) {
                 assert!(
                     !contains(&bytes, &sp),
                     "{}: the master key in {}",

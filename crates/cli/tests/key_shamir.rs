@@ -287,6 +287,32 @@ fn a_shamir_server_starts_sealed_unseals_with_three_shares_and_seals_again() {
         back.json()["name"],
         json!([{"family": "Quixotewright", "given": ["Anastasia"]}])
     );
+
+    // a whole copy of the data directory opens nothing: no PHI, no spelling of the key in
+    // any file, and a server on the copy stays sealed (nothing there rebuilds the key)
+    let mut s = s;
+    s.stop();
+    let copy = tmp.path().join("copy");
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(&data)
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(o.success());
+    let _ = std::fs::remove_file(copy.join("control.sock"));
+    for f in files_under(&copy) {
+        let bytes = std::fs::read(&f).expect("read");
+        for phi in [&b"Quixotewright"[..], b"Anastasia"] {
+            assert!(!contains(&bytes, phi), "PHI in {}", f.display());
+        }
+        for sp in key_spellings(&master) {
+            assert!(!contains(&bytes, &sp), "the master key in {}", f.display());
+        }
+    }
+    let thief = start_sealed(tmp.path(), &copy);
+    assert_eq!(health(&thief), "sealed");
+    assert_sealed(&thief);
 }
 
 /// `phivault seal`: 503 again, and the master key is nowhere in the server's memory.

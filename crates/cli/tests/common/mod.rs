@@ -587,6 +587,21 @@ pub fn audit_events(s: &Server) -> Vec<Value> {
         .collect()
 }
 
+/// A master key in every spelling a copy might hold it: raw, base64, base64url, hex.
+pub fn key_spellings(key: &[u8; 32]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let e = base64::engine::general_purpose::STANDARD;
+    let u = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    vec![
+        key.to_vec(),
+        e.encode(key).into_bytes(),
+        u.encode(key).into_bytes(),
+        hex.clone().into_bytes(),
+        hex.to_uppercase().into_bytes(),
+    ]
+}
+
 /// Where the `file` provider put a data directory's master key (outside it).
 pub fn master_key_file(data: &Path) -> PathBuf {
     let cfg: Value =
