@@ -60,7 +60,12 @@ async fn security_headers(
         }
     }
     let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
+    harden(resp.headers_mut());
+    resp
+}
+
+/// The security headers every response carries, sealed or not.
+pub(crate) fn harden(h: &mut axum::http::HeaderMap) {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::STRICT_TRANSPORT_SECURITY,
@@ -78,7 +83,6 @@ async fn security_headers(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    resp
 }
 
 /// The router (state applied).
