@@ -7,10 +7,8 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use phivault_keys::sigv4;
@@ -305,43 +303,21 @@ fn init(moto: &Moto, data: &Path, key: &str) -> std::process::Output {
 /// `serve` on `data` with `env`: a running server, or Err(its standard error) when it
 /// refused to start.
 fn serve(data: &Path, env: &[(&str, String)]) -> Result<Server, String> {
-    let mut child = phivault(data, env)
-        .args(["serve", "--data-dir"])
+    let mut c = phivault(data, env);
+    c.args(["serve", "--data-dir"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let reader = {
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().expect("lock").extend_from_slice(&buf[..n]);
-            }
-        })
+        .stdin(Stdio::null());
+    let (child, origin, stderr) = match try_spawn_server(c) {
+        Ok(l) => l,
+        Err(err) => {
+            assert!(
+                !err.starts_with("exit Some(0)"),
+                "serve exited 0 without listening: {err}"
+            );
+            return Err(err);
+        }
     };
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let Some(Ok(line)) = lines.next() else {
-        let st = child.wait().expect("wait");
-        let _ = reader.join();
-        let err = String::from_utf8_lossy(&stderr.lock().expect("lock")).into_owned();
-        assert!(!st.success(), "serve exited 0 without listening: {err}");
-        return Err(err);
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let origin = line
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .trim()
-        .to_owned();
     let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
     Ok(Server {
         child: Some(child),
@@ -356,26 +332,7 @@ fn serve(data: &Path, env: &[(&str, String)]) -> Result<Server, String> {
 
 /// A token for a new client registered with `env` (the CLI needs the KMS too).
 fn token(s: &Server, env: &[(&str, String)], scope: &str) -> String {
-    let out = s.tmp.path().join(format!("creds-{}.json", rand_hex()));
-    let o = phivault(&s.data, env)
-        .args(["client", "add", "--data-dir"])
-        .arg(&s.data)
-        .args(["--name", "kms test client", "--scope", scope, "--token-url"])
-        .arg(s.token_url())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("client add");
-    assert!(
-        o.status.success(),
-        "client add: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: Value = serde_json::from_slice(&std::fs::read(&out).expect("creds")).expect("json");
-    let c = Creds {
-        client_id: v["client_id"].as_str().expect("client_id").to_owned(),
-        private_jwk: v["private_jwk"].to_string(),
-    };
+    let c = s.add_client_via(phivault(&s.data, env), scope);
     s.token_for(&c, scope)
 }
 

@@ -12,7 +12,6 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -119,7 +118,7 @@ impl Hsm {
 
     fn serve(&self) -> Server {
         let c = self.serve_cmd(&self.data, &self.pin, Some(&self.conf));
-        let (child, origin, stderr) = start(c).unwrap_or_else(|e| panic!("serve: {e}"));
+        let (child, origin, stderr) = try_spawn_server(c).unwrap_or_else(|e| panic!("serve: {e}"));
         let ca = std::fs::read(self.data.join("tls/ca.pem")).expect("ca.pem");
         Server {
             child: Some(child),
@@ -202,49 +201,9 @@ fn private(path: &Path, text: &str) {
     f.write_all(text.as_bytes()).expect("write");
 }
 
-/// Spawn `serve`; Ok once it says `listening on`, else Err(its exit status and stderr).
-/// A started server: the child, its origin and its captured standard error.
-type Launched = (Child, String, Arc<Mutex<Vec<u8>>>);
-
-fn start(mut c: Command) -> Result<Launched, String> {
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn phivault serve");
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let reader = {
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().expect("lock").extend_from_slice(&buf[..n]);
-            }
-        })
-    };
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    match lines.next() {
-        Some(Ok(line)) if line.starts_with("listening on ") => {
-            std::thread::spawn(move || for _ in lines {});
-            let origin = line["listening on ".len()..].trim().to_owned();
-            Ok((child, origin, stderr))
-        }
-        _ => {
-            let status = child.wait().expect("wait");
-            let _ = reader.join();
-            let err = String::from_utf8_lossy(&stderr.lock().expect("lock")).into_owned();
-            Err(format!("exit {:?}: {err}", status.code()))
-        }
-    }
-}
-
 /// `serve` must refuse: its exit code (non-zero) and message.
 fn refused(c: Command) -> String {
-    match start(c) {
+    match try_spawn_server(c) {
         Ok((mut child, origin, _)) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -344,7 +303,7 @@ fn a_pkcs11_data_directory_serves_restarts_and_migrates_both_ways() {
     assert!(!hsm.data.join("keys/master.pkcs11").exists());
     let mut c = hsm.cmd(&["serve", "--listen", "127.0.0.1:0", "--data-dir"]);
     c.arg(&hsm.data).arg("--passphrase-file").arg(&pass);
-    let (child, origin, _err) = start(c).unwrap_or_else(|e| panic!("serve: {e}"));
+    let (child, origin, _err) = try_spawn_server(c).unwrap_or_else(|e| panic!("serve: {e}"));
     let mut child = scopeguard(child);
     let agent = agent_for(&std::fs::read(hsm.data.join("tls/ca.pem")).expect("ca"));
     let tok = {

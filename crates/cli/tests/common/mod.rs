@@ -215,19 +215,28 @@ pub fn launch_with(data: &Path, args: &[&str]) -> (Child, String, Arc<Mutex<Vec<
 }
 
 /// [`spawn_server`] for a test's own command line (a shell redirect, an environment).
-pub fn spawn_command(c: Command) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
+pub fn spawn_command(c: Command) -> Launched {
     spawn_server(c)
 }
 
+/// A started server: the child, its origin and its captured standard error.
+pub type Launched = (Child, String, Arc<Mutex<Vec<u8>>>);
+
 /// Spawn a command that runs `phivault serve` and wait for its `listening on` line.
-fn spawn_server(mut c: Command) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
+fn spawn_server(c: Command) -> Launched {
+    try_spawn_server(c).unwrap_or_else(|e| panic!("server did not start: {e}"))
+}
+
+/// Spawn a command that runs `phivault serve`: Ok once it says `listening on`, else
+/// Err("exit CODE: its standard error") when it ends first (a refused start).
+pub fn try_spawn_server(mut c: Command) -> Result<Launched, String> {
     let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn phivault serve");
     let stderr = Arc::new(Mutex::new(Vec::new()));
-    {
+    let reader = {
         let mut err = child.stderr.take().expect("stderr");
         let sink = stderr.clone();
         std::thread::spawn(move || {
@@ -238,29 +247,22 @@ fn spawn_server(mut c: Command) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
                 }
                 sink.lock().expect("lock").extend_from_slice(&buf[..n]);
             }
-        });
-    }
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next();
-    let line = match first {
-        Some(Ok(l)) => l,
-        _ => {
-            let _ = child.wait();
-            std::thread::sleep(Duration::from_millis(100));
-            panic!(
-                "server did not start: {}",
-                String::from_utf8_lossy(&stderr.lock().expect("lock"))
-            );
-        }
+        })
     };
-    std::thread::spawn(move || for _ in lines {});
-    let origin = line
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .trim()
-        .to_owned();
-    (child, origin, stderr)
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    match lines.next() {
+        Some(Ok(line)) if line.starts_with("listening on ") => {
+            std::thread::spawn(move || for _ in lines {});
+            let origin = line["listening on ".len()..].trim().to_owned();
+            Ok((child, origin, stderr))
+        }
+        _ => {
+            let status = child.wait().expect("wait");
+            let _ = reader.join();
+            let err = String::from_utf8_lossy(&stderr.lock().expect("lock")).into_owned();
+            Err(format!("exit {:?}: {err}", status.code()))
+        }
+    }
 }
 
 impl Server {
@@ -292,9 +294,16 @@ impl Server {
 
     /// Register a client with `phivault client add`.
     pub fn add_client(&self, scope: &str) -> Creds {
+        let mut c = Command::new(BIN);
+        c.args(unlock_args(&self.data));
+        self.add_client_via(c, scope)
+    }
+
+    /// Register a client with `phivault client add` run as `c` (a command prepared with
+    /// the environment or unlock options its key provider needs).
+    pub fn add_client_via(&self, mut c: Command, scope: &str) -> Creds {
         let out = self.tmp.path().join(format!("creds-{}.json", rand_hex()));
-        let o = Command::new(BIN)
-            .args(unlock_args(&self.data))
+        let o = c
             .args(["client", "add", "--data-dir"])
             .arg(&self.data)
             .args(["--name", "test client", "--scope", scope, "--token-url"])
