@@ -125,22 +125,38 @@ pub fn create(root: &Path, spec: &Create) -> Result<(MasterKey, ProviderConfig),
         return Ok((master, cfg));
     }
     let master = MasterKey::generate()?;
-    let provider = match spec {
-        Create::File { key_file } => {
-            let path = match key_file {
-                Some(p) => p.clone(),
-                None => file::default_key_file(&id)?,
-            };
-            file::create(root, &path, &master)?
-        }
-        Create::Passphrase { source } => passphrase::create(root, &id, source, &master)?,
-        Create::Pkcs11 { hsm, pin } => pkcs11::create(root, &id, hsm, pin.as_deref(), &master)?,
-        Create::AwsKms(kms) => awskms::create_from(root, &id, kms, &master)?,
-        Create::Shamir { shares, threshold } => shamir::create(&id, &master, *shares, *threshold)?,
-    };
+    let provider = keep(root, &id, spec, &master)?;
     let cfg = ProviderConfig::new(id, provider);
     cfg.write_new(root)?;
     Ok((master, cfg))
+}
+
+/// Put `master` in the care of the provider `spec` asks for, for the data directory `id`.
+fn keep(root: &Path, id: &str, spec: &Create, master: &MasterKey) -> Result<Provider, KeyError> {
+    Ok(match spec {
+        Create::File { key_file } => {
+            let path = match key_file {
+                Some(p) => p.clone(),
+                None => file::default_key_file(id)?,
+            };
+            file::create(root, &path, master)?
+        }
+        Create::Passphrase { source } => passphrase::create(root, id, source, master)?,
+        Create::Pkcs11 { hsm, pin } => pkcs11::create(root, id, hsm, pin.as_deref(), master)?,
+        Create::AwsKms(kms) => awskms::create_from(root, id, kms, master)?,
+        Create::Shamir { shares, threshold } => shamir::create(id, master, *shares, *threshold)?,
+    })
+}
+
+/// The file a provider keeps its key (or its wrapped key) in, if any.
+fn kept_in(root: &Path, provider: &Provider) -> Option<PathBuf> {
+    match provider {
+        Provider::File { key_file } => Some(key_file.clone()),
+        Provider::Passphrase { .. } => Some(passphrase::wrapped_path(root)),
+        Provider::Pkcs11 { .. } => Some(pkcs11::wrapped_path(root)),
+        Provider::AwsKms { .. } => Some(awskms::wrapped_path(root)),
+        Provider::Shamir { .. } => None,
+    }
 }
 
 /// Load the master key of the data directory `root` through its recorded provider.
@@ -189,40 +205,14 @@ pub fn migrate(
         Some(c) => c.data_dir_id.clone(),
         None => new_data_dir_id()?,
     };
-    let provider = match to {
-        Create::File { key_file } => {
-            let path = match key_file {
-                Some(p) => p.clone(),
-                None => file::default_key_file(&id)?,
-            };
-            file::create(root, &path, master)?
-        }
-        Create::Passphrase { source } => passphrase::create(root, &id, source, master)?,
-        Create::Pkcs11 { hsm, pin } => pkcs11::create(root, &id, hsm, pin.as_deref(), master)?,
-        Create::AwsKms(kms) => awskms::create_from(root, &id, kms, master)?,
-        Create::Shamir { shares, threshold } => shamir::create(&id, master, *shares, *threshold)?,
-    };
+    let provider = keep(root, &id, to, master)?;
     let cfg = ProviderConfig::new(id, provider);
     cfg.replace(root)?;
-    if let Some(Provider::File { key_file }) = old.map(|c| &c.provider)
-        && !matches!(&cfg.provider, Provider::File { key_file: new } if new == key_file)
+    // what the old provider kept goes, unless the new one keeps its key in the same place
+    if let Some(old_file) = old.and_then(|c| kept_in(root, &c.provider))
+        && kept_in(root, &cfg.provider).as_ref() != Some(&old_file)
     {
-        file::shred(key_file)?;
-    }
-    if let Some(Provider::Passphrase { .. }) = old.map(|c| &c.provider)
-        && !matches!(cfg.provider, Provider::Passphrase { .. })
-    {
-        file::shred(&passphrase::wrapped_path(root))?;
-    }
-    if let Some(Provider::Pkcs11 { .. }) = old.map(|c| &c.provider)
-        && !matches!(cfg.provider, Provider::Pkcs11 { .. })
-    {
-        file::shred(&pkcs11::wrapped_path(root))?;
-    }
-    if let Some(Provider::AwsKms { .. }) = old.map(|c| &c.provider)
-        && !matches!(cfg.provider, Provider::AwsKms { .. })
-    {
-        file::shred(&awskms::wrapped_path(root))?;
+        file::shred(&old_file)?;
     }
     Ok(cfg)
 }
