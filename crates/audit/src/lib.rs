@@ -70,6 +70,9 @@ use serde::{Deserialize, Serialize};
 const CHAIN_DOMAIN: &[u8] = b"phivault-audit-chain-v1\0";
 /// Domain-separation label of signed heads.
 const HEAD_DOMAIN: &[u8] = b"phivault-audit-head-v1\0";
+/// Domain-separation label of signed heads that carry the store's state (see
+/// [`ChainHead::signing_message_with`]).
+const HEAD_STATE_DOMAIN: &[u8] = b"phivault-audit-head-v2\0";
 
 /// The hash that precedes the first event.
 pub const GENESIS: [u8; 32] = [0u8; 32];
@@ -149,7 +152,44 @@ pub struct AuditEvent {
     pub entities: Vec<Entity>,
     /// Context of the access (IHE BALP): purpose of use, user agent, search parameters.
     pub detail: Detail,
+    /// What the request stored, as the store committed it: every version written and
+    /// every settings row changed (set by the store when it commits the event; see
+    /// [`Write`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writes: Vec<Write>,
 }
+
+/// One thing a write stored, committed in the audit log so that the log, signed and
+/// witnessed, says exactly what the store must hold: a storage writer who deletes, rolls
+/// back, forges or restores a row is found by replaying these against the store.
+/// Identifiers and digests only, never content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Write {
+    /// A resource version (a delete's tombstone when `deleted`).
+    Version {
+        /// Resource type.
+        resource_type: String,
+        /// Resource id.
+        resource_id: String,
+        /// Version number.
+        version: u64,
+        /// Whether it is a tombstone.
+        deleted: bool,
+        /// SHA-256 of the sealed bytes as stored (empty for a tombstone).
+        sealed: [u8; 32],
+    },
+    /// A settings row set to a new value; `mac` is the row's MAC (key and value, under a
+    /// key derived from the master key), so the value itself is not recorded.
+    Setting {
+        /// The row's key.
+        key: String,
+        /// The row's MAC.
+        mac: [u8; 32],
+    },
+}
+
+/// Most writes one event may commit.
+pub const MAX_WRITES: usize = 100_000;
 
 /// The context of an access that IHE BALP records beyond who, what and where: the purpose
 /// of use, the client software and the names (never the values) of the search parameters;
@@ -231,6 +271,10 @@ const FORMAT_V4: u8 = 4;
 const FORMAT_V5: u8 = 5;
 /// Format byte 4 with a reason ([`Detail::reason`]) after the detail.
 const FORMAT_V6: u8 = 6;
+/// An event that commits writes ([`AuditEvent::writes`]): a flags byte (bit 0: a user,
+/// bit 1: a [`Detail`], bit 2: a reason) and the fields as in formats 1 to 6, then the
+/// writes. Events without writes keep formats 1 to 6.
+const FORMAT_V7: u8 = 7;
 /// Most entities one event may carry.
 pub const MAX_ENTITIES: usize = 100_000;
 
@@ -241,21 +285,31 @@ impl AuditEvent {
     /// lengths, UUID-shaped identifiers packed into 16 bytes. Every event has exactly one
     /// encoding, so the chain hash is well defined.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Vec::with_capacity(96 + self.entities.len() * 40);
-        w.push(
-            match (
-                self.user.is_some(),
-                self.detail.is_empty(),
-                self.detail.reason.is_some(),
-            ) {
-                (false, true, _) => FORMAT_V1,
-                (true, true, _) => FORMAT_V2,
-                (false, false, false) => FORMAT_V3,
-                (true, false, false) => FORMAT_V4,
-                (false, false, true) => FORMAT_V5,
-                (true, false, true) => FORMAT_V6,
-            },
-        );
+        let mut w = Vec::with_capacity(96 + self.entities.len() * 40 + self.writes.len() * 80);
+        if self.writes.is_empty() {
+            w.push(
+                match (
+                    self.user.is_some(),
+                    self.detail.is_empty(),
+                    self.detail.reason.is_some(),
+                ) {
+                    (false, true, _) => FORMAT_V1,
+                    (true, true, _) => FORMAT_V2,
+                    (false, false, false) => FORMAT_V3,
+                    (true, false, false) => FORMAT_V4,
+                    (false, false, true) => FORMAT_V5,
+                    (true, false, true) => FORMAT_V6,
+                },
+            );
+        } else {
+            w.push(FORMAT_V7);
+            let has_detail = !self.detail.is_empty();
+            w.push(
+                u8::from(self.user.is_some())
+                    | u8::from(has_detail) << 1
+                    | u8::from(has_detail && self.detail.reason.is_some()) << 2,
+            );
+        }
         w.extend_from_slice(&self.time_ms.to_be_bytes());
         put_ident(&mut w, &self.request_id);
         put_opt_ident(&mut w, self.client_id.as_deref());
@@ -302,6 +356,12 @@ impl AuditEvent {
                 put_str(&mut w, r);
             }
         }
+        if !self.writes.is_empty() {
+            put_varint(&mut w, self.writes.len() as u64);
+            for wr in &self.writes {
+                wr.encode(&mut w);
+            }
+        }
         w
     }
 
@@ -309,17 +369,27 @@ impl AuditEvent {
     pub fn decode(bytes: &[u8]) -> Result<Self, AuditError> {
         let mut r = Reader { b: bytes, pos: 0 };
         let format = r.u8()?;
-        if !(FORMAT_V1..=FORMAT_V6).contains(&format) {
-            return Err(AuditError::Malformed);
-        }
+        // (has a user, has a detail, has a reason, has writes)
+        let (has_user, has_detail, has_reason, has_writes) = match format {
+            FORMAT_V1..=FORMAT_V6 => (
+                matches!(format, FORMAT_V2 | FORMAT_V4 | FORMAT_V6),
+                format >= FORMAT_V3,
+                format >= FORMAT_V5,
+                false,
+            ),
+            FORMAT_V7 => {
+                let flags = r.u8()?;
+                if flags & !7 != 0 {
+                    return Err(AuditError::Malformed);
+                }
+                (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, true)
+            }
+            _ => return Err(AuditError::Malformed),
+        };
         let time_ms = u64::from_be_bytes(r.array::<8>()?);
         let request_id = r.ident()?;
         let client_id = r.opt(|r| r.ident())?;
-        let user = if matches!(format, FORMAT_V2 | FORMAT_V4 | FORMAT_V6) {
-            Some(r.ident()?)
-        } else {
-            None
-        };
+        let user = if has_user { Some(r.ident()?) } else { None };
         let action = Action::from_code(r.u8()?)?;
         let interaction = r.string()?;
         let resource_type = r.opt(|r| r.string())?;
@@ -358,7 +428,7 @@ impl AuditEvent {
             });
         }
         let mut detail = Detail::default();
-        if format >= FORMAT_V3 {
+        if has_detail {
             detail.purpose = r.opt(|r| r.string())?;
             detail.user_agent = r.opt(|r| r.string())?;
             let n = r.varint()?;
@@ -368,8 +438,18 @@ impl AuditEvent {
             for _ in 0..n {
                 detail.query.push(r.string()?);
             }
-            if format >= FORMAT_V5 {
+            if has_reason {
                 detail.reason = Some(r.string()?);
+            }
+        }
+        let mut writes = Vec::new();
+        if has_writes {
+            let n = r.varint()?;
+            if n == 0 || n > MAX_WRITES as u64 {
+                return Err(AuditError::Malformed);
+            }
+            for _ in 0..n {
+                writes.push(Write::decode(&mut r)?);
             }
         }
         if r.pos != bytes.len() {
@@ -390,12 +470,55 @@ impl AuditEvent {
             source,
             entities,
             detail,
+            writes,
         };
         // canonical: re-encoding must give the same bytes
         if ev.encode() != bytes {
             return Err(AuditError::Malformed);
         }
         Ok(ev)
+    }
+}
+
+impl Write {
+    fn encode(&self, w: &mut Vec<u8>) {
+        match self {
+            Write::Version {
+                resource_type,
+                resource_id,
+                version,
+                deleted,
+                sealed,
+            } => {
+                w.push(if *deleted { b'D' } else { b'V' });
+                put_str(w, resource_type);
+                put_ident(w, resource_id);
+                put_varint(w, *version);
+                w.extend_from_slice(sealed);
+            }
+            Write::Setting { key, mac } => {
+                w.push(b'S');
+                put_str(w, key);
+                w.extend_from_slice(mac);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, AuditError> {
+        Ok(match r.u8()? {
+            kind @ (b'V' | b'D') => Write::Version {
+                resource_type: r.string()?,
+                resource_id: r.ident()?,
+                version: r.varint()?,
+                deleted: kind == b'D',
+                sealed: r.array::<32>()?,
+            },
+            b'S' => Write::Setting {
+                key: r.string()?,
+                mac: r.array::<32>()?,
+            },
+            _ => return Err(AuditError::Malformed),
+        })
     }
 }
 
@@ -631,10 +754,25 @@ impl ChainHead {
 
     /// The message the audit key signs for this head.
     pub fn signing_message(&self) -> Vec<u8> {
-        let mut m = Vec::with_capacity(HEAD_DOMAIN.len() + 40);
-        m.extend_from_slice(HEAD_DOMAIN);
+        self.signing_message_with(&[])
+    }
+
+    /// The message the audit key signs for this head together with `state`, the store's
+    /// sealed state summary (opaque here; empty for heads written before stores had one,
+    /// which keep their first message).
+    pub fn signing_message_with(&self, state: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(HEAD_STATE_DOMAIN.len() + 48 + state.len());
+        m.extend_from_slice(if state.is_empty() {
+            HEAD_DOMAIN
+        } else {
+            HEAD_STATE_DOMAIN
+        });
         m.extend_from_slice(&self.size.to_be_bytes());
         m.extend_from_slice(&self.hash);
+        if !state.is_empty() {
+            m.extend_from_slice(&(state.len() as u64).to_be_bytes());
+            m.extend_from_slice(state);
+        }
         m
     }
 }
@@ -784,16 +922,68 @@ pub fn verify_chain<E>(
     v.finish()
 }
 
-/// Check an Ed25519 signature over a head.
-pub fn verify_head_signature(head: &ChainHead, public_key: &[u8; 32], signature: &[u8]) -> bool {
+/// Check an Ed25519 signature over a head and the store state signed with it (empty for
+/// a head signed without one).
+pub fn verify_head_signature(
+    head: &ChainHead,
+    state: &[u8],
+    public_key: &[u8; 32],
+    signature: &[u8],
+) -> bool {
     ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(&head.signing_message(), signature)
+        .verify(&head.signing_message_with(state), signature)
         .is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_round_trip_and_are_canonical() {
+        let mut ev = event(3);
+        ev.writes = vec![
+            Write::Version {
+                resource_type: "Observation".into(),
+                resource_id: "0190a3e4-1111-7222-8333-444455556666".into(),
+                version: 2,
+                deleted: false,
+                sealed: [7; 32],
+            },
+            Write::Version {
+                resource_type: "Patient".into(),
+                resource_id: "p-1".into(),
+                version: 3,
+                deleted: true,
+                sealed: [0; 32],
+            },
+            Write::Setting {
+                key: "client:abc".into(),
+                mac: [9; 32],
+            },
+        ];
+        for user in [
+            None,
+            Some("0190a3e4-1111-7222-8333-444455556666".to_owned()),
+        ] {
+            for reason in [None, Some("x-y".to_owned())] {
+                let mut e = ev.clone();
+                e.user = user.clone();
+                e.detail.reason = reason.clone();
+                let bytes = e.encode();
+                assert_eq!(bytes[0], FORMAT_V7);
+                assert_eq!(AuditEvent::decode(&bytes).unwrap(), e);
+                // an unknown flag, or a write kind, is refused
+                let mut bad = bytes.clone();
+                bad[1] |= 8;
+                assert!(AuditEvent::decode(&bad).is_err());
+            }
+        }
+        // an event without writes keeps its old format
+        let mut e = ev.clone();
+        e.writes.clear();
+        assert!(e.encode()[0] <= FORMAT_V6);
+    }
 
     fn event(i: u64) -> AuditEvent {
         AuditEvent {
@@ -811,6 +1001,7 @@ mod tests {
             source: "127.0.0.1".into(),
             entities: vec![],
             detail: Default::default(),
+            writes: Vec::new(),
         }
     }
 
@@ -1050,11 +1241,11 @@ mod tests {
         pk.copy_from_slice(kp.public_key().as_ref());
         let (_, head) = log(3);
         let sig = kp.sign(&head.signing_message());
-        assert!(verify_head_signature(&head, &pk, sig.as_ref()));
+        assert!(verify_head_signature(&head, &[], &pk, sig.as_ref()));
         let other = ChainHead {
             size: 2,
             hash: head.hash,
         };
-        assert!(!verify_head_signature(&other, &pk, sig.as_ref()));
+        assert!(!verify_head_signature(&other, &[], &pk, sig.as_ref()));
     }
 }

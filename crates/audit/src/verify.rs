@@ -22,13 +22,16 @@ use crate::{ChainHead, ChainVerifier, StoredEvent, VerifyError, verify_head_sign
 use std::fmt;
 
 /// The chain head as stored, with the audit key's signature over
-/// [`ChainHead::signing_message`].
+/// [`ChainHead::signing_message_with`] its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedHead {
     /// Number of events.
     pub size: u64,
     /// Chain hash of the last event.
     pub hash: [u8; 32],
+    /// The store's sealed state summary signed with the head (opaque; empty for heads
+    /// signed without one).
+    pub state: Vec<u8>,
     /// Ed25519 signature.
     pub signature: Vec<u8>,
 }
@@ -198,7 +201,7 @@ pub fn verify_log<S: Source + ?Sized>(
                 size: h.size,
                 hash: h.hash,
             };
-            if !verify_head_signature(&head, public_key, &h.signature) {
+            if !verify_head_signature(&head, &h.state, public_key, &h.signature) {
                 return Ok(Err(Failure::HeadSignature { size: h.size }));
             }
             Some(head)

@@ -21,6 +21,7 @@ fn build(n: u64) -> (Vec<StoredEvent>, ChainHead) {
                 source: "127.0.0.1".into(),
                 entities: vec![],
                 detail: Default::default(),
+                writes: Vec::new(),
             };
             let bytes = ev.encode();
             let hash = head.append(&bytes);

@@ -44,6 +44,7 @@ fn event(i: u64, status: u16, source: &str) -> AuditEvent {
         source: source.into(),
         entities: vec![],
         detail: Default::default(),
+        writes: Vec::new(),
     }
 }
 
@@ -68,6 +69,7 @@ fn sign_head(k: &Ed25519KeyPair, h: &ChainHead) -> SignedHead {
     SignedHead {
         size: h.size,
         hash: h.hash,
+        state: Vec::new(),
         signature: k.sign(&h.signing_message()).as_ref().to_vec(),
     }
 }

@@ -108,6 +108,7 @@ fn bench(c: &mut Criterion) {
         source: "127.0.0.1".into(),
         entities: vec![],
         detail: Default::default(),
+        writes: Vec::new(),
     };
     let mut head = ChainHead::EMPTY;
     c.bench_function("audit encode+chain (one read event)", |b| {

@@ -65,6 +65,7 @@ fn event(n: u64) -> AuditEvent {
         source: format!("10.1.{}.{}", n % 200, n % 250),
         entities,
         detail: Default::default(),
+        writes: Vec::new(),
     }
 }
 
@@ -90,9 +91,16 @@ fn main() {
         .open_secret("audit-signing-v1", &sealed)
         .expect("open audit key");
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.expose()).expect("ed25519");
-    let signer: phivault_store::HeadSigner =
-        Box::new(move |m: &[u8]| pair.sign(m).as_ref().to_vec());
-    let store = phivault_store::sqlite::SqliteStore::open(&dir.join("phivault.db"), signer)
+    let mut audit_public = [0u8; 32];
+    audit_public.copy_from_slice(ring::signature::KeyPair::public_key(&pair).as_ref());
+    // (the label `phivault`'s data directory derives the store's integrity secret under)
+    let secret = keys.derive_subkey("store-integrity-v1");
+    let store_keys = phivault_store::StoreKeys {
+        signer: Box::new(move |m: &[u8]| pair.sign(m).as_ref().to_vec()),
+        audit_public,
+        integrity: phivault_store::integrity::Integrity::new(secret.expose()),
+    };
+    let store = phivault_store::sqlite::SqliteStore::open(&dir.join("phivault.db"), store_keys)
         .expect("open store");
     let start = Instant::now();
     let mut in_flight = std::collections::VecDeque::new();

@@ -344,6 +344,15 @@ pub enum ClientCmd {
         #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
         token_url: String,
     },
+    /// Disable a client: its tokens are refused from its next request on, and it gets no
+    /// new ones (a running server sees it at once).
+    Disable {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The client's id (as `client add` printed it).
+        #[arg(long)]
+        client_id: String,
+    },
 }
 
 #[derive(Subcommand)]

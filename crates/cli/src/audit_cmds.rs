@@ -154,6 +154,7 @@ pub(crate) fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i3
             Ok(self.store.audit_head()?.map(|h| verify::SignedHead {
                 size: h.size,
                 hash: h.hash,
+                state: h.state,
                 signature: h.signature,
             }))
         }
@@ -175,6 +176,13 @@ pub(crate) fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i3
     let d = datadir::DataDir::new(data_dir);
     let public = datadir::load_keys(&d)?.1.public_key();
     let store = datadir::read_only_store(data_dir)?;
+    // an emptied log verifies as an empty one: a store with anything in it has a log
+    if store.audit_head()?.is_none() && store.holds_data()? {
+        println!(
+            "audit verify: FAILED: the store holds records or settings but has no audit log (the log was emptied)"
+        );
+        return Ok(1);
+    }
     match verify::verify_log(&mut Files { store, witness }, &public)? {
         Ok(report) => {
             println!("audit verify: OK: {report}");

@@ -185,6 +185,7 @@ pub fn init(
     };
     let keys = KeyHierarchy::new(&master);
     drop(master);
+    let mut audit = None;
     for (label, path) in [
         (TOKEN_KEY_LABEL, d.token_key()),
         (AUDIT_KEY_LABEL, d.audit_key()),
@@ -192,7 +193,11 @@ pub fn init(
         let pkcs8 = SigningKey::generate_pkcs8()?;
         let sealed = keys.seal_secret(label, pkcs8.expose())?;
         phivault_crypto::write_private_file(&path, &sealed)?;
+        if label == AUDIT_KEY_LABEL {
+            audit = Some(SigningKey::from_pkcs8(pkcs8.expose())?);
+        }
     }
+    let audit = audit.context("no audit key was made")?;
     let pki = phivault_crypto::generate_dev_pki()?;
     std::fs::write(d.ca_cert(), &pki.ca_cert_pem)?;
     std::fs::write(
@@ -210,7 +215,7 @@ pub fn init(
             .open(d.db())
             .context("cannot create the database file")?;
     }
-    let store = SqliteStore::open(&d.db(), Box::new(|_: &[u8]| Vec::new()))?;
+    let store = SqliteStore::open(&d.db(), store_keys(&keys, audit))?;
     store.set_meta(META_KCV, &keys.key_check_value())?;
     store.set_meta(
         phivault_records::INDEX_BITS_META,
@@ -218,6 +223,30 @@ pub fn init(
     )?;
     store.close();
     Ok(provider)
+}
+
+/// The label of the store's integrity secret under the master key.
+const STORE_INTEGRITY_LABEL: &str = "store-integrity-v1";
+
+/// What the store needs of the keys: the audit key (signer and public half) and the
+/// integrity keys (settings MACs, the state summary) derived from the master key.
+pub fn store_keys(keys: &KeyHierarchy, audit: SigningKey) -> phivault_store::StoreKeys {
+    let secret = keys.derive_subkey(STORE_INTEGRITY_LABEL);
+    phivault_store::StoreKeys {
+        audit_public: audit.public_key(),
+        integrity: phivault_store::integrity::Integrity::new(secret.expose()),
+        signer: Box::new(move |m: &[u8]| audit.sign(m).to_vec()),
+    }
+}
+
+/// A store that was changed outside phivault is refused with the reason, as such.
+fn refusal(e: phivault_store::StoreError) -> anyhow::Error {
+    match e {
+        phivault_store::StoreError::Tampered(why) => anyhow::anyhow!(
+            "refusing to open the database: storage was changed outside phivault: {why}. Run `phivault audit verify` and restore from a backup"
+        ),
+        other => other.into(),
+    }
 }
 
 /// An opened data directory: keys loaded and checked, store open.
@@ -339,7 +368,7 @@ fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> Result<Opene
     let token_pkcs8 = keys
         .open_secret(TOKEN_KEY_LABEL, &sealed)
         .context("refusing to start: the token signing key does not open under this master key")?;
-    let store = SqliteStore::open(&d.db(), Box::new(move |m: &[u8]| audit.sign(m).to_vec()))?;
+    let store = SqliteStore::open(&d.db(), store_keys(&keys, audit)).map_err(refusal)?;
     match store.meta(META_KCV)? {
         Some(kcv) if keys.verify_key_check_value(&kcv) => {}
         Some(_) => bail!("refusing to start: the master key does not match this database"),

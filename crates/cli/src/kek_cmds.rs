@@ -74,6 +74,7 @@ pub fn rotate_kek(data_dir: &Path, batch: Option<usize>) -> Result<i32> {
             purpose: Some("HSYSADMIN".to_owned()),
             ..Default::default()
         },
+        writes: Vec::new(),
     };
     let audited = engine.append_audit(vec![event]).blocking_recv();
     drop(engine);

@@ -135,6 +135,13 @@ fn run(cli: Cli) -> Result<i32> {
                     token_url,
                 },
         } => registry::client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
+        Cmd::Client {
+            cmd:
+                ClientCmd::Disable {
+                    data_dir,
+                    client_id,
+                },
+        } => registry::client_disable(&data_dir, &client_id),
         Cmd::Unseal { data_dir } => control::unseal(&data_dir, cli.unlock.share_file.as_deref()),
         Cmd::Seal { data_dir } => control::seal(&data_dir),
         Cmd::User { cmd } => registry::user_cmd(cmd),

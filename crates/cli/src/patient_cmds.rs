@@ -40,6 +40,7 @@ pub fn erase(data_dir: &Path, patient: &str, reason: &str) -> Result<i32> {
         source: "local".to_owned(),
         entities: Vec::new(),
         detail: Default::default(),
+        writes: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let r = rt.block_on(engine.erase_patient(patient, reason, &request_id, vec![event]));

@@ -93,6 +93,26 @@ pub(crate) fn client_add(
     Ok(0)
 }
 
+pub(crate) fn client_disable(data_dir: &Path, client_id: &str) -> Result<i32> {
+    let key = phivault_records::registrations::client_meta_key(client_id);
+    let opened = datadir::open(data_dir)?;
+    let r = (|| -> Result<()> {
+        let raw = opened
+            .store
+            .meta(&key)?
+            .ok_or_else(|| anyhow::anyhow!("no client {client_id} is registered"))?;
+        let mut record: phivault_auth::ClientRecord =
+            serde_json::from_slice(&raw).context("the client record does not parse")?;
+        record.disabled = true;
+        opened.store.set_meta(&key, &serde_json::to_vec(&record)?)?;
+        Ok(())
+    })();
+    opened.store.close();
+    r?;
+    eprintln!("client {client_id} disabled");
+    Ok(0)
+}
+
 pub(crate) fn app_add(
     data_dir: &Path,
     name: &str,

@@ -153,20 +153,18 @@ fn report_by_request(s: &Server) -> (String, BTreeMap<String, Value>) {
 /// Marks a registered back-end client disabled in the store (there is no `client disable`
 /// command yet); the server reads client records on every request.
 fn disable_client(s: &Server, client_id: &str) {
-    let conn = rusqlite::Connection::open(s.db_path()).expect("open db");
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .expect("busy timeout");
-    let key = format!("client:{client_id}");
-    let v: Vec<u8> = conn
-        .query_row("SELECT v FROM meta WHERE k = ?1", [&key], |r| r.get(0))
-        .expect("client row");
-    let mut record: Value = serde_json::from_slice(&v).expect("client json");
-    record["disabled"] = json!(true);
-    conn.execute(
-        "UPDATE meta SET v = ?1 WHERE k = ?2",
-        rusqlite::params![serde_json::to_vec(&record).expect("json"), key],
-    )
-    .expect("update");
+    let out = std::process::Command::new(BIN)
+        .args(unlock_args(&s.data))
+        .args(["client", "disable", "--data-dir"])
+        .arg(&s.data)
+        .args(["--client-id", client_id])
+        .output()
+        .expect("run client disable");
+    assert!(
+        out.status.success(),
+        "client disable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -281,12 +281,7 @@ impl Vault {
 
     fn windows(&self, user: &str) -> Result<Vec<Window>, Error> {
         let key = grants_key(user);
-        let Some(sealed) = self
-            .engine
-            .store()
-            .meta(&key)
-            .map_err(|_| Error::unavailable())?
-        else {
+        let Some(sealed) = self.engine.store().meta(&key).map_err(Error::from_store)? else {
             return Ok(Vec::new());
         };
         let plain = self
@@ -305,7 +300,7 @@ impl Vault {
         self.engine
             .store()
             .set_meta(key, &sealed)
-            .map_err(|_| Error::unavailable())
+            .map_err(Error::from_store)
     }
 }
 
@@ -451,7 +446,7 @@ impl Vault {
             .engine
             .store()
             .current("Patient", patient)
-            .map_err(|_| Error::unavailable())?
+            .map_err(Error::from_store)?
             .is_some_and(|r| !r.deleted);
         if !exists {
             return Err(Error::not_found("resource not found"));

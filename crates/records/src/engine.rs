@@ -144,7 +144,7 @@ pub struct AuditLog<'a>(&'a dyn Store);
 impl AuditLog<'_> {
     /// The signed head, if any event was ever written.
     pub fn head(&self) -> Result<Option<phivault_store::SignedHead>, Error> {
-        self.0.audit_head().map_err(|_| Error::unavailable())
+        self.0.audit_head().map_err(Error::from_store)
     }
 
     /// At most `limit` events with a sequence number above `after`, in order.
@@ -153,9 +153,7 @@ impl AuditLog<'_> {
         after: u64,
         limit: usize,
     ) -> Result<Vec<phivault_audit::StoredEvent>, Error> {
-        self.0
-            .audit_after(after, limit)
-            .map_err(|_| Error::unavailable())
+        self.0.audit_after(after, limit).map_err(Error::from_store)
     }
 
     /// At most `limit` signed checkpoints with a size above `after`, in order of size.
@@ -166,7 +164,7 @@ impl AuditLog<'_> {
     ) -> Result<Vec<phivault_audit::merkle::Checkpoint>, Error> {
         self.0
             .audit_checkpoints(after, limit)
-            .map_err(|_| Error::unavailable())
+            .map_err(Error::from_store)
     }
 }
 
@@ -375,7 +373,7 @@ impl Engine {
         let row = self
             .store
             .current(access.rtype(), id)
-            .map_err(|_| Error::unavailable())?;
+            .map_err(Error::from_store)?;
         Ok(row.filter(|r| access.admits_row(r)))
     }
 
@@ -389,7 +387,7 @@ impl Engine {
         let row = self
             .store
             .version(access.rtype(), id, version)
-            .map_err(|_| Error::unavailable())?;
+            .map_err(Error::from_store)?;
         Ok(row.filter(|r| access.admits_row(r)))
     }
 
@@ -404,7 +402,7 @@ impl Engine {
         let rows = self
             .store
             .history(access.rtype(), id, limit)
-            .map_err(|_| Error::unavailable())?;
+            .map_err(Error::from_store)?;
         Ok(rows.into_iter().filter(|r| access.admits_row(r)).collect())
     }
 
@@ -463,14 +461,14 @@ impl Engine {
 
     /// A registration or setting of the metadata table (clients, apps, providers).
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        self.store.meta(key).map_err(|_| Error::unavailable())
+        self.store.meta(key).map_err(Error::from_store)
     }
 
     /// The metadata rows whose key starts with `prefix`, at most `limit`.
     pub fn meta_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, Error> {
         self.store
             .meta_prefix(prefix, limit)
-            .map_err(|_| Error::unavailable())
+            .map_err(Error::from_store)
     }
 
     /// Tell the engine this server's FHIR base URL (references to it are local).
@@ -520,11 +518,7 @@ impl Engine {
         if self.is_erased(key_id)? {
             return Err(Error::erased());
         }
-        let Some(wrapped) = self
-            .store
-            .data_key(key_id)
-            .map_err(|_| Error::unavailable())?
-        else {
+        let Some(wrapped) = self.store.data_key(key_id).map_err(Error::from_store)? else {
             return Ok(None);
         };
         let k = match self.keys.unwrap_data_key(key_id, &wrapped) {
@@ -533,7 +527,7 @@ impl Engine {
             Err(_) => self
                 .store
                 .data_key(key_id)
-                .map_err(|_| Error::unavailable())?
+                .map_err(Error::from_store)?
                 .filter(|again| *again != wrapped)
                 .and_then(|again| self.keys.unwrap_data_key(key_id, &again).ok())
                 .ok_or_else(Error::integrity)?,
@@ -563,7 +557,7 @@ impl Engine {
         let marked = self
             .store
             .meta(&phivault_store::erased_marker_key(key_id))
-            .map_err(|_| Error::unavailable())?
+            .map_err(Error::from_store)?
             .is_some();
         if marked {
             self.mark_erased(key_id);

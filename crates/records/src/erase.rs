@@ -89,7 +89,7 @@ impl Engine {
         let known = self
             .store()
             .version("Patient", patient, 1)
-            .map_err(|_| Error::unavailable())?
+            .map_err(Error::from_store)?
             .is_some();
         if !known {
             return Err(Error::not_found("patient not found"));
@@ -136,7 +136,7 @@ impl Engine {
         let Some(v) = self
             .store()
             .meta(&phivault_store::erased_marker_key(&key_id))
-            .map_err(|_| Error::unavailable())?
+            .map_err(Error::from_store)?
         else {
             return Ok(None);
         };
@@ -193,7 +193,10 @@ mod tests {
     #[test]
     fn an_erased_patients_records_answer_gone_and_the_reason_stays_sealed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db"), Box::new(|m: &[u8]| m.to_vec()));
+        let store = SqliteStore::open(
+            &dir.path().join("db"),
+            phivault_store::StoreKeys::for_tests(),
+        );
         let store: Arc<dyn phivault_store::Store> = Arc::new(store.unwrap());
         let engine = Engine::new(
             store.clone(),

@@ -118,6 +118,15 @@ impl Error {
         )
     }
 
+    /// A storage failure: storage changed outside phivault is an integrity failure (the
+    /// row is not served), anything else leaves the request undone.
+    pub fn from_store(e: phivault_store::StoreError) -> Self {
+        match e {
+            phivault_store::StoreError::Tampered(_) => Self::integrity(),
+            _ => Self::unavailable(),
+        }
+    }
+
     /// The record's patient was erased (its data key destroyed): 410, with no PHI.
     pub fn erased() -> Self {
         Self::new(Kind::Gone, IssueCode::Deleted, ERASED)

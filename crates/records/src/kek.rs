@@ -355,7 +355,7 @@ mod tests {
     use phivault_store::sqlite::SqliteStore;
 
     fn open(path: &std::path::Path) -> Engine {
-        let store = SqliteStore::open(path, Box::new(|m: &[u8]| m.to_vec())).expect("open");
+        let store = SqliteStore::open(path, phivault_store::StoreKeys::for_tests()).expect("open");
         Engine::new(
             Arc::new(store),
             KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32])),

@@ -380,6 +380,7 @@ mod tests {
                 query: vec!["family".into(), "birthdate".into()],
                 reason: None,
             },
+            writes: Vec::new(),
         }
     }
 

@@ -154,7 +154,7 @@ mod tests {
     fn records_round_trip_sealed_and_a_moved_row_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let store = SqliteStore::open(&path, Box::new(|m: &[u8]| m.to_vec())).unwrap();
+        let store = SqliteStore::open(&path, phivault_store::StoreKeys::for_tests()).unwrap();
         let keys = KeyHierarchy::new(&MasterKey::from_bytes(&[9; 32]));
         let users = UserDirectory::new(&keys, &store);
         assert!(users.get("maria.garcia").unwrap().is_none());

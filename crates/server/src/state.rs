@@ -423,6 +423,7 @@ impl Ctx {
             source: self.source.clone(),
             entities: Vec::new(),
             detail: self.detail.clone(),
+            writes: Vec::new(),
         }
     }
 

@@ -34,8 +34,11 @@ fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("db"), Box::new(|m: &[u8]| m.to_vec()))
-            .expect("store");
+        let store = SqliteStore::open(
+            &dir.path().join("db"),
+            phivault_store::StoreKeys::for_tests(),
+        )
+        .expect("store");
         let keys = KeyHierarchy::new(&MasterKey::from_bytes(&[5; 32]));
         let pkcs8 = phivault_auth::generate_ed25519_pkcs8().expect("key");
         let issuer = || {

@@ -15,6 +15,7 @@
 use phivault_audit::AuditEvent;
 use tokio::sync::oneshot;
 
+pub mod integrity;
 mod pending;
 mod rows;
 mod segments;
@@ -274,6 +275,11 @@ pub enum StoreError {
     /// Stored data is not in the expected shape.
     #[error("stored data is corrupt: {0}")]
     Corrupt(&'static str),
+    /// Storage holds what this store did not write (a row inserted, edited, removed or
+    /// restored from an older copy, the audit log cut or rewritten). The message names
+    /// row keys, ids and kinds, never values.
+    #[error("storage was changed outside phivault: {0}")]
+    Tampered(String),
 }
 
 /// The signed head of the audit chain as stored.
@@ -283,8 +289,28 @@ pub struct SignedHead {
     pub size: u64,
     /// Hash of the last event.
     pub hash: [u8; 32],
-    /// Ed25519 signature over [`phivault_audit::ChainHead::signing_message`].
+    /// The sealed state summary signed with the head ([`integrity`]; empty for heads
+    /// signed before stores had one).
+    pub state: Vec<u8>,
+    /// Ed25519 signature over [`phivault_audit::ChainHead::signing_message_with`] the state.
     pub signature: Vec<u8>,
+}
+
+/// What a read-write store needs of the keys: the audit key's signer and public key,
+/// and the integrity keys derived from the master key.
+pub struct StoreKeys {
+    /// Signs audit heads and checkpoints.
+    pub signer: HeadSigner,
+    /// The audit key's public half (Ed25519), to check the heads and checkpoints found.
+    pub audit_public: [u8; 32],
+    /// MACs of settings rows and the sealed state summary.
+    pub integrity: integrity::Integrity,
+}
+
+impl std::fmt::Debug for StoreKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKeys([redacted])")
+    }
 }
 
 /// Signs audit heads; provided by whoever holds the audit key.
@@ -390,4 +416,22 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> Result<Vec<phivault_audit::StoredEvent>, StoreError>;
+}
+
+#[cfg(any(test, feature = "testsuite"))]
+impl StoreKeys {
+    /// Fixed keys for tests (an Ed25519 key from a fixed seed, a fixed integrity secret):
+    /// every call gives the same keys, so a test can reopen its store.
+    pub fn for_tests() -> StoreKeys {
+        use ring::signature::KeyPair as _;
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32])
+            .expect("a 32-byte seed");
+        let mut audit_public = [0u8; 32];
+        audit_public.copy_from_slice(pair.public_key().as_ref());
+        StoreKeys {
+            signer: Box::new(move |m: &[u8]| pair.sign(m).as_ref().to_vec()),
+            audit_public,
+            integrity: integrity::Integrity::new(&[9u8; 32]),
+        }
+    }
 }

@@ -18,7 +18,7 @@ fn row(rtype: &str, id: &str, version: u64, sealed: &[u8]) -> VersionRow {
     }
 }
 
-fn event(n: u64) -> AuditEvent {
+pub fn event(n: u64) -> AuditEvent {
     AuditEvent {
         time_ms: n,
         request_id: format!("r{n}"),
@@ -34,6 +34,7 @@ fn event(n: u64) -> AuditEvent {
         source: "127.0.0.1".into(),
         entities: vec![],
         detail: Default::default(),
+        writes: Vec::new(),
     }
 }
 

@@ -195,8 +195,8 @@ fn too_costly(msg: &str) -> Error {
     Error::new(Kind::BadRequest, IssueCode::TooCostly, msg)
 }
 
-fn unavailable<E>(_: E) -> Error {
-    Error::unavailable()
+fn unavailable(e: phivault_store::StoreError) -> Error {
+    Error::from_store(e)
 }
 
 /// Open the current version of a record `access` reaches; None if absent, deleted or

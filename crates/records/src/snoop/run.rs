@@ -93,11 +93,13 @@ pub fn run(app: &crate::Vault, hours: Hours) -> Result<Summary, ScanError> {
             break;
         };
         for s in batch {
-            events.push(
-                AuditEvent::decode(&s.event).map_err(|_| {
-                    ScanError::Integrity(format!("event {} does not decode", s.seq))
-                })?,
-            );
+            let ev = AuditEvent::decode(&s.event)
+                .map_err(|_| ScanError::Integrity(format!("event {} does not decode", s.seq)))?;
+            // the store's own events (settings rows it changed, this scan's position
+            // among them) are no one's access
+            if ev.interaction != "setting" || ev.client_id.is_some() {
+                events.push(ev);
+            }
         }
         last = end;
     }

@@ -21,6 +21,7 @@ fn ev(n: u64, t: u64, user: &str, patient: &str, interaction: &str) -> AuditEven
         source: "10.0.0.1".into(),
         entities: Vec::new(),
         detail: Default::default(),
+        writes: Vec::new(),
     }
 }
 

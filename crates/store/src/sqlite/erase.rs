@@ -22,18 +22,21 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::index::{decode_segment, merge_into_segments};
-use super::writer::{Command, Writer, append_audit_events, sign_head, write_checkpoint};
+use super::trust::{put_setting, setting_event};
+use super::writer::{
+    Command, Writer, append_audit_events, apply_settings, sign_head, write_checkpoint,
+};
 use super::{SqliteStore, engine};
+use crate::integrity::Known;
 use crate::{CommitError, Erased, Erasure, erased_marker_key, segments};
 
 /// How many times the write-ahead log's truncation is tried while readers hold it.
 const TRUNCATE_TRIES: u32 = 100;
 
-/// Whether `key_id` carries an erasure marker.
-pub(super) fn is_erased(c: &Connection, key_id: &str) -> rusqlite::Result<bool> {
-    c.prepare_cached("SELECT count(*) FROM meta WHERE k = ?1")?
-        .query_row(params![erased_marker_key(key_id)], |r| r.get::<_, i64>(0))
-        .map(|n| n > 0)
+/// Whether `key_id` carries an erasure marker, as this process knows the settings rows
+/// (a marker removed from storage still counts: see [`crate::integrity`]).
+pub(super) fn is_erased(known: &Known, key_id: &str) -> bool {
+    known.settings.contains_key(&erased_marker_key(key_id))
 }
 
 impl SqliteStore {
@@ -53,7 +56,7 @@ pub(super) fn run(conn: &mut Connection, cmd: Command, w: &mut Writer) {
     let Command::Erase(erasure, reply) = cmd else {
         return;
     };
-    let (head, frontier) = (w.head, w.frontier.clone());
+    let (head, frontier, digests) = (w.head, w.frontier.clone(), w.digests);
     let res = match erase(conn, &erasure, w) {
         Ok(mut done) => {
             done.wal_truncated = truncate_wal(conn);
@@ -62,6 +65,7 @@ pub(super) fn run(conn: &mut Connection, cmd: Command, w: &mut Writer) {
         Err(e) => {
             w.head = head;
             w.frontier = frontier;
+            w.digests = digests;
             Err(e)
         }
     };
@@ -77,7 +81,7 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(e)?;
-    if is_erased(&tx, &er.key_id).map_err(e)? {
+    if is_erased(&w.known.read(), &er.key_id) {
         return Err(CommitError::KeyErased);
     }
     let key_no: i64 = tx
@@ -93,25 +97,48 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
     let rows: Vec<_> = pending.all().collect();
     merge_into_segments(&tx, &rows).map_err(e)?;
     tx.execute("DELETE FROM index_log", []).map_err(e)?;
-    let postings = purge_postings(&tx, &numbers).map_err(e)?;
-    destroy_key(&tx, key_no, &er.key_id).map_err(e)?;
-    tx.execute(
-        "INSERT INTO meta (k, v) VALUES (?1, ?2)",
-        params![erased_marker_key(&er.key_id), er.marker],
-    )
+    let (integ, digests) = (&w.integ, &mut w.digests);
+    let postings = purge_postings(&tx, &numbers, &mut |ix, tok, n| {
+        digests.body.sub(integ.posting_element(ix, tok, n));
+    })
     .map_err(e)?;
+    let wrapped = destroy_key(&tx, key_no, &er.key_id).map_err(e)?;
+    digests.body.sub(integ.key_element(&er.key_id, &wrapped));
+    digests.body.add(integ.key_element(&er.key_id, &[]));
+    let (change, write) = put_setting(
+        &tx,
+        &w.integ,
+        &w.known.read(),
+        &[],
+        &mut w.digests,
+        &erased_marker_key(&er.key_id),
+        &er.marker,
+    )?;
     tx.execute("UPDATE resource_epoch SET n = n + 1", [])
         .map_err(e)?;
     let mut leaves = Vec::new();
-    let committed = append_audit_events(&tx, &er.audit, &mut w.head, &mut leaves)?;
+    // the marker's commitment travels in the erasure's own event
+    let mut audit = er.audit.clone();
+    match audit.first_mut() {
+        Some(ev) => ev.writes.push(write),
+        None => audit.push(setting_event(vec![write])),
+    }
+    let committed = append_audit_events(&tx, &audit, &mut w.head, &mut leaves)?;
     for l in &leaves {
         w.frontier.push(*l);
     }
     if !leaves.is_empty() {
-        sign_head(&tx, &w.head, &w.signer)?;
+        sign_head(
+            &tx,
+            &w.head,
+            &w.integ.seal_state(&w.head, &w.digests),
+            &w.signer,
+        )?;
         write_checkpoint(&tx, &w.frontier, &w.signer)?;
     }
     tx.commit().map_err(e)?;
+    apply_settings(&w.known, vec![change]);
+    w.checkpointed = w.head.size;
     pending.clear();
     if !leaves.is_empty() {
         w.last_checkpoint = Some(std::time::Instant::now());
@@ -137,7 +164,11 @@ fn numbers_sealed_under(c: &Connection, key_no: i64) -> rusqlite::Result<HashSet
 
 /// Remove every posting of the resources `numbers` from the segments (pending postings
 /// merged first); the segments they were in are re-cut. Returns the postings removed.
-fn purge_postings(c: &Connection, numbers: &HashSet<i64>) -> rusqlite::Result<u64> {
+fn purge_postings(
+    c: &Connection,
+    numbers: &HashSet<i64>,
+    removed_one: &mut dyn FnMut(i64, &[u8], i64),
+) -> rusqlite::Result<u64> {
     if numbers.is_empty() {
         return Ok(0);
     }
@@ -163,7 +194,13 @@ fn purge_postings(c: &Connection, numbers: &HashSet<i64>) -> rusqlite::Result<u6
         let before = pairs.len();
         let kept: Vec<segments::Pair> = pairs
             .into_iter()
-            .filter(|(_, n)| !numbers.contains(n))
+            .filter(|(t, n)| {
+                let purged = numbers.contains(n);
+                if purged {
+                    removed_one(ix, t.bytes(), *n);
+                }
+                !purged
+            })
             .collect();
         removed += (before - kept.len()) as u64;
         // the kept pairs sort between this segment's key and the next one's: new keys
@@ -176,8 +213,14 @@ fn purge_postings(c: &Connection, numbers: &HashSet<i64>) -> rusqlite::Result<u6
 }
 
 /// Overwrite and delete the wrapped key; an empty row keeps its number and key id for the
-/// versions sealed under it (checked at commit: foreign keys are deferred here).
-fn destroy_key(c: &Connection, key_no: i64, key_id: &str) -> rusqlite::Result<()> {
+/// versions sealed under it (checked at commit: foreign keys are deferred here). Returns
+/// the wrapped form it destroyed.
+fn destroy_key(c: &Connection, key_no: i64, key_id: &str) -> rusqlite::Result<Vec<u8>> {
+    let wrapped: Vec<u8> = c.query_row(
+        "SELECT wrapped FROM data_key WHERE key_no = ?1",
+        params![key_no],
+        |r| r.get(0),
+    )?;
     c.pragma_update(None, "defer_foreign_keys", "ON")?;
     c.execute(
         "UPDATE data_key SET wrapped = zeroblob(length(wrapped)) WHERE key_no = ?1",
@@ -188,7 +231,7 @@ fn destroy_key(c: &Connection, key_no: i64, key_id: &str) -> rusqlite::Result<()
         "INSERT INTO data_key (key_no, key_id, wrapped) VALUES (?1, ?2, x'')",
         params![key_no, key_id],
     )?;
-    Ok(())
+    Ok(wrapped)
 }
 
 /// Checkpoint the whole log into the database and truncate it to nothing, waiting for
@@ -218,7 +261,7 @@ mod tests {
     use crate::{Candidates, Expect, IndexEntry, Put, Store, StoreError, VersionRow, WriteBatch};
 
     fn open(dir: &Path) -> SqliteStore {
-        SqliteStore::open(&dir.join("db.sqlite"), Box::new(|m: &[u8]| m.to_vec())).unwrap()
+        SqliteStore::open(&dir.join("db.sqlite"), crate::StoreKeys::for_tests()).unwrap()
     }
 
     fn put(id: &str, key_id: &str, token: &[u8]) -> Put {

@@ -10,11 +10,12 @@
 //! checkpoints the write-ahead log with `TRUNCATE` (retried while readers hold the log), so
 //! the wrapped KEK is in none of the database's files.
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::writer::Command;
 use super::{SqliteStore, engine, schema::table_exists};
+use crate::integrity::{Digests, Integrity};
 use crate::{KekRow, KeyChange, StoreError};
 
 /// Attempts at truncating the write-ahead log after a generation is destroyed.
@@ -106,16 +107,31 @@ pub(super) fn after_commit(
 }
 
 /// Apply one change inside the writer's group transaction; the rows it changed.
-pub(super) fn apply(tx: &Transaction<'_>, change: &KeyChange) -> Result<u64, StoreError> {
+/// Each row it adds, changes or removes is counted in the state summary (`digests.body`).
+pub(super) fn apply(
+    tx: &Transaction<'_>,
+    change: &KeyChange,
+    integ: &Integrity,
+    digests: &mut Digests,
+) -> Result<u64, StoreError> {
     let e = engine;
     match change {
-        KeyChange::AddKek(row) => tx
-            .prepare_cached(
-                "INSERT INTO kek_generation (generation, wrapped, created_ms) VALUES (?1, ?2, ?3)",
-            )
-            .and_then(|mut st| st.execute(params![row.generation, row.wrapped, row.created_ms]))
-            .map(|n| n as u64)
-            .map_err(e),
+        KeyChange::AddKek(row) => {
+            let n = tx
+                .prepare_cached(
+                    "INSERT INTO kek_generation (generation, wrapped, created_ms) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![row.generation, row.wrapped, row.created_ms])
+                })
+                .map_err(e)?;
+            digests.body.add(integ.kek_element(
+                i64::from(row.generation),
+                &row.wrapped,
+                row.created_ms,
+            ));
+            Ok(n as u64)
+        }
         KeyChange::Rewrap(all) => {
             let mut st = tx
                 .prepare_cached(
@@ -124,7 +140,11 @@ pub(super) fn apply(tx: &Transaction<'_>, change: &KeyChange) -> Result<u64, Sto
                 .map_err(e)?;
             let mut n = 0u64;
             for r in all {
-                n += st.execute(params![r.key_id, r.old, r.new]).map_err(e)? as u64;
+                if st.execute(params![r.key_id, r.old, r.new]).map_err(e)? > 0 {
+                    digests.body.sub(integ.key_element(&r.key_id, &r.old));
+                    digests.body.add(integ.key_element(&r.key_id, &r.new));
+                    n += 1;
+                }
             }
             Ok(n)
         }
@@ -138,6 +158,19 @@ pub(super) fn apply(tx: &Transaction<'_>, change: &KeyChange) -> Result<u64, Sto
                 .map_err(e)?;
             if left > 0 {
                 return Ok(0);
+            }
+            let row: Option<(Vec<u8>, i64)> = tx
+                .query_row(
+                    "SELECT wrapped, created_ms FROM kek_generation WHERE generation = ?1",
+                    params![generation],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(e)?;
+            if let Some((wrapped, created_ms)) = row {
+                digests
+                    .body
+                    .sub(integ.kek_element(i64::from(*generation), &wrapped, created_ms));
             }
             tx.execute(
                 "DELETE FROM kek_generation WHERE generation = ?1",
@@ -158,7 +191,7 @@ mod tests {
     fn generations_rewrap_and_destroy() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.sqlite");
-        let s = SqliteStore::open(&path, Box::new(|m: &[u8]| m.to_vec())).expect("open");
+        let s = SqliteStore::open(&path, crate::StoreKeys::for_tests()).expect("open");
         let keys: Vec<(String, Vec<u8>)> = (0..5)
             .map(|i| (format!("p:{i}"), vec![1, i as u8, 7]))
             .collect();
@@ -238,7 +271,7 @@ mod tests {
         };
         assert_eq!(s.change_keys(d1).expect("guarded"), 0);
         s.close();
-        let s = SqliteStore::open(&path, Box::new(|m: &[u8]| m.to_vec())).expect("reopen");
+        let s = SqliteStore::open(&path, crate::StoreKeys::for_tests()).expect("reopen");
         assert_eq!(s.kek_generations().expect("list").len(), 1);
         // destroy 1 after moving its keys on, and find its bytes in no file
         let all = s.data_keys_after(0, 10).expect("all");

@@ -135,7 +135,7 @@ impl SqliteStore {
 
 /// The resource numbers holding `tok` in index `ix`: the segments, with the pending and
 /// (inside a transaction) staged records applied. Sorted.
-fn token_postings(
+pub(super) fn token_postings(
     c: &Connection,
     ix: i64,
     tok: &Tok,

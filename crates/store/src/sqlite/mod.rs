@@ -123,21 +123,25 @@ use phivault_audit::merkle;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+use crate::integrity::{Integrity, Known};
 use crate::pending::Pending;
 use crate::rows::RowCache;
 use crate::{
-    Candidates, CommitError, Committed, HeadSigner, IndexEntry, IndexStats, SignedHead, Store,
-    StoreError, VersionRow, WriteBatch,
+    Candidates, CommitError, Committed, IndexEntry, IndexStats, SignedHead, Store, StoreError,
+    StoreKeys, VersionRow, WriteBatch,
 };
 
 mod erase;
+mod fresh;
 mod index;
 mod kek;
 mod lists;
 mod read;
 mod schema;
+mod state;
 #[cfg(test)]
 mod tests;
+mod trust;
 mod wal;
 mod writer;
 
@@ -145,11 +149,9 @@ pub use writer::CHECKPOINT_INTERVAL_MS;
 
 use index::load_pending;
 use read::Remembered;
-use schema::{SCHEMA, migrate_to_segments, table_exists};
+use schema::{SCHEMA, add_integrity_columns, migrate_to_segments, table_exists};
 use wal::{Stop, WAL_SIZE_LIMIT, WalRestart, WalRestarter, spawn_checkpointer};
-use writer::{
-    Command, DEFAULT_MERGE_ROWS, IDLE_MERGE_MS, Writer, load_frontier, load_head, writer_loop,
-};
+use writer::{Command, DEFAULT_MERGE_ROWS, IDLE_MERGE_MS, Writer, writer_loop};
 
 /// Prepared statements each connection keeps.
 const STATEMENT_CACHE: usize = 128;
@@ -221,6 +223,13 @@ pub struct SqliteStore {
     /// Current rows readers have read (see [`crate::rows`]); none on a read-only open,
     /// whose database may predate `resource_epoch`.
     rows: Option<RowCache>,
+    /// The integrity keys; none on a read-only open (offline tools), which checks nothing.
+    integ: Option<Arc<Integrity>>,
+    /// What this process knows it wrote ([`crate::integrity::Known`]).
+    known: Arc<RwLock<Known>>,
+    /// Whether settings rows have a MAC column (a read-only open of an older database
+    /// may not).
+    has_mac: bool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -290,8 +299,15 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
 }
 
 impl SqliteStore {
-    /// Open (creating if needed) the database at `path`. `signer` signs audit heads.
-    pub fn open(path: &Path, signer: HeadSigner) -> Result<Self, StoreError> {
+    /// Open (creating if needed) the database at `path`, checking what it holds against
+    /// the signed audit head (see `trust`): a database changed outside phivault is refused
+    /// with [`StoreError::Tampered`] naming what differs.
+    pub fn open(path: &Path, keys: StoreKeys) -> Result<Self, StoreError> {
+        let StoreKeys {
+            signer,
+            audit_public,
+            integrity,
+        } = keys;
         let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -303,8 +319,18 @@ impl SqliteStore {
         configure_writer(&conn)?;
         conn.execute_batch(SCHEMA).map_err(engine)?;
         migrate_to_segments(&mut conn)?;
-        let head = load_head(&conn)?;
-        let frontier = load_frontier(&conn, head.size)?;
+        let legacy = add_integrity_columns(&conn)?;
+        let integ = Arc::new(integrity);
+        // one snapshot: another process (an administrator's command beside a running
+        // server) may be committing meanwhile
+        conn.execute_batch("BEGIN").map_err(engine)?;
+        let loaded = trust::load(&conn, &integ, &audit_public, legacy);
+        conn.execute_batch(if loaded.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .map_err(engine)?;
+        let loaded = loaded?;
+        let (head, frontier, digests, known) =
+            trust::adopt(&mut conn, &integ, &signer, loaded, legacy)?;
+        let known = Arc::new(RwLock::new(known));
         let pending = Arc::new(RwLock::new(load_pending(&conn)?));
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
@@ -321,6 +347,10 @@ impl SqliteStore {
             idle_merge_ms: idle_merge_ms.clone(),
             checkpoint_ms: checkpoint_ms.clone(),
             wal: WalRestarter::new(wal_restart.clone()),
+            integ: integ.clone(),
+            digests,
+            known: known.clone(),
+            checkpointed: 0,
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
@@ -342,6 +372,9 @@ impl SqliteStore {
             ids_by_number: Remembered::default(),
             key_ids: Remembered::default(),
             rows: Some(RowCache::default()),
+            integ: Some(integ),
+            known,
+            has_mac: true,
         })
     }
 
@@ -386,6 +419,14 @@ impl SqliteStore {
         } else {
             Pending::default()
         };
+        let has_mac = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('meta') WHERE name = 'mac'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(engine)?
+            > 0;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             tx: Mutex::new(None),
@@ -400,7 +441,23 @@ impl SqliteStore {
             ids_by_number: Remembered::default(),
             key_ids: Remembered::default(),
             rows: None,
+            integ: None,
+            known: Arc::default(),
+            has_mac,
         })
+    }
+
+    /// Whether the database holds any resource version or settings row.
+    pub fn holds_data(&self) -> Result<bool, StoreError> {
+        self.with_reader(|c| {
+            c.query_row(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM resource_version LIMIT 1)) \
+                 + (SELECT count(*) FROM (SELECT 1 FROM meta LIMIT 1))",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n > 0)
     }
 
     /// Stop the writer after it has finished the queued batches.

@@ -183,19 +183,47 @@ const SELECT_CURRENT: &str = concat!(
     " WHERE v.rtype = ?1 AND v.id = ?2 ORDER BY v.version DESC LIMIT 1"
 );
 
+/// An audit head row as read: size, hash, signature, state.
+type HeadRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// The plain reads of [`crate::Store`].
 impl SqliteStore {
+    /// The current row of a resource, checked against what this process knows (see
+    /// `fresh`).
     pub(super) fn read_current(
         &self,
         rtype: &str,
         id: &str,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        let row = self.read_current_raw(rtype, id, true)?;
+        if self.current_fresh(rtype, id, row.as_ref()) {
+            return Ok(row);
+        }
+        self.catch_up()?;
+        let row = self.read_current_raw(rtype, id, false)?;
+        if self.current_fresh(rtype, id, row.as_ref()) {
+            return Ok(row);
+        }
+        Err(self.resource_tampered(
+            rtype,
+            id,
+            "the stored current version is not the one written",
+        ))
+    }
+
+    fn read_current_raw(
+        &self,
+        rtype: &str,
+        id: &str,
+        cached: bool,
     ) -> Result<Option<VersionRow>, StoreError> {
         // two statements without a common snapshot: the row read after the count is at
         // least as new as the state counted, so never stale for it (crate::rows)
         self.with_reader(|c| {
             let kept = self.kept(c)?;
             let ids = [id.to_owned()];
-            if let Some((cache, epoch)) = kept
+            if cached
+                && let Some((cache, epoch)) = kept
                 && let Some(row) = cache.get_many(epoch, rtype, &ids).pop().flatten()
             {
                 return Ok(Some(row));
@@ -213,7 +241,35 @@ impl SqliteStore {
         })
     }
 
+    /// [`Self::read_current`] of several resources.
     pub(super) fn read_current_many(
+        &self,
+        rtype: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        let mut rows = self.read_current_many_raw(rtype, ids)?;
+        let stale: Vec<usize> = (0..ids.len())
+            .filter(|&i| !self.current_fresh(rtype, &ids[i], rows[i].as_ref()))
+            .collect();
+        if stale.is_empty() {
+            return Ok(rows);
+        }
+        self.catch_up()?;
+        for i in stale {
+            let row = self.read_current_raw(rtype, &ids[i], false)?;
+            if !self.current_fresh(rtype, &ids[i], row.as_ref()) {
+                return Err(self.resource_tampered(
+                    rtype,
+                    &ids[i],
+                    "the stored current version is not the one written",
+                ));
+            }
+            rows[i] = row;
+        }
+        Ok(rows)
+    }
+
+    fn read_current_many_raw(
         &self,
         rtype: &str,
         ids: &[String],
@@ -252,18 +308,56 @@ impl SqliteStore {
         version: u64,
     ) -> Result<Option<VersionRow>, StoreError> {
         let v = i64::try_from(version).unwrap_or(i64::MAX);
-        self.with_reader(|c| {
-            c.prepare_cached(&format!(
-                "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
-            ))?
-            .query_row(params![rtype, DbId(id), v], raw_version)
-            .optional()?
-            .map(|raw| self.named(c, raw))
-            .transpose()
-        })
+        let read = || {
+            self.with_reader(|c| {
+                c.prepare_cached(&format!(
+                    "{SELECT_VERSION} WHERE v.rtype = ?1 AND v.id = ?2 AND v.version = ?3"
+                ))?
+                .query_row(params![rtype, DbId(id), v], raw_version)
+                .optional()?
+                .map(|raw| self.named(c, raw))
+                .transpose()
+            })
+        };
+        let row = read()?;
+        if self.version_fresh(rtype, id, version, row.as_ref()) {
+            return Ok(row);
+        }
+        self.catch_up()?;
+        let row = read()?;
+        if self.version_fresh(rtype, id, version, row.as_ref()) {
+            return Ok(row);
+        }
+        Err(self.resource_tampered(
+            rtype,
+            id,
+            "a stored version is missing or was never written",
+        ))
     }
 
     pub(super) fn read_history(
+        &self,
+        rtype: &str,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        let rows = self.read_history_raw(rtype, id, limit)?;
+        if self.history_fresh(rtype, id, limit, &rows) {
+            return Ok(rows);
+        }
+        self.catch_up()?;
+        let rows = self.read_history_raw(rtype, id, limit)?;
+        if self.history_fresh(rtype, id, limit, &rows) {
+            return Ok(rows);
+        }
+        Err(self.resource_tampered(
+            rtype,
+            id.unwrap_or("*"),
+            "the stored history is not the one written (a version missing or added)",
+        ))
+    }
+
+    fn read_history_raw(
         &self,
         rtype: &str,
         id: Option<&str>,
@@ -297,11 +391,27 @@ impl SqliteStore {
     }
 
     pub(super) fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.with_reader(|c| {
-            c.prepare_cached("SELECT v FROM meta WHERE k = ?1")?
-                .query_row(params![key], |r| r.get(0))
+        let read = || {
+            self.with_reader(|c| {
+                c.prepare_cached(&format!(
+                    "SELECT v, {} FROM meta WHERE k = ?1",
+                    self.mac_column()
+                ))?
+                .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
-        })
+            })
+        };
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> = read()?;
+        if self.setting_fresh(key, row.as_ref()) {
+            return Ok(row.map(|(v, _)| v));
+        }
+        // another process holding the keys may have written it: catch up, look again
+        self.catch_up()?;
+        let row = read()?;
+        if self.setting_fresh(key, row.as_ref()) {
+            return Ok(row.map(|(v, _)| v));
+        }
+        Err(self.setting_tampered(key))
     }
 
     pub(super) fn read_meta_prefix(
@@ -312,29 +422,56 @@ impl SqliteStore {
         // keys are ASCII: the range [prefix, prefix + U+10FFFF) holds exactly the keys
         // that start with it
         let end = format!("{prefix}\u{10FFFF}");
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.with_reader(|c| {
-            c.prepare_cached("SELECT k, v FROM meta WHERE k >= ?1 AND k < ?2 ORDER BY k LIMIT ?3")?
-                .query_map(params![prefix, end, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect()
-        })
+        let n = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT k, v, {} FROM meta WHERE k >= ?1 AND k < ?2 ORDER BY k LIMIT ?3",
+            self.mac_column()
+        );
+        let read = || -> Result<Vec<super::fresh::SettingRow>, StoreError> {
+            self.with_reader(|c| {
+                c.prepare_cached(&sql)?
+                    .query_map(params![prefix, end, n], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect()
+            })
+        };
+        let mut rows = read()?;
+        if self.settings_fresh(prefix, limit, &rows).is_err() {
+            self.catch_up()?;
+            rows = read()?;
+            self.settings_fresh(prefix, limit, &rows)?;
+        }
+        Ok(rows.into_iter().map(|(k, v, _)| (k, v)).collect())
     }
 
     pub(super) fn read_audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
-        let row: Option<(i64, Vec<u8>, Vec<u8>)> = self.with_reader(|c| {
+        // (a database written before heads carried a state has no such column)
+        let with_state = self.with_reader(|c| {
             c.query_row(
-                "SELECT size, hash, signature FROM audit_head WHERE one = 1",
+                "SELECT count(*) FROM pragma_table_info('audit_head') WHERE name = 'state'",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| r.get::<_, i64>(0),
             )
+        })? > 0;
+        let sql = if with_state {
+            "SELECT size, hash, signature, coalesce(state, x'') FROM audit_head WHERE one = 1"
+        } else {
+            "SELECT size, hash, signature, x'' FROM audit_head WHERE one = 1"
+        };
+        let row: Option<HeadRow> = self.with_reader(|c| {
+            c.query_row(sql, [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()
         })?;
-        row.map(|(size, hash, signature)| {
+        row.map(|(size, hash, signature, state)| {
             Ok(SignedHead {
                 size: size as u64,
                 hash: hash
                     .try_into()
                     .map_err(|_| StoreError::Corrupt("audit head hash length"))?,
+                state,
                 signature,
             })
         })

@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS resource_version (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS resource_no (
     rno INTEGER PRIMARY KEY,
-    id BLOB NOT NULL
+    id BLOB NOT NULL,
+    rtype TEXT,
+    version INTEGER,
+    deleted INTEGER
 );
 CREATE TABLE IF NOT EXISTS search_seg (
     ix INTEGER NOT NULL,
@@ -57,11 +60,13 @@ CREATE TABLE IF NOT EXISTS audit_head (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     size INTEGER NOT NULL,
     hash BLOB NOT NULL,
-    signature BLOB NOT NULL
+    signature BLOB NOT NULL,
+    state BLOB
 );
 CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
-    v BLOB NOT NULL
+    v BLOB NOT NULL,
+    mac BLOB
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS resource_epoch (
     one INTEGER PRIMARY KEY CHECK (one = 1),
@@ -97,6 +102,37 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, Stor
         conn,
         "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
         &[table, column],
+    )
+}
+
+/// Databases written before settings rows had MACs and heads a state summary: add the
+/// columns. True while nothing in the database carries either yet (a database of an older
+/// version, adopted once, see `trust`; a storage writer who strips them finds the head's
+/// signature no longer verifies without its state).
+pub(super) fn add_integrity_columns(conn: &Connection) -> Result<bool, StoreError> {
+    if !has_column(conn, "meta", "mac")? {
+        conn.execute_batch("ALTER TABLE meta ADD COLUMN mac BLOB")
+            .map_err(engine)?;
+    }
+    if !has_column(conn, "audit_head", "state")? {
+        conn.execute_batch("ALTER TABLE audit_head ADD COLUMN state BLOB")
+            .map_err(engine)?;
+    }
+    if !has_column(conn, "resource_no", "version")? {
+        conn.execute_batch(
+            "ALTER TABLE resource_no ADD COLUMN rtype TEXT; \
+             ALTER TABLE resource_no ADD COLUMN version INTEGER; \
+             ALTER TABLE resource_no ADD COLUMN deleted INTEGER;",
+        )
+        .map_err(engine)?;
+    }
+    Ok(
+        !counts_any(conn, "SELECT count(*) FROM meta WHERE mac IS NOT NULL", &[])?
+            && !counts_any(
+                conn,
+                "SELECT count(*) FROM audit_head WHERE length(coalesce(state, x'')) > 0",
+                &[],
+            )?,
     )
 }
 

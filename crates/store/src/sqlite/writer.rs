@@ -21,12 +21,16 @@ use tokio::sync::oneshot;
 
 use super::index::{encode_log_record, index_no, merge_or_warn};
 use super::lists::matching_ids;
+use super::trust::{SettingChange, catch_up, put_setting, setting_event};
 use super::wal::{WalRestarter, checkpoint, note_wal_frames};
 use super::{DbId, SqliteStore, engine};
+use crate::integrity::{Digests, Head, Integrity, Known};
 use crate::pending::{self, Pending, Staged, Tok};
 use crate::{
     CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, Put, StoreError, WriteBatch,
 };
+use phivault_audit::Write;
+use std::collections::HashMap;
 
 /// Most batches one group commit takes.
 const MAX_GROUP: usize = 1024;
@@ -41,8 +45,13 @@ pub(super) const DEFAULT_MERGE_ROWS: usize = 200_000;
 type Reply = oneshot::Sender<Result<Committed, CommitError>>;
 
 pub(super) enum Command {
-    Batch(WriteBatch, Reply),
+    /// A batch, with the SHA-256 of each put's sealed bytes (hashed on the caller's
+    /// thread, not the writer's).
+    Batch(WriteBatch, Vec<[u8; 32]>, Reply),
     SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+    /// Catch up with heads another process wrote (a reader found a row it did not know).
+    /// (a std channel: readers may wait on it from inside an async runtime, rarely)
+    Sync(mpsc::Sender<Result<(), StoreError>>),
     /// A change of the KEK generations, in the group like a batch (`super::kek`).
     Keys(crate::KeyChange, oneshot::Sender<Result<u64, StoreError>>),
     /// Run in a transaction of its own after the group's batches (`super::erase`).
@@ -74,11 +83,16 @@ impl SqliteStore {
         batch: WriteBatch,
     ) -> oneshot::Receiver<Result<Committed, CommitError>> {
         let (tx, rx) = oneshot::channel();
+        let sealed = batch
+            .puts
+            .iter()
+            .map(|p| super::state::sealed_digest(&p.row.sealed))
+            .collect();
         let sender = self.tx.lock();
         let closed = match sender.as_ref() {
-            Some(s) => match s.send(Command::Batch(batch, tx)) {
+            Some(s) => match s.send(Command::Batch(batch, sealed, tx)) {
                 Ok(()) => None,
-                Err(mpsc::SendError(Command::Batch(_, tx))) => Some(tx),
+                Err(mpsc::SendError(Command::Batch(_, _, tx))) => Some(tx),
                 Err(_) => None,
             },
             None => Some(tx),
@@ -88,63 +102,6 @@ impl SqliteStore {
         }
         rx
     }
-}
-
-pub(super) fn load_head(conn: &Connection) -> Result<ChainHead, StoreError> {
-    let last: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_event ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(engine)?;
-    match last {
-        None => Ok(ChainHead::EMPTY),
-        Some((seq, hash)) => Ok(ChainHead {
-            size: seq as u64,
-            hash: hash
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("audit hash length"))?,
-        }),
-    }
-}
-
-/// The Merkle tree of the audit log as of `head_size` events: from the newest checkpoint's
-/// stored frontier, and the events after it.
-pub(super) fn load_frontier(conn: &Connection, head_size: u64) -> Result<Frontier, StoreError> {
-    let stored: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT frontier FROM audit_checkpoint ORDER BY size DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(engine)?;
-    let mut f = match stored {
-        Some(b) => {
-            Frontier::from_bytes(&b).ok_or(StoreError::Corrupt("audit checkpoint frontier"))?
-        }
-        None => Frontier::new(),
-    };
-    let mut st = conn
-        .prepare("SELECT seq, event FROM audit_event WHERE seq > ?1 ORDER BY seq")
-        .map_err(engine)?;
-    let mut rows = st
-        .query(params![i64::try_from(f.size()).unwrap_or(i64::MAX)])
-        .map_err(engine)?;
-    while let Some(r) = rows.next().map_err(engine)? {
-        let seq: i64 = r.get(0).map_err(engine)?;
-        if u64::try_from(seq).ok() != Some(f.size() + 1) {
-            return Err(StoreError::Corrupt("audit sequence has a gap"));
-        }
-        let event: Vec<u8> = r.get(1).map_err(engine)?;
-        f.push(merkle::leaf_hash(&event));
-    }
-    if f.size() != head_size {
-        return Err(StoreError::Corrupt("audit checkpoint beyond the log"));
-    }
-    Ok(f)
 }
 
 /// How often (at most) a signed checkpoint of the audit tree is written while events come.
@@ -170,6 +127,14 @@ pub(super) struct Writer {
     /// Shortest time between two audit checkpoints (ms).
     pub(super) checkpoint_ms: Arc<AtomicU64>,
     pub(super) wal: WalRestarter,
+    /// The integrity keys (see [`crate::integrity`]).
+    pub(super) integ: Arc<Integrity>,
+    /// The state summary as of `head`.
+    pub(super) digests: Digests,
+    /// What this process knows it wrote; readers check rows against it.
+    pub(super) known: Arc<RwLock<Known>>,
+    /// Size of the newest checkpoint written.
+    pub(super) checkpointed: u64,
 }
 
 /// The writer thread: group commits until every sender is gone, then a clean stop.
@@ -213,10 +178,56 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
     if w.idle_merge_ms.load(Ordering::Relaxed) != u64::MAX && w.pending.read().len() > 0 {
         merge_or_warn(&mut conn, &w.pending);
     }
+    // a clean stop leaves a checkpoint of everything written (a witness gets it at the
+    // next start's export, and the next open verifies only what follows it)
+    if w.head.size > w.checkpointed
+        && let Err(e) = checkpoint_at_stop(&mut conn, &mut w)
+    {
+        tracing::warn!(error = %e, "no audit checkpoint at stop");
+    }
     // free pages (a merged log's, mostly) go back to the filesystem; a database created
     // before auto_vacuum was set ignores this
     incremental_vacuum(&conn);
     checkpoint(&conn);
+}
+
+/// A checkpoint of the whole log, in a transaction of its own (a clean stop).
+fn checkpoint_at_stop(conn: &mut Connection, w: &mut Writer) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(engine)?;
+    // another process may have written since: its events are in the tree too
+    if let Some(caught) = catch_up(&tx, &w.integ, &mut w.head, &mut w.frontier, &mut w.digests)? {
+        apply_caught_up(&w.known, caught);
+    }
+    write_checkpoint(&tx, &w.frontier, &w.signer)?;
+    tx.commit().map_err(engine)?;
+    w.checkpointed = w.head.size;
+    Ok(())
+}
+
+/// Record what another process committed in what this process knows.
+pub(super) fn apply_caught_up(known: &RwLock<Known>, caught: super::trust::CaughtUp) {
+    apply_settings(known, caught.settings);
+    if caught.heads.is_empty() {
+        return;
+    }
+    let mut k = known.write();
+    for (rtype, id, head) in caught.heads {
+        let key = k.key(&rtype, &id);
+        k.heads.insert(key, head);
+    }
+}
+
+/// Record committed settings changes in what this process knows.
+pub(super) fn apply_settings(known: &RwLock<Known>, changes: Vec<SettingChange>) {
+    if changes.is_empty() {
+        return;
+    }
+    let mut k = known.write();
+    for c in changes {
+        k.settings.insert(c.key, c.mac);
+    }
 }
 
 /// Apply and commit one group, then answer its batches; merge the pending index rows once
@@ -230,6 +241,10 @@ fn commit_group(
 ) {
     let before = w.head;
     let frontier_before = w.frontier.clone();
+    let digests_before = w.digests;
+    let mut settings = Vec::new();
+    let mut heads = HashMap::new();
+    let mut others_wrote = false;
     let checkpoint_due = w.last_checkpoint.is_none_or(|t| {
         t.elapsed().as_millis() >= u128::from(w.checkpoint_ms.load(Ordering::Relaxed))
     });
@@ -244,16 +259,36 @@ fn commit_group(
                 frontier: &mut w.frontier,
                 signer: &w.signer,
                 checkpoint_due,
+                integ: &w.integ,
+                digests: &mut w.digests,
+                known: &w.known,
+                settings: &mut settings,
+                heads: &mut heads,
+                others_wrote: &mut others_wrote,
             },
             &pending,
             staged,
         )
     };
-    if checkpoint_due && w.head.size != before.size {
+    if others_wrote {
+        // postings another process logged: read the log again
+        match super::index::load_pending(conn) {
+            Ok(p) => *w.pending.write() = p,
+            Err(e) => tracing::error!(error = %e, "the index log could not be read again"),
+        }
+    }
+    if checkpoint_due && w.head.size != before.size && results.is_ok() {
         w.last_checkpoint = Some(std::time::Instant::now());
+        w.checkpointed = w.head.size;
     }
     match results {
         Ok(results) => {
+            // committed: readers check rows against the new settings and heads before
+            // any answer
+            apply_settings(&w.known, settings);
+            if !heads.is_empty() {
+                w.known.write().heads.extend(heads);
+            }
             // committed: lookups see the new rows before any batch is acknowledged
             if staged.mark() > 0 {
                 *last_index_write = std::time::Instant::now();
@@ -276,6 +311,7 @@ fn commit_group(
             staged.take();
             w.head = before;
             w.frontier = frontier_before;
+            w.digests = digests_before;
             let msg = e.to_string();
             for cmd in group {
                 reply(
@@ -298,10 +334,16 @@ fn incremental_vacuum(conn: &Connection) {
 
 fn reply(cmd: Command, res: Result<Committed, CommitError>) {
     match cmd {
-        Command::Batch(_, tx) => {
+        Command::Batch(_, _, tx) => {
             let _ = tx.send(res);
         }
         Command::SetMeta(_, _, tx) => {
+            let _ = tx.send(res.map(|_| ()).map_err(|e| match e {
+                CommitError::Store(s) => s,
+                other => StoreError::Engine(other.to_string()),
+            }));
+        }
+        Command::Sync(tx) => {
             let _ = tx.send(res.map(|_| ()).map_err(|e| match e {
                 CommitError::Store(s) => s,
                 other => StoreError::Engine(other.to_string()),
@@ -332,6 +374,16 @@ struct Audit<'a> {
     signer: &'a HeadSigner,
     /// Write a signed checkpoint of the tree if the group appends events.
     checkpoint_due: bool,
+    integ: &'a Integrity,
+    digests: &'a mut Digests,
+    known: &'a RwLock<Known>,
+    /// Settings rows the group changed, applied to `known` once it commits.
+    settings: &'a mut Vec<SettingChange>,
+    /// Resources' heads the group changed, likewise.
+    heads: &'a mut HashMap<u128, Head>,
+    /// Set when another process wrote resources since this writer's last group (their
+    /// index postings are then read again from the log).
+    others_wrote: &'a mut bool,
 }
 
 /// Apply a group in one transaction; per-command results, or an error that failed them all.
@@ -347,8 +399,29 @@ fn apply_group(
         frontier,
         signer,
         checkpoint_due,
+        integ,
+        digests,
+        known,
+        settings,
+        heads: heads_out,
+        others_wrote,
     } = audit;
-    let tx = conn.transaction().map_err(engine)?;
+    // immediate: the head read below is still the newest when this group appends to it
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(engine)?;
+    if let Some(caught) = catch_up(&tx, integ, head, frontier, digests)? {
+        *others_wrote |= !caught.heads.is_empty();
+        apply_caught_up(known, caught);
+    }
+    let known = known.read();
+    let mut gs = GroupState {
+        integ,
+        digests,
+        known: &known,
+        heads: HashMap::new(),
+        undo: Vec::new(),
+    };
     let start_size = head.size;
     let mut versions_written = false;
     let mut leaves = Vec::new();
@@ -356,12 +429,21 @@ fn apply_group(
     let mut results = Vec::with_capacity(group.len());
     for cmd in group.iter_mut() {
         let res = match cmd {
-            Command::Batch(batch, _) => {
+            Command::Batch(batch, sealed, _) => {
                 let saved = *head;
                 let mark = staged.mark();
+                let state_mark = gs.mark();
                 leaves.clear();
                 run_cached(&tx, "SAVEPOINT b")?;
-                match apply_batch(&tx, batch, head, &mut leaves, pending, staged) {
+                let applied = apply_batch(
+                    &tx,
+                    (batch, sealed),
+                    head,
+                    &mut leaves,
+                    (pending, staged),
+                    &mut gs,
+                );
+                match applied {
                     Ok(c) => {
                         run_cached(&tx, "RELEASE b")?;
                         versions_written |= !batch.puts.is_empty();
@@ -374,29 +456,67 @@ fn apply_group(
                     Err(e) => {
                         *head = saved;
                         staged.rollback_to(mark);
+                        gs.rollback(state_mark);
                         run_cached(&tx, "ROLLBACK TO b")?;
                         run_cached(&tx, "RELEASE b")?;
                         Err(e)
                     }
                 }
             }
-            Command::SetMeta(k, v, _) => tx
-                .execute(
-                    "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-                    params![&*k, &*v],
-                )
-                .map(|_| Committed { last_audit_seq: None })
-                .map_err(|e| CommitError::Store(engine(e))),
+            Command::SetMeta(k, v, _) => {
+                let saved = (*head, *gs.digests);
+                run_cached(&tx, "SAVEPOINT b")?;
+                leaves.clear();
+                let r = put_setting(&tx, integ, gs.known, settings, gs.digests, k, v)
+                    .map_err(CommitError::Store)
+                    .and_then(|(change, write)| {
+                        let c = append_audit_events(
+                            &tx,
+                            &[setting_event(vec![write])],
+                            head,
+                            &mut leaves,
+                        )?;
+                        settings.push(change);
+                        Ok(c)
+                    });
+                if r.is_ok() {
+                    run_cached(&tx, "RELEASE b")?;
+                    for l in &leaves {
+                        frontier.push(*l);
+                    }
+                } else {
+                    (*head, *gs.digests) = saved;
+                    run_cached(&tx, "ROLLBACK TO b")?;
+                    run_cached(&tx, "RELEASE b")?;
+                }
+                r
+            }
+            Command::Sync(_) => Ok(Committed {
+                last_audit_seq: None,
+            }),
             Command::Keys(change, _) => {
                 run_cached(&tx, "SAVEPOINT b")?;
-                let r = super::kek::apply(&tx, change);
-                run_cached(&tx, if r.is_ok() { "RELEASE b" } else { "ROLLBACK TO b" })?;
+                let saved = *gs.digests;
+                let r = super::kek::apply(&tx, change, integ, gs.digests);
+                if r.is_err() {
+                    *gs.digests = saved;
+                }
+                run_cached(
+                    &tx,
+                    if r.is_ok() {
+                        "RELEASE b"
+                    } else {
+                        "ROLLBACK TO b"
+                    },
+                )?;
                 if r.is_err() {
                     run_cached(&tx, "RELEASE b")?;
                 }
                 // (the count travels in the audit sequence field until the reply)
-                r.map(|n| Committed { last_audit_seq: Some(n) })
-                    .map_err(CommitError::Store)
+                r.map(|n| Committed {
+                    last_audit_seq: Some(n),
+                })
+                .map_err(CommitError::Store)
             }
             // (the writer loop runs erasures on their own: never part of a group)
             Command::Erase(..) => Err(CommitError::Store(StoreError::Engine(
@@ -413,8 +533,14 @@ fn apply_group(
     if !logged.is_empty() {
         log_postings(&tx, logged)?;
     }
+    let GroupState {
+        heads: new_heads,
+        digests,
+        ..
+    } = gs;
+    *heads_out = new_heads;
     if head.size != start_size {
-        sign_head(&tx, head, signer)?;
+        sign_head(&tx, head, &integ.seal_state(head, digests), signer)?;
         if checkpoint_due {
             write_checkpoint(&tx, frontier, signer)?;
         }
@@ -438,18 +564,27 @@ fn log_postings(
     Ok(())
 }
 
-/// Store the new audit head, signed.
+/// Store the new audit head with the sealed state summary, signed together.
 pub(super) fn sign_head(
     tx: &rusqlite::Transaction<'_>,
     head: &ChainHead,
+    state: &[u8],
     signer: &HeadSigner,
 ) -> Result<(), StoreError> {
-    let signature = signer(&head.signing_message());
-    tx.execute(
-        "INSERT INTO audit_head (one, size, hash, signature) VALUES (1, ?1, ?2, ?3) \
-         ON CONFLICT (one) DO UPDATE SET size = excluded.size, hash = excluded.hash, signature = excluded.signature",
-        params![head.size as i64, head.hash.as_slice(), signature],
+    let signature = signer(&head.signing_message_with(state));
+    tx.prepare_cached(
+        "INSERT INTO audit_head (one, size, hash, state, signature) VALUES (1, ?1, ?2, ?3, ?4) \
+         ON CONFLICT (one) DO UPDATE SET size = excluded.size, hash = excluded.hash, \
+         state = excluded.state, signature = excluded.signature",
     )
+    .and_then(|mut st| {
+        st.execute(params![
+            head.size as i64,
+            head.hash.as_slice(),
+            state,
+            signature
+        ])
+    })
     .map_err(engine)?;
     Ok(())
 }
@@ -501,20 +636,71 @@ fn run_cached(tx: &rusqlite::Transaction<'_>, sql: &str) -> Result<(), StoreErro
         .map_err(engine)
 }
 
+/// A group's changes of the state summary and the resources' heads (see
+/// [`crate::integrity`]): heads written in the group overlay the ones known, and a batch
+/// that rolls back undoes its own.
+pub(super) struct GroupState<'a> {
+    pub(super) integ: &'a Integrity,
+    pub(super) digests: &'a mut Digests,
+    pub(super) known: &'a Known,
+    /// Heads written in this group (applied to `known` once it commits).
+    pub(super) heads: HashMap<u128, Head>,
+    undo: Vec<(u128, Option<Head>)>,
+}
+
+impl GroupState<'_> {
+    fn head(&self, key: u128) -> Option<Head> {
+        self.heads
+            .get(&key)
+            .or_else(|| self.known.heads.get(&key))
+            .copied()
+    }
+
+    fn set_head(&mut self, key: u128, head: Head) {
+        let old = self.heads.insert(key, head);
+        self.undo.push((key, old));
+    }
+
+    fn mark(&self) -> (usize, Digests) {
+        (self.undo.len(), *self.digests)
+    }
+
+    fn rollback(&mut self, (len, digests): (usize, Digests)) {
+        while self.undo.len() > len {
+            if let Some((key, old)) = self.undo.pop() {
+                match old {
+                    Some(h) => self.heads.insert(key, h),
+                    None => self.heads.remove(&key),
+                };
+            }
+        }
+        *self.digests = digests;
+    }
+}
+
 /// Apply one batch in its savepoint: its new data keys, its guards, its versions (with
-/// their index changes staged) and its audit events.
+/// their index changes staged) and its audit events, the first of which commits what
+/// the batch stored (a companion event does when the batch brings none).
 fn apply_batch(
     tx: &rusqlite::Transaction<'_>,
-    batch: &WriteBatch,
+    (batch, sealed): (&mut WriteBatch, &[[u8; 32]]),
     head: &mut ChainHead,
     leaves: &mut Vec<merkle::Hash>,
-    pending: &Pending,
-    staged: &mut Staged,
+    (pending, staged): (&Pending, &mut Staged),
+    gs: &mut GroupState<'_>,
 ) -> Result<Committed, CommitError> {
-    store_new_keys(tx, &batch.new_keys)?;
+    store_new_keys(tx, &batch.new_keys, gs)?;
     check_guards(tx, &batch.guards, pending, staged)?;
+    let mut writes = Vec::with_capacity(batch.puts.len());
     for (index, put) in batch.puts.iter().enumerate() {
-        apply_put(tx, index, put, staged)?;
+        let digest = sealed.get(index).copied().unwrap_or_default();
+        writes.push(apply_put(tx, index, put, &digest, staged, gs)?);
+    }
+    if !writes.is_empty() {
+        match batch.audit.first_mut() {
+            Some(ev) => ev.writes.extend(writes),
+            None => batch.audit.push(setting_event(writes)),
+        }
     }
     append_audit_events(tx, &batch.audit, head, leaves)
 }
@@ -523,6 +709,7 @@ fn apply_batch(
 fn store_new_keys(
     tx: &rusqlite::Transaction<'_>,
     keys: &[(String, Vec<u8>)],
+    gs: &mut GroupState<'_>,
 ) -> Result<(), CommitError> {
     let e = |e: rusqlite::Error| CommitError::Store(engine(e));
     for (key_id, wrapped) in keys {
@@ -540,6 +727,7 @@ fn store_new_keys(
                     .map_err(e)?
                     .execute(params![key_id, wrapped])
                     .map_err(e)?;
+                gs.digests.body.add(gs.integ.key_element(key_id, wrapped));
             }
         }
     }
@@ -573,30 +761,46 @@ fn check_guards(
 }
 
 /// Store the version `put` (the `index`th of its batch) if it is the one after the
-/// version it expects, and stage its index changes.
+/// version it expects — and the one before is what this process knows it wrote — stage
+/// its index changes, update the state summary and the resource's head; what it stored.
 fn apply_put(
     tx: &rusqlite::Transaction<'_>,
     index: usize,
     put: &Put,
+    sealed: &[u8; 32],
     staged: &mut Staged,
-) -> Result<(), CommitError> {
+    gs: &mut GroupState<'_>,
+) -> Result<Write, CommitError> {
     let e = |e: rusqlite::Error| CommitError::Store(engine(e));
     let row = &put.row;
-    let current: Option<(i64, i64)> = tx
+    let found: Option<(i64, i64, i64)> = tx
         .prepare_cached(
-            "SELECT version, rno FROM resource_version WHERE rtype = ?1 AND id = ?2 \
+            "SELECT version, rno, deleted FROM resource_version WHERE rtype = ?1 AND id = ?2 \
              ORDER BY version DESC LIMIT 1",
         )
         .map_err(e)?
         .query_row(params![row.rtype, DbId(&row.id)], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .optional()
         .map_err(e)?;
-    let (current, rno) = match current {
-        Some((v, rno)) => (Some(v as u64), rno),
-        None => (None, 0),
-    };
+    let key = gs.known.key(&row.rtype, &row.id);
+    let known = gs.head(key);
+    let found = found.map(|(v, rno, d)| Head {
+        rno,
+        version: v as u64,
+        deleted: d != 0,
+    });
+    if found != known {
+        return Err(CommitError::Store(super::trust::tampered(format!(
+            "{}/{} is not at the version phivault last wrote (stored {:?}, written {:?})",
+            row.rtype,
+            row.id,
+            found.map(|h| h.version),
+            known.map(|h| h.version)
+        ))));
+    }
+    let current = known.map(|h| h.version);
     let ok = match put.expect {
         Expect::Absent => current.is_none(),
         Expect::Version(v) => current == Some(v),
@@ -604,17 +808,47 @@ fn apply_put(
     if !ok || row.version != current.unwrap_or(0) + 1 {
         return Err(CommitError::Conflict { index, current });
     }
-    // a new resource gets the next resource number (rolled back with its batch)
-    let rno = if current.is_none() {
-        tx.prepare_cached("INSERT INTO resource_no (id) VALUES (?1)")
-            .map_err(e)?
-            .execute(params![DbId(&row.id)])
-            .map_err(e)?;
-        tx.last_insert_rowid()
-    } else {
-        rno
+    // an erased key's marker wins over whatever `data_key` holds (`super::erase`)
+    if super::erase::is_erased(gs.known, &row.key_id) {
+        return Err(CommitError::KeyErased);
+    }
+    let new_head = |rno| Head {
+        rno,
+        version: row.version,
+        deleted: row.deleted,
     };
-    let version = row.version as i64;
+    // a new resource gets the next resource number (rolled back with its batch)
+    let rno = match known {
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO resource_no (id, rtype, version, deleted) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .map_err(e)?
+            .execute(params![
+                DbId(&row.id),
+                row.rtype,
+                row.version as i64,
+                row.deleted as i64
+            ])
+            .map_err(e)?;
+            tx.last_insert_rowid()
+        }
+        Some(old) => {
+            gs.digests
+                .heads
+                .sub(gs.integ.head_element(old.rno, &row.rtype, &row.id, old));
+            tx.prepare_cached("UPDATE resource_no SET version = ?2, deleted = ?3 WHERE rno = ?1")
+                .map_err(e)?
+                .execute(params![old.rno, row.version as i64, row.deleted as i64])
+                .map_err(e)?;
+            old.rno
+        }
+    };
+    gs.digests.heads.add(
+        gs.integ
+            .head_element(rno, &row.rtype, &row.id, new_head(rno)),
+    );
+    gs.set_head(key, new_head(rno));
     let key_no: i64 = tx
         .prepare_cached("SELECT key_no FROM data_key WHERE key_id = ?1")
         .map_err(e)?
@@ -624,10 +858,6 @@ fn apply_put(
         .ok_or(CommitError::Store(StoreError::Corrupt(
             "version sealed under a data key that is not stored",
         )))?;
-    // an erased key's marker wins over whatever `data_key` holds (`super::erase`)
-    if super::erase::is_erased(tx, &row.key_id).map_err(e)? {
-        return Err(CommitError::KeyErased);
-    }
     tx.prepare_cached(
         "INSERT INTO resource_version (rtype, id, version, key_no, deleted, updated_ms, sealed, rno) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -636,7 +866,7 @@ fn apply_put(
     .execute(params![
         row.rtype,
         DbId(&row.id),
-        version,
+        row.version as i64,
         key_no,
         row.deleted as i64,
         row.updated_ms,
@@ -644,12 +874,20 @@ fn apply_put(
         rno
     ])
     .map_err(e)?;
-    stage_index_changes(rno, put, staged);
-    Ok(())
+    gs.digests.body.add(gs.integ.version_element(row, sealed));
+    stage_index_changes(rno, put, staged, gs);
+    Ok(Write::Version {
+        resource_type: row.rtype.clone(),
+        resource_id: row.id.clone(),
+        version: row.version,
+        deleted: row.deleted,
+        sealed: *sealed,
+    })
 }
 
-/// Stage the postings a write of resource number `rno` removes and adds.
-fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged) {
+/// Stage the postings a write of resource number `rno` removes and adds, and count them
+/// in the state summary.
+fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged, gs: &mut GroupState<'_>) {
     let row = &put.row;
     let old = postings_of_entries(&row.rtype, &put.replaces);
     let new = if row.deleted {
@@ -668,6 +906,16 @@ fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged) {
         .filter(|p| old.binary_search(p).is_err())
         .copied()
         .collect();
+    for (ix, token) in &removed {
+        gs.digests
+            .body
+            .sub(gs.integ.posting_element(*ix, token, rno));
+    }
+    for (ix, token) in &added {
+        gs.digests
+            .body
+            .add(gs.integ.posting_element(*ix, token, rno));
+    }
     log_index(rno, &removed, &added, staged);
 }
 

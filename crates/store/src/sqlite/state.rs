@@ -1,0 +1,210 @@
+//! The state summary recomputed from what the file holds (see [`crate::integrity`]): the
+//! resources' heads at every open, and everything — every version, posting, data key and
+//! KEK generation — for the background verifier, `phivault verify` and the adoption of an
+//! older database.
+
+use ring::digest;
+use rusqlite::{Connection, params};
+
+use super::index::{decode_segment, load_pending};
+use super::lists::token_postings;
+use super::{engine, read_id};
+use crate::StoreError;
+use crate::integrity::{Digests, Head, Integrity, Known, Sum};
+use crate::pending::Pending;
+
+/// SHA-256 of a version's sealed bytes (what the audit log commits to).
+pub(crate) fn sealed_digest(sealed: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, sealed).as_ref());
+    out
+}
+
+/// Every resource's head (`resource_no`): into `known`, and their sum.
+pub(super) fn load_heads(
+    c: &Connection,
+    integ: &Integrity,
+    known: &mut Known,
+) -> Result<Sum, StoreError> {
+    let mut sum = Sum::default();
+    let mut st = c
+        .prepare("SELECT rno, rtype, id, version, deleted FROM resource_no")
+        .map_err(engine)?;
+    let mut rows = st.query([]).map_err(engine)?;
+    while let Some(r) = rows.next().map_err(engine)? {
+        let rno: i64 = r.get(0).map_err(engine)?;
+        let rtype: Option<String> = r.get(1).map_err(engine)?;
+        let id = read_id(r, 2).map_err(engine)?;
+        let version: Option<i64> = r.get(3).map_err(engine)?;
+        let deleted: Option<i64> = r.get(4).map_err(engine)?;
+        let (Some(rtype), Some(version), Some(deleted)) = (rtype, version, deleted) else {
+            return Err(super::trust::tampered(format!(
+                "resource number {rno} has no head"
+            )));
+        };
+        let head = Head {
+            rno,
+            version: version as u64,
+            deleted: deleted != 0,
+        };
+        sum.add(integ.head_element(rno, &rtype, &id, head));
+        let key = known.key(&rtype, &id);
+        if known.heads.insert(key, head).is_some() {
+            return Err(super::trust::tampered(format!(
+                "{rtype}/{id} has two resource numbers"
+            )));
+        }
+    }
+    Ok(sum)
+}
+
+/// Called every [`PACE_ROWS`] rows of a recomputation (the background verifier sleeps
+/// there so it does not crowd out requests).
+pub(super) const PACE_ROWS: usize = 2_000;
+
+/// Every digest of what `c` holds, from scratch (one read transaction: the caller's).
+pub(super) fn recompute(
+    c: &Connection,
+    integ: &Integrity,
+    pace: &mut dyn FnMut(),
+) -> Result<Digests, StoreError> {
+    let mut d = Digests::default();
+    let mut n = 0usize;
+    let mut tick = || {
+        n += 1;
+        if n.is_multiple_of(PACE_ROWS) {
+            pace();
+        }
+    };
+    {
+        let mut st = c.prepare("SELECT k, mac FROM meta").map_err(engine)?;
+        let mut rows = st.query([]).map_err(engine)?;
+        while let Some(r) = rows.next().map_err(engine)? {
+            let mac: Option<Vec<u8>> = r.get(1).map_err(engine)?;
+            if let Some(mac) = mac.and_then(|m| <[u8; 32]>::try_from(m).ok()) {
+                d.settings.add(integ.setting_element(&mac));
+            }
+            tick();
+        }
+    }
+    let mut known = Known::default();
+    d.heads = load_heads(c, integ, &mut known)?;
+    {
+        let mut st = c
+            .prepare(
+                "SELECT v.rtype, v.id, v.version, v.deleted, v.updated_ms, k.key_id, v.sealed \
+                 FROM resource_version v JOIN data_key k ON k.key_no = v.key_no",
+            )
+            .map_err(engine)?;
+        let mut rows = st.query([]).map_err(engine)?;
+        while let Some(r) = rows.next().map_err(engine)? {
+            let row = crate::VersionRow {
+                rtype: r.get(0).map_err(engine)?,
+                id: read_id(r, 1).map_err(engine)?,
+                version: r.get::<_, i64>(2).map_err(engine)? as u64,
+                deleted: r.get::<_, i64>(3).map_err(engine)? != 0,
+                updated_ms: r.get(4).map_err(engine)?,
+                key_id: r.get(5).map_err(engine)?,
+                sealed: Vec::new(),
+            };
+            let sealed = r
+                .get_ref(6)
+                .and_then(|v| Ok(v.as_blob()?))
+                .map_err(engine)?;
+            d.body
+                .add(integ.version_element(&row, &sealed_digest(sealed)));
+            tick();
+        }
+    }
+    d.body.add(postings_sum(c, integ, &mut tick)?);
+    {
+        let mut st = c
+            .prepare("SELECT key_id, wrapped FROM data_key")
+            .map_err(engine)?;
+        let mut rows = st.query([]).map_err(engine)?;
+        while let Some(r) = rows.next().map_err(engine)? {
+            let key_id: String = r.get(0).map_err(engine)?;
+            let wrapped: Vec<u8> = r.get(1).map_err(engine)?;
+            d.body.add(integ.key_element(&key_id, &wrapped));
+            tick();
+        }
+    }
+    {
+        let mut st = c
+            .prepare("SELECT generation, wrapped, created_ms FROM kek_generation")
+            .map_err(engine)?;
+        let mut rows = st.query([]).map_err(engine)?;
+        while let Some(r) = rows.next().map_err(engine)? {
+            let wrapped: Vec<u8> = r.get(1).map_err(engine)?;
+            d.body.add(integ.kek_element(
+                r.get(0).map_err(engine)?,
+                &wrapped,
+                r.get(2).map_err(engine)?,
+            ));
+        }
+    }
+    Ok(d)
+}
+
+/// The sum of every live posting: the segments', with the log's records applied.
+fn postings_sum(
+    c: &Connection,
+    integ: &Integrity,
+    tick: &mut dyn FnMut(),
+) -> Result<Sum, StoreError> {
+    let mut sum = Sum::default();
+    {
+        let mut st = c
+            .prepare("SELECT ix, data FROM search_seg")
+            .map_err(engine)?;
+        let mut rows = st.query([]).map_err(engine)?;
+        while let Some(r) = rows.next().map_err(engine)? {
+            let ix: i64 = r.get(0).map_err(engine)?;
+            let pairs = r
+                .get_ref(1)
+                .and_then(|v| Ok(v.as_blob()?))
+                .and_then(decode_segment)
+                .map_err(engine)?;
+            for (tok, rno) in pairs {
+                sum.add(integ.posting_element(ix, tok.bytes(), rno));
+            }
+            tick();
+        }
+    }
+    let pending = load_pending(c)?;
+    let none = Pending::default();
+    let mut last: Option<(i64, crate::pending::Tok, Vec<i64>)> = None;
+    for ((ix, tok, rno), live) in pending.all() {
+        // the segments' postings of this token, read once per token
+        if last.as_ref().is_none_or(|(i, t, _)| *i != ix || *t != tok) {
+            let merged = token_postings(c, ix, &tok, &none, None).map_err(engine)?;
+            last = Some((ix, tok.clone(), merged));
+        }
+        let Some((_, _, merged)) = &last else {
+            continue;
+        };
+        let in_segments = merged.binary_search(&rno).is_ok();
+        let e = integ.posting_element(ix, tok.bytes(), rno);
+        match (live, in_segments) {
+            (true, false) => sum.add(e),
+            (false, true) => sum.sub(e),
+            _ => {}
+        }
+    }
+    Ok(sum)
+}
+
+/// Give every resource number its head (type, current version, tombstone) from the
+/// versions stored: a database written before heads were kept.
+pub(super) fn fill_heads(c: &Connection) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE resource_no SET rtype = cur.rtype, version = cur.version, deleted = cur.deleted \
+         FROM (SELECT v.rno, v.rtype, v.version, v.deleted FROM resource_version v \
+               WHERE v.version = (SELECT max(x.version) FROM resource_version x \
+                                  WHERE x.rtype = v.rtype AND x.id = v.id)) AS cur \
+         WHERE resource_no.rno = cur.rno AND resource_no.rtype IS NULL",
+        params![],
+    )
+    .map_err(engine)?;
+    Ok(())
+}
