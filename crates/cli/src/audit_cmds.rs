@@ -142,6 +142,28 @@ pub(crate) fn audit_report(
 }
 
 pub(crate) fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
+    let d = datadir::DataDir::new(data_dir);
+    let public = datadir::load_keys(&d)?.1.public_key();
+    match check_audit_log(data_dir, witness, &public)? {
+        Ok(report) => {
+            println!("audit verify: OK: {report}");
+            Ok(0)
+        }
+        Err(failure) => {
+            println!("audit verify: FAILED: {failure}");
+            Ok(1)
+        }
+    }
+}
+
+/// The audit log of `data_dir` checked with the audit key's public half: its chain,
+/// signed head and checkpoints, and the witness file's checkpoints; a summary or the
+/// failure.
+pub(crate) fn check_audit_log(
+    data_dir: &Path,
+    witness: Option<&Path>,
+    public: &[u8; 32],
+) -> Result<Result<String, String>> {
     use phivault_audit::{StoredEvent, merkle::Checkpoint, verify};
     /// The data directory's store and the witness file, read as the verification asks.
     struct Files<'a> {
@@ -173,24 +195,15 @@ pub(crate) fn audit_verify(data_dir: &Path, witness: Option<&Path>) -> Result<i3
             Ok(self.store.scan_audit(visit)?)
         }
     }
-    let d = datadir::DataDir::new(data_dir);
-    let public = datadir::load_keys(&d)?.1.public_key();
     let store = datadir::read_only_store(data_dir)?;
     // an emptied log verifies as an empty one: a store with anything in it has a log
     if store.audit_head()?.is_none() && store.holds_data()? {
-        println!(
-            "audit verify: FAILED: the store holds records or settings but has no audit log (the log was emptied)"
-        );
-        return Ok(1);
+        return Ok(Err(
+            "the store holds records or settings but has no audit log (the log was emptied)"
+                .to_owned(),
+        ));
     }
-    match verify::verify_log(&mut Files { store, witness }, &public)? {
-        Ok(report) => {
-            println!("audit verify: OK: {report}");
-            Ok(0)
-        }
-        Err(failure) => {
-            println!("audit verify: FAILED: {failure}");
-            Ok(1)
-        }
-    }
+    Ok(verify::verify_log(&mut Files { store, witness }, public)?
+        .map(|r| r.to_string())
+        .map_err(|f| f.to_string()))
 }

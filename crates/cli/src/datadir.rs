@@ -255,6 +255,50 @@ pub struct Opened {
     pub keys: KeyHierarchy,
     pub store: Arc<SqliteStore>,
     pub token_pkcs8: phivault_crypto::Secret<Vec<u8>>,
+    /// The audit key's public half.
+    pub audit_public: [u8; 32],
+}
+
+impl Opened {
+    /// Refuse a store whose log does not hold the newest checkpoint the witness file kept
+    /// (a missing file is a new witness): the database was rolled back or replaced.
+    pub fn check_witness(&self, witness: &Path) -> Result<()> {
+        let text = match std::fs::read_to_string(witness) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read the witness file {}", witness.display())
+                });
+            }
+        };
+        let Some(newest) = text
+            .lines()
+            .rev()
+            .find_map(phivault_audit::merkle::Checkpoint::from_line)
+        else {
+            return Ok(());
+        };
+        if !newest.signature_ok(&self.audit_public) {
+            bail!(
+                "refusing to start: the newest checkpoint in the witness file {} is not signed by this data directory's audit key",
+                witness.display()
+            );
+        }
+        let held = self
+            .store
+            .audit_checkpoints(newest.size.saturating_sub(1), 1)?
+            .into_iter()
+            .any(|c| c.size == newest.size && c.root == newest.root);
+        if !held {
+            bail!(
+                "refusing to start: the audit log does not hold the witness's newest checkpoint (event {}): the database was rolled back or replaced. Run `phivault verify --witness {}` and restore from a backup",
+                newest.size,
+                witness.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Refuse a data directory others can read or write.
@@ -368,6 +412,7 @@ fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> Result<Opene
     let token_pkcs8 = keys
         .open_secret(TOKEN_KEY_LABEL, &sealed)
         .context("refusing to start: the token signing key does not open under this master key")?;
+    let audit_public = audit.public_key();
     let store = SqliteStore::open(&d.db(), store_keys(&keys, audit)).map_err(refusal)?;
     match store.meta(META_KCV)? {
         Some(kcv) if keys.verify_key_check_value(&kcv) => {}
@@ -381,5 +426,6 @@ fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> Result<Opene
         keys,
         store: Arc::new(store),
         token_pkcs8,
+        audit_public,
     })
 }

@@ -14,6 +14,7 @@ mod progress;
 mod registry;
 mod sealed;
 mod serve;
+mod verify_cmd;
 
 /// mimalloc: the request path (JSON trees, sealing buffers) is allocation-heavy; glibc malloc
 /// showed up as ~20% of server CPU in import profiles.
@@ -209,6 +210,7 @@ fn run(cli: Cli) -> Result<i32> {
             resume,
             paths,
         }),
+        Cmd::Verify { data_dir, witness } => verify_cmd::verify(&data_dir, witness.as_deref()),
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir, witness },
         } => audit_cmds::audit_verify(&data_dir, witness.as_deref()),

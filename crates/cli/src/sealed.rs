@@ -344,6 +344,9 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     drop(keys);
     let opened = datadir::open_with(&ctl.data_dir, master)
         .map_err(|e| format!("the shares are right but the data directory did not open: {e:#}"))?;
+    if let Some(w) = &ctl.watch.witness_file {
+        opened.check_witness(w).map_err(|e| format!("{e:#}"))?;
+    }
     opened
         .store
         .set_checkpoint_interval_ms(ctl.checkpoint_every_ms);

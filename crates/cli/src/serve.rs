@@ -58,6 +58,9 @@ pub(crate) fn serve(
         });
     }
     let opened = datadir::open(data_dir)?;
+    if let Some(w) = &watch.witness_file {
+        opened.check_witness(w)?;
+    }
     lock.record_pid()?;
     opened.store.set_checkpoint_interval_ms(checkpoint_every_ms);
     let (cert_path, key_path) = match (tls_cert, tls_key) {

@@ -18,6 +18,7 @@ pub mod registrations;
 pub mod report;
 pub mod search;
 pub mod snoop;
+pub mod store_check;
 pub mod stored;
 pub mod users;
 pub mod watch;

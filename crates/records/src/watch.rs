@@ -8,7 +8,10 @@
 //! * every signed checkpoint appended to a witness file as soon as it is written (the
 //!   `phivault audit checkpoints` line format, fsync'd), for `phivault audit verify
 //!   --witness`: put it on another volume, append-only (`chattr +a`), or ship it off the
-//!   host, so that a rewrite of the whole database is caught.
+//!   host, so that a rewrite of the whole database is caught;
+//! * the store check ([`crate::store_check`]): readers' refusals of rows changed outside
+//!   phivault raised as alerts within a second, and the whole store checked against the
+//!   signed state soon after start and then every `verify_every`.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -33,6 +36,8 @@ pub struct Watch {
     pub witness_file: Option<PathBuf>,
     /// The syslog socket new alerts go to.
     pub alert_syslog: Option<PathBuf>,
+    /// How often the whole store is checked against the signed state.
+    pub verify_every: Duration,
 }
 
 /// The running watchers: [`Watcher::stop`] ends them (a sealed server drops its `Vault`).
@@ -106,6 +111,34 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) -> Watcher {
                 }
             }
             tick.tick().await;
+        }
+    }));
+    let checker = app.clone();
+    let every = watch.verify_every;
+    tasks.push(tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let mut last_full: Option<std::time::Instant> = None;
+        loop {
+            tokio::time::sleep(crate::store_check::ROUND).await;
+            let full = crate::store_check::due(last_full, started, every);
+            let a = checker.clone();
+            let done = tokio::task::spawn_blocking(move || crate::store_check::run(&a, full)).await;
+            match done {
+                Ok(Ok(round)) => {
+                    if let Some(took) = round.full {
+                        last_full = Some(std::time::Instant::now());
+                        tracing::info!(
+                            ms = took.as_millis() as u64,
+                            findings = round.findings.len(),
+                            "the store was checked against the signed state"
+                        );
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a store check's alert could not be raised")
+                }
+                Err(_) => tracing::error!("the store check stopped"),
+            }
         }
     }));
     if let Some(path) = watch.witness_file {
@@ -190,7 +223,7 @@ pub fn syslog_message(alert: &Alert, host: &str) -> String {
     };
     let ts = crate::engine::instant(alert.at_ms);
     format!(
-        "<{}>1 {ts} {host} phivault - alert [phivault@32473 id=\"{}\" rule=\"{}\" score=\"{}\" user=\"{}\" patient=\"{}\" request=\"{}\"] snooping alert for review",
+        "<{}>1 {ts} {host} phivault - alert [phivault@32473 id=\"{}\" rule=\"{}\" score=\"{}\" user=\"{}\" patient=\"{}\" request=\"{}\"] {}",
         10 * 8 + 4,
         escape(&alert.id),
         escape(&alert.rule),
@@ -198,6 +231,11 @@ pub fn syslog_message(alert: &Alert, host: &str) -> String {
         escape(&alert.user),
         escape(&alert.patient),
         escape(&alert.request_id),
+        if alert.rule == crate::store_check::RULE {
+            "storage changed outside phivault"
+        } else {
+            "snooping alert for review"
+        },
     )
 }
 

@@ -396,6 +396,19 @@ pub trait Store: Send + Sync + 'static {
             "listing data keys is not supported".into(),
         ))
     }
+    /// Recompute the state summary from everything stored and compare it with the one
+    /// signed with the audit head (the background verifier): the kinds of rows that
+    /// differ, none when all match. `pace` is called every few thousand rows (a verifier
+    /// sleeps there so requests go first).
+    fn check_state(&self, pace: &mut dyn FnMut()) -> Result<Vec<String>, StoreError> {
+        let _ = pace;
+        Ok(Vec::new())
+    }
+    /// What readers refused as changed outside phivault since the last call (row keys, ids
+    /// and kinds; never values), for alerts.
+    fn take_detections(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The signed audit head, if any event was ever written.
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError>;
     /// Visit audit events in sequence order (for verification and reports).

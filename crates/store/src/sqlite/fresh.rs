@@ -76,11 +76,20 @@ impl super::SqliteStore {
     }
 
     pub(super) fn setting_tampered(&self, key: &str) -> StoreError {
-        let e = tampered(format!(
+        let what = format!(
             "settings row {key} is not the one phivault last wrote (inserted, edited, removed or restored from an older copy)"
-        ));
+        );
         tracing::error!(row = key, "refused a settings row changed outside phivault");
-        e
+        self.detected(&what);
+        tampered(what)
+    }
+
+    /// Keep a refusal for the watcher's alert (see [`crate::Store::take_detections`]).
+    pub(super) fn detected(&self, what: &str) {
+        let mut d = self.detections.lock();
+        if d.len() < super::MAX_DETECTIONS && !d.iter().any(|x| x == what) {
+            d.push(what.to_owned());
+        }
     }
 
     /// Have the writer catch up with heads another process wrote (see [`catch_up`]).
@@ -113,9 +122,28 @@ impl super::SqliteStore {
             what,
             "refused a resource changed outside phivault"
         );
-        tampered(format!(
+        let what = format!(
             "{rtype}/{id}: {what} (changed outside phivault: rolled back, removed, added or marked deleted)"
-        ))
+        );
+        self.detected(&what);
+        tampered(what)
+    }
+
+    /// The background check: everything summed afresh in one snapshot, against the state
+    /// signed with the head of that snapshot.
+    pub(super) fn check_state_now(
+        &self,
+        pace: &mut dyn FnMut(),
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(integ) = self.integ.clone() else {
+            return Ok(Vec::new());
+        };
+        let out =
+            self.with_snapshot(|c| Ok(super::verify::against_signed_state(c, &integ, pace)))??;
+        for what in &out {
+            self.detected(what);
+        }
+        Ok(out)
     }
 
     /// Whether `row`, read as version `version` of `rtype`/`id` (`None`: none), is one this
@@ -135,7 +163,7 @@ impl super::SqliteStore {
         match (head, row) {
             (None, None) => true,
             (None, Some(_)) => false,
-            (Some(h), None) => version > h.version,
+            (Some(h), None) => version == 0 || version > h.version,
             (Some(h), Some(r)) => {
                 r.version <= h.version && (r.version < h.version || r.deleted == h.deleted)
             }

@@ -142,6 +142,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 mod trust;
+pub mod verify;
 mod wal;
 mod writer;
 
@@ -230,7 +231,13 @@ pub struct SqliteStore {
     /// Whether settings rows have a MAC column (a read-only open of an older database
     /// may not).
     has_mac: bool,
+    /// What readers refused since [`Store::take_detections`] last took it (at most
+    /// [`MAX_DETECTIONS`]).
+    detections: Mutex<Vec<String>>,
 }
+
+/// Detections kept until the watcher takes them (more are counted in the last one).
+const MAX_DETECTIONS: usize = 100;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -375,6 +382,7 @@ impl SqliteStore {
             integ: Some(integ),
             known,
             has_mac: true,
+            detections: Mutex::new(Vec::new()),
         })
     }
 
@@ -444,6 +452,7 @@ impl SqliteStore {
             integ: None,
             known: Arc::default(),
             has_mac,
+            detections: Mutex::new(Vec::new()),
         })
     }
 
@@ -582,6 +591,14 @@ impl Store for SqliteStore {
 
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
         self.read_audit_head()
+    }
+
+    fn check_state(&self, pace: &mut dyn FnMut()) -> Result<Vec<String>, StoreError> {
+        self.check_state_now(pace)
+    }
+
+    fn take_detections(&self) -> Vec<String> {
+        std::mem::take(&mut *self.detections.lock())
     }
 
     fn audit_checkpoints(

@@ -47,7 +47,7 @@ type Adopt = Vec<(String, Vec<u8>)>;
 /// The stored head row: size, hash, state, signature.
 type HeadRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
 
-fn head_row(c: &Connection) -> Result<Option<HeadRow>, StoreError> {
+pub(super) fn head_row(c: &Connection) -> Result<Option<HeadRow>, StoreError> {
     c.query_row(
         "SELECT size, hash, coalesce(state, x''), signature FROM audit_head WHERE one = 1",
         [],

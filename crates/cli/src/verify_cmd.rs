@@ -1,0 +1,46 @@
+//! `phivault verify`: a data directory checked offline — the audit log with the audit
+//! key's public half (and a witness file), then the whole store against the log and the
+//! state signed with it, with the integrity keys from the master key.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::{audit_cmds, datadir};
+
+pub(crate) fn verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
+    let d = datadir::DataDir::new(data_dir);
+    let (keys, audit) = datadir::load_keys(&d)?;
+    let public = audit.public_key();
+    let mut failed = false;
+    match audit_cmds::check_audit_log(data_dir, witness, &public)? {
+        Ok(summary) => println!("audit log: OK: {summary}"),
+        Err(failure) => {
+            failed = true;
+            println!("audit log: FAILED: {failure}");
+        }
+    }
+    let store_keys = datadir::store_keys(&keys, audit);
+    let report =
+        phivault_store::sqlite::verify::verify_file(&d.db(), &store_keys.integrity, &public)?;
+    if report.discrepancies.is_empty() {
+        println!(
+            "store: OK: {} versions and {} settings rows match the {} audit events that commit them and the signed state",
+            report.versions, report.settings, report.events
+        );
+    } else {
+        failed = true;
+        println!(
+            "store: FAILED: {} discrepancies ({} versions, {} settings rows, {} audit events read):",
+            report.discrepancies.len(),
+            report.versions,
+            report.settings,
+            report.events
+        );
+        for line in &report.discrepancies {
+            println!("  {line}");
+        }
+    }
+    println!("verify: {}", if failed { "FAILED" } else { "OK" });
+    Ok(i32::from(failed))
+}

@@ -1,0 +1,541 @@
+//! Issue 18: a writer of the storage — who can write the SQLite file but holds neither
+//! the master key nor the audit key — cannot roll back, hide, forge or launder. Each case
+//! edits the real database of the real binary and asserts the exact outcome: the server
+//! refuses to start (naming why), refuses the affected request (a 5xx OperationOutcome,
+//! the rest still served), or finds it in its background check (logged and raised as an
+//! alert); and `phivault verify` names the discrepancy.
+mod common;
+use common::*;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use serde_json::{Value, json};
+
+const SCOPE: &str = "system/*.cruds";
+
+/// A server with: patient `a` updated once (version 2) with an observation `obs`, and
+/// patient `b`.
+struct Fixture {
+    s: Server,
+    t: String,
+    a: String,
+    b: String,
+    obs: String,
+}
+
+fn patient(family: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": family}], "gender": "female",
+           "birthDate": "1970-01-02"})
+}
+
+fn fixture(args: &[&str]) -> Fixture {
+    let s = Server::start_with_args(args);
+    let t = s.token(SCOPE);
+    let created = |r: Resp| -> String {
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().expect("id").to_owned()
+    };
+    let a = created(s.post("Patient", &t, &patient("Tamperalpha")));
+    let mut v2 = patient("Tamperalpha");
+    v2["id"] = json!(a);
+    v2["gender"] = json!("other");
+    let r = s.put(&format!("Patient/{a}"), &t, &v2, &[]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let obs = created(s.post(
+        "Observation",
+        &t,
+        &json!({"resourceType": "Observation", "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "subject": {"reference": format!("Patient/{a}")},
+                "valueQuantity": {"value": 72, "unit": "/min"}}),
+    ));
+    let b = created(s.post("Patient", &t, &patient("Tamperbravo")));
+    Fixture { s, t, a, b, obs }
+}
+
+/// A logical id as the SQLite engine stores it (canonical UUIDs as 16 bytes).
+fn db_id(id: &str) -> rusqlite::types::Value {
+    match phivault_audit::uuid_bytes(id) {
+        Some(b) => rusqlite::types::Value::Blob(b.to_vec()),
+        None => rusqlite::types::Value::Text(id.to_owned()),
+    }
+}
+
+fn db(s: &Server) -> Connection {
+    let c = Connection::open(s.db_path()).expect("open db");
+    c.busy_timeout(Duration::from_secs(10)).expect("busy");
+    c
+}
+
+/// `phivault verify` on the data directory: (passed, output).
+fn verify(s: &Server, extra: &[&str]) -> (bool, String) {
+    let o = Command::new(BIN)
+        .args(unlock_args(&s.data))
+        .args(["verify", "--data-dir"])
+        .arg(&s.data)
+        .args(extra)
+        .output()
+        .expect("verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+fn assert_verify_finds(s: &Server, wants: &[&str]) {
+    let (ok, text) = verify(s, &[]);
+    assert!(!ok, "verify passed a tampered store: {text}");
+    assert!(text.contains("verify: FAILED"), "{text}");
+    for w in wants {
+        assert!(text.contains(w), "verify does not name {w:?}: {text}");
+    }
+    for secret in ["Tamperalpha", "Tamperbravo", "1970-01-02"] {
+        assert!(!text.contains(secret), "verify printed PHI: {text}");
+    }
+}
+
+/// Start the server again and expect it to refuse, naming `why`.
+fn assert_start_refused(s: &mut Server, why: &str) {
+    s.stop();
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--data-dir"])
+        .arg(&s.data)
+        .args(["--listen", "127.0.0.1:0"]);
+    key_home(&mut c, &s.data);
+    match try_spawn_server(c) {
+        Ok(_) => panic!("the server started on a tampered store (expected: {why})"),
+        Err(e) => {
+            assert!(e.contains("storage was changed outside phivault"), "{e}");
+            assert!(e.contains(why), "refusal does not say {why:?}: {e}");
+        }
+    }
+}
+
+/// A 5xx integrity OperationOutcome.
+fn assert_integrity_error(r: &Resp, what: &str) {
+    let text = String::from_utf8_lossy(&r.body);
+    assert_eq!(r.status, 500, "{what}: {text}");
+    assert!(r.is_outcome(), "{what}: {text}");
+    assert!(text.contains("integrity"), "{what}: {text}");
+    assert!(!text.contains("Tamperalpha"), "{what}: {text}");
+}
+
+/// Wait until the server's log holds `needle` (the store check's finding).
+fn await_log(s: &Server, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = String::from_utf8_lossy(&s.logs()).into_owned();
+        if log.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never logged {needle:?}: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop_and_edit(s: &mut Server, edit: impl FnOnce(&Connection)) {
+    s.stop();
+    edit(&db(s));
+}
+
+#[test]
+fn a_version_rolled_back_is_refused_on_read_found_by_the_check_and_named_by_verify() {
+    let mut f = fixture(&["--verify-every", "1"]);
+    let a = f.a.clone();
+    stop_and_edit(&mut f.s, |c| {
+        let n = c
+            .execute(
+                "DELETE FROM resource_version WHERE rtype = 'Patient' AND id = ?1 AND version = 2",
+                params![db_id(&a)],
+            )
+            .expect("delete");
+        assert_eq!(n, 1);
+    });
+    f.s.restart_with(&["--verify-every", "1"]);
+    let t = f.s.token(SCOPE);
+    assert_integrity_error(&f.s.get(&format!("Patient/{a}"), &t), "read");
+    assert_integrity_error(&f.s.get(&format!("Patient/{a}/_history"), &t), "history");
+    // the rest is served
+    let r = f.s.get(&format!("Patient/{}", f.b), &t);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    await_log(
+        &f.s,
+        "stored versions, index postings, data keys or KEK generations differ",
+    );
+    await_log(&f.s, &format!("Patient/{a}"));
+    f.s.stop();
+    assert_verify_finds(
+        &f.s,
+        &[&format!("Patient/{a} version 2: committed but missing")],
+    );
+}
+
+#[test]
+fn a_record_rolled_back_with_its_head_stops_the_server_from_starting() {
+    let mut f = fixture(&[]);
+    let a = f.a.clone();
+    stop_and_edit(&mut f.s, |c| {
+        c.execute(
+            "DELETE FROM resource_version WHERE rtype = 'Patient' AND id = ?1 AND version = 2",
+            params![db_id(&a)],
+        )
+        .expect("delete");
+        c.execute(
+            "UPDATE resource_no SET version = 1 WHERE rtype = 'Patient' AND id = ?1",
+            params![db_id(&a)],
+        )
+        .expect("head");
+    });
+    assert_start_refused(&mut f.s, "current versions differ from the signed state");
+    assert_verify_finds(
+        &f.s,
+        &[&format!("Patient/{a} version 2: committed but missing")],
+    );
+}
+
+#[test]
+fn rows_deleted_outright_and_a_forged_tombstone_are_refused_and_named() {
+    let mut f = fixture(&[]);
+    let (a, b, obs) = (f.a.clone(), f.b.clone(), f.obs.clone());
+    stop_and_edit(&mut f.s, |c| {
+        // the observation's rows, gone; b gets a tombstone it never had
+        c.execute(
+            "DELETE FROM resource_version WHERE rtype = 'Observation' AND id = ?1",
+            params![db_id(&obs)],
+        )
+        .expect("delete");
+        c.execute(
+            "INSERT INTO resource_version (rtype, id, version, key_no, deleted, updated_ms, sealed, rno) \
+             SELECT rtype, id, 2, key_no, 1, updated_ms + 1, x'', rno FROM resource_version \
+             WHERE rtype = 'Patient' AND id = ?1 AND version = 1",
+            params![db_id(&b)],
+        )
+        .expect("tombstone");
+    });
+    f.s.restart();
+    let t = f.s.token(SCOPE);
+    assert_integrity_error(&f.s.get(&format!("Observation/{obs}"), &t), "deleted read");
+    assert_integrity_error(&f.s.get(&format!("Patient/{b}"), &t), "tombstone read");
+    assert_integrity_error(
+        &f.s.get(&format!("Observation?subject=Patient/{a}"), &t),
+        "a search reaching the deleted row",
+    );
+    // other records and searches are served
+    let r = f.s.get(&format!("Patient/{a}"), &t);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = f.s.get("Patient?gender=other", &t);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // the refusals were raised as findings
+    await_log(&f.s, "storage was changed outside phivault");
+    f.s.stop();
+    assert_verify_finds(
+        &f.s,
+        &[
+            &format!("Observation/{obs} version 1: committed but missing"),
+            &format!("Patient/{b} version 2: stored but never committed"),
+        ],
+    );
+}
+
+#[test]
+fn swapped_ciphertexts_are_named_by_verify() {
+    let mut f = fixture(&[]);
+    let (a, b) = (f.a.clone(), f.b.clone());
+    stop_and_edit(&mut f.s, |c| {
+        let get = |id: &str, v: i64| -> Vec<u8> {
+            c.query_row(
+                "SELECT sealed FROM resource_version WHERE rtype = 'Patient' AND id = ?1 AND version = ?2",
+                params![db_id(id), v],
+                |r| r.get(0),
+            )
+            .expect("sealed")
+        };
+        let (x, y) = (get(&a, 2), get(&b, 1));
+        for (id, v, bytes) in [(&a, 2, &y), (&b, 1, &x)] {
+            c.execute(
+                "UPDATE resource_version SET sealed = ?3 WHERE rtype = 'Patient' AND id = ?1 AND version = ?2",
+                params![db_id(id), v, bytes],
+            )
+            .expect("swap");
+        }
+    });
+    f.s.restart();
+    let t = f.s.token(SCOPE);
+    assert_integrity_error(&f.s.get(&format!("Patient/{a}"), &t), "swapped a");
+    assert_integrity_error(&f.s.get(&format!("Patient/{b}"), &t), "swapped b");
+    f.s.stop();
+    assert_verify_finds(
+        &f.s,
+        &[
+            &format!("Patient/{a} version 2: not what was committed"),
+            &format!("Patient/{b} version 1: not what was committed"),
+        ],
+    );
+}
+
+#[test]
+fn a_deleted_index_segment_is_found_by_the_background_check_and_by_verify() {
+    let mut f = fixture(&["--verify-every", "1"]);
+    stop_and_edit(&mut f.s, |c| {
+        let n = c.execute("DELETE FROM search_seg", []).expect("segments");
+        let m = c.execute("DELETE FROM index_log", []).expect("log");
+        assert!(n + m > 0, "no postings to delete");
+    });
+    f.s.restart_with(&["--verify-every", "1"]);
+    await_log(
+        &f.s,
+        "stored versions, index postings, data keys or KEK generations differ",
+    );
+    f.s.stop();
+    assert_verify_finds(
+        &f.s,
+        &[
+            "stored versions, index postings, data keys or KEK generations differ from the signed state",
+        ],
+    );
+}
+
+#[test]
+fn a_cut_emptied_or_rewritten_audit_log_stops_the_server_from_starting() {
+    // the tail cut
+    let mut f = fixture(&[]);
+    stop_and_edit(&mut f.s, |c| {
+        c.execute(
+            "DELETE FROM audit_event WHERE seq > (SELECT max(seq) - 3 FROM audit_event)",
+            [],
+        )
+        .expect("cut");
+    });
+    assert_start_refused(&mut f.s, "but its signed head is at event");
+    let (ok, text) = verify(&f.s, &[]);
+    assert!(!ok && text.contains("audit log: FAILED"), "{text}");
+
+    // every audit table emptied
+    let mut f = fixture(&[]);
+    stop_and_edit(&mut f.s, |c| {
+        c.execute_batch(
+            "DELETE FROM audit_event; DELETE FROM audit_head; DELETE FROM audit_checkpoint;",
+        )
+        .expect("empty");
+    });
+    assert_start_refused(&mut f.s, "holds records but no audit log");
+    let (ok, text) = f.s.audit_verify();
+    assert!(!ok && text.contains("no audit log"), "{text}");
+    let (ok, text) = verify(&f.s, &[]);
+    assert!(!ok, "{text}");
+
+    // one event removed and the unkeyed chain recomputed, the signed head and checkpoints
+    // dropped
+    let mut f = fixture(&[]);
+    stop_and_edit(&mut f.s, |c| {
+        c.execute("DELETE FROM audit_event WHERE seq = 2", [])
+            .expect("remove");
+        let rows: Vec<(i64, Vec<u8>)> = c
+            .prepare("SELECT seq, event FROM audit_event ORDER BY seq")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        c.execute("DELETE FROM audit_event", []).expect("clear");
+        let mut head = phivault_audit::ChainHead::EMPTY;
+        for (_, event) in rows {
+            let hash = head.append(&event);
+            c.execute(
+                "INSERT INTO audit_event (seq, event, hash) VALUES (?1, ?2, ?3)",
+                params![head.size as i64, event, hash.as_slice()],
+            )
+            .expect("insert");
+        }
+        c.execute_batch("DELETE FROM audit_head; DELETE FROM audit_checkpoint;")
+            .expect("drop head");
+    });
+    assert_start_refused(&mut f.s, "the audit log has events but no signed head");
+    let (ok, text) = f.s.audit_verify();
+    assert!(!ok, "{text}");
+}
+
+/// A client row with a chosen record (its own key, every scope); its credentials.
+fn forged_client(c: &Connection, id: &str) -> Creds {
+    let (private, public) = phivault_auth::generate_es384_jwk(&format!("{id}-1")).expect("jwk");
+    let record = json!({"client_id": id, "name": "forged", "jwks": [public],
+                        "scopes": "system/*.cruds", "disabled": false});
+    c.execute(
+        "INSERT INTO meta (k, v) VALUES (?1, ?2)",
+        params![
+            format!("client:{id}"),
+            serde_json::to_vec(&record).expect("json")
+        ],
+    )
+    .expect("insert client");
+    Creds {
+        client_id: id.to_owned(),
+        private_jwk: private.to_json_string().expect("private jwk").to_string(),
+    }
+}
+
+#[test]
+fn an_inserted_client_row_gets_no_token_and_stops_the_next_start() {
+    let mut f = fixture(&[]);
+    // while the server runs: the row is refused where it is read, and raised
+    let creds = f.s.add_client(SCOPE);
+    let forged = forged_client(&db(&f.s), "evil-running");
+    let url = f.s.token_url();
+    let r =
+        f.s.token_request(&f.s.assertion(&forged, &url, &rand_hex()), SCOPE);
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    await_log(&f.s, "settings row client:evil-running");
+    // a legitimate client still gets its token
+    let _ = f.s.token_for(&creds, SCOPE);
+    assert_start_refused(
+        &mut f.s,
+        "settings row client:evil-running has no valid MAC",
+    );
+    assert_verify_finds(&f.s, &["settings row client:evil-running: no valid MAC"]);
+}
+
+#[test]
+fn a_disabled_client_restored_from_an_older_copy_stays_disabled() {
+    let mut f = fixture(&[]);
+    let creds = f.s.add_client(SCOPE);
+    let key = format!("client:{}", creds.client_id);
+    let old: (Vec<u8>, Vec<u8>) = db(&f.s)
+        .query_row("SELECT v, mac FROM meta WHERE k = ?1", [&key], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("client row");
+    let _ = f.s.token_for(&creds, SCOPE);
+    let o = Command::new(BIN)
+        .args(unlock_args(&f.s.data))
+        .args(["client", "disable", "--data-dir"])
+        .arg(&f.s.data)
+        .args(["--client-id", &creds.client_id])
+        .output()
+        .expect("disable");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let url = f.s.token_url();
+    let r =
+        f.s.token_request(&f.s.assertion(&creds, &url, &rand_hex()), SCOPE);
+    assert_eq!(
+        r.status,
+        401,
+        "disabled: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // the enabled row, MAC and all, put back while the server runs
+    db(&f.s)
+        .execute(
+            "UPDATE meta SET v = ?2, mac = ?3 WHERE k = ?1",
+            params![key, old.0, old.1],
+        )
+        .expect("restore");
+    let r =
+        f.s.token_request(&f.s.assertion(&creds, &url, &rand_hex()), SCOPE);
+    assert_eq!(
+        r.status,
+        401,
+        "restored: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    await_log(
+        &f.s,
+        &format!("settings row {key} is not the one phivault last wrote"),
+    );
+    assert_start_refused(&mut f.s, "the settings rows differ from the signed state");
+    assert_verify_finds(
+        &f.s,
+        &[&format!("settings row {key}: not the value last committed")],
+    );
+}
+
+#[test]
+fn edited_settings_stop_the_next_start() {
+    for (key, value) in [("search.index_bits", "8"), ("snoop:position", "999999")] {
+        let mut f = fixture(&[]);
+        // (the scan position exists once a scan ran)
+        let o = Command::new(BIN)
+            .args(unlock_args(&f.s.data))
+            .args(["audit", "scan", "--data-dir"])
+            .arg(&f.s.data)
+            .output()
+            .expect("scan");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        stop_and_edit(&mut f.s, |c| {
+            let n = c
+                .execute(
+                    "UPDATE meta SET v = ?2 WHERE k = ?1",
+                    params![key, value.as_bytes()],
+                )
+                .expect("edit");
+            assert_eq!(n, 1, "{key}");
+        });
+        assert_start_refused(&mut f.s, &format!("settings row {key} has no valid MAC"));
+        assert_verify_finds(&f.s, &[&format!("settings row {key}: no valid MAC")]);
+    }
+}
+
+#[test]
+fn a_database_rolled_back_past_the_witness_stops_the_server_from_starting() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let witness = tmp.path().join("witness.txt");
+    let w = witness.to_str().expect("path").to_owned();
+    let args = ["--witness-file", w.as_str(), "--checkpoint-every-ms", "50"];
+    let mut f = fixture(&args);
+    f.s.stop();
+    let copy = tmp.path().join("old.db");
+    std::fs::copy(f.s.db_path(), &copy).expect("copy");
+    f.s.restart_with(&args);
+    let t = f.s.token(SCOPE);
+    let before = std::fs::read_to_string(&witness).unwrap_or_default();
+    for _ in 0..3 {
+        let r = f.s.post("Patient", &t, &patient("Tamperlater"));
+        assert_eq!(r.status, 201);
+    }
+    // the witness has a checkpoint of those writes
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&witness).unwrap_or_default() == before {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint reached the witness"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.s.stop();
+    // the whole database put back as it was before those writes
+    std::fs::copy(&copy, f.s.db_path()).expect("roll back");
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(f.s.data.join(format!("phivault.db{ext}")));
+    }
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--data-dir"])
+        .arg(&f.s.data)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args);
+    key_home(&mut c, &f.s.data);
+    match try_spawn_server(c) {
+        Ok(_) => panic!("the server started on a database older than its witness"),
+        Err(e) => assert!(
+            e.contains("does not hold the witness's newest checkpoint"),
+            "{e}"
+        ),
+    }
+    let (ok, text) = verify(&f.s, &["--witness", &w]);
+    assert!(!ok, "{text}");
+}
+
+#[test]
+fn an_untampered_store_verifies() {
+    let mut f = fixture(&[]);
+    let _ = f.s.get(&format!("Patient/{}", f.a), &f.t);
+    f.s.stop();
+    let (ok, text) = verify(&f.s, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("verify: OK"), "{text}");
+}
