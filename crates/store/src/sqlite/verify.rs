@@ -114,11 +114,13 @@ pub fn verify_file(
 
 /// A version as committed: tombstone or not, SHA-256 of its sealed bytes.
 type Committed = (bool, [u8; 32]);
+/// Settings rows committed: key → MAC.
+type Settings = HashMap<String, [u8; 32]>;
 /// Versions committed, by type, id and version.
 type Versions = BTreeMap<(String, String, u64), Committed>;
 
 /// The settings and versions the log commits (the last write of each settings row).
-fn replay(c: &Connection) -> Result<(HashMap<String, [u8; 32]>, Versions, u64), StoreError> {
+fn replay(c: &Connection) -> Result<(Settings, Versions, u64), StoreError> {
     let mut settings = HashMap::new();
     let mut versions = BTreeMap::new();
     let mut events = 0u64;
