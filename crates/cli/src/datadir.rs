@@ -221,6 +221,12 @@ pub fn init(
         phivault_records::INDEX_BITS_META,
         index_bits.to_string().as_bytes(),
     )?;
+    store.set_meta(
+        phivault_records::engine::INDEX_SCHEME_META,
+        phivault_records::engine::INDEX_SCHEME
+            .to_string()
+            .as_bytes(),
+    )?;
     store.close();
     Ok(provider)
 }

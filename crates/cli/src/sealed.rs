@@ -347,6 +347,7 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     if let Some(w) = &ctl.watch.witness_file {
         opened.check_witness(w).map_err(|e| format!("{e:#}"))?;
     }
+    crate::serve::upgrade_index(&opened).map_err(|e| format!("{e:#}"))?;
     opened
         .store
         .set_checkpoint_interval_ms(ctl.checkpoint_every_ms);

@@ -61,6 +61,7 @@ pub(crate) fn serve(
     if let Some(w) = &watch.witness_file {
         opened.check_witness(w)?;
     }
+    upgrade_index(&opened)?;
     lock.record_pid()?;
     opened.store.set_checkpoint_interval_ms(checkpoint_every_ms);
     let (cert_path, key_path) = match (tls_cert, tls_key) {
@@ -201,6 +202,21 @@ pub(crate) fn app_at(opened: &datadir::Opened, origin: &str) -> Result<phivault_
         verifier,
         phivault_server::Limits::default(),
     ))
+}
+
+/// Move a store indexed by an earlier build to this build's blind-index scheme (once,
+/// before serving; see `phivault_records::reindex`).
+pub(crate) fn upgrade_index(opened: &datadir::Opened) -> Result<()> {
+    let engine = phivault_records::Engine::new(opened.store.clone(), opened.keys.clone());
+    let n = phivault_records::reindex::upgrade(&engine).map_err(|e| {
+        anyhow::anyhow!(
+            "refusing to start: the blind index could not be moved to per-patient tokens: {e}"
+        )
+    })?;
+    if n > 0 {
+        eprintln!("moved the blind index to per-patient tokens: {n} records reindexed");
+    }
+    Ok(())
 }
 
 /// The records of the data directory served at `origin`.

@@ -539,3 +539,89 @@ fn an_untampered_store_verifies() {
     assert!(ok, "{text}");
     assert!(text.contains("verify: OK"), "{text}");
 }
+
+#[test]
+fn an_edited_resource_number_neither_hides_records_nor_aims_an_erasure_elsewhere() {
+    let mut f = fixture(&["--verify-every", "1"]);
+    let (a, t) = (f.a.clone(), f.t.clone());
+    let mut obs = vec![f.obs.clone()];
+    for v in [60, 61] {
+        let r = f.s.post(
+            "Observation",
+            &t,
+            &json!({"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                    "subject": {"reference": format!("Patient/{a}")},
+                    "valueQuantity": {"value": v, "unit": "/min"}}),
+        );
+        assert_eq!(r.status, 201);
+        obs.push(r.json()["id"].as_str().expect("id").to_owned());
+    }
+    // while the server runs: the first observation's stored number pointed elsewhere
+    let n = db(&f.s)
+        .execute(
+            "UPDATE resource_version SET rno = 0 WHERE rtype = 'Observation' AND id = ?1",
+            params![db_id(&obs[0])],
+        )
+        .expect("edit");
+    assert_eq!(n, 1);
+    // paging one at a time still lists each observation once, then ends
+    let mut seen = Vec::new();
+    let mut url = format!("Observation?subject=Patient/{a}&_count=1");
+    for _ in 0..10 {
+        let r = f.s.get(&url, &t);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let b = r.json();
+        for e in b["entry"].as_array().into_iter().flatten() {
+            seen.push(e["resource"]["id"].as_str().expect("id").to_owned());
+        }
+        match b["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["relation"] == "next"))
+        {
+            Some(next) => {
+                let u = next["url"].as_str().expect("url");
+                url = u
+                    .strip_prefix(&format!("{}/", f.s.base))
+                    .expect("own base")
+                    .to_owned();
+            }
+            None => break,
+        }
+    }
+    seen.sort();
+    obs.sort();
+    assert_eq!(seen, obs, "every observation once");
+    await_log(
+        &f.s,
+        "stored versions, index postings, data keys or KEK generations differ",
+    );
+    f.s.stop();
+    assert_verify_finds(
+        &f.s,
+        &[
+            "stored versions, index postings, data keys or KEK generations differ from the signed state",
+        ],
+    );
+}
+
+#[test]
+fn a_row_the_check_cannot_read_is_a_finding_not_the_end_of_checking() {
+    let mut f = fixture(&["--verify-every", "1"]);
+    let a = f.a.clone();
+    db(&f.s)
+        .execute(
+            "UPDATE resource_no SET version = 'x' WHERE rtype = 'Patient' AND id = ?1",
+            params![db_id(&a)],
+        )
+        .expect("edit");
+    await_log(&f.s, "not in the form phivault writes");
+    // the store check goes on: a later deletion is found too
+    db(&f.s)
+        .execute("DELETE FROM search_seg", [])
+        .expect("segments");
+    f.s.stop();
+    let (ok, text) = verify(&f.s, &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("not in the form phivault writes"), "{text}");
+}

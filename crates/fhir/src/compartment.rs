@@ -235,6 +235,47 @@ pub fn patient_compartment(resource: &Value) -> Option<String> {
     None
 }
 
+/// Every patient whose compartment holds `resource` (each Patient reference at any of its
+/// type's compartment paths; a Patient's own id), distinct, in path order. Per-patient
+/// blind-index tokens are made for each of them.
+pub fn patient_compartments(resource: &Value) -> Vec<String> {
+    let Some(rt) = resource.get("resourceType").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    if rt == "Patient" {
+        return patient_compartment(resource).into_iter().collect();
+    }
+    let Some(paths) = PATHS.as_ref().ok().and_then(|p| p.get(rt)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for path in paths {
+        let mut current: Vec<&Value> = vec![resource];
+        for seg in path {
+            let mut next = Vec::new();
+            for v in current {
+                match v.get(seg.as_str()) {
+                    Some(Value::Array(items)) => next.extend(items.iter()),
+                    Some(x) => next.push(x),
+                    None => {}
+                }
+            }
+            current = next;
+        }
+        for v in current {
+            if let Some(id) = v
+                .get("reference")
+                .and_then(Value::as_str)
+                .and_then(patient_id)
+                && !out.iter().any(|o| o == id)
+            {
+                out.push(id.to_owned());
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,10 @@ pub mod search;
 pub use bundle::{
     BundleType, EntryRequest, Method, parse_bundle, parse_bundle_owned, transaction_order,
 };
-pub use compartment::{patient_compartment, patient_compartment_params, patient_compartment_types};
+pub use compartment::{
+    patient_compartment, patient_compartment_params, patient_compartment_types,
+    patient_compartments,
+};
 pub use error::FhirError;
 pub use issue::{Issue, IssueCode, Severity, operation_outcome, outcome_error};
 pub use parse::parse_resource;

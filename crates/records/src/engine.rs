@@ -32,6 +32,31 @@ pub const INDEX_BITS_META: &str = "search.index_bits";
 /// Token width when a data directory names none: the coincidence band of DR3
 /// (2 ≤ R/2^bits ≤ √R) then holds for indexes of 131,072 to 4.3 billion resources.
 pub const DEFAULT_INDEX_BITS: u32 = 16;
+/// The metadata key of the blind index's scheme (absent: the first, with every token
+/// global; [`INDEX_SCHEME`]: per-patient tokens, see `search`).
+pub const INDEX_SCHEME_META: &str = "search.index_scheme";
+/// The blind index's scheme written by this build.
+pub const INDEX_SCHEME: u32 = 2;
+/// Parameters whose tokens stay global although their type would make them per-patient:
+/// identifiers and contact points name one record each (a dictionary of them is a
+/// dictionary of people, guessed one at a time), and conditional creates and record
+/// matching look them up across all patients.
+const GLOBAL_TOKEN_PARAMS: [&str; 4] = ["identifier", "telecom", "phone", "email"];
+/// Most patients a search computes per-patient tokens for; beyond, the criterion narrows
+/// nothing and the other criteria (or a scan) supply the candidates.
+pub const MAX_PINNED_PATIENTS: usize = 64;
+
+/// Whether `rtype`'s index `def` is keyed per patient: the codes, statuses, numbers and
+/// quantities of records in a patient's compartment (what a patient has), whose values
+/// are few enough that a file-holder who may write records could otherwise write each
+/// value once and read off who else has it (see the search module's *Tokens*).
+pub fn per_patient_index(rtype: &str, def: &search::SearchParamDef) -> bool {
+    matches!(
+        def.ptype,
+        search::ParamType::Token | search::ParamType::Number | search::ParamType::Quantity
+    ) && !GLOBAL_TOKEN_PARAMS.contains(&def.code.as_str())
+        && (rtype == "Patient" || !phivault_fhir::patient_compartment_params(rtype).is_empty())
+}
 
 /// The data-key id of a patient.
 pub fn patient_key_id(patient: &str) -> String {
@@ -236,6 +261,8 @@ struct Indexer {
     extractor: Option<search::Extractor>,
     key: Arc<BlindKey>,
     span: Option<(String, Arc<BlindKey>)>,
+    /// Tokens keyed per patient ([`per_patient_index`]).
+    per_patient: bool,
 }
 
 /// A blind-index key, with the tokens it made of coarse date terms (years, months and
@@ -252,6 +279,17 @@ struct BlindKey {
 const COARSE_TOKENS_MAX: usize = 4096;
 
 impl BlindKey {
+    /// The token of `term` in the compartment of `patient` (a per-patient index): the term
+    /// prefixed by a zero byte and the patient's id, which no plain term is.
+    fn patient_token(&self, patient: &str, term: &[u8]) -> Vec<u8> {
+        let mut t = Vec::with_capacity(2 + patient.len() + term.len());
+        t.push(0);
+        t.push(u8::try_from(patient.len()).unwrap_or(u8::MAX));
+        t.extend_from_slice(patient.as_bytes());
+        t.extend_from_slice(term);
+        self.key.token(&t)
+    }
+
     fn token(&self, term: &[u8]) -> Vec<u8> {
         if !search::is_coarse_date_term(term) {
             return self.key.token(term);
@@ -651,6 +689,7 @@ impl Engine {
                     extractor: search::extractor(def),
                     key: self.blind_key(rtype, &def.code),
                     span,
+                    per_patient: per_patient_index(rtype, def),
                 }
             })
             .collect();
@@ -662,8 +701,24 @@ impl Engine {
     /// value, the tokens of each value's terms. (Parameters whose values are a subset of
     /// a wider one's share its index and write nothing.)
     pub fn index_entries(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
+        self.entries_under(rtype, resource, true)
+    }
+
+    /// [`Self::index_entries`] as the first index scheme made them (every token global),
+    /// for moving a store to this build's ([`crate::reindex`]).
+    pub(crate) fn index_entries_global(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
+        self.entries_under(rtype, resource, false)
+    }
+
+    fn entries_under(&self, rtype: &str, resource: &Value, per_patient: bool) -> Vec<IndexEntry> {
         let mut out = Vec::new();
         let mut terms = Vec::new();
+        // per-patient tokens are made for every patient whose compartment holds it (a
+        // record in none gets tokens of the empty patient: found by scans only)
+        let mut patients = phivault_fhir::patient_compartments(resource);
+        if patients.is_empty() {
+            patients.push(String::new());
+        }
         for ix in self.indexers(rtype).iter() {
             let Some(extractor) = ix.extractor else {
                 continue;
@@ -680,6 +735,9 @@ impl Engine {
             for t in &terms {
                 match &ix.span {
                     Some((_, key)) if search::is_span_term(t) => span.push(key.token(t)),
+                    _ if per_patient && ix.per_patient => {
+                        point.extend(patients.iter().map(|p| ix.key.patient_token(p, t)));
+                    }
                     _ => point.push(ix.key.token(t)),
                 }
             }
@@ -691,9 +749,39 @@ impl Engine {
         out
     }
 
-    /// The store query of an index lookup on `rtype`.
-    pub fn candidates(&self, rtype: &str, lookup: &Lookup) -> Candidates {
+    /// Whether `rtype`'s index `param` is keyed per patient.
+    pub fn is_per_patient(&self, rtype: &str, param: &str) -> bool {
+        search::search_param(rtype, param).is_some_and(|def| per_patient_index(rtype, def))
+    }
+
+    /// The store query of an index lookup on `rtype`, for a search confined to `pinned`
+    /// patients when it is: a per-patient index is looked up for each of them (at most
+    /// [`MAX_PINNED_PATIENTS`]), and narrows nothing for a search that is not.
+    pub fn candidates(
+        &self,
+        rtype: &str,
+        lookup: &Lookup,
+        pinned: Option<&[String]>,
+    ) -> Candidates {
         match lookup {
+            Lookup::Terms { param, terms } if self.is_per_patient(rtype, param) => {
+                let Some(pinned) =
+                    pinned.filter(|p| !p.is_empty() && p.len() <= MAX_PINNED_PATIENTS)
+                else {
+                    return Candidates::All;
+                };
+                let key = self.blind_key(rtype, param);
+                let mut tokens: Vec<Vec<u8>> = pinned
+                    .iter()
+                    .flat_map(|p| terms.iter().map(|t| key.patient_token(p, t)))
+                    .collect();
+                tokens.sort_unstable();
+                tokens.dedup();
+                Candidates::Tokens {
+                    param: param.clone(),
+                    tokens,
+                }
+            }
             Lookup::Terms { param, terms } => {
                 let key = self.blind_key(rtype, param);
                 let mut tokens: Vec<Vec<u8>> = terms.iter().map(|t| key.token(t)).collect();
@@ -704,12 +792,18 @@ impl Engine {
                     tokens,
                 }
             }
-            Lookup::And(parts) => {
-                Candidates::And(parts.iter().map(|p| self.candidates(rtype, p)).collect())
-            }
-            Lookup::Or(parts) => {
-                Candidates::Or(parts.iter().map(|p| self.candidates(rtype, p)).collect())
-            }
+            Lookup::And(parts) => Candidates::And(
+                parts
+                    .iter()
+                    .map(|p| self.candidates(rtype, p, pinned))
+                    .collect(),
+            ),
+            Lookup::Or(parts) => Candidates::Or(
+                parts
+                    .iter()
+                    .map(|p| self.candidates(rtype, p, pinned))
+                    .collect(),
+            ),
             Lookup::All => Candidates::All,
         }
     }

@@ -153,7 +153,7 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use phivault_auth::Interaction;
@@ -165,7 +165,8 @@ mod tests {
     use super::*;
     use crate::access::Access;
 
-    fn write(engine: &Engine, rtype: &str, id: &str, mut body: serde_json::Value) {
+    /// Create `rtype/id` with `body` through the engine (version 1).
+    pub(crate) fn write(engine: &Engine, rtype: &str, id: &str, mut body: serde_json::Value) {
         let access = Access::internal(rtype, Interaction::Create);
         let mut ring = engine.key_ring();
         let (sealed, _) = engine

@@ -15,6 +15,7 @@ pub mod erase;
 mod error;
 pub mod kek;
 pub mod registrations;
+pub mod reindex;
 pub mod report;
 pub mod search;
 pub mod snoop;

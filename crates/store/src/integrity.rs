@@ -115,11 +115,18 @@ impl Integrity {
         )
     }
 
-    /// A stored version: identifiers in clear, and the SHA-256 of its sealed bytes.
-    pub(crate) fn version_element(&self, row: &crate::VersionRow, sealed: &[u8; 32]) -> Sum {
+    /// A stored version: identifiers in clear (its resource's number among them), and the
+    /// SHA-256 of its sealed bytes.
+    pub(crate) fn version_element(
+        &self,
+        row: &crate::VersionRow,
+        rno: i64,
+        sealed: &[u8; 32],
+    ) -> Sum {
         self.element(
             b'v',
             &[
+                &rno.to_be_bytes(),
                 row.rtype.as_bytes(),
                 row.id.as_bytes(),
                 &row.version.to_be_bytes(),

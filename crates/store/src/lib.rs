@@ -223,6 +223,23 @@ pub enum KeyChange {
     },
 }
 
+/// A resource's blind-index postings replaced without a new version (the index scheme
+/// changed): `old` are removed and `new` added, only if the resource is still at
+/// `version` and not deleted.
+#[derive(Debug, Clone)]
+pub struct Reindex {
+    /// Resource type.
+    pub rtype: String,
+    /// Resource id.
+    pub id: String,
+    /// The version whose entries these are.
+    pub version: u64,
+    /// Its entries as indexed before.
+    pub old: Vec<IndexEntry>,
+    /// Its entries as indexed now.
+    pub new: Vec<IndexEntry>,
+}
+
 /// Result of a committed batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
@@ -380,6 +397,13 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Engine(
             "KEK generations are not supported".into(),
         ))
+    }
+    /// Replace resources' blind-index postings through the writer (blocking: call it off
+    /// the async runtime); how many resources were reindexed (those changed since are
+    /// skipped: their new versions were indexed as they were written).
+    fn reindex(&self, changes: Vec<Reindex>) -> Result<u64, StoreError> {
+        let _ = changes;
+        Err(StoreError::Engine("reindexing is not supported".into()))
     }
     /// The stored KEK generations, ascending (none: only the derived generation 0).
     fn kek_generations(&self) -> Result<Vec<KekRow>, StoreError> {

@@ -54,8 +54,10 @@ impl Conditional {
             .iter()
             .all(|c| matches!(c.target, Target::Param(_)));
         for part in flat {
+            // (a per-patient index has no token a guard could name for every patient)
             if let Lookup::Terms { param, terms } = part
                 && terms.len() == 1
+                && !app.engine.is_per_patient(rtype, param)
             {
                 guard_tokens.push(IndexEntry {
                     param: param.clone(),

@@ -187,6 +187,46 @@ struct Plan {
 
 /// Store order of ids: non-UUID ids (stored as text) before UUIDs (stored as 16 bytes),
 /// each in byte order (canonical lower-case UUID text sorts like its bytes).
+/// The patients a search names so that every match is in one of their compartments: the
+/// values of a plain criterion on one of `rtype`'s Patient-compartment reference
+/// parameters when all of them are Patient references (`patient=…`,
+/// `subject=Patient/…`), or, searching Patient, the `_id`s. None when no criterion does.
+fn pinned_patients(
+    rtype: &str,
+    criteria: &[Criterion],
+    ids: Option<&[String]>,
+) -> Option<Vec<String>> {
+    if rtype == "Patient" {
+        return ids.map(<[String]>::to_vec);
+    }
+    let compartment = phivault_fhir::patient_compartment_params(rtype);
+    criteria.iter().find_map(|c| {
+        let Target::Param(def) = &c.target else {
+            return None;
+        };
+        if c.modifier != Modifier::None
+            || def.ptype != ParamType::Reference
+            || !compartment.contains(&def.code)
+        {
+            return None;
+        }
+        let only_patient = def.targets.len() == 1 && def.targets[0] == "Patient";
+        c.values
+            .iter()
+            .map(|v| match v {
+                QueryValue::Reference {
+                    rtype: t,
+                    id,
+                    is_url: false,
+                } if t.as_deref() == Some("Patient") || (t.is_none() && only_patient) => {
+                    Some(id.clone())
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<String>>>()
+    })
+}
+
 fn id_order(id: &str) -> (bool, &str) {
     (phivault_audit::uuid_bytes(id).is_some(), id)
 }
@@ -363,6 +403,10 @@ impl Plan {
                 None => (None, false),
             },
         };
+        // the patients whose per-patient tokens are looked up: those a criterion names,
+        // else those the search is confined to
+        let pinned = pinned_patients(rtype, &plan.criteria, plan.ids.as_deref())
+            .or_else(|| patients.clone());
         if let Some(patients) = patients {
             if rtype == "Patient" {
                 restrict(&mut plan, patients.clone());
@@ -400,7 +444,7 @@ impl Plan {
             );
             lookup = Lookup::And(vec![lookup, any]);
         }
-        plan.candidates = app.engine.candidates(rtype, &lookup);
+        plan.candidates = app.engine.candidates(rtype, &lookup, pinned.as_deref());
         plan.fields = plan
             .criteria
             .iter()

@@ -97,7 +97,7 @@ pub fn run(app: &crate::Vault, hours: Hours) -> Result<Summary, ScanError> {
                 .map_err(|_| ScanError::Integrity(format!("event {} does not decode", s.seq)))?;
             // the store's own events (settings rows it changed, this scan's position
             // among them) are no one's access
-            if ev.interaction != "setting" || ev.client_id.is_some() {
+            if ev.client_id.is_some() || !matches!(ev.interaction.as_str(), "setting" | "reindex") {
                 events.push(ev);
             }
         }

@@ -93,7 +93,7 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
         .optional()
         .map_err(e)?
         .ok_or(CommitError::NoKey)?;
-    let numbers = numbers_sealed_under(&tx, key_no).map_err(e)?;
+    let numbers = numbers_sealed_under(&tx, key_no, &w.known.read())?;
     let rows: Vec<_> = pending.all().collect();
     merge_into_segments(&tx, &rows).map_err(e)?;
     tx.execute("DELETE FROM index_log", []).map_err(e)?;
@@ -153,13 +153,35 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
 
 /// The resource numbers of the resources whose current version is sealed under `key_no`
 /// (a resource moved to another patient since keeps its postings: they are that patient's).
-fn numbers_sealed_under(c: &Connection, key_no: i64) -> rusqlite::Result<HashSet<i64>> {
-    c.prepare(
-        "SELECT v.rno FROM resource_version v WHERE v.key_no = ?1 AND v.version = \
-         (SELECT max(x.version) FROM resource_version x WHERE x.rtype = v.rtype AND x.id = v.id)",
-    )?
-    .query_map(params![key_no], |r| r.get(0))?
-    .collect()
+fn numbers_sealed_under(
+    c: &Connection,
+    key_no: i64,
+    known: &Known,
+) -> Result<HashSet<i64>, CommitError> {
+    let rows: Vec<(String, String, i64)> = c
+        .prepare(
+            "SELECT v.rtype, v.id, v.rno FROM resource_version v WHERE v.key_no = ?1 AND v.version = \
+             (SELECT max(x.version) FROM resource_version x WHERE x.rtype = v.rtype AND x.id = v.id)",
+        )
+        .and_then(|mut st| {
+            st.query_map(params![key_no], |r| {
+                Ok((r.get(0)?, super::read_id(r, 1)?, r.get(2)?))
+            })?
+            .collect()
+        })
+        .map_err(|e| CommitError::Store(engine(e)))?;
+    let mut out = HashSet::new();
+    for (rtype, id, rno) in rows {
+        // the number this process gave it: an edited copy must not aim the purge at
+        // another resource's postings
+        if known.head(&rtype, &id).map(|h| h.rno) != Some(rno) {
+            return Err(CommitError::Store(super::trust::tampered(format!(
+                "{rtype}/{id}: its stored resource number is not the one phivault gave it"
+            ))));
+        }
+        out.insert(rno);
+    }
+    Ok(out)
 }
 
 /// Remove every posting of the resources `numbers` from the segments (pending postings

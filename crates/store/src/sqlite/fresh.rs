@@ -138,8 +138,18 @@ impl super::SqliteStore {
         let Some(integ) = self.integ.clone() else {
             return Ok(Vec::new());
         };
-        let out =
-            self.with_snapshot(|c| Ok(super::verify::against_signed_state(c, &integ, pace)))??;
+        let out = match self
+            .with_snapshot(|c| Ok(super::verify::against_signed_state(c, &integ, pace)))
+            .and_then(|r| r)
+        {
+            Ok(out) => out,
+            // rows the check cannot even read are a finding, not a reason to stop checking
+            Err(StoreError::Tampered(why)) => vec![why],
+            Err(StoreError::Closed) => return Err(StoreError::Closed),
+            Err(e) => vec![format!(
+                "the store cannot be read as phivault wrote it ({e})"
+            )],
+        };
         for what in &out {
             self.detected(what);
         }

@@ -79,6 +79,10 @@ impl SqliteStore {
             let numbers = evaluate(c, rtype, &q, &pending, &mut bound)?;
             let after = match after {
                 None => 0,
+                // the number this process knows (a stored copy may have been edited)
+                Some(a) if self.integ.is_some() => {
+                    self.known.read().head(rtype, a).map_or(i64::MAX, |h| h.rno)
+                }
                 Some(a) => c
                     .prepare_cached(
                         "SELECT rno FROM resource_version WHERE rtype = ?1 AND id = ?2 LIMIT 1",
@@ -91,8 +95,26 @@ impl SqliteStore {
             numbers[start..]
                 .iter()
                 .take(usize::try_from(limit).unwrap_or(usize::MAX))
-                .map(|&n| self.id_of_number(c, n))
-                .collect()
+                .map(|&n| Ok((n, self.id_of_number(c, n)?)))
+                .collect::<Result<Vec<(i64, String)>, rusqlite::Error>>()
+        })
+        .and_then(|found| {
+            // a number must lead to the resource this process numbered so (an edited
+            // `resource_no` would hide one resource behind another)
+            let stale = |(n, id): &(i64, String)| {
+                self.integ.is_some() && self.known.read().head(rtype, id).map(|h| h.rno) != Some(*n)
+            };
+            if found.iter().any(stale) {
+                self.catch_up()?;
+                if let Some((n, id)) = found.iter().find(|f| stale(f)) {
+                    return Err(self.resource_tampered(
+                        rtype,
+                        id,
+                        &format!("resource number {n} does not lead to it"),
+                    ));
+                }
+            }
+            Ok(found.into_iter().map(|(_, id)| id).collect())
         })
     }
 

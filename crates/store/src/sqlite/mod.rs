@@ -195,8 +195,18 @@ fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error>
 }
 
 fn engine(e: rusqlite::Error) -> StoreError {
-    // rusqlite messages name SQL and constraint names, never bound values.
-    StoreError::Engine(e.to_string())
+    use rusqlite::Error as E;
+    match e {
+        // a stored value of a type or size phivault never writes: changed outside it
+        // (rusqlite names the column and type, never the value)
+        E::InvalidColumnType(..)
+        | E::FromSqlConversionFailure(..)
+        | E::IntegralValueOutOfRange(..) => StoreError::Tampered(format!(
+            "a stored row is not in the form phivault writes ({e})"
+        )),
+        // rusqlite messages name SQL and constraint names, never bound values.
+        _ => StoreError::Engine(e.to_string()),
+    }
 }
 
 /// SQLite engine.
@@ -338,6 +348,13 @@ impl SqliteStore {
         let (head, frontier, digests, known) =
             trust::adopt(&mut conn, &integ, &signer, loaded, legacy)?;
         let known = Arc::new(RwLock::new(known));
+        let checkpointed: i64 = conn
+            .query_row(
+                "SELECT coalesce(max(size), 0) FROM audit_checkpoint",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(engine)?;
         let pending = Arc::new(RwLock::new(load_pending(&conn)?));
         let merge_rows = Arc::new(AtomicUsize::new(DEFAULT_MERGE_ROWS));
         let (tx, rx) = mpsc::channel();
@@ -357,7 +374,7 @@ impl SqliteStore {
             integ: integ.clone(),
             digests,
             known: known.clone(),
-            checkpointed: 0,
+            checkpointed: u64::try_from(checkpointed).unwrap_or(0),
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
@@ -454,6 +471,48 @@ impl SqliteStore {
             has_mac,
             detections: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The blind-index postings (index number, token) of the current resource
+    /// `rtype`/`id`: the segments', with the log's records applied (tests of what a
+    /// file-holder reads off the index).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn postings_of(&self, rtype: &str, id: &str) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        self.with_snapshot(|c| {
+            let rno: i64 = c.query_row(
+                "SELECT rno FROM resource_version WHERE rtype = ?1 AND id = ?2 LIMIT 1",
+                rusqlite::params![rtype, DbId(id)],
+                |r| r.get(0),
+            )?;
+            let mut out = std::collections::BTreeSet::new();
+            let mut st = c.prepare("SELECT ix, data FROM search_seg")?;
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let ix: i64 = r.get(0)?;
+                for (tok, n) in index::decode_segment(r.get_ref(1)?.as_blob()?)? {
+                    if n == rno {
+                        out.insert((ix, tok.bytes().to_vec()));
+                    }
+                }
+            }
+            let pending = load_pending(c).map_err(|_| index::corrupt_segment())?;
+            for ((ix, tok, n), live) in pending.all() {
+                if n == rno {
+                    if live {
+                        out.insert((ix, tok.bytes().to_vec()));
+                    } else {
+                        out.remove(&(ix, tok.bytes().to_vec()));
+                    }
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+    }
+
+    /// The index number of `rtype`'s parameter `param` (see [`Self::postings_of`]).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn index_number(rtype: &str, param: &str) -> i64 {
+        index::index_no(rtype, param)
     }
 
     /// Whether the database holds any resource version or settings row.
@@ -595,6 +654,14 @@ impl Store for SqliteStore {
 
     fn check_state(&self, pace: &mut dyn FnMut()) -> Result<Vec<String>, StoreError> {
         self.check_state_now(pace)
+    }
+
+    fn reindex(&self, changes: Vec<crate::Reindex>) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Reindex(changes, tx)) {
+            return Err(StoreError::Closed);
+        }
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
     fn take_detections(&self) -> Vec<String> {

@@ -92,7 +92,7 @@ pub(super) fn recompute(
     {
         let mut st = c
             .prepare(
-                "SELECT v.rtype, v.id, v.version, v.deleted, v.updated_ms, k.key_id, v.sealed \
+                "SELECT v.rtype, v.id, v.version, v.deleted, v.updated_ms, k.key_id, v.sealed, v.rno \
                  FROM resource_version v JOIN data_key k ON k.key_no = v.key_no",
             )
             .map_err(engine)?;
@@ -111,8 +111,9 @@ pub(super) fn recompute(
                 .get_ref(6)
                 .and_then(|v| Ok(v.as_blob()?))
                 .map_err(engine)?;
+            let rno: i64 = r.get(7).map_err(engine)?;
             d.body
-                .add(integ.version_element(&row, &sealed_digest(sealed)));
+                .add(integ.version_element(&row, rno, &sealed_digest(sealed)));
             tick();
         }
     }

@@ -309,14 +309,19 @@ fn load_settings(
 
 /// An audit event of the store's own: settings rows changed outside any request.
 pub(super) fn setting_event(writes: Vec<Write>) -> AuditEvent {
+    store_event("setting", writes)
+}
+
+/// An audit event of the store's own work (`interaction`: `setting`, `reindex`).
+pub(super) fn store_event(interaction: &str, writes: Vec<Write>) -> AuditEvent {
     let time_ms = super::writer::now_ms();
     AuditEvent {
         time_ms,
-        request_id: format!("setting-{time_ms}"),
+        request_id: format!("{interaction}-{time_ms}"),
         client_id: None,
         user: None,
         action: Action::U,
-        interaction: "setting".into(),
+        interaction: interaction.into(),
         resource_type: None,
         resource_id: None,
         version: None,

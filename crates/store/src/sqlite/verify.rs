@@ -102,13 +102,29 @@ pub fn verify_file(
             other => other.to_string(),
         });
     }
-    report
-        .discrepancies
-        .extend(against_signed_state(&c, integ, &mut || {})?);
-    let (settings, versions, events) = replay(&c)?;
-    report.events = events;
-    compare_settings(&c, integ, settings, &mut report)?;
-    compare_versions(&c, versions, &mut report)?;
+    // every part runs, and a part that cannot read what it needs says so
+    let unreadable = |e: StoreError| match e {
+        StoreError::Tampered(why) => why,
+        other => format!("the store cannot be read as phivault wrote it ({other})"),
+    };
+    match against_signed_state(&c, integ, &mut || {}) {
+        Ok(found) => report.discrepancies.extend(found),
+        Err(e) => report.discrepancies.push(unreadable(e)),
+    }
+    match replay(&c) {
+        Ok((settings, versions, events)) => {
+            report.events = events;
+            if let Err(e) = compare_settings(&c, integ, settings, &mut report) {
+                report.discrepancies.push(unreadable(e));
+            }
+            if let Err(e) = compare_versions(&c, versions, &mut report) {
+                report.discrepancies.push(unreadable(e));
+            }
+        }
+        Err(e) => report.discrepancies.push(unreadable(e)),
+    }
+    let mut seen = std::collections::HashSet::new();
+    report.discrepancies.retain(|d| seen.insert(d.clone()));
     Ok(report)
 }
 

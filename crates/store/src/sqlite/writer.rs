@@ -52,6 +52,11 @@ pub(super) enum Command {
     /// Catch up with heads another process wrote (a reader found a row it did not know).
     /// (a std channel: readers may wait on it from inside an async runtime, rarely)
     Sync(mpsc::Sender<Result<(), StoreError>>),
+    /// Blind-index postings replaced without new versions (a new index scheme).
+    Reindex(
+        Vec<crate::Reindex>,
+        oneshot::Sender<Result<u64, StoreError>>,
+    ),
     /// A change of the KEK generations, in the group like a batch (`super::kek`).
     Keys(crate::KeyChange, oneshot::Sender<Result<u64, StoreError>>),
     /// Run in a transaction of its own after the group's batches (`super::erase`).
@@ -200,7 +205,16 @@ fn checkpoint_at_stop(conn: &mut Connection, w: &mut Writer) -> Result<(), Store
     if let Some(caught) = catch_up(&tx, &w.integ, &mut w.head, &mut w.frontier, &mut w.digests)? {
         apply_caught_up(&w.known, caught);
     }
-    write_checkpoint(&tx, &w.frontier, &w.signer)?;
+    let held: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM audit_checkpoint WHERE size = ?1",
+            params![w.head.size as i64],
+            |r| r.get(0),
+        )
+        .map_err(engine)?;
+    if held == 0 {
+        write_checkpoint(&tx, &w.frontier, &w.signer)?;
+    }
     tx.commit().map_err(engine)?;
     w.checkpointed = w.head.size;
     Ok(())
@@ -349,6 +363,15 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
                 other => StoreError::Engine(other.to_string()),
             }));
         }
+        Command::Reindex(_, tx) => {
+            let _ = tx.send(
+                res.map(|c| c.last_audit_seq.unwrap_or(0))
+                    .map_err(|e| match e {
+                        CommitError::Store(s) => s,
+                        other => StoreError::Engine(other.to_string()),
+                    }),
+            );
+        }
         Command::Keys(_, tx) => {
             let _ = tx.send(
                 res.map(|c| c.last_audit_seq.unwrap_or(0))
@@ -494,6 +517,40 @@ fn apply_group(
             Command::Sync(_) => Ok(Committed {
                 last_audit_seq: None,
             }),
+            Command::Reindex(changes, _) => {
+                let mark = staged.mark();
+                let state_mark = gs.mark();
+                let mut n = 0u64;
+                for c in changes.iter() {
+                    let key = gs.known.key(&c.rtype, &c.id);
+                    let Some(h) = gs.head(key) else { continue };
+                    if h.version != c.version || h.deleted {
+                        continue;
+                    }
+                    stage_reindex(&tx, h.rno, c, (pending, staged), &mut gs)?;
+                    n += 1;
+                }
+                if n == 0 {
+                    staged.rollback_to(mark);
+                    gs.rollback(state_mark);
+                    Ok(Committed {
+                        last_audit_seq: Some(0),
+                    })
+                } else {
+                    // an event of its own: the head is signed again with the new state
+                    leaves.clear();
+                    let ev = super::trust::store_event("reindex", Vec::new());
+                    append_audit_events(&tx, &[ev], head, &mut leaves).map(|_| {
+                        for l in &leaves {
+                            frontier.push(*l);
+                        }
+                        // (the count travels in the audit sequence field until the reply)
+                        Committed {
+                            last_audit_seq: Some(n),
+                        }
+                    })
+                }
+            }
             Command::Keys(change, _) => {
                 run_cached(&tx, "SAVEPOINT b")?;
                 let saved = *gs.digests;
@@ -874,8 +931,12 @@ fn apply_put(
         rno
     ])
     .map_err(e)?;
-    gs.digests.body.add(gs.integ.version_element(row, sealed));
-    stage_index_changes(rno, put, staged, gs);
+    gs.digests
+        .body
+        .add(gs.integ.version_element(row, rno, sealed));
+    let none = Vec::new();
+    let new = if row.deleted { &none } else { &put.index };
+    stage_index_changes(rno, &row.rtype, (&put.replaces, new), staged, gs);
     Ok(Write::Version {
         resource_type: row.rtype.clone(),
         resource_id: row.id.clone(),
@@ -885,16 +946,17 @@ fn apply_put(
     })
 }
 
-/// Stage the postings a write of resource number `rno` removes and adds, and count them
-/// in the state summary.
-fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged, gs: &mut GroupState<'_>) {
-    let row = &put.row;
-    let old = postings_of_entries(&row.rtype, &put.replaces);
-    let new = if row.deleted {
-        Vec::new()
-    } else {
-        postings_of_entries(&row.rtype, &put.index)
-    };
+/// Stage the postings a write of resource number `rno` of `rtype` removes (`old`'s) and
+/// adds (`new`'s), and count them in the state summary.
+fn stage_index_changes(
+    rno: i64,
+    rtype: &str,
+    (old, new): (&[IndexEntry], &[IndexEntry]),
+    staged: &mut Staged,
+    gs: &mut GroupState<'_>,
+) {
+    let old = postings_of_entries(rtype, old);
+    let new = postings_of_entries(rtype, new);
     // only what changes is logged: an update that keeps a value keeps its posting
     let removed: Vec<(i64, &[u8])> = old
         .iter()
@@ -917,6 +979,47 @@ fn stage_index_changes(rno: i64, put: &Put, staged: &mut Staged, gs: &mut GroupS
             .add(gs.integ.posting_element(*ix, token, rno));
     }
     log_index(rno, &removed, &added, staged);
+}
+
+/// Stage a reindex of resource number `rno`: each of its old postings that is there goes,
+/// each new one that is not comes (so a reindex run again after a crash changes nothing
+/// twice), counted in the state summary.
+fn stage_reindex(
+    tx: &rusqlite::Transaction<'_>,
+    rno: i64,
+    c: &crate::Reindex,
+    (pending, staged): (&Pending, &mut Staged),
+    gs: &mut GroupState<'_>,
+) -> Result<(), StoreError> {
+    let old = postings_of_entries(&c.rtype, &c.old);
+    let new = postings_of_entries(&c.rtype, &c.new);
+    for (ix, token) in old.iter().filter(|p| new.binary_search(p).is_err()) {
+        let tok = Tok::new(token);
+        let held = super::lists::token_postings(tx, *ix, &tok, pending, Some(staged))
+            .map_err(engine)?
+            .binary_search(&rno)
+            .is_ok();
+        if held {
+            gs.digests
+                .body
+                .sub(gs.integ.posting_element(*ix, token, rno));
+            staged.push((*ix, tok, rno), false);
+        }
+    }
+    for (ix, token) in new.iter().filter(|p| old.binary_search(p).is_err()) {
+        let tok = Tok::new(token);
+        let held = super::lists::token_postings(tx, *ix, &tok, pending, Some(staged))
+            .map_err(engine)?
+            .binary_search(&rno)
+            .is_ok();
+        if !held {
+            gs.digests
+                .body
+                .add(gs.integ.posting_element(*ix, token, rno));
+            staged.push((*ix, tok, rno), true);
+        }
+    }
+    Ok(())
 }
 
 /// Append a batch's audit events to the chain and their leaves to `leaves`.
