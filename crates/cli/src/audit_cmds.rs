@@ -9,8 +9,6 @@ use crate::serve::vault_at;
 use phivault_store::Store as _;
 
 pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
-    use phivault_fhir::search;
-    use phivault_store::Store as _;
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     let opened = datadir::open(data_dir)?;
@@ -19,48 +17,45 @@ pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     let space = 2f64.powi(bits as i32);
     writeln!(
         out,
-        "token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R)"
+        "token width {bits} bits; band 2 <= C = R/2^{bits} <= sqrt(R); values are counted from the decrypted records"
     )?;
     writeln!(
         out,
-        "index\tR\tC\tband\tdistinct tokens\tmax rows/token\tverdict"
+        "index\tR\tC\tband\tvalues\tdistinct tokens\tmax values/token\tverdict"
     )?;
     let mut out_of_band = 0;
-    for rtype in phivault_fhir::resource_types() {
-        let indexes = search::indexed_params(rtype).flat_map(|def| {
-            let span =
-                (def.ptype == search::ParamType::Date).then(|| search::span_index(&def.code));
-            std::iter::once(def.code.clone()).chain(span)
-        });
-        for code in indexes {
-            let st = opened.store.index_stats(rtype, &code)?;
-            if st.resources == 0 {
-                continue;
-            }
-            let r = st.resources as f64;
-            let c = r / space;
-            let hi = r.sqrt();
-            let verdict = if st.resources < min_resources {
-                "too few to judge"
-            } else if c < 2.0 {
-                out_of_band += 1;
-                "BELOW band: tokens nearly unique, equal tokens likely mean equal values"
-            } else if c > hi {
-                out_of_band += 1;
-                "ABOVE band: tokens too coarse, searches decrypt many false candidates"
-            } else if st.max_rows_per_token * 2 > st.resources {
-                // DR3's band bounds coincidence among distinct values; a field with few
-                // values (status, gender) still shows its value distribution
-                "in band (low-cardinality: token frequencies show the value distribution)"
-            } else {
-                "in band"
-            };
-            writeln!(
-                out,
-                "{rtype}.{code}\t{}\t{c:.2}\t[2, {hi:.1}]\t{}\t{}\t{verdict}",
-                st.resources, st.distinct_tokens, st.max_rows_per_token
-            )?;
-        }
+    for (index, st) in index_values(&opened, &engine)? {
+        let r = st.resources as f64;
+        let c = r / space;
+        let hi = r.sqrt();
+        let values = st.values.len();
+        let max_per_token = st.per_token.values().map(|v| v.len()).max().unwrap_or(0);
+        let few = values <= FEW_VALUES;
+        let verdict = if st.resources < min_resources {
+            "too few to judge".to_owned()
+        } else if few && st.per_patient {
+            format!(
+                "FEW VALUES ({values}), keyed per patient: a written value recognises no other patient's"
+            )
+        } else if few {
+            format!(
+                "FEW VALUES ({values}): whoever can write one record per value and read the file recognises every record's value"
+            )
+        } else if c < 2.0 {
+            out_of_band += 1;
+            "BELOW band: tokens nearly unique, equal tokens likely mean equal values".to_owned()
+        } else if c > hi {
+            out_of_band += 1;
+            "ABOVE band: tokens too coarse, searches decrypt many false candidates".to_owned()
+        } else {
+            "in band".to_owned()
+        };
+        writeln!(
+            out,
+            "{index}\t{}\t{c:.2}\t[2, {hi:.1}]\t{values}\t{}\t{max_per_token}\t{verdict}",
+            st.resources,
+            st.per_token.len(),
+        )?;
     }
     opened.store.close();
     if out_of_band > 0 {
@@ -72,6 +67,61 @@ pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
     }
     writeln!(out, "index check: OK")?;
     Ok(0)
+}
+
+/// An index with at most this many distinct values is reported as having few.
+const FEW_VALUES: usize = 32;
+
+/// What `index check` counts of one index, from the decrypted records.
+#[derive(Default)]
+struct IndexValues {
+    resources: u64,
+    per_patient: bool,
+    values: std::collections::HashSet<Vec<u8>>,
+    /// Global token → the distinct values (terms) that have it.
+    per_token: std::collections::HashMap<Vec<u8>, std::collections::HashSet<Vec<u8>>>,
+}
+
+/// Every current record opened, its index terms counted: per index (`Type.param`).
+fn index_values(
+    opened: &datadir::Opened,
+    engine: &phivault_records::Engine,
+) -> Result<std::collections::BTreeMap<String, IndexValues>> {
+    use phivault_store::Candidates;
+    let mut all: std::collections::BTreeMap<String, IndexValues> = Default::default();
+    for rtype in phivault_fhir::resource_types() {
+        let mut after: Option<String> = None;
+        loop {
+            let ids = opened
+                .store
+                .candidates(rtype, &Candidates::All, after.as_deref(), 500)?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
+            for row in opened
+                .store
+                .current_many(rtype, &ids)?
+                .into_iter()
+                .flatten()
+            {
+                // (an erased patient's records do not open, and have no postings)
+                let Some(json) = engine.open_for_maintenance(&row) else {
+                    continue;
+                };
+                for (code, per_patient, terms) in engine.index_terms(rtype, &json) {
+                    let st = all.entry(format!("{rtype}.{code}")).or_default();
+                    st.resources += 1;
+                    st.per_patient = per_patient;
+                    for (token, term) in terms {
+                        st.values.insert(term.clone());
+                        st.per_token.entry(token).or_default().insert(term);
+                    }
+                }
+            }
+            after = Some(last);
+        }
+    }
+    Ok(all)
 }
 
 /// `phivault audit scan`: the rules over the events after the last scanned position

@@ -625,3 +625,47 @@ fn a_row_the_check_cannot_read_is_a_finding_not_the_end_of_checking() {
     assert!(!ok, "{text}");
     assert!(text.contains("not in the form phivault writes"), "{text}");
 }
+
+#[test]
+fn everything_reports_a_damaged_record_in_its_place_and_completes() {
+    let mut f = fixture(&[]);
+    let (a, obs) = (f.a.clone(), f.obs.clone());
+    stop_and_edit(&mut f.s, |c| {
+        let mut sealed: Vec<u8> = c
+            .query_row(
+                "SELECT sealed FROM resource_version WHERE rtype = 'Observation' AND id = ?1",
+                params![db_id(&obs)],
+                |r| r.get(0),
+            )
+            .expect("sealed");
+        let mid = sealed.len() / 2;
+        sealed[mid] ^= 1;
+        c.execute(
+            "UPDATE resource_version SET sealed = ?2 WHERE rtype = 'Observation' AND id = ?1",
+            params![db_id(&obs), sealed],
+        )
+        .expect("flip");
+    });
+    f.s.restart();
+    let t = f.s.token(SCOPE);
+    let r = f.s.get(&format!("Patient/{a}/$everything"), &t);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // the body is complete JSON: the damaged record is an outcome entry, the rest listed
+    let b = r.json();
+    let entries = b["entry"].as_array().expect("entries");
+    let outcome = entries
+        .iter()
+        .find(|e| e["search"]["mode"] == "outcome")
+        .expect("an outcome entry");
+    let text = outcome["resource"]["issue"][0]["diagnostics"]
+        .as_str()
+        .expect("diagnostics");
+    assert!(text.contains(&format!("Observation/{obs}")), "{text}");
+    assert!(entries.iter().any(|e| e["resource"]["id"] == a.as_str()));
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e["resource"]["resourceType"] == "Observation"),
+        "the damaged record is not returned"
+    );
+}

@@ -704,6 +704,55 @@ impl Engine {
         self.entries_under(rtype, resource, true)
     }
 
+    /// A current record opened for the server's own maintenance (reindexing, `phivault
+    /// index check`): its JSON, or None when it is a tombstone or does not open (an erased
+    /// patient's).
+    pub fn open_for_maintenance(&self, row: &VersionRow) -> Option<Value> {
+        if row.deleted {
+            return None;
+        }
+        let access = Access::internal(&row.rtype, phivault_auth::Interaction::Read);
+        let plain = self.open(&access, row).ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+
+    /// The terms of each index of a resource, for `phivault index check`: (index code,
+    /// keyed per patient, the terms' global tokens with the terms).
+    pub fn index_terms(
+        &self,
+        rtype: &str,
+        resource: &Value,
+    ) -> Vec<(String, bool, Vec<(Vec<u8>, Vec<u8>)>)> {
+        let mut out = Vec::new();
+        for ix in self.indexers(rtype).iter() {
+            let Some(extractor) = ix.extractor else {
+                continue;
+            };
+            let values = extractor.extract(resource);
+            if values.is_empty() {
+                continue;
+            }
+            let mut terms = Vec::new();
+            for v in &values {
+                search::index_terms(v, &mut terms);
+            }
+            let (mut point, mut span) = (Vec::new(), Vec::new());
+            for t in terms {
+                match &ix.span {
+                    Some((_, key)) if search::is_span_term(&t) => span.push((key.token(&t), t)),
+                    _ => point.push((ix.key.token(&t), t)),
+                }
+            }
+            out.push((ix.def.code.clone(), ix.per_patient, point));
+            if let Some((code, _)) = &ix.span
+                && !span.is_empty()
+            {
+                out.push((code.clone(), false, span));
+            }
+        }
+        out
+    }
+
     /// [`Self::index_entries`] as the first index scheme made them (every token global),
     /// for moving a store to this build's ([`crate::reindex`]).
     pub(crate) fn index_entries_global(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {

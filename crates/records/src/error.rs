@@ -26,6 +26,8 @@ pub enum Kind {
 }
 
 /// The message of [`Error::erased`].
+const INTEGRITY: &str =
+    "stored data failed its integrity check; it was not returned and the incident was recorded";
 const ERASED: &str =
     "the resource was erased: the data key of the patient it belongs to was destroyed";
 
@@ -111,11 +113,13 @@ impl Error {
 
     /// Stored data failed its integrity check (never returned as data).
     pub fn integrity() -> Self {
-        Self::new(
-            Kind::Internal,
-            IssueCode::Exception,
-            "stored data failed its integrity check; it was not returned and the incident was recorded",
-        )
+        Self::new(Kind::Internal, IssueCode::Exception, INTEGRITY)
+    }
+
+    /// Whether this is [`Error::integrity`]: a damaged record, which fails its own read
+    /// and nothing else.
+    pub fn is_integrity(&self) -> bool {
+        self.kind == Kind::Internal && self.issues.first().is_some_and(|i| i.message == INTEGRITY)
     }
 
     /// A storage failure: storage changed outside phivault is an integrity failure (the

@@ -6,11 +6,8 @@
 //! replaced by the new through the store's writer (committed and counted in the signed
 //! state like any write); then the scheme is recorded.
 
-use phivault_auth::Interaction;
 use phivault_store::{Candidates, Reindex};
-use serde_json::Value;
 
-use crate::access::Access;
 use crate::engine::{Engine, INDEX_SCHEME, INDEX_SCHEME_META};
 use crate::error::Error;
 
@@ -36,7 +33,6 @@ pub fn upgrade(engine: &Engine) -> Result<u64, Error> {
     types.sort_unstable();
     types.dedup();
     for rtype in types {
-        let access = Access::internal(rtype, Interaction::Read);
         let mut after: Option<String> = None;
         loop {
             let ids = store
@@ -47,12 +43,11 @@ pub fn upgrade(engine: &Engine) -> Result<u64, Error> {
             };
             let rows = store.current_many(rtype, &ids).map_err(Error::from_store)?;
             let mut changes = Vec::new();
-            for row in rows.into_iter().flatten().filter(|r| !r.deleted) {
+            for row in rows.into_iter().flatten() {
                 // an erased patient's records cannot be opened, and have no postings left
-                let Ok(plain) = engine.open(&access, &row) else {
+                let Some(json) = engine.open_for_maintenance(&row) else {
                     continue;
                 };
-                let json: Value = serde_json::from_slice(&plain).map_err(|_| Error::integrity())?;
                 let old = engine.index_entries_global(rtype, &json);
                 let new = engine.index_entries(rtype, &json);
                 if old != new {

@@ -148,6 +148,21 @@ impl Integrity {
         self.element(b'k', &[key_id.as_bytes(), wrapped])
     }
 
+    /// A signed checkpoint of the audit log (its stored tree, which only the newest keeps,
+    /// is not counted).
+    pub(crate) fn checkpoint_element(
+        &self,
+        size: i64,
+        root: &[u8],
+        time_ms: i64,
+        signature: &[u8],
+    ) -> Sum {
+        self.element(
+            b'c',
+            &[&size.to_be_bytes(), root, &time_ms.to_be_bytes(), signature],
+        )
+    }
+
     /// A KEK generation row.
     pub(crate) fn kek_element(&self, generation: i64, wrapped: &[u8], created_ms: i64) -> Sum {
         self.element(

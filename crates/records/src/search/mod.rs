@@ -838,7 +838,7 @@ pub fn stream_compartment(
     app: &Vault,
     access: &Access,
     patient: &str,
-    visit: &mut dyn FnMut(Loaded) -> bool,
+    visit: &mut dyn FnMut(Streamed) -> bool,
 ) -> Result<bool, Error> {
     let plan = Plan::new(app, None, access, Some(patient), &[])?;
     let mut after: Option<String> = None;
@@ -848,14 +848,35 @@ pub fn stream_compartment(
             return Ok(true);
         };
         for id in &batch {
-            if let Some(l) = plan.verify(app, id)?
-                && !visit(l)
-            {
+            let item = match plan.verify(app, id) {
+                Ok(Some(l)) => Streamed::Record(l),
+                Ok(None) => continue,
+                // a damaged record is reported in its place; the rest is still listed
+                Err(e) if e.is_integrity() => Streamed::Damaged {
+                    rtype: access.rtype().to_owned(),
+                    id: id.clone(),
+                },
+                Err(e) => return Err(e),
+            };
+            if !visit(item) {
                 return Ok(false);
             }
         }
         after = Some(last);
     }
+}
+
+/// One entry of a streamed compartment.
+pub enum Streamed {
+    /// A record of the compartment.
+    Record(Loaded),
+    /// A record that failed its integrity check: reported, never returned.
+    Damaged {
+        /// Its type.
+        rtype: String,
+        /// Its id.
+        id: String,
+    },
 }
 
 /// Shared pointer for blocking sections.

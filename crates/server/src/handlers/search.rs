@@ -316,14 +316,32 @@ async fn everything(
         let mut first = true;
         let mut failed = false;
         for t in types {
-            let r = search::stream_compartment(&a.vault, &t, &id, &mut |l| {
-                let mut b = Vec::with_capacity(l.body.len() + 128);
+            let r = search::stream_compartment(&a.vault, &t, &id, &mut |item| {
+                let mut b = Vec::with_capacity(512);
                 if !first {
                     b.push(b',');
                 }
                 first = false;
-                if search::write_entry(&mut b, &a.vault.base_url, l, "match", None).is_err() {
-                    return false;
+                match item {
+                    search::Streamed::Record(l) => {
+                        if search::write_entry(&mut b, &a.vault.base_url, l, "match", None).is_err()
+                        {
+                            return false;
+                        }
+                    }
+                    search::Streamed::Damaged { rtype, id } => {
+                        // in the record's place: an outcome naming it (ids only)
+                        let entry = serde_json::json!({
+                            "resource": {"resourceType": "OperationOutcome", "issue": [{
+                                "severity": "error", "code": "exception",
+                                "diagnostics": format!("{rtype}/{id} failed its integrity check; it was not returned and the incident was recorded"),
+                            }]},
+                            "search": {"mode": "outcome"},
+                        });
+                        if serde_json::to_writer(&mut b, &entry).is_err() {
+                            return false;
+                        }
+                    }
                 }
                 send(b)
             });

@@ -128,13 +128,13 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
         w.frontier.push(*l);
     }
     if !leaves.is_empty() {
+        write_checkpoint(&tx, &w.frontier, &w.signer, &w.integ, &mut w.digests)?;
         sign_head(
             &tx,
             &w.head,
             &w.integ.seal_state(&w.head, &w.digests),
             &w.signer,
         )?;
-        write_checkpoint(&tx, &w.frontier, &w.signer)?;
     }
     tx.commit().map_err(e)?;
     apply_settings(&w.known, vec![change]);

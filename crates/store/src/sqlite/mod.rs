@@ -194,6 +194,16 @@ fn read_id(r: &rusqlite::Row<'_>, idx: usize) -> Result<String, rusqlite::Error>
     }
 }
 
+/// A stored flag: phivault writes 0 or 1 only, so anything else was written by someone
+/// else (read as a conversion failure, which [`engine`] reports as tampering).
+fn flag(r: &rusqlite::Row<'_>, idx: usize) -> Result<bool, rusqlite::Error> {
+    match r.get::<_, i64>(idx)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(rusqlite::Error::IntegralValueOutOfRange(idx, other)),
+    }
+}
+
 fn engine(e: rusqlite::Error) -> StoreError {
     use rusqlite::Error as E;
     match e {

@@ -162,7 +162,7 @@ fn raw_version(r: &rusqlite::Row<'_>) -> Result<(i64, VersionRow), rusqlite::Err
             id: read_id(r, 1)?,
             version: r.get::<_, i64>(2)? as u64,
             key_id: String::new(),
-            deleted: r.get::<_, i64>(4)? != 0,
+            deleted: super::flag(r, 4)?,
             updated_ms: r.get(5)?,
             sealed: r.get(6)?,
         },

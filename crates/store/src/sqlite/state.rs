@@ -37,15 +37,16 @@ pub(super) fn load_heads(
         let id = read_id(r, 2).map_err(engine)?;
         let version: Option<i64> = r.get(3).map_err(engine)?;
         let deleted: Option<i64> = r.get(4).map_err(engine)?;
-        let (Some(rtype), Some(version), Some(deleted)) = (rtype, version, deleted) else {
+        let (Some(rtype), Some(version @ 1..), Some(deleted @ 0..=1)) = (rtype, version, deleted)
+        else {
             return Err(super::trust::tampered(format!(
-                "resource number {rno} has no head"
+                "resource number {rno} has no head in the form phivault writes"
             )));
         };
         let head = Head {
             rno,
             version: version as u64,
-            deleted: deleted != 0,
+            deleted: deleted == 1,
         };
         sum.add(integ.head_element(rno, &rtype, &id, head));
         let key = known.key(&rtype, &id);
@@ -102,7 +103,7 @@ pub(super) fn recompute(
                 rtype: r.get(0).map_err(engine)?,
                 id: read_id(r, 1).map_err(engine)?,
                 version: r.get::<_, i64>(2).map_err(engine)? as u64,
-                deleted: r.get::<_, i64>(3).map_err(engine)? != 0,
+                deleted: super::flag(r, 3).map_err(engine)?,
                 updated_ms: r.get(4).map_err(engine)?,
                 key_id: r.get(5).map_err(engine)?,
                 sealed: Vec::new(),
@@ -128,6 +129,22 @@ pub(super) fn recompute(
             let wrapped: Vec<u8> = r.get(1).map_err(engine)?;
             d.body.add(integ.key_element(&key_id, &wrapped));
             tick();
+        }
+    }
+    {
+        let mut st = c
+            .prepare("SELECT size, root, time_ms, signature FROM audit_checkpoint")
+            .map_err(engine)?;
+        let mut rows = st.query([]).map_err(engine)?;
+        while let Some(r) = rows.next().map_err(engine)? {
+            let root: Vec<u8> = r.get(1).map_err(engine)?;
+            let sig: Vec<u8> = r.get(3).map_err(engine)?;
+            d.body.add(integ.checkpoint_element(
+                r.get(0).map_err(engine)?,
+                &root,
+                r.get(2).map_err(engine)?,
+                &sig,
+            ));
         }
     }
     {

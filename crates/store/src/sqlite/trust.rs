@@ -548,8 +548,11 @@ pub(super) fn adopt(
         frontier.push(l);
     }
     if head.size > 0 {
+        let mut digests = digests;
+        super::writer::write_checkpoint(&tx, &frontier, signer, integ, &mut digests)?;
         super::writer::sign_head(&tx, &head, &integ.seal_state(&head, &digests), signer)?;
-        super::writer::write_checkpoint(&tx, &frontier, signer)?;
+        tx.commit().map_err(engine)?;
+        return Ok((head, frontier, digests, known));
     }
     tx.commit().map_err(engine)?;
     tracing::warn!(
@@ -579,7 +582,7 @@ fn version_writes(c: &Connection) -> Result<Vec<Write>, StoreError> {
             resource_type: r.get(0).map_err(engine)?,
             resource_id: super::read_id(r, 1).map_err(engine)?,
             version: r.get::<_, i64>(2).map_err(engine)? as u64,
-            deleted: r.get::<_, i64>(3).map_err(engine)? != 0,
+            deleted: super::flag(r, 3).map_err(engine)?,
             sealed: super::state::sealed_digest(sealed),
         });
     }

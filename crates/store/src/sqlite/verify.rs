@@ -237,7 +237,7 @@ fn compare_versions(
             let t: String = r.get(0).map_err(engine)?;
             let i = read_id(r, 1).map_err(engine)?;
             let v = r.get::<_, i64>(2).map_err(engine)? as u64;
-            let d = r.get::<_, i64>(3).map_err(engine)? != 0;
+            let d = super::flag(r, 3).map_err(engine)?;
             let sealed = r
                 .get_ref(4)
                 .and_then(|x| Ok(x.as_blob()?))
@@ -271,7 +271,10 @@ fn compare_versions(
         let v: Option<i64> = r.get(2).map_err(engine)?;
         let d: Option<i64> = r.get(3).map_err(engine)?;
         let t = t.unwrap_or_default();
-        let found = v.map(|v| (v as u64, d.unwrap_or(0) != 0));
+        let found = match (v, d) {
+            (Some(v), Some(d @ 0..=1)) => Some((v as u64, d == 1)),
+            _ => None,
+        };
         match (newest.remove(&(t.clone(), i.clone())), found) {
             (Some(want), Some(got)) if want == got => {}
             (want, got) => report.discrepancies.push(format!(

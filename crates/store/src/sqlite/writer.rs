@@ -213,7 +213,14 @@ fn checkpoint_at_stop(conn: &mut Connection, w: &mut Writer) -> Result<(), Store
         )
         .map_err(engine)?;
     if held == 0 {
-        write_checkpoint(&tx, &w.frontier, &w.signer)?;
+        write_checkpoint(&tx, &w.frontier, &w.signer, &w.integ, &mut w.digests)?;
+        // the same head, signed again with the state that counts the checkpoint
+        sign_head(
+            &tx,
+            &w.head,
+            &w.integ.seal_state(&w.head, &w.digests),
+            &w.signer,
+        )?;
     }
     tx.commit().map_err(engine)?;
     w.checkpointed = w.head.size;
@@ -597,10 +604,10 @@ fn apply_group(
     } = gs;
     *heads_out = new_heads;
     if head.size != start_size {
-        sign_head(&tx, head, &integ.seal_state(head, digests), signer)?;
         if checkpoint_due {
-            write_checkpoint(&tx, frontier, signer)?;
+            write_checkpoint(&tx, frontier, signer, integ, digests)?;
         }
+        sign_head(&tx, head, &integ.seal_state(head, digests), signer)?;
     }
     tx.commit().map_err(engine)?;
     Ok(results)
@@ -647,10 +654,14 @@ pub(super) fn sign_head(
 }
 
 /// Store a signed checkpoint of the audit log's Merkle tree.
+/// Store a signed checkpoint of the audit log's Merkle tree, counted in the state summary
+/// (its size, root, time and signature; a checkpoint removed or edited later changes it).
 pub(super) fn write_checkpoint(
     tx: &rusqlite::Transaction<'_>,
     frontier: &Frontier,
     signer: &HeadSigner,
+    integ: &Integrity,
+    digests: &mut Digests,
 ) -> Result<(), StoreError> {
     // only the newest checkpoint keeps its frontier (what a restart resumes from)
     tx.execute(
@@ -680,6 +691,9 @@ pub(super) fn write_checkpoint(
         ])
     })
     .map_err(engine)?;
+    digests
+        .body
+        .add(integ.checkpoint_element(frontier.size() as i64, &root, time as i64, &sig));
     Ok(())
 }
 
@@ -843,10 +857,15 @@ fn apply_put(
         .map_err(e)?;
     let key = gs.known.key(&row.rtype, &row.id);
     let known = gs.head(key);
-    let found = found.map(|(v, rno, d)| Head {
+    let found = found.map(|(v, rno, d): (i64, i64, i64)| Head {
         rno,
         version: v as u64,
-        deleted: d != 0,
+        // (a flag phivault never writes makes it differ from every head known)
+        deleted: if d == 0 || d == 1 {
+            d == 1
+        } else {
+            !known.is_some_and(|k| k.deleted)
+        },
     });
     if found != known {
         return Err(CommitError::Store(super::trust::tampered(format!(
