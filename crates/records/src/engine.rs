@@ -265,6 +265,10 @@ struct Indexer {
     per_patient: bool,
 }
 
+/// One index's terms of a resource: (index code, keyed per patient, each term's global
+/// token with the term).
+pub type IndexTerms = (String, bool, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// A blind-index key, with the tokens it made of coarse date terms (years, months and
 /// wider: see `search::is_coarse_date_term`). A search on a date window hashes some thirty
 /// of them, the same few hundred over and over, and most dates written hash two. Terms
@@ -718,11 +722,7 @@ impl Engine {
 
     /// The terms of each index of a resource, for `phivault index check`: (index code,
     /// keyed per patient, the terms' global tokens with the terms).
-    pub fn index_terms(
-        &self,
-        rtype: &str,
-        resource: &Value,
-    ) -> Vec<(String, bool, Vec<(Vec<u8>, Vec<u8>)>)> {
+    pub fn index_terms(&self, rtype: &str, resource: &Value) -> Vec<IndexTerms> {
         let mut out = Vec::new();
         for ix in self.indexers(rtype).iter() {
             let Some(extractor) = ix.extractor else {
