@@ -200,39 +200,7 @@ fn patient_id(reference: &str) -> Option<&str> {
 /// Only relative references `Patient/{id}` (optionally versioned) count; absolute URLs,
 /// `urn:uuid:` and contained (`#x`) references do not — rewrite transaction references first.
 pub fn patient_compartment(resource: &Value) -> Option<String> {
-    let rt = resource.get("resourceType")?.as_str()?;
-    if rt == "Patient" {
-        return resource
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|id| is_valid_id(id))
-            .map(str::to_owned);
-    }
-    let paths = PATHS.as_ref().ok()?.get(rt)?;
-    for path in paths {
-        let mut current: Vec<&Value> = vec![resource];
-        for seg in path {
-            let mut next = Vec::new();
-            for v in current {
-                match v.get(seg.as_str()) {
-                    Some(Value::Array(items)) => next.extend(items.iter()),
-                    Some(x) => next.push(x),
-                    None => {}
-                }
-            }
-            current = next;
-        }
-        for v in current {
-            if let Some(id) = v
-                .get("reference")
-                .and_then(Value::as_str)
-                .and_then(patient_id)
-            {
-                return Some(id.to_owned());
-            }
-        }
-    }
-    None
+    patient_compartments(resource).into_iter().next()
 }
 
 /// Every patient whose compartment holds `resource` (each Patient reference at any of its
@@ -243,7 +211,13 @@ pub fn patient_compartments(resource: &Value) -> Vec<String> {
         return Vec::new();
     };
     if rt == "Patient" {
-        return patient_compartment(resource).into_iter().collect();
+        return resource
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| is_valid_id(id))
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
     }
     let Some(paths) = PATHS.as_ref().ok().and_then(|p| p.get(rt)) else {
         return Vec::new();

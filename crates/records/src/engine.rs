@@ -724,23 +724,14 @@ impl Engine {
     /// keyed per patient, the terms' global tokens with the terms).
     pub fn index_terms(&self, rtype: &str, resource: &Value) -> Vec<IndexTerms> {
         let mut out = Vec::new();
-        for ix in self.indexers(rtype).iter() {
-            let Some(extractor) = ix.extractor else {
-                continue;
-            };
-            let values = extractor.extract(resource);
-            if values.is_empty() {
-                continue;
-            }
-            let mut terms = Vec::new();
-            for v in &values {
-                search::index_terms(v, &mut terms);
-            }
+        self.each_index(rtype, resource, |ix, terms| {
             let (mut point, mut span) = (Vec::new(), Vec::new());
             for t in terms {
                 match &ix.span {
-                    Some((_, key)) if search::is_span_term(&t) => span.push((key.token(&t), t)),
-                    _ => point.push((ix.key.token(&t), t)),
+                    Some((_, key)) if search::is_span_term(t) => {
+                        span.push((key.token(t), t.clone()))
+                    }
+                    _ => point.push((ix.key.token(t), t.clone())),
                 }
             }
             out.push((ix.def.code.clone(), ix.per_patient, point));
@@ -749,25 +740,14 @@ impl Engine {
             {
                 out.push((code.clone(), false, span));
             }
-        }
+        });
         out
     }
 
-    /// [`Self::index_entries`] as the first index scheme made them (every token global),
-    /// for moving a store to this build's ([`crate::reindex`]).
-    pub(crate) fn index_entries_global(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
-        self.entries_under(rtype, resource, false)
-    }
-
-    fn entries_under(&self, rtype: &str, resource: &Value, per_patient: bool) -> Vec<IndexEntry> {
-        let mut out = Vec::new();
+    /// Call `f` with each index of `rtype` that `resource` has values for, and the terms
+    /// of those values.
+    fn each_index(&self, rtype: &str, resource: &Value, mut f: impl FnMut(&Indexer, &[Vec<u8>])) {
         let mut terms = Vec::new();
-        // per-patient tokens are made for every patient whose compartment holds it (a
-        // record in none gets tokens of the empty patient: found by scans only)
-        let mut patients = phivault_fhir::patient_compartments(resource);
-        if patients.is_empty() {
-            patients.push(String::new());
-        }
         for ix in self.indexers(rtype).iter() {
             let Some(extractor) = ix.extractor else {
                 continue;
@@ -780,8 +760,27 @@ impl Engine {
             for v in &values {
                 search::index_terms(v, &mut terms);
             }
+            f(ix, &terms);
+        }
+    }
+
+    /// [`Self::index_entries`] as the first index scheme made them (every token global),
+    /// for moving a store to this build's ([`crate::reindex`]).
+    pub(crate) fn index_entries_global(&self, rtype: &str, resource: &Value) -> Vec<IndexEntry> {
+        self.entries_under(rtype, resource, false)
+    }
+
+    fn entries_under(&self, rtype: &str, resource: &Value, per_patient: bool) -> Vec<IndexEntry> {
+        let mut out = Vec::new();
+        // per-patient tokens are made for every patient whose compartment holds it (a
+        // record in none gets tokens of the empty patient: found by scans only)
+        let mut patients = phivault_fhir::patient_compartments(resource);
+        if patients.is_empty() {
+            patients.push(String::new());
+        }
+        self.each_index(rtype, resource, |ix, terms| {
             let (mut point, mut span) = (Vec::new(), Vec::new());
-            for t in &terms {
+            for t in terms {
                 match &ix.span {
                     Some((_, key)) if search::is_span_term(t) => span.push(key.token(t)),
                     _ if per_patient && ix.per_patient => {
@@ -794,7 +793,7 @@ impl Engine {
             if let Some((code, _)) = &ix.span {
                 push_entries(&mut out, code, span);
             }
-        }
+        });
         out
     }
 

@@ -204,9 +204,12 @@ fn pinned_patients(
         let Target::Param(def) = &c.target else {
             return None;
         };
+        // (a parameter whose values are a subset of a compartment parameter's, such as
+        // Observation `patient` of `subject`, names compartment patients too)
+        let owner = search::index_owner(def);
         if c.modifier != Modifier::None
             || def.ptype != ParamType::Reference
-            || !compartment.contains(&def.code)
+            || !(compartment.contains(&def.code) || compartment.iter().any(|p| p == owner))
         {
             return None;
         }

@@ -385,6 +385,7 @@ impl SqliteStore {
             digests,
             known: known.clone(),
             checkpointed: u64::try_from(checkpointed).unwrap_or(0),
+            data_version: None,
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())

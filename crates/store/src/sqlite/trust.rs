@@ -69,7 +69,8 @@ pub(super) fn load(
     public: &[u8; 32],
     legacy: bool,
 ) -> Result<Loaded, StoreError> {
-    let events = count(c, "SELECT count(*) FROM audit_event")?;
+    // (whether there are any: a count would read the whole log at every start)
+    let events = count(c, "SELECT EXISTS (SELECT 1 FROM audit_event)")?;
     let (head, digests, adopting) = match head_row(c)? {
         None => {
             if events > 0 {
@@ -77,7 +78,7 @@ pub(super) fn load(
                     "the audit log has events but no signed head (the head was removed)",
                 ));
             }
-            if count(c, "SELECT count(*) FROM resource_version")? > 0 {
+            if count(c, "SELECT EXISTS (SELECT 1 FROM resource_version)")? > 0 {
                 return Err(tampered(
                     "the store holds records but no audit log (the log was emptied)",
                 ));
@@ -111,7 +112,7 @@ pub(super) fn load(
             }
             if head.size == 0 || events == 0 {
                 return Err(tampered(format!(
-                    "the signed audit head names {} events but the log has {events}",
+                    "the signed audit head names {} events but the log has none",
                     head.size
                 )));
             }
@@ -507,7 +508,7 @@ pub(super) fn adopt(
         mut known,
         adopt,
     } = loaded;
-    let versions = count(conn, "SELECT count(*) FROM resource_version")?;
+    let versions = count(conn, "SELECT EXISTS (SELECT 1 FROM resource_version)")?;
     if !legacy || (adopt.is_empty() && head.size == 0 && versions == 0) {
         return Ok((head, frontier, digests, known));
     }
@@ -530,6 +531,11 @@ pub(super) fn adopt(
         known.settings.insert(k.clone(), mac);
     }
     writes.extend(version_writes(&tx)?);
+    tracing::warn!(
+        settings = adopt.len(),
+        rows = writes.len(),
+        "adopting a database written before stores were authenticated: its rows are committed in the audit log as found"
+    );
     let digests = super::state::recompute(&tx, integ, &mut || {})?;
     known.heads.clear();
     super::state::load_heads(&tx, integ, &mut known)?;
@@ -555,11 +561,6 @@ pub(super) fn adopt(
         return Ok((head, frontier, digests, known));
     }
     tx.commit().map_err(engine)?;
-    tracing::warn!(
-        settings = adopt.len(),
-        versions,
-        "adopted a database written before stores were authenticated: its rows are committed in the audit log as found"
-    );
     Ok((head, frontier, digests, known))
 }
 

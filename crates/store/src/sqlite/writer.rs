@@ -140,6 +140,8 @@ pub(super) struct Writer {
     pub(super) known: Arc<RwLock<Known>>,
     /// Size of the newest checkpoint written.
     pub(super) checkpointed: u64,
+    /// SQLite's `data_version` when this writer last caught up with other processes.
+    pub(super) data_version: Option<i64>,
 }
 
 /// The writer thread: group commits until every sender is gone, then a clean stop.
@@ -286,6 +288,7 @@ fn commit_group(
                 settings: &mut settings,
                 heads: &mut heads,
                 others_wrote: &mut others_wrote,
+                data_version: &mut w.data_version,
             },
             &pending,
             staged,
@@ -414,6 +417,8 @@ struct Audit<'a> {
     /// Set when another process wrote resources since this writer's last group (their
     /// index postings are then read again from the log).
     others_wrote: &'a mut bool,
+    /// SQLite's `data_version` when this writer last caught up.
+    data_version: &'a mut Option<i64>,
 }
 
 /// Apply a group in one transaction; per-command results, or an error that failed them all.
@@ -435,14 +440,24 @@ fn apply_group(
         settings,
         heads: heads_out,
         others_wrote,
+        data_version,
     } = audit;
     // immediate: the head read below is still the newest when this group appends to it
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(engine)?;
-    if let Some(caught) = catch_up(&tx, integ, head, frontier, digests)? {
-        *others_wrote |= !caught.heads.is_empty();
-        apply_caught_up(known, caught);
+    // another connection committed since this one last looked (SQLite's data_version
+    // moves only for others' commits; reading it costs no I/O): catch up with its heads
+    let version: i64 = tx
+        .prepare_cached("PRAGMA data_version")
+        .and_then(|mut st| st.query_row([], |r| r.get(0)))
+        .map_err(engine)?;
+    if *data_version != Some(version) {
+        if let Some(caught) = catch_up(&tx, integ, head, frontier, digests)? {
+            *others_wrote |= !caught.heads.is_empty();
+            apply_caught_up(known, caught);
+        }
+        *data_version = Some(version);
     }
     let known = known.read();
     let mut gs = GroupState {
