@@ -138,9 +138,14 @@ impl Integrity {
         )
     }
 
-    /// A blind-index posting: index number, token, resource number.
-    pub(crate) fn posting_element(&self, ix: i64, token: &[u8], rno: i64) -> Sum {
-        self.element(b'p', &[&ix.to_be_bytes(), token, &rno.to_be_bytes()])
+    /// A blind-index posting: index number, token, and the resource it leads to by type
+    /// and id (so a write's postings are summed before the writer numbers a new resource,
+    /// on the caller's thread; the number → id map is in the resources' heads).
+    pub(crate) fn posting_element(&self, ix: i64, token: &[u8], rtype: &str, id: &str) -> Sum {
+        self.element(
+            b'p',
+            &[&ix.to_be_bytes(), token, rtype.as_bytes(), id.as_bytes()],
+        )
     }
 
     /// A data key row: its id and wrapped form (empty once erased).

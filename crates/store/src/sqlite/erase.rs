@@ -16,7 +16,7 @@
 //! engine asks for the marker before it unwraps a key, so a wrapped key written back into
 //! `data_key` by someone who can write the file is never used again.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -99,7 +99,9 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
     tx.execute("DELETE FROM index_log", []).map_err(e)?;
     let (integ, digests) = (&w.integ, &mut w.digests);
     let postings = purge_postings(&tx, &numbers, &mut |ix, tok, n| {
-        digests.body.sub(integ.posting_element(ix, tok, n));
+        if let Some((rtype, id)) = numbers.get(&n) {
+            digests.body.sub(integ.posting_element(ix, tok, rtype, id));
+        }
     })
     .map_err(e)?;
     let wrapped = destroy_key(&tx, key_no, &er.key_id).map_err(e)?;
@@ -157,7 +159,7 @@ fn numbers_sealed_under(
     c: &Connection,
     key_no: i64,
     known: &Known,
-) -> Result<HashSet<i64>, CommitError> {
+) -> Result<HashMap<i64, (String, String)>, CommitError> {
     let rows: Vec<(String, String, i64)> = c
         .prepare(
             "SELECT v.rtype, v.id, v.rno FROM resource_version v WHERE v.key_no = ?1 AND v.version = \
@@ -170,7 +172,7 @@ fn numbers_sealed_under(
             .collect()
         })
         .map_err(|e| CommitError::Store(engine(e)))?;
-    let mut out = HashSet::new();
+    let mut out = HashMap::new();
     for (rtype, id, rno) in rows {
         // the number this process gave it: an edited copy must not aim the purge at
         // another resource's postings
@@ -179,7 +181,7 @@ fn numbers_sealed_under(
                 "{rtype}/{id}: its stored resource number is not the one phivault gave it"
             ))));
         }
-        out.insert(rno);
+        out.insert(rno, (rtype, id));
     }
     Ok(out)
 }
@@ -188,7 +190,7 @@ fn numbers_sealed_under(
 /// merged first); the segments they were in are re-cut. Returns the postings removed.
 fn purge_postings(
     c: &Connection,
-    numbers: &HashSet<i64>,
+    numbers: &HashMap<i64, (String, String)>,
     removed_one: &mut dyn FnMut(i64, &[u8], i64),
 ) -> rusqlite::Result<u64> {
     if numbers.is_empty() {
@@ -201,7 +203,7 @@ fn purge_postings(
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let pairs = decode_segment(r.get_ref(3).and_then(|v| Ok(v.as_blob()?))?)?;
-            if pairs.iter().any(|(_, n)| numbers.contains(n)) {
+            if pairs.iter().any(|(_, n)| numbers.contains_key(n)) {
                 hits.push((r.get(0)?, r.get(1)?, r.get(2)?, pairs));
             }
         }
@@ -217,7 +219,7 @@ fn purge_postings(
         let kept: Vec<segments::Pair> = pairs
             .into_iter()
             .filter(|(t, n)| {
-                let purged = numbers.contains(n);
+                let purged = numbers.contains_key(n);
                 if purged {
                     removed_one(ix, t.bytes(), *n);
                 }
@@ -390,6 +392,8 @@ mod tests {
         let r = store.submit(b).blocking_recv().unwrap();
         assert!(matches!(r, Err(CommitError::KeyErased)), "{r:?}");
         // the old wrapped key written back by someone who can write the file: the marker
+        // the signed state counted what the erasure removed
+        assert_eq!(store.check_state(&mut || {}).unwrap(), Vec::<String>::new());
         // still refuses writes
         let c = Connection::open(dir.path().join("db.sqlite")).unwrap();
         c.execute(
@@ -397,6 +401,8 @@ mod tests {
             params![wrapped],
         )
         .unwrap();
+        // and the key put back is a finding of the store check
+        assert_eq!(store.check_state(&mut || {}).unwrap().len(), 1);
         let b = WriteBatch {
             puts: vec![put("o4", "p:a", b"tt")],
             ..Default::default()

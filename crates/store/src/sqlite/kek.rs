@@ -197,6 +197,8 @@ mod tests {
             .collect();
         s.submit(WriteBatch {
             new_keys: keys,
+            // (an event: the store has a signed head, whose state the check compares)
+            audit: vec![crate::testsuite::event(1)],
             ..Default::default()
         })
         .blocking_recv()
@@ -297,5 +299,7 @@ mod tests {
             );
         }
         s.close();
+        // every row the rotation added, changed and removed is counted in the signed state
+        assert_eq!(s.check_state(&mut || {}).unwrap(), Vec::<String>::new());
     }
 }

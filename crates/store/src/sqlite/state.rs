@@ -26,6 +26,16 @@ pub(super) fn load_heads(
     integ: &Integrity,
     known: &mut Known,
 ) -> Result<Sum, StoreError> {
+    load_heads_with(c, integ, known, &mut |_, _, _| {})
+}
+
+/// [`load_heads`], also telling `each` every resource's number, type and id.
+fn load_heads_with(
+    c: &Connection,
+    integ: &Integrity,
+    known: &mut Known,
+    each: &mut dyn FnMut(i64, &str, &str),
+) -> Result<Sum, StoreError> {
     let mut sum = Sum::default();
     let mut st = c
         .prepare("SELECT rno, rtype, id, version, deleted FROM resource_no")
@@ -49,6 +59,7 @@ pub(super) fn load_heads(
             deleted: deleted == 1,
         };
         sum.add(integ.head_element(rno, &rtype, &id, head));
+        each(rno, &rtype, &id);
         let key = known.key(&rtype, &id);
         if known.heads.insert(key, head).is_some() {
             return Err(super::trust::tampered(format!(
@@ -89,7 +100,11 @@ pub(super) fn recompute(
         }
     }
     let mut known = Known::default();
-    d.heads = load_heads(c, integ, &mut known)?;
+    // resource number → type and id: postings are summed by the resource they lead to
+    let mut names: std::collections::HashMap<i64, (String, String)> = Default::default();
+    d.heads = load_heads_with(c, integ, &mut known, &mut |rno, rtype, id| {
+        names.insert(rno, (rtype.to_owned(), id.to_owned()));
+    })?;
     {
         let mut st = c
             .prepare(
@@ -118,7 +133,7 @@ pub(super) fn recompute(
             tick();
         }
     }
-    d.body.add(postings_sum(c, integ, &mut tick)?);
+    d.body.add(postings_sum(c, integ, &names, &mut tick)?);
     {
         let mut st = c
             .prepare("SELECT key_id, wrapped FROM data_key")
@@ -168,8 +183,15 @@ pub(super) fn recompute(
 fn postings_sum(
     c: &Connection,
     integ: &Integrity,
+    names: &std::collections::HashMap<i64, (String, String)>,
     tick: &mut dyn FnMut(),
 ) -> Result<Sum, StoreError> {
+    // a posting leading to no resource is summed as leading to an empty name: it differs
+    // from every posting the writer counted
+    let element = |ix: i64, tok: &[u8], rno: i64| match names.get(&rno) {
+        Some((rtype, id)) => integ.posting_element(ix, tok, rtype, id),
+        None => integ.posting_element(ix, tok, "", &rno.to_string()),
+    };
     let mut sum = Sum::default();
     {
         let mut st = c
@@ -184,7 +206,7 @@ fn postings_sum(
                 .and_then(decode_segment)
                 .map_err(engine)?;
             for (tok, rno) in pairs {
-                sum.add(integ.posting_element(ix, tok.bytes(), rno));
+                sum.add(element(ix, tok.bytes(), rno));
             }
             tick();
         }
@@ -202,7 +224,7 @@ fn postings_sum(
             continue;
         };
         let in_segments = merged.binary_search(&rno).is_ok();
-        let e = integ.posting_element(ix, tok.bytes(), rno);
+        let e = element(ix, tok.bytes(), rno);
         match (live, in_segments) {
             (true, false) => sum.add(e),
             (false, true) => sum.sub(e),

@@ -44,10 +44,43 @@ pub(super) const DEFAULT_MERGE_ROWS: usize = 200_000;
 
 type Reply = oneshot::Sender<Result<Committed, CommitError>>;
 
+/// What a put adds to the state summary apart from its resource number: the SHA-256 of
+/// its sealed bytes, and the sums of the postings it adds and of those it replaces.
+#[derive(Default)]
+pub(super) struct PutDigest {
+    sealed: [u8; 32],
+    postings_new: crate::integrity::Sum,
+    postings_old: crate::integrity::Sum,
+}
+
+impl PutDigest {
+    fn of(put: &Put, integ: Option<&Integrity>) -> PutDigest {
+        let row = &put.row;
+        let mut d = PutDigest {
+            sealed: super::state::sealed_digest(&row.sealed),
+            ..PutDigest::default()
+        };
+        if let Some(integ) = integ {
+            let sum = |entries: &[IndexEntry]| {
+                let mut s = crate::integrity::Sum::default();
+                for (ix, token) in postings_of_entries(&row.rtype, entries) {
+                    s.add(integ.posting_element(ix, token, &row.rtype, &row.id));
+                }
+                s
+            };
+            if !row.deleted {
+                d.postings_new = sum(&put.index);
+            }
+            d.postings_old = sum(&put.replaces);
+        }
+        d
+    }
+}
+
 pub(super) enum Command {
-    /// A batch, with the SHA-256 of each put's sealed bytes (hashed on the caller's
-    /// thread, not the writer's).
-    Batch(WriteBatch, Vec<[u8; 32]>, Reply),
+    /// A batch, with what each put adds to the state summary that does not depend on
+    /// the writer (hashed on the caller's thread, not the writer's).
+    Batch(WriteBatch, Vec<PutDigest>, Reply),
     SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
     /// Catch up with heads another process wrote (a reader found a row it did not know).
     /// (a std channel: readers may wait on it from inside an async runtime, rarely)
@@ -91,7 +124,7 @@ impl SqliteStore {
         let sealed = batch
             .puts
             .iter()
-            .map(|p| super::state::sealed_digest(&p.row.sealed))
+            .map(|p| PutDigest::of(p, self.integ.as_deref()))
             .collect();
         let sender = self.tx.lock();
         let closed = match sender.as_ref() {
@@ -468,6 +501,7 @@ fn apply_group(
         undo: Vec::new(),
     };
     let start_size = head.size;
+    let start_digests = *gs.digests;
     let mut versions_written = false;
     let mut leaves = Vec::new();
     let group_mark = staged.mark();
@@ -623,6 +657,10 @@ fn apply_group(
             write_checkpoint(&tx, frontier, signer, integ, digests)?;
         }
         sign_head(&tx, head, &integ.seal_state(head, digests), signer)?;
+    } else if *digests != start_digests && head.size > 0 {
+        // rows changed without an event (a KEK generation, rewrapped keys): the same head,
+        // signed again with the state that counts them
+        sign_head(&tx, head, &integ.seal_state(head, digests), signer)?;
     }
     tx.commit().map_err(engine)?;
     Ok(results)
@@ -769,7 +807,7 @@ impl GroupState<'_> {
 /// the batch stored (a companion event does when the batch brings none).
 fn apply_batch(
     tx: &rusqlite::Transaction<'_>,
-    (batch, sealed): (&mut WriteBatch, &[[u8; 32]]),
+    (batch, sealed): (&mut WriteBatch, &[PutDigest]),
     head: &mut ChainHead,
     leaves: &mut Vec<merkle::Hash>,
     (pending, staged): (&Pending, &mut Staged),
@@ -779,8 +817,12 @@ fn apply_batch(
     check_guards(tx, &batch.guards, pending, staged)?;
     let mut writes = Vec::with_capacity(batch.puts.len());
     for (index, put) in batch.puts.iter().enumerate() {
-        let digest = sealed.get(index).copied().unwrap_or_default();
-        writes.push(apply_put(tx, index, put, &digest, staged, gs)?);
+        let digest = sealed
+            .get(index)
+            .ok_or(CommitError::Store(StoreError::Engine(
+                "a put without its digest".into(),
+            )))?;
+        writes.push(apply_put(tx, index, put, digest, staged, gs)?);
     }
     if !writes.is_empty() {
         match batch.audit.first_mut() {
@@ -853,10 +895,11 @@ fn apply_put(
     tx: &rusqlite::Transaction<'_>,
     index: usize,
     put: &Put,
-    sealed: &[u8; 32],
+    digest: &PutDigest,
     staged: &mut Staged,
     gs: &mut GroupState<'_>,
 ) -> Result<Write, CommitError> {
+    let sealed = &digest.sealed;
     let e = |e: rusqlite::Error| CommitError::Store(engine(e));
     let row = &put.row;
     let found: Option<(i64, i64, i64)> = tx
@@ -968,9 +1011,12 @@ fn apply_put(
     gs.digests
         .body
         .add(gs.integ.version_element(row, rno, sealed));
+    // (the postings it replaces go, its own come: common ones cancel in the sum)
+    gs.digests.body.sub(digest.postings_old);
+    gs.digests.body.add(digest.postings_new);
     let none = Vec::new();
     let new = if row.deleted { &none } else { &put.index };
-    stage_index_changes(rno, &row.rtype, (&put.replaces, new), staged, gs);
+    stage_index_changes(rno, &row.rtype, (&put.replaces, new), staged);
     Ok(Write::Version {
         resource_type: row.rtype.clone(),
         resource_id: row.id.clone(),
@@ -981,13 +1027,12 @@ fn apply_put(
 }
 
 /// Stage the postings a write of resource number `rno` of `rtype` removes (`old`'s) and
-/// adds (`new`'s), and count them in the state summary.
+/// adds (`new`'s) (the state summary counts them from the put's [`PutDigest`]).
 fn stage_index_changes(
     rno: i64,
     rtype: &str,
     (old, new): (&[IndexEntry], &[IndexEntry]),
     staged: &mut Staged,
-    gs: &mut GroupState<'_>,
 ) {
     let old = postings_of_entries(rtype, old);
     let new = postings_of_entries(rtype, new);
@@ -1002,16 +1047,6 @@ fn stage_index_changes(
         .filter(|p| old.binary_search(p).is_err())
         .copied()
         .collect();
-    for (ix, token) in &removed {
-        gs.digests
-            .body
-            .sub(gs.integ.posting_element(*ix, token, rno));
-    }
-    for (ix, token) in &added {
-        gs.digests
-            .body
-            .add(gs.integ.posting_element(*ix, token, rno));
-    }
     log_index(rno, &removed, &added, staged);
 }
 
@@ -1036,7 +1071,7 @@ fn stage_reindex(
         if held {
             gs.digests
                 .body
-                .sub(gs.integ.posting_element(*ix, token, rno));
+                .sub(gs.integ.posting_element(*ix, token, &c.rtype, &c.id));
             staged.push((*ix, tok, rno), false);
         }
     }
@@ -1049,7 +1084,7 @@ fn stage_reindex(
         if !held {
             gs.digests
                 .body
-                .add(gs.integ.posting_element(*ix, token, rno));
+                .add(gs.integ.posting_element(*ix, token, &c.rtype, &c.id));
             staged.push((*ix, tok, rno), true);
         }
     }
@@ -1079,7 +1114,10 @@ pub(super) fn append_audit_events(
 }
 
 /// The `(index number, token)` pairs of index entries of `rtype`, sorted and distinct.
-fn postings_of_entries<'a>(rtype: &str, entries: &'a [IndexEntry]) -> Vec<(i64, &'a [u8])> {
+pub(super) fn postings_of_entries<'a>(
+    rtype: &str,
+    entries: &'a [IndexEntry],
+) -> Vec<(i64, &'a [u8])> {
     let mut v: Vec<(i64, &[u8])> = entries
         .iter()
         .map(|en| (index_no(rtype, &en.param), en.token.as_slice()))
