@@ -669,3 +669,99 @@ fn everything_reports_a_damaged_record_in_its_place_and_completes() {
         "the damaged record is not returned"
     );
 }
+
+#[test]
+fn inserted_app_and_user_rows_stop_the_next_start() {
+    for key in ["app:forged-app", "user:forged-user", "idp:forged"] {
+        let mut f = fixture(&[]);
+        stop_and_edit(&mut f.s, |c| {
+            c.execute(
+                "INSERT INTO meta (k, v) VALUES (?1, ?2)",
+                params![key, br#"{"client_id":"forged","name":"x"}"#.to_vec()],
+            )
+            .expect("insert");
+        });
+        assert_start_refused(&mut f.s, &format!("settings row {key} has no valid MAC"));
+        assert_verify_finds(&f.s, &[&format!("settings row {key}: no valid MAC")]);
+    }
+}
+
+#[test]
+fn a_disabled_account_restored_from_an_older_copy_stops_the_next_start() {
+    let mut f = fixture(&[]);
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(unlock_args(&f.s.data)).args(args);
+        if stdin.is_some() {
+            c.stdin(std::process::Stdio::piped());
+        }
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("spawn");
+        if let Some(text) = stdin {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+        }
+        let o = child.wait_with_output().expect("wait");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let data = f.s.data.to_str().expect("path").to_owned();
+    cli(
+        &[
+            "user",
+            "add",
+            "--data-dir",
+            &data,
+            "--username",
+            "audrey.auditor",
+            "--role",
+            "auditor",
+        ],
+        Some("correct horse battery staple 42\n"),
+    );
+    let rows = |c: &Connection| -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        c.prepare("SELECT k, v, mac FROM meta WHERE k LIKE 'user:%' ORDER BY k")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    let enabled = rows(&db(&f.s));
+    assert_eq!(enabled.len(), 1, "one account row");
+    cli(
+        &[
+            "user",
+            "disable",
+            "--data-dir",
+            &data,
+            "--username",
+            "audrey.auditor",
+        ],
+        None,
+    );
+    assert_ne!(rows(&db(&f.s)), enabled, "the account row changed");
+    let key = enabled[0].0.clone();
+    stop_and_edit(&mut f.s, |c| {
+        let (k, v, mac) = &enabled[0];
+        c.execute(
+            "UPDATE meta SET v = ?2, mac = ?3 WHERE k = ?1",
+            params![k, v, mac],
+        )
+        .expect("restore");
+    });
+    assert_start_refused(&mut f.s, "the settings rows differ from the signed state");
+    assert_verify_finds(
+        &f.s,
+        &[&format!("settings row {key}: not the value last committed")],
+    );
+}

@@ -77,9 +77,8 @@ mod tests {
     use std::sync::Arc;
 
     use phivault_crypto::{KeyHierarchy, MasterKey};
-    use phivault_store::Store as _;
     use phivault_store::sqlite::SqliteStore;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::erase::tests::write;
