@@ -29,7 +29,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// Keys derived from the store's integrity secret (itself derived from the master key).
 pub struct Integrity {
     mac: hmac::Key,
-    element: hmac::Key,
+    /// SHA-256 with a secret 64-byte block absorbed: an element is this state's hash of
+    /// the row's prefix-free encoding (one compression a row, where HMAC takes two; the
+    /// elements are never seen, only their masked sum, so nothing extends them).
+    element: ring::digest::Context,
     mask: hmac::Key,
     tag: hmac::Key,
 }
@@ -55,9 +58,12 @@ impl Integrity {
         let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
         let sub =
             |label: &[u8]| hmac::Key::new(hmac::HMAC_SHA256, hmac::sign(&root, label).as_ref());
+        let mut element = ring::digest::Context::new(&ring::digest::SHA256);
+        element.update(hmac::sign(&root, b"phivault-state-element-v1/a").as_ref());
+        element.update(hmac::sign(&root, b"phivault-state-element-v1/b").as_ref());
         Integrity {
             mac: sub(b"phivault-settings-mac-v1"),
-            element: sub(b"phivault-state-element-v1"),
+            element,
             mask: sub(b"phivault-state-mask-v1"),
             tag: sub(b"phivault-state-tag-v1"),
         }
@@ -84,20 +90,36 @@ impl Integrity {
     /// A settings row's contribution to the summary: a keyed hash of its MAC (the MACs
     /// themselves are stored, so their plain sum could be steered by chosen rows).
     pub(crate) fn setting_element(&self, mac: &[u8; 32]) -> Sum {
-        let mut ctx = hmac::Context::with_key(&self.element);
-        ctx.update(b"m");
-        ctx.update(mac);
-        Sum::from_bytes(ctx.sign().as_ref())
+        self.element(b'm', &[mac])
     }
 
     fn element(&self, kind: u8, parts: &[&[u8]]) -> Sum {
-        let mut ctx = hmac::Context::with_key(&self.element);
-        ctx.update(&[kind]);
+        // the encoding (kind, then each part's length and bytes) is prefix-free
+        let mut m = [0u8; 160];
+        let mut n = 0;
+        let put = |bytes: &[u8], m: &mut [u8; 160], n: &mut usize| {
+            if *n + bytes.len() <= m.len() {
+                m[*n..*n + bytes.len()].copy_from_slice(bytes);
+            }
+            *n += bytes.len();
+        };
+        put(&[kind], &mut m, &mut n);
         for p in parts {
-            ctx.update(&(p.len() as u64).to_be_bytes());
-            ctx.update(p);
+            put(&(p.len() as u64).to_be_bytes(), &mut m, &mut n);
+            put(p, &mut m, &mut n);
         }
-        Sum::from_bytes(ctx.sign().as_ref())
+        let mut ctx = self.element.clone();
+        if n <= m.len() {
+            ctx.update(&m[..n]);
+        } else {
+            // (a long row: hashed part by part, the same bytes)
+            ctx.update(&[kind]);
+            for p in parts {
+                ctx.update(&(p.len() as u64).to_be_bytes());
+                ctx.update(p);
+            }
+        }
+        Sum::from_bytes(ctx.finish().as_ref())
     }
 
     /// A resource's head (`resource_no`): its number, type, id, current version and

@@ -26,7 +26,139 @@ pub(super) fn load_heads(
     integ: &Integrity,
     known: &mut Known,
 ) -> Result<Sum, StoreError> {
-    load_heads_with(c, integ, known, &mut |_, _, _| {})
+    // (every start does this: rows are read once, with no allocation but the id of a
+    // resource whose id is not a UUID, and hashed on two threads)
+    let most: i64 = c
+        .query_row("SELECT coalesce(max(rno), 0) FROM resource_no", [], |r| {
+            r.get(0)
+        })
+        .map_err(engine)?;
+    known.heads.reserve(usize::try_from(most).unwrap_or(0));
+    let mut types: Vec<String> = Vec::new();
+    let mut rows: Vec<HeadRow> = Vec::with_capacity(usize::try_from(most).unwrap_or(0));
+    {
+        let mut st = c
+            .prepare("SELECT rno, rtype, id, version, deleted FROM resource_no")
+            .map_err(engine)?;
+        let mut q = st.query([]).map_err(engine)?;
+        while let Some(r) = q.next().map_err(engine)? {
+            let rno: i64 = r.get(0).map_err(engine)?;
+            let refs = (
+                r.get_ref(1).map_err(engine)?,
+                r.get_ref(2).map_err(engine)?,
+                r.get_ref(3).map_err(engine)?,
+                r.get_ref(4).map_err(engine)?,
+            );
+            use rusqlite::types::ValueRef as V;
+            let (V::Text(rtype), id, V::Integer(version @ 1..), V::Integer(deleted @ 0..=1)) = refs
+            else {
+                return Err(super::trust::tampered(format!(
+                    "resource number {rno} has no head in the form phivault writes"
+                )));
+            };
+            let rtype = std::str::from_utf8(rtype)
+                .map_err(|_| super::trust::tampered(format!("resource number {rno}'s type")))?;
+            let t = match types.iter().position(|x| x == rtype) {
+                Some(i) => i,
+                None => {
+                    types.push(rtype.to_owned());
+                    types.len() - 1
+                }
+            };
+            let id = match id {
+                V::Blob(b) => {
+                    HeadId::Uuid(<[u8; 16]>::try_from(b).map_err(|_| {
+                        super::trust::tampered(format!("resource number {rno}'s id"))
+                    })?)
+                }
+                V::Text(t) => HeadId::Text(
+                    std::str::from_utf8(t)
+                        .map_err(|_| super::trust::tampered(format!("resource number {rno}'s id")))?
+                        .to_owned(),
+                ),
+                _ => {
+                    return Err(super::trust::tampered(format!(
+                        "resource number {rno}'s id"
+                    )));
+                }
+            };
+            rows.push(HeadRow {
+                rno,
+                rtype: t,
+                id,
+                head: Head {
+                    rno,
+                    version: version as u64,
+                    deleted: deleted == 1,
+                },
+            });
+        }
+    }
+    let hash = |part: &[HeadRow]| -> (Sum, Vec<(u128, Head)>) {
+        let mut sum = Sum::default();
+        let mut keys = Vec::with_capacity(part.len());
+        let mut buf = [0u8; 36];
+        for row in part {
+            let rtype = types[row.rtype].as_str();
+            let id = match &row.id {
+                HeadId::Uuid(b) => uuid_str(b, &mut buf),
+                HeadId::Text(t) => t.as_str(),
+            };
+            sum.add(integ.head_element(row.rno, rtype, id, row.head));
+            keys.push((known.key(rtype, id), row.head));
+        }
+        (sum, keys)
+    };
+    let (left, right) = rows.split_at(rows.len() / 2);
+    let ((a, ka), (b, kb)) = std::thread::scope(|s| {
+        let other = s.spawn(|| hash(right));
+        let mine = hash(left);
+        (mine, other.join().unwrap_or_default())
+    });
+    if ka.len() + kb.len() != rows.len() {
+        return Err(StoreError::Engine("the heads could not be summed".into()));
+    }
+    let mut sum = a;
+    sum.add(b);
+    for (key, head) in ka.into_iter().chain(kb) {
+        if known.heads.insert(key, head).is_some() {
+            return Err(super::trust::tampered(format!(
+                "resource number {} names a resource another number names",
+                head.rno
+            )));
+        }
+    }
+    Ok(sum)
+}
+
+/// A head as read at start (the type an index into the types seen).
+struct HeadRow {
+    rno: i64,
+    rtype: usize,
+    id: HeadId,
+    head: Head,
+}
+
+/// An id as stored: a canonical UUID's 16 bytes, or any other id's text.
+enum HeadId {
+    Uuid([u8; 16]),
+    Text(String),
+}
+
+/// A UUID's canonical text (lower-case, hyphenated) in `buf`.
+fn uuid_str<'a>(b: &[u8; 16], buf: &'a mut [u8; 36]) -> &'a str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut j = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            buf[j] = b'-';
+            j += 1;
+        }
+        buf[j] = HEX[usize::from(byte >> 4)];
+        buf[j + 1] = HEX[usize::from(byte & 0xf)];
+        j += 2;
+    }
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 /// [`load_heads`], also telling `each` every resource's number, type and id.
@@ -247,4 +379,16 @@ pub(super) fn fill_heads(c: &Connection) -> Result<(), StoreError> {
     )
     .map_err(engine)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uuid_text_is_the_canonical_one() {
+        let id = "0190a3e4-1111-7222-8333-444455556666";
+        let b = phivault_audit::uuid_bytes(id).unwrap();
+        let mut buf = [0u8; 36];
+        assert_eq!(super::uuid_str(&b, &mut buf), id);
+        assert_eq!(phivault_audit::uuid_text(&b), id);
+    }
 }

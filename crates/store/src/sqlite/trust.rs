@@ -130,7 +130,9 @@ pub(super) fn load(
         }
     };
     check_log_end(c, &head)?;
+    let started = std::time::Instant::now();
     let frontier = checked_frontier(c, &head, public)?;
+    let log_ms = started.elapsed().as_secs_f64() * 1e3;
     let (mut known, sum, adopt) = load_settings(c, integ, adopting)?;
     let digests = match digests {
         Some(d) => {
@@ -139,7 +141,15 @@ pub(super) fn load(
                     "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
                 ));
             }
+            let at = std::time::Instant::now();
             let heads = super::state::load_heads(c, integ, &mut known)?;
+            tracing::info!(
+                log_ms,
+                heads_ms = at.elapsed().as_secs_f64() * 1e3,
+                resources = known.heads.len(),
+                settings = known.settings.len(),
+                "the store was checked against its signed head"
+            );
             if heads != d.heads {
                 return Err(tampered(
                     "the resources' current versions differ from the signed state: a record was rolled back, removed, added or marked deleted",
