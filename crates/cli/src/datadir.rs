@@ -246,7 +246,7 @@ pub fn store_keys(keys: &KeyHierarchy, audit: SigningKey) -> phivault_store::Sto
 }
 
 /// A store that was changed outside phivault is refused with the reason, as such.
-fn refusal(e: phivault_store::StoreError) -> anyhow::Error {
+pub(crate) fn refusal(e: phivault_store::StoreError) -> anyhow::Error {
     match e {
         phivault_store::StoreError::Tampered(why) => anyhow::anyhow!(
             "refusing to open the database: storage was changed outside phivault: {why}. Run `phivault audit verify` and restore from a backup"

@@ -350,6 +350,10 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     crate::serve::upgrade_index(&opened).map_err(|e| format!("{e:#}"))?;
     opened
         .store
+        .ready()
+        .map_err(|e| format!("{:#}", datadir::refusal(e)))?;
+    opened
+        .store
         .set_checkpoint_interval_ms(ctl.checkpoint_every_ms);
     let mut app = crate::serve::app_at(&opened, &ctl.origin).map_err(|e| format!("{e:#}"))?;
     app.freshness = ctl.freshness.clone();

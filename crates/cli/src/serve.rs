@@ -92,6 +92,9 @@ pub(crate) fn serve(
         let mut app = app_at(&opened, &origin)?;
         app.freshness = freshness;
         let app = Arc::new(app);
+        // the resources' heads were checked beside all this: a store changed outside
+        // phivault is refused before anything is served
+        opened.store.ready().map_err(datadir::refusal)?;
         phivault_records::watch::spawn(app.vault.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");

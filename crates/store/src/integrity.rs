@@ -375,6 +375,15 @@ pub(crate) struct Known {
 }
 
 impl Known {
+    /// An empty `Known` whose keys are this one's (the heads thread fills it).
+    pub(crate) fn like(&self) -> Known {
+        Known {
+            settings: HashMap::new(),
+            heads: HashMap::new(),
+            hashers: self.hashers.clone(),
+        }
+    }
+
     /// The map key of a resource: 128 bits of two keyed SipHashes (keys random per
     /// process, so ids chosen to collide cannot be computed ahead).
     pub(crate) fn key(&self, rtype: &str, id: &str) -> u128 {

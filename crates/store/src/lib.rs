@@ -281,7 +281,7 @@ pub enum CommitError {
 
 /// Engine failures. Messages carry no data values.
 #[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database engine reported an error.
     #[error("database error: {0}")]

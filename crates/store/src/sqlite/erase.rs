@@ -57,6 +57,10 @@ pub(super) fn run(conn: &mut Connection, cmd: Command, w: &mut Writer) {
         return;
     };
     let (head, frontier, digests) = (w.head, w.frontier.clone(), w.digests);
+    if let Err(e) = w.heads.wait() {
+        let _ = reply.send(Err(CommitError::Store(e)));
+        return;
+    }
     let res = match erase(conn, &erasure, w) {
         Ok(mut done) => {
             done.wal_truncated = truncate_wal(conn);

@@ -138,6 +138,7 @@ impl super::SqliteStore {
         let Some(integ) = self.integ.clone() else {
             return Ok(Vec::new());
         };
+        self.heads.wait()?;
         let out = match self
             .with_snapshot(|c| Ok(super::verify::against_signed_state(c, &integ, pace)))
             .and_then(|r| r)

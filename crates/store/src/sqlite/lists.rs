@@ -44,6 +44,7 @@ impl SqliteStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
+        self.heads.wait()?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let q = simplify(query);
         if q == Candidates::All {

@@ -133,6 +133,7 @@ use crate::{
 
 mod erase;
 mod fresh;
+mod heads;
 mod index;
 mod kek;
 mod lists;
@@ -248,6 +249,8 @@ pub struct SqliteStore {
     integ: Option<Arc<Integrity>>,
     /// What this process knows it wrote ([`crate::integrity::Known`]).
     known: Arc<RwLock<Known>>,
+    /// The resources' heads, loading or loaded ([`heads`]).
+    heads: Arc<heads::HeadsGate>,
     /// Whether settings rows have a MAC column (a read-only open of an older database
     /// may not).
     has_mac: bool,
@@ -355,9 +358,16 @@ impl SqliteStore {
         conn.execute_batch(if loaded.is_ok() { "COMMIT" } else { "ROLLBACK" })
             .map_err(engine)?;
         let loaded = loaded?;
-        let (head, frontier, digests, known) =
+        let (head, frontier, digests, known, adopted) =
             trust::adopt(&mut conn, &integ, &signer, loaded, legacy)?;
         let known = Arc::new(RwLock::new(known));
+        // an adopted store's heads were summed with everything else; any other's are
+        // loaded on a thread of their own, beside the rest of the start
+        let heads_gate = if adopted {
+            heads::HeadsGate::loaded(known.clone())
+        } else {
+            heads::HeadsGate::spawn(path, integ.clone(), known.clone())?
+        };
         let checkpointed: i64 = conn
             .query_row(
                 "SELECT coalesce(max(size), 0) FROM audit_checkpoint",
@@ -386,6 +396,7 @@ impl SqliteStore {
             known: known.clone(),
             checkpointed: u64::try_from(checkpointed).unwrap_or(0),
             data_version: None,
+            heads: heads_gate.clone(),
         };
         let writer = thread::Builder::new()
             .name("phivault-sqlite-writer".into())
@@ -409,6 +420,7 @@ impl SqliteStore {
             rows: Some(RowCache::default()),
             integ: Some(integ),
             known,
+            heads: heads_gate,
             has_mac: true,
             detections: Mutex::new(Vec::new()),
         })
@@ -478,6 +490,7 @@ impl SqliteStore {
             key_ids: Remembered::default(),
             rows: None,
             integ: None,
+            heads: heads::HeadsGate::loaded(Arc::default()),
             known: Arc::default(),
             has_mac,
             detections: Mutex::new(Vec::new()),
@@ -539,8 +552,16 @@ impl SqliteStore {
         .map(|n| n > 0)
     }
 
+    /// Wait until the start-up check of the resources' heads is done: the refusal, with
+    /// the reason, if storage was changed (`serve` calls it before it listens).
+    pub fn ready(&self) -> Result<(), StoreError> {
+        self.heads.wait()
+    }
+
     /// Stop the writer after it has finished the queued batches.
     pub fn close(&self) {
+        // (the heads thread is joined first: it reads the file)
+        let _ = self.heads.wait();
         if let Some((h, stop)) = self.checkpointer.lock().take() {
             if let Ok(mut s) = stop.0.lock() {
                 *s = true;

@@ -195,6 +195,7 @@ impl SqliteStore {
         rtype: &str,
         id: &str,
     ) -> Result<Option<VersionRow>, StoreError> {
+        self.heads.wait()?;
         let row = self.read_current_raw(rtype, id, true)?;
         if self.current_fresh(rtype, id, row.as_ref()) {
             return Ok(row);
@@ -247,6 +248,7 @@ impl SqliteStore {
         rtype: &str,
         ids: &[String],
     ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        self.heads.wait()?;
         let mut rows = self.read_current_many_raw(rtype, ids)?;
         let stale: Vec<usize> = (0..ids.len())
             .filter(|&i| !self.current_fresh(rtype, &ids[i], rows[i].as_ref()))
@@ -307,6 +309,7 @@ impl SqliteStore {
         id: &str,
         version: u64,
     ) -> Result<Option<VersionRow>, StoreError> {
+        self.heads.wait()?;
         let v = i64::try_from(version).unwrap_or(i64::MAX);
         let read = || {
             self.with_reader(|c| {
@@ -341,6 +344,7 @@ impl SqliteStore {
         id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<VersionRow>, StoreError> {
+        self.heads.wait()?;
         let rows = self.read_history_raw(rtype, id, limit)?;
         if self.history_fresh(rtype, id, limit, &rows) {
             return Ok(rows);

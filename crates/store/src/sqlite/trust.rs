@@ -133,7 +133,7 @@ pub(super) fn load(
     let started = std::time::Instant::now();
     let frontier = checked_frontier(c, &head, public)?;
     let log_ms = started.elapsed().as_secs_f64() * 1e3;
-    let (mut known, sum, adopt) = load_settings(c, integ, adopting)?;
+    let (known, sum, adopt) = load_settings(c, integ, adopting)?;
     let digests = match digests {
         Some(d) => {
             if d.settings != sum.settings {
@@ -141,20 +141,12 @@ pub(super) fn load(
                     "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
                 ));
             }
-            let at = std::time::Instant::now();
-            let heads = super::state::load_heads(c, integ, &mut known)?;
-            tracing::info!(
+            // (the heads are checked beside the rest of the start: `super::heads`)
+            tracing::debug!(
                 log_ms,
-                heads_ms = at.elapsed().as_secs_f64() * 1e3,
-                resources = known.heads.len(),
                 settings = known.settings.len(),
-                "the store was checked against its signed head"
+                "the log and settings were checked"
             );
-            if heads != d.heads {
-                return Err(tampered(
-                    "the resources' current versions differ from the signed state: a record was rolled back, removed, added or marked deleted",
-                ));
-            }
             d
         }
         // (adopted: everything is summed afresh, see `adopt`)
@@ -510,7 +502,7 @@ pub(super) fn adopt(
     signer: &crate::HeadSigner,
     loaded: Loaded,
     legacy: bool,
-) -> Result<(ChainHead, Frontier, Digests, Known), StoreError> {
+) -> Result<(ChainHead, Frontier, Digests, Known, bool), StoreError> {
     let Loaded {
         mut head,
         mut frontier,
@@ -520,7 +512,7 @@ pub(super) fn adopt(
     } = loaded;
     let versions = count(conn, "SELECT EXISTS (SELECT 1 FROM resource_version)")?;
     if !legacy || (adopt.is_empty() && head.size == 0 && versions == 0) {
-        return Ok((head, frontier, digests, known));
+        return Ok((head, frontier, digests, known, false));
     }
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -568,10 +560,10 @@ pub(super) fn adopt(
         super::writer::write_checkpoint(&tx, &frontier, signer, integ, &mut digests)?;
         super::writer::sign_head(&tx, &head, &integ.seal_state(&head, &digests), signer)?;
         tx.commit().map_err(engine)?;
-        return Ok((head, frontier, digests, known));
+        return Ok((head, frontier, digests, known, true));
     }
     tx.commit().map_err(engine)?;
-    Ok((head, frontier, digests, known))
+    Ok((head, frontier, digests, known, true))
 }
 
 /// Writes one adoption event commits at most.

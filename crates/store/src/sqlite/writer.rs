@@ -175,6 +175,8 @@ pub(super) struct Writer {
     pub(super) checkpointed: u64,
     /// SQLite's `data_version` when this writer last caught up with other processes.
     pub(super) data_version: Option<i64>,
+    /// The resources' heads, loading at start: every group waits for them.
+    pub(super) heads: Arc<super::heads::HeadsGate>,
 }
 
 /// The writer thread: group commits until every sender is gone, then a clean stop.
@@ -233,6 +235,7 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
 
 /// A checkpoint of the whole log, in a transaction of its own (a clean stop).
 fn checkpoint_at_stop(conn: &mut Connection, w: &mut Writer) -> Result<(), StoreError> {
+    w.heads.wait()?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(engine)?;
@@ -295,6 +298,13 @@ fn commit_group(
     staged: &mut Staged,
     last_index_write: &mut std::time::Instant,
 ) {
+    // nothing is written before the heads are known (and checked)
+    if let Err(e) = w.heads.wait() {
+        for cmd in group {
+            reply(cmd, Err(CommitError::Store(e.clone())));
+        }
+        return;
+    }
     let before = w.head;
     let frontier_before = w.frontier.clone();
     let digests_before = w.digests;
