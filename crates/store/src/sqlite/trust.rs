@@ -247,21 +247,13 @@ fn checked_frontier(
             )
         }
     };
-    let mut st = c
-        .prepare("SELECT seq, event, hash FROM audit_event WHERE seq > ?1 ORDER BY seq")
-        .map_err(engine)?;
-    let mut rows = st.query(params![chain.size as i64]).map_err(engine)?;
-    while let Some(r) = rows.next().map_err(engine)? {
-        let seq: i64 = r.get(0).map_err(engine)?;
-        let event: Vec<u8> = r.get(1).map_err(engine)?;
-        let hash: Vec<u8> = r.get(2).map_err(engine)?;
-        if seq as u64 != chain.size + 1 || chain.append(&event) != hash.as_slice() {
-            return Err(tampered(format!(
-                "audit event {seq} does not chain to the signed head (edited, inserted or removed)"
-            )));
-        }
-        f.push(merkle::leaf_hash(&event));
-    }
+    extend_chain(
+        c,
+        &mut chain,
+        &mut f,
+        "does not chain to the signed head (edited, inserted or removed)",
+        |_, _| Ok(()),
+    )?;
     if chain != *head {
         return Err(tampered("the audit log does not chain to its signed head"));
     }
@@ -426,60 +418,17 @@ pub(super) fn catch_up(
     let mut chain = *head;
     let mut f = frontier.clone();
     let mut out = CaughtUp::default();
-    let mut st = c
-        .prepare_cached("SELECT seq, event, hash FROM audit_event WHERE seq > ?1 ORDER BY seq")
-        .map_err(engine)?;
-    let mut rows = st.query(params![head.size as i64]).map_err(engine)?;
-    while let Some(r) = rows.next().map_err(engine)? {
-        let seq: i64 = r.get(0).map_err(engine)?;
-        let event: Vec<u8> = r.get(1).map_err(engine)?;
-        let stored: Vec<u8> = r.get(2).map_err(engine)?;
-        if seq as u64 != chain.size + 1 || chain.append(&event) != stored.as_slice() {
-            return Err(tampered(format!(
-                "audit event {seq} does not chain to this process's last head"
-            )));
-        }
-        f.push(merkle::leaf_hash(&event));
-        let ev = AuditEvent::decode(&event)
-            .map_err(|_| tampered(format!("audit event {seq} is malformed")))?;
-        for w in ev.writes {
-            match w {
-                Write::Setting { key, mac } => out.settings.push(SettingChange { key, mac }),
-                Write::Version {
-                    resource_type,
-                    resource_id,
-                    version,
-                    deleted,
-                    ..
-                } => {
-                    let rno: i64 = c
-                        .prepare_cached(
-                            "SELECT rno FROM resource_version WHERE rtype = ?1 AND id = ?2 AND version = ?3",
-                        )
-                        .and_then(|mut s| {
-                            s.query_row(
-                                params![resource_type, super::DbId(&resource_id), version as i64],
-                                |r| r.get(0),
-                            )
-                        })
-                        .map_err(|_| {
-                            tampered(format!(
-                                "{resource_type}/{resource_id} version {version}, committed in event {seq}, is not stored"
-                            ))
-                        })?;
-                    out.heads.push((
-                        resource_type,
-                        resource_id,
-                        Head {
-                            rno,
-                            version,
-                            deleted,
-                        },
-                    ));
-                }
-            }
-        }
-    }
+    extend_chain(
+        c,
+        &mut chain,
+        &mut f,
+        "does not chain to this process's last head",
+        |seq, event| {
+            let ev = AuditEvent::decode(event)
+                .map_err(|_| tampered(format!("audit event {seq} is malformed")))?;
+            take_writes(c, seq, ev, &mut out)
+        },
+    )?;
     if chain.size != size as u64 || chain.hash != hash.as_slice() {
         return Err(tampered("the audit log does not end at its signed head"));
     }
@@ -490,6 +439,80 @@ pub(super) fn catch_up(
     *frontier = f;
     *digests = d;
     Ok(Some(out))
+}
+
+/// The writes event `seq` commits, into `out`: settings changes, and the heads of the
+/// versions it wrote (their resource numbers read from the stored versions).
+fn take_writes(
+    c: &Connection,
+    seq: i64,
+    ev: AuditEvent,
+    out: &mut CaughtUp,
+) -> Result<(), StoreError> {
+    for w in ev.writes {
+        match w {
+            Write::Setting { key, mac } => out.settings.push(SettingChange { key, mac }),
+            Write::Version {
+                resource_type,
+                resource_id,
+                version,
+                deleted,
+                ..
+            } => {
+                let rno: i64 = c
+                    .prepare_cached(
+                        "SELECT rno FROM resource_version WHERE rtype = ?1 AND id = ?2 AND version = ?3",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(
+                            params![resource_type, super::DbId(&resource_id), version as i64],
+                            |r| r.get(0),
+                        )
+                    })
+                    .map_err(|_| {
+                        tampered(format!(
+                            "{resource_type}/{resource_id} version {version}, committed in event {seq}, is not stored"
+                        ))
+                    })?;
+                out.heads.push((
+                    resource_type,
+                    resource_id,
+                    Head {
+                        rno,
+                        version,
+                        deleted,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Extend `chain` and `f` over the stored events after `chain`, each checked to chain to
+/// the one before (`what` says against what, in the refusal); `visit` sees each.
+fn extend_chain(
+    c: &Connection,
+    chain: &mut ChainHead,
+    f: &mut Frontier,
+    what: &str,
+    mut visit: impl FnMut(i64, &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached("SELECT seq, event, hash FROM audit_event WHERE seq > ?1 ORDER BY seq")
+        .map_err(engine)?;
+    let mut rows = st.query(params![chain.size as i64]).map_err(engine)?;
+    while let Some(r) = rows.next().map_err(engine)? {
+        let seq: i64 = r.get(0).map_err(engine)?;
+        let event: Vec<u8> = r.get(1).map_err(engine)?;
+        let stored: Vec<u8> = r.get(2).map_err(engine)?;
+        if seq as u64 != chain.size + 1 || chain.append(&event) != stored.as_slice() {
+            return Err(tampered(format!("audit event {seq} {what}")));
+        }
+        f.push(merkle::leaf_hash(&event));
+        visit(seq, &event)?;
+    }
+    Ok(())
 }
 
 /// Finish an open: adopt an older database — give its resources heads, MAC its settings
