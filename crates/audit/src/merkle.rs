@@ -319,7 +319,15 @@ impl Checkpoint {
             .is_ok()
     }
 
-    /// One line of a witness file: `size root-hex time-ms signature-hex`.
+    /// One line of a witness file naming the key the checkpoint verifies with:
+    /// `size root-hex time-ms signature-hex ed25519:public-key-hex`.
+    pub fn to_line_signed_by(&self, public_key: &[u8; 32]) -> String {
+        let hex: String = public_key.iter().map(|x| format!("{x:02x}")).collect();
+        format!("{} ed25519:{hex}", self.to_line())
+    }
+
+    /// One line of a witness file: `size root-hex time-ms signature-hex` (lines of earlier
+    /// versions; [`Checkpoint::to_line_signed_by`] names the key too).
     pub fn to_line(&self) -> String {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         format!(
@@ -333,6 +341,12 @@ impl Checkpoint {
 
     /// Parse a witness-file line.
     pub fn from_line(line: &str) -> Option<Checkpoint> {
+        Self::from_line_with_key(line).map(|(c, _)| c)
+    }
+
+    /// Parse a witness-file line, with the key it names (None for a line that names
+    /// none).
+    pub fn from_line_with_key(line: &str) -> Option<(Checkpoint, Option<[u8; 32]>)> {
         let unhex = |s: &str| -> Option<Vec<u8>> {
             if !s.len().is_multiple_of(2) {
                 return None;
@@ -347,15 +361,22 @@ impl Checkpoint {
         let root: Hash = unhex(it.next()?)?.try_into().ok()?;
         let time_ms = it.next()?.parse().ok()?;
         let signature = unhex(it.next()?)?;
+        let key = match it.next() {
+            None => None,
+            Some(k) => Some(<[u8; 32]>::try_from(unhex(k.strip_prefix("ed25519:")?)?).ok()?),
+        };
         if it.next().is_some() || signature.len() != 64 {
             return None;
         }
-        Some(Checkpoint {
-            size,
-            root,
-            time_ms,
-            signature,
-        })
+        Some((
+            Checkpoint {
+                size,
+                root,
+                time_ms,
+                signature,
+            },
+            key,
+        ))
     }
 }
 
@@ -502,6 +523,16 @@ mod tests {
         };
         assert!(cp.signature_ok(&public));
         assert_eq!(Checkpoint::from_line(&cp.to_line()), Some(cp.clone()));
+        // a line naming its key gives the key back; a malformed key is not a line
+        let key = [0x5a; 32];
+        assert_eq!(
+            Checkpoint::from_line_with_key(&cp.to_line_signed_by(&key)),
+            Some((cp.clone(), Some(key)))
+        );
+        assert!(Checkpoint::from_line(&format!("{} ed25519:00", cp.to_line())).is_none());
+        assert!(
+            Checkpoint::from_line(&format!("{} rsa:{}", cp.to_line(), "00".repeat(32))).is_none()
+        );
         for changed in [
             Checkpoint {
                 size: 14,

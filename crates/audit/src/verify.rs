@@ -121,6 +121,12 @@ pub enum Failure {
         /// 1-based line number.
         line: usize,
     },
+    /// A witness line names a key other than this log's audit key.
+    #[error("witness line {line} names another key than this log's audit key")]
+    WitnessKey {
+        /// 1-based line number.
+        line: usize,
+    },
     /// A checkpoint's signature is not the audit key's.
     #[error("the {origin} checkpoint at size {size} has an invalid signature")]
     CheckpointSignature {
@@ -182,10 +188,24 @@ impl fmt::Display for Report {
 /// The checkpoints of a witness file, one per non-blank line; the 1-based number of the
 /// first line that is not one.
 pub fn parse_witness(text: &str) -> Result<Vec<Checkpoint>, Failure> {
+    Ok(parse_witness_keys(text)?
+        .into_iter()
+        .map(|(_, c, _)| c)
+        .collect())
+}
+
+/// [`parse_witness`] with each line's number and the key it names (if it names one).
+pub fn parse_witness_keys(
+    text: &str,
+) -> Result<Vec<(usize, Checkpoint, Option<[u8; 32]>)>, Failure> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| Checkpoint::from_line(l).ok_or(Failure::WitnessLine { line: n + 1 }))
+        .map(|(n, l)| {
+            Checkpoint::from_line_with_key(l)
+                .map(|(c, k)| (n + 1, c, k))
+                .ok_or(Failure::WitnessLine { line: n + 1 })
+        })
         .collect()
 }
 
@@ -224,8 +244,17 @@ pub fn verify_log<S: Source + ?Sized>(
         .map(|c| (c, Origin::Stored))
         .collect();
     if let Some(text) = source.witness()? {
-        match parse_witness(&text) {
-            Ok(w) => checkpoints.extend(w.into_iter().map(|c| (c, Origin::Witnessed))),
+        match parse_witness_keys(&text) {
+            Ok(w) => {
+                // a line naming another key is another deployment's (or a forger's)
+                if let Some((line, _, _)) = w
+                    .iter()
+                    .find(|(_, _, k)| k.is_some_and(|k| &k != public_key))
+                {
+                    return Ok(Err(Failure::WitnessKey { line: *line }));
+                }
+                checkpoints.extend(w.into_iter().map(|(_, c, _)| (c, Origin::Witnessed)));
+            }
             Err(f) => return Ok(Err(f)),
         }
     }

@@ -609,6 +609,8 @@ impl WatchArgs {
                 );
                 std::time::Duration::from_secs(self.verify_every)
             },
+            // (set once the keys are open: `serve`)
+            audit_key: None,
         })
     }
 }

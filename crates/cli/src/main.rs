@@ -239,10 +239,13 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Audit {
             cmd: AuditCmd::Checkpoints { data_dir, after },
         } => {
+            // each line names the key it verifies with
+            let d = datadir::DataDir::new(&data_dir);
+            let public = datadir::load_keys(&d)?.1.public_key();
             let store = datadir::read_only_store(&data_dir)?;
             let mut out = std::io::stdout().lock();
             for cp in store.audit_checkpoints(after, usize::MAX)? {
-                writeln!(out, "{}", cp.to_line())?;
+                writeln!(out, "{}", cp.to_line_signed_by(&public))?;
             }
             Ok(0)
         }

@@ -73,6 +73,7 @@ struct Running {
 struct Unsealed {
     app: Arc<phivault_server::App>,
     store: Arc<SqliteStore>,
+    audit_key: [u8; 32],
 }
 
 enum Outcome {
@@ -358,10 +359,12 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     let mut app = crate::serve::app_at(&opened, &ctl.origin).map_err(|e| format!("{e:#}"))?;
     app.freshness = ctl.freshness.clone();
     let store = opened.store.clone();
+    let audit_key = opened.audit_public;
     drop(opened);
     Ok(Unsealed {
         app: Arc::new(app),
         store,
+        audit_key,
     })
 }
 
@@ -376,7 +379,9 @@ fn scrub_stack() {
 
 /// Serve the unsealed app and start its watchers.
 fn start(ctl: &Control, u: Unsealed) -> Running {
-    let watcher = phivault_records::watch::spawn(u.app.vault.clone(), ctl.watch.clone());
+    let mut watch = ctl.watch.clone();
+    watch.audit_key = Some(u.audit_key);
+    let watcher = phivault_records::watch::spawn(u.app.vault.clone(), watch);
     let running = Running {
         store: u.store,
         watcher,

@@ -95,6 +95,8 @@ pub(crate) fn serve(
         // the resources' heads were checked beside all this: a store changed outside
         // phivault is refused before anything is served
         opened.store.ready().map_err(datadir::refusal)?;
+        let mut watch = watch;
+        watch.audit_key = Some(opened.audit_public);
         phivault_records::watch::spawn(app.vault.clone(), watch);
         let router = phivault_server::router(app);
         println!("listening on https://{local}");

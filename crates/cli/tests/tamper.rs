@@ -528,6 +528,21 @@ fn a_database_rolled_back_past_the_witness_stops_the_server_from_starting() {
     }
     let (ok, text) = verify(&f.s, &["--witness", &w]);
     assert!(!ok, "{text}");
+    // every witness line names the key it verifies with; a line naming another is refused
+    let lines = std::fs::read_to_string(&witness).expect("witness");
+    assert!(
+        lines.lines().all(|l| l
+            .split_whitespace()
+            .nth(4)
+            .is_some_and(|k| k.starts_with("ed25519:"))),
+        "{lines}"
+    );
+    let other = tmp.path().join("other-key.txt");
+    let first = lines.lines().next().expect("a line");
+    let (cp, _) = first.rsplit_once(' ').expect("fields");
+    std::fs::write(&other, format!("{cp} ed25519:{}\n", "ab".repeat(32))).expect("write");
+    let (ok, text) = verify(&f.s, &["--witness", other.to_str().expect("path")]);
+    assert!(!ok && text.contains("names another key"), "{text}");
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub struct Watch {
     pub alert_syslog: Option<PathBuf>,
     /// How often the whole store is checked against the signed state.
     pub verify_every: Duration,
+    /// The audit key's public half, named on each witness line (None: lines name none).
+    pub audit_key: Option<[u8; 32]>,
 }
 
 /// The running watchers: [`Watcher::stop`] ends them (a sealed server drops its `Vault`).
@@ -141,6 +143,7 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) -> Watcher {
             }
         }
     }));
+    let key = watch.audit_key;
     if let Some(path) = watch.witness_file {
         tasks.push(tokio::spawn(async move {
             let mut last = match last_witnessed(&path) {
@@ -160,7 +163,7 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) -> Watcher {
                         .store()
                         .audit_checkpoints(last, 1000)
                         .map_err(std::io::Error::other)?;
-                    append_checkpoints(&p, &cps)?;
+                    append_checkpoints(&p, &cps, key.as_ref())?;
                     Ok(cps.last().map_or(last, |c| c.size))
                 })
                 .await;
@@ -190,14 +193,22 @@ fn last_witnessed(path: &std::path::Path) -> std::io::Result<u64> {
     }
 }
 
-/// Append checkpoints to the witness file and make them durable.
-pub fn append_checkpoints(path: &std::path::Path, cps: &[Checkpoint]) -> std::io::Result<()> {
+/// Append checkpoints to the witness file (each line naming `key`, the audit key's public
+/// half, when given) and make them durable.
+pub fn append_checkpoints(
+    path: &std::path::Path,
+    cps: &[Checkpoint],
+    key: Option<&[u8; 32]>,
+) -> std::io::Result<()> {
     if cps.is_empty() {
         return Ok(());
     }
     let mut text = String::new();
     for c in cps {
-        text.push_str(&c.to_line());
+        text.push_str(&match key {
+            Some(k) => c.to_line_signed_by(k),
+            None => c.to_line(),
+        });
         text.push('\n');
     }
     let mut f = std::fs::OpenOptions::new()
