@@ -194,10 +194,11 @@ pub fn parse_witness(text: &str) -> Result<Vec<Checkpoint>, Failure> {
         .collect())
 }
 
+/// A witness line as read: its 1-based number, its checkpoint, the key it names.
+pub type WitnessLine = (usize, Checkpoint, Option<[u8; 32]>);
+
 /// [`parse_witness`] with each line's number and the key it names (if it names one).
-pub fn parse_witness_keys(
-    text: &str,
-) -> Result<Vec<(usize, Checkpoint, Option<[u8; 32]>)>, Failure> {
+pub fn parse_witness_keys(text: &str) -> Result<Vec<WitnessLine>, Failure> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
