@@ -247,12 +247,16 @@ pub fn store_keys(keys: &KeyHierarchy, audit: SigningKey) -> phivault_store::Sto
 
 /// A store that was changed outside phivault is refused with the reason, as such.
 pub(crate) fn refusal(e: phivault_store::StoreError) -> anyhow::Error {
-    match e {
-        phivault_store::StoreError::Tampered(why) => anyhow::anyhow!(
-            "refusing to open the database: storage was changed outside phivault: {why}. Run `phivault audit verify` and restore from a backup"
-        ),
-        other => other.into(),
-    }
+    let why = match e {
+        phivault_store::StoreError::Tampered(why) => why,
+        // stored data not in the shape phivault writes: changed outside it (or a disk
+        // that corrupts), refused the same way
+        phivault_store::StoreError::Corrupt(why) => why.to_owned(),
+        other => return other.into(),
+    };
+    anyhow::anyhow!(
+        "refusing to open the database: storage was changed outside phivault: {why}. Run `phivault verify` and restore from a backup"
+    )
 }
 
 /// An opened data directory: keys loaded and checked, store open.

@@ -13,16 +13,31 @@ pub(crate) fn verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
     let (keys, audit) = datadir::load_keys(&d)?;
     let public = audit.public_key();
     let mut failed = false;
-    match audit_cmds::check_audit_log(data_dir, witness, &public)? {
-        Ok(summary) => println!("audit log: OK: {summary}"),
-        Err(failure) => {
+    // (a part that cannot even read its rows is a failure of that part, not of the command)
+    match audit_cmds::check_audit_log(data_dir, witness, &public) {
+        Ok(Ok(summary)) => println!("audit log: OK: {summary}"),
+        Ok(Err(failure)) => {
             failed = true;
             println!("audit log: FAILED: {failure}");
         }
+        Err(e) => {
+            failed = true;
+            println!("audit log: FAILED: it cannot be read ({e:#})");
+        }
     }
     let store_keys = datadir::store_keys(&keys, audit);
-    let report =
-        phivault_store::sqlite::verify::verify_file(&d.db(), &store_keys.integrity, &public)?;
+    let report = match phivault_store::sqlite::verify::verify_file(
+        &d.db(),
+        &store_keys.integrity,
+        &public,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("store: FAILED: it cannot be read ({e})");
+            println!("verify: FAILED");
+            return Ok(1);
+        }
+    };
     if report.discrepancies.is_empty() {
         println!(
             "store: OK: {} versions and {} settings rows match the {} audit events that commit them and the signed state",

@@ -780,3 +780,21 @@ fn a_disabled_account_restored_from_an_older_copy_stops_the_next_start() {
         &[&format!("settings row {key}: not the value last committed")],
     );
 }
+
+#[test]
+fn a_segment_moved_under_another_key_is_found() {
+    // the postings stay as they were, only the key lookups use is changed: every search
+    // would miss them
+    let mut f = fixture(&["--verify-every", "1"]);
+    stop_and_edit(&mut f.s, |c| {
+        // (merged at the clean stop: the postings are all in segments)
+        let n = c
+            .execute("UPDATE search_seg SET tok = x'FFFF'", [])
+            .expect("re-key");
+        assert!(n > 0, "no segments");
+    });
+    f.s.restart_with(&["--verify-every", "1"]);
+    await_log(&f.s, "is not where phivault put it");
+    f.s.stop();
+    assert_verify_finds(&f.s, &["is not where phivault put it"]);
+}

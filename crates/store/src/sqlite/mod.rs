@@ -462,8 +462,13 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(engine)?;
+        // (offline tools read what they can: an index log that does not read is for
+        // `verify` to report, not a reason to open nothing)
         let pending = if table_exists(&conn, "index_log")? {
-            load_pending(&conn)?
+            load_pending(&conn).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the index log does not read; lookups ignore it");
+                Pending::default()
+            })
         } else {
             Pending::default()
         };

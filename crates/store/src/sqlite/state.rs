@@ -326,20 +326,47 @@ fn postings_sum(
     };
     let mut sum = Sum::default();
     {
+        // lookups find a token's run by the segments' keys: each key must be its first
+        // posting, postings sorted, and no segment reaching into the next one's (a
+        // segment moved under another key hides its postings from every lookup)
         let mut st = c
-            .prepare("SELECT ix, data FROM search_seg")
+            .prepare("SELECT ix, tok, lo, data FROM search_seg ORDER BY ix, tok, lo")
             .map_err(engine)?;
         let mut rows = st.query([]).map_err(engine)?;
+        let mut last: Option<(i64, crate::pending::Tok, i64)> = None;
         while let Some(r) = rows.next().map_err(engine)? {
             let ix: i64 = r.get(0).map_err(engine)?;
-            let pairs = r
+            let key_tok = r
                 .get_ref(1)
+                .and_then(|v| Ok(v.as_blob()?.to_vec()))
+                .map_err(engine)?;
+            let key_lo: i64 = r.get(2).map_err(engine)?;
+            let pairs = r
+                .get_ref(3)
                 .and_then(|v| Ok(v.as_blob()?))
                 .and_then(decode_segment)
                 .map_err(engine)?;
-            for (tok, rno) in pairs {
-                sum.add(element(ix, tok.bytes(), rno));
+            let misplaced = || {
+                super::trust::tampered(format!(
+                    "an index segment of index {ix} is not where phivault put it (its key, order or bounds were changed)"
+                ))
+            };
+            match pairs.first() {
+                Some((t, n)) if t.bytes() == key_tok.as_slice() && *n == key_lo => {}
+                _ => return Err(misplaced()),
             }
+            let mut prev: Option<(&crate::pending::Tok, i64)> = match &last {
+                Some((i, t, n)) if *i == ix => Some((t, *n)),
+                _ => None,
+            };
+            for (tok, rno) in &pairs {
+                if prev.is_some_and(|(t, n)| (t, n) >= (tok, *rno)) {
+                    return Err(misplaced());
+                }
+                prev = Some((tok, *rno));
+                sum.add(element(ix, tok.bytes(), *rno));
+            }
+            last = pairs.last().map(|(t, n)| (ix, t.clone(), *n));
             tick();
         }
     }

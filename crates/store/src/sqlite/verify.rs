@@ -277,11 +277,14 @@ fn compare_versions(
         };
         match (newest.remove(&(t.clone(), i.clone())), found) {
             (Some(want), Some(got)) if want == got => {}
-            (want, got) => report.discrepancies.push(format!(
-                "{t}/{i}: its head says version {:?}, the log {:?}",
-                got.map(|g| g.0),
-                want.map(|w| w.0)
-            )),
+            (want, got) => {
+                let v = |x: Option<u64>| x.map_or_else(|| "none".to_owned(), |v| v.to_string());
+                report.discrepancies.push(format!(
+                    "{t}/{i}: its head says version {}, the log {}",
+                    v(got.map(|g| g.0)),
+                    v(want.map(|w| w.0))
+                ))
+            }
         }
     }
     let mut lost: Vec<(String, String)> = newest.into_keys().collect();

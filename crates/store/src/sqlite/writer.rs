@@ -981,10 +981,17 @@ fn apply_put(
             gs.digests
                 .heads
                 .sub(gs.integ.head_element(old.rno, &row.rtype, &row.id, old));
-            tx.prepare_cached("UPDATE resource_no SET version = ?2, deleted = ?3 WHERE rno = ?1")
+            let n = tx
+                .prepare_cached("UPDATE resource_no SET version = ?2, deleted = ?3 WHERE rno = ?1")
                 .map_err(e)?
                 .execute(params![old.rno, row.version as i64, row.deleted as i64])
                 .map_err(e)?;
+            if n != 1 {
+                return Err(CommitError::Store(super::trust::tampered(format!(
+                    "{}/{}: its head (resource number {}) was removed",
+                    row.rtype, row.id, old.rno
+                ))));
+            }
             old.rno
         }
     };
