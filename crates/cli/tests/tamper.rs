@@ -140,6 +140,14 @@ fn await_log(s: &Server, needle: &str) {
     }
 }
 
+/// The background check and `verify` both find the body changed (stops the server).
+fn body_differs_online_and_offline(s: &mut Server) {
+    const BODY: &str = "stored versions, index postings, data keys or KEK generations differ from the signed state";
+    await_log(s, BODY);
+    s.stop();
+    assert_verify_finds(s, &[BODY]);
+}
+
 fn stop_and_edit(s: &mut Server, edit: impl FnOnce(&Connection)) {
     s.stop();
     edit(&db(s));
@@ -289,17 +297,7 @@ fn a_deleted_index_segment_is_found_by_the_background_check_and_by_verify() {
         assert!(n + m > 0, "no postings to delete");
     });
     f.s.restart_with(&["--verify-every", "1"]);
-    await_log(
-        &f.s,
-        "stored versions, index postings, data keys or KEK generations differ",
-    );
-    f.s.stop();
-    assert_verify_finds(
-        &f.s,
-        &[
-            "stored versions, index postings, data keys or KEK generations differ from the signed state",
-        ],
-    );
+    body_differs_online_and_offline(&mut f.s);
 }
 
 #[test]
@@ -607,17 +605,7 @@ fn an_edited_resource_number_neither_hides_records_nor_aims_an_erasure_elsewhere
     seen.sort();
     obs.sort();
     assert_eq!(seen, obs, "every observation once");
-    await_log(
-        &f.s,
-        "stored versions, index postings, data keys or KEK generations differ",
-    );
-    f.s.stop();
-    assert_verify_finds(
-        &f.s,
-        &[
-            "stored versions, index postings, data keys or KEK generations differ from the signed state",
-        ],
-    );
+    body_differs_online_and_offline(&mut f.s);
 }
 
 #[test]
