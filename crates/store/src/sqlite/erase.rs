@@ -22,9 +22,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::index::{decode_segment, merge_into_segments};
-use super::trust::{put_setting, setting_event};
+use super::trust::{catch_up, put_setting, setting_event};
 use super::writer::{
-    Command, Writer, append_audit_events, apply_settings, sign_head, write_checkpoint,
+    Command, Writer, append_audit_events, apply_caught_up, apply_settings, sign_head,
+    write_checkpoint,
 };
 use super::{SqliteStore, engine};
 use crate::integrity::Known;
@@ -85,6 +86,11 @@ fn erase(conn: &mut Connection, er: &Erasure, w: &mut Writer) -> Result<Erased, 
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(e)?;
+    // another process may have appended since this writer's last group (as every group
+    // does first): the erasure's events go after theirs
+    if let Some(caught) = catch_up(&tx, &w.integ, &mut w.head, &mut w.frontier, &mut w.digests)? {
+        apply_caught_up(&w.known, caught);
+    }
     if is_erased(&w.known.read(), &er.key_id) {
         return Err(CommitError::KeyErased);
     }
