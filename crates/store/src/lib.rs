@@ -279,6 +279,17 @@ pub enum CommitError {
     Store(#[from] StoreError),
 }
 
+impl CommitError {
+    /// The failure as a [`StoreError`] (for calls that answer with one): an engine
+    /// failure as it is, any other refusal by its message.
+    pub fn into_store_error(self) -> StoreError {
+        match self {
+            CommitError::Store(s) => s,
+            other => StoreError::Engine(other.to_string()),
+        }
+    }
+}
+
 /// Engine failures. Messages carry no data values.
 #[non_exhaustive]
 #[derive(Debug, Clone, thiserror::Error)]

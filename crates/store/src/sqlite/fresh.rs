@@ -22,20 +22,14 @@ impl super::SqliteStore {
     /// Whether the row read for `key` (value, MAC) is the one last written: its MAC is
     /// valid and is the one this process knows (absent where it knows none). A read-only
     /// open (offline tools without the keys) checks nothing.
-    pub(super) fn setting_fresh(
-        &self,
-        key: &str,
-        row: Option<&(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> bool {
+    pub(super) fn setting_fresh(&self, key: &str, row: Option<(&[u8], Option<&[u8]>)>) -> bool {
         let Some(integ) = &self.integ else {
             return true;
         };
         let known = self.known.read();
         match (row, known.settings.get(key)) {
             (None, None) => true,
-            (Some((v, Some(mac))), Some(k)) => {
-                mac.as_slice() == k.as_slice() && integ.setting_ok(key, v, mac)
-            }
+            (Some((v, Some(mac))), Some(k)) => mac == k.as_slice() && integ.setting_ok(key, v, mac),
             _ => false,
         }
     }
@@ -52,7 +46,7 @@ impl super::SqliteStore {
             return Ok(());
         }
         for (k, v, mac) in rows {
-            if !self.setting_fresh(k, Some(&(v.clone(), mac.clone()))) {
+            if !self.setting_fresh(k, Some((v, mac.as_deref()))) {
                 return Err(self.setting_tampered(k));
             }
         }

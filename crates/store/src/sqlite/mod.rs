@@ -205,6 +205,15 @@ fn flag(r: &rusqlite::Row<'_>, idx: usize) -> Result<bool, rusqlite::Error> {
     }
 }
 
+/// Whether the database behind `c` holds any resource version or settings row.
+fn holds_data(c: &Connection) -> Result<bool, rusqlite::Error> {
+    c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM resource_version) OR EXISTS (SELECT 1 FROM meta)",
+        [],
+        |r| r.get(0),
+    )
+}
+
 fn engine(e: rusqlite::Error) -> StoreError {
     use rusqlite::Error as E;
     match e {
@@ -546,15 +555,7 @@ impl SqliteStore {
 
     /// Whether the database holds any resource version or settings row.
     pub fn holds_data(&self) -> Result<bool, StoreError> {
-        self.with_reader(|c| {
-            c.query_row(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM resource_version LIMIT 1)) \
-                 + (SELECT count(*) FROM (SELECT 1 FROM meta LIMIT 1))",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-        })
-        .map(|n| n > 0)
+        self.with_reader(holds_data)
     }
 
     /// Wait until the start-up check of the resources' heads is done: the refusal, with

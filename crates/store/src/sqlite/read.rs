@@ -406,13 +406,13 @@ impl SqliteStore {
             })
         };
         let row: Option<(Vec<u8>, Option<Vec<u8>>)> = read()?;
-        if self.setting_fresh(key, row.as_ref()) {
+        if self.setting_fresh(key, row.as_ref().map(|(v, m)| (v.as_slice(), m.as_deref()))) {
             return Ok(row.map(|(v, _)| v));
         }
         // another process holding the keys may have written it: catch up, look again
         self.catch_up()?;
         let row = read()?;
-        if self.setting_fresh(key, row.as_ref()) {
+        if self.setting_fresh(key, row.as_ref().map(|(v, m)| (v.as_slice(), m.as_deref()))) {
             return Ok(row.map(|(v, _)| v));
         }
         Err(self.setting_tampered(key))

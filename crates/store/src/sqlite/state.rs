@@ -3,6 +3,8 @@
 //! KEK generation — for the background verifier, `phivault verify` and the adoption of an
 //! older database.
 
+use std::collections::HashMap;
+
 use ring::digest;
 use rusqlite::{Connection, params};
 
@@ -25,6 +27,16 @@ pub(super) fn load_heads(
     c: &Connection,
     integ: &Integrity,
     known: &mut Known,
+) -> Result<Sum, StoreError> {
+    load_heads_naming(c, integ, known, None)
+}
+
+/// [`load_heads`], also naming every resource number's type and id into `names`.
+fn load_heads_naming(
+    c: &Connection,
+    integ: &Integrity,
+    known: &mut Known,
+    names: Option<&mut HashMap<i64, (String, String)>>,
 ) -> Result<Sum, StoreError> {
     // (every start does this: rows are read once, with no allocation but the id of a
     // resource whose id is not a UUID, and hashed on two threads)
@@ -53,7 +65,7 @@ pub(super) fn load_heads(
             let (V::Text(rtype), id, V::Integer(version @ 1..), V::Integer(deleted @ 0..=1)) = refs
             else {
                 return Err(super::trust::tampered(format!(
-                    "resource number {rno} has no head in the form phivault writes"
+                    "resource number {rno}: its head is not in the form phivault writes"
                 )));
             };
             let rtype = std::str::from_utf8(rtype)
@@ -92,6 +104,16 @@ pub(super) fn load_heads(
                     deleted: deleted == 1,
                 },
             });
+        }
+    }
+    if let Some(names) = names {
+        let mut buf = [0u8; 36];
+        for row in &rows {
+            let id = match &row.id {
+                HeadId::Uuid(b) => uuid_str(b, &mut buf).to_owned(),
+                HeadId::Text(t) => t.clone(),
+            };
+            names.insert(row.rno, (types[row.rtype].clone(), id));
         }
     }
     let hash = |part: &[HeadRow]| -> (Sum, Vec<(u128, Head)>) {
@@ -161,47 +183,6 @@ fn uuid_str<'a>(b: &[u8; 16], buf: &'a mut [u8; 36]) -> &'a str {
     std::str::from_utf8(buf).unwrap_or_default()
 }
 
-/// [`load_heads`], also telling `each` every resource's number, type and id.
-fn load_heads_with(
-    c: &Connection,
-    integ: &Integrity,
-    known: &mut Known,
-    each: &mut dyn FnMut(i64, &str, &str),
-) -> Result<Sum, StoreError> {
-    let mut sum = Sum::default();
-    let mut st = c
-        .prepare("SELECT rno, rtype, id, version, deleted FROM resource_no")
-        .map_err(engine)?;
-    let mut rows = st.query([]).map_err(engine)?;
-    while let Some(r) = rows.next().map_err(engine)? {
-        let rno: i64 = r.get(0).map_err(engine)?;
-        let rtype: Option<String> = r.get(1).map_err(engine)?;
-        let id = read_id(r, 2).map_err(engine)?;
-        let version: Option<i64> = r.get(3).map_err(engine)?;
-        let deleted: Option<i64> = r.get(4).map_err(engine)?;
-        let (Some(rtype), Some(version @ 1..), Some(deleted @ 0..=1)) = (rtype, version, deleted)
-        else {
-            return Err(super::trust::tampered(format!(
-                "resource number {rno} has no head in the form phivault writes"
-            )));
-        };
-        let head = Head {
-            rno,
-            version: version as u64,
-            deleted: deleted == 1,
-        };
-        sum.add(integ.head_element(rno, &rtype, &id, head));
-        each(rno, &rtype, &id);
-        let key = known.key(&rtype, &id);
-        if known.heads.insert(key, head).is_some() {
-            return Err(super::trust::tampered(format!(
-                "{rtype}/{id} has two resource numbers"
-            )));
-        }
-    }
-    Ok(sum)
-}
-
 /// Called every [`PACE_ROWS`] rows of a recomputation (the background verifier sleeps
 /// there so it does not crowd out requests).
 pub(super) const PACE_ROWS: usize = 2_000;
@@ -233,10 +214,8 @@ pub(super) fn recompute(
     }
     let mut known = Known::default();
     // resource number → type and id: postings are summed by the resource they lead to
-    let mut names: std::collections::HashMap<i64, (String, String)> = Default::default();
-    d.heads = load_heads_with(c, integ, &mut known, &mut |rno, rtype, id| {
-        names.insert(rno, (rtype.to_owned(), id.to_owned()));
-    })?;
+    let mut names: HashMap<i64, (String, String)> = Default::default();
+    d.heads = load_heads_naming(c, integ, &mut known, Some(&mut names))?;
     {
         let mut st = c
             .prepare(
@@ -315,7 +294,7 @@ pub(super) fn recompute(
 fn postings_sum(
     c: &Connection,
     integ: &Integrity,
-    names: &std::collections::HashMap<i64, (String, String)>,
+    names: &HashMap<i64, (String, String)>,
     tick: &mut dyn FnMut(),
 ) -> Result<Sum, StoreError> {
     // a posting leading to no resource is summed as leading to an empty name: it differs

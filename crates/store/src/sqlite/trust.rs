@@ -569,12 +569,8 @@ pub(super) fn adopt(
         .chunks(ADOPT_CHUNK)
         .map(|w| setting_event(w.to_vec()))
         .collect();
-    super::writer::append_audit_events(&tx, &events, &mut head, &mut leaves).map_err(
-        |e| match e {
-            crate::CommitError::Store(s) => s,
-            other => StoreError::Engine(other.to_string()),
-        },
-    )?;
+    super::writer::append_audit_events(&tx, &events, &mut head, &mut leaves)
+        .map_err(crate::CommitError::into_store_error)?;
     for l in leaves {
         frontier.push(l);
     }

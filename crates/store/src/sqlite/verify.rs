@@ -21,16 +21,7 @@ pub(super) fn against_signed_state(
     pace: &mut dyn FnMut(),
 ) -> Result<Vec<String>, StoreError> {
     let Some((size, hash, state, _)) = super::trust::head_row(c)? else {
-        let empty = c
-            .query_row(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM resource_version LIMIT 1)) \
-                 + (SELECT count(*) FROM (SELECT 1 FROM meta LIMIT 1))",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(engine)?
-            == 0;
-        return Ok(if empty {
+        return Ok(if !super::holds_data(c).map_err(engine)? {
             Vec::new()
         } else {
             vec!["the store holds rows but has no signed audit head".to_owned()]

@@ -405,33 +405,21 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
             let _ = tx.send(res);
         }
         Command::SetMeta(_, _, tx) => {
-            let _ = tx.send(res.map(|_| ()).map_err(|e| match e {
-                CommitError::Store(s) => s,
-                other => StoreError::Engine(other.to_string()),
-            }));
+            let _ = tx.send(res.map(|_| ()).map_err(CommitError::into_store_error));
         }
         Command::Sync(tx) => {
-            let _ = tx.send(res.map(|_| ()).map_err(|e| match e {
-                CommitError::Store(s) => s,
-                other => StoreError::Engine(other.to_string()),
-            }));
+            let _ = tx.send(res.map(|_| ()).map_err(CommitError::into_store_error));
         }
         Command::Reindex(_, tx) => {
             let _ = tx.send(
                 res.map(|c| c.last_audit_seq.unwrap_or(0))
-                    .map_err(|e| match e {
-                        CommitError::Store(s) => s,
-                        other => StoreError::Engine(other.to_string()),
-                    }),
+                    .map_err(CommitError::into_store_error),
             );
         }
         Command::Keys(_, tx) => {
             let _ = tx.send(
                 res.map(|c| c.last_audit_seq.unwrap_or(0))
-                    .map_err(|e| match e {
-                        CommitError::Store(s) => s,
-                        other => StoreError::Engine(other.to_string()),
-                    }),
+                    .map_err(CommitError::into_store_error),
             );
         }
         // (never in a group: the writer loop runs erasures on their own)
