@@ -24,7 +24,7 @@ pub(crate) fn index_check(data_dir: &Path, min_resources: u64) -> Result<i32> {
         "index\tR\tC\tband\tvalues\tdistinct tokens\tmax values/token\tverdict"
     )?;
     let mut out_of_band = 0;
-    for (index, st) in index_values(&opened, &engine)? {
+    for (index, st) in index_values(&engine)? {
         let r = st.resources as f64;
         let c = r / space;
         let hi = r.sqrt();
@@ -84,42 +84,27 @@ struct IndexValues {
 
 /// Every current record opened, its index terms counted: per index (`Type.param`).
 fn index_values(
-    opened: &datadir::Opened,
     engine: &phivault_records::Engine,
 ) -> Result<std::collections::BTreeMap<String, IndexValues>> {
-    use phivault_store::Candidates;
     let mut all: std::collections::BTreeMap<String, IndexValues> = Default::default();
     for rtype in phivault_fhir::resource_types() {
-        let mut after: Option<String> = None;
-        loop {
-            let ids = opened
-                .store
-                .candidates(rtype, &Candidates::All, after.as_deref(), 500)?;
-            let Some(last) = ids.last().cloned() else {
-                break;
-            };
-            for row in opened
-                .store
-                .current_many(rtype, &ids)?
-                .into_iter()
-                .flatten()
-            {
-                // (an erased patient's records do not open, and have no postings)
-                let Some(json) = engine.open_for_maintenance(&row) else {
-                    continue;
-                };
-                for (code, per_patient, terms) in engine.index_terms(rtype, &json) {
-                    let st = all.entry(format!("{rtype}.{code}")).or_default();
-                    st.resources += 1;
-                    st.per_patient = per_patient;
-                    for (token, term) in terms {
-                        st.values.insert(term.clone());
-                        st.per_token.entry(token).or_default().insert(term);
+        // (an erased patient's records do not open, and have no postings)
+        engine
+            .each_record(rtype, 500, &mut |records| {
+                for (_, json) in records {
+                    for (code, per_patient, terms) in engine.index_terms(rtype, &json) {
+                        let st = all.entry(format!("{rtype}.{code}")).or_default();
+                        st.resources += 1;
+                        st.per_patient = per_patient;
+                        for (token, term) in terms {
+                            st.values.insert(term.clone());
+                            st.per_token.entry(token).or_default().insert(term);
+                        }
                     }
                 }
-            }
-            after = Some(last);
-        }
+                Ok(())
+            })
+            .map_err(|e| anyhow::anyhow!("the records could not be read: {e}"))?;
     }
     Ok(all)
 }

@@ -348,7 +348,6 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     if let Some(w) = &ctl.watch.witness_file {
         opened.check_witness(w).map_err(|e| format!("{e:#}"))?;
     }
-    crate::serve::upgrade_index(&opened).map_err(|e| format!("{e:#}"))?;
     opened
         .store
         .ready()
@@ -357,6 +356,7 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
         .store
         .set_checkpoint_interval_ms(ctl.checkpoint_every_ms);
     let mut app = crate::serve::app_at(&opened, &ctl.origin).map_err(|e| format!("{e:#}"))?;
+    crate::serve::upgrade_index(&app.vault.engine).map_err(|e| format!("{e:#}"))?;
     app.freshness = ctl.freshness.clone();
     let store = opened.store.clone();
     let audit_key = opened.audit_public;

@@ -61,7 +61,6 @@ pub(crate) fn serve(
     if let Some(w) = &watch.witness_file {
         opened.check_witness(w)?;
     }
-    upgrade_index(&opened)?;
     lock.record_pid()?;
     opened.store.set_checkpoint_interval_ms(checkpoint_every_ms);
     let (cert_path, key_path) = match (tls_cert, tls_key) {
@@ -95,6 +94,11 @@ pub(crate) fn serve(
         // the resources' heads were checked beside all this: a store changed outside
         // phivault is refused before anything is served
         opened.store.ready().map_err(datadir::refusal)?;
+        // (with the app's own engine, off the runtime: the store's writer is waited for)
+        let vault = app.vault.clone();
+        tokio::task::spawn_blocking(move || upgrade_index(&vault.engine))
+            .await
+            .map_err(|_| anyhow::anyhow!("refusing to start: the index upgrade stopped"))??;
         let mut watch = watch;
         watch.audit_key = Some(opened.audit_public);
         phivault_records::watch::spawn(app.vault.clone(), watch);
@@ -211,9 +215,8 @@ pub(crate) fn app_at(opened: &datadir::Opened, origin: &str) -> Result<phivault_
 
 /// Move a store indexed by an earlier build to this build's blind-index scheme (once,
 /// before serving; see `phivault_records::reindex`).
-pub(crate) fn upgrade_index(opened: &datadir::Opened) -> Result<()> {
-    let engine = phivault_records::Engine::new(opened.store.clone(), opened.keys.clone());
-    let n = phivault_records::reindex::upgrade(&engine).map_err(|e| {
+pub(crate) fn upgrade_index(engine: &phivault_records::Engine) -> Result<()> {
+    let n = phivault_records::reindex::upgrade(engine).map_err(|e| {
         anyhow::anyhow!(
             "refusing to start: the blind index could not be moved to per-patient tokens: {e}"
         )

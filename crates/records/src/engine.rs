@@ -708,10 +708,41 @@ impl Engine {
         self.entries_under(rtype, resource, true)
     }
 
-    /// A current record opened for the server's own maintenance (reindexing, `phivault
-    /// index check`): its JSON, or None when it is a tombstone or does not open (an erased
-    /// patient's).
-    pub fn open_for_maintenance(&self, row: &VersionRow) -> Option<Value> {
+    /// Every current record of `rtype` that opens (not a tombstone, not an erased
+    /// patient's), opened for the server's own maintenance (reindexing, `phivault index
+    /// check`): `visit` gets each batch of at most `batch`, in id order.
+    pub fn each_record(
+        &self,
+        rtype: &str,
+        batch: usize,
+        visit: &mut dyn FnMut(Vec<(VersionRow, Value)>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut after: Option<String> = None;
+        loop {
+            let ids = self
+                .store
+                .candidates(rtype, &Candidates::All, after.as_deref(), batch)
+                .map_err(Error::from_store)?;
+            let Some(last) = ids.last().cloned() else {
+                return Ok(());
+            };
+            let rows = self
+                .store
+                .current_many(rtype, &ids)
+                .map_err(Error::from_store)?;
+            visit(
+                rows.into_iter()
+                    .flatten()
+                    .filter_map(|row| self.open_for_maintenance(&row).map(|json| (row, json)))
+                    .collect(),
+            )?;
+            after = Some(last);
+        }
+    }
+
+    /// A current record opened for the server's own maintenance: its JSON, or None when
+    /// it is a tombstone or does not open (an erased patient's).
+    fn open_for_maintenance(&self, row: &VersionRow) -> Option<Value> {
         if row.deleted {
             return None;
         }

@@ -6,7 +6,7 @@
 //! replaced by the new through the store's writer (committed and counted in the signed
 //! state like any write); then the scheme is recorded.
 
-use phivault_store::{Candidates, Reindex};
+use phivault_store::Reindex;
 
 use crate::engine::{Engine, INDEX_SCHEME, INDEX_SCHEME_META};
 use crate::error::Error;
@@ -33,27 +33,16 @@ pub fn upgrade(engine: &Engine) -> Result<u64, Error> {
     types.sort_unstable();
     types.dedup();
     for rtype in types {
-        let mut after: Option<String> = None;
-        loop {
-            let ids = store
-                .candidates(rtype, &Candidates::All, after.as_deref(), BATCH)
-                .map_err(Error::from_store)?;
-            let Some(last) = ids.last().cloned() else {
-                break;
-            };
-            let rows = store.current_many(rtype, &ids).map_err(Error::from_store)?;
+        // (an erased patient's records do not open, and have no postings left)
+        engine.each_record(rtype, BATCH, &mut |records| {
             let mut changes = Vec::new();
-            for row in rows.into_iter().flatten() {
-                // an erased patient's records cannot be opened, and have no postings left
-                let Some(json) = engine.open_for_maintenance(&row) else {
-                    continue;
-                };
+            for (row, json) in records {
                 let old = engine.index_entries_global(rtype, &json);
                 let new = engine.index_entries(rtype, &json);
                 if old != new {
                     changes.push(Reindex {
                         rtype: rtype.to_owned(),
-                        id: row.id.clone(),
+                        id: row.id,
                         version: row.version,
                         old,
                         new,
@@ -63,8 +52,8 @@ pub fn upgrade(engine: &Engine) -> Result<u64, Error> {
             if !changes.is_empty() {
                 done += store.reindex(changes).map_err(Error::from_store)?;
             }
-            after = Some(last);
-        }
+            Ok(())
+        })?;
     }
     store
         .set_meta(INDEX_SCHEME_META, want.as_bytes())
