@@ -140,6 +140,7 @@ mod lists;
 mod read;
 mod schema;
 mod state;
+pub mod tap;
 #[cfg(test)]
 mod tests;
 mod trust;

@@ -156,7 +156,9 @@ pub(super) fn note_wal_frames(
     _: &rusqlite::hooks::Wal,
     frames: std::ffi::c_int,
 ) -> rusqlite::Result<()> {
-    WAL_FRAMES.with(|f| f.set(u64::try_from(frames).unwrap_or(0)));
+    let frames = u64::try_from(frames).unwrap_or(0);
+    WAL_FRAMES.with(|f| f.set(frames));
+    super::tap::after_commit(frames);
     Ok(())
 }
 

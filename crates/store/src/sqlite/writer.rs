@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 
 use super::index::{encode_log_record, index_no, merge_or_warn};
 use super::lists::matching_ids;
+use super::tap::SnapshotPoint;
 use super::trust::{SettingChange, catch_up, put_setting, setting_event};
 use super::wal::{WalRestarter, checkpoint, note_wal_frames};
 use super::{DbId, SqliteStore, engine};
@@ -96,6 +97,14 @@ pub(super) enum Command {
     Erase(
         crate::Erasure,
         oneshot::Sender<Result<crate::Erased, CommitError>>,
+    ),
+    /// Install a WAL tap on the writer's connection (`super::tap`).
+    Tap(Arc<super::tap::WalTap>, oneshot::Sender<()>),
+    /// Begin a read transaction on this connection between two commits and hand it back
+    /// with where it is in the tap's stream (a snapshot's start).
+    Pin(
+        Connection,
+        mpsc::Sender<(Connection, Result<SnapshotPoint, StoreError>)>,
     ),
 }
 
@@ -205,7 +214,11 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
                 Err(_) => break,
             }
         }
-        // erasures run alone, after the batches that queued with them
+        // erasures run alone, after the batches that queued with them; the tap's
+        // commands after both
+        let (taps, group): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .partition(|c| matches!(c, Command::Tap(..) | Command::Pin(..)));
         let (erasures, group): (Vec<_>, Vec<_>) = group
             .into_iter()
             .partition(|c| matches!(c, Command::Erase(..)));
@@ -214,6 +227,10 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
         }
         for e in erasures {
             super::erase::run(&mut conn, e, &mut w);
+        }
+        publish(&w);
+        for t in taps {
+            tap_command(t, &w);
         }
     }
     // a clean stop is the longest idle: merge, so the next open has no log to replay
@@ -230,7 +247,45 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
     // free pages (a merged log's, mostly) go back to the filesystem; a database created
     // before auto_vacuum was set ignores this
     incremental_vacuum(&conn);
+    publish(&w);
     checkpoint(&conn);
+}
+
+/// Publish the commits the tap read (if one is installed) with the audit log's size.
+fn publish(w: &Writer) {
+    if super::tap::installed().is_some() {
+        let resources = w.known.read().heads.len() as u64;
+        super::tap::note_head(w.head.size, resources);
+    }
+}
+
+/// Install a tap, or pin a snapshot's read transaction between two commits.
+fn tap_command(cmd: Command, w: &Writer) {
+    match cmd {
+        Command::Tap(tap, reply) => {
+            // the frames in the log now are read at the next commit (from its start)
+            super::tap::install(tap);
+            publish(w);
+            let _ = reply.send(());
+        }
+        Command::Pin(snap, reply) => {
+            let point = match super::tap::installed() {
+                None => Err(StoreError::Engine("no WAL tap is installed".into())),
+                Some(tap) => snap
+                    // a read of the schema starts the read transaction here
+                    .execute_batch("BEGIN; SELECT count(*) FROM sqlite_master;")
+                    .map(|()| tap.point())
+                    .map_err(engine),
+            };
+            let _ = reply.send((snap, point));
+        }
+        other => reply(
+            other,
+            Err(CommitError::Store(StoreError::Engine(
+                "not a tap command".into(),
+            ))),
+        ),
+    }
 }
 
 /// A checkpoint of the whole log, in a transaction of its own (a clean stop).
@@ -428,6 +483,9 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
                 StoreError::Engine("erasure inside a group".into()),
             ))));
         }
+        // (never in a group either: answered by `tap_command`; dropping the reply
+        // tells the caller)
+        Command::Tap(..) | Command::Pin(..) => {}
     }
 }
 
@@ -484,6 +542,9 @@ fn apply_group(
         .and_then(|mut st| st.query_row([], |r| r.get(0)))
         .map_err(engine)?;
     if *data_version != Some(version) {
+        if data_version.is_some() {
+            super::tap::note_foreign_commit();
+        }
         if let Some(caught) = catch_up(&tx, integ, head, frontier, digests)? {
             *others_wrote |= !caught.heads.is_empty();
             apply_caught_up(known, caught);
@@ -632,6 +693,9 @@ fn apply_group(
             // (the writer loop runs erasures on their own: never part of a group)
             Command::Erase(..) => Err(CommitError::Store(StoreError::Engine(
                 "erasure inside a group".into(),
+            ))),
+            Command::Tap(..) | Command::Pin(..) => Err(CommitError::Store(StoreError::Engine(
+                "a tap command inside a group".into(),
             ))),
         };
         results.push(res);

@@ -1,0 +1,347 @@
+//! The write-ahead log's tap (issue 19): every page the writer commits, handed to a
+//! backup shipper, and snapshots of the database at a known point of that stream.
+//!
+//! SQLite calls the writer connection's WAL hook after each commit with the number of
+//! frames now in the log. The hook ([`after_commit`]) reads the frames added since it last
+//! looked straight from the `-wal` file (they are in the page cache: a commit of a few
+//! pages costs microseconds) and keeps the newest image of each page: a restore point is
+//! the end of a shipped batch, so the images in between never matter. Reading at once,
+//! on the writer thread, is what makes the stream complete: the log can start again from
+//! its beginning (the writer's restarts, an erasure's truncation) only in a later
+//! transaction of this same thread, after every frame of this one was read.
+//!
+//! Commits are numbered as the hook sees them. The writer then *publishes* them with the
+//! audit log's size and the number of resources ([`note_head`]), so a batch the shipper
+//! takes ([`WalTap::take`]) ends at a commit whose audit position is known.
+//!
+//! What the tap cannot see, it reports instead of guessing: another process's commit (the
+//! writer notices through `data_version`), a frame overwritten before it was read, a read
+//! error. Then [`Changes::broken`] says why, and the shipper must start again from a new
+//! snapshot.
+//!
+//! A snapshot ([`crate::sqlite::SqliteStore::snapshot_to`]) pins a read transaction on
+//! the writer thread between two commits, so it is exactly at a numbered commit, and
+//! copies the pages with SQLite's backup API on the caller's thread (the writer goes on).
+//! A snapshot at commit `c` followed by every batch ending after `c`, applied in order
+//! (page images written at their offsets, the file cut to the last commit's size), is the
+//! database as of that batch's end: each page ends as its newest image, and a page last
+//! written at or before `c` has in the snapshot the image it had then.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// The WAL file header's size.
+const WAL_HEADER: u64 = 32;
+/// A frame header's size.
+const FRAME_HEADER: u64 = 24;
+
+/// Pages committed and published since the shipper last took them.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The database's page size.
+    pub page_size: u32,
+    /// The database's size in pages after the last commit.
+    pub db_pages: u32,
+    /// The newest image of every page written, by page number (from 1).
+    pub pages: BTreeMap<u32, Vec<u8>>,
+    /// The first and last commit taken (numbered from 1 since the tap was installed).
+    pub first_commit: u64,
+    pub last_commit: u64,
+    /// The audit log's size and the number of resources after the last commit.
+    pub audit_size: u64,
+    pub resources: u64,
+    /// Why the stream is not complete since the last take (another process wrote, a
+    /// frame was lost): the shipper starts again from a snapshot.
+    pub broken: Option<String>,
+}
+
+impl Changes {
+    /// Bytes of page images held.
+    pub fn bytes(&self) -> usize {
+        self.pages.len() * self.page_size as usize
+    }
+}
+
+/// Where a snapshot is in the tap's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotPoint {
+    /// The last commit the snapshot includes.
+    pub commit: u64,
+    /// The audit log's size and the number of resources there.
+    pub audit_size: u64,
+    pub resources: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The open `-wal` file (opened on the first commit).
+    file: Option<File>,
+    /// The log's salt when it was last read; `None` before the first read.
+    salt: Option<[u8; 8]>,
+    /// Frames of the current log already read.
+    read_frames: u64,
+    page_size: u32,
+    /// Commits hooked so far.
+    commits: u64,
+    /// Hooked, not yet published.
+    staged: Changes,
+    /// Published, not yet taken.
+    ready: Changes,
+    /// The size and resources noted with the last publication.
+    audit_size: u64,
+    resources: u64,
+}
+
+/// The tap shared by the writer thread (which fills it) and a shipper (which takes).
+#[derive(Debug)]
+pub struct WalTap {
+    wal_path: PathBuf,
+    state: Mutex<State>,
+}
+
+impl WalTap {
+    pub(super) fn new(db_path: &Path) -> Arc<Self> {
+        let mut wal = db_path.as_os_str().to_owned();
+        wal.push("-wal");
+        Arc::new(WalTap {
+            wal_path: PathBuf::from(wal),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Take every published commit (`None` when there is none and nothing broke).
+    pub fn take(&self) -> Option<Changes> {
+        let mut s = self.state.lock();
+        if s.ready.last_commit == 0 && s.ready.broken.is_none() {
+            return None;
+        }
+        let page_size = s.page_size;
+        let mut c = std::mem::take(&mut s.ready);
+        c.page_size = page_size;
+        Some(c)
+    }
+
+    /// The stream is broken (the shipper starts again from a snapshot).
+    fn break_stream(s: &mut State, why: &str) {
+        if s.staged.broken.is_none() {
+            s.staged.broken = Some(why.to_owned());
+        }
+        // the next read starts from whatever log is there
+        s.salt = None;
+        s.read_frames = 0;
+    }
+
+    /// The writer committed: read the frames added to the log.
+    fn after_commit(&self, frames: u64) {
+        let mut s = self.state.lock();
+        s.commits += 1;
+        let commit = s.commits;
+        if let Err(why) = self.read_frames(&mut s, frames) {
+            Self::break_stream(&mut s, &why);
+        }
+        if s.staged.first_commit == 0 {
+            s.staged.first_commit = commit;
+        }
+        s.staged.last_commit = commit;
+    }
+
+    fn read_frames(&self, s: &mut State, frames: u64) -> Result<(), String> {
+        if s.file.is_none() {
+            s.file =
+                Some(File::open(&self.wal_path).map_err(|e| format!("cannot open the WAL: {e}"))?);
+        }
+        let Some(file) = s.file.as_ref() else {
+            return Ok(());
+        };
+        let mut header = [0u8; WAL_HEADER as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| format!("cannot read the WAL header: {e}"))?;
+        let page_size = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
+        // (65,536 is stored as 1)
+        let page_size = if page_size == 1 { 65_536 } else { page_size };
+        if !(512..=65_536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err("the WAL header names no valid page size".into());
+        }
+        let mut salt = [0u8; 8];
+        salt.copy_from_slice(&header[16..24]);
+        let from = if s.salt == Some(salt) {
+            if frames < s.read_frames {
+                return Err("the WAL shrank without starting again".into());
+            }
+            s.read_frames
+        } else {
+            // the log started again (this transaction was its first)
+            0
+        };
+        s.salt = Some(salt);
+        s.page_size = page_size;
+        let frame_len = FRAME_HEADER + u64::from(page_size);
+        let count = frames - from;
+        if count == 0 {
+            return Ok(());
+        }
+        let mut buf =
+            vec![0u8; usize::try_from(count * frame_len).map_err(|_| "WAL range too large")?];
+        file.read_exact_at(&mut buf, WAL_HEADER + from * frame_len)
+            .map_err(|e| format!("cannot read WAL frames: {e}"))?;
+        for frame in buf.chunks_exact(usize::try_from(frame_len).unwrap_or(usize::MAX)) {
+            if frame[8..16] != salt {
+                return Err("a WAL frame was overwritten before it was read".into());
+            }
+            let pgno = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+            let commit_size = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+            if pgno == 0 {
+                return Err("a WAL frame names page 0".into());
+            }
+            s.staged
+                .pages
+                .insert(pgno, frame[FRAME_HEADER as usize..].to_vec());
+            if commit_size != 0 {
+                s.staged.db_pages = commit_size;
+            }
+        }
+        s.read_frames = frames;
+        Ok(())
+    }
+
+    /// The writer's commits so far are published with the audit log's size.
+    fn publish(&self, audit_size: u64, resources: u64) {
+        let mut s = self.state.lock();
+        s.audit_size = audit_size;
+        s.resources = resources;
+        let staged = std::mem::take(&mut s.staged);
+        let r = &mut s.ready;
+        if staged.last_commit != 0 {
+            if r.first_commit == 0 {
+                r.first_commit = staged.first_commit;
+            }
+            r.last_commit = staged.last_commit;
+            r.db_pages = staged.db_pages;
+            r.pages.extend(staged.pages);
+        }
+        if r.broken.is_none() {
+            r.broken = staged.broken;
+        }
+        r.audit_size = audit_size;
+        r.resources = resources;
+    }
+
+    /// The stream misses a commit of another process.
+    pub(super) fn foreign_commit(&self) {
+        let mut s = self.state.lock();
+        Self::break_stream(&mut s, "another process wrote to the database");
+    }
+
+    /// Where the stream stands now (on the writer thread, between commits).
+    pub(super) fn point(&self) -> SnapshotPoint {
+        let s = self.state.lock();
+        SnapshotPoint {
+            commit: s.commits,
+            audit_size: s.audit_size,
+            resources: s.resources,
+        }
+    }
+}
+
+thread_local! {
+    /// The tap of the writer connection on this thread, if a shipper installed one.
+    static TAP: RefCell<Option<Arc<WalTap>>> = const { RefCell::new(None) };
+}
+
+/// Install `tap` on the writer thread (the calling thread).
+pub(super) fn install(tap: Arc<WalTap>) {
+    TAP.with(|t| *t.borrow_mut() = Some(tap));
+}
+
+/// The tap installed on this thread, if any.
+pub(super) fn installed() -> Option<Arc<WalTap>> {
+    TAP.with(|t| t.borrow().clone())
+}
+
+/// From the writer connection's WAL hook: a commit left `frames` frames in the log.
+pub(super) fn after_commit(frames: u64) {
+    TAP.with(|t| {
+        if let Some(tap) = t.borrow().as_ref() {
+            tap.after_commit(frames);
+        }
+    });
+}
+
+/// From the writer, after its commits: they are published with the audit log's size and
+/// the number of resources.
+pub(super) fn note_head(audit_size: u64, resources: u64) {
+    TAP.with(|t| {
+        if let Some(tap) = t.borrow().as_ref() {
+            tap.publish(audit_size, resources);
+        }
+    });
+}
+
+/// From the writer: another process committed since it last looked.
+pub(super) fn note_foreign_commit() {
+    TAP.with(|t| {
+        if let Some(tap) = t.borrow().as_ref() {
+            tap.foreign_commit();
+        }
+    });
+}
+
+impl super::SqliteStore {
+    /// Install a WAL tap on the writer: from now on every commit's pages reach it.
+    pub fn start_tap(&self) -> Result<Arc<WalTap>, crate::StoreError> {
+        let tap = WalTap::new(&self.path);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send(super::writer::Command::Tap(tap.clone(), tx)) || rx.blocking_recv().is_err() {
+            return Err(crate::StoreError::Engine("the store is closed".into()));
+        }
+        Ok(tap)
+    }
+
+    /// Copy the database into a new file `dest` at a point of the tap's stream (a tap must
+    /// be installed), without stopping the writer; `progress` is told (pages copied,
+    /// pages in all) as it goes.
+    pub fn snapshot_to(
+        &self,
+        dest: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<SnapshotPoint, crate::StoreError> {
+        use rusqlite::{Connection, OpenFlags};
+        let src = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(super::engine)?;
+        super::configure(&src)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        if !self.send(super::writer::Command::Pin(src, tx)) {
+            return Err(crate::StoreError::Engine("the store is closed".into()));
+        }
+        let (src, point) = rx
+            .recv()
+            .map_err(|_| crate::StoreError::Engine("the store is closed".into()))?;
+        let point = point?;
+        let mut dst = Connection::open(dest).map_err(super::engine)?;
+        {
+            let backup = rusqlite::backup::Backup::new(&src, &mut dst).map_err(super::engine)?;
+            loop {
+                let step = backup.step(1024).map_err(super::engine)?;
+                let p = backup.progress();
+                let total = u64::try_from(p.pagecount).unwrap_or(0);
+                let left = u64::try_from(p.remaining).unwrap_or(0);
+                progress(total - left.min(total), total);
+                if step == rusqlite::backup::StepResult::Done {
+                    break;
+                }
+            }
+        }
+        let _ = src.execute_batch("COMMIT");
+        dst.close().map_err(|(_, e)| super::engine(e))?;
+        Ok(point)
+    }
+}
