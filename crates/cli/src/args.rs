@@ -146,6 +146,8 @@ pub enum Cmd {
         watch: WatchArgs,
         #[command(flatten)]
         timing: TimingArgs,
+        #[command(flatten)]
+        backup: crate::backup_args::ServeBackupArgs,
     },
     /// Unseal a running server of a `shamir` data directory: send it shares (from
     /// --share-file, else asked on the terminal) over its control socket DIR/control.sock.
@@ -252,6 +254,23 @@ pub enum Cmd {
     Patient {
         #[command(subcommand)]
         cmd: PatientCmd,
+    },
+    /// Encrypted backups: take one now, drill a restore, list restore points, show the
+    /// shipping state.
+    Backup {
+        #[command(subcommand)]
+        cmd: crate::backup_args::BackupCmd,
+    },
+    /// Restore a backup into a new data directory (point in time: --at or --at-audit-seq),
+    /// verify it, and re-apply every erasure made since the point.
+    Restore {
+        #[command(flatten)]
+        source: crate::backup_args::SourceArgs,
+        /// The new data directory (its parent must exist; it must not).
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        at: crate::backup_args::AtArgs,
     },
 }
 

@@ -126,7 +126,19 @@ impl ServeLock {
     }
 }
 
-fn mkdir_private(p: &Path) -> Result<()> {
+/// A new development CA and server certificate for loopback (`tls/`).
+pub(crate) fn write_dev_tls(d: &DataDir) -> Result<()> {
+    let pki = phivault_crypto::generate_dev_pki()?;
+    std::fs::write(d.ca_cert(), &pki.ca_cert_pem)?;
+    std::fs::write(
+        d.server_cert(),
+        format!("{}{}", pki.server_cert_pem, pki.ca_cert_pem),
+    )?;
+    phivault_crypto::write_private_file(&d.server_key(), pki.server_key_pem.expose().as_bytes())?;
+    Ok(())
+}
+
+pub(crate) fn mkdir_private(p: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(p)
@@ -198,13 +210,7 @@ pub fn init(
         }
     }
     let audit = audit.context("no audit key was made")?;
-    let pki = phivault_crypto::generate_dev_pki()?;
-    std::fs::write(d.ca_cert(), &pki.ca_cert_pem)?;
-    std::fs::write(
-        d.server_cert(),
-        format!("{}{}", pki.server_cert_pem, pki.ca_cert_pem),
-    )?;
-    phivault_crypto::write_private_file(&d.server_key(), pki.server_key_pem.expose().as_bytes())?;
+    write_dev_tls(&d)?;
     // Create the database file private: SQLite gives its -wal and -shm files the same mode.
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -374,6 +380,20 @@ pub fn keys_under(d: &DataDir, master: &MasterKey) -> Result<(KeyHierarchy, Sign
     Ok((keys, audit))
 }
 
+/// The audit signing key of a data directory, opened under `keys`.
+pub fn audit_signer(d: &DataDir, keys: &KeyHierarchy) -> Result<SigningKey> {
+    let sealed = std::fs::read(d.audit_key()).with_context(|| {
+        format!(
+            "cannot read the audit signing key {}",
+            d.audit_key().display()
+        )
+    })?;
+    let pkcs8 = keys
+        .open_secret(AUDIT_KEY_LABEL, &sealed)
+        .context("the audit signing key does not open under this master key")?;
+    Ok(SigningKey::from_pkcs8(pkcs8.expose())?)
+}
+
 /// Refuse `keys` that are not this database's (its key check value).
 pub fn check_key(d: &DataDir, keys: &KeyHierarchy) -> Result<()> {
     let store = read_only_store(&d.root)?;
@@ -412,7 +432,7 @@ pub fn open_with(root: &Path, master: &MasterKey) -> Result<Opened> {
     open_under(d, keys, audit)
 }
 
-fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> Result<Opened> {
+pub(crate) fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> Result<Opened> {
     let sealed = std::fs::read(d.token_key()).with_context(|| {
         format!(
             "cannot read the token signing key {}",

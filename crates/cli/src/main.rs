@@ -3,6 +3,8 @@
 
 mod args;
 mod audit_cmds;
+mod backup_args;
+mod backup_cmds;
 mod control;
 mod datadir;
 mod fhir_client;
@@ -123,8 +125,18 @@ fn run(cli: Cli) -> Result<i32> {
             public_url,
             watch,
             timing,
+            backup,
         } => serve::serve(
-            &data_dir, listen, tls_cert, tls_key, public_url, watch, timing,
+            &data_dir,
+            serve::Options {
+                listen,
+                tls_cert,
+                tls_key,
+                public_url,
+                watch,
+                timing,
+                backup,
+            },
         ),
         Cmd::Client {
             cmd:
@@ -211,6 +223,8 @@ fn run(cli: Cli) -> Result<i32> {
             paths,
         }),
         Cmd::Verify { data_dir, witness } => verify_cmd::verify(&data_dir, witness.as_deref()),
+        Cmd::Backup { cmd } => backup_cmds::backup_cmd(cmd),
+        Cmd::Restore { source, to, at } => backup_cmds::restore_cmd(&source, &to, &at),
         Cmd::Audit {
             cmd: AuditCmd::Verify { data_dir, witness },
         } => audit_cmds::audit_verify(&data_dir, witness.as_deref()),

@@ -24,6 +24,33 @@ pub fn erase(data_dir: &Path, patient: &str, reason: &str) -> Result<i32> {
     let opened = datadir::open(data_dir)?;
     let store: Arc<dyn phivault_store::Store> = opened.store.clone();
     let engine = phivault_records::Engine::new(store, opened.keys.clone());
+    let r = erase_with(&engine, patient, reason);
+    drop(engine);
+    opened.store.close();
+    match r {
+        Ok(done) => {
+            println!(
+                "erased patient {patient}: their data key was destroyed; {} resources can no longer be opened, {} index postings removed",
+                done.resources, done.postings
+            );
+            if !done.wal_truncated {
+                eprintln!(
+                    "warning: the write-ahead log could not be emptied; it is when the store is next closed"
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => bail!("patient {patient} was not erased: {}", message(&e)),
+    }
+}
+
+/// Erase `patient` through `engine` as the operator (an audited erasure with
+/// [`OPERATOR`] as its client, from `local`).
+pub fn erase_with(
+    engine: &phivault_records::Engine,
+    patient: &str,
+    reason: &str,
+) -> Result<phivault_records::erase::Erased, phivault_records::Error> {
     let request_id = phivault_records::engine::new_id();
     let event = AuditEvent {
         time_ms: u64::try_from(phivault_records::engine::now_ms()).unwrap_or(0),
@@ -42,25 +69,10 @@ pub fn erase(data_dir: &Path, patient: &str, reason: &str) -> Result<i32> {
         detail: Default::default(),
         writes: Vec::new(),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
-    let r = rt.block_on(engine.erase_patient(patient, reason, &request_id, vec![event]));
-    drop(engine);
-    opened.store.close();
-    match r {
-        Ok(done) => {
-            println!(
-                "erased patient {patient}: their data key was destroyed; {} resources can no longer be opened, {} index postings removed",
-                done.resources, done.postings
-            );
-            if !done.wal_truncated {
-                eprintln!(
-                    "warning: the write-ahead log could not be emptied; it is when the store is next closed"
-                );
-            }
-            Ok(0)
-        }
-        Err(e) => bail!("patient {patient} was not erased: {}", message(&e)),
-    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|_| phivault_records::Error::unavailable())?;
+    rt.block_on(engine.erase_patient(patient, reason, &request_id, vec![event]))
 }
 
 /// The first issue's message (value-free).

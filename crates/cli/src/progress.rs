@@ -31,3 +31,16 @@ pub fn import(bytes: u64) -> ProgressBar {
         "import [{bar:30}] {binary_bytes}/{binary_total_bytes}, {binary_bytes_per_sec}, ETA {eta}; {msg}",
     )
 }
+
+/// `restore`, `backup verify`: objects fetched and applied (hidden unless `show`).
+pub fn restore(show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    bar(0, "restore [{bar:30}] {pos}/{len} {msg}, {elapsed}")
+}
+
+/// `backup now`: pages of the database copied.
+pub fn snapshot() -> ProgressBar {
+    bar(0, "snapshot [{bar:30}] {pos}/{len} pages, {elapsed}")
+}

@@ -46,6 +46,7 @@ pub(crate) struct Settings {
     pub watch: phivault_records::watch::Watch,
     pub freshness: phivault_server::Freshness,
     pub checkpoint_every_ms: u64,
+    pub backup: Option<crate::backup_args::Shipping>,
 }
 
 /// The sealed server's state, shared by the control connections.
@@ -55,6 +56,7 @@ struct Control {
     watch: phivault_records::watch::Watch,
     freshness: phivault_server::Freshness,
     checkpoint_every_ms: u64,
+    backup: Option<crate::backup_args::Shipping>,
     gate: phivault_server::Gate,
     pending: Mutex<Pending>,
     /// The unsealed server (None: sealed). Held across a whole unseal or seal.
@@ -65,6 +67,7 @@ struct Control {
 struct Running {
     store: Arc<SqliteStore>,
     watcher: phivault_records::watch::Watcher,
+    shipping: Option<crate::backup_cmds::Running>,
     app: Weak<phivault_server::App>,
     vault: Weak<phivault_records::Vault>,
 }
@@ -73,6 +76,7 @@ struct Running {
 struct Unsealed {
     app: Arc<phivault_server::App>,
     store: Arc<SqliteStore>,
+    shipping: Option<crate::backup_cmds::Running>,
     audit_key: [u8; 32],
 }
 
@@ -129,6 +133,7 @@ async fn run(s: Settings) -> Result<i32> {
         watch: s.watch,
         freshness: s.freshness,
         checkpoint_every_ms: s.checkpoint_every_ms,
+        backup: s.backup,
         gate: gate.clone(),
         running: tokio::sync::Mutex::new(None),
     });
@@ -360,10 +365,24 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     app.freshness = ctl.freshness.clone();
     let store = opened.store.clone();
     let audit_key = opened.audit_public;
+    let shipping = match &ctl.backup {
+        Some(b) => Some(
+            crate::backup_cmds::start(
+                &opened.dir,
+                &opened.keys,
+                store.clone(),
+                app.vault.clone(),
+                b,
+            )
+            .map_err(|e| format!("{e:#}"))?,
+        ),
+        None => None,
+    };
     drop(opened);
     Ok(Unsealed {
         app: Arc::new(app),
         store,
+        shipping,
         audit_key,
     })
 }
@@ -385,6 +404,7 @@ fn start(ctl: &Control, u: Unsealed) -> Running {
     let running = Running {
         store: u.store,
         watcher,
+        shipping: u.shipping,
         app: Arc::downgrade(&u.app),
         vault: Arc::downgrade(&u.app.vault),
     };
@@ -404,6 +424,9 @@ async fn seal(ctl: &Control) -> String {
     };
     drop(ctl.gate.seal());
     r.watcher.stop().await;
+    if let Some(s) = r.shipping {
+        let _ = tokio::task::spawn_blocking(move || s.stop()).await;
+    }
     let deadline = Instant::now() + SEAL_WAIT;
     while (r.app.strong_count() > 0 || r.vault.strong_count() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

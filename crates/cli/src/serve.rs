@@ -9,16 +9,29 @@ use anyhow::{Context, Result, bail};
 use crate::args::{TimingArgs, WatchArgs};
 use crate::datadir;
 
-pub(crate) fn serve(
-    data_dir: &Path,
-    listen: SocketAddr,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    public_url: Option<String>,
-    watch: WatchArgs,
-    timing: TimingArgs,
-) -> Result<i32> {
+/// What `serve` is asked for.
+pub(crate) struct Options {
+    pub listen: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub watch: WatchArgs,
+    pub timing: TimingArgs,
+    pub backup: crate::backup_args::ServeBackupArgs,
+}
+
+pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
+    let Options {
+        listen,
+        tls_cert,
+        tls_key,
+        public_url,
+        watch,
+        timing,
+        backup,
+    } = o;
     let watch = watch.check()?;
+    let backup = backup.check()?;
     let checkpoint_every_ms = timing.checkpoint_every_ms;
     let freshness = timing.check()?;
     // Refuse insecure configurations before touching anything (TR1).
@@ -55,6 +68,7 @@ pub(crate) fn serve(
             watch,
             freshness,
             checkpoint_every_ms,
+            backup,
         });
     }
     let opened = datadir::open(data_dir)?;
@@ -102,12 +116,35 @@ pub(crate) fn serve(
         let mut watch = watch;
         watch.audit_key = Some(opened.audit_public);
         phivault_records::watch::spawn(app.vault.clone(), watch);
+        // backups ship from here on (the shipper's first snapshot starts at once)
+        let shipping = match backup {
+            Some(s) => {
+                let (root, keys) = (opened.dir.root.clone(), opened.keys.clone());
+                let (store, vault) = (opened.store.clone(), app.vault.clone());
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        crate::backup_cmds::start(
+                            &datadir::DataDir::new(&root),
+                            &keys,
+                            store,
+                            vault,
+                            &s,
+                        )
+                    })
+                    .await??,
+                )
+            }
+            None => None,
+        };
         let router = phivault_server::router(app);
         println!("listening on https://{local}");
         eprintln!("{}", first_steps(&opened.dir, &origin));
         use std::io::Write;
         let _ = std::io::stdout().flush();
         phivault_server::serve_tls(listener, tls, router, shutdown_signal()).await;
+        if let Some(s) = shipping {
+            tokio::task::spawn_blocking(move || s.stop()).await?;
+        }
         anyhow::Ok(())
     })?;
     db.close();

@@ -303,6 +303,24 @@ impl KeyHierarchy {
         }
     }
 
+    /// The same master key's hierarchy sharing nothing with this one: generation 0 of the
+    /// KEK derived afresh and seal counters of its own — for another copy of the store
+    /// opened beside this one's (a restore drill), whose generations and seals must not
+    /// become this one's.
+    pub fn detached(&self) -> Self {
+        let kek = hkdf_expand(&self.prk, &[LABEL_KEK.as_bytes()]);
+        Self {
+            prk: self.prk,
+            keks: Arc::new(RwLock::new(KekRing::derived(kek))),
+            kek_wrap: self.kek_wrap,
+            cursor_root: self.cursor_root,
+            blind_root: self.blind_root,
+            secret_key: self.secret_key,
+            kcv: self.kcv,
+            seals: Arc::default(),
+        }
+    }
+
     /// `HMAC-SHA256(HKDF(master, LABEL_KCV), KCV_MESSAGE)`: stored by the database when it
     /// is created and compared at start-up ([`KeyHierarchy::verify_key_check_value`]) so
     /// that a wrong master key is reported as such instead of as a sea of integrity errors.

@@ -78,7 +78,13 @@ fn context(data_dir_id: &str) -> serde_json::Value {
 /// `https://host[:port]` (or `http://` for loopback), the default port left out so the
 /// signed `host` is what the client sends. Returns (endpoint, host).
 pub fn check_endpoint(endpoint: &str) -> Result<(String, String), KeyError> {
-    let bad = |why: &str| KeyError::refused(format!("--kms-endpoint {endpoint:?}: {why}"));
+    check_endpoint_for("--kms-endpoint", endpoint)
+}
+
+/// [`check_endpoint`] for another service; refusals name `option` (where the endpoint was
+/// given, e.g. `endpoint=`).
+pub fn check_endpoint_for(option: &str, endpoint: &str) -> Result<(String, String), KeyError> {
+    let bad = |why: &str| KeyError::refused(format!("{option} {endpoint:?}: {why}"));
     let (scheme, rest) = endpoint
         .split_once("://")
         .ok_or_else(|| bad("not a URL (https://host[:port])"))?;
@@ -138,7 +144,8 @@ pub fn check_endpoint(endpoint: &str) -> Result<(String, String), KeyError> {
     Ok((format!("{scheme}://{host_header}"), host_header))
 }
 
-fn check_region(region: &str) -> Result<(), KeyError> {
+/// A plausible AWS region name (`eu-central-1`).
+pub fn check_region(region: &str) -> Result<(), KeyError> {
     if region.is_empty()
         || region.len() > 32
         || !region
@@ -219,7 +226,7 @@ pub fn credentials() -> Result<Credentials, KeyError> {
     };
     let none = || {
         KeyError::refused(format!(
-            "no AWS credentials for the KMS: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones), or give profile [{profile}] in {} (AWS_PROFILE chooses another)",
+            "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones), or give profile [{profile}] in {} (AWS_PROFILE chooses another)",
             path.display()
         ))
     };
@@ -265,6 +272,38 @@ pub fn credentials() -> Result<Credentials, KeyError> {
         }),
         _ => Err(none()),
     }
+}
+
+/// An HTTP agent for AWS calls (ureq, rustls with ring): Mozilla's roots, or only the CA
+/// certificates of the PEM file `ca_file` (a private CA); connect timeout 5 s, `timeout`
+/// for the whole request, no redirects, HTTP error statuses returned as answers.
+pub fn agent(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, KeyError> {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| KeyError::io(path, e))?;
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|i| match i {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(KeyError::refused(format!(
+                "{} holds no PEM certificate (the CA file)",
+                path.display()
+            )));
+        }
+        tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
+    }
+    Ok(ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .tls_config(tls.build())
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build(),
+    ))
 }
 
 /// The AWS error classes, by what the operator must fix.
@@ -321,32 +360,7 @@ impl Kms {
         check_key_id(key_id)?;
         check_region(region)?;
         let (endpoint, host) = check_endpoint(endpoint)?;
-        let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path).map_err(|e| KeyError::io(path, e))?;
-            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-                .filter_map(|i| match i {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            if certs.is_empty() {
-                return Err(KeyError::refused(format!(
-                    "{} holds no PEM certificate (--kms-ca-file)",
-                    path.display()
-                )));
-            }
-            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
-        }
-        let agent = ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .tls_config(tls.build())
-                .timeout_connect(Some(Duration::from_secs(5)))
-                .timeout_global(Some(Duration::from_secs(15)))
-                .max_redirects(0)
-                .http_status_as_error(false)
-                .build(),
-        );
+        let agent = agent(ca_file.as_deref(), Duration::from_secs(15))?;
         Ok(Kms {
             key_id: key_id.clone(),
             region: region.clone(),

@@ -5,8 +5,12 @@
 //! "post-x-www-form-urlencoded") and the IAM `ListUsers` worked example of AWS's
 //! documentation.
 //!
-//! Scope: the caller gives the canonical URI already encoded (our requests go to `/`) and
-//! a query of `name=value` pairs already encoded; every header given is signed.
+//! Scope: the caller gives the canonical URI already encoded (our KMS requests go to `/`;
+//! S3's is [`uri_encode`]d once per segment) and a query of `name=value` pairs already
+//! encoded (values with [`uri_encode`], `/` included); every header given is signed. S3
+//! also wants the payload's hash in the signed `x-amz-content-sha256` header:
+//! [`sign_with_payload_hash`] takes it precomputed. Also checked against the S3 examples
+//! of AWS's documentation (GET object, PUT object, GET bucket lifecycle, ListObjects).
 
 use ring::{digest, hmac};
 use zeroize::Zeroizing;
@@ -88,6 +92,20 @@ pub fn amz_date(unix_secs: u64) -> String {
     )
 }
 
+/// AWS's URI encoding: every byte but `A-Za-z0-9-._~` as `%XX` (upper case); `/` kept
+/// unless `encode_slash`.
+pub fn uri_encode(s: &str, encode_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (b == b'/' && !encode_slash) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn canonical_query(query: &str) -> String {
     let mut pairs: Vec<(&str, &str)> = query
         .split('&')
@@ -110,6 +128,26 @@ pub fn sign(
     service: &str,
     amz_date: &str,
     req: &Request<'_>,
+) -> Signed {
+    sign_with_payload_hash(
+        creds,
+        region,
+        service,
+        amz_date,
+        req,
+        &sha256_hex(req.payload),
+    )
+}
+
+/// [`sign`] with the payload's hex SHA-256 given (`req.payload` is then not read): a large
+/// body hashed once for both the signature and S3's `x-amz-content-sha256` header.
+pub fn sign_with_payload_hash(
+    creds: &Credentials,
+    region: &str,
+    service: &str,
+    amz_date: &str,
+    req: &Request<'_>,
+    payload_hash: &str,
 ) -> Signed {
     // canonical headers: lowercase names, trimmed values with inner runs of spaces
     // collapsed, sorted by name, repeated names joined by commas
@@ -147,7 +185,7 @@ pub fn sign(
         canonical_query(req.query),
         canonical_headers,
         signed_headers,
-        sha256_hex(req.payload)
+        payload_hash
     );
     let date = amz_date.get(..8).unwrap_or(amz_date);
     let scope = format!("{date}/{region}/{service}/aws4_request");
@@ -313,6 +351,73 @@ mod tests {
             s.signature,
             "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
         );
+    }
+
+    /// The S3 examples of AWS's documentation ("Signature calculations for the
+    /// Authorization header: transferring payload in a single chunk").
+    fn s3_example(
+        method: &str,
+        path: &str,
+        query: &str,
+        extra: &[(&str, &str)],
+        payload: &[u8],
+    ) -> Signed {
+        let creds = Credentials {
+            access_key_id: "AKIAIOSFODNN7EXAMPLE".into(),
+            secret_access_key: Zeroizing::new("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into()),
+            session_token: None,
+        };
+        let date = "20130524T000000Z";
+        let hash = sha256_hex(payload);
+        let mut headers: Vec<(&str, &str)> = vec![
+            ("Host", "examplebucket.s3.amazonaws.com"),
+            ("x-amz-content-sha256", &hash),
+            ("x-amz-date", date),
+        ];
+        headers.extend_from_slice(extra);
+        let req = Request {
+            method,
+            path,
+            query,
+            headers: &headers,
+            payload: b"",
+        };
+        sign_with_payload_hash(&creds, "us-east-1", "s3", date, &req, &hash)
+    }
+
+    #[test]
+    fn aws_documentation_s3_examples() {
+        let get = s3_example("GET", "/test.txt", "", &[("Range", "bytes=0-9")], b"");
+        assert_eq!(
+            get.signature,
+            "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
+        assert_eq!(uri_encode("/test$file.text", false), "/test%24file.text");
+        let put = s3_example(
+            "PUT",
+            &uri_encode("/test$file.text", false),
+            "",
+            &[
+                ("Date", "Fri, 24 May 2013 00:00:00 GMT"),
+                ("x-amz-storage-class", "REDUCED_REDUNDANCY"),
+            ],
+            b"Welcome to Amazon S3.",
+        );
+        assert_eq!(
+            put.signature,
+            "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd"
+        );
+        let lifecycle = s3_example("GET", "/", "lifecycle", &[], b"");
+        assert_eq!(
+            lifecycle.signature,
+            "fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543"
+        );
+        let list = s3_example("GET", "/", "max-keys=2&prefix=J", &[], b"");
+        assert_eq!(
+            list.signature,
+            "34b48302e7b5fa45bde8084f4b7868a86f0a534bc59db6670ed5711ef69dc6f7"
+        );
+        assert_eq!(uri_encode("a b/+=~", true), "a%20b%2F%2B%3D~");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 pub mod access;
 pub mod care;
+pub mod drill;
 pub mod engine;
 pub mod erase;
 mod error;
@@ -39,6 +40,8 @@ pub struct Vault {
     pub care: care::Care,
     /// Striped locks serializing read-modify-write of one account's record.
     stripes: [parking_lot::Mutex<()>; 16],
+    /// The backups' state as the binary's shipper last reported it (`None`: no backups).
+    backup_status: parking_lot::RwLock<Option<serde_json::Value>>,
 }
 
 impl Vault {
@@ -52,7 +55,18 @@ impl Vault {
             base_url,
             care: Default::default(),
             stripes: Default::default(),
+            backup_status: Default::default(),
         })
+    }
+
+    /// Record the backups' state (the shipper's, with the last drill).
+    pub fn set_backup_status(&self, status: serde_json::Value) {
+        *self.backup_status.write() = Some(status);
+    }
+
+    /// The backups' state, if this server ships backups.
+    pub fn backup_status(&self) -> Option<serde_json::Value> {
+        self.backup_status.read().clone()
     }
 
     /// The lock serializing read-modify-write of `username`'s account record.

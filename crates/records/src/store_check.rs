@@ -48,23 +48,39 @@ pub fn run(app: &Vault, full: bool) -> Result<Round, crate::care::AlertError> {
             round.findings.push(f);
         }
     }
-    if round.findings.is_empty() {
-        return Ok(round);
+    for f in &round.findings {
+        tracing::error!(finding = %f, "storage was changed outside phivault");
     }
+    round.raised = raise_findings(app, RULE, &round.findings)?;
+    Ok(round)
+}
+
+/// Raise one open alert of `rule` (score 100, the finding as its text: never PHI) for
+/// each finding that has none open yet; returns how many were raised. (Operational
+/// findings: storage changed, backups failing.)
+pub fn raise_findings(
+    app: &Vault,
+    rule: &str,
+    findings: &[String],
+) -> Result<usize, crate::care::AlertError> {
+    if findings.is_empty() {
+        return Ok(0);
+    }
+    let store = app.engine.store();
     let keys = app.engine.keys();
     let open: Vec<Alert> = crate::care::alerts(keys, &**store, usize::MAX)?
         .into_iter()
-        .filter(|a| a.rule == RULE && a.status == "open")
+        .filter(|a| a.rule == rule && a.status == "open")
         .collect();
     let now = crate::engine::now_ms();
-    for (n, f) in round.findings.iter().enumerate() {
-        tracing::error!(finding = %f, "storage was changed outside phivault");
+    let mut raised = 0;
+    for (n, f) in findings.iter().enumerate() {
         if open.iter().any(|a| &a.reason == f) {
             continue;
         }
         let alert = Alert {
-            id: format!("integrity-{now}-{n}"),
-            rule: RULE.into(),
+            id: format!("{rule}-{now}-{n}"),
+            rule: rule.into(),
             user: String::new(),
             username: String::new(),
             patient: String::new(),
@@ -80,9 +96,9 @@ pub fn run(app: &Vault, full: bool) -> Result<Round, crate::care::AlertError> {
             score: 100,
         };
         raise_alert(keys, &**store, &alert)?;
-        round.raised += 1;
+        raised += 1;
     }
-    Ok(round)
+    Ok(raised)
 }
 
 /// How often a round runs (readers' refusals are raised within it).

@@ -110,6 +110,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/audit/report", get(audit::report))
         .route("/audit/alerts/{id}", post(alerts::review))
         .route("/admin/keys/rotate-kek", post(admin::rotate_kek))
+        .route("/admin/backup", get(admin::backup_status))
         .route("/fhir/AuditEvent", get(audit::search))
         .route("/fhir/AuditEvent/{id}", get(audit::read))
         .route("/fhir/AuditEvent/{id}/{op}", get(audit::proof))

@@ -66,3 +66,32 @@ pub async fn rotate_kek(
     .await;
     finish(&app, ctx, r).await
 }
+
+/// `GET /admin/backup`: the backups' state — the newest restore point, how long commits
+/// wait to be shipped, the newest snapshot, the last drill (RTO, RPO, counts) and the last
+/// error — as JSON. For whoever may administer keys (the same decision as rotation);
+/// audited (interaction `backup-status`). 404 when this server ships no backups.
+pub async fn backup_status(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "backup-status");
+    ctx.detail.purpose = Some("HSYSADMIN".to_owned());
+    let r = async {
+        let auth = app.authenticate(&headers, &mut ctx)?;
+        app.vault.decide_key_admin(&auth)?;
+        let status = app
+            .vault
+            .backup_status()
+            .ok_or_else(|| ApiError::not_found("this server ships no backups (--backup-target)"))?;
+        let body = serde_json::to_vec(&status).map_err(|_| ApiError::internal())?;
+        Ok(crate::respond::json_response(
+            StatusCode::OK,
+            Bytes::from(body),
+            "application/json",
+        ))
+    }
+    .await;
+    finish(&app, ctx, r).await
+}

@@ -559,6 +559,17 @@ impl SqliteStore {
         self.with_reader(holds_data)
     }
 
+    /// How many resources the store has a head for (tombstoned ones included): what a
+    /// backup records with each restore point, and a drill compares.
+    pub fn resource_heads(&self) -> Result<u64, StoreError> {
+        self.with_reader(|c| {
+            c.query_row("SELECT count(*) FROM resource_no", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .map(|n| u64::try_from(n).unwrap_or(0))
+    }
+
     /// Wait until the start-up check of the resources' heads is done: the refusal, with
     /// the reason, if storage was changed (`serve` calls it before it listens).
     pub fn ready(&self) -> Result<(), StoreError> {

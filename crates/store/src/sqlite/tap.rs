@@ -296,8 +296,9 @@ impl super::SqliteStore {
     /// Install a WAL tap on the writer: from now on every commit's pages reach it.
     pub fn start_tap(&self) -> Result<Arc<WalTap>, crate::StoreError> {
         let tap = WalTap::new(&self.path);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.send(super::writer::Command::Tap(tap.clone(), tx)) || rx.blocking_recv().is_err() {
+        // (a std channel: the caller may be inside an async runtime)
+        let (tx, rx) = std::sync::mpsc::channel();
+        if !self.send(super::writer::Command::Tap(tap.clone(), tx)) || rx.recv().is_err() {
             return Err(crate::StoreError::Engine("the store is closed".into()));
         }
         Ok(tap)

@@ -99,7 +99,7 @@ pub(super) enum Command {
         oneshot::Sender<Result<crate::Erased, CommitError>>,
     ),
     /// Install a WAL tap on the writer's connection (`super::tap`).
-    Tap(Arc<super::tap::WalTap>, oneshot::Sender<()>),
+    Tap(Arc<super::tap::WalTap>, mpsc::Sender<()>),
     /// Begin a read transaction on this connection between two commits and hand it back
     /// with where it is in the tap's stream (a snapshot's start).
     Pin(

@@ -1,0 +1,212 @@
+//! The period keys' store: one file a month (`YYYY-MM.key`, the key wrapped under the
+//! master key's period-wrap key), in a directory kept with the key provider — never in the
+//! data directory, never in the target. Destroying a month's file (overwritten, synced,
+//! unlinked) makes every object sealed in that month unopenable, whoever holds the master
+//! key and a copy of the bucket.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use phivault_crypto::backup::{BackupKeys, PeriodKey, valid_period};
+
+use crate::BackupError;
+
+/// The period keys of one deployment.
+pub struct PeriodStore {
+    dir: PathBuf,
+    deployment: String,
+    keys: Arc<BackupKeys>,
+    cache: Mutex<HashMap<String, Arc<PeriodKey>>>,
+}
+
+impl std::fmt::Debug for PeriodStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeriodStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeriodStore {
+    /// The store in `dir`; with `create`, the directory is made (0700) when missing.
+    /// A directory others can read or write is refused.
+    pub fn open(
+        dir: &Path,
+        deployment: &str,
+        keys: Arc<BackupKeys>,
+        create: bool,
+    ) -> Result<Self, BackupError> {
+        if !dir.is_absolute() {
+            return Err(BackupError::Config(format!(
+                "the backup keys directory must be an absolute path (got {})",
+                dir.display()
+            )));
+        }
+        if create && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| BackupError::io(dir, &e))?;
+        }
+        let meta = std::fs::metadata(dir).map_err(|e| {
+            BackupError::Config(format!(
+                "the backup keys directory {} cannot be read ({e}): a restore needs the period keys kept with the key provider (--backup-keys)",
+                dir.display()
+            ))
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(BackupError::Config(format!(
+                "refusing the backup keys directory {}: others can read or write it (chmod 700)",
+                dir.display()
+            )));
+        }
+        Ok(PeriodStore {
+            dir: dir.to_path_buf(),
+            deployment: deployment.to_owned(),
+            keys,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, period: &str) -> PathBuf {
+        self.dir.join(format!("{period}.key"))
+    }
+
+    /// The month's key, made and stored first if there is none yet.
+    pub fn get_or_create(&self, period: &str) -> Result<Arc<PeriodKey>, BackupError> {
+        if let Some(k) = self.get(period)? {
+            return Ok(k);
+        }
+        let (key, wrapped) = self
+            .keys
+            .new_period_key(&self.deployment, period)
+            .map_err(|e| BackupError::Config(format!("cannot make a period key: {e}")))?;
+        let path = self.path(period);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| BackupError::io(&path, &e))?;
+        f.write_all(&wrapped)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| BackupError::io(&path, &e))?;
+        sync_dir(&self.dir)?;
+        let key = Arc::new(key);
+        self.cache.lock().insert(period.to_owned(), key.clone());
+        Ok(key)
+    }
+
+    /// The month's key, or `None` when it was never made or was destroyed.
+    pub fn get(&self, period: &str) -> Result<Option<Arc<PeriodKey>>, BackupError> {
+        if !valid_period(period) {
+            return Err(BackupError::Config(format!("{period:?} is not a period")));
+        }
+        if let Some(k) = self.cache.lock().get(period) {
+            return Ok(Some(k.clone()));
+        }
+        let path = self.path(period);
+        let wrapped = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BackupError::io(&path, &e)),
+        };
+        let key = self
+            .keys
+            .open_period_key(&self.deployment, period, &wrapped)
+            .map_err(|_| {
+                BackupError::Config(format!(
+                    "the period key {} does not open under this master key (another deployment's, or changed)",
+                    path.display()
+                ))
+            })?;
+        let key = Arc::new(key);
+        self.cache.lock().insert(period.to_owned(), key.clone());
+        Ok(Some(key))
+    }
+
+    /// The months that have a key, oldest first.
+    pub fn periods(&self) -> Result<Vec<String>, BackupError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| BackupError::io(&self.dir, &e))? {
+            let entry = entry.map_err(|e| BackupError::io(&self.dir, &e))?;
+            let name = entry.file_name();
+            if let Some(p) = name.to_str().and_then(|n| n.strip_suffix(".key"))
+                && valid_period(p)
+            {
+                out.push(p.to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Destroy the month's key: the file is overwritten with zeros, synced and removed.
+    pub fn destroy(&self, period: &str) -> Result<(), BackupError> {
+        self.cache.lock().remove(period);
+        let path = self.path(period);
+        let len = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(BackupError::io(&path, &e)),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| BackupError::io(&path, &e))?;
+        f.write_all(&vec![0u8; usize::try_from(len).unwrap_or(0)])
+            .and_then(|()| f.sync_all())
+            .map_err(|e| BackupError::io(&path, &e))?;
+        std::fs::remove_file(&path).map_err(|e| BackupError::io(&path, &e))?;
+        sync_dir(&self.dir)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| BackupError::io(dir, &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phivault_crypto::{KeyHierarchy, MasterKey};
+
+    #[test]
+    fn period_keys_are_kept_found_again_and_destroyed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("bk");
+        let keys = Arc::new(BackupKeys::new(&KeyHierarchy::new(&MasterKey::from_bytes(
+            &[3; 32],
+        ))));
+        let store = PeriodStore::open(&dir, "dep", keys.clone(), true).expect("open");
+        assert!(store.get("2026-11").expect("get").is_none());
+        store.get_or_create("2026-11").expect("create");
+        store.get_or_create("2026-12").expect("create");
+        assert_eq!(store.periods().expect("list"), vec!["2026-11", "2026-12"]);
+        // a fresh store (another process) finds them
+        let again = PeriodStore::open(&dir, "dep", keys.clone(), false).expect("open");
+        assert!(again.get("2026-11").expect("get").is_some());
+        again.destroy("2026-11").expect("destroy");
+        assert!(!dir.join("2026-11.key").exists());
+        let third = PeriodStore::open(&dir, "dep", keys, false).expect("open");
+        assert!(third.get("2026-11").expect("get").is_none());
+        // another deployment's store does not open these keys
+        let other = Arc::new(BackupKeys::new(&KeyHierarchy::new(&MasterKey::from_bytes(
+            &[4; 32],
+        ))));
+        let foreign = PeriodStore::open(&dir, "dep", other, false).expect("open");
+        assert!(foreign.get("2026-12").is_err());
+    }
+}
