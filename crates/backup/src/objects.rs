@@ -161,6 +161,22 @@ impl Sealer {
         })
     }
 
+    /// Why `bytes` cannot be this deployment's object `name`, when its clear header
+    /// says so (another deployment's, not a backup object at all).
+    pub fn foreign(&self, name: &str, bytes: &[u8]) -> Option<String> {
+        match ObjectHeader::parse(bytes) {
+            None => Some(format!(
+                "the object {name} is not a phivault backup object: it was replaced or damaged"
+            )),
+            Some(h) if h.deployment != self.deployment_bytes => Some(format!(
+                "the object {name} belongs to another deployment ({}), not to {}: an object from another deployment's backups",
+                hex(&h.deployment),
+                self.deployment
+            )),
+            Some(_) => None,
+        }
+    }
+
     /// Open the object `name`, which must be of `kind`; every refusal says why.
     pub fn open(
         &self,

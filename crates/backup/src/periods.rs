@@ -21,6 +21,8 @@ pub struct PeriodStore {
     deployment: String,
     keys: Arc<BackupKeys>,
     cache: Mutex<HashMap<String, Arc<PeriodKey>>>,
+    /// Held while a month's key is made (the shipper and a snapshot may ask at once).
+    making: Mutex<()>,
 }
 
 impl std::fmt::Debug for PeriodStore {
@@ -70,6 +72,7 @@ impl PeriodStore {
             deployment: deployment.to_owned(),
             keys,
             cache: Mutex::new(HashMap::new()),
+            making: Mutex::new(()),
         })
     }
 
@@ -84,6 +87,10 @@ impl PeriodStore {
 
     /// The month's key, made and stored first if there is none yet.
     pub fn get_or_create(&self, period: &str) -> Result<Arc<PeriodKey>, BackupError> {
+        if let Some(k) = self.get(period)? {
+            return Ok(k);
+        }
+        let _making = self.making.lock();
         if let Some(k) = self.get(period)? {
             return Ok(k);
         }

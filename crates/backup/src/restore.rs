@@ -173,7 +173,13 @@ pub fn epoch_points(
 ) -> Result<EpochPoints, BackupError> {
     let mut points = Vec::new();
     for idx in &e.indexes {
-        let bytes = fetch_checked(target, &idx.obj.name, &idx.obj.digest, "segment index")?;
+        let bytes = fetch_checked(
+            target,
+            sealer,
+            &idx.obj.name,
+            &idx.obj.digest,
+            "segment index",
+        )?;
         let body = sealer.open(KIND_INDEX, &idx.obj.name, &bytes)?;
         let list: Vec<SegPoint> = serde_json::from_slice(&body).map_err(|_| {
             BackupError::Refused(format!("the segment index {} is malformed", idx.obj.name))
@@ -243,6 +249,7 @@ fn open_segment(sealer: &Sealer, name: &str, bytes: &[u8]) -> Result<Segment, Ba
 
 fn fetch_checked(
     target: &dyn Target,
+    sealer: &Sealer,
     name: &str,
     digest: &str,
     what: &str,
@@ -253,6 +260,10 @@ fn fetch_checked(
         )));
     };
     if digest_hex(&bytes) != digest {
+        // say what it is instead, when its clear header tells
+        if let Some(foreign) = sealer.foreign(name, &bytes) {
+            return Err(BackupError::Refused(foreign));
+        }
         return Err(BackupError::Refused(format!(
             "the {what} {name} is not the object the manifest names (its SHA-256 differs): it was changed or replaced"
         )));
@@ -389,7 +400,7 @@ pub fn rebuild(
     let mut parts = Vec::with_capacity(point.base.parts.len());
     let total_parts = point.base.parts.len() as u64;
     for (i, p) in point.base.parts.iter().enumerate() {
-        let bytes = fetch_checked(target, &p.name, &p.digest, "snapshot part")?;
+        let bytes = fetch_checked(target, sealer, &p.name, &p.digest, "snapshot part")?;
         stats.fetched_bytes += bytes.len() as u64;
         let body = sealer.open(KIND_SNAPSHOT, &p.name, &bytes)?;
         parts.push(body.to_vec());
@@ -408,7 +419,7 @@ pub fn rebuild(
     let total = point.segments.len() as u64;
     let mut prev = point.chain_from;
     for window in point.segments.chunks(FETCH_WINDOW) {
-        let bytes = fetch_window(target, window)?;
+        let bytes = fetch_window(target, sealer, window)?;
         for (s, bytes) in window.iter().zip(bytes) {
             stats.fetched_bytes += bytes.len() as u64;
             let seg = open_segment(sealer, &s.point.obj.name, &bytes)?;
@@ -436,7 +447,11 @@ pub fn rebuild(
 }
 
 /// Fetch a window of segments (checked against their digests) on a few threads.
-fn fetch_window(target: &dyn Target, window: &[SegToApply]) -> Result<Vec<Vec<u8>>, BackupError> {
+fn fetch_window(
+    target: &dyn Target,
+    sealer: &Sealer,
+    window: &[SegToApply],
+) -> Result<Vec<Vec<u8>>, BackupError> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     type Slot = parking_lot::Mutex<Option<Result<Vec<u8>, BackupError>>>;
     let results: Vec<Slot> = window
@@ -452,7 +467,8 @@ fn fetch_window(target: &dyn Target, window: &[SegToApply]) -> Result<Vec<Vec<u8
                     let r = match &s.fetched {
                         Some(b) => Ok(b.clone()),
                         None => {
-                            fetch_checked(target, &s.point.obj.name, &s.point.obj.digest, "segment")
+                            let (name, digest) = (&s.point.obj.name, &s.point.obj.digest);
+                            fetch_checked(target, sealer, name, digest, "segment")
                         }
                     };
                     *results[i].lock() = Some(r);

@@ -86,6 +86,9 @@ pub struct Status {
     /// Since when commits wait to be shipped (`None`: nothing waits).
     pub waiting_since_ms: Option<i64>,
     pub last_snapshot_ms: Option<i64>,
+    /// The current epoch's newest snapshot (its points need one).
+    #[serde(default)]
+    pub epoch_snapshot_ms: Option<i64>,
     pub snapshot_running: bool,
     pub segments_shipped: u64,
     pub bytes_shipped: u64,
@@ -114,13 +117,21 @@ impl Status {
         }
     }
 
-    /// Write it atomically (0600).
+    /// Write it atomically (0600; not synced: it is a report, rewritten every tick).
     pub fn write(&self, path: &std::path::Path) -> Result<(), BackupError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| BackupError::Config(format!("status: {e}")))?;
         let tmp = path.with_extension("tmp");
-        phivault_crypto::write_private_file(&tmp, &json)
-            .map_err(|e| BackupError::Config(format!("{}: {e}", tmp.display())))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&json))
+            .map_err(|e| BackupError::io(&tmp, &e))?;
         std::fs::rename(&tmp, path).map_err(|e| BackupError::io(path, &e))
     }
 }
@@ -341,6 +352,7 @@ impl Ship {
         let mut st = self.status.lock();
         st.object_lock = self.object_lock;
         st.epoch = id;
+        st.epoch_snapshot_ms = None;
     }
 
     fn retain_until(&self) -> Option<u64> {
@@ -497,7 +509,9 @@ impl Ship {
         self.manifest_urgent = true;
         self.next_snapshot = Instant::now();
         self.snapshot_commit = 0;
-        self.status.lock().epoch = id;
+        let mut st = self.status.lock();
+        st.epoch = id;
+        st.epoch_snapshot_ms = None;
     }
 
     fn put_segment(&mut self, c: &Changes) -> Result<(), BackupError> {
@@ -656,16 +670,33 @@ impl Ship {
         self.status.lock().snapshot_running = false;
         match running.handle.join() {
             Ok(Ok(snap)) => {
+                let current = self.epoch().id;
                 let m = self.manifest();
                 if let Some(e) = m.epochs.iter_mut().find(|e| e.id == running.epoch) {
-                    let (time, commit) = (snap.time_ms, snap.commit);
+                    let (time, commit, snap_audit) = (snap.time_ms, snap.commit, snap.audit_size);
                     e.snapshots.push(snap);
-                    self.snapshot_commit = self.snapshot_commit.max(commit);
-                    self.status.lock().last_snapshot_ms = Some(time);
+                    let mut st = self.status.lock();
+                    st.last_snapshot_ms = Some(time);
+                    if running.epoch == current {
+                        self.snapshot_commit = self.snapshot_commit.max(commit);
+                        // a point of its own; what waited since the epoch began is in it
+                        st.epoch_snapshot_ms = Some(time);
+                        if st.last_point_ms.is_none_or(|t| t < time) {
+                            st.last_point_ms = Some(time);
+                            st.last_point_audit_size = snap_audit;
+                        }
+                        if self.unshipped.is_none() {
+                            st.waiting_since_ms = None;
+                        }
+                    }
+                    drop(st);
                     self.manifest_due = true;
                     self.manifest_urgent = true;
                 }
-                self.next_snapshot = Instant::now() + self.cfg.snapshot_every;
+                // an epoch begun while an older one's snapshot ran needs its own at once
+                if running.epoch == current {
+                    self.next_snapshot = Instant::now() + self.cfg.snapshot_every;
+                }
             }
             Ok(Err(e)) => {
                 self.failed(&format!("snapshot failed: {e}"));

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod flow;
+pub mod moto_s3;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
