@@ -307,6 +307,160 @@ mod tests {
         assert!(now - oldest < 13 * 31 * DAY_MS && now - oldest > 300 * DAY_MS);
     }
 
+    /// A target, a sealer and a manifest with objects really put, at chosen times.
+    struct World {
+        _tmp: tempfile::TempDir,
+        target: crate::target::file::FileTarget,
+        sealer: Sealer,
+        keys_dir: std::path::PathBuf,
+    }
+
+    fn world() -> World {
+        use phivault_crypto::backup::BackupKeys;
+        use phivault_crypto::{KeyHierarchy, MasterKey};
+        use std::sync::Arc;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let keys = Arc::new(BackupKeys::new(&KeyHierarchy::new(&MasterKey::from_bytes(
+            &[5; 32],
+        ))));
+        let dep = "00112233445566778899aabbccddeeff";
+        let keys_dir = tmp.path().join("period-keys");
+        let periods = Arc::new(
+            crate::periods::PeriodStore::open(&keys_dir, dep, keys.clone(), true).expect("periods"),
+        );
+        let target_dir = tmp.path().join("bk");
+        let target = crate::target::file::FileTarget::open(target_dir.to_str().expect("utf8"))
+            .expect("target");
+        let sealer = Sealer::new(keys, periods, dep).expect("sealer");
+        World {
+            _tmp: tmp,
+            target,
+            sealer,
+            keys_dir,
+        }
+    }
+
+    fn put(w: &World, name: &str, at: i64) -> ObjRef {
+        use crate::target::Target as _;
+        let sealed = w
+            .sealer
+            .seal(crate::objects::KIND_SNAPSHOT, name, b"x", at)
+            .expect("seal");
+        w.target.put(name, &sealed.bytes, None).expect("put");
+        ObjRef {
+            name: name.into(),
+            digest: sealed.digest,
+            size: 1,
+            period: sealed.period,
+        }
+    }
+
+    #[test]
+    fn a_sweep_removes_what_is_not_kept_and_destroys_the_empty_months_keys() {
+        use crate::manifest::{IndexRef, SegPoint};
+        use crate::target::Target as _;
+        let w = world();
+        let now = 1_800_000_000_000i64;
+        let day = DAY_MS;
+        let mut m = Manifest::genesis("00112233445566778899aabbccddeeff");
+        // an old epoch: a snapshot 400 days ago, one 100 days ago, an index of segments
+        // between them, and segments after the newer one
+        let mut old = Epoch::new(1, now - 400 * day, 1);
+        let mut s1 = snap(1, now - 400 * day);
+        s1.parts = vec![put(&w, "p-old", now - 400 * day)];
+        s1.commit = 10;
+        let mut s2 = snap(2, now - 100 * day);
+        s2.parts = vec![put(&w, "p-mid", now - 100 * day)];
+        s2.commit = 50;
+        old.snapshots = vec![s1, s2];
+        let seg_time = now - 300 * day;
+        for seq in 1..=3 {
+            put(&w, &w.sealer.segment_name(seq), seg_time);
+        }
+        let idx = put(&w, &w.sealer.index_name(1, 0), seg_time);
+        old.indexes = vec![IndexRef {
+            periods: [idx.period.clone()].into(),
+            obj: idx,
+            first_seq: 1,
+            last_seq: 3,
+            first_ms: seg_time,
+            last_ms: seg_time,
+            last_commit: 30,
+        }];
+        old.ended = true;
+        m.epochs.push(old);
+        // the current epoch: a snapshot yesterday and a segment since
+        let mut cur = Epoch::new(2, now - day, 4);
+        let mut s3 = snap(3, now - day);
+        s3.parts = vec![put(&w, "p-new", now - day)];
+        cur.snapshots = vec![s3];
+        cur.tail = vec![SegPoint {
+            seq: 4,
+            obj: put(&w, &w.sealer.segment_name(4), now - 1000),
+            first_commit: 1,
+            last_commit: 2,
+            time_ms: now - 1000,
+            audit_size: 1,
+            resources: 1,
+        }];
+        m.epochs.push(cur);
+        let old_period = period_of(now - 400 * day);
+        let seg_period = period_of(seg_time);
+        assert!(w.keys_dir.join(format!("{old_period}.key")).exists());
+        let r = Retention {
+            pitr_days: 7,
+            daily: 30,
+            monthly: 12,
+            lock_days: 0,
+        };
+        assert!(sweep(&mut m, now, &r, &w.target, &w.sealer).expect("sweep"));
+        let names: Vec<String> = w
+            .target
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        // the 400-day snapshot is past every rule; the segments before the kept 100-day
+        // snapshot and their index go; the monthly point and the current epoch stay
+        assert!(!names.contains(&"p-old".to_owned()), "{names:?}");
+        assert!(names.contains(&"p-mid".to_owned()) && names.contains(&"p-new".to_owned()));
+        for seq in 1..=3 {
+            assert!(!names.contains(&w.sealer.segment_name(seq)));
+        }
+        assert!(names.contains(&w.sealer.segment_name(4)));
+        assert_eq!(m.epochs[0].snapshots.len(), 1);
+        assert!(m.epochs[0].indexes.is_empty());
+        assert_eq!(m.epochs[0].kept_from, 4);
+        // nothing of those months is named any more: their keys are gone
+        assert!(!w.keys_dir.join(format!("{old_period}.key")).exists());
+        assert!(!w.keys_dir.join(format!("{seg_period}.key")).exists());
+        assert!(
+            w.keys_dir
+                .join(format!("{}.key", period_of(now - 100 * day)))
+                .exists()
+        );
+        // under a lock of 500 days nothing would have been removed
+        let w2 = world();
+        let mut m2 = Manifest::genesis("00112233445566778899aabbccddeeff");
+        let mut e = Epoch::new(1, now - 400 * day, 1);
+        let mut s = snap(1, now - 400 * day);
+        s.parts = vec![put(&w2, "p-old", now - 400 * day)];
+        e.snapshots = vec![s, snap(2, now - day)];
+        e.ended = true;
+        m2.epochs.push(e);
+        let locked = Retention {
+            lock_days: 500,
+            ..r
+        };
+        sweep(&mut m2, now, &locked, &w2.target, &w2.sealer).expect("sweep");
+        assert_eq!(
+            m2.epochs[0].snapshots.len(),
+            2,
+            "a locked snapshot stays named"
+        );
+    }
+
     #[test]
     fn periods_follow_months() {
         assert_eq!(next_period("2026-12"), "2027-01");

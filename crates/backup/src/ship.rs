@@ -738,7 +738,11 @@ impl Ship {
 
     fn sweep(&mut self) {
         let now = now_ms();
-        let retention = self.cfg.retention;
+        let mut retention = self.cfg.retention;
+        if !self.object_lock {
+            // nothing is locked: nothing waits for a lock to end
+            retention.lock_days = 0;
+        }
         let Some(m) = self.manifest.as_mut() else {
             return;
         };

@@ -46,7 +46,10 @@ pub struct MotoS3 {
 pub struct S3Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
+    /// The body as text (empty when it is not UTF-8: see `bytes`).
     pub body: String,
+    /// The body's bytes (an object's ciphertext).
+    pub bytes: Vec<u8>,
 }
 
 impl S3Answer {
@@ -319,10 +322,17 @@ impl MotoS3 {
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
             .collect();
+        let bytes = r
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap_or_default();
         S3Answer {
             status: r.status().as_u16(),
             headers,
-            body: r.body_mut().read_to_string().unwrap_or_default(),
+            body: String::from_utf8(bytes.clone()).unwrap_or_default(),
+            bytes,
         }
     }
 
