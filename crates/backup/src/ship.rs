@@ -251,6 +251,21 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
         || Manifest::genesis(cfg.sealer.deployment()),
         |f| f.manifest,
     );
+    // segments the last run shipped after its last manifest (a crash) are points of its
+    // epoch: name them, and never reuse their numbers
+    if let Some(last) = m.epochs.last() {
+        let (points, _) = crate::restore::epoch_points(target, &cfg.sealer, &m, last)?;
+        let after: Vec<SegPoint> = points
+            .into_iter()
+            .filter(|p| p.seq >= m.next_segment)
+            .collect();
+        if let Some(newest) = after.last() {
+            m.next_segment = newest.seq + 1;
+        }
+        if let Some(last) = m.epochs.last_mut() {
+            last.tail.extend(after);
+        }
+    }
     // never reuse a number this server already used (a target rolled back, or a manifest
     // not yet written before a crash): names are computed from them
     if previous.manifest_seq > m.seq || previous.next_segment > m.next_segment {

@@ -301,6 +301,26 @@ fn a_kill_9_under_write_load_loses_no_write_acknowledged_a_second_before() {
         acks.len(),
         due.len()
     );
+    drop(r);
+    // the server starts again: the segments shipped after its last manifest stay points
+    // of the crashed run, named by the next manifest (restore as of the kill)
+    let killed_at = now_ms() - i64::try_from(killed.elapsed().as_millis()).expect("ms");
+    let args = ship_args(&target);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    s.restart_with(&refs);
+    wait_shipped(&s, 0);
+    s.stop();
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(killed_at) * 1_000_000)
+        .expect("time")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("rfc3339");
+    let to = tmp.path().join("as-of-the-kill");
+    ok(&restore(&data, &target, &to, &["--at", &at]));
+    let r = serve_restored(&to);
+    let rtok = r.token("system/*.cruds");
+    for id in due.iter().rev().take(20) {
+        assert_eq!(r.get(&format!("Patient/{id}"), &rtok).status, 200, "{id}");
+    }
 }
 
 #[test]
