@@ -351,23 +351,11 @@ impl Ship {
     }
 
     /// Start from the target's newest manifest: a new epoch begins.
-    fn adopt(&mut self, mut m: Manifest) {
-        for e in &mut m.epochs {
-            e.ended = true;
-        }
-        let id = m.epochs.iter().map(|e| e.id).max().unwrap_or(0) + 1;
-        m.epochs.push(Epoch::new(id, now_ms(), m.next_segment));
+    fn adopt(&mut self, m: Manifest) {
         self.last_manifest_digest = None;
         self.manifest = Some(m);
-        self.last_digest = [0; 32];
-        self.manifest_due = true;
-        self.manifest_urgent = true;
-        self.next_snapshot = Instant::now();
-        self.snapshot_commit = 0;
-        let mut st = self.status.lock();
-        st.object_lock = self.object_lock;
-        st.epoch = id;
-        st.epoch_snapshot_ms = None;
+        self.status.lock().object_lock = self.object_lock;
+        self.new_epoch();
     }
 
     fn retain_until(&self) -> Option<u64> {

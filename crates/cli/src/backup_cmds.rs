@@ -641,15 +641,25 @@ fn parse_at(at: &AtArgs) -> Result<PointSpec> {
     Ok(PointSpec::Latest)
 }
 
+/// A private scratch directory (0700, removed when dropped), under `parent` or the
+/// system's temporary directory.
+fn scratch_dir(what: &str, parent: Option<&Path>) -> Result<tempfile::TempDir> {
+    let mut b = tempfile::Builder::new();
+    let prefix = format!("phivault-{what}-");
+    b.prefix(&prefix);
+    match parent {
+        Some(p) => b.tempdir_in(p),
+        None => b.tempdir(),
+    }
+    .context("cannot make a scratch directory")
+}
+
 /// `phivault restore`.
 pub(crate) fn restore_cmd(args: &SourceArgs, to: &Path, at: &AtArgs) -> Result<i32> {
     let spec = parse_at(at)?;
     // the key files are unlocked in a private scratch place first: `to` is made only once
     // the source is known to open
-    let scratch = tempfile::Builder::new()
-        .prefix("phivault-restore-")
-        .tempdir()
-        .context("cannot make a scratch directory")?;
+    let scratch = scratch_dir("restore", None)?;
     let source = source_from(args, scratch.path())?;
     let seen = Seen::path(args).map_or(Seen::None, Seen::File);
     let done = restore_into(&source, to, spec, &seen, true)?;
@@ -702,13 +712,7 @@ pub(crate) fn backup_cmd(cmd: BackupCmd) -> Result<i32> {
 }
 
 fn drill_cmd(args: &SourceArgs, scratch: Option<&Path>) -> Result<i32> {
-    let parent = match scratch {
-        Some(p) => tempfile::Builder::new()
-            .prefix("phivault-drill-")
-            .tempdir_in(p),
-        None => tempfile::Builder::new().prefix("phivault-drill-").tempdir(),
-    }
-    .context("cannot make a scratch directory")?;
+    let parent = scratch_dir("drill", scratch)?;
     let source = source_from(args, parent.path())?;
     let seen = Seen::path(args).map_or(Seen::None, Seen::File);
     let to = parent.path().join("restored");
@@ -737,10 +741,7 @@ fn drill_cmd(args: &SourceArgs, scratch: Option<&Path>) -> Result<i32> {
 }
 
 fn list_cmd(args: &SourceArgs) -> Result<i32> {
-    let scratch = tempfile::Builder::new()
-        .prefix("phivault-list-")
-        .tempdir()
-        .context("cannot make a scratch directory")?;
+    let scratch = scratch_dir("list", None)?;
     let source = source_from(args, scratch.path())?;
     let target = &*source.target;
     let found = restore::newest_manifest(target, &source.sealer, &source.public)?

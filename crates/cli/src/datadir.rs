@@ -367,16 +367,7 @@ pub fn load_keys(d: &DataDir) -> Result<(KeyHierarchy, SigningKey)> {
 /// The derived keys and the audit signing key of a data directory under `master`.
 pub fn keys_under(d: &DataDir, master: &MasterKey) -> Result<(KeyHierarchy, SigningKey)> {
     let keys = KeyHierarchy::new(master);
-    let sealed = std::fs::read(d.audit_key()).with_context(|| {
-        format!(
-            "cannot read the audit signing key {}",
-            d.audit_key().display()
-        )
-    })?;
-    let pkcs8 = keys
-        .open_secret(AUDIT_KEY_LABEL, &sealed)
-        .context("refusing to start: the audit signing key does not open under this master key (a master key from another deployment?)")?;
-    let audit = SigningKey::from_pkcs8(pkcs8.expose())?;
+    let audit = audit_signer(d, &keys).context("refusing to start")?;
     Ok((keys, audit))
 }
 
@@ -390,7 +381,7 @@ pub fn audit_signer(d: &DataDir, keys: &KeyHierarchy) -> Result<SigningKey> {
     })?;
     let pkcs8 = keys
         .open_secret(AUDIT_KEY_LABEL, &sealed)
-        .context("the audit signing key does not open under this master key")?;
+        .context("the audit signing key does not open under this master key (a master key from another deployment?)")?;
     Ok(SigningKey::from_pkcs8(pkcs8.expose())?)
 }
 

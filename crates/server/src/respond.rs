@@ -65,6 +65,17 @@ pub fn resource_response(
     resp
 }
 
+/// `200` with `value` as `application/json` (the operational endpoints: alerts, key
+/// rotation, backups).
+pub(crate) fn json_ok(value: &serde_json::Value) -> Result<Response, crate::error::ApiError> {
+    let body = serde_json::to_vec(value).map_err(|_| crate::error::ApiError::internal())?;
+    Ok(json_response(
+        StatusCode::OK,
+        Bytes::from(body),
+        "application/json",
+    ))
+}
+
 pub(crate) fn json_response(
     status: StatusCode,
     body: Bytes,

@@ -12,9 +12,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Extension, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use phivault_audit::Action;
 use phivault_records::engine::form_urlencoded_pairs;
@@ -56,12 +55,7 @@ pub async fn rotate_kek(
             "destroyed": done.destroyed,
             "unreadable": done.unreadable,
         });
-        let body = serde_json::to_vec(&body).map_err(|_| ApiError::internal())?;
-        Ok(crate::respond::json_response(
-            StatusCode::OK,
-            Bytes::from(body),
-            "application/json",
-        ))
+        crate::respond::json_ok(&body)
     }
     .await;
     finish(&app, ctx, r).await
@@ -85,12 +79,7 @@ pub async fn backup_status(
             .vault
             .backup_status()
             .ok_or_else(|| ApiError::not_found("this server ships no backups (--backup-target)"))?;
-        let body = serde_json::to_vec(&status).map_err(|_| ApiError::internal())?;
-        Ok(crate::respond::json_response(
-            StatusCode::OK,
-            Bytes::from(body),
-            "application/json",
-        ))
+        crate::respond::json_ok(&status)
     }
     .await;
     finish(&app, ctx, r).await

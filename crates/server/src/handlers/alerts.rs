@@ -16,12 +16,13 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use phivault_audit::Action;
 
 use crate::error::ApiError;
 use crate::handlers::audit::auditor;
+use crate::respond::json_ok as json;
 use crate::state::{App, Ctx, Peer, blocking, finish};
 use phivault_records::care::AlertError;
 use phivault_records::engine::{form_urlencoded_pairs, now_ms};
@@ -36,15 +37,6 @@ fn alert_error(e: AlertError) -> ApiError {
         AlertError::Review("no such alert") => ApiError::not_found("no such alert"),
         AlertError::Review(msg) => ApiError::bad_request(msg),
     }
-}
-
-fn json(value: &serde_json::Value) -> Result<Response, ApiError> {
-    let body = serde_json::to_vec(value).map_err(|_| ApiError::internal())?;
-    Ok(crate::respond::json_response(
-        StatusCode::OK,
-        Bytes::from(body),
-        "application/json",
-    ))
 }
 
 /// `GET /audit/alerts`
