@@ -5,6 +5,8 @@ mod args;
 mod audit_cmds;
 mod backup_args;
 mod backup_cmds;
+mod backup_restore;
+mod backup_serve;
 mod control;
 mod datadir;
 mod fhir_client;

@@ -67,7 +67,7 @@ struct Control {
 struct Running {
     store: Arc<SqliteStore>,
     watcher: phivault_records::watch::Watcher,
-    shipping: Option<crate::backup_cmds::Running>,
+    shipping: Option<crate::backup_serve::Running>,
     app: Weak<phivault_server::App>,
     vault: Weak<phivault_records::Vault>,
 }
@@ -76,7 +76,7 @@ struct Running {
 struct Unsealed {
     app: Arc<phivault_server::App>,
     store: Arc<SqliteStore>,
-    shipping: Option<crate::backup_cmds::Running>,
+    shipping: Option<crate::backup_serve::Running>,
     audit_key: [u8; 32],
 }
 
@@ -367,7 +367,7 @@ fn open_app(ctl: &Control, master: &MasterKey) -> Result<Unsealed, String> {
     let audit_key = opened.audit_public;
     let shipping = match &ctl.backup {
         Some(b) => Some(
-            crate::backup_cmds::start(
+            crate::backup_serve::start(
                 &opened.dir,
                 &opened.keys,
                 store.clone(),

@@ -123,7 +123,7 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
                 let (store, vault) = (opened.store.clone(), app.vault.clone());
                 Some(
                     tokio::task::spawn_blocking(move || {
-                        crate::backup_cmds::start(
+                        crate::backup_serve::start(
                             &datadir::DataDir::new(&root),
                             &keys,
                             store,
