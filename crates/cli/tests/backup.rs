@@ -445,6 +445,42 @@ fn an_erased_patient_stays_erased_in_a_restore_from_before_the_erasure() {
         out.contains("erasures re-applied (made after this point): 1"),
         "{out}"
     );
+    // the same point by its audit position
+    let events: u64 = out
+        .split(" audit events")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the restored point's audit events");
+    let by_seq = tmp.path().join("by-audit-seq");
+    let out2 = ok(&restore(
+        &s.data,
+        &target,
+        &by_seq,
+        &["--at-audit-seq", &events.to_string()],
+    ));
+    assert!(
+        out2.contains(&format!(": {events} audit events,")),
+        "{out2}"
+    );
+    refused(
+        &restore(
+            &s.data,
+            &target,
+            &tmp.path().join("none"),
+            &["--at-audit-seq", "0"],
+        ),
+        "no restore point",
+    );
+    refused(
+        &restore(
+            &s.data,
+            &target,
+            &tmp.path().join("bad"),
+            &["--at", "yesterday"],
+        ),
+        "not an RFC 3339 time",
+    );
     let r = serve_restored(&to);
     let rtok = r.token("system/*.cruds");
     assert_eq!(r.get(&pid, &rtok).status, 410, "the erased patient is gone");
