@@ -117,6 +117,23 @@ pub(crate) fn open_target(url: &str, ca: Option<&Path>) -> Result<Arc<dyn Target
     Ok(Arc::from(phivault_backup::target::open(url, ca)?))
 }
 
+/// Remove what a run that died left in the scratch directory: a snapshot's copy, a
+/// drill's restored directory.
+fn clear_scratch(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if name.starts_with("drill-") {
+            let _ = std::fs::remove_dir_all(&path);
+        } else if name.starts_with("snapshot-") && name.ends_with(".db") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// A server's shipping: the shipper and its monitor.
 pub(crate) struct Running {
     shipper: Option<Shipper>,
@@ -151,6 +168,7 @@ pub(crate) fn start(
     if !scratch.exists() {
         datadir::mkdir_private(&scratch)?;
     }
+    clear_scratch(&scratch);
     let signer = Arc::new(datadir::audit_signer(d, keys)?);
     let public = signer.public_key();
     let shipper = Shipper::start(
