@@ -30,6 +30,8 @@ pub struct Found {
     pub digest: String,
 }
 
+/// Manifest `seq`: its current version, else (a versioned bucket) the newest kept version
+/// that opens and verifies. `None`: the target keeps no version of it.
 fn fetch_manifest(
     target: &dyn Target,
     sealer: &Sealer,
@@ -37,57 +39,66 @@ fn fetch_manifest(
     seq: u64,
 ) -> Result<Option<Found>, BackupError> {
     let name = sealer.manifest_name(seq);
-    let Some(bytes) = target.get(&name)? else {
-        return Ok(None);
+    let read = |bytes: &[u8]| -> Result<Found, BackupError> {
+        let body = sealer.open(KIND_MANIFEST, &name, bytes)?;
+        let manifest = Manifest::verify(&body, public, &seq.to_string())?;
+        if manifest.seq != seq || manifest.deployment != sealer.deployment() {
+            return Err(BackupError::Refused(format!(
+                "the manifest at {name} is not manifest {seq} of this deployment: it was moved"
+            )));
+        }
+        Ok(Found {
+            manifest,
+            digest: digest_hex(bytes),
+        })
     };
-    let body = sealer.open(KIND_MANIFEST, &name, &bytes)?;
-    let manifest = Manifest::verify(&body, public, &seq.to_string())?;
-    if manifest.seq != seq || manifest.deployment != sealer.deployment() {
-        return Err(BackupError::Refused(format!(
-            "the manifest at {name} is not manifest {seq} of this deployment: it was moved"
-        )));
+    let first = match target.get(&name)? {
+        Some(bytes) => match read(&bytes) {
+            Ok(found) => return Ok(Some(found)),
+            Err(e) => Some(e),
+        },
+        None => None,
+    };
+    for bytes in target.versions(&name)? {
+        if let Ok(found) = read(&bytes) {
+            eprintln!(
+                "warning: manifest {seq} was deleted or replaced in the target; a version of it still kept there was used"
+            );
+            return Ok(Some(found));
+        }
     }
-    Ok(Some(Found {
-        manifest,
-        digest: digest_hex(&bytes),
-    }))
+    first.map_or(Ok(None), Err)
 }
 
-/// The newest manifest: from the head (or from `at_least`, a number known to exist),
-/// then forward while the next one exists and follows its predecessor. `None`: the target
-/// holds no manifest.
+/// The newest manifest: from the head (or, without a usable head, the highest manifest
+/// number found among the target's objects), then forward while the next one exists and
+/// follows its predecessor. `None`: the target holds no manifest.
 pub fn newest_manifest(
     target: &dyn Target,
     sealer: &Sealer,
     public: &[u8; 32],
 ) -> Result<Option<Found>, BackupError> {
-    newest_manifest_from(target, sealer, public, 0)
-}
-
-/// [`newest_manifest`], starting no lower than `at_least`.
-pub fn newest_manifest_from(
-    target: &dyn Target,
-    sealer: &Sealer,
-    public: &[u8; 32],
-    at_least: u64,
-) -> Result<Option<Found>, BackupError> {
-    let head_seq = match target.get(HEAD)? {
-        Some(bytes) => {
-            let body = sealer.open(KIND_HEAD, HEAD, &bytes)?;
-            let head: Head = serde_json::from_slice(&body)
-                .map_err(|_| BackupError::Refused("the head object is malformed".into()))?;
-            head.seq
-        }
-        None => 0,
+    let from_head = match target.get(HEAD)? {
+        Some(bytes) => sealer
+            .open(KIND_HEAD, HEAD, &bytes)
+            .ok()
+            .and_then(|body| serde_json::from_slice::<Head>(&body).ok())
+            .map(|h| h.seq),
+        None => None,
     };
-    let start = head_seq.max(at_least).max(1);
-    let Some(mut found) = fetch_manifest(target, sealer, public, start)? else {
-        if head_seq == 0 && at_least == 0 {
-            return Ok(None);
-        }
-        return Err(BackupError::Refused(format!(
-            "manifest {start} is missing from the target: it was deleted"
-        )));
+    let found = match from_head {
+        Some(seq) => fetch_manifest(target, sealer, public, seq)?,
+        None => None,
+    };
+    let mut found = match found {
+        Some(f) => f,
+        // no head, a head that does not open, or its manifest gone: look for one
+        None => match scan_for_manifest(target, sealer)? {
+            Some(seq) => fetch_manifest(target, sealer, public, seq)?.ok_or_else(|| {
+                BackupError::Refused(format!("manifest {seq} vanished from the target"))
+            })?,
+            None => return Ok(None),
+        },
     };
     while let Some(next) = fetch_manifest(target, sealer, public, found.manifest.seq + 1)? {
         if next
@@ -104,6 +115,44 @@ pub fn newest_manifest_from(
         found = next;
     }
     Ok(Some(found))
+}
+
+/// Manifest numbers looked through when no head leads to one.
+const SCAN_LIMIT: u64 = 20_000_000;
+/// Numbers past the last manifest found that end the scan.
+const SCAN_GAP: u64 = 100_000;
+/// The scan's stride: retention always keeps more manifests than this in a row.
+const SCAN_STRIDE: u64 = 64;
+
+/// The highest manifest number whose name is among the target's objects. Names are
+/// computed, not read: the scan steps through numbers (retention removes the oldest, so
+/// the first kept may be far from 1, but at least [`SCAN_STRIDE`] newest are always kept
+/// in a row), then looks one by one past the last it found.
+fn scan_for_manifest(target: &dyn Target, sealer: &Sealer) -> Result<Option<u64>, BackupError> {
+    let names: std::collections::HashSet<String> =
+        target.list()?.into_iter().map(|(n, _)| n).collect();
+    let has = |seq: u64| names.contains(&sealer.manifest_name(seq));
+    if names
+        .iter()
+        .all(|n| n == HEAD || n == crate::objects::DEPLOYMENT)
+    {
+        return Ok(None);
+    }
+    let mut hit = (1..SCAN_STRIDE).filter(|&s| has(s)).max();
+    let mut seq = SCAN_STRIDE;
+    while seq <= SCAN_LIMIT && hit.is_none_or(|h| seq - h <= SCAN_GAP) {
+        if has(seq) {
+            hit = Some(seq);
+        }
+        seq += SCAN_STRIDE;
+    }
+    let Some(mut best) = hit else {
+        return Ok(None);
+    };
+    while has(best + 1) {
+        best += 1;
+    }
+    Ok(Some(best))
 }
 
 /// Refuse a manifest older than one this machine has already seen (`seen`: its number
@@ -254,21 +303,38 @@ fn fetch_checked(
     digest: &str,
     what: &str,
 ) -> Result<Vec<u8>, BackupError> {
-    let Some(bytes) = target.get(name)? else {
+    let current = target.get(name)?;
+    if current.as_ref().is_some_and(|b| digest_hex(b) == digest) {
+        return Ok(current.unwrap_or_default());
+    }
+    // the current version was deleted or replaced: a versioned bucket may still keep the
+    // one the manifest names (Object Lock keeps it through its retention)
+    if let Some(kept) = target
+        .versions(name)?
+        .into_iter()
+        .find(|b| digest_hex(b) == digest)
+    {
+        tracing::warn!(
+            object = name,
+            "the current version of a backup object was deleted or replaced; the version the manifest names was used"
+        );
+        eprintln!(
+            "warning: the {what} {name} was deleted or replaced in the target; its version the manifest names is still kept there and was used"
+        );
+        return Ok(kept);
+    }
+    let Some(bytes) = current else {
         return Err(BackupError::Refused(format!(
             "the {what} {name} named by the manifest is missing from the target: it was deleted"
         )));
     };
-    if digest_hex(&bytes) != digest {
-        // say what it is instead, when its clear header tells
-        if let Some(foreign) = sealer.foreign(name, &bytes) {
-            return Err(BackupError::Refused(foreign));
-        }
-        return Err(BackupError::Refused(format!(
-            "the {what} {name} is not the object the manifest names (its SHA-256 differs): it was changed or replaced"
-        )));
+    // say what it is instead, when its clear header tells
+    if let Some(foreign) = sealer.foreign(name, &bytes) {
+        return Err(BackupError::Refused(foreign));
     }
-    Ok(bytes)
+    Err(BackupError::Refused(format!(
+        "the {what} {name} is not the object the manifest names (its SHA-256 differs): it was changed or replaced"
+    )))
 }
 
 fn better(spec: PointSpec, cand: (i64, u64), best: Option<(i64, u64)>) -> bool {

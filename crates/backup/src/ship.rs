@@ -223,29 +223,24 @@ impl Drop for Shipper {
 /// manifest; returns it and whether the target keeps objects under Object Lock.
 fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), BackupError> {
     let target = &*cfg.target;
-    match target.get(DEPLOYMENT)? {
-        Some(bytes) => {
-            let d: Deployment = serde_json::from_slice(&bytes).map_err(|_| {
-                BackupError::Config(format!(
-                    "{} holds a {DEPLOYMENT} phivault cannot read: refusing to ship into it",
-                    target.describe()
-                ))
-            })?;
-            if d.deployment != cfg.sealer.deployment() {
-                return Err(BackupError::Config(format!(
-                    "{} holds the backups of another deployment ({}): give each data directory a target of its own",
-                    target.describe(),
-                    d.deployment
-                )));
-            }
-        }
-        None => {
-            let json = serde_json::to_vec_pretty(&cfg.deployment)
-                .map_err(|e| BackupError::Config(format!("deployment record: {e}")))?;
-            target.put(DEPLOYMENT, &json, None)?;
+    let object_lock = target.object_lock()?;
+    if let Some(bytes) = target.get(DEPLOYMENT)? {
+        let d: Deployment = serde_json::from_slice(&bytes).map_err(|_| {
+            BackupError::Config(format!(
+                "{} holds a {DEPLOYMENT} phivault cannot read: refusing to ship into it",
+                target.describe()
+            ))
+        })?;
+        if d.deployment != cfg.sealer.deployment() {
+            return Err(BackupError::Config(format!(
+                "{} holds the backups of another deployment ({}): give each data directory a target of its own",
+                target.describe(),
+                d.deployment
+            )));
         }
     }
-    let object_lock = target.object_lock()?;
+    // the record as this server has it (a provider migrated since shows), locked from now
+    put_deployment(cfg, object_lock)?;
     let found = crate::restore::newest_manifest(target, &cfg.sealer, &cfg.signer.public_key())?;
     let mut m = found.map_or_else(
         || Manifest::genesis(cfg.sealer.deployment()),
@@ -278,6 +273,23 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
         m.next_segment = m.next_segment.max(previous.next_segment);
     }
     Ok((m, object_lock))
+}
+
+/// Put `deployment.json` (a restore cannot start without it: under Object Lock it is
+/// locked like every object, and put again at each retention round so that a lock always
+/// runs).
+fn put_deployment(cfg: &ShipConfig, object_lock: bool) -> Result<(), BackupError> {
+    let json = serde_json::to_vec_pretty(&cfg.deployment)
+        .map_err(|e| BackupError::Config(format!("deployment record: {e}")))?;
+    cfg.target
+        .put(DEPLOYMENT, &json, retain_until(object_lock, &cfg.retention))?;
+    Ok(())
+}
+
+/// When an object put now may be removed (`None`: the target has no Object Lock).
+fn retain_until(object_lock: bool, r: &Retention) -> Option<u64> {
+    object_lock
+        .then(|| u64::try_from(now_ms() / 1000).unwrap_or(0) + u64::from(r.lock_days) * 86_400)
 }
 
 /// A snapshot in progress: the epoch it belongs to and its thread.
@@ -359,10 +371,7 @@ impl Ship {
     }
 
     fn retain_until(&self) -> Option<u64> {
-        self.object_lock.then(|| {
-            u64::try_from(now_ms() / 1000).unwrap_or(0)
-                + u64::from(self.cfg.retention.lock_days) * 86_400
-        })
+        retain_until(self.object_lock, &self.cfg.retention)
     }
 
     fn failed(&self, why: &str) {
@@ -752,6 +761,11 @@ impl Ship {
         match sweep(m, now, &retention, &*self.cfg.target, &self.cfg.sealer) {
             Ok(changed) => self.manifest_due |= changed,
             Err(e) => self.failed(&format!("retention: {e}")),
+        }
+        if self.object_lock
+            && let Err(e) = put_deployment(&self.cfg, true)
+        {
+            self.failed(&format!("deployment record: {e}"));
         }
     }
 

@@ -303,7 +303,12 @@ fn check_restored(
 pub(crate) fn source_from(args: &SourceArgs, dir: &Path) -> Result<Source> {
     let t = &args.target;
     let target = open_target(&t.target, t.ca_file.as_deref())?;
-    let bytes = target.get(DEPLOYMENT)?.with_context(|| {
+    // (a versioned bucket keeps a deleted record's locked versions: the newest serves)
+    let kept = match target.get(DEPLOYMENT)? {
+        Some(b) => Some(b),
+        None => target.versions(DEPLOYMENT)?.into_iter().next(),
+    };
+    let bytes = kept.with_context(|| {
         format!(
             "{} holds no phivault backups ({DEPLOYMENT} is missing)",
             target.describe()

@@ -61,7 +61,8 @@ fn status(data: &Path) -> Value {
 }
 
 fn now_ms() -> i64 {
-    i64::try_from(now()).expect("now") * 1000
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    i64::try_from(t.expect("clock").as_millis()).expect("ms")
 }
 
 /// Wait until everything committed is shipped, the current epoch has its snapshot and the
@@ -288,7 +289,13 @@ fn locked_backups_survive_a_thief_with_the_servers_credentials() {
     for v in before.iter().filter(|v| name_of(&v.key) != "head") {
         let a = on_version(&sh.moto, "DELETE", v);
         let name = name_of(&v.key);
-        assert_eq!(a.status, 403, "deleting {name} {}: {}", v.id, a.body);
+        // (deployment.json gone for good: every restore from the bucket says "holds no
+        // phivault backups (deployment.json is missing)")
+        assert_eq!(
+            a.status, 403,
+            "{name} {} was deleted for good: {}",
+            v.id, a.body
+        );
         assert_eq!(a.xml("Code").as_deref(), Some("AccessDenied"), "{}", a.body);
     }
     // the head is never locked: gone for good, and a restore does not need it
@@ -307,7 +314,8 @@ fn locked_backups_survive_a_thief_with_the_servers_credentials() {
     }
 
     // a plain DELETE of a segment (kind byte 1 of the sealed header) "succeeds": a delete
-    // marker hides the current version, and the restore stops on it
+    // marker hides the current version — and the restore reads the locked version behind
+    // it, the one the manifest names (its SHA-256), saying so
     let (seg, _) = bodies
         .iter()
         .filter(|(_, b)| b.starts_with(b"PVBK") && b.get(5) == Some(&1))
@@ -322,28 +330,47 @@ fn locked_backups_survive_a_thief_with_the_servers_credentials() {
         .s3("GET", &format!("/{BUCKET}/{}", seg.key), "", &[], b"");
     assert_eq!(a.status, 404, "{}", a.body);
     let after = versions(&sh.moto);
-    let marker = after
-        .iter()
-        .find(|v| v.marker && v.key == seg.key)
-        .expect("a delete marker")
-        .clone();
+    assert!(
+        after.iter().any(|v| v.marker && v.key == seg.key),
+        "a delete marker"
+    );
     assert!(after.contains(seg), "the locked version stays: {after:?}");
+    // and a forged object put over a snapshot part's name: a new current version
+    let (part, _) = bodies
+        .iter()
+        .filter(|(_, b)| b.starts_with(b"PVBK") && b.get(5) == Some(&2))
+        .max_by_key(|(_, b)| b.len())
+        .expect("a snapshot part");
+    let a = sh.moto.s3(
+        "PUT",
+        &format!("/{BUCKET}/{}", part.key),
+        "",
+        &[],
+        b"PVBK not the snapshot",
+    );
+    assert!(a.status == 200, "overwrite: {}", a.body);
     let to = sh.s.tmp.path().join("restored");
     let o = restore(&sh, &to);
     let out = text(&o);
-    assert!(!o.status.success(), "restored without a segment: {out}");
-    assert!(out.contains("missing from the target"), "{out}");
-    assert!(out.contains(name_of(&seg.key)), "which object: {out}");
-    assert!(!to.exists(), "a refused restore leaves no directory");
-
-    // What a real deployment does: the bucket's lifecycle rule expires noncurrent versions
-    // only after their retention, so the version behind the marker is kept for the lock's
-    // days; an operator (alerted by the failing drill) brings it back by removing the
-    // delete marker (or copying the version over the key). Delete markers take no lock.
-    let a = on_version(&sh.moto, "DELETE", &marker);
-    assert_eq!(a.status, 204, "removing the delete marker: {}", a.body);
-    let out = ok(&restore(&sh, &to));
+    assert!(o.status.success(), "the locked versions restore: {out}");
+    assert!(
+        out.contains(&format!(
+            "{} was deleted or replaced in the target",
+            name_of(&seg.key)
+        )),
+        "the hidden segment is named: {out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{} was deleted or replaced in the target",
+            name_of(&part.key)
+        )),
+        "the replaced part is named: {out}"
+    );
     assert!(out.contains("store: OK"), "{out}");
+    // (a real deployment's lifecycle rule expires noncurrent versions only after their
+    // retention, so what a thief hides or overwrites stays restorable for the lock's days)
+    reads_back(&to, &loaded);
     reads_back(&to, &loaded);
 }
 
