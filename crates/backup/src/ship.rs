@@ -92,6 +92,13 @@ pub struct Status {
     pub snapshot_running: bool,
     pub segments_shipped: u64,
     pub bytes_shipped: u64,
+    /// How long the oldest commit of the newest shipment waited to reach the target (ms):
+    /// the recovery point of a crash at that moment.
+    #[serde(default)]
+    pub ship_lag_ms: u64,
+    /// The most any shipment's oldest commit waited since the server started (ms).
+    #[serde(default)]
+    pub max_ship_lag_ms: u64,
     pub last_error: Option<String>,
     pub last_error_ms: Option<i64>,
     /// The last restore drill (written by the drill).
@@ -464,6 +471,9 @@ impl Ship {
                         old.last_commit = c.last_commit;
                         old.db_pages = c.db_pages;
                     }
+                    if old.first_commit_ms == 0 {
+                        old.first_commit_ms = c.first_commit_ms;
+                    }
                     old.audit_size = c.audit_size;
                     old.resources = c.resources;
                     old.page_size = c.page_size;
@@ -472,10 +482,12 @@ impl Ship {
                 }
             };
             if merged.last_commit != 0 || merged.broken.is_some() {
-                self.status
-                    .lock()
-                    .waiting_since_ms
-                    .get_or_insert_with(now_ms);
+                let since = if merged.first_commit_ms > 0 {
+                    merged.first_commit_ms
+                } else {
+                    now_ms()
+                };
+                self.status.lock().waiting_since_ms.get_or_insert(since);
                 self.unshipped = Some(merged);
             }
         }
@@ -498,8 +510,13 @@ impl Ship {
         match self.put_segment(&changes) {
             Ok(()) => {
                 self.last_commit = changes.last_commit;
+                let waited = u64::try_from(now_ms() - changes.first_commit_ms).unwrap_or(0);
                 let mut st = self.status.lock();
                 st.waiting_since_ms = None;
+                if changes.first_commit_ms > 0 {
+                    st.ship_lag_ms = waited;
+                    st.max_ship_lag_ms = st.max_ship_lag_ms.max(waited);
+                }
             }
             Err(e) => {
                 self.failed(&e.to_string());

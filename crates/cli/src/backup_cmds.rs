@@ -161,7 +161,12 @@ fn status_cmd(data_dir: &Path) -> Result<i32> {
             st.last_point_audit_size
         ))
     );
-    println!("lag:             {} ms", st.lag_ms(now));
+    println!(
+        "lag:             {} ms waiting now; the newest shipment's oldest commit waited {} ms (at most {} ms since start)",
+        st.lag_ms(now),
+        st.ship_lag_ms,
+        st.max_ship_lag_ms
+    );
     println!(
         "newest snapshot: {}",
         st.last_snapshot_ms.map_or("none yet".to_owned(), rfc3339)

@@ -316,7 +316,9 @@ impl Monitor {
         };
         if let Some(obj) = report.as_object_mut() {
             obj.insert("at".into(), serde_json::Value::String(rfc3339(now_ms())));
-            obj.insert("rpo_lag_ms".into(), serde_json::json!(st.lag_ms(now_ms())));
+            // the recovery point: how long commits wait to reach the target
+            let rpo = st.lag_ms(now_ms()).max(st.ship_lag_ms);
+            obj.insert("rpo_ms".into(), serde_json::json!(rpo));
         }
         tracing::info!(report = %report, "restore drill");
         report

@@ -28,7 +28,7 @@
 //! written at or before `c` has in the snapshot the image it had then.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,8 @@ pub struct Changes {
     /// The first and last commit taken (numbered from 1 since the tap was installed).
     pub first_commit: u64,
     pub last_commit: u64,
+    /// When the first of them committed (ms since the epoch): how long they waited.
+    pub first_commit_ms: i64,
     /// The audit log's size and the number of resources after the last commit.
     pub audit_size: u64,
     pub resources: u64,
@@ -78,6 +80,67 @@ pub struct SnapshotPoint {
     pub resources: u64,
 }
 
+/// Frames read and not yet taken: the raw frames as read (one buffer a read: the writer
+/// thread only copies them out of the log), and where each page's newest image is in them.
+/// Pages are cut out of the buffers when the shipper takes them, on its own thread.
+#[derive(Debug, Default)]
+struct Frames {
+    bufs: Vec<Vec<u8>>,
+    /// Page number → (buffer, offset of the page's image).
+    newest: HashMap<u32, (usize, usize)>,
+    db_pages: u32,
+    first_commit: u64,
+    last_commit: u64,
+    first_commit_ms: i64,
+    broken: Option<String>,
+}
+
+impl Frames {
+    /// Add the frames of later commits.
+    fn append(&mut self, later: Frames) {
+        if later.last_commit != 0 {
+            let base = self.bufs.len();
+            self.bufs.extend(later.bufs);
+            self.newest.extend(
+                later
+                    .newest
+                    .into_iter()
+                    .map(|(p, (b, o))| (p, (b + base, o))),
+            );
+            if self.first_commit == 0 {
+                self.first_commit = later.first_commit;
+                self.first_commit_ms = later.first_commit_ms;
+            }
+            self.last_commit = later.last_commit;
+            self.db_pages = later.db_pages;
+        }
+        if self.broken.is_none() {
+            self.broken = later.broken;
+        }
+    }
+
+    /// The newest image of every page, cut out.
+    fn into_changes(self, page_size: u32) -> Changes {
+        let len = page_size as usize;
+        let pages = self
+            .newest
+            .into_iter()
+            .filter_map(|(p, (b, o))| Some((p, self.bufs.get(b)?.get(o..o + len)?.to_vec())))
+            .collect();
+        Changes {
+            page_size,
+            db_pages: self.db_pages,
+            pages,
+            first_commit: self.first_commit,
+            last_commit: self.last_commit,
+            first_commit_ms: self.first_commit_ms,
+            audit_size: 0,
+            resources: 0,
+            broken: self.broken,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// The open `-wal` file (opened on the first commit).
@@ -90,9 +153,9 @@ struct State {
     /// Commits hooked so far.
     commits: u64,
     /// Hooked, not yet published.
-    staged: Changes,
+    staged: Frames,
     /// Published, not yet taken.
-    ready: Changes,
+    ready: Frames,
     /// The size and resources noted with the last publication.
     audit_size: u64,
     resources: u64,
@@ -117,13 +180,22 @@ impl WalTap {
 
     /// Take every published commit (`None` when there is none and nothing broke).
     pub fn take(&self) -> Option<Changes> {
-        let mut s = self.state.lock();
-        if s.ready.last_commit == 0 && s.ready.broken.is_none() {
-            return None;
-        }
-        let page_size = s.page_size;
-        let mut c = std::mem::take(&mut s.ready);
-        c.page_size = page_size;
+        let (ready, page_size, audit_size, resources) = {
+            let mut s = self.state.lock();
+            if s.ready.last_commit == 0 && s.ready.broken.is_none() {
+                return None;
+            }
+            (
+                std::mem::take(&mut s.ready),
+                s.page_size,
+                s.audit_size,
+                s.resources,
+            )
+        };
+        // (the pages are cut out here, on the caller's thread: the writer does not wait)
+        let mut c = ready.into_changes(page_size);
+        c.audit_size = audit_size;
+        c.resources = resources;
         Some(c)
     }
 
@@ -147,6 +219,9 @@ impl WalTap {
         }
         if s.staged.first_commit == 0 {
             s.staged.first_commit = commit;
+            s.staged.first_commit_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         }
         s.staged.last_commit = commit;
     }
@@ -190,7 +265,11 @@ impl WalTap {
             vec![0u8; usize::try_from(count * frame_len).map_err(|_| "WAL range too large")?];
         file.read_exact_at(&mut buf, WAL_HEADER + from * frame_len)
             .map_err(|e| format!("cannot read WAL frames: {e}"))?;
-        for frame in buf.chunks_exact(usize::try_from(frame_len).unwrap_or(usize::MAX)) {
+        // (every frame checked before any is kept: a refused read leaves nothing behind)
+        let step = usize::try_from(frame_len).unwrap_or(usize::MAX);
+        let mut found = Vec::with_capacity(buf.len() / step);
+        let mut db_pages = None;
+        for (i, frame) in buf.chunks_exact(step).enumerate() {
             if frame[8..16] != salt {
                 return Err("a WAL frame was overwritten before it was read".into());
             }
@@ -199,12 +278,18 @@ impl WalTap {
             if pgno == 0 {
                 return Err("a WAL frame names page 0".into());
             }
-            s.staged
-                .pages
-                .insert(pgno, frame[FRAME_HEADER as usize..].to_vec());
+            found.push((pgno, i * step + FRAME_HEADER as usize));
             if commit_size != 0 {
-                s.staged.db_pages = commit_size;
+                db_pages = Some(commit_size);
             }
+        }
+        let b = s.staged.bufs.len();
+        s.staged.bufs.push(buf);
+        s.staged
+            .newest
+            .extend(found.into_iter().map(|(p, o)| (p, (b, o))));
+        if let Some(n) = db_pages {
+            s.staged.db_pages = n;
         }
         s.read_frames = frames;
         Ok(())
@@ -216,20 +301,7 @@ impl WalTap {
         s.audit_size = audit_size;
         s.resources = resources;
         let staged = std::mem::take(&mut s.staged);
-        let r = &mut s.ready;
-        if staged.last_commit != 0 {
-            if r.first_commit == 0 {
-                r.first_commit = staged.first_commit;
-            }
-            r.last_commit = staged.last_commit;
-            r.db_pages = staged.db_pages;
-            r.pages.extend(staged.pages);
-        }
-        if r.broken.is_none() {
-            r.broken = staged.broken;
-        }
-        r.audit_size = audit_size;
-        r.resources = resources;
+        s.ready.append(staged);
     }
 
     /// The stream misses a commit of another process.
