@@ -786,3 +786,24 @@ fn a_segment_moved_under_another_key_is_found() {
     f.s.stop();
     assert_verify_finds(&f.s, &["is not where phivault put it"]);
 }
+
+/// An offline command beside a running server (`audit alerts` opens the store, and its
+/// clean stop signs the same head again with a state that counts its checkpoint): the
+/// server goes on from that state, and the store verifies afterwards.
+#[test]
+fn an_offline_command_beside_a_running_server_leaves_the_store_verifiable() {
+    let mut s = Server::start();
+    let tok = s.token("system/*.cruds");
+    assert_eq!(s.get("Patient", &tok).status, 200);
+    let mut c = Command::new(BIN);
+    c.args(["audit", "alerts", "--data-dir"]).arg(&s.data);
+    key_home(&mut c, &s.data);
+    let o = c.output().expect("audit alerts");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for _ in 0..3 {
+        assert_eq!(s.get("Patient", &tok).status, 200);
+    }
+    s.stop();
+    let (ok, out) = verify(&s, &[]);
+    assert!(ok, "{out}");
+}

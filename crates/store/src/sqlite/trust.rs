@@ -413,6 +413,12 @@ pub(super) fn catch_up(
         };
     };
     if size as u64 == head.size && hash == head.hash {
+        // the same head signed again by another process, with a state that counts what it
+        // wrote without events (a checkpoint at its clean stop): that state is the one to
+        // extend (it opens only under the integrity key)
+        if let Some(d) = integ.open_state(head, &state) {
+            *digests = d;
+        }
         return Ok(None);
     }
     let mut chain = *head;
