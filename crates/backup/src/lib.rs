@@ -60,10 +60,13 @@ pub fn period_of(ms: i64) -> String {
     format!("{:04}-{:02}", t.year(), u8::from(t.month()))
 }
 
-/// RFC 3339 (UTC, seconds) of a time in ms since the epoch.
+/// RFC 3339 (UTC, milliseconds: restore points are that fine) of a time in ms since the
+/// epoch.
 pub fn rfc3339(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&f).unwrap_or_default()
 }

@@ -125,6 +125,9 @@ pub struct Manifest {
     pub epochs: Vec<Epoch>,
     /// HMACs of every key id erased (hex), see [`phivault_crypto::backup::BackupKeys::ledger_tag`].
     pub erased: BTreeSet<String>,
+    /// The data directory that wrote it (its backup instance id): one writer a target.
+    #[serde(default)]
+    pub writer: String,
 }
 
 impl Manifest {
@@ -141,6 +144,7 @@ impl Manifest {
             manifest_marks: Vec::new(),
             epochs: Vec::new(),
             erased: BTreeSet::new(),
+            writer: String::new(),
         }
     }
 

@@ -38,7 +38,7 @@ fn kind_name(kind: u8) -> &'static str {
         KIND_INDEX => "segment index",
         KIND_MANIFEST => "manifest",
         KIND_HEAD => "head",
-        _ => "unknown object",
+        _ => "unknown kind",
     }
 }
 
@@ -199,7 +199,7 @@ impl Sealer {
         }
         if h.kind != kind {
             return Err(BackupError::Refused(format!(
-                "the object {name} is a {} where a {what} belongs: it was replaced",
+                "the object {name} is of another kind ({}) where a {what} belongs: it was replaced",
                 kind_name(h.kind)
             )));
         }

@@ -25,6 +25,15 @@ pub struct PeriodStore {
     making: Mutex<()>,
 }
 
+/// The newest-manifest mark's file of a target (by its URL, as the server names it).
+fn mark_path(dir: &Path, target: &str) -> PathBuf {
+    let h: String = phivault_crypto::sha256(target.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dir.join(format!("manifest-{h}.mark"))
+}
+
 impl std::fmt::Debug for PeriodStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeriodStore")
@@ -156,6 +165,58 @@ impl PeriodStore {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// Keep the number and digest of the newest manifest written, beside the keys: a
+    /// restore refuses a target whose newest manifest is older (rolled back, or its newest
+    /// objects deleted), wherever it runs — the directory is out of a storage writer's
+    /// reach and every restore needs it.
+    pub fn record_manifest(&self, target: &str, seq: u64, digest: &str) -> Result<(), BackupError> {
+        let mark = serde_json::json!({
+            "seq": seq,
+            "digest": digest,
+            "tag": self.keys.mark_tag(&self.deployment, seq, digest),
+        });
+        let path = mark_path(&self.dir, target);
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| BackupError::io(&tmp, &e))?;
+        f.write_all(mark.to_string().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| BackupError::io(&tmp, &e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| BackupError::io(&path, &e))
+    }
+
+    /// The newest manifest recorded (`None`: none yet); a mark that does not verify is
+    /// refused.
+    pub fn recorded_manifest(&self, target: &str) -> Result<Option<(u64, String)>, BackupError> {
+        let path = mark_path(&self.dir, target);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(BackupError::io(&path, &e)),
+        };
+        let bad = || {
+            BackupError::Refused(format!(
+                "{} is not a manifest mark this deployment's keys wrote",
+                path.display()
+            ))
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        let (Some(seq), Some(digest), Some(tag)) =
+            (v["seq"].as_u64(), v["digest"].as_str(), v["tag"].as_str())
+        else {
+            return Err(bad());
+        };
+        if tag != self.keys.mark_tag(&self.deployment, seq, digest) {
+            return Err(bad());
+        }
+        Ok(Some((seq, digest.to_owned())))
     }
 
     /// Destroy the month's key: the file is overwritten with zeros, synced and removed.

@@ -155,21 +155,25 @@ fn scan_for_manifest(target: &dyn Target, sealer: &Sealer) -> Result<Option<u64>
     Ok(Some(best))
 }
 
-/// Refuse a manifest older than one this machine has already seen (`seen`: its number
-/// and digest).
-pub fn check_seen(found: &Found, seen: Option<(u64, &str)>) -> Result<(), BackupError> {
+/// Refuse a manifest older than one already seen (`seen`: its number and digest; `whence`:
+/// where it was seen, for the message).
+pub fn check_seen(
+    found: &Found,
+    seen: Option<(u64, &str)>,
+    whence: &str,
+) -> Result<(), BackupError> {
     let Some((seq, digest)) = seen else {
         return Ok(());
     };
     let m = found.manifest.seq;
     if m < seq {
         return Err(BackupError::Refused(format!(
-            "the target's newest manifest is {m}, older than manifest {seq} seen here before: the target was rolled back or an old manifest replayed"
+            "the target's newest manifest is {m}, older than manifest {seq} {whence}: the target was rolled back, its newest objects deleted, or an old manifest replayed"
         )));
     }
     if m == seq && found.digest != digest {
         return Err(BackupError::Refused(format!(
-            "manifest {m} differs from the manifest {seq} seen here before: it was replaced"
+            "manifest {m} differs from the manifest {seq} {whence}: it was replaced"
         )));
     }
     Ok(())

@@ -69,6 +69,12 @@ pub struct ShipConfig {
     pub status_path: PathBuf,
     /// Told how a snapshot goes: (pages copied, pages in all).
     pub progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+    /// This data directory's backup instance (a restored copy gets its own): a target's
+    /// manifests have one writer.
+    pub instance: String,
+    /// Continue a target another instance wrote (the original is gone: a restored copy
+    /// takes its place).
+    pub take_over: bool,
 }
 
 /// The shipper's state as an administrator sees it.
@@ -104,6 +110,9 @@ pub struct Status {
     /// The last restore drill (written by the drill).
     #[serde(default)]
     pub last_drill: Option<serde_json::Value>,
+    /// The target no longer holds what this server wrote, or another server writes to it.
+    #[serde(default)]
+    pub target_problem: Option<String>,
 }
 
 impl Status {
@@ -249,7 +258,12 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
     // the record as this server has it (a provider migrated since shows), locked from now
     put_deployment(cfg, object_lock)?;
     let found = crate::restore::newest_manifest(target, &cfg.sealer, &cfg.signer.public_key())?;
-    let mut m = found.map_or_else(
+    let recorded = cfg
+        .sealer
+        .periods()
+        .recorded_manifest(&target.describe())?
+        .map_or(0, |(seq, _)| seq);
+    let mut m = found.clone().map_or_else(
         || Manifest::genesis(cfg.sealer.deployment()),
         |f| f.manifest,
     );
@@ -268,15 +282,38 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
             last.tail.extend(after);
         }
     }
+    if let Some(f) = &found
+        && !f.manifest.writer.is_empty()
+        && f.manifest.writer != cfg.instance
+        && !cfg.take_over
+    {
+        return Err(BackupError::Config(format!(
+            "{} holds the backups another copy of this deployment writes (instance {}; this data directory is {}): a restored copy ships to a target of its own, or takes this one over with --backup-take-over once the original is gone",
+            target.describe(),
+            f.manifest.writer,
+            cfg.instance
+        )));
+    }
+    // the newest manifest this deployment recorded with its keys: a target holding an
+    // older one was rolled back (its numbers are not used again)
+    if let Some((seq, _)) = cfg.sealer.periods().recorded_manifest(&target.describe())?
+        && found.as_ref().is_none_or(|f| f.manifest.seq < seq)
+    {
+        tracing::error!(
+            recorded = seq,
+            "the backup target's newest manifest is older than the one recorded with the period keys: it was rolled back"
+        );
+    }
     // never reuse a number this server already used (a target rolled back, or a manifest
     // not yet written before a crash): names are computed from them
-    if previous.manifest_seq > m.seq || previous.next_segment > m.next_segment {
+    let previous_seq = previous.manifest_seq.max(recorded);
+    if previous_seq > m.seq || previous.next_segment > m.next_segment {
         tracing::warn!(
             found = m.seq,
             known = previous.manifest_seq,
             "the backup target's newest manifest is older than the last one this server wrote"
         );
-        m.seq = m.seq.max(previous.manifest_seq);
+        m.seq = m.seq.max(previous_seq);
         m.next_segment = m.next_segment.max(previous.next_segment);
     }
     Ok((m, object_lock))
@@ -321,6 +358,8 @@ struct Ship {
     manifest_urgent: bool,
     last_manifest: Instant,
     last_manifest_digest: Option<String>,
+    /// This server's newest manifest in the target: (number, digest).
+    last_written: Option<(u64, String)>,
     snapshot: Option<Running>,
     next_snapshot: Instant,
     /// The commit of the newest snapshot (none are taken while no commit followed it).
@@ -354,6 +393,7 @@ impl Ship {
             manifest_urgent: false,
             last_manifest: Instant::now(),
             last_manifest_digest: None,
+            last_written: None,
             snapshot: None,
             next_snapshot: Instant::now(),
             snapshot_commit: 0,
@@ -703,9 +743,11 @@ impl Ship {
                 let m = self.manifest();
                 if let Some(e) = m.epochs.iter_mut().find(|e| e.id == running.epoch) {
                     let (time, commit, snap_audit) = (snap.time_ms, snap.commit, snap.audit_size);
+                    let bytes: u64 = snap.parts.iter().map(|p| p.size).sum();
                     e.snapshots.push(snap);
                     let mut st = self.status.lock();
                     st.last_snapshot_ms = Some(time);
+                    st.bytes_shipped += bytes;
                     if running.epoch == current {
                         self.snapshot_commit = self.snapshot_commit.max(commit);
                         // a point of its own; what waited since the epoch began is in it
@@ -786,10 +828,43 @@ impl Ship {
         }
     }
 
+    /// Whether the target still holds this server's last manifest and no one else's after
+    /// it; the problem, said, otherwise.
+    fn target_holds_ours(&self, next: u64) -> Result<(), String> {
+        let s = &self.cfg.sealer;
+        let t = &*self.cfg.target;
+        if let Some((seq, digest)) = &self.last_written {
+            match t.get(&s.manifest_name(*seq)) {
+                Ok(Some(b)) if crate::objects::digest_hex(&b) == *digest => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "the target no longer holds manifest {seq} this server wrote: it was rolled back, replaced or emptied"
+                    ));
+                }
+                Err(e) => return Err(format!("the target cannot be read: {e}")),
+            }
+        }
+        match t.get(&s.manifest_name(next)) {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(format!(
+                "manifest {next} is already in the target: another server writes to it"
+            )),
+            Err(e) => Err(format!("the target cannot be read: {e}")),
+        }
+    }
+
     fn write_manifest(&mut self) {
         let now = now_ms();
+        let next = self.manifest.as_ref().map_or(1, |m| m.seq + 1);
+        if let Err(problem) = self.target_holds_ours(next) {
+            self.failed(&problem);
+            self.status.lock().target_problem = Some(problem);
+            return;
+        }
         let prev = self.last_manifest_digest.clone();
+        let instance = self.cfg.instance.clone();
         let m = self.manifest();
+        m.writer = instance;
         m.seq += 1;
         m.written_ms = now;
         if m.seq.is_multiple_of(1000) {
@@ -819,6 +894,15 @@ impl Ship {
         })();
         match res {
             Ok(digest) => {
+                if let Err(e) = self.cfg.sealer.periods().record_manifest(
+                    &self.cfg.target.describe(),
+                    snapshot.seq,
+                    &digest,
+                ) {
+                    self.failed(&format!("cannot record the manifest with the keys: {e}"));
+                }
+                self.last_written = Some((snapshot.seq, digest.clone()));
+                self.status.lock().target_problem = None;
                 self.last_manifest_digest = Some(digest);
                 self.manifest_due = false;
                 self.manifest_urgent = false;

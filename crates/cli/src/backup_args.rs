@@ -108,6 +108,10 @@ pub struct ServeBackupArgs {
     /// has Object Lock (1 – 3650).
     #[arg(long, default_value_t = 30)]
     pub backup_lock_days: u32,
+    /// Continue a target whose manifests another copy of this deployment wrote (a restored
+    /// copy taking the place of an original that is gone).
+    #[arg(long)]
+    pub backup_take_over: bool,
 }
 
 /// Checked shipping settings.
@@ -120,6 +124,7 @@ pub struct Shipping {
     pub drill_every: Option<Duration>,
     pub max_lag: Duration,
     pub retention: Retention,
+    pub take_over: bool,
 }
 
 impl ServeBackupArgs {
@@ -127,6 +132,9 @@ impl ServeBackupArgs {
         let Some(target) = self.backup_target else {
             return Ok(None);
         };
+        // a target that cannot even be opened is refused before anything is made
+        phivault_backup::target::open(&target, self.backup_ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
         ensure!(
             (60..=604_800).contains(&self.snapshot_every),
             "refusing to start: --snapshot-every is 60 to 604800 seconds"
@@ -157,6 +165,7 @@ impl ServeBackupArgs {
                 monthly: self.backup_keep_monthly,
                 lock_days: self.backup_lock_days,
             },
+            take_over: self.backup_take_over,
         }))
     }
 }

@@ -25,8 +25,9 @@ pub(crate) fn restore_cmd(args: &SourceArgs, to: &Path, at: &AtArgs) -> Result<i
     let seen = Seen::path(args).map_or(Seen::None, Seen::File);
     let done = restore_into(&source, to, spec, &seen, true)?;
     println!(
-        "restored {} as of {} (manifest {}, epoch {}): {} audit events, {} resources; {} segments applied, {} bytes fetched in {:.1} s",
+        "restored {} (deployment {}) as of {} (manifest {}, epoch {}): {} audit events, {} resources; {} segments applied, {} bytes fetched in {:.1} s",
         to.display(),
+        source.deployment.deployment,
         rfc3339(done.point_ms),
         done.manifest,
         done.epoch,
@@ -108,30 +109,37 @@ fn list_cmd(args: &SourceArgs) -> Result<i32> {
     let found = restore::newest_manifest(target, &source.sealer, &source.public)?
         .context("the target holds no manifest: no backup was ever completed there")?;
     let seen = Seen::path(args).map_or(Seen::None, Seen::File);
-    seen.check(&source.deployment.deployment, &found)?;
-    seen.record(&source.deployment.deployment, &found)?;
-    println!(
+    let url = target.describe();
+    seen.check(&url, &source.deployment.deployment, &found)?;
+    seen.record(&url, &source.deployment.deployment, &found)?;
+    // (written, not printed: a reader that goes away ends the listing quietly)
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "deployment {} — manifest {} of {}; {} erasures in the ledger",
         source.deployment.deployment,
         found.manifest.seq,
         rfc3339(found.manifest.written_ms),
         found.manifest.erased.len()
-    );
+    )?;
     for e in restore::summarize(target, &source.sealer, &found)? {
         for (t, audit, resources) in &e.snapshots {
-            println!(
+            writeln!(
+                out,
                 "epoch {:>4}  snapshot  {}  audit events {audit:>9}  resources {resources}",
                 e.id,
                 rfc3339(*t)
-            );
+            )?;
         }
         if let Some((n, first, last, audit)) = e.segments {
-            println!(
+            writeln!(
+                out,
                 "epoch {:>4}  {n} points from {} to {} (every shipment; newest: audit events {audit})",
                 e.id,
                 rfc3339(first),
                 rfc3339(last)
-            );
+            )?;
         }
     }
     Ok(0)
@@ -199,6 +207,7 @@ fn backup_now(data_dir: &Path, t: &TargetArgs) -> Result<i32> {
     opened.store.ready().map_err(datadir::refusal)?;
     let target = open_target(&t.target, t.ca_file.as_deref())?;
     let deploy = deploy_for(&d, &keys, t.backup_keys.as_deref())?;
+    crate::backup_serve::refuse_target_place(&t.target, &d, deploy.sealer.periods().dir())?;
     let scratch = backup_dir(&d);
     if !scratch.exists() {
         datadir::mkdir_private(&scratch)?;
@@ -217,6 +226,8 @@ fn backup_now(data_dir: &Path, t: &TargetArgs) -> Result<i32> {
             snapshot_every: Duration::from_secs(604_800),
             retention: phivault_backup::retention::Retention::default(),
             status_path: d.root.join(STATUS_FILE),
+            instance: crate::backup_serve::instance(&d)?,
+            take_over: false,
             progress: Some(Arc::new(move |done, total| {
                 pb.set_length(total);
                 pb.set_position(done);

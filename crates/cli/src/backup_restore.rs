@@ -72,7 +72,7 @@ impl Seen {
         }
     }
 
-    pub(crate) fn check(&self, deployment: &str, found: &Found) -> Result<()> {
+    pub(crate) fn check(&self, target: &str, deployment: &str, found: &Found) -> Result<()> {
         match self {
             Seen::None => Ok(()),
             Seen::Known(seq) if found.manifest.seq < *seq => bail!(
@@ -82,6 +82,17 @@ impl Seen {
             Seen::Known(_) => Ok(()),
             Seen::File(path) => {
                 let map = Self::read_map(path)?;
+                // a target holds one deployment's backups: another's there is a swap
+                if let Some(before) = map
+                    .get(TARGETS)
+                    .and_then(|t| t.get(target))
+                    .and_then(|d| d.as_str())
+                    && before != deployment
+                {
+                    bail!(
+                        "{target} held the backups of deployment {before} when last seen here; it now holds {deployment}'s: refusing a swapped target (another --seen-file if this is meant)"
+                    );
+                }
                 let Some(entry) = map.get(deployment) else {
                     return Ok(());
                 };
@@ -90,12 +101,16 @@ impl Seen {
                     .and_then(serde_json::Value::as_u64)
                     .unwrap_or(0);
                 let digest = entry.get("digest").and_then(|d| d.as_str()).unwrap_or("");
-                Ok(restore::check_seen(found, Some((seq, digest)))?)
+                Ok(restore::check_seen(
+                    found,
+                    Some((seq, digest)),
+                    "seen here before",
+                )?)
             }
         }
     }
 
-    pub(crate) fn record(&self, deployment: &str, found: &Found) -> Result<()> {
+    pub(crate) fn record(&self, target: &str, deployment: &str, found: &Found) -> Result<()> {
         let Seen::File(path) = self else {
             return Ok(());
         };
@@ -104,6 +119,10 @@ impl Seen {
             deployment.to_owned(),
             serde_json::json!({ "seq": found.manifest.seq, "digest": found.digest }),
         );
+        let targets = map.entry(TARGETS).or_insert_with(|| serde_json::json!({}));
+        if let Some(t) = targets.as_object_mut() {
+            t.insert(target.to_owned(), serde_json::json!(deployment));
+        }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
@@ -113,6 +132,9 @@ impl Seen {
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
     }
 }
+
+/// The seen file's map of target URL → deployment.
+const TARGETS: &str = "_targets";
 
 /// What a restore did and found.
 pub(crate) struct Restored {
@@ -191,10 +213,31 @@ pub(crate) fn restore_into(
     {
         bail!("{} does not exist (a mistyped path?)", parent.display());
     }
-    datadir::mkdir_private(to)?;
-    let r = restore_steps(source, to, spec, seen, show);
+    if let Some(local) = source.target.describe().strip_prefix("file://")
+        && phivault_keys::is_inside(&std::path::absolute(to)?, Path::new(local))
+    {
+        bail!(
+            "refusing to restore into {}: it is inside the backup target",
+            to.display()
+        );
+    }
+    // made under a temporary name beside it and renamed once complete: an interrupted
+    // restore leaves no directory that looks like a data directory
+    let name = to
+        .file_name()
+        .with_context(|| format!("{} names no directory", to.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let work = to.with_file_name(format!(".{name}.restoring-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    datadir::mkdir_private(&work)?;
+    let r = restore_steps(source, &work, spec, seen, show).and_then(|done| {
+        std::fs::rename(&work, to)
+            .with_context(|| format!("cannot move the restored directory to {}", to.display()))?;
+        Ok(done)
+    });
     if r.is_err() {
-        let _ = std::fs::remove_dir_all(to);
+        let _ = std::fs::remove_dir_all(&work);
     }
     r
 }
@@ -214,7 +257,15 @@ fn restore_steps(
     let sealer = &*source.sealer;
     let found = restore::newest_manifest(target, sealer, &source.public)?
         .context("the target holds no manifest: no backup was ever completed there")?;
-    seen.check(&source.deployment.deployment, &found)?;
+    let url = target.describe();
+    seen.check(&url, &source.deployment.deployment, &found)?;
+    // the newest manifest the server recorded beside the period keys, wherever this runs
+    let mark = sealer.periods().recorded_manifest(&target.describe())?;
+    restore::check_seen(
+        &found,
+        mark.as_ref().map(|(s, d)| (*s, d.as_str())),
+        "recorded with the period keys",
+    )?;
     let point = restore::choose(target, sealer, &found, spec)?;
     let bar = crate::progress::restore(show);
     let rebuilt = restore::rebuild(target, sealer, &point, &d.db(), &mut |what, done, total| {
@@ -244,7 +295,7 @@ fn restore_steps(
         .map_err(|e| anyhow::anyhow!("the restored records cannot be read: {e}"))?;
     drop(engine);
     opened.store.close();
-    seen.record(&source.deployment.deployment, &found)?;
+    seen.record(&url, &source.deployment.deployment, &found)?;
     Ok(Restored {
         point_ms: point.time_ms,
         epoch: point.epoch,
@@ -316,34 +367,60 @@ pub(crate) fn source_from(args: &SourceArgs, dir: &Path) -> Result<Source> {
     })?;
     let deployment: Deployment = serde_json::from_slice(&bytes)
         .with_context(|| format!("{DEPLOYMENT} in {} is malformed", target.describe()))?;
+    if deployment.format != 1 {
+        bail!(
+            "{DEPLOYMENT} in {} has format {}, which this version does not read",
+            target.describe(),
+            deployment.format
+        );
+    }
     write_key_files(dir, &deployment)?;
     if let Some(key_file) = &args.key_file {
         let mut cfg =
             phivault_keys::ProviderConfig::read(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key_file = std::path::absolute(key_file)
+            .with_context(|| format!("--key-file {}", key_file.display()))?;
         match &mut cfg.provider {
-            phivault_keys::Provider::File { key_file: k } => *k = key_file.clone(),
+            phivault_keys::Provider::File { key_file: k } => *k = key_file,
             other => bail!(
                 "--key-file is for a `file` key provider; the source uses {}",
                 other.name()
             ),
         }
-        phivault_crypto::write_private_file(
-            &phivault_keys::ProviderConfig::path(dir),
-            &serde_json::to_vec_pretty(&cfg)?,
-        )?;
+        // (the record from the target is replaced by this one, naming the given file)
+        let path = phivault_keys::ProviderConfig::path(dir);
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot replace {}", path.display()))?;
+        phivault_crypto::write_private_file(&path, &serde_json::to_vec_pretty(&cfg)?)?;
     }
     let cfg = phivault_keys::ProviderConfig::read(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     if cfg.data_dir_id != deployment.deployment {
         bail!("{DEPLOYMENT} is inconsistent: its provider record is another deployment's");
     }
-    let master = datadir::load_master(&DataDir::new(dir))?;
-    let keys = KeyHierarchy::new(&master);
-    drop(master);
-    let public = datadir::audit_signer(&DataDir::new(dir), &keys)?.public_key();
     let dir_keys = match &t.backup_keys {
         Some(p) => p.clone(),
         None => PathBuf::from(&deployment.backup_keys),
     };
+    // the target's record says where the keys are: never where whoever writes the target
+    // could have put keys of their own
+    if let Some(local) = t.target.strip_prefix("file://") {
+        let mut places = vec![("the period keys directory", dir_keys.clone())];
+        if let phivault_keys::Provider::File { key_file } = &cfg.provider {
+            places.push(("the master key file", key_file.clone()));
+        }
+        for (what, place) in places {
+            if phivault_keys::is_inside(&place, Path::new(local)) {
+                bail!(
+                    "refusing {what} {}: it is inside the backup target, where whoever writes the target could have put a key of their own",
+                    place.display()
+                );
+            }
+        }
+    }
+    let master = datadir::load_master(&DataDir::new(dir))?;
+    let keys = KeyHierarchy::new(&master);
+    drop(master);
+    let public = datadir::audit_signer(&DataDir::new(dir), &keys)?.public_key();
     let bkeys = Arc::new(BackupKeys::new(&keys));
     let periods = Arc::new(PeriodStore::open(
         &dir_keys,
@@ -364,8 +441,8 @@ pub(crate) fn source_from(args: &SourceArgs, dir: &Path) -> Result<Source> {
 pub(crate) fn parse_at(at: &AtArgs) -> Result<PointSpec> {
     if let Some(t) = &at.at {
         let when = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-            .with_context(|| {
-            format!("--at {t:?} is not an RFC 3339 time (2026-12-06T10:00:00Z)")
+            .map_err(|_| {
+            anyhow::anyhow!("--at {t:?} is not an RFC 3339 time (2026-12-06T10:00:00Z)")
         })?;
         let ms = i64::try_from(when.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
         return Ok(PointSpec::AtTime(ms));

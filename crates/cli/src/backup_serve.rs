@@ -117,6 +117,51 @@ pub(crate) fn open_target(url: &str, ca: Option<&Path>) -> Result<Arc<dyn Target
     Ok(Arc::from(phivault_backup::target::open(url, ca)?))
 }
 
+/// This data directory's backup instance id (`DIR/backup/instance`, made at its first
+/// shipment): a restored copy, which has none yet, is another instance.
+pub(crate) fn instance(d: &DataDir) -> Result<String> {
+    let path = backup_dir(d).join("instance");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() == 32 => return Ok(s.trim().to_owned()),
+        Ok(_) => bail!("{} is not an instance id", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let id = phivault_keys::new_data_dir_id().map_err(|e| anyhow::anyhow!("{e}"))?;
+    phivault_crypto::write_private_file(&path, id.as_bytes())?;
+    Ok(id)
+}
+
+/// Refuse a `file://` target where backups would sit with what opens them or what they
+/// back up: inside the data directory, the period keys directory, or the directory of the
+/// master key file.
+pub(crate) fn refuse_target_place(url: &str, d: &DataDir, backup_keys: &Path) -> Result<()> {
+    let Some(path) = url.strip_prefix("file://") else {
+        return Ok(());
+    };
+    let target = Path::new(path);
+    let mut keep_apart = vec![
+        ("the data directory", d.root.clone()),
+        ("the period keys directory", backup_keys.to_path_buf()),
+    ];
+    if let Ok(cfg) = phivault_keys::ProviderConfig::read(&d.root)
+        && let phivault_keys::Provider::File { key_file } = &cfg.provider
+        && let Some(dir) = key_file.parent()
+    {
+        keep_apart.push(("the master key's directory", dir.to_path_buf()));
+    }
+    for (what, place) in keep_apart {
+        if phivault_keys::is_inside(target, &place) || phivault_keys::is_inside(&place, target) {
+            bail!(
+                "refusing the backup target {}: it overlaps {what} ({}); backups go to another volume, apart from the keys and the data",
+                target.display(),
+                place.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Remove what a run that died left in the scratch directory: a snapshot's copy, a
 /// drill's restored directory.
 fn clear_scratch(dir: &Path) {
@@ -164,6 +209,7 @@ pub(crate) fn start(
 ) -> Result<Running> {
     let target = open_target(&s.target, s.ca_file.as_deref())?;
     let deploy = deploy_for(d, keys, s.backup_keys.as_deref())?;
+    refuse_target_place(&s.target, d, deploy.sealer.periods().dir())?;
     let scratch = backup_dir(d);
     if !scratch.exists() {
         datadir::mkdir_private(&scratch)?;
@@ -183,6 +229,8 @@ pub(crate) fn start(
             retention: s.retention,
             status_path: d.root.join(STATUS_FILE),
             progress: None,
+            instance: instance(d)?,
+            take_over: s.take_over,
         },
     )
     .map_err(|e| anyhow::anyhow!("refusing to start: backups: {e}"))?;
@@ -253,6 +301,9 @@ impl Monitor {
                     st.target,
                 ));
             }
+            if let Some(p) = &st.target_problem {
+                findings.push(format!("backups: {p} ({})", st.target));
+            }
             // the first drill once a snapshot exists, then every drill_every
             if let Some(every) = self.drill_every
                 && st.last_snapshot_ms.is_some()
@@ -298,9 +349,28 @@ impl Monitor {
     /// Restore the newest point into a scratch directory and check it.
     fn drill(&self, st: &Status) -> serde_json::Value {
         let dir = self.scratch.join(format!("drill-{}", now_ms()));
+        // the period keys read afresh from their directory, as a restore reads them: a
+        // drill must fail when a restore would
+        let sealer = PeriodStore::open(
+            self.sealer.periods().dir(),
+            &self.deployment.deployment,
+            Arc::new(BackupKeys::new(&self.keys)),
+            false,
+        )
+        .and_then(|p| {
+            Sealer::new(
+                Arc::new(BackupKeys::new(&self.keys)),
+                Arc::new(p),
+                &self.deployment.deployment,
+            )
+        });
+        let sealer = match sealer {
+            Ok(s) => Arc::new(s),
+            Err(e) => return serde_json::json!({ "ok": false, "error": e.to_string() }),
+        };
         let source = Source {
             target: self.target.clone(),
-            sealer: self.sealer.clone(),
+            sealer,
             deployment: self.deployment.clone(),
             // the restored copy's KEK generations and seal counts are its own
             keys: self.keys.detached(),

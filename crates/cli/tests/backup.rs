@@ -206,6 +206,28 @@ fn every_object_uploaded_is_ciphertext_under_an_opaque_name() {
     let to = tmp.path().join("restored");
     let out = ok(&restore(&s.data, &target, &to, &[]));
     assert!(out.contains("store: OK"), "{out}");
+    // a restored copy is another instance: it does not ship into the original's target
+    let args = ship_args(&target);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--data-dir"])
+        .arg(&to)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(&refs);
+    key_home(&mut c, &s.data);
+    let o = c.output().expect("serve");
+    refused(&o, "another copy of this deployment");
+    // a key file given where the source's is not
+    let moved_key = tmp.path().join("elsewhere.key");
+    std::fs::copy(master_key_file(&s.data), &moved_key).expect("copy key");
+    let to2 = tmp.path().join("restored-with-key-file");
+    let out = ok(&restore(
+        &s.data,
+        &target,
+        &to2,
+        &["--key-file", &moved_key.display().to_string()],
+    ));
+    assert!(out.contains("store: OK"), "{out}");
     let r = serve_restored(&to);
     let rtok = r.token("system/*.cruds");
     let (first, map) = &loaded[0];
@@ -401,6 +423,21 @@ fn a_restore_refuses_changed_missing_foreign_and_replayed_objects() {
         &tmp.path().join("r2"),
         &["--seen-file", &seen_s],
     ));
+    // the target itself rolled back, restored on a machine that never saw it (a fresh
+    // seen file): the newest manifest recorded beside the period keys refuses it
+    std::fs::remove_dir_all(&target).expect("rm");
+    copy_dir(&old, &target);
+    let fresh = tmp.path().join("fresh-seen.json");
+    refused(
+        &restore(
+            &s.data,
+            &target,
+            &to,
+            &["--seen-file", &fresh.display().to_string()],
+        ),
+        "recorded with the period keys",
+    );
+    assert!(!to.exists());
 }
 
 #[test]

@@ -115,6 +115,19 @@ impl BackupKeys {
         tag[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// The tag of the newest-manifest mark kept with the period keys (hex): whoever has no
+    /// master key cannot make one.
+    pub fn mark_tag(&self, deployment: &str, seq: u64, digest: &str) -> String {
+        let tag = self.prf(&[
+            b"mark\0",
+            deployment.as_bytes(),
+            b"\0",
+            &seq.to_be_bytes(),
+            digest.as_bytes(),
+        ]);
+        tag.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The erasure ledger's entry for a key id (hex).
     pub fn ledger_tag(&self, key_id: &str) -> String {
         let tag = self.prf(&[b"erased\0", key_id.as_bytes()]);
