@@ -80,14 +80,12 @@ pub struct SnapshotPoint {
     pub resources: u64,
 }
 
-/// Frames read and not yet taken: the raw frames as read (one buffer a read: the writer
-/// thread only copies them out of the log), and where each page's newest image is in them.
-/// Pages are cut out of the buffers when the shipper takes them, on its own thread.
+/// Pages committed and not yet taken: the newest image of each. An image already held is
+/// overwritten in place, so a page the writer changes in commit after commit costs one copy
+/// each time and no allocation.
 #[derive(Debug, Default)]
 struct Frames {
-    bufs: Vec<Vec<u8>>,
-    /// Page number → (buffer, offset of the page's image).
-    newest: HashMap<u32, (usize, usize)>,
+    newest: HashMap<u32, Vec<u8>>,
     db_pages: u32,
     first_commit: u64,
     last_commit: u64,
@@ -96,41 +94,11 @@ struct Frames {
 }
 
 impl Frames {
-    /// Add the frames of later commits.
-    fn append(&mut self, later: Frames) {
-        if later.last_commit != 0 {
-            let base = self.bufs.len();
-            self.bufs.extend(later.bufs);
-            self.newest.extend(
-                later
-                    .newest
-                    .into_iter()
-                    .map(|(p, (b, o))| (p, (b + base, o))),
-            );
-            if self.first_commit == 0 {
-                self.first_commit = later.first_commit;
-                self.first_commit_ms = later.first_commit_ms;
-            }
-            self.last_commit = later.last_commit;
-            self.db_pages = later.db_pages;
-        }
-        if self.broken.is_none() {
-            self.broken = later.broken;
-        }
-    }
-
-    /// The newest image of every page, cut out.
     fn into_changes(self, page_size: u32) -> Changes {
-        let len = page_size as usize;
-        let pages = self
-            .newest
-            .into_iter()
-            .filter_map(|(p, (b, o))| Some((p, self.bufs.get(b)?.get(o..o + len)?.to_vec())))
-            .collect();
         Changes {
             page_size,
             db_pages: self.db_pages,
-            pages,
+            pages: self.newest.into_iter().collect(),
             first_commit: self.first_commit,
             last_commit: self.last_commit,
             first_commit_ms: self.first_commit_ms,
@@ -152,10 +120,13 @@ struct State {
     page_size: u32,
     /// Commits hooked so far.
     commits: u64,
-    /// Hooked, not yet published.
+    /// The read buffer, kept between commits (it only grows).
+    buf: Vec<u8>,
+    /// Pages of the commits read and not yet taken; `last_commit` is the last published.
     staged: Frames,
-    /// Published, not yet taken.
-    ready: Frames,
+    /// A commit was read but not yet published (its audit size is not known yet): a take
+    /// waits for the publication, so that a batch never holds half-described commits.
+    unpublished: Option<u64>,
     /// The size and resources noted with the last publication.
     audit_size: u64,
     resources: u64,
@@ -180,17 +151,28 @@ impl WalTap {
 
     /// Take every published commit (`None` when there is none and nothing broke).
     pub fn take(&self) -> Option<Changes> {
-        let (ready, page_size, audit_size, resources) = {
+        let mut tries = 0;
+        let (ready, page_size, audit_size, resources) = loop {
             let mut s = self.state.lock();
-            if s.ready.last_commit == 0 && s.ready.broken.is_none() {
+            if s.unpublished.is_some() {
+                // (the writer publishes right after its group: microseconds)
+                drop(s);
+                tries += 1;
+                if tries > 200 {
+                    return None;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(500));
+                continue;
+            }
+            if s.staged.last_commit == 0 && s.staged.broken.is_none() {
                 return None;
             }
-            (
-                std::mem::take(&mut s.ready),
+            break (
+                std::mem::take(&mut s.staged),
                 s.page_size,
                 s.audit_size,
                 s.resources,
-            )
+            );
         };
         // (the pages are cut out here, on the caller's thread: the writer does not wait)
         let mut c = ready.into_changes(page_size);
@@ -223,7 +205,7 @@ impl WalTap {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         }
-        s.staged.last_commit = commit;
+        s.unpublished = Some(commit);
     }
 
     fn read_frames(&self, s: &mut State, frames: u64) -> Result<(), String> {
@@ -261,35 +243,41 @@ impl WalTap {
         if count == 0 {
             return Ok(());
         }
-        let mut buf =
-            vec![0u8; usize::try_from(count * frame_len).map_err(|_| "WAL range too large")?];
-        file.read_exact_at(&mut buf, WAL_HEADER + from * frame_len)
+        let len = usize::try_from(count * frame_len).map_err(|_| "WAL range too large")?;
+        let State { buf, staged, .. } = s;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let buf = &mut buf[..len];
+        file.read_exact_at(buf, WAL_HEADER + from * frame_len)
             .map_err(|e| format!("cannot read WAL frames: {e}"))?;
         // (every frame checked before any is kept: a refused read leaves nothing behind)
         let step = usize::try_from(frame_len).unwrap_or(usize::MAX);
-        let mut found = Vec::with_capacity(buf.len() / step);
         let mut db_pages = None;
-        for (i, frame) in buf.chunks_exact(step).enumerate() {
+        for frame in buf.chunks_exact(step) {
             if frame[8..16] != salt {
                 return Err("a WAL frame was overwritten before it was read".into());
             }
-            let pgno = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
-            let commit_size = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-            if pgno == 0 {
+            if frame[..4] == [0, 0, 0, 0] {
                 return Err("a WAL frame names page 0".into());
             }
-            found.push((pgno, i * step + FRAME_HEADER as usize));
+            let commit_size = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
             if commit_size != 0 {
                 db_pages = Some(commit_size);
             }
         }
-        let b = s.staged.bufs.len();
-        s.staged.bufs.push(buf);
-        s.staged
-            .newest
-            .extend(found.into_iter().map(|(p, o)| (p, (b, o))));
+        for frame in buf.chunks_exact(step) {
+            let pgno = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+            let image = &frame[FRAME_HEADER as usize..];
+            match staged.newest.get_mut(&pgno) {
+                Some(held) if held.len() == image.len() => held.copy_from_slice(image),
+                _ => {
+                    staged.newest.insert(pgno, image.to_vec());
+                }
+            }
+        }
         if let Some(n) = db_pages {
-            s.staged.db_pages = n;
+            staged.db_pages = n;
         }
         s.read_frames = frames;
         Ok(())
@@ -300,8 +288,9 @@ impl WalTap {
         let mut s = self.state.lock();
         s.audit_size = audit_size;
         s.resources = resources;
-        let staged = std::mem::take(&mut s.staged);
-        s.ready.append(staged);
+        if let Some(commit) = s.unpublished.take() {
+            s.staged.last_commit = commit;
+        }
     }
 
     /// The stream misses a commit of another process.

@@ -201,6 +201,8 @@ pub(super) fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Command>, mut
         if last_index_write.elapsed() >= idle && w.pending.read().len() > 0 {
             merge_or_warn(&mut conn, &w.pending);
             last_index_write = std::time::Instant::now();
+            // (the merge is a commit of its own: the tap has it now)
+            publish(&w);
         }
         let first = match rx.recv_timeout(idle.min(std::time::Duration::from_secs(1))) {
             Ok(c) => c,
