@@ -26,7 +26,8 @@
 # at the GET run's start + the GET run's audit segments) and the point at the end of its
 # import (the near-empty snapshot before the import + every import segment), each timed,
 # and the restored store served (counts checked). Bytes: `du -sb` of the target vs the
-# synth JSON vs the data directory. FIRST=K numbers the pairs from K (K even: on,off first),
+# synth JSON vs the data directory. BACKUP_DIR=DIR puts the targets there instead of beside
+# the data (another file system: no fsync shared with the data's disk). FIRST=K numbers the pairs from K (K even: on,off first),
 # to rerun a disturbed pair alone. Needs wrk and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -139,12 +140,17 @@ PY
 }
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# where the targets go: beside the data (the default, one disk), or BACKUP_DIR (another
+# file system: e.g. /dev/shm as a stand-in for another volume or S3, no fsync shared with
+# the data's disk)
+target_of() { if [ -n "${BACKUP_DIR:-}" ]; then echo "$BACKUP_DIR/$(basename "$1").target"; else echo "$1.target"; fi; }
+[ -n "${BACKUP_DIR:-}" ] && mkdir -p "$BACKUP_DIR" && chmod 700 "$BACKUP_DIR"
 cpu_ticks() { awk '{print $14+$15}' "/proc/$SPID/stat"; }
 
 # serve MODE on DIR (on: shipping to DIR.target); sets SPID and ORIGIN
 serve_on() {
   local mode=$1 dir=$2 extra=()
-  [ "$mode" = on ] && extra=(--backup-target "file://$dir.target" --drill-every 0)
+  [ "$mode" = on ] && extra=(--backup-target "file://$(target_of "$dir")" --drill-every 0)
   : >"$W/out"
   "$BIN" serve --data-dir "$dir" --listen 127.0.0.1:0 "${extra[@]}" >"$W/out" 2>>"$dir.log" &
   SPID=$!
@@ -182,7 +188,7 @@ import_run() {
   echo "$t1" >"$W/end"
   wait "$sampler"
   echo "$t1" >"$W/res/end-$mode-$p"
-  [ "$mode" = on ] && du -sb "$dir.target" | cut -f1 >"$W/res/target-after-import-$p"
+  [ "$mode" = on ] && du -sb "$(target_of "$dir")" | cut -f1 >"$W/res/target-after-import-$p"
   get_lua "$dir/tls/ca.pem" "$dir.token" "$dir.get.lua"
   stop
   du -sb "$dir" | cut -f1 >"$W/res/data-after-import-$mode-$p"
@@ -233,7 +239,7 @@ restore_run() { # NAME [--at TIME]
   local to=$W/restored-$1 t0 t1
   shift
   t0=$(now_ms)
-  "$BIN" restore --target "file://$src.target" --to "$to" "$@" >"$to.out" 2>"$to.err" ||
+  "$BIN" restore --target "file://$(target_of "$src")" --to "$to" "$@" >"$to.out" 2>"$to.err" ||
     { echo "restore FAILED:"; cat "$to.out" "$to.err"; return 0; }
   t1=$(now_ms)
   echo "restore $(basename "$to"): $(python3 -c "print(f'{($t1-$t0)/1000:.2f}')") s wall; $(head -1 "$to.out" | sed 's/^restored [^ ]* //')"
@@ -266,7 +272,7 @@ echo "synth JSON bundles:                 $JSON_BYTES"
 echo "on-store data directory after import: $(cat "$W/res/data-after-import-on-$LAST")   (off-store: $(cat "$W/res/data-after-import-off-$LAST"))"
 echo "target after import (du -sb):        $(cat "$W/res/target-after-import-$LAST")"
 echo "on-store data directory at the end:   $(du -sb "$src" | cut -f1)   (after its GET run's audit events)"
-echo "target at the end (du -sb):           $(du -sb "$src.target" | cut -f1)   ($(find "$src.target" -type f | wc -l) objects)"
+echo "target at the end (du -sb):           $(du -sb "$(target_of "$src")" | cut -f1)   ($(find "$(target_of "$src")" -type f | wc -l) objects)"
 
 echo "== server logs: WARN/ERROR lines"
 grep -h -E ' (WARN|ERROR) ' "$W"/*.log | cut -c1-300 | sort | uniq -c | sort -rn | head -20 || echo "none"
