@@ -4,6 +4,7 @@
 //! manifest; an erased patient stays erased in a restore of a point before the erasure;
 //! the drill, the status and the administrator's API.
 mod common;
+use common::backup::*;
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -30,47 +31,6 @@ fn start_shipping(target: &Path) -> Server {
     Server::start_with_args(&refs)
 }
 
-fn status(data: &Path) -> Value {
-    std::fs::read(data.join("backup/status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis(),
-    )
-    .expect("ms")
-}
-
-/// Wait until everything committed is shipped, the current epoch has its snapshot (a
-/// registration from the command line starts a new epoch) and the newest point is not
-/// older than `since_ms`.
-fn wait_shipped(s: &Server, since_ms: i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = status(&s.data);
-        let point = st["last_point_ms"].as_i64().unwrap_or(0);
-        if st["epoch_snapshot_ms"].as_i64().is_some()
-            && point >= since_ms
-            && st["snapshot_running"] == false
-            && st["waiting_since_ms"].is_null()
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backups did not catch up: {st}\nserver log:\n{}",
-            String::from_utf8_lossy(&s.logs())
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `phivault restore` (or another backup command) with the test's key home and a seen
 /// file beside the data.
 fn backup_cmd(data: &Path, args: &[&str]) -> std::process::Output {
@@ -91,41 +51,6 @@ fn restore(data: &Path, target: &Path, to: &Path, extra: &[&str]) -> std::proces
     args.push(&to_s);
     args.extend_from_slice(extra);
     backup_cmd(data, &args)
-}
-
-fn ok(o: &std::process::Output) -> String {
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{out}");
-    out
-}
-
-fn refused(o: &std::process::Output, why: &str) {
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(!o.status.success(), "expected a refusal ({why}): {out}");
-    assert!(out.contains(why), "expected {why:?} in: {out}");
-}
-
-/// A server on a restored data directory.
-fn serve_restored(dir: &Path) -> Server {
-    let (child, origin, stderr) = launch(dir);
-    let ca = std::fs::read(dir.join("tls/ca.pem")).expect("ca.pem");
-    Server {
-        child: Some(child),
-        tmp: tempfile::tempdir().expect("tmp"),
-        base: format!("{origin}/fhir"),
-        origin,
-        data: dir.to_path_buf(),
-        stderr,
-        agent: agent_for(&ca),
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {

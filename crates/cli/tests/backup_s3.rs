@@ -4,12 +4,12 @@
 //! compliance mode; the server's own credentials cannot remove a locked version; a bucket
 //! without Object Lock works too. The checks read the bucket with requests of their own.
 mod common;
+use common::backup::*;
 use common::moto_s3::{MotoS3, S3Answer, between};
 use common::*;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
 use phivault_keys::sigv4::uri_encode;
 use serde_json::Value;
@@ -53,38 +53,6 @@ fn start_shipping(lock: bool, extra: &[&str]) -> Shipping {
     Shipping { s, moto, url }
 }
 
-fn status(data: &Path) -> Value {
-    std::fs::read(data.join("backup/status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null)
-}
-
-fn now_ms() -> i64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    i64::try_from(t.expect("clock").as_millis()).expect("ms")
-}
-
-/// Wait until everything committed is shipped, the current epoch has its snapshot and the
-/// newest point is not older than `since_ms` (as tests/backup.rs does); no S3 error met.
-fn wait_shipped(s: &Server, since_ms: i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = status(&s.data);
-        if st["epoch_snapshot_ms"].as_i64().is_some()
-            && st["last_point_ms"].as_i64().unwrap_or(0) >= since_ms
-            && st["snapshot_running"] == false
-            && st["waiting_since_ms"].is_null()
-        {
-            assert!(st["last_error"].is_null(), "shipping met an error: {st}");
-            return;
-        }
-        let logs = String::from_utf8_lossy(&s.logs()).into_owned();
-        assert!(Instant::now() < deadline, "not shipped: {st}\n{logs}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A `phivault` backup command as an operator runs it: the test's key home, a seen file
 /// of its own, moto's credentials.
 fn backup_cmd(sh: &Shipping, args: &[&str]) -> Output {
@@ -100,35 +68,6 @@ fn backup_cmd(sh: &Shipping, args: &[&str]) -> Output {
 fn restore(sh: &Shipping, to: &Path) -> Output {
     let to = to.display().to_string();
     backup_cmd(sh, &["restore", "--target", &sh.url, "--to", &to])
-}
-
-fn text(o: &Output) -> String {
-    let (out, err) = (&o.stdout, &o.stderr);
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(out),
-        String::from_utf8_lossy(err)
-    )
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "{}", text(o));
-    text(o)
-}
-
-/// A server on a restored data directory.
-fn serve_restored(dir: &Path) -> Server {
-    let (child, origin, stderr) = launch(dir);
-    let ca = std::fs::read(dir.join("tls/ca.pem")).expect("ca.pem");
-    Server {
-        child: Some(child),
-        tmp: tempfile::tempdir().expect("tmp"),
-        base: format!("{origin}/fhir"),
-        origin,
-        data: dir.to_path_buf(),
-        stderr,
-        agent: agent_for(&ca),
-    }
 }
 
 /// The first patient loaded is read back, with the family name it was loaded with.

@@ -2,6 +2,7 @@
 //! 127.0.0.1 with port 0 and talks to it as a client would.
 #![allow(dead_code)]
 
+pub mod backup;
 pub mod flow;
 pub mod moto_s3;
 
