@@ -128,10 +128,40 @@ pub struct Shipping {
 }
 
 impl ServeBackupArgs {
-    pub fn check(self) -> Result<Option<Shipping>> {
+    /// Checked for serving `data_dir` (before anything is made there).
+    pub fn check(self, data_dir: &std::path::Path) -> Result<Option<Shipping>> {
         let Some(target) = self.backup_target else {
             return Ok(None);
         };
+        // a file target apart from the data and from where keys are kept by default
+        // (checked again, with the actual key places, once the directory is open)
+        if let Some(path) = target.strip_prefix("file://") {
+            let target_path = std::path::absolute(path)?;
+            let data = std::path::absolute(data_dir)?;
+            let mut apart = vec![("the data directory", data)];
+            if let Some(base) = std::env::var_os("XDG_CONFIG_HOME")
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .filter(|v| !v.is_empty())
+                        .map(|h| std::path::PathBuf::from(h).join(".config"))
+                })
+            {
+                apart.push(("the directory of the keys", base.join("phivault")));
+            }
+            for (what, place) in apart {
+                if phivault_keys::is_inside(&target_path, &place)
+                    || phivault_keys::is_inside(&place, &target_path)
+                {
+                    anyhow::bail!(
+                        "refusing to start: the backup target {} overlaps {what} ({}); backups go to another volume, apart from the keys and the data",
+                        target_path.display(),
+                        place.display()
+                    );
+                }
+            }
+        }
         // a target that cannot even be opened is refused before anything is made
         phivault_backup::target::open(&target, self.backup_ca_file.as_deref())
             .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;

@@ -155,12 +155,17 @@ fn status_cmd(data_dir: &Path) -> Result<i32> {
         return Ok(1);
     };
     let now = now_ms();
-    println!("target:          {}", st.target);
-    println!(
+    // (written, not printed: a reader that goes away ends it quietly)
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "target:          {}", st.target)?;
+    writeln!(
+        out,
         "object lock:     {}",
         if st.object_lock { "yes" } else { "no" }
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "newest point:    {}",
         st.last_point_ms.map_or("none yet".to_owned(), |t| format!(
             "{} ({} s ago), audit events {}",
@@ -168,30 +173,37 @@ fn status_cmd(data_dir: &Path) -> Result<i32> {
             (now - t) / 1000,
             st.last_point_audit_size
         ))
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "lag:             {} ms waiting now; the newest shipment's oldest commit waited {} ms (at most {} ms since start)",
         st.lag_ms(now),
         st.ship_lag_ms,
         st.max_ship_lag_ms
-    );
-    println!(
+    )?;
+    if let Some(p) = &st.target_problem {
+        writeln!(out, "PROBLEM:         {p}")?;
+    }
+    writeln!(
+        out,
         "newest snapshot: {}",
         st.last_snapshot_ms.map_or("none yet".to_owned(), rfc3339)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "shipped:         {} segments, {} bytes",
         st.segments_shipped, st.bytes_shipped
-    );
+    )?;
     if let Some(e) = &st.last_error {
-        println!(
+        writeln!(
+            out,
             "last error:      {e} ({})",
             st.last_error_ms.map_or(String::new(), rfc3339)
-        );
+        )?;
     }
     match &st.last_drill {
-        Some(d) => println!("last drill:      {d}"),
-        None => println!("last drill:      none yet"),
+        Some(d) => writeln!(out, "last drill:      {d}")?,
+        None => writeln!(out, "last drill:      none yet")?,
     }
     Ok(0)
 }

@@ -193,6 +193,32 @@ fn write_key_files(dir: &Path, deployment: &Deployment) -> Result<()> {
     Ok(())
 }
 
+/// Remove what interrupted restores to `to` left (`.NAME.restoring-PID` of a process that
+/// is gone).
+fn remove_interrupted(to: &Path, name: &str) {
+    let Some(parent) = to.parent() else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let prefix = format!(".{name}.restoring-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = file.strip_prefix(&prefix)
+            && pid.parse::<u32>().is_ok()
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Restore `spec` into the new directory `to` (made here; removed again on failure).
 pub(crate) fn restore_into(
     source: &Source,
@@ -229,6 +255,7 @@ pub(crate) fn restore_into(
         .to_string_lossy()
         .into_owned();
     let work = to.with_file_name(format!(".{name}.restoring-{}", std::process::id()));
+    remove_interrupted(to, &name);
     let _ = std::fs::remove_dir_all(&work);
     datadir::mkdir_private(&work)?;
     let r = restore_steps(source, &work, spec, seen, show).and_then(|done| {
@@ -365,7 +392,7 @@ pub(crate) fn source_from(args: &SourceArgs, dir: &Path) -> Result<Source> {
             target.describe()
         )
     })?;
-    let deployment: Deployment = serde_json::from_slice(&bytes)
+    let mut deployment: Deployment = serde_json::from_slice(&bytes)
         .with_context(|| format!("{DEPLOYMENT} in {} is malformed", target.describe()))?;
     if deployment.format != 1 {
         bail!(
@@ -391,7 +418,15 @@ pub(crate) fn source_from(args: &SourceArgs, dir: &Path) -> Result<Source> {
         let path = phivault_keys::ProviderConfig::path(dir);
         std::fs::remove_file(&path)
             .with_context(|| format!("cannot replace {}", path.display()))?;
-        phivault_crypto::write_private_file(&path, &serde_json::to_vec_pretty(&cfg)?)?;
+        let json = serde_json::to_vec_pretty(&cfg)?;
+        phivault_crypto::write_private_file(&path, &json)?;
+        // (and the restored directory records it too)
+        let rel = phivault_keys::config::PROVIDER_JSON.trim_start_matches("keys/");
+        for (name, b64) in &mut deployment.key_files {
+            if name == rel {
+                *b64 = base64::engine::general_purpose::STANDARD.encode(&json);
+            }
+        }
     }
     let cfg = phivault_keys::ProviderConfig::read(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     if cfg.data_dir_id != deployment.deployment {
@@ -456,9 +491,11 @@ pub(crate) fn parse_at(at: &AtArgs) -> Result<PointSpec> {
 /// A private scratch directory (0700, removed when dropped), under `parent` or the
 /// system's temporary directory.
 pub(crate) fn scratch_dir(what: &str, parent: Option<&Path>) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
     let mut b = tempfile::Builder::new();
     let prefix = format!("phivault-{what}-");
-    b.prefix(&prefix);
+    b.prefix(&prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700));
     match parent {
         Some(p) => b.tempdir_in(p),
         None => b.tempdir(),

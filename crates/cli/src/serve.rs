@@ -31,7 +31,7 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
         backup,
     } = o;
     let watch = watch.check()?;
-    let backup = backup.check()?;
+    let backup = backup.check(data_dir)?;
     let checkpoint_every_ms = timing.checkpoint_every_ms;
     let freshness = timing.check()?;
     // Refuse insecure configurations before touching anything (TR1).

@@ -521,6 +521,28 @@ fn the_server_drills_reports_its_state_and_backup_verify_restores_the_newest_poi
 }
 
 #[test]
+fn a_target_with_the_data_or_the_keys_is_refused_before_anything_is_made() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    for target in [
+        data.clone(),
+        data.join("bk"),
+        tmp.path().join("config/phivault/bk"),
+    ] {
+        let mut c = Command::new(BIN);
+        c.args(["serve", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0", "--backup-target"])
+            .arg(format!("file://{}", target.display()));
+        key_home(&mut c, &data);
+        let o = c.output().expect("serve");
+        refused(&o, "overlaps");
+        assert!(!data.exists(), "nothing made for {}", target.display());
+        assert!(!tmp.path().join("config/phivault").exists());
+    }
+}
+
+#[test]
 fn backup_now_takes_a_stopped_directory_and_refuses_a_running_one() {
     let tmp = tempfile::tempdir().expect("tmp");
     let target = tmp.path().join("bk");
