@@ -177,24 +177,16 @@ impl Shipper {
             last_drill: previous.last_drill.clone(),
             ..Status::default()
         }));
-        let (manifest, object_lock, error) = match open_target(&cfg, &previous) {
-            Ok((m, lock)) => (Some(m), lock, None),
-            Err(BackupError::Target(TargetError::Unavailable(e))) => (None, false, Some(e)),
+        let (standing, error) = match open_target(&cfg, &previous) {
+            Ok(st) => (Some(st), None),
+            Err(BackupError::Target(TargetError::Unavailable(e))) => (None, Some(e)),
             Err(e) => return Err(e),
         };
         let tap = store
             .start_tap()
             .map_err(|e| BackupError::Store(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let ship = Ship::new(
-            store,
-            cfg,
-            tap,
-            status.clone(),
-            manifest,
-            object_lock,
-            &previous,
-        );
+        let ship = Ship::new(store, cfg, tap, status.clone(), standing, &previous);
         if let Some(e) = error {
             ship.failed(&format!("backup target unavailable: {e}"));
         }
@@ -237,7 +229,17 @@ impl Drop for Shipper {
 
 /// Check the target's deployment record (writing it on a new target) and find the newest
 /// manifest; returns it and whether the target keeps objects under Object Lock.
-fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), BackupError> {
+/// Where a target stands for a shipper that starts on it.
+struct Standing {
+    /// The manifest to extend (the newest found, or a new deployment's first).
+    manifest: Manifest,
+    /// That manifest's number and digest when it is the target's newest as found: the next
+    /// one chains to it (`prev`) and the shipper checks it is still there.
+    last: Option<(u64, String)>,
+    object_lock: bool,
+}
+
+fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<Standing, BackupError> {
     let target = &*cfg.target;
     let object_lock = target.object_lock()?;
     if let Some(bytes) = target.get(DEPLOYMENT)? {
@@ -263,6 +265,7 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
         .periods()
         .recorded_manifest(&target.describe())?
         .map_or(0, |(seq, _)| seq);
+    let mut last = found.as_ref().map(|f| (f.manifest.seq, f.digest.clone()));
     let mut m = found.clone().map_or_else(
         || Manifest::genesis(cfg.sealer.deployment()),
         |f| f.manifest,
@@ -296,11 +299,9 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
     }
     // the newest manifest this deployment recorded with its keys: a target holding an
     // older one was rolled back (its numbers are not used again)
-    if let Some((seq, _)) = cfg.sealer.periods().recorded_manifest(&target.describe())?
-        && found.as_ref().is_none_or(|f| f.manifest.seq < seq)
-    {
+    if recorded > 0 && found.as_ref().is_none_or(|f| f.manifest.seq < recorded) {
         tracing::error!(
-            recorded = seq,
+            recorded,
             "the backup target's newest manifest is older than the one recorded with the period keys: it was rolled back"
         );
     }
@@ -313,10 +314,18 @@ fn open_target(cfg: &ShipConfig, previous: &Status) -> Result<(Manifest, bool), 
             known = previous.manifest_seq,
             "the backup target's newest manifest is older than the last one this server wrote"
         );
+        if previous_seq > m.seq {
+            // (what follows does not chain to the manifest found)
+            last = None;
+        }
         m.seq = m.seq.max(previous_seq);
         m.next_segment = m.next_segment.max(previous.next_segment);
     }
-    Ok((m, object_lock))
+    Ok(Standing {
+        manifest: m,
+        last,
+        object_lock,
+    })
 }
 
 /// Put `deployment.json` (a restore cannot start without it: under Object Lock it is
@@ -357,15 +366,13 @@ struct Ship {
     manifest_due: bool,
     manifest_urgent: bool,
     last_manifest: Instant,
-    last_manifest_digest: Option<String>,
-    /// This server's newest manifest in the target: (number, digest).
+    /// The newest manifest in the target this server extends: (number, digest).
     last_written: Option<(u64, String)>,
     snapshot: Option<Running>,
     next_snapshot: Instant,
     /// The commit of the newest snapshot (none are taken while no commit followed it).
     snapshot_commit: u64,
     last_commit: u64,
-    snapshots_taken: u64,
     erased_seen: usize,
     last_sweep: Instant,
 }
@@ -376,8 +383,7 @@ impl Ship {
         cfg: ShipConfig,
         tap: Arc<WalTap>,
         status: Arc<Mutex<Status>>,
-        manifest: Option<Manifest>,
-        object_lock: bool,
+        standing: Option<Standing>,
         previous: &Status,
     ) -> Self {
         let mut s = Ship {
@@ -386,33 +392,32 @@ impl Ship {
             tap,
             status,
             manifest: None,
-            object_lock,
+            object_lock: false,
             last_digest: [0; 32],
             unshipped: None,
             manifest_due: false,
             manifest_urgent: false,
             last_manifest: Instant::now(),
-            last_manifest_digest: None,
             last_written: None,
             snapshot: None,
             next_snapshot: Instant::now(),
             snapshot_commit: 0,
             last_commit: 0,
-            snapshots_taken: 0,
             erased_seen: 0,
             last_sweep: Instant::now(),
         };
         s.status.lock().last_snapshot_ms = previous.last_snapshot_ms;
-        if let Some(m) = manifest {
-            s.adopt(m);
+        if let Some(st) = standing {
+            s.adopt(st);
         }
         s
     }
 
     /// Start from the target's newest manifest: a new epoch begins.
-    fn adopt(&mut self, m: Manifest) {
-        self.last_manifest_digest = None;
-        self.manifest = Some(m);
+    fn adopt(&mut self, st: Standing) {
+        self.manifest = Some(st.manifest);
+        self.last_written = st.last;
+        self.object_lock = st.object_lock;
         self.status.lock().object_lock = self.object_lock;
         self.new_epoch();
     }
@@ -444,9 +449,8 @@ impl Ship {
             // the target was away at start
             let previous = self.status.lock().clone();
             match open_target(&self.cfg, &previous) {
-                Ok((m, lock)) => {
-                    self.object_lock = lock;
-                    self.adopt(m);
+                Ok(st) => {
+                    self.adopt(st);
                     // what the tap published meanwhile is in the new epoch's snapshot
                     let _ = self.tap.take();
                 }
@@ -688,7 +692,6 @@ impl Ship {
             return;
         }
         let epoch = self.epoch().id;
-        self.snapshots_taken += 1;
         let no = self
             .epoch()
             .snapshots
@@ -861,7 +864,7 @@ impl Ship {
             self.status.lock().target_problem = Some(problem);
             return;
         }
-        let prev = self.last_manifest_digest.clone();
+        let prev = self.last_written.as_ref().map(|(_, d)| d.clone());
         let instance = self.cfg.instance.clone();
         let m = self.manifest();
         m.writer = instance;
@@ -871,9 +874,7 @@ impl Ship {
             let seq = m.seq;
             m.manifest_marks.push((seq, now));
         }
-        if prev.is_some() {
-            m.prev = prev;
-        }
+        m.prev = prev;
         let snapshot = m.clone();
         let res = (|| -> Result<String, BackupError> {
             let body = snapshot.sign(&self.cfg.signer)?;
@@ -901,9 +902,8 @@ impl Ship {
                 ) {
                     self.failed(&format!("cannot record the manifest with the keys: {e}"));
                 }
-                self.last_written = Some((snapshot.seq, digest.clone()));
+                self.last_written = Some((snapshot.seq, digest));
                 self.status.lock().target_problem = None;
-                self.last_manifest_digest = Some(digest);
                 self.manifest_due = false;
                 self.manifest_urgent = false;
                 self.last_manifest = Instant::now();

@@ -252,11 +252,23 @@ fn a_kill_9_under_write_load_loses_no_write_acknowledged_a_second_before() {
     // the server starts again: the segments shipped after its last manifest stay points
     // of the crashed run, named by the next manifest (restore as of the kill)
     let killed_at = now_ms() - i64::try_from(killed.elapsed().as_millis()).expect("ms");
+    let head_before = std::fs::read(target.join("head")).expect("the crashed run's head");
     let args = ship_args(&target);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     s.restart_with(&refs);
     wait_shipped(&s, 0);
     s.stop();
+    // the restarted run's manifests chain to the crashed run's newest: a restore led by the
+    // older head walks forward across the restart
+    let stale = tmp.path().join("bk-stale-head");
+    copy_dir(&target, &stale);
+    std::fs::write(stale.join("head"), &head_before).expect("old head");
+    ok(&restore(
+        &data,
+        &stale,
+        &tmp.path().join("across-the-restart"),
+        &[],
+    ));
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(killed_at) * 1_000_000)
         .expect("time")
         .format(&time::format_description::well_known::Rfc3339)
