@@ -15,20 +15,6 @@ use phivault_keys::sigv4;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-/// moto's server: PHIVAULT_MOTO_SERVER, else the test virtualenv's.
-fn moto_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("PHIVAULT_MOTO_SERVER").filter(|v| !v.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/moto_server");
-    assert!(
-        p.exists(),
-        "moto's KMS server is not installed ({} is missing): run tests/python/venv.sh (it installs moto[server] into target/pyenv), or set PHIVAULT_MOTO_SERVER to a moto_server",
-        p.display()
-    );
-    p
-}
-
 fn creds(id: &str, secret: &str) -> sigv4::Credentials {
     sigv4::Credentials {
         access_key_id: id.into(),
@@ -54,14 +40,6 @@ struct Moto {
     /// The KMS key made at start (key id and ARN).
     key_id: String,
     key_arn: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 fn percent(s: &str) -> String {
@@ -90,8 +68,8 @@ impl Moto {
     /// Start moto, make a KMS key and an IAM user allowed to use it, then switch moto's
     /// authentication on.
     fn start() -> Moto {
-        let port = free_port();
-        let child = Command::new(moto_bin())
+        let port = moto_s3::free_port();
+        let child = Command::new(moto_s3::moto_bin())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -200,39 +178,13 @@ impl Moto {
 
     /// A signed IAM query call (set-up only); the XML answer.
     fn iam(&self, form: &str) -> String {
-        let body = format!("{form}&Version=2010-05-08");
-        let date = sigv4::amz_date(now());
-        let ctype = "application/x-www-form-urlencoded; charset=utf-8";
-        let headers = [
-            ("content-type", ctype),
-            ("host", self.host.as_str()),
-            ("x-amz-date", date.as_str()),
-        ];
-        let s = sigv4::sign(
+        moto_s3::iam_request(
+            &self.agent,
+            &self.endpoint,
+            &self.host,
             &setup_creds(),
-            "us-east-1",
-            "iam",
-            &date,
-            &sigv4::Request {
-                method: "POST",
-                path: "/",
-                query: "",
-                headers: &headers,
-                payload: body.as_bytes(),
-            },
-        );
-        let mut r = self
-            .agent
-            .post(format!("{}/", self.endpoint))
-            .header("authorization", &s.authorization)
-            .header("content-type", ctype)
-            .header("x-amz-date", &date)
-            .send(body.as_bytes())
-            .expect("iam call");
-        let status = r.status().as_u16();
-        let text = r.body_mut().read_to_string().expect("iam answer");
-        assert_eq!(status, 200, "{form}: {text}");
-        text
+            form,
+        )
     }
 
     /// The user's credentials, as phivault's environment.

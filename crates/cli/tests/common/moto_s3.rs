@@ -80,12 +80,56 @@ pub fn moto_bin() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// A signed IAM query call to moto at `endpoint` (`host` as signed), as `creds`; the XML
+/// answer (set-up calls of the S3 and KMS tests).
+pub fn iam_request(
+    agent: &ureq::Agent,
+    endpoint: &str,
+    host: &str,
+    creds: &sigv4::Credentials,
+    form: &str,
+) -> String {
+    let body = format!("{form}&Version=2010-05-08");
+    let date = sigv4::amz_date(super::now());
+    let ctype = "application/x-www-form-urlencoded; charset=utf-8";
+    let headers = [
+        ("content-type", ctype),
+        ("host", host),
+        ("x-amz-date", date.as_str()),
+    ];
+    let s = sigv4::sign(
+        creds,
+        REGION,
+        "iam",
+        &date,
+        &sigv4::Request {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers: &headers,
+            payload: body.as_bytes(),
+        },
+    );
+    let mut r = agent
+        .post(format!("{endpoint}/"))
+        .header("authorization", &s.authorization)
+        .header("content-type", ctype)
+        .header("x-amz-date", &date)
+        .send(body.as_bytes())
+        .expect("iam call");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().expect("iam answer");
+    assert_eq!(status, 200, "{form}: {text}");
+    text
 }
 
 /// The text of the first `<tag>…</tag>` in `xml`.
@@ -177,39 +221,13 @@ impl MotoS3 {
 
     /// A signed IAM query call (set-up, before authentication is on); the XML answer.
     fn iam(&self, form: &str) -> String {
-        let body = format!("{form}&Version=2010-05-08");
-        let date = sigv4::amz_date(super::now());
-        let ctype = "application/x-www-form-urlencoded; charset=utf-8";
-        let headers = [
-            ("content-type", ctype),
-            ("host", self.host.as_str()),
-            ("x-amz-date", date.as_str()),
-        ];
-        let s = sigv4::sign(
+        iam_request(
+            &self.agent,
+            &self.endpoint,
+            &self.host,
             &self.credentials(),
-            REGION,
-            "iam",
-            &date,
-            &sigv4::Request {
-                method: "POST",
-                path: "/",
-                query: "",
-                headers: &headers,
-                payload: body.as_bytes(),
-            },
-        );
-        let mut r = self
-            .agent
-            .post(format!("{}/", self.endpoint))
-            .header("authorization", &s.authorization)
-            .header("content-type", ctype)
-            .header("x-amz-date", &date)
-            .send(body.as_bytes())
-            .expect("iam call");
-        let status = r.status().as_u16();
-        let text = r.body_mut().read_to_string().expect("iam answer");
-        assert_eq!(status, 200, "{form}: {text}");
-        text
+            form,
+        )
     }
 
     /// `http://127.0.0.1:PORT`.
