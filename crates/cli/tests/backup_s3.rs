@@ -39,17 +39,7 @@ fn start_shipping(lock: bool, extra: &[&str]) -> Shipping {
         .args(extra);
     key_home(&mut c, &data);
     MotoS3::apply_env(&mut c, &tmp.path().join("home"), &moto.env());
-    let (child, origin, stderr) = spawn_command(c);
-    let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
-    let s = Server {
-        child: Some(child),
-        tmp,
-        base: format!("{origin}/fhir"),
-        origin,
-        data,
-        stderr,
-        agent: agent_for(&ca),
-    };
+    let s = Server::running(tmp, data, spawn_command(c));
     Shipping { s, moto, url }
 }
 

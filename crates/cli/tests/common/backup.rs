@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Server, agent_for, launch};
+use super::{Server, launch};
 
 /// The server's shipping state (`DIR/backup/status.json`), `Null` before the first.
 pub fn status(data: &Path) -> Value {
@@ -73,15 +73,6 @@ pub fn refused(o: &Output, why: &str) {
 
 /// A server on a restored data directory.
 pub fn serve_restored(dir: &Path) -> Server {
-    let (child, origin, stderr) = launch(dir);
-    let ca = std::fs::read(dir.join("tls/ca.pem")).expect("ca.pem");
-    Server {
-        child: Some(child),
-        tmp: tempfile::tempdir().expect("tmp"),
-        base: format!("{origin}/fhir"),
-        origin,
-        data: dir.to_path_buf(),
-        stderr,
-        agent: agent_for(&ca),
-    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    Server::running(tmp, dir.to_path_buf(), launch(dir))
 }

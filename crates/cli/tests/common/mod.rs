@@ -78,9 +78,14 @@ impl Server {
     pub fn start_with_args(args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let (child, origin, stderr) = launch_with(&data, args);
+        let launched = launch_with(&data, args);
+        Server::running(tmp, data, launched)
+    }
+
+    /// The server `launched` on `data` (its CA trusted), `tmp` kept with it.
+    pub fn running(tmp: tempfile::TempDir, data: PathBuf, launched: Launched) -> Server {
+        let (child, origin, stderr) = launched;
         let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
-        let agent = agent_for(&ca);
         Server {
             child: Some(child),
             tmp,
@@ -88,7 +93,7 @@ impl Server {
             origin,
             data,
             stderr,
-            agent,
+            agent: agent_for(&ca),
         }
     }
 
@@ -105,18 +110,8 @@ impl Server {
             "init: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let (child, origin, stderr) = launch(&data);
-        let ca = std::fs::read(data.join("tls/ca.pem")).expect("ca.pem");
-        let agent = agent_for(&ca);
-        Server {
-            child: Some(child),
-            tmp,
-            base: format!("{origin}/fhir"),
-            origin,
-            data,
-            stderr,
-            agent,
-        }
+        let launched = launch(&data);
+        Server::running(tmp, data, launched)
     }
 
     /// Load synthetic patients (`phivault synth`) as transactions; returns the bundles
