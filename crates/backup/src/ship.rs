@@ -373,7 +373,8 @@ struct Ship {
     /// The commit of the newest snapshot (none are taken while no commit followed it).
     snapshot_commit: u64,
     last_commit: u64,
-    erased_seen: usize,
+    /// Erasure markers counted at the last look (`None`: not looked yet).
+    erased_seen: Option<usize>,
     last_sweep: Instant,
 }
 
@@ -403,7 +404,7 @@ impl Ship {
             next_snapshot: Instant::now(),
             snapshot_commit: 0,
             last_commit: 0,
-            erased_seen: 0,
+            erased_seen: None,
             last_sweep: Instant::now(),
         };
         s.status.lock().last_snapshot_ms = previous.last_snapshot_ms;
@@ -461,12 +462,15 @@ impl Ship {
                 }
             }
         }
-        self.ship_changes();
+        let committed = self.ship_changes();
         self.collect_snapshot();
         if !stopping {
             self.maybe_snapshot();
         }
-        self.note_erasures();
+        // an erasure is a commit: the markers are read again only when commits came
+        if committed || self.erased_seen.is_none() {
+            self.note_erasures();
+        }
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
             self.sweep();
@@ -501,8 +505,10 @@ impl Ship {
     }
 
     /// Take the tap's pages (merged into any not yet shipped) and ship them.
-    fn ship_changes(&mut self) {
+    /// Whether the tap had commits.
+    fn ship_changes(&mut self) -> bool {
         let taken = self.tap.take();
+        let committed = taken.is_some();
         if let Some(c) = taken {
             let merged = match self.unshipped.take() {
                 None => c,
@@ -536,20 +542,20 @@ impl Ship {
             }
         }
         let Some(changes) = self.unshipped.take() else {
-            return;
+            return committed;
         };
         if let Some(why) = &changes.broken {
             tracing::info!(reason = %why, "backup: a new epoch starts from a new snapshot");
             self.new_epoch();
             self.status.lock().waiting_since_ms = Some(now_ms());
-            return;
+            return committed;
         }
         if changes.bytes() > MAX_UNSHIPPED {
             self.failed(
                 "the backup target was away too long: a new epoch starts from a new snapshot",
             );
             self.new_epoch();
-            return;
+            return committed;
         }
         match self.put_segment(&changes) {
             Ok(()) => {
@@ -567,6 +573,7 @@ impl Ship {
                 self.unshipped = Some(changes);
             }
         }
+        committed
     }
 
     fn new_epoch(&mut self) {
@@ -792,10 +799,10 @@ impl Ship {
                 return;
             }
         };
-        if markers.len() == self.erased_seen {
+        if Some(markers.len()) == self.erased_seen {
             return;
         }
-        self.erased_seen = markers.len();
+        self.erased_seen = Some(markers.len());
         let tags: Vec<String> = markers
             .iter()
             .filter_map(|(k, _)| k.strip_prefix("erased:"))
