@@ -108,15 +108,28 @@ impl PeriodStore {
             .new_period_key(&self.deployment, period)
             .map_err(|e| BackupError::Config(format!("cannot make a period key: {e}")))?;
         let path = self.path(period);
+        // written whole under another name, then renamed: a reader on another thread finds
+        // no key or the whole key, never half of one
+        let tmp = path.with_extension("key.tmp");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o600)
-            .open(&path)
-            .map_err(|e| BackupError::io(&path, &e))?;
+            .open(&tmp)
+            .map_err(|e| BackupError::io(&tmp, &e))?;
         f.write_all(&wrapped)
             .and_then(|()| f.sync_all())
-            .map_err(|e| BackupError::io(&path, &e))?;
+            .map_err(|e| BackupError::io(&tmp, &e))?;
+        if path.exists() {
+            // (made meanwhile by another process: its key stands)
+            let _ = std::fs::remove_file(&tmp);
+            drop(_making);
+            return self
+                .get(period)?
+                .ok_or_else(|| BackupError::Config(format!("{} vanished", path.display())));
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| BackupError::io(&path, &e))?;
         sync_dir(&self.dir)?;
         let key = Arc::new(key);
         self.cache.lock().insert(period.to_owned(), key.clone());
