@@ -35,6 +35,8 @@ pub struct Integrity {
     element: ring::digest::Context,
     mask: hmac::Key,
     tag: hmac::Key,
+    /// MACs of rows an engine checks as it reads them (PostgreSQL's heads and versions).
+    row: hmac::Key,
 }
 
 impl std::fmt::Debug for Integrity {
@@ -66,6 +68,7 @@ impl Integrity {
             element,
             mask: sub(b"phivault-state-mask-v1"),
             tag: sub(b"phivault-state-tag-v1"),
+            row: sub(b"phivault-row-mac-v1"),
         }
     }
 
@@ -85,6 +88,17 @@ impl Integrity {
         m.extend_from_slice(key.as_bytes());
         m.extend_from_slice(value);
         hmac::verify(&self.mac, &m, mac).is_ok()
+    }
+
+    /// The MAC of a stored row of kind `kind` made of `parts` (each length-prefixed, so
+    /// the encoding is unambiguous).
+    pub(crate) fn row_mac(&self, kind: u8, parts: &[&[u8]]) -> [u8; 32] {
+        to32(hmac::sign(&self.row, &row_message(kind, parts)).as_ref())
+    }
+
+    /// Whether `mac` is [`Integrity::row_mac`] of the row (constant time).
+    pub(crate) fn row_mac_ok(&self, kind: u8, parts: &[&[u8]], mac: &[u8]) -> bool {
+        hmac::verify(&self.row, &row_message(kind, parts), mac).is_ok()
     }
 
     /// A settings row's contribution to the summary: a keyed hash of its MAC (the MACs
@@ -263,6 +277,16 @@ fn state_tag_message(m: &mut Vec<u8>, head: &ChainHead, body: &[u8]) {
     m.extend_from_slice(&head.size.to_be_bytes());
     m.extend_from_slice(&head.hash);
     m.extend_from_slice(body);
+}
+
+fn row_message(kind: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(1 + parts.iter().map(|p| 8 + p.len()).sum::<usize>());
+    m.push(kind);
+    for p in parts {
+        m.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        m.extend_from_slice(p);
+    }
+    m
 }
 
 fn to32(b: &[u8]) -> [u8; 32] {

@@ -8,7 +8,8 @@
 //! batches (one durable commit for many requests) without weakening durability: a
 //! batch's result is only reported after the commit that holds it is durable.
 //!
-//! Engines: [`sqlite::SqliteStore`] (embedded default). Every engine must pass the shared
+//! Engines: [`sqlite::SqliteStore`] (embedded default) and [`postgres::PgStore`] (several
+//! nodes on one PostgreSQL database). Every engine must pass the shared
 //! suite in `testsuite`, compiled for this crate's tests and, for other crates' tests, with
 //! the `testsuite` feature (off by default, so release builds do not contain it).
 
@@ -17,6 +18,7 @@ use tokio::sync::oneshot;
 
 pub mod integrity;
 mod pending;
+pub mod postgres;
 mod rows;
 mod segments;
 pub mod sqlite;

@@ -20,7 +20,7 @@ use crate::segments;
 /// FNV-1a hash (no registry to keep in step; stored in 4 bytes per row; a collision among
 /// the few thousand R4 parameters is unlikely and would only add candidates, which the
 /// server's verification removes).
-pub(super) fn index_no(rtype: &str, param: &str) -> i64 {
+pub(crate) fn index_no(rtype: &str, param: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in rtype.bytes().chain([0u8]).chain(param.bytes()) {
         h ^= u64::from(b);

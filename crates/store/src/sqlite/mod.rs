@@ -150,6 +150,12 @@ mod writer;
 
 pub use writer::CHECKPOINT_INTERVAL_MS;
 
+// (shared with the PostgreSQL engine: the same audit events, digests and index numbers)
+pub(crate) use index::index_no;
+pub(crate) use state::sealed_digest;
+pub(crate) use trust::{setting_event, store_event, tampered};
+pub(crate) use writer::{PutDigest, now_ms};
+
 use index::load_pending;
 use read::Remembered;
 use schema::{SCHEMA, add_integrity_columns, migrate_to_segments, table_exists};

@@ -21,7 +21,7 @@ use crate::StoreError;
 use crate::integrity::{Digests, Head, Integrity, Known};
 
 /// A refusal at open or on a read: what storage holds is not what the store wrote.
-pub(super) fn tampered(what: impl Into<String>) -> StoreError {
+pub(crate) fn tampered(what: impl Into<String>) -> StoreError {
     StoreError::Tampered(what.into())
 }
 
@@ -303,12 +303,12 @@ fn load_settings(
 }
 
 /// An audit event of the store's own: settings rows changed outside any request.
-pub(super) fn setting_event(writes: Vec<Write>) -> AuditEvent {
+pub(crate) fn setting_event(writes: Vec<Write>) -> AuditEvent {
     store_event("setting", writes)
 }
 
 /// An audit event of the store's own work (`interaction`: `setting`, `reindex`).
-pub(super) fn store_event(interaction: &str, writes: Vec<Write>) -> AuditEvent {
+pub(crate) fn store_event(interaction: &str, writes: Vec<Write>) -> AuditEvent {
     let time_ms = super::writer::now_ms();
     AuditEvent {
         time_ms,

@@ -48,14 +48,14 @@ type Reply = oneshot::Sender<Result<Committed, CommitError>>;
 /// What a put adds to the state summary apart from its resource number: the SHA-256 of
 /// its sealed bytes, and the sums of the postings it adds and of those it replaces.
 #[derive(Default)]
-pub(super) struct PutDigest {
-    sealed: [u8; 32],
-    postings_new: crate::integrity::Sum,
-    postings_old: crate::integrity::Sum,
+pub(crate) struct PutDigest {
+    pub(crate) sealed: [u8; 32],
+    pub(crate) postings_new: crate::integrity::Sum,
+    pub(crate) postings_old: crate::integrity::Sum,
 }
 
 impl PutDigest {
-    fn of(put: &Put, integ: Option<&Integrity>) -> PutDigest {
+    pub(crate) fn of(put: &Put, integ: Option<&Integrity>) -> PutDigest {
         let row = &put.row;
         let mut d = PutDigest {
             sealed: super::state::sealed_digest(&row.sealed),
@@ -154,7 +154,7 @@ impl SqliteStore {
 /// How often (at most) a signed checkpoint of the audit tree is written while events come.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 2_000;
 
-pub(super) fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -1185,7 +1185,7 @@ pub(super) fn append_audit_events(
 }
 
 /// The `(index number, token)` pairs of index entries of `rtype`, sorted and distinct.
-pub(super) fn postings_of_entries<'a>(
+pub(crate) fn postings_of_entries<'a>(
     rtype: &str,
     entries: &'a [IndexEntry],
 ) -> Vec<(i64, &'a [u8])> {

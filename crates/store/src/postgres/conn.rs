@@ -1,0 +1,439 @@
+//! Connections: where the database is, the password (from a file, never from a URL or
+//! argv), a small runtime that drives every connection, a bounded pool with each
+//! connection's prepared statements, and errors that name no value.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+use tokio_postgres::config::Host;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::StoreError;
+
+/// Connections a process opens at most for reads (the writer has its own).
+pub(super) const MAX_READERS: usize = 16;
+
+/// Where a PostgreSQL database is, as phivault records it: a `postgres://` URL without a
+/// password, and where the password is (a file holding it, or a `PGPASSFILE`-format file).
+#[derive(Clone)]
+pub struct PgTarget {
+    url: String,
+    config: tokio_postgres::Config,
+    password: PasswordSource,
+}
+
+/// Where the database password comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// A file holding the password (its first line).
+    File(PathBuf),
+    /// A `PGPASSFILE`-format file (`host:port:database:user:password` lines).
+    PgPass(PathBuf),
+    /// The standard place: the file `PGPASSFILE` names, else `~/.pgpass`; no password if
+    /// neither has an entry (a Unix socket with peer authentication, for one).
+    Standard,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTarget {
+    /// Parse `url` (`postgres://USER@HOST:PORT/DB`). A password in the URL is refused: it
+    /// would sit in the command line, the shell's history and the data directory. The
+    /// password is read from `password_file` (its first line), else from the standard
+    /// `PGPASSFILE` (or `~/.pgpass`) entry for the host, port, database and user.
+    pub fn parse(url: &str, password: PasswordSource) -> Result<PgTarget, StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(StoreError::Engine(
+                "a database URL starts with postgres://".into(),
+            ));
+        }
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|_| StoreError::Engine("the database URL does not parse".into()))?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Engine(
+                "the database URL holds a password: put it in a file (--database-password-file \
+                 or PGPASSFILE), never in a URL or on a command line"
+                    .into(),
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(StoreError::Engine(
+                "the database URL names no user (postgres://USER@HOST:PORT/DB)".into(),
+            ));
+        }
+        if config.get_dbname().is_none() {
+            return Err(StoreError::Engine(
+                "the database URL names no database (postgres://USER@HOST:PORT/DB)".into(),
+            ));
+        }
+        for h in config.get_hosts() {
+            if let Host::Tcp(name) = h
+                && !is_loopback(name)
+            {
+                // TLS with verify-full is what a remote database needs; until phivault
+                // carries it, a remote host is refused rather than reached in clear
+                return Err(StoreError::Engine(format!(
+                    "database host {name} is not on this machine: only a loopback address or a \
+                     Unix socket is accepted (phivault does not send records to a remote \
+                     PostgreSQL without TLS)"
+                )));
+            }
+        }
+        Ok(PgTarget {
+            url: url.to_owned(),
+            config,
+            password,
+        })
+    }
+
+    /// The URL as given (it holds no password).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Where the password comes from.
+    pub fn password_source(&self) -> &PasswordSource {
+        &self.password
+    }
+
+    /// The connection settings with the password filled in.
+    fn resolved(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut c = self.config.clone();
+        c.application_name("phivault");
+        c.connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(pw) = self.password()? {
+            c.password(pw);
+        }
+        Ok(c)
+    }
+
+    fn password(&self) -> Result<Option<String>, StoreError> {
+        if let PasswordSource::File(p) = &self.password {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                StoreError::Engine(format!(
+                    "cannot read the database password file {}: {}",
+                    p.display(),
+                    e.kind()
+                ))
+            })?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+            return Ok(Some(line.to_owned()));
+        }
+        let file = match (&self.password, std::env::var_os("PGPASSFILE")) {
+            (PasswordSource::PgPass(p), _) => p.clone(),
+            (_, Some(f)) => PathBuf::from(f),
+            (_, None) => match std::env::var_os("HOME") {
+                Some(h) => PathBuf::from(h).join(".pgpass"),
+                None => return Ok(None),
+            },
+        };
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            return Ok(None);
+        };
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            _ => "localhost".to_owned(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        Ok(pgpass_lookup(
+            &text,
+            &host,
+            port,
+            self.config.get_dbname().unwrap_or(""),
+            self.config.get_user().unwrap_or(""),
+        ))
+    }
+}
+
+/// Whether `host` names this machine's loopback interface.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
+/// The password of the first `PGPASSFILE` line matching (`*` matches anything; `\:` and
+/// `\\` are escapes), as libpq reads it.
+pub(super) fn pgpass_lookup(
+    text: &str,
+    host: &str,
+    port: u16,
+    db: &str,
+    user: &str,
+) -> Option<String> {
+    let port = port.to_string();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::with_capacity(5);
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(ch) = chars.next() {
+            match ch {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        cur.push(n);
+                    }
+                }
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                _ => cur.push(ch),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let ok = |f: &str, v: &str| f == "*" || f == v;
+        if ok(&fields[0], host)
+            && ok(&fields[1], &port)
+            && ok(&fields[2], db)
+            && ok(&fields[3], user)
+        {
+            return Some(fields[4].clone());
+        }
+    }
+    None
+}
+
+/// Map a driver error to a [`StoreError`]: PostgreSQL's SQLSTATE and message (which name
+/// constraints and columns; the values are in the DETAIL, which is left out).
+pub(super) fn pg(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Engine(format!("postgres {}: {}", db.code().code(), db.message()));
+    }
+    if e.is_closed() {
+        return StoreError::Engine("the database connection closed".into());
+    }
+    // (the driver's own messages: I/O, protocol, conversion — none carries a value)
+    let mut msg = e.to_string();
+    if msg.len() > 200 {
+        msg.truncate(200);
+    }
+    StoreError::Engine(format!("postgres: {msg}"))
+}
+
+/// Run `fut` to completion on this thread. The futures of a [`Client`] only pass messages
+/// to its connection, which the store's runtime drives, so a read can wait here from any
+/// thread — a blocking pool's or a plain one — as a SQLite read waits on its file.
+pub(super) fn block_on<F: Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Thread(std::thread::Thread);
+    impl Wake for Thread {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Thread(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// Open a connection from inside the store's runtime, which then drives it.
+pub(super) async fn open(target: &PgTarget) -> Result<PgConn, StoreError> {
+    let config = target.resolved()?;
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %pg(e), "a database connection ended");
+        }
+    });
+    Ok(PgConn {
+        client,
+        statements: HashMap::new(),
+    })
+}
+
+/// One connection and the statements prepared on it.
+pub(super) struct PgConn {
+    pub(super) client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl PgConn {
+    /// The prepared form of `sql` (prepared once per connection).
+    pub(super) async fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await.map_err(pg)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    pub(super) async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let st = self.statement(sql).await?;
+        self.client.query(&st, params).await.map_err(pg)
+    }
+
+    pub(super) async fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let st = self.statement(sql).await?;
+        self.client.query_opt(&st, params).await.map_err(pg)
+    }
+
+    pub(super) async fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let st = self.statement(sql).await?;
+        self.client.execute(&st, params).await.map_err(pg)
+    }
+
+    /// Run statements without parameters (transaction control, DDL).
+    pub(super) async fn batch(&self, sql: &str) -> Result<(), StoreError> {
+        self.client.batch_execute(sql).await.map_err(pg)
+    }
+}
+
+/// The runtime that drives every connection of a store, and its pool of read connections.
+pub(super) struct Pool {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    target: PgTarget,
+    idle: Mutex<Vec<PgConn>>,
+    /// Read connections open (idle or in use).
+    open: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Pool {
+    pub(super) fn new(target: PgTarget) -> Result<Arc<Pool>, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("phivault-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Engine(format!("cannot start the database runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        Ok(Arc::new(Pool {
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+            target,
+            idle: Mutex::new(Vec::new()),
+            open: Mutex::new(0),
+            freed: Condvar::new(),
+        }))
+    }
+
+    /// Open a new connection (its I/O runs on the store's runtime).
+    pub(super) fn connect(&self) -> Result<PgConn, StoreError> {
+        let target = self.target.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(open(&target).await);
+        });
+        rx.recv()
+            .map_err(|_| StoreError::Engine("the database runtime stopped".into()))?
+    }
+
+    /// Run `f` with a read connection (at most [`MAX_READERS`] at once; others wait).
+    pub(super) fn with<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut PgConn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.take()?;
+        let out = block_on(f(&mut conn));
+        // a connection that failed or closed is not kept
+        if out.is_ok() && !conn.client.is_closed() {
+            self.idle.lock().push(conn);
+        } else {
+            *self.open.lock() -= 1;
+        }
+        self.freed.notify_one();
+        out
+    }
+
+    fn take(&self) -> Result<PgConn, StoreError> {
+        loop {
+            if let Some(c) = self.idle.lock().pop() {
+                return Ok(c);
+            }
+            let mut open = self.open.lock();
+            if *open < MAX_READERS {
+                *open += 1;
+                drop(open);
+                return self.connect().inspect_err(|_| *self.open.lock() -= 1);
+            }
+            self.freed
+                .wait_for(&mut open, std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stop the runtime (every connection closes) without waiting on this thread.
+    pub(super) fn shut(&self) {
+        self.idle.lock().clear();
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgpass_lines_match_as_libpq_reads_them() {
+        let text = "# comment\nother:5432:*:u:wrong\n127.0.0.1:5433:db:u:p\\:w\\\\d\n*:*:*:*:any\n";
+        assert_eq!(
+            pgpass_lookup(text, "127.0.0.1", 5433, "db", "u").as_deref(),
+            Some("p:w\\d")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "127.0.0.1", 5434, "db", "u").as_deref(),
+            Some("any")
+        );
+        assert_eq!(pgpass_lookup("h:1:d:u", "h", 1, "d", "u"), None);
+    }
+
+    #[test]
+    fn urls_with_passwords_or_remote_hosts_are_refused() {
+        let e = |u: &str| {
+            PgTarget::parse(u, PasswordSource::Standard)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(e("postgres://u:secret@127.0.0.1:5432/db").contains("holds a password"));
+        assert!(!e("postgres://u:secret@127.0.0.1:5432/db").contains("secret"));
+        assert!(e("postgres://u@db.example.org:5432/db").contains("not on this machine"));
+        assert!(e("postgres://127.0.0.1:5432/db").contains("no user"));
+        assert!(e("mysql://u@127.0.0.1/db").contains("postgres://"));
+        assert!(
+            PgTarget::parse("postgres://u@127.0.0.1:5432/db", PasswordSource::Standard).is_ok()
+        );
+        assert!(PgTarget::parse("postgres://u@[::1]:5432/db", PasswordSource::Standard).is_ok());
+        assert!(PgTarget::parse("postgres://u@localhost/db", PasswordSource::Standard).is_ok());
+    }
+}

@@ -1,0 +1,431 @@
+//! The PostgreSQL engine: several phivault nodes on one database are one store.
+//!
+//! The same rules as the embedded engine (`crate::sqlite`): only sealed rows and keyed
+//! blind-index tokens reach the database; every commit appends to one hash-chained audit
+//! log and updates one state summary (`crate::integrity`) that the audit key signs with
+//! the head; and whoever can write the database is treated as hostile.
+//!
+//! - `conn`: where the database is, the password, the runtime and the read pool;
+//! - `schema`: the tables and their migrations (advisory lock);
+//! - `writer`: group commit — every node's writer takes the audit head's row lock
+//!   (`SELECT … FOR UPDATE`) first in its transaction, so the chain, the Merkle frontier
+//!   and the state summary are sequenced in the database: one chain, whichever node
+//!   commits;
+//! - `read`: reads, each row checked against its MAC;
+//! - `trust`: the checks at open and the background recomputation of the state.
+//!
+//! | table | holds |
+//! |---|---|
+//! | `resource_version(rtype, id, version, pkey, deleted, updated_ms, sealed, mac)` | every version, sealed; `pkey` is the data key id |
+//! | `resource_head(rtype, id, pkey, rno, version, deleted, mac)` | each resource's current version |
+//! | `posting(rtype, param, token, id, pkey)` | the blind index of current versions |
+//! | `data_key(pkey, key_no, wrapped)` | data keys, wrapped by the KEK |
+//! | `meta(k, v, mac)` | settings rows with their MACs |
+//! | `kek_generation` | stored KEK generations |
+//! | `audit_event`, `audit_checkpoint`, `audit_head(size, hash, state, signature, frontier)` | the log, its checkpoints, and its signed head with the sealed state summary and the Merkle frontier |
+//!
+//! **Rows checked as read.** A head and a version row carry a MAC under a key derived from
+//! the master key (`Integrity::row_mac`): a row a storage writer inserts or edits is
+//! refused as it is read (`StoreError::Tampered`, 500 integrity), not served. A pair put
+//! back from an older copy does carry valid MACs; the state summary, which the background
+//! verifier recomputes ([`crate::Store::check_state`]), names it.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::integrity::{Head, Integrity};
+use crate::{
+    Candidates, CommitError, Committed, IndexEntry, IndexStats, SignedHead, Store, StoreError,
+    StoreKeys, VersionRow, WriteBatch,
+};
+
+mod conn;
+mod read;
+mod schema;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testdb;
+#[cfg(test)]
+mod tests;
+mod trust;
+mod writer;
+
+pub use conn::{PasswordSource, PgTarget};
+
+use conn::Pool;
+use writer::Command;
+
+pub(super) fn now_ms() -> u64 {
+    crate::sqlite::now_ms()
+}
+
+/// Row kinds of [`Integrity::row_mac`].
+const HEAD_MAC: u8 = b'H';
+const VERSION_MAC: u8 = b'V';
+
+/// The MAC of a resource's head row.
+fn head_mac(integ: &Integrity, rtype: &str, id: &str, pkey: &str, head: Head) -> [u8; 32] {
+    integ.row_mac(
+        HEAD_MAC,
+        &[
+            rtype.as_bytes(),
+            id.as_bytes(),
+            pkey.as_bytes(),
+            &head.rno.to_be_bytes(),
+            &head.version.to_be_bytes(),
+            &[u8::from(head.deleted)],
+        ],
+    )
+}
+
+fn version_parts<'a>(
+    row: &'a VersionRow,
+    buf: &'a [[u8; 8]; 2],
+    sealed: &'a [u8; 32],
+) -> [&'a [u8]; 7] {
+    [
+        row.rtype.as_bytes(),
+        row.id.as_bytes(),
+        &buf[0],
+        row.key_id.as_bytes(),
+        if row.deleted { &[1] } else { &[0] },
+        &buf[1],
+        sealed,
+    ]
+}
+
+/// The MAC of a version row (its sealed bytes by their SHA-256).
+fn version_mac(integ: &Integrity, row: &VersionRow, sealed: &[u8; 32]) -> [u8; 32] {
+    let buf = [row.version.to_be_bytes(), row.updated_ms.to_be_bytes()];
+    integ.row_mac(VERSION_MAC, &version_parts(row, &buf, sealed))
+}
+
+fn version_mac_ok(integ: &Integrity, row: &VersionRow, mac: &[u8]) -> bool {
+    let sealed = crate::sqlite::sealed_digest(&row.sealed);
+    let buf = [row.version.to_be_bytes(), row.updated_ms.to_be_bytes()];
+    integ.row_mac_ok(VERSION_MAC, &version_parts(row, &buf, &sealed), mac)
+}
+
+/// PostgreSQL engine.
+pub struct PgStore {
+    pool: Arc<Pool>,
+    tx: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    /// Signalled when the writer has finished (after its senders are gone).
+    writer_done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    integ: Arc<Integrity>,
+    audit_public: [u8; 32],
+    /// What readers refused since [`Store::take_detections`] last took it.
+    detections: Mutex<Vec<String>>,
+    checkpoint_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connect to the database at `target`, apply the schema's migrations, and check what
+    /// it holds against the signed audit head (see `trust`): a database changed outside
+    /// phivault is refused with [`StoreError::Tampered`] naming what differs.
+    pub fn open(target: &PgTarget, keys: StoreKeys) -> Result<Self, StoreError> {
+        let StoreKeys {
+            signer,
+            audit_public,
+            integrity,
+        } = keys;
+        let integ = Arc::new(integrity);
+        let pool = Pool::new(target.clone())?;
+        let mut wconn = pool.connect()?;
+        let checked = conn::block_on(async {
+            schema::migrate(&mut wconn).await?;
+            trust::start(&mut wconn, &integ, &audit_public, &signer).await
+        });
+        if let Err(e) = checked {
+            pool.shut();
+            return Err(e);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let checkpoint_ms = Arc::new(std::sync::atomic::AtomicU64::new(
+            crate::sqlite::CHECKPOINT_INTERVAL_MS,
+        ));
+        let w = writer::Writer {
+            conn: wconn,
+            pool: pool.clone(),
+            signer,
+            integ: integ.clone(),
+            audit_public,
+            last_checkpoint: None,
+            checkpoint_ms: checkpoint_ms.clone(),
+        };
+        // (a thread of its own: the audit signer need not be shareable, and the writer's
+        // futures, like a reader's, only pass messages to the connection the runtime drives)
+        let spawned = std::thread::Builder::new()
+            .name("phivault-postgres-writer".into())
+            .spawn(move || {
+                conn::block_on(writer::run(rx, w));
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            pool.shut();
+            return Err(StoreError::Engine(format!(
+                "cannot start the writer thread: {e}"
+            )));
+        }
+        Ok(PgStore {
+            pool,
+            tx: Mutex::new(Some(tx)),
+            writer_done: Mutex::new(Some(done_rx)),
+            integ,
+            audit_public,
+            detections: Mutex::new(Vec::new()),
+            checkpoint_ms,
+        })
+    }
+
+    /// Write an audit checkpoint at most every `ms` milliseconds while events come.
+    pub fn set_checkpoint_interval_ms(&self, ms: u64) {
+        self.checkpoint_ms
+            .store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the database holds any resource version or settings row.
+    pub fn holds_data(&self) -> Result<bool, StoreError> {
+        self.pool.with(async |c| {
+            let r = c
+                .query_opt(
+                    "SELECT 1 FROM resource_version UNION ALL SELECT 1 FROM meta LIMIT 1",
+                    &[],
+                )
+                .await?;
+            Ok(r.is_some())
+        })
+    }
+
+    /// How many resources the store has a head for (tombstoned ones included).
+    pub fn resource_heads(&self) -> Result<u64, StoreError> {
+        self.pool.with(async |c| {
+            let r = c
+                .query_opt("SELECT count(*) FROM resource_head", &[])
+                .await?;
+            Ok(r.map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
+        })
+    }
+
+    /// Stop the writer after it has finished the queued commands, then the connections.
+    pub fn close(&self) {
+        self.tx.lock().take();
+        if let Some(done) = self.writer_done.lock().take() {
+            let _ = done.recv();
+        }
+        self.pool.shut();
+    }
+
+    /// Queue a command for the writer; the command back if the writer has stopped.
+    fn send(&self, cmd: Command) -> Result<(), Box<Command>> {
+        match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(cmd).map_err(|e| Box::new(e.0)),
+            None => Err(Box::new(cmd)),
+        }
+    }
+
+    pub(super) fn detected(&self, what: &str) {
+        tracing::error!(
+            what,
+            "a row read from the database was not written by phivault"
+        );
+        let mut d = self.detections.lock();
+        if d.len() < 100 {
+            d.push(what.to_owned());
+        }
+    }
+
+    /// A row that fails its check: reported to the watcher, and refused.
+    pub(super) fn tampered(&self, what: String) -> StoreError {
+        self.detected(&what);
+        StoreError::Tampered(what)
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Reads in `read`; writes are queued for the `writer`.
+impl Store for PgStore {
+    fn current(&self, rtype: &str, id: &str) -> Result<Option<VersionRow>, StoreError> {
+        Ok(self
+            .read_current_many(rtype, &[id.to_owned()])?
+            .pop()
+            .flatten())
+    }
+
+    fn current_many(
+        &self,
+        rtype: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        self.read_current_many(rtype, ids)
+    }
+
+    fn version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        self.read_version(rtype, id, version)
+    }
+
+    fn history(
+        &self,
+        rtype: &str,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        self.read_history(rtype, id, limit)
+    }
+
+    fn lookup(&self, rtype: &str, tokens: &[IndexEntry]) -> Result<Vec<String>, StoreError> {
+        let (rtype, tokens) = (rtype.to_owned(), tokens.to_vec());
+        self.pool
+            .with(async |c| read::matching(&c.client, &rtype, &tokens, None).await)
+    }
+
+    fn candidates(
+        &self,
+        rtype: &str,
+        query: &Candidates,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read_candidates(rtype, query, after, limit)
+    }
+
+    fn index_stats(&self, rtype: &str, param: &str) -> Result<IndexStats, StoreError> {
+        self.read_index_stats(rtype, param)
+    }
+
+    fn data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_data_key(key_id)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_meta(key)
+    }
+
+    fn meta_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read_meta_prefix(prefix, limit)
+    }
+
+    fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetMeta(key.to_owned(), value.to_vec(), tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>> {
+        let (tx, rx) = oneshot::channel();
+        let digests = batch
+            .puts
+            .iter()
+            .map(|p| crate::sqlite::PutDigest::of(p, Some(&self.integ)))
+            .collect();
+        if let Err(cmd) = self.send(Command::Batch(batch, digests, tx))
+            && let Command::Batch(_, _, tx) = *cmd
+        {
+            let _ = tx.send(Err(CommitError::Store(StoreError::Closed)));
+        }
+        rx
+    }
+
+    fn erase_key(
+        &self,
+        erasure: crate::Erasure,
+    ) -> oneshot::Receiver<Result<crate::Erased, CommitError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(cmd) = self.send(Command::Erase(erasure, tx))
+            && let Command::Erase(_, tx) = *cmd
+        {
+            let _ = tx.send(Err(CommitError::Store(StoreError::Closed)));
+        }
+        rx
+    }
+
+    fn change_keys(&self, change: crate::KeyChange) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Keys(change, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn reindex(&self, changes: Vec<crate::Reindex>) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Reindex(changes, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn kek_generations(&self) -> Result<Vec<crate::KekRow>, StoreError> {
+        self.read_kek_generations()
+    }
+
+    fn data_keys_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+        self.read_data_keys_after(after, limit)
+    }
+
+    fn check_state(&self, pace: &mut dyn FnMut()) -> Result<Vec<String>, StoreError> {
+        let mut c = self.pool.connect()?;
+        conn::block_on(trust::check_state(
+            &mut c,
+            &self.integ,
+            &self.audit_public,
+            pace,
+        ))
+    }
+
+    fn take_detections(&self) -> Vec<String> {
+        std::mem::take(&mut *self.detections.lock())
+    }
+
+    fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
+        self.read_audit_head()
+    }
+
+    fn scan_audit(
+        &self,
+        visit: &mut dyn FnMut(phivault_audit::StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        self.read_scan_audit(visit)
+    }
+
+    fn audit_checkpoints(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<phivault_audit::merkle::Checkpoint>, StoreError> {
+        self.read_audit_checkpoints(after, limit)
+    }
+
+    fn audit_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<phivault_audit::StoredEvent>, StoreError> {
+        self.read_audit_after(after, limit)
+    }
+}

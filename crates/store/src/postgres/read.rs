@@ -1,0 +1,505 @@
+//! Reads: versions (each head and version row checked against its MAC), blind-index
+//! queries evaluated in SQL over the postings, keys, settings (checked against their
+//! MACs) and the audit log.
+
+use phivault_audit::StoredEvent;
+use phivault_audit::merkle;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::conn::pg;
+use super::{PgStore, head_mac, version_mac_ok};
+use crate::integrity::Head;
+use crate::{Candidates, IndexEntry, IndexStats, KekRow, SignedHead, StoreError, VersionRow};
+
+/// A query of version rows: the columns [`version_row`] reads, then `$tail`.
+macro_rules! select_version {
+    ($tail:literal) => {
+        concat!(
+            "SELECT v.rtype, v.id, v.version, v.pkey, v.deleted, v.updated_ms, v.sealed, v.mac",
+            $tail
+        )
+    };
+}
+
+fn version_row(r: &Row, at: usize) -> (VersionRow, Vec<u8>) {
+    (
+        VersionRow {
+            rtype: r.get(at),
+            id: r.get(at + 1),
+            version: r.get::<_, i64>(at + 2) as u64,
+            key_id: r.get(at + 3),
+            deleted: r.get(at + 4),
+            updated_ms: r.get(at + 5),
+            sealed: r.get(at + 6),
+        },
+        r.get(at + 7),
+    )
+}
+
+/// Ids of current, non-deleted resources of `rtype` having every one of `tokens`, in id
+/// order (at most `limit`). Runs on any connection: the writer's sees its own
+/// transaction's postings (a guard), a reader's what is committed.
+pub(super) async fn matching(
+    c: &tokio_postgres::Client,
+    rtype: &str,
+    tokens: &[IndexEntry],
+    limit: Option<usize>,
+) -> Result<Vec<String>, StoreError> {
+    let mut params: Vec<&str> = Vec::new();
+    let mut toks: Vec<&[u8]> = Vec::new();
+    for t in tokens {
+        if !params
+            .iter()
+            .zip(&toks)
+            .any(|(p, k)| *p == t.param && *k == t.token.as_slice())
+        {
+            params.push(&t.param);
+            toks.push(&t.token);
+        }
+    }
+    if params.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = params.len() as i64;
+    let limit = limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let rows = c
+        .query(
+            "SELECT id FROM posting WHERE rtype = $1 AND (param, token) IN \
+             (SELECT p, t FROM unnest($2::text[], $3::bytea[]) AS u(p, t)) \
+             GROUP BY id HAVING count(*) = $4 ORDER BY id LIMIT $5",
+            &[&rtype, &params, &toks, &n, &limit],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A candidate query as SQL over `posting` and `resource_head` (`$1` is the type).
+fn candidates_sql(
+    q: &Candidates,
+    sql: &mut String,
+    params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
+) {
+    match q {
+        Candidates::Tokens { param, tokens } => {
+            params.push(Box::new(param.clone()));
+            let p = params.len();
+            params.push(Box::new(tokens.clone()));
+            let t = params.len();
+            sql.push_str(&format!(
+                "SELECT id FROM posting WHERE rtype = $1 AND param = ${p} AND token = ANY(${t})"
+            ));
+        }
+        Candidates::All => {
+            sql.push_str("SELECT id FROM resource_head WHERE rtype = $1 AND NOT deleted");
+        }
+        Candidates::And(parts) | Candidates::Or(parts) if parts.is_empty() => {
+            if matches!(q, Candidates::And(_)) {
+                candidates_sql(&Candidates::All, sql, params);
+            } else {
+                sql.push_str("SELECT id FROM resource_head WHERE false");
+            }
+        }
+        Candidates::And(parts) | Candidates::Or(parts) => {
+            let op = if matches!(q, Candidates::And(_)) {
+                " INTERSECT "
+            } else {
+                " UNION "
+            };
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(op);
+                }
+                sql.push('(');
+                candidates_sql(part, sql, params);
+                sql.push(')');
+            }
+        }
+    }
+}
+
+impl PgStore {
+    pub(super) fn read_current_many(
+        &self,
+        rtype: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<VersionRow>>, StoreError> {
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT h.id, h.pkey, h.rno, h.version, h.deleted, h.mac, \
+                 v.rtype, v.id, v.version, v.pkey, v.deleted, v.updated_ms, v.sealed, v.mac \
+                 FROM resource_head h LEFT JOIN resource_version v \
+                 ON v.rtype = h.rtype AND v.id = h.id AND v.version = h.version \
+                 WHERE h.rtype = $1 AND h.id = ANY($2)",
+                &[&rtype, &ids],
+            )
+            .await
+        })?;
+        let mut out: Vec<Option<VersionRow>> = vec![None; ids.len()];
+        for r in &rows {
+            let id: String = r.get(0);
+            let pkey: String = r.get(1);
+            let head = Head {
+                rno: r.get(2),
+                version: r.get::<_, i64>(3) as u64,
+                deleted: r.get(4),
+            };
+            if head_mac(&self.integ, rtype, &id, &pkey, head).as_slice() != r.get::<_, &[u8]>(5) {
+                return Err(self.tampered(format!(
+                    "{rtype}/{id}: its head row is not the one phivault wrote"
+                )));
+            }
+            if r.get::<_, Option<String>>(6).is_none() {
+                return Err(self.tampered(format!(
+                    "{rtype}/{id}: its current version {} was removed",
+                    head.version
+                )));
+            }
+            let (row, mac) = version_row(r, 6);
+            if !version_mac_ok(&self.integ, &row, &mac)
+                || row.deleted != head.deleted
+                || row.key_id != pkey
+            {
+                return Err(self.tampered(format!(
+                    "{rtype}/{id}: version {} is not the one phivault wrote",
+                    head.version
+                )));
+            }
+            for (slot, want) in out.iter_mut().zip(ids) {
+                if *want == id {
+                    if slot.is_some() {
+                        return Err(self
+                            .tampered(format!("{rtype}/{id} has more than one current version")));
+                    }
+                    *slot = Some(row.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Version rows as read, each checked against its MAC.
+    fn checked_versions(&self, rows: &[Row]) -> Result<Vec<VersionRow>, StoreError> {
+        rows.iter()
+            .map(|r| {
+                let (row, mac) = version_row(r, 0);
+                if version_mac_ok(&self.integ, &row, &mac) {
+                    Ok(row)
+                } else {
+                    Err(self.tampered(format!(
+                        "{}/{}: version {} is not the one phivault wrote",
+                        row.rtype, row.id, row.version
+                    )))
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<VersionRow>, StoreError> {
+        let v = i64::try_from(version).unwrap_or(i64::MAX);
+        let rows = self.pool.with(async |c| {
+            c.query(
+                select_version!(
+                    " FROM resource_version v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3"
+                ),
+                &[&rtype, &id, &v],
+            )
+            .await
+        })?;
+        let mut rows = self.checked_versions(&rows)?;
+        if rows.len() > 1 {
+            return Err(self.tampered(format!("{rtype}/{id}: version {version} is stored twice")));
+        }
+        Ok(rows.pop())
+    }
+
+    pub(super) fn read_history(
+        &self,
+        rtype: &str,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<VersionRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.pool.with(async |c| match id {
+            Some(id) => {
+                c.query(
+                    select_version!(
+                        " FROM resource_version v WHERE v.rtype = $1 AND v.id = $2 \
+                         ORDER BY v.version DESC LIMIT $3"
+                    ),
+                    &[&rtype, &id, &limit],
+                )
+                .await
+            }
+            None => {
+                c.query(
+                    select_version!(
+                        " FROM resource_version v WHERE v.rtype = $1 \
+                         ORDER BY v.updated_ms DESC, v.id DESC, v.version DESC LIMIT $2"
+                    ),
+                    &[&rtype, &limit],
+                )
+                .await
+            }
+        })?;
+        let rows = self.checked_versions(&rows)?;
+        if let Some(id) = id {
+            // one resource's versions follow each other without a gap
+            for pair in rows.windows(2) {
+                if pair[1].version + 1 != pair[0].version {
+                    return Err(self.tampered(format!(
+                        "{rtype}/{id}: its history misses a version below {}",
+                        pair[0].version
+                    )));
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    pub(super) fn read_candidates(
+        &self,
+        rtype: &str,
+        query: &Candidates,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(rtype.to_owned())];
+        let mut inner = String::new();
+        candidates_sql(query, &mut inner, &mut params);
+        params.push(Box::new(after.unwrap_or("").to_owned()));
+        let a = params.len();
+        params.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let l = params.len();
+        let sql = format!("SELECT id FROM ({inner}) AS c WHERE id > ${a} ORDER BY id LIMIT ${l}");
+        self.pool.with(async |c| {
+            let refs: Vec<&(dyn ToSql + Sync)> = params
+                .iter()
+                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            let rows = c.client.query(&sql, &refs).await.map_err(pg)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    pub(super) fn read_index_stats(
+        &self,
+        rtype: &str,
+        param: &str,
+    ) -> Result<IndexStats, StoreError> {
+        self.pool.with(async |c| {
+            let r = c
+                .query_opt(
+                    "SELECT count(DISTINCT id), count(*), count(DISTINCT token), \
+                     coalesce((SELECT max(n) FROM (SELECT count(*) AS n FROM posting \
+                               WHERE rtype = $1 AND param = $2 GROUP BY token) t), 0) \
+                     FROM posting WHERE rtype = $1 AND param = $2",
+                    &[&rtype, &param],
+                )
+                .await?;
+            let n = |i: usize| r.as_ref().map_or(0, |r| r.get::<_, i64>(i).max(0) as u64);
+            Ok(IndexStats {
+                resources: n(0),
+                rows: n(1),
+                distinct_tokens: n(2),
+                max_rows_per_token: n(3),
+            })
+        })
+    }
+
+    pub(super) fn read_data_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.pool.with(async |c| {
+            let r = c
+                .query_opt("SELECT wrapped FROM data_key WHERE pkey = $1", &[&key_id])
+                .await?;
+            Ok(r.map(|r| r.get(0)))
+        })
+    }
+
+    /// A settings row as read, checked against its MAC.
+    fn checked_setting(&self, k: &str, v: Vec<u8>, mac: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if self.integ.setting_ok(k, &v, mac) {
+            Ok(v)
+        } else {
+            Err(self.tampered(format!(
+                "settings row {k} is not the one last written (changed outside phivault)"
+            )))
+        }
+    }
+
+    pub(super) fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = self.pool.with(async |c| {
+            c.query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
+                .await
+        })?;
+        row.map(|r| self.checked_setting(key, r.get(0), r.get(1)))
+            .transpose()
+    }
+
+    pub(super) fn read_meta_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // keys are ASCII: the range [prefix, prefix + U+10FFFF) holds exactly the keys
+        // that start with it (byte order: the column's collation is "C")
+        let end = format!("{prefix}\u{10FFFF}");
+        let n = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT k, v, mac FROM meta WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3",
+                &[&prefix, &end, &n],
+            )
+            .await
+        })?;
+        rows.iter()
+            .map(|r| {
+                let k: String = r.get(0);
+                let v = self.checked_setting(&k, r.get(1), r.get(2))?;
+                Ok((k, v))
+            })
+            .collect()
+    }
+
+    pub(super) fn read_kek_generations(&self) -> Result<Vec<KekRow>, StoreError> {
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT generation, wrapped, created_ms FROM kek_generation ORDER BY generation",
+                &[],
+            )
+            .await
+        })?;
+        rows.iter()
+            .map(|r| {
+                Ok(KekRow {
+                    generation: u32::try_from(r.get::<_, i64>(0))
+                        .map_err(|_| StoreError::Corrupt("KEK generation number"))?,
+                    wrapped: r.get(1),
+                    created_ms: r.get(2),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn read_data_keys_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+        let n = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT key_no, pkey, wrapped FROM data_key WHERE key_no > $1 \
+                 ORDER BY key_no LIMIT $2",
+                &[&after, &n],
+            )
+            .await
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    pub(super) fn read_audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
+        let row = self.pool.with(async |c| {
+            c.query_opt(
+                "SELECT size, hash, state, signature FROM audit_head WHERE one = 1",
+                &[],
+            )
+            .await
+        })?;
+        let Some(r) = row else { return Ok(None) };
+        let size: i64 = r.get(0);
+        if size == 0 {
+            return Ok(None);
+        }
+        Ok(Some(SignedHead {
+            size: size as u64,
+            hash: r
+                .get::<_, Vec<u8>>(1)
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("audit head hash length"))?,
+            state: r.get(2),
+            signature: r.get(3),
+        }))
+    }
+
+    pub(super) fn read_audit_checkpoints(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<merkle::Checkpoint>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let n = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT size, root, time_ms, signature FROM audit_checkpoint \
+                 WHERE size > $1 ORDER BY size LIMIT $2",
+                &[&after, &n],
+            )
+            .await
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| merkle::Checkpoint {
+                size: r.get::<_, i64>(0) as u64,
+                // a root of the wrong length cannot match any tree: zeros
+                root: r.get::<_, Vec<u8>>(1).try_into().unwrap_or([0u8; 32]),
+                time_ms: r.get::<_, i64>(2) as u64,
+                signature: r.get(3),
+            })
+            .collect())
+    }
+
+    pub(super) fn read_audit_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let n = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT seq, event, hash FROM audit_event WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&after, &n],
+            )
+            .await
+        })?;
+        Ok(rows.iter().map(stored_event).collect())
+    }
+
+    pub(super) fn read_scan_audit(
+        &self,
+        visit: &mut dyn FnMut(StoredEvent) -> bool,
+    ) -> Result<(), StoreError> {
+        // pages in sequence order (a cursor would hold one snapshot open for a long scan)
+        let mut after = 0u64;
+        loop {
+            let page = self.read_audit_after(after, 4096)?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = last.seq;
+            for ev in page {
+                if !visit(ev) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn stored_event(r: &Row) -> StoredEvent {
+    StoredEvent {
+        seq: r.get::<_, i64>(0) as u64,
+        event: r.get(1),
+        hash: r.get(2),
+    }
+}

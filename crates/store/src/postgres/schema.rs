@@ -1,0 +1,140 @@
+//! The tables, created and migrated at start under an advisory lock (several nodes may
+//! start at once), each migration once, numbered in `phivault_schema`.
+//!
+//! Every table that grows with patients carries `pkey`, the data key id a row is sealed
+//! under (`p:{patient id}`; shared keys for resources outside any compartment), and every
+//! unique constraint of those tables includes it: each can be distributed on `pkey` with
+//! Citus, co-located (see ARCHITECTURE.md). Uniqueness of a resource's `(rtype, id)` is
+//! kept by the writer, which holds the audit head's row lock across its transaction.
+
+use super::conn::PgConn;
+use crate::StoreError;
+
+/// The advisory lock key of schema changes (`'phivault'` as a number).
+const MIGRATION_LOCK: i64 = 0x7068_6976_6175_6c74;
+
+/// The migrations, in order; `phivault_schema` holds the number of each one applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: the store
+    r#"CREATE TABLE data_key (
+        pkey text COLLATE "C" PRIMARY KEY,
+        key_no bigint GENERATED ALWAYS AS IDENTITY,
+        wrapped bytea NOT NULL
+     );
+     CREATE INDEX data_key_by_no ON data_key (key_no);
+     CREATE TABLE resource_head (
+        rtype text COLLATE "C" NOT NULL,
+        id text COLLATE "C" NOT NULL,
+        pkey text COLLATE "C" NOT NULL,
+        rno bigint NOT NULL,
+        version bigint NOT NULL,
+        deleted boolean NOT NULL,
+        mac bytea NOT NULL,
+        PRIMARY KEY (rtype, id, pkey)
+     );
+     CREATE INDEX resource_head_by_pkey ON resource_head (pkey);
+     CREATE SEQUENCE resource_no;
+     CREATE TABLE resource_version (
+        rtype text COLLATE "C" NOT NULL,
+        id text COLLATE "C" NOT NULL,
+        version bigint NOT NULL,
+        pkey text COLLATE "C" NOT NULL,
+        deleted boolean NOT NULL,
+        updated_ms bigint NOT NULL,
+        sealed bytea NOT NULL,
+        mac bytea NOT NULL,
+        PRIMARY KEY (rtype, id, version, pkey)
+     );
+     CREATE INDEX resource_version_by_time ON resource_version (rtype, updated_ms DESC, id DESC, version DESC);
+     CREATE TABLE posting (
+        rtype text COLLATE "C" NOT NULL,
+        param text COLLATE "C" NOT NULL,
+        token bytea NOT NULL,
+        id text COLLATE "C" NOT NULL,
+        pkey text COLLATE "C" NOT NULL,
+        PRIMARY KEY (rtype, param, token, id, pkey)
+     );
+     CREATE INDEX posting_by_pkey ON posting (pkey, rtype, id);
+     CREATE TABLE meta (
+        k text COLLATE "C" PRIMARY KEY,
+        v bytea NOT NULL,
+        mac bytea NOT NULL
+     );
+     CREATE TABLE kek_generation (
+        generation bigint PRIMARY KEY,
+        wrapped bytea NOT NULL,
+        created_ms bigint NOT NULL
+     );
+     CREATE TABLE audit_event (
+        seq bigint PRIMARY KEY,
+        event bytea NOT NULL,
+        hash bytea NOT NULL
+     );
+     CREATE TABLE audit_checkpoint (
+        size bigint PRIMARY KEY,
+        root bytea NOT NULL,
+        time_ms bigint NOT NULL,
+        signature bytea NOT NULL
+     );
+     CREATE TABLE audit_head (
+        one int PRIMARY KEY CHECK (one = 1),
+        size bigint NOT NULL,
+        hash bytea NOT NULL,
+        state bytea NOT NULL,
+        signature bytea NOT NULL,
+        frontier bytea NOT NULL
+     );"#,
+];
+
+/// Apply the migrations not yet applied, one transaction each, holding the advisory lock
+/// so that nodes starting together apply each once.
+pub(super) async fn migrate(c: &mut PgConn) -> Result<(), StoreError> {
+    c.batch("SET client_min_messages = warning").await?;
+    c.client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(super::conn::pg)?;
+    let out = apply(c).await;
+    let _ = c
+        .client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    out
+}
+
+async fn apply(c: &mut PgConn) -> Result<(), StoreError> {
+    c.batch(
+        "CREATE TABLE IF NOT EXISTS phivault_schema (
+            version int PRIMARY KEY,
+            applied_ms bigint NOT NULL
+         )",
+    )
+    .await?;
+    let row = c
+        .client
+        .query_one("SELECT coalesce(max(version), 0) FROM phivault_schema", &[])
+        .await
+        .map_err(super::conn::pg)?;
+    let applied: i32 = row.get(0);
+    let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+    if applied > known {
+        return Err(StoreError::Engine(format!(
+            "the database is at schema version {applied}, newer than this phivault knows \
+             ({known}): run the newer phivault"
+        )));
+    }
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let version = i32::try_from(n + 1).unwrap_or(i32::MAX);
+        let tx = c.client.transaction().await.map_err(super::conn::pg)?;
+        tx.batch_execute(sql).await.map_err(super::conn::pg)?;
+        tx.execute(
+            "INSERT INTO phivault_schema (version, applied_ms) VALUES ($1, $2)",
+            &[&version, &(super::now_ms() as i64)],
+        )
+        .await
+        .map_err(super::conn::pg)?;
+        tx.commit().await.map_err(super::conn::pg)?;
+        tracing::info!(version, "database schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+#![allow(clippy::unwrap_used)] // tests: a panic is how a check fails
+
+use super::testdb::TestDb;
+use super::*;
+use crate::testsuite;
+use crate::{Expect, Put};
+
+fn open(db: &TestDb) -> PgStore {
+    PgStore::open(&db.target, StoreKeys::for_tests()).expect("open")
+}
+
+fn row(rtype: &str, id: &str, version: u64, sealed: &[u8]) -> VersionRow {
+    VersionRow {
+        rtype: rtype.into(),
+        id: id.into(),
+        version,
+        key_id: "k1".into(),
+        deleted: false,
+        updated_ms: 1_700_000_000_000,
+        sealed: sealed.to_vec(),
+    }
+}
+
+fn create(store: &dyn Store, id: &str, sealed: &[u8]) {
+    store
+        .submit(WriteBatch {
+            new_keys: vec![("k1".into(), b"wrapped".to_vec())],
+            puts: vec![Put {
+                row: row("Patient", id, 1, sealed),
+                expect: Expect::Absent,
+                index: vec![],
+                replaces: vec![],
+            }],
+            audit: vec![testsuite::event(1)],
+            ..Default::default()
+        })
+        .blocking_recv()
+        .unwrap()
+        .expect("create");
+}
+
+/// Every event in the log chains to the signed head, and the state recomputed from every
+/// row is the signed one.
+fn assert_verifies(store: &PgStore) {
+    let head = store.audit_head().unwrap().expect("a head");
+    let mut rows = Vec::new();
+    store
+        .scan_audit(&mut |e| {
+            rows.push(Ok::<_, StoreError>(e));
+            true
+        })
+        .unwrap();
+    let chained = phivault_audit::verify_chain(
+        rows,
+        Some(phivault_audit::ChainHead {
+            size: head.size,
+            hash: head.hash,
+        }),
+    )
+    .expect("the chain verifies");
+    assert_eq!(chained.size, head.size);
+    assert!(phivault_audit::verify_head_signature(
+        &chained,
+        &head.state,
+        &StoreKeys::for_tests().audit_public,
+        &head.signature
+    ));
+    assert_eq!(store.check_state(&mut || {}).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn the_shared_engine_suite_passes() {
+    let db = TestDb::new();
+    let store = open(&db);
+    testsuite::run_all(&store);
+    assert_verifies(&store);
+    // the store opens again over what it wrote, and the checks at open pass
+    store.close();
+    drop(store);
+    let again = open(&db);
+    assert!(again.current("Condition", "c7").unwrap().is_some());
+    assert_verifies(&again);
+}
+
+#[test]
+fn two_nodes_on_one_database_are_one_store_with_one_chain() {
+    let db = TestDb::new();
+    let a = Arc::new(open(&db));
+    let b = Arc::new(open(&db));
+    create(a.as_ref(), "from-a", b"one");
+    // a write acknowledged by one node is read by the other at once
+    assert_eq!(
+        b.current("Patient", "from-a").unwrap().unwrap().sealed,
+        b"one"
+    );
+    // both write at once: every write lands, each event once, in one chain
+    let writers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(n, s)| {
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let rx = s.submit(WriteBatch {
+                        audit: vec![testsuite::event(i)],
+                        ..Default::default()
+                    });
+                    rx.blocking_recv().unwrap().unwrap();
+                    if i % 10 == 0 {
+                        create(s.as_ref(), &format!("n{n}-{i}"), b"x");
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    for s in [&a, &b] {
+        for n in 0..2 {
+            for i in (0..50).step_by(10) {
+                assert!(
+                    s.current("Patient", &format!("n{n}-{i}"))
+                        .unwrap()
+                        .is_some()
+                );
+            }
+        }
+    }
+    assert_eq!(a.audit_head().unwrap(), b.audit_head().unwrap());
+    assert_eq!(a.audit_head().unwrap().unwrap().size, 1 + 2 * (50 + 5));
+    assert_verifies(&a);
+}
+
+#[test]
+fn rows_changed_in_the_database_are_refused_as_read_and_at_open() {
+    let db = TestDb::new();
+    let store = open(&db);
+    create(&store, "p1", b"sealed-one");
+    store.set_meta("client:x", b"{}").unwrap();
+    // an edited version is refused, not served
+    db.sql("UPDATE resource_version SET sealed = '\\x00' WHERE id = 'p1'");
+    let e = store.current("Patient", "p1").unwrap_err();
+    assert!(matches!(e, StoreError::Tampered(_)), "{e}");
+    assert!(!store.take_detections().is_empty());
+    // an edited setting likewise
+    db.sql("UPDATE meta SET v = '\\x7b7d20' WHERE k = 'client:x'");
+    assert!(matches!(
+        store.meta("client:x").unwrap_err(),
+        StoreError::Tampered(_)
+    ));
+    // the background check names what differs
+    assert!(!store.check_state(&mut || {}).unwrap().is_empty());
+    store.close();
+    drop(store);
+    // a setting removed: the next open refuses, naming the kind of row
+    db.sql("DELETE FROM meta WHERE k = 'client:x'");
+    let e = PgStore::open(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().contains("settings rows differ"), "{e}");
+}
+
+#[test]
+fn a_rolled_back_record_or_cut_log_is_refused_at_open() {
+    let db = TestDb::new();
+    let store = open(&db);
+    create(&store, "p1", b"v1");
+    let saved_head = db.sql("SELECT encode(mac, 'hex') FROM resource_head WHERE id = 'p1'");
+    store
+        .submit(WriteBatch {
+            puts: vec![Put {
+                row: row("Patient", "p1", 2, b"v2"),
+                expect: Expect::Version(1),
+                index: vec![],
+                replaces: vec![],
+            }],
+            ..Default::default()
+        })
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    store.close();
+    drop(store);
+    // the storage writer puts version 1 back, with its valid MAC
+    db.sql(&format!(
+        "DELETE FROM resource_version WHERE id = 'p1' AND version = 2; \
+         UPDATE resource_head SET version = 1, mac = decode('{}', 'hex') WHERE id = 'p1'",
+        saved_head.trim()
+    ));
+    let e = PgStore::open(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().contains("heads differ"), "{e}");
+    // a log cut short is refused too
+    let db = TestDb::new();
+    let store = open(&db);
+    testsuite::append_audit(&store, 5);
+    store.close();
+    drop(store);
+    db.sql("DELETE FROM audit_event WHERE seq = 5");
+    let e = PgStore::open(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().contains("audit log ends at event 4"), "{e}");
+}
+
+#[test]
+fn an_erased_key_leaves_no_wrapped_key_and_takes_no_more_writes() {
+    let db = TestDb::new();
+    let store = open(&db);
+    store
+        .submit(WriteBatch {
+            new_keys: vec![("p:1".into(), b"wrapped-secret".to_vec())],
+            puts: vec![Put {
+                row: VersionRow {
+                    key_id: "p:1".into(),
+                    ..row("Patient", "1", 1, b"x")
+                },
+                expect: Expect::Absent,
+                index: vec![crate::IndexEntry {
+                    param: "name".into(),
+                    token: b"tok".to_vec(),
+                }],
+                replaces: vec![],
+            }],
+            ..Default::default()
+        })
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let erased = store
+        .erase_key(crate::Erasure {
+            key_id: "p:1".into(),
+            marker: b"m".to_vec(),
+            audit: vec![testsuite::event(9)],
+        })
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!((erased.resources, erased.postings), (1, 1));
+    assert_eq!(store.data_key("p:1").unwrap().unwrap(), b"");
+    assert!(matches!(
+        store
+            .erase_key(crate::Erasure {
+                key_id: "p:1".into(),
+                marker: b"m".to_vec(),
+                audit: vec![],
+            })
+            .blocking_recv()
+            .unwrap(),
+        Err(CommitError::KeyErased)
+    ));
+    let dump = db.sql("SELECT encode(wrapped, 'escape') FROM data_key");
+    assert!(!dump.contains("wrapped-secret"));
+    assert_verifies(&store);
+}
