@@ -6,7 +6,8 @@
 # headless-Chromium sign-in test (Playwright) against the real binary, and the README's
 # first-run section followed literally on a fresh clone (tests/readme). Installs what it
 # needs (the provider's npm packages; a Python virtualenv with the pinned test clients;
-# Debian's chromium and the pinned playwright-core) and stops every server it starts.
+# Debian's chromium and the pinned playwright-core; Debian's PostgreSQL server, whose
+# cluster of its own the PostgreSQL tests use) and stops every server it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
@@ -55,6 +56,10 @@ export PHIVAULT_MOTO_SERVER="$PYENV/bin/moto_server"
 XDG_CONFIG_HOME="$(mktemp -d)"
 export XDG_CONFIG_HOME
 trap 'rm -rf "$XDG_CONFIG_HOME"' EXIT
+
+echo "== PostgreSQL: Debian's server (installed when missing), a cluster of this run's own on 127.0.0.1"
+eval "$(tests/postgres/cluster.sh start)"
+trap 'tests/postgres/cluster.sh stop "$PHIVAULT_TEST_PG_DIR"; rm -rf "$XDG_CONFIG_HOME"' EXIT
 
 echo "== cargo test (unit, property, integration)"
 cargo test --workspace --no-fail-fast

@@ -120,6 +120,15 @@ pub enum Cmd {
         index_bits: u32,
         #[command(flatten)]
         key: KeyArgs,
+        /// Keep the store in this PostgreSQL database (`postgres://USER@HOST:PORT/DB`, an
+        /// empty database; loopback or a Unix socket) instead of the embedded SQLite file.
+        /// The URL is recorded in DIR/database.json; several nodes use copies of DIR.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+        /// A file holding the database password (default: PGPASSFILE or ~/.pgpass). A
+        /// password is never taken from the URL or the command line.
+        #[arg(long, requires = "database", value_name = "FILE")]
+        database_password_file: Option<PathBuf>,
     },
     /// Key providers and key management.
     Keys {

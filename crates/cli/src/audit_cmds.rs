@@ -202,7 +202,7 @@ pub(crate) fn check_audit_log(
     use phivault_audit::{StoredEvent, merkle::Checkpoint, verify};
     /// The data directory's store and the witness file, read as the verification asks.
     struct Files<'a> {
-        store: phivault_store::sqlite::SqliteStore,
+        store: phivault_store::AnyStore,
         witness: Option<&'a Path>,
     }
     impl verify::Source for Files<'_> {

@@ -228,7 +228,7 @@ fn backup_now(data_dir: &Path, t: &TargetArgs) -> Result<i32> {
     let pb = bar.clone();
     let started = now_ms();
     let shipper = Shipper::start(
-        opened.store.clone(),
+        crate::backup_serve::sqlite_for_backups(&opened.store)?,
         ShipConfig {
             target: target.clone(),
             sealer: deploy.sealer.clone(),

@@ -19,6 +19,7 @@ use phivault_backup::target::Target;
 use phivault_backup::{now_ms, rfc3339};
 use phivault_crypto::KeyHierarchy;
 use phivault_crypto::backup::BackupKeys;
+use phivault_store::AnyStore;
 use phivault_store::sqlite::SqliteStore;
 
 use crate::backup_args::Shipping;
@@ -199,14 +200,25 @@ impl Running {
     }
 }
 
+/// The embedded engine, whose write-ahead log backups ship from; a PostgreSQL store is
+/// refused with what to use instead.
+pub(crate) fn sqlite_for_backups(store: &AnyStore) -> Result<Arc<SqliteStore>> {
+    store.sqlite().cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "phivault's encrypted backups ship from the embedded SQLite engine's write-ahead log; a PostgreSQL store is backed up with PostgreSQL's own tools (pg_basebackup and WAL archiving to encrypted storage) — its rows are ciphertext and blind tokens only"
+        )
+    })
+}
+
 /// Start shipping the opened data directory's backups (and its monitor).
 pub(crate) fn start(
     d: &DataDir,
     keys: &KeyHierarchy,
-    store: Arc<SqliteStore>,
+    store: Arc<AnyStore>,
     vault: Arc<phivault_records::Vault>,
     s: &Shipping,
 ) -> Result<Running> {
+    let store = sqlite_for_backups(&store)?;
     let target = open_target(&s.target, s.ca_file.as_deref())?;
     let deploy = deploy_for(d, keys, s.backup_keys.as_deref())?;
     refuse_target_place(&s.target, d, deploy.sealer.periods().dir())?;

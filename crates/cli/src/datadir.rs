@@ -6,6 +6,8 @@
 //!   keys/master.passphrase  (passphrase provider) the master key wrapped under Argon2id
 //!   serve.lock              the pid of the one `serve` of this directory (which holds a flock on DIR)
 //!   phivault.db (+ -wal)    SQLite: sealed versions, blind indexes, wrapped data keys, audit chain
+//!   database.json           (PostgreSQL instead) the database's URL and where its password is:
+//!                           never the password itself; several nodes' directories name one database
 //!   keys/token-signing.sealed   Ed25519 PKCS#8, sealed under the master key
 //!   keys/audit-signing.sealed   Ed25519 PKCS#8, sealed under the master key
 //!   tls/ca.pem              development CA certificate (its private key is discarded)
@@ -19,8 +21,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use phivault_crypto::{KeyHierarchy, MasterKey, SigningKey};
-use phivault_store::Store;
+use phivault_store::postgres::{PasswordSource, PgStore, PgTarget};
 use phivault_store::sqlite::SqliteStore;
+use phivault_store::{AnyStore, Store};
 
 const TOKEN_KEY_LABEL: &str = "token-signing-v1";
 const AUDIT_KEY_LABEL: &str = "audit-signing-v1";
@@ -61,6 +64,44 @@ impl DataDir {
     }
     pub fn serve_lock(&self) -> PathBuf {
         self.root.join("serve.lock")
+    }
+    pub fn database_json(&self) -> PathBuf {
+        self.root.join("database.json")
+    }
+
+    /// The PostgreSQL database this directory's store is in, if it names one
+    /// (`database.json`); none: the embedded SQLite file.
+    pub fn database(&self) -> Result<Option<PgTarget>> {
+        let path = self.database_json();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let cfg: DatabaseConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        Ok(Some(cfg.target()?))
+    }
+}
+
+/// `database.json`: where the PostgreSQL database is (the URL holds no password).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://USER@HOST:PORT/DB`.
+    pub url: String,
+    /// A file holding the password; none: `PGPASSFILE` or `~/.pgpass`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl DatabaseConfig {
+    pub fn target(&self) -> Result<PgTarget> {
+        let source = match &self.password_file {
+            Some(p) => PasswordSource::File(p.clone()),
+            None => PasswordSource::Standard,
+        };
+        Ok(PgTarget::parse(&self.url, source)?)
     }
 }
 
@@ -163,10 +204,13 @@ pub fn init(
     root: &Path,
     index_bits: u32,
     key: &phivault_keys::Create,
+    database: Option<&DatabaseConfig>,
 ) -> Result<phivault_keys::ProviderConfig> {
     if !(1..=64).contains(&index_bits) {
         bail!("--index-bits must be between 1 and 64");
     }
+    // a URL that will not do is refused before anything is made
+    let target = database.map(DatabaseConfig::target).transpose()?;
     if root.exists() {
         bail!(
             "{} already exists; refusing to overwrite a data directory",
@@ -211,17 +255,32 @@ pub fn init(
     }
     let audit = audit.context("no audit key was made")?;
     write_dev_tls(&d)?;
-    // Create the database file private: SQLite gives its -wal and -shm files the same mode.
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(d.db())
-            .context("cannot create the database file")?;
-    }
-    let store = SqliteStore::open(&d.db(), store_keys(&keys, audit))?;
+    let store = match (&target, database) {
+        (Some(target), Some(cfg)) => match new_postgres_store(&d, target, cfg, &keys, audit) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(root);
+                return Err(e);
+            }
+        },
+        _ => {
+            // Create the database file private: SQLite gives its -wal and -shm files the
+            // same mode.
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(d.db())
+                    .context("cannot create the database file")?;
+            }
+            AnyStore::Sqlite(Arc::new(SqliteStore::open(
+                &d.db(),
+                store_keys(&keys, audit),
+            )?))
+        }
+    };
     store.set_meta(META_KCV, &keys.key_check_value())?;
     store.set_meta(
         phivault_records::INDEX_BITS_META,
@@ -235,6 +294,50 @@ pub fn init(
     )?;
     store.close();
     Ok(provider)
+}
+
+/// A new store in an empty PostgreSQL database: `database.json` written, the schema made.
+/// A database that already holds a store (another deployment's, or this one's) is refused:
+/// a new node joins with a copy of an existing node's data directory instead.
+fn new_postgres_store(
+    d: &DataDir,
+    target: &PgTarget,
+    cfg: &DatabaseConfig,
+    keys: &KeyHierarchy,
+    audit: SigningKey,
+) -> Result<AnyStore> {
+    if let Ok(Some(_)) = PgStore::open_read_only(target).map(|s| {
+        let head = s.audit_head().ok().flatten();
+        s.close();
+        head
+    }) {
+        bail!(
+            "the database {} already holds a phivault store: a new node joins with a copy of an existing node's data directory (which holds no key), not with init",
+            target.url()
+        );
+    }
+    phivault_crypto::write_private_file(&d.database_json(), &serde_json::to_vec_pretty(cfg)?)?;
+    let store = PgStore::open(target, store_keys(keys, audit))
+        .with_context(|| format!("cannot open the database {}", target.url()))?;
+    if store.holds_data()? {
+        store.close();
+        bail!(
+            "the database {} already holds a phivault store: a new node joins with a copy of an existing node's data directory (which holds no key), not with init",
+            target.url()
+        );
+    }
+    Ok(AnyStore::Postgres(Arc::new(store)))
+}
+
+/// The store of a data directory, opened with its keys: the database `database.json`
+/// names, or the embedded file.
+fn open_store(d: &DataDir, keys: phivault_store::StoreKeys) -> Result<AnyStore> {
+    Ok(match d.database()? {
+        Some(target) => {
+            AnyStore::Postgres(Arc::new(PgStore::open(&target, keys).map_err(refusal)?))
+        }
+        None => AnyStore::Sqlite(Arc::new(SqliteStore::open(&d.db(), keys).map_err(refusal)?)),
+    })
 }
 
 /// The label of the store's integrity secret under the master key.
@@ -269,7 +372,7 @@ pub(crate) fn refusal(e: phivault_store::StoreError) -> anyhow::Error {
 pub struct Opened {
     pub dir: DataDir,
     pub keys: KeyHierarchy,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<AnyStore>,
     pub token_pkcs8: phivault_crypto::Secret<Vec<u8>>,
     /// The audit key's public half.
     pub audit_public: [u8; 32],
@@ -396,8 +499,14 @@ pub fn check_key(d: &DataDir, keys: &KeyHierarchy) -> Result<()> {
 }
 
 /// The data directory's database, read-only (offline reports), or an error naming the path.
-pub fn read_only_store(root: &Path) -> Result<SqliteStore> {
-    let db = DataDir::new(root).db();
+pub fn read_only_store(root: &Path) -> Result<AnyStore> {
+    let d = DataDir::new(root);
+    if let Some(target) = d.database()? {
+        let s = PgStore::open_read_only(&target)
+            .with_context(|| format!("cannot open the database {}", target.url()))?;
+        return Ok(AnyStore::Postgres(Arc::new(s)));
+    }
+    let db = d.db();
     if !db.is_file() {
         bail!(
             "{} is not a phivault data directory (no {})",
@@ -405,7 +514,9 @@ pub fn read_only_store(root: &Path) -> Result<SqliteStore> {
             db.display()
         );
     }
-    SqliteStore::open_read_only(&db).with_context(|| format!("cannot open {}", db.display()))
+    let s = SqliteStore::open_read_only(&db)
+        .with_context(|| format!("cannot open {}", db.display()))?;
+    Ok(AnyStore::Sqlite(Arc::new(s)))
 }
 
 /// Open a data directory for serving or administration.
@@ -434,7 +545,7 @@ pub(crate) fn open_under(d: DataDir, keys: KeyHierarchy, audit: SigningKey) -> R
         .open_secret(TOKEN_KEY_LABEL, &sealed)
         .context("refusing to start: the token signing key does not open under this master key")?;
     let audit_public = audit.public_key();
-    let store = SqliteStore::open(&d.db(), store_keys(&keys, audit)).map_err(refusal)?;
+    let store = open_store(&d, store_keys(&keys, audit))?;
     match store.meta(META_KCV)? {
         Some(kcv) if keys.verify_key_check_value(&kcv) => {}
         Some(_) => bail!("refusing to start: the master key does not match this database"),

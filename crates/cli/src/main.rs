@@ -81,10 +81,19 @@ fn run(cli: Cli) -> Result<i32> {
             data_dir,
             index_bits,
             key,
+            database,
+            database_password_file,
         } => {
             let spec = keys_cmds::create_spec(&key, &unlock)?;
-            let cfg = datadir::init(&data_dir, index_bits, &spec)?;
+            let db = database.map(|url| datadir::DatabaseConfig {
+                url,
+                password_file: database_password_file,
+            });
+            let cfg = datadir::init(&data_dir, index_bits, &spec, db.as_ref())?;
             println!("initialised {}", data_dir.display());
+            if let Some(db) = &db {
+                println!("the store is in the PostgreSQL database {}", db.url);
+            }
             eprintln!("{}", keys_cmds::describe(&cfg));
             keys_cmds::print_new_shares(&cfg)?;
             Ok(0)

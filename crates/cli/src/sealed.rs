@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use phivault_crypto::{KeyHierarchy, MasterKey};
 use phivault_keys::shamir::{Pending, Progress};
-use phivault_store::sqlite::SqliteStore;
+use phivault_store::AnyStore;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
@@ -65,7 +65,7 @@ struct Control {
 
 /// What an unsealed server runs.
 struct Running {
-    store: Arc<SqliteStore>,
+    store: Arc<AnyStore>,
     watcher: phivault_records::watch::Watcher,
     shipping: Option<crate::backup_serve::Running>,
     app: Weak<phivault_server::App>,
@@ -75,7 +75,7 @@ struct Running {
 /// What the unseal thread built.
 struct Unsealed {
     app: Arc<phivault_server::App>,
-    store: Arc<SqliteStore>,
+    store: Arc<AnyStore>,
     shipping: Option<crate::backup_serve::Running>,
     audit_key: [u8; 32],
 }

@@ -48,7 +48,7 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
     }
     if !data_dir.exists() {
         let spec = phivault_keys::Create::File { key_file: None };
-        let cfg = datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS, &spec)?;
+        let cfg = datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS, &spec, None)?;
         announce_new_store(&datadir::DataDir::new(data_dir), &cfg);
     }
     let mut lock = datadir::lock_for_serving(&datadir::DataDir::new(data_dir))?;

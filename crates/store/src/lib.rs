@@ -16,6 +16,9 @@
 use phivault_audit::AuditEvent;
 use tokio::sync::oneshot;
 
+pub use any::AnyStore;
+
+mod any;
 pub mod integrity;
 mod pending;
 pub mod postgres;

@@ -113,7 +113,9 @@ pub struct PgStore {
     tx: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     /// Signalled when the writer has finished (after its senders are gone).
     writer_done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    integ: Arc<Integrity>,
+    /// The integrity keys; none on a read-only open (offline reports), which checks no
+    /// row's MAC (as the embedded engine's read-only open checks nothing).
+    integ: Option<Arc<Integrity>>,
     audit_public: [u8; 32],
     /// What readers refused since [`Store::take_detections`] last took it.
     detections: Mutex<Vec<String>>,
@@ -179,10 +181,47 @@ impl PgStore {
             pool,
             tx: Mutex::new(Some(tx)),
             writer_done: Mutex::new(Some(done_rx)),
-            integ,
+            integ: Some(integ),
             audit_public,
             detections: Mutex::new(Vec::new()),
             checkpoint_ms,
+        })
+    }
+
+    /// Connect for reading only (offline reports and verification with the audit key's
+    /// public half): no migration, no writer, no row checked against its MAC.
+    pub fn open_read_only(target: &PgTarget) -> Result<Self, StoreError> {
+        let pool = Pool::new(target.clone())?;
+        let schema = pool.with(async |c| {
+            c.query_opt(
+                "SELECT 1 FROM pg_tables WHERE tablename = 'phivault_schema'",
+                &[],
+            )
+            .await
+        });
+        match schema {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                pool.shut();
+                return Err(StoreError::Engine(
+                    "the database holds no phivault store (run phivault init)".into(),
+                ));
+            }
+            Err(e) => {
+                pool.shut();
+                return Err(e);
+            }
+        }
+        Ok(PgStore {
+            pool,
+            tx: Mutex::new(None),
+            writer_done: Mutex::new(None),
+            integ: None,
+            audit_public: [0; 32],
+            detections: Mutex::new(Vec::new()),
+            checkpoint_ms: Arc::new(std::sync::atomic::AtomicU64::new(
+                crate::sqlite::CHECKPOINT_INTERVAL_MS,
+            )),
         })
     }
 
@@ -230,6 +269,32 @@ impl PgStore {
             Some(tx) => tx.send(cmd).map_err(|e| Box::new(e.0)),
             None => Err(Box::new(cmd)),
         }
+    }
+
+    /// Whether a head row is the one written (always, on a read-only open).
+    pub(super) fn head_ok(
+        &self,
+        rtype: &str,
+        id: &str,
+        pkey: &str,
+        head: Head,
+        mac: &[u8],
+    ) -> bool {
+        self.integ
+            .as_ref()
+            .is_none_or(|i| head_mac(i, rtype, id, pkey, head).as_slice() == mac)
+    }
+
+    /// Whether a version row is the one written (always, on a read-only open).
+    pub(super) fn version_ok(&self, row: &VersionRow, mac: &[u8]) -> bool {
+        self.integ
+            .as_ref()
+            .is_none_or(|i| version_mac_ok(i, row, mac))
+    }
+
+    /// Whether a settings row is the one written (always, on a read-only open).
+    pub(super) fn setting_ok(&self, k: &str, v: &[u8], mac: &[u8]) -> bool {
+        self.integ.as_ref().is_none_or(|i| i.setting_ok(k, v, mac))
     }
 
     pub(super) fn detected(&self, what: &str) {
@@ -339,7 +404,7 @@ impl Store for PgStore {
         let digests = batch
             .puts
             .iter()
-            .map(|p| crate::sqlite::PutDigest::of(p, Some(&self.integ)))
+            .map(|p| crate::sqlite::PutDigest::of(p, self.integ.as_deref()))
             .collect();
         if let Err(cmd) = self.send(Command::Batch(batch, digests, tx))
             && let Command::Batch(_, _, tx) = *cmd
@@ -389,13 +454,11 @@ impl Store for PgStore {
     }
 
     fn check_state(&self, pace: &mut dyn FnMut()) -> Result<Vec<String>, StoreError> {
+        let Some(integ) = &self.integ else {
+            return Ok(Vec::new());
+        };
         let mut c = self.pool.connect()?;
-        conn::block_on(trust::check_state(
-            &mut c,
-            &self.integ,
-            &self.audit_public,
-            pace,
-        ))
+        conn::block_on(trust::check_state(&mut c, integ, &self.audit_public, pace))
     }
 
     fn take_detections(&self) -> Vec<String> {

@@ -7,8 +7,8 @@ use phivault_audit::merkle;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use super::PgStore;
 use super::conn::pg;
-use super::{PgStore, head_mac, version_mac_ok};
 use crate::integrity::Head;
 use crate::{Candidates, IndexEntry, IndexStats, KekRow, SignedHead, StoreError, VersionRow};
 
@@ -145,7 +145,7 @@ impl PgStore {
                 version: r.get::<_, i64>(3) as u64,
                 deleted: r.get(4),
             };
-            if head_mac(&self.integ, rtype, &id, &pkey, head).as_slice() != r.get::<_, &[u8]>(5) {
+            if !self.head_ok(rtype, &id, &pkey, head, r.get(5)) {
                 return Err(self.tampered(format!(
                     "{rtype}/{id}: its head row is not the one phivault wrote"
                 )));
@@ -157,10 +157,7 @@ impl PgStore {
                 )));
             }
             let (row, mac) = version_row(r, 6);
-            if !version_mac_ok(&self.integ, &row, &mac)
-                || row.deleted != head.deleted
-                || row.key_id != pkey
-            {
+            if !self.version_ok(&row, &mac) || row.deleted != head.deleted || row.key_id != pkey {
                 return Err(self.tampered(format!(
                     "{rtype}/{id}: version {} is not the one phivault wrote",
                     head.version
@@ -184,7 +181,7 @@ impl PgStore {
         rows.iter()
             .map(|r| {
                 let (row, mac) = version_row(r, 0);
-                if version_mac_ok(&self.integ, &row, &mac) {
+                if self.version_ok(&row, &mac) {
                     Ok(row)
                 } else {
                     Err(self.tampered(format!(
@@ -324,7 +321,7 @@ impl PgStore {
 
     /// A settings row as read, checked against its MAC.
     fn checked_setting(&self, k: &str, v: Vec<u8>, mac: &[u8]) -> Result<Vec<u8>, StoreError> {
-        if self.integ.setting_ok(k, &v, mac) {
+        if self.setting_ok(k, &v, mac) {
             Ok(v)
         } else {
             Err(self.tampered(format!(
