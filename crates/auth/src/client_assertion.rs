@@ -122,6 +122,8 @@ impl ReplayInner {
 pub struct ReplayCache {
     inner: Mutex<ReplayInner>,
     capacity: usize,
+    /// Records shared with the other nodes (then nothing is kept in memory).
+    shared: Option<std::sync::Arc<dyn crate::SharedSeen>>,
 }
 
 impl std::fmt::Debug for ReplayCache {
@@ -148,6 +150,15 @@ impl ReplayCache {
         ReplayCache {
             inner: Mutex::new(ReplayInner::default()),
             capacity: capacity.max(1),
+            shared: None,
+        }
+    }
+
+    /// A cache whose records all nodes of a deployment share.
+    pub fn shared(records: std::sync::Arc<dyn crate::SharedSeen>) -> ReplayCache {
+        ReplayCache {
+            shared: Some(records),
+            ..ReplayCache::default()
         }
     }
 
@@ -161,6 +172,23 @@ impl ReplayCache {
         expires_at: u64,
         now: u64,
     ) -> Result<(), TokenFailure> {
+        if let Some(shared) = &self.shared {
+            let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+            c.update(client_id.as_bytes());
+            c.update(&[0]);
+            c.update(jti.as_bytes());
+            let key = c.finish();
+            return match shared.first_time(
+                "assertion",
+                key.as_ref(),
+                expires_at.saturating_mul(1000),
+            ) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(TokenFailure::JtiReplayed),
+                // (unreachable records refuse: fail closed; the store's side logs why)
+                Err(_) => Err(TokenFailure::ReplayCacheFull),
+            };
+        }
         let mut g = self.inner.lock();
         g.purge(now);
         let key = (client_id.to_owned(), jti.to_owned());

@@ -51,6 +51,8 @@ pub struct DpopProof {
 pub struct ProofCache {
     inner: parking_lot::Mutex<ProofInner>,
     capacity: usize,
+    /// Records shared with the other nodes (then nothing is kept in memory).
+    shared: Option<std::sync::Arc<dyn crate::SharedSeen>>,
 }
 
 #[derive(Default)]
@@ -83,6 +85,15 @@ impl ProofCache {
         ProofCache {
             inner: parking_lot::Mutex::new(ProofInner::default()),
             capacity: capacity.max(1),
+            shared: None,
+        }
+    }
+
+    /// A cache whose records all nodes of a deployment share.
+    pub fn shared(records: std::sync::Arc<dyn crate::SharedSeen>) -> Self {
+        ProofCache {
+            shared: Some(records),
+            ..ProofCache::default()
         }
     }
 
@@ -94,6 +105,14 @@ impl ProofCache {
         c.update(proof.jti.as_bytes());
         let mut key = [0u8; 16];
         key.copy_from_slice(&c.finish().as_ref()[..16]);
+        if let Some(shared) = &self.shared {
+            return match shared.first_time("dpop", &key, proof.replay_until.saturating_mul(1000)) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("DPoP proof replayed"),
+                // (unreachable records refuse: fail closed; the store's side logs why)
+                Err(_) => Err("DPoP replay records unavailable"),
+            };
+        }
         let mut g = self.inner.lock();
         while let Some(&(exp, k)) = g.order.front() {
             if exp > now {

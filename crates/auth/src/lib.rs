@@ -59,6 +59,16 @@ pub use scope::{Context, ERASE_SCOPE, Interaction, Perms, Scope, ScopeError, Sco
 pub use token_endpoint::{TokenResponse, handle_token_request};
 pub use users::{LoginFailure, Role, UserError, UserRecord};
 
+/// Replay records several processes share (nodes of one deployment): a key recorded by one
+/// is a replay on every other until it expires. Implemented over the store by the caller
+/// (this crate knows no storage engine); without it the caches keep records in memory.
+pub trait SharedSeen: Send + Sync {
+    /// Record `key` of kind `ns` until `until_ms` (ms since the Unix epoch): `Ok(true)` the
+    /// first time, `Ok(false)` if it is recorded and not expired; `Err` if the records
+    /// cannot be reached (the caller refuses: fail closed).
+    fn first_time(&self, ns: &str, key: &[u8], until_ms: u64) -> Result<bool, String>;
+}
+
 /// Percent-encoding of a URL query component or path segment (RFC 3986: everything but the
 /// unreserved characters).
 pub fn percent_encode(s: &str) -> String {

@@ -71,6 +71,118 @@ impl Needles {
     }
 }
 
+/// The PostgreSQL side of the leak test: no needle in `pg_dump`'s output of the store's
+/// database, in the cluster's files of that database and its write-ahead log (after a
+/// checkpoint), or in the database server's log.
+fn postgres_holds_no_phi(s: &Server, needles: &Needles) {
+    let cfg: Value = serde_json::from_slice(
+        &std::fs::read(s.data.join("database.json")).expect("database.json"),
+    )
+    .expect("json");
+    let url = cfg["url"].as_str().expect("url");
+    let passfile = PathBuf::from(std::env::var("PGPASSFILE").expect("PGPASSFILE"));
+    let dump = std::process::Command::new("pg_dump")
+        .args(["-d", url])
+        .env("PGPASSFILE", &passfile)
+        .output()
+        .expect("pg_dump runs");
+    assert!(
+        dump.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    assert!(dump.stdout.len() > 100_000, "the dump holds the store");
+    let hits = needles.find(&dump.stdout);
+    assert!(
+        hits.is_empty(),
+        "PHI in pg_dump's output: {} needles",
+        hits.len()
+    );
+    let psql = |sql: &str| phivault_store::postgres::testdb::psql(url, &passfile, sql);
+    psql("CHECKPOINT");
+    let cluster = PathBuf::from(std::env::var("PHIVAULT_TEST_PG_DIR").expect("the test cluster"))
+        .join("data");
+    // the files of the store's tables, their indexes and TOAST (segments, free-space and
+    // visibility maps included)
+    let rels = psql(
+        "SELECT pg_relation_filepath(c.oid) FROM pg_class c \
+         WHERE c.relnamespace = 'public'::regnamespace AND pg_relation_filepath(c.oid) IS NOT NULL \
+         UNION SELECT pg_relation_filepath(t.oid) FROM pg_class c JOIN pg_class t \
+         ON t.oid = c.reltoastrelid OR t.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = c.reltoastrelid) \
+         WHERE c.relnamespace = 'public'::regnamespace",
+    );
+    let mut scanned = 0u64;
+    let mut files = 0;
+    for rel in rels.lines().filter(|l| !l.is_empty()) {
+        let base = cluster.join(rel);
+        let dir = base.parent().expect("a relation's directory");
+        let stem = base
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a file name");
+        for entry in std::fs::read_dir(dir)
+            .expect("the database's directory")
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == stem
+                || name.starts_with(&format!("{stem}."))
+                || name.starts_with(&format!("{stem}_"))
+            {
+                let bytes = std::fs::read(entry.path()).unwrap_or_default();
+                scanned += bytes.len() as u64;
+                files += 1;
+                let hits = needles.find(&bytes);
+                assert!(
+                    hits.is_empty(),
+                    "PHI in the table file {name}: {} needles",
+                    hits.len()
+                );
+            }
+        }
+    }
+    assert!(files >= 10, "the store's table files were found ({files})");
+    // the write-ahead log also holds PostgreSQL's own catalogs (a new database's pages are
+    // logged when it is made): a needle that PostgreSQL's stock catalogs hold (a name
+    // that is also a time zone's, say) is not evidence there, and is left out of this part
+    let template: Vec<usize> = {
+        let t = psql("SELECT oid FROM pg_database WHERE datname = 'template1'");
+        let mut found = std::collections::BTreeSet::new();
+        for f in files_under(&cluster.join("base").join(t.trim())) {
+            found.extend(needles.find(&std::fs::read(f).unwrap_or_default()));
+        }
+        found.into_iter().collect()
+    };
+    for f in files_under(&cluster.join("pg_wal")) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        scanned += bytes.len() as u64;
+        let hits: Vec<usize> = needles
+            .find(&bytes)
+            .into_iter()
+            .filter(|k| !template.contains(k))
+            .collect();
+        assert!(
+            hits.is_empty(),
+            "PHI in the write-ahead log {}: {:?}",
+            f.display(),
+            hits.iter()
+                .map(|k| String::from_utf8_lossy(&needles.list[*k].1).into_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+    let log = std::fs::read(cluster.join("server.log")).unwrap_or_default();
+    assert!(
+        needles.find(&log).is_empty(),
+        "PHI in the database server's log"
+    );
+    println!(
+        "leak: PostgreSQL: pg_dump {} bytes, {files} table files and the WAL {scanned} bytes, server log {} bytes: no PHI ({} needles also in PostgreSQL's own catalogs, not counted in the WAL)",
+        dump.stdout.len(),
+        log.len(),
+        template.len()
+    );
+}
+
 /// Compare two JSON values; numbers compare by value (so 5 and 5.0 are equal).
 /// Differences are collected with their JSON path.
 fn diff(a: &Value, b: &Value, path: &str, loose_numbers: &mut usize, out: &mut Vec<String>) {
@@ -399,10 +511,14 @@ fn synthetic_patients_leave_no_phi_at_rest_and_read_back_unchanged() {
             .collect()
     };
     let running = listing(&s.data);
-    assert!(
-        running.iter().any(|f| f.starts_with("phivault.db ")),
-        "no database file under the data directory: {running:?}"
-    );
+    if postgres_mode() {
+        postgres_holds_no_phi(&s, &needles);
+    } else {
+        assert!(
+            running.iter().any(|f| f.starts_with("phivault.db ")),
+            "no database file under the data directory: {running:?}"
+        );
+    }
     println!("leak: searched while running: {running:?}");
     let hits = needles.hits_under(&s.data);
     assert!(

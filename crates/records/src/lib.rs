@@ -15,6 +15,7 @@ pub mod engine;
 pub mod erase;
 mod error;
 pub mod kek;
+pub mod nodes;
 pub mod registrations;
 pub mod reindex;
 pub mod report;

@@ -71,7 +71,14 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) -> Watcher {
         let mut known: Option<HashSet<String>> = None;
         let mut first = true;
         loop {
-            if !first {
+            // (with several nodes on one store, one of them scans; another takes over)
+            let lead = {
+                let a = scanner.clone();
+                tokio::task::spawn_blocking(move || a.engine.lead("snooping-scan"))
+                    .await
+                    .unwrap_or(false)
+            };
+            if !first && lead {
                 let a = scanner.clone();
                 let hours = w.hours;
                 let done = tokio::task::spawn_blocking(move || crate::snoop::run(&a, hours)).await;
@@ -124,7 +131,13 @@ pub fn spawn(app: Arc<Vault>, watch: Watch) -> Watcher {
             tokio::time::sleep(crate::store_check::ROUND).await;
             let full = crate::store_check::due(last_full, started, every);
             let a = checker.clone();
-            let done = tokio::task::spawn_blocking(move || crate::store_check::run(&a, full)).await;
+            let done = tokio::task::spawn_blocking(move || {
+                // (every node raises what its own readers refused; one node at a time
+                // checks the whole of a store several nodes share)
+                let full = full && a.engine.lead("store-check");
+                crate::store_check::run(&a, full)
+            })
+            .await;
             match done {
                 Ok(Ok(round)) => {
                     if let Some(took) = round.full {

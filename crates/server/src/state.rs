@@ -114,13 +114,22 @@ impl App {
         let capability = crate::capability::capability_statement(&vault.base_url, &token_url);
         let smart = crate::capability::smart_configuration(origin, &token_url);
         let jwks = issuer.jwks();
+        // several nodes on one store share their replay records: a proof used on one is
+        // refused on every other
+        let (replay, dpop_replay) = match vault.engine.shared_seen() {
+            Some(shared) => (
+                ReplayCache::shared(shared.clone()),
+                phivault_auth::dpop::ProofCache::shared(shared),
+            ),
+            None => (ReplayCache::default(), Default::default()),
+        };
         App {
             vault,
             token_url,
             issuer,
             verifier,
-            replay: ReplayCache::default(),
-            dpop_replay: Default::default(),
+            replay,
+            dpop_replay,
             limits,
             freshness: Freshness::default(),
             authz: phivault_auth::authorize::AuthorizationServer::new(),

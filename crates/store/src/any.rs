@@ -177,6 +177,15 @@ impl Store for AnyStore {
     fn take_detections(&self) -> Vec<String> {
         self.inner().take_detections()
     }
+    fn claim_once(&self, ns: &str, key: &[u8], until_ms: i64) -> Result<Option<bool>, StoreError> {
+        self.inner().claim_once(ns, key, until_ms)
+    }
+    fn lead(&self, task: &str) -> bool {
+        self.inner().lead(task)
+    }
+    fn shared_by_nodes(&self) -> bool {
+        self.inner().shared_by_nodes()
+    }
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
         self.inner().audit_head()
     }

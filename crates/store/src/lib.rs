@@ -449,6 +449,26 @@ pub trait Store: Send + Sync + 'static {
     fn take_detections(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Record `key` in namespace `ns` until `until_ms` (ms since the Unix epoch), once for
+    /// every node that shares this store: `Some(true)` the first time, `Some(false)` if it
+    /// is recorded and not expired (a replay), `None` if this engine keeps no state shared
+    /// by several processes (one node: its callers keep such records in memory).
+    fn claim_once(&self, ns: &str, key: &[u8], until_ms: i64) -> Result<Option<bool>, StoreError> {
+        let _ = (ns, key, until_ms);
+        Ok(None)
+    }
+    /// Whether other processes may serve this store at the same time (several nodes on one
+    /// database): then state kept in one process's memory is not enough.
+    fn shared_by_nodes(&self) -> bool {
+        false
+    }
+    /// Whether this process runs the periodic task `task` now (scans, checks): with several
+    /// nodes on one store, one of them at a time, another taking over when it stops. A
+    /// store of one process always leads.
+    fn lead(&self, task: &str) -> bool {
+        let _ = task;
+        true
+    }
     /// The signed audit head, if any event was ever written.
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError>;
     /// Visit audit events in sequence order (for verification and reports).

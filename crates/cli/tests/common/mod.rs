@@ -78,6 +78,10 @@ impl Server {
     pub fn start_with_args(args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
+        if postgres_mode() {
+            // (serve's first run makes an embedded store: this engine's is made by init)
+            init_data_dir(&data, &[]);
+        }
         let launched = launch_with(&data, args);
         Server::running(tmp, data, launched)
     }
@@ -101,15 +105,7 @@ impl Server {
     pub fn start_with_init(init_args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let mut c = Command::new(BIN);
-        c.args(["init", "--data-dir"]).arg(&data).args(init_args);
-        key_home(&mut c, &data);
-        let o = c.output().expect("init");
-        assert!(
-            o.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        init_data_dir(&data, init_args);
         let launched = launch(&data);
         Server::running(tmp, data, launched)
     }
@@ -193,6 +189,34 @@ impl Server {
         self.origin = origin;
         self.stderr = stderr;
     }
+}
+
+/// Whether the tests' new stores are PostgreSQL databases (`PHIVAULT_TEST_ENGINE=postgres`,
+/// with the cluster `scripts/test.sh` starts: `PHIVAULT_TEST_PG`, and `PGPASSFILE`) rather
+/// than the embedded default: `scripts/test.sh` runs the tests that matter per engine
+/// again so.
+pub fn postgres_mode() -> bool {
+    std::env::var("PHIVAULT_TEST_ENGINE").as_deref() == Ok("postgres")
+}
+
+/// `phivault init` of a new data directory with `init_args`, its key file beside it; in
+/// [`postgres_mode`] its store is a fresh database of the test cluster.
+pub fn init_data_dir(data: &Path, init_args: &[&str]) {
+    let mut c = Command::new(BIN);
+    c.args(["init", "--data-dir"]).arg(data).args(init_args);
+    if postgres_mode() {
+        let db = phivault_store::postgres::testdb::TestDb::new();
+        c.args(["--database", db.target.url()]);
+        // (the database outlives the test's handle: the cluster goes at the run's end)
+        std::mem::forget(db);
+    }
+    key_home(&mut c, data);
+    let o = c.output().expect("init");
+    assert!(
+        o.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Start `phivault serve` on `data`; returns the child, its origin and its captured stderr.
@@ -574,23 +598,41 @@ impl Server {
     }
 }
 
+/// The data directory's store opened read-only, whichever engine holds it (as an
+/// administrator's report would read it).
+pub fn read_only_store(data: &Path) -> Box<dyn phivault_store::Store> {
+    match std::fs::read(data.join("database.json")) {
+        Ok(json) => {
+            let cfg: Value = serde_json::from_slice(&json).expect("database.json");
+            let target = phivault_store::postgres::PgTarget::parse(
+                cfg["url"].as_str().expect("url"),
+                phivault_store::postgres::PasswordSource::Standard,
+            )
+            .expect("the database URL");
+            Box::new(
+                phivault_store::postgres::PgStore::open_read_only(&target)
+                    .expect("open the database read-only"),
+            )
+        }
+        Err(_) => Box::new(
+            phivault_store::sqlite::SqliteStore::open_read_only(&data.join("phivault.db"))
+                .expect("open db read-only"),
+        ),
+    }
+}
+
 /// Audit events as stored, read with a read-only connection.
 pub fn audit_events(s: &Server) -> Vec<Value> {
-    let conn = rusqlite::Connection::open_with_flags(
-        s.db_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open db read-only");
-    let mut st = conn
-        .prepare("SELECT event FROM audit_event ORDER BY seq")
-        .expect("prepare");
-    st.query_map([], |row| row.get::<_, Vec<u8>>(0))
-        .expect("query")
-        .map(|r| {
-            let ev = phivault_audit::AuditEvent::decode(&r.expect("row")).expect("decode event");
-            serde_json::to_value(&ev).expect("event json")
+    let store = read_only_store(&s.data);
+    let mut out = Vec::new();
+    store
+        .scan_audit(&mut |e| {
+            let ev = phivault_audit::AuditEvent::decode(&e.event).expect("decode event");
+            out.push(serde_json::to_value(&ev).expect("event json"));
+            true
         })
-        .collect()
+        .expect("scan the audit log");
+    out
 }
 
 /// A master key in every spelling a copy might hold it: raw, base64, base64url, hex.

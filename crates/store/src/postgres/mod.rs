@@ -44,6 +44,7 @@ use crate::{
 mod conn;
 mod read;
 mod schema;
+mod shared;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testdb;
 #[cfg(test)]
@@ -120,6 +121,10 @@ pub struct PgStore {
     /// What readers refused since [`Store::take_detections`] last took it.
     detections: Mutex<Vec<String>>,
     checkpoint_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// When this node last removed expired replay records (ms).
+    last_purge: Mutex<i64>,
+    /// The periodic tasks this node runs (`shared`).
+    leader: Mutex<shared::Leader>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -185,6 +190,8 @@ impl PgStore {
             audit_public,
             detections: Mutex::new(Vec::new()),
             checkpoint_ms,
+            last_purge: Mutex::new(0),
+            leader: Mutex::default(),
         })
     }
 
@@ -222,6 +229,8 @@ impl PgStore {
             checkpoint_ms: Arc::new(std::sync::atomic::AtomicU64::new(
                 crate::sqlite::CHECKPOINT_INTERVAL_MS,
             )),
+            last_purge: Mutex::new(0),
+            leader: Mutex::default(),
         })
     }
 
@@ -256,6 +265,8 @@ impl PgStore {
 
     /// Stop the writer after it has finished the queued commands, then the connections.
     pub fn close(&self) {
+        // (the periodic tasks' locks go with their connection)
+        *self.leader.lock() = shared::Leader::default();
         self.tx.lock().take();
         if let Some(done) = self.writer_done.lock().take() {
             let _ = done.recv();
@@ -459,6 +470,18 @@ impl Store for PgStore {
         };
         let mut c = self.pool.connect()?;
         conn::block_on(trust::check_state(&mut c, integ, &self.audit_public, pace))
+    }
+
+    fn claim_once(&self, ns: &str, key: &[u8], until_ms: i64) -> Result<Option<bool>, StoreError> {
+        self.claim(ns, key, until_ms).map(Some)
+    }
+
+    fn lead(&self, task: &str) -> bool {
+        self.try_lead(&self.leader, task)
+    }
+
+    fn shared_by_nodes(&self) -> bool {
+        true
     }
 
     fn take_detections(&self) -> Vec<String> {

@@ -84,6 +84,14 @@ const MIGRATIONS: &[&str] = &[
         signature bytea NOT NULL,
         frontier bytea NOT NULL
      );"#,
+    // 2: what several nodes must each see once (replay records), until it expires
+    r#"CREATE TABLE once_seen (
+        ns text COLLATE "C" NOT NULL,
+        k bytea NOT NULL,
+        until_ms bigint NOT NULL,
+        PRIMARY KEY (ns, k)
+     );
+     CREATE INDEX once_seen_by_expiry ON once_seen (until_ms);"#,
 ];
 
 /// Apply the migrations not yet applied, one transaction each, holding the advisory lock

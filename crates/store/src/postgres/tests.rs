@@ -248,3 +248,54 @@ fn an_erased_key_leaves_no_wrapped_key_and_takes_no_more_writes() {
     assert!(!dump.contains("wrapped-secret"));
     assert_verifies(&store);
 }
+
+#[test]
+fn a_claim_on_one_node_is_a_replay_on_the_other_until_it_expires() {
+    let db = TestDb::new();
+    let (a, b) = (open(&db), open(&db));
+    let later = crate::sqlite::now_ms() as i64 + 60_000;
+    assert_eq!(a.claim_once("jti", b"one", later).unwrap(), Some(true));
+    assert_eq!(b.claim_once("jti", b"one", later).unwrap(), Some(false));
+    assert_eq!(a.claim_once("jti", b"one", later).unwrap(), Some(false));
+    // another namespace is another record
+    assert_eq!(b.claim_once("dpop", b"one", later).unwrap(), Some(true));
+    // an expired record is taken over
+    let past = crate::sqlite::now_ms() as i64 - 1;
+    assert_eq!(a.claim_once("jti", b"two", past).unwrap(), Some(true));
+    assert_eq!(b.claim_once("jti", b"two", later).unwrap(), Some(true));
+    // a hundred claims of one key at once from both nodes: exactly one wins
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let wins: usize = (0..100)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || s.claim_once("jti", b"raced", later).unwrap() == Some(true))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| usize::from(h.join().unwrap()))
+        .sum();
+    assert_eq!(wins, 1);
+}
+
+#[test]
+fn one_node_leads_each_periodic_task_and_another_takes_over_when_it_stops() {
+    let db = TestDb::new();
+    let (a, b) = (open(&db), open(&db));
+    assert!(a.lead("snooping"));
+    assert!(a.lead("snooping"), "a leader stays the leader");
+    assert!(!b.lead("snooping"));
+    assert!(b.lead("store-check"), "each task has its own leader");
+    assert!(!a.lead("store-check"));
+    // the leader's connection ends (its process died): the other takes over
+    a.close();
+    drop(a);
+    let mut took = false;
+    for _ in 0..50 {
+        if b.lead("snooping") {
+            took = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(took, "the task was taken over");
+}
