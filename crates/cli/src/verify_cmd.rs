@@ -26,6 +26,11 @@ pub(crate) fn verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
         }
     }
     let store_keys = datadir::store_keys(&keys, audit);
+    if let Some(target) = d.database()? {
+        failed |= !verify_postgres(&target, store_keys);
+        println!("verify: {}", if failed { "FAILED" } else { "OK" });
+        return Ok(i32::from(failed));
+    }
     let report = match phivault_store::sqlite::verify::verify_file(
         &d.db(),
         &store_keys.integrity,
@@ -58,4 +63,43 @@ pub(crate) fn verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
     }
     println!("verify: {}", if failed { "FAILED" } else { "OK" });
     Ok(i32::from(failed))
+}
+
+/// The PostgreSQL store: the checks every open makes (the signed head and its state, the
+/// log's end, every settings row and resource head against their MACs and the signed
+/// sums), then every other row summed and compared with the signed state; whether it held.
+fn verify_postgres(
+    target: &phivault_store::postgres::PgTarget,
+    keys: phivault_store::StoreKeys,
+) -> bool {
+    use phivault_store::Store as _;
+    let store = match phivault_store::postgres::PgStore::open(target, keys) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("store: FAILED: {e}");
+            return false;
+        }
+    };
+    let out = store.check_state(&mut || {});
+    let heads = store.resource_heads();
+    store.close();
+    match (out, heads) {
+        (Ok(differ), Ok(heads)) if differ.is_empty() => {
+            println!(
+                "store: OK: the PostgreSQL store's {heads} resources, their versions, postings, keys and settings match the signed state"
+            );
+            true
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            println!("store: FAILED: it cannot be read ({e})");
+            false
+        }
+        (Ok(differ), Ok(_)) => {
+            println!("store: FAILED: rows differ from the signed state:");
+            for line in differ {
+                println!("  {line}");
+            }
+            false
+        }
+    }
 }

@@ -604,9 +604,13 @@ pub fn read_only_store(data: &Path) -> Box<dyn phivault_store::Store> {
     match std::fs::read(data.join("database.json")) {
         Ok(json) => {
             let cfg: Value = serde_json::from_slice(&json).expect("database.json");
+            let source = match cfg["password_file"].as_str() {
+                Some(f) => phivault_store::postgres::PasswordSource::File(f.into()),
+                None => phivault_store::postgres::PasswordSource::Standard,
+            };
             let target = phivault_store::postgres::PgTarget::parse(
                 cfg["url"].as_str().expect("url"),
-                phivault_store::postgres::PasswordSource::Standard,
+                source,
             )
             .expect("the database URL");
             Box::new(

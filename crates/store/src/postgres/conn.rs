@@ -375,6 +375,17 @@ impl Pool {
         out
     }
 
+    /// From now on, every read of this pool runs on one connection in one read-only
+    /// snapshot (a report reads a head and then the log it signs: both of one moment,
+    /// while nodes go on writing).
+    pub(super) fn pin_snapshot(&self) -> Result<(), StoreError> {
+        let c = self.connect()?;
+        block_on(c.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))?;
+        *self.open.lock() = MAX_READERS;
+        self.idle.lock().push(c);
+        Ok(())
+    }
+
     fn take(&self) -> Result<PgConn, StoreError> {
         loop {
             if let Some(c) = self.idle.lock().pop() {

@@ -196,9 +196,15 @@ impl PgStore {
     }
 
     /// Connect for reading only (offline reports and verification with the audit key's
-    /// public half): no migration, no writer, no row checked against its MAC.
+    /// public half): no migration, no writer, no row checked against its MAC; every read
+    /// sees one snapshot, taken at the open (a head and the log it signs agree while
+    /// nodes go on writing).
     pub fn open_read_only(target: &PgTarget) -> Result<Self, StoreError> {
         let pool = Pool::new(target.clone())?;
+        if let Err(e) = pool.pin_snapshot() {
+            pool.shut();
+            return Err(e);
+        }
         let schema = pool.with(async |c| {
             c.query_opt(
                 "SELECT 1 FROM pg_tables WHERE tablename = 'phivault_schema'",
