@@ -1109,7 +1109,7 @@ fn a_clinician_sees_exactly_their_patients_and_breaks_the_glass_for_one_more() {
         alerts[0]["request_id"].as_str().expect("rid")
     );
     assert!(ok[0].user.is_some());
-    let raw = std::fs::read(s.server.db_path()).expect("db");
+    let raw = store_bytes(&s.server);
     assert!(
         !raw.windows(reason.len()).any(|w| w == reason.as_bytes()),
         "reason sealed"
@@ -1430,14 +1430,14 @@ fn an_auditor_reads_the_audit_log_and_no_clinical_data() {
             .collect()
     };
     let db_leaves: Vec<[u8; 32]> = {
-        let c = rusqlite::Connection::open(s.server.db_path()).expect("db");
-        let mut st = c
-            .prepare("SELECT event FROM audit_event WHERE seq <= ?1 ORDER BY seq")
-            .expect("prepare");
-        st.query_map([size as i64], |r| r.get::<_, Vec<u8>>(0))
-            .expect("query")
-            .map(|e| phivault_audit::merkle::leaf_hash(&e.expect("row")))
-            .collect()
+        let mut leaves = Vec::new();
+        read_only_store(&s.server.data)
+            .scan_audit(&mut |e| {
+                leaves.push(phivault_audit::merkle::leaf_hash(&e.event));
+                e.seq < size
+            })
+            .expect("scan");
+        leaves
     };
     let db_root = phivault_audit::merkle::root(&db_leaves);
     let p = s
@@ -2505,12 +2505,13 @@ fn an_external_oidc_providers_tokens_grant_exactly_the_mapped_accounts_access() 
 }
 
 fn audit_events(server: &Server) -> Vec<phivault_audit::AuditEvent> {
-    let c = rusqlite::Connection::open(server.db_path()).expect("db");
-    let mut st = c
-        .prepare("SELECT event FROM audit_event ORDER BY seq")
-        .expect("prepare");
-    st.query_map([], |r| r.get::<_, Vec<u8>>(0))
-        .expect("query")
-        .map(|b| phivault_audit::AuditEvent::decode(&b.expect("row")).expect("decode"))
-        .collect()
+    let store = read_only_store(&server.data);
+    let mut out = Vec::new();
+    store
+        .scan_audit(&mut |e| {
+            out.push(phivault_audit::AuditEvent::decode(&e.event).expect("decode"));
+            true
+        })
+        .expect("scan the audit log");
+    out
 }

@@ -625,6 +625,34 @@ pub fn read_only_store(data: &Path) -> Box<dyn phivault_store::Store> {
     }
 }
 
+/// What the store holds as a thief with the database would read it: the SQLite file (and
+/// its write-ahead log), or `pg_dump`'s output of the PostgreSQL database.
+pub fn store_bytes(s: &Server) -> Vec<u8> {
+    match std::fs::read(s.data.join("database.json")) {
+        Ok(json) => {
+            let cfg: Value = serde_json::from_slice(&json).expect("database.json");
+            let mut c = Command::new("pg_dump");
+            c.args(["-d", cfg["url"].as_str().expect("url")]);
+            if let Some(f) = cfg["password_file"].as_str() {
+                let pw = std::fs::read_to_string(f).expect("password file");
+                c.env("PGPASSWORD", pw.trim_end());
+            }
+            let o = c.output().expect("pg_dump runs");
+            assert!(
+                o.status.success(),
+                "pg_dump: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            o.stdout
+        }
+        Err(_) => {
+            let mut out = std::fs::read(s.db_path()).expect("db");
+            out.extend(std::fs::read(s.data.join("phivault.db-wal")).unwrap_or_default());
+            out
+        }
+    }
+}
+
 /// Audit events as stored, read with a read-only connection.
 pub fn audit_events(s: &Server) -> Vec<Value> {
     let store = read_only_store(&s.data);

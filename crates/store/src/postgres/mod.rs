@@ -475,7 +475,12 @@ impl Store for PgStore {
             return Ok(Vec::new());
         };
         let mut c = self.pool.connect()?;
-        conn::block_on(trust::check_state(&mut c, integ, &self.audit_public, pace))
+        let differ = conn::block_on(trust::check_state(&mut c, integ, &self.audit_public, pace))?;
+        // (what differs is raised like any reader's refusal)
+        for what in &differ {
+            self.detected(what);
+        }
+        Ok(differ)
     }
 
     fn claim_once(&self, ns: &str, key: &[u8], until_ms: i64) -> Result<Option<bool>, StoreError> {

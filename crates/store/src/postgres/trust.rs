@@ -301,14 +301,14 @@ pub(super) async fn check_state(
         let found = sums(c, integ, true, pace).await?;
         let mut differ = Vec::new();
         if found.settings != signed.settings {
-            differ.push("settings rows".to_owned());
+            differ.push("settings rows differ from the signed state".to_owned());
         }
         if found.heads != signed.heads {
-            differ.push("resource heads".to_owned());
+            differ.push("resource heads differ from the signed state".to_owned());
         }
         if found.body != signed.body {
             differ.push(
-                "stored versions, index postings, data keys, KEK generations or checkpoints"
+                "stored versions, index postings, data keys, KEK generations or checkpoints differ from the signed state"
                     .to_owned(),
             );
         }
