@@ -46,57 +46,53 @@ pub(super) async fn matching(
     tokens: &[IndexEntry],
     limit: Option<usize>,
 ) -> Result<Vec<String>, StoreError> {
-    let mut params: Vec<&str> = Vec::new();
-    let mut toks: Vec<&[u8]> = Vec::new();
-    for t in tokens {
-        if !params
-            .iter()
-            .zip(&toks)
-            .any(|(p, k)| *p == t.param && *k == t.token.as_slice())
-        {
-            params.push(&t.param);
-            toks.push(&t.token);
-        }
-    }
-    if params.is_empty() {
+    let (ixs, toks): (Vec<i64>, Vec<&[u8]>) =
+        crate::sqlite::postings_of_entries(rtype, tokens).into_iter().unzip();
+    if ixs.is_empty() {
         return Ok(Vec::new());
     }
-    let n = params.len() as i64;
+    let n = ixs.len() as i64;
     let limit = limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
     let rows = c
         .query(
-            "SELECT id FROM posting WHERE rtype = $1 AND (param, token) IN \
-             (SELECT p, t FROM unnest($2::text[], $3::bytea[]) AS u(p, t)) \
-             GROUP BY id HAVING count(*) = $4 ORDER BY id LIMIT $5",
-            &[&rtype, &params, &toks, &n, &limit],
+            "SELECT id FROM posting WHERE (ix, token) IN \
+             (SELECT x, t FROM unnest($1::int8[], $2::bytea[]) AS u(x, t)) \
+             GROUP BY id HAVING count(*) = $3 ORDER BY id LIMIT $4",
+            &[&ixs, &toks, &n, &limit],
         )
         .await
         .map_err(pg)?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// A candidate query as SQL over `posting` and `resource_head` (`$1` is the type).
+/// A candidate query of `rtype` as SQL over `posting` and `resource_head`, its parameters
+/// pushed on `params`.
 fn candidates_sql(
+    rtype: &str,
     q: &Candidates,
     sql: &mut String,
     params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
 ) {
     match q {
         Candidates::Tokens { param, tokens } => {
-            params.push(Box::new(param.clone()));
-            let p = params.len();
+            // (the index number names the type and the parameter)
+            let ix = crate::sqlite::index_no(rtype, param);
             params.push(Box::new(tokens.clone()));
             let t = params.len();
             sql.push_str(&format!(
-                "SELECT id FROM posting WHERE rtype = $1 AND param = ${p} AND token = ANY(${t})"
+                "SELECT id FROM posting WHERE ix = {ix} AND token = ANY(${t})"
             ));
         }
         Candidates::All => {
-            sql.push_str("SELECT id FROM resource_head WHERE rtype = $1 AND NOT deleted");
+            params.push(Box::new(rtype.to_owned()));
+            let r = params.len();
+            sql.push_str(&format!(
+                "SELECT id FROM resource_head WHERE rtype = ${r} AND NOT deleted"
+            ));
         }
         Candidates::And(parts) | Candidates::Or(parts) if parts.is_empty() => {
             if matches!(q, Candidates::And(_)) {
-                candidates_sql(&Candidates::All, sql, params);
+                candidates_sql(rtype, &Candidates::All, sql, params);
             } else {
                 sql.push_str("SELECT id FROM resource_head WHERE false");
             }
@@ -112,7 +108,7 @@ fn candidates_sql(
                     sql.push_str(op);
                 }
                 sql.push('(');
-                candidates_sql(part, sql, params);
+                candidates_sql(rtype, part, sql, params);
                 sql.push(')');
             }
         }
@@ -267,9 +263,9 @@ impl PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(rtype.to_owned())];
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut inner = String::new();
-        candidates_sql(query, &mut inner, &mut params);
+        candidates_sql(rtype, query, &mut inner, &mut params);
         params.push(Box::new(after.unwrap_or("").to_owned()));
         let a = params.len();
         params.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
@@ -290,14 +286,15 @@ impl PgStore {
         rtype: &str,
         param: &str,
     ) -> Result<IndexStats, StoreError> {
+        let ix = crate::sqlite::index_no(rtype, param);
         self.pool.with(async |c| {
             let r = c
                 .query_opt(
                     "SELECT count(DISTINCT id), count(*), count(DISTINCT token), \
                      coalesce((SELECT max(n) FROM (SELECT count(*) AS n FROM posting \
-                               WHERE rtype = $1 AND param = $2 GROUP BY token) t), 0) \
-                     FROM posting WHERE rtype = $1 AND param = $2",
-                    &[&rtype, &param],
+                               WHERE ix = $1 GROUP BY token) t), 0) \
+                     FROM posting WHERE ix = $1",
+                    &[&ix],
                 )
                 .await?;
             let n = |i: usize| r.as_ref().map_or(0, |r| r.get::<_, i64>(i).max(0) as u64);

@@ -47,12 +47,12 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX resource_version_by_time ON resource_version (rtype, updated_ms DESC, id DESC, version DESC);
      CREATE TABLE posting (
-        rtype text COLLATE "C" NOT NULL,
-        param text COLLATE "C" NOT NULL,
+        ix bigint NOT NULL,
         token bytea NOT NULL,
         id text COLLATE "C" NOT NULL,
         pkey text COLLATE "C" NOT NULL,
-        PRIMARY KEY (rtype, param, token, id, pkey)
+        rtype text COLLATE "C" NOT NULL,
+        PRIMARY KEY (ix, token, id, pkey)
      );
      CREATE INDEX posting_by_pkey ON posting (pkey, rtype, id);
      CREATE TABLE meta (

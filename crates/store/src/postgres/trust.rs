@@ -253,12 +253,11 @@ async fn sum_body(
     }
     drop(rows);
     for r in c
-        .query("SELECT rtype, param, token, id FROM posting", &[])
+        .query("SELECT rtype, ix, token, id FROM posting", &[])
         .await?
     {
-        let (rtype, param, token, id): (&str, &str, &[u8], &str) =
+        let (rtype, ix, token, id): (&str, i64, &[u8], &str) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
-        let ix = crate::sqlite::index_no(rtype, param);
         d.body.add(integ.posting_element(ix, token, rtype, id));
     }
     for r in c.query("SELECT pkey, wrapped FROM data_key", &[]).await? {
@@ -442,14 +441,13 @@ async fn erase_in(w: &mut Writer, er: &Erasure) -> Result<Erased, CommitError> {
         .map_or(0, |r| r.get::<_, i64>(0)) as u64;
     let removed = c
         .query(
-            "DELETE FROM posting WHERE pkey = $1 RETURNING rtype, param, token, id",
+            "DELETE FROM posting WHERE pkey = $1 RETURNING rtype, ix, token, id",
             &[&er.key_id],
         )
         .await?;
     for r in &removed {
-        let (rtype, param, token, id): (&str, &str, &[u8], &str) =
+        let (rtype, ix, token, id): (&str, i64, &[u8], &str) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
-        let ix = crate::sqlite::index_no(rtype, param);
         chain
             .digests
             .body

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::conn::PgConn;
 use super::{head_mac, version_mac};
 use crate::integrity::{Digests, Head, Integrity};
-use crate::sqlite::PutDigest;
+use crate::sqlite::{PutDigest, index_no, postings_of_entries};
 use crate::{
     CommitError, Committed, Expect, Guard, HeadSigner, IndexEntry, Put, StoreError, WriteBatch,
 };
@@ -589,42 +589,36 @@ async fn change_postings(
     old: &[IndexEntry],
     new: &[IndexEntry],
 ) -> Result<(), StoreError> {
-    let old = pairs(old);
-    let new = pairs(new);
-    let (rp, rt): (Vec<&str>, Vec<&[u8]>) =
-        old.iter().filter(|p| !new.contains(p)).copied().unzip();
-    let (ap, at): (Vec<&str>, Vec<&[u8]>) =
-        new.iter().filter(|p| !old.contains(p)).copied().unzip();
-    if !rp.is_empty() {
+    let old = postings_of_entries(rtype, old);
+    let new = postings_of_entries(rtype, new);
+    let (rx, rt): (Vec<i64>, Vec<&[u8]>) = old
+        .iter()
+        .filter(|p| new.binary_search(p).is_err())
+        .copied()
+        .unzip();
+    let (ax, at): (Vec<i64>, Vec<&[u8]>) = new
+        .iter()
+        .filter(|p| old.binary_search(p).is_err())
+        .copied()
+        .unzip();
+    if !rx.is_empty() {
         c.execute(
-            "DELETE FROM posting WHERE (rtype, param, token, id) IN \
-             (SELECT $1, p, t, $2 FROM unnest($3::text[], $4::bytea[]) AS u(p, t))",
-            &[&rtype, &id, &rp, &rt],
+            "DELETE FROM posting WHERE (ix, token, id) IN \
+             (SELECT x, t, $1 FROM unnest($2::int8[], $3::bytea[]) AS u(x, t))",
+            &[&id, &rx, &rt],
         )
         .await?;
     }
-    if !ap.is_empty() {
+    if !ax.is_empty() {
         c.execute(
-            "INSERT INTO posting (rtype, param, token, id, pkey) \
-             SELECT $1, p, t, $2, $3 FROM unnest($4::text[], $5::bytea[]) AS u(p, t) \
+            "INSERT INTO posting (ix, token, id, pkey, rtype) \
+             SELECT x, t, $1, $2, $3 FROM unnest($4::int8[], $5::bytea[]) AS u(x, t) \
              ON CONFLICT DO NOTHING",
-            &[&rtype, &id, &pkey, &ap, &at],
+            &[&id, &pkey, &rtype, &ax, &at],
         )
         .await?;
     }
     Ok(())
-}
-
-/// Index entries as distinct `(param, token)` pairs.
-fn pairs(entries: &[IndexEntry]) -> Vec<(&str, &[u8])> {
-    let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(entries.len());
-    for e in entries {
-        let p = (e.param.as_str(), e.token.as_slice());
-        if !out.contains(&p) {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Write settings row `key` = `value` with its MAC after checking the stored row's MAC;
@@ -685,9 +679,9 @@ async fn reindex(
         if head.version != ch.version || head.deleted {
             continue;
         }
-        let held: Vec<(String, Vec<u8>)> = c
+        let held: Vec<(i64, Vec<u8>)> = c
             .query(
-                "SELECT param, token FROM posting WHERE rtype = $1 AND id = $2 AND pkey = $3",
+                "SELECT ix, token FROM posting WHERE pkey = $3 AND rtype = $1 AND id = $2",
                 &[&ch.rtype, &ch.id, &pkey],
             )
             .await
@@ -695,10 +689,13 @@ async fn reindex(
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let has = |e: &IndexEntry| held.iter().any(|(p, t)| *p == e.param && *t == e.token);
+        let has = |e: &IndexEntry| {
+            let ix = index_no(&ch.rtype, &e.param);
+            held.iter().any(|(x, t)| *x == ix && *t == e.token)
+        };
         for e in dedup(&ch.old) {
             if !ch.new.contains(e) && has(e) {
-                let ix = crate::sqlite::index_no(&ch.rtype, &e.param);
+                let ix = index_no(&ch.rtype, &e.param);
                 digests
                     .body
                     .sub(integ.posting_element(ix, &e.token, &ch.rtype, &ch.id));
@@ -706,7 +703,7 @@ async fn reindex(
         }
         for e in dedup(&ch.new) {
             if !ch.old.contains(e) && !has(e) {
-                let ix = crate::sqlite::index_no(&ch.rtype, &e.param);
+                let ix = index_no(&ch.rtype, &e.param);
                 digests
                     .body
                     .add(integ.posting_element(ix, &e.token, &ch.rtype, &ch.id));
