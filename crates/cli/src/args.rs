@@ -249,6 +249,20 @@ pub enum Cmd {
         #[arg(long)]
         witness: Option<PathBuf>,
     },
+    /// Move a stopped data directory's embedded store into an empty PostgreSQL database,
+    /// row for row, without opening a record; the directory then serves from the database
+    /// (`DIR/database.json`), its SQLite file kept beside it renamed `.migrated`.
+    Migrate {
+        /// The data directory (its server stopped).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// The database: `postgres://USER@HOST:PORT/DB` (loopback or a Unix socket).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// A file holding the database password (default: PGPASSFILE or ~/.pgpass).
+        #[arg(long, value_name = "FILE")]
+        database_password_file: Option<PathBuf>,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]

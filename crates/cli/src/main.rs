@@ -13,6 +13,7 @@ mod fhir_client;
 mod import;
 mod kek_cmds;
 mod keys_cmds;
+mod migrate_cmd;
 mod patient_cmds;
 mod progress;
 mod registry;
@@ -234,6 +235,11 @@ fn run(cli: Cli) -> Result<i32> {
             paths,
         }),
         Cmd::Verify { data_dir, witness } => verify_cmd::verify(&data_dir, witness.as_deref()),
+        Cmd::Migrate {
+            from,
+            to,
+            database_password_file,
+        } => migrate_cmd::migrate(&from, &to, database_password_file),
         Cmd::Backup { cmd } => backup_cmds::backup_cmd(cmd),
         Cmd::Restore { source, to, at } => backup_cmds::restore_cmd(&source, &to, &at),
         Cmd::Audit {

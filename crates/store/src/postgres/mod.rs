@@ -42,6 +42,7 @@ use crate::{
 };
 
 mod conn;
+pub mod migrate;
 mod read;
 mod schema;
 mod shared;

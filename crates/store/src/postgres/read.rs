@@ -46,8 +46,9 @@ pub(super) async fn matching(
     tokens: &[IndexEntry],
     limit: Option<usize>,
 ) -> Result<Vec<String>, StoreError> {
-    let (ixs, toks): (Vec<i64>, Vec<&[u8]>) =
-        crate::sqlite::postings_of_entries(rtype, tokens).into_iter().unzip();
+    let (ixs, toks): (Vec<i64>, Vec<&[u8]>) = crate::sqlite::postings_of_entries(rtype, tokens)
+        .into_iter()
+        .unzip();
     if ixs.is_empty() {
         return Ok(Vec::new());
     }

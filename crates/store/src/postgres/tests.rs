@@ -299,3 +299,64 @@ fn one_node_leads_each_periodic_task_and_another_takes_over_when_it_stops() {
     }
     assert!(took, "the task was taken over");
 }
+
+#[test]
+fn an_embedded_store_moves_to_postgres_row_for_row_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phivault.db");
+    let sqlite = crate::sqlite::SqliteStore::open(&path, StoreKeys::for_tests()).unwrap();
+    testsuite::run_all(&sqlite);
+    // keep some postings in the index log (not merged into segments)
+    sqlite.set_idle_merge_ms(u64::MAX);
+    create(&sqlite, "late", b"late");
+    let head = sqlite.audit_head().unwrap().unwrap();
+    let query = crate::Candidates::Tokens {
+        param: "code".into(),
+        tokens: vec![b"even".to_vec(), b"odd".to_vec(), b"first".to_vec()],
+    };
+    let before: Vec<_> = ["Procedure", "Condition"]
+        .iter()
+        .map(|t| sqlite.candidates(t, &query, None, 1000).unwrap())
+        .collect();
+    assert!(!before[0].is_empty());
+    sqlite.close();
+    drop(sqlite);
+
+    let db = TestDb::new();
+    let mut stages = Vec::new();
+    let m = migrate::from_sqlite(&path, &db.target, StoreKeys::for_tests(), &mut |s, _| {
+        stages.push(s.to_owned())
+    })
+    .expect("migrate");
+    assert!(
+        m.versions > 200 && m.postings > 10 && m.events == head.size,
+        "{m:?}"
+    );
+    let pg = open(&db);
+    assert_verifies(&pg);
+    // the signed head came along: the log is the embedded one's, then the move's event
+    assert_eq!(pg.audit_head().unwrap().unwrap().size, head.size + 1);
+    let sqlite = crate::sqlite::SqliteStore::open_read_only(&path).unwrap();
+    for (t, ids) in ["Procedure", "Condition"].iter().zip(&before) {
+        assert_eq!(&pg.candidates(t, &query, None, 1000).unwrap(), ids);
+        for id in ids {
+            assert_eq!(pg.current(t, id).unwrap(), sqlite.current(t, id).unwrap());
+            assert_eq!(
+                pg.history(t, Some(id), 10).unwrap(),
+                sqlite.history(t, Some(id), 10).unwrap()
+            );
+        }
+    }
+    assert_eq!(
+        pg.current("Patient", "late").unwrap().unwrap().sealed,
+        b"late"
+    );
+    assert_eq!(
+        pg.meta_prefix("alert:", 10).unwrap(),
+        sqlite.meta_prefix("alert:", 10).unwrap()
+    );
+    // a second move into the same database is refused
+    let e = migrate::from_sqlite(&path, &db.target, StoreKeys::for_tests(), &mut |_, _| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("already holds"), "{e}");
+}

@@ -132,6 +132,7 @@ use crate::{
 };
 
 mod erase;
+pub(crate) mod export;
 mod fresh;
 mod heads;
 mod index;
