@@ -223,10 +223,9 @@ async fn copy(
         ));
     }
     for page in settings.chunks(PAGE) {
-        let (k, (v, mac)): (Vec<&str>, (Vec<&[u8]>, Vec<&[u8]>)) = page
-            .iter()
-            .map(|(k, v, m)| (k.as_str(), (v.as_slice(), m.as_slice())))
-            .unzip();
+        let k: Vec<&str> = page.iter().map(|r| r.0.as_str()).collect();
+        let v: Vec<&[u8]> = page.iter().map(|r| r.1.as_slice()).collect();
+        let mac: Vec<&[u8]> = page.iter().map(|r| r.2.as_slice()).collect();
         c.execute(
             "INSERT INTO meta (k, v, mac) SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[])",
             &[&k, &v, &mac],

@@ -16,6 +16,15 @@ pub(crate) type HeadRow = (i64, String, String, u64, bool);
 /// The signed audit head: (size, hash, state, signature).
 pub(crate) type SignedHeadRow = (i64, Vec<u8>, Vec<u8>, Vec<u8>);
 
+/// A settings row: (key, value, MAC).
+pub(crate) type SettingRow = (String, Vec<u8>, Vec<u8>);
+
+/// An audit event: (sequence number, bytes, chain hash).
+pub(crate) type EventRow = (i64, Vec<u8>, Vec<u8>);
+
+/// A signed checkpoint: (size, root, time, signature).
+pub(crate) type CheckpointRow = (i64, Vec<u8>, i64, Vec<u8>);
+
 /// A store's file open for export, inside one read transaction.
 pub(crate) struct Export {
     conn: Connection,
@@ -144,7 +153,7 @@ impl Export {
     }
 
     /// Settings rows: (key, value, MAC).
-    pub(crate) fn settings(&self) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>, StoreError> {
+    pub(crate) fn settings(&self) -> Result<Vec<SettingRow>, StoreError> {
         self.all(
             "SELECT k, v, coalesce(mac, x'') FROM meta ORDER BY k",
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -164,7 +173,7 @@ impl Export {
         &self,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<(i64, Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<EventRow>, StoreError> {
         let mut st = self
             .conn
             .prepare_cached(
@@ -178,7 +187,7 @@ impl Export {
     }
 
     /// Signed checkpoints: (size, root, time, signature).
-    pub(crate) fn checkpoints(&self) -> Result<Vec<(i64, Vec<u8>, i64, Vec<u8>)>, StoreError> {
+    pub(crate) fn checkpoints(&self) -> Result<Vec<CheckpointRow>, StoreError> {
         self.all(
             "SELECT size, root, time_ms, signature FROM audit_checkpoint ORDER BY size",
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
