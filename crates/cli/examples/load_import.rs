@@ -129,11 +129,13 @@ fn token(agent: &ureq::Agent, origin: &str, creds: &Value) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let token_url = format!("{origin}/auth/token");
+    // (behind one public URL, several nodes expect it as the assertion's audience)
+    let aud = std::env::var("TOKEN_AUD").unwrap_or_else(|_| token_url.clone());
     let mut jti = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti).expect("rng");
     let jti: String = jti.iter().map(|b| format!("{b:02x}")).collect();
     let assertion = key
-        .sign_jws(&json!({"iss": client_id, "sub": client_id, "aud": token_url, "exp": now + 240, "iat": now, "jti": jti}))
+        .sign_jws(&json!({"iss": client_id, "sub": client_id, "aud": aud, "exp": now + 240, "iat": now, "jti": jti}))
         .expect("sign");
     let mut r = agent
         .post(&token_url)
