@@ -51,13 +51,13 @@ srv_ticks() { local s=0; for p in $PIDS; do s=$((s + $(awk '{print $14 + $15}' "
 all_ticks() { echo $(($(srv_ticks) + $(pg_ticks))); }
 HZ=$(getconf CLK_TCK)
 
-serve() { # DIR -> ORIGIN of the started node (appends its pid to PIDS)
+serve() { # DIR: start a node; its origin in ORIGIN, its pid appended to PIDS
   : >"$1.out"
   "$BIN" serve --data-dir "$1" --listen 127.0.0.1:0 --public-url https://phivault.bench \
     >"$1.out" 2>>"$1.log" &
   PIDS="$PIDS $!"
   for _ in $(seq 400); do grep -q listening "$1.out" 2>/dev/null && break; sleep 0.05; done
-  sed -n 's/^listening on //p' "$1.out"
+  ORIGIN=$(sed -n 's/^listening on //p' "$1.out")
 }
 stop_all() { for p in $PIDS; do kill -TERM "$p"; wait "$p" || true; done; PIDS=; }
 
@@ -110,9 +110,14 @@ run() { # NAME
   local name=$1 a b oa ob origins
   a=$(setup "$name")
   b="$W/$name-b"
-  oa=$(serve "$a")
+  serve "$a"
+  oa=$ORIGIN
   origins="$oa"
-  if [ "$name" = pg2 ]; then ob=$(serve "$b"); origins="$oa $ob"; fi
+  if [ "$name" = pg2 ]; then
+    serve "$b"
+    ob=$ORIGIN
+    origins="$oa $ob"
+  fi
   "$BIN" client add --data-dir "$a" --name bench --scope 'system/*.cruds' \
     --token-url "$oa/auth/token" --out "$W/$name.creds.json" 2>/dev/null
   local k0 k1 t0 t1

@@ -157,6 +157,14 @@ pub enum Cmd {
         timing: TimingArgs,
         #[command(flatten)]
         backup: crate::backup_args::ServeBackupArgs,
+        /// On the first run (a new data directory), keep its store in this PostgreSQL
+        /// database (`postgres://USER@HOST:PORT/DB`, empty) instead of the embedded file;
+        /// as `init --database`. Later runs read it from DIR/database.json.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+        /// A file holding the database password (default: PGPASSFILE or ~/.pgpass).
+        #[arg(long, requires = "database", value_name = "FILE")]
+        database_password_file: Option<PathBuf>,
     },
     /// Unseal a running server of a `shamir` data directory: send it shares (from
     /// --share-file, else asked on the terminal) over its control socket DIR/control.sock.

@@ -138,6 +138,8 @@ fn run(cli: Cli) -> Result<i32> {
             watch,
             timing,
             backup,
+            database,
+            database_password_file,
         } => serve::serve(
             &data_dir,
             serve::Options {
@@ -148,6 +150,10 @@ fn run(cli: Cli) -> Result<i32> {
                 watch,
                 timing,
                 backup,
+                database: database.map(|url| datadir::DatabaseConfig {
+                    url,
+                    password_file: database_password_file,
+                }),
             },
         ),
         Cmd::Client {

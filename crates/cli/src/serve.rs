@@ -18,6 +18,8 @@ pub(crate) struct Options {
     pub watch: WatchArgs,
     pub timing: TimingArgs,
     pub backup: crate::backup_args::ServeBackupArgs,
+    /// On a first run, keep the new store in this PostgreSQL database.
+    pub database: Option<datadir::DatabaseConfig>,
 }
 
 pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
@@ -29,6 +31,7 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
         watch,
         timing,
         backup,
+        database,
     } = o;
     let watch = watch.check()?;
     let backup = backup.check(data_dir)?;
@@ -48,8 +51,23 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
     }
     if !data_dir.exists() {
         let spec = phivault_keys::Create::File { key_file: None };
-        let cfg = datadir::init(data_dir, phivault_records::DEFAULT_INDEX_BITS, &spec, None)?;
+        let cfg = datadir::init(
+            data_dir,
+            phivault_records::DEFAULT_INDEX_BITS,
+            &spec,
+            database.as_ref(),
+        )?;
         announce_new_store(&datadir::DataDir::new(data_dir), &cfg);
+    } else if let Some(db) = &database {
+        // (the directory records its database: the option only chooses a new one's)
+        let recorded = datadir::DataDir::new(data_dir).database()?;
+        if recorded.as_ref().map(|t| t.url()) != Some(db.url.as_str()) {
+            bail!(
+                "refusing to start: {} already exists and keeps its store {}; --database chooses the database of a new data directory only",
+                data_dir.display(),
+                recorded.map_or("in its embedded SQLite file".to_owned(), |t| format!("in {}", t.url()))
+            );
+        }
     }
     let mut lock = datadir::lock_for_serving(&datadir::DataDir::new(data_dir))?;
     if let Ok(key) = phivault_keys::ProviderConfig::read(data_dir)
