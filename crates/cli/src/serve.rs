@@ -65,7 +65,10 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
             bail!(
                 "refusing to start: {} already exists and keeps its store {}; --database chooses the database of a new data directory only",
                 data_dir.display(),
-                recorded.map_or("in its embedded SQLite file".to_owned(), |t| format!("in {}", t.url()))
+                recorded.map_or("in its embedded SQLite file".to_owned(), |t| format!(
+                    "in {}",
+                    t.url()
+                ))
             );
         }
     }

@@ -71,25 +71,39 @@ mod tests {
         };
         let (a, b) = (node(), node());
         let (sa, sb) = (a.shared_seen().unwrap(), b.shared_seen().unwrap());
-        let (da, dbb) = (ProofCache::shared(sa.clone()), ProofCache::shared(sb.clone()));
+        let (da, dbb) = (
+            ProofCache::shared(sa.clone()),
+            ProofCache::shared(sb.clone()),
+        );
         let proof = DpopProof {
             jkt: "thumbprint".into(),
             jti: "proof-1".into(),
             replay_until: now() + 150,
         };
         da.check_and_insert(&proof, now()).unwrap();
-        assert_eq!(dbb.check_and_insert(&proof, now()), Err("DPoP proof replayed"));
-        assert_eq!(da.check_and_insert(&proof, now()), Err("DPoP proof replayed"));
+        assert_eq!(
+            dbb.check_and_insert(&proof, now()),
+            Err("DPoP proof replayed")
+        );
+        assert_eq!(
+            da.check_and_insert(&proof, now()),
+            Err("DPoP proof replayed")
+        );
         let other = DpopProof {
             jti: "proof-2".into(),
             ..proof
         };
         dbb.check_and_insert(&other, now()).unwrap();
         let (ra, rb) = (ReplayCache::shared(sa), ReplayCache::shared(sb));
-        ra.check_and_insert("client", "jti-1", now() + 240, now()).unwrap();
-        assert!(rb.check_and_insert("client", "jti-1", now() + 240, now()).is_err());
+        ra.check_and_insert("client", "jti-1", now() + 240, now())
+            .unwrap();
+        assert!(
+            rb.check_and_insert("client", "jti-1", now() + 240, now())
+                .is_err()
+        );
         // the same jti of another client is another record
-        rb.check_and_insert("other-client", "jti-1", now() + 240, now()).unwrap();
+        rb.check_and_insert("other-client", "jti-1", now() + 240, now())
+            .unwrap();
         // one process alone keeps its records in memory
         let dir = tempfile::tempdir().unwrap();
         let sqlite: Arc<dyn Store> = Arc::new(

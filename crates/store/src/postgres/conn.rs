@@ -25,6 +25,8 @@ pub struct PgTarget {
     url: String,
     config: tokio_postgres::Config,
     password: PasswordSource,
+    /// TLS with the server's certificate and name verified (required off loopback).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Where the database password comes from.
@@ -48,8 +50,10 @@ impl std::fmt::Debug for PgTarget {
 }
 
 impl PgTarget {
-    /// Parse `url` (`postgres://USER@HOST:PORT/DB`). A password in the URL is refused: it
-    /// would sit in the command line, the shell's history and the data directory. The
+    /// Parse `url` (`postgres://USER@HOST:PORT/DB[?sslmode=…&sslrootcert=CA.pem]`). A
+    /// password in the URL is refused: it would sit in the command line, the shell's
+    /// history and the data directory. A host off this machine is reached over TLS only,
+    /// verified like libpq's `verify-full` (`tls`); on loopback, when the URL asks. The
     /// password is read from `password_file` (its first line), else from the standard
     /// `PGPASSFILE` (or `~/.pgpass`) entry for the host, port, database and user.
     pub fn parse(url: &str, password: PasswordSource) -> Result<PgTarget, StoreError> {
@@ -58,7 +62,8 @@ impl PgTarget {
                 "a database URL starts with postgres://".into(),
             ));
         }
-        let config = tokio_postgres::Config::from_str(url)
+        let (rest, ssl) = take_ssl_options(url)?;
+        let config = tokio_postgres::Config::from_str(&rest)
             .map_err(|_| StoreError::Engine("the database URL does not parse".into()))?;
         if config.get_password().is_some() {
             return Err(StoreError::Engine(
@@ -77,23 +82,37 @@ impl PgTarget {
                 "the database URL names no database (postgres://USER@HOST:PORT/DB)".into(),
             ));
         }
-        for h in config.get_hosts() {
-            if let Host::Tcp(name) = h
-                && !is_loopback(name)
-            {
-                // TLS with verify-full is what a remote database needs; until phivault
-                // carries it, a remote host is refused rather than reached in clear
-                return Err(StoreError::Engine(format!(
-                    "database host {name} is not on this machine: only a loopback address or a \
-                     Unix socket is accepted (phivault does not send records to a remote \
-                     PostgreSQL without TLS)"
-                )));
+        // off this machine, only TLS with the certificate and the host name verified;
+        // on loopback or a Unix socket, TLS when the URL asks for it
+        let remote = config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(name) if !is_loopback(name)));
+        let wants = match ssl.mode.as_deref() {
+            None | Some("disable" | "allow" | "prefer") => remote,
+            Some("require" | "verify-ca" | "verify-full") => true,
+            Some(_) => {
+                return Err(StoreError::Engine(
+                    "sslmode is disable, require, verify-ca or verify-full".into(),
+                ));
             }
+        };
+        if remote && ssl.mode.as_deref() == Some("disable") {
+            return Err(StoreError::Engine(
+                "sslmode=disable to a host off this machine: records never cross a network in clear"
+                    .into(),
+            ));
         }
+        let tls = if wants {
+            Some(super::tls::client_config(ssl.root.as_deref())?)
+        } else {
+            None
+        };
         Ok(PgTarget {
             url: url.to_owned(),
             config,
             password,
+            tls,
         })
     }
 
@@ -154,6 +173,56 @@ impl PgTarget {
             self.config.get_user().unwrap_or(""),
         ))
     }
+}
+
+/// The URL's TLS options as libpq spells them (`sslmode`, `sslrootcert`), taken out of it.
+struct SslOptions {
+    mode: Option<String>,
+    root: Option<PathBuf>,
+}
+
+fn take_ssl_options(url: &str) -> Result<(String, SslOptions), StoreError> {
+    let mut out = SslOptions {
+        mode: None,
+        root: None,
+    };
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), out));
+    };
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v)
+            .ok_or_else(|| StoreError::Engine("the database URL's options do not parse".into()))?;
+        match k {
+            "sslmode" => out.mode = Some(v),
+            "sslrootcert" => out.root = Some(PathBuf::from(v)),
+            _ => kept.push(pair),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, out))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Whether `host` names this machine's loopback interface.
@@ -219,8 +288,13 @@ pub(super) fn pg(e: tokio_postgres::Error) -> StoreError {
     if e.is_closed() {
         return StoreError::Engine("the database connection closed".into());
     }
-    // (the driver's own messages: I/O, protocol, conversion — none carries a value)
+    // (the driver's own messages: I/O, TLS, protocol, conversion — none carries a value)
     let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
     if msg.len() > 200 {
         msg.truncate(200);
     }
@@ -254,13 +328,31 @@ pub(super) fn block_on<F: Future>(fut: F) -> F::Output {
 
 /// Open a connection from inside the store's runtime, which then drives it.
 pub(super) async fn open(target: &PgTarget) -> Result<PgConn, StoreError> {
-    let config = target.resolved()?;
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %pg(e), "a database connection ended");
+    let mut config = target.resolved()?;
+    let client = match &target.tls {
+        Some(tls) => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, connection) = config
+                .connect(super::tls::Rustls(tls.clone()))
+                .await
+                .map_err(pg)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %pg(e), "a database connection ended");
+                }
+            });
+            client
         }
-    });
+        None => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %pg(e), "a database connection ended");
+                }
+            });
+            client
+        }
+    };
     Ok(PgConn {
         client,
         statements: HashMap::new(),
@@ -438,7 +530,14 @@ mod tests {
         };
         assert!(e("postgres://u:secret@127.0.0.1:5432/db").contains("holds a password"));
         assert!(!e("postgres://u:secret@127.0.0.1:5432/db").contains("secret"));
-        assert!(e("postgres://u@db.example.org:5432/db").contains("not on this machine"));
+        assert!(
+            e("postgres://u@db.example.org:5432/db?sslmode=disable").contains("in clear"),
+            "a remote host without TLS"
+        );
+        assert!(
+            e("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent").contains("CA file")
+        );
+        assert!(e("postgres://u@h/db?sslmode=bogus").contains("sslmode is"));
         assert!(e("postgres://127.0.0.1:5432/db").contains("no user"));
         assert!(e("mysql://u@127.0.0.1/db").contains("postgres://"));
         assert!(

@@ -50,6 +50,7 @@ mod shared;
 pub mod testdb;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod trust;
 mod writer;
 

@@ -111,6 +111,82 @@ pub fn server_bin() -> PathBuf {
     )
 }
 
+/// A CA (`DIR/ca.pem`) and a server certificate for `names` signed by it, made with
+/// Debian's `openssl`; the certificate's and key's paths (the key 0600).
+pub fn make_certs(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
+    let openssl = |args: &[&str]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let ca_args = [
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=phivault test CA",
+    ];
+    openssl(&[&["req", "-x509", "-days", "2"][..], &ec, &ca_args].concat());
+    let csr_args = [
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=db",
+    ];
+    openssl(&[&["req"][..], &ec, &csr_args].concat());
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if n.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{n}")
+            } else {
+                format!("DNS:{n}")
+            }
+        })
+        .collect();
+    std::fs::write(
+        dir.join("san.ext"),
+        format!("subjectAltName={}\n", san.join(",")),
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = dir.join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (dir.join("server.pem"), key)
+}
+
 /// Whether this process runs as root (the owner of a file it makes is 0).
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt as _;
@@ -130,12 +206,25 @@ pub struct Cluster {
 impl Cluster {
     /// initdb, then start on a free port.
     pub fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// [`Cluster::start`] with TLS on: a server certificate for `names` (DNS names and IP
+    /// addresses) from a new CA; the CA's PEM file.
+    pub fn start_tls(names: &[&str]) -> (Cluster, PathBuf) {
+        let c = Cluster::start_with(Some(names));
+        let ca = c.dir.path().join("ca.pem");
+        (c, ca)
+    }
+
+    fn start_with(tls: Option<&[&str]>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let bin = server_bin();
         let root = is_root();
         let password = uuid_like();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, &password).unwrap();
+        let ssl = tls.map(|names| make_certs(dir.path(), names));
         if root {
             Command::new("chown")
                 .args(["-R", "nobody"])
@@ -174,11 +263,18 @@ impl Cluster {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let opts = format!(
+        let mut opts = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} \
              -c max_connections=200 -c fsync=on",
             dir.path().display()
         );
+        if let Some((cert, key)) = &ssl {
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
         let st = as_owner("pg_ctl")
             .arg("-D")
             .arg(&data)
@@ -192,7 +288,9 @@ impl Cluster {
         let passfile = dir.path().join("pgpass");
         std::fs::write(
             &passfile,
-            format!("127.0.0.1:{port}:*:phivault:{password}\n"),
+            format!(
+                "127.0.0.1:{port}:*:phivault:{password}\nlocalhost:{port}:*:phivault:{password}\n"
+            ),
         )
         .unwrap();
         // (libpq ignores a password file others can read)

@@ -360,3 +360,56 @@ fn an_embedded_store_moves_to_postgres_row_for_row_and_verifies() {
         .unwrap_err();
     assert!(e.to_string().contains("already holds"), "{e}");
 }
+
+#[test]
+fn a_database_reached_over_tls_is_verified_by_its_certificate_and_its_name() {
+    use super::testdb::{Cluster, make_certs};
+    let (cluster, ca) = Cluster::start_tls(&["localhost"]);
+    let port = cluster
+        .admin_url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let target = |host: &str, ca: &std::path::Path| {
+        PgTarget::parse(
+            &format!(
+                "postgres://phivault@{host}:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+                ca.display()
+            ),
+            PasswordSource::PgPass(cluster.passfile.clone()),
+        )
+        .unwrap()
+    };
+    let store =
+        PgStore::open(&target("localhost", &ca), StoreKeys::for_tests()).expect("open over TLS");
+    let ssl = store
+        .pool
+        .with(async |c| {
+            c.query_opt(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+        })
+        .unwrap()
+        .unwrap();
+    assert!(ssl.get::<_, bool>(0), "the session is encrypted");
+    create(&store, "over-tls", b"x");
+    store.close();
+    // a certificate from another CA is refused
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path(), &["localhost"]);
+    let e = PgStore::open(
+        &target("localhost", &other.path().join("ca.pem")),
+        StoreKeys::for_tests(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    // a name the certificate does not hold is refused (127.0.0.1 is not in it)
+    let e = PgStore::open(&target("127.0.0.1", &ca), StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+}

@@ -169,11 +169,7 @@ impl Export {
     }
 
     /// Audit events after `after`, at most `limit`: (seq, event, hash).
-    pub(crate) fn events(
-        &self,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<EventRow>, StoreError> {
+    pub(crate) fn events(&self, after: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
         let mut st = self
             .conn
             .prepare_cached(
