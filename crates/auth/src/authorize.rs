@@ -14,16 +14,12 @@
 //!   retired one revokes its whole family (a stolen token and its owner cannot both keep
 //!   using it); a refresh may narrow the scope, never widen it.
 
-use std::collections::HashMap;
 use std::fmt;
 
-use parking_lot::Mutex;
 use ring::digest;
-use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq as _;
 
 use crate::b64;
-use crate::error::OAuthError;
 use crate::scope::{Context, ScopeSet};
 use crate::users::Role;
 
@@ -236,13 +232,14 @@ pub fn parse_authorize_request(
 
 /// What a person granted an app: the outcome of sign-in and consent, carried by a code
 /// and then by the refresh tokens of one family.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     /// The app.
     pub client_id: String,
     /// The person (their account's opaque id).
     pub user_id: String,
-    /// Their login name (kept in memory only, to re-check the account at each refresh).
+    /// Their login name (to re-check the account at each refresh; sealed wherever the
+    /// records are kept outside memory).
     pub username: String,
     /// Their role when they signed in.
     pub role: Role,
@@ -260,48 +257,8 @@ pub struct Grant {
     pub auth_time: u64,
 }
 
-struct PendingCode {
-    grant: Grant,
-    redirect_uri: String,
-    code_challenge: String,
-    expires: u64,
-    /// The refresh family issued from this code (revoked if the code is replayed).
-    family: Option<u64>,
-    used: bool,
-}
+pub use crate::grants::{AuthorizationServer, Change, MemoryState, SharedState};
 
-struct RefreshEntry {
-    family: u64,
-    /// Only the newest token of a family is current.
-    current: bool,
-}
-
-struct Family {
-    grant: Grant,
-    expires: u64,
-    /// Unix time of the last code exchange or refresh (idle timeout).
-    last_used: u64,
-    revoked: bool,
-    /// The DPoP key (RFC 7638 thumbprint) the session is bound to.
-    jkt: Option<String>,
-}
-
-/// Codes and refresh tokens of this server process. Everything is in memory: a restart
-/// signs everyone out, which fails safe.
-pub struct AuthorizationServer {
-    rng: SystemRandom,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    codes: HashMap<[u8; 32], PendingCode>,
-    refresh: HashMap<[u8; 32], RefreshEntry>,
-    families: HashMap<u64, Family>,
-    next_family: u64,
-}
-
-/// A secret handed to a client once (code or refresh token). `Debug` hides it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct OneTimeSecret(pub String);
 
@@ -311,7 +268,7 @@ impl fmt::Debug for OneTimeSecret {
     }
 }
 
-fn hash(secret: &str) -> [u8; 32] {
+pub(crate) fn hash(secret: &str) -> [u8; 32] {
     let d = digest::digest(&digest::SHA256, secret.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
@@ -330,234 +287,10 @@ pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
         .into()
 }
 
-impl Default for AuthorizationServer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl AuthorizationServer {
-    /// An empty server.
-    pub fn new() -> Self {
-        AuthorizationServer {
-            rng: SystemRandom::new(),
-            inner: Mutex::new(Inner::default()),
-        }
-    }
-
-    fn secret(&self) -> Result<String, OAuthError> {
-        let mut b = [0u8; 32];
-        self.rng
-            .fill(&mut b)
-            .map_err(|_| OAuthError::ServerError("random generation failed"))?;
-        Ok(b64::encode(&b))
-    }
-
-    /// A code for `grant`, after the person signed in and approved `req`.
-    pub fn issue_code(
-        &self,
-        req: &AuthorizeRequest,
-        grant: Grant,
-        now: u64,
-    ) -> Result<OneTimeSecret, OAuthError> {
-        let code = self.secret()?;
-        let mut inner = self.inner.lock();
-        // keep live codes, and used ones while their session could still be revoked by a replay
-        inner.codes.retain(|_, c| {
-            (c.expires > now && !c.used)
-                || (c.family.is_some() && c.expires + REFRESH_TTL_SECONDS > now)
-        });
-        if inner.codes.len() >= MAX_CODES {
-            return Err(OAuthError::ServerError("too many pending authorizations"));
-        }
-        inner.codes.insert(
-            hash(&code),
-            PendingCode {
-                grant,
-                redirect_uri: req.redirect_uri.clone(),
-                code_challenge: req.code_challenge.clone(),
-                expires: now + CODE_TTL_SECONDS,
-                family: None,
-                used: false,
-            },
-        );
-        Ok(OneTimeSecret(code))
-    }
-
-    /// `grant_type=authorization_code`: the grant and the first refresh token of a new
-    /// family, or `invalid_grant` for anything wrong (unknown, expired or used code, other
-    /// client or redirect URI, wrong verifier).
-    pub fn exchange_code(
-        &self,
-        client_id: &str,
-        code: &str,
-        redirect_uri: &str,
-        verifier: &str,
-        now: u64,
-    ) -> Result<(Grant, OneTimeSecret), OAuthError> {
-        let refresh = self.secret()?;
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        let Some(pending) = inner.codes.get_mut(&hash(code)) else {
-            return Err(OAuthError::InvalidGrant("unknown code"));
-        };
-        if pending.used {
-            // replay: whoever holds the first exchange's tokens loses them too
-            if let Some(f) = pending.family.and_then(|f| inner.families.get_mut(&f)) {
-                f.revoked = true;
-            }
-            return Err(OAuthError::InvalidGrant("code already used"));
-        }
-        if pending.expires <= now {
-            return Err(OAuthError::InvalidGrant("code expired"));
-        }
-        // a failed attempt burns the code too: the verifier cannot be guessed online
-        pending.used = true;
-        if pending.grant.client_id != client_id || pending.redirect_uri != redirect_uri {
-            return Err(OAuthError::InvalidGrant(
-                "code issued to another client or redirect",
-            ));
-        }
-        if !pkce_matches(verifier, &pending.code_challenge) {
-            return Err(OAuthError::InvalidGrant("PKCE verifier does not match"));
-        }
-        let grant = pending.grant.clone();
-        if inner.refresh.len() >= MAX_REFRESH {
-            inner.refresh.retain(|_, r| r.current);
-            if inner.refresh.len() >= MAX_REFRESH {
-                return Err(OAuthError::ServerError("too many sessions"));
-            }
-        }
-        inner.next_family += 1;
-        let family = inner.next_family;
-        pending.family = Some(family);
-        inner.families.insert(
-            family,
-            Family {
-                grant: grant.clone(),
-                expires: now + REFRESH_TTL_SECONDS,
-                last_used: now,
-                revoked: false,
-                jkt: None,
-            },
-        );
-        inner.refresh.insert(
-            hash(&refresh),
-            RefreshEntry {
-                family,
-                current: true,
-            },
-        );
-        Ok((grant, OneTimeSecret(refresh)))
-    }
-
-    /// `grant_type=refresh_token`: the grant (its scope narrowed to `scope` when given)
-    /// and the family's next refresh token. A retired token revokes the family.
-    pub fn refresh(
-        &self,
-        client_id: &str,
-        token: &str,
-        scope: Option<&ScopeSet>,
-        now: u64,
-    ) -> Result<(Grant, OneTimeSecret), OAuthError> {
-        let next = self.secret()?;
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        let Some(entry) = inner.refresh.get_mut(&hash(token)) else {
-            return Err(OAuthError::InvalidGrant("unknown refresh token"));
-        };
-        let family_id = entry.family;
-        let Some(family) = inner.families.get_mut(&family_id) else {
-            return Err(OAuthError::InvalidGrant("unknown refresh token"));
-        };
-        if !entry.current {
-            family.revoked = true;
-            return Err(OAuthError::InvalidGrant(
-                "refresh token reused; session revoked",
-            ));
-        }
-        if family.revoked || family.expires <= now || family.last_used + IDLE_TIMEOUT_SECONDS <= now
-        {
-            family.revoked = true;
-            return Err(OAuthError::InvalidGrant("session ended"));
-        }
-        if family.grant.client_id != client_id {
-            return Err(OAuthError::InvalidGrant("refresh token of another client"));
-        }
-        if let Some(s) = scope {
-            if &s.intersect(&family.grant.scope) != s {
-                return Err(OAuthError::InvalidScope("a refresh cannot widen the scope"));
-            }
-            family.grant.scope = s.clone();
-        }
-        entry.current = false;
-        family.last_used = now;
-        let grant = family.grant.clone();
-        inner.refresh.insert(
-            hash(&next),
-            RefreshEntry {
-                family: family_id,
-                current: true,
-            },
-        );
-        Ok((grant, OneTimeSecret(next)))
-    }
-
-    /// Bind the session of refresh token `token` to the DPoP key `jkt` (RFC 9449 §5: a
-    /// public client's refresh tokens are bound to its key). Once bound, it stays bound.
-    pub fn bind_dpop(&self, token: &str, jkt: &str) {
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        if let Some(e) = inner.refresh.get(&hash(token))
-            && let Some(f) = inner.families.get_mut(&e.family)
-            && f.jkt.is_none()
-        {
-            f.jkt = Some(jkt.to_owned());
-        }
-    }
-
-    /// The DPoP key the session of refresh token `token` is bound to, if any.
-    pub fn dpop_key_of(&self, token: &str) -> Option<String> {
-        let inner = self.inner.lock();
-        let e = inner.refresh.get(&hash(token))?;
-        inner.families.get(&e.family)?.jkt.clone()
-    }
-
-    /// RFC 7009 revocation of a refresh token: its whole family ends. Unknown tokens are
-    /// ignored (the endpoint answers 200 either way).
-    pub fn revoke(&self, client_id: &str, token: &str) {
-        let mut inner = self.inner.lock();
-        let inner = &mut *inner;
-        if let Some(e) = inner.refresh.get(&hash(token))
-            && let Some(f) = inner.families.get_mut(&e.family)
-            && f.grant.client_id == client_id
-        {
-            f.revoked = true;
-        }
-    }
-
-    /// End every session of account `user_id` (disabled or role changed).
-    pub fn revoke_user(&self, user_id: &str) {
-        for f in self.inner.lock().families.values_mut() {
-            if f.grant.user_id == user_id {
-                f.revoked = true;
-            }
-        }
-    }
-
-    /// RFC 7662 introspection of a refresh token: the grant while its family is live.
-    pub fn introspect_refresh(&self, token: &str, now: u64) -> Option<Grant> {
-        let inner = self.inner.lock();
-        let e = inner.refresh.get(&hash(token)).filter(|e| e.current)?;
-        let f = inner.families.get(&e.family)?;
-        let live = !f.revoked && f.expires > now && f.last_used + IDLE_TIMEOUT_SECONDS > now;
-        live.then(|| f.grant.clone())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::OAuthError;
 
     const BASE: &str = "https://127.0.0.1:8443/fhir";
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";

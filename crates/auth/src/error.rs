@@ -850,7 +850,7 @@ mod tests {
     /// reason there would otherwise fall back to the generic description unnoticed).
     #[test]
     fn every_reason_of_the_authorization_server_is_mapped() {
-        let src = include_str!("authorize.rs");
+        let src = concat!(include_str!("authorize.rs"), include_str!("grants.rs"));
         let mut seen = 0;
         for kind in [
             "InvalidRequest",

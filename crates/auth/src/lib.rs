@@ -29,6 +29,7 @@ mod b64;
 mod claims;
 mod der;
 mod error;
+mod grants;
 mod strict_json;
 #[cfg(test)]
 mod test_support;

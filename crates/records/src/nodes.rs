@@ -24,7 +24,102 @@ impl phivault_auth::SharedSeen for StoreSeen {
     }
 }
 
+/// The store's shared records as the sign-in state asks for them: each value sealed
+/// (AES-256-GCM under the master key's secret key, the namespace and key bound as
+/// associated data: a record moved to another key does not open), so the database holds
+/// no grant, user name or patient id in clear.
+struct SealedShared {
+    store: Arc<dyn Store>,
+    keys: phivault_crypto::KeyHierarchy,
+}
+
+fn label(ns: &str, key: &[u8]) -> String {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    format!("shared-state-v1:{ns}:{hex}")
+}
+
+impl phivault_auth::authorize::SharedState for SealedShared {
+    fn update(
+        &self,
+        ns: &str,
+        key: &[u8],
+        now_ms: u64,
+        f: &mut dyn FnMut(Option<&[u8]>) -> phivault_auth::authorize::Change,
+    ) -> Result<(), String> {
+        use phivault_auth::authorize::Change;
+        use phivault_store::SharedChange;
+        let label = label(ns, key);
+        let mut failed = None;
+        let done = self.store.update_shared(
+            ns,
+            key,
+            i64::try_from(now_ms).unwrap_or(i64::MAX),
+            &mut |sealed| {
+                // (a record that does not open was not sealed here: as if absent)
+                let plain = sealed.and_then(|s| self.keys.open_secret(&label, s).ok());
+                match f(plain.as_ref().map(|p| p.expose().as_slice())) {
+                    Change::Keep => SharedChange::Keep,
+                    Change::Delete => SharedChange::Delete,
+                    Change::Put { value, until_ms } => {
+                        match self.keys.seal_secret(&label, &value) {
+                            Ok(value) => SharedChange::Put {
+                                value,
+                                until_ms: i64::try_from(until_ms).unwrap_or(i64::MAX),
+                            },
+                            Err(e) => {
+                                failed = Some(e.to_string());
+                                SharedChange::Keep
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        match (done, failed) {
+            (Ok(true), None) => Ok(()),
+            (Ok(false), _) => Err("the store keeps no shared records".into()),
+            (Ok(true), Some(e)) => Err(e),
+            (Err(e), _) => {
+                tracing::error!(error = %e, "the shared sign-in records cannot be reached");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn scan(
+        &self,
+        ns: &str,
+        now_ms: u64,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), String> {
+        self.store
+            .scan_shared(
+                ns,
+                i64::try_from(now_ms).unwrap_or(i64::MAX),
+                &mut |k, sealed| {
+                    if let Ok(plain) = self.keys.open_secret(&label(ns, k), sealed) {
+                        visit(k, plain.expose());
+                    }
+                },
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl Engine {
+    /// Sign-in codes and sessions shared by every node of this store, if other nodes can
+    /// serve it (none: one process, whose authorization server keeps them in memory).
+    pub fn shared_state(&self) -> Option<Arc<dyn phivault_auth::authorize::SharedState>> {
+        let store = self.store();
+        store.shared_by_nodes().then(|| {
+            Arc::new(SealedShared {
+                store: store.clone(),
+                keys: self.keys().clone(),
+            }) as Arc<dyn phivault_auth::authorize::SharedState>
+        })
+    }
+
     /// Replay records shared by every node of this store, if other nodes can serve it
     /// (none: one process, whose caches stay in memory).
     pub fn shared_seen(&self) -> Option<Arc<dyn phivault_auth::SharedSeen>> {
@@ -114,5 +209,83 @@ mod tests {
             .unwrap(),
         );
         assert!(Engine::new(sqlite, keys).shared_seen().is_none());
+    }
+
+    /// App Launch across two nodes: a code issued by one is exchanged at the other, a
+    /// replayed code and a reused refresh token end the session on both, and what the
+    /// database holds of a grant is sealed.
+    #[test]
+    fn sign_in_codes_and_sessions_are_one_across_nodes() {
+        use phivault_auth::authorize::{AuthorizationServer, AuthorizeRequest, Grant};
+        const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+        let db = TestDb::new();
+        let keys = KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32]));
+        let node = || {
+            let store: Arc<dyn Store> =
+                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+            AuthorizationServer::with_state(
+                Engine::new(store, keys.clone()).shared_state().unwrap(),
+            )
+        };
+        let (a, b) = (node(), node());
+        let scope = phivault_auth::ScopeSet::parse("patient/*.rs openid").unwrap();
+        let req = AuthorizeRequest {
+            client_id: "app1".into(),
+            redirect_uri: "https://app.example/cb".into(),
+            scope: scope.clone(),
+            state: "s".into(),
+            code_challenge: CHALLENGE.into(),
+            nonce: None,
+        };
+        let grant = Grant {
+            client_id: "app1".into(),
+            user_id: "u-mariana".into(),
+            username: "mariana.quintero".into(),
+            role: phivault_auth::Role::Patient,
+            generation: 1,
+            fhir_user: Some("Patient/p-quintero".into()),
+            patient: Some("p-quintero".into()),
+            scope,
+            nonce: None,
+            auth_time: now(),
+        };
+        let exchange = |s: &AuthorizationServer, code: &str| {
+            s.exchange_code("app1", code, "https://app.example/cb", VERIFIER, now())
+        };
+        let code = a.issue_code(&req, grant.clone(), now()).unwrap();
+        let (g, r1) = exchange(&b, &code.0).unwrap();
+        assert_eq!(g, grant);
+        assert!(a.introspect_refresh(&r1.0, now()).is_some());
+        // the code again, at either node: refused, and the session it started ends
+        assert!(exchange(&a, &code.0).is_err());
+        assert!(b.introspect_refresh(&r1.0, now()).is_none());
+        // a new sign-in; refreshed at one node, the retired token at the other
+        let code = b.issue_code(&req, grant.clone(), now()).unwrap();
+        let (_, r1) = exchange(&a, &code.0).unwrap();
+        a.bind_dpop(&r1.0, "thumbprint");
+        assert_eq!(b.dpop_key_of(&r1.0).as_deref(), Some("thumbprint"));
+        let (_, r2) = b.refresh("app1", &r1.0, None, now()).unwrap();
+        assert!(a.introspect_refresh(&r2.0, now()).is_some());
+        assert!(
+            a.refresh("app1", &r1.0, None, now()).is_err(),
+            "a retired token"
+        );
+        assert!(
+            b.introspect_refresh(&r2.0, now()).is_none(),
+            "the family is revoked"
+        );
+        // a third session, revoked for its person from the other node
+        let code = a.issue_code(&req, grant.clone(), now()).unwrap();
+        let (_, r3) = exchange(&a, &code.0).unwrap();
+        b.revoke_user("u-mariana");
+        assert!(a.introspect_refresh(&r3.0, now()).is_none());
+        // sealed at rest
+        let held = db.sql("SELECT count(*) FROM shared_state WHERE v IS NOT NULL");
+        assert!(held.trim().parse::<u32>().unwrap() >= 6, "{held}");
+        let dump = db.sql("SELECT string_agg(encode(v, 'escape'), '') FROM shared_state");
+        for clear in ["mariana", "quintero", "app.example", "u-mariana"] {
+            assert!(!dump.contains(clear), "{clear} in the shared records");
+        }
     }
 }

@@ -123,6 +123,12 @@ impl App {
             ),
             None => (ReplayCache::default(), Default::default()),
         };
+        // several nodes: a code issued by one is exchanged at another, a refresh token
+        // retired on one revokes its family on all
+        let authz = match vault.engine.shared_state() {
+            Some(state) => phivault_auth::authorize::AuthorizationServer::with_state(state),
+            None => phivault_auth::authorize::AuthorizationServer::new(),
+        };
         App {
             vault,
             token_url,
@@ -132,7 +138,7 @@ impl App {
             dpop_replay,
             limits,
             freshness: Freshness::default(),
-            authz: phivault_auth::authorize::AuthorizationServer::new(),
+            authz,
             flows: crate::signin::Flows::default(),
             accounts: Default::default(),
             idps: Default::default(),

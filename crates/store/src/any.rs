@@ -186,6 +186,23 @@ impl Store for AnyStore {
     fn shared_by_nodes(&self) -> bool {
         self.inner().shared_by_nodes()
     }
+    fn update_shared(
+        &self,
+        ns: &str,
+        key: &[u8],
+        now_ms: i64,
+        f: &mut dyn FnMut(Option<&[u8]>) -> crate::SharedChange,
+    ) -> Result<bool, StoreError> {
+        self.inner().update_shared(ns, key, now_ms, f)
+    }
+    fn scan_shared(
+        &self,
+        ns: &str,
+        now_ms: i64,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<bool, StoreError> {
+        self.inner().scan_shared(ns, now_ms, visit)
+    }
     fn audit_head(&self) -> Result<Option<SignedHead>, StoreError> {
         self.inner().audit_head()
     }

@@ -184,6 +184,22 @@ pub struct Erased {
     pub last_audit_seq: Option<u64>,
 }
 
+/// What an update of a shared record does ([`Store::update_shared`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedChange {
+    /// Leave it as it is.
+    Keep,
+    /// Store this value until `until_ms` (ms since the Unix epoch).
+    Put {
+        /// The record (sealed by the caller).
+        value: Vec<u8>,
+        /// When it expires (it is cleared away after).
+        until_ms: i64,
+    },
+    /// Remove it.
+    Delete,
+}
+
 /// The metadata key marking `key_id` erased (see [`Erasure`]).
 pub fn erased_marker_key(key_id: &str) -> String {
     format!("erased:{key_id}")
@@ -456,6 +472,29 @@ pub trait Store: Send + Sync + 'static {
     fn claim_once(&self, ns: &str, key: &[u8], until_ms: i64) -> Result<Option<bool>, StoreError> {
         let _ = (ns, key, until_ms);
         Ok(None)
+    }
+    /// Read the shared record `ns`/`key` (none: absent, or expired at `now_ms`; 0: none
+    /// is), let `f` decide, apply its change — no other node's update of the record runs
+    /// meanwhile. `Ok(false)`: this engine keeps no records shared by several processes.
+    fn update_shared(
+        &self,
+        ns: &str,
+        key: &[u8],
+        now_ms: i64,
+        f: &mut dyn FnMut(Option<&[u8]>) -> SharedChange,
+    ) -> Result<bool, StoreError> {
+        let _ = (ns, key, now_ms, f);
+        Ok(false)
+    }
+    /// Visit every shared record of `ns` not expired at `now_ms`; `Ok(false)` as above.
+    fn scan_shared(
+        &self,
+        ns: &str,
+        now_ms: i64,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<bool, StoreError> {
+        let _ = (ns, now_ms, visit);
+        Ok(false)
     }
     /// Whether other processes may serve this store at the same time (several nodes on one
     /// database): then state kept in one process's memory is not enough.

@@ -497,6 +497,25 @@ impl Store for PgStore {
         true
     }
 
+    fn update_shared(
+        &self,
+        ns: &str,
+        key: &[u8],
+        now_ms: i64,
+        f: &mut dyn FnMut(Option<&[u8]>) -> crate::SharedChange,
+    ) -> Result<bool, StoreError> {
+        self.update_record(ns, key, now_ms, f).map(|()| true)
+    }
+
+    fn scan_shared(
+        &self,
+        ns: &str,
+        now_ms: i64,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<bool, StoreError> {
+        self.scan_records(ns, now_ms, visit).map(|()| true)
+    }
+
     fn take_detections(&self) -> Vec<String> {
         std::mem::take(&mut *self.detections.lock())
     }

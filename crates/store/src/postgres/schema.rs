@@ -92,6 +92,16 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (ns, k)
      );
      CREATE INDEX once_seen_by_expiry ON once_seen (until_ms);"#,
+    // 3: short-lived records every node reads and changes (sign-in codes and sessions),
+    // sealed by the layer above
+    r#"CREATE TABLE shared_state (
+        ns text COLLATE "C" NOT NULL,
+        k bytea NOT NULL,
+        v bytea,
+        until_ms bigint NOT NULL,
+        PRIMARY KEY (ns, k)
+     );
+     CREATE INDEX shared_state_by_expiry ON shared_state (until_ms);"#,
 ];
 
 /// Apply the migrations not yet applied, one transaction each, holding the advisory lock

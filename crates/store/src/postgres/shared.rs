@@ -35,20 +35,8 @@ fn task_key(task: &str) -> i64 {
 impl PgStore {
     pub(super) fn claim(&self, ns: &str, key: &[u8], until_ms: i64) -> Result<bool, StoreError> {
         let now = crate::sqlite::now_ms() as i64;
-        let purge = {
-            let mut last = self.last_purge.lock();
-            if now - *last >= PURGE_EVERY_MS {
-                *last = now;
-                true
-            } else {
-                false
-            }
-        };
+        self.purge_now();
         self.pool.with(async |c| {
-            if purge {
-                c.execute("DELETE FROM once_seen WHERE until_ms < $1", &[&now])
-                    .await?;
-            }
             // a record that expired is taken over; one that holds refuses the claim. The
             // commit need not wait for the disk: a database crash loses at most the last
             // few hundred milliseconds of records (PostgreSQL's WAL writer delay)
@@ -63,6 +51,115 @@ impl PgStore {
                 .await?;
             Ok(!rows.is_empty())
         })
+    }
+
+    pub(super) fn update_record(
+        &self,
+        ns: &str,
+        key: &[u8],
+        now_ms: i64,
+        f: &mut dyn FnMut(Option<&[u8]>) -> crate::SharedChange,
+    ) -> Result<(), StoreError> {
+        use crate::SharedChange as C;
+        self.purge_now();
+        self.pool.with(async |c| {
+            c.batch("BEGIN").await?;
+            let out = async {
+                // a row to lock, also when there is none yet (two nodes creating one
+                // record wait for each other on it)
+                c.execute(
+                    "INSERT INTO shared_state (ns, k, v, until_ms) VALUES ($1, $2, NULL, 0) \
+                     ON CONFLICT DO NOTHING",
+                    &[&ns, &key],
+                )
+                .await?;
+                let row = c
+                    .query_opt(
+                        "SELECT v, until_ms FROM shared_state WHERE ns = $1 AND k = $2 FOR UPDATE",
+                        &[&ns, &key],
+                    )
+                    .await?;
+                let (v, until): (Option<Vec<u8>>, i64) =
+                    row.map_or((None, 0), |r| (r.get(0), r.get(1)));
+                let live = v.filter(|_| now_ms == 0 || until > now_ms);
+                let placeholder = live.is_none();
+                match f(live.as_deref()) {
+                    C::Put { value, until_ms } => {
+                        c.execute(
+                            "UPDATE shared_state SET v = $3, until_ms = $4 WHERE ns = $1 AND k = $2",
+                            &[&ns, &key, &value, &until_ms],
+                        )
+                        .await?;
+                    }
+                    C::Delete => {
+                        c.execute(
+                            "DELETE FROM shared_state WHERE ns = $1 AND k = $2",
+                            &[&ns, &key],
+                        )
+                        .await?;
+                    }
+                    C::Keep if placeholder => {
+                        c.execute(
+                            "DELETE FROM shared_state WHERE ns = $1 AND k = $2 AND v IS NULL",
+                            &[&ns, &key],
+                        )
+                        .await?;
+                    }
+                    C::Keep => {}
+                }
+                Ok::<_, StoreError>(())
+            }
+            .await;
+            match out {
+                Ok(()) => c.batch("COMMIT").await,
+                Err(e) => {
+                    let _ = c.batch("ROLLBACK").await;
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    pub(super) fn scan_records(
+        &self,
+        ns: &str,
+        now_ms: i64,
+        visit: &mut dyn FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT k, v FROM shared_state WHERE ns = $1 AND v IS NOT NULL \
+                 AND ($2::int8 = 0 OR until_ms > $2::int8)",
+                &[&ns, &now_ms],
+            )
+            .await
+        })?;
+        for r in &rows {
+            visit(r.get(0), r.get(1));
+        }
+        Ok(())
+    }
+
+    /// Remove expired replay records and shared records, at most every
+    /// [`PURGE_EVERY_MS`] a node.
+    fn purge_now(&self) {
+        let now = crate::sqlite::now_ms() as i64;
+        {
+            let mut last = self.last_purge.lock();
+            if now - *last < PURGE_EVERY_MS {
+                return;
+            }
+            *last = now;
+        }
+        let _ = self.pool.with(async |c| {
+            c.execute("DELETE FROM once_seen WHERE until_ms < $1", &[&now])
+                .await?;
+            c.execute(
+                "DELETE FROM shared_state WHERE until_ms < $1 AND v IS NOT NULL",
+                &[&now],
+            )
+            .await
+        });
     }
 
     pub(super) fn try_lead(&self, leader: &Mutex<Leader>, task: &str) -> bool {
