@@ -67,9 +67,12 @@ pub trait SharedState: Send + Sync {
     ) -> Result<(), String>;
 }
 
+/// Records by (namespace, key): (value, expiry in ms).
+type Records = HashMap<(String, Vec<u8>), (Vec<u8>, u64)>;
+
 /// Records in this process's memory (one node): at most `cap` live ones.
 pub struct MemoryState {
-    map: Mutex<HashMap<(String, Vec<u8>), (Vec<u8>, u64)>>,
+    map: Mutex<Records>,
     cap: usize,
 }
 
