@@ -87,7 +87,7 @@ impl AppRecord {
 }
 
 /// A validated authorization request, waiting for sign-in and consent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuthorizeRequest {
     /// The app.
     pub client_id: String,

@@ -8,6 +8,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+
+use common::flow::{
+    PASSWORD, REDIRECT, add_user, browser, cli, enc, get, hidden, post_form, query_param,
+};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,4 +236,157 @@ fn two_nodes_on_one_database_are_one_service() {
     );
     let events: Value = json!(audit_events(&b).len());
     assert!(events.as_u64().unwrap_or(0) > acked.len() as u64);
+}
+
+/// A person's browser and app hop between the nodes at every step: the sign-in started on
+/// one continues on the other, the code issued by one is exchanged at the other, and a
+/// refresh token retired on one ends the session on both.
+#[test]
+fn a_sign_in_and_its_session_work_across_the_nodes() {
+    let db = TestDb::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (da, dbb) = two_data_dirs(tmp.path(), &db);
+    let a = start(tmp.path(), &da);
+    let b = start(tmp.path(), &dbb);
+    let scope = "system/*.cruds";
+    let creds = a.add_client(scope);
+    let token = token_on(&a, &creds, scope);
+    let patient = create(&a, &token, "Hopperson").expect("a patient");
+    let secret = add_user(&a, "hopper", &patient);
+    let data = a.data.to_str().expect("path");
+    let o = cli(
+        &[
+            "app",
+            "add",
+            "--data-dir",
+            data,
+            "--name",
+            "Hop app",
+            "--redirect-uri",
+            REDIRECT,
+            "--scope",
+            "patient/*.rs openid fhirUser launch/patient offline_access",
+            "--allow-bearer",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let app: Value = serde_json::from_slice(&o.stdout).expect("app json");
+    let client_id = app["client_id"].as_str().expect("client_id").to_owned();
+    let verifier = "hop-verifier-0123456789-0123456789-0123456789-abc";
+    let challenge = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref(),
+    );
+    let agent = browser(&a);
+    let q: Vec<String> = [
+        ("response_type", "code"),
+        ("client_id", client_id.as_str()),
+        ("redirect_uri", REDIRECT),
+        (
+            "scope",
+            "patient/*.rs openid fhirUser launch/patient offline_access",
+        ),
+        ("state", "st-1"),
+        ("aud", &format!("{PUBLIC}/fhir")),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ]
+    .iter()
+    .map(|(k, v)| format!("{k}={}", enc(v)))
+    .collect();
+    // the authorize page from A, the login form to B, the consent to A
+    let start_page = get(
+        &agent,
+        &format!("{}/auth/authorize?{}", a.origin, q.join("&")),
+    );
+    assert_eq!(start_page.status, 200, "{}", start_page.body);
+    let cookie = start_page.cookie.expect("flow cookie");
+    let (flow, csrf) = (
+        hidden(&start_page.body, "flow"),
+        hidden(&start_page.body, "csrf"),
+    );
+    let otp = phivault_auth::totp::code_at(&secret, now());
+    let login = post_form(
+        &agent,
+        &format!("{}/auth/login", b.origin),
+        Some(&cookie),
+        &[
+            ("flow", &flow),
+            ("csrf", &csrf),
+            ("username", "hopper"),
+            ("password", PASSWORD),
+            ("otp", &otp),
+        ],
+    );
+    assert_eq!(login.status, 200, "{}", login.body);
+    let consent = post_form(
+        &agent,
+        &format!("{}/auth/consent", a.origin),
+        Some(&cookie),
+        &[("flow", &flow), ("csrf", &csrf), ("decision", "approve")],
+    );
+    assert_eq!(consent.status, 303, "{}", consent.body);
+    let code = query_param(&consent.location.expect("redirect"), "code").expect("code");
+    // the code exchanged at B, refreshed at A; the retired token at B ends it everywhere
+    let exchange = |node: &Server, form: &[(&str, &str)]| {
+        let p = post_form(&agent, &format!("{}/auth/token", node.origin), None, form);
+        (
+            p.status,
+            serde_json::from_str::<Value>(&p.body).unwrap_or(Value::Null),
+        )
+    };
+    let (st, t) = exchange(
+        &b,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &client_id),
+            ("code_verifier", verifier),
+        ],
+    );
+    assert_eq!(st, 200, "{t}");
+    let access = t["access_token"].as_str().expect("access").to_owned();
+    let r1 = t["refresh_token"].as_str().expect("refresh").to_owned();
+    for node in [&a, &b] {
+        assert_eq!(node.get(&format!("Patient/{patient}"), &access).status, 200);
+    }
+    let refresh = |node: &Server, token: &str| {
+        exchange(
+            node,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", token),
+                ("client_id", &client_id),
+            ],
+        )
+    };
+    let (st, t2) = refresh(&a, &r1);
+    assert_eq!(st, 200, "{t2}");
+    let r2 = t2["refresh_token"].as_str().expect("refresh").to_owned();
+    let (st, reused) = refresh(&b, &r1);
+    assert_eq!(
+        (st, reused["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{reused}"
+    );
+    let (st, ended) = refresh(&a, &r2);
+    assert_eq!(
+        (st, ended["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{ended}"
+    );
+    // the code once more, at A: refused
+    let (st, _) = exchange(
+        &a,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &client_id),
+            ("code_verifier", verifier),
+        ],
+    );
+    assert_eq!(st, 400);
 }

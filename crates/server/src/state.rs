@@ -125,9 +125,16 @@ impl App {
         };
         // several nodes: a code issued by one is exchanged at another, a refresh token
         // retired on one revokes its family on all
-        let authz = match vault.engine.shared_state() {
-            Some(state) => phivault_auth::authorize::AuthorizationServer::with_state(state),
-            None => phivault_auth::authorize::AuthorizationServer::new(),
+        // (and sign-ins in progress and their attempt budget)
+        let (authz, flows) = match vault.engine.shared_state() {
+            Some(state) => (
+                phivault_auth::authorize::AuthorizationServer::with_state(state.clone()),
+                crate::signin::Flows::shared(state),
+            ),
+            None => (
+                phivault_auth::authorize::AuthorizationServer::new(),
+                crate::signin::Flows::default(),
+            ),
         };
         App {
             vault,
@@ -139,7 +146,7 @@ impl App {
             limits,
             freshness: Freshness::default(),
             authz,
-            flows: crate::signin::Flows::default(),
+            flows,
             accounts: Default::default(),
             idps: Default::default(),
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),

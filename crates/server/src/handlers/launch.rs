@@ -29,14 +29,12 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::respond::json_response;
-use crate::signin::{Flow, Stage};
+use crate::signin::{Flow, Stage, Then};
 use crate::state::{App, Ctx, Peer, blocking, finish};
 use phivault_records::engine::{form_urlencoded_pairs, now_ms};
 
 /// How long a sign-in may take.
 const FLOW_TTL_SECONDS: u64 = 600;
-/// Most sign-ins in progress.
-const MAX_FLOWS: usize = 10_000;
 /// Failed attempts one sign-in page allows before it must be restarted.
 const MAX_FLOW_FAILURES: u32 = 5;
 /// The browser-binding cookie.
@@ -237,13 +235,8 @@ fn start_flow(app: &App, ctx: &mut Ctx, req: AuthorizeRequest) -> Result<Respons
         expires: now + FLOW_TTL_SECONDS,
     };
     let mut resp = login_page(StatusCode::OK, &id, &flow, None);
-    {
-        let mut flows = app.flows.flows.lock();
-        flows.retain(|_, f| f.expires > now);
-        if flows.len() >= MAX_FLOWS {
-            return Err(ApiError::unavailable());
-        }
-        flows.insert(id, flow);
+    if !app.flows.insert(&id, &flow, now) {
+        return Err(ApiError::unavailable());
     }
     let c = format!(
         "{FLOW_COOKIE}={browser}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={FLOW_TTL_SECONDS}"
@@ -254,24 +247,15 @@ fn start_flow(app: &App, ctx: &mut Ctx, req: AuthorizeRequest) -> Result<Respons
     Ok(resp)
 }
 
-/// Take the flow a form names, if the browser and CSRF token match (None otherwise).
-fn flow_for<'a>(
-    flows: &'a mut HashMap<String, Flow>,
-    form: &HashMap<String, String>,
-    headers: &HeaderMap,
-    now: u64,
-) -> Option<(String, &'a mut Flow)> {
-    let id = form.get("flow")?;
-    let browser = cookie(headers, FLOW_COOKIE)?;
-    let (k, f) = flows.get_key_value(id.as_str())?;
-    if f.expires <= now
-        || !same(&f.browser, &browser)
-        || !same(&f.csrf, form.get("csrf").map_or("", String::as_str))
-    {
-        return None;
-    }
-    let k = k.clone();
-    flows.get_mut(&k).map(|f| (k, f))
+/// Whether `f` is the flow of this browser and form (its cookie and CSRF token), and
+/// unexpired.
+fn belongs(f: &Flow, form: &HashMap<String, String>, headers: &HeaderMap, now: u64) -> bool {
+    let Some(browser) = cookie(headers, FLOW_COOKIE) else {
+        return false;
+    };
+    f.expires > now
+        && same(&f.browser, &browser)
+        && same(&f.csrf, form.get("csrf").map_or("", String::as_str))
 }
 
 fn expired_page() -> Response {
@@ -367,15 +351,18 @@ fn login_inner(
         return (p, None, None, None);
     }
     // the flow is checked (not consumed) first
-    let (flow_id, client_id, requested) = {
-        let mut flows = app.flows.flows.lock();
-        let Some((id, f)) = flow_for(&mut flows, &form, headers, now) else {
-            return (expired_page(), None, None, None);
-        };
-        if !matches!(f.stage, Stage::Login { .. }) {
-            return (expired_page(), None, None, None);
-        }
-        (id, f.req.client_id.clone(), f.req.scope.clone())
+    let Some(flow_id) = form.get("flow").cloned() else {
+        return (expired_page(), None, None, None);
+    };
+    let checked = app.flows.update(&flow_id, now, |f| match f {
+        Some(f) if belongs(f, &form, headers, now) && matches!(f.stage, Stage::Login { .. }) => (
+            Then::Keep,
+            Some((f.req.client_id.clone(), f.req.scope.clone())),
+        ),
+        _ => (Then::Keep, None),
+    });
+    let Some((client_id, requested)) = checked.flatten() else {
+        return (expired_page(), None, None, None);
     };
     let field = |k: &str| form.get(k).map_or("", String::as_str);
     let username = normalize_username(field("username")).ok();
@@ -405,10 +392,29 @@ fn login_inner(
             }
         }
     };
-    let mut flows = app.flows.flows.lock();
-    let Some(f) = flows.get_mut(&flow_id) else {
-        return (expired_page(), Some(client_id), None, None);
-    };
+    let stepped = app.flows.update(&flow_id, now, |f| {
+        let Some(f) = f else {
+            return (Then::Keep, None);
+        };
+        let (then, result) = login_step(f, &flow_id, outcome, &requested, &client_id, now);
+        (then, Some(result))
+    });
+    stepped
+        .flatten()
+        .unwrap_or_else(|| (expired_page(), Some(client_id), None, None))
+}
+
+/// The login form's outcome applied to its flow: another try, the end of the flow, or
+/// the consent page.
+fn login_step(
+    f: &mut Flow,
+    flow_id: &str,
+    outcome: Result<phivault_auth::UserRecord, (Option<String>, LoginFailure)>,
+    requested: &ScopeSet,
+    client_id: &str,
+    now: u64,
+) -> (Then, LoginResult) {
+    let client_id = client_id.to_owned();
     match outcome {
         Err((user, failure)) => {
             let failures = match &mut f.stage {
@@ -420,42 +426,41 @@ fn login_inner(
             };
             let what = Some(failure_name(failure));
             if failures >= MAX_FLOW_FAILURES {
-                flows.remove(&flow_id);
                 let mut p = expired_page();
                 *p.status_mut() = StatusCode::UNAUTHORIZED;
-                return (p, Some(client_id), user, what);
+                return (Then::Remove, (p, Some(client_id), user, what));
             }
             let p = login_page(
                 StatusCode::UNAUTHORIZED,
-                &flow_id,
+                flow_id,
                 f,
                 Some(
                     "Sign-in failed. Check the username, password and authenticator code; \
                      repeated failures lock the account for 15 minutes.",
                 ),
             );
-            (p, Some(client_id), user, what)
+            (Then::Save, (p, Some(client_id), user, what))
         }
         Ok(rec) => {
-            let (scope, patient) = scope_for_role(&requested, &rec);
+            let (scope, patient) = scope_for_role(requested, &rec);
             let user = Some(rec.id.clone());
             if scope.resource_scopes().next().is_none() {
-                let req = flows.remove(&flow_id).map(|f| f.req);
-                let resp = match req {
-                    Some(r) => redirect_with(
-                        &r.redirect_uri,
-                        &[
-                            ("error", "access_denied"),
-                            (
-                                "error_description",
-                                "nothing requested is open to this account",
-                            ),
-                            ("state", &r.state),
-                        ],
-                    ),
-                    None => expired_page(),
-                };
-                return (resp, Some(client_id), user, Some("login-nothing-to-grant"));
+                let r = &f.req;
+                let resp = redirect_with(
+                    &r.redirect_uri,
+                    &[
+                        ("error", "access_denied"),
+                        (
+                            "error_description",
+                            "nothing requested is open to this account",
+                        ),
+                        ("state", &r.state),
+                    ],
+                );
+                return (
+                    Then::Remove,
+                    (resp, Some(client_id), user, Some("login-nothing-to-grant")),
+                );
             }
             let fhir_user = rec.fhir_user();
             let grant = Grant {
@@ -470,9 +475,9 @@ fn login_inner(
                 nonce: f.req.nonce.clone(),
                 auth_time: now,
             };
-            let p = consent_page(&flow_id, f, &grant);
+            let p = consent_page(flow_id, f, &grant);
             f.stage = Stage::Consent(Box::new(grant));
-            (p, Some(client_id), user, None)
+            (Then::Save, (p, Some(client_id), user, None))
         }
     }
 }
@@ -488,20 +493,21 @@ pub async fn consent(
     let now = now_s();
     let form = form_of(body);
     let taken = form.as_ref().and_then(|form| {
-        let mut flows = app.flows.flows.lock();
-        let id = flow_for(&mut flows, form, &headers, now)
-            .filter(|(_, f)| matches!(f.stage, Stage::Consent(_)))
-            .map(|(id, _)| id)?;
-        flows.remove(&id)
+        let id = form.get("flow")?;
+        app.flows
+            .update(id, now, |f| match f {
+                Some(f) if belongs(f, form, &headers, now) => match &f.stage {
+                    Stage::Consent(grant) => (Then::Remove, Some((f.req.clone(), grant.clone()))),
+                    Stage::Login { .. } => (Then::Keep, None),
+                },
+                _ => (Then::Keep, None),
+            })
+            .flatten()
     });
     let r = match (taken, form) {
-        (Some(flow), Some(form)) => {
-            let Stage::Consent(grant) = flow.stage else {
-                unreachable!("filtered above")
-            };
+        (Some((req, grant)), Some(form)) => {
             ctx.client_id = Some(grant.client_id.clone());
             ctx.user = Some(grant.user_id.clone());
-            let req = flow.req;
             if form.get("decision").map(String::as_str) == Some("approve") {
                 match app.authz.issue_code(&req, *grant, now) {
                     Ok(code) => Ok(redirect_with(
