@@ -43,6 +43,7 @@ use crate::{
 
 mod conn;
 pub mod migrate;
+mod puts;
 mod read;
 mod schema;
 mod shared;

@@ -401,15 +401,16 @@ async fn apply_batch(
             return Err(CommitError::Guard { index });
         }
     }
-    let mut writes = Vec::with_capacity(batch.puts.len());
-    for (index, put) in batch.puts.iter().enumerate() {
-        let digest = digests
-            .get(index)
-            .ok_or(CommitError::Store(StoreError::Engine(
-                "a put without its digest".into(),
-            )))?;
-        writes.push(apply_put(c, integ, &mut chain.digests, index, put, digest).await?);
+    if digests.len() != batch.puts.len() {
+        return Err(CommitError::Store(StoreError::Engine(
+            "a put without its digest".into(),
+        )));
     }
+    let writes = if batch.puts.is_empty() {
+        Vec::new()
+    } else {
+        super::puts::apply_puts(c, integ, &mut chain.digests, &batch.puts, digests).await?
+    };
     if !writes.is_empty() {
         match batch.audit.first_mut() {
             Some(ev) => ev.writes.extend(writes),
@@ -455,7 +456,7 @@ pub(super) async fn stored_head(
     Ok(Some((pkey, head)))
 }
 
-async fn apply_put(
+pub(super) async fn apply_put(
     c: &mut PgConn,
     integ: &Integrity,
     digests: &mut Digests,
