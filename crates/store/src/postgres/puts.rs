@@ -316,7 +316,13 @@ async fn write_rows(c: &mut PgConn, r: &Rows<'_>) -> Result<(), StoreError> {
             "INSERT INTO posting (ix, token, id, pkey, rtype) \
              SELECT * FROM unnest($1::int8[], $2::bytea[], $3::text[], $4::text[], $5::text[]) \
              ON CONFLICT DO NOTHING",
-            &[&r.add_ix, &r.add_token, &r.add_id, &r.add_pkey, &r.add_rtype],
+            &[
+                &r.add_ix,
+                &r.add_token,
+                &r.add_id,
+                &r.add_pkey,
+                &r.add_rtype,
+            ],
         )
         .await?;
     }

@@ -413,3 +413,59 @@ fn a_database_reached_over_tls_is_verified_by_its_certificate_and_its_name() {
     let e = PgStore::open(&target("127.0.0.1", &ca), StoreKeys::for_tests()).unwrap_err();
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }
+
+#[test]
+fn kek_generations_and_rewraps_are_counted_in_the_signed_state() {
+    use crate::{KekRow, KeyChange, Rewrap};
+    let db = TestDb::new();
+    let store = open(&db);
+    create(&store, "p1", b"x");
+    assert_eq!(
+        store
+            .change_keys(KeyChange::AddKek(KekRow {
+                generation: 1,
+                wrapped: b"kek-1".to_vec(),
+                created_ms: 5,
+            }))
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.kek_generations().unwrap().len(), 1);
+    let rewrap = |old: &[u8], new: &[u8]| {
+        store
+            .change_keys(KeyChange::Rewrap(vec![Rewrap {
+                key_id: "k1".into(),
+                old: old.to_vec(),
+                new: new.to_vec(),
+            }]))
+            .unwrap()
+    };
+    assert_eq!(rewrap(b"wrapped", b"\x01wrapped-under-1"), 1);
+    assert_eq!(
+        rewrap(b"wrapped", b"\x01again"),
+        0,
+        "only if still the old form"
+    );
+    assert_eq!(
+        store.data_key("k1").unwrap().unwrap(),
+        b"\x01wrapped-under-1"
+    );
+    // a generation with keys still wrapped under it is not destroyed
+    let destroy = |g: u32, prefix: &[u8]| {
+        store
+            .change_keys(KeyChange::DestroyKek {
+                generation: g,
+                prefix: prefix.to_vec(),
+            })
+            .unwrap()
+    };
+    assert_eq!(destroy(1, b"\x01"), 0);
+    assert_eq!(destroy(1, b"\x02"), 1);
+    assert!(store.kek_generations().unwrap().is_empty());
+    let keys = store.data_keys_after(0, 10).unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_verifies(&store);
+    store.close();
+    drop(store);
+    assert_verifies(&open(&db));
+}
