@@ -390,3 +390,55 @@ fn a_sign_in_and_its_session_work_across_the_nodes() {
     );
     assert_eq!(st, 400);
 }
+
+/// The README's one command: `serve --database URL` on a first run makes the data
+/// directory with its store in PostgreSQL; later runs read it from `database.json`, and a
+/// different `--database` for an existing directory is refused.
+#[test]
+fn the_first_run_of_serve_puts_its_store_in_the_database_named() {
+    let db = TestDb::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pw = std::fs::read_to_string(&db.passfile).expect("passfile");
+    let pwfile = tmp.path().join("db-password");
+    std::fs::write(
+        &pwfile,
+        pw.lines()
+            .next()
+            .expect("line")
+            .rsplit(':')
+            .next()
+            .expect("pw"),
+    )
+    .expect("password file");
+    let data = tmp.path().join("data");
+    let pwarg = pwfile.to_str().expect("path").to_owned();
+    let first = [
+        "--database",
+        db.target.url(),
+        "--database-password-file",
+        pwarg.as_str(),
+    ];
+    let launched = launch_with(&data, &first);
+    let mut s = Server::running(
+        tempfile::tempdir().expect("tempdir"),
+        data.clone(),
+        launched,
+    );
+    assert!(data.join("database.json").exists());
+    assert!(!data.join("phivault.db").exists(), "no embedded store");
+    let t = s.token("system/*.cruds");
+    let id = create(&s, &t, "Firstrun").expect("create");
+    s.restart();
+    // (a new port: a new origin, a new audience)
+    let t = s.token("system/*.cruds");
+    assert_eq!(s.get(&format!("Patient/{id}"), &t).status, 200);
+    s.stop();
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0", "--database"])
+        .arg(db.admin_url.as_str());
+    key_home(&mut c, &data);
+    let e = try_spawn_server(c).err().expect("refused");
+    assert!(e.contains("already exists and keeps its store"), "{e}");
+}
