@@ -66,6 +66,67 @@ pub(super) async fn matching(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// [`matching`] of every guard at once (one statement): per guard, at most one id more
+/// than it excepts.
+pub(super) async fn matching_each(
+    c: &tokio_postgres::Client,
+    guards: &[crate::Guard],
+) -> Result<Vec<Vec<String>>, StoreError> {
+    let mut sql = String::from("SELECT g, id FROM (");
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut parts = 0;
+    for (g, guard) in guards.iter().enumerate() {
+        let crate::Guard::NoMatch {
+            rtype,
+            tokens,
+            except,
+        } = guard;
+        let (ixs, toks): (Vec<i64>, Vec<Vec<u8>>) =
+            crate::sqlite::postings_of_entries(rtype, tokens)
+                .into_iter()
+                .map(|(ix, t)| (ix, t.to_vec()))
+                .unzip();
+        if ixs.is_empty() {
+            continue;
+        }
+        let n = ixs.len() as i64;
+        let p = params.len();
+        params.push(Box::new(ixs));
+        params.push(Box::new(toks));
+        params.push(Box::new(n));
+        params.push(Box::new((except.len() + 1) as i64));
+        if parts > 0 {
+            sql.push_str(" UNION ALL ");
+        }
+        sql.push_str(&format!(
+            "(SELECT {g}::int8 AS g, id FROM posting WHERE (ix, token) IN \
+             (SELECT * FROM unnest(${}::int8[], ${}::bytea[])) \
+             GROUP BY id HAVING count(*) = ${} ORDER BY id LIMIT ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4
+        ));
+        parts += 1;
+    }
+    let mut out = vec![Vec::new(); guards.len()];
+    if parts == 0 {
+        return Ok(out);
+    }
+    sql.push_str(") AS m");
+    let refs: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    for r in c.query(&sql, &refs).await.map_err(pg)? {
+        let g = usize::try_from(r.get::<_, i64>(0)).unwrap_or(usize::MAX);
+        if let Some(slot) = out.get_mut(g) {
+            slot.push(r.get(1));
+        }
+    }
+    Ok(out)
+}
+
 /// A candidate query of `rtype` as SQL over `posting` and `resource_head`, its parameters
 /// pushed on `params`.
 fn candidates_sql(

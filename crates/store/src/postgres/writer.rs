@@ -388,17 +388,17 @@ async fn apply_batch(
             }
         }
     }
-    for (index, guard) in batch.guards.iter().enumerate() {
-        let Guard::NoMatch {
-            rtype,
-            tokens,
-            except,
-        } = guard;
-        let found = super::read::matching(&c.client, rtype, tokens, Some(except.len() + 1))
+    if !batch.guards.is_empty() {
+        // (every guard of the batch in one statement: a Bundle of conditional creates
+        // brings one a resource)
+        let found = super::read::matching_each(&c.client, &batch.guards)
             .await
             .map_err(store_err)?;
-        if found.iter().any(|id| !except.contains(id)) {
-            return Err(CommitError::Guard { index });
+        for (index, (guard, found)) in batch.guards.iter().zip(found).enumerate() {
+            let Guard::NoMatch { except, .. } = guard;
+            if found.iter().any(|id| !except.contains(id)) {
+                return Err(CommitError::Guard { index });
+            }
         }
     }
     if digests.len() != batch.puts.len() {
