@@ -439,6 +439,6 @@ fn the_first_run_of_serve_puts_its_store_in_the_database_named() {
         .args(["--listen", "127.0.0.1:0", "--database"])
         .arg(db.admin_url.as_str());
     key_home(&mut c, &data);
-    let e = try_spawn_server(c).err().expect("refused");
+    let e = try_spawn_server(c).expect_err("refused");
     assert!(e.contains("already exists and keeps its store"), "{e}");
 }
