@@ -40,18 +40,7 @@ fn an_embedded_store_moves_to_postgres_and_serves_the_same_records() {
 
     // a running server's store is not moved
     let db = TestDb::new();
-    let pw = std::fs::read_to_string(&db.passfile).expect("passfile");
-    let pwfile = s.tmp.path().join("db-password");
-    std::fs::write(
-        &pwfile,
-        pw.lines()
-            .next()
-            .expect("line")
-            .rsplit(':')
-            .next()
-            .expect("pw"),
-    )
-    .expect("password file");
+    let pwfile = database_password_file(&db, s.tmp.path());
     let migrate = |data: &std::path::Path| {
         let mut c = Command::new(BIN);
         c.args(["migrate", "--from"])

@@ -36,16 +36,7 @@ const SERVE: &[&str] = &[
 /// Node A's data directory made by `init --database`, and node B's: a copy of A's (which
 /// holds no key: the key file is outside it).
 fn two_data_dirs(tmp: &Path, db: &TestDb) -> (PathBuf, PathBuf) {
-    let password = std::fs::read_to_string(&db.passfile).expect("passfile");
-    let password = password
-        .lines()
-        .next()
-        .expect("a line")
-        .rsplit(':')
-        .next()
-        .expect("pw");
-    let pwfile = tmp.join("db-password");
-    std::fs::write(&pwfile, password).expect("password file");
+    let pwfile = database_password_file(db, tmp);
     let a = tmp.join("node-a");
     let mut c = Command::new(BIN);
     c.args(["init", "--data-dir"])
@@ -398,18 +389,7 @@ fn a_sign_in_and_its_session_work_across_the_nodes() {
 fn the_first_run_of_serve_puts_its_store_in_the_database_named() {
     let db = TestDb::new();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let pw = std::fs::read_to_string(&db.passfile).expect("passfile");
-    let pwfile = tmp.path().join("db-password");
-    std::fs::write(
-        &pwfile,
-        pw.lines()
-            .next()
-            .expect("line")
-            .rsplit(':')
-            .next()
-            .expect("pw"),
-    )
-    .expect("password file");
+    let pwfile = database_password_file(&db, tmp.path());
     let data = tmp.path().join("data");
     let pwarg = pwfile.to_str().expect("path").to_owned();
     let first = [

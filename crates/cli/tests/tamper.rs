@@ -98,23 +98,6 @@ fn assert_verify_finds(s: &Server, wants: &[&str]) {
     }
 }
 
-/// Start the server again and expect it to refuse, naming `why`.
-fn assert_start_refused(s: &mut Server, why: &str) {
-    s.stop();
-    let mut c = Command::new(BIN);
-    c.args(["serve", "--data-dir"])
-        .arg(&s.data)
-        .args(["--listen", "127.0.0.1:0"]);
-    key_home(&mut c, &s.data);
-    match try_spawn_server(c) {
-        Ok(_) => panic!("the server started on a tampered store (expected: {why})"),
-        Err(e) => {
-            assert!(e.contains("storage was changed outside phivault"), "{e}");
-            assert!(e.contains(why), "refusal does not say {why:?}: {e}");
-        }
-    }
-}
-
 /// A 5xx integrity OperationOutcome.
 fn assert_integrity_error(r: &Resp, what: &str) {
     let text = String::from_utf8_lossy(&r.body);

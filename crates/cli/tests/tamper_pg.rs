@@ -34,18 +34,7 @@ fn fixture(serve_args: &[&str]) -> Fixture {
     let db = TestDb::new();
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let pw = std::fs::read_to_string(&db.passfile).expect("passfile");
-    let pwfile = tmp.path().join("db-password");
-    std::fs::write(
-        &pwfile,
-        pw.lines()
-            .next()
-            .expect("line")
-            .rsplit(':')
-            .next()
-            .expect("pw"),
-    )
-    .expect("password file");
+    let pwfile = database_password_file(&db, tmp.path());
     let mut c = Command::new(BIN);
     c.args(["init", "--data-dir"])
         .arg(&data)
@@ -81,22 +70,6 @@ fn assert_integrity_error(r: &Resp, what: &str) {
     assert!(r.is_outcome(), "{what}: {text}");
     assert!(text.contains("integrity"), "{what}: {text}");
     assert!(!text.contains("Tamperalpha"), "{what}: {text}");
-}
-
-fn assert_start_refused(s: &mut Server, why: &str) {
-    s.stop();
-    let mut c = Command::new(BIN);
-    c.args(["serve", "--data-dir"])
-        .arg(&s.data)
-        .args(["--listen", "127.0.0.1:0"]);
-    key_home(&mut c, &s.data);
-    match try_spawn_server(c) {
-        Ok(_) => panic!("the server started on a tampered database (expected: {why})"),
-        Err(e) => {
-            assert!(e.contains("storage was changed outside phivault"), "{e}");
-            assert!(e.contains(why), "refusal does not say {why:?}: {e}");
-        }
-    }
 }
 
 fn verify(s: &Server) -> (bool, String) {

@@ -219,6 +219,40 @@ pub fn init_data_dir(data: &Path, init_args: &[&str]) {
     );
 }
 
+/// The password of test database `db` in a file of its own under `dir` (what
+/// `--database-password-file` takes: the first line is the password).
+pub fn database_password_file(
+    db: &phivault_store::postgres::testdb::TestDb,
+    dir: &Path,
+) -> PathBuf {
+    let pgpass = std::fs::read_to_string(&db.passfile).expect("passfile");
+    let password = pgpass
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .expect("a pgpass line");
+    let file = dir.join("db-password");
+    std::fs::write(&file, password).expect("password file");
+    file
+}
+
+/// Start the server on `s`'s data directory again and expect it to refuse, naming `why`.
+pub fn assert_start_refused(s: &mut Server, why: &str) {
+    s.stop();
+    let mut c = Command::new(BIN);
+    c.args(["serve", "--data-dir"])
+        .arg(&s.data)
+        .args(["--listen", "127.0.0.1:0"]);
+    key_home(&mut c, &s.data);
+    match try_spawn_server(c) {
+        Ok(_) => panic!("the server started on a tampered store (expected: {why})"),
+        Err(e) => {
+            assert!(e.contains("storage was changed outside phivault"), "{e}");
+            assert!(e.contains(why), "refusal does not say {why:?}: {e}");
+        }
+    }
+}
+
 /// Start `phivault serve` on `data`; returns the child, its origin and its captured stderr.
 pub fn launch(data: &Path) -> (Child, String, Arc<Mutex<Vec<u8>>>) {
     launch_with(data, &[])
