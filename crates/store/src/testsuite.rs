@@ -6,7 +6,8 @@ use phivault_audit::{Action, AuditEvent, Outcome};
 
 use crate::{CommitError, Expect, Guard, IndexEntry, Put, Store, VersionRow, WriteBatch};
 
-fn row(rtype: &str, id: &str, version: u64, sealed: &[u8]) -> VersionRow {
+/// A version row sealed (for the suite) under key `k1`.
+pub fn row(rtype: &str, id: &str, version: u64, sealed: &[u8]) -> VersionRow {
     VersionRow {
         rtype: rtype.into(),
         id: id.into(),

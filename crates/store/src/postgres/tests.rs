@@ -2,23 +2,11 @@
 
 use super::testdb::TestDb;
 use super::*;
-use crate::testsuite;
+use crate::testsuite::{self, row};
 use crate::{Expect, Put};
 
 fn open(db: &TestDb) -> PgStore {
     PgStore::open(&db.target, StoreKeys::for_tests()).expect("open")
-}
-
-fn row(rtype: &str, id: &str, version: u64, sealed: &[u8]) -> VersionRow {
-    VersionRow {
-        rtype: rtype.into(),
-        id: id.into(),
-        version,
-        key_id: "k1".into(),
-        deleted: false,
-        updated_ms: 1_700_000_000_000,
-        sealed: sealed.to_vec(),
-    }
 }
 
 fn create(store: &dyn Store, id: &str, sealed: &[u8]) {
