@@ -215,6 +215,10 @@ impl PgStore {
             )
             .await
         });
+        let schema = match schema {
+            Ok(Some(_)) => pool.with(async |c| schema::check_columns(c).await).map(Some),
+            other => other.map(|r| r.map(|_| ())),
+        };
         match schema {
             Ok(Some(_)) => {}
             Ok(None) => {

@@ -104,6 +104,94 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX shared_state_by_expiry ON shared_state (until_ms);"#,
 ];
 
+/// The columns phivault reads, with the types it made them: (table, column, type as
+/// `information_schema` names it).
+const COLUMNS: &[(&str, &str, &str)] = &[
+    ("audit_checkpoint", "root", "bytea"),
+    ("audit_checkpoint", "signature", "bytea"),
+    ("audit_checkpoint", "size", "bigint"),
+    ("audit_checkpoint", "time_ms", "bigint"),
+    ("audit_event", "event", "bytea"),
+    ("audit_event", "hash", "bytea"),
+    ("audit_event", "seq", "bigint"),
+    ("audit_head", "frontier", "bytea"),
+    ("audit_head", "hash", "bytea"),
+    ("audit_head", "one", "integer"),
+    ("audit_head", "signature", "bytea"),
+    ("audit_head", "size", "bigint"),
+    ("audit_head", "state", "bytea"),
+    ("data_key", "key_no", "bigint"),
+    ("data_key", "pkey", "text"),
+    ("data_key", "wrapped", "bytea"),
+    ("kek_generation", "created_ms", "bigint"),
+    ("kek_generation", "generation", "bigint"),
+    ("kek_generation", "wrapped", "bytea"),
+    ("meta", "k", "text"),
+    ("meta", "mac", "bytea"),
+    ("meta", "v", "bytea"),
+    ("once_seen", "k", "bytea"),
+    ("once_seen", "ns", "text"),
+    ("once_seen", "until_ms", "bigint"),
+    ("posting", "id", "text"),
+    ("posting", "ix", "bigint"),
+    ("posting", "pkey", "text"),
+    ("posting", "rtype", "text"),
+    ("posting", "token", "bytea"),
+    ("resource_head", "deleted", "boolean"),
+    ("resource_head", "id", "text"),
+    ("resource_head", "mac", "bytea"),
+    ("resource_head", "pkey", "text"),
+    ("resource_head", "rno", "bigint"),
+    ("resource_head", "rtype", "text"),
+    ("resource_head", "version", "bigint"),
+    ("resource_version", "deleted", "boolean"),
+    ("resource_version", "id", "text"),
+    ("resource_version", "mac", "bytea"),
+    ("resource_version", "pkey", "text"),
+    ("resource_version", "rtype", "text"),
+    ("resource_version", "sealed", "bytea"),
+    ("resource_version", "updated_ms", "bigint"),
+    ("resource_version", "version", "bigint"),
+    ("shared_state", "k", "bytea"),
+    ("shared_state", "ns", "text"),
+    ("shared_state", "until_ms", "bigint"),
+    ("shared_state", "v", "bytea"),
+];
+
+/// Refuse a schema whose columns are not the ones phivault made (a column dropped or its
+/// type changed outside phivault): every row is read by those types.
+pub(super) async fn check_columns(c: &mut PgConn) -> Result<(), StoreError> {
+    let rows = c
+        .client
+        .query(
+            "SELECT table_name::text, column_name::text, data_type::text \
+             FROM information_schema.columns WHERE table_schema = current_schema()",
+            &[],
+        )
+        .await
+        .map_err(super::conn::pg)?;
+    let found: std::collections::HashMap<(String, String), String> = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    for (table, column, want) in COLUMNS {
+        match found.get(&((*table).to_owned(), (*column).to_owned())) {
+            Some(t) if t == want => {}
+            Some(t) => {
+                return Err(super::trust::tampered(format!(
+                    "column {table}.{column} is {t}, not the {want} phivault made (changed outside phivault)"
+                )));
+            }
+            None => {
+                return Err(super::trust::tampered(format!(
+                    "column {table}.{column} is missing (removed outside phivault)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Apply the migrations not yet applied, one transaction each, holding the advisory lock
 /// so that nodes starting together apply each once.
 pub(super) async fn migrate(c: &mut PgConn) -> Result<(), StoreError> {
@@ -117,7 +205,8 @@ pub(super) async fn migrate(c: &mut PgConn) -> Result<(), StoreError> {
         .client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;
-    out
+    out?;
+    check_columns(c).await
 }
 
 async fn apply(c: &mut PgConn) -> Result<(), StoreError> {

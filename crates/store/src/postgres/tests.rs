@@ -147,6 +147,22 @@ fn rows_changed_in_the_database_are_refused_as_read_and_at_open() {
 }
 
 #[test]
+fn a_column_changed_outside_phivault_is_refused_at_open() {
+    let db = TestDb::new();
+    let store = open(&db);
+    create(&store, "p1", b"v1");
+    store.close();
+    drop(store);
+    db.sql("ALTER TABLE resource_head ALTER COLUMN version TYPE text");
+    let e = PgStore::open(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("column resource_head.version is text"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_rolled_back_record_or_cut_log_is_refused_at_open() {
     let db = TestDb::new();
     let store = open(&db);
