@@ -106,6 +106,10 @@ impl KeyRing<'_> {
         if let Some(k) = self.engine.existing_key(key_id)? {
             return Ok(k);
         }
+        if self.engine.store.shared_by_nodes() {
+            // a new key goes under the newest generation, whichever node rotated to it
+            crate::kek::install_generations(&self.engine.store, &self.engine.keys);
+        }
         let (k, wrapped) = self
             .engine
             .keys
@@ -566,13 +570,20 @@ impl Engine {
         let k = match self.keys.unwrap_data_key(key_id, &wrapped) {
             Ok(k) => k,
             // read just before a KEK rotation rewrapped it and forgot the old generation?
-            Err(_) => self
-                .store
-                .data_key(key_id)
-                .map_err(Error::from_store)?
-                .filter(|again| *again != wrapped)
-                .and_then(|again| self.keys.unwrap_data_key(key_id, &again).ok())
-                .ok_or_else(Error::integrity)?,
+            // (or wrapped under a generation another node of the store made since)
+            Err(_) => {
+                if self.store.shared_by_nodes() {
+                    crate::kek::install_generations(&self.store, &self.keys);
+                }
+                let again = self
+                    .store
+                    .data_key(key_id)
+                    .map_err(Error::from_store)?
+                    .ok_or_else(Error::integrity)?;
+                self.keys
+                    .unwrap_data_key(key_id, &again)
+                    .map_err(|_| Error::integrity())?
+            }
         };
         self.cache_key(key_id.to_owned(), k.clone());
         Ok(Some(k))

@@ -88,6 +88,13 @@ pub struct Rotation {
 /// Teach `keys` the generations `store` holds, and resume its seal counters from their
 /// reservations (made durable in `store` from now on).
 pub fn load(store: &Arc<dyn Store>, keys: &KeyHierarchy) {
+    install_generations(store, keys);
+    install_seal_counts(store, keys);
+}
+
+/// Teach `keys` the generations `store` holds now, the newest current (another node of
+/// the store may have rotated the KEK since this one started).
+pub fn install_generations(store: &Arc<dyn Store>, keys: &KeyHierarchy) {
     match store.kek_generations() {
         Ok(rows) if !rows.is_empty() => {
             for r in &rows {
@@ -113,7 +120,6 @@ pub fn load(store: &Arc<dyn Store>, keys: &KeyHierarchy) {
         Ok(_) => {}
         Err(e) => tracing::error!("cannot read the KEK generations: {e}"),
     }
-    install_seal_counts(store, keys);
 }
 
 fn install_seal_counts(store: &Arc<dyn Store>, keys: &KeyHierarchy) {

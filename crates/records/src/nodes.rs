@@ -288,4 +288,52 @@ mod tests {
             assert!(!dump.contains(clear), "{clear} in the shared records");
         }
     }
+
+    /// A KEK rotation on one node: the other opens the rewrapped keys (it learns the new
+    /// generation when a key does not open) and wraps new keys under the newest
+    /// generation, so the rotation's destruction of the old one loses nothing.
+    #[test]
+    fn a_kek_rotation_on_one_node_is_followed_by_the_other() {
+        use crate::engine::Batch;
+        use crate::kek::KeyAdmin;
+        let db = TestDb::new();
+        let node = || {
+            let store: Arc<dyn Store> =
+                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+            Engine::new(store, KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32])))
+        };
+        let add = |e: &Engine, ids: std::ops::Range<usize>| {
+            let mut ring = e.key_ring();
+            for i in ids {
+                ring.key(&format!("p:{i}")).unwrap();
+            }
+            let batch = Batch {
+                new_keys: ring.new_keys(),
+                ..Default::default()
+            };
+            e.submit(batch).blocking_recv().unwrap().unwrap();
+            ring.committed();
+        };
+        let (a, b) = (node(), node());
+        add(&a, 0..10);
+        let r = a.rotate_kek(&KeyAdmin::local_operator(), 4).unwrap();
+        assert_eq!((r.generation, r.rewrapped, r.destroyed), (1, 10, vec![0]));
+        // b started before the rotation, under generation 0 only
+        for i in 0..10 {
+            b.key_ring()
+                .key(&format!("p:{i}"))
+                .expect("opens after the rotation");
+        }
+        add(&b, 10..12);
+        let w = b.store().data_key("p:11").unwrap().unwrap();
+        assert_eq!(phivault_crypto::data_key_generation(&w), Some(1));
+        // and back: b rotates, a follows
+        let r = b.rotate_kek(&KeyAdmin::local_operator(), 100).unwrap();
+        assert_eq!((r.generation, r.destroyed), (2, vec![1]));
+        for i in 0..12 {
+            a.key_ring()
+                .key(&format!("p:{i}"))
+                .expect("opens on the other node");
+        }
+    }
 }

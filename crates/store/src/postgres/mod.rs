@@ -216,7 +216,9 @@ impl PgStore {
             .await
         });
         let schema = match schema {
-            Ok(Some(_)) => pool.with(async |c| schema::check_columns(c).await).map(Some),
+            Ok(Some(_)) => pool
+                .with(async |c| schema::check_columns(c).await)
+                .map(Some),
             other => other.map(|r| r.map(|_| ())),
         };
         match schema {

@@ -378,6 +378,7 @@ async fn apply_batch(
             Some(r) if r.get::<_, &[u8]>(0) == wrapped.as_slice() => {}
             Some(_) => return Err(CommitError::KeyConflict),
             None => {
+                newest_generation(c, wrapped).await?;
                 c.execute(
                     "INSERT INTO data_key (pkey, wrapped) VALUES ($1, $2)",
                     &[key_id, wrapped],
@@ -418,6 +419,33 @@ async fn apply_batch(
         }
     }
     Ok(chain.append(&batch.audit))
+}
+
+/// A new data key must be wrapped under the newest KEK generation stored: a node that
+/// has not yet seen another node's rotation would otherwise store a key under a generation
+/// that rotation is about to destroy (and the key, and every record sealed under it, would
+/// be lost). Generation 0 wraps as format 1; generation g ≥ 1 as format 2 with g in the
+/// next four bytes (`phivault_crypto::kek_generation_prefix`).
+async fn newest_generation(c: &mut PgConn, wrapped: &[u8]) -> Result<(), CommitError> {
+    let generation = match wrapped {
+        [2, a, b, cc, d, ..] => i64::from(u32::from_be_bytes([*a, *b, *cc, *d])),
+        _ => 0,
+    };
+    let newest: i64 = c
+        .query_opt(
+            "SELECT coalesce(max(generation), 0) FROM kek_generation",
+            &[],
+        )
+        .await
+        .map_err(store_err)?
+        .map_or(0, |r| r.get(0));
+    if generation < newest {
+        return Err(CommitError::Store(StoreError::Engine(format!(
+            "a new data key wrapped under KEK generation {generation}, older than the newest \
+             ({newest}): this node had not seen the rotation (retry)"
+        ))));
+    }
+    Ok(())
 }
 
 /// The head row of a resource as stored, checked against its MAC.
