@@ -89,6 +89,9 @@ pub struct Engine {
     /// Held (read) while a batch with new data keys is sent, and (write) while a KEK
     /// rotation switches generations (`crate::kek`).
     kek_gate: RwLock<()>,
+    /// With other nodes on the store: where this node is in their erasure feed, and when
+    /// it last looked (`crate::nodes`).
+    pub(crate) feed: parking_lot::Mutex<(i64, Option<std::time::Instant>)>,
 }
 
 /// Data keys used while preparing one write: cached, stored, or newly generated.
@@ -403,6 +406,7 @@ impl Engine {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             kek_gate: RwLock::new(()),
+            feed: parking_lot::Mutex::new((0, None)),
         }
     }
 
@@ -557,6 +561,8 @@ impl Engine {
     }
 
     fn existing_key(&self, key_id: &str) -> Result<Option<DataKey>, Error> {
+        // (another node's erasure makes this one forget the key within a quarter second)
+        self.follow_erasures();
         if let Some(k) = self.deks.read().get(key_id) {
             return Ok(Some(k.clone()));
         }

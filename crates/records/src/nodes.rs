@@ -107,7 +107,48 @@ impl phivault_auth::authorize::SharedState for SealedShared {
     }
 }
 
+/// How often (at most) a node reads the other nodes' erasures.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Engine {
+    /// Forget the data keys other nodes of the store erased since this one last looked
+    /// (at most every [`FOLLOW_EVERY`]; each named key's MAC'd marker checked first, so a
+    /// row a storage writer adds to the feed erases nothing here).
+    pub(crate) fn follow_erasures(&self) {
+        let store = self.store();
+        if !store.shared_by_nodes() {
+            return;
+        }
+        let mut feed = self.feed.lock();
+        if feed.1.is_some_and(|t| t.elapsed() < FOLLOW_EVERY) {
+            return;
+        }
+        let first = feed.1.is_none();
+        feed.1 = Some(std::time::Instant::now());
+        if first {
+            // at the first look every key is still to be read: the history is skipped
+            while let Ok(Some((newest, keys))) = store.erasures_after(feed.0) {
+                feed.0 = newest;
+                if keys.is_empty() {
+                    break;
+                }
+            }
+            return;
+        }
+        match store.erasures_after(feed.0) {
+            Ok(Some((newest, keys))) => {
+                feed.0 = newest;
+                for k in keys {
+                    if self.is_erased(&k).unwrap_or(false) {
+                        tracing::info!("a data key another node erased is forgotten here");
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "the other nodes' erasures could not be read"),
+        }
+    }
+
     /// Sign-in codes and sessions shared by every node of this store, if other nodes can
     /// serve it (none: one process, whose authorization server keeps them in memory).
     pub fn shared_state(&self) -> Option<Arc<dyn phivault_auth::authorize::SharedState>> {
@@ -335,5 +376,41 @@ mod tests {
                 .key(&format!("p:{i}"))
                 .expect("opens on the other node");
         }
+    }
+
+    /// A patient erased through one node: the other, which held the patient's data key,
+    /// forgets it within a quarter second and refuses their records too.
+    #[test]
+    fn an_erasure_on_one_node_reaches_the_other_nodes_key_cache() {
+        let db = TestDb::new();
+        let node = || {
+            let store: Arc<dyn Store> =
+                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+            Engine::new(store, KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32])))
+        };
+        let (a, b) = (node(), node());
+        crate::erase::tests::write(
+            &b,
+            "Patient",
+            "p1",
+            serde_json::json!({"resourceType": "Patient", "name": [{"family": "Erasedson"}]}),
+        );
+        let key = crate::engine::patient_key_id("p1");
+        b.key_ring().key(&key).expect("b holds the key");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(a.erase_patient("p1", "a request of the data subject", "r-1", Vec::new()))
+            .expect("erased on a");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(b.key_ring().key(&key).is_err(), "b forgot the key");
+        // a row a storage writer adds to the feed erases nothing
+        let other = crate::engine::patient_key_id("p2");
+        b.key_ring().key(&other).unwrap();
+        db.sql(&format!(
+            "INSERT INTO erasure_feed (key_id) VALUES ('{other}')"
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(b.key_ring().key(&other).is_ok());
     }
 }

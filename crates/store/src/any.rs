@@ -186,6 +186,9 @@ impl Store for AnyStore {
     fn shared_by_nodes(&self) -> bool {
         self.inner().shared_by_nodes()
     }
+    fn erasures_after(&self, after: i64) -> Result<Option<(i64, Vec<String>)>, StoreError> {
+        self.inner().erasures_after(after)
+    }
     fn update_shared(
         &self,
         ns: &str,

@@ -496,6 +496,14 @@ pub trait Store: Send + Sync + 'static {
         let _ = (ns, now_ms, visit);
         Ok(false)
     }
+    /// The data keys erased since position `after` of the erasure feed (every node's
+    /// erasures, in order), and the feed's newest position; `None`: this engine has no
+    /// other nodes to hear from. A storage writer can add to the feed: callers check each
+    /// key's MAC'd erasure marker before they believe it.
+    fn erasures_after(&self, after: i64) -> Result<Option<(i64, Vec<String>)>, StoreError> {
+        let _ = after;
+        Ok(None)
+    }
     /// Whether other processes may serve this store at the same time (several nodes on one
     /// database): then state kept in one process's memory is not enough.
     fn shared_by_nodes(&self) -> bool {

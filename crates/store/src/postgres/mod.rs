@@ -504,6 +504,18 @@ impl Store for PgStore {
         true
     }
 
+    fn erasures_after(&self, after: i64) -> Result<Option<(i64, Vec<String>)>, StoreError> {
+        let rows = self.pool.with(async |c| {
+            c.query(
+                "SELECT seq, key_id FROM erasure_feed WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                &[&after],
+            )
+            .await
+        })?;
+        let newest = rows.last().map_or(after, |r| r.get(0));
+        Ok(Some((newest, rows.iter().map(|r| r.get(1)).collect())))
+    }
+
     fn update_shared(
         &self,
         ns: &str,

@@ -102,6 +102,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (ns, k)
      );
      CREATE INDEX shared_state_by_expiry ON shared_state (until_ms);"#,
+    // 4: every node's erasures, in order, for the others to forget the keys they hold
+    r#"CREATE TABLE erasure_feed (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        key_id text COLLATE "C" NOT NULL
+     );"#,
 ];
 
 /// The columns phivault reads, with the types it made them: (table, column, type as
@@ -156,6 +161,8 @@ const COLUMNS: &[(&str, &str, &str)] = &[
     ("shared_state", "ns", "text"),
     ("shared_state", "until_ms", "bigint"),
     ("shared_state", "v", "bytea"),
+    ("erasure_feed", "seq", "bigint"),
+    ("erasure_feed", "key_id", "text"),
 ];
 
 /// Refuse a schema whose columns are not the ones phivault made (a column dropped or its

@@ -464,6 +464,12 @@ async fn erase_in(w: &mut Writer, er: &Erasure) -> Result<Erased, CommitError> {
         .sub(w.integ.key_element(&er.key_id, &wrapped));
     chain.digests.body.add(w.integ.key_element(&er.key_id, &[]));
     let write = put_setting(c, &w.integ, &mut chain.digests, &marker, &er.marker).await?;
+    // (the other nodes forget the key they may hold: `Store::erasures_after`)
+    c.execute(
+        "INSERT INTO erasure_feed (key_id) VALUES ($1)",
+        &[&er.key_id],
+    )
+    .await?;
     let mut audit = er.audit.clone();
     match audit.first_mut() {
         Some(ev) => ev.writes.push(write),
