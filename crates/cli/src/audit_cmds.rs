@@ -231,12 +231,15 @@ pub(crate) fn check_audit_log(
         }
     }
     let store = datadir::read_only_store(data_dir)?;
-    // an emptied log verifies as an empty one: a store with anything in it has a log
-    if store.audit_head()?.is_none() && store.holds_data()? {
-        return Ok(Err(
+    // every initialised data directory's log holds events (init writes its settings
+    // through it): an empty one was emptied, with or without the rest of the store
+    if store.audit_head()?.is_none() {
+        return Ok(Err(if store.holds_data()? {
             "the store holds records or settings but has no audit log (the log was emptied)"
-                .to_owned(),
-        ));
+        } else {
+            "the audit log is empty, and so is the store: an initialised data directory always holds events (the database was emptied or replaced)"
+        }
+        .to_owned()));
     }
     Ok(verify::verify_log(&mut Files { store, witness }, public)?
         .map(|r| r.to_string())

@@ -317,7 +317,7 @@ fn new_postgres_store(
         );
     }
     phivault_crypto::write_private_file(&d.database_json(), &serde_json::to_vec_pretty(cfg)?)?;
-    let store = PgStore::open(target, store_keys(keys, audit))
+    let store = PgStore::create(target, store_keys(keys, audit))
         .with_context(|| format!("cannot open the database {}", target.url()))?;
     if store.holds_data()? {
         store.close();

@@ -88,7 +88,7 @@ fn run(cli: Cli) -> Result<i32> {
             let spec = keys_cmds::create_spec(&key, &unlock)?;
             let db = database.map(|url| datadir::DatabaseConfig {
                 url,
-                password_file: database_password_file,
+                password_file: database_password_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
             });
             let cfg = datadir::init(&data_dir, index_bits, &spec, db.as_ref())?;
             println!("initialised {}", data_dir.display());
@@ -152,7 +152,8 @@ fn run(cli: Cli) -> Result<i32> {
                 backup,
                 database: database.map(|url| datadir::DatabaseConfig {
                     url,
-                    password_file: database_password_file,
+                    password_file: database_password_file
+                        .map(|p| std::path::absolute(&p).unwrap_or(p)),
                 }),
             },
         ),
@@ -245,7 +246,11 @@ fn run(cli: Cli) -> Result<i32> {
             from,
             to,
             database_password_file,
-        } => migrate_cmd::migrate(&from, &to, database_password_file),
+        } => migrate_cmd::migrate(
+            &from,
+            &to,
+            database_password_file.map(|p| std::path::absolute(&p).unwrap_or(p)),
+        ),
         Cmd::Backup { cmd } => backup_cmds::backup_cmd(cmd),
         Cmd::Restore { source, to, at } => backup_cmds::restore_cmd(&source, &to, &at),
         Cmd::Audit {

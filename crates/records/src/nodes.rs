@@ -202,7 +202,7 @@ mod tests {
         let keys = KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32]));
         let node = || {
             let store: Arc<dyn Store> =
-                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+                Arc::new(PgStore::create(&db.target, StoreKeys::for_tests()).unwrap());
             Engine::new(store, keys.clone())
         };
         let (a, b) = (node(), node());
@@ -264,7 +264,7 @@ mod tests {
         let keys = KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32]));
         let node = || {
             let store: Arc<dyn Store> =
-                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+                Arc::new(PgStore::create(&db.target, StoreKeys::for_tests()).unwrap());
             AuthorizationServer::with_state(
                 Engine::new(store, keys.clone()).shared_state().unwrap(),
             )
@@ -340,7 +340,7 @@ mod tests {
         let db = TestDb::new();
         let node = || {
             let store: Arc<dyn Store> =
-                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+                Arc::new(PgStore::create(&db.target, StoreKeys::for_tests()).unwrap());
             Engine::new(store, KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32])))
         };
         let add = |e: &Engine, ids: std::ops::Range<usize>| {
@@ -385,7 +385,7 @@ mod tests {
         let db = TestDb::new();
         let node = || {
             let store: Arc<dyn Store> =
-                Arc::new(PgStore::open(&db.target, StoreKeys::for_tests()).unwrap());
+                Arc::new(PgStore::create(&db.target, StoreKeys::for_tests()).unwrap());
             Engine::new(store, KeyHierarchy::new(&MasterKey::from_bytes(&[7; 32])))
         };
         let (a, b) = (node(), node());

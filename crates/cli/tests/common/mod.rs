@@ -233,6 +233,8 @@ pub fn database_password_file(
         .expect("a pgpass line");
     let file = dir.join("db-password");
     std::fs::write(&file, password).expect("password file");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     file
 }
 

@@ -139,6 +139,16 @@ impl PgTarget {
 
     fn password(&self) -> Result<Option<String>, StoreError> {
         if let PasswordSource::File(p) = &self.password {
+            use std::os::unix::fs::PermissionsExt as _;
+            // (as libpq treats a password file others can read: not used)
+            if let Ok(m) = std::fs::metadata(p)
+                && m.permissions().mode() & 0o077 != 0
+            {
+                return Err(StoreError::Engine(format!(
+                    "the database password file {} can be read by others: chmod 600 it",
+                    p.display()
+                )));
+            }
             let text = std::fs::read_to_string(p).map_err(|e| {
                 StoreError::Engine(format!(
                     "cannot read the database password file {}: {}",

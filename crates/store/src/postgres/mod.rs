@@ -32,7 +32,7 @@
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::integrity::{Head, Integrity};
@@ -128,6 +128,13 @@ pub struct PgStore {
     last_purge: Mutex<i64>,
     /// The periodic tasks this node runs (`shared`).
     leader: Mutex<shared::Leader>,
+    /// What this node believes of the settings rows (their MACs): what it wrote, and what
+    /// it read back in a snapshot whose settings sum to the signed state. A row read
+    /// otherwise (another node's change, or an older copy put back) sends it to read them
+    /// all again; a row that still differs was not written by phivault.
+    known: Arc<RwLock<trust::Settings>>,
+    /// The largest audit head this node saw: a head that goes back is refused.
+    head_seen: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -141,6 +148,20 @@ impl PgStore {
     /// it holds against the signed audit head (see `trust`): a database changed outside
     /// phivault is refused with [`StoreError::Tampered`] naming what differs.
     pub fn open(target: &PgTarget, keys: StoreKeys) -> Result<Self, StoreError> {
+        PgStore::open_or_create(target, keys, false)
+    }
+
+    /// [`PgStore::open`], making the store's schema and first head in a database that holds
+    /// no store yet (`init`; refused if it holds any other table).
+    pub fn create(target: &PgTarget, keys: StoreKeys) -> Result<Self, StoreError> {
+        PgStore::open_or_create(target, keys, true)
+    }
+
+    fn open_or_create(
+        target: &PgTarget,
+        keys: StoreKeys,
+        create: bool,
+    ) -> Result<Self, StoreError> {
         let StoreKeys {
             signer,
             audit_public,
@@ -150,13 +171,31 @@ impl PgStore {
         let pool = Pool::new(target.clone())?;
         let mut wconn = pool.connect()?;
         let checked = conn::block_on(async {
+            if !schema::exists(&mut wconn).await? {
+                if !create {
+                    return Err(trust::tampered(
+                        "the database holds no phivault store: it was emptied or replaced (only init makes a new store)",
+                    ));
+                }
+                if !schema::empty(&mut wconn).await? {
+                    return Err(StoreError::Engine(
+                        "the database is not empty: a new store is made in a database of its own"
+                            .into(),
+                    ));
+                }
+            }
             schema::migrate(&mut wconn).await?;
-            trust::start(&mut wconn, &integ, &audit_public, &signer).await
+            trust::start(&mut wconn, &integ, &audit_public, &signer, create).await
         });
-        if let Err(e) = checked {
-            pool.shut();
-            return Err(e);
-        }
+        let (known, head_size) = match checked {
+            Ok(k) => k,
+            Err(e) => {
+                pool.shut();
+                return Err(e);
+            }
+        };
+        let known = Arc::new(RwLock::new(known));
+        let head_seen = Arc::new(std::sync::atomic::AtomicU64::new(head_size));
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
         let checkpoint_ms = Arc::new(std::sync::atomic::AtomicU64::new(
@@ -164,6 +203,9 @@ impl PgStore {
         ));
         let w = writer::Writer {
             conn: wconn,
+            known: known.clone(),
+            head_seen: head_seen.clone(),
+            pending_settings: Vec::new(),
             pool: pool.clone(),
             signer,
             integ: integ.clone(),
@@ -195,6 +237,8 @@ impl PgStore {
             checkpoint_ms,
             last_purge: Mutex::new(0),
             leader: Mutex::default(),
+            known,
+            head_seen,
         })
     }
 
@@ -246,6 +290,8 @@ impl PgStore {
             )),
             last_purge: Mutex::new(0),
             leader: Mutex::default(),
+            known: Arc::default(),
+            head_seen: Arc::default(),
         })
     }
 
@@ -318,9 +364,60 @@ impl PgStore {
             .is_none_or(|i| version_mac_ok(i, row, mac))
     }
 
-    /// Whether a settings row is the one written (always, on a read-only open).
+    /// Whether a settings row is the one written (always, on a read-only open): its MAC,
+    /// and the MAC this node believes is the newest.
     pub(super) fn setting_ok(&self, k: &str, v: &[u8], mac: &[u8]) -> bool {
-        self.integ.as_ref().is_none_or(|i| i.setting_ok(k, v, mac))
+        self.integ.as_ref().is_none_or(|i| {
+            i.setting_ok(k, v, mac)
+                && self
+                    .known
+                    .read()
+                    .get(k)
+                    .is_some_and(|m| m.as_slice() == mac)
+        })
+    }
+
+    /// Whether this node believes settings row `k` exists (true on a read-only open).
+    pub(super) fn setting_known(&self, k: &str) -> bool {
+        self.integ.is_none() || self.known.read().contains_key(k)
+    }
+
+    /// The keys starting with `prefix` this node believes exist, in key order, at most
+    /// `limit` (None on a read-only open, which checks nothing).
+    pub(super) fn known_with_prefix(&self, prefix: &str, limit: usize) -> Option<Vec<String>> {
+        self.integ.as_ref()?;
+        let mut keys: Vec<String> = self
+            .known
+            .read()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort_unstable();
+        keys.truncate(limit);
+        Some(keys)
+    }
+
+    /// Read every settings row again in one snapshot whose sum is the signed state's, and
+    /// believe them (another node changed some); refused if they differ from the signed
+    /// state or the head went back.
+    pub(super) fn refresh_settings(&self) -> Result<(), StoreError> {
+        let Some(integ) = &self.integ else {
+            return Ok(());
+        };
+        let (known, size) = self
+            .pool
+            .with(async |c| trust::signed_settings(c, integ, &self.audit_public).await)?;
+        let seen = self.head_seen.load(std::sync::atomic::Ordering::Acquire);
+        if size < seen {
+            return Err(self.tampered(format!(
+                "the audit head went back from event {seen} to {size} (the database was restored from an older copy)"
+            )));
+        }
+        self.head_seen
+            .fetch_max(size, std::sync::atomic::Ordering::AcqRel);
+        *self.known.write() = known;
+        Ok(())
     }
 
     pub(super) fn detected(&self, what: &str) {

@@ -22,6 +22,9 @@ macro_rules! select_version {
     };
 }
 
+/// A settings row as read: (value, MAC).
+type SettingValue = (Vec<u8>, Vec<u8>);
+
 fn version_row(r: &Row, at: usize) -> (VersionRow, Vec<u8>) {
     (
         VersionRow {
@@ -271,6 +274,17 @@ impl PgStore {
         if rows.len() > 1 {
             return Err(self.tampered(format!("{rtype}/{id}: version {version} is stored twice")));
         }
+        if rows.is_empty() && version >= 1 && self.integ.is_some() {
+            // a version below the current one was written: missing is a removal
+            let current = self.read_current_many(rtype, &[id.to_owned()])?;
+            if current
+                .first()
+                .and_then(Option::as_ref)
+                .is_some_and(|c| c.version >= version)
+            {
+                return Err(self.tampered(format!("{rtype}/{id}: version {version} was removed")));
+            }
+        }
         Ok(rows.pop())
     }
 
@@ -378,24 +392,39 @@ impl PgStore {
         })
     }
 
-    /// A settings row as read, checked against its MAC.
-    fn checked_setting(&self, k: &str, v: Vec<u8>, mac: &[u8]) -> Result<Vec<u8>, StoreError> {
-        if self.setting_ok(k, &v, mac) {
-            Ok(v)
-        } else {
-            Err(self.tampered(format!(
-                "settings row {k} is not the one last written (changed outside phivault)"
-            )))
+    /// A settings row as read: its MAC valid and the one this node believes is newest.
+    fn setting_fresh(&self, key: &str, row: Option<&SettingValue>) -> bool {
+        match row {
+            Some((v, mac)) => self.setting_ok(key, v, mac),
+            None => !self.setting_known(key) || self.integ.is_none(),
         }
     }
 
+    fn setting_tampered(&self, key: &str) -> StoreError {
+        self.tampered(format!(
+            "settings row {key} is not the one last written (changed outside phivault)"
+        ))
+    }
+
     pub(super) fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let row = self.pool.with(async |c| {
-            c.query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
-                .await
-        })?;
-        row.map(|r| self.checked_setting(key, r.get(0), r.get(1)))
-            .transpose()
+        let read = || -> Result<Option<SettingValue>, StoreError> {
+            let row = self.pool.with(async |c| {
+                c.query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
+                    .await
+            })?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        };
+        let row = read()?;
+        if self.setting_fresh(key, row.as_ref()) {
+            return Ok(row.map(|(v, _)| v));
+        }
+        // another node may have written it: read every row again against the signed state
+        self.refresh_settings()?;
+        let row = read()?;
+        if self.setting_fresh(key, row.as_ref()) {
+            return Ok(row.map(|(v, _)| v));
+        }
+        Err(self.setting_tampered(key))
     }
 
     pub(super) fn read_meta_prefix(
@@ -407,20 +436,43 @@ impl PgStore {
         // that start with it (byte order: the column's collation is "C")
         let end = format!("{prefix}\u{10FFFF}");
         let n = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self.pool.with(async |c| {
-            c.query(
-                "SELECT k, v, mac FROM meta WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3",
-                &[&prefix, &end, &n],
-            )
-            .await
-        })?;
-        rows.iter()
-            .map(|r| {
-                let k: String = r.get(0);
-                let v = self.checked_setting(&k, r.get(1), r.get(2))?;
-                Ok((k, v))
-            })
-            .collect()
+        let read = || -> Result<Vec<(String, SettingValue)>, StoreError> {
+            let rows = self.pool.with(async |c| {
+                c.query(
+                    "SELECT k, v, mac FROM meta WHERE k >= $1 AND k < $2 ORDER BY k LIMIT $3",
+                    &[&prefix, &end, &n],
+                )
+                .await
+            })?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect())
+        };
+        // every row the one believed newest, and no row believed there missing
+        let fresh = |rows: &[(String, SettingValue)]| -> Result<(), String> {
+            for (k, row) in rows {
+                if !self.setting_fresh(k, Some(row)) {
+                    return Err(k.clone());
+                }
+            }
+            if let Some(known) = self.known_with_prefix(prefix, limit) {
+                let got: Vec<&String> = rows.iter().map(|(k, _)| k).collect();
+                if let Some(k) = known.iter().find(|k| !got.contains(k)) {
+                    return Err(k.clone());
+                }
+            }
+            Ok(())
+        };
+        let mut rows = read()?;
+        if fresh(&rows).is_err() {
+            self.refresh_settings()?;
+            rows = read()?;
+            if let Err(k) = fresh(&rows) {
+                return Err(self.setting_tampered(&k));
+            }
+        }
+        Ok(rows.into_iter().map(|(k, (v, _))| (k, v)).collect())
     }
 
     pub(super) fn read_kek_generations(&self) -> Result<Vec<KekRow>, StoreError> {

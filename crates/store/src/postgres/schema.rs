@@ -199,6 +199,31 @@ pub(super) async fn check_columns(c: &mut PgConn) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Whether the database holds a phivault store (its schema table).
+pub(super) async fn exists(c: &mut PgConn) -> Result<bool, StoreError> {
+    Ok(c
+        .client
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'phivault_schema'",
+            &[],
+        )
+        .await
+        .map_err(super::conn::pg)?
+        .is_some())
+}
+
+/// Whether the database's schema holds no table at all (where `init` makes a store).
+pub(super) async fn empty(c: &mut PgConn) -> Result<bool, StoreError> {
+    Ok(c.client
+        .query_opt(
+            "SELECT 1 FROM pg_tables WHERE schemaname = current_schema() LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(super::conn::pg)?
+        .is_none())
+}
+
 /// Apply the migrations not yet applied, one transaction each, holding the advisory lock
 /// so that nodes starting together apply each once.
 pub(super) async fn migrate(c: &mut PgConn) -> Result<(), StoreError> {

@@ -6,7 +6,7 @@ use crate::testsuite::{self, row};
 use crate::{Expect, Put};
 
 fn open(db: &TestDb) -> PgStore {
-    PgStore::open(&db.target, StoreKeys::for_tests()).expect("open")
+    PgStore::create(&db.target, StoreKeys::for_tests()).expect("open")
 }
 
 fn create(store: &dyn Store, id: &str, sealed: &[u8]) {
@@ -389,7 +389,7 @@ fn a_database_reached_over_tls_is_verified_by_its_certificate_and_its_name() {
         .unwrap()
     };
     let store =
-        PgStore::open(&target("localhost", &ca), StoreKeys::for_tests()).expect("open over TLS");
+        PgStore::create(&target("localhost", &ca), StoreKeys::for_tests()).expect("open over TLS");
     let ssl = store
         .pool
         .with(async |c| {
@@ -472,4 +472,86 @@ fn kek_generations_and_rewraps_are_counted_in_the_signed_state() {
     store.close();
     drop(store);
     assert_verifies(&open(&db));
+}
+
+#[test]
+fn a_settings_row_put_back_from_an_older_copy_is_refused_while_running() {
+    let db = TestDb::new();
+    let (a, b) = (open(&db), open(&db));
+    a.set_meta("client:c2", b"{\"disabled\":false}").unwrap();
+    let old = db.sql(
+        "SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = 'client:c2'",
+    );
+    let (v, mac) = old.trim().split_once(':').unwrap();
+    a.set_meta("client:c2", b"{\"disabled\":true}").unwrap();
+    // the other node reads what this one wrote (its settings read again and summed)
+    assert_eq!(
+        b.meta("client:c2").unwrap().unwrap(),
+        b"{\"disabled\":true}"
+    );
+    assert_eq!(b.meta_prefix("client:", 10).unwrap().len(), 1);
+    // the older row put back, with its valid MAC: refused on both nodes
+    db.sql(&format!(
+        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = 'client:c2'"
+    ));
+    for s in [&a, &b] {
+        assert!(matches!(s.meta("client:c2"), Err(StoreError::Tampered(_))));
+        assert!(matches!(
+            s.meta_prefix("client:", 10),
+            Err(StoreError::Tampered(_))
+        ));
+    }
+    // a row removed is refused too
+    db.sql("DELETE FROM meta WHERE k = 'client:c2'");
+    assert!(matches!(a.meta("client:c2"), Err(StoreError::Tampered(_))));
+}
+
+#[test]
+fn a_removed_middle_event_or_version_is_found_and_an_emptied_database_refused() {
+    let db = TestDb::new();
+    let store = open(&db);
+    create(&store, "p1", b"v1");
+    store
+        .submit(WriteBatch {
+            puts: vec![Put {
+                row: row("Patient", "p1", 2, b"v2"),
+                expect: Expect::Version(1),
+                index: vec![],
+                replaces: vec![],
+            }],
+            ..Default::default()
+        })
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    testsuite::append_audit(&store, 6);
+    db.sql("DELETE FROM audit_event WHERE seq = 3");
+    let found = store.check_state(&mut || {}).unwrap();
+    assert!(
+        found.iter().any(|f| f.contains("audit log holds")),
+        "{found:?}"
+    );
+    db.sql("DELETE FROM resource_version WHERE id = 'p1' AND version = 1");
+    assert!(matches!(
+        store.version("Patient", "p1", 1),
+        Err(StoreError::Tampered(_))
+    ));
+    assert!(
+        store.version("Patient", "p1", 3).unwrap().is_none(),
+        "a version never written"
+    );
+    store.close();
+    drop(store);
+    db.sql(
+        "TRUNCATE audit_checkpoint, audit_event, audit_head, data_key, kek_generation, meta, \
+         once_seen, posting, resource_head, resource_version, shared_state",
+    );
+    let e = PgStore::open(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().contains("no signed audit head"), "{e}");
+    db.sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public");
+    let e = PgStore::open(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().contains("holds no phivault store"), "{e}");
+    db.sql("CREATE TABLE unrelated (x int)");
+    let e = PgStore::create(&db.target, StoreKeys::for_tests()).unwrap_err();
+    assert!(e.to_string().contains("not empty"), "{e}");
 }

@@ -42,18 +42,26 @@ pub(super) fn checked_head(
 }
 
 /// At open: a new database gets its first head (signed, empty); any other is checked.
+/// At open: a new store (`create`) gets its first head (signed, empty); any other is
+/// checked. What the node believes of the settings rows, and the log's size, as checked.
 pub(super) async fn start(
     c: &mut PgConn,
     integ: &Integrity,
     public: &[u8; 32],
     signer: &HeadSigner,
-) -> Result<(), StoreError> {
+    create: bool,
+) -> Result<(Settings, u64), StoreError> {
     c.batch("BEGIN").await?;
     let out = async {
         let row = c
             .query_opt("SELECT 1 FROM audit_head WHERE one = 1 FOR UPDATE", &[])
             .await?;
         if row.is_none() {
+            if !create {
+                return Err(tampered(
+                    "the database has no signed audit head: it was emptied or replaced (only init makes a new store)",
+                ));
+            }
             first_head(c, integ, signer).await?;
         }
         Ok::<_, StoreError>(())
@@ -108,7 +116,7 @@ async fn check_at_open(
     c: &mut PgConn,
     integ: &Integrity,
     public: &[u8; 32],
-) -> Result<(), StoreError> {
+) -> Result<(Settings, u64), StoreError> {
     let (head, digests) = head_in_snapshot(c, integ, public).await?;
     let last = c
         .query_opt(
@@ -145,7 +153,8 @@ async fn check_at_open(
             "the resources' heads differ from the signed state: a record was rolled back, removed or added",
         ));
     }
-    Ok(())
+    let (known, _) = settings(c, integ).await?;
+    Ok((known, head.size))
 }
 
 async fn head_in_snapshot(
@@ -165,13 +174,13 @@ async fn head_in_snapshot(
 
 /// Sum what the database holds: the settings rows and the heads (each checked against its
 /// MAC), and with `body` every version, posting, data key, KEK generation and checkpoint.
-async fn sums(
+/// Every settings row's MAC (each checked), and their sum.
+pub(super) async fn settings(
     c: &mut PgConn,
     integ: &Integrity,
-    body: bool,
-    pace: &mut dyn FnMut(),
-) -> Result<Digests, StoreError> {
-    let mut d = Digests::default();
+) -> Result<(Settings, crate::integrity::Sum), StoreError> {
+    let mut known = Settings::new();
+    let mut sum = crate::integrity::Sum::default();
     for r in c.query("SELECT k, v, mac FROM meta", &[]).await? {
         let (k, v, mac): (&str, &[u8], &[u8]) = (r.get(0), r.get(1), r.get(2));
         if !integ.setting_ok(k, v, mac) {
@@ -181,8 +190,49 @@ async fn sums(
         }
         let mut m = [0u8; 32];
         m.copy_from_slice(mac);
-        d.settings.add(integ.setting_element(&m));
+        sum.add(integ.setting_element(&m));
+        known.insert(k.to_owned(), m);
     }
+    Ok((known, sum))
+}
+
+/// Settings rows by key: their MACs.
+pub(super) type Settings = std::collections::HashMap<String, [u8; 32]>;
+
+/// The settings as a snapshot holds them, checked against the state signed with its head
+/// (what a node believes of the settings rows, and how far the log reached).
+pub(super) async fn signed_settings(
+    c: &mut PgConn,
+    integ: &Integrity,
+    public: &[u8; 32],
+) -> Result<(Settings, u64), StoreError> {
+    c.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let out = async {
+        let (head, signed) = head_in_snapshot(c, integ, public).await?;
+        let (known, sum) = settings(c, integ).await?;
+        if sum != signed.settings {
+            return Err(tampered(
+                "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
+            ));
+        }
+        Ok((known, head.size))
+    }
+    .await;
+    let _ = c.batch("COMMIT").await;
+    out
+}
+
+async fn sums(
+    c: &mut PgConn,
+    integ: &Integrity,
+    body: bool,
+    pace: &mut dyn FnMut(),
+) -> Result<Digests, StoreError> {
+    let mut d = Digests {
+        settings: settings(c, integ).await?.1,
+        ..Digests::default()
+    };
     for (n, r) in c
         .query(
             "SELECT rtype, id, pkey, rno, version, deleted, mac FROM resource_head",
@@ -296,9 +346,25 @@ pub(super) async fn check_state(
     c.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let out = async {
-        let (_, signed) = head_in_snapshot(c, integ, public).await?;
+        let (head, signed) = head_in_snapshot(c, integ, public).await?;
         let found = sums(c, integ, true, pace).await?;
         let mut differ = Vec::new();
+        // the log's events numbered 1 to the head's size, none missing or added
+        let counted = c
+            .query_opt(
+                "SELECT count(*), coalesce(max(seq), 0), coalesce(min(seq), 1) FROM audit_event",
+                &[],
+            )
+            .await?;
+        if let Some(r) = counted {
+            let (n, max, min): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            if n as u64 != head.size || max as u64 != head.size || min != 1 {
+                differ.push(format!(
+                    "the audit log holds {n} events numbered {min} to {max}, where the signed head counts {} (events removed or added)",
+                    head.size
+                ));
+            }
+        }
         if found.settings != signed.settings {
             differ.push("settings rows differ from the signed state".to_owned());
         }
@@ -401,6 +467,8 @@ pub(super) async fn erase(w: &mut Writer, er: &Erasure) -> Result<Erased, Commit
         Ok(done) => {
             w.conn.batch("COMMIT").await?;
             w.last_checkpoint = Some(std::time::Instant::now());
+            let settings = std::mem::take(&mut w.pending_settings);
+            w.known.write().extend(settings);
             // old row versions keep the wrapped key until a vacuum reclaims them
             if let Err(e) = w.conn.batch("VACUUM data_key").await {
                 tracing::warn!(error = %e, "no vacuum of data_key after an erasure");
@@ -464,6 +532,9 @@ async fn erase_in(w: &mut Writer, er: &Erasure) -> Result<Erased, CommitError> {
         .sub(w.integ.key_element(&er.key_id, &wrapped));
     chain.digests.body.add(w.integ.key_element(&er.key_id, &[]));
     let write = put_setting(c, &w.integ, &mut chain.digests, &marker, &er.marker).await?;
+    if let phivault_audit::Write::Setting { key, mac } = &write {
+        chain.settings.push((key.clone(), *mac));
+    }
     // (the other nodes forget the key they may hold: `Store::erasures_after`)
     c.execute(
         "INSERT INTO erasure_feed (key_id) VALUES ($1)",
@@ -477,6 +548,7 @@ async fn erase_in(w: &mut Writer, er: &Erasure) -> Result<Erased, CommitError> {
     }
     let committed = chain.append(&audit);
     finish_chain(c, &mut chain, &w.signer, &w.integ, true).await?;
+    w.pending_settings = std::mem::take(&mut chain.settings);
     Ok(Erased {
         resources,
         postings: removed.len() as u64,

@@ -47,6 +47,13 @@ pub(super) enum Command {
 /// What the writer task owns.
 pub(super) struct Writer {
     pub(super) conn: PgConn,
+    /// What the node believes of the settings rows (`super::PgStore`): what it writes
+    /// goes in once committed.
+    pub(super) known: Arc<parking_lot::RwLock<super::trust::Settings>>,
+    /// The largest audit head the node saw.
+    pub(super) head_seen: Arc<AtomicU64>,
+    /// Settings an erasure wrote, believed once it commits.
+    pub(super) pending_settings: Vec<(String, [u8; 32])>,
     /// Where a new connection comes from when this one closes.
     pub(super) pool: Arc<super::conn::Pool>,
     pub(super) signer: HeadSigner,
@@ -88,6 +95,8 @@ pub(super) struct Chain {
     pub(super) head: ChainHead,
     pub(super) frontier: Frontier,
     pub(super) digests: Digests,
+    /// Settings rows written: (key, MAC), believed once committed.
+    pub(super) settings: Vec<(String, [u8; 32])>,
     /// Events appended: (sequence number, bytes, chain hash).
     seqs: Vec<i64>,
     events: Vec<Vec<u8>>,
@@ -145,6 +154,7 @@ pub(super) async fn lock_head(
         head,
         frontier,
         digests,
+        settings: Vec::new(),
         seqs: Vec::new(),
         events: Vec::new(),
         hashes: Vec::new(),
@@ -219,14 +229,21 @@ async fn commit_group(w: &mut Writer, mut group: Vec<Command>) {
         let results = apply_group(&mut w.conn, &w.integ, &mut chain, &mut group).await?;
         let checkpointed = finish_chain(&mut w.conn, &mut chain, &w.signer, &w.integ, due).await?;
         w.conn.batch("COMMIT").await?;
-        Ok::<_, StoreError>((results, checkpointed))
+        Ok::<_, StoreError>((
+            results,
+            checkpointed,
+            std::mem::take(&mut chain.settings),
+            chain.head.size,
+        ))
     }
     .await;
     match out {
-        Ok((results, checkpointed)) => {
+        Ok((results, checkpointed, settings, size)) => {
             if checkpointed {
                 w.last_checkpoint = Some(std::time::Instant::now());
             }
+            w.known.write().extend(settings);
+            w.head_seen.fetch_max(size, Ordering::AcqRel);
             for (cmd, res) in group.into_iter().zip(results) {
                 reply(cmd, res);
             }
@@ -294,6 +311,9 @@ async fn apply_group(
             Command::SetMeta(k, v, _) => {
                 in_savepoint(c, chain, async |c, chain| {
                     let write = put_setting(c, integ, &mut chain.digests, k, v).await?;
+                    if let Write::Setting { key, mac } = &write {
+                        chain.settings.push((key.clone(), *mac));
+                    }
                     Ok(chain.append(&[super::trust::setting_event(vec![write])]))
                 })
                 .await?
@@ -341,6 +361,7 @@ async fn in_savepoint(
         chain.frontier.clone(),
         chain.digests,
         chain.seqs.len(),
+        chain.settings.len(),
     );
     let r = f(c, chain).await;
     match &r {
@@ -351,6 +372,7 @@ async fn in_savepoint(
             c.batch("ROLLBACK TO b; RELEASE b").await?;
             (chain.head, chain.frontier, chain.digests) = (saved.0, saved.1, saved.2);
             chain.seqs.truncate(saved.3);
+            chain.settings.truncate(saved.4);
             chain.events.truncate(saved.3);
             chain.hashes.truncate(saved.3);
         }
