@@ -43,63 +43,44 @@ pub(crate) fn verify(data_dir: &Path, witness: Option<&Path>) -> Result<i32> {
             return Ok(1);
         }
     };
+    failed |= !print_store_report(&report);
+    println!("verify: {}", if failed { "FAILED" } else { "OK" });
+    Ok(i32::from(failed))
+}
+
+/// The PostgreSQL store: the checks every open makes, the state summed against the signed
+/// one, and every row against the writes the log commits; whether it held.
+fn verify_postgres(
+    target: &phivault_store::postgres::PgTarget,
+    keys: phivault_store::StoreKeys,
+) -> bool {
+    match phivault_store::postgres::verify::verify(target, keys) {
+        Ok(report) => print_store_report(&report),
+        Err(e) => {
+            println!("store: FAILED: it cannot be read ({e})");
+            false
+        }
+    }
+}
+
+/// Print what the store's verification found; whether it held.
+fn print_store_report(report: &phivault_store::replay::Report) -> bool {
     if report.discrepancies.is_empty() {
         println!(
             "store: OK: {} versions and {} settings rows match the {} audit events that commit them and the signed state",
             report.versions, report.settings, report.events
         );
-    } else {
-        failed = true;
-        println!(
-            "store: FAILED: {} discrepancies ({} versions, {} settings rows, {} audit events read):",
-            report.discrepancies.len(),
-            report.versions,
-            report.settings,
-            report.events
-        );
-        for line in &report.discrepancies {
-            println!("  {line}");
-        }
+        return true;
     }
-    println!("verify: {}", if failed { "FAILED" } else { "OK" });
-    Ok(i32::from(failed))
-}
-
-/// The PostgreSQL store: the checks every open makes (the signed head and its state, the
-/// log's end, every settings row and resource head against their MACs and the signed
-/// sums), then every other row summed and compared with the signed state; whether it held.
-fn verify_postgres(
-    target: &phivault_store::postgres::PgTarget,
-    keys: phivault_store::StoreKeys,
-) -> bool {
-    use phivault_store::Store as _;
-    let store = match phivault_store::postgres::PgStore::open(target, keys) {
-        Ok(s) => s,
-        Err(e) => {
-            println!("store: FAILED: {e}");
-            return false;
-        }
-    };
-    let out = store.check_state(&mut || {});
-    let heads = store.resource_heads();
-    store.close();
-    match (out, heads) {
-        (Ok(differ), Ok(heads)) if differ.is_empty() => {
-            println!(
-                "store: OK: the PostgreSQL store's {heads} resources, their versions, postings, keys and settings match the signed state"
-            );
-            true
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            println!("store: FAILED: it cannot be read ({e})");
-            false
-        }
-        (Ok(differ), Ok(_)) => {
-            println!("store: FAILED: rows differ from the signed state:");
-            for line in differ {
-                println!("  {line}");
-            }
-            false
-        }
+    println!(
+        "store: FAILED: {} discrepancies ({} versions, {} settings rows, {} audit events read):",
+        report.discrepancies.len(),
+        report.versions,
+        report.settings,
+        report.events
+    );
+    for line in &report.discrepancies {
+        println!("  {line}");
     }
+    false
 }

@@ -22,6 +22,7 @@ mod any;
 pub mod integrity;
 mod pending;
 pub mod postgres;
+pub mod replay;
 mod rows;
 mod segments;
 pub mod sqlite;

@@ -53,6 +53,7 @@ pub mod testdb;
 mod tests;
 mod tls;
 mod trust;
+pub mod verify;
 mod writer;
 
 pub use conn::{PasswordSource, PgTarget};

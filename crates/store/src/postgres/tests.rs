@@ -555,3 +555,58 @@ fn a_removed_middle_event_or_version_is_found_and_an_emptied_database_refused() 
     let e = PgStore::create(&db.target, StoreKeys::for_tests()).unwrap_err();
     assert!(e.to_string().contains("not empty"), "{e}");
 }
+
+#[test]
+fn verify_names_every_row_that_differs_from_the_log() {
+    let db = TestDb::new();
+    let store = open(&db);
+    create(&store, "p1", b"v1");
+    store
+        .submit(WriteBatch {
+            puts: vec![Put {
+                row: row("Patient", "p1", 2, b"v2"),
+                expect: Expect::Version(1),
+                index: vec![],
+                replaces: vec![],
+            }],
+            ..Default::default()
+        })
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    store.set_meta("client:c2", b"one").unwrap();
+    let old = db.sql(
+        "SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = 'client:c2'",
+    );
+    store.set_meta("client:c2", b"two").unwrap();
+    store.close();
+    drop(store);
+    let clean = verify::verify(&db.target, StoreKeys::for_tests()).unwrap();
+    assert!(clean.discrepancies.is_empty(), "{:?}", clean.discrepancies);
+    assert_eq!((clean.versions, clean.settings), (2, 1));
+    // a middle version removed: named by type, id and version
+    db.sql("DELETE FROM resource_version WHERE id = 'p1' AND version = 1");
+    let found = verify::verify(&db.target, StoreKeys::for_tests()).unwrap();
+    assert!(
+        found
+            .discrepancies
+            .iter()
+            .any(|d| d == "Patient/p1 version 1: committed but missing (removed or rolled back)"),
+        "{:?}",
+        found.discrepancies
+    );
+    // an older settings row put back: refused at open, named as such
+    let (v, mac) = old.trim().split_once(':').unwrap();
+    db.sql(&format!(
+        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = 'client:c2'"
+    ));
+    let found = verify::verify(&db.target, StoreKeys::for_tests()).unwrap();
+    assert!(
+        found
+            .discrepancies
+            .iter()
+            .any(|d| d.contains("settings rows differ")),
+        "{:?}",
+        found.discrepancies
+    );
+}

@@ -3,15 +3,15 @@
 //! (offline: also every row replayed against the writes the log commits, naming each one
 //! that differs — ids, keys and kinds, never values).
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use phivault_audit::{AuditEvent, ChainHead, Write};
+use phivault_audit::ChainHead;
 use rusqlite::{Connection, OpenFlags};
 
 use super::{engine, read_id};
 use crate::StoreError;
 use crate::integrity::Integrity;
+use crate::replay::{Checker, Log};
 
 /// Every digest recomputed from `c` (inside a read transaction) against the state signed
 /// with the head it holds: the kinds of rows that differ.
@@ -59,18 +59,7 @@ pub(super) fn against_signed_state(
     Ok(out)
 }
 
-/// What [`verify_file`] found.
-#[derive(Debug, Default)]
-pub struct Report {
-    /// Every discrepancy, one line each (ids, keys and kinds; never values).
-    pub discrepancies: Vec<String>,
-    /// Versions, settings rows and audit events read.
-    pub versions: u64,
-    /// Settings rows read.
-    pub settings: u64,
-    /// Audit events replayed.
-    pub events: u64,
-}
+pub use crate::replay::Report;
 
 /// Check the database at `path` offline (read-only): the open-time checks, the state
 /// summary recomputed against the signed one, and every row against the writes the log
@@ -103,12 +92,12 @@ pub fn verify_file(
         Err(e) => report.discrepancies.push(unreadable(e)),
     }
     match replay(&c) {
-        Ok((settings, versions, events)) => {
-            report.events = events;
-            if let Err(e) = compare_settings(&c, integ, settings, &mut report) {
-                report.discrepancies.push(unreadable(e));
-            }
-            if let Err(e) = compare_versions(&c, versions, &mut report) {
+        Ok(log) => {
+            let mut check = log.checker(integ, &mut report);
+            let read = compare_settings(&c, &mut check)
+                .and_then(|()| compare_versions(&c, &mut check))
+                .map(|()| check.heads_done());
+            if let Err(e) = read {
                 report.discrepancies.push(unreadable(e));
             }
         }
@@ -119,112 +108,46 @@ pub fn verify_file(
     Ok(report)
 }
 
-/// A version as committed: tombstone or not, SHA-256 of its sealed bytes.
-type Committed = (bool, [u8; 32]);
-/// Settings rows committed: key → MAC.
-type Settings = HashMap<String, [u8; 32]>;
-/// Versions committed, by type, id and version.
-type Versions = BTreeMap<(String, String, u64), Committed>;
-
-/// The settings and versions the log commits (the last write of each settings row).
-fn replay(c: &Connection) -> Result<(Settings, Versions, u64), StoreError> {
-    let mut settings = HashMap::new();
-    let mut versions = BTreeMap::new();
-    let mut events = 0u64;
+/// The settings and versions the log commits.
+fn replay(c: &Connection) -> Result<Log, StoreError> {
+    let mut log = Log::default();
     let mut st = c
         .prepare("SELECT event FROM audit_event ORDER BY seq")
         .map_err(engine)?;
     let mut rows = st.query([]).map_err(engine)?;
     while let Some(r) = rows.next().map_err(engine)? {
-        events += 1;
         let bytes = r
             .get_ref(0)
             .and_then(|v| Ok(v.as_blob()?))
             .map_err(engine)?;
-        let Ok(ev) = AuditEvent::decode(bytes) else {
-            continue;
-        };
-        for w in ev.writes {
-            match w {
-                Write::Setting { key, mac } => {
-                    settings.insert(key, mac);
-                }
-                Write::Version {
-                    resource_type,
-                    resource_id,
-                    version,
-                    deleted,
-                    sealed,
-                } => {
-                    versions.insert((resource_type, resource_id, version), (deleted, sealed));
-                }
-            }
-        }
+        log.add(bytes);
     }
-    Ok((settings, versions, events))
+    Ok(log)
 }
 
-fn compare_settings(
-    c: &Connection,
-    integ: &Integrity,
-    mut expected: HashMap<String, [u8; 32]>,
-    report: &mut Report,
-) -> Result<(), StoreError> {
+fn compare_settings(c: &Connection, check: &mut Checker<'_>) -> Result<(), StoreError> {
     let mut st = c
         .prepare("SELECT k, v, mac FROM meta ORDER BY k")
         .map_err(engine)?;
     let mut rows = st.query([]).map_err(engine)?;
     while let Some(r) = rows.next().map_err(engine)? {
-        report.settings += 1;
         let k: String = r.get(0).map_err(engine)?;
         let v: Vec<u8> = r.get(1).map_err(engine)?;
         let mac: Option<Vec<u8>> = r.get(2).map_err(engine)?;
-        let valid = mac.as_ref().is_some_and(|m| integ.setting_ok(&k, &v, m));
-        match (expected.remove(&k), valid) {
-            (_, false) => report.discrepancies.push(format!(
-                "settings row {k}: no valid MAC (inserted or edited outside phivault)"
-            )),
-            (None, true) => report.discrepancies.push(format!(
-                "settings row {k}: never committed in the audit log"
-            )),
-            (Some(want), true) if mac.as_deref() != Some(&want[..]) => {
-                report.discrepancies.push(format!(
-                    "settings row {k}: not the value last committed (restored from an older copy)"
-                ))
-            }
-            _ => {}
-        }
+        check.setting(&k, &v, mac.as_deref());
     }
-    let mut missing: Vec<String> = expected.into_keys().collect();
-    missing.sort();
-    for k in missing {
-        report
-            .discrepancies
-            .push(format!("settings row {k}: committed but missing (removed)"));
-    }
+    check.settings_done();
     Ok(())
 }
 
-fn compare_versions(
-    c: &Connection,
-    mut expected: Versions,
-    report: &mut Report,
-) -> Result<(), StoreError> {
-    // the newest committed version of each resource, for the heads
-    let mut newest: HashMap<(String, String), (u64, bool)> = HashMap::new();
-    for ((t, i, v), (d, _)) in &expected {
-        let e = newest.entry((t.clone(), i.clone())).or_insert((*v, *d));
-        if *v >= e.0 {
-            *e = (*v, *d);
-        }
-    }
+/// The versions, then the heads (`resource_no`), against the log.
+fn compare_versions(c: &Connection, check: &mut Checker<'_>) -> Result<(), StoreError> {
     {
         let mut st = c
             .prepare("SELECT rtype, id, version, deleted, sealed FROM resource_version")
             .map_err(engine)?;
         let mut rows = st.query([]).map_err(engine)?;
         while let Some(r) = rows.next().map_err(engine)? {
-            report.versions += 1;
             let t: String = r.get(0).map_err(engine)?;
             let i = read_id(r, 1).map_err(engine)?;
             let v = r.get::<_, i64>(2).map_err(engine)? as u64;
@@ -233,25 +156,10 @@ fn compare_versions(
                 .get_ref(4)
                 .and_then(|x| Ok(x.as_blob()?))
                 .map_err(engine)?;
-            let digest = super::state::sealed_digest(sealed);
-            match expected.remove(&(t.clone(), i.clone(), v)) {
-                None => report.discrepancies.push(format!(
-                    "{t}/{i} version {v}: stored but never committed (inserted or forged)"
-                )),
-                Some((want_d, want)) if want_d != d || want != digest => {
-                    report.discrepancies.push(format!(
-                        "{t}/{i} version {v}: not what was committed (edited, swapped or a forged tombstone)"
-                    ))
-                }
-                _ => {}
-            }
+            check.version(&t, &i, v, d, super::state::sealed_digest(sealed));
         }
     }
-    for ((t, i, v), _) in expected {
-        report.discrepancies.push(format!(
-            "{t}/{i} version {v}: committed but missing (removed or rolled back)"
-        ));
-    }
+    check.versions_done();
     let mut st = c
         .prepare("SELECT rtype, id, version, deleted FROM resource_no")
         .map_err(engine)?;
@@ -261,29 +169,11 @@ fn compare_versions(
         let i = read_id(r, 1).map_err(engine)?;
         let v: Option<i64> = r.get(2).map_err(engine)?;
         let d: Option<i64> = r.get(3).map_err(engine)?;
-        let t = t.unwrap_or_default();
         let found = match (v, d) {
             (Some(v), Some(d @ 0..=1)) => Some((v as u64, d == 1)),
             _ => None,
         };
-        match (newest.remove(&(t.clone(), i.clone())), found) {
-            (Some(want), Some(got)) if want == got => {}
-            (want, got) => {
-                let v = |x: Option<u64>| x.map_or_else(|| "none".to_owned(), |v| v.to_string());
-                report.discrepancies.push(format!(
-                    "{t}/{i}: its head says version {}, the log {}",
-                    v(got.map(|g| g.0)),
-                    v(want.map(|w| w.0))
-                ))
-            }
-        }
-    }
-    let mut lost: Vec<(String, String)> = newest.into_keys().collect();
-    lost.sort();
-    for (t, i) in lost {
-        report
-            .discrepancies
-            .push(format!("{t}/{i}: committed but has no head (removed)"));
+        check.head(&t.unwrap_or_default(), &i, found);
     }
     Ok(())
 }
