@@ -22,11 +22,13 @@ as_owner() {
 
 case "${1:-}" in
 start)
-    if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/initdb" ] || ! command -v psql >/dev/null; then
+    if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/initdb" ] || ! command -v psql >/dev/null ||
+        ! command -v openssl >/dev/null; then
+        # (openssl: the TLS test makes its CA and server certificate with it)
         SUDO=""
         [ "$(stat -c %u /proc/self)" = 0 ] || SUDO="sudo"
         $SUDO apt-get update -qq >&2
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql openssl >/dev/null
     fi
     BIN="$(bin_dir)"
     DIR="$(mktemp -d)"
