@@ -184,6 +184,10 @@ impl Engine {
         })?;
         let store = self.store();
         let keys = self.keys();
+        if store.shared_by_nodes() {
+            // another node may have rotated since this one looked: its generations first
+            install_generations(store, keys);
+        }
         let rows = store.kek_generations().map_err(unavailable)?;
         let newest = rows
             .iter()
@@ -210,7 +214,18 @@ impl Engine {
                 wrapped,
                 created_ms: now_ms(),
             }))
-            .map_err(unavailable)?;
+            .map_err(|e| {
+                // (another node of the store made the same generation first)
+                if store.shared_by_nodes() && e.to_string().contains("23505") {
+                    Error::new(
+                        Kind::Conflict,
+                        phivault_fhir::IssueCode::Conflict,
+                        "another node is rotating the KEK; try again when it is done",
+                    )
+                } else {
+                    unavailable(e)
+                }
+            })?;
         self.switch_kek(generation)?;
         tracing::info!(
             generation,

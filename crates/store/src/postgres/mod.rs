@@ -587,6 +587,11 @@ impl Store for PgStore {
         for what in &differ {
             self.detected(what);
         }
+        if differ.iter().any(|d| d.contains("settings")) {
+            // believe no settings row any more: each read now sums them all against the
+            // signed state, and is refused while they differ (fail closed)
+            self.known.write().clear();
+        }
         Ok(differ)
     }
 

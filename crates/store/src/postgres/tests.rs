@@ -501,6 +501,21 @@ fn a_settings_row_put_back_from_an_older_copy_is_refused_while_running() {
             Err(StoreError::Tampered(_))
         ));
     }
+    // nor is anything written over it, by either node
+    for (s, new) in [(&a, "client:new-a"), (&b, "client:new-b")] {
+        assert!(matches!(
+            s.set_meta("client:c2", b"{\"disabled\":false}"),
+            Err(StoreError::Tampered(_))
+        ));
+        // (a row no node wrote before is still written)
+        assert!(matches!(s.set_meta(new, b"x"), Ok(())));
+    }
+    // the whole-store check makes a node believe no settings row until they sum again
+    assert!(!b.check_state(&mut || {}).unwrap().is_empty());
+    assert!(matches!(
+        b.meta("client:new-b"),
+        Err(StoreError::Tampered(_))
+    ));
     // a row removed is refused too
     db.sql("DELETE FROM meta WHERE k = 'client:c2'");
     assert!(matches!(a.meta("client:c2"), Err(StoreError::Tampered(_))));

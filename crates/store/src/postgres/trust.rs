@@ -531,7 +531,15 @@ async fn erase_in(w: &mut Writer, er: &Erasure) -> Result<Erased, CommitError> {
         .body
         .sub(w.integ.key_element(&er.key_id, &wrapped));
     chain.digests.body.add(w.integ.key_element(&er.key_id, &[]));
-    let write = put_setting(c, &w.integ, &mut chain.digests, &marker, &er.marker).await?;
+    let write = put_setting(
+        c,
+        &w.integ,
+        &mut chain.digests,
+        &w.known,
+        &marker,
+        &er.marker,
+    )
+    .await?;
     if let phivault_audit::Write::Setting { key, mac } = &write {
         chain.settings.push((key.clone(), *mac));
     }

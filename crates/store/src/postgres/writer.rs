@@ -226,7 +226,7 @@ async fn commit_group(w: &mut Writer, mut group: Vec<Command>) {
     let out = async {
         w.conn.batch("BEGIN").await?;
         let mut chain = lock_head(&mut w.conn, &w.integ, &w.audit_public).await?;
-        let results = apply_group(&mut w.conn, &w.integ, &mut chain, &mut group).await?;
+        let results = apply_group(&mut w.conn, &w.integ, &w.known, &mut chain, &mut group).await?;
         let checkpointed = finish_chain(&mut w.conn, &mut chain, &w.signer, &w.integ, due).await?;
         w.conn.batch("COMMIT").await?;
         Ok::<_, StoreError>((
@@ -291,6 +291,7 @@ fn reply(cmd: Command, res: Result<Committed, CommitError>) {
 async fn apply_group(
     c: &mut PgConn,
     integ: &Integrity,
+    known: &parking_lot::RwLock<super::trust::Settings>,
     chain: &mut Chain,
     group: &mut [Command],
 ) -> Result<Vec<Result<Committed, CommitError>>, StoreError> {
@@ -310,7 +311,7 @@ async fn apply_group(
             }
             Command::SetMeta(k, v, _) => {
                 in_savepoint(c, chain, async |c, chain| {
-                    let write = put_setting(c, integ, &mut chain.digests, k, v).await?;
+                    let write = put_setting(c, integ, &mut chain.digests, known, k, v).await?;
                     if let Write::Setting { key, mac } = &write {
                         chain.settings.push((key.clone(), *mac));
                     }
@@ -678,6 +679,7 @@ pub(super) async fn put_setting(
     c: &mut PgConn,
     integ: &Integrity,
     digests: &mut Digests,
+    known: &parking_lot::RwLock<super::trust::Settings>,
     key: &str,
     value: &[u8],
 ) -> Result<Write, CommitError> {
@@ -685,15 +687,33 @@ pub(super) async fn put_setting(
         .query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
         .await
         .map_err(store_err)?;
-    if let Some(r) = stored {
-        let (v, mac): (&[u8], &[u8]) = (r.get(0), r.get(1));
-        if !integ.setting_ok(key, v, mac) {
-            return Err(CommitError::Store(super::trust::tampered(format!(
-                "settings row {key} is not the one last written (changed outside phivault)"
-            ))));
+    let stored_mac = match &stored {
+        Some(r) => {
+            let (v, mac): (&[u8], &[u8]) = (r.get(0), r.get(1));
+            if !integ.setting_ok(key, v, mac) {
+                return Err(CommitError::Store(super::trust::tampered(format!(
+                    "settings row {key} is not the one last written (changed outside phivault)"
+                ))));
+            }
+            let mut m = [0u8; 32];
+            m.copy_from_slice(mac);
+            Some(m)
         }
-        let mut old = [0u8; 32];
-        old.copy_from_slice(mac);
+        None => None,
+    };
+    // a row other than the one this node believes (another node's change, or an older
+    // copy put back): every row summed in this transaction must be the signed state
+    // (this group's own changes counted) before anything is written over it
+    let believed = known.read().get(key).copied();
+    if stored_mac != believed {
+        let (_, sum) = super::trust::settings(c, integ).await?;
+        if sum != digests.settings {
+            return Err(CommitError::Store(super::trust::tampered(
+                "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
+            )));
+        }
+    }
+    if let Some(old) = stored_mac {
         digests.settings.sub(integ.setting_element(&old));
     }
     let mac = integ.setting_mac(key, value);
