@@ -407,8 +407,9 @@ pub enum ClientCmd {
         #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
         token_url: String,
     },
-    /// Disable a client: its tokens are refused from its next request on, and it gets no
-    /// new ones (a running server sees it at once).
+    /// Disable a client: it gets no new tokens from its next request on (a running server,
+    /// every node, sees it at once); tokens already issued live until they expire (≤ 5
+    /// minutes).
     Disable {
         #[arg(long)]
         data_dir: PathBuf,
