@@ -113,12 +113,15 @@ pub fn cli(args: &[&str], stdin: &str) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    child
+    // (a command refused before it reads its input closes it: a broken pipe is its answer)
+    if let Err(e) = child
         .stdin
         .take()
         .expect("stdin")
         .write_all(stdin.as_bytes())
-        .expect("stdin");
+    {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "stdin: {e}");
+    }
     child.wait_with_output().expect("wait")
 }
 

@@ -136,6 +136,8 @@ pub struct PgStore {
     known: Arc<RwLock<trust::Settings>>,
     /// The largest audit head this node saw: a head that goes back is refused.
     head_seen: Arc<std::sync::atomic::AtomicU64>,
+    /// The settings sum `known` adds up to, as signed (None: not known to be current).
+    known_sum: Arc<Mutex<Option<crate::integrity::Sum>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -188,7 +190,7 @@ impl PgStore {
             schema::migrate(&mut wconn).await?;
             trust::start(&mut wconn, &integ, &audit_public, &signer, create).await
         });
-        let (known, head_size) = match checked {
+        let (known, head_size, settings_sum) = match checked {
             Ok(k) => k,
             Err(e) => {
                 pool.shut();
@@ -197,6 +199,7 @@ impl PgStore {
         };
         let known = Arc::new(RwLock::new(known));
         let head_seen = Arc::new(std::sync::atomic::AtomicU64::new(head_size));
+        let known_sum = Arc::new(Mutex::new(Some(settings_sum)));
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
         let checkpoint_ms = Arc::new(std::sync::atomic::AtomicU64::new(
@@ -206,7 +209,9 @@ impl PgStore {
             conn: wconn,
             known: known.clone(),
             head_seen: head_seen.clone(),
+            known_sum: known_sum.clone(),
             pending_settings: Vec::new(),
+            pending_sums: Default::default(),
             pool: pool.clone(),
             signer,
             integ: integ.clone(),
@@ -240,6 +245,7 @@ impl PgStore {
             leader: Mutex::default(),
             known,
             head_seen,
+            known_sum,
         })
     }
 
@@ -293,6 +299,7 @@ impl PgStore {
             leader: Mutex::default(),
             known: Arc::default(),
             head_seen: Arc::default(),
+            known_sum: Arc::default(),
         })
     }
 
@@ -406,19 +413,43 @@ impl PgStore {
         let Some(integ) = &self.integ else {
             return Ok(());
         };
-        let (known, size) = self
+        let (known, size, sum) = self
             .pool
             .with(async |c| trust::signed_settings(c, integ, &self.audit_public).await)?;
-        let seen = self.head_seen.load(std::sync::atomic::Ordering::Acquire);
+        self.head_not_back(size)?;
+        *self.known.write() = known;
+        *self.known_sum.lock() = Some(sum);
+        Ok(())
+    }
+
+    fn head_not_back(&self, size: u64) -> Result<(), StoreError> {
+        let seen = self
+            .head_seen
+            .fetch_max(size, std::sync::atomic::Ordering::AcqRel);
         if size < seen {
             return Err(self.tampered(format!(
                 "the audit head went back from event {seen} to {size} (the database was restored from an older copy)"
             )));
         }
-        self.head_seen
-            .fetch_max(size, std::sync::atomic::Ordering::AcqRel);
-        *self.known.write() = known;
         Ok(())
+    }
+
+    /// Before a settings row is believed: the signed head read now must sign the settings
+    /// this node believes (else another process changed some since — read them all again);
+    /// so a node never honours a row it believed once and that was changed and then put
+    /// back while it was not looking.
+    pub(super) fn settings_current(&self) -> Result<(), StoreError> {
+        let Some(integ) = &self.integ else {
+            return Ok(());
+        };
+        let (size, signed) = self
+            .pool
+            .with(async |c| trust::signed_head_now(c, integ, &self.audit_public).await)?;
+        self.head_not_back(size)?;
+        if *self.known_sum.lock() == Some(signed) {
+            return Ok(());
+        }
+        self.refresh_settings()
     }
 
     pub(super) fn detected(&self, what: &str) {
@@ -591,6 +622,7 @@ impl Store for PgStore {
             // believe no settings row any more: each read now sums them all against the
             // signed state, and is refused while they differ (fail closed)
             self.known.write().clear();
+            *self.known_sum.lock() = None;
         }
         Ok(differ)
     }

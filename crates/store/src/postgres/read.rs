@@ -407,6 +407,7 @@ impl PgStore {
     }
 
     pub(super) fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.settings_current()?;
         let read = || -> Result<Option<SettingValue>, StoreError> {
             let row = self.pool.with(async |c| {
                 c.query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
@@ -434,6 +435,7 @@ impl PgStore {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         // keys are ASCII: the range [prefix, prefix + U+10FFFF) holds exactly the keys
         // that start with it (byte order: the column's collation is "C")
+        self.settings_current()?;
         let end = format!("{prefix}\u{10FFFF}");
         let n = i64::try_from(limit).unwrap_or(i64::MAX);
         let read = || -> Result<Vec<(String, SettingValue)>, StoreError> {

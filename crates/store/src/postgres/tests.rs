@@ -625,3 +625,26 @@ fn verify_names_every_row_that_differs_from_the_log() {
         found.discrepancies
     );
 }
+
+#[test]
+fn a_row_a_node_believed_changed_elsewhere_and_put_back_is_refused_by_that_node() {
+    let db = TestDb::new();
+    let (a, b) = (open(&db), open(&db));
+    // b writes the account row (a sign-in on b) and so believes it
+    b.set_meta("user:bob", b"{\"disabled\":false}").unwrap();
+    assert_eq!(
+        b.meta("user:bob").unwrap().unwrap(),
+        b"{\"disabled\":false}"
+    );
+    let old = db
+        .sql("SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = 'user:bob'");
+    // disabled through another node, which b does not look at
+    a.set_meta("user:bob", b"{\"disabled\":true}").unwrap();
+    // the row b believes is put back
+    let (v, mac) = old.trim().split_once(':').unwrap();
+    db.sql(&format!(
+        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = 'user:bob'"
+    ));
+    assert!(matches!(b.meta("user:bob"), Err(StoreError::Tampered(_))));
+    assert!(matches!(a.meta("user:bob"), Err(StoreError::Tampered(_))));
+}

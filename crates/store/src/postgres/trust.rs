@@ -50,7 +50,7 @@ pub(super) async fn start(
     public: &[u8; 32],
     signer: &HeadSigner,
     create: bool,
-) -> Result<(Settings, u64), StoreError> {
+) -> Result<(Settings, u64, crate::integrity::Sum), StoreError> {
     c.batch("BEGIN").await?;
     let out = async {
         let row = c
@@ -116,7 +116,7 @@ async fn check_at_open(
     c: &mut PgConn,
     integ: &Integrity,
     public: &[u8; 32],
-) -> Result<(Settings, u64), StoreError> {
+) -> Result<(Settings, u64, crate::integrity::Sum), StoreError> {
     let (head, digests) = head_in_snapshot(c, integ, public).await?;
     let last = c
         .query_opt(
@@ -153,8 +153,18 @@ async fn check_at_open(
             "the resources' heads differ from the signed state: a record was rolled back, removed or added",
         ));
     }
-    let (known, _) = settings(c, integ).await?;
-    Ok((known, head.size))
+    let (known, sum) = settings(c, integ).await?;
+    Ok((known, head.size, sum))
+}
+
+/// The signed head as stored now, checked: its size and the settings sum it signs.
+pub(super) async fn signed_head_now(
+    c: &mut PgConn,
+    integ: &Integrity,
+    public: &[u8; 32],
+) -> Result<(u64, crate::integrity::Sum), StoreError> {
+    let (head, digests) = head_in_snapshot(c, integ, public).await?;
+    Ok((head.size, digests.settings))
 }
 
 async fn head_in_snapshot(
@@ -205,7 +215,7 @@ pub(super) async fn signed_settings(
     c: &mut PgConn,
     integ: &Integrity,
     public: &[u8; 32],
-) -> Result<(Settings, u64), StoreError> {
+) -> Result<(Settings, u64, crate::integrity::Sum), StoreError> {
     c.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let out = async {
@@ -216,7 +226,7 @@ pub(super) async fn signed_settings(
                 "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
             ));
         }
-        Ok((known, head.size))
+        Ok((known, head.size, sum))
     }
     .await;
     let _ = c.batch("COMMIT").await;
@@ -468,7 +478,8 @@ pub(super) async fn erase(w: &mut Writer, er: &Erasure) -> Result<Erased, Commit
             w.conn.batch("COMMIT").await?;
             w.last_checkpoint = Some(std::time::Instant::now());
             let settings = std::mem::take(&mut w.pending_settings);
-            w.known.write().extend(settings);
+            let (before, after) = w.pending_sums;
+            super::writer::believe(w, settings, before, after);
             // old row versions keep the wrapped key until a vacuum reclaims them
             if let Err(e) = w.conn.batch("VACUUM data_key").await {
                 tracing::warn!(error = %e, "no vacuum of data_key after an erasure");
@@ -557,6 +568,7 @@ async fn erase_in(w: &mut Writer, er: &Erasure) -> Result<Erased, CommitError> {
     let committed = chain.append(&audit);
     finish_chain(c, &mut chain, &w.signer, &w.integ, true).await?;
     w.pending_settings = std::mem::take(&mut chain.settings);
+    w.pending_sums = (chain.start.1.settings, chain.digests.settings);
     Ok(Erased {
         resources,
         postings: removed.len() as u64,

@@ -52,8 +52,12 @@ pub(super) struct Writer {
     pub(super) known: Arc<parking_lot::RwLock<super::trust::Settings>>,
     /// The largest audit head the node saw.
     pub(super) head_seen: Arc<AtomicU64>,
-    /// Settings an erasure wrote, believed once it commits.
+    /// The settings sum the node's beliefs add up to (`super::PgStore`).
+    pub(super) known_sum: Arc<parking_lot::Mutex<Option<crate::integrity::Sum>>>,
+    /// Settings an erasure wrote, believed once it commits, and the settings sums before
+    /// and after it.
     pub(super) pending_settings: Vec<(String, [u8; 32])>,
+    pub(super) pending_sums: (crate::integrity::Sum, crate::integrity::Sum),
     /// Where a new connection comes from when this one closes.
     pub(super) pool: Arc<super::conn::Pool>,
     pub(super) signer: HeadSigner,
@@ -102,7 +106,7 @@ pub(super) struct Chain {
     events: Vec<Vec<u8>>,
     hashes: Vec<Vec<u8>>,
     /// The state at the lock (a head re-signed only if it changed).
-    start: (u64, Digests),
+    pub(super) start: (u64, Digests),
 }
 
 impl Chain {
@@ -234,15 +238,16 @@ async fn commit_group(w: &mut Writer, mut group: Vec<Command>) {
             checkpointed,
             std::mem::take(&mut chain.settings),
             chain.head.size,
+            (chain.start.1.settings, chain.digests.settings),
         ))
     }
     .await;
     match out {
-        Ok((results, checkpointed, settings, size)) => {
+        Ok((results, checkpointed, settings, size, (before, after))) => {
             if checkpointed {
                 w.last_checkpoint = Some(std::time::Instant::now());
             }
-            w.known.write().extend(settings);
+            believe(w, settings, before, after);
             w.head_seen.fetch_max(size, Ordering::AcqRel);
             for (cmd, res) in group.into_iter().zip(results) {
                 reply(cmd, res);
@@ -262,6 +267,21 @@ async fn commit_group(w: &mut Writer, mut group: Vec<Command>) {
             }
         }
     }
+}
+
+/// The node believes the settings it just committed; its beliefs still add up to the
+/// signed sum if they did before this transaction (else they are read again when next
+/// needed).
+pub(super) fn believe(
+    w: &Writer,
+    settings: Vec<(String, [u8; 32])>,
+    before: crate::integrity::Sum,
+    after: crate::integrity::Sum,
+) {
+    let mut sum = w.known_sum.lock();
+    let current = *sum == Some(before);
+    w.known.write().extend(settings);
+    *sum = current.then_some(after);
 }
 
 fn reply(cmd: Command, res: Result<Committed, CommitError>) {
