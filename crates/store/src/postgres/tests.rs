@@ -27,6 +27,39 @@ fn create(store: &dyn Store, id: &str, sealed: &[u8]) {
         .expect("create");
 }
 
+/// Patient `id` to version 2 (from 1).
+fn update(store: &dyn Store, id: &str) {
+    store
+        .submit(WriteBatch {
+            puts: vec![Put {
+                row: row("Patient", id, 2, b"v2"),
+                expect: Expect::Version(1),
+                index: vec![],
+                replaces: vec![],
+            }],
+            ..Default::default()
+        })
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+}
+
+/// Settings row `key` as stored now (hex value and MAC), to put back later.
+fn saved_setting(db: &TestDb, key: &str) -> (String, String) {
+    let out = db.sql(&format!(
+        "SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = '{key}'"
+    ));
+    let (v, mac) = out.trim().split_once(':').unwrap();
+    (v.to_owned(), mac.to_owned())
+}
+
+/// Put settings row `key` back as [`saved_setting`] saw it (a storage writer's rollback).
+fn put_back(db: &TestDb, key: &str, (v, mac): &(String, String)) {
+    db.sql(&format!(
+        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = '{key}'"
+    ));
+}
+
 /// Every event in the log chains to the signed head, and the state recomputed from every
 /// row is the signed one.
 fn assert_verifies(store: &PgStore) {
@@ -168,19 +201,7 @@ fn a_rolled_back_record_or_cut_log_is_refused_at_open() {
     let store = open(&db);
     create(&store, "p1", b"v1");
     let saved_head = db.sql("SELECT encode(mac, 'hex') FROM resource_head WHERE id = 'p1'");
-    store
-        .submit(WriteBatch {
-            puts: vec![Put {
-                row: row("Patient", "p1", 2, b"v2"),
-                expect: Expect::Version(1),
-                index: vec![],
-                replaces: vec![],
-            }],
-            ..Default::default()
-        })
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    update(&store, "p1");
     store.close();
     drop(store);
     // the storage writer puts version 1 back, with its valid MAC
@@ -479,10 +500,7 @@ fn a_settings_row_put_back_from_an_older_copy_is_refused_while_running() {
     let db = TestDb::new();
     let (a, b) = (open(&db), open(&db));
     a.set_meta("client:c2", b"{\"disabled\":false}").unwrap();
-    let old = db.sql(
-        "SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = 'client:c2'",
-    );
-    let (v, mac) = old.trim().split_once(':').unwrap();
+    let old = saved_setting(&db, "client:c2");
     a.set_meta("client:c2", b"{\"disabled\":true}").unwrap();
     // the other node reads what this one wrote (its settings read again and summed)
     assert_eq!(
@@ -491,9 +509,7 @@ fn a_settings_row_put_back_from_an_older_copy_is_refused_while_running() {
     );
     assert_eq!(b.meta_prefix("client:", 10).unwrap().len(), 1);
     // the older row put back, with its valid MAC: refused on both nodes
-    db.sql(&format!(
-        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = 'client:c2'"
-    ));
+    put_back(&db, "client:c2", &old);
     for s in [&a, &b] {
         assert!(matches!(s.meta("client:c2"), Err(StoreError::Tampered(_))));
         assert!(matches!(
@@ -526,19 +542,7 @@ fn a_removed_middle_event_or_version_is_found_and_an_emptied_database_refused() 
     let db = TestDb::new();
     let store = open(&db);
     create(&store, "p1", b"v1");
-    store
-        .submit(WriteBatch {
-            puts: vec![Put {
-                row: row("Patient", "p1", 2, b"v2"),
-                expect: Expect::Version(1),
-                index: vec![],
-                replaces: vec![],
-            }],
-            ..Default::default()
-        })
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    update(&store, "p1");
     testsuite::append_audit(&store, 6);
     db.sql("DELETE FROM audit_event WHERE seq = 3");
     let found = store.check_state(&mut || {}).unwrap();
@@ -576,23 +580,9 @@ fn verify_names_every_row_that_differs_from_the_log() {
     let db = TestDb::new();
     let store = open(&db);
     create(&store, "p1", b"v1");
-    store
-        .submit(WriteBatch {
-            puts: vec![Put {
-                row: row("Patient", "p1", 2, b"v2"),
-                expect: Expect::Version(1),
-                index: vec![],
-                replaces: vec![],
-            }],
-            ..Default::default()
-        })
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
+    update(&store, "p1");
     store.set_meta("client:c2", b"one").unwrap();
-    let old = db.sql(
-        "SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = 'client:c2'",
-    );
+    let old = saved_setting(&db, "client:c2");
     store.set_meta("client:c2", b"two").unwrap();
     store.close();
     drop(store);
@@ -611,10 +601,7 @@ fn verify_names_every_row_that_differs_from_the_log() {
         found.discrepancies
     );
     // an older settings row put back: refused at open, named as such
-    let (v, mac) = old.trim().split_once(':').unwrap();
-    db.sql(&format!(
-        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = 'client:c2'"
-    ));
+    put_back(&db, "client:c2", &old);
     let found = verify::verify(&db.target, StoreKeys::for_tests()).unwrap();
     assert!(
         found
@@ -636,15 +623,11 @@ fn a_row_a_node_believed_changed_elsewhere_and_put_back_is_refused_by_that_node(
         b.meta("user:bob").unwrap().unwrap(),
         b"{\"disabled\":false}"
     );
-    let old = db
-        .sql("SELECT encode(v, 'hex') || ':' || encode(mac, 'hex') FROM meta WHERE k = 'user:bob'");
+    let old = saved_setting(&db, "user:bob");
     // disabled through another node, which b does not look at
     a.set_meta("user:bob", b"{\"disabled\":true}").unwrap();
     // the row b believes is put back
-    let (v, mac) = old.trim().split_once(':').unwrap();
-    db.sql(&format!(
-        "UPDATE meta SET v = decode('{v}', 'hex'), mac = decode('{mac}', 'hex') WHERE k = 'user:bob'"
-    ));
+    put_back(&db, "user:bob", &old);
     assert!(matches!(b.meta("user:bob"), Err(StoreError::Tampered(_))));
     assert!(matches!(a.meta("user:bob"), Err(StoreError::Tampered(_))));
 }
