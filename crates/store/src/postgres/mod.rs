@@ -413,18 +413,25 @@ impl PgStore {
         let Some(integ) = &self.integ else {
             return Ok(());
         };
+        let seen = self.head_seen();
         let (known, size, sum) = self
             .pool
             .with(async |c| trust::signed_settings(c, integ, &self.audit_public).await)?;
-        self.head_not_back(size)?;
+        self.head_not_back(seen, size)?;
         *self.known.write() = known;
         *self.known_sum.lock() = Some(sum);
         Ok(())
     }
 
-    fn head_not_back(&self, size: u64) -> Result<(), StoreError> {
-        let seen = self
-            .head_seen
+    /// The largest head seen so far (read before a head is read: a head read after it is
+    /// at least as new).
+    fn head_seen(&self) -> u64 {
+        self.head_seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `size` was read after the node had seen `seen`: it may not be smaller.
+    fn head_not_back(&self, seen: u64, size: u64) -> Result<(), StoreError> {
+        self.head_seen
             .fetch_max(size, std::sync::atomic::Ordering::AcqRel);
         if size < seen {
             return Err(self.tampered(format!(
@@ -442,10 +449,11 @@ impl PgStore {
         let Some(integ) = &self.integ else {
             return Ok(());
         };
+        let seen = self.head_seen();
         let (size, signed) = self
             .pool
             .with(async |c| trust::signed_head_now(c, integ, &self.audit_public).await)?;
-        self.head_not_back(size)?;
+        self.head_not_back(seen, size)?;
         if *self.known_sum.lock() == Some(signed) {
             return Ok(());
         }

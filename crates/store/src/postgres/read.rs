@@ -22,6 +22,9 @@ macro_rules! select_version {
     };
 }
 
+/// Times a settings read reads every row again while other nodes keep writing.
+const REFRESH_ROUNDS: usize = 8;
+
 /// A settings row as read: (value, MAC).
 type SettingValue = (Vec<u8>, Vec<u8>);
 
@@ -261,29 +264,39 @@ impl PgStore {
         version: u64,
     ) -> Result<Option<VersionRow>, StoreError> {
         let v = i64::try_from(version).unwrap_or(i64::MAX);
-        let rows = self.pool.with(async |c| {
-            c.query(
-                select_version!(
-                    " FROM resource_version v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3"
-                ),
-                &[&rtype, &id, &v],
-            )
-            .await
-        })?;
-        let mut rows = self.checked_versions(&rows)?;
-        if rows.len() > 1 {
-            return Err(self.tampered(format!("{rtype}/{id}: version {version} is stored twice")));
-        }
+        let read = || {
+            self.pool.with(async |c| {
+                c.query(
+                    select_version!(
+                        " FROM resource_version v WHERE v.rtype = $1 AND v.id = $2 AND v.version = $3"
+                    ),
+                    &[&rtype, &id, &v],
+                )
+                .await
+            })
+        };
+        let mut rows = self.checked_versions(&read()?)?;
         if rows.is_empty() && version >= 1 && self.integ.is_some() {
-            // a version below the current one was written: missing is a removal
+            // a version at or below the current one was written: missing is a removal. (The
+            // current version is read after the miss, and the version read again after
+            // that: a version committed meanwhile — with its head, in one transaction — is
+            // there by then; only a removed one is still missing.)
             let current = self.read_current_many(rtype, &[id.to_owned()])?;
             if current
                 .first()
                 .and_then(Option::as_ref)
                 .is_some_and(|c| c.version >= version)
             {
-                return Err(self.tampered(format!("{rtype}/{id}: version {version} was removed")));
+                rows = self.checked_versions(&read()?)?;
+                if rows.is_empty() {
+                    return Err(
+                        self.tampered(format!("{rtype}/{id}: version {version} was removed"))
+                    );
+                }
             }
+        }
+        if rows.len() > 1 {
+            return Err(self.tampered(format!("{rtype}/{id}: version {version} is stored twice")));
         }
         Ok(rows.pop())
     }
@@ -415,13 +428,17 @@ impl PgStore {
             })?;
             Ok(row.map(|r| (r.get(0), r.get(1))))
         };
-        let row = read()?;
-        if self.setting_fresh(key, row.as_ref()) {
-            return Ok(row.map(|(v, _)| v));
-        }
+        let mut row = read()?;
         // another node may have written it: read every row again against the signed state
-        self.refresh_settings()?;
-        let row = read()?;
+        // (a refresh that sums is believed; a row still newer was written after it — nodes
+        // writing on, so a few rounds; a row put back never sums and is refused there)
+        for _ in 0..REFRESH_ROUNDS {
+            if self.setting_fresh(key, row.as_ref()) {
+                return Ok(row.map(|(v, _)| v));
+            }
+            self.refresh_settings()?;
+            row = read()?;
+        }
         if self.setting_fresh(key, row.as_ref()) {
             return Ok(row.map(|(v, _)| v));
         }
@@ -467,12 +484,15 @@ impl PgStore {
             Ok(())
         };
         let mut rows = read()?;
-        if fresh(&rows).is_err() {
+        for _ in 0..REFRESH_ROUNDS {
+            if fresh(&rows).is_ok() {
+                break;
+            }
             self.refresh_settings()?;
             rows = read()?;
-            if let Err(k) = fresh(&rows) {
-                return Err(self.setting_tampered(&k));
-            }
+        }
+        if let Err(k) = fresh(&rows) {
+            return Err(self.setting_tampered(&k));
         }
         Ok(rows.into_iter().map(|(k, (v, _))| (k, v)).collect())
     }

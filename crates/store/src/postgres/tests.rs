@@ -631,3 +631,42 @@ fn a_row_a_node_believed_changed_elsewhere_and_put_back_is_refused_by_that_node(
     assert!(matches!(b.meta("user:bob"), Err(StoreError::Tampered(_))));
     assert!(matches!(a.meta("user:bob"), Err(StoreError::Tampered(_))));
 }
+
+#[test]
+fn settings_and_versions_read_while_nodes_write_are_never_taken_for_tampering() {
+    let db = TestDb::new();
+    let (a, b) = (Arc::new(open(&db)), Arc::new(open(&db)));
+    a.set_meta("client:x", b"0").unwrap();
+    create(a.as_ref(), "p0", b"v");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..6)
+        .map(|n| {
+            let (s, stop) = (if n % 2 == 0 { a.clone() } else { b.clone() }, stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    s.meta("client:x").expect("a settings read");
+                    for i in 0..5 {
+                        s.version("Patient", &format!("p{i}"), 1)
+                            .expect("a version read");
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 1..40 {
+        let w = if i % 2 == 0 { &a } else { &b };
+        w.set_meta("client:x", i.to_string().as_bytes()).unwrap();
+        if i < 5 {
+            create(w.as_ref(), &format!("p{i}"), b"v");
+        }
+        testsuite::append_audit(w.as_ref(), 3);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    assert!(a.take_detections().is_empty() && b.take_detections().is_empty());
+}
