@@ -142,7 +142,7 @@ async fn check_at_open(
             }
         }
     }
-    let found = sums(c, integ, false, &mut || {}).await?;
+    let (found, known) = sums(c, integ, false, &mut || {}).await?;
     if found.settings != digests.settings {
         return Err(tampered(
             "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
@@ -153,8 +153,7 @@ async fn check_at_open(
             "the resources' heads differ from the signed state: a record was rolled back, removed or added",
         ));
     }
-    let (known, sum) = settings(c, integ).await?;
-    Ok((known, head.size, sum))
+    Ok((known, head.size, found.settings))
 }
 
 /// The signed head as stored now, checked: its size and the settings sum it signs.
@@ -233,14 +232,16 @@ pub(super) async fn signed_settings(
     out
 }
 
+/// (and the settings rows' MACs, read on the way)
 async fn sums(
     c: &mut PgConn,
     integ: &Integrity,
     body: bool,
     pace: &mut dyn FnMut(),
-) -> Result<Digests, StoreError> {
+) -> Result<(Digests, Settings), StoreError> {
+    let (known, settings_sum) = settings(c, integ).await?;
     let mut d = Digests {
-        settings: settings(c, integ).await?.1,
+        settings: settings_sum,
         ..Digests::default()
     };
     for (n, r) in c
@@ -271,7 +272,7 @@ async fn sums(
     if body {
         sum_body(c, integ, &mut d, pace).await?;
     }
-    Ok(d)
+    Ok((d, known))
 }
 
 async fn sum_body(
@@ -357,7 +358,7 @@ pub(super) async fn check_state(
         .await?;
     let out = async {
         let (head, signed) = head_in_snapshot(c, integ, public).await?;
-        let found = sums(c, integ, true, pace).await?;
+        let (found, _) = sums(c, integ, true, pace).await?;
         let mut differ = Vec::new();
         // the log's events numbered 1 to the head's size, none missing or added
         let counted = c
