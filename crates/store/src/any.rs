@@ -139,6 +139,9 @@ impl Store for AnyStore {
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner().set_meta(key, value)
     }
+    fn update_meta(&self, key: &str, f: crate::MetaUpdate) -> Result<(), StoreError> {
+        self.inner().update_meta(key, f)
+    }
     fn meta_prefix(
         &self,
         prefix: &str,

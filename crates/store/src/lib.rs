@@ -201,6 +201,10 @@ pub enum SharedChange {
     Delete,
 }
 
+/// How [`Store::update_meta`] changes a settings row: given its value (None: absent), the
+/// new value, or None to leave it.
+pub type MetaUpdate = Box<dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + Send>;
+
 /// The metadata key marking `key_id` erased (see [`Erasure`]).
 pub fn erased_marker_key(key_id: &str) -> String {
     format!("erased:{key_id}")
@@ -414,6 +418,12 @@ pub trait Store: Send + Sync + 'static {
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Set a metadata value (durable on return).
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Read settings row `key` (its MAC checked), let `f` decide its new value (None: leave
+    /// it as it is) and write that — inside the writer's transaction, so no other write of
+    /// the row (this process's, or another node's on a shared database) comes between the
+    /// read and the write; durable when this returns. `f` may be called more than once
+    /// (a group retried): the last call's answer is what was written.
+    fn update_meta(&self, key: &str, f: MetaUpdate) -> Result<(), StoreError>;
     /// The metadata rows whose key starts with `prefix`, in key order, at most `limit`.
     fn meta_prefix(&self, prefix: &str, limit: usize)
     -> Result<Vec<(String, Vec<u8>)>, StoreError>;

@@ -88,6 +88,7 @@ pub fn run_all(store: &dyn Store) {
     uuid_and_text_ids(store);
     meta_roundtrip(store);
     concurrent_batches_all_land(store);
+    meta_updates_are_atomic(store);
 }
 
 fn create_read_update_history(store: &dyn Store) {
@@ -589,4 +590,47 @@ fn concurrent_batches_all_land(store: &dyn Store) {
     }
     assert_eq!(seen, seqs);
     assert!(store.audit_after(last, 10).unwrap().is_empty());
+}
+
+/// A counter in a settings row, updated from 16 threads × 25 times with a cap of 300:
+/// every increment counted once, the cap holding, answers not changing the row leaving it.
+fn meta_updates_are_atomic(store: &dyn Store) {
+    let count = |v: Option<&[u8]>| -> u64 {
+        v.map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap())
+    };
+    let granted = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                for _ in 0..25 {
+                    let won = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let w = won.clone();
+                    store
+                        .update_meta(
+                            "counter",
+                            Box::new(move |v| {
+                                let n = count(v);
+                                w.store(n < 300, std::sync::atomic::Ordering::SeqCst);
+                                (n < 300).then(|| (n + 1).to_string().into_bytes())
+                            }),
+                        )
+                        .unwrap();
+                    if won.load(std::sync::atomic::Ordering::SeqCst) {
+                        granted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(granted.into_inner(), 300, "exactly the cap was granted");
+    assert_eq!(count(store.meta("counter").unwrap().as_deref()), 300);
+    store.update_meta("counter", Box::new(|_| None)).unwrap();
+    assert_eq!(count(store.meta("counter").unwrap().as_deref()), 300);
+    store
+        .update_meta("absent-row", Box::new(|v| {
+            assert!(v.is_none());
+            None
+        }))
+        .unwrap();
+    assert!(store.meta("absent-row").unwrap().is_none());
 }

@@ -557,8 +557,23 @@ impl Store for PgStore {
 
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Command::SetMeta(key.to_owned(), value.to_vec(), tx))
-            .map_err(|_| StoreError::Closed)?;
+        self.send(Command::SetMeta(
+            key.to_owned(),
+            crate::sqlite::MetaChange::Set(value.to_vec()),
+            tx,
+        ))
+        .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn update_meta(&self, key: &str, f: crate::MetaUpdate) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::SetMeta(
+            key.to_owned(),
+            crate::sqlite::MetaChange::Update(f),
+            tx,
+        ))
+        .map_err(|_| StoreError::Closed)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 

@@ -32,7 +32,11 @@ const MAX_GROUP: usize = 512;
 
 pub(super) enum Command {
     Batch(WriteBatch, Vec<PutDigest>, Reply),
-    SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+    SetMeta(
+        String,
+        crate::sqlite::MetaChange,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
     Reindex(
         Vec<crate::Reindex>,
         oneshot::Sender<Result<u64, StoreError>>,
@@ -329,9 +333,23 @@ async fn apply_group(
                     .await?
                 }
             }
-            Command::SetMeta(k, v, _) => {
+            Command::SetMeta(k, change, _) => {
                 in_savepoint(c, chain, async |c, chain| {
-                    let write = put_setting(c, integ, &mut chain.digests, known, k, v).await?;
+                    let v = match change {
+                        crate::sqlite::MetaChange::Set(v) => v.clone(),
+                        crate::sqlite::MetaChange::Update(f) => {
+                            let cur = stored_setting(c, integ, &chain.digests, known, k).await?;
+                            match f(cur.as_deref()) {
+                                Some(v) => v,
+                                None => {
+                                    return Ok(Committed {
+                                        last_audit_seq: None,
+                                    });
+                                }
+                            }
+                        }
+                    };
+                    let write = put_setting(c, integ, &mut chain.digests, known, k, &v).await?;
                     if let Write::Setting { key, mac } = &write {
                         chain.settings.push((key.clone(), *mac));
                     }
@@ -691,6 +709,41 @@ async fn change_postings(
         .await?;
     }
     Ok(())
+}
+
+/// Settings row `key` as stored, read inside the group's transaction (which holds the
+/// audit head's row lock: no other node writes meanwhile): its MAC valid, and — when it is
+/// not the row this node believes (another node's write, or an older copy put back) —
+/// every settings row summing to the signed state.
+async fn stored_setting(
+    c: &mut PgConn,
+    integ: &Integrity,
+    digests: &Digests,
+    known: &parking_lot::RwLock<super::trust::Settings>,
+    key: &str,
+) -> Result<Option<Vec<u8>>, CommitError> {
+    let Some(r) = c
+        .query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
+        .await
+        .map_err(store_err)?
+    else {
+        return Ok(None);
+    };
+    let (v, mac): (Vec<u8>, &[u8]) = (r.get(0), r.get(1));
+    if !integ.setting_ok(key, &v, mac) {
+        return Err(CommitError::Store(super::trust::tampered(format!(
+            "settings row {key} is not the one last written (changed outside phivault)"
+        ))));
+    }
+    if known.read().get(key).map(|m| &m[..]) != Some(mac) {
+        let (_, sum) = super::trust::settings(c, integ).await?;
+        if sum != digests.settings {
+            return Err(CommitError::Store(super::trust::tampered(
+                "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
+            )));
+        }
+    }
+    Ok(Some(v))
 }
 
 /// Write settings row `key` = `value` with its MAC after checking the stored row's MAC;

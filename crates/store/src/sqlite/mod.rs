@@ -156,6 +156,7 @@ pub(crate) use index::index_no;
 pub(crate) use state::sealed_digest;
 pub(crate) use trust::{setting_event, store_event, tampered};
 pub(crate) use writer::{PutDigest, now_ms, postings_of_entries};
+pub(crate) use writer::MetaChange;
 
 use index::load_pending;
 use read::Remembered;
@@ -675,7 +676,11 @@ impl Store for SqliteStore {
     }
 
     fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.submit_meta(key, value)
+        self.submit_meta(key, writer::MetaChange::Set(value.to_vec()))
+    }
+
+    fn update_meta(&self, key: &str, f: crate::MetaUpdate) -> Result<(), StoreError> {
+        self.submit_meta(key, writer::MetaChange::Update(f))
     }
 
     fn submit(&self, batch: WriteBatch) -> oneshot::Receiver<Result<Committed, CommitError>> {

@@ -335,6 +335,44 @@ pub(super) struct SettingChange {
     pub(super) mac: [u8; 32],
 }
 
+/// The MAC this process wrote last for settings row `key` (this group's changes first).
+fn expected_mac(known: &Known, staged: &[SettingChange], key: &str) -> Option<[u8; 32]> {
+    staged
+        .iter()
+        .rev()
+        .find(|s| s.key == key)
+        .map(|s| s.mac)
+        .or_else(|| known.settings.get(key).copied())
+}
+
+/// Settings row `key` as stored, inside the writer's transaction: its MAC must be valid and
+/// the one this process wrote last (else the row was changed outside phivault).
+pub(super) fn stored_setting(
+    tx: &Transaction<'_>,
+    integ: &Integrity,
+    known: &Known,
+    staged: &[SettingChange],
+    key: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let row: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
+        .prepare_cached("SELECT v, mac FROM meta WHERE k = ?1")
+        .and_then(|mut s| s.query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(engine)?;
+    let expected = expected_mac(known, staged, key);
+    match row {
+        None if expected.is_none() => Ok(None),
+        Some((v, Some(mac)))
+            if Some(&mac[..]) == expected.as_ref().map(|m| &m[..])
+                && integ.setting_ok(key, &v, &mac) =>
+        {
+            Ok(Some(v))
+        }
+        _ => Err(tampered(format!(
+            "settings row {key} is not the one last written (changed outside phivault)"
+        ))),
+    }
+}
+
 /// Write settings row `key` = `value` with its MAC, after checking the stored row is the
 /// one this process knows; update `digests`. The caller commits the returned write in the
 /// audit log and applies the change to [`Known`] once committed.
@@ -351,12 +389,7 @@ pub(super) fn put_setting(
         .prepare_cached("SELECT mac FROM meta WHERE k = ?1")
         .and_then(|mut s| s.query_row(params![key], |r| r.get(0)).optional())
         .map_err(engine)?;
-    let expected = staged
-        .iter()
-        .rev()
-        .find(|s| s.key == key)
-        .map(|s| s.mac)
-        .or_else(|| known.settings.get(key).copied());
+    let expected = expected_mac(known, staged, key);
     let stored = stored.map(|m| m.unwrap_or_default());
     if stored.as_deref() != expected.as_ref().map(|m| &m[..]) {
         return Err(tampered(format!(

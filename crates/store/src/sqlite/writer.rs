@@ -78,11 +78,17 @@ impl PutDigest {
     }
 }
 
+/// What a settings write does: set a value, or decide it from the stored one.
+pub(crate) enum MetaChange {
+    Set(Vec<u8>),
+    Update(crate::MetaUpdate),
+}
+
 pub(super) enum Command {
     /// A batch, with what each put adds to the state summary that does not depend on
     /// the writer (hashed on the caller's thread, not the writer's).
     Batch(WriteBatch, Vec<PutDigest>, Reply),
-    SetMeta(String, Vec<u8>, oneshot::Sender<Result<(), StoreError>>),
+    SetMeta(String, MetaChange, oneshot::Sender<Result<(), StoreError>>),
     /// Catch up with heads another process wrote (a reader found a row it did not know).
     /// (a std channel: readers may wait on it from inside an async runtime, rarely)
     Sync(mpsc::Sender<Result<(), StoreError>>),
@@ -117,9 +123,9 @@ impl SqliteStore {
         }
     }
 
-    pub(super) fn submit_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+    pub(super) fn submit_meta(&self, key: &str, change: MetaChange) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(Command::SetMeta(key.to_owned(), value.to_vec(), tx)) {
+        if !self.send(Command::SetMeta(key.to_owned(), change, tx)) {
             return Err(StoreError::Closed);
         }
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
@@ -607,9 +613,26 @@ fn apply_group(
                 let saved = (*head, *gs.digests);
                 run_cached(&tx, "SAVEPOINT b")?;
                 leaves.clear();
-                let r = put_setting(&tx, integ, gs.known, settings, gs.digests, k, v)
+                let value = match v {
+                    MetaChange::Set(v) => Ok(Some(v.clone())),
+                    MetaChange::Update(f) => {
+                        super::trust::stored_setting(&tx, integ, gs.known, settings, k)
+                            .map(|cur| f(cur.as_deref()))
+                    }
+                };
+                let r = value
+                    .and_then(|value| match value {
+                        Some(v) => put_setting(&tx, integ, gs.known, settings, gs.digests, k, &v)
+                            .map(Some),
+                        None => Ok(None),
+                    })
                     .map_err(CommitError::Store)
-                    .and_then(|(change, write)| {
+                    .and_then(|put| {
+                        let Some((change, write)) = put else {
+                            return Ok(Committed {
+                                last_audit_seq: None,
+                            });
+                        };
                         let c = append_audit_events(
                             &tx,
                             &[setting_event(vec![write])],
