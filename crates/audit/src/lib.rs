@@ -209,7 +209,15 @@ pub struct Detail {
     /// never PHI. Set with [`Detail::refused_because`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the server must record but may not show in the clear — the text a SMART Health
+    /// Link's requester gave as `recipient` — sealed by the server (opaque here, at most
+    /// [`MAX_NOTE`] bytes); it opens only with the data directory's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<Vec<u8>>,
 }
+
+/// Most bytes of a sealed [`Detail::note`].
+pub const MAX_NOTE: usize = 2048;
 
 impl Detail {
     /// Whether nothing is recorded.
@@ -275,6 +283,10 @@ const FORMAT_V6: u8 = 6;
 /// bit 1: a [`Detail`], bit 2: a reason) and the fields as in formats 1 to 6, then the
 /// writes. Events without writes keep formats 1 to 6.
 const FORMAT_V7: u8 = 7;
+/// Format 8: an event with a sealed note ([`Detail::note`]): a flags byte (bit 0: a user,
+/// bit 1: a [`Detail`], bit 2: a reason, bit 3: writes), the fields as in format 7, the
+/// writes when flagged, then the note.
+const FORMAT_V8: u8 = 8;
 /// Most entities one event may carry.
 pub const MAX_ENTITIES: usize = 100_000;
 
@@ -286,7 +298,16 @@ impl AuditEvent {
     /// encoding, so the chain hash is well defined.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(96 + self.entities.len() * 40 + self.writes.len() * 80);
-        if self.writes.is_empty() {
+        if self.detail.note.is_some() {
+            w.push(FORMAT_V8);
+            let has_detail = !self.detail.is_empty();
+            w.push(
+                u8::from(self.user.is_some())
+                    | u8::from(has_detail) << 1
+                    | u8::from(has_detail && self.detail.reason.is_some()) << 2
+                    | u8::from(!self.writes.is_empty()) << 3,
+            );
+        } else if self.writes.is_empty() {
             w.push(
                 match (
                     self.user.is_some(),
@@ -362,6 +383,10 @@ impl AuditEvent {
                 wr.encode(&mut w);
             }
         }
+        if let Some(n) = &self.detail.note {
+            put_varint(&mut w, n.len() as u64);
+            w.extend_from_slice(n);
+        }
         w
     }
 
@@ -370,6 +395,7 @@ impl AuditEvent {
         let mut r = Reader { b: bytes, pos: 0 };
         let format = r.u8()?;
         // (has a user, has a detail, has a reason, has writes)
+        let mut has_note = false;
         let (has_user, has_detail, has_reason, has_writes) = match format {
             FORMAT_V1..=FORMAT_V6 => (
                 matches!(format, FORMAT_V2 | FORMAT_V4 | FORMAT_V6),
@@ -383,6 +409,14 @@ impl AuditEvent {
                     return Err(AuditError::Malformed);
                 }
                 (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, true)
+            }
+            FORMAT_V8 => {
+                let flags = r.u8()?;
+                if flags & !15 != 0 {
+                    return Err(AuditError::Malformed);
+                }
+                has_note = true;
+                (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, flags & 8 != 0)
             }
             _ => return Err(AuditError::Malformed),
         };
@@ -451,6 +485,15 @@ impl AuditEvent {
             for _ in 0..n {
                 writes.push(Write::decode(&mut r)?);
             }
+        }
+        if has_note {
+            let n = usize::try_from(r.varint()?).map_err(|_| AuditError::Malformed)?;
+            if n > MAX_NOTE {
+                return Err(AuditError::Malformed);
+            }
+            let end = r.pos.checked_add(n).ok_or(AuditError::Malformed)?;
+            detail.note = Some(r.b.get(r.pos..end).ok_or(AuditError::Malformed)?.to_vec());
+            r.pos = end;
         }
         if r.pos != bytes.len() {
             return Err(AuditError::Malformed);
@@ -983,6 +1026,30 @@ mod tests {
         let mut e = ev.clone();
         e.writes.clear();
         assert!(e.encode()[0] <= FORMAT_V6);
+        // a sealed note: format 8, with and without writes, detail and user
+        for (writes, reason, user) in [
+            (ev.writes.clone(), Some("passcode-wrong"), Some("u")),
+            (Vec::new(), None, None),
+            (Vec::new(), Some("x"), None),
+        ] {
+            let mut e = ev.clone();
+            e.writes = writes;
+            e.detail = Detail::default();
+            e.detail.reason = reason.map(str::to_owned);
+            e.user = user.map(str::to_owned);
+            e.detail.note = Some(vec![0xA5; 70]);
+            let bytes = e.encode();
+            assert_eq!(bytes[0], FORMAT_V8);
+            assert_eq!(AuditEvent::decode(&bytes).unwrap(), e);
+            let mut bad = bytes.clone();
+            bad[1] |= 16;
+            assert!(AuditEvent::decode(&bad).is_err());
+            // cut or lengthened notes are refused
+            assert!(AuditEvent::decode(&bytes[..bytes.len() - 1]).is_err());
+            let mut long = bytes.clone();
+            long.push(0);
+            assert!(AuditEvent::decode(&long).is_err());
+        }
     }
 
     fn event(i: u64) -> AuditEvent {
@@ -1013,6 +1080,7 @@ mod tests {
             user_agent: Detail::clean_agent(b"fhirclient/4.2\r\nX-Injected: 1"),
             query: vec!["family".into(), "birthdate".into()],
             reason: None,
+            note: None,
         };
         assert_eq!(
             e.detail.user_agent.as_deref(),

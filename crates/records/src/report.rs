@@ -379,6 +379,7 @@ mod tests {
                 user_agent: Some("fhirclient/4.2".into()),
                 query: vec!["family".into(), "birthdate".into()],
                 reason: None,
+                note: None,
             },
             writes: Vec::new(),
         }
