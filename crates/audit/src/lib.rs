@@ -416,7 +416,12 @@ impl AuditEvent {
                     return Err(AuditError::Malformed);
                 }
                 has_note = true;
-                (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0, flags & 8 != 0)
+                (
+                    flags & 1 != 0,
+                    flags & 2 != 0,
+                    flags & 4 != 0,
+                    flags & 8 != 0,
+                )
             }
             _ => return Err(AuditError::Malformed),
         };

@@ -66,6 +66,10 @@ pub struct ClientRecord {
     pub scopes: ScopeSet,
     /// Disabled clients cannot authenticate.
     pub disabled: bool,
+    /// A public EC key (JWK, P-256 or P-384) its bulk exports are encrypted to end to end
+    /// (JWE `ECDH-ES` + `A256GCM`); never used to check its assertions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_key: Option<serde_json::Value>,
 }
 
 fn valid_id(s: &str) -> bool {

@@ -68,6 +68,7 @@ impl TestClient {
             jwks: vec![es_pub, rs_pub, ed_pub],
             scopes: ScopeSet::parse("system/Patient.rs system/Observation.cruds").expect("scopes"),
             disabled: false,
+            export_key: None,
         };
         TestClient {
             es,

@@ -118,6 +118,7 @@ proptest! {
             jwks: vec![pubk],
             scopes: ScopeSet::parse("system/*.rs").expect("s"),
             disabled: false,
+            export_key: None,
         };
         let lookup = |id: &str| (id == "c").then(|| rec.clone());
         let replay = ReplayCache::new(16);

@@ -157,6 +157,8 @@ pub enum Cmd {
         timing: TimingArgs,
         #[command(flatten)]
         backup: crate::backup_args::ServeBackupArgs,
+        #[command(flatten)]
+        sharing: SharingArgs,
         /// On the first run (a new data directory), keep its store in this PostgreSQL
         /// database (`postgres://USER@HOST:PORT/DB`, empty) instead of the embedded file;
         /// as `init --database`. Later runs read it from DIR/database.json.
@@ -406,6 +408,10 @@ pub enum ClientCmd {
         /// Token endpoint URL written into the credentials.
         #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
         token_url: String,
+        /// A public EC JWK (P-256 or P-384) of the client's: its bulk exports are then
+        /// encrypted end to end to it (JWE ECDH-ES + A256GCM; only its private half opens them).
+        #[arg(long, value_name = "FILE")]
+        export_key: Option<PathBuf>,
     },
     /// Disable a client: it gets no new tokens from its next request on (a running server,
     /// every node, sees it at once); tokens already issued live until they expire (≤ 5
@@ -704,4 +710,16 @@ impl TimingArgs {
             ..Default::default()
         })
     }
+}
+
+/// Trusted sharing: share links and bulk exports.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SharingArgs {
+    /// Where share links' files and export files are kept, sealed (default DIR/exchange;
+    /// several nodes must share one, e.g. on a shared filesystem).
+    #[arg(long, value_name = "DIR")]
+    pub exchange_dir: Option<PathBuf>,
+    /// How long a finished export's files may be fetched (seconds).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    pub export_expiry_s: u64,
 }

@@ -138,6 +138,7 @@ fn run(cli: Cli) -> Result<i32> {
             watch,
             timing,
             backup,
+            sharing,
             database,
             database_password_file,
         } => serve::serve(
@@ -150,6 +151,7 @@ fn run(cli: Cli) -> Result<i32> {
                 watch,
                 timing,
                 backup,
+                sharing,
                 database: database.map(|url| datadir::DatabaseConfig {
                     url,
                     password_file: database_password_file
@@ -165,8 +167,16 @@ fn run(cli: Cli) -> Result<i32> {
                     scope,
                     out,
                     token_url,
+                    export_key,
                 },
-        } => registry::client_add(&data_dir, &name, &scope, out.as_deref(), &token_url),
+        } => registry::client_add(
+            &data_dir,
+            &name,
+            &scope,
+            out.as_deref(),
+            &token_url,
+            export_key.as_deref(),
+        ),
         Cmd::Client {
             cmd:
                 ClientCmd::Disable {

@@ -14,6 +14,7 @@ pub(crate) fn client_add(
     scope: &str,
     out: Option<&Path>,
     token_url: &str,
+    export_key: Option<&Path>,
 ) -> Result<i32> {
     let scopes = phivault_auth::ScopeSet::parse(scope)
         .map_err(|e| anyhow::anyhow!("invalid --scope: {e}"))?;
@@ -37,6 +38,18 @@ pub(crate) fn client_add(
             p.display()
         );
     }
+    let export_key = match export_key {
+        Some(p) => {
+            let jwk: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+            )
+            .map_err(|_| anyhow::anyhow!("--export-key: {} is not a JWK (JSON)", p.display()))?;
+            phivault_share::export::encryption_key(&jwk)
+                .map_err(|e| anyhow::anyhow!("--export-key: {e}"))?;
+            Some(jwk)
+        }
+        None => None,
+    };
     let opened = datadir::open(data_dir)?;
     let client_id = uuid_like()?;
     let kid = format!("{client_id}-1");
@@ -48,6 +61,7 @@ pub(crate) fn client_add(
         jwks: vec![public],
         scopes: scopes.clone(),
         disabled: false,
+        export_key,
     };
     record
         .validate()

@@ -18,6 +18,7 @@ pub(crate) struct Options {
     pub watch: WatchArgs,
     pub timing: TimingArgs,
     pub backup: crate::backup_args::ServeBackupArgs,
+    pub sharing: crate::args::SharingArgs,
     /// On a first run, keep the new store in this PostgreSQL database.
     pub database: Option<datadir::DatabaseConfig>,
 }
@@ -31,6 +32,7 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
         watch,
         timing,
         backup,
+        sharing,
         database,
     } = o;
     let watch = watch.check()?;
@@ -125,6 +127,17 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
         let origin = origin.trim_end_matches('/').to_owned();
         let mut app = app_at(&opened, &origin)?;
         app.freshness = freshness;
+        let exchange = sharing
+            .exchange_dir
+            .clone()
+            .unwrap_or_else(|| opened.dir.root.join("exchange"));
+        app.export_expiry_ms = sharing.export_expiry_s.saturating_mul(1000);
+        app.exchange = Some(phivault_share::area::Area::open(&exchange).map_err(|e| {
+            anyhow::anyhow!(
+                "refusing to start: exchange directory {}: {e}",
+                exchange.display()
+            )
+        })?);
         let app = Arc::new(app);
         // the resources' heads were checked beside all this: a store changed outside
         // phivault is refused before anything is served
@@ -137,6 +150,9 @@ pub(crate) fn serve(data_dir: &Path, o: Options) -> Result<i32> {
         let mut watch = watch;
         watch.audit_key = Some(opened.audit_public);
         phivault_records::watch::spawn(app.vault.clone(), watch);
+        if let Some(area) = app.exchange.clone() {
+            phivault_share::sweep::spawn(app.vault.clone(), area);
+        }
         // backups ship from here on (the shipper's first snapshot starts at once)
         let shipping = match backup {
             Some(s) => {

@@ -12,6 +12,8 @@
 //! * [`SigningKey`] — Ed25519 for tokens and audit checkpoints; [`generate_dev_pki`] for
 //!   `phivault init`.
 //! * File helpers that create secret files owner-only and refuse to read them otherwise.
+//! * [`jose`] — compact JWE (`dir` and `ECDH-ES`, `A256GCM`) for SMART Health Links and
+//!   Bulk Data export files; [`stream`] — files sealed and opened in 64 KiB chunks.
 //!
 //! ring is the only cryptographic provider. Key material lives in types that zeroize on
 //! drop and print `[redacted]`; ring's own key objects do not zeroize, so they are built
@@ -23,6 +25,7 @@
 pub mod backup;
 mod error;
 mod files;
+pub mod jose;
 mod kek;
 mod keys;
 mod pki;
@@ -30,6 +33,7 @@ mod record;
 mod seals;
 mod secret;
 mod sign;
+pub mod stream;
 mod util;
 
 pub use error::CryptoError;
@@ -50,4 +54,5 @@ pub use record::{
 pub use seals::{ReserveSeals, SEAL_LIMIT, SEAL_RESERVE_BLOCK};
 pub use secret::Secret;
 pub use sign::{SigningKey, verify_ed25519};
+pub use stream::{SealedReader, SealedWriter};
 pub use util::{MIN_TOKEN_BYTES, random_bytes, random_token_b64url, sha256};

@@ -222,6 +222,9 @@ pub struct Written {
     pub deleted: bool,
 }
 
+/// The prefixes of the settings rows [`Engine::update_sharing_row`] may write.
+pub const SHARING_ROWS: [&str; 2] = ["shl:", "export:"];
+
 /// A new logical id: a UUID version 7, so ids sort by creation time and inserts append to
 /// the storage B-tree instead of splitting pages at random positions.
 pub fn new_id() -> String {
@@ -519,6 +522,22 @@ impl Engine {
         self.store
             .meta_prefix(prefix, limit)
             .map_err(Error::from_store)
+    }
+
+    /// Settings rows of trusted sharing (`shl:` share links, `export:` export jobs): read,
+    /// decided by `f` (None: leave it) and written inside the writer's transaction, so no
+    /// other write of the row — another request's, another node's — comes between (a
+    /// passcode's failure count is exact under any number of parallel requests). Other
+    /// rows (accounts, clients, keys) are not reachable this way.
+    pub fn update_sharing_row(
+        &self,
+        key: &str,
+        f: phivault_store::MetaUpdate,
+    ) -> Result<(), Error> {
+        if !SHARING_ROWS.iter().any(|p| key.starts_with(p)) {
+            return Err(Error::internal());
+        }
+        self.store.update_meta(key, f).map_err(Error::from_store)
     }
 
     /// Tell the engine this server's FHIR base URL (references to it are local).

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 pub mod access;
+pub mod bulk;
 pub mod care;
 pub mod drill;
 pub mod engine;

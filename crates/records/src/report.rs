@@ -332,11 +332,44 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// Label prefix of sealed audit notes (with the event's request id).
+pub const NOTE_LABEL: &str = "phivault audit note v1\u{0}";
+
+/// An event's sealed note ([`phivault_audit::Detail::note`]) opened: a share link
+/// requester's recipient text. None without one, or when it does not open.
+pub fn note_of(vault: &crate::Vault, e: &AuditEvent) -> Option<String> {
+    let sealed = e.detail.note.as_ref()?;
+    let plain = vault
+        .engine
+        .open_secret(&format!("{NOTE_LABEL}{}", e.request_id), sealed)?;
+    String::from_utf8(plain).ok()
+}
+
+/// Whether `e` is a request against a share link (its holder is not staff: where it came
+/// from is the patient's business).
+fn by_link_holder(e: &AuditEvent) -> bool {
+    e.interaction.starts_with("shl-") && e.client_id.is_none()
+}
+
 /// An event as shown: whole to auditors; to the patient it concerns without the network
 /// address and the software the access came from (staff's workstations are not the
-/// patient's business).
-pub fn shown(seq: u64, e: &AuditEvent, to_patient: bool) -> Value {
+/// patient's business) — except for a share link's requests, whose address is. `note`:
+/// the event's note opened ([`note_of`]), shown as the recipient a link's requester named.
+pub fn shown(seq: u64, e: &AuditEvent, to_patient: bool, note: Option<&str>) -> Value {
     let mut v = to_fhir(seq, e);
+    if by_link_holder(e) {
+        if let Some(id) = &e.resource_id
+            && let Some(es) = v["entity"].as_array_mut()
+        {
+            es.push(json!({"what": {"identifier": {"system": "urn:phivault:share-link", "value": id}},
+                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
+        }
+        if let (Some(n), Some(agents)) = (note, v["agent"].as_array_mut()) {
+            agents.push(json!({"type": {"text": "share link recipient"},
+                "who": {"display": n}, "requestor": true}));
+        }
+        return v;
+    }
     if to_patient && let Some(agents) = v["agent"].as_array_mut() {
         for a in agents {
             if let Some(o) = a.as_object_mut() {
@@ -411,7 +444,7 @@ mod tests {
             "family,birthdate"
         );
         assert_eq!(v["entity"][4]["role"]["code"], "24");
-        let mine = shown(7, &event(), true);
+        let mine = shown(7, &event(), true, None);
         assert!(mine["agent"][0].get("name").is_none());
         assert!(mine["agent"][0].get("network").is_none());
         let errors = phivault_fhir::validate(&v);

@@ -8,12 +8,14 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use phivault_audit::Action;
 use phivault_fhir::IssueCode;
 
 use crate::error::ApiError;
-use crate::handlers::{admin, alerts, audit, auth, bundle, erase, fhir, glass, launch, search};
+use crate::handlers::{
+    admin, alerts, audit, auth, bundle, erase, export, fhir, glass, launch, search, share,
+};
 use crate::state::{App, Ctx, Peer, REQUEST_TARGET, finish};
 
 async fn not_found(
@@ -109,6 +111,23 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/audit/alerts", get(alerts::list))
         .route("/audit/report", get(audit::report))
         .route("/audit/alerts/{id}", post(alerts::review))
+        .route("/fhir/$export", get(export::system))
+        .route("/fhir/Patient/$export", get(export::patients))
+        .route("/fhir/Group/{id}/$export", get(export::group))
+        .route("/bulk/{job}", get(export::status).delete(export::cancel))
+        .route("/bulk/{job}/{kind}/{n}", get(export::file))
+        .route("/shl/links", post(share::create).get(share::list))
+        .route("/shl/links/{id}", delete(share::revoke))
+        .route(
+            "/shl/m/{secret}",
+            post(share::manifest)
+                .get(share::direct)
+                .options(share::preflight),
+        )
+        .route(
+            "/shl/f/{ticket}",
+            get(share::file).options(share::preflight),
+        )
         .route("/admin/keys/rotate-kek", post(admin::rotate_kek))
         .route("/admin/backup", get(admin::backup_status))
         .route("/fhir/AuditEvent", get(audit::search))

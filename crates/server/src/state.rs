@@ -76,6 +76,11 @@ pub struct App {
     pub(crate) capability: Bytes,
     pub(crate) smart_configuration: Bytes,
     pub(crate) jwks: Bytes,
+    /// The exchange area of trusted sharing (share links' files, exports); None: sharing
+    /// is not served (503).
+    pub exchange: Option<phivault_share::area::Area>,
+    /// How long a finished export's files are served (ms).
+    pub export_expiry_ms: u64,
 }
 
 /// How long the server trusts what it read from the store or a provider before it reads
@@ -152,6 +157,8 @@ impl App {
             capability: Bytes::from(serde_json::to_vec(&capability).unwrap_or_default()),
             smart_configuration: Bytes::from(serde_json::to_vec(&smart).unwrap_or_default()),
             jwks: Bytes::from(serde_json::to_vec(&jwks).unwrap_or_default()),
+            exchange: None,
+            export_expiry_ms: 3_600_000,
         }
     }
 

@@ -627,10 +627,13 @@ fn meta_updates_are_atomic(store: &dyn Store) {
     store.update_meta("counter", Box::new(|_| None)).unwrap();
     assert_eq!(count(store.meta("counter").unwrap().as_deref()), 300);
     store
-        .update_meta("absent-row", Box::new(|v| {
-            assert!(v.is_none());
-            None
-        }))
+        .update_meta(
+            "absent-row",
+            Box::new(|v| {
+                assert!(v.is_none());
+                None
+            }),
+        )
         .unwrap();
     assert!(store.meta("absent-row").unwrap().is_none());
 }

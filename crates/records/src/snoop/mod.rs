@@ -30,6 +30,9 @@
 //!   [`NAME_SEARCH_MS`], opens the chart of a patient it found whom no relationship
 //!   explains: looking someone up rather than treating them.
 //!
+//! * `share-link-passcode` / `share-link-addresses` — a share link guessed at, or
+//!   passed around (`links.rs`).
+//!
 //! What the rules find does not depend on how the log is split into scans (the server's
 //! every few minutes, an operator's by hand, a scan cut short at its most events): each scan goes
 //! on from the [`State`] the last one left — the distinct patients of each person's day,
@@ -47,6 +50,7 @@ use phivault_audit::AuditEvent;
 use serde::{Deserialize, Serialize};
 
 mod facts;
+pub mod links;
 mod run;
 mod scan;
 #[cfg(test)]

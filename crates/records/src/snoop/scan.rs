@@ -115,6 +115,9 @@ pub struct State {
     pub open: Vec<OpenFinding>,
     /// Per person, their name searches of the last [`NAME_SEARCH_MS`].
     pub searches: BTreeMap<String, Vec<NameSearch>>,
+    /// Per share link and day: its wrong passcodes and addresses (`links.rs`).
+    #[serde(default)]
+    pub links: BTreeMap<String, super::links::LinkDay>,
 }
 
 /// One person's day, for the volume rule.
@@ -191,6 +194,28 @@ pub(super) struct Sink {
 impl Sink {
     fn push(&mut self, f: Finding) {
         self.out.push(f);
+    }
+
+    /// [`Sink::once`] for a finding `(rule, score)` about `user` (and `patient`) raised by
+    /// event `e`.
+    pub(super) fn note_once(
+        &mut self,
+        key: Option<Key>,
+        (rule, score): (&str, u8),
+        user: &str,
+        patient: Option<&str>,
+        e: &AuditEvent,
+        detail: impl Fn(usize) -> String,
+    ) {
+        let new = Finding::new(
+            (rule, score),
+            user,
+            patient,
+            vec![e.request_id.clone()],
+            e.time_ms,
+            String::new(),
+        );
+        self.once(key, new, &e.request_id, detail);
     }
 
     /// Note `new`'s rule for `key` once: the first event raises `new`; a later one adds
@@ -294,6 +319,7 @@ pub fn scan(
         state.clock_ms = state.clock_ms.max(e.time_ms);
         let clock = state.clock_ms;
         let today = clock / DAY_MS;
+        super::links::note(e, today, &mut state.links, &mut sink);
         let Some(user) = &e.user else { continue };
         if e.outcome.http_status >= 400 {
             continue;
@@ -580,4 +606,5 @@ pub(super) fn settle(state: &mut State, open: BTreeMap<Key, Entry>, hours: Hours
         list.retain(|s| s.at_ms + NAME_SEARCH_MS >= clock);
     }
     state.searches.retain(|_, list| !list.is_empty());
+    super::links::settle(&mut state.links, today);
 }

@@ -164,7 +164,10 @@ pub async fn search(
             let (found, next) = page(&a, &f, MAX_EXAMINE)?;
             let out: Vec<Value> = found
                 .iter()
-                .map(|(seq, e)| shown(*seq, e, own.is_some()))
+                .map(|(seq, e)| {
+                    let note = phivault_records::report::note_of(&a.vault, e);
+                    shown(*seq, e, own.is_some(), note.as_deref())
+                })
                 .collect();
             Ok((out, next.map(|after| (after, f))))
         })
@@ -475,7 +478,13 @@ pub async fn read(
             }
         }
         Ok(fhir_json(
-            serde_json::to_vec(&shown(seq, &e, own.is_some())).map_err(|_| ApiError::internal())?,
+            serde_json::to_vec(&shown(
+                seq,
+                &e,
+                own.is_some(),
+                phivault_records::report::note_of(&app.vault, &e).as_deref(),
+            ))
+            .map_err(|_| ApiError::internal())?,
         ))
     }
     .await;

@@ -155,8 +155,8 @@ pub use writer::CHECKPOINT_INTERVAL_MS;
 pub(crate) use index::index_no;
 pub(crate) use state::sealed_digest;
 pub(crate) use trust::{setting_event, store_event, tampered};
-pub(crate) use writer::{PutDigest, now_ms, postings_of_entries};
 pub(crate) use writer::MetaChange;
+pub(crate) use writer::{PutDigest, now_ms, postings_of_entries};
 
 use index::load_pending;
 use read::Remembered;

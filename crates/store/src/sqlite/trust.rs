@@ -356,7 +356,10 @@ pub(super) fn stored_setting(
 ) -> Result<Option<Vec<u8>>, StoreError> {
     let row: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
         .prepare_cached("SELECT v, mac FROM meta WHERE k = ?1")
-        .and_then(|mut s| s.query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .and_then(|mut s| {
+            s.query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(engine)?;
     let expected = expected_mac(known, staged, key);
     match row {

@@ -622,8 +622,9 @@ fn apply_group(
                 };
                 let r = value
                     .and_then(|value| match value {
-                        Some(v) => put_setting(&tx, integ, gs.known, settings, gs.digests, k, &v)
-                            .map(Some),
+                        Some(v) => {
+                            put_setting(&tx, integ, gs.known, settings, gs.digests, k, &v).map(Some)
+                        }
                         None => Ok(None),
                     })
                     .map_err(CommitError::Store)

@@ -1,0 +1,322 @@
+//! FHIR Bulk Data export over HTTP (`phivault_share::export` holds the rules): the kick-off
+//! (`GET [base]/$export`, `[base]/Patient/$export`, `[base]/Group/{id}/$export`, with
+//! `Prefer: respond-async`) answers 202 and a status URL (`/bulk/{job}`): 202 with
+//! `X-Progress` and `Retry-After` while it runs, 200 with the manifest (and `Expires`)
+//! when done, `DELETE` to cancel; files at `/bulk/{job}/file/{n}` (and `error/{n}`), only
+//! with the token of the client that asked, each fetch audited with the patients the file
+//! holds.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use phivault_audit::Action;
+use phivault_share::export::{self, Status, job::Level};
+
+use crate::error::ApiError;
+use crate::respond::json_response;
+use crate::state::{App, Ctx, Peer, blocking, finish};
+
+fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
+    app.exchange.as_ref().ok_or_else(ApiError::unavailable)
+}
+
+fn share_err(e: phivault_share::Error) -> ApiError {
+    match e {
+        phivault_share::Error::Records(e) => e.into(),
+        _ => ApiError::internal(),
+    }
+}
+
+/// `GET [base]/$export`.
+pub async fn system(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    kick_off(app, peer, headers, q, Level::System).await
+}
+
+/// `GET [base]/Patient/$export`.
+pub async fn patients(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    kick_off(app, peer, headers, q, Level::Patient).await
+}
+
+/// `GET [base]/Group/{id}/$export`.
+pub async fn group(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    kick_off(app, peer, headers, q, Level::Group(id)).await
+}
+
+/// Whether the kick-off's headers are the spec's: `Prefer: respond-async`, and an
+/// `Accept` of `application/fhir+json` (or none).
+fn check_headers(headers: &HeaderMap) -> Result<(), ApiError> {
+    let prefer = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+        });
+    if !prefer {
+        return Err(ApiError::bad_request(
+            "an export is asynchronous: send Prefer: respond-async",
+        ));
+    }
+    let accept_ok = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|a| {
+            a.split(',').any(|t| {
+                let t = t.split(';').next().unwrap_or("").trim();
+                matches!(t, "application/fhir+json" | "application/json" | "*/*")
+            })
+        });
+    if !accept_ok {
+        return Err(ApiError::bad_request(
+            "Accept must be application/fhir+json",
+        ));
+    }
+    Ok(())
+}
+
+async fn kick_off(
+    app: Arc<App>,
+    peer: Peer,
+    headers: HeaderMap,
+    q: Option<String>,
+    level: Level,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::E, "export");
+    if let Level::Group(id) = &level {
+        ctx.rtype = Some("Group".into());
+        ctx.id = Some(id.clone());
+    }
+    let a = app.clone();
+    let done = blocking(move || {
+        let r = (|| {
+            let auth = a.authenticate(&headers, &mut ctx)?;
+            check_headers(&headers)?;
+            let pairs = phivault_records::engine::form_urlencoded_pairs(q.as_deref().unwrap_or(""));
+            ctx.detail.query = pairs.iter().map(|(k, _)| k.clone()).take(32).collect();
+            let e2e = match a.client(auth.client_id()).and_then(|c| c.export_key) {
+                Some(jwk) => Some(export::encryption_key(&jwk).map_err(share_err)?),
+                None => None,
+            };
+            let path = match &level {
+                Level::System => "$export".to_owned(),
+                Level::Patient => "Patient/$export".to_owned(),
+                Level::Group(id) => format!("Group/{id}/$export"),
+            };
+            let request = match q.as_deref() {
+                Some(q) if !q.is_empty() => format!("{}/{path}?{q}", a.vault.base_url),
+                _ => format!("{}/{path}", a.vault.base_url),
+            };
+            let expiry_ms = a.export_expiry_ms;
+            let id = export::kick_off(
+                &a.vault,
+                area(&a)?,
+                &auth,
+                level,
+                &pairs,
+                &request,
+                e2e,
+                expiry_ms,
+            )
+            .map_err(share_err)?;
+            let status = format!("{}/bulk/{id}", a.vault.base_url.trim_end_matches("/fhir"));
+            let mut r = StatusCode::ACCEPTED.into_response();
+            if let Ok(v) = HeaderValue::from_str(&status) {
+                r.headers_mut().insert(header::CONTENT_LOCATION, v);
+            }
+            Ok(r)
+        })();
+        Ok((ctx, r))
+    })
+    .await;
+    match done {
+        Ok((ctx, r)) => finish(&app, ctx, r).await,
+        Err(e) => finish(&app, Ctx::new(peer, Action::E, "export"), Err(e)).await,
+    }
+}
+
+/// `GET /bulk/{job}`: the status.
+pub async fn status(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(job): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "export-status");
+    let a = app.clone();
+    let done = blocking(move || {
+        let r = (|| {
+            let auth = a.authenticate(&headers, &mut ctx)?;
+            let files_url = format!("{}/bulk/{job}", a.vault.base_url.trim_end_matches("/fhir"));
+            match export::status(&a.vault, &auth, &job).map_err(share_err)? {
+                Status::Running(p) => {
+                    let mut r = StatusCode::ACCEPTED.into_response();
+                    if let Ok(v) = HeaderValue::from_str(&p) {
+                        r.headers_mut().insert("x-progress", v);
+                    }
+                    r.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        HeaderValue::from(export::RETRY_AFTER_S),
+                    );
+                    Ok(r)
+                }
+                Status::Failed(m) => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    phivault_fhir::IssueCode::Exception,
+                    if m.is_empty() {
+                        "the export failed".to_owned()
+                    } else {
+                        m
+                    },
+                )),
+                Status::Done(rec) => {
+                    let body = export::manifest(&rec, &files_url).to_string();
+                    let mut r =
+                        json_response(StatusCode::OK, Bytes::from(body), "application/json");
+                    let expires =
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(rec.expires_ms);
+                    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
+                        r.headers_mut().insert(header::EXPIRES, v);
+                    }
+                    Ok(r)
+                }
+            }
+        })();
+        Ok((ctx, r))
+    })
+    .await;
+    match done {
+        Ok((ctx, r)) => finish(&app, ctx, r).await,
+        Err(e) => finish(&app, Ctx::new(peer, Action::R, "export-status"), Err(e)).await,
+    }
+}
+
+/// `DELETE /bulk/{job}`: cancel; its files are removed.
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(job): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::D, "export-cancel");
+    let a = app.clone();
+    let done = blocking(move || {
+        let r = (|| {
+            let auth = a.authenticate(&headers, &mut ctx)?;
+            export::cancel(&a.vault, area(&a)?, &auth, &job).map_err(share_err)?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        })();
+        Ok((ctx, r))
+    })
+    .await;
+    match done {
+        Ok((ctx, r)) => finish(&app, ctx, r).await,
+        Err(e) => finish(&app, Ctx::new(peer, Action::D, "export-cancel"), Err(e)).await,
+    }
+}
+
+/// `GET /bulk/{job}/{kind}/{n}` (`file` or `error`): the file, streamed as it is opened;
+/// the audit event (with every patient the file holds) is durable before the first byte.
+pub async fn file(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path((job, kind, n)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let mut ctx = Ctx::new(peer, Action::R, "export-file");
+    let a = app.clone();
+    let opened = blocking(move || {
+        let r = (|| {
+            let auth = a.authenticate(&headers, &mut ctx)?;
+            let error = match kind.as_str() {
+                "file" => false,
+                "error" => true,
+                _ => return Err(ApiError::not_found("no such file")),
+            };
+            let n: usize = n.parse().map_err(|_| ApiError::not_found("no such file"))?;
+            let d =
+                export::open_file(&a.vault, area(&a)?, &auth, &job, error, n).map_err(share_err)?;
+            ctx.rtype = Some(d.rtype.clone());
+            ctx.id = Some(job.clone());
+            ctx.entities = d
+                .patients
+                .iter()
+                .take(phivault_audit::MAX_ENTITIES)
+                .map(|p| phivault_audit::Entity {
+                    action: Action::R,
+                    resource_type: "Patient".into(),
+                    resource_id: p.clone(),
+                    version: None,
+                    patient: Some(p.clone()),
+                })
+                .collect();
+            Ok(d)
+        })();
+        Ok((ctx, r))
+    })
+    .await;
+    let (ctx, d) = match opened {
+        Ok((ctx, Ok(d))) => (ctx, d),
+        Ok((ctx, Err(e))) => return finish(&app, ctx, Err(e)).await,
+        Err(e) => return finish(&app, Ctx::new(peer, Action::R, "export-file"), Err(e)).await,
+    };
+    // audit first (fail closed), then stream
+    let ok = finish(&app, ctx, Ok(StatusCode::OK.into_response())).await;
+    if ok.status() != StatusCode::OK {
+        return ok;
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let mut body = d.body;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match body.read(&mut buf) {
+                Ok(0) => return,
+                Ok(k) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..k])))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // a file that fails its check mid-way: the response is cut, never
+                    // completed with what did not open
+                    tracing::warn!("an export file failed its integrity check while served");
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.headers_mut() = ok.headers().clone();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(d.content_type),
+    );
+    resp
+}

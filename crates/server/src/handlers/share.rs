@@ -1,0 +1,340 @@
+//! SMART Health Links over HTTP (`phivault_share::links` holds the rules):
+//! `POST /shl/links` (make, with a token), `GET /shl/links` (the caller's), `DELETE
+//! /shl/links/{id}` (revoke); and, without a token — the link is the credential —
+//! `POST /shl/m/{secret}` (manifest), `GET /shl/m/{secret}` (a `U` link's file) and `GET
+//! /shl/f/{ticket}` (a manifest's file location). Every request is audited with the link
+//! and its patient (so it shows in the patient's access view); a requester's `recipient`
+//! text is recorded sealed ([`phivault_audit::Detail::note`]).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use phivault_audit::Action;
+use phivault_share::links::{self, ManifestRequest, Seen};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::respond::json_response;
+use crate::state::{App, Ctx, Peer, blocking, finish};
+
+/// A sharing failure as a response: records failures as OperationOutcomes; a refused
+/// passcode as the spec's `{"remainingAttempts": n}`; polling too soon as 429.
+fn respond(e: phivault_share::Error) -> Result<Response, ApiError> {
+    match e {
+        phivault_share::Error::Records(e) => Err(e.into()),
+        phivault_share::Error::Passcode { remaining } => Ok(json_response(
+            StatusCode::UNAUTHORIZED,
+            Bytes::from(json!({"remainingAttempts": remaining}).to_string()),
+            "application/json",
+        )),
+        phivault_share::Error::TooSoon { retry_after_s } => {
+            let mut r = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                phivault_fhir::IssueCode::Throttled,
+                "this long-term link was polled too soon",
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Ok(r)
+        }
+    }
+}
+
+fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
+    app.exchange.as_ref().ok_or_else(ApiError::unavailable)
+}
+
+/// The origin links and locations are served from.
+fn origin(app: &App) -> String {
+    app.vault.base_url.trim_end_matches("/fhir").to_owned()
+}
+
+/// Links are fetched by viewers on other origins: no credentials, so any origin may read.
+fn cors(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("retry-after, x-request-id"),
+    );
+    r
+}
+
+/// `OPTIONS` on a link's URLs: the CORS preflight of a viewer's `POST` (no audit: nothing
+/// is read).
+pub async fn preflight() -> Response {
+    let mut r = cors(StatusCode::NO_CONTENT.into_response());
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
+}
+
+/// Run `f` off the async threads with the request's context; audit; answer.
+async fn run(
+    app: Arc<App>,
+    ctx: Ctx,
+    f: impl FnOnce(&App, &mut Ctx) -> Result<Response, ApiError> + Send + 'static,
+) -> Response {
+    let a = app.clone();
+    let fallback = (
+        ctx.request_id.clone(),
+        ctx.source.clone(),
+        ctx.interaction,
+        ctx.action,
+    );
+    let done = blocking(move || {
+        let mut ctx = ctx;
+        let r = f(&a, &mut ctx);
+        Ok((ctx, r))
+    })
+    .await;
+    match done {
+        Ok((ctx, r)) => finish(&app, ctx, r).await,
+        Err(e) => {
+            let mut ctx = Ctx::new(Peer(([0, 0, 0, 0], 0).into()), fallback.3, fallback.2);
+            ctx.request_id = fallback.0;
+            ctx.source = fallback.1;
+            finish(&app, ctx, Err(e)).await
+        }
+    }
+}
+
+/// `POST /shl/links`: make a link (JSON [`links::NewLink`]); 201 with the `shlink:/`, its
+/// QR code (PNG and SVG) and the link's listing. The content is audited as disclosed.
+pub async fn create(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::C, "shl-create");
+    run(app, ctx, move |app, ctx| {
+        let auth = app.authenticate(&headers, ctx)?;
+        let body = body.map_err(|_| ApiError::bad_request("unreadable body"))?;
+        let req: links::NewLink = serde_json::from_slice(&body)
+            .map_err(|_| ApiError::bad_request("the body is not a share link request"))?;
+        let made = match links::create(&app.vault, area(app)?, &auth, &req, &origin(app)) {
+            Ok(m) => m,
+            Err(e) => return respond(e),
+        };
+        ctx.id = Some(made.id.clone());
+        ctx.patient = Some(made.record.patient.clone());
+        ctx.entities = made
+            .disclosed
+            .iter()
+            .map(|(t, id)| phivault_audit::Entity {
+                action: Action::R,
+                resource_type: t.clone(),
+                resource_id: id.clone(),
+                version: None,
+                patient: Some(made.record.patient.clone()),
+            })
+            .collect();
+        let text = made.viewer_url.as_deref().unwrap_or(&made.shlink);
+        let png = phivault_share::qr::png(text).map_err(|_| ApiError::internal())?;
+        let svg = phivault_share::qr::svg(text).map_err(|_| ApiError::internal())?;
+        let mut v = links::manage::listed(&made.record, phivault_share::now_ms());
+        v["shlink"] = json!(made.shlink);
+        if let Some(u) = &made.viewer_url {
+            v["viewerUrl"] = json!(u);
+        }
+        v["qr"] = json!({
+            "png": format!("data:image/png;base64,{}", b64_std(&png)),
+            "svg": svg,
+        });
+        Ok(json_response(
+            StatusCode::CREATED,
+            Bytes::from(v.to_string()),
+            "application/json",
+        ))
+    })
+    .await
+}
+
+fn b64_std(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// `GET /shl/links`: the links the caller made (or, a patient's sign-in, about them).
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::R, "shl-list");
+    run(app, ctx, move |app, ctx| {
+        let auth = app.authenticate(&headers, ctx)?;
+        let items = links::list(&app.vault, &auth).or_else(|e| respond(e).map(|_| Vec::new()))?;
+        Ok(json_response(
+            StatusCode::OK,
+            Bytes::from(json!({"links": items}).to_string()),
+            "application/json",
+        ))
+    })
+    .await
+}
+
+/// `DELETE /shl/links/{id}`: revoke (the creator or the patient).
+pub async fn revoke(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::D, "shl-revoke");
+    run(app, ctx, move |app, ctx| {
+        let auth = app.authenticate(&headers, ctx)?;
+        match links::revoke(&app.vault, area(app)?, &auth, &id) {
+            Ok(patient) => {
+                ctx.id = Some(id);
+                ctx.patient = Some(patient);
+                Ok(StatusCode::NO_CONTENT.into_response())
+            }
+            Err(e) => respond(e),
+        }
+    })
+    .await
+}
+
+/// What every link request's audit event carries: the link, its patient, why refused,
+/// and the recipient's text sealed.
+fn note_seen(app: &App, ctx: &mut Ctx, seen: Seen, recipient: Option<&str>) {
+    if let Some((id, patient)) = seen.link {
+        ctx.id = Some(id);
+        ctx.patient = Some(patient);
+    }
+    if let Some(r) = seen.reason {
+        ctx.detail.refused_because(r);
+    }
+    if let Some(text) = recipient.and_then(|r| links::fetch::recipient(Some(r)).ok()) {
+        ctx.detail.note = app.vault.engine.seal_secret(
+            &format!("{}{}", phivault_records::report::NOTE_LABEL, ctx.request_id),
+            text.as_bytes(),
+        );
+    }
+}
+
+/// `POST /shl/m/{secret}`: the manifest (JSON `{recipient, passcode?, embeddedLengthMax?}`).
+pub async fn manifest(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(secret): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::R, "shl-manifest");
+    let r = run(app, ctx, move |app, ctx| {
+        ctx.detail.user_agent = headers
+            .get(header::USER_AGENT)
+            .and_then(|v| phivault_audit::Detail::clean_agent(v.as_bytes()));
+        let req: Option<ManifestRequest> = body.ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let mut seen = Seen::default();
+        let out = match &req {
+            Some(req) => links::manifest(
+                &app.vault,
+                area(app)?,
+                &secret,
+                req,
+                &origin(app),
+                &mut seen,
+            ),
+            None => Err(phivault_share::Error::bad_request(
+                "the body is a JSON manifest request with a recipient",
+            )),
+        };
+        note_seen(
+            app,
+            ctx,
+            seen,
+            req.as_ref().and_then(|r| r.recipient.as_deref()),
+        );
+        let m = match out {
+            Ok(m) => m,
+            Err(e) => return respond(e),
+        };
+        let mut r = json_response(
+            StatusCode::OK,
+            Bytes::from(m.body.to_string()),
+            "application/json",
+        );
+        if let Some(s) = m.retry_after_s
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        Ok(r)
+    })
+    .await;
+    cors(r)
+}
+
+fn jose(bytes: Vec<u8>) -> Response {
+    json_response(StatusCode::OK, Bytes::from(bytes), "application/jose")
+}
+
+/// `GET /shl/m/{secret}?recipient=…`: a `U` link's one file.
+pub async fn direct(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(secret): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::R, "shl-direct");
+    let r = run(app, ctx, move |app, ctx| {
+        let recipient = query.as_deref().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "recipient")
+                .map(|(_, v)| v.into_owned())
+        });
+        let mut seen = Seen::default();
+        let out = links::direct(
+            &app.vault,
+            area(app)?,
+            &secret,
+            recipient.as_deref(),
+            &mut seen,
+        );
+        note_seen(app, ctx, seen, recipient.as_deref());
+        out.map(jose).or_else(respond)
+    })
+    .await;
+    cors(r)
+}
+
+/// `GET /shl/f/{ticket}`: a file a manifest named.
+pub async fn file(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(ticket): Path<String>,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::R, "shl-file");
+    let r = run(app, ctx, move |app, ctx| {
+        let mut seen = Seen::default();
+        let out = links::file(&app.vault, area(app)?, &ticket, &mut seen);
+        note_seen(app, ctx, seen, None);
+        out.map(jose).or_else(respond)
+    })
+    .await;
+    cors(r)
+}

@@ -1,0 +1,352 @@
+//! Making a link: the content built under the creator's grant (the one door: a patient's
+//! own compartment, a clinician's treated patient, a back-end service's `system/` read),
+//! encrypted as JWE (`dir`, `A256GCM`) under a fresh key, sealed into the exchange area,
+//! the record written — and the key handed back inside the `shlink:/` only, never stored.
+
+use std::sync::Arc;
+
+use phivault_auth::{Authenticated, Interaction};
+use phivault_records::Vault;
+use phivault_records::search::{self, Streamed};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::record::{self, Creator, FileMeta, LinkRecord, Terms};
+use crate::area::Area;
+use crate::{Error, b64};
+
+/// Longest a link may live.
+pub const MAX_LIFETIME_S: u64 = 366 * 86_400;
+/// A link's life when none is asked for: a week (long-term links: 90 days).
+pub const DEFAULT_LIFETIME_S: u64 = 7 * 86_400;
+/// Default lifetime cap of wrong passcodes.
+pub const DEFAULT_CAP: u32 = 10;
+/// Most resources one link may carry.
+pub const MAX_RESOURCES: usize = 10_000;
+/// Most bytes of one link's content.
+pub const MAX_CONTENT: usize = 64 << 20;
+
+/// What a creator asks for.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewLink {
+    /// `Patient/{id}` or `{id}`: whose records.
+    pub patient: String,
+    /// Shown to recipients (≤ 80 characters).
+    pub label: Option<String>,
+    /// Seconds until it expires.
+    pub expires_in: Option<u64>,
+    /// A passcode the recipient must give (`P`), 4 – 128 characters.
+    pub passcode: Option<String>,
+    /// Most wrong passcodes over the link's life (1 – 1000; default 10).
+    pub passcode_attempts: Option<u32>,
+    /// `L`: the manifest may be polled over time.
+    #[serde(default)]
+    pub long_term: bool,
+    /// `U`: the link's URL answers the one file itself (no passcode allowed).
+    #[serde(default)]
+    pub direct: bool,
+    /// One manifest request, each of its files fetched once.
+    #[serde(default)]
+    pub single_use: bool,
+    /// Only these (`Type/id`, the patient's own) instead of everything the creator may read.
+    pub resources: Option<Vec<String>>,
+    /// A viewer's `https://` URL the link is appended to after `#`.
+    pub viewer: Option<String>,
+}
+
+/// A link made.
+pub struct Made {
+    /// The link's id (for listing and revoking).
+    pub id: String,
+    /// `shlink:/…`: holds the key; shown once.
+    pub shlink: String,
+    /// The viewer URL (`viewer#shlink:/…`) when a viewer was given.
+    pub viewer_url: Option<String>,
+    /// The record as stored.
+    pub record: LinkRecord,
+    /// What was shared (`(type, id)`), for the audit event.
+    pub disclosed: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Made {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Made")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checked terms of a request.
+fn terms(req: &NewLink, now_ms: u64) -> Result<Terms, Error> {
+    if req.direct && req.passcode.is_some() {
+        return Err(Error::bad_request(
+            "a direct (U) link cannot have a passcode",
+        ));
+    }
+    if req.single_use && req.long_term {
+        return Err(Error::bad_request(
+            "a long-term (L) link cannot be single-use",
+        ));
+    }
+    if req
+        .label
+        .as_ref()
+        .is_some_and(|l| l.chars().count() > 80 || l.chars().any(char::is_control))
+    {
+        return Err(Error::bad_request(
+            "the label is at most 80 printable characters",
+        ));
+    }
+    if req
+        .passcode
+        .as_ref()
+        .is_some_and(|p| !(4..=128).contains(&p.chars().count()))
+    {
+        return Err(Error::bad_request("a passcode has 4 to 128 characters"));
+    }
+    let cap = req.passcode_attempts.unwrap_or(DEFAULT_CAP);
+    if !(1..=1000).contains(&cap) {
+        return Err(Error::bad_request("passcodeAttempts is 1 to 1000"));
+    }
+    let default = if req.long_term {
+        90 * 86_400
+    } else {
+        DEFAULT_LIFETIME_S
+    };
+    let life = req.expires_in.unwrap_or(default);
+    if life == 0 || life > MAX_LIFETIME_S {
+        return Err(Error::bad_request("expiresIn is 1 second to 366 days"));
+    }
+    if let Some(v) = &req.viewer
+        && (!v.starts_with("https://")
+            || v.contains('#')
+            || v.len() > 200
+            || v.chars().any(char::is_whitespace))
+    {
+        return Err(Error::bad_request(
+            "the viewer is an https URL without a fragment",
+        ));
+    }
+    Ok(Terms {
+        long_term: req.long_term,
+        direct: req.direct,
+        single_use: req.single_use,
+        expires_ms: now_ms + life * 1000,
+        cap,
+    })
+}
+
+/// The patient id of `Patient/{id}` or `{id}`.
+fn patient_id(s: &str) -> Result<&str, Error> {
+    let id = s.strip_prefix("Patient/").unwrap_or(s);
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(Error::bad_request("patient is Patient/{id}"));
+    }
+    Ok(id)
+}
+
+/// Make a link for `auth` (its grant decides what may be shared) served from `origin`.
+pub fn create(
+    vault: &Arc<Vault>,
+    area: &Area,
+    auth: &Authenticated,
+    req: &NewLink,
+    origin: &str,
+) -> Result<Made, Error> {
+    let now = crate::now_ms();
+    let terms = terms(req, now)?;
+    let patient = patient_id(&req.patient)?.to_owned();
+    // the one door: the creator must reach the patient
+    let pa = vault.decide(auth, "Patient", Interaction::Read)?;
+    if !pa.admits(Some(&patient)) {
+        return Err(Error::forbidden());
+    }
+    if search::load(vault, &pa, &patient)?.is_none() {
+        return Err(Error::not_found("no such patient"));
+    }
+    let (bundle, disclosed) = content(vault, auth, &patient, req.resources.as_deref())?;
+    // the key exists only here and in the link handed back
+    let key = Zeroizing::new(phivault_crypto::random_bytes::<32>().map_err(|_| Error::internal())?);
+    let jwe = phivault_crypto::jose::encrypt_dir(&key, "application/fhir+json", &bundle)
+        .map_err(|_| Error::internal())?;
+    drop(bundle);
+    let secret = phivault_crypto::random_bytes::<32>().map_err(|_| Error::internal())?;
+    let id = record::id_of(vault, &secret);
+    let area_key =
+        Zeroizing::new(phivault_crypto::random_bytes::<32>().map_err(|_| Error::internal())?);
+    area.put(&record::file_name(&id, 0), &area_key, jwe.as_bytes())
+        .map_err(|_| Error::Records(phivault_records::Error::unavailable()))?;
+    let passcode = match &req.passcode {
+        Some(p) => {
+            let salt = phivault_crypto::random_bytes::<16>().map_err(|_| Error::internal())?;
+            Some(phivault_auth::password::hash_password(p, &salt).map_err(|_| Error::internal())?)
+        }
+        None => None,
+    };
+    let rec = LinkRecord {
+        id: id.clone(),
+        patient,
+        creator: Creator {
+            client: auth.client_id().to_owned(),
+            user: auth.person().map(|p| p.user_id.clone()),
+        },
+        label: req.label.clone(),
+        created_ms: now,
+        terms,
+        passcode,
+        attempts: 0,
+        uses: 0,
+        last_use_ms: 0,
+        fetched: Vec::new(),
+        revoked: false,
+        files: vec![FileMeta {
+            content_type: "application/fhir+json".to_owned(),
+            len: jwe.len() as u64,
+        }],
+        area_key: Some(record::hex(&area_key[..])),
+    };
+    let stored = rec.clone();
+    let written = record::update(vault, &id, move |cur| {
+        if cur.is_some() {
+            return Ok((None, false));
+        }
+        Ok((Some(stored.clone()), true))
+    });
+    if !matches!(written, Ok(true)) {
+        let _ = area.remove(&record::file_name(&id, 0));
+        return Err(written.err().unwrap_or_else(Error::internal));
+    }
+    let shlink = payload(&rec, &secret, &key, origin);
+    let viewer_url = req.viewer.as_ref().map(|v| format!("{v}#{shlink}"));
+    Ok(Made {
+        id,
+        shlink,
+        viewer_url,
+        record: rec,
+        disclosed,
+    })
+}
+
+/// `shlink:/` + base64url of the payload JSON.
+fn payload(rec: &LinkRecord, secret: &[u8; 32], key: &[u8; 32], origin: &str) -> String {
+    let mut p = json!({
+        "url": format!("{origin}/shl/m/{}", b64(secret)),
+        "key": b64(key),
+        "exp": rec.terms.expires_ms / 1000,
+        "v": 1,
+    });
+    let flag = rec.flag();
+    if !flag.is_empty() {
+        p["flag"] = json!(flag);
+    }
+    if let Some(l) = &rec.label {
+        p["label"] = json!(l);
+    }
+    let text = Zeroizing::new(p.to_string());
+    format!("shlink:/{}", b64(text.as_bytes()))
+}
+
+/// The Bundle (`collection`) shared, and the `(type, id)` of each entry.
+#[allow(clippy::type_complexity)]
+fn content(
+    vault: &Vault,
+    auth: &Authenticated,
+    patient: &str,
+    chosen: Option<&[String]>,
+) -> Result<(Zeroizing<Vec<u8>>, Vec<(String, String)>), Error> {
+    let mut entries: Vec<search::Loaded> = Vec::new();
+    match chosen {
+        Some(list) => {
+            if list.is_empty() || list.len() > MAX_RESOURCES {
+                return Err(Error::bad_request("resources lists 1 to 10000 Type/id"));
+            }
+            for r in list {
+                entries.push(chosen_one(vault, auth, patient, r)?);
+            }
+        }
+        None => everything(vault, auth, patient, &mut entries)?,
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(4096));
+    let stamp = phivault_records::engine::instant(phivault_records::engine::now_ms());
+    out.extend_from_slice(
+        format!(r#"{{"resourceType":"Bundle","type":"collection","timestamp":"{stamp}","entry":["#)
+            .as_bytes(),
+    );
+    let mut disclosed = Vec::with_capacity(entries.len());
+    for (i, l) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let full = format!("{}/{}/{}", vault.base_url, l.row.rtype, l.row.id);
+        out.extend_from_slice(br#"{"fullUrl":"#);
+        out.extend_from_slice(json!(full).to_string().as_bytes());
+        out.extend_from_slice(br#","resource":"#);
+        out.extend_from_slice(&l.body);
+        out.push(b'}');
+        disclosed.push((l.row.rtype.clone(), l.row.id.clone()));
+        if out.len() > MAX_CONTENT {
+            return Err(Error::bad_request("the shared content is over 64 MiB"));
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok((out, disclosed))
+}
+
+/// One chosen resource: the creator may read it and it is the patient's.
+fn chosen_one(
+    vault: &Vault,
+    auth: &Authenticated,
+    patient: &str,
+    r: &str,
+) -> Result<search::Loaded, Error> {
+    let (t, id) = r
+        .split_once('/')
+        .ok_or_else(|| Error::bad_request("resources are Type/id"))?;
+    let access = vault.decide(auth, t, Interaction::Read)?;
+    let l = search::load(vault, &access, id)?
+        .ok_or_else(|| Error::not_found("a chosen resource was not found"))?;
+    if phivault_records::engine::key_patient(&l.row.key_id) != Some(patient) {
+        return Err(Error::bad_request("a chosen resource is not the patient's"));
+    }
+    Ok(l)
+}
+
+/// The patient's whole compartment, every type the creator may read.
+fn everything(
+    vault: &Vault,
+    auth: &Authenticated,
+    patient: &str,
+    entries: &mut Vec<search::Loaded>,
+) -> Result<(), Error> {
+    for t in phivault_fhir::patient_compartment_types() {
+        let Ok(access) = vault.decide(auth, t, Interaction::Read) else {
+            continue;
+        };
+        let mut failed = None;
+        search::stream_compartment(vault, &access, patient, &mut |item| match item {
+            Streamed::Record(l) => {
+                entries.push(l);
+                entries.len() <= MAX_RESOURCES
+            }
+            Streamed::Damaged { .. } => {
+                failed = Some(Error::integrity());
+                false
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if entries.len() > MAX_RESOURCES {
+            return Err(Error::bad_request(
+                "the patient's records are over 10000 resources: choose resources",
+            ));
+        }
+    }
+    Ok(())
+}

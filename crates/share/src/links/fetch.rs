@@ -1,0 +1,325 @@
+//! What a link's holder can do: ask for the manifest (`POST`, with `recipient` and the
+//! passcode when the link has one), fetch a file from a `location` the manifest gave (which
+//! lives at most an hour), or — a `U` link — `GET` the one file directly. Every answer
+//! names the link and its patient for the audit event, refusals included.
+//!
+//! The passcode cap holds under any number of parallel guesses: an attempt is counted in
+//! the link's row (atomically, `record::update`) *before* the passcode is checked, and
+//! given back only when it was right — so at most `cap` guesses are ever checked.
+
+use std::sync::Arc;
+
+use phivault_records::Vault;
+use serde_json::{Value, json};
+
+use super::record::{self, Ended, LinkRecord};
+use crate::area::Area;
+use crate::{Error, b64, unb64};
+
+/// How long a manifest's `location` URLs live (the spec's most: one hour).
+pub const LOCATION_LIFETIME_MS: u64 = 3_600_000;
+/// How often a long-term link's manifest may be polled.
+pub const POLL_INTERVAL_MS: u64 = 5_000;
+/// Longest `recipient` text kept.
+pub const MAX_RECIPIENT: usize = 200;
+/// Label of sealed location tickets.
+const TICKET_LABEL: &str = "phivault share link location v1";
+
+/// A manifest request.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestRequest {
+    /// Who is asking (shown to the patient in their access view).
+    pub recipient: Option<String>,
+    /// The passcode, for a `P` link.
+    pub passcode: Option<String>,
+    /// Files at most this long come embedded in the manifest.
+    pub embedded_length_max: Option<u64>,
+}
+
+/// What a request against a link was about and how it ended, for its audit event.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The link's id and patient, once known.
+    pub link: Option<(String, String)>,
+    /// Why it was refused (a fixed code).
+    pub reason: Option<&'static str>,
+}
+
+/// A manifest as answered.
+#[derive(Debug)]
+pub struct Manifest {
+    /// The JSON body.
+    pub body: Value,
+    /// `Retry-After` for a long-term link's next poll (seconds).
+    pub retry_after_s: Option<u64>,
+}
+
+/// The recipient text, checked.
+pub fn recipient(r: Option<&str>) -> Result<String, Error> {
+    match r.map(str::trim) {
+        Some(t)
+            if !t.is_empty()
+                && t.chars().count() <= MAX_RECIPIENT
+                && !t.chars().any(char::is_control) =>
+        {
+            Ok(t.to_owned())
+        }
+        _ => Err(Error::bad_request(
+            "recipient is required: 1 to 200 printable characters",
+        )),
+    }
+}
+
+/// The link whose manifest URL carries `secret` (43 base64url characters).
+fn find(vault: &Vault, secret: &str, seen: &mut Seen) -> Result<LinkRecord, Error> {
+    let bytes = unb64(secret).filter(|b| b.len() == 32 && secret.len() == 43);
+    let Some(bytes) = bytes else {
+        seen.reason = Some("link-unknown");
+        return Err(Error::not_found("no such link"));
+    };
+    let id = record::id_of(vault, &bytes);
+    let Some(rec) = record::load(vault, &id)? else {
+        seen.reason = Some("link-unknown");
+        return Err(Error::not_found("no such link"));
+    };
+    seen.link = Some((rec.id.clone(), rec.patient.clone()));
+    Ok(rec)
+}
+
+fn ended(seen: &mut Seen, e: Ended) -> Error {
+    seen.reason = Some(e.code());
+    Error::not_found("this link is no longer active")
+}
+
+/// `POST` the manifest URL.
+pub fn manifest(
+    vault: &Arc<Vault>,
+    area: &Area,
+    secret: &str,
+    req: &ManifestRequest,
+    origin: &str,
+    seen: &mut Seen,
+) -> Result<Manifest, Error> {
+    let now = crate::now_ms();
+    let rec = find(vault, secret, seen)?;
+    if let Some(e) = rec.ended(now) {
+        return Err(ended(seen, e));
+    }
+    recipient(req.recipient.as_deref()).inspect_err(|_| seen.reason = Some("recipient-missing"))?;
+    if rec.terms.long_term && now < rec.last_use_ms + POLL_INTERVAL_MS {
+        seen.reason = Some("polled-too-soon");
+        return Err(Error::TooSoon {
+            retry_after_s: (rec.last_use_ms + POLL_INTERVAL_MS - now).div_ceil(1000),
+        });
+    }
+    let reserved = match &rec.passcode {
+        None => false,
+        Some(phc) => {
+            check_passcode(vault, &rec.id, phc, req.passcode.as_deref(), seen)?;
+            true
+        }
+    };
+    let rec = take_use(vault, &rec.id, reserved, now, seen)?;
+    let mut files = Vec::with_capacity(rec.files.len());
+    for (n, f) in rec.files.iter().enumerate() {
+        let n = n as u32;
+        let mut entry = json!({
+            "contentType": f.content_type,
+            "lastUpdated": phivault_records::engine::instant(rec.created_ms as i64),
+        });
+        if req.embedded_length_max.is_some_and(|m| f.len <= m) {
+            let key = rec.area_key().ok_or_else(|| ended(seen, Ended::Expired))?;
+            let jwe = area
+                .get(&rec.file_name(n), &key)
+                .map_err(|_| Error::integrity())?;
+            entry["embedded"] = json!(String::from_utf8(jwe).map_err(|_| Error::integrity())?);
+        } else {
+            let exp = (now + LOCATION_LIFETIME_MS).min(rec.terms.expires_ms);
+            let t = ticket(vault, &rec.id, n, exp, rec.uses)?;
+            entry["location"] = json!(format!("{origin}/shl/f/{t}"));
+        }
+        files.push(entry);
+    }
+    let status = if rec.terms.long_term {
+        "can-change"
+    } else {
+        "finalized"
+    };
+    Ok(Manifest {
+        body: json!({"status": status, "files": files}),
+        retry_after_s: rec.terms.long_term.then(|| POLL_INTERVAL_MS.div_ceil(1000)),
+    })
+}
+
+/// Count one attempt, then check the passcode; a right one's attempt is given back by
+/// [`take_use`]. A missing passcode is refused without counting.
+fn check_passcode(
+    vault: &Arc<Vault>,
+    id: &str,
+    phc: &str,
+    given: Option<&str>,
+    seen: &mut Seen,
+) -> Result<(), Error> {
+    let Some(given) = given else {
+        seen.reason = Some("passcode-missing");
+        let rec = record::load(vault, id)?.ok_or_else(|| Error::not_found("no such link"))?;
+        return Err(Error::Passcode {
+            remaining: rec.terms.cap.saturating_sub(rec.attempts),
+        });
+    };
+    let now = crate::now_ms();
+    let left = record::update(vault, id, move |cur| {
+        let Some(mut rec) = cur else {
+            return Ok((None, Err(Ended::Revoked)));
+        };
+        if let Some(e) = rec.ended(now) {
+            return Ok((None, Err(e)));
+        }
+        rec.attempts += 1;
+        let left = rec.terms.cap - rec.attempts;
+        Ok((Some(rec), Ok(left)))
+    })?;
+    let left = left.map_err(|e| ended(seen, e))?;
+    if phivault_auth::password::verify_password(given, phc) {
+        return Ok(());
+    }
+    seen.reason = Some("passcode-wrong");
+    Err(Error::Passcode { remaining: left })
+}
+
+/// One use of the link taken (and a right passcode's attempt given back), atomically: the
+/// record as it is after.
+fn take_use(
+    vault: &Arc<Vault>,
+    id: &str,
+    reserved: bool,
+    now: u64,
+    seen: &mut Seen,
+) -> Result<LinkRecord, Error> {
+    let r = record::update(vault, id, move |cur| {
+        let Some(mut rec) = cur else {
+            return Ok((None, Err(Ended::Revoked)));
+        };
+        if reserved {
+            rec.attempts = rec.attempts.saturating_sub(1);
+        }
+        if let Some(e) = rec.ended(now) {
+            return Ok((reserved.then_some(rec), Err(e)));
+        }
+        rec.uses += 1;
+        rec.last_use_ms = now;
+        Ok((Some(rec.clone()), Ok(rec)))
+    })?;
+    r.map_err(|e| ended(seen, e))
+}
+
+/// A sealed `location` ticket: link, file, expiry, and the use it was issued for.
+fn ticket(vault: &Vault, id: &str, n: u32, exp_ms: u64, use_no: u32) -> Result<String, Error> {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(id.as_bytes());
+    b.extend_from_slice(&n.to_be_bytes());
+    b.extend_from_slice(&exp_ms.to_be_bytes());
+    b.extend_from_slice(&use_no.to_be_bytes());
+    let sealed = vault
+        .engine
+        .seal_secret(TICKET_LABEL, &b)
+        .ok_or_else(Error::internal)?;
+    Ok(b64(&sealed))
+}
+
+/// What a ticket names: (link id, file, expiry, use).
+fn open_ticket(vault: &Vault, t: &str) -> Option<(String, u32, u64, u32)> {
+    let sealed = unb64(t).filter(|_| t.len() <= 256)?;
+    let b = vault.engine.open_secret(TICKET_LABEL, &sealed)?;
+    if b.len() != 32 + 16 {
+        return None;
+    }
+    let id = String::from_utf8(b[..32].to_vec()).ok()?;
+    let n = u32::from_be_bytes(b[32..36].try_into().ok()?);
+    let exp = u64::from_be_bytes(b[36..44].try_into().ok()?);
+    let use_no = u32::from_be_bytes(b[44..48].try_into().ok()?);
+    Some((id, n, exp, use_no))
+}
+
+/// `GET` a `location`: the JWE.
+pub fn file(vault: &Arc<Vault>, area: &Area, t: &str, seen: &mut Seen) -> Result<Vec<u8>, Error> {
+    let now = crate::now_ms();
+    let Some((id, n, exp, use_no)) = open_ticket(vault, t) else {
+        seen.reason = Some("location-unknown");
+        return Err(Error::not_found("no such file"));
+    };
+    let rec = record::load(vault, &id)?.ok_or_else(|| Error::not_found("no such file"))?;
+    seen.link = Some((rec.id.clone(), rec.patient.clone()));
+    if now >= exp {
+        seen.reason = Some("location-expired");
+        return Err(Error::not_found("this file location has expired"));
+    }
+    match rec.ended(now) {
+        None => {}
+        // a single-use link's files are fetched after its one manifest, once each
+        Some(Ended::Used) => {}
+        Some(e) => return Err(ended(seen, e)),
+    }
+    if rec.terms.single_use {
+        let taken = record::update(vault, &id, move |cur| {
+            let Some(mut rec) = cur else {
+                return Ok((None, false));
+            };
+            if rec.uses != use_no || rec.fetched.contains(&n) || rec.revoked {
+                return Ok((None, false));
+            }
+            rec.fetched.push(n);
+            Ok((Some(rec), true))
+        })?;
+        if !taken {
+            return Err(ended(seen, Ended::Used));
+        }
+    }
+    read_file(area, &rec, n, seen)
+}
+
+fn read_file(area: &Area, rec: &LinkRecord, n: u32, seen: &mut Seen) -> Result<Vec<u8>, Error> {
+    let key = rec.area_key().ok_or_else(|| ended(seen, Ended::Expired))?;
+    if n as usize >= rec.files.len() {
+        return Err(Error::not_found("no such file"));
+    }
+    area.get(&rec.file_name(n), &key)
+        .map_err(|_| Error::integrity())
+}
+
+/// `GET` a `U` link's URL (`?recipient=`): its one file.
+pub fn direct(
+    vault: &Arc<Vault>,
+    area: &Area,
+    secret: &str,
+    recipient_text: Option<&str>,
+    seen: &mut Seen,
+) -> Result<Vec<u8>, Error> {
+    let now = crate::now_ms();
+    let rec = find(vault, secret, seen)?;
+    if let Some(e) = rec.ended(now) {
+        return Err(ended(seen, e));
+    }
+    if !rec.terms.direct {
+        seen.reason = Some("not-direct");
+        return Err(Error::bad_request(
+            "this link is resolved by POSTing a manifest request",
+        ));
+    }
+    recipient(recipient_text).inspect_err(|_| seen.reason = Some("recipient-missing"))?;
+    let rec = take_use(vault, &rec.id, false, now, seen)?;
+    if rec.terms.single_use {
+        let id = rec.id.clone();
+        record::update(vault, &id, |cur| {
+            Ok((
+                cur.map(|mut r| {
+                    r.fetched.push(0);
+                    r
+                }),
+                (),
+            ))
+        })?;
+    }
+    read_file(area, &rec, 0, seen)
+}

@@ -1,0 +1,111 @@
+//! Records of trusted sharing kept as settings rows (`shl:<id>` links, `export:<id>`
+//! jobs): JSON sealed under the data directory's secret-sealing key with the row key bound
+//! (a record moved to another row does not open). Settings rows are MAC'd and summed into
+//! the signed state, so a storage writer who resets a failure count, un-revokes a link or
+//! brings back an expired export's key is caught; updates are atomic
+//! (`Engine::update_sharing_row`).
+
+use std::sync::Arc;
+
+use phivault_records::Vault;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+
+/// Most rows of one kind a listing reads.
+pub const MAX_ROWS: usize = 100_000;
+
+/// A kind of sharing record: its row prefix, its sealing label and its id.
+pub trait Row: Serialize + DeserializeOwned + Send + 'static {
+    /// `shl:` or `export:`.
+    const PREFIX: &'static str;
+    /// Label prefix of the sealed records.
+    const LABEL: &'static str;
+    /// The record's id (the row is `PREFIX` + id).
+    fn id(&self) -> &str;
+}
+
+fn label<T: Row>(id: &str) -> String {
+    format!("{}{}{id}", T::LABEL, T::PREFIX)
+}
+
+/// Seal a record for its row.
+pub fn seal<T: Row>(vault: &Vault, rec: &T) -> Result<Vec<u8>, Error> {
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(rec).map_err(|_| Error::internal())?);
+    vault
+        .engine
+        .seal_secret(&label::<T>(rec.id()), &plain)
+        .ok_or_else(Error::internal)
+}
+
+/// Open a row's value as record `id` (an integrity error when it does not open or is not
+/// that record).
+pub fn open<T: Row>(vault: &Vault, id: &str, sealed: &[u8]) -> Result<T, Error> {
+    let plain = zeroize::Zeroizing::new(
+        vault
+            .engine
+            .open_secret(&label::<T>(id), sealed)
+            .ok_or_else(Error::integrity)?,
+    );
+    let rec: T = serde_json::from_slice(&plain).map_err(|_| Error::integrity())?;
+    if rec.id() != id {
+        return Err(Error::integrity());
+    }
+    Ok(rec)
+}
+
+/// Record `id`, if there is one.
+pub fn load<T: Row>(vault: &Vault, id: &str) -> Result<Option<T>, Error> {
+    match vault.engine.meta(&format!("{}{id}", T::PREFIX))? {
+        Some(v) => open(vault, id, &v).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Every record of the kind.
+pub fn all<T: Row>(vault: &Vault) -> Result<Vec<T>, Error> {
+    let mut out = Vec::new();
+    for (k, v) in vault.engine.meta_prefix(T::PREFIX, MAX_ROWS)? {
+        out.push(open(vault, &k[T::PREFIX.len()..], &v)?);
+    }
+    Ok(out)
+}
+
+/// Change record `id` atomically: `f` gets the stored record (None: absent) and answers
+/// the record to write (None: leave it) and what the caller learns; the answer of the
+/// call whose decision was written is returned.
+pub fn update<T: Row, A: Send + 'static>(
+    vault: &Arc<Vault>,
+    id: &str,
+    mut f: impl FnMut(Option<T>) -> Result<(Option<T>, A), Error> + Send + 'static,
+) -> Result<A, Error> {
+    type Slot<A> = Arc<parking_lot::Mutex<Option<Result<A, Error>>>>;
+    let out: Slot<A> = Default::default();
+    let (o, v, key) = (out.clone(), vault.clone(), id.to_owned());
+    vault.engine.update_sharing_row(
+        &format!("{}{id}", T::PREFIX),
+        Box::new(move |cur| {
+            let decided = cur
+                .map(|c| open::<T>(&v, &key, c))
+                .transpose()
+                .and_then(&mut f)
+                .and_then(|(write, answer)| {
+                    let sealed = write.as_ref().map(|r| seal(&v, r)).transpose()?;
+                    Ok((sealed, answer))
+                });
+            match decided {
+                Ok((sealed, answer)) => {
+                    *o.lock() = Some(Ok(answer));
+                    sealed
+                }
+                Err(e) => {
+                    *o.lock() = Some(Err(e));
+                    None
+                }
+            }
+        }),
+    )?;
+    let answer = out.lock().take();
+    answer.unwrap_or_else(|| Err(Error::internal()))
+}
