@@ -135,6 +135,27 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: KeysCmd,
     },
+    /// Export records offline as NDJSON files, each encrypted end to end to a recipient's
+    /// public key (JWE ECDH-ES + A256GCM), with a progress bar on a terminal. Audited.
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A new directory for the files (made owner-only).
+        #[arg(long)]
+        out: PathBuf,
+        /// The recipient's public EC JWK (P-256 or P-384): only its private half opens the files.
+        #[arg(long, value_name = "FILE")]
+        recipient_key: PathBuf,
+        /// Only these types (comma-separated).
+        #[arg(long = "type", value_name = "TYPES")]
+        types: Option<String>,
+        /// Only what was written after this instant (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records that belong to a patient (every patient's compartment).
+        #[arg(long)]
+        patients_only: bool,
+    },
     /// Serve FHIR over HTTPS (initialises the data directory on first run).
     Serve {
         #[arg(long)]

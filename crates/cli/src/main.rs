@@ -9,6 +9,7 @@ mod backup_restore;
 mod backup_serve;
 mod control;
 mod datadir;
+mod export_cmd;
 mod fhir_client;
 mod import;
 mod kek_cmds;
@@ -129,6 +130,21 @@ fn run(cli: Cli) -> Result<i32> {
             &pkcs11,
             &unlock,
         ),
+        Cmd::Export {
+            data_dir,
+            out,
+            recipient_key,
+            types,
+            since,
+            patients_only,
+        } => export_cmd::export(&export_cmd::ExportArgs {
+            data_dir: &data_dir,
+            out: &out,
+            recipient_key: &recipient_key,
+            types: types.as_deref(),
+            since: since.as_deref(),
+            patients_only,
+        }),
         Cmd::Serve {
             data_dir,
             listen,

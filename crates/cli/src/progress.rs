@@ -44,3 +44,8 @@ pub fn restore(show: bool) -> ProgressBar {
 pub fn snapshot() -> ProgressBar {
     bar(0, "snapshot [{bar:30}] {pos}/{len} pages, {elapsed}")
 }
+
+/// `export`: resources written, rate; the message counts types.
+pub fn export() -> ProgressBar {
+    bar(0, "export {pos} resources, {per_sec}, {elapsed}; {msg}")
+}

@@ -357,12 +357,36 @@ fn single_use_expiry_revocation_long_term_polling_and_direct_links() {
     let soon = manifest(&w, &url4, json!({"recipient": "GP"}));
     assert_eq!(soon.status, 429);
     assert!(soon.header("retry-after").is_some());
+    // the content of a long-term link changes when its holder refreshes it with the key
+    // the server does not keep: a new Observation appears at the next poll
+    let id4 = r.json()["id"].as_str().expect("id").to_owned();
+    let later = created(w.server.post(
+        "Observation",
+        &w.system,
+        &json!({"resourceType": "Observation", "status": "final", "code": {"text": "HbA1c"},
+            "subject": {"reference": pat}}),
+    ));
+    let refresh = |t: &str, key: &str| {
+        w.server.send(
+            "POST",
+            &format!("{}/shl/links/{id4}/content", w.server.origin),
+            Some(t),
+            Some(("application/json", json!({"key": key}).to_string().into_bytes())),
+            &[],
+        )
+    };
+    let key4 = p4["key"].as_str().expect("key");
+    assert_eq!(refresh(&w.app, &URL_SAFE_NO_PAD.encode([7u8; 32])).status, 400, "not its key");
+    assert_eq!(refresh(&w.server.token("system/*.rs"), key4).status, 404, "not theirs");
+    assert_eq!(refresh(&w.app, key4).status, 204);
     std::thread::sleep(std::time::Duration::from_secs(wait));
-    assert_eq!(
-        manifest(&w, &url4, json!({"recipient": "GP"})).status,
-        200,
-        "polled again"
+    let again = manifest(&w, &url4, json!({"recipient": "GP", "embeddedLengthMax": 10_000_000}));
+    assert_eq!(again.status, 200, "polled again");
+    let b4 = open(
+        again.json()["files"][0]["embedded"].as_str().expect("embedded").as_bytes(),
+        &key_of(&p4),
     );
+    assert!(ids_in(&b4).contains(&format!("Observation/{later}")), "the new record is shared");
     // direct (U): the URL answers the file; a passcode with U is refused
     assert_eq!(
         make(

@@ -96,6 +96,15 @@ impl Access {
         }
     }
 
+    /// The access of the data directory's operator for an offline command (`phivault
+    /// export`): unconfined, like the server's own jobs. Asking for it takes the key
+    /// hierarchy — whoever holds it opens every record anyway; the server never calls this
+    /// (`the_server_never_takes_the_operators_access`, `cli/tests/bulk_export.rs`).
+    pub fn operator(keys: &phivault_crypto::KeyHierarchy, rtype: &str) -> Access {
+        let _ = keys;
+        Access::internal(rtype, Interaction::Read)
+    }
+
     /// The resource type this access is for.
     pub fn rtype(&self) -> &str {
         &self.rtype

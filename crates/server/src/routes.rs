@@ -118,6 +118,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/bulk/{job}/{kind}/{n}", get(export::file))
         .route("/shl/links", post(share::create).get(share::list))
         .route("/shl/links/{id}", delete(share::revoke))
+        .route("/shl/links/{id}/content", post(share::refresh))
         .route(
             "/shl/m/{secret}",
             post(share::manifest)

@@ -25,7 +25,14 @@ pub struct LinkDay {
     pub failures: u32,
     /// Addresses it was fetched from.
     pub sources: BTreeSet<String>,
+    /// The requests that count (the first from each address, each wrong passcode), at
+    /// most [`EVIDENCE`]: a finding's evidence starts with them.
+    #[serde(default)]
+    pub requests: Vec<String>,
 }
+
+/// Most requests a link's day keeps as evidence before a finding is raised.
+pub const EVIDENCE: usize = 32;
 
 /// Whether `e` is a request against a share link, and its link id.
 fn link_of(e: &AuditEvent) -> Option<&str> {
@@ -52,34 +59,37 @@ pub(super) fn note(
     let key = |rule: &str| -> Option<Key> { key_of(rule, &who, "", day, today) };
     let d = days.entry(format!("{day}:{link}")).or_default();
     let patient = e.patient.as_deref();
+    let keep = |d: &mut LinkDay| {
+        if d.requests.len() < EVIDENCE {
+            d.requests.push(e.request_id.clone());
+        }
+    };
     if e.detail.reason.as_deref() == Some("passcode-wrong") {
         d.failures += 1;
+        keep(d);
         if d.failures >= PASSCODE_FAILURES {
             let n = d.failures;
             sink.note_once(
                 key("share-link-passcode"),
                 ("share-link-passcode", 70),
-                &who,
-                patient,
+                (&who, patient),
                 e,
-                move |k| {
-                    format!(
-                        "{} wrong passcodes on one share link in a day",
-                        n.max(k as u32)
-                    )
-                },
+                d.requests.clone(),
+                move |_| format!("{n} wrong passcodes on one share link in a day"),
             );
         }
     } else if e.outcome.http_status < 400 {
-        d.sources.insert(e.source.clone());
+        if d.sources.insert(e.source.clone()) {
+            keep(d);
+        }
         if d.sources.len() >= ADDRESSES {
             let n = d.sources.len();
             sink.note_once(
                 key("share-link-addresses"),
                 ("share-link-addresses", 50),
-                &who,
-                patient,
+                (&who, patient),
                 e,
+                d.requests.clone(),
                 move |_| format!("one share link fetched from {n} addresses in a day"),
             );
         }

@@ -197,24 +197,17 @@ impl Sink {
     }
 
     /// [`Sink::once`] for a finding `(rule, score)` about `user` (and `patient`) raised by
-    /// event `e`.
+    /// event `e`, its evidence starting with `evidence` when new.
     pub(super) fn note_once(
         &mut self,
         key: Option<Key>,
         (rule, score): (&str, u8),
-        user: &str,
-        patient: Option<&str>,
+        (user, patient): (&str, Option<&str>),
         e: &AuditEvent,
+        evidence: Vec<String>,
         detail: impl Fn(usize) -> String,
     ) {
-        let new = Finding::new(
-            (rule, score),
-            user,
-            patient,
-            vec![e.request_id.clone()],
-            e.time_ms,
-            String::new(),
-        );
+        let new = Finding::new((rule, score), user, patient, evidence, e.time_ms, String::new());
         self.once(key, new, &e.request_id, detail);
     }
 

@@ -139,17 +139,7 @@ pub async fn create(
         };
         ctx.id = Some(made.id.clone());
         ctx.patient = Some(made.record.patient.clone());
-        ctx.entities = made
-            .disclosed
-            .iter()
-            .map(|(t, id)| phivault_audit::Entity {
-                action: Action::R,
-                resource_type: t.clone(),
-                resource_id: id.clone(),
-                version: None,
-                patient: Some(made.record.patient.clone()),
-            })
-            .collect();
+        ctx.entities = disclosed(&made.disclosed, &made.record.patient);
         let text = made.viewer_url.as_deref().unwrap_or(&made.shlink);
         let png = phivault_share::qr::png(text).map_err(|_| ApiError::internal())?;
         let svg = phivault_share::qr::svg(text).map_err(|_| ApiError::internal())?;
@@ -215,6 +205,50 @@ pub async fn revoke(
         }
     })
     .await
+}
+
+/// `POST /shl/links/{id}/content` (JSON `{"key": "<the link's key>"}`): a long-term link's
+/// content built again under the caller's grant (the creator's app or the patient's, which
+/// hold the key the server forgot). Audited as a new disclosure.
+pub async fn refresh(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let ctx = Ctx::new(peer, Action::U, "shl-refresh");
+    run(app, ctx, move |app, ctx| {
+        let auth = app.authenticate(&headers, ctx)?;
+        let key = body
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["key"].as_str().map(str::to_owned))
+            .ok_or_else(|| ApiError::bad_request("the body is {\"key\": \"<the link's key>\"}"))?;
+        let key = zeroize::Zeroizing::new(key);
+        let done = match links::refresh(&app.vault, area(app)?, &auth, &id, &key) {
+            Ok(d) => d,
+            Err(e) => return respond(e),
+        };
+        ctx.id = Some(id);
+        ctx.patient = Some(done.patient.clone());
+        ctx.entities = disclosed(&done.disclosed, &done.patient);
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+/// The audit entities of what a link shares.
+fn disclosed(list: &[(String, String)], patient: &str) -> Vec<phivault_audit::Entity> {
+    list.iter()
+        .map(|(t, id)| phivault_audit::Entity {
+            action: Action::R,
+            resource_type: t.clone(),
+            resource_id: id.clone(),
+            version: None,
+            patient: Some(patient.to_owned()),
+        })
+        .collect()
 }
 
 /// What every link request's audit event carries: the link, its patient, why refused,

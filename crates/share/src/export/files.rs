@@ -61,6 +61,8 @@ pub struct Files {
     damaged: Vec<String>,
     /// Finished error files.
     pub errors: Vec<OutFile>,
+    /// Every patient whose records were written.
+    pub patients: BTreeSet<String>,
 }
 
 fn io(_: std::io::Error) -> Error {
@@ -83,6 +85,7 @@ impl Files {
             files: Vec::new(),
             damaged: Vec::new(),
             errors: Vec::new(),
+            patients: BTreeSet::new(),
         })
     }
 
@@ -142,6 +145,9 @@ impl Files {
             && !o.patients.contains(p)
         {
             o.patients.insert(p.to_owned());
+            if !self.patients.contains(p) {
+                self.patients.insert(p.to_owned());
+            }
         }
         Ok(())
     }

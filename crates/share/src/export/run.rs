@@ -161,7 +161,8 @@ pub fn start(vault: Arc<Vault>, id: String, plan: Plan, mut files: Files, expiry
                         rec.state = State::Done;
                         rec.files = out.clone();
                         rec.errors = errors.clone();
-                        rec.expires_ms = now + expiry_ms;
+                        // whole seconds, as the Expires header says it
+                        rec.expires_ms = (now + expiry_ms).div_ceil(1000) * 1000;
                     }
                     Ok(false) => rec.state = State::Cancelled,
                     Err(e) => {

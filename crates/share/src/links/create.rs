@@ -105,6 +105,9 @@ fn terms(req: &NewLink, now_ms: u64) -> Result<Terms, Error> {
     {
         return Err(Error::bad_request("a passcode has 4 to 128 characters"));
     }
+    if req.passcode_attempts.is_some() && req.passcode.is_none() {
+        return Err(Error::bad_request("passcodeAttempts is for a link with a passcode"));
+    }
     let cap = req.passcode_attempts.unwrap_or(DEFAULT_CAP);
     if !(1..=1000).contains(&cap) {
         return Err(Error::bad_request("passcodeAttempts is 1 to 1000"));
@@ -203,6 +206,8 @@ pub fn create(
         attempts: 0,
         uses: 0,
         last_use_ms: 0,
+        updated_ms: now,
+        chosen: req.resources.clone(),
         fetched: Vec::new(),
         revoked: false,
         files: vec![FileMeta {
@@ -254,7 +259,7 @@ fn payload(rec: &LinkRecord, secret: &[u8; 32], key: &[u8; 32], origin: &str) ->
 
 /// The Bundle (`collection`) shared, and the `(type, id)` of each entry.
 #[allow(clippy::type_complexity)]
-fn content(
+pub(crate) fn content(
     vault: &Vault,
     auth: &Authenticated,
     patient: &str,
@@ -349,4 +354,66 @@ fn everything(
         }
     }
     Ok(())
+}
+
+/// What a refresh did: the link's patient and what it now shares.
+pub struct Refreshed {
+    /// The patient.
+    pub patient: String,
+    /// What was shared (`(type, id)`), for the audit event.
+    pub disclosed: Vec<(String, String)>,
+}
+
+/// A long-term link's content built again under its manager's grant and encrypted under
+/// the link's key — which the server does not keep: the manager's app gives it back
+/// (`key`, base64url), and it is checked by opening the current file with it.
+pub fn refresh(
+    vault: &Arc<Vault>,
+    area: &Area,
+    auth: &Authenticated,
+    id: &str,
+    key_b64: &str,
+) -> Result<Refreshed, Error> {
+    let rec = record::load(vault, id)?.ok_or_else(|| Error::not_found("no such link"))?;
+    if !super::manage::manages(auth, &rec) {
+        return Err(Error::not_found("no such link"));
+    }
+    if rec.ended(crate::now_ms()).is_some() || !rec.terms.long_term {
+        return Err(Error::bad_request("only an active long-term (L) link's content is refreshed"));
+    }
+    let key: Zeroizing<[u8; 32]> = Zeroizing::new(
+        crate::unb64(key_b64)
+            .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+            .ok_or_else(|| Error::bad_request("key is the link's 32-byte key, base64url"))?,
+    );
+    let area_key = rec.area_key().ok_or_else(|| Error::not_found("no such link"))?;
+    let name = rec.file_name(0);
+    let current = area.get(&name, &area_key).map_err(|_| Error::integrity())?;
+    let current = String::from_utf8(current).map_err(|_| Error::integrity())?;
+    if phivault_crypto::jose::decrypt_dir(&key, &current).is_err() {
+        return Err(Error::bad_request("the key is not this link's"));
+    }
+    let (bundle, disclosed) = content(vault, auth, &rec.patient, rec.chosen.as_deref())?;
+    let jwe = phivault_crypto::jose::encrypt_dir(&key, "application/fhir+json", &bundle)
+        .map_err(|_| Error::internal())?;
+    drop(bundle);
+    area.put(&name, &area_key, jwe.as_bytes())
+        .map_err(|_| Error::Records(phivault_records::Error::unavailable()))?;
+    let (len, now) = (jwe.len() as u64, crate::now_ms());
+    record::update(vault, id, move |cur| {
+        Ok((
+            cur.map(|mut r| {
+                if let Some(f) = r.files.first_mut() {
+                    f.len = len;
+                }
+                r.updated_ms = now;
+                r
+            }),
+            (),
+        ))
+    })?;
+    Ok(Refreshed {
+        patient: rec.patient.clone(),
+        disclosed,
+    })
 }

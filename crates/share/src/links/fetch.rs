@@ -126,7 +126,7 @@ pub fn manifest(
         let n = n as u32;
         let mut entry = json!({
             "contentType": f.content_type,
-            "lastUpdated": phivault_records::engine::instant(rec.created_ms as i64),
+            "lastUpdated": phivault_records::engine::instant(rec.updated_ms.max(rec.created_ms) as i64),
         });
         if req.embedded_length_max.is_some_and(|m| f.len <= m) {
             let key = rec.area_key().ok_or_else(|| ended(seen, Ended::Expired))?;

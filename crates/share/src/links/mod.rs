@@ -8,7 +8,7 @@ pub mod fetch;
 pub mod manage;
 pub mod record;
 
-pub use create::{Made, NewLink, create};
+pub use create::{Made, NewLink, Refreshed, create, refresh};
 pub use fetch::{Manifest, ManifestRequest, Seen, direct, file, manifest};
 pub use manage::{list, revoke, sweep};
 pub use record::LinkRecord;

@@ -65,6 +65,13 @@ pub struct LinkRecord {
     pub uses: u32,
     /// The last successful manifest request (ms), for polling.
     pub last_use_ms: u64,
+    /// When its content was last built (ms): at creation, and at each refresh of a
+    /// long-term link.
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// The resources chosen (`Type/id`); None: everything the creator could read.
+    #[serde(default)]
+    pub chosen: Option<Vec<String>>,
     /// Files fetched from a single-use link's manifest (their numbers).
     pub fetched: Vec<u32>,
     /// Revoked by its creator or the patient.
