@@ -39,7 +39,10 @@ pub(crate) fn export(a: &ExportArgs<'_>) -> Result<i32> {
     let key = phivault_share::export::encryption_key(&jwk)
         .map_err(|e| anyhow::anyhow!("--recipient-key: {e}"))?;
     if std::fs::symlink_metadata(a.out).is_ok() {
-        bail!("{} exists; refusing to write an export over it (choose a new --out)", a.out.display());
+        bail!(
+            "{} exists; refusing to write an export over it (choose a new --out)",
+            a.out.display()
+        );
     }
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -78,7 +81,10 @@ pub(crate) fn export(a: &ExportArgs<'_>) -> Result<i32> {
         "error": errors.iter().map(|f| serde_json::json!({"type": f.rtype, "count": f.count, "file": f.name})).collect::<Vec<_>>(),
         "encryption": {"alg": "ECDH-ES", "enc": "A256GCM", "cty": "application/fhir+ndjson"},
     });
-    std::fs::write(a.out.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::write(
+        a.out.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
     let secs = started.elapsed().as_secs_f64().max(0.001);
     println!(
         "exported {written} resources of {patients} patients in {} files to {} in {secs:.1} s ({:.0} resources/s), each encrypted to the recipient's key",
@@ -87,14 +93,21 @@ pub(crate) fn export(a: &ExportArgs<'_>) -> Result<i32> {
         written as f64 / secs
     );
     if !errors.is_empty() {
-        eprintln!("warning: some records failed their integrity check and were not exported; see the error files");
+        eprintln!(
+            "warning: some records failed their integrity check and were not exported; see the error files"
+        );
     }
     Ok(0)
 }
 
 /// The types (every one, or those named) and the level.
 fn plan(keys: &phivault_crypto::KeyHierarchy, a: &ExportArgs<'_>) -> Result<Plan> {
-    let named: Option<Vec<&str>> = a.types.map(|t| t.split(',').map(str::trim).filter(|t| !t.is_empty()).collect());
+    let named: Option<Vec<&str>> = a.types.map(|t| {
+        t.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect()
+    });
     let types: Vec<&str> = match named {
         Some(list) => {
             for t in &list {
@@ -111,14 +124,20 @@ fn plan(keys: &phivault_crypto::KeyHierarchy, a: &ExportArgs<'_>) -> Result<Plan
     let since_ms = match a.since {
         Some(s) => Some(
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map_err(|_| anyhow::anyhow!("--since must be an instant, e.g. 2026-01-31T00:00:00Z"))?
+                .map_err(|_| {
+                    anyhow::anyhow!("--since must be an instant, e.g. 2026-01-31T00:00:00Z")
+                })?
                 .unix_timestamp()
                 * 1000,
         ),
         None => None,
     };
     Ok(Plan {
-        level: if a.patients_only { Level::Patient } else { Level::System },
+        level: if a.patients_only {
+            Level::Patient
+        } else {
+            Level::System
+        },
         types: types.iter().map(|t| Access::operator(keys, t)).collect(),
         since_ms,
         members: Vec::new(),
@@ -126,7 +145,12 @@ fn plan(keys: &phivault_crypto::KeyHierarchy, a: &ExportArgs<'_>) -> Result<Plan
 }
 
 /// One audit event: the operator exported these patients' records.
-fn audit(vault: &Arc<phivault_records::Vault>, files: &Files, ok: bool, a: &ExportArgs<'_>) -> Result<()> {
+fn audit(
+    vault: &Arc<phivault_records::Vault>,
+    files: &Files,
+    ok: bool,
+    a: &ExportArgs<'_>,
+) -> Result<()> {
     let mut query = vec!["recipient-key".to_owned()];
     if a.types.is_some() {
         query.push("_type".into());

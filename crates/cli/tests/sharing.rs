@@ -371,22 +371,43 @@ fn single_use_expiry_revocation_long_term_polling_and_direct_links() {
             "POST",
             &format!("{}/shl/links/{id4}/content", w.server.origin),
             Some(t),
-            Some(("application/json", json!({"key": key}).to_string().into_bytes())),
+            Some((
+                "application/json",
+                json!({"key": key}).to_string().into_bytes(),
+            )),
             &[],
         )
     };
     let key4 = p4["key"].as_str().expect("key");
-    assert_eq!(refresh(&w.app, &URL_SAFE_NO_PAD.encode([7u8; 32])).status, 400, "not its key");
-    assert_eq!(refresh(&w.server.token("system/*.rs"), key4).status, 404, "not theirs");
+    assert_eq!(
+        refresh(&w.app, &URL_SAFE_NO_PAD.encode([7u8; 32])).status,
+        400,
+        "not its key"
+    );
+    assert_eq!(
+        refresh(&w.server.token("system/*.rs"), key4).status,
+        404,
+        "not theirs"
+    );
     assert_eq!(refresh(&w.app, key4).status, 204);
     std::thread::sleep(std::time::Duration::from_secs(wait));
-    let again = manifest(&w, &url4, json!({"recipient": "GP", "embeddedLengthMax": 10_000_000}));
+    let again = manifest(
+        &w,
+        &url4,
+        json!({"recipient": "GP", "embeddedLengthMax": 10_000_000}),
+    );
     assert_eq!(again.status, 200, "polled again");
     let b4 = open(
-        again.json()["files"][0]["embedded"].as_str().expect("embedded").as_bytes(),
+        again.json()["files"][0]["embedded"]
+            .as_str()
+            .expect("embedded")
+            .as_bytes(),
         &key_of(&p4),
     );
-    assert!(ids_in(&b4).contains(&format!("Observation/{later}")), "the new record is shared");
+    assert!(
+        ids_in(&b4).contains(&format!("Observation/{later}")),
+        "the new record is shared"
+    );
     // direct (U): the URL answers the file; a passcode with U is refused
     assert_eq!(
         make(
@@ -615,4 +636,70 @@ fn guessing_at_a_link_raises_an_alert_and_ordinary_use_does_not() {
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!(alerts[0]["patient"], w.patient.as_str());
     assert!(alerts[0]["evidence"].as_array().expect("evidence").len() >= 4);
+}
+
+#[test]
+fn an_erased_patients_links_and_exports_answer_nothing() {
+    let w = world();
+    let pat = format!("Patient/{}", w.patient);
+    let r = make(&w, &w.app, json!({"patient": pat, "longTerm": true}));
+    let url = payload(r.json()["shlink"].as_str().expect("shlink"))["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let m = manifest(&w, &url, json!({"recipient": "GP"}));
+    assert_eq!(m.status, 200);
+    let loc = m.json()["files"][0]["location"]
+        .as_str()
+        .expect("location")
+        .to_owned();
+    // an export holding the patient, finished before the erasure
+    let status = w.server.send(
+        "GET",
+        &format!("{}/$export?_type=Patient", w.server.base),
+        Some(&w.system),
+        None,
+        &[("prefer", "respond-async")],
+    );
+    assert_eq!(
+        status.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&status.body)
+    );
+    let st = status
+        .header("content-location")
+        .expect("status")
+        .to_owned();
+    let manifest_of = loop {
+        let r = w.server.send("GET", &st, Some(&w.system), None, &[]);
+        if r.status == 200 {
+            break r.json();
+        }
+        assert_eq!(r.status, 202);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let file = manifest_of["output"][0]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let erase = w.server.post(
+        &format!("Patient/{}/$erase", w.patient),
+        &w.server.token("system/Patient.$erase"),
+        &json!({"resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "the patient asked"}]}),
+    );
+    assert_eq!(
+        erase.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&erase.body)
+    );
+    assert_eq!(manifest(&w, &url, json!({"recipient": "GP"})).status, 410);
+    assert_eq!(fetch(&w, &loc).status, 410);
+    assert_eq!(
+        w.server
+            .send("GET", &file, Some(&w.system), None, &[])
+            .status,
+        410
+    );
 }

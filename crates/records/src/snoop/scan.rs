@@ -207,7 +207,14 @@ impl Sink {
         evidence: Vec<String>,
         detail: impl Fn(usize) -> String,
     ) {
-        let new = Finding::new((rule, score), user, patient, evidence, e.time_ms, String::new());
+        let new = Finding::new(
+            (rule, score),
+            user,
+            patient,
+            evidence,
+            e.time_ms,
+            String::new(),
+        );
         self.once(key, new, &e.request_id, detail);
     }
 

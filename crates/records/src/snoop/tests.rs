@@ -630,7 +630,17 @@ fn planted_violations_are_found_and_ordinary_work_is_not_flagged() {
 
 /// A request against share link `link`: a wrong passcode, or a fetch from `source`.
 fn link_ev(n: u64, t: u64, link: &str, wrong: bool, source: &str) -> AuditEvent {
-    let mut e = ev(n, t, "", "p1", if n % 2 == 0 { "shl-manifest" } else { "shl-file" });
+    let mut e = ev(
+        n,
+        t,
+        "",
+        "p1",
+        if n % 2 == 0 {
+            "shl-manifest"
+        } else {
+            "shl-file"
+        },
+    );
     e.user = None;
     e.client_id = None;
     e.resource_type = None;
@@ -660,19 +670,35 @@ fn share_link_rules_fire_on_guessing_and_passing_around_and_not_on_ordinary_use(
     for i in 20..25 {
         events.push(link_ev(i, t + i * 1000, "c", false, &format!("10.0.1.{i}")));
     }
-    let all = fold(scan(&events, Hours::default(), &mut State::default(), &mut Mem::default()));
+    let all = fold(scan(
+        &events,
+        Hours::default(),
+        &mut State::default(),
+        &mut Mem::default(),
+    ));
     let rules: Vec<(&str, &str, usize)> = all
         .values()
         .map(|f| (f.rule.as_str(), f.user.as_str(), f.evidence.len()))
         .collect();
     assert_eq!(rules.len(), 2, "{rules:?}");
-    assert!(rules.contains(&("share-link-passcode", "link:b", 6)), "{rules:?}");
-    assert!(rules.contains(&("share-link-addresses", "link:c", 5)), "{rules:?}");
+    assert!(
+        rules.contains(&("share-link-passcode", "link:b", 6)),
+        "{rules:?}"
+    );
+    assert!(
+        rules.contains(&("share-link-addresses", "link:c", 5)),
+        "{rules:?}"
+    );
     // the same, scanned in pieces with the state carried
     let mut state = State::default();
     let mut pieces = Vec::new();
     for chunk in events.chunks(3) {
-        pieces.extend(scan(chunk, Hours::default(), &mut state, &mut Mem::default()));
+        pieces.extend(scan(
+            chunk,
+            Hours::default(),
+            &mut state,
+            &mut Mem::default(),
+        ));
     }
     assert_eq!(fold(pieces), all);
 }

@@ -281,6 +281,10 @@ pub fn open_file(
         .area_key()
         .ok_or_else(|| Error::not_found("no such file"))?;
     let body = area.reader(&f.name, &key).map_err(|_| Error::integrity())?;
+    let patients = files::patients_of(area, &key, &f.name);
+    if any_erased(vault, &patients)? {
+        return Err(Error::Records(phivault_records::Error::erased()));
+    }
     Ok(Download {
         body: Box::new(body),
         content_type: if rec.e2e.is_some() {
@@ -289,8 +293,35 @@ pub fn open_file(
             "application/fhir+ndjson"
         },
         rtype: f.rtype.clone(),
-        patients: files::patients_of(area, &key, &f.name),
+        patients,
     })
+}
+
+/// Whether any of `patients` was erased.
+fn any_erased(vault: &Vault, patients: &[String]) -> Result<bool, Error> {
+    for p in patients {
+        if vault
+            .engine
+            .is_erased(&phivault_records::engine::patient_key_id(p))?
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a finished job's files hold a patient erased since (then it ends: an erased
+/// patient's records leave in no export).
+fn holds_erased(vault: &Vault, area: &Area, rec: &JobRecord) -> Result<bool, Error> {
+    let Some(key) = rec.area_key() else {
+        return Ok(false);
+    };
+    for f in rec.files.iter().chain(&rec.errors) {
+        if any_erased(vault, &files::patients_of(area, &key, &f.name))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Drop what has ended: finished jobs past their expiry, failed ones, running ones whose
@@ -302,6 +333,7 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
     for rec in &jobs {
         let to = match rec.state {
             State::Done if now >= rec.expires_ms => State::Expired,
+            State::Done if holds_erased(vault, area, rec)? => State::Failed,
             State::Failed if rec.area_key.is_some() => State::Failed,
             State::Running
                 if now >= rec.heartbeat_ms + STALE_MS && run::progress(&rec.id).is_none() =>

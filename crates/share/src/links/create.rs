@@ -106,7 +106,9 @@ fn terms(req: &NewLink, now_ms: u64) -> Result<Terms, Error> {
         return Err(Error::bad_request("a passcode has 4 to 128 characters"));
     }
     if req.passcode_attempts.is_some() && req.passcode.is_none() {
-        return Err(Error::bad_request("passcodeAttempts is for a link with a passcode"));
+        return Err(Error::bad_request(
+            "passcodeAttempts is for a link with a passcode",
+        ));
     }
     let cap = req.passcode_attempts.unwrap_or(DEFAULT_CAP);
     if !(1..=1000).contains(&cap) {
@@ -379,14 +381,18 @@ pub fn refresh(
         return Err(Error::not_found("no such link"));
     }
     if rec.ended(crate::now_ms()).is_some() || !rec.terms.long_term {
-        return Err(Error::bad_request("only an active long-term (L) link's content is refreshed"));
+        return Err(Error::bad_request(
+            "only an active long-term (L) link's content is refreshed",
+        ));
     }
     let key: Zeroizing<[u8; 32]> = Zeroizing::new(
         crate::unb64(key_b64)
             .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
             .ok_or_else(|| Error::bad_request("key is the link's 32-byte key, base64url"))?,
     );
-    let area_key = rec.area_key().ok_or_else(|| Error::not_found("no such link"))?;
+    let area_key = rec
+        .area_key()
+        .ok_or_else(|| Error::not_found("no such link"))?;
     let name = rec.file_name(0);
     let current = area.get(&name, &area_key).map_err(|_| Error::integrity())?;
     let current = String::from_utf8(current).map_err(|_| Error::integrity())?;

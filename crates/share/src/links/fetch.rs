@@ -84,7 +84,17 @@ fn find(vault: &Vault, secret: &str, seen: &mut Seen) -> Result<LinkRecord, Erro
         return Err(Error::not_found("no such link"));
     };
     seen.link = Some((rec.id.clone(), rec.patient.clone()));
+    refuse_erased(vault, &rec, seen)?;
     Ok(rec)
+}
+
+/// An erased patient's links answer nothing (their files go at the next sweep).
+fn refuse_erased(vault: &Vault, rec: &LinkRecord, seen: &mut Seen) -> Result<(), Error> {
+    if super::record::patient_erased(vault, rec)? {
+        seen.reason = Some("patient-erased");
+        return Err(Error::Records(phivault_records::Error::erased()));
+    }
+    Ok(())
 }
 
 fn ended(seen: &mut Seen, e: Ended) -> Error {
@@ -251,6 +261,7 @@ pub fn file(vault: &Arc<Vault>, area: &Area, t: &str, seen: &mut Seen) -> Result
     };
     let rec = record::load(vault, &id)?.ok_or_else(|| Error::not_found("no such file"))?;
     seen.link = Some((rec.id.clone(), rec.patient.clone()));
+    refuse_erased(vault, &rec, seen)?;
     if now >= exp {
         seen.reason = Some("location-expired");
         return Err(Error::not_found("this file location has expired"));

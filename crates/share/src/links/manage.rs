@@ -112,7 +112,7 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
             continue;
         }
         let done = match rec.ended(now) {
-            None => false,
+            None => record::patient_erased(vault, &rec)?,
             Some(Ended::Used) => now >= rec.last_use_ms + LOCATION_LIFETIME_MS,
             Some(_) => true,
         };

@@ -178,6 +178,13 @@ impl LinkRecord {
     }
 }
 
+/// Whether the link's patient was erased (their data key destroyed).
+pub fn patient_erased(vault: &Vault, rec: &LinkRecord) -> Result<bool, Error> {
+    Ok(vault
+        .engine
+        .is_erased(&phivault_records::engine::patient_key_id(&rec.patient))?)
+}
+
 /// The area name of file `n` of link `id`.
 pub fn file_name(id: &str, n: u32) -> String {
     format!("shl-{id}-{n}")
