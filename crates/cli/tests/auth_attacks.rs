@@ -740,6 +740,18 @@ fn public_routes_are_open_everything_else_needs_a_token() {
         ("GET", "/"),
         ("GET", "/fhir/Patient/1/_history/1/extra"),
         ("GET", "/auth/introspect"),
+        // sharing: making, listing, revoking links and every export route need a token
+        // (a link's own URLs are its credential: `sharing.rs`)
+        ("POST", "/shl/links"),
+        ("GET", "/shl/links"),
+        ("DELETE", "/shl/links/0123456789abcdef0123456789abcdef"),
+        ("POST", "/shl/links/0123456789abcdef0123456789abcdef/content"),
+        ("GET", "/fhir/$export"),
+        ("GET", "/fhir/Patient/$export"),
+        ("GET", "/fhir/Group/1/$export"),
+        ("GET", "/bulk/0123456789abcdef0123456789abcdef"),
+        ("DELETE", "/bulk/0123456789abcdef0123456789abcdef"),
+        ("GET", "/bulk/0123456789abcdef0123456789abcdef/file/0"),
     ];
     for (method, path) in cases {
         let body = match *method {
