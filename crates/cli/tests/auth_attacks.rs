@@ -745,7 +745,10 @@ fn public_routes_are_open_everything_else_needs_a_token() {
         ("POST", "/shl/links"),
         ("GET", "/shl/links"),
         ("DELETE", "/shl/links/0123456789abcdef0123456789abcdef"),
-        ("POST", "/shl/links/0123456789abcdef0123456789abcdef/content"),
+        (
+            "POST",
+            "/shl/links/0123456789abcdef0123456789abcdef/content",
+        ),
         ("GET", "/fhir/$export"),
         ("GET", "/fhir/Patient/$export"),
         ("GET", "/fhir/Group/1/$export"),

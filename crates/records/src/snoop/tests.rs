@@ -635,7 +635,7 @@ fn link_ev(n: u64, t: u64, link: &str, wrong: bool, source: &str) -> AuditEvent 
         t,
         "",
         "p1",
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             "shl-manifest"
         } else {
             "shl-file"
