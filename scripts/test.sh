@@ -68,13 +68,13 @@ cargo test --workspace --no-fail-fast
 
 echo "== the integration tests that matter per engine, again with every store on PostgreSQL"
 # (API semantics, search, the leak test, tokens and App Launch, the one door, users,
-# imports, snooping; the tamper and audit-integrity attacks on PostgreSQL are
+# imports, snooping, share links and bulk export; the tamper and audit-integrity attacks on PostgreSQL are
 # tamper_pg.rs and nodes.rs, which always run on it; the one token test skipped edits the
 # SQLite file)
 PHIVAULT_TEST_ENGINE=postgres cargo test -p phivault --no-fail-fast \
     --test smoke --test api --test search --test leak --test token_errors --test auth_attacks \
     --test launch --test one_door --test users --test counts_and_links --test snooping \
-    --test import --test first_hour --test key_admin_routes \
+    --test import --test first_hour --test key_admin_routes --test sharing --test bulk_export \
     -- --skip back_end_clients_are_registered_and_granted_system_scopes_only
 
 echo "== third-party Python FHIR clients (fhirpy, fhirclient, PyJWT) against the real binary"

@@ -267,6 +267,28 @@ pub struct Entity {
     pub patient: Option<String>,
 }
 
+impl Entity {
+    /// A resource of `patient`'s read (disclosed): what a share link or an export file
+    /// hands out, one entity each.
+    pub fn disclosed(resource_type: &str, resource_id: &str, patient: &str) -> Entity {
+        Entity {
+            action: Action::R,
+            resource_type: resource_type.to_owned(),
+            resource_id: resource_id.to_owned(),
+            version: None,
+            patient: Some(patient.to_owned()),
+        }
+    }
+
+    /// Patients whose records were disclosed, one entity each (at most [`MAX_ENTITIES`]).
+    pub fn patients<'a>(ids: impl IntoIterator<Item = &'a String>) -> Vec<Entity> {
+        ids.into_iter()
+            .take(MAX_ENTITIES)
+            .map(|p| Entity::disclosed("Patient", p, p))
+            .collect()
+    }
+}
+
 /// Format byte of the binary event encoding (events without a user).
 const FORMAT_V1: u8 = 1;
 /// Format byte of events that name a user (the user follows the client id).

@@ -171,18 +171,7 @@ fn audit(
         patient: None,
         outcome: Outcome::from_http(if ok { 200 } else { 500 }),
         source: "local".to_owned(),
-        entities: files
-            .patients
-            .iter()
-            .take(phivault_audit::MAX_ENTITIES)
-            .map(|p| phivault_audit::Entity {
-                action: Action::R,
-                resource_type: "Patient".into(),
-                resource_id: p.clone(),
-                version: None,
-                patient: Some(p.clone()),
-            })
-            .collect(),
+        entities: phivault_audit::Entity::patients(&files.patients),
         detail: phivault_audit::Detail {
             purpose: Some("HSYSADMIN".to_owned()),
             query,

@@ -510,6 +510,36 @@ pub(crate) async fn finish(
     resp
 }
 
+/// Run `f` off the async threads with the request's context; audit; answer.
+pub(crate) async fn run(
+    app: Arc<App>,
+    ctx: Ctx,
+    f: impl FnOnce(&App, &mut Ctx) -> Result<Response, ApiError> + Send + 'static,
+) -> Response {
+    let a = app.clone();
+    let fallback = (
+        ctx.request_id.clone(),
+        ctx.source.clone(),
+        ctx.interaction,
+        ctx.action,
+    );
+    let done = blocking(move || {
+        let mut ctx = ctx;
+        let r = f(&a, &mut ctx);
+        Ok((ctx, r))
+    })
+    .await;
+    match done {
+        Ok((ctx, r)) => finish(&app, ctx, r).await,
+        Err(e) => {
+            let mut ctx = Ctx::new(Peer(([0, 0, 0, 0], 0).into()), fallback.3, fallback.2);
+            ctx.request_id = fallback.0;
+            ctx.source = fallback.1;
+            finish(&app, ctx, Err(e)).await
+        }
+    }
+}
+
 /// Run a blocking store call off the async workers.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

@@ -18,7 +18,7 @@ use phivault_share::export::{self, Status, job::Level};
 
 use crate::error::ApiError;
 use crate::respond::json_response;
-use crate::state::{App, Ctx, Peer, blocking, finish};
+use crate::state::{App, Ctx, Peer, blocking, finish, run};
 
 fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
     app.exchange.as_ref().ok_or_else(ApiError::unavailable)
@@ -107,52 +107,43 @@ async fn kick_off(
         ctx.rtype = Some("Group".into());
         ctx.id = Some(id.clone());
     }
-    let a = app.clone();
-    let done = blocking(move || {
-        let r = (|| {
-            let auth = a.authenticate(&headers, &mut ctx)?;
-            check_headers(&headers)?;
-            let pairs = phivault_records::engine::form_urlencoded_pairs(q.as_deref().unwrap_or(""));
-            ctx.detail.query = pairs.iter().map(|(k, _)| k.clone()).take(32).collect();
-            let e2e = match a.client(auth.client_id()).and_then(|c| c.export_key) {
-                Some(jwk) => Some(export::encryption_key(&jwk).map_err(share_err)?),
-                None => None,
-            };
-            let path = match &level {
-                Level::System => "$export".to_owned(),
-                Level::Patient => "Patient/$export".to_owned(),
-                Level::Group(id) => format!("Group/{id}/$export"),
-            };
-            let request = match q.as_deref() {
-                Some(q) if !q.is_empty() => format!("{}/{path}?{q}", a.vault.base_url),
-                _ => format!("{}/{path}", a.vault.base_url),
-            };
-            let expiry_ms = a.export_expiry_ms;
-            let id = export::kick_off(
-                &a.vault,
-                area(&a)?,
-                &auth,
-                level,
-                &pairs,
-                &request,
-                e2e,
-                expiry_ms,
-            )
-            .map_err(share_err)?;
-            let status = format!("{}/bulk/{id}", a.vault.base_url.trim_end_matches("/fhir"));
-            let mut r = StatusCode::ACCEPTED.into_response();
-            if let Ok(v) = HeaderValue::from_str(&status) {
-                r.headers_mut().insert(header::CONTENT_LOCATION, v);
-            }
-            Ok(r)
-        })();
-        Ok((ctx, r))
+    run(app, ctx, move |a, ctx| {
+        let auth = a.authenticate(&headers, ctx)?;
+        check_headers(&headers)?;
+        let pairs = phivault_records::engine::form_urlencoded_pairs(q.as_deref().unwrap_or(""));
+        ctx.detail.query = pairs.iter().map(|(k, _)| k.clone()).take(32).collect();
+        let e2e = match a.client(auth.client_id()).and_then(|c| c.export_key) {
+            Some(jwk) => Some(export::encryption_key(&jwk).map_err(share_err)?),
+            None => None,
+        };
+        let path = match &level {
+            Level::System => "$export".to_owned(),
+            Level::Patient => "Patient/$export".to_owned(),
+            Level::Group(id) => format!("Group/{id}/$export"),
+        };
+        let request = match q.as_deref() {
+            Some(q) if !q.is_empty() => format!("{}/{path}?{q}", a.vault.base_url),
+            _ => format!("{}/{path}", a.vault.base_url),
+        };
+        let id = export::kick_off(
+            &a.vault,
+            area(a)?,
+            &auth,
+            level,
+            &pairs,
+            &request,
+            e2e,
+            a.export_expiry_ms,
+        )
+        .map_err(share_err)?;
+        let status = format!("{}/bulk/{id}", a.vault.base_url.trim_end_matches("/fhir"));
+        let mut r = StatusCode::ACCEPTED.into_response();
+        if let Ok(v) = HeaderValue::from_str(&status) {
+            r.headers_mut().insert(header::CONTENT_LOCATION, v);
+        }
+        Ok(r)
     })
-    .await;
-    match done {
-        Ok((ctx, r)) => finish(&app, ctx, r).await,
-        Err(e) => finish(&app, Ctx::new(peer, Action::E, "export"), Err(e)).await,
-    }
+    .await
 }
 
 /// `GET /bulk/{job}`: the status.
@@ -162,53 +153,44 @@ pub async fn status(
     Path(job): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::R, "export-status");
-    let a = app.clone();
-    let done = blocking(move || {
-        let r = (|| {
-            let auth = a.authenticate(&headers, &mut ctx)?;
-            let files_url = format!("{}/bulk/{job}", a.vault.base_url.trim_end_matches("/fhir"));
-            match export::status(&a.vault, &auth, &job).map_err(share_err)? {
-                Status::Running(p) => {
-                    let mut r = StatusCode::ACCEPTED.into_response();
-                    if let Ok(v) = HeaderValue::from_str(&p) {
-                        r.headers_mut().insert("x-progress", v);
-                    }
-                    r.headers_mut().insert(
-                        header::RETRY_AFTER,
-                        HeaderValue::from(export::RETRY_AFTER_S),
-                    );
-                    Ok(r)
+    let ctx = Ctx::new(peer, Action::R, "export-status");
+    run(app, ctx, move |a, ctx| {
+        let auth = a.authenticate(&headers, ctx)?;
+        let files_url = format!("{}/bulk/{job}", a.vault.base_url.trim_end_matches("/fhir"));
+        match export::status(&a.vault, &auth, &job).map_err(share_err)? {
+            Status::Running(p) => {
+                let mut r = StatusCode::ACCEPTED.into_response();
+                if let Ok(v) = HeaderValue::from_str(&p) {
+                    r.headers_mut().insert("x-progress", v);
                 }
-                Status::Failed(m) => Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    phivault_fhir::IssueCode::Exception,
-                    if m.is_empty() {
-                        "the export failed".to_owned()
-                    } else {
-                        m
-                    },
-                )),
-                Status::Done(rec) => {
-                    let body = export::manifest(&rec, &files_url).to_string();
-                    let mut r =
-                        json_response(StatusCode::OK, Bytes::from(body), "application/json");
-                    let expires =
-                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(rec.expires_ms);
-                    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
-                        r.headers_mut().insert(header::EXPIRES, v);
-                    }
-                    Ok(r)
-                }
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(export::RETRY_AFTER_S),
+                );
+                Ok(r)
             }
-        })();
-        Ok((ctx, r))
+            Status::Failed(m) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                phivault_fhir::IssueCode::Exception,
+                if m.is_empty() {
+                    "the export failed".to_owned()
+                } else {
+                    m
+                },
+            )),
+            Status::Done(rec) => {
+                let body = export::manifest(&rec, &files_url).to_string();
+                let mut r = json_response(StatusCode::OK, Bytes::from(body), "application/json");
+                let expires =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(rec.expires_ms);
+                if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
+                    r.headers_mut().insert(header::EXPIRES, v);
+                }
+                Ok(r)
+            }
+        }
     })
-    .await;
-    match done {
-        Ok((ctx, r)) => finish(&app, ctx, r).await,
-        Err(e) => finish(&app, Ctx::new(peer, Action::R, "export-status"), Err(e)).await,
-    }
+    .await
 }
 
 /// `DELETE /bulk/{job}`: cancel; its files are removed.
@@ -218,21 +200,13 @@ pub async fn cancel(
     Path(job): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let mut ctx = Ctx::new(peer, Action::D, "export-cancel");
-    let a = app.clone();
-    let done = blocking(move || {
-        let r = (|| {
-            let auth = a.authenticate(&headers, &mut ctx)?;
-            export::cancel(&a.vault, area(&a)?, &auth, &job).map_err(share_err)?;
-            Ok(StatusCode::ACCEPTED.into_response())
-        })();
-        Ok((ctx, r))
+    let ctx = Ctx::new(peer, Action::D, "export-cancel");
+    run(app, ctx, move |a, ctx| {
+        let auth = a.authenticate(&headers, ctx)?;
+        export::cancel(&a.vault, area(a)?, &auth, &job).map_err(share_err)?;
+        Ok(StatusCode::ACCEPTED.into_response())
     })
-    .await;
-    match done {
-        Ok((ctx, r)) => finish(&app, ctx, r).await,
-        Err(e) => finish(&app, Ctx::new(peer, Action::D, "export-cancel"), Err(e)).await,
-    }
+    .await
 }
 
 /// `GET /bulk/{job}/{kind}/{n}` (`file` or `error`): the file, streamed as it is opened;
@@ -258,18 +232,7 @@ pub async fn file(
                 export::open_file(&a.vault, area(&a)?, &auth, &job, error, n).map_err(share_err)?;
             ctx.rtype = Some(d.rtype.clone());
             ctx.id = Some(job.clone());
-            ctx.entities = d
-                .patients
-                .iter()
-                .take(phivault_audit::MAX_ENTITIES)
-                .map(|p| phivault_audit::Entity {
-                    action: Action::R,
-                    resource_type: "Patient".into(),
-                    resource_id: p.clone(),
-                    version: None,
-                    patient: Some(p.clone()),
-                })
-                .collect();
+            ctx.entities = phivault_audit::Entity::patients(&d.patients);
             Ok(d)
         })();
         Ok((ctx, r))

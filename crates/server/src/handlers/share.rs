@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::respond::json_response;
-use crate::state::{App, Ctx, Peer, blocking, finish};
+use crate::state::{App, Ctx, Peer, run};
 
 /// A sharing failure as a response: records failures as OperationOutcomes; a refused
 /// passcode as the spec's `{"remainingAttempts": n}`; polling too soon as 429.
@@ -87,36 +87,6 @@ pub async fn preflight() -> Response {
         HeaderValue::from_static("600"),
     );
     r
-}
-
-/// Run `f` off the async threads with the request's context; audit; answer.
-async fn run(
-    app: Arc<App>,
-    ctx: Ctx,
-    f: impl FnOnce(&App, &mut Ctx) -> Result<Response, ApiError> + Send + 'static,
-) -> Response {
-    let a = app.clone();
-    let fallback = (
-        ctx.request_id.clone(),
-        ctx.source.clone(),
-        ctx.interaction,
-        ctx.action,
-    );
-    let done = blocking(move || {
-        let mut ctx = ctx;
-        let r = f(&a, &mut ctx);
-        Ok((ctx, r))
-    })
-    .await;
-    match done {
-        Ok((ctx, r)) => finish(&app, ctx, r).await,
-        Err(e) => {
-            let mut ctx = Ctx::new(Peer(([0, 0, 0, 0], 0).into()), fallback.3, fallback.2);
-            ctx.request_id = fallback.0;
-            ctx.source = fallback.1;
-            finish(&app, ctx, Err(e)).await
-        }
-    }
 }
 
 /// `POST /shl/links`: make a link (JSON [`links::NewLink`]); 201 with the `shlink:/`, its
@@ -241,13 +211,7 @@ pub async fn refresh(
 /// The audit entities of what a link shares.
 fn disclosed(list: &[(String, String)], patient: &str) -> Vec<phivault_audit::Entity> {
     list.iter()
-        .map(|(t, id)| phivault_audit::Entity {
-            action: Action::R,
-            resource_type: t.clone(),
-            resource_id: id.clone(),
-            version: None,
-            patient: Some(patient.to_owned()),
-        })
+        .map(|(t, id)| phivault_audit::Entity::disclosed(t, id, patient))
         .collect()
 }
 
