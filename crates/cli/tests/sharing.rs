@@ -703,3 +703,77 @@ fn an_erased_patients_links_and_exports_answer_nothing() {
         410
     );
 }
+
+#[test]
+fn a_clinician_shares_a_treated_patient_and_no_other() {
+    let w = world();
+    let pr = created(w.server.post(
+        "Practitioner",
+        &w.system,
+        &json!({"resourceType": "Practitioner", "name": [{"family": "Lee"}]}),
+    ));
+    created(w.server.post(
+        "CareTeam",
+        &w.system,
+        &json!({"resourceType": "CareTeam", "status": "active",
+            "subject": {"reference": format!("Patient/{}", w.patient)},
+            "participant": [{"member": {"reference": format!("Practitioner/{pr}")}}]}),
+    ));
+    let secret = add_person(&w.server, "dr.lee", "clinician", &pr);
+    let app = App::register_for(&w.server, "ehr", "user/*.rs openid fhirUser");
+    let token = app.token(
+        &w.server,
+        "dr.lee",
+        &secret,
+        now(),
+        "user/*.rs openid fhirUser",
+    );
+    let r = make(
+        &w,
+        &token,
+        json!({"patient": format!("Patient/{}", w.other)}),
+    );
+    assert_eq!(
+        r.status,
+        403,
+        "an untreated patient: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let r = make(
+        &w,
+        &token,
+        json!({"patient": format!("Patient/{}", w.patient), "label": "referral"}),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let p = payload(r.json()["shlink"].as_str().expect("shlink"));
+    let m = manifest(
+        &w,
+        p["url"].as_str().expect("url"),
+        json!({"recipient": "Cardiology", "embeddedLengthMax": 10_000_000}),
+    );
+    let b = open(
+        m.json()["files"][0]["embedded"]
+            .as_str()
+            .expect("embedded")
+            .as_bytes(),
+        &key_of(&p),
+    );
+    assert!(ids_in(&b).contains(&format!("Observation/{}", w.obs)));
+    // the clinician lists their own link; the patient sees it too (it is about them)
+    let list = |t: &str| {
+        w.server
+            .send(
+                "GET",
+                &format!("{}/shl/links", w.server.origin),
+                Some(t),
+                None,
+                &[],
+            )
+            .json()["links"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert_eq!(list(&token), 1);
+    assert_eq!(list(&w.app), 1);
+    assert_eq!(list(&w.system), 0, "another client's links are not listed");
+}
