@@ -72,6 +72,10 @@ pub(crate) fn export(a: &ExportArgs<'_>) -> Result<i32> {
     let written = progress.resources.load(Ordering::Relaxed);
     let audited = audit(&vault, &files, r.is_ok(), a);
     opened.store.close();
+    if r.is_err() || audited.is_err() {
+        // files not recorded in the audit log (or half written) do not stay
+        let _ = std::fs::remove_dir_all(a.out);
+    }
     r.map_err(|e| anyhow::anyhow!("the export failed: {e}"))?;
     audited?;
     let patients = files.patients.len();
@@ -141,10 +145,12 @@ fn plan(keys: &phivault_crypto::KeyHierarchy, a: &ExportArgs<'_>) -> Result<Plan
         types: types.iter().map(|t| Access::operator(keys, t)).collect(),
         since_ms,
         members: Vec::new(),
+        client: String::new(),
     })
 }
 
-/// One audit event: the operator exported these patients' records.
+/// The audit events: the operator exported these patients' records (one event per
+/// [`phivault_audit::MAX_ENTITIES`] patients, so every one is named).
 fn audit(
     vault: &Arc<phivault_records::Vault>,
     files: &Files,
@@ -158,29 +164,42 @@ fn audit(
     if a.since.is_some() {
         query.push("_since".into());
     }
-    let event = AuditEvent {
-        time_ms: u64::try_from(phivault_records::engine::now_ms()).unwrap_or(0),
-        request_id: phivault_records::engine::new_id(),
-        client_id: Some(OPERATOR.to_owned()),
-        user: None,
-        action: Action::E,
-        interaction: "export".to_owned(),
-        resource_type: None,
-        resource_id: None,
-        version: None,
-        patient: None,
-        outcome: Outcome::from_http(if ok { 200 } else { 500 }),
-        source: "local".to_owned(),
-        entities: phivault_audit::Entity::patients(&files.patients),
-        detail: phivault_audit::Detail {
-            purpose: Some("HSYSADMIN".to_owned()),
-            query,
-            ..Default::default()
-        },
-        writes: Vec::new(),
-    };
+    let patients: Vec<&String> = files.patients.iter().collect();
+    let request_id = phivault_records::engine::new_id();
+    let events: Vec<AuditEvent> = patients
+        .chunks(phivault_audit::MAX_ENTITIES)
+        .map(|part| part.iter().copied())
+        .map(phivault_audit::Entity::patients)
+        .chain(patients.is_empty().then(Vec::new))
+        .enumerate()
+        .map(|(i, entities)| AuditEvent {
+            time_ms: u64::try_from(phivault_records::engine::now_ms()).unwrap_or(0),
+            request_id: if i == 0 {
+                request_id.clone()
+            } else {
+                format!("{request_id}-{i}")
+            },
+            client_id: Some(OPERATOR.to_owned()),
+            user: None,
+            action: Action::E,
+            interaction: "export".to_owned(),
+            resource_type: None,
+            resource_id: None,
+            version: None,
+            patient: None,
+            outcome: Outcome::from_http(if ok { 200 } else { 500 }),
+            source: "local".to_owned(),
+            entities,
+            detail: phivault_audit::Detail {
+                purpose: Some("HSYSADMIN".to_owned()),
+                query: query.clone(),
+                ..Default::default()
+            },
+            writes: Vec::new(),
+        })
+        .collect();
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
-    rt.block_on(vault.engine.append_audit(vec![event]))
+    rt.block_on(vault.engine.append_audit(events))
         .map_err(|_| anyhow::anyhow!("the export's audit event could not be written"))?
         .map_err(|e| anyhow::anyhow!("the export's audit event could not be written: {e}"))?;
     Ok(())

@@ -431,11 +431,15 @@ fn stranger_token(s: &Server) -> String {
     s.token("system/*.rs")
 }
 
-/// The server never takes the operator's access (only offline commands may).
+/// The server never takes the operator's access (only offline commands may): neither its
+/// HTTP crate nor the sharing crate it runs.
 #[test]
 fn the_server_never_takes_the_operators_access() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src");
-    for f in files_under(&root) {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut sources = files_under(&crates.join("server/src"));
+    sources.extend(files_under(&crates.join("share/src")));
+    assert!(sources.len() > 10);
+    for f in sources {
         let text = std::fs::read_to_string(&f).expect("source");
         assert!(
             !text.contains("Access::operator"),

@@ -16,6 +16,8 @@ pub struct ApiError {
     pub issues: Vec<Issue>,
     /// `WWW-Authenticate` challenge for 401s.
     pub challenge: Option<String>,
+    /// `Retry-After` (seconds) for 429s and 503s.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -30,6 +32,7 @@ impl ApiError {
                 message: message.into(),
             }],
             challenge: None,
+            retry_after: None,
         }
     }
 
@@ -39,6 +42,7 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             issues,
             challenge: None,
+            retry_after: None,
         }
     }
 
@@ -118,6 +122,7 @@ impl From<phivault_records::Error> for ApiError {
             status,
             issues: e.issues,
             challenge: None,
+            retry_after: None,
         }
     }
 }
@@ -136,6 +141,9 @@ impl IntoResponse for ApiError {
             && let Ok(v) = HeaderValue::from_str(&c)
         {
             h.insert(header::WWW_AUTHENTICATE, v);
+        }
+        if let Some(s) = self.retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
     }

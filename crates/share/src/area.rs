@@ -51,6 +51,10 @@ impl AreaWriter {
         file.sync_all()?;
         drop(file);
         fs::rename(&self.tmp, &self.path)?;
+        // the new name durable too (a file a client was told of survives a crash)
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
         Ok(self.written)
     }
 }

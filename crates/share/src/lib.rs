@@ -72,6 +72,16 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// A file of the exchange area that could not be read: gone (swept or revoked meanwhile)
+/// is 404; one that does not open is an integrity error.
+pub(crate) fn unread(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::not_found("no such file")
+    } else {
+        Error::integrity()
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     u64::try_from(phivault_records::engine::now_ms()).unwrap_or(0)

@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 
 use crate::Error;
 
-/// Most rows of one kind a listing reads.
-pub const MAX_ROWS: usize = 100_000;
+/// Rows read per query; a range holding more is read as its 16 sub-ranges (ids are hex).
+const PAGE: usize = 4096;
 
 /// A kind of sharing record: its row prefix, its sealing label and its id.
 pub trait Row: Serialize + DeserializeOwned + Send + 'static {
@@ -63,12 +63,30 @@ pub fn load<T: Row>(vault: &Vault, id: &str) -> Result<Option<T>, Error> {
     }
 }
 
+/// Visit every record of the kind (none left out however many there are: a range of ids
+/// that fills a page is read again as its sixteen sub-ranges).
+pub fn each<T: Row>(vault: &Vault, visit: &mut dyn FnMut(T)) -> Result<(), Error> {
+    each_under(vault, T::PREFIX, visit)
+}
+
+fn each_under<T: Row>(vault: &Vault, prefix: &str, visit: &mut dyn FnMut(T)) -> Result<(), Error> {
+    let rows = vault.engine.meta_prefix(prefix, PAGE)?;
+    if rows.len() < PAGE || prefix.len() >= T::PREFIX.len() + 32 {
+        for (k, v) in rows {
+            visit(open(vault, &k[T::PREFIX.len()..], &v)?);
+        }
+        return Ok(());
+    }
+    for d in "0123456789abcdef".chars() {
+        each_under(vault, &format!("{prefix}{d}"), visit)?;
+    }
+    Ok(())
+}
+
 /// Every record of the kind.
 pub fn all<T: Row>(vault: &Vault) -> Result<Vec<T>, Error> {
     let mut out = Vec::new();
-    for (k, v) in vault.engine.meta_prefix(T::PREFIX, MAX_ROWS)? {
-        out.push(open(vault, &k[T::PREFIX.len()..], &v)?);
-    }
+    each(vault, &mut |r| out.push(r))?;
     Ok(out)
 }
 

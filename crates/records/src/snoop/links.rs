@@ -79,7 +79,8 @@ pub(super) fn note(
             );
         }
     } else if e.outcome.http_status < 400 {
-        if d.sources.insert(e.source.clone()) {
+        // (addresses counted up to a bound: rotating addresses cannot grow the state)
+        if d.sources.len() < 4 * ADDRESSES && d.sources.insert(e.source.clone()) {
             keep(d);
         }
         if d.sources.len() >= ADDRESSES {

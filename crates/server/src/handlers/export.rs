@@ -27,8 +27,35 @@ fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
 fn share_err(e: phivault_share::Error) -> ApiError {
     match e {
         phivault_share::Error::Records(e) => e.into(),
-        _ => ApiError::internal(),
+        phivault_share::Error::TooSoon { retry_after_s } => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                phivault_fhir::IssueCode::Throttled,
+                format!("too many exports are running: try again in {retry_after_s} s"),
+            );
+            e.retry_after = Some(retry_after_s);
+            e
+        }
+        phivault_share::Error::Passcode { .. } => ApiError::internal(),
     }
+}
+
+/// The kick-off parameters the spec defines, as recorded in the audit event (any other
+/// name is recorded as `unknown`: request text is never written to the log).
+fn param_name(k: &str) -> String {
+    const KNOWN: [&str; 7] = [
+        "_type",
+        "_since",
+        "_outputFormat",
+        "_typeFilter",
+        "_elements",
+        "includeAssociatedData",
+        "patient",
+    ];
+    KNOWN
+        .iter()
+        .find(|n| **n == k)
+        .map_or_else(|| "unknown".to_owned(), |n| (*n).to_owned())
 }
 
 /// `GET [base]/$export`.
@@ -111,7 +138,7 @@ async fn kick_off(
         let auth = a.authenticate(&headers, ctx)?;
         check_headers(&headers)?;
         let pairs = phivault_records::engine::form_urlencoded_pairs(q.as_deref().unwrap_or(""));
-        ctx.detail.query = pairs.iter().map(|(k, _)| k.clone()).take(32).collect();
+        ctx.detail.query = pairs.iter().map(|(k, _)| param_name(k)).take(32).collect();
         let e2e = match a.client(auth.client_id()).and_then(|c| c.export_key) {
             Some(jwk) => Some(export::encryption_key(&jwk).map_err(share_err)?),
             None => None,
@@ -248,33 +275,36 @@ pub async fn file(
     if ok.status() != StatusCode::OK {
         return ok;
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
-    let mut body = d.body;
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            match body.read(&mut buf) {
-                Ok(0) => return,
-                Ok(k) => {
-                    if tx
-                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..k])))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    // a file that fails its check mid-way: the response is cut, never
-                    // completed with what did not open
-                    tracing::warn!("an export file failed its integrity check while served");
-                    let _ = tx.blocking_send(Err(e));
-                    return;
+    // each piece read off the async threads under the blocking permits (a slow reader
+    // holds none while its bytes travel)
+    let stream = futures_util::stream::unfold(Some(d.body), |body| async move {
+        let mut body = body?;
+        let read = blocking(move || {
+            let mut buf = vec![0u8; 256 << 10];
+            let mut n = 0;
+            while n < buf.len() {
+                match body.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Ok((body, Err(e))),
                 }
             }
+            buf.truncate(n);
+            Ok((body, Ok(buf)))
+        })
+        .await;
+        match read {
+            Ok((_, Ok(b))) if b.is_empty() => None,
+            Ok((body, Ok(b))) => Some((Ok(Bytes::from(b)), Some(body))),
+            Ok((_, Err(e))) => {
+                // a file that fails its check mid-way: the response is cut, never
+                // completed with what did not open
+                tracing::warn!("an export file failed its integrity check while served");
+                Some((Err(e), None))
+            }
+            Err(_) => Some((Err(std::io::Error::other("unavailable")), None)),
         }
     });
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.headers_mut() = ok.headers().clone();
     resp.headers_mut().insert(

@@ -32,16 +32,13 @@ fn respond(e: phivault_share::Error) -> Result<Response, ApiError> {
             "application/json",
         )),
         phivault_share::Error::TooSoon { retry_after_s } => {
-            let mut r = ApiError::new(
+            let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 phivault_fhir::IssueCode::Throttled,
                 "this long-term link was polled too soon",
-            )
-            .into_response();
-            if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            Ok(r)
+            );
+            e.retry_after = Some(retry_after_s);
+            Err(e)
         }
     }
 }

@@ -226,14 +226,14 @@ impl Files {
             return Ok(());
         }
         let lines = std::mem::take(&mut self.damaged);
+        let outputs = self.files.len();
         for l in &lines {
             self.line("OperationOutcome", None, l.as_bytes())?;
         }
         self.finish_file()?;
-        // (the last file written is the error file)
-        if let Some(e) = self.files.pop() {
-            self.errors.push(e);
-        }
+        // (every file written from here is an error file)
+        let errors: Vec<OutFile> = self.files.drain(outputs..).collect();
+        self.errors.extend(errors);
         Ok(())
     }
 
@@ -246,14 +246,14 @@ impl Files {
     }
 }
 
-/// The patients file `name` holds (written beside it).
-pub fn patients_of(area: &Area, key: &[u8; 32], name: &str) -> Vec<String> {
-    area.get(&format!("{name}-p"), key)
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .lines()
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+/// The patients file `name` holds (written beside it); an error when the list is missing
+/// or does not open (fail closed: a file served is audited with every patient it holds).
+pub fn patients_of(area: &Area, key: &[u8; 32], name: &str) -> Result<Vec<String>, Error> {
+    let b = area
+        .get(&format!("{name}-p"), key)
+        .map_err(|_| Error::integrity())?;
+    Ok(String::from_utf8_lossy(&b)
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }

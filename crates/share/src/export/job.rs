@@ -37,6 +37,8 @@ pub enum State {
     Cancelled,
     /// Past its expiry (files removed).
     Expired,
+    /// A patient it held was erased (files removed).
+    Erased,
 }
 
 /// One output file.

@@ -90,6 +90,9 @@ pub fn kick_off(
     expiry_ms: u64,
 ) -> Result<String, Error> {
     let k = job::kick_off(vault, auth, level, pairs)?;
+    if !run::room_for(auth.client_id()) {
+        return Err(Error::TooSoon { retry_after_s: 30 });
+    }
     let members = match &k.level {
         Level::Group(id) => members(vault, auth, id)?,
         _ => Vec::new(),
@@ -141,8 +144,16 @@ pub fn kick_off(
         types: k.types,
         since_ms: k.since_ms,
         members,
+        client: auth.client_id().to_owned(),
     };
-    run::start(vault.clone(), id.clone(), plan, files, expiry_ms);
+    run::start(
+        vault.clone(),
+        area.clone(),
+        id.clone(),
+        plan,
+        files,
+        expiry_ms,
+    );
     Ok(id)
 }
 
@@ -178,6 +189,7 @@ pub fn status(vault: &Vault, auth: &Authenticated, id: &str) -> Result<Status, E
         )),
         State::Done if now < rec.expires_ms => Ok(Status::Done(Box::new(rec))),
         State::Failed => Ok(Status::Failed(rec.message.clone().unwrap_or_default())),
+        State::Erased => Err(Error::Records(phivault_records::Error::erased())),
         _ => Err(Error::not_found("this export has expired or was cancelled")),
     }
 }
@@ -222,30 +234,40 @@ pub fn cancel(
     id: &str,
 ) -> Result<(), Error> {
     let rec = own(vault, auth, id)?;
-    if matches!(rec.state, State::Cancelled | State::Expired) {
+    if !matches!(rec.state, State::Running | State::Done | State::Failed) {
         return Err(Error::not_found("no such export"));
     }
     if let Some(p) = run::progress(id) {
         p.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    end(vault, area, id, State::Cancelled)
+    end(vault, area, id, State::Cancelled, |r| {
+        matches!(r.state, State::Running | State::Done | State::Failed)
+    })?;
+    Ok(())
 }
 
-/// Drop job `id`'s key (state `to`) and remove its files.
-fn end(vault: &Arc<Vault>, area: &Area, id: &str, to: State) -> Result<(), Error> {
-    rows::update::<JobRecord, ()>(vault, id, move |cur| {
-        Ok((
-            cur.map(|mut r| {
-                r.state = to;
-                r.area_key = None;
-                r
-            }),
-            (),
-        ))
+/// End job `id` (state `to`, its key dropped) if `still` holds of it as stored, and remove
+/// its files; whether it was ended.
+fn end(
+    vault: &Arc<Vault>,
+    area: &Area,
+    id: &str,
+    to: State,
+    still: impl Fn(&JobRecord) -> bool + Send + 'static,
+) -> Result<bool, Error> {
+    let ended = rows::update::<JobRecord, bool>(vault, id, move |cur| match cur {
+        Some(mut r) if still(&r) => {
+            r.state = to;
+            r.area_key = None;
+            Ok((Some(r), true))
+        }
+        _ => Ok((None, false)),
     })?;
-    area.remove_prefix(&format!("exp-{id}-"))
-        .map_err(|_| Error::Records(phivault_records::Error::unavailable()))?;
-    Ok(())
+    if ended {
+        area.remove_prefix(&format!("exp-{id}-"))
+            .map_err(|_| Error::Records(phivault_records::Error::unavailable()))?;
+    }
+    Ok(ended)
 }
 
 /// A file being served.
@@ -280,8 +302,12 @@ pub fn open_file(
     let key = rec
         .area_key()
         .ok_or_else(|| Error::not_found("no such file"))?;
-    let body = area.reader(&f.name, &key).map_err(|_| Error::integrity())?;
-    let patients = files::patients_of(area, &key, &f.name);
+    if !error {
+        // the grant as it is now (a client whose scopes were narrowed since gets no more)
+        vault.decide_unconfined(auth, &f.rtype, Interaction::Read)?;
+    }
+    let body = area.reader(&f.name, &key).map_err(crate::unread)?;
+    let patients = files::patients_of(area, &key, &f.name)?;
     if any_erased(vault, &patients)? {
         return Err(Error::Records(phivault_records::Error::erased()));
     }
@@ -317,45 +343,90 @@ fn holds_erased(vault: &Vault, area: &Area, rec: &JobRecord) -> Result<bool, Err
         return Ok(false);
     };
     for f in rec.files.iter().chain(&rec.errors) {
-        if any_erased(vault, &files::patients_of(area, &key, &f.name))? {
-            return Ok(true);
+        // (a list that cannot be read counts as holding one: the job ends)
+        match files::patients_of(area, &key, &f.name) {
+            Ok(list) if !any_erased(vault, &list)? => {}
+            _ => return Ok(true),
         }
     }
     Ok(false)
 }
 
-/// Drop what has ended: finished jobs past their expiry, failed ones, running ones whose
-/// node stopped; and files no job names (an export cut short). The jobs swept.
+/// A condition a job's row must still meet when it is ended.
+type Still = Box<dyn Fn(&JobRecord) -> bool + Send>;
+
+/// Drop what has ended: finished jobs past their expiry or holding a patient erased since,
+/// running ones whose node stopped (no beat for [`STALE_MS`]), any other that still has a
+/// key; and files no live job names that are older than [`STALE_MS`] (an export cut
+/// short). Each decision is checked again against the row as it is when it is made. The
+/// jobs swept.
 pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
     let now = crate::now_ms();
     let mut n = 0;
-    let jobs = rows::all::<JobRecord>(vault)?;
+    let mut live = std::collections::HashSet::new();
+    let mut jobs = Vec::new();
+    rows::each::<JobRecord>(vault, &mut |r| jobs.push(r))?;
     for rec in &jobs {
-        let to = match rec.state {
-            State::Done if now >= rec.expires_ms => State::Expired,
-            State::Done if holds_erased(vault, area, rec)? => State::Failed,
-            State::Failed if rec.area_key.is_some() => State::Failed,
-            State::Running
-                if now >= rec.heartbeat_ms + STALE_MS && run::progress(&rec.id).is_none() =>
-            {
-                State::Failed
-            }
-            _ => continue,
+        let stale = move |r: &JobRecord| {
+            r.state == State::Running
+                && crate::now_ms() >= r.heartbeat_ms + STALE_MS
+                && run::progress(&r.id).is_none()
         };
-        end(vault, area, &rec.id, to)?;
-        n += 1;
+        let (to, still): (State, Still) = match rec.state {
+            State::Done if now >= rec.expires_ms => (
+                State::Expired,
+                Box::new(|r: &JobRecord| r.state == State::Done && crate::now_ms() >= r.expires_ms),
+            ),
+            State::Done if holds_erased(vault, area, rec)? => (
+                State::Erased,
+                Box::new(|r: &JobRecord| r.state == State::Done),
+            ),
+            State::Running if stale(rec) => (State::Failed, Box::new(stale)),
+            s @ (State::Failed | State::Cancelled | State::Expired | State::Erased)
+                if rec.area_key.is_some() =>
+            {
+                (s, Box::new(move |r: &JobRecord| r.state == s))
+            }
+            _ => {
+                if rec.area_key.is_some() {
+                    live.insert(rec.id.clone());
+                }
+                continue;
+            }
+        };
+        if end(vault, area, &rec.id, to, still)? {
+            n += 1;
+        } else {
+            live.insert(rec.id.clone());
+        }
     }
-    // files of jobs without a key (a crash between the two steps of `end`)
+    sweep_orphans(vault, area, &live);
+    Ok(n)
+}
+
+/// Remove area files of no live job, older than [`STALE_MS`] (a job kicked off after the
+/// rows were read has fresh files, and its row is read again before anything goes).
+fn sweep_orphans(vault: &Vault, area: &Area, live: &std::collections::HashSet<String>) {
     for name in area.names("exp-").unwrap_or_default() {
         let id = name
             .trim_start_matches("exp-")
             .split('-')
             .next()
             .unwrap_or("");
-        let live = jobs.iter().any(|j| j.id == id && j.area_key.is_some());
-        if !live && run::progress(id).is_none() {
+        if live.contains(id) || run::progress(id).is_some() {
+            continue;
+        }
+        let old = std::fs::metadata(area.dir().join(&name))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_millis() as u64 >= STALE_MS);
+        let keyed = rows::load::<JobRecord>(vault, id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.area_key.is_some());
+        if old && !keyed {
             let _ = area.remove(&name);
         }
     }
-    Ok(n)
 }

@@ -14,6 +14,7 @@ use phivault_records::{Access, Vault};
 use super::files::Files;
 use super::job::{JobRecord, Level, State};
 use crate::Error;
+use crate::area::Area;
 
 /// A job's progress as this node sees it.
 #[derive(Default)]
@@ -26,6 +27,10 @@ pub struct Progress {
     pub types: AtomicU64,
     /// Set to stop the job.
     pub cancel: AtomicBool,
+    /// Set once the job has ended (its beat stops).
+    pub finished: AtomicBool,
+    /// The client that asked.
+    pub client: String,
 }
 
 impl Progress {
@@ -61,6 +66,8 @@ pub struct Plan {
     pub since_ms: Option<i64>,
     /// A group's patients.
     pub members: Vec<String>,
+    /// The client that asked (empty offline).
+    pub client: String,
 }
 
 /// Write every record of `plan` into `files`; `tick` is told the total so far every 1,000
@@ -127,63 +134,128 @@ pub fn write(
     Ok(true)
 }
 
+/// Jobs running or waiting on this node, at most (a kick-off beyond is answered 429).
+pub const MAX_QUEUED: usize = 8;
+/// Of those, at most this many of one client.
+pub const MAX_PER_CLIENT: usize = 2;
+/// How often a running job's row is stamped as alive.
+const BEAT_MS: u64 = 15_000;
+
+/// Whether `client` may start another export on this node now.
+pub fn room_for(client: &str) -> bool {
+    let running = RUNNING.lock();
+    running.len() < MAX_QUEUED
+        && running.values().filter(|p| p.client == client).count() < MAX_PER_CLIENT
+}
+
 /// Run job `id` (its record written, `Running`) on a thread of its own: its files, then
-/// its record `Done` (expiring `expiry_ms` after) or `Failed`.
-pub fn start(vault: Arc<Vault>, id: String, plan: Plan, mut files: Files, expiry_ms: u64) {
-    let progress = Arc::new(Progress::default());
+/// its record `Done` (expiring `expiry_ms` after), or `Failed`/`Cancelled` with its key
+/// dropped and its files removed. While it runs (or waits its turn) a second thread stamps
+/// its row every [`BEAT_MS`] and stops it when another node cancelled it.
+pub fn start(
+    vault: Arc<Vault>,
+    area: Area,
+    id: String,
+    plan: Plan,
+    mut files: Files,
+    expiry_ms: u64,
+) {
+    let progress = Arc::new(Progress {
+        client: plan.client.clone(),
+        ..Progress::default()
+    });
     RUNNING.lock().insert(id.clone(), progress.clone());
-    let job = id.clone();
+    let (job, beat_vault, beat_job, beat_progress) =
+        (id.clone(), vault.clone(), id.clone(), progress.clone());
+    let beating = std::thread::Builder::new()
+        .name("export-beat".into())
+        .spawn(move || {
+            let mut last = crate::now_ms();
+            while !beat_progress.finished.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let now = crate::now_ms();
+                if now >= last + BEAT_MS {
+                    last = now;
+                    if heartbeat(&beat_vault, &beat_job, now) == Some(false) {
+                        beat_progress.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
     let spawned = std::thread::Builder::new()
         .name("export".into())
         .spawn(move || {
             let _slot = SLOT.lock();
-            let mut last_beat = crate::now_ms();
-            let mut beat = |_: u64| {
-                let now = crate::now_ms();
-                if now >= last_beat + 30_000 {
-                    last_beat = now;
-                    return heartbeat(&vault, &job, now);
-                }
-                true
+            let r = if progress.cancel.load(Ordering::Relaxed) {
+                Ok(false)
+            } else {
+                write(&vault, &plan, &mut files, &progress, &mut |_| true)
             };
-            let r = write(&vault, &plan, &mut files, &progress, &mut beat);
             let (out, errors) = files.into_parts();
-            let now = crate::now_ms();
-            let _ = crate::rows::update::<JobRecord, ()>(&vault, &job, move |cur| {
-                let Some(mut rec) = cur else {
-                    return Ok((None, ()));
-                };
-                if rec.state != State::Running {
-                    return Ok((None, ()));
-                }
-                match &r {
-                    Ok(true) => {
-                        rec.state = State::Done;
-                        rec.files = out.clone();
-                        rec.errors = errors.clone();
-                        // whole seconds, as the Expires header says it
-                        rec.expires_ms = (now + expiry_ms).div_ceil(1000) * 1000;
-                    }
-                    Ok(false) => rec.state = State::Cancelled,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "an export failed");
-                        rec.state = State::Failed;
-                        rec.message = Some("the export could not be written".into());
-                    }
-                }
-                rec.heartbeat_ms = now;
-                Ok((Some(rec), ()))
-            });
+            finish(&vault, &area, &job, r, out, errors, expiry_ms);
+            progress.finished.store(true, Ordering::Relaxed);
             RUNNING.lock().remove(&job);
         });
-    if spawned.is_err() {
-        RUNNING.lock().remove(&id);
+    if beating.is_err() || spawned.is_err() {
+        if let Some(p) = RUNNING.lock().remove(&id) {
+            p.cancel.store(true, Ordering::Relaxed);
+            p.finished.store(true, Ordering::Relaxed);
+        }
         tracing::error!("an export thread could not start");
     }
 }
 
-/// Record that the job lives; false when it was cancelled (by any node).
-fn heartbeat(vault: &Arc<Vault>, id: &str, now: u64) -> bool {
+/// Record how job `id` ended; one that did not finish loses its key and its files.
+fn finish(
+    vault: &Arc<Vault>,
+    area: &Area,
+    job: &str,
+    r: Result<bool, Error>,
+    out: Vec<super::job::OutFile>,
+    errors: Vec<super::job::OutFile>,
+    expiry_ms: u64,
+) {
+    let now = crate::now_ms();
+    if let Err(e) = &r {
+        tracing::warn!(error = %e, "an export failed");
+    }
+    let done = matches!(r, Ok(true));
+    let _ = crate::rows::update::<JobRecord, ()>(vault, job, move |cur| {
+        let Some(mut rec) = cur else {
+            return Ok((None, ()));
+        };
+        if rec.state != State::Running {
+            return Ok((None, ()));
+        }
+        match &r {
+            Ok(true) => {
+                rec.state = State::Done;
+                rec.files = out.clone();
+                rec.errors = errors.clone();
+                // whole seconds, as the Expires header says it
+                rec.expires_ms = (now + expiry_ms).div_ceil(1000) * 1000;
+            }
+            Ok(false) => {
+                rec.state = State::Cancelled;
+                rec.area_key = None;
+            }
+            Err(_) => {
+                rec.state = State::Failed;
+                rec.message = Some("the export could not be written".into());
+                rec.area_key = None;
+            }
+        }
+        rec.heartbeat_ms = now;
+        Ok((Some(rec), ()))
+    });
+    if !done {
+        let _ = area.remove_prefix(&format!("exp-{job}-"));
+    }
+}
+
+/// Stamp job `id` as alive: Some(false) when it no longer runs (cancelled, by any node);
+/// None when the store could not be reached (tried again at the next beat).
+fn heartbeat(vault: &Arc<Vault>, id: &str, now: u64) -> Option<bool> {
     crate::rows::update::<JobRecord, bool>(vault, id, move |cur| match cur {
         Some(mut rec) if rec.state == State::Running => {
             rec.heartbeat_ms = now;
@@ -191,5 +263,5 @@ fn heartbeat(vault: &Arc<Vault>, id: &str, now: u64) -> bool {
         }
         _ => Ok((None, false)),
     })
-    .unwrap_or(false)
+    .ok()
 }

@@ -206,6 +206,7 @@ pub fn create(
         terms,
         passcode,
         attempts: 0,
+        last_attempt_ms: 0,
         uses: 0,
         last_use_ms: 0,
         updated_ms: now,
@@ -259,6 +260,60 @@ fn payload(rec: &LinkRecord, secret: &[u8; 32], key: &[u8; 32], origin: &str) ->
     format!("shlink:/{}", b64(text.as_bytes()))
 }
 
+/// A Bundle (`collection`) being written entry by entry (nothing kept but its bytes).
+struct BundleOut {
+    out: Zeroizing<Vec<u8>>,
+    disclosed: Vec<(String, String)>,
+    base: String,
+}
+
+impl BundleOut {
+    fn new(base: &str) -> Self {
+        let mut out = Zeroizing::new(Vec::with_capacity(4096));
+        let stamp = phivault_records::engine::instant(phivault_records::engine::now_ms());
+        out.extend_from_slice(
+            format!(
+                r#"{{"resourceType":"Bundle","type":"collection","timestamp":"{stamp}","entry":["#
+            )
+            .as_bytes(),
+        );
+        BundleOut {
+            out,
+            disclosed: Vec::new(),
+            base: base.to_owned(),
+        }
+    }
+
+    /// One record as stored; refused past [`MAX_RESOURCES`] or [`MAX_CONTENT`].
+    fn push(&mut self, l: search::Loaded) -> Result<(), Error> {
+        if self.disclosed.len() >= MAX_RESOURCES {
+            return Err(Error::bad_request(
+                "the content is over 10000 resources: choose resources",
+            ));
+        }
+        if !self.disclosed.is_empty() {
+            self.out.push(b',');
+        }
+        let full = format!("{}/{}/{}", self.base, l.row.rtype, l.row.id);
+        self.out.extend_from_slice(br#"{"fullUrl":"#);
+        self.out
+            .extend_from_slice(json!(full).to_string().as_bytes());
+        self.out.extend_from_slice(br#","resource":"#);
+        self.out.extend_from_slice(&l.body);
+        self.out.push(b'}');
+        self.disclosed.push((l.row.rtype, l.row.id));
+        if self.out.len() > MAX_CONTENT {
+            return Err(Error::bad_request("the shared content is over 64 MiB"));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> (Zeroizing<Vec<u8>>, Vec<(String, String)>) {
+        self.out.extend_from_slice(b"]}");
+        (self.out, self.disclosed)
+    }
+}
+
 /// The Bundle (`collection`) shared, and the `(type, id)` of each entry.
 #[allow(clippy::type_complexity)]
 pub(crate) fn content(
@@ -267,42 +322,19 @@ pub(crate) fn content(
     patient: &str,
     chosen: Option<&[String]>,
 ) -> Result<(Zeroizing<Vec<u8>>, Vec<(String, String)>), Error> {
-    let mut entries: Vec<search::Loaded> = Vec::new();
+    let mut b = BundleOut::new(&vault.base_url);
     match chosen {
         Some(list) => {
             if list.is_empty() || list.len() > MAX_RESOURCES {
                 return Err(Error::bad_request("resources lists 1 to 10000 Type/id"));
             }
             for r in list {
-                entries.push(chosen_one(vault, auth, patient, r)?);
+                b.push(chosen_one(vault, auth, patient, r)?)?;
             }
         }
-        None => everything(vault, auth, patient, &mut entries)?,
+        None => everything(vault, auth, patient, &mut b)?,
     }
-    let mut out = Zeroizing::new(Vec::with_capacity(4096));
-    let stamp = phivault_records::engine::instant(phivault_records::engine::now_ms());
-    out.extend_from_slice(
-        format!(r#"{{"resourceType":"Bundle","type":"collection","timestamp":"{stamp}","entry":["#)
-            .as_bytes(),
-    );
-    let mut disclosed = Vec::with_capacity(entries.len());
-    for (i, l) in entries.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let full = format!("{}/{}/{}", vault.base_url, l.row.rtype, l.row.id);
-        out.extend_from_slice(br#"{"fullUrl":"#);
-        out.extend_from_slice(json!(full).to_string().as_bytes());
-        out.extend_from_slice(br#","resource":"#);
-        out.extend_from_slice(&l.body);
-        out.push(b'}');
-        disclosed.push((l.row.rtype.clone(), l.row.id.clone()));
-        if out.len() > MAX_CONTENT {
-            return Err(Error::bad_request("the shared content is over 64 MiB"));
-        }
-    }
-    out.extend_from_slice(b"]}");
-    Ok((out, disclosed))
+    Ok(b.finish())
 }
 
 /// One chosen resource: the creator may read it and it is the patient's.
@@ -329,30 +361,22 @@ fn everything(
     vault: &Vault,
     auth: &Authenticated,
     patient: &str,
-    entries: &mut Vec<search::Loaded>,
+    b: &mut BundleOut,
 ) -> Result<(), Error> {
     for t in phivault_fhir::patient_compartment_types() {
         let Ok(access) = vault.decide(auth, t, Interaction::Read) else {
             continue;
         };
         let mut failed = None;
-        search::stream_compartment(vault, &access, patient, &mut |item| match item {
-            Streamed::Record(l) => {
-                entries.push(l);
-                entries.len() <= MAX_RESOURCES
-            }
-            Streamed::Damaged { .. } => {
-                failed = Some(Error::integrity());
-                false
-            }
+        search::stream_compartment(vault, &access, patient, &mut |item| {
+            let r = match item {
+                Streamed::Record(l) => b.push(l),
+                Streamed::Damaged { .. } => Err(Error::integrity()),
+            };
+            r.map_err(|e| failed = Some(e)).is_ok()
         })?;
         if let Some(e) = failed {
             return Err(e);
-        }
-        if entries.len() > MAX_RESOURCES {
-            return Err(Error::bad_request(
-                "the patient's records are over 10000 resources: choose resources",
-            ));
         }
     }
     Ok(())
@@ -394,7 +418,7 @@ pub fn refresh(
         .area_key()
         .ok_or_else(|| Error::not_found("no such link"))?;
     let name = rec.file_name(0);
-    let current = area.get(&name, &area_key).map_err(|_| Error::integrity())?;
+    let current = area.get(&name, &area_key).map_err(crate::unread)?;
     let current = String::from_utf8(current).map_err(|_| Error::integrity())?;
     if phivault_crypto::jose::decrypt_dir(&key, &current).is_err() {
         return Err(Error::bad_request("the key is not this link's"));
@@ -406,18 +430,21 @@ pub fn refresh(
     area.put(&name, &area_key, jwe.as_bytes())
         .map_err(|_| Error::Records(phivault_records::Error::unavailable()))?;
     let (len, now) = (jwe.len() as u64, crate::now_ms());
-    record::update(vault, id, move |cur| {
-        Ok((
-            cur.map(|mut r| {
-                if let Some(f) = r.files.first_mut() {
-                    f.len = len;
-                }
-                r.updated_ms = now;
-                r
-            }),
-            (),
-        ))
+    let live = record::update(vault, id, move |cur| match cur {
+        Some(mut r) if !r.revoked && r.area_key.is_some() => {
+            if let Some(f) = r.files.first_mut() {
+                f.len = len;
+            }
+            r.updated_ms = now;
+            Ok((Some(r), true))
+        }
+        _ => Ok((None, false)),
     })?;
+    if !live {
+        // revoked meanwhile: what was just written goes too
+        let _ = area.remove(&name);
+        return Err(Error::not_found("no such link"));
+    }
     Ok(Refreshed {
         patient: rec.patient.clone(),
         disclosed,

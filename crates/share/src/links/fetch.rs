@@ -20,6 +20,8 @@ use crate::{Error, b64, unb64};
 pub const LOCATION_LIFETIME_MS: u64 = 3_600_000;
 /// How often a long-term link's manifest may be polled.
 pub const POLL_INTERVAL_MS: u64 = 5_000;
+/// Largest file embedded in a manifest (larger ones are fetched from their location).
+pub const MAX_EMBEDDED: u64 = 4 << 20;
 /// Longest `recipient` text kept.
 pub const MAX_RECIPIENT: usize = 200;
 /// Label of sealed location tickets.
@@ -138,11 +140,12 @@ pub fn manifest(
             "contentType": f.content_type,
             "lastUpdated": phivault_records::engine::instant(rec.updated_ms.max(rec.created_ms) as i64),
         });
-        if req.embedded_length_max.is_some_and(|m| f.len <= m) {
+        if req
+            .embedded_length_max
+            .is_some_and(|m| f.len <= m.min(MAX_EMBEDDED))
+        {
             let key = rec.area_key().ok_or_else(|| ended(seen, Ended::Expired))?;
-            let jwe = area
-                .get(&rec.file_name(n), &key)
-                .map_err(|_| Error::integrity())?;
+            let jwe = area.get(&rec.file_name(n), &key).map_err(crate::unread)?;
             entry["embedded"] = json!(String::from_utf8(jwe).map_err(|_| Error::integrity())?);
         } else {
             let exp = (now + LOCATION_LIFETIME_MS).min(rec.terms.expires_ms);
@@ -187,6 +190,7 @@ fn check_passcode(
             return Ok((None, Err(e)));
         }
         rec.attempts += 1;
+        rec.last_attempt_ms = now;
         let left = rec.terms.cap - rec.attempts;
         Ok((Some(rec), Ok(left)))
     })?;
@@ -295,8 +299,7 @@ fn read_file(area: &Area, rec: &LinkRecord, n: u32, seen: &mut Seen) -> Result<V
     if n as usize >= rec.files.len() {
         return Err(Error::not_found("no such file"));
     }
-    area.get(&rec.file_name(n), &key)
-        .map_err(|_| Error::integrity())
+    area.get(&rec.file_name(n), &key).map_err(crate::unread)
 }
 
 /// `GET` a `U` link's URL (`?recipient=`): its one file.

@@ -13,6 +13,9 @@ use super::record::{self, Ended, LinkRecord};
 use crate::Error;
 use crate::area::Area;
 
+/// How long after its last counted attempt a link at its cap is swept as locked.
+pub const LOCK_SETTLE_MS: u64 = 60_000;
+
 /// Whether `auth` manages `rec`: it made it (the same client, for the same person), or it
 /// is the patient's own sign-in (`fhirUser` is the patient).
 pub fn manages(auth: &Authenticated, rec: &LinkRecord) -> bool {
@@ -114,6 +117,9 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
         let done = match rec.ended(now) {
             None => record::patient_erased(vault, &rec)?,
             Some(Ended::Used) => now >= rec.last_use_ms + LOCATION_LIFETIME_MS,
+            // (an attempt counted is given back when the passcode was right: at the cap,
+            // the link is locked once no attempt is in flight)
+            Some(Ended::Locked) => now >= rec.last_attempt_ms + LOCK_SETTLE_MS,
             Some(_) => true,
         };
         if !done {

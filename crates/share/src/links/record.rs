@@ -61,6 +61,11 @@ pub struct LinkRecord {
     /// Passcode attempts counted against the cap (each counted before it is checked, given
     /// back when right: the cap holds under parallel guesses).
     pub attempts: u32,
+    /// When the last attempt was counted (ms): a link at its cap is taken for locked by
+    /// the sweep only a while after (a right passcode's attempt is given back after it is
+    /// checked).
+    #[serde(default)]
+    pub last_attempt_ms: u64,
     /// Successful manifest requests (or direct fetches).
     pub uses: u32,
     /// The last successful manifest request (ms), for polling.
