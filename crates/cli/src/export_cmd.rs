@@ -44,6 +44,10 @@ pub(crate) fn export(a: &ExportArgs<'_>) -> Result<i32> {
             a.out.display()
         );
     }
+    let opened = datadir::open(a.data_dir)?;
+    let vault = crate::serve::vault_at(&opened, "https://localhost");
+    // (the arguments checked before anything is made)
+    let plan = plan(&opened.keys, a)?;
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -51,9 +55,7 @@ pub(crate) fn export(a: &ExportArgs<'_>) -> Result<i32> {
             .create(a.out)
             .with_context(|| format!("cannot create {}", a.out.display()))?;
     }
-    let opened = datadir::open(a.data_dir)?;
-    let vault = crate::serve::vault_at(&opened, "https://localhost");
-    let plan = plan(&opened.keys, a)?;
+
     let mut files = Files::new(Target::Dir(a.out.to_path_buf()), Some(key))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let progress = Progress::default();

@@ -347,6 +347,8 @@ fn kick_offs_are_checked_and_each_level_exports_what_it_names() {
         "$export?_type=Nonsense",
         "$export?_typeFilter=Observation%3Fcode%3Dx",
         "$export?_since=yesterday",
+        "$export?_since=2026-01-01",
+        "$export?_since=2099-01-01T00%3A00%3A00Z&_since=2020-01-01T00%3A00%3A00Z",
         "$export?_outputFormat=text%2Fcsv",
         "$export?foo=1",
         "Patient/$export?_type=Practitioner",
@@ -385,6 +387,14 @@ fn kick_offs_are_checked_and_each_level_exports_what_it_names() {
         &format!("Group/{group}/$export?_type=Patient,Observation"),
     );
     let (m, _) = wait_done(&s, &token, &st);
+    assert!(
+        m["request"]
+            .as_str()
+            .expect("request")
+            .ends_with("?_type=Patient,Observation"),
+        "{}",
+        m["request"]
+    );
     let per = download(&s, &token, &m, &work.path().join("group"));
     assert_eq!(per.get("Patient"), Some(&2));
     assert_eq!(per.get("Observation"), Some(&2));

@@ -283,6 +283,9 @@ fn single_use_expiry_revocation_long_term_polling_and_direct_links() {
         .as_str()
         .expect("location")
         .to_owned();
+    // a HEAD (a link preview, a mail scanner) spends nothing and reads nothing
+    let head = w.server.send("HEAD", &loc, None, None, &[]);
+    assert_eq!(head.status, 405);
     assert_eq!(fetch(&w, &loc).status, 200);
     assert_eq!(
         fetch(&w, &loc).status,
@@ -480,6 +483,11 @@ fn single_use_expiry_revocation_long_term_polling_and_direct_links() {
         fetch(&w, &format!("{}/shl/f/garbage", w.server.origin)).status,
         404
     );
+    // what the patient reads is what was sent: no invisible or direction-changing text
+    for spoof in ["a\u{202E}lanoisseforp", "Dr.\u{200B}Lee", "x\u{2066}y"] {
+        let r = manifest(&w, &url4, json!({"recipient": spoof}));
+        assert_eq!(r.status, 400, "{spoof:?}");
+    }
 }
 
 #[test]
@@ -527,6 +535,13 @@ fn no_byte_the_server_wrote_holds_a_share_key_and_the_access_view_shows_every_fe
     };
     assert_eq!(of("shl-manifest").len(), 3, "two opened, one refused");
     assert_eq!(of("shl-file").len(), 2);
+    // a file's fetch names the recipient its manifest request gave
+    assert!(of("shl-file").iter().all(|e| {
+        e["agent"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["type"]["text"] == "share link recipient")
+        })
+    }));
     let recipients: Vec<&str> = of("shl-manifest")
         .iter()
         .filter_map(|e| {

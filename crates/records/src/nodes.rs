@@ -170,6 +170,12 @@ impl Engine {
             .then(|| Arc::new(StoreSeen(store.clone())) as Arc<dyn phivault_auth::SharedSeen>)
     }
 
+    /// Whether other nodes may serve this store at the same time (then what one process
+    /// holds in memory is not all there is).
+    pub fn shared_by_nodes(&self) -> bool {
+        self.store().shared_by_nodes()
+    }
+
     /// Whether this node runs the periodic task `task` now (always, with one node).
     pub fn lead(&self, task: &str) -> bool {
         self.store().lead(task)

@@ -82,6 +82,18 @@ pub(crate) fn unread(e: std::io::Error) -> Error {
     }
 }
 
+/// Whether `s` has only characters shown as they are: no control characters, and none of
+/// the invisible or direction-changing format characters (zero-width spaces and joiners,
+/// bidirectional embeddings, overrides and isolates, the byte-order mark).
+pub fn printable(s: &str) -> bool {
+    !s.chars().any(|c| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
+                | '\u{00AD}' | '\u{061C}' | '\u{180E}')
+    })
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     u64::try_from(phivault_records::engine::now_ms()).unwrap_or(0)

@@ -1,8 +1,8 @@
 //! Rules over share links (SMART Health Links, issue 21): a link's holder is no person, so
 //! these watch the link, not a user (the finding's `user` is `link:<id>`).
 //!
-//! * `share-link-passcode` — [`PASSCODE_FAILURES`] or more wrong passcodes on one link in
-//!   a day: someone is guessing.
+//! * `share-link-passcode` — [`PASSCODE_FAILURES`] or more wrong passcodes (or requests
+//!   at the link once they locked it) on one link in a day: someone is guessing.
 //! * `share-link-addresses` — one link fetched from [`ADDRESSES`] or more network addresses
 //!   in a day: a link meant for one recipient is passed around.
 //!
@@ -64,7 +64,11 @@ pub(super) fn note(
             d.requests.push(e.request_id.clone());
         }
     };
-    if e.detail.reason.as_deref() == Some("passcode-wrong") {
+    // a wrong passcode, or any request at a link its wrong passcodes locked
+    if matches!(
+        e.detail.reason.as_deref(),
+        Some("passcode-wrong" | "link-locked")
+    ) {
         d.failures += 1;
         keep(d);
         if d.failures >= PASSCODE_FAILURES {

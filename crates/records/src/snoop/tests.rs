@@ -666,6 +666,16 @@ fn share_link_rules_fire_on_guessing_and_passing_around_and_not_on_ordinary_use(
     for i in 10..16 {
         events.push(link_ev(i, t + i * 1000, "b", true, "10.0.0.9"));
     }
+    // guessing at link d past its cap of three: three wrong, then two at the locked link
+    for i in 30..33 {
+        events.push(link_ev(i, t + i * 1000, "d", true, "10.0.0.8"));
+    }
+    for i in 33..35 {
+        let mut e = link_ev(i, t + i * 1000, "d", false, "10.0.0.8");
+        e.outcome = Outcome::from_http(404);
+        e.detail.refused_because("link-locked");
+        events.push(e);
+    }
     // passed around: link c fetched from five addresses
     for i in 20..25 {
         events.push(link_ev(i, t + i * 1000, "c", false, &format!("10.0.1.{i}")));
@@ -680,7 +690,11 @@ fn share_link_rules_fire_on_guessing_and_passing_around_and_not_on_ordinary_use(
         .values()
         .map(|f| (f.rule.as_str(), f.user.as_str(), f.evidence.len()))
         .collect();
-    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert_eq!(rules.len(), 3, "{rules:?}");
+    assert!(
+        rules.contains(&("share-link-passcode", "link:d", 5)),
+        "{rules:?}"
+    );
     assert!(
         rules.contains(&("share-link-passcode", "link:b", 6)),
         "{rules:?}"

@@ -152,17 +152,14 @@ async fn kick_off(
             Some(q) if !q.is_empty() => format!("{}/{path}?{q}", a.vault.base_url),
             _ => format!("{}/{path}", a.vault.base_url),
         };
-        let id = export::kick_off(
-            &a.vault,
-            area(a)?,
-            &auth,
+        let asked = export::Asked {
             level,
-            &pairs,
-            &request,
+            pairs: &pairs,
+            request: &request,
             e2e,
-            a.export_expiry_ms,
-        )
-        .map_err(share_err)?;
+            expiry_ms: a.export_expiry_ms,
+        };
+        let id = export::kick_off(&a.vault, area(a)?, &auth, asked).map_err(share_err)?;
         let status = format!("{}/bulk/{id}", a.vault.base_url.trim_end_matches("/fhir"));
         let mut r = StatusCode::ACCEPTED.into_response();
         if let Ok(v) = HeaderValue::from_str(&status) {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use phivault_audit::Action;
 use phivault_share::links::{self, ManifestRequest, Seen};
@@ -97,7 +97,7 @@ pub async fn create(
     let ctx = Ctx::new(peer, Action::C, "shl-create");
     run(app, ctx, move |app, ctx| {
         let auth = app.authenticate(&headers, ctx)?;
-        let body = body.map_err(|_| ApiError::bad_request("unreadable body"))?;
+        let body = crate::respond::body_bytes(&headers, body)?;
         let req: links::NewLink = serde_json::from_slice(&body)
             .map_err(|_| ApiError::bad_request("the body is not a share link request"))?;
         let made = match links::create(&app.vault, area(app)?, &auth, &req, &origin(app)) {
@@ -110,7 +110,7 @@ pub async fn create(
         let text = made.viewer_url.as_deref().unwrap_or(&made.shlink);
         let png = phivault_share::qr::png(text).map_err(|_| ApiError::internal())?;
         let svg = phivault_share::qr::svg(text).map_err(|_| ApiError::internal())?;
-        let mut v = links::manage::listed(&made.record, phivault_share::now_ms());
+        let mut v = links::manage::listed(&made.record, phivault_share::now_ms(), false);
         v["shlink"] = json!(made.shlink);
         if let Some(u) = &made.viewer_url {
             v["viewerUrl"] = json!(u);
@@ -243,7 +243,8 @@ pub async fn manifest(
         ctx.detail.user_agent = headers
             .get(header::USER_AGENT)
             .and_then(|v| phivault_audit::Detail::clean_agent(v.as_bytes()));
-        let req: Option<ManifestRequest> = body.ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let body = crate::respond::body_bytes(&headers, body)?;
+        let req: Option<ManifestRequest> = serde_json::from_slice(&body).ok();
         let mut seen = Seen::default();
         let out = match &req {
             Some(req) => links::manifest(
@@ -288,13 +289,32 @@ fn jose(bytes: Vec<u8>) -> Response {
     json_response(StatusCode::OK, Bytes::from(bytes), "application/jose")
 }
 
+/// `HEAD` on a link's file URLs: refused without reading anything (a preview bot or a
+/// mail scanner must not spend a single-use file, nor be audited as having read it).
+fn head_refused(method: &Method) -> Option<Response> {
+    (method == Method::HEAD).then(|| {
+        cors(
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                phivault_fhir::IssueCode::NotSupported,
+                "fetch the file with GET",
+            )
+            .into_response(),
+        )
+    })
+}
+
 /// `GET /shl/m/{secret}?recipient=…`: a `U` link's one file.
 pub async fn direct(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
+    method: Method,
     Path(secret): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    if let Some(r) = head_refused(&method) {
+        return r;
+    }
     let ctx = Ctx::new(peer, Action::R, "shl-direct");
     let r = run(app, ctx, move |app, ctx| {
         let recipient = query.as_deref().and_then(|q| {
@@ -317,17 +337,23 @@ pub async fn direct(
     cors(r)
 }
 
-/// `GET /shl/f/{ticket}`: a file a manifest named.
+/// `GET /shl/f/{ticket}`: a file a manifest named (its event carries the recipient the
+/// manifest request gave, sealed in the ticket).
 pub async fn file(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
+    method: Method,
     Path(ticket): Path<String>,
 ) -> Response {
+    if let Some(r) = head_refused(&method) {
+        return r;
+    }
     let ctx = Ctx::new(peer, Action::R, "shl-file");
     let r = run(app, ctx, move |app, ctx| {
         let mut seen = Seen::default();
         let out = links::file(&app.vault, area(app)?, &ticket, &mut seen);
-        note_seen(app, ctx, seen, None);
+        let recipient = seen.recipient.take();
+        note_seen(app, ctx, seen, recipient.as_deref());
         out.map(jose).or_else(respond)
     })
     .await;

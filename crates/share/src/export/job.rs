@@ -160,6 +160,9 @@ pub fn kick_off(
                     }
                 }
             }
+            "_since" if since_ms.is_some() => {
+                return Err(Error::bad_request("_since is given once"));
+            }
             "_since" => since_ms = Some(instant_ms(v)?),
             "_outputFormat" => {
                 if !matches!(
@@ -207,12 +210,9 @@ pub fn kick_off(
 /// A FHIR instant (or date) as ms since the epoch.
 fn instant_ms(v: &str) -> Result<i64, Error> {
     use time::format_description::well_known::Rfc3339;
-    let bad = || Error::bad_request("_since must be a FHIR instant (2026-01-31T12:00:00Z)");
-    let t = time::OffsetDateTime::parse(v, &Rfc3339)
-        .or_else(|_| {
-            time::Date::parse(v, time::macros::format_description!("[year]-[month]-[day]"))
-                .map(|d| d.midnight().assume_utc())
-        })
-        .map_err(|_| bad())?;
+    let bad = || {
+        Error::bad_request("_since must be a FHIR instant, with a time zone (2026-01-31T12:00:00Z)")
+    };
+    let t = time::OffsetDateTime::parse(v, &Rfc3339).map_err(|_| bad())?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad())
 }

@@ -76,23 +76,30 @@ fn members(vault: &Vault, auth: &Authenticated, id: &str) -> Result<Vec<String>,
     Ok(out)
 }
 
-/// Start an export for `auth`: the job's id. `request` is the kick-off URL (echoed in the
-/// manifest); `e2e` the client's registered encryption key, if it has one.
-#[allow(clippy::too_many_arguments)]
+/// A kick-off as asked.
+pub struct Asked<'a> {
+    /// The level.
+    pub level: Level,
+    /// Its query's parameters.
+    pub pairs: &'a [(String, String)],
+    /// The kick-off URL, echoed in the manifest.
+    pub request: &'a str,
+    /// The client's registered encryption key, if it has one.
+    pub e2e: Option<EncryptionKey>,
+    /// How long the finished files are served (ms).
+    pub expiry_ms: u64,
+}
+
+/// Start an export for `auth`: the job's id. A place on this node is taken before the
+/// job's row is written (429 when there is none: at most [`run::MAX_QUEUED`] jobs a node,
+/// [`run::MAX_PER_CLIENT`] a client).
 pub fn kick_off(
     vault: &Arc<Vault>,
     area: &Area,
     auth: &Authenticated,
-    level: Level,
-    pairs: &[(String, String)],
-    request: &str,
-    e2e: Option<EncryptionKey>,
-    expiry_ms: u64,
+    asked: Asked<'_>,
 ) -> Result<String, Error> {
-    let k = job::kick_off(vault, auth, level, pairs)?;
-    if !run::room_for(auth.client_id()) {
-        return Err(Error::TooSoon { retry_after_s: 30 });
-    }
+    let k = job::kick_off(vault, auth, asked.level.clone(), asked.pairs)?;
     let members = match &k.level {
         Level::Group(id) => members(vault, auth, id)?,
         _ => Vec::new(),
@@ -100,15 +107,42 @@ pub fn kick_off(
     let id = crate::links::record::hex(
         &phivault_crypto::random_bytes::<16>().map_err(|_| Error::internal())?,
     );
+    let Some(progress) = run::reserve(&id, auth.client_id()) else {
+        return Err(Error::TooSoon { retry_after_s: 30 });
+    };
+    let plan = run::Plan {
+        level: k.level,
+        types: k.types,
+        since_ms: k.since_ms,
+        members,
+        client: auth.client_id().to_owned(),
+    };
+    match start_job(vault, area, (&id, progress), plan, asked) {
+        Ok(()) => Ok(id),
+        Err(e) => {
+            run::release(&id);
+            Err(e)
+        }
+    }
+}
+
+/// Write job `id`'s row and start it (its place on this node taken).
+fn start_job(
+    vault: &Arc<Vault>,
+    area: &Area,
+    (id, progress): (&str, Arc<run::Progress>),
+    plan: run::Plan,
+    asked: Asked<'_>,
+) -> Result<(), Error> {
     let key = Zeroizing::new(phivault_crypto::random_bytes::<32>().map_err(|_| Error::internal())?);
     let now = crate::now_ms();
     let rec = JobRecord {
-        id: id.clone(),
-        client: auth.client_id().to_owned(),
-        request: request.to_owned(),
-        level: k.level.clone(),
-        types: k.types.iter().map(|a| a.rtype().to_owned()).collect(),
-        since_ms: k.since_ms,
+        id: id.to_owned(),
+        client: plan.client.clone(),
+        request: asked.request.to_owned(),
+        level: plan.level.clone(),
+        types: plan.types.iter().map(|a| a.rtype().to_owned()).collect(),
+        since_ms: plan.since_ms,
         created_ms: now,
         state: State::Running,
         heartbeat_ms: now,
@@ -116,12 +150,13 @@ pub fn kick_off(
         errors: Vec::new(),
         expires_ms: 0,
         area_key: Some(crate::links::record::hex(&key[..])),
-        e2e: e2e
+        e2e: asked
+            .e2e
             .as_ref()
             .map(|k| (k.kid().map(str::to_owned), k.curve().to_owned())),
         message: None,
     };
-    let written = rows::update::<JobRecord, bool>(vault, &id, move |cur| {
+    let written = rows::update::<JobRecord, bool>(vault, id, move |cur| {
         Ok(if cur.is_some() {
             (None, false)
         } else {
@@ -135,26 +170,18 @@ pub fn kick_off(
         Target::Area {
             area: area.clone(),
             key,
-            job: id.clone(),
+            job: id.to_owned(),
         },
-        e2e,
+        asked.e2e,
     )?;
-    let plan = run::Plan {
-        level: k.level,
-        types: k.types,
-        since_ms: k.since_ms,
-        members,
-        client: auth.client_id().to_owned(),
-    };
     run::start(
-        vault.clone(),
-        area.clone(),
-        id.clone(),
+        (vault.clone(), area.clone()),
+        (id.to_owned(), progress),
         plan,
         files,
-        expiry_ms,
+        asked.expiry_ms,
     );
-    Ok(id)
+    Ok(())
 }
 
 /// Where a job is, as its client sees it.
@@ -367,9 +394,11 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
     let mut jobs = Vec::new();
     rows::each::<JobRecord>(vault, &mut |r| jobs.push(r))?;
     for rec in &jobs {
+        // (one node: a running job this process does not run is dead — it stopped)
+        let alone = !vault.engine.shared_by_nodes();
         let stale = move |r: &JobRecord| {
             r.state == State::Running
-                && crate::now_ms() >= r.heartbeat_ms + STALE_MS
+                && (alone || crate::now_ms() >= r.heartbeat_ms + STALE_MS)
                 && run::progress(&r.id).is_none()
         };
         let (to, still): (State, Still) = match rec.state {

@@ -141,11 +141,25 @@ pub const MAX_PER_CLIENT: usize = 2;
 /// How often a running job's row is stamped as alive.
 const BEAT_MS: u64 = 15_000;
 
-/// Whether `client` may start another export on this node now.
-pub fn room_for(client: &str) -> bool {
-    let running = RUNNING.lock();
-    running.len() < MAX_QUEUED
-        && running.values().filter(|p| p.client == client).count() < MAX_PER_CLIENT
+/// Take a place on this node for job `id` of `client` (None: no room now). Taken before
+/// the job's row is written, so a sweep never sees a job of this node it does not know.
+pub fn reserve(id: &str, client: &str) -> Option<Arc<Progress>> {
+    let mut running = RUNNING.lock();
+    let room = running.len() < MAX_QUEUED
+        && running.values().filter(|p| p.client == client).count() < MAX_PER_CLIENT;
+    room.then(|| {
+        let p = Arc::new(Progress {
+            client: client.to_owned(),
+            ..Progress::default()
+        });
+        running.insert(id.to_owned(), p.clone());
+        p
+    })
+}
+
+/// Give a place back (a kick-off that failed before its job started).
+pub fn release(id: &str) {
+    RUNNING.lock().remove(id);
 }
 
 /// Run job `id` (its record written, `Running`) on a thread of its own: its files, then
@@ -153,18 +167,12 @@ pub fn room_for(client: &str) -> bool {
 /// dropped and its files removed. While it runs (or waits its turn) a second thread stamps
 /// its row every [`BEAT_MS`] and stops it when another node cancelled it.
 pub fn start(
-    vault: Arc<Vault>,
-    area: Area,
-    id: String,
+    (vault, area): (Arc<Vault>, Area),
+    (id, progress): (String, Arc<Progress>),
     plan: Plan,
     mut files: Files,
     expiry_ms: u64,
 ) {
-    let progress = Arc::new(Progress {
-        client: plan.client.clone(),
-        ..Progress::default()
-    });
-    RUNNING.lock().insert(id.clone(), progress.clone());
     let (job, beat_vault, beat_job, beat_progress) =
         (id.clone(), vault.clone(), id.clone(), progress.clone());
     let beating = std::thread::Builder::new()

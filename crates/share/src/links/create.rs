@@ -92,7 +92,7 @@ fn terms(req: &NewLink, now_ms: u64) -> Result<Terms, Error> {
     if req
         .label
         .as_ref()
-        .is_some_and(|l| l.chars().count() > 80 || l.chars().any(char::is_control))
+        .is_some_and(|l| l.chars().count() > 80 || !crate::printable(l))
     {
         return Err(Error::bad_request(
             "the label is at most 80 printable characters",
@@ -403,6 +403,9 @@ pub fn refresh(
     let rec = record::load(vault, id)?.ok_or_else(|| Error::not_found("no such link"))?;
     if !super::manage::manages(auth, &rec) {
         return Err(Error::not_found("no such link"));
+    }
+    if record::patient_erased(vault, &rec)? {
+        return Err(Error::Records(phivault_records::Error::erased()));
     }
     if rec.ended(crate::now_ms()).is_some() || !rec.terms.long_term {
         return Err(Error::bad_request(

@@ -46,6 +46,8 @@ pub struct Seen {
     pub link: Option<(String, String)>,
     /// Why it was refused (a fixed code).
     pub reason: Option<&'static str>,
+    /// The recipient the manifest request named (a file's ticket carries it).
+    pub recipient: Option<String>,
 }
 
 /// A manifest as answered.
@@ -57,14 +59,11 @@ pub struct Manifest {
     pub retry_after_s: Option<u64>,
 }
 
-/// The recipient text, checked.
+/// The recipient text, checked: printable — no control characters and no invisible or
+/// direction-changing format characters (what the patient reads is what was sent).
 pub fn recipient(r: Option<&str>) -> Result<String, Error> {
     match r.map(str::trim) {
-        Some(t)
-            if !t.is_empty()
-                && t.chars().count() <= MAX_RECIPIENT
-                && !t.chars().any(char::is_control) =>
-        {
+        Some(t) if !t.is_empty() && t.chars().count() <= MAX_RECIPIENT && crate::printable(t) => {
             Ok(t.to_owned())
         }
         _ => Err(Error::bad_request(
@@ -118,7 +117,16 @@ pub fn manifest(
     if let Some(e) = rec.ended(now) {
         return Err(ended(seen, e));
     }
-    recipient(req.recipient.as_deref()).inspect_err(|_| seen.reason = Some("recipient-missing"))?;
+    let who = recipient(req.recipient.as_deref())
+        .inspect_err(|_| seen.reason = Some("recipient-missing"))?;
+    if req
+        .passcode
+        .as_ref()
+        .is_some_and(|p| p.chars().count() > 128)
+    {
+        seen.reason = Some("passcode-too-long");
+        return Err(Error::bad_request("a passcode has at most 128 characters"));
+    }
     if rec.terms.long_term && now < rec.last_use_ms + POLL_INTERVAL_MS {
         seen.reason = Some("polled-too-soon");
         return Err(Error::TooSoon {
@@ -149,7 +157,7 @@ pub fn manifest(
             entry["embedded"] = json!(String::from_utf8(jwe).map_err(|_| Error::integrity())?);
         } else {
             let exp = (now + LOCATION_LIFETIME_MS).min(rec.terms.expires_ms);
-            let t = ticket(vault, &rec.id, n, exp, rec.uses)?;
+            let t = ticket(vault, (&rec.id, n), exp, rec.uses, &who)?;
             entry["location"] = json!(format!("{origin}/shl/f/{t}"));
         }
         files.push(entry);
@@ -229,12 +237,19 @@ fn take_use(
 }
 
 /// A sealed `location` ticket: link, file, expiry, and the use it was issued for.
-fn ticket(vault: &Vault, id: &str, n: u32, exp_ms: u64, use_no: u32) -> Result<String, Error> {
-    let mut b = Vec::with_capacity(64);
+fn ticket(
+    vault: &Vault,
+    (id, n): (&str, u32),
+    exp_ms: u64,
+    use_no: u32,
+    recipient: &str,
+) -> Result<String, Error> {
+    let mut b = Vec::with_capacity(64 + recipient.len());
     b.extend_from_slice(id.as_bytes());
     b.extend_from_slice(&n.to_be_bytes());
     b.extend_from_slice(&exp_ms.to_be_bytes());
     b.extend_from_slice(&use_no.to_be_bytes());
+    b.extend_from_slice(recipient.as_bytes());
     let sealed = vault
         .engine
         .seal_secret(TICKET_LABEL, &b)
@@ -242,27 +257,46 @@ fn ticket(vault: &Vault, id: &str, n: u32, exp_ms: u64, use_no: u32) -> Result<S
     Ok(b64(&sealed))
 }
 
-/// What a ticket names: (link id, file, expiry, use).
-fn open_ticket(vault: &Vault, t: &str) -> Option<(String, u32, u64, u32)> {
-    let sealed = unb64(t).filter(|_| t.len() <= 256)?;
+/// What a ticket names.
+struct Ticket {
+    id: String,
+    n: u32,
+    exp: u64,
+    use_no: u32,
+    recipient: String,
+}
+
+/// Open a ticket (sealed: a forged or altered one opens as nothing).
+fn open_ticket(vault: &Vault, t: &str) -> Option<Ticket> {
+    let sealed = unb64(t).filter(|_| t.len() <= 2048)?;
     let b = vault.engine.open_secret(TICKET_LABEL, &sealed)?;
-    if b.len() != 32 + 16 {
+    if b.len() < 48 {
         return None;
     }
-    let id = String::from_utf8(b[..32].to_vec()).ok()?;
-    let n = u32::from_be_bytes(b[32..36].try_into().ok()?);
-    let exp = u64::from_be_bytes(b[36..44].try_into().ok()?);
-    let use_no = u32::from_be_bytes(b[44..48].try_into().ok()?);
-    Some((id, n, exp, use_no))
+    Some(Ticket {
+        id: String::from_utf8(b[..32].to_vec()).ok()?,
+        n: u32::from_be_bytes(b[32..36].try_into().ok()?),
+        exp: u64::from_be_bytes(b[36..44].try_into().ok()?),
+        use_no: u32::from_be_bytes(b[44..48].try_into().ok()?),
+        recipient: String::from_utf8(b[48..].to_vec()).ok()?,
+    })
 }
 
 /// `GET` a `location`: the JWE.
 pub fn file(vault: &Arc<Vault>, area: &Area, t: &str, seen: &mut Seen) -> Result<Vec<u8>, Error> {
     let now = crate::now_ms();
-    let Some((id, n, exp, use_no)) = open_ticket(vault, t) else {
+    let Some(Ticket {
+        id,
+        n,
+        exp,
+        use_no,
+        recipient,
+    }) = open_ticket(vault, t)
+    else {
         seen.reason = Some("location-unknown");
         return Err(Error::not_found("no such file"));
     };
+    seen.recipient = Some(recipient);
     let rec = record::load(vault, &id)?.ok_or_else(|| Error::not_found("no such file"))?;
     seen.link = Some((rec.id.clone(), rec.patient.clone()));
     refuse_erased(vault, &rec, seen)?;

@@ -28,9 +28,11 @@ pub fn manages(auth: &Authenticated, rec: &LinkRecord) -> bool {
     made || own
 }
 
-/// A link as listed (never the URL or key: the server has neither).
-pub fn listed(rec: &LinkRecord, now_ms: u64) -> Value {
+/// A link as listed (never the URL or key: the server has neither); `erased`: its patient
+/// was erased.
+pub fn listed(rec: &LinkRecord, now_ms: u64, erased: bool) -> Value {
     let status = match rec.ended(now_ms) {
+        _ if erased => "erased",
         None => "active",
         Some(Ended::Revoked) => "revoked",
         Some(Ended::Expired) => "expired",
@@ -64,7 +66,9 @@ pub fn list(vault: &Vault, auth: &Authenticated) -> Result<Vec<Value>, Error> {
         .filter(|r| manages(auth, r))
         .collect();
     mine.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
-    Ok(mine.iter().map(|r| listed(r, now)).collect())
+    mine.iter()
+        .map(|r| Ok(listed(r, now, record::patient_erased(vault, r)?)))
+        .collect()
 }
 
 /// Revoke link `id` for `auth`: the record keeps no area key, the files are removed.
@@ -116,7 +120,11 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
         }
         let done = match rec.ended(now) {
             None => record::patient_erased(vault, &rec)?,
-            Some(Ended::Used) => now >= rec.last_use_ms + LOCATION_LIFETIME_MS,
+            // a single use's files go once each was fetched, or when its locations expire
+            Some(Ended::Used) => {
+                rec.fetched.len() >= rec.files.len()
+                    || now >= rec.last_use_ms + LOCATION_LIFETIME_MS
+            }
             // (an attempt counted is given back when the passcode was right: at the cap,
             // the link is locked once no attempt is in flight)
             Some(Ended::Locked) => now >= rec.last_attempt_ms + LOCK_SETTLE_MS,
