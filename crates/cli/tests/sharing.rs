@@ -535,6 +535,20 @@ fn no_byte_the_server_wrote_holds_a_share_key_and_the_access_view_shows_every_fe
     };
     assert_eq!(of("shl-manifest").len(), 3, "two opened, one refused");
     assert_eq!(of("shl-file").len(), 2);
+    // the link's making names it, like every fetch: the patient tells which link was used
+    let link_of = |e: &Value| -> Option<String> {
+        e["entity"].as_array()?.iter().find_map(|x| {
+            (x["what"]["identifier"]["system"] == "urn:phivault:share-link")
+                .then(|| x["what"]["identifier"]["value"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    };
+    let made_id = link_of(of("shl-create")[0]).expect("the creation names its link");
+    assert!(
+        of("shl-manifest")
+            .iter()
+            .all(|e| link_of(e).as_deref() == Some(made_id.as_str()))
+    );
     // a file's fetch names the recipient its manifest request gave
     assert!(of("shl-file").iter().all(|e| {
         e["agent"].as_array().is_some_and(|a| {

@@ -357,13 +357,16 @@ fn by_link_holder(e: &AuditEvent) -> bool {
 /// the event's note opened ([`note_of`]), shown as the recipient a link's requester named.
 pub fn shown(seq: u64, e: &AuditEvent, to_patient: bool, note: Option<&str>) -> Value {
     let mut v = to_fhir(seq, e);
+    // a share link's every event (made, refreshed, revoked, fetched) names the link
+    if e.interaction.starts_with("shl-")
+        && e.resource_type.is_none()
+        && let Some(id) = &e.resource_id
+        && let Some(es) = v["entity"].as_array_mut()
+    {
+        es.push(json!({"what": {"identifier": {"system": "urn:phivault:share-link", "value": id}},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
+    }
     if by_link_holder(e) {
-        if let Some(id) = &e.resource_id
-            && let Some(es) = v["entity"].as_array_mut()
-        {
-            es.push(json!({"what": {"identifier": {"system": "urn:phivault:share-link", "value": id}},
-                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
-        }
         if let (Some(n), Some(agents)) = (note, v["agent"].as_array_mut()) {
             agents.push(json!({"type": {"text": "share link recipient"},
                 "who": {"display": n}, "requestor": true}));
