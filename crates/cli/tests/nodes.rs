@@ -422,3 +422,103 @@ fn the_first_run_of_serve_puts_its_store_in_the_database_named() {
     let e = try_spawn_server(c).expect_err("refused");
     assert!(e.contains("already exists and keeps its store"), "{e}");
 }
+
+/// A share link made on one node is fetched through the other (one exchange area, as on
+/// a shared filesystem), and its passcode cap holds exactly under guesses spread over
+/// both nodes at once (each attempt counted in the database's row, under its lock).
+#[test]
+fn a_share_links_cap_holds_across_the_nodes() {
+    let db = TestDb::new();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (da, dbb) = two_data_dirs(tmp.path(), &db);
+    let exchange = tmp.path().join("exchange");
+    let ex = exchange.to_str().expect("path");
+    let mut args: Vec<&str> = SERVE.to_vec();
+    args.extend(["--exchange-dir", ex]);
+    let start_with = |data: &Path| {
+        let launched = launch_with(data, &args);
+        let copy = tempfile::tempdir_in(tmp.path()).expect("tempdir");
+        Server::running(copy, data.to_path_buf(), launched)
+    };
+    let a = start_with(&da);
+    let b = start_with(&dbb);
+    let scope = "system/*.cruds";
+    let creds = a.add_client(scope);
+    let token = token_on(&a, &creds, scope);
+    let patient = create(&a, &token, "Linkson").expect("patient");
+    let made = a.send(
+        "POST",
+        &format!("{}/shl/links", a.origin),
+        Some(&token),
+        Some((
+            "application/json",
+            json!({"patient": format!("Patient/{patient}"), "passcode": "kestrel-55",
+                "passcodeAttempts": 20})
+            .to_string()
+            .into_bytes(),
+        )),
+        &[],
+    );
+    assert_eq!(made.status, 201, "{}", String::from_utf8_lossy(&made.body));
+    let shlink = made.json()["shlink"].as_str().expect("shlink").to_owned();
+    let payload: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            shlink.trim_start_matches("shlink:/"),
+        )
+        .expect("b64"),
+    )
+    .expect("json");
+    let url = payload["url"].as_str().expect("url").to_owned();
+    assert!(url.starts_with(PUBLIC), "{url}");
+    let on = |s: &Server, u: &str| u.replacen(PUBLIC, &s.origin, 1);
+    let ask = |s: &Server, pass: &str| {
+        s.send(
+            "POST",
+            &on(s, &url),
+            None,
+            Some((
+                "application/json",
+                json!({"recipient": "GP", "passcode": pass})
+                    .to_string()
+                    .into_bytes(),
+            )),
+            &[],
+        )
+    };
+    // made on A, opened through B, its file fetched through either
+    let m = ask(&b, "kestrel-55");
+    assert_eq!(m.status, 200, "{}", String::from_utf8_lossy(&m.body));
+    let loc = m.json()["files"][0]["location"]
+        .as_str()
+        .expect("location")
+        .to_owned();
+    assert_eq!(b.send("GET", &on(&b, &loc), None, None, &[]).status, 200);
+    assert_eq!(a.send("GET", &on(&a, &loc), None, None, &[]).status, 200);
+    // 100 guesses over both nodes at once: exactly 20 counted, each told a distinct number
+    let answers: Vec<(u16, Value)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..100)
+            .map(|i| {
+                let node = if i % 2 == 0 { &a } else { &b };
+                let ask = &ask;
+                sc.spawn(move || {
+                    let r = ask(node, &format!("guess-{i}"));
+                    (r.status, r.json())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let mut left: Vec<u64> = answers
+        .iter()
+        .filter(|(s, _)| *s == 401)
+        .map(|(_, v)| v["remainingAttempts"].as_u64().expect("remaining"))
+        .collect();
+    left.sort_unstable();
+    assert_eq!(left, (0..20).collect::<Vec<u64>>());
+    assert_eq!(answers.iter().filter(|(s, _)| *s == 404).count(), 80);
+    assert_eq!(ask(&a, "kestrel-55").status, 404, "locked on every node");
+    assert_eq!(ask(&b, "kestrel-55").status, 404);
+    let (ok, msg) = a.audit_verify();
+    assert!(ok, "{msg}");
+}

@@ -93,37 +93,43 @@ pub fn all<T: Row>(vault: &Vault) -> Result<Vec<T>, Error> {
 /// Change record `id` atomically: `f` gets the stored record (None: absent) and answers
 /// the record to write (None: leave it) and what the caller learns; the answer of the
 /// call whose decision was written is returned.
+///
+/// Compare and swap: the record is read, decided and sealed here — never inside the
+/// store's writer, which must not wait on anything that may itself write (sealing can
+/// reserve seal counts through the writer) — and the writer puts the new value only if the
+/// row still holds the bytes that were read (sealed values never repeat: random nonces);
+/// when another request or node changed it meanwhile, `f` decides again on the new value.
 pub fn update<T: Row, A: Send + 'static>(
     vault: &Arc<Vault>,
     id: &str,
-    mut f: impl FnMut(Option<T>) -> Result<(Option<T>, A), Error> + Send + 'static,
+    mut f: impl FnMut(Option<T>) -> Result<(Option<T>, A), Error>,
 ) -> Result<A, Error> {
-    type Slot<A> = Arc<parking_lot::Mutex<Option<Result<A, Error>>>>;
-    let out: Slot<A> = Default::default();
-    let (o, v, key) = (out.clone(), vault.clone(), id.to_owned());
-    vault.engine.update_sharing_row(
-        &format!("{}{id}", T::PREFIX),
-        Box::new(move |cur| {
-            let decided = cur
-                .map(|c| open::<T>(&v, &key, c))
-                .transpose()
-                .and_then(&mut f)
-                .and_then(|(write, answer)| {
-                    let sealed = write.as_ref().map(|r| seal(&v, r)).transpose()?;
-                    Ok((sealed, answer))
-                });
-            match decided {
-                Ok((sealed, answer)) => {
-                    *o.lock() = Some(Ok(answer));
-                    sealed
-                }
-                Err(e) => {
-                    *o.lock() = Some(Err(e));
-                    None
-                }
-            }
-        }),
-    )?;
-    let answer = out.lock().take();
-    answer.unwrap_or_else(|| Err(Error::internal()))
+    let key = format!("{}{id}", T::PREFIX);
+    for _ in 0..MAX_ROUNDS {
+        let read = vault.engine.meta(&key)?;
+        let current = read.as_ref().map(|v| open::<T>(vault, id, v)).transpose()?;
+        let (write, answer) = f(current)?;
+        let Some(new) = write else {
+            return Ok(answer);
+        };
+        let sealed = seal(vault, &new)?;
+        let swapped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = swapped.clone();
+        vault.engine.update_sharing_row(
+            &key,
+            Box::new(move |stored| {
+                let same = stored == read.as_deref();
+                s.store(same, std::sync::atomic::Ordering::SeqCst);
+                same.then(|| sealed.clone())
+            }),
+        )?;
+        if swapped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(answer);
+        }
+    }
+    // (only under a storm of writes to one row: the request fails rather than waits on)
+    Err(Error::Records(phivault_records::Error::unavailable()))
 }
+
+/// Most rounds of [`update`] before it gives up.
+const MAX_ROUNDS: usize = 1_000;

@@ -422,7 +422,9 @@ pub trait Store: Send + Sync + 'static {
     /// it as it is) and write that — inside the writer's transaction, so no other write of
     /// the row (this process's, or another node's on a shared database) comes between the
     /// read and the write; durable when this returns. `f` may be called more than once
-    /// (a group retried): the last call's answer is what was written.
+    /// (a group retried): the last call's answer is what was written. `f` runs inside the
+    /// writer: it must not call the store, nor anything that may (sealing under a key that
+    /// counts its seals reserves counts through the writer) — decide on bytes only.
     fn update_meta(&self, key: &str, f: MetaUpdate) -> Result<(), StoreError>;
     /// The metadata rows whose key starts with `prefix`, in key order, at most `limit`.
     fn meta_prefix(&self, prefix: &str, limit: usize)
