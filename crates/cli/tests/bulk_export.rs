@@ -255,6 +255,23 @@ fn a_thousand_patients_export_and_reimport_with_equal_counts_and_no_plaintext_at
         patient_file["entities"].as_array().expect("entities").len(),
         PATIENTS
     );
+    // a cancel while an export runs: 202, and none of its files stay
+    let running = kick_off(&a, &token, "$export");
+    let job = running.rsplit('/').next().expect("job").to_owned();
+    let c = a.send("DELETE", &running, Some(&token), None, &[]);
+    assert_eq!(c.status, 202, "{}", String::from_utf8_lossy(&c.body));
+    assert_eq!(a.send("GET", &running, Some(&token), None, &[]).status, 404);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while files_under(&area).iter().any(|f| {
+        f.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&format!("exp-{job}-")))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "a cancelled export's files stayed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // after expiry: 404, and the files' bytes are gone
     let expires =
         httpdate::parse_http_date(done.header("expires").expect("expires")).expect("date");

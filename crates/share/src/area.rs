@@ -68,6 +68,14 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// A removal's outcome: absent already is fine.
+fn gone(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
 fn bad_name() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "not an exchange file name")
 }
@@ -106,7 +114,13 @@ impl Area {
             return Err(bad_name());
         }
         let path = self.dir.join(name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
+        // a temporary name of this writer's own (two writers of one name never share it)
+        let salt =
+            phivault_crypto::random_bytes::<6>().map_err(|_| io::Error::other("no randomness"))?;
+        let tmp = self.dir.join(format!(
+            "{name}.{}.tmp",
+            salt.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
         let file = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -154,14 +168,7 @@ impl Area {
         if !valid_name(name) {
             return Err(bad_name());
         }
-        for p in [self.dir.join(name), self.dir.join(format!("{name}.tmp"))] {
-            match fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        gone(fs::remove_file(self.dir.join(name)))
     }
 
     /// Every file whose name starts with `prefix` (finished or not).
@@ -181,7 +188,8 @@ impl Area {
     pub fn remove_prefix(&self, prefix: &str) -> io::Result<usize> {
         let mut n = 0;
         for name in self.names(prefix)? {
-            fs::remove_file(self.dir.join(&name))?;
+            // (one a writer renamed or removed meanwhile is gone all the same)
+            gone(fs::remove_file(self.dir.join(&name)))?;
             n += 1;
         }
         Ok(n)

@@ -86,12 +86,21 @@ pub(crate) fn unread(e: std::io::Error) -> Error {
 /// the invisible or direction-changing format characters (zero-width spaces and joiners,
 /// bidirectional embeddings, overrides and isolates, the byte-order mark).
 pub fn printable(s: &str) -> bool {
-    !s.chars().any(|c| {
-        c.is_control()
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
-                | '\u{00AD}' | '\u{061C}' | '\u{180E}')
-    })
+    s.chars().any(|c| !c.is_whitespace() && !invisible(c)) && !s.chars().any(invisible)
+}
+
+/// Characters that show nothing, change how the rest shows, or mean nothing agreed:
+/// controls, format characters (zero-width, joiners, bidirectional embeddings, overrides
+/// and isolates, the byte-order mark, tags, interlinear annotation), blank fillers
+/// (Hangul, braille), variation selectors, line and paragraph separators, private use.
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{180E}'
+            | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}'
+            | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}' | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}'
+            | '\u{E000}'..='\u{F8FF}' | '\u{F0000}'..='\u{10FFFF}')
 }
 
 /// Milliseconds since the Unix epoch.

@@ -67,7 +67,7 @@ pub(super) fn note(
     // a wrong passcode, or any request at a link its wrong passcodes locked
     if matches!(
         e.detail.reason.as_deref(),
-        Some("passcode-wrong" | "link-locked")
+        Some("passcode-wrong" | "link-locked" | "passcode-busy")
     ) {
         d.failures += 1;
         keep(d);

@@ -181,7 +181,7 @@ pub async fn status(
     run(app, ctx, move |a, ctx| {
         let auth = a.authenticate(&headers, ctx)?;
         let files_url = format!("{}/bulk/{job}", a.vault.base_url.trim_end_matches("/fhir"));
-        match export::status(&a.vault, &auth, &job).map_err(share_err)? {
+        match export::status(&a.vault, area(a)?, &auth, &job).map_err(share_err)? {
             Status::Running(p) => {
                 let mut r = StatusCode::ACCEPTED.into_response();
                 if let Ok(v) = HeaderValue::from_str(&p) {

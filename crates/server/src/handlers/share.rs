@@ -43,6 +43,9 @@ fn respond(e: phivault_share::Error) -> Result<Response, ApiError> {
     }
 }
 
+/// Largest manifest request body (a recipient, a passcode, a number).
+const MAX_MANIFEST_REQUEST: usize = 16 << 10;
+
 fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
     app.exchange.as_ref().ok_or_else(ApiError::unavailable)
 }
@@ -244,6 +247,13 @@ pub async fn manifest(
             .get(header::USER_AGENT)
             .and_then(|v| phivault_audit::Detail::clean_agent(v.as_bytes()));
         let body = crate::respond::body_bytes(&headers, body)?;
+        if body.len() > MAX_MANIFEST_REQUEST {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                phivault_fhir::IssueCode::TooCostly,
+                "a manifest request is at most 16 KiB",
+            ));
+        }
         let req: Option<ManifestRequest> = serde_json::from_slice(&body).ok();
         let mut seen = Seen::default();
         let out = match &req {

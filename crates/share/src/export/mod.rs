@@ -207,14 +207,20 @@ fn own(vault: &Vault, auth: &Authenticated, id: &str) -> Result<JobRecord, Error
 }
 
 /// The status of job `id`.
-pub fn status(vault: &Vault, auth: &Authenticated, id: &str) -> Result<Status, Error> {
+pub fn status(vault: &Vault, area: &Area, auth: &Authenticated, id: &str) -> Result<Status, Error> {
     let rec = own(vault, auth, id)?;
     let now = crate::now_ms();
     match rec.state {
         State::Running => Ok(Status::Running(
             run::progress(id).map_or_else(|| "in progress".to_owned(), |p| p.text()),
         )),
-        State::Done if now < rec.expires_ms => Ok(Status::Done(Box::new(rec))),
+        State::Done if now < rec.expires_ms => {
+            // a patient erased since: gone at once, not at the next sweep
+            if holds_erased(vault, area, &rec)? {
+                return Err(Error::Records(phivault_records::Error::erased()));
+            }
+            Ok(Status::Done(Box::new(rec)))
+        }
         State::Failed => Ok(Status::Failed(rec.message.clone().unwrap_or_default())),
         State::Erased => Err(Error::Records(phivault_records::Error::erased())),
         _ => Err(Error::not_found("this export has expired or was cancelled")),
@@ -318,7 +324,7 @@ pub fn open_file(
     error: bool,
     n: usize,
 ) -> Result<Download, Error> {
-    let rec = match status(vault, auth, id)? {
+    let rec = match status(vault, area, auth, id)? {
         Status::Done(r) => r,
         _ => return Err(Error::not_found("this export has no files now")),
     };

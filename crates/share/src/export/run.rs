@@ -227,13 +227,13 @@ fn finish(
     if let Err(e) = &r {
         tracing::warn!(error = %e, "an export failed");
     }
-    let done = matches!(r, Ok(true));
-    let _ = crate::rows::update::<JobRecord, ()>(vault, job, move |cur| {
+    let done = crate::rows::update::<JobRecord, bool>(vault, job, move |cur| {
         let Some(mut rec) = cur else {
-            return Ok((None, ()));
+            return Ok((None, false));
         };
         if rec.state != State::Running {
-            return Ok((None, ()));
+            // cancelled (or failed by a sweep) meanwhile: what was written goes
+            return Ok((None, false));
         }
         match &r {
             Ok(true) => {
@@ -254,8 +254,10 @@ fn finish(
             }
         }
         rec.heartbeat_ms = now;
-        Ok((Some(rec), ()))
-    });
+        let done = rec.state == State::Done;
+        Ok((Some(rec), done))
+    })
+    .unwrap_or(false);
     if !done {
         let _ = area.remove_prefix(&format!("exp-{job}-"));
     }

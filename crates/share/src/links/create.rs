@@ -207,6 +207,7 @@ pub fn create(
         passcode,
         attempts: 0,
         last_attempt_ms: 0,
+        pending: 0,
         uses: 0,
         last_use_ms: 0,
         updated_ms: now,

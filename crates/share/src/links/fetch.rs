@@ -103,6 +103,21 @@ fn ended(seen: &mut Seen, e: Ended) -> Error {
     Error::not_found("this link is no longer active")
 }
 
+/// Why a link refuses a manifest request now: ended (404), or — at its cap while
+/// attempts counted a moment ago are still being checked (a right one is given back) —
+/// busy for a second (429).
+fn refusal(rec: &LinkRecord, now: u64, seen: &mut Seen) -> Option<Error> {
+    match rec.ended(now)? {
+        Ended::Locked
+            if rec.pending > 0 && now < rec.last_attempt_ms + super::manage::LOCK_SETTLE_MS =>
+        {
+            seen.reason = Some("passcode-busy");
+            Some(Error::TooSoon { retry_after_s: 1 })
+        }
+        e => Some(ended(seen, e)),
+    }
+}
+
 /// `POST` the manifest URL.
 pub fn manifest(
     vault: &Arc<Vault>,
@@ -114,8 +129,8 @@ pub fn manifest(
 ) -> Result<Manifest, Error> {
     let now = crate::now_ms();
     let rec = find(vault, secret, seen)?;
-    if let Some(e) = rec.ended(now) {
-        return Err(ended(seen, e));
+    if let Some(e) = refusal(&rec, now, seen) {
+        return Err(e);
     }
     let who = recipient(req.recipient.as_deref())
         .inspect_err(|_| seen.reason = Some("recipient-missing"))?;
@@ -192,21 +207,38 @@ fn check_passcode(
     let now = crate::now_ms();
     let left = record::update(vault, id, move |cur| {
         let Some(mut rec) = cur else {
-            return Ok((None, Err(Ended::Revoked)));
+            return Ok((None, Err(None)));
         };
-        if let Some(e) = rec.ended(now) {
-            return Ok((None, Err(e)));
+        if rec.ended(now).is_some() {
+            return Ok((None, Err(Some(Box::new(rec)))));
         }
         rec.attempts += 1;
+        rec.pending += 1;
         rec.last_attempt_ms = now;
         let left = rec.terms.cap - rec.attempts;
         Ok((Some(rec), Ok(left)))
     })?;
-    let left = left.map_err(|e| ended(seen, e))?;
+    let left = match left {
+        Ok(n) => n,
+        Err(Some(rec)) => {
+            return Err(refusal(&rec, now, seen).unwrap_or_else(|| ended(seen, Ended::Revoked)));
+        }
+        Err(None) => return Err(ended(seen, Ended::Revoked)),
+    };
     if phivault_auth::password::verify_password(given, phc) {
         return Ok(());
     }
     seen.reason = Some("passcode-wrong");
+    // checked: no longer pending (the attempt stays counted)
+    record::update(vault, id, |cur| {
+        Ok((
+            cur.filter(|r| r.pending > 0).map(|mut r| {
+                r.pending -= 1;
+                r
+            }),
+            (),
+        ))
+    })?;
     Err(Error::Passcode { remaining: left })
 }
 
@@ -225,6 +257,7 @@ fn take_use(
         };
         if reserved {
             rec.attempts = rec.attempts.saturating_sub(1);
+            rec.pending = rec.pending.saturating_sub(1);
         }
         if let Some(e) = rec.ended(now) {
             return Ok((reserved.then_some(rec), Err(e)));

@@ -14,7 +14,7 @@ use crate::Error;
 use crate::area::Area;
 
 /// How long after its last counted attempt a link at its cap is swept as locked.
-pub const LOCK_SETTLE_MS: u64 = 60_000;
+pub const LOCK_SETTLE_MS: u64 = 10_000;
 
 /// Whether `auth` manages `rec`: it made it (the same client, for the same person), or it
 /// is the patient's own sign-in (`fhirUser` is the patient).
@@ -102,10 +102,9 @@ pub fn revoke(
 }
 
 fn remove_files(area: &Area, rec: &LinkRecord) {
-    for n in 0..rec.files.len() as u32 {
-        if let Err(e) = area.remove(&rec.file_name(n)) {
-            tracing::warn!(error = %e, "a share link's file could not be removed");
-        }
+    // (every file of the link, and any a writer left half-written)
+    if let Err(e) = area.remove_prefix(&format!("shl-{}-", rec.id)) {
+        tracing::warn!(error = %e, "a share link's files could not be removed");
     }
 }
 
@@ -127,7 +126,7 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
             }
             // (an attempt counted is given back when the passcode was right: at the cap,
             // the link is locked once no attempt is in flight)
-            Some(Ended::Locked) => now >= rec.last_attempt_ms + LOCK_SETTLE_MS,
+            Some(Ended::Locked) => rec.pending == 0 || now >= rec.last_attempt_ms + LOCK_SETTLE_MS,
             Some(_) => true,
         };
         if !done {

@@ -66,6 +66,9 @@ pub struct LinkRecord {
     /// checked).
     #[serde(default)]
     pub last_attempt_ms: u64,
+    /// Attempts counted whose passcode is still being checked.
+    #[serde(default)]
+    pub pending: u32,
     /// Successful manifest requests (or direct fetches).
     pub uses: u32,
     /// The last successful manifest request (ms), for polling.
