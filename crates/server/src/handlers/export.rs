@@ -273,35 +273,46 @@ pub async fn file(
         return ok;
     }
     // each piece read off the async threads under the blocking permits (a slow reader
-    // holds none while its bytes travel)
-    let stream = futures_util::stream::unfold(Some(d.body), |body| async move {
-        let mut body = body?;
-        let read = blocking(move || {
-            let mut buf = vec![0u8; 256 << 10];
-            let mut n = 0;
-            while n < buf.len() {
-                match body.read(&mut buf[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) => return Ok((body, Err(e))),
+    // holds none while its bytes travel), a few pieces ahead of the client
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut body = Some(d.body);
+        while let Some(mut b) = body.take() {
+            let read = blocking(move || {
+                let mut buf = vec![0u8; 256 << 10];
+                let mut n = 0;
+                while n < buf.len() {
+                    match b.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) => return Ok((b, Err(e))),
+                    }
                 }
+                buf.truncate(n);
+                Ok((b, Ok(buf)))
+            })
+            .await;
+            let piece = match read {
+                Ok((_, Ok(buf))) if buf.is_empty() => return,
+                Ok((b, Ok(buf))) => {
+                    body = Some(b);
+                    Ok(Bytes::from(buf))
+                }
+                Ok((_, Err(e))) => {
+                    // a file that fails its check mid-way: the response is cut, never
+                    // completed with what did not open
+                    tracing::warn!("an export file failed its integrity check while served");
+                    Err(e)
+                }
+                Err(_) => Err(std::io::Error::other("unavailable")),
+            };
+            if tx.send(piece).await.is_err() {
+                return;
             }
-            buf.truncate(n);
-            Ok((body, Ok(buf)))
-        })
-        .await;
-        match read {
-            Ok((_, Ok(b))) if b.is_empty() => None,
-            Ok((body, Ok(b))) => Some((Ok(Bytes::from(b)), Some(body))),
-            Ok((_, Err(e))) => {
-                // a file that fails its check mid-way: the response is cut, never
-                // completed with what did not open
-                tracing::warn!("an export file failed its integrity check while served");
-                Some((Err(e), None))
-            }
-            Err(_) => Some((Err(std::io::Error::other("unavailable")), None)),
         }
     });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.headers_mut() = ok.headers().clone();
     resp.headers_mut().insert(

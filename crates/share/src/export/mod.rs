@@ -358,16 +358,20 @@ pub fn open_file(
 
 /// Whether any of `patients` was erased.
 fn any_erased(vault: &Vault, patients: &[String]) -> Result<bool, Error> {
-    for p in patients {
-        if vault
-            .engine
-            .is_erased(&phivault_records::engine::patient_key_id(p))?
-        {
-            return Ok(true);
-        }
+    // the erasure markers read once (erasures are few; a file names thousands of patients)
+    let erased = vault.engine.meta_prefix(ERASED_PATIENTS, usize::MAX)?;
+    if erased.is_empty() {
+        return Ok(false);
     }
-    Ok(false)
+    let erased: std::collections::HashSet<&str> = erased
+        .iter()
+        .map(|(k, _)| &k[ERASED_PATIENTS.len()..])
+        .collect();
+    Ok(patients.iter().any(|p| erased.contains(p.as_str())))
 }
+
+/// The prefix of the erasure markers of patients' data keys.
+const ERASED_PATIENTS: &str = "erased:p:";
 
 /// Whether a finished job's files hold a patient erased since (then it ends: an erased
 /// patient's records leave in no export).
