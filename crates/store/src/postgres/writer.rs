@@ -335,11 +335,12 @@ async fn apply_group(
             }
             Command::SetMeta(k, change, _) => {
                 in_savepoint(c, chain, async |c, chain| {
+                    // the row read and checked once; an update decides on it
+                    let stored = checked_setting(c, integ, &chain.digests, known, k).await?;
                     let v = match change {
                         crate::sqlite::MetaChange::Set(v) => v.clone(),
                         crate::sqlite::MetaChange::Update(f) => {
-                            let cur = stored_setting(c, integ, &chain.digests, known, k).await?;
-                            match f(cur.as_deref()) {
+                            match f(stored.as_ref().map(|(v, _)| v.as_slice())) {
                                 Some(v) => v,
                                 None => {
                                     return Ok(Committed {
@@ -349,7 +350,8 @@ async fn apply_group(
                             }
                         }
                     };
-                    let write = put_setting(c, integ, &mut chain.digests, known, k, &v).await?;
+                    let old = stored.map(|(_, m)| m);
+                    let write = write_setting(c, integ, &mut chain.digests, k, old, &v).await?;
                     if let Write::Setting { key, mac } = &write {
                         chain.settings.push((key.clone(), *mac));
                     }
@@ -712,30 +714,37 @@ async fn change_postings(
 }
 
 /// Settings row `key` as stored, read inside the group's transaction (which holds the
-/// audit head's row lock: no other node writes meanwhile): its MAC valid, and — when it is
-/// not the row this node believes (another node's write, or an older copy put back) —
-/// every settings row summing to the signed state.
-async fn stored_setting(
+/// audit head's row lock: no other node writes meanwhile): its value and MAC, the MAC
+/// valid, and — when it is not the row this node believes (another node's write, or an
+/// older copy put back) — every settings row summing to the signed state (this group's own
+/// changes counted) before anything is written over it.
+async fn checked_setting(
     c: &mut PgConn,
     integ: &Integrity,
     digests: &Digests,
     known: &parking_lot::RwLock<super::trust::Settings>,
     key: &str,
-) -> Result<Option<Vec<u8>>, CommitError> {
-    let Some(r) = c
+) -> Result<Option<(Vec<u8>, [u8; 32])>, CommitError> {
+    let stored = c
         .query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
         .await
-        .map_err(store_err)?
-    else {
-        return Ok(None);
+        .map_err(store_err)?;
+    let stored = match stored {
+        Some(r) => {
+            let (v, mac): (Vec<u8>, &[u8]) = (r.get(0), r.get(1));
+            if !integ.setting_ok(key, &v, mac) {
+                return Err(CommitError::Store(super::trust::tampered(format!(
+                    "settings row {key} is not the one last written (changed outside phivault)"
+                ))));
+            }
+            let mut m = [0u8; 32];
+            m.copy_from_slice(mac);
+            Some((v, m))
+        }
+        None => None,
     };
-    let (v, mac): (Vec<u8>, &[u8]) = (r.get(0), r.get(1));
-    if !integ.setting_ok(key, &v, mac) {
-        return Err(CommitError::Store(super::trust::tampered(format!(
-            "settings row {key} is not the one last written (changed outside phivault)"
-        ))));
-    }
-    if known.read().get(key).map(|m| &m[..]) != Some(mac) {
+    let believed = known.read().get(key).copied();
+    if stored.as_ref().map(|(_, m)| *m) != believed {
         let (_, sum) = super::trust::settings(c, integ).await?;
         if sum != digests.settings {
             return Err(CommitError::Store(super::trust::tampered(
@@ -743,11 +752,12 @@ async fn stored_setting(
             )));
         }
     }
-    Ok(Some(v))
+    Ok(stored)
 }
 
-/// Write settings row `key` = `value` with its MAC after checking the stored row's MAC;
-/// update the summary. The write the caller commits in the audit log.
+/// Write settings row `key` = `value` with its MAC after checking the stored row
+/// ([`checked_setting`]); update the summary. The write the caller commits in the audit
+/// log.
 pub(super) async fn put_setting(
     c: &mut PgConn,
     integ: &Integrity,
@@ -756,37 +766,21 @@ pub(super) async fn put_setting(
     key: &str,
     value: &[u8],
 ) -> Result<Write, CommitError> {
-    let stored = c
-        .query_opt("SELECT v, mac FROM meta WHERE k = $1", &[&key])
-        .await
-        .map_err(store_err)?;
-    let stored_mac = match &stored {
-        Some(r) => {
-            let (v, mac): (&[u8], &[u8]) = (r.get(0), r.get(1));
-            if !integ.setting_ok(key, v, mac) {
-                return Err(CommitError::Store(super::trust::tampered(format!(
-                    "settings row {key} is not the one last written (changed outside phivault)"
-                ))));
-            }
-            let mut m = [0u8; 32];
-            m.copy_from_slice(mac);
-            Some(m)
-        }
-        None => None,
-    };
-    // a row other than the one this node believes (another node's change, or an older
-    // copy put back): every row summed in this transaction must be the signed state
-    // (this group's own changes counted) before anything is written over it
-    let believed = known.read().get(key).copied();
-    if stored_mac != believed {
-        let (_, sum) = super::trust::settings(c, integ).await?;
-        if sum != digests.settings {
-            return Err(CommitError::Store(super::trust::tampered(
-                "the settings rows differ from the signed state: a row was restored from an older copy, removed or added",
-            )));
-        }
-    }
-    if let Some(old) = stored_mac {
+    let stored = checked_setting(c, integ, digests, known, key).await?;
+    write_setting(c, integ, digests, key, stored.map(|(_, m)| m), value).await
+}
+
+/// Write settings row `key` = `value` over the row whose MAC was `old` (checked by the
+/// caller in this transaction); update the summary.
+async fn write_setting(
+    c: &mut PgConn,
+    integ: &Integrity,
+    digests: &mut Digests,
+    key: &str,
+    old: Option<[u8; 32]>,
+    value: &[u8],
+) -> Result<Write, CommitError> {
+    if let Some(old) = old {
         digests.settings.sub(integ.setting_element(&old));
     }
     let mac = integ.setting_mac(key, value);
