@@ -127,6 +127,24 @@ impl From<phivault_records::Error> for ApiError {
     }
 }
 
+impl From<phivault_share::Error> for ApiError {
+    fn from(e: phivault_share::Error) -> Self {
+        match e {
+            phivault_share::Error::Records(e) => e.into(),
+            phivault_share::Error::TooSoon { retry_after_s, why } => {
+                let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, IssueCode::Throttled, why);
+                e.retry_after = Some(retry_after_s);
+                e
+            }
+            phivault_share::Error::Passcode { .. } => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                IssueCode::Security,
+                "the passcode was refused",
+            ),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = phivault_fhir::operation_outcome(&self.issues);

@@ -162,6 +162,11 @@ impl App {
         }
     }
 
+    /// The exchange area of trusted sharing (503 when this server has none).
+    pub(crate) fn exchange_area(&self) -> Result<&phivault_share::area::Area, ApiError> {
+        self.exchange.as_ref().ok_or_else(ApiError::unavailable)
+    }
+
     /// Look a registered client up.
     pub fn client(&self, client_id: &str) -> Option<ClientRecord> {
         let bytes = self.vault.engine.meta(&client_meta_key(client_id)).ok()??;

@@ -28,6 +28,8 @@ pub enum Error {
     TooSoon {
         /// Seconds to wait.
         retry_after_s: u64,
+        /// Why (a fixed text).
+        why: &'static str,
     },
 }
 
@@ -65,7 +67,9 @@ impl std::fmt::Display for Error {
         match self {
             Error::Records(e) => e.fmt(f),
             Error::Passcode { remaining } => write!(f, "passcode refused ({remaining} left)"),
-            Error::TooSoon { retry_after_s } => write!(f, "polled too soon ({retry_after_s} s)"),
+            Error::TooSoon { retry_after_s, why } => {
+                write!(f, "{why} (retry in {retry_after_s} s)")
+            }
         }
     }
 }

@@ -128,7 +128,7 @@ pub async fn report(
         if let Some(q) = next
             && let Ok(v) = axum::http::HeaderValue::from_str(&format!(
                 "<{}/audit/report?{q}>; rel=\"next\"",
-                app.vault.base_url.trim_end_matches("/fhir")
+                app.origin()
             ))
         {
             resp.headers_mut().insert(axum::http::header::LINK, v);

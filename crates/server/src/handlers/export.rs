@@ -20,26 +20,6 @@ use crate::error::ApiError;
 use crate::respond::json_response;
 use crate::state::{App, Ctx, Peer, blocking, finish, run};
 
-fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
-    app.exchange.as_ref().ok_or_else(ApiError::unavailable)
-}
-
-fn share_err(e: phivault_share::Error) -> ApiError {
-    match e {
-        phivault_share::Error::Records(e) => e.into(),
-        phivault_share::Error::TooSoon { retry_after_s } => {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                phivault_fhir::IssueCode::Throttled,
-                format!("too many exports are running: try again in {retry_after_s} s"),
-            );
-            e.retry_after = Some(retry_after_s);
-            e
-        }
-        phivault_share::Error::Passcode { .. } => ApiError::internal(),
-    }
-}
-
 /// The kick-off parameters the spec defines, as recorded in the audit event (any other
 /// name is recorded as `unknown`: request text is never written to the log).
 fn param_name(k: &str) -> String {
@@ -140,7 +120,7 @@ async fn kick_off(
         let pairs = phivault_records::engine::form_urlencoded_pairs(q.as_deref().unwrap_or(""));
         ctx.detail.query = pairs.iter().map(|(k, _)| param_name(k)).take(32).collect();
         let e2e = match a.client(auth.client_id()).and_then(|c| c.export_key) {
-            Some(jwk) => Some(export::encryption_key(&jwk).map_err(share_err)?),
+            Some(jwk) => Some(export::encryption_key(&jwk).map_err(ApiError::from)?),
             None => None,
         };
         let path = match &level {
@@ -159,8 +139,9 @@ async fn kick_off(
             e2e,
             expiry_ms: a.export_expiry_ms,
         };
-        let id = export::kick_off(&a.vault, area(a)?, &auth, asked).map_err(share_err)?;
-        let status = format!("{}/bulk/{id}", a.vault.base_url.trim_end_matches("/fhir"));
+        let id =
+            export::kick_off(&a.vault, a.exchange_area()?, &auth, asked).map_err(ApiError::from)?;
+        let status = format!("{}/bulk/{id}", a.origin());
         let mut r = StatusCode::ACCEPTED.into_response();
         if let Ok(v) = HeaderValue::from_str(&status) {
             r.headers_mut().insert(header::CONTENT_LOCATION, v);
@@ -180,8 +161,8 @@ pub async fn status(
     let ctx = Ctx::new(peer, Action::R, "export-status");
     run(app, ctx, move |a, ctx| {
         let auth = a.authenticate(&headers, ctx)?;
-        let files_url = format!("{}/bulk/{job}", a.vault.base_url.trim_end_matches("/fhir"));
-        match export::status(&a.vault, area(a)?, &auth, &job).map_err(share_err)? {
+        let files_url = format!("{}/bulk/{job}", a.origin());
+        match export::status(&a.vault, a.exchange_area()?, &auth, &job).map_err(ApiError::from)? {
             Status::Running(p) => {
                 let mut r = StatusCode::ACCEPTED.into_response();
                 if let Ok(v) = HeaderValue::from_str(&p) {
@@ -227,7 +208,7 @@ pub async fn cancel(
     let ctx = Ctx::new(peer, Action::D, "export-cancel");
     run(app, ctx, move |a, ctx| {
         let auth = a.authenticate(&headers, ctx)?;
-        export::cancel(&a.vault, area(a)?, &auth, &job).map_err(share_err)?;
+        export::cancel(&a.vault, a.exchange_area()?, &auth, &job).map_err(ApiError::from)?;
         Ok(StatusCode::ACCEPTED.into_response())
     })
     .await
@@ -252,8 +233,8 @@ pub async fn file(
                 _ => return Err(ApiError::not_found("no such file")),
             };
             let n: usize = n.parse().map_err(|_| ApiError::not_found("no such file"))?;
-            let d =
-                export::open_file(&a.vault, area(&a)?, &auth, &job, error, n).map_err(share_err)?;
+            let d = export::open_file(&a.vault, a.exchange_area()?, &auth, &job, error, n)
+                .map_err(ApiError::from)?;
             ctx.rtype = Some(d.rtype.clone());
             ctx.id = Some(job.clone());
             ctx.entities = phivault_audit::Entity::patients(&d.patients);

@@ -25,35 +25,17 @@ use crate::state::{App, Ctx, Peer, run};
 /// passcode as the spec's `{"remainingAttempts": n}`; polling too soon as 429.
 fn respond(e: phivault_share::Error) -> Result<Response, ApiError> {
     match e {
-        phivault_share::Error::Records(e) => Err(e.into()),
         phivault_share::Error::Passcode { remaining } => Ok(json_response(
             StatusCode::UNAUTHORIZED,
             Bytes::from(json!({"remainingAttempts": remaining}).to_string()),
             "application/json",
         )),
-        phivault_share::Error::TooSoon { retry_after_s } => {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                phivault_fhir::IssueCode::Throttled,
-                "this long-term link was polled too soon",
-            );
-            e.retry_after = Some(retry_after_s);
-            Err(e)
-        }
+        e => Err(e.into()),
     }
 }
 
 /// Largest manifest request body (a recipient, a passcode, a number).
 const MAX_MANIFEST_REQUEST: usize = 16 << 10;
-
-fn area(app: &App) -> Result<&phivault_share::area::Area, ApiError> {
-    app.exchange.as_ref().ok_or_else(ApiError::unavailable)
-}
-
-/// The origin links and locations are served from.
-fn origin(app: &App) -> String {
-    app.vault.base_url.trim_end_matches("/fhir").to_owned()
-}
 
 /// Links are fetched by viewers on other origins: no credentials, so any origin may read.
 fn cors(mut r: Response) -> Response {
@@ -103,7 +85,8 @@ pub async fn create(
         let body = crate::respond::body_bytes(&headers, body)?;
         let req: links::NewLink = serde_json::from_slice(&body)
             .map_err(|_| ApiError::bad_request("the body is not a share link request"))?;
-        let made = match links::create(&app.vault, area(app)?, &auth, &req, &origin(app)) {
+        let made = match links::create(&app.vault, app.exchange_area()?, &auth, &req, app.origin())
+        {
             Ok(m) => m,
             Err(e) => return respond(e),
         };
@@ -165,7 +148,7 @@ pub async fn revoke(
     let ctx = Ctx::new(peer, Action::D, "shl-revoke");
     run(app, ctx, move |app, ctx| {
         let auth = app.authenticate(&headers, ctx)?;
-        match links::revoke(&app.vault, area(app)?, &auth, &id) {
+        match links::revoke(&app.vault, app.exchange_area()?, &auth, &id) {
             Ok(patient) => {
                 ctx.id = Some(id);
                 ctx.patient = Some(patient);
@@ -196,7 +179,7 @@ pub async fn refresh(
             .and_then(|v| v["key"].as_str().map(str::to_owned))
             .ok_or_else(|| ApiError::bad_request("the body is {\"key\": \"<the link's key>\"}"))?;
         let key = zeroize::Zeroizing::new(key);
-        let done = match links::refresh(&app.vault, area(app)?, &auth, &id, &key) {
+        let done = match links::refresh(&app.vault, app.exchange_area()?, &auth, &id, &key) {
             Ok(d) => d,
             Err(e) => return respond(e),
         };
@@ -259,10 +242,10 @@ pub async fn manifest(
         let out = match &req {
             Some(req) => links::manifest(
                 &app.vault,
-                area(app)?,
+                app.exchange_area()?,
                 &secret,
                 req,
-                &origin(app),
+                app.origin(),
                 &mut seen,
             ),
             None => Err(phivault_share::Error::bad_request(
@@ -335,7 +318,7 @@ pub async fn direct(
         let mut seen = Seen::default();
         let out = links::direct(
             &app.vault,
-            area(app)?,
+            app.exchange_area()?,
             &secret,
             recipient.as_deref(),
             &mut seen,
@@ -361,7 +344,7 @@ pub async fn file(
     let ctx = Ctx::new(peer, Action::R, "shl-file");
     let r = run(app, ctx, move |app, ctx| {
         let mut seen = Seen::default();
-        let out = links::file(&app.vault, area(app)?, &ticket, &mut seen);
+        let out = links::file(&app.vault, app.exchange_area()?, &ticket, &mut seen);
         let recipient = seen.recipient.take();
         note_seen(app, ctx, seen, recipient.as_deref());
         out.map(jose).or_else(respond)

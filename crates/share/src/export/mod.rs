@@ -108,7 +108,10 @@ pub fn kick_off(
         &phivault_crypto::random_bytes::<16>().map_err(|_| Error::internal())?,
     );
     let Some(progress) = run::reserve(&id, auth.client_id()) else {
-        return Err(Error::TooSoon { retry_after_s: 30 });
+        return Err(Error::TooSoon {
+            retry_after_s: 30,
+            why: "too many exports are running",
+        });
     };
     let plan = run::Plan {
         level: k.level,

@@ -112,7 +112,10 @@ fn refusal(rec: &LinkRecord, now: u64, seen: &mut Seen) -> Option<Error> {
             if rec.pending > 0 && now < rec.last_attempt_ms + super::manage::LOCK_SETTLE_MS =>
         {
             seen.reason = Some("passcode-busy");
-            Some(Error::TooSoon { retry_after_s: 1 })
+            Some(Error::TooSoon {
+                retry_after_s: 1,
+                why: "passcodes given for this link are being checked",
+            })
         }
         e => Some(ended(seen, e)),
     }
@@ -146,6 +149,7 @@ pub fn manifest(
         seen.reason = Some("polled-too-soon");
         return Err(Error::TooSoon {
             retry_after_s: (rec.last_use_ms + POLL_INTERVAL_MS - now).div_ceil(1000),
+            why: "this long-term link was polled too soon",
         });
     }
     let reserved = match &rec.passcode {
