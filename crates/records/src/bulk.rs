@@ -15,8 +15,13 @@ const BATCH: usize = 512;
 pub enum Item<'a> {
     /// A current record: its row (without the ciphertext's use) and its JSON as stored.
     Record(&'a VersionRow, Vec<u8>),
-    /// A record that failed its integrity check (ids only).
-    Damaged(&'a VersionRow),
+    /// A record that failed its integrity check (its type and id only).
+    Damaged {
+        /// Its type.
+        rtype: &'a str,
+        /// Its id.
+        id: &'a str,
+    },
 }
 
 /// Visit every current record of `access`'s type that it reaches, written after
@@ -53,7 +58,10 @@ pub fn each_current(
                     if vault.engine.is_erased(&row.key_id)? {
                         continue;
                     }
-                    Item::Damaged(&row)
+                    Item::Damaged {
+                        rtype: &row.rtype,
+                        id: &row.id,
+                    }
                 }
                 Err(e) => return Err(e),
             };
@@ -85,16 +93,10 @@ pub fn each_of_patient(
             go
         }
         crate::search::Streamed::Damaged { rtype, id } => {
-            let row = VersionRow {
-                rtype,
-                id,
-                version: 0,
-                key_id: String::new(),
-                deleted: false,
-                updated_ms: 0,
-                sealed: Vec::new(),
-            };
-            let go = visit(Item::Damaged(&row));
+            let go = visit(Item::Damaged {
+                rtype: &rtype,
+                id: &id,
+            });
             stopped = !go;
             go
         }

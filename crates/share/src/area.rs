@@ -15,6 +15,37 @@ use std::path::{Path, PathBuf};
 
 use phivault_crypto::stream::{SealedReader, SealedWriter};
 
+/// Whose files: a link's (`shl-<id>-<n>`) or an export job's (`exp-<id>-<n>`).
+#[derive(Debug, Clone, Copy)]
+pub struct Owner(&'static str);
+
+impl Owner {
+    /// Share links' files.
+    pub const LINK: Owner = Owner("shl-");
+    /// Export jobs' files.
+    pub const EXPORT: Owner = Owner("exp-");
+
+    /// The name of file `n` of `id`.
+    pub fn file(self, id: &str, n: usize) -> String {
+        format!("{}{id}-{n}", self.0)
+    }
+
+    /// What every file of `id` is named with first (with its half-written ones).
+    pub fn files_of(self, id: &str) -> String {
+        format!("{}{id}-", self.0)
+    }
+
+    /// What names every file of this kind.
+    pub fn all(self) -> &'static str {
+        self.0
+    }
+
+    /// The id a file of this kind belongs to.
+    pub fn id_of(self, name: &str) -> Option<&str> {
+        name.strip_prefix(self.0)?.split('-').next()
+    }
+}
+
 /// The directory of sealed exchange files.
 #[derive(Debug, Clone)]
 pub struct Area {

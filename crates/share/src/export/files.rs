@@ -91,7 +91,7 @@ impl Files {
 
     fn name(&self, n: usize, rtype: &str) -> String {
         match &self.target {
-            Target::Area { job, .. } => format!("exp-{job}-{n}"),
+            Target::Area { job, .. } => crate::area::Owner::EXPORT.file(job, n),
             Target::Dir(_) => format!("{n:04}-{rtype}.ndjson.jwe"),
         }
     }

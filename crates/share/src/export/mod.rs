@@ -22,7 +22,7 @@ use phivault_records::Vault;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::area::Area;
+use crate::area::{Area, Owner};
 use crate::{Error, rows};
 use files::{Files, Target};
 use job::{JobRecord, Level, State};
@@ -300,7 +300,7 @@ fn end(
         _ => Ok((None, false)),
     })?;
     if ended {
-        area.remove_prefix(&format!("exp-{id}-"))
+        area.remove_prefix(&Owner::EXPORT.files_of(id))
             .map_err(|_| Error::Records(phivault_records::Error::unavailable()))?;
     }
     Ok(ended)
@@ -449,12 +449,8 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
 /// Remove area files of no live job, older than [`STALE_MS`] (a job kicked off after the
 /// rows were read has fresh files, and its row is read again before anything goes).
 fn sweep_orphans(vault: &Vault, area: &Area, live: &std::collections::HashSet<String>) {
-    for name in area.names("exp-").unwrap_or_default() {
-        let id = name
-            .trim_start_matches("exp-")
-            .split('-')
-            .next()
-            .unwrap_or("");
+    for name in area.names(Owner::EXPORT.all()).unwrap_or_default() {
+        let id = Owner::EXPORT.id_of(&name).unwrap_or("");
         if live.contains(id) || run::progress(id).is_some() {
             continue;
         }

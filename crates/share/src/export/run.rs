@@ -94,8 +94,8 @@ pub fn write(
                     }
                     files.line(&rtype, owner, &body)
                 }
-                Item::Damaged(row) => {
-                    files.damaged(&row.rtype, &row.id);
+                Item::Damaged { rtype, id } => {
+                    files.damaged(rtype, id);
                     Ok(())
                 }
             };
@@ -259,7 +259,7 @@ fn finish(
     })
     .unwrap_or(false);
     if !done {
-        let _ = area.remove_prefix(&format!("exp-{job}-"));
+        let _ = area.remove_prefix(&crate::area::Owner::EXPORT.files_of(job));
     }
 }
 

@@ -19,6 +19,8 @@ use crate::{Error, b64};
 pub const MAX_LIFETIME_S: u64 = 366 * 86_400;
 /// A link's life when none is asked for: a week (long-term links: 90 days).
 pub const DEFAULT_LIFETIME_S: u64 = 7 * 86_400;
+/// Longest passcode (characters).
+pub const MAX_PASSCODE: usize = 128;
 /// Default lifetime cap of wrong passcodes.
 pub const DEFAULT_CAP: u32 = 10;
 /// Most resources one link may carry.
@@ -101,7 +103,7 @@ fn terms(req: &NewLink, now_ms: u64) -> Result<Terms, Error> {
     if req
         .passcode
         .as_ref()
-        .is_some_and(|p| !(4..=128).contains(&p.chars().count()))
+        .is_some_and(|p| !(4..=MAX_PASSCODE).contains(&p.chars().count()))
     {
         return Err(Error::bad_request("a passcode has 4 to 128 characters"));
     }

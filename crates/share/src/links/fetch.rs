@@ -140,7 +140,7 @@ pub fn manifest(
     if req
         .passcode
         .as_ref()
-        .is_some_and(|p| p.chars().count() > 128)
+        .is_some_and(|p| p.chars().count() > super::create::MAX_PASSCODE)
     {
         seen.reason = Some("passcode-too-long");
         return Err(Error::bad_request("a passcode has at most 128 characters"));
@@ -159,7 +159,7 @@ pub fn manifest(
             true
         }
     };
-    let rec = take_use(vault, &rec.id, reserved, now, seen)?;
+    let rec = take_use(vault, &rec.id, (reserved, None), now, seen)?;
     let mut files = Vec::with_capacity(rec.files.len());
     for (n, f) in rec.files.iter().enumerate() {
         let n = n as u32;
@@ -171,8 +171,7 @@ pub fn manifest(
             .embedded_length_max
             .is_some_and(|m| f.len <= m.min(MAX_EMBEDDED))
         {
-            let key = rec.area_key().ok_or_else(|| ended(seen, Ended::Expired))?;
-            let jwe = area.get(&rec.file_name(n), &key).map_err(crate::unread)?;
+            let jwe = read_file(area, &rec, n, seen)?;
             entry["embedded"] = json!(String::from_utf8(jwe).map_err(|_| Error::integrity())?);
         } else {
             let exp = (now + LOCATION_LIFETIME_MS).min(rec.terms.expires_ms);
@@ -246,12 +245,12 @@ fn check_passcode(
     Err(Error::Passcode { remaining: left })
 }
 
-/// One use of the link taken (and a right passcode's attempt given back), atomically: the
-/// record as it is after.
+/// One use of the link taken (and a right passcode's attempt given back; a direct link's
+/// file `fetched`, marked on a single-use link), atomically: the record as it is after.
 fn take_use(
     vault: &Arc<Vault>,
     id: &str,
-    reserved: bool,
+    (reserved, fetched): (bool, Option<u32>),
     now: u64,
     seen: &mut Seen,
 ) -> Result<LinkRecord, Error> {
@@ -268,6 +267,9 @@ fn take_use(
         }
         rec.uses += 1;
         rec.last_use_ms = now;
+        if let Some(n) = fetched.filter(|_| rec.terms.single_use) {
+            rec.fetched.push(n);
+        }
         Ok((Some(rec.clone()), Ok(rec)))
     })?;
     r.map_err(|e| ended(seen, e))
@@ -393,18 +395,6 @@ pub fn direct(
         ));
     }
     recipient(recipient_text).inspect_err(|_| seen.reason = Some("recipient-missing"))?;
-    let rec = take_use(vault, &rec.id, false, now, seen)?;
-    if rec.terms.single_use {
-        let id = rec.id.clone();
-        record::update(vault, &id, |cur| {
-            Ok((
-                cur.map(|mut r| {
-                    r.fetched.push(0);
-                    r
-                }),
-                (),
-            ))
-        })?;
-    }
+    let rec = take_use(vault, &rec.id, (false, Some(0)), now, seen)?;
     read_file(area, &rec, 0, seen)
 }

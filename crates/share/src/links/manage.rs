@@ -87,29 +87,32 @@ pub fn revoke(
         // whether someone else's link exists is not the caller's to learn
         return Err(Error::not_found("no such link"));
     }
-    record::update(vault, id, |cur| {
+    drop_files(vault, area, id, true)?;
+    Ok(rec.patient.clone())
+}
+
+/// Take link `id`'s area key from its record (revoking it too when `revoke`), then remove
+/// its files — every one, and any a writer left half-written.
+fn drop_files(vault: &Arc<Vault>, area: &Area, id: &str, revoke: bool) -> Result<(), Error> {
+    record::update(vault, id, move |cur| {
         Ok((
             cur.map(|mut r| {
-                r.revoked = true;
+                r.revoked |= revoke;
                 r.area_key = None;
                 r
             }),
             (),
         ))
     })?;
-    remove_files(area, &rec);
-    Ok(rec.patient.clone())
-}
-
-fn remove_files(area: &Area, rec: &LinkRecord) {
-    // (every file of the link, and any a writer left half-written)
-    if let Err(e) = area.remove_prefix(&format!("shl-{}-", rec.id)) {
+    if let Err(e) = area.remove_prefix(&crate::area::Owner::LINK.files_of(id)) {
         tracing::warn!(error = %e, "a share link's files could not be removed");
     }
+    Ok(())
 }
 
-/// Drop the files of every link that has ended (a single-use link's an hour after its
-/// manifest, when its locations have expired). The number of links swept.
+/// Drop the files of every link that has ended or whose patient was erased (a single-use
+/// link's once each file was fetched or its locations expired; a locked one's once no
+/// attempt is still being checked). The number of links swept.
 pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
     let now = crate::now_ms();
     let mut n = 0;
@@ -132,16 +135,7 @@ pub fn sweep(vault: &Arc<Vault>, area: &Area) -> Result<usize, Error> {
         if !done {
             continue;
         }
-        record::update(vault, &rec.id, move |cur| {
-            Ok((
-                cur.map(|mut r| {
-                    r.area_key = None;
-                    r
-                }),
-                (),
-            ))
-        })?;
-        remove_files(area, &rec);
+        drop_files(vault, area, &rec.id, false)?;
         n += 1;
     }
     Ok(n)

@@ -195,7 +195,7 @@ pub fn patient_erased(vault: &Vault, rec: &LinkRecord) -> Result<bool, Error> {
 
 /// The area name of file `n` of link `id`.
 pub fn file_name(id: &str, n: u32) -> String {
-    format!("shl-{id}-{n}")
+    crate::area::Owner::LINK.file(id, n as usize)
 }
 
 /// 32 bytes from 64 hex digits.
